@@ -1,0 +1,80 @@
+"""Who a proxy is, read from its Envoy Node, and the group it shares a snapshot with.
+
+``node.id`` is unique per proxy; ``node.cluster`` is the service the sidecar belongs to;
+``node.metadata`` carries the namespace and the ports the bootstrap set. Proxies that
+agree on everything but their id get the same config, so they share one snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_EGRESS_PORT = 15001
+DEFAULT_INBOUND_ADDRESS = "0.0.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyIdentity:
+    """What the translator needs to know about a proxy. ``node_id`` is not part of the
+    group: two replicas of a service share one snapshot."""
+
+    node_id: str
+    service: str
+    namespace: str = DEFAULT_NAMESPACE
+    egress_port: int = DEFAULT_EGRESS_PORT
+    inbound_port: int | None = None
+    app_port: int | None = None
+    inbound_address: str = DEFAULT_INBOUND_ADDRESS
+
+    @property
+    def group(self) -> str:
+        """The snapshot group key: readable, stable, and free of the node id."""
+        key = f"{self.service}.{self.namespace}~egress={self.egress_port}"
+        if self.inbound_port is not None and self.app_port is not None:
+            key += f"~inbound={self.inbound_address}:{self.inbound_port}->{self.app_port}"
+        return key
+
+    @classmethod
+    def from_node(cls, node: base_pb2.Node) -> ProxyIdentity:
+        """Read identity from a Node; missing metadata falls back to the bootstrap defaults."""
+        fields = node.metadata.fields
+        namespace = _text(fields.get("namespace")) or DEFAULT_NAMESPACE
+        inbound = _port(fields.get("inbound_port"))
+        app = _port(fields.get("app_port"))
+        if inbound is None or app is None:
+            inbound = app = None
+        return cls(
+            node_id=node.id,
+            service=node.cluster,
+            namespace=namespace,
+            egress_port=_port(fields.get("egress_port")) or DEFAULT_EGRESS_PORT,
+            inbound_port=inbound,
+            app_port=app,
+            inbound_address=_text(fields.get("inbound_address")) or DEFAULT_INBOUND_ADDRESS,
+        )
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return str(value.string_value) or None
+    if kind == "number_value":
+        return str(int(value.number_value))
+    return None
+
+
+def _port(value: Any) -> int | None:
+    text = _text(value)
+    if text is None:
+        return None
+    try:
+        port = int(float(text))
+    except ValueError:
+        return None
+    return port if 0 < port < 65536 else None
