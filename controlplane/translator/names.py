@@ -26,11 +26,13 @@ def inbound_cluster(service_name: str, namespace: str, inbound_port: int) -> str
     return f"inbound|{inbound_port}||{service_name}.{namespace}.svc.{CLUSTER_DOMAIN}"
 
 
-def domains(service: Service) -> list[str]:
+def domains(service: Service, proxy_namespace: str) -> list[str]:
     """Every Host a client may use: ``svc``, ``svc.ns``, ``svc.ns.svc``, the FQDN, each
-    bare and with ``:port``."""
-    hosts = [
-        service.name,
+    bare and with ``:port``. The bare ``svc`` only for the proxy's own namespace, as in
+    Kubernetes DNS: two namespaces may both have a ``reviews``, and Envoy rejects a route
+    configuration in which two virtual hosts share a domain."""
+    hosts = [service.name] if service.namespace == proxy_namespace else []
+    hosts += [
         f"{service.name}.{service.namespace}",
         f"{service.name}.{service.namespace}.svc",
         fqdn(service),
