@@ -36,9 +36,14 @@ def load_mesh_file(path: str | Path) -> Mesh:
     return load_mesh_text(text, origin=str(path))
 
 
+def parse_mesh_yaml(text: str) -> Any:
+    """YAML as mesh files mean it (YAML 1.2 booleans); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_MeshYamlLoader)
+
+
 def load_mesh_text(text: str, origin: str = "<mesh>") -> Mesh:
     try:
-        data = yaml.load(text, Loader=_MeshYamlLoader)  # noqa: S506 (a SafeLoader)
+        data = parse_mesh_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -33,6 +33,7 @@ RetryOn = Literal[
     "resource-exhausted",
     "unavailable",
 ]
+_DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("5xx", "reset", "connect-failure")
 LbPolicy = Literal["round_robin", "least_request", "random", "ring_hash", "maglev"]
 
 
@@ -71,7 +72,7 @@ class Endpoint(_Model):
 class Retries(_Model):
     attempts: int = Field(default=1, ge=0, le=100)
     per_try_timeout: Duration | None = None
-    on: list[RetryOn] = Field(default_factory=lambda: ["5xx", "reset", "connect-failure"])
+    on: list[RetryOn] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
     retriable_status_codes: list[Annotated[int, Field(ge=100, le=599)]] = Field(
         default_factory=list
     )

@@ -1,0 +1,123 @@
+"""Immutable snapshots of one proxy group's resources, encoded once.
+
+Every resource is serialized when the snapshot is built, and the bytes that go on the
+wire for it (its field inside a DiscoveryResponse and inside a DeltaDiscoveryResponse)
+are prepared then too. Protobuf messages concatenate, so a stream answers by joining a
+small header with these prepared chunks: no stream serializes a resource again.
+
+Versions are content hashes: two replicas fed the same mesh serve the same versions, and
+a proxy that fails over from one to the other sees no change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from controlplane import resource
+from controlplane.cache.references import missing_references
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One resource with its wire encodings prepared."""
+
+    name: str
+    type_url: str
+    message: Message
+    version: str
+    sotw_chunk: bytes
+    delta_chunk: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.sotw_chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class TypeSnapshot:
+    """All resources of one type, and their version (a hash of names and contents)."""
+
+    type_url: str
+    version: str
+    resources: Mapping[str, Resource]
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.resources.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    types: Mapping[str, TypeSnapshot]
+    version: str = field(default="")
+
+    def get(self, type_url: str) -> TypeSnapshot | None:
+        return self.types.get(type_url)
+
+    def versions(self) -> dict[str, str]:
+        return {resource.short_name(t): s.version for t, s in self.types.items()}
+
+    def problems(self) -> list[str]:
+        """What makes this snapshot inconsistent (empty when it may be published)."""
+        messages = {t: [r.message for r in s.resources.values()] for t, s in self.types.items()}
+        return missing_references(messages)
+
+
+def encode_resource(
+    type_url: str, name: str, message: Message, reuse: Resource | None = None
+) -> Resource:
+    """Serialize once; hand back ``reuse`` instead when the bytes did not change."""
+    value = message.SerializeToString(deterministic=True)
+    version = hashlib.sha256(value).hexdigest()[:16]
+    if reuse is not None and reuse.version == version and reuse.name == name:
+        return reuse
+    packed = any_pb2.Any(type_url=type_url, value=value)
+    sotw = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
+    delta = discovery_pb2.DeltaDiscoveryResponse(
+        resources=[discovery_pb2.Resource(name=name, version=version, resource=packed)]
+    ).SerializeToString()
+    return Resource(name, type_url, message, version, sotw, delta)
+
+
+def type_version(resources: Iterable[Resource]) -> str:
+    digest = hashlib.sha256()
+    for res in sorted(resources, key=lambda r: r.name):
+        digest.update(res.name.encode())
+        digest.update(b"\0")
+        digest.update(res.version.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_snapshot(
+    named: Mapping[str, Iterable[tuple[str, Message]]],
+    reuse: Snapshot | None = None,
+) -> Snapshot:
+    """Encode ``{type_url: [(name, message)]}`` into a Snapshot.
+
+    With ``reuse``, a resource whose bytes are unchanged keeps the object of the previous
+    snapshot (and its prepared chunks), so an endpoint change re-encodes only endpoints.
+    """
+    types: dict[str, TypeSnapshot] = {}
+    for type_url in resource.PUSH_ORDER:
+        previous = reuse.get(type_url) if reuse else None
+        encoded: dict[str, Resource] = {}
+        for name, message in named.get(type_url, ()):
+            if name in encoded:
+                raise ValueError(f"duplicate {resource.short_name(type_url)} resource {name!r}")
+            old = previous.resources.get(name) if previous else None
+            encoded[name] = encode_resource(type_url, name, message, reuse=old)
+        version = type_version(encoded.values())
+        if previous is not None and previous.version == version:
+            types[type_url] = previous
+        else:
+            types[type_url] = TypeSnapshot(type_url, version, MappingProxyType(encoded))
+    overall = hashlib.sha256("/".join(t.version for t in types.values()).encode()).hexdigest()
+    return Snapshot(MappingProxyType(types), overall[:16])

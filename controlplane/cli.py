@@ -1,0 +1,161 @@
+"""The ``controlplane`` command: serve, bootstrap, validate, lab."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from controlplane import logs
+from controlplane.errors import ControlPlaneError, MeshError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from controlplane.app import serve
+    from controlplane.settings import ServeSettings
+
+    given: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "source": args.source,
+            "xds_address": args.xds_address,
+            "admin_address": args.admin_address,
+            "kubeconfig": args.kubeconfig,
+            "namespace": args.namespace,
+            "snapshot_dir": args.snapshot_dir,
+            "snapshot_keep": args.snapshot_keep,
+            "log_level": args.log_level,
+            "log_format": args.log_format,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = ServeSettings(**given)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
+            print(f"controlplane serve: {field}: {err['msg']}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except (ControlPlaneError, ValueError, OSError) as exc:
+        print(f"controlplane serve: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from controlplane.bootstrap import BootstrapOptions, render_bootstrap
+
+    try:
+        text = render_bootstrap(BootstrapOptions(
+            node_id=args.node_id, service=args.service, namespace=args.namespace,
+            xds_address=args.xds_address, admin_port=args.admin_port,
+            admin_address=args.admin_address, egress_port=args.egress_port,
+            inbound_port=args.inbound_port, app_port=args.app_port,
+            inbound_address=args.inbound_address, delta=args.delta))
+    except ValueError as exc:
+        print(f"controlplane bootstrap: {exc}", file=sys.stderr)
+        return 2
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from controlplane.mesh.loader import load_mesh_file
+    from controlplane.pipeline import check_mesh
+
+    try:
+        mesh = load_mesh_file(args.path)
+        check_mesh(mesh)
+    except MeshError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ControlPlaneError as exc:
+        print(f"{args.path}: {exc}", file=sys.stderr)
+        return 1
+    count = len(mesh.services)
+    print(f"{args.path}: ok, {count} service{'s' if count != 1 else ''}")
+    return 0
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from controlplane.lab import run_lab
+
+    logs.configure(args.log_level, "console")
+    try:
+        return run_lab(duration=args.duration, mesh_path=args.mesh)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="controlplane",
+        description="An xDS control plane for Envoy sidecars, driven by a mesh file.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve xDS from a mesh source")
+    serve.add_argument("--source", help="file:PATH or kubernetes [env CONTROLPLANE_SOURCE]")
+    serve.add_argument("--xds-address", help="gRPC listen HOST:PORT (default 0.0.0.0:18000)")
+    serve.add_argument("--admin-address", help="admin HTTP HOST:PORT (default 127.0.0.1:19000)")
+    serve.add_argument("--kubeconfig", help="kubeconfig for --source kubernetes")
+    serve.add_argument("--namespace", action="append",
+                       help="namespace to watch (repeatable; default all)")
+    serve.add_argument("--snapshot-dir", help="where published snapshots go (default snapshots/)")
+    serve.add_argument("--snapshot-keep", type=int,
+                       help="snapshots kept per group (default 10; 0 turns the store off)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["json", "console"])
+    serve.set_defaults(run=_serve)
+
+    boot = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a sidecar")
+    boot.add_argument("--node-id", required=True, help="unique id of this proxy")
+    boot.add_argument("--service", required=True, help="the service this sidecar belongs to")
+    boot.add_argument("--namespace", default="default")
+    boot.add_argument("--xds-address", default="127.0.0.1:18000", help="the server's HOST:PORT")
+    boot.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
+    boot.add_argument("--admin-address", default="127.0.0.1", help="Envoy's admin address")
+    boot.add_argument("--egress-port", type=int, default=15001,
+                      help="port of the egress listener the app calls (default 15001)")
+    boot.add_argument("--inbound-port", type=int, help="port of the inbound listener")
+    boot.add_argument("--app-port", type=int, help="port the app listens on (with --inbound-port)")
+    boot.add_argument("--inbound-address", default="0.0.0.0",
+                      help="address the inbound listener binds (default 0.0.0.0)")
+    boot.add_argument("--delta", action="store_true", help="incremental xDS instead of SotW")
+    boot.add_argument("-o", "--output", help="write to this file instead of stdout")
+    boot.set_defaults(run=_bootstrap)
+
+    validate = commands.add_parser("validate", help="check a mesh file")
+    validate.add_argument("path")
+    validate.set_defaults(run=_validate)
+
+    lab = commands.add_parser("lab", help="run the local lab: server, demo services, sidecars")
+    lab.add_argument("--mesh", help="mesh file to start from (default: the embedded lab mesh)")
+    lab.add_argument("--duration", type=float, default=0.0,
+                     help="stop after this many seconds (default: run until Ctrl-C)")
+    lab.add_argument("--log-level", default="warning",
+                     choices=["debug", "info", "warning", "error"])
+    lab.set_defaults(run=_lab)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Prometheus metrics, defined in one place (served on the admin port at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTED_PROXIES = Gauge(
+    "controlplane_connected_proxies", "xDS streams open now, by protocol.", ["protocol"]
+)
+REQUESTS = Counter(
+    "controlplane_xds_requests_total",
+    "Discovery requests received, by type and kind (initial, ack, nack, stale, ...).",
+    ["type", "kind"],
+)
+PUSHES = Counter("controlplane_xds_pushes_total", "Discovery responses sent, by type.", ["type"])
+PUSH_BYTES = Counter(
+    "controlplane_xds_push_bytes_total", "Bytes of discovery responses sent, by type.", ["type"]
+)
+NACKS = Counter("controlplane_xds_nacks_total", "Responses rejected by a proxy, by type.", ["type"])
+SNAPSHOT_BUILD_SECONDS = Histogram(
+    "controlplane_snapshot_build_seconds",
+    "Time to translate and encode one group's snapshot.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+SNAPSHOT_BUILDS = Counter(
+    "controlplane_snapshot_builds_total",
+    "Snapshot builds, by result (published, unchanged, rejected).",
+    ["result"],
+)
+CONFIG_BYTES = Gauge(
+    "controlplane_config_bytes", "Encoded size of the served config, by group and type.",
+    ["group", "type"],
+)
+MESH_UPDATES = Counter(
+    "controlplane_mesh_updates_total",
+    "Mesh states received from the source, by result (accepted, rejected).",
+    ["result"],
+)

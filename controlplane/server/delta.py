@@ -1,0 +1,182 @@
+"""Incremental (delta) xDS on one stream: requests and snapshots in, pushes out.
+
+The rules (Envoy's xDS protocol document, and shared/XDS-PITFALLS.md):
+- Subscription changes count even on a request with a stale nonce; ACK and NACK only
+  for the latest nonce. A NACK is recorded; the rejected resources are not sent again.
+- ``initial_resource_versions`` on a (re)connect says what the client holds: only what
+  differs is sent, and what was deleted meanwhile goes out in ``removed_resources``.
+- A name asked for that does not exist is answered in ``removed_resources``, so Envoy
+  stops waiting for it; when it appears later it is sent.
+- A name subscribed again after an unsubscribe is sent even if unchanged.
+- An empty first subscription means wildcard (legacy); ``*`` subscribes to all
+  explicitly and may be mixed with names.
+- Clusters go before endpoints, listeners before routes; clusters are removed only at
+  the end of a push, after the routes that used them, and an updated cluster gets its
+  endpoints again (Envoy finishes warming it only on an EDS response).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane import resource
+from controlplane.cache.snapshot import Resource, Snapshot
+from controlplane.server.stream import Nack, Push, StreamBase, TypeState
+
+
+@dataclass(slots=True)
+class DeltaTypeState(TypeState):
+    client: dict[str, str] = field(default_factory=dict)  # what the client holds: name -> version
+    told_absent: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class DeltaHandled:
+    kind: str  # initial | ack | nack | stale | subscribe | unknown_type
+    type_url: str
+    pushes: list[Push] = field(default_factory=list)
+    error: str = ""
+
+
+class DeltaStream(StreamBase):
+    protocol = "delta"
+
+    def __init__(
+        self, stream_id: int, api: str, fixed_type: str | None = None, identifier: str = ""
+    ) -> None:
+        super().__init__(stream_id, api, fixed_type)
+        self.types: dict[str, DeltaTypeState] = {}
+        self._control_plane = base_pb2.ControlPlane(identifier=identifier)
+
+    def type_states(self) -> dict[str, TypeState]:
+        return dict(self.types)
+
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> DeltaHandled:
+        self.accept_node(request.node, request.HasField("node"))
+        type_url = self.resolve_type(request.type_url)
+        if type_url is None:
+            return DeltaHandled("unknown_type", request.type_url)
+        state = self.types.get(type_url)
+        first = state is None
+        if state is None:
+            state = self.types[type_url] = DeltaTypeState()
+            state.client = dict(request.initial_resource_versions)
+            if not request.resource_names_subscribe:
+                state.wildcard = True  # legacy wildcard
+
+        kind, error = ("initial" if first else "subscribe"), ""
+        if not first and request.response_nonce:
+            if request.response_nonce != state.nonce:
+                kind = "stale"
+            elif request.HasField("error_detail"):
+                kind, error = "nack", request.error_detail.message
+                state.last_nack = Nack(error, state.sent_version, request.response_nonce,
+                                       time.time())
+                state.nacked_version = state.sent_version
+            else:
+                kind = "ack"
+                state.acked_version = state.sent_version
+
+        for name in request.resource_names_subscribe:
+            if name == "*":
+                state.wildcard = True
+                continue
+            if not first and name not in state.names:
+                state.client.pop(name, None)  # asked again: send it even if unchanged
+            state.names.add(name)
+            state.told_absent.discard(name)
+        for name in request.resource_names_unsubscribe:
+            if name == "*":
+                state.wildcard = False
+                continue
+            state.names.discard(name)
+            state.client.pop(name, None)
+            state.told_absent.discard(name)
+
+        handled = DeltaHandled(kind, type_url, error=error)
+        if self.snapshot is not None:
+            push = self._diff(type_url, state)
+            if push is not None:
+                handled.pushes.append(push)
+        return handled
+
+    def on_snapshot(self, snapshot: Snapshot) -> list[Push]:
+        self.snapshot = snapshot
+        pushes: list[Push] = []
+        tail: list[Push] = []
+        for type_url in resource.PUSH_ORDER:
+            state = self.types.get(type_url)
+            if state is None:
+                continue
+            if type_url == resource.ENDPOINT:
+                self._rewarm(state, pushes)
+            late_removal = type_url in (resource.CLUSTER, resource.ENDPOINT)
+            push = self._diff(type_url, state, hold_removals=late_removal)
+            if push is not None:
+                pushes.append(push)
+            if late_removal:
+                removal = self._removals(type_url, state)
+                if removal is not None:
+                    tail.append(removal)
+        return pushes + tail
+
+    def _scope(self, type_url: str, state: DeltaTypeState) -> dict[str, Resource]:
+        assert self.snapshot is not None
+        typed = self.snapshot.get(type_url)
+        resources = dict(typed.resources) if typed else {}
+        if state.wildcard:
+            return resources
+        return {n: resources[n] for n in state.names if n in resources}
+
+    def _diff(self, type_url: str, state: DeltaTypeState,
+              hold_removals: bool = False) -> Push | None:
+        scope = self._scope(type_url, state)
+        updated = [r for n, r in sorted(scope.items()) if state.client.get(n) != r.version]
+        removed: list[str] = []
+        if not hold_removals:
+            removed = self._gone(type_url, state, scope)
+        return self._emit(type_url, state, updated, removed)
+
+    def _gone(self, type_url: str, state: DeltaTypeState, scope: dict[str, Resource]) -> list[str]:
+        held = sorted(n for n in state.client if n not in scope)
+        absent = sorted(n for n in state.names - scope.keys()
+                        if n not in state.client and n not in state.told_absent)
+        return held + absent
+
+    def _removals(self, type_url: str, state: DeltaTypeState) -> Push | None:
+        return self._emit(type_url, state, [], self._gone(type_url, state,
+                                                          self._scope(type_url, state)))
+
+    def _rewarm(self, eds: DeltaTypeState, pushes: list[Push]) -> None:
+        """Clusters just updated on this stream get their endpoints sent again."""
+        for push in pushes:
+            if push.type_url == resource.CLUSTER:
+                for name in push.names:
+                    eds.client.pop(name, None)
+
+    def _emit(self, type_url: str, state: DeltaTypeState, updated: list[Resource],
+              removed: list[str]) -> Push | None:
+        if not updated and not removed:
+            return None
+        assert self.snapshot is not None
+        typed = self.snapshot.get(type_url)
+        version = typed.version if typed else ""
+        nonce = self.next_nonce()
+        header = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version, type_url=type_url, nonce=nonce,
+            removed_resources=removed, control_plane=self._control_plane,
+        ).SerializeToString()
+        payload = header + b"".join(r.delta_chunk for r in updated)
+        for r in updated:
+            state.client[r.name] = r.version
+        for name in removed:
+            state.client.pop(name, None)
+            if name in state.names:
+                state.told_absent.add(name)
+        state.nonce, state.sent_version = nonce, version
+        state.pushes += 1
+        return Push(type_url, nonce, version, payload, [r.name for r in updated], removed)

@@ -1,0 +1,208 @@
+"""The gRPC edge: ADS (state-of-the-world and delta) and the per-type services.
+
+Servicers stay thin. Each stream reads requests and waits for snapshots at once, hands
+both to the protocol logic (``SotwStream`` / ``DeltaStream``) and writes the prepared
+bytes it returns. Responses are already encoded, so the response serializer is the
+identity: a resource's bytes are shared by every stream that receives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane import metrics, resource
+from controlplane.cache.cache import ConfigWatcher
+from controlplane.cache.snapshot import Snapshot
+from controlplane.server.delta import DeltaStream
+from controlplane.server.registry import StreamRegistry
+from controlplane.server.sotw import SotwStream
+from controlplane.server.stream import ProtocolError, Push, StreamBase
+
+log = structlog.get_logger("controlplane.xds")
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MB default is too small for big meshes
+
+# service -> (per-type URL or None for ADS, SotW method, delta method, fetch method)
+SERVICES: dict[str, tuple[str | None, str, str, str | None]] = {
+    "envoy.service.discovery.v3.AggregatedDiscoveryService": (
+        None, "StreamAggregatedResources", "DeltaAggregatedResources", None),
+    "envoy.service.cluster.v3.ClusterDiscoveryService": (
+        resource.CLUSTER, "StreamClusters", "DeltaClusters", "FetchClusters"),
+    "envoy.service.endpoint.v3.EndpointDiscoveryService": (
+        resource.ENDPOINT, "StreamEndpoints", "DeltaEndpoints", "FetchEndpoints"),
+    "envoy.service.listener.v3.ListenerDiscoveryService": (
+        resource.LISTENER, "StreamListeners", "DeltaListeners", "FetchListeners"),
+    "envoy.service.route.v3.RouteDiscoveryService": (
+        resource.ROUTE, "StreamRoutes", "DeltaRoutes", "FetchRoutes"),
+    "envoy.service.secret.v3.SecretDiscoveryService": (
+        resource.SECRET, "StreamSecrets", "DeltaSecrets", "FetchSecrets"),
+}
+
+
+def _raw(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
+
+
+class XdsServer:
+    """Serves snapshots from a ConfigWatcher over every xDS flavour."""
+
+    def __init__(self, watcher: ConfigWatcher, registry: StreamRegistry | None = None,
+                 identifier: str = "controlplane", fetch_timeout: float = 5.0) -> None:
+        self.watcher = watcher
+        self.registry = registry or StreamRegistry()
+        self.identifier = identifier
+        self.fetch_timeout = fetch_timeout
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        result: list[grpc.GenericRpcHandler] = []
+        for service, (type_url, sotw, delta, fetch) in SERVICES.items():
+            api = resource.short_name(type_url) if type_url else "ads"
+            methods: dict[str, grpc.RpcMethodHandler] = {
+                sotw: grpc.stream_stream_rpc_method_handler(
+                    self._sotw_handler(api, type_url),
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_raw),
+                delta: grpc.stream_stream_rpc_method_handler(
+                    self._delta_handler(api, type_url),
+                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    response_serializer=_raw),
+            }
+            if fetch is not None and type_url is not None:
+                methods[fetch] = grpc.unary_unary_rpc_method_handler(
+                    self._fetch_handler(api, type_url),
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_raw)
+            result.append(grpc.method_handlers_generic_handler(service, methods))
+        return result
+
+    def _sotw_handler(self, api: str, type_url: str | None) -> Callable[..., Awaitable[None]]:
+        async def handle(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+            stream = SotwStream(self.registry.next_id(), api, type_url, self.identifier)
+            await self._serve(stream, context)
+        return handle
+
+    def _delta_handler(self, api: str, type_url: str | None) -> Callable[..., Awaitable[None]]:
+        async def handle(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+            stream = DeltaStream(self.registry.next_id(), api, type_url, self.identifier)
+            await self._serve(stream, context)
+        return handle
+
+    def _fetch_handler(self, api: str, type_url: str) -> Callable[..., Awaitable[bytes]]:
+        async def handle(request: discovery_pb2.DiscoveryRequest,
+                         context: grpc.aio.ServicerContext) -> bytes:
+            stream = SotwStream(0, api, type_url, self.identifier)
+            try:
+                stream.on_request(request)
+            except ProtocolError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            assert stream.proxy is not None
+            try:
+                snapshot = await asyncio.wait_for(
+                    self.watcher.next_snapshot(stream.proxy, None), self.fetch_timeout)
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "no configuration built yet; retry when /readyz is ready")
+            pushes = stream.on_snapshot(snapshot)
+            return pushes[0].payload if pushes else b""
+        return handle
+
+    async def _serve(self, stream: StreamBase, context: grpc.aio.ServicerContext) -> None:
+        self.registry.add(stream)
+        metrics.CONNECTED_PROXIES.labels(stream.protocol).inc()
+        structlog.contextvars.bind_contextvars(stream_id=stream.stream_id, api=stream.api,
+                                               protocol=stream.protocol)
+        reading: asyncio.Future[Any] = asyncio.ensure_future(context.read())
+        watching: asyncio.Task[Snapshot] | None = None
+        try:
+            while True:
+                waits: set[asyncio.Future[Any]] = {reading}
+                if watching is not None:
+                    waits.add(watching)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                pushes: list[Push] = []
+                if reading in done:
+                    request = reading.result()
+                    if request is grpc.aio.EOF:
+                        break
+                    pushes += self._on_request(stream, request)
+                    reading = asyncio.ensure_future(context.read())
+                    if watching is None and stream.proxy is not None:
+                        watching = asyncio.ensure_future(
+                            self.watcher.next_snapshot(stream.proxy, None))
+                if watching is not None and watching in done:
+                    snapshot = watching.result()
+                    pushes += stream.on_snapshot(snapshot)
+                    assert stream.proxy is not None
+                    watching = asyncio.ensure_future(
+                        self.watcher.next_snapshot(stream.proxy, snapshot))
+                for push in pushes:
+                    await context.write(push.payload)
+                    self._sent(push)
+        except ProtocolError as exc:
+            log.warning("xds.protocol_error", error=str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("xds.stream_failed")
+            raise
+        finally:
+            for task in (reading, watching):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            self.registry.remove(stream)
+            metrics.CONNECTED_PROXIES.labels(stream.protocol).dec()
+            log.info("xds.stream_closed")
+            structlog.contextvars.unbind_contextvars("stream_id", "node_id", "api", "protocol")
+
+    def _on_request(self, stream: StreamBase, request: Any) -> list[Push]:
+        is_new = stream.node is None
+        assert isinstance(stream, SotwStream | DeltaStream)
+        handled = stream.on_request(request)
+        if is_new and stream.proxy is not None:
+            structlog.contextvars.bind_contextvars(node_id=stream.proxy.node_id)
+            log.info("xds.stream_opened", group=stream.proxy.group)
+        short = resource.short_name(handled.type_url)
+        metrics.REQUESTS.labels(short, handled.kind).inc()
+        if handled.kind == "nack":
+            metrics.NACKS.labels(short).inc()
+            log.warning("xds.nack", type=short, error=handled.error,
+                        version=stream.type_states()[handled.type_url].nacked_version)
+        elif handled.kind == "unknown_type":
+            log.warning("xds.unknown_type", type=handled.type_url,
+                        hint="this server serves clusters, endpoints, listeners, routes, secrets")
+        return handled.pushes
+
+    def _sent(self, push: Push) -> None:
+        short = resource.short_name(push.type_url)
+        metrics.PUSHES.labels(short).inc()
+        metrics.PUSH_BYTES.labels(short).inc(len(push.payload))
+        log.debug("xds.push", type=short, version=push.version, nonce=push.nonce,
+                  resources=len(push.names), removed=len(push.removed), bytes=len(push.payload))
+
+
+async def create_server(address: str, xds: XdsServer) -> tuple[grpc.aio.Server, int]:
+    """Bind ``HOST:PORT`` (port 0 picks a free one); returns the started server and its port."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ])
+    server.add_generic_rpc_handlers(xds.handlers())
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the xDS server to {address}; is the port in use?")
+    await server.start()
+    return server, port

@@ -1,0 +1,147 @@
+"""What every xDS stream keeps, whichever protocol it speaks.
+
+The protocol logic (``sotw.py``, ``delta.py``) is plain code over these values: it takes
+a request or a new snapshot and returns the pushes to write. The gRPC glue does the I/O.
+Everything here dies with the stream (go-control-plane #597: state kept after disconnect).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+
+from controlplane import resource
+from controlplane.cache.snapshot import Snapshot
+from controlplane.proxy import ProxyIdentity
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol; the stream ends with INVALID_ARGUMENT and this text."""
+
+
+@dataclass(slots=True)
+class Push:
+    """One response, encoded, with what the logs and metrics want to know about it."""
+
+    type_url: str
+    nonce: str
+    version: str
+    payload: bytes
+    names: list[str]
+    removed: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Nack:
+    error: str
+    version: str
+    nonce: str
+    at: float
+
+
+@dataclass(slots=True)
+class TypeState:
+    """Per type on one stream: what was sent, what the client said of it."""
+
+    nonce: str = ""
+    sent_version: str = ""
+    acked_version: str = ""
+    last_nack: Nack | None = None
+    nacked_version: str = ""
+    pushes: int = 0
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+
+    def describe(self) -> dict[str, Any]:
+        nack = self.last_nack
+        return {
+            "sent_version": self.sent_version,
+            "acked_version": self.acked_version,
+            "nonce": self.nonce,
+            "pushes": self.pushes,
+            "wildcard": self.wildcard,
+            "subscribed": sorted(self.names),
+            "last_nack": None
+            if nack is None
+            else {"error": nack.error, "version": nack.version, "at": nack.at},
+        }
+
+
+class StreamBase:
+    """Node, nonces and bookkeeping common to state-of-the-world and delta streams."""
+
+    protocol = "base"
+
+    def __init__(self, stream_id: int, api: str, fixed_type: str | None = None) -> None:
+        self.stream_id = stream_id
+        self.api = api
+        self.fixed_type = fixed_type
+        self.node: base_pb2.Node | None = None
+        self.proxy: ProxyIdentity | None = None
+        self.snapshot: Snapshot | None = None
+        self.connected_at = time.time()
+        self.unknown_types: set[str] = set()
+        self._nonce = 0
+
+    def accept_node(self, node: base_pb2.Node | None, has_node: bool) -> bool:
+        """Keep the node of the first request (set_node_on_first_message_only); True if new."""
+        if self.node is not None:
+            return False
+        if not has_node or node is None or not node.id:
+            raise ProtocolError(
+                "the first request on a stream must carry a node with an id; "
+                "set node.id in the Envoy bootstrap (controlplane bootstrap does)"
+            )
+        self.node = node
+        self.proxy = ProxyIdentity.from_node(node)
+        return True
+
+    def resolve_type(self, type_url: str) -> str | None:
+        """The request's type, or None for a type this server does not serve (ignored)."""
+        if self.fixed_type is not None:
+            if type_url and type_url != self.fixed_type:
+                raise ProtocolError(
+                    f"type {type_url} requested on the {self.api} service, which serves only "
+                    f"{self.fixed_type}; use the matching service or ADS"
+                )
+            return self.fixed_type
+        if not type_url:
+            raise ProtocolError(
+                "request without type_url on an aggregated (ADS) stream; every ADS request "
+                "must name its resource type"
+            )
+        if type_url not in resource.PUSH_ORDER:
+            self.unknown_types.add(type_url)
+            return None
+        return type_url
+
+    def next_nonce(self) -> str:
+        self._nonce += 1
+        return str(self._nonce)
+
+    def type_states(self) -> dict[str, TypeState]:
+        raise NotImplementedError
+
+    def on_snapshot(self, snapshot: Snapshot) -> list[Push]:
+        """Take a new snapshot; the pushes it calls for, in ADS order."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """The stream as /debug/proxies shows it."""
+        proxy = self.proxy
+        return {
+            "stream_id": self.stream_id,
+            "node_id": proxy.node_id if proxy else None,
+            "service": proxy.service if proxy else None,
+            "namespace": proxy.namespace if proxy else None,
+            "group": proxy.group if proxy else None,
+            "protocol": self.protocol,
+            "api": self.api,
+            "connected_at": self.connected_at,
+            "snapshot_version": self.snapshot.version if self.snapshot else None,
+            "types": {resource.short_name(t): s.describe() for t, s in self.type_states().items()},
+            "unknown_types": sorted(self.unknown_types),
+        }

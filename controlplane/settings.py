@@ -1,0 +1,54 @@
+"""Typed settings for ``controlplane serve``. Each field is also read from the
+environment as ``CONTROLPLANE_<FIELD>`` (a flag given on the command line wins)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONTROLPLANE_", extra="forbid")
+
+    source: str = Field(
+        default="file:mesh.yaml",
+        description="Where the mesh comes from: file:PATH or kubernetes.",
+    )
+    xds_address: str = Field(default="0.0.0.0:18000", description="gRPC xDS listen address.")
+    admin_address: str = Field(
+        default="127.0.0.1:19000",
+        description="Admin HTTP address: /healthz /readyz /metrics /debug/*.",
+    )
+    kubeconfig: Path | None = Field(default=None, description="Kubeconfig for --source kubernetes.")
+    namespace: list[str] = Field(
+        default_factory=list, description="Namespaces to watch (all when empty)."
+    )
+    snapshot_dir: Path = Field(
+        default=Path("snapshots"), description="Where published snapshots are written."
+    )
+    snapshot_keep: int = Field(
+        default=10, ge=0, description="Snapshots kept per group on disk (0 turns the store off)."
+    )
+    poll_interval: float = Field(
+        default=0.2, gt=0, description="How often the file source checks its file, in seconds."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level logged."
+    )
+    log_format: Literal["json", "console"] = Field(
+        default="json", description="json lines for machines, console for people."
+    )
+    identifier: str = Field(
+        default="controlplane", description="Sent to proxies as control_plane.identifier."
+    )
+
+
+def split_address(address: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port), or ValueError naming the flag."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{flag} {address!r} must be HOST:PORT, e.g. 127.0.0.1:18000")
+    return host.strip("[]"), int(port)

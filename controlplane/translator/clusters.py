@@ -1,0 +1,118 @@
+"""Clusters: one EDS cluster per mesh service, plus the sidecar's static inbound cluster."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Final
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+from controlplane.mesh.model import CircuitBreaker, LbPolicy, OutlierDetection, Service
+from controlplane.proxy import ProxyIdentity
+from controlplane.translator import names
+from controlplane.translator.endpoints import static_assignment
+from controlplane.translator.protoutil import ads, duration, pack, u32
+
+CONNECT_TIMEOUT: Final = timedelta(seconds=1)
+# Envoy allows only 3 concurrent retries per cluster by default: during a rolling update
+# every client retries at once and most retries are refused. Istio makes the same call.
+DEFAULT_MAX_RETRIES: Final = 1024
+HTTP_PROTOCOL_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+LOCALHOST: Final = "127.0.0.1"
+
+_Cluster = cluster_pb2.Cluster
+_LB_POLICIES: Final[dict[LbPolicy, int]] = {
+    "round_robin": _Cluster.LbPolicy.ROUND_ROBIN,
+    "least_request": _Cluster.LbPolicy.LEAST_REQUEST,
+    "random": _Cluster.LbPolicy.RANDOM,
+    "ring_hash": _Cluster.LbPolicy.RING_HASH,
+    "maglev": _Cluster.LbPolicy.MAGLEV,
+}
+
+
+def outbound_cluster(service: Service) -> cluster_pb2.Cluster:
+    """Endpoints come by EDS, so an endpoint change does not touch (and re-warm) the
+    cluster."""
+    name = names.outbound_cluster(service)
+    policy = service.policy
+    balancer = policy.load_balancer.policy if policy.load_balancer else "round_robin"
+    cluster = _Cluster(
+        name=name,
+        type=_Cluster.DiscoveryType.EDS,
+        eds_cluster_config=_Cluster.EdsClusterConfig(eds_config=ads(), service_name=name),
+        connect_timeout=duration(CONNECT_TIMEOUT),
+        lb_policy=_LB_POLICIES[balancer],
+        circuit_breakers=_circuit_breakers(policy.circuit_breaker),
+    )
+    if policy.outlier_detection is not None:
+        cluster.outlier_detection.CopyFrom(_outlier_detection(policy.outlier_detection))
+    if service.protocol == "grpc":
+        _use_http2(cluster)
+    return cluster
+
+
+def inbound_cluster(proxy: ProxyIdentity, own: Service | None) -> cluster_pb2.Cluster | None:
+    """The app behind the sidecar, reached on loopback. ``own`` is the proxy's service
+    when the mesh knows it; its protocol decides whether the app speaks HTTP/2."""
+    if proxy.inbound_port is None or proxy.app_port is None:
+        return None
+    name = names.inbound_cluster(proxy.service, proxy.namespace, proxy.inbound_port)
+    cluster = _Cluster(
+        name=name,
+        type=_Cluster.DiscoveryType.STATIC,
+        connect_timeout=duration(CONNECT_TIMEOUT),
+        load_assignment=static_assignment(name, LOCALHOST, proxy.app_port),
+    )
+    if own is not None and own.protocol == "grpc":
+        _use_http2(cluster)
+    return cluster
+
+
+def _use_http2(cluster: cluster_pb2.Cluster) -> None:
+    """gRPC needs HTTP/2 upstream; plain HTTP keeps Envoy's HTTP/1.1 default."""
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
+
+
+def _circuit_breakers(policy: CircuitBreaker | None) -> circuit_breaker_pb2.CircuitBreakers:
+    thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        priority=base_pb2.RoutingPriority.DEFAULT,
+        max_retries=u32(DEFAULT_MAX_RETRIES),
+    )
+    if policy is not None:
+        if policy.max_connections is not None:
+            thresholds.max_connections.value = policy.max_connections
+        if policy.max_pending_requests is not None:
+            thresholds.max_pending_requests.value = policy.max_pending_requests
+        if policy.max_requests is not None:
+            thresholds.max_requests.value = policy.max_requests
+        if policy.max_retries is not None:
+            thresholds.max_retries.value = policy.max_retries
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
+
+
+def _outlier_detection(policy: OutlierDetection) -> outlier_detection_pb2.OutlierDetection:
+    """Envoy enforces gateway-failure ejection at 0% unless told otherwise, and 5xx
+    ejection at 100% with a threshold of 5 even when unset: a policy that names only
+    gateway errors gets exactly that, as in Istio."""
+    detection = outlier_detection_pb2.OutlierDetection()
+    if policy.consecutive_5xx is not None:
+        detection.consecutive_5xx.value = policy.consecutive_5xx
+    if policy.consecutive_gateway_errors is not None:
+        detection.consecutive_gateway_failure.value = policy.consecutive_gateway_errors
+        detection.enforcing_consecutive_gateway_failure.value = 100
+        if policy.consecutive_5xx is None:
+            detection.enforcing_consecutive_5xx.value = 0
+    if policy.interval is not None:
+        detection.interval.CopyFrom(duration(policy.interval))
+    if policy.base_ejection_time is not None:
+        detection.base_ejection_time.CopyFrom(duration(policy.base_ejection_time))
+    if policy.max_ejection_percent is not None:
+        detection.max_ejection_percent.value = round(policy.max_ejection_percent)
+    return detection

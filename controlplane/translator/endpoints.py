@@ -1,0 +1,76 @@
+"""ClusterLoadAssignments: a service's endpoints as EDS serves them."""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+
+from controlplane.mesh.model import Endpoint, Service
+from controlplane.translator import names
+from controlplane.translator.protoutil import socket_address, struct
+
+# Where endpoint labels go; subset load balancing reads this namespace.
+LB_METADATA = "envoy.lb"
+
+_HealthStatus = health_check_pb2.HealthStatus
+
+
+def load_assignment(service: Service) -> endpoint_pb2.ClusterLoadAssignment:
+    """Always a CLA, even an empty one: an EDS cluster without one stays warming and
+    holds back every listener update behind it."""
+    kept = [(ep, status) for ep in service.endpoints if (status := _health(ep)) is not None]
+    kept.sort(key=lambda item: (item[0].zone or "", item[0].address, item[0].port))
+    localities = [
+        endpoint_components_pb2.LocalityLbEndpoints(
+            locality=base_pb2.Locality(zone=zone),
+            lb_endpoints=[_lb_endpoint(ep, status) for ep, status in group],
+        )
+        for zone, group in groupby(kept, key=lambda item: item[0].zone or "")
+    ]
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=names.outbound_cluster(service), endpoints=localities
+    )
+
+
+def static_assignment(
+    cluster_name: str, address: str, port: int
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """The one-host assignment of a STATIC cluster (the sidecar's own app)."""
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=cluster_name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(
+                            address=socket_address(address, port)
+                        )
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def _health(endpoint: Endpoint) -> int | None:
+    """EndpointSlice conditions: a terminating pod that still serves drains its open
+    requests instead of being cut off; one that neither is ready nor serves is dropped."""
+    if endpoint.ready:
+        return int(_HealthStatus.HEALTHY)
+    if endpoint.is_serving and endpoint.terminating:
+        return int(_HealthStatus.DRAINING)
+    return None
+
+
+def _lb_endpoint(endpoint: Endpoint, status: int) -> endpoint_components_pb2.LbEndpoint:
+    lb_endpoint = endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(
+            address=socket_address(endpoint.address, endpoint.port)
+        ),
+        health_status=status,
+    )
+    if endpoint.labels:
+        lb_endpoint.metadata.filter_metadata[LB_METADATA].CopyFrom(struct(endpoint.labels))
+    return lb_endpoint

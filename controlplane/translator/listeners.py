@@ -1,0 +1,90 @@
+"""Listeners: the egress listener every sidecar has, and the optional inbound one."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import wrappers_pb2
+
+from controlplane.mesh.model import Service
+from controlplane.proxy import ProxyIdentity
+from controlplane.translator import names
+from controlplane.translator.protoutil import ads, pack, socket_address
+from controlplane.translator.routes import inbound_route
+
+HTTP_CONNECTION_MANAGER: Final = "envoy.filters.network.http_connection_manager"
+TCP_PROXY: Final = "envoy.filters.network.tcp_proxy"
+ROUTER: Final = "envoy.filters.http.router"
+EGRESS_ADDRESS: Final = "127.0.0.1"
+
+_HCM = http_connection_manager_pb2.HttpConnectionManager
+
+
+def egress_listener(proxy: ProxyIdentity) -> listener_pb2.Listener:
+    """On loopback only: the app calls out through it, nobody else should. Routes come
+    by RDS, so a new service changes the route table, not the listener (which Envoy
+    would drain and rebuild)."""
+    manager = _HCM(
+        stat_prefix="egress",
+        codec_type=_HCM.CodecType.AUTO,
+        rds=http_connection_manager_pb2.Rds(
+            config_source=ads(), route_config_name=names.EGRESS_ROUTE
+        ),
+        http_filters=[_router()],
+        use_remote_address=wrappers_pb2.BoolValue(value=False),
+    )
+    return listener_pb2.Listener(
+        name=names.EGRESS_LISTENER,
+        address=socket_address(EGRESS_ADDRESS, proxy.egress_port),
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+        filter_chains=[_chain(HTTP_CONNECTION_MANAGER, manager)],
+    )
+
+
+def inbound_listener(
+    proxy: ProxyIdentity, own: Service | None, cluster_name: str
+) -> listener_pb2.Listener | None:
+    """In front of the proxy's own app. The route is inline: it only ever points at the
+    one static cluster. A TCP service gets a plain TCP proxy."""
+    if proxy.inbound_port is None or proxy.app_port is None:
+        return None
+    if own is not None and own.protocol == "tcp":
+        chain = _chain(
+            TCP_PROXY, tcp_proxy_pb2.TcpProxy(stat_prefix="inbound", cluster=cluster_name)
+        )
+    else:
+        manager = _HCM(
+            stat_prefix="inbound",
+            codec_type=_HCM.CodecType.AUTO,
+            route_config=inbound_route(cluster_name),
+            http_filters=[_router()],
+            use_remote_address=wrappers_pb2.BoolValue(value=False),
+        )
+        chain = _chain(HTTP_CONNECTION_MANAGER, manager)
+    return listener_pb2.Listener(
+        name=names.INBOUND_LISTENER,
+        address=socket_address(proxy.inbound_address, proxy.inbound_port),
+        traffic_direction=base_pb2.TrafficDirection.INBOUND,
+        filter_chains=[chain],
+    )
+
+
+def _router() -> http_connection_manager_pb2.HttpFilter:
+    return http_connection_manager_pb2.HttpFilter(
+        name=ROUTER, typed_config=pack(router_pb2.Router())
+    )
+
+
+def _chain(
+    name: str, config: http_connection_manager_pb2.HttpConnectionManager | tcp_proxy_pb2.TcpProxy
+) -> listener_components_pb2.FilterChain:
+    return listener_components_pb2.FilterChain(
+        filters=[listener_components_pb2.Filter(name=name, typed_config=pack(config))]
+    )

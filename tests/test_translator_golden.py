@@ -1,0 +1,211 @@
+"""Golden files for the translator: each ``in/<case>.yaml`` (a mesh file plus a
+``proxy:`` block) must translate to exactly ``out/<case>.yaml``.
+
+Regenerate with ``pytest --update-golden`` and review the diff like code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from google.protobuf import descriptor_pool, json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from controlplane import resource
+from controlplane.mesh import Mesh, load_mesh_data
+from controlplane.mesh.loader import parse_mesh_yaml
+from controlplane.proxy import ProxyIdentity
+from controlplane.translator import Resources, resource_name, translate
+
+DATA = Path(__file__).parent / "testdata" / "translator"
+IN = DATA / "in"
+OUT = DATA / "out"
+CASES = sorted(path.stem for path in IN.glob("*.yaml"))
+SECTIONS = {
+    "listeners": resource.LISTENER,
+    "routes": resource.ROUTE,
+    "clusters": resource.CLUSTER,
+    "endpoints": resource.ENDPOINT,
+    "secrets": resource.SECRET,
+}
+
+
+def load_case(name: str) -> tuple[Mesh, ProxyIdentity]:
+    path = IN / f"{name}.yaml"
+    data = parse_mesh_yaml(path.read_text(encoding="utf-8"))
+    proxy = ProxyIdentity(**data.pop("proxy"))
+    return load_mesh_data(data, origin=str(path)), proxy
+
+
+def render(resources: Resources) -> str:
+    document: dict[str, list[Any]] = {}
+    for section, type_url in SECTIONS.items():
+        messages = resources[type_url]
+        if section == "secrets" and not messages:
+            continue
+        document[section] = [to_dict(message) for message in messages]
+    return yaml.safe_dump(document, sort_keys=False, width=100)
+
+
+def to_dict(message: Message) -> Any:
+    """MessageToDict, with map and Struct keys sorted: protobuf iterates maps in an
+    order that changes from one process to the next."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return _sort_maps(data, message.DESCRIPTOR)
+
+
+def _sort_maps(data: Any, descriptor: Descriptor) -> Any:
+    if isinstance(data, list):
+        return [_sort_maps(item, descriptor) for item in data]
+    if not isinstance(data, dict):
+        return data
+    if descriptor.full_name in ("google.protobuf.Struct", "google.protobuf.Value"):
+        return _sort_all(data)
+    if "@type" in data:
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(
+            data["@type"].rsplit("/", 1)[-1]
+        )
+    result: dict[str, Any] = {}
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key)
+        if field is None or field.type != FieldDescriptor.TYPE_MESSAGE:
+            result[key] = value
+        elif field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            result[key] = {
+                k: _sort_maps(v, value_field.message_type)
+                if value_field.type == FieldDescriptor.TYPE_MESSAGE
+                else v
+                for k, v in sorted(value.items())
+            }
+        else:
+            result[key] = _sort_maps(value, field.message_type)
+    return result
+
+
+def _sort_all(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {key: _sort_all(data[key]) for key in sorted(data)}
+    if isinstance(data, list):
+        return [_sort_all(item) for item in data]
+    return data
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden(case: str, request: pytest.FixtureRequest) -> None:
+    mesh, proxy = load_case(case)
+    actual = render(translate(mesh, proxy))
+    golden = OUT / f"{case}.yaml"
+    if request.config.getoption("--update-golden"):
+        OUT.mkdir(parents=True, exist_ok=True)
+        golden.write_text(actual, encoding="utf-8")
+        return
+    assert golden.exists(), f"{golden} is missing; run pytest --update-golden"
+    expected = golden.read_text(encoding="utf-8")
+    if actual != expected:
+        diff = difflib.unified_diff(
+            expected.splitlines(keepends=True),
+            actual.splitlines(keepends=True),
+            fromfile=f"out/{case}.yaml (golden)",
+            tofile=f"out/{case}.yaml (actual)",
+        )
+        pytest.fail("translation differs from the golden file:\n" + "".join(diff), False)
+
+
+def test_no_stale_golden_files(request: pytest.FixtureRequest) -> None:
+    stale = sorted(path for path in OUT.glob("*.yaml") if path.stem not in CASES)
+    if request.config.getoption("--update-golden"):
+        for path in stale:
+            path.unlink()
+        return
+    assert not stale, f"golden files without an input (run pytest --update-golden): {stale}"
+
+
+def test_the_required_cases_exist() -> None:
+    required = {"basic", "inbound", "grpc_and_tcp", "namespaces", "policies", "empty"}
+    assert required <= set(CASES)
+
+
+def _fingerprint(resources: Resources) -> str:
+    digest = hashlib.sha256()
+    for type_url in sorted(resources):
+        for message in resources[type_url]:
+            digest.update(type_url.encode())
+            digest.update(message.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_translation_is_deterministic(case: str) -> None:
+    mesh, proxy = load_case(case)
+    first, second = translate(mesh, proxy), translate(mesh, proxy)
+    assert set(first) == set(second) == set(SECTIONS.values())
+    for type_url in first:
+        assert [m.SerializeToString(deterministic=True) for m in first[type_url]] == [
+            m.SerializeToString(deterministic=True) for m in second[type_url]
+        ]
+
+
+def test_deterministic_across_processes() -> None:
+    """Two control plane replicas must compute the same versions from the same mesh."""
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:];"
+        "import test_translator_golden as t;"
+        "print(t._fingerprint(t.translate(*t.load_case('basic'))))"
+    )
+    tests = Path(__file__).parent
+    paths = [str(tests), str(tests.parent)]
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script, *paths], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert outputs == {_fingerprint(translate(*load_case("basic")))}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resources_are_consistent(case: str) -> None:
+    """What a snapshot must satisfy to be published: every route target and every EDS
+    cluster resolves, and every list is sorted by name."""
+    mesh, proxy = load_case(case)
+    resources = translate(mesh, proxy)
+    for messages in resources.values():
+        names = [resource_name(m) for m in messages]
+        assert names == sorted(names)
+        assert len(names) == len(set(names))
+
+    clusters = {c.name: c for c in resources[resource.CLUSTER]}
+    assignments = {resource_name(a) for a in resources[resource.ENDPOINT]}
+    for route_config in resources[resource.ROUTE]:
+        for host in route_config.virtual_hosts:
+            for route in host.routes:
+                assert route.route.cluster in clusters, route.route.cluster
+    for name, cluster in clusters.items():
+        if cluster.HasField("eds_cluster_config"):
+            assert cluster.eds_cluster_config.service_name in assignments, name
+    assert {resource_name(r) for r in resources[resource.ROUTE]} == {"egress"}
+
+
+def test_tcp_services_have_clusters_but_no_routes() -> None:
+    mesh, proxy = load_case("grpc_and_tcp")
+    resources = translate(mesh, proxy)
+    hosts = [h.name for r in resources[resource.ROUTE] for h in r.virtual_hosts]
+    assert "redis.default" not in hosts
+    assert any("redis" in resource_name(c) for c in resources[resource.CLUSTER])
+
+
+def test_resource_name() -> None:
+    mesh, proxy = load_case("basic")
+    resources = translate(mesh, proxy)
+    assert resource_name(resources[resource.LISTENER][0]) == "egress"
+    cla = resources[resource.ENDPOINT][0]
+    assert resource_name(cla) == cla.cluster_name
