@@ -105,6 +105,7 @@ class DeltaStream(StreamBase):
         return handled
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Push]:
+        had_config = self.snapshot is not None
         self.snapshot = snapshot
         pushes: list[Push] = []
         tail: list[Push] = []
@@ -114,7 +115,7 @@ class DeltaStream(StreamBase):
                 continue
             if type_url == resource.ENDPOINT:
                 self._rewarm(state, pushes)
-            late_removal = type_url in (resource.CLUSTER, resource.ENDPOINT)
+            late_removal = had_config and type_url in (resource.CLUSTER, resource.ENDPOINT)
             push = self._diff(type_url, state, hold_removals=late_removal)
             if push is not None:
                 pushes.append(push)

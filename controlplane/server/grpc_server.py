@@ -56,7 +56,7 @@ class XdsServer:
     def __init__(self, watcher: ConfigWatcher, registry: StreamRegistry | None = None,
                  identifier: str = "controlplane", fetch_timeout: float = 5.0) -> None:
         self.watcher = watcher
-        self.registry = registry or StreamRegistry()
+        self.registry = registry if registry is not None else StreamRegistry()
         self.identifier = identifier
         self.fetch_timeout = fetch_timeout
 

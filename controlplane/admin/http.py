@@ -1,0 +1,221 @@
+"""The admin HTTP server: health, readiness, Prometheus metrics and debug views.
+
+It runs in the xDS server's event loop and only reads the registry and the cache, so
+what it shows is exactly what the streams hold, with no locking. Every handler is
+synchronous work over in-memory state; nothing here blocks on I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from controlplane import metrics as _metrics  # noqa: F401  (defines the metrics served)
+from controlplane import resource
+from controlplane.cache.cache import SnapshotCache
+from controlplane.cache.snapshot import Snapshot
+from controlplane.server.registry import StreamRegistry
+from controlplane.server.stream import StreamBase
+
+Readiness = Callable[[], tuple[bool, str]]
+"""Returns (ready?, reason); the reason is shown by /readyz either way."""
+
+# The keys of /debug/config_dump, named like Envoy's own config dump sections.
+DUMP_KEYS: dict[str, str] = {
+    resource.CLUSTER: "clusters",
+    resource.ENDPOINT: "endpoints",
+    resource.LISTENER: "listeners",
+    resource.ROUTE: "routes",
+    resource.SECRET: "secrets",
+}
+
+ENDPOINTS: tuple[tuple[str, str], ...] = (
+    ("/healthz", "200 while the process is alive"),
+    ("/readyz", "200 once the source has synced and a first snapshot is built, else 503"),
+    ("/metrics", "Prometheus metrics"),
+    ("/debug/proxies", "connected proxies: node id, protocol, sent/ACKed versions, last NACK"),
+    ("/debug/snapshots", "snapshot versions and resource counts per proxy group"),
+    ("/debug/config_dump?node=ID", "the resources the proxy with node id ID is served"),
+)
+
+
+@dataclass
+class AdminState:
+    """What the admin server reads; owned by the server, shared, never copied."""
+
+    registry: StreamRegistry
+    """The open xDS streams."""
+    cache: SnapshotCache
+    """The published snapshots per proxy group."""
+    readiness: Readiness
+    """Whether the server is ready to serve config, and why (not)."""
+
+
+_STATE: web.AppKey[AdminState] = web.AppKey("state", AdminState)
+
+
+def create_admin_app(state: AdminState) -> web.Application:
+    """The aiohttp application, not yet bound: tests and embedders choose how to run it."""
+    app = web.Application(middlewares=[_json_errors])
+    app[_STATE] = state
+    app.router.add_get("/", _index)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics_handler)
+    app.router.add_get("/debug/proxies", _proxies)
+    app.router.add_get("/debug/snapshots", _snapshots)
+    app.router.add_get("/debug/config_dump", _config_dump)
+    return app
+
+
+async def start_admin(state: AdminState, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve the admin app on host:port (0 picks a free port); returns the runner, to
+    ``await runner.cleanup()`` on shutdown, and the port actually bound."""
+    # No access log: Prometheus scrapes and probes would drown the server's own logs.
+    runner = web.AppRunner(create_admin_app(state), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    return runner, int(bound)
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Unknown paths and methods answer in JSON too, pointing at the index."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _json(
+            {"error": f"no admin endpoint at {request.path}; GET / lists them"}, status=404
+        )
+    except web.HTTPMethodNotAllowed as exc:
+        return _json(
+            {"error": f"{request.method} is not allowed on {request.path}; use "
+             + ", ".join(sorted(exc.allowed_methods))},
+            status=405,
+            headers={"Allow": ",".join(sorted(exc.allowed_methods))},
+        )
+
+
+async def _index(request: web.Request) -> web.Response:
+    width = max(len(path) for path, _ in ENDPOINTS)
+    lines = ["controlplane admin", ""]
+    lines += [f"{path.ljust(width)}  {what}" for path, what in ENDPOINTS]
+    return web.Response(text="\n".join(lines) + "\n")
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready, reason = request.app[_STATE].readiness()
+    return web.Response(text=reason, status=200 if ready else 503)
+
+
+async def _metrics_handler(request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest(REGISTRY))
+    # Set as a header: the exposition type carries a version parameter that aiohttp's
+    # content_type argument would refuse.
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def _proxies(request: web.Request) -> web.Response:
+    return _json(request.app[_STATE].registry.describe())
+
+
+async def _snapshots(request: web.Request) -> web.Response:
+    snapshots = request.app[_STATE].cache.snapshots()
+    return _json({group: _summary(snapshots[group]) for group in sorted(snapshots)})
+
+
+async def _config_dump(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    node = request.query.get("node", "")
+    if not node:
+        return _json(
+            {"error": "give the proxy's node id: /debug/config_dump?node=ID; "
+             "see /debug/proxies for the connected ones"},
+            status=400,
+        )
+    streams = state.registry.by_node(node)
+    if not streams:
+        return _json(
+            {"error": f"no connected proxy with node id {node}; see /debug/proxies"},
+            status=404,
+        )
+    stream = _newest_with_snapshot(streams)
+    assert stream.proxy is not None  # by_node matches on proxy.node_id
+    group = stream.proxy.group
+    snapshot = stream.snapshot or state.cache.get(group)
+    return _json(
+        {
+            "node": node,
+            "group": group,
+            "version": snapshot.version if snapshot else None,
+            "resources": _dump(snapshot),
+        }
+    )
+
+
+def _newest_with_snapshot(streams: list[StreamBase]) -> StreamBase:
+    """The stream to dump: a proxy that reconnects briefly has two, and the newer one is
+    what it will keep; per-type streams of one proxy all hold the same group."""
+    ordered = sorted(streams, key=lambda s: s.stream_id, reverse=True)
+    return next((s for s in ordered if s.snapshot is not None), ordered[0])
+
+
+def _summary(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "version": snapshot.version,
+        "types": snapshot.versions(),
+        "resources": {
+            resource.short_name(t): len(typed.resources) for t, typed in snapshot.types.items()
+        },
+    }
+
+
+def _dump(snapshot: Snapshot | None) -> dict[str, list[dict[str, Any]]]:
+    dump: dict[str, list[dict[str, Any]]] = {key: [] for key in DUMP_KEYS.values()}
+    if snapshot is None:
+        return dump
+    for type_url, typed in snapshot.types.items():
+        key = DUMP_KEYS.get(type_url, resource.short_name(type_url))
+        dump[key] = [_to_dict(typed.resources[name].message) for name in sorted(typed.resources)]
+    return dump
+
+
+def _to_dict(message: Message) -> dict[str, Any]:
+    """A resource as JSON; one that cannot be rendered (an Any of a type this process
+    never imported) is shown with the reason rather than failing the whole dump."""
+    try:
+        rendered: dict[str, Any] = json_format.MessageToDict(
+            message, preserving_proto_field_name=True
+        )
+    except (TypeError, KeyError, json_format.Error) as exc:
+        return {"@type": message.DESCRIPTOR.full_name, "error": f"cannot render as JSON: {exc}"}
+    return rendered
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(body, indent=2) + "\n",
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
