@@ -95,7 +95,7 @@ def _lab(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_level, "console")
     try:
-        return run_lab(duration=args.duration, mesh_path=args.mesh)
+        return int(run_lab(duration=args.duration, mesh_path=args.mesh))
     except KeyboardInterrupt:
         return 0
 

@@ -1,4 +1,16 @@
+"""Shared fixtures: the golden-file switch, and an in-process xDS server for protocol tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
 import pytest
+
+from controlplane.cache import SnapshotCache
+from controlplane.server import StreamRegistry, XdsServer, create_server
+from tests.support.xds_client import AdsClient
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -8,3 +20,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="rewrite golden files from the current output instead of comparing",
     )
+
+
+@dataclass
+class Env:
+    cache: SnapshotCache
+    registry: StreamRegistry
+    channel: grpc.aio.Channel
+
+    def client(self, delta: bool = False) -> AdsClient:
+        return AdsClient(self.channel, delta=delta)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    cache = SnapshotCache()
+    registry = StreamRegistry()
+    server, port = await create_server("127.0.0.1:0", XdsServer(cache, registry))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield Env(cache, registry, channel)
+    await channel.close()
+    await server.stop(0)
+
+

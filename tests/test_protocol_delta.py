@@ -6,9 +6,10 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
+from tests.conftest import Env
 from tests.support.snapshots import snapshot
 from tests.support.xds_client import node
-from tests.test_protocol_sotw import GROUP, Env, env  # noqa: F401 (fixture)
+from tests.test_protocol_sotw import GROUP
 
 
 def sent(response: discovery_pb2.DeltaDiscoveryResponse) -> list[str]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import asyncio
 
 import grpc
 import pytest
@@ -14,32 +13,11 @@ from controlplane import resource
 from controlplane.cache import SnapshotCache
 from controlplane.errors import TranslationError
 from controlplane.proxy import ProxyIdentity
-from controlplane.server import StreamRegistry, XdsServer, create_server
+from tests.conftest import Env
 from tests.support.snapshots import snapshot
-from tests.support.xds_client import AdsClient, node
+from tests.support.xds_client import node
 
 GROUP = ProxyIdentity(node_id="x", service="frontend").group
-
-
-@dataclass
-class Env:
-    cache: SnapshotCache
-    registry: StreamRegistry
-    channel: grpc.aio.Channel
-
-    def client(self, delta: bool = False) -> AdsClient:
-        return AdsClient(self.channel, delta=delta)
-
-
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    cache = SnapshotCache()
-    registry = StreamRegistry()
-    server, port = await create_server("127.0.0.1:0", XdsServer(cache, registry))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield Env(cache, registry, channel)
-    await channel.close()
-    await server.stop(0)
 
 
 def names(response: object, cls: type) -> list[str]:
@@ -248,7 +226,7 @@ async def test_stream_state_is_released_on_disconnect(env: Env) -> None:
     for _ in range(50):
         if len(env.registry) == 0:
             break
-        await __import__("asyncio").sleep(0.05)
+        await asyncio.sleep(0.05)
     assert len(env.registry) == 0
 
 

@@ -6,6 +6,7 @@ by its own handle.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -56,7 +57,9 @@ def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
-def http_get(url: str, host: str | None = None, timeout: float = 3.0) -> tuple[int, str, dict[str, str]]:
+def http_get(
+    url: str, host: str | None = None, timeout: float = 3.0
+) -> tuple[int, str, dict[str, str]]:
     request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -138,10 +141,8 @@ class ControlPlane:
     def logs(self) -> list[dict[str, Any]]:
         lines = []
         for line in self.log_path.read_text().splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
         return lines
 
     def stop(self) -> None:
@@ -195,7 +196,7 @@ class Envoy:
         return http_get(f"http://127.0.0.1:{self.egress_port}{path}", host=host)
 
     def stat(self, name: str) -> int:
-        status, body, _ = self.admin(f"/stats?filter=^{name}$")
+        _, body, _ = self.admin(f"/stats?filter=^{name}$")
         for line in body.splitlines():
             key, _, value = line.partition(": ")
             if key == name:
