@@ -36,3 +36,8 @@ MESH_UPDATES = Counter(
     "Mesh states received from the source, by result (accepted, rejected).",
     ["result"],
 )
+ENCODED_BYTES = Counter(
+    "controlplane_encoded_bytes_total",
+    "Bytes of resources serialized by snapshot builds (unchanged resources are reused, "
+    "and no stream serializes a resource again).",
+)

@@ -93,6 +93,7 @@ class Pipeline:
             return
         elapsed = time.perf_counter() - started
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
+        metrics.ENCODED_BYTES.inc(snapshot.encoded_bytes)
         metrics.SNAPSHOT_BUILDS.labels("published" if published else "unchanged").inc()
         if published:
             for type_url, typed in snapshot.types.items():

@@ -57,6 +57,7 @@ class TypeSnapshot:
 class Snapshot:
     types: Mapping[str, TypeSnapshot]
     version: str = field(default="")
+    encoded_bytes: int = 0  # bytes newly serialized for this snapshot (reused ones excluded)
 
     def get(self, type_url: str) -> TypeSnapshot | None:
         return self.types.get(type_url)
@@ -106,6 +107,7 @@ def build_snapshot(
     snapshot (and its prepared chunks), so an endpoint change re-encodes only endpoints.
     """
     types: dict[str, TypeSnapshot] = {}
+    encoded_bytes = 0
     for type_url in resource.PUSH_ORDER:
         previous = reuse.get(type_url) if reuse else None
         encoded: dict[str, Resource] = {}
@@ -113,11 +115,13 @@ def build_snapshot(
             if name in encoded:
                 raise ValueError(f"duplicate {resource.short_name(type_url)} resource {name!r}")
             old = previous.resources.get(name) if previous else None
-            encoded[name] = encode_resource(type_url, name, message, reuse=old)
+            encoded[name] = fresh = encode_resource(type_url, name, message, reuse=old)
+            if fresh is not old:
+                encoded_bytes += fresh.size
         version = type_version(encoded.values())
         if previous is not None and previous.version == version:
             types[type_url] = previous
         else:
             types[type_url] = TypeSnapshot(type_url, version, MappingProxyType(encoded))
     overall = hashlib.sha256("/".join(t.version for t in types.values()).encode()).hexdigest()
-    return Snapshot(MappingProxyType(types), overall[:16])
+    return Snapshot(MappingProxyType(types), overall[:16], encoded_bytes)
