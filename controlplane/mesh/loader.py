@@ -12,7 +12,6 @@ from pydantic import ValidationError
 from controlplane.errors import MeshError
 from controlplane.mesh.model import Mesh
 
-
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x
 
 

