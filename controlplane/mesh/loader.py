@@ -84,7 +84,7 @@ def _describe(error: Any, data: Any) -> str:
     path = "".join(parts) or "(top level)"
     message = str(error["msg"])
     if error["type"] == "extra_forbidden":
-        message = "unknown field; check its spelling against DESIGN.md section 3"
+        message = "unknown field; check its spelling against the mesh file reference in the README"
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     return f"{path}: {message}"

@@ -1,0 +1,136 @@
+"""The mesh model, `controlplane validate`, and the file source's reload behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from controlplane.errors import MeshError
+from controlplane.mesh import load_mesh_text
+from controlplane.mesh.duration import format_duration, parse_duration
+from controlplane.sources.file import FileSource
+
+GOOD = """
+services:
+  - name: reviews
+    port: 9080
+    endpoints:
+      - {address: 127.0.0.1, port: 9081, zone: zone-a, labels: {version: v1}}
+      - {address: 127.0.0.1, port: 9082, labels: {version: v2}, ready: false}
+    policy:
+      timeout: 2s
+      retries: {attempts: 3, per_try_timeout: 500ms, on: [5xx, reset, connect-failure]}
+      circuit_breaker: {max_connections: 100, max_pending_requests: 10, max_requests: 100}
+      outlier_detection: {consecutive_5xx: 5, interval: 10s, base_ejection_time: 30s}
+      load_balancer: {policy: round_robin}
+      split: [{labels: {version: v1}, weight: 90}, {labels: {version: v2}, weight: 10}]
+      fault: {delay: {percent: 10, duration: 100ms}, abort: {percent: 5, status: 503}}
+      rate_limit: {requests_per_second: 100, burst: 200}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(MeshError) as info:
+        load_mesh_text(text)
+    return info.value.problems
+
+
+def test_design_example_parses_every_policy_field() -> None:
+    mesh = load_mesh_text(GOOD)
+    [service] = mesh.services
+    assert service.namespace == "default" and service.protocol == "http"
+    policy = service.policy
+    assert policy.timeout == timedelta(seconds=2)
+    assert policy.retries is not None and policy.retries.on == ["5xx", "reset", "connect-failure"]
+    assert policy.retries.per_try_timeout == timedelta(milliseconds=500)
+    assert policy.split is not None and [t.weight for t in policy.split] == [90, 10]
+    assert service.endpoints[1].ready is False and service.endpoints[1].is_serving is False
+
+
+def test_every_problem_is_reported_with_its_path_and_object() -> None:
+    found = problems("""
+services:
+  - name: ok
+    port: 80
+  - name: reviews
+    port: 70000
+    endpoints: [{address: 127.0.0.1, port: 0}]
+    policy: {timeout: -2s, retries: {on: [5xx, sometimes]}, colour: red}
+""")
+    assert len(found) == 5
+    assert found[0].startswith("services[1] (reviews.default).port:")
+    assert any(p.startswith("services[1] (reviews.default).endpoints[0].port:") for p in found)
+    assert any("policy.timeout: duration '-2s' is negative" in p for p in found)
+    assert any(p.startswith("services[1] (reviews.default).policy.retries.on[1]:") for p in found)
+    assert any("policy.colour: unknown field" in p for p in found)
+
+
+def test_duplicates_names_and_yaml_errors() -> None:
+    dup = problems("services: [{name: a, port: 1}, {name: a, port: 2}]")
+    assert "services[1] repeats service 'a'" in dup[0]
+    assert "DNS label" in problems("services: [{name: Bad_Name, port: 1}]")[0]
+    assert "not valid YAML" in problems("services: [")[0]
+    assert "top level must be a mapping" in problems("- a\n- b")[0]
+    assert "weights add up to 0" in problems(
+        "services: [{name: a, port: 1, policy: {split: [{labels: {v: x}, weight: 0}]}}]")[0]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("2s", 2), ("500ms", 0.5), ("1m30s", 90), ("1.5s", 1.5), ("1h", 3600), (3, 3)])
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["-1s", "2 parsecs", "", "1s2", "ms"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_duration_round_trip() -> None:
+    assert format_duration(timedelta(milliseconds=250)) == "250ms"
+    assert format_duration(timedelta(seconds=90)) == "90s"
+
+
+def test_validate_command(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(GOOD)
+    bad.write_text("services:\n  - name: reviews\n    port: 0\n")
+    ok = subprocess.run([sys.executable, "-m", "controlplane", "validate", str(good)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok, 1 service" in ok.stdout
+    fail = subprocess.run([sys.executable, "-m", "controlplane", "validate", str(bad)],
+                          capture_output=True, text=True)
+    assert fail.returncode == 1
+    assert "services[0] (reviews.default).port: Input should be greater than or equal to 1" \
+        in fail.stderr
+
+
+async def test_file_source_reloads_and_skips_bad_saves(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text("services: [{name: a, port: 80}]")
+    source = FileSource(path, poll_interval=0.02)
+    updates = source.updates()
+    first = await asyncio.wait_for(anext(updates), 2)
+    assert [s.name for s in first.services] == ["a"]
+
+    async def next_mesh() -> list[str]:
+        mesh = await asyncio.wait_for(anext(updates), 2)
+        return [s.name for s in mesh.services]
+
+    path.write_text("services: [{name: a, port: 0}]")  # bad: logged, not yielded
+    await asyncio.sleep(0.1)
+    path.write_text("services: [{name: a, port: 80}, {name: b, port: 81}]")
+    assert await next_mesh() == ["a", "b"]
+    path.unlink()  # gone: logged, last mesh stays
+    await asyncio.sleep(0.1)
+    tmp = tmp_path / "mesh.tmp"
+    tmp.write_text("services: [{name: c, port: 82}]")
+    tmp.replace(path)  # an editor's atomic save
+    assert await next_mesh() == ["c"]
+    await updates.aclose()
