@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check controlplane tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -3,6 +3,8 @@ sidecar's egress listener, by Host header, as a meshed app would."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 
 import aiohttp
@@ -41,3 +43,32 @@ async def start_app(instance: Instance, session: aiohttp.ClientSession) -> web.A
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", instance.app_port).start()
     return runner
+
+
+async def _serve_forever(instance: Instance, host: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        runner = web.AppRunner(make_app(instance, session), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, instance.app_port).start()
+        print(f"{instance.service} {instance.version} on {host}:{instance.app_port}, calling "
+              f"{CALLS.get(instance.service, 'nothing')} via 127.0.0.1:{instance.egress_port}",
+              flush=True)
+        await asyncio.Event().wait()
+
+
+def main() -> None:
+    """One demo app alone, as the compose lab runs it beside an Envoy container."""
+    parser = argparse.ArgumentParser(description="Run one lab demo app.")
+    parser.add_argument("--service", required=True, choices=["frontend", "reviews", "ratings"])
+    parser.add_argument("--version", default="v1")
+    parser.add_argument("--port", type=int, required=True, help="the app's own port")
+    parser.add_argument("--egress-port", type=int, default=15001, help="its sidecar's egress")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args()
+    instance = Instance(args.service, args.version, f"{args.service}-{args.version}",
+                        args.port, 0, args.egress_port, 0)
+    asyncio.run(_serve_forever(instance, args.host))
+
+
+if __name__ == "__main__":
+    main()

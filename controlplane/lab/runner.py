@@ -14,7 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import TextIO
 
@@ -25,53 +25,11 @@ from controlplane.app import Running, start
 from controlplane.lab.apps import start_app
 from controlplane.lab.sidecars import Sidecar
 from controlplane.lab.topology import Plan, plan
+from controlplane.lab.traffic import Traffic
 from controlplane.settings import ServeSettings
 
 log = structlog.get_logger("controlplane.lab")
 _INBOUND = r"^http\.inbound\.downstream_rq_(completed|2xx)$"
-
-
-class Traffic:
-    """Requests to the frontend through the load generator's own sidecar."""
-
-    def __init__(self, session: aiohttp.ClientSession, egress_port: int, rate: float) -> None:
-        self.session = session
-        self.url = f"http://127.0.0.1:{egress_port}/"
-        self.rate = rate
-        self.latencies: list[float] = []
-        self.statuses: Counter[int] = Counter()
-        self.versions: Counter[str] = Counter()
-
-    async def run(self) -> None:
-        gate = asyncio.Semaphore(64)
-        tasks: set[asyncio.Task[None]] = set()
-        while True:
-            await gate.acquire()
-            task = asyncio.create_task(self._one(gate))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            await asyncio.sleep(1 / self.rate)
-
-    async def _one(self, gate: asyncio.Semaphore) -> None:
-        started = time.perf_counter()
-        try:
-            async with self.session.get(self.url, headers={"Host": "frontend"},
-                                        timeout=aiohttp.ClientTimeout(total=5)) as response:
-                body = await response.json(content_type=None) if response.status == 200 else {}
-                self.statuses[response.status] += 1
-                version = body.get("reviews", {}).get("version") if isinstance(body, dict) else None
-                if version:
-                    self.versions[str(version)] += 1
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            self.statuses[0] += 1
-        finally:
-            self.latencies.append(time.perf_counter() - started)
-            gate.release()
-
-    def take(self) -> tuple[list[float], Counter[int], Counter[str]]:
-        taken = self.latencies, self.statuses, self.versions
-        self.latencies, self.statuses, self.versions = [], Counter(), Counter()
-        return taken
 
 
 async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic,

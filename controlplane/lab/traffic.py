@@ -1,0 +1,86 @@
+"""The lab's traffic generator: requests to the frontend through its own sidecar.
+
+Also runs alone (the compose lab): ``python -m controlplane.lab.traffic --egress-port 15001``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections import Counter
+
+import aiohttp
+
+
+class Traffic:
+    """Requests to the frontend through the load generator's own sidecar."""
+
+    def __init__(self, session: aiohttp.ClientSession, egress_port: int, rate: float) -> None:
+        self.session = session
+        self.url = f"http://127.0.0.1:{egress_port}/"
+        self.rate = rate
+        self.latencies: list[float] = []
+        self.statuses: Counter[int] = Counter()
+        self.versions: Counter[str] = Counter()
+
+    async def run(self) -> None:
+        gate = asyncio.Semaphore(64)
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            await gate.acquire()
+            task = asyncio.create_task(self._one(gate))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await asyncio.sleep(1 / self.rate)
+
+    async def _one(self, gate: asyncio.Semaphore) -> None:
+        started = time.perf_counter()
+        try:
+            async with self.session.get(self.url, headers={"Host": "frontend"},
+                                        timeout=aiohttp.ClientTimeout(total=5)) as response:
+                body = await response.json(content_type=None) if response.status == 200 else {}
+                self.statuses[response.status] += 1
+                version = body.get("reviews", {}).get("version") if isinstance(body, dict) else None
+                if version:
+                    self.versions[str(version)] += 1
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            self.statuses[0] += 1
+        finally:
+            self.latencies.append(time.perf_counter() - started)
+            gate.release()
+
+    def take(self) -> tuple[list[float], Counter[int], Counter[str]]:
+        taken = self.latencies, self.statuses, self.versions
+        self.latencies, self.statuses, self.versions = [], Counter(), Counter()
+        return taken
+
+
+
+
+async def _main(egress_port: int, rate: float, duration: float) -> None:
+    async with aiohttp.ClientSession() as session:
+        traffic = Traffic(session, egress_port, rate)
+        task = asyncio.create_task(traffic.run())
+        started = time.monotonic()
+        while not duration or time.monotonic() - started < duration:
+            await asyncio.sleep(1.0)
+            latencies, statuses, versions = traffic.take()
+            p50 = 1000 * statistics.median(latencies) if latencies else 0.0
+            print(f"requests {len(latencies)} statuses {dict(statuses)} "
+                  f"reviews {dict(versions)} p50 {p50:.1f}ms", flush=True)
+        task.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Send lab traffic to the frontend.")
+    parser.add_argument("--egress-port", type=int, default=15001)
+    parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
+    parser.add_argument("--duration", type=float, default=0.0, help="seconds (0: forever)")
+    args = parser.parse_args()
+    asyncio.run(_main(args.egress_port, args.rate, args.duration))
+
+
+if __name__ == "__main__":
+    main()
