@@ -20,10 +20,17 @@ from controlplane.mesh.model import Mesh
 CALLS = {"frontend": "reviews", "reviews": "ratings"}  # who each demo app calls downstream
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` when it is free on 127.0.0.1 (so the lab matches the compose file's
+    ports), else any free port."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError("no free port on 127.0.0.1")
 
 
 @dataclass(frozen=True)
@@ -61,15 +68,15 @@ def plan(workdir: Path, template: str | None = None) -> Plan:
     for service, raw in zip(mesh.services, data["services"], strict=True):
         for index, endpoint in enumerate(service.endpoints):
             version = endpoint.labels.get("version", f"v{index + 1}")
-            inbound = free_port()
+            inbound = free_port(endpoint.port)
             raw["endpoints"][index]["port"] = inbound
             raw["endpoints"][index]["address"] = "127.0.0.1"
             instances.append(Instance(
                 service=service.name, version=version,
-                node_id=f"{service.name}-{version}-{index}", app_port=free_port(),
+                node_id=f"{service.name}-{version}", app_port=free_port(endpoint.port + 1),
                 inbound_port=inbound, egress_port=free_port(), admin_port=free_port()))
     mesh_path = workdir / "mesh.yaml"
     header = "# The lab's live mesh: edit and save, the sidecars follow within a second.\n"
     mesh_path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, free_port(), free_port())
-    return Plan(mesh_path, tuple(instances), loadgen, free_port(), free_port())
+    return Plan(mesh_path, tuple(instances), loadgen, free_port(18000), free_port(19000))
