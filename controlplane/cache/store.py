@@ -52,11 +52,15 @@ class SnapshotStore:
         self._seq += 1
         self._pool.submit(self._write, group, snapshot, self._seq)
 
+    def folder(self, group: str) -> Path:
+        """Where ``group``'s snapshots go (the group key made safe as a file name)."""
+        return self.directory / _UNSAFE.sub("_", group)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
     def _write(self, group: str, snapshot: Snapshot, seq: int) -> None:
-        folder = self.directory / _UNSAFE.sub("_", group)
+        folder = self.folder(group)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())

@@ -1,0 +1,93 @@
+"""The pipeline: readiness, whole-mesh rejection, per-group builds, the snapshot store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from controlplane import resource
+from controlplane.cache import SnapshotCache
+from controlplane.cache.store import SnapshotStore
+from controlplane.mesh import Mesh, load_mesh_text
+from controlplane.pipeline import Pipeline
+from controlplane.proxy import ProxyIdentity
+from controlplane.translator import Resources, translate
+
+MESH = "services: [{name: reviews, port: 9080, endpoints: [{address: 127.0.0.1, port: %d}]}]"
+PROXY = ProxyIdentity(node_id="frontend-1", service="frontend")
+
+
+def mesh(port: int) -> Mesh:
+    return load_mesh_text(MESH % port)
+
+
+async def test_ready_only_after_a_valid_mesh_and_groups_built_on_demand() -> None:
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    assert pipeline.readiness()[0] is False
+    waiting = asyncio.ensure_future(cache.next_snapshot(PROXY, None))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # a stream opened early waits instead of getting nothing
+    assert pipeline.set_mesh(mesh(9081))
+    assert pipeline.readiness()[0] is True
+    snapshot = await asyncio.wait_for(waiting, 1)
+    assert "outbound|9080||reviews.default.svc.cluster.local" in \
+        snapshot.get(resource.CLUSTER).resources
+
+
+async def test_a_mesh_that_fails_translation_is_rejected_whole() -> None:
+    calls = {"fail": False}
+
+    def flaky(m: Mesh, proxy: ProxyIdentity) -> Resources:
+        if calls["fail"]:
+            raise RuntimeError("translator bug")
+        return translate(m, proxy)
+
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache, translator=flaky)
+    pipeline.set_mesh(mesh(9081))
+    first = await cache.next_snapshot(PROXY, None)
+    calls["fail"] = True
+    with capture_logs() as logs:
+        assert pipeline.set_mesh(mesh(9082)) is False
+    assert [entry["event"] for entry in logs] == ["mesh.rejected"]
+    assert "translator bug" in logs[0]["error"]
+    assert cache.get(PROXY.group) is first  # the last good snapshot stays
+    assert pipeline.mesh == mesh(9081)
+
+
+async def test_unchanged_mesh_publishes_nothing_and_endpoint_change_reuses_the_rest() -> None:
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    pipeline.set_mesh(mesh(9081))
+    first = await cache.next_snapshot(PROXY, None)
+    pipeline.set_mesh(mesh(9081))
+    assert cache.get(PROXY.group) is first
+    pipeline.set_mesh(mesh(9082))
+    second = cache.get(PROXY.group)
+    assert second is not first
+    assert second.get(resource.CLUSTER) is first.get(resource.CLUSTER)
+    assert second.get(resource.LISTENER) is first.get(resource.LISTENER)
+    assert second.get(resource.ENDPOINT).version != first.get(resource.ENDPOINT).version
+    assert 0 < second.encoded_bytes < first.encoded_bytes
+
+
+async def test_store_writes_each_published_version_and_keeps_the_newest(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, keep=2)
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache, store)
+    pipeline.set_mesh(mesh(9081))
+    await cache.next_snapshot(PROXY, None)  # the group is built when a proxy asks for it
+    for port in (9082, 9083, 9084):
+        pipeline.set_mesh(mesh(port))
+    store.close()
+    files = sorted(store.folder(PROXY.group).glob("*.json"))
+    assert len(files) == 2
+    newest = json.loads(files[-1].read_text())
+    assert newest["version"] == cache.get(PROXY.group).version
+    [assignment] = newest["resources"]["eds"]
+    address = assignment["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert address["socket_address"]["port_value"] == 9084
