@@ -98,6 +98,9 @@ def test_routes_by_host_and_follows_mesh_changes(lab: Lab, delta: bool) -> None:
     for kind in ("cds", "eds", "lds", "rds"):
         assert proxy["types"][kind]["acked_version"], kind
         assert proxy["types"][kind]["last_nack"] is None, kind
+    opened = [line for line in server.logs() if line.get("event") == "xds.stream_opened"]
+    assert opened and opened[0]["node_id"] == "frontend-1" and opened[0]["stream_id"] >= 1
+    assert opened[0]["protocol"] == proxy["protocol"]
     dump = server.json("/debug/config_dump?node=frontend-1")
     assert {c["name"] for c in dump["resources"]["clusters"]} >= {
         "outbound|9080||reviews.default.svc.cluster.local"}
