@@ -48,10 +48,32 @@ class TypeSnapshot:
     type_url: str
     version: str
     resources: Mapping[str, Resource]
+    _diffs: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def size(self) -> int:
         return sum(r.size for r in self.resources.values())
+
+    def changed_since(self, old: TypeSnapshot | None) -> frozenset[str]:
+        """Names added, changed or removed since ``old``. Every stream asks the same
+        question after a change, so the answer is computed once and kept, by the old
+        version: a version hashes every name and resource version, so it says it all."""
+        if old is None:
+            return frozenset(self.resources)
+        if old.version == self.version:
+            return frozenset()
+        cached = self._diffs.get(old.version)
+        if cached is not None:
+            return cached
+        mine, theirs = self.resources, old.resources
+        changed = {n for n, r in mine.items() if (o := theirs.get(n)) is None
+                   or o.version != r.version}
+        changed.update(n for n in theirs if n not in mine)
+        result = frozenset(changed)
+        if len(self._diffs) >= 8:
+            self._diffs.clear()
+        self._diffs[old.version] = result
+        return result
 
 
 @dataclass(frozen=True, slots=True)
