@@ -6,15 +6,17 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
-from controlplane import resource
+from controlplane import assembly, resource
 from controlplane.cache import SnapshotCache
 from controlplane.cache.store import SnapshotStore
 from controlplane.mesh import Mesh, load_mesh_text
+from controlplane.mesh.model import Service
 from controlplane.pipeline import Pipeline
 from controlplane.proxy import ProxyIdentity
-from controlplane.translator import Resources, translate
+from controlplane.translator import ServiceResources
 
 MESH = "services: [{name: reviews, port: 9080, endpoints: [{address: 127.0.0.1, port: %d}]}]"
 PROXY = ProxyIdentity(node_id="frontend-1", service="frontend")
@@ -38,19 +40,18 @@ async def test_ready_only_after_a_valid_mesh_and_groups_built_on_demand() -> Non
         snapshot.get(resource.CLUSTER).resources
 
 
-async def test_a_mesh_that_fails_translation_is_rejected_whole() -> None:
-    calls = {"fail": False}
-
-    def flaky(m: Mesh, proxy: ProxyIdentity) -> Resources:
-        if calls["fail"]:
-            raise RuntimeError("translator bug")
-        return translate(m, proxy)
-
+async def test_a_mesh_that_fails_translation_is_rejected_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cache = SnapshotCache()
-    pipeline = Pipeline(cache, translator=flaky)
+    pipeline = Pipeline(cache)
     pipeline.set_mesh(mesh(9081))
     first = await cache.next_snapshot(PROXY, None)
-    calls["fail"] = True
+
+    def broken(service: Service) -> ServiceResources:
+        raise RuntimeError("translator bug")
+
+    monkeypatch.setattr(assembly, "service_resources", broken)
     with capture_logs() as logs:
         assert pipeline.set_mesh(mesh(9082)) is False
     assert [entry["event"] for entry in logs] == ["mesh.rejected"]
@@ -64,6 +65,8 @@ async def test_unchanged_mesh_publishes_nothing_and_endpoint_change_reuses_the_r
     pipeline = Pipeline(cache)
     pipeline.set_mesh(mesh(9081))
     first = await cache.next_snapshot(PROXY, None)
+    first_build = pipeline.current
+    assert first_build is not None
     pipeline.set_mesh(mesh(9081))
     assert cache.get(PROXY.group) is first
     pipeline.set_mesh(mesh(9082))
@@ -72,7 +75,12 @@ async def test_unchanged_mesh_publishes_nothing_and_endpoint_change_reuses_the_r
     assert second.get(resource.CLUSTER) is first.get(resource.CLUSTER)
     assert second.get(resource.LISTENER) is first.get(resource.LISTENER)
     assert second.get(resource.ENDPOINT).version != first.get(resource.ENDPOINT).version
-    assert 0 < second.encoded_bytes < first.encoded_bytes
+    # Only the changed service's endpoints were serialized again.
+    assert pipeline.current is not None
+    changed = first.get(resource.ENDPOINT).resources
+    assert pipeline.current.encoded_bytes == sum(r.size for r in changed.values())
+    assert 0 < pipeline.current.encoded_bytes < first_build.encoded_bytes
+    assert second.encoded_bytes == 0  # the group's own listener was reused as well
 
 
 async def test_store_writes_each_published_version_and_keeps_the_newest(tmp_path: Path) -> None:

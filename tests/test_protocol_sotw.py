@@ -11,9 +11,11 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from controlplane import resource
 from controlplane.cache import SnapshotCache
+from controlplane.cache.snapshot import build_snapshot
 from controlplane.errors import TranslationError
 from controlplane.proxy import ProxyIdentity
 from tests.conftest import Env
+from tests.support.snapshots import cluster as make_cluster
 from tests.support.snapshots import snapshot
 from tests.support.xds_client import node
 
@@ -55,22 +57,56 @@ async def test_waits_for_first_snapshot(env: Env) -> None:
     await client.close()
 
 
-async def test_change_pushes_clusters_then_endpoints(env: Env) -> None:
-    env.cache.set_snapshot(GROUP, snapshot({"a": (1,)}))
+async def test_change_pushes_clusters_then_only_what_changed(env: Env) -> None:
+    env.cache.set_snapshot(GROUP, snapshot({"a": (1,), "b": (2,)}))
     client = env.client()
     await client.send(node=node(), type_url=resource.CLUSTER)
     cds = await client.recv()
     await client.ack(cds)
-    await client.send(type_url=resource.ENDPOINT, resource_names=["a"])
+    await client.send(type_url=resource.ENDPOINT, resource_names=["a", "b"])
     eds = await client.recv()
-    await client.ack(eds, resource_names=["a"])
+    await client.ack(eds, resource_names=["a", "b"])
     assert await client.nothing()
 
-    env.cache.set_snapshot(GROUP, snapshot({"a": (1,), "b": (2,)}))
-    first, second = await client.recv(), await client.recv()
-    assert (first.type_url, second.type_url) == (resource.CLUSTER, resource.ENDPOINT)
-    # Endpoints follow a cluster push even though "a" did not change: warming ends on EDS.
-    assert names(second, endpoint_pb2.ClusterLoadAssignment) == ["a"]
+    # One endpoint of b changes: one partial EDS response with b alone, no CDS.
+    env.cache.set_snapshot(GROUP, snapshot({"a": (1,), "b": (2, 3)}))
+    update = await client.recv()
+    assert update.type_url == resource.ENDPOINT
+    assert names(update, endpoint_pb2.ClusterLoadAssignment) == ["b"]
+    await client.ack(update, resource_names=["a", "b"])
+
+    # A new cluster: CDS (whole set) first; its endpoints when Envoy asks for them.
+    env.cache.set_snapshot(GROUP, snapshot({"a": (1,), "b": (2, 3), "c": (4,)}))
+    cds2 = await client.recv()
+    assert cds2.type_url == resource.CLUSTER
+    assert sorted(names(cds2, cluster_pb2.Cluster)) == ["a", "b", "c"]
+    await client.ack(cds2)
+    assert await client.nothing()
+    await client.ack(update, resource_names=["a", "b", "c"])
+    eds_c = await client.recv()
+    assert names(eds_c, endpoint_pb2.ClusterLoadAssignment) == ["c"]
+    await client.close()
+
+
+async def test_changed_cluster_gets_its_endpoints_again(env: Env) -> None:
+    first = snapshot({"a": (1,), "b": (2,)})
+    env.cache.set_snapshot(GROUP, first)
+    client = env.client()
+    await client.send(node=node(), type_url=resource.CLUSTER)
+    await client.ack(await client.recv())
+    await client.send(type_url=resource.ENDPOINT, resource_names=["a", "b"])
+    eds = await client.recv()
+    await client.ack(eds, resource_names=["a", "b"])
+    # Cluster a itself changes (not its endpoints): Envoy re-warms it and waits for EDS.
+    tweaked = make_cluster("a")
+    tweaked.connect_timeout.seconds = 3
+    named = {t: [(n, r.message) for n, r in s.resources.items()] for t, s in first.types.items()}
+    named[resource.CLUSTER] = [("a", tweaked), ("b", make_cluster("b"))]
+    env.cache.set_snapshot(GROUP, build_snapshot(named, reuse=first))
+    cds, eds2 = await client.recv(), await client.recv()
+    assert cds.type_url == resource.CLUSTER
+    assert (eds2.type_url, names(eds2, endpoint_pb2.ClusterLoadAssignment)) == (
+        resource.ENDPOINT, ["a"])
     await client.close()
 
 
@@ -118,13 +154,13 @@ async def test_named_subscriptions_and_resubscription(env: Env) -> None:
     assert names(eds, endpoint_pb2.ClusterLoadAssignment) == ["a"]
     await client.ack(eds, resource_names=["a", "b"])  # newly requested: answered although unchanged
     eds2 = await client.recv()
-    assert sorted(names(eds2, endpoint_pb2.ClusterLoadAssignment)) == ["a", "b"]
+    assert names(eds2, endpoint_pb2.ClusterLoadAssignment) == ["b"]
     await client.ack(eds2, resource_names=["a"])  # unsubscribe b: nothing to send
     assert await client.nothing()
     eds3_request_nonce = eds2
     await client.ack(eds3_request_nonce, resource_names=["a", "b"])  # b again: sent again
     eds3 = await client.recv()
-    assert sorted(names(eds3, endpoint_pb2.ClusterLoadAssignment)) == ["a", "b"]
+    assert names(eds3, endpoint_pb2.ClusterLoadAssignment) == ["b"]
     await client.close()
 
 

@@ -6,8 +6,7 @@ cluster and every EDS cluster's endpoints are present (go-control-plane's Consis
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Collection, Mapping
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -19,8 +18,6 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import Message
 
 from controlplane import resource
-
-T = TypeVar("T")
 
 _HCM = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 _TCP = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
@@ -72,35 +69,40 @@ def eds_name(cluster: cluster_pb2.Cluster) -> str | None:
     return str(cluster.eds_cluster_config.service_name or cluster.name)
 
 
-def missing_references(by_type: Mapping[str, Sequence[Message]]) -> list[str]:
-    """Every dangling reference, as ``<kind> <name> points at missing <kind> <name>``."""
-    names = {t: {_name(m) for m in msgs} for t, msgs in by_type.items()}
-    clusters = names.get(resource.CLUSTER, set())
-    problems: list[str] = []
-    for listener in _typed(by_type.get(resource.LISTENER, ()), listener_pb2.Listener):
-        routes, direct = listener_references(listener)
-        problems += _missing("listener", listener.name, "route configuration", routes,
-                             names.get(resource.ROUTE, set()))
-        problems += _missing("listener", listener.name, "cluster", direct, clusters)
-    for config in _typed(by_type.get(resource.ROUTE, ()), route_pb2.RouteConfiguration):
-        problems += _missing("route configuration", config.name, "cluster",
-                             route_clusters(config), clusters)
-    for cluster in _typed(by_type.get(resource.CLUSTER, ()), cluster_pb2.Cluster):
-        wanted = eds_name(cluster)
-        if wanted is not None:
-            problems += _missing("cluster", cluster.name, "endpoints", {wanted},
-                                 names.get(resource.ENDPOINT, set()))
+References = Mapping[str, frozenset[str]]  # target type URL -> names referenced
+
+
+def references(type_url: str, message: Message) -> References:
+    """The names ``message`` points at, by the type they must exist in. Computed once per
+    encoded resource, so checking a snapshot is set arithmetic."""
+    found: dict[str, set[str]] = {}
+    if isinstance(message, listener_pb2.Listener):
+        routes, clusters = listener_references(message)
+        found = {resource.ROUTE: routes, resource.CLUSTER: clusters}
+    elif isinstance(message, route_pb2.RouteConfiguration):
+        found = {resource.CLUSTER: route_clusters(message)}
+    elif isinstance(message, cluster_pb2.Cluster):
+        wanted = eds_name(message)
+        found = {resource.ENDPOINT: {wanted}} if wanted is not None else {}
+    return {t: frozenset(names) for t, names in found.items() if names}
+
+
+_KINDS = {
+    resource.LISTENER: "listener",
+    resource.ROUTE: "route configuration",
+    resource.CLUSTER: "cluster",
+    resource.ENDPOINT: "endpoints",
+    resource.SECRET: "secret",
+}
+
+
+def dangling(kind_url: str, name: str, refs: References,
+             present: Mapping[str, Collection[str]]) -> list[str]:
+    """``<kind> <name> points at missing <kind> <name>`` for each reference not present."""
+    problems = []
+    for target, wanted in refs.items():
+        have = present.get(target, ())
+        for missing in sorted(w for w in wanted if w not in have):
+            problems.append(f"{_KINDS.get(kind_url, kind_url)} {name!r} points at missing "
+                            f"{_KINDS.get(target, target)} {missing!r}")
     return problems
-
-
-def _missing(kind: str, name: str, target: str, wanted: Iterable[str], have: set[str]) -> list[str]:
-    return [f"{kind} {name!r} points at missing {target} {w!r}" for w in sorted(wanted)
-            if w not in have]
-
-
-def _typed(messages: Iterable[Message], cls: type[T]) -> list[T]:
-    return [m for m in messages if isinstance(m, cls)]
-
-
-def _name(message: Message) -> str:
-    return str(getattr(message, "cluster_name", "") or getattr(message, "name", ""))

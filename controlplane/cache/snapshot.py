@@ -21,7 +21,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from controlplane import resource
-from controlplane.cache.references import missing_references
+from controlplane.cache.references import References, dangling, references
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,7 @@ class Resource:
     version: str
     sotw_chunk: bytes
     delta_chunk: bytes
+    refs: References
 
     @property
     def size(self) -> int:
@@ -47,10 +48,32 @@ class TypeSnapshot:
     type_url: str
     version: str
     resources: Mapping[str, Resource]
+    _diffs: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def size(self) -> int:
         return sum(r.size for r in self.resources.values())
+
+    def changed_since(self, old: TypeSnapshot | None) -> frozenset[str]:
+        """Names added, changed or removed since ``old``. Every stream asks the same
+        question after a change, so the answer is computed once and kept, by the old
+        version: a version hashes every name and resource version, so it says it all."""
+        if old is None:
+            return frozenset(self.resources)
+        if old.version == self.version:
+            return frozenset()
+        cached = self._diffs.get(old.version)
+        if cached is not None:
+            return cached
+        mine, theirs = self.resources, old.resources
+        changed = {n for n, r in mine.items() if (o := theirs.get(n)) is None
+                   or o.version != r.version}
+        changed.update(n for n in theirs if n not in mine)
+        result = frozenset(changed)
+        if len(self._diffs) >= 8:
+            self._diffs.clear()
+        self._diffs[old.version] = result
+        return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +89,15 @@ class Snapshot:
         return {resource.short_name(t): s.version for t, s in self.types.items()}
 
     def problems(self) -> list[str]:
-        """What makes this snapshot inconsistent (empty when it may be published)."""
-        messages = {t: [r.message for r in s.resources.values()] for t, s in self.types.items()}
-        return missing_references(messages)
+        """What makes this snapshot inconsistent (empty when it may be published): every
+        listener's routes, every route's clusters, every EDS cluster's endpoints exist."""
+        present = {t: s.resources.keys() for t, s in self.types.items()}
+        found: list[str] = []
+        for type_url, typed in self.types.items():
+            for res in typed.resources.values():
+                if res.refs:
+                    found += dangling(type_url, res.name, res.refs, present)
+        return found
 
 
 def encode_resource(
@@ -84,7 +113,8 @@ def encode_resource(
     delta = discovery_pb2.DeltaDiscoveryResponse(
         resources=[discovery_pb2.Resource(name=name, version=version, resource=packed)]
     ).SerializeToString()
-    return Resource(name, type_url, message, version, sotw, delta)
+    return Resource(name, type_url, message, version, sotw, delta,
+                    references(type_url, message))
 
 
 def type_version(resources: Iterable[Resource]) -> str:
@@ -98,24 +128,29 @@ def type_version(resources: Iterable[Resource]) -> str:
 
 
 def build_snapshot(
-    named: Mapping[str, Iterable[tuple[str, Message]]],
+    named: Mapping[str, Iterable[tuple[str, Message] | Resource]],
     reuse: Snapshot | None = None,
 ) -> Snapshot:
-    """Encode ``{type_url: [(name, message)]}`` into a Snapshot.
+    """Encode ``{type_url: [(name, message) or an already encoded Resource]}``.
 
     With ``reuse``, a resource whose bytes are unchanged keeps the object of the previous
     snapshot (and its prepared chunks), so an endpoint change re-encodes only endpoints.
+    Resources passed already encoded (shared by many groups) are taken as they are.
     """
     types: dict[str, TypeSnapshot] = {}
     encoded_bytes = 0
     for type_url in resource.PUSH_ORDER:
         previous = reuse.get(type_url) if reuse else None
         encoded: dict[str, Resource] = {}
-        for name, message in named.get(type_url, ()):
+        for item in named.get(type_url, ()):
+            name = item.name if isinstance(item, Resource) else item[0]
             if name in encoded:
                 raise ValueError(f"duplicate {resource.short_name(type_url)} resource {name!r}")
+            if isinstance(item, Resource):
+                encoded[name] = item
+                continue
             old = previous.resources.get(name) if previous else None
-            encoded[name] = fresh = encode_resource(type_url, name, message, reuse=old)
+            encoded[name] = fresh = encode_resource(type_url, name, item[1], reuse=old)
             if fresh is not old:
                 encoded_bytes += fresh.size
         version = type_version(encoded.values())

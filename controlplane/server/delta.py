@@ -24,7 +24,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
-from controlplane.cache.snapshot import Resource, Snapshot
+from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot
 from controlplane.server.stream import Nack, Push, StreamBase, TypeState
 
 
@@ -32,6 +32,7 @@ from controlplane.server.stream import Nack, Push, StreamBase, TypeState
 class DeltaTypeState(TypeState):
     client: dict[str, str] = field(default_factory=dict)  # what the client holds: name -> version
     told_absent: set[str] = field(default_factory=set)
+    base: TypeSnapshot | None = None  # the snapshot the client was last brought up to date with
 
 
 @dataclass(slots=True)
@@ -99,7 +100,10 @@ class DeltaStream(StreamBase):
 
         handled = DeltaHandled(kind, type_url, error=error)
         if self.snapshot is not None:
-            push = self._diff(type_url, state)
+            typed = self._typed(type_url)
+            updated, removed = self._changes(typed, state, None)
+            state.base = typed
+            push = self._emit(type_url, state, typed, updated, removed)
             if push is not None:
                 handled.pushes.append(push)
         return handled
@@ -109,63 +113,64 @@ class DeltaStream(StreamBase):
         self.snapshot = snapshot
         pushes: list[Push] = []
         tail: list[Push] = []
+        rewarm: set[str] = set()
         for type_url in resource.PUSH_ORDER:
             state = self.types.get(type_url)
             if state is None:
                 continue
-            if type_url == resource.ENDPOINT:
-                self._rewarm(state, pushes)
-            late_removal = had_config and type_url in (resource.CLUSTER, resource.ENDPOINT)
-            push = self._diff(type_url, state, hold_removals=late_removal)
-            if push is not None:
-                pushes.append(push)
-            if late_removal:
-                removal = self._removals(type_url, state)
+            typed = self._typed(type_url)
+            candidates = None if state.base is None else set(typed.changed_since(state.base))
+            if type_url == resource.ENDPOINT and rewarm:
+                for name in rewarm:
+                    state.client.pop(name, None)
+                if candidates is not None:
+                    candidates |= rewarm
+            updated, removed = self._changes(typed, state, candidates)
+            state.base = typed
+            if had_config and type_url in (resource.CLUSTER, resource.ENDPOINT):
+                push = self._emit(type_url, state, typed, updated, [])
+                removal = self._emit(type_url, state, typed, [], removed)
                 if removal is not None:
                     tail.append(removal)
+            else:
+                push = self._emit(type_url, state, typed, updated, removed)
+            if push is not None:
+                pushes.append(push)
+            if type_url == resource.CLUSTER:
+                for cluster in updated:
+                    rewarm |= cluster.refs.get(resource.ENDPOINT, frozenset())
         return pushes + tail
 
-    def _scope(self, type_url: str, state: DeltaTypeState) -> dict[str, Resource]:
+    def _typed(self, type_url: str) -> TypeSnapshot:
         assert self.snapshot is not None
-        typed = self.snapshot.get(type_url)
-        resources = dict(typed.resources) if typed else {}
-        if state.wildcard:
-            return resources
-        return {n: resources[n] for n in state.names if n in resources}
+        return self.snapshot.get(type_url) or TypeSnapshot(type_url, "", {})
 
-    def _diff(self, type_url: str, state: DeltaTypeState,
-              hold_removals: bool = False) -> Push | None:
-        scope = self._scope(type_url, state)
-        updated = [r for n, r in sorted(scope.items()) if state.client.get(n) != r.version]
-        removed: list[str] = []
-        if not hold_removals:
-            removed = self._gone(type_url, state, scope)
-        return self._emit(type_url, state, updated, removed)
+    @staticmethod
+    def _changes(typed: TypeSnapshot, state: DeltaTypeState,
+                 candidates: set[str] | None) -> tuple[list[Resource], list[str]]:
+        """What to send and what to remove, looking only at ``candidates`` (the names
+        changed since the stream's base) or, when None, at everything."""
+        res = typed.resources
+        if candidates is None:
+            names = set(state.client) | state.names | (set(res) if state.wildcard else set())
+        else:
+            names = candidates
 
-    def _gone(self, type_url: str, state: DeltaTypeState, scope: dict[str, Resource]) -> list[str]:
-        held = sorted(n for n in state.client if n not in scope)
-        absent = sorted(n for n in state.names - scope.keys()
-                        if n not in state.client and n not in state.told_absent)
-        return held + absent
+        def in_scope(name: str) -> bool:
+            return name in res and (state.wildcard or name in state.names)
 
-    def _removals(self, type_url: str, state: DeltaTypeState) -> Push | None:
-        return self._emit(type_url, state, [], self._gone(type_url, state,
-                                                          self._scope(type_url, state)))
+        ordered = sorted(names)
+        updated = [res[n] for n in ordered if in_scope(n) and state.client.get(n) != res[n].version]
+        removed = [n for n in ordered if n in state.client and not in_scope(n)]
+        removed += [n for n in ordered if n in state.names and n not in res
+                    and n not in state.client and n not in state.told_absent]
+        return updated, removed
 
-    def _rewarm(self, eds: DeltaTypeState, pushes: list[Push]) -> None:
-        """Clusters just updated on this stream get their endpoints sent again."""
-        for push in pushes:
-            if push.type_url == resource.CLUSTER:
-                for name in push.names:
-                    eds.client.pop(name, None)
-
-    def _emit(self, type_url: str, state: DeltaTypeState, updated: list[Resource],
-              removed: list[str]) -> Push | None:
+    def _emit(self, type_url: str, state: DeltaTypeState, typed: TypeSnapshot,
+              updated: list[Resource], removed: list[str]) -> Push | None:
         if not updated and not removed:
             return None
-        assert self.snapshot is not None
-        typed = self.snapshot.get(type_url)
-        version = typed.version if typed else ""
+        version = typed.version
         nonce = self.next_nonce()
         header = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version, type_url=type_url, nonce=nonce,

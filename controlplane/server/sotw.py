@@ -7,9 +7,12 @@ The rules (Envoy's xDS protocol document, and shared/XDS-PITFALLS.md):
 - An ACK of the current version gets no answer (answering would make a hot loop).
 - A newly requested name is answered at once, even when nothing changed.
 - An empty name list on the first request means "all" (wildcard) until names are given.
-- Pushes follow the ADS order; endpoints are re-sent after every cluster push (Envoy
-  ends cluster warming only on an EDS response after the CDS update); clusters that
-  disappear stay until the listeners and routes that point at them have been replaced.
+- Listeners and clusters are sent whole (a missing one is deleted); endpoints and
+  routes only where they changed or were newly asked for (a partial response leaves the
+  others as they are), so a one-endpoint change sends one ClusterLoadAssignment.
+- Pushes follow the ADS order; a changed cluster's endpoints are sent again after it
+  (Envoy ends cluster warming only on an EDS response after the CDS update); clusters
+  that disappear stay until the listeners and routes that point at them are replaced.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
-from controlplane.cache.snapshot import Resource, Snapshot, type_version
+from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot, type_version
 from controlplane.server.stream import Nack, Push, StreamBase, TypeState
 
 
@@ -29,7 +32,8 @@ from controlplane.server.stream import Nack, Push, StreamBase, TypeState
 class SotwTypeState(TypeState):
     requested: bool = False
     legacy_wildcard: bool = False
-    sent: dict[str, str] = field(default_factory=dict)
+    base: TypeSnapshot | None = None  # what the client was last brought up to date with
+    sent: dict[str, str] = field(default_factory=dict)  # full-state types: the set last sent
 
 
 @dataclass(slots=True)
@@ -76,54 +80,76 @@ class SotwStream(StreamBase):
             kind = "ack"
             state.acked_version = request.version_info
 
+        before = set(state.names)
         added = _update_subscription(state, list(request.resource_names), first)
         state.requested = True
         handled = Handled(kind, type_url, error=error)
         if self.snapshot is not None and (first or added):
-            handled.pushes.append(self._emit(type_url, state, *self._select(type_url, state)))
+            typed = self._typed(type_url)
+            if first or type_url in resource.FULL_STATE or state.wildcard:
+                selected = self._scope(typed, state)
+            else:
+                fresh = sorted(state.names - before)
+                selected = [typed.resources[n] for n in fresh if n in typed.resources]
+            handled.pushes.append(self._emit(type_url, state, typed, selected))
         return handled
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Push]:
         previous, self.snapshot = self.snapshot, snapshot
         pushes: list[Push] = []
         tail: list[Push] = []
-        clusters_pushed = False
+        rewarm: set[str] = set()
         for type_url in resource.PUSH_ORDER:
             state = self.types.get(type_url)
             if state is None or not state.requested:
                 continue
-            version, selected = self._select(type_url, state)
-            changed = {r.name: r.version for r in selected} != state.sent
-            force = not state.nonce or (type_url == resource.ENDPOINT and clusters_pushed)
-            if not (changed or force):
+            typed = self._typed(type_url)
+            if not state.nonce:  # the first request was waiting for a snapshot
+                pushes.append(self._emit(type_url, state, typed, self._scope(typed, state)))
                 continue
-            if type_url == resource.CLUSTER and previous is not None:
-                held = self._held_clusters(previous, state, selected)
-                if held:
-                    union = selected + held
-                    pushes.append(self._emit(type_url, state, type_version(union), union))
-                    tail.append(self._defer(type_url, version, selected))
-                    clusters_pushed = True
+            changed = typed.changed_since(state.base)
+            if type_url in resource.FULL_STATE:
+                if typed.version == state.sent_version or not changed:
+                    state.base = typed
                     continue
-            pushes.append(self._emit(type_url, state, version, selected))
-            clusters_pushed = clusters_pushed or type_url == resource.CLUSTER
+                selected = self._scope(typed, state)
+                if type_url == resource.CLUSTER:
+                    rewarm = _endpoints_of(typed, changed)
+                    held = self._held_clusters(previous, state, selected)
+                    if held:
+                        union = selected + held
+                        pushes.append(self._emit(type_url, state, typed, union,
+                                                 version=type_version(union)))
+                        tail.append(self._defer(type_url, typed.version, selected))
+                        continue
+                pushes.append(self._emit(type_url, state, typed, selected))
+                continue
+            wanted = changed if state.wildcard else changed & state.names
+            if type_url == resource.ENDPOINT and rewarm:
+                wanted = wanted | (rewarm if state.wildcard else rewarm & state.names)
+            state.base = typed
+            selected = [typed.resources[n] for n in sorted(wanted) if n in typed.resources]
+            if selected:
+                pushes.append(self._emit(type_url, state, typed, selected))
         return pushes + [self._finish(p) for p in tail]
 
-    def _select(self, type_url: str, state: SotwTypeState) -> tuple[str, list[Resource]]:
+    def _typed(self, type_url: str) -> TypeSnapshot:
         assert self.snapshot is not None
-        typed = self.snapshot.get(type_url)
-        if typed is None:
-            return "", []
+        return self.snapshot.get(type_url) or TypeSnapshot(type_url, "", {})
+
+    @staticmethod
+    def _scope(typed: TypeSnapshot, state: SotwTypeState) -> list[Resource]:
+        """Every resource the stream subscribes to that exists."""
         if state.wildcard:
-            return typed.version, list(typed.resources.values())
+            return list(typed.resources.values())
         found = (typed.resources.get(name) for name in sorted(state.names))
-        return typed.version, [r for r in found if r is not None]
+        return [r for r in found if r is not None]
 
     def _held_clusters(
-        self, previous: Snapshot, state: SotwTypeState, selected: list[Resource]
+        self, previous: Snapshot | None, state: SotwTypeState, selected: list[Resource]
     ) -> list[Resource]:
         """Clusters leaving the set that listeners or routes on this stream still use."""
-        if not ({resource.LISTENER, resource.ROUTE} & self.types.keys()):
+        if previous is None or not ({resource.LISTENER, resource.ROUTE} & self.types.keys()):
             return []
         keep = {r.name for r in selected}
         old = previous.get(resource.CLUSTER)
@@ -132,16 +158,18 @@ class SotwStream(StreamBase):
         gone = sorted(n for n in state.sent if n not in keep)
         return [old.resources[n] for n in gone if n in old.resources]
 
-    def _emit(self, type_url: str, state: SotwTypeState, version: str,
-              selected: list[Resource]) -> Push:
+    def _emit(self, type_url: str, state: SotwTypeState, typed: TypeSnapshot,
+              selected: list[Resource], version: str | None = None) -> Push:
         nonce = self.next_nonce()
+        version = typed.version if version is None else version
         header = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=nonce,
             control_plane=self._control_plane,
         ).SerializeToString()
         payload = header + b"".join(r.sotw_chunk for r in selected)
-        state.nonce, state.sent_version = nonce, version
-        state.sent = {r.name: r.version for r in selected}
+        state.nonce, state.sent_version, state.base = nonce, version, typed
+        if type_url in resource.FULL_STATE:
+            state.sent = {r.name: r.version for r in selected}
         state.pushes += 1
         return Push(type_url, nonce, version, payload, [r.name for r in selected])
 
@@ -151,11 +179,19 @@ class SotwStream(StreamBase):
 
     def _finish(self, deferred: Push) -> Push:
         state = self.types[deferred.type_url]
-        assert self.snapshot is not None
-        typed = self.snapshot.get(deferred.type_url)
-        resources = typed.resources if typed else {}
-        selected = [resources[n] for n in deferred.names if n in resources]
-        return self._emit(deferred.type_url, state, deferred.version, selected)
+        typed = self._typed(deferred.type_url)
+        selected = [typed.resources[n] for n in deferred.names if n in typed.resources]
+        return self._emit(deferred.type_url, state, typed, selected)
+
+
+def _endpoints_of(clusters: TypeSnapshot, names: frozenset[str]) -> set[str]:
+    """The ClusterLoadAssignments that changed clusters wait for to finish warming."""
+    wanted: set[str] = set()
+    for name in names:
+        cluster = clusters.resources.get(name)
+        if cluster is not None:
+            wanted |= cluster.refs.get(resource.ENDPOINT, frozenset())
+    return wanted
 
 
 def _update_subscription(state: SotwTypeState, names: list[str], first: bool) -> bool:

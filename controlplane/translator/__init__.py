@@ -1,6 +1,22 @@
 """The translator: pure functions from mesh state and a proxy's identity to Envoy v3
 resources. No I/O, so it is tested with golden files and reused by every consumer."""
 
-from controlplane.translator.translate import Resources, resource_name, translate
+from controlplane.translator.routes import egress_route
+from controlplane.translator.translate import (
+    Resources,
+    ServiceResources,
+    proxy_resources,
+    resource_name,
+    service_resources,
+    translate,
+)
 
-__all__ = ["Resources", "resource_name", "translate"]
+__all__ = [
+    "Resources",
+    "ServiceResources",
+    "egress_route",
+    "proxy_resources",
+    "resource_name",
+    "service_resources",
+    "translate",
+]

@@ -7,18 +7,18 @@ from datetime import timedelta
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from controlplane.mesh.model import Mesh, Retries, Service
-from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
 from controlplane.translator.protoutil import duration, u32
 
 _RETRIABLE_STATUS_CODES = "retriable-status-codes"
 
 
-def egress_route(mesh: Mesh, proxy: ProxyIdentity) -> route_pb2.RouteConfiguration:
+def egress_route(mesh: Mesh, namespace: str) -> route_pb2.RouteConfiguration:
     """One virtual host per HTTP or gRPC service, the proxy's own included (a service
-    may call itself). TCP services have no Host header to route on."""
+    may call itself). TCP services have no Host header to route on. Only the proxy's
+    namespace matters (for bare service names), so proxies of a namespace share it."""
     hosts = [
-        _virtual_host(service, proxy.namespace)
+        _virtual_host(service, namespace)
         for service in mesh.services
         if service.protocol in ("http", "grpc")
     ]

@@ -1,7 +1,14 @@
-"""Mesh state + proxy identity -> the Envoy resources that proxy is served."""
+"""Mesh state + proxy identity -> the Envoy resources that proxy is served.
+
+Split by what the output depends on, so the pipeline can share work between proxies:
+a service's cluster and endpoints depend on that service alone, the egress route table
+on the mesh and the proxy's namespace, and the listeners and inbound cluster on the
+proxy. ``translate`` puts the three together.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -9,7 +16,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf.message import Message
 
 from controlplane import resource
-from controlplane.mesh.model import Mesh
+from controlplane.mesh.model import Mesh, Service
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator.clusters import inbound_cluster, outbound_cluster
 from controlplane.translator.endpoints import load_assignment
@@ -19,29 +26,42 @@ from controlplane.translator.routes import egress_route
 Resources: TypeAlias = dict[str, list[Message]]
 
 
-def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
-    """Every type URL present (an empty list means "none", which SotW needs to say),
-    each list sorted by resource name so that equal input gives equal output."""
+@dataclass(frozen=True, slots=True)
+class ServiceResources:
+    """What every proxy gets for one service, whoever it is."""
+
+    cluster: cluster_pb2.Cluster
+    load_assignment: endpoint_pb2.ClusterLoadAssignment
+
+
+def service_resources(service: Service) -> ServiceResources:
+    return ServiceResources(outbound_cluster(service), load_assignment(service))
+
+
+def proxy_resources(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
+    """What depends on the proxy itself: its listeners and the cluster to its own app."""
     own = mesh.service(proxy.service, proxy.namespace)
-
-    clusters: list[cluster_pb2.Cluster] = [outbound_cluster(s) for s in mesh.services]
-    assignments: list[endpoint_pb2.ClusterLoadAssignment] = [
-        load_assignment(s) for s in mesh.services
-    ]
+    clusters: list[Message] = []
     listeners: list[Message] = [egress_listener(proxy)]
-
     inbound = inbound_cluster(proxy, own)
     if inbound is not None:
         clusters.append(inbound)
         listener = inbound_listener(proxy, own, str(inbound.name))
         if listener is not None:
             listeners.append(listener)
+    return {resource.CLUSTER: clusters, resource.LISTENER: _sorted(listeners)}
 
+
+def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
+    """Every type URL present (an empty list means "none", which SotW needs to say),
+    each list sorted by resource name so that equal input gives equal output."""
+    shared = [service_resources(s) for s in mesh.services]
+    own = proxy_resources(mesh, proxy)
     return {
-        resource.CLUSTER: _sorted(clusters),
-        resource.ENDPOINT: _sorted(assignments),
-        resource.LISTENER: _sorted(listeners),
-        resource.ROUTE: [egress_route(mesh, proxy)],
+        resource.CLUSTER: _sorted([*(s.cluster for s in shared), *own[resource.CLUSTER]]),
+        resource.ENDPOINT: _sorted([s.load_assignment for s in shared]),
+        resource.LISTENER: own[resource.LISTENER],
+        resource.ROUTE: [egress_route(mesh, proxy.namespace)],
         resource.SECRET: [],
     }
 
