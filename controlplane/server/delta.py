@@ -82,6 +82,7 @@ class DeltaStream(StreamBase):
                 kind = "ack"
                 state.acked_version = state.sent_version
 
+        was_wildcard = state.wildcard
         for name in request.resource_names_subscribe:
             if name == "*":
                 state.wildcard = True
@@ -97,11 +98,20 @@ class DeltaStream(StreamBase):
             state.names.discard(name)
             state.client.pop(name, None)
             state.told_absent.discard(name)
+        if was_wildcard and not state.wildcard:  # the client drops what it no longer wants
+            state.client = {n: v for n, v in state.client.items() if n in state.names}
 
         handled = DeltaHandled(kind, type_url, error=error)
         if self.snapshot is not None:
             typed = self._typed(type_url)
-            updated, removed = self._changes(typed, state, None)
+            # Only the names this request touched can need an answer, unless the stream
+            # is new to this snapshot or just turned to wildcard: then look at everything.
+            everything = state.base is None or (state.wildcard and not was_wildcard)
+            touched = {*request.resource_names_subscribe, *request.resource_names_unsubscribe}
+            touched.discard("*")
+            if not everything and not touched:
+                return handled  # a plain ACK or NACK
+            updated, removed = self._changes(typed, state, None if everything else touched)
             state.base = typed
             push = self._emit(type_url, state, typed, updated, removed)
             if push is not None:

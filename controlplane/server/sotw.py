@@ -206,5 +206,7 @@ def _update_subscription(state: SotwTypeState, names: list[str], first: bool) ->
     elif names:
         state.legacy_wildcard = False
     added = (wildcard and not state.wildcard) or bool(requested - state.names)
-    state.wildcard, state.names = wildcard, requested
+    state.wildcard = wildcard
+    if requested != state.names:  # an ACK repeats the names: keep the set already held
+        state.names = requested
     return added
