@@ -20,12 +20,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot
-from controlplane.server.stream import Nack, Push, StreamBase, TypeState
+from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
 
 
 @dataclass(slots=True)
@@ -35,32 +34,23 @@ class DeltaTypeState(TypeState):
     base: TypeSnapshot | None = None  # the snapshot the client was last brought up to date with
 
 
-@dataclass(slots=True)
-class DeltaHandled:
-    kind: str  # initial | ack | nack | stale | subscribe | unknown_type
-    type_url: str
-    pushes: list[Push] = field(default_factory=list)
-    error: str = ""
-
-
 class DeltaStream(StreamBase):
     protocol = "delta"
 
     def __init__(
         self, stream_id: int, api: str, fixed_type: str | None = None, identifier: str = ""
     ) -> None:
-        super().__init__(stream_id, api, fixed_type)
+        super().__init__(stream_id, api, fixed_type, identifier)
         self.types: dict[str, DeltaTypeState] = {}
-        self._control_plane = base_pb2.ControlPlane(identifier=identifier)
 
     def type_states(self) -> dict[str, TypeState]:
         return dict(self.types)
 
-    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> DeltaHandled:
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> Handled:
         self.accept_node(request.node, request.HasField("node"))
         type_url = self.resolve_type(request.type_url)
         if type_url is None:
-            return DeltaHandled("unknown_type", request.type_url)
+            return Handled("unknown_type", request.type_url)
         state = self.types.get(type_url)
         first = state is None
         if state is None:
@@ -101,7 +91,7 @@ class DeltaStream(StreamBase):
         if was_wildcard and not state.wildcard:  # the client drops what it no longer wants
             state.client = {n: v for n, v in state.client.items() if n in state.names}
 
-        handled = DeltaHandled(kind, type_url, error=error)
+        handled = Handled(kind, type_url, error=error)
         if self.snapshot is not None:
             typed = self._typed(type_url)
             # Only the names this request touched can need an answer, unless the stream

@@ -166,7 +166,6 @@ class XdsServer:
 
     def _on_request(self, stream: StreamBase, request: Any) -> list[Push]:
         is_new = stream.node is None
-        assert isinstance(stream, SotwStream | DeltaStream)
         handled = stream.on_request(request)
         if is_new and stream.proxy is not None:
             structlog.contextvars.bind_contextvars(node_id=stream.proxy.node_id)

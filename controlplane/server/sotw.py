@@ -20,12 +20,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot, type_version
-from controlplane.server.stream import Nack, Push, StreamBase, TypeState
+from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
 
 
 @dataclass(slots=True)
@@ -36,25 +35,14 @@ class SotwTypeState(TypeState):
     sent: dict[str, str] = field(default_factory=dict)  # full-state types: the set last sent
 
 
-@dataclass(slots=True)
-class Handled:
-    """What a request turned out to be, and what to answer."""
-
-    kind: str  # initial | ack | nack | stale | unknown_type
-    type_url: str
-    pushes: list[Push] = field(default_factory=list)
-    error: str = ""
-
-
 class SotwStream(StreamBase):
     protocol = "sotw"
 
     def __init__(
         self, stream_id: int, api: str, fixed_type: str | None = None, identifier: str = ""
     ) -> None:
-        super().__init__(stream_id, api, fixed_type)
+        super().__init__(stream_id, api, fixed_type, identifier)
         self.types: dict[str, SotwTypeState] = {}
-        self._control_plane = base_pb2.ControlPlane(identifier=identifier)
 
     def type_states(self) -> dict[str, TypeState]:
         return dict(self.types)

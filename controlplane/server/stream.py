@@ -35,6 +35,16 @@ class Push:
 
 
 @dataclass(slots=True)
+class Handled:
+    """What a request turned out to be, and what to answer."""
+
+    kind: str  # initial | ack | nack | stale | subscribe | unknown_type
+    type_url: str
+    pushes: list[Push] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass(slots=True)
 class Nack:
     error: str
     version: str
@@ -75,7 +85,8 @@ class StreamBase:
 
     protocol = "base"
 
-    def __init__(self, stream_id: int, api: str, fixed_type: str | None = None) -> None:
+    def __init__(self, stream_id: int, api: str, fixed_type: str | None = None,
+                 identifier: str = "") -> None:
         self.stream_id = stream_id
         self.api = api
         self.fixed_type = fixed_type
@@ -85,6 +96,7 @@ class StreamBase:
         self.connected_at = time.time()
         self.unknown_types: set[str] = set()
         self._nonce = 0
+        self._control_plane = base_pb2.ControlPlane(identifier=identifier)
 
     def accept_node(self, node: base_pb2.Node | None, has_node: bool) -> bool:
         """Keep the node of the first request (set_node_on_first_message_only); True if new."""
@@ -123,6 +135,10 @@ class StreamBase:
         return str(self._nonce)
 
     def type_states(self) -> dict[str, TypeState]:
+        raise NotImplementedError
+
+    def on_request(self, request: Any) -> Handled:
+        """Take a request; what it was, and the pushes it calls for."""
         raise NotImplementedError
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Push]:

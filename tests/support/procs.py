@@ -58,6 +58,17 @@ def http_get(
         return exc.code, exc.read().decode(errors="replace"), dict(exc.headers)
 
 
+def end(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a process this test started: SIGTERM, then SIGKILL after 10 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Backend:
     """An HTTP app on 127.0.0.1 that answers with its own name."""
 
@@ -136,13 +147,7 @@ class ControlPlane:
         return lines
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc)
         self.proc = None
 
 
@@ -192,11 +197,5 @@ class Envoy:
         return 0
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end(self.proc)
         self.proc = None
