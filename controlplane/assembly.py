@@ -44,9 +44,7 @@ class MeshBuild:
             assignment = encode_resource(resource.ENDPOINT, resource_name(made.load_assignment),
                                          made.load_assignment,
                                          old.load_assignment if old else None)
-            self.encoded_bytes += sum(r.size for r in (cluster, assignment)
-                                      if old is None or r not in (old.cluster,
-                                                                  old.load_assignment))
+            self.encoded_bytes += cluster.size + assignment.size  # both serialized
             self._services[service.key] = _Encoded(service, cluster, assignment)
         self._clusters = sorted((e.cluster for e in self._services.values()),
                                 key=lambda r: r.name)

@@ -38,6 +38,6 @@ MESH_UPDATES = Counter(
 )
 ENCODED_BYTES = Counter(
     "controlplane_encoded_bytes_total",
-    "Bytes of resources serialized by snapshot builds (unchanged resources are reused, "
-    "and no stream serializes a resource again).",
+    "Bytes of resources serialized to build snapshots: per changed service, and per group "
+    "its own listeners. Streams never serialize resources; they send these bytes.",
 )

@@ -18,7 +18,10 @@ from controlplane.pipeline import Pipeline
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import ServiceResources
 
-MESH = "services: [{name: reviews, port: 9080, endpoints: [{address: 127.0.0.1, port: %d}]}]"
+MESH = """services:
+  - {name: reviews, port: 9080, endpoints: [{address: 127.0.0.1, port: %d}]}
+  - {name: ratings, port: 9080, endpoints: [{address: 127.0.0.1, port: 9999}]}
+"""
 PROXY = ProxyIdentity(node_id="frontend-1", service="frontend")
 
 
@@ -77,10 +80,13 @@ async def test_unchanged_mesh_publishes_nothing_and_endpoint_change_reuses_the_r
     assert second.get(resource.ENDPOINT).version != first.get(resource.ENDPOINT).version
     # Only the changed service's endpoints were serialized again.
     assert pipeline.current is not None
-    changed = first.get(resource.ENDPOINT).resources
-    assert pipeline.current.encoded_bytes == sum(r.size for r in changed.values())
-    assert 0 < pipeline.current.encoded_bytes < first_build.encoded_bytes
-    assert second.encoded_bytes == 0  # the group's own listener was reused as well
+    reviews = "outbound|9080||reviews.default.svc.cluster.local"
+    service_bytes = (second.get(resource.CLUSTER).resources[reviews].size
+                     + second.get(resource.ENDPOINT).resources[reviews].size)
+    assert pipeline.current.encoded_bytes == service_bytes  # only the changed service
+    assert pipeline.current.encoded_bytes < first_build.encoded_bytes
+    # The group serialized only its own listener, found it unchanged, and reused it.
+    assert second.encoded_bytes == second.get(resource.LISTENER).size
 
 
 async def test_store_writes_each_published_version_and_keeps_the_newest(tmp_path: Path) -> None:
@@ -96,6 +102,6 @@ async def test_store_writes_each_published_version_and_keeps_the_newest(tmp_path
     assert len(files) == 2
     newest = json.loads(files[-1].read_text())
     assert newest["version"] == cache.get(PROXY.group).version
-    [assignment] = newest["resources"]["eds"]
+    [assignment] = [a for a in newest["resources"]["eds"] if "reviews" in a["cluster_name"]]
     address = assignment["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert address["socket_address"]["port_value"] == 9084

@@ -80,7 +80,7 @@ class TypeSnapshot:
 class Snapshot:
     types: Mapping[str, TypeSnapshot]
     version: str = field(default="")
-    encoded_bytes: int = 0  # bytes newly serialized for this snapshot (reused ones excluded)
+    encoded_bytes: int = 0  # bytes serialized to build it (pre-encoded resources excluded)
 
     def get(self, type_url: str) -> TypeSnapshot | None:
         return self.types.get(type_url)
@@ -151,8 +151,7 @@ def build_snapshot(
                 continue
             old = previous.resources.get(name) if previous else None
             encoded[name] = fresh = encode_resource(type_url, name, item[1], reuse=old)
-            if fresh is not old:
-                encoded_bytes += fresh.size
+            encoded_bytes += fresh.size  # serialized to hash it, even when reused
         version = type_version(encoded.values())
         if previous is not None and previous.version == version:
             types[type_url] = previous
