@@ -184,3 +184,37 @@ def test_many_sidecars_and_an_inbound_listener(lab: Lab) -> None:
     wait_for(lambda: http_get(f"http://127.0.0.1:{inbound}/")[1] == "reviews-app",
              what="inbound listener to the app")
     assert sidecar.stat("http.inbound.downstream_rq_completed") >= 1
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_real_nack_is_recorded_and_not_resent(lab: Lab, delta: bool) -> None:
+    """Envoy cannot bind an inbound port that is taken, rejects that listener and says
+    so; the server records the NACK, does not send the rejected version again, and the
+    rest of the config keeps working and following the mesh."""
+    app = lab.backend("reviews-app")
+    write_mesh(lab.mesh, {"reviews": [app]})
+    server = lab.serve()
+    taken = app.port  # the app itself listens here, so Envoy cannot bind it
+    envoy = lab.envoy("reviews-1", delta, service="reviews",
+                      extra=["--inbound-port", str(taken), "--app-port", str(app.port),
+                             "--inbound-address", "127.0.0.1"])
+
+    def lds_nack() -> dict[str, object] | None:
+        [proxy] = [p for p in server.json("/debug/proxies") if p["node_id"] == "reviews-1"]
+        nack = proxy["types"]["lds"]["last_nack"]
+        return proxy if nack else None
+
+    proxy = wait_for(lds_nack, what="the LDS NACK to be recorded")
+    lds = proxy["types"]["lds"]
+    assert "inbound" in lds["last_nack"]["error"] or "bind" in lds["last_nack"]["error"].lower()
+    assert lds["last_nack"]["version"] == lds["sent_version"]
+    pushes = lds["pushes"]
+
+    # The egress side works, and follows a mesh change; LDS is not re-sent meanwhile.
+    wait_for(lambda: envoy.request("reviews")[1] == "reviews-app", what="egress route")
+    other = lab.backend("ratings-1")
+    write_mesh(lab.mesh, {"reviews": [app], "ratings": [other]})
+    wait_for(lambda: envoy.request("ratings")[1] == "ratings-1", what="new service routed")
+    [after] = [p for p in server.json("/debug/proxies") if p["node_id"] == "reviews-1"]
+    assert after["types"]["lds"]["pushes"] == pushes
+    assert 'controlplane_xds_nacks_total{type="lds"}' in server.get("/metrics")[1]

@@ -105,3 +105,16 @@ async def test_store_writes_each_published_version_and_keeps_the_newest(tmp_path
     [assignment] = [a for a in newest["resources"]["eds"] if "reviews" in a["cluster_name"]]
     address = assignment["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert address["socket_address"]["port_value"] == 9084
+
+
+async def test_two_replicas_serve_the_same_versions() -> None:
+    """Content-hash versions: a proxy failing over to another replica sees no change."""
+    replicas = [Pipeline(SnapshotCache()) for _ in range(2)]
+    for replica in replicas:
+        replica.set_mesh(mesh(9081))
+    one, two = [await r.cache.next_snapshot(PROXY, None) for r in replicas]
+    assert one.version == two.version and one.versions() == two.versions()
+    # Built in another order of history, the same mesh still has the same versions.
+    replicas[1].set_mesh(mesh(9090))
+    replicas[1].set_mesh(mesh(9081))
+    assert replicas[1].cache.get(PROXY.group).version == one.version
