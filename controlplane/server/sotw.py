@@ -68,7 +68,7 @@ class SotwStream(StreamBase):
             kind = "ack"
             state.acked_version = request.version_info
 
-        before = set(state.names)
+        before = state.names  # rebound, never mutated, by _update_subscription
         added = _update_subscription(state, list(request.resource_names), first)
         state.requested = True
         handled = Handled(kind, type_url, error=error)
