@@ -1,0 +1,48 @@
+"""The Kubernetes resources the source watches: API groups, versions, plurals.
+
+Shared by the source, the manifests in deploy/kubernetes (RBAC, the CRD) and the API
+server double in the tests, so the three cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+POLICY_GROUP: Final = "mesh.controlplane.io"
+POLICY_VERSION: Final = "v1alpha1"
+POLICY_KIND: Final = "TrafficPolicy"
+POLICY_PLURAL: Final = "trafficpolicies"
+POLICY_SINGULAR: Final = "trafficpolicy"
+POLICY_SHORT_NAMES: Final = ("tp",)
+ACCEPTED: Final = "Accepted"  # the status condition type set on every TrafficPolicy
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One watched resource: where it lives in the API."""
+
+    group: str  # "" for the core group
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None) -> str:
+        """The collection's URL path, cluster-wide or in one namespace."""
+        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if namespace is None:
+            return f"{root}/{self.plural}"
+        return f"{root}/namespaces/{namespace}/{self.plural}"
+
+
+SERVICES: Final = Kind("", "v1", "services", "Service")
+ENDPOINT_SLICES: Final = Kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
+TRAFFIC_POLICIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, POLICY_PLURAL, POLICY_KIND)
+WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES)
+
+# The label that ties an EndpointSlice to its Service (set by the EndpointSlice controller).
+SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"
