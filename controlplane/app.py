@@ -48,7 +48,7 @@ class Running:
 
 
 async def start(settings: ServeSettings, source: Source | None = None) -> Running:
-    source = source or open_source(settings.source, settings.poll_interval)
+    source = source or open_source(settings)
     admin_host, admin_port = split_address(settings.admin_address, "--admin-address")
     split_address(settings.xds_address, "--xds-address")
     store = SnapshotStore(settings.snapshot_dir, settings.snapshot_keep) \

@@ -41,3 +41,19 @@ ENCODED_BYTES = Counter(
     "Bytes of resources serialized to build snapshots: per changed service, and per group "
     "its own listeners. Streams never serialize resources; they send these bytes.",
 )
+K8S_EVENTS = Counter(
+    "controlplane_kubernetes_events_total",
+    "Watch events received from the Kubernetes API, by resource and type.",
+    ["resource", "type"],
+)
+K8S_RELISTS = Counter(
+    "controlplane_kubernetes_watch_restarts_total",
+    "Watches started again, by resource and reason (gone: relisted after 410; "
+    "reconnect: dropped or silent; error: the API failed, with backoff).",
+    ["resource", "reason"],
+)
+K8S_REBUILDS = Counter(
+    "controlplane_kubernetes_rebuilds_total",
+    "Debounced batches of Kubernetes changes, by result (published, unchanged).",
+    ["result"],
+)

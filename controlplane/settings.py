@@ -35,6 +35,25 @@ class ServeSettings(BaseSettings):
     poll_interval: float = Field(
         default=0.2, gt=0, description="How often the file source checks its file, in seconds."
     )
+    debounce_quiet: float = Field(
+        default=0.1, gt=0, description="Kubernetes: apply a burst of changes once it has been "
+        "quiet this long, in seconds."
+    )
+    debounce_max: float = Field(
+        default=10.0, gt=0, description="Kubernetes: apply a burst of changes at the latest "
+        "this long after its first change, in seconds."
+    )
+    watch_timeout: int = Field(
+        default=300, ge=1, description="Kubernetes: seconds after which the API server ends "
+        "each watch (it is then resumed from its resourceVersion)."
+    )
+    watch_inactivity: float = Field(
+        default=330.0, gt=0, description="Kubernetes: a watch silent this long (no event, no "
+        "bookmark) is dropped and resumed."
+    )
+    write_status: bool = Field(
+        default=True, description="Kubernetes: write each TrafficPolicy's Accepted condition."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Lowest level logged."
     )

@@ -64,12 +64,14 @@ def load_mesh_data(data: dict[str, Any], origin: str = "<mesh>") -> Mesh:
     try:
         return Mesh.model_validate(data)
     except ValidationError as exc:
-        raise MeshError(origin, [_describe(err, data) for err in exc.errors()]) from exc
+        raise MeshError(origin, [describe_error(err, data) for err in exc.errors()]) from exc
 
 
-def _describe(error: Any, data: Any) -> str:
-    """``services[1] (reviews.default).endpoints[0].port: Input should be ...``"""
-    parts: list[str] = []
+def describe_error(error: Any, data: Any, root: str = "") -> str:
+    """``services[1] (reviews.default).endpoints[0].port: Input should be ...``: the path,
+    with the name of each named object on it, and a message that says what to do.
+    ``root`` prefixes the path (``spec`` for a TrafficPolicy)."""
+    parts: list[str] = [root] if root else []
     node: Any = data
     for item in error["loc"]:
         if isinstance(item, int):

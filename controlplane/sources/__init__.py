@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from controlplane.errors import SourceError
 from controlplane.sources.base import Source
 from controlplane.sources.file import FileSource
 
+if TYPE_CHECKING:
+    from controlplane.settings import ServeSettings
+
 __all__ = ["FileSource", "Source", "open_source"]
 
 
-def open_source(spec: str, poll_interval: float = 0.2) -> Source:
-    """``file:PATH`` or ``kubernetes``."""
+def open_source(settings: ServeSettings) -> Source:
+    """``file:PATH`` or ``kubernetes``, configured from the serve settings."""
+    spec = settings.source
     if spec.startswith("file:"):
         path = spec.removeprefix("file:")
         if not path:
             raise SourceError("--source file: needs a path, e.g. --source file:mesh.yaml")
-        return FileSource(path, poll_interval)
+        return FileSource(path, settings.poll_interval)
     if spec == "kubernetes":
-        raise SourceError(
-            "the kubernetes source is not in this release yet; serve a mesh file with "
-            "--source file:PATH (see README)"
+        from controlplane.sources.kubernetes import (
+            Debounce,
+            KubernetesSource,
+            WatchTiming,
+            api_client,
+        )
+
+        return KubernetesSource(
+            api_client(settings.kubeconfig, pool_size=8 + 3 * max(1, len(settings.namespace))),
+            namespaces=settings.namespace,
+            timing=WatchTiming(server_timeout=settings.watch_timeout,
+                               inactivity=settings.watch_inactivity),
+            debounce=Debounce(settings.debounce_quiet, settings.debounce_max),
+            write_status=settings.write_status,
         )
     raise SourceError(f"unknown source {spec!r}; use file:PATH or kubernetes")

@@ -1,0 +1,211 @@
+"""Kubernetes objects -> the mesh model. Pure functions over the API's JSON (camelCase
+dicts), so they are tested without a cluster and nothing downstream knows the source.
+
+- A Service becomes a mesh service; its ports become the mesh ports. A port's protocol
+  comes from ``appProtocol``, else the port name's prefix (``http``, ``http2``, ``grpc``,
+  ``h2c``, ``tcp``, ``tls``...), else http. UDP and SCTP ports are left out.
+- Every EndpointSlice labelled with the Service's name is merged; endpoints are matched
+  to Service ports by port name (what ``targetPort`` names resolve to), deduplicated by
+  address, and keep their conditions (ready, serving, terminating) and zone.
+- An ExternalName Service becomes an external DNS service.
+- A TrafficPolicy's spec (minus ``targetRef``) is the service's policy; it is validated
+  here, and a policy that fails is left out (the service still serves) and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from controlplane.mesh.loader import describe_error
+from controlplane.mesh.model import Mesh, Policy, Service
+from controlplane.sources.kubernetes.kinds import SERVICE_NAME_LABEL
+
+Obj = Mapping[str, Any]
+Key = tuple[str, str]  # (namespace, name)
+
+_GRPC = ("grpc", "http2", "h2c", "kubernetes.io/h2c")
+_TCP = ("tcp", "tls", "https", "mongo", "mysql", "redis", "kubernetes.io/ws",
+        "kubernetes.io/wss")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What becomes a TrafficPolicy's ``Accepted`` condition."""
+
+    accepted: bool
+    reason: str  # Accepted | Invalid | TargetNotFound | Conflicted
+    message: str
+    generation: int = 0
+
+
+@dataclass
+class Conversion:
+    mesh: Mesh
+    verdicts: dict[Key, Verdict] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # services left out, and why
+
+
+def key(obj: Obj) -> Key:
+    meta = obj.get("metadata", {})
+    return str(meta.get("namespace", "default")), str(meta.get("name", ""))
+
+
+def protocol_of(port: Obj) -> str:
+    """``http``, ``grpc`` or ``tcp`` for one Service port (Istio's naming convention)."""
+    app = str(port.get("appProtocol") or "").lower()
+    name = str(port.get("name") or "").lower()
+    for hint in (app, name.split("-", 1)[0] if name else ""):
+        if not hint:
+            continue
+        if hint in _GRPC:
+            return "grpc"
+        if hint in _TCP:
+            return "tcp"
+        if hint == "http":
+            return "http"
+    return "http"
+
+
+def convert(services: Iterable[Obj], slices: Iterable[Obj],
+            policies: Iterable[Obj]) -> Conversion:
+    by_service: dict[Key, list[Obj]] = {}
+    for slice_ in slices:
+        owner = slice_.get("metadata", {}).get("labels", {}).get(SERVICE_NAME_LABEL)
+        if owner:
+            by_service.setdefault((key(slice_)[0], owner), []).append(slice_)
+
+    service_objs = {key(s): s for s in services}
+    chosen, verdicts = _choose_policies(policies, service_objs)
+    result = Conversion(Mesh(), verdicts)
+    built: list[Service] = []
+    for svc_key in sorted(service_objs):
+        data = service_data(service_objs[svc_key], by_service.get(svc_key, []))
+        if data is None:
+            result.skipped.append(f"service {svc_key[0]}/{svc_key[1]}: no TCP ports")
+            continue
+        if svc_key in chosen:
+            data["policy"] = chosen[svc_key]
+        try:
+            built.append(Service.model_validate(data))
+        except ValidationError as exc:
+            problems = "; ".join(describe_error(e, data) for e in exc.errors())
+            result.skipped.append(f"service {svc_key[0]}/{svc_key[1]}: {problems}")
+    result.mesh = Mesh(services=built)
+    return result
+
+
+def service_data(service: Obj, slices: list[Obj]) -> dict[str, Any] | None:
+    """The mesh-file form of one Service (see the README's mesh file reference)."""
+    namespace, name = key(service)
+    spec = service.get("spec", {})
+    ports = [p for p in spec.get("ports", []) if p.get("protocol", "TCP") == "TCP"]
+    if not ports:
+        return None
+    data: dict[str, Any] = {"name": name, "namespace": namespace}
+    single = len(ports) == 1
+    if single:
+        data["port"] = int(ports[0]["port"])
+        data["protocol"] = protocol_of(ports[0])
+    else:
+        data["ports"] = [{"name": str(p.get("name", "")), "port": int(p["port"]),
+                          "protocol": protocol_of(p)} for p in ports]
+    if spec.get("type") == "ExternalName":
+        data["external_name"] = str(spec.get("externalName", "")).rstrip(".").lower()
+        return data
+    data["endpoints"] = _endpoints(ports, slices, single)
+    return data
+
+
+def _endpoints(ports: list[Obj], slices: list[Obj], single: bool) -> list[dict[str, Any]]:
+    """Merge every slice; one endpoint per address, with its port per Service port name."""
+    wanted = {str(p.get("name", "")) for p in ports}
+    merged: dict[str, dict[str, Any]] = {}
+    for slice_ in sorted(slices, key=lambda s: key(s)[1]):
+        if slice_.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+            continue
+        slice_ports = {str(p.get("name") or ""): int(p["port"])
+                       for p in slice_.get("ports") or [] if p.get("port") is not None
+                       and p.get("protocol", "TCP") == "TCP"}
+        served = {n: port for n, port in slice_ports.items() if n in wanted}
+        if not served:
+            continue
+        for endpoint in slice_.get("endpoints") or []:
+            addresses = endpoint.get("addresses") or []
+            if not addresses:
+                continue
+            address = str(addresses[0])
+            conditions = endpoint.get("conditions") or {}
+            ready = conditions.get("ready")
+            ready = True if ready is None else bool(ready)
+            serving = conditions.get("serving")
+            entry = merged.setdefault(address, {"address": address, "ports": {}})
+            entry["ports"].update(served)
+            # The most available view wins when two slices disagree (a pod moving slices).
+            if "ready" not in entry or (ready and not entry["ready"]):
+                entry["ready"] = ready
+                entry["serving"] = ready if serving is None else bool(serving)
+                entry["terminating"] = bool(conditions.get("terminating", False))
+            zone = endpoint.get("zone")
+            if zone:
+                entry["zone"] = str(zone)
+    result = []
+    for address in sorted(merged):
+        entry = merged[address]
+        by_name: dict[str, int] = entry.pop("ports")
+        if single:
+            [only] = wanted
+            if only not in by_name:
+                continue
+            entry["port"] = by_name[only]
+        else:
+            entry["ports"] = dict(sorted(by_name.items()))
+        result.append(entry)
+    return result
+
+
+def _choose_policies(policies: Iterable[Obj], services: Mapping[Key, Obj],
+                     ) -> tuple[dict[Key, dict[str, Any]], dict[Key, Verdict]]:
+    """Validate every TrafficPolicy; the oldest valid one per Service applies."""
+    chosen: dict[Key, dict[str, Any]] = {}
+    owner: dict[Key, Key] = {}
+    verdicts: dict[Key, Verdict] = {}
+    ordered = sorted(policies, key=lambda p: (
+        str(p.get("metadata", {}).get("creationTimestamp", "")), key(p)))
+    for policy in ordered:
+        policy_key = key(policy)
+        generation = int(policy.get("metadata", {}).get("generation", 0) or 0)
+        spec = dict(policy.get("spec") or {})
+        target = spec.pop("targetRef", None) or {}
+        if target.get("kind", "Service") != "Service" or not target.get("name"):
+            verdicts[policy_key] = Verdict(
+                False, "Invalid", "spec.targetRef: must be {kind: Service, name: <service>} "
+                "in the policy's namespace", generation)
+            continue
+        try:
+            Policy.model_validate(spec)
+        except ValidationError as exc:
+            problems = "; ".join(describe_error(e, spec, root="spec") for e in exc.errors())
+            verdicts[policy_key] = Verdict(False, "Invalid", problems, generation)
+            continue
+        target_key = (policy_key[0], str(target["name"]))
+        if target_key not in services:
+            verdicts[policy_key] = Verdict(
+                False, "TargetNotFound",
+                f"spec.targetRef: no Service {target_key[1]!r} in namespace {target_key[0]!r}; "
+                "the policy applies once it exists", generation)
+            continue
+        if target_key in chosen:
+            verdicts[policy_key] = Verdict(
+                False, "Conflicted",
+                f"Service {target_key[1]!r} already has TrafficPolicy {owner[target_key][1]!r} "
+                "(the oldest applies); merge the two", generation)
+            continue
+        chosen[target_key] = spec
+        owner[target_key] = policy_key
+        verdicts[policy_key] = Verdict(True, "Accepted",
+                                       f"applied to Service {target_key[1]!r}", generation)
+    return chosen, verdicts

@@ -1,0 +1,158 @@
+"""``--source kubernetes``: Services, EndpointSlices and TrafficPolicies in, meshes out.
+
+Watchers (one thread per kind and namespace) feed one queue. Changes are batched: a
+batch is converted once the stream has been quiet for ``quiet`` seconds, or ``max_delay``
+after its first change at the latest (Istio's debounce, 100 ms / 10 s). Nothing is
+yielded before every kind has been listed once, so the first mesh is complete; a batch
+that converts to the mesh already served yields nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from kubernetes import client
+
+from controlplane import metrics
+from controlplane.mesh.model import Mesh
+from controlplane.sources.kubernetes.convert import Key, Verdict, convert
+from controlplane.sources.kubernetes.kinds import (
+    ENDPOINT_SLICES,
+    SERVICES,
+    TRAFFIC_POLICIES,
+    WATCHED,
+    Kind,
+)
+from controlplane.sources.kubernetes.status import StatusWriter, needs_write
+from controlplane.sources.kubernetes.store import ObjectStore
+from controlplane.sources.kubernetes.watch import Changed, Listed, Watcher, WatchTiming
+
+log = structlog.get_logger("controlplane.source.kubernetes")
+
+
+@dataclass(frozen=True)
+class Debounce:
+    quiet: float = 0.1
+    max_delay: float = 10.0
+
+
+class KubernetesSource:
+    name = "kubernetes"
+
+    def __init__(self, api: client.ApiClient, namespaces: list[str] | None = None,
+                 timing: WatchTiming | None = None, debounce: Debounce | None = None,
+                 write_status: bool = True) -> None:
+        self.api = api
+        self.namespaces: list[str | None] = list(namespaces) if namespaces else [None]
+        self.timing = timing or WatchTiming()
+        self.debounce = debounce or Debounce()
+        self.status = StatusWriter(api) if write_status else None
+        self.stores: dict[Kind, ObjectStore] = {
+            SERVICES: ObjectStore(), ENDPOINT_SLICES: ObjectStore(),
+            TRAFFIC_POLICIES: ObjectStore(keep_status=True)}
+        self.verdicts: dict[Key, Verdict] = {}
+        self._writing: dict[Key, Verdict] = {}  # status writes sent, not yet seen back
+
+    async def updates(self) -> AsyncIterator[Mesh]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Listed | Changed] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: Listed | Changed) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        unlisted = {(kind, ns) for kind in WATCHED for ns in self.namespaces}
+        for kind, namespace in sorted(unlisted, key=lambda k: (k[0].plural, k[1] or "")):
+            Watcher(kind, self.api, namespace, emit, stop, self.timing).start()
+        log.info("source.kubernetes_started",
+                 namespaces=[n or "(all)" for n in self.namespaces])
+        served: Mesh | None = None
+        first_change = last_change = 0.0
+        dirty = False
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                timeout = None
+                if dirty and not unlisted:
+                    due = min(last_change + self.debounce.quiet,
+                              first_change + self.debounce.max_delay)
+                    timeout = max(0.0, due - time.monotonic())
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout)
+                except TimeoutError:
+                    item = None
+                while item is not None:
+                    if isinstance(item, Listed):
+                        unlisted.discard((item.kind, item.namespace))
+                    if self._apply(item):
+                        now = time.monotonic()
+                        if not dirty:
+                            first_change = now
+                        dirty, last_change = True, now
+                    try:
+                        item = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        item = None
+                if not dirty or unlisted:
+                    continue
+                now = time.monotonic()
+                if (now - last_change < self.debounce.quiet
+                        and now - first_change < self.debounce.max_delay):
+                    continue
+                dirty = False
+                mesh = self._convert(tasks)
+                if mesh == served:
+                    metrics.K8S_REBUILDS.labels("unchanged").inc()
+                    continue
+                metrics.K8S_REBUILDS.labels("published").inc()
+                served = mesh
+                yield mesh
+        finally:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+
+    def _apply(self, item: Listed | Changed) -> bool:
+        store = self.stores[item.kind]
+        if isinstance(item, Listed):
+            store.replace(item.items, item.namespace)
+            return True  # a (re)list always ends in a batch: the first one makes us ready
+        return store.apply(item.type, item.obj)
+
+    async def _write(self, policy: Key, verdict: Verdict,
+                     current: Mapping[str, Any] | None) -> None:
+        assert self.status is not None
+        if not await asyncio.to_thread(self.status.write, policy, verdict, current):
+            self._writing.pop(policy, None)  # failed: try again with the next batch
+
+    def _convert(self, tasks: set[asyncio.Task[None]]) -> Mesh:
+        policies = self.stores[TRAFFIC_POLICIES]
+        result = convert(self.stores[SERVICES].values(), self.stores[ENDPOINT_SLICES].values(),
+                         policies.values())
+        for problem in result.skipped:
+            log.warning("source.object_skipped", problem=problem,
+                        hint="fix the object; the other services are served as usual")
+        for policy, verdict in result.verdicts.items():
+            if not verdict.accepted and self.verdicts.get(policy) != verdict:
+                log.warning("policy.rejected", policy=f"{policy[0]}/{policy[1]}",
+                            reason=verdict.reason, message=verdict.message)
+            current = policies.status.get(policy)
+            if self.status is None or not needs_write(verdict, current):
+                self._writing.pop(policy, None)
+                continue
+            if self._writing.get(policy) == verdict:
+                continue  # already on its way
+            self._writing[policy] = verdict
+            task = asyncio.create_task(self._write(policy, verdict, current))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        self.verdicts = result.verdicts
+        return result.mesh

@@ -1,0 +1,60 @@
+"""What the source knows of one kind: the objects, reduced to what matters downstream.
+
+An update that changes nothing Envoy could see (a resourceVersion bump, an annotation,
+managedFields, our own status write) leaves the store equal, and so triggers nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from controlplane.sources.kubernetes.convert import Key, key
+
+_KEPT_METADATA = ("name", "namespace", "labels", "creationTimestamp", "generation", "uid")
+_DROPPED_TOP = ("metadata", "status", "kind", "apiVersion")
+
+
+def relevant(obj: Mapping[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata", {})
+    reduced: dict[str, Any] = {k: v for k, v in obj.items() if k not in _DROPPED_TOP}
+    reduced["metadata"] = {k: meta[k] for k in _KEPT_METADATA if k in meta}
+    return reduced
+
+
+class ObjectStore:
+    def __init__(self, keep_status: bool = False) -> None:
+        self.objects: dict[Key, dict[str, Any]] = {}
+        self.status: dict[Key, Any] = {}  # for TrafficPolicy: the status as last seen
+        self._keep_status = keep_status
+
+    def replace(self, items: Iterable[Mapping[str, Any]], namespace: str | None) -> bool:
+        """A fresh list (initial, or after 410 Gone): the truth for ``namespace`` (or for
+        all, when None). Objects missing from it were deleted while we were not looking."""
+        fresh = {key(o): relevant(o) for o in items}
+        kept = {k: v for k, v in self.objects.items()
+                if namespace is not None and k[0] != namespace}
+        merged = {**kept, **fresh}
+        changed = merged != self.objects
+        self.objects = merged
+        if self._keep_status:
+            self.status = {k: v for k, v in self.status.items() if k in merged}
+            self.status.update({key(o): o.get("status") for o in items})
+        return changed
+
+    def apply(self, event_type: str, obj: Mapping[str, Any]) -> bool:
+        """An ADDED, MODIFIED or DELETED event; True if something that matters changed."""
+        object_key = key(obj)
+        if event_type == "DELETED":
+            self.status.pop(object_key, None)
+            return self.objects.pop(object_key, None) is not None
+        if self._keep_status:
+            self.status[object_key] = obj.get("status")
+        reduced = relevant(obj)
+        if self.objects.get(object_key) == reduced:
+            return False
+        self.objects[object_key] = reduced
+        return True
+
+    def values(self) -> list[dict[str, Any]]:
+        return list(self.objects.values())

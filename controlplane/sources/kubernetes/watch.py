@@ -1,0 +1,178 @@
+"""List, then watch from the list's resourceVersion, forever, for one kind.
+
+The official client is synchronous, so each watcher runs in a thread and hands what it
+sees to the event loop. The loop is kopf's: list and mark "listed"; watch from the
+resourceVersion with bookmarks (which keep it fresh); when a watch ends (the server's
+timeout, a dropped connection, a silent connection past the inactivity timeout) watch
+again from the last resourceVersion; on 410 Gone list again, which replaces what was
+known, so nothing stale and nothing duplicated survives; on errors back off with jitter.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import urllib3
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+
+from controlplane import metrics
+from controlplane.sources.kubernetes.kinds import ENDPOINT_SLICES, SERVICES, Kind
+
+log = structlog.get_logger("controlplane.source.kubernetes")
+
+
+@dataclass(frozen=True)
+class WatchTiming:
+    """How long to wait for what. Defaults suit a real cluster; tests shorten them."""
+
+    server_timeout: int = 300  # asked of the API server: end each watch after this long
+    inactivity: float = 330.0  # no byte (not even a bookmark) for this long: reconnect
+    connect: float = 5.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    page_size: int = 500
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A complete list: the truth for ``namespace`` (None: all namespaces)."""
+
+    kind: Kind
+    namespace: str | None
+    items: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Changed:
+    kind: Kind
+    type: str  # ADDED | MODIFIED | DELETED
+    obj: dict[str, Any]
+
+
+class Gone(Exception):
+    """The resourceVersion we watch from is too old (410): list again."""
+
+
+class Watcher(threading.Thread):
+    def __init__(self, kind: Kind, api: client.ApiClient, namespace: str | None,
+                 emit: Callable[[Listed | Changed], None], stop: threading.Event,
+                 timing: WatchTiming) -> None:
+        super().__init__(name=f"watch-{kind.plural}-{namespace or 'all'}", daemon=True)
+        self.kind = kind
+        self.namespace = namespace
+        self.emit = emit
+        self.stop_event = stop
+        self.timing = timing
+        self._list_fn, self._args = _list_function(kind, api, namespace)
+        self._failures = 0
+
+    def run(self) -> None:
+        where = self.namespace or "all namespaces"
+        while not self.stop_event.is_set():
+            try:
+                items, version = self._list()
+                self.emit(Listed(self.kind, self.namespace, items))
+                self._failures = 0
+                log.info("watch.listed", kind=self.kind.kind, namespace=where,
+                         objects=len(items), resource_version=version)
+                self._watch(version)
+            except Gone:
+                metrics.K8S_RELISTS.labels(self.kind.plural, "gone").inc()
+                log.info("watch.expired", kind=self.kind.kind, namespace=where,
+                         action="listing again")
+            except ApiException as exc:
+                if exc.status == 404 and self.kind.group not in ("", ENDPOINT_SLICES.group):
+                    # The CRD is not installed: serve without policies, and keep looking.
+                    self.emit(Listed(self.kind, self.namespace, []))
+                    log.error("watch.kind_missing", kind=self.kind.kind,
+                              hint="apply deploy/kubernetes/crd.yaml; services are served "
+                              "without TrafficPolicies meanwhile")
+                else:
+                    log.warning("watch.failed", kind=self.kind.kind, namespace=where,
+                                status=exc.status, error=str(exc.reason))
+                self._back_off()
+            except Exception as exc:  # connection refused, reset, timeouts: the API is away
+                log.warning("watch.failed", kind=self.kind.kind, namespace=where,
+                            error=f"{type(exc).__name__}: {exc}",
+                            hint="retrying with backoff; check that the API server is reachable")
+                self._back_off()
+
+    def _back_off(self) -> None:
+        metrics.K8S_RELISTS.labels(self.kind.plural, "error").inc()
+        delay = min(self.timing.backoff_max, self.timing.backoff_initial * 2 ** self._failures)
+        self._failures = min(self._failures + 1, 16)
+        self.stop_event.wait(delay * random.uniform(0.5, 1.0))
+
+    def _list(self) -> tuple[list[dict[str, Any]], str]:
+        """Every object, page by page (``limit``/``continue``), and the list's version."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": self.timing.page_size, "_preload_content": False,
+                                      "_request_timeout": (self.timing.connect, 60)}
+            if token:
+                kwargs["_continue"] = token
+            response = self._list_fn(*self._args, **kwargs)
+            page = json.loads(response.data)
+            items.extend(page.get("items") or [])
+            meta = page.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                return items, str(meta.get("resourceVersion", ""))
+
+    def _watch(self, version: str) -> None:
+        """Watch until 410 (raises Gone) or stop; reconnect from ``version`` otherwise."""
+        while not self.stop_event.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(
+                        self._list_fn, *self._args, resource_version=version,
+                        allow_watch_bookmarks=True,
+                        timeout_seconds=self.timing.server_timeout,
+                        _request_timeout=(self.timing.connect, self.timing.inactivity)):
+                    if self.stop_event.is_set():
+                        stream.stop()
+                        return
+                    obj: dict[str, Any] = event["raw_object"]
+                    version = str(obj.get("metadata", {}).get("resourceVersion") or version)
+                    kind = event["type"]
+                    metrics.K8S_EVENTS.labels(self.kind.plural, kind).inc()
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        self.emit(Changed(self.kind, kind, obj))
+            except ApiException as exc:
+                if exc.status == 410:
+                    raise Gone from exc
+                raise
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                # Dropped or silent past the inactivity timeout: watch again from where we
+                # were; if that version has expired meanwhile, the server says 410.
+                metrics.K8S_RELISTS.labels(self.kind.plural, "reconnect").inc()
+                log.info("watch.reconnecting", kind=self.kind.kind,
+                         reason=type(exc).__name__, resource_version=version)
+                self.stop_event.wait(random.uniform(0.05, 0.25))
+
+
+def _list_function(kind: Kind, api: client.ApiClient,
+                   namespace: str | None) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    if kind == SERVICES:
+        core = client.CoreV1Api(api)
+        if namespace is None:
+            return core.list_service_for_all_namespaces, ()
+        return core.list_namespaced_service, (namespace,)
+    if kind == ENDPOINT_SLICES:
+        discovery = client.DiscoveryV1Api(api)
+        if namespace is None:
+            return discovery.list_endpoint_slice_for_all_namespaces, ()
+        return discovery.list_namespaced_endpoint_slice, (namespace,)
+    custom = client.CustomObjectsApi(api)
+    if namespace is None:
+        return custom.list_cluster_custom_object, (kind.group, kind.version, kind.plural)
+    return custom.list_namespaced_custom_object, (kind.group, kind.version, namespace,
+                                                  kind.plural)
