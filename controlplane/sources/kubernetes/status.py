@@ -63,7 +63,7 @@ class StatusWriter:
                 return True  # deleted meanwhile: nothing left to write
             log.warning("policy.status_failed", policy=f"{namespace}/{name}", status=exc.status,
                         error=str(exc.reason), hint="check RBAC: the server needs patch on "
-                        "trafficpolicies/status (deploy/kubernetes/rbac.yaml)")
+                        "trafficpolicies/status (deploy/kubernetes/02-rbac.yaml)")
             return False
         except Exception as exc:
             log.warning("policy.status_failed", policy=f"{namespace}/{name}",
