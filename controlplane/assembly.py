@@ -1,6 +1,6 @@
 """One mesh translated and encoded once, then assembled into a snapshot per proxy group.
 
-Most of a snapshot is the same for every proxy: each service's cluster and endpoints.
+Most of a snapshot is the same for every proxy: each service's clusters and endpoints.
 A MeshBuild translates and serializes those once per mesh, and only for the services
 that changed since the previous mesh; the egress route table once per namespace; and per
 group only the listeners and the inbound cluster. A one-endpoint change in a mesh of a
@@ -9,7 +9,10 @@ thousand services re-encodes one ClusterLoadAssignment, not a thousand per group
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from google.protobuf.message import Message
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, build_snapshot, encode_resource
@@ -21,8 +24,8 @@ from controlplane.translator import egress_route, proxy_resources, resource_name
 @dataclass(frozen=True, slots=True)
 class _Encoded:
     service: Service
-    cluster: Resource
-    load_assignment: Resource
+    clusters: tuple[Resource, ...]  # one per service port
+    load_assignments: tuple[Resource, ...]  # one per EDS cluster
 
 
 class MeshBuild:
@@ -39,17 +42,16 @@ class MeshBuild:
                 self._services[service.key] = old
                 continue
             made = service_resources(service)
-            cluster = encode_resource(resource.CLUSTER, resource_name(made.cluster),
-                                      made.cluster, old.cluster if old else None)
-            assignment = encode_resource(resource.ENDPOINT, resource_name(made.load_assignment),
-                                         made.load_assignment,
-                                         old.load_assignment if old else None)
-            self.encoded_bytes += cluster.size + assignment.size  # both serialized
-            self._services[service.key] = _Encoded(service, cluster, assignment)
-        self._clusters = sorted((e.cluster for e in self._services.values()),
+            clusters = _encode(resource.CLUSTER, made.clusters, old.clusters if old else ())
+            assignments = _encode(resource.ENDPOINT, made.load_assignments,
+                                  old.load_assignments if old else ())
+            # all serialized, even those that come out equal to the old ones
+            self.encoded_bytes += sum(r.size for r in (*clusters, *assignments))
+            self._services[service.key] = _Encoded(service, clusters, assignments)
+        self._clusters = sorted((c for e in self._services.values() for c in e.clusters),
                                 key=lambda r: r.name)
-        self._assignments = sorted((e.load_assignment for e in self._services.values()),
-                                   key=lambda r: r.name)
+        self._assignments = sorted((a for e in self._services.values()
+                                    for a in e.load_assignments), key=lambda r: r.name)
         self._routes: dict[str, Resource] = {}
         self._previous_routes = previous._routes if previous is not None else {}
 
@@ -74,3 +76,14 @@ class MeshBuild:
             resource.ROUTE: [self.route(proxy.namespace)],
             resource.SECRET: [],
         }, reuse=reuse)
+
+
+def _encode(type_url: str, messages: Sequence[Message],
+            old: tuple[Resource, ...]) -> tuple[Resource, ...]:
+    """Encode each message against the old resource of the same name, if any."""
+    by_name = {r.name: r for r in old}
+    encoded = []
+    for message in messages:
+        name = resource_name(message)
+        encoded.append(encode_resource(type_url, name, message, by_name.get(name)))
+    return tuple(encoded)

@@ -13,6 +13,7 @@ import pytest
 from controlplane.errors import MeshError
 from controlplane.mesh import load_mesh_text
 from controlplane.mesh.duration import format_duration, parse_duration
+from controlplane.mesh.model import Endpoint, Service, ServicePort
 from controlplane.sources.file import FileSource
 
 GOOD = """
@@ -78,6 +79,99 @@ def test_duplicates_names_and_yaml_errors() -> None:
     assert "top level must be a mapping" in problems("- a\n- b")[0]
     assert "weights add up to 0" in problems(
         "services: [{name: a, port: 1, policy: {split: [{labels: {v: x}, weight: 0}]}}]")[0]
+
+
+MULTIPORT = """
+services:
+  - name: api
+    ports:
+      - {name: http, port: 80, protocol: http}
+      - {name: grpc, port: 9090, protocol: grpc}
+    endpoints:
+      - {address: 10.0.0.7, ports: {http: 8080, grpc: 8090}}
+      - {address: 10.0.0.8, ports: {http: 8080}}
+  - name: billing
+    port: 443
+    protocol: tcp
+    external_name: billing.example.com
+"""
+
+
+def test_named_ports_and_external_names_parse() -> None:
+    api, billing = load_mesh_text(MULTIPORT).services
+    assert api.named_ports and [(p.name, p.port, p.protocol) for p in api.service_ports] == \
+        [("http", 80, "http"), ("grpc", 9090, "grpc")]
+    assert (api.port, api.protocol) == (80, "http")  # the first port's
+    grpc = api.service_ports[1]
+    assert [e.port_for(grpc) for e in api.endpoints] == [8090, None]
+    assert not billing.named_ports and billing.external_name == "billing.example.com"
+    [only] = billing.service_ports
+    assert (only.name, only.port, only.protocol) == ("", 443, "tcp")
+    assert billing.endpoints == []
+
+
+def test_single_port_form_is_unchanged() -> None:
+    [service] = load_mesh_text(GOOD).services
+    [only] = service.service_ports
+    assert (only.name, only.port, only.protocol) == ("", 9080, "http")
+    assert [e.port_for(only) for e in service.endpoints] == [9081, 9082]
+
+
+def test_services_build_in_python_and_dump_as_mesh_file_keys() -> None:
+    """What the Kubernetes source does: the mesh file's keys, as keyword arguments."""
+    api = Service(name="api", ports=[ServicePort(name="http", port=80),
+                                     ServicePort(name="grpc", port=9090, protocol="grpc")],
+                  endpoints=[Endpoint(address="10.0.0.7", ports={"http": 8080})])
+    billing = Service(name="billing", port=443, protocol="tcp",
+                      external_name="billing.example.com")
+    reviews = Service(name="reviews", port=9080,
+                      endpoints=[Endpoint(address="10.0.0.5", port=9081)])
+    assert (api.port, billing.protocol, reviews.protocol) == (80, "tcp", "http")
+    for service in (api, billing, reviews):
+        dumped = service.model_dump()
+        assert "single_port" not in dumped
+        assert Service.model_validate(dumped) == service
+
+
+@pytest.mark.parametrize(("service", "expected"), [
+    ("{name: a, port: 80, ports: [{name: http, port: 80}]}",
+     "services[0] (a.default): give port (with protocol) or ports, not both"),
+    ("{name: a, protocol: grpc, ports: [{name: http, port: 80}]}",
+     "services[0] (a.default): protocol: with ports, each port names its own protocol"),
+    ("{name: a}", "services[0] (a.default): port: Field required"),
+    ("{name: a, ports: []}", "services[0] (a.default).ports: List should have at least 1"),
+    ("{name: a, ports: [{name: http, port: 80}, {name: http, port: 81}]}",
+     "services[0] (a.default): ports[1].name: 'http' repeats ports[0]"),
+    ("{name: a, ports: [{name: http, port: 80}, {name: web, port: 80}]}",
+     "services[0] (a.default): ports[1].port: 80 repeats ports[0]"),
+    ("{name: a, ports: [{name: Web_1, port: 80}]}", "port name 'Web_1' must be a DNS label"),
+    ("{name: a, port: 80, endpoints: [{address: 10.0.0.1}]}",
+     "services[0] (a.default).endpoints[0]: needs port"),
+    ("{name: a, port: 80, endpoints: [{address: 10.0.0.1, port: 81, ports: {http: 81}}]}",
+     "services[0] (a.default).endpoints[0]: give port (single-port service) or ports"),
+    ("{name: a, port: 80, endpoints: [{address: 10.0.0.1, ports: {http: 81}}]}",
+     "services[0] (a.default): endpoints[0] (10.0.0.1): needs port; this service has a "
+     "single port"),
+    ("{name: a, ports: [{name: http, port: 80}], endpoints: [{address: 10.0.0.1, port: 81}]}",
+     "services[0] (a.default): endpoints[0] (10.0.0.1): needs ports: {name: port}; this "
+     "service's ports are named http"),
+    ("{name: a, ports: [{name: http, port: 80}], endpoints: [{address: 10.0.0.1, "
+     "ports: {htp: 81}}]}",
+     "services[0] (a.default): endpoints[0] (10.0.0.1).ports: 'htp' is not a port of this "
+     "service (http)"),
+    ("{name: a, port: 443, external_name: b.example.com, endpoints: [{address: 1.2.3.4, "
+     "port: 443}]}",
+     "services[0] (a.default): endpoints: a service with external_name has none"),
+    ("{name: a, port: 443, external_name: Billing.Example.com}",
+     "services[0] (a.default).external_name: external_name 'Billing.Example.com' must be a "
+     "lower-case DNS name"),
+    ("{name: a, port: 443, external_name: 'billing.example.com.'}",
+     "must be a lower-case DNS name"),
+    ("{name: a, port: 443, external_name: 'http://billing'}", "must be a lower-case DNS name"),
+])
+def test_port_forms_and_external_name_errors(service: str, expected: str) -> None:
+    found = problems(f"services: [{service}]")
+    assert len(found) == 1 and expected in found[0], found
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

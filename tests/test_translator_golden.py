@@ -20,6 +20,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from controlplane import resource
+from controlplane.assembly import MeshBuild
 from controlplane.mesh import Mesh, load_mesh_data
 from controlplane.mesh.loader import parse_mesh_yaml
 from controlplane.proxy import ProxyIdentity
@@ -130,7 +131,16 @@ def test_no_stale_golden_files(request: pytest.FixtureRequest) -> None:
 
 
 def test_the_required_cases_exist() -> None:
-    required = {"basic", "inbound", "grpc_and_tcp", "namespaces", "policies", "empty"}
+    required = {
+        "basic",
+        "inbound",
+        "grpc_and_tcp",
+        "namespaces",
+        "policies",
+        "empty",
+        "multiport",
+        "external_name",
+    }
     assert required <= set(CASES)
 
 
@@ -209,3 +219,81 @@ def test_resource_name() -> None:
     assert resource_name(resources[resource.LISTENER][0]) == "egress"
     cla = resources[resource.ENDPOINT][0]
     assert resource_name(cla) == cla.cluster_name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_assembly_serves_what_translate_gives(case: str) -> None:
+    """MeshBuild encodes each service's clusters and load assignments as one unit; the
+    snapshot it builds must hold exactly the translator's resources, and be consistent."""
+    mesh, proxy = load_case(case)
+    snapshot = MeshBuild(mesh).snapshot(proxy)
+    assert snapshot.problems() == []
+    for type_url, messages in translate(mesh, proxy).items():
+        typed = snapshot.get(type_url)
+        assert typed is not None
+        assert {n: r.message for n, r in typed.resources.items()} == {
+            resource_name(m): m for m in messages
+        }
+
+
+def test_multiport_routes_each_http_port_and_gives_bare_names_once() -> None:
+    mesh, proxy = load_case("multiport")
+    [route] = translate(mesh, proxy)[resource.ROUTE]
+    hosts = {h.name: list(h.domains) for h in route.virtual_hosts}
+    assert set(hosts) == {"api.default:80", "api.default:9090", "reviews.default", "stats.ops:8080"}
+    every = [d for ds in hosts.values() for d in ds]
+    assert len(every) == len(set(every))  # Envoy rejects a domain in two virtual hosts
+    assert "api" in hosts["api.default:80"] and "api.default:9090" in hosts["api.default:9090"]
+    assert "stats.ops" in hosts["stats.ops:8080"]  # the first HTTP port, after a TCP one
+
+
+def test_multiport_endpoints_serve_only_the_ports_they_name() -> None:
+    mesh, proxy = load_case("multiport")
+    assignments = {resource_name(a): a for a in translate(mesh, proxy)[resource.ENDPOINT]}
+
+    def addresses(port: int) -> list[str]:
+        cla = assignments[f"outbound|{port}||api.default.svc.cluster.local"]
+        return [
+            e.endpoint.address.socket_address.address
+            for locality in cla.endpoints
+            for e in locality.lb_endpoints
+        ]
+
+    assert addresses(80) == ["10.0.0.7", "10.0.0.8"]  # 10.0.0.10 is not ready
+    assert addresses(9090) == ["10.0.0.7", "10.0.0.9"]
+    assert addresses(6379) == ["10.0.0.7", "10.0.0.9"]
+
+
+def test_external_names_resolve_by_dns_and_have_no_assignments() -> None:
+    mesh, proxy = load_case("external_name")
+    resources = translate(mesh, proxy)
+    external = [c for c in resources[resource.CLUSTER] if c.type == c.DiscoveryType.STRICT_DNS]
+    assert {c.name for c in external} == {
+        "outbound|443||billing.payments.svc.cluster.local",
+        "outbound|80||weather.default.svc.cluster.local",
+    }
+    assignments = {resource_name(a) for a in resources[resource.ENDPOINT]}
+    assert not assignments & {c.name for c in external}
+    hosts = [h.name for r in resources[resource.ROUTE] for h in r.virtual_hosts]
+    assert "weather.default" in hosts and "billing.payments" not in hosts
+
+
+def test_a_port_change_reencodes_only_what_changed() -> None:
+    """The per-service unit with several ports: the resources of untouched ports keep
+    their encoded objects when one port's endpoints change."""
+    mesh, proxy = load_case("multiport")
+    first = MeshBuild(mesh)
+    data = parse_mesh_yaml((IN / "multiport.yaml").read_text(encoding="utf-8"))
+    del data["proxy"]
+    data["services"][0]["endpoints"][1]["ports"]["http"] = 8081  # 10.0.0.8 serves only http
+    second = MeshBuild(load_mesh_data(data), previous=first)
+    before = first.snapshot(proxy)
+    after = second.snapshot(proxy, reuse=before)
+
+    def changed(type_url: str) -> set[str]:
+        old, new = before.get(type_url), after.get(type_url)
+        assert old is not None and new is not None
+        return {n for n, r in new.resources.items() if r is not old.resources[n]}
+
+    assert changed(resource.ENDPOINT) == {"outbound|80||api.default.svc.cluster.local"}
+    assert changed(resource.CLUSTER) == set()

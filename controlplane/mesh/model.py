@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from controlplane.mesh.duration import Duration
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -54,19 +56,52 @@ def _dns_label(value: str, what: str) -> str:
 
 class Endpoint(_Model):
     """One backend instance. ``ready`` endpoints take traffic; ``serving`` and
-    ``terminating`` ones drain; the rest are left out (Kubernetes' EndpointSlice conditions)."""
+    ``terminating`` ones drain; the rest are left out (Kubernetes' EndpointSlice conditions).
+
+    ``port`` for an endpoint of a single-port service; ``ports`` (service port name ->
+    port) for one of a service with named ports: a name it lacks is a port it does not
+    serve, as a pod need not serve every port of its Service."""
 
     address: str = Field(min_length=1)
-    port: Port
+    port: Port | None = None
+    ports: dict[str, Port] | None = Field(default=None, min_length=1)
     zone: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     ready: bool = True
     serving: bool | None = None
     terminating: bool = False
 
+    @model_validator(mode="after")
+    def _one_port_form(self) -> Endpoint:
+        if self.port is not None and self.ports is not None:
+            raise ValueError("give port (single-port service) or ports (named ports), not both")
+        if self.port is None and self.ports is None:
+            raise ValueError("needs port (or ports: {name: port} when the service has named ports)")
+        return self
+
     @property
     def is_serving(self) -> bool:
         return self.ready if self.serving is None else self.serving
+
+    def port_for(self, service_port: ServicePort) -> int | None:
+        """Where this endpoint serves ``service_port``, or None when it does not."""
+        if not service_port.name:
+            return self.port
+        return (self.ports or {}).get(service_port.name)
+
+
+class ServicePort(_Model):
+    """One port of a service: what clients call, and how they speak on it. The port of
+    a single-port service has the name ``""``."""
+
+    name: str
+    port: Port
+    protocol: Protocol = "http"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _dns_label(value, "port name")
 
 
 class Retries(_Model):
@@ -145,10 +180,22 @@ class Policy(_Model):
 
 
 class Service(_Model):
+    """A service, in one of two forms: ``port`` + ``protocol`` (one port), or ``ports``
+    (named ports, as a Kubernetes Service with several). With ``external_name`` it is a
+    DNS name outside the mesh: no endpoints, and its ports are also the external host's.
+
+    The one-port fields are stored as ``single_port``/``single_protocol`` (aliases ``port``
+    and ``protocol``, so input and dumps keep the mesh file's keys) because ``port`` and
+    ``protocol`` are properties that work in both forms: the first port's."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
     name: str
     namespace: str = "default"
-    port: Port
-    protocol: Protocol = "http"
+    single_port: Port | None = Field(default=None, alias="port")
+    single_protocol: Protocol | None = Field(default=None, alias="protocol")
+    ports: list[ServicePort] | None = Field(default=None, min_length=1)
+    external_name: str | None = None
     endpoints: list[Endpoint] = Field(default_factory=list)
     policy: Policy = Field(default_factory=Policy)
 
@@ -162,10 +209,103 @@ class Service(_Model):
     def _namespace(cls, value: str) -> str:
         return _dns_label(value, "namespace")
 
+    @field_validator("external_name")
+    @classmethod
+    def _external_name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 253 or not _HOSTNAME.match(value)):
+            raise ValueError(
+                f"external_name {value!r} must be a lower-case DNS name such as "
+                "'billing.example.com' (dot-separated DNS labels, no trailing dot)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Service:
+        if self.ports is None:
+            if self.single_port is None:
+                raise ValueError("port: Field required (or ports: a list of named ports)")
+        else:
+            if self.single_port is not None:
+                raise ValueError("give port (with protocol) or ports, not both")
+            if self.single_protocol is not None:
+                raise ValueError("protocol: with ports, each port names its own protocol")
+            _unique_ports(self.ports)
+        if self.external_name is not None and self.endpoints:
+            raise ValueError(
+                "endpoints: a service with external_name has none; its DNS name is the backend"
+            )
+        for index, endpoint in enumerate(self.endpoints):
+            self._check_endpoint(index, endpoint)
+        return self
+
+    def _check_endpoint(self, index: int, endpoint: Endpoint) -> None:
+        where = f"endpoints[{index}] ({endpoint.address})"
+        if self.ports is None:
+            if endpoint.port is None:
+                raise ValueError(f"{where}: needs port; this service has a single port")
+            return
+        names = [p.name for p in self.ports]
+        if endpoint.ports is None:
+            raise ValueError(
+                f"{where}: needs ports: {{name: port}}; this service's ports are named "
+                f"{', '.join(names)}"
+            )
+        unknown = sorted(set(endpoint.ports) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{where}.ports: {', '.join(map(repr, unknown))} is not a port of this "
+                f"service ({', '.join(names)})"
+            )
+
     @property
     def key(self) -> str:
         """``name.namespace``: how the mesh and the translator refer to a service."""
         return f"{self.name}.{self.namespace}"
+
+    @property
+    def named_ports(self) -> bool:
+        """True in the ``ports`` form: resources are then per named port, even for one."""
+        return self.ports is not None
+
+    @property
+    def service_ports(self) -> list[ServicePort]:
+        """Every port, in the order given; a single-port service's one port is named ``""``."""
+        if self.ports is not None:
+            return list(self.ports)
+        assert self.single_port is not None  # the validator demands it
+        return [
+            ServicePort.model_construct(
+                name="", port=self.single_port, protocol=self.single_protocol or "http"
+            )
+        ]
+
+    @property
+    def port(self) -> int:
+        """The first (or only) port's number."""
+        return self.service_ports[0].port
+
+    @property
+    def protocol(self) -> Protocol:
+        """The first (or only) port's protocol."""
+        return self.service_ports[0].protocol
+
+
+def _unique_ports(ports: list[ServicePort]) -> None:
+    names: dict[str, int] = {}
+    numbers: dict[int, int] = {}
+    for index, port in enumerate(ports):
+        if port.name in names:
+            raise ValueError(
+                f"ports[{index}].name: {port.name!r} repeats ports[{names[port.name]}]; "
+                "port names are unique within a service"
+            )
+        if port.port in numbers:
+            raise ValueError(
+                f"ports[{index}].port: {port.port} repeats ports[{numbers[port.port]}]; "
+                "ports are unique within a service"
+            )
+        names[port.name] = index
+        numbers[port.port] = index
 
 
 class Mesh(_Model):

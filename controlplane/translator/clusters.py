@@ -1,4 +1,5 @@
-"""Clusters: one EDS cluster per mesh service, plus the sidecar's static inbound cluster."""
+"""Clusters: one per service port (EDS, or DNS for an external service), plus the
+sidecar's static inbound cluster."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_de
 from envoy.config.core.v3 import base_pb2, protocol_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
-from controlplane.mesh.model import CircuitBreaker, LbPolicy, OutlierDetection, Service
+from controlplane.mesh.model import (
+    CircuitBreaker,
+    LbPolicy,
+    OutlierDetection,
+    Protocol,
+    Service,
+    ServicePort,
+)
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
 from controlplane.translator.endpoints import static_assignment
@@ -32,23 +40,36 @@ _LB_POLICIES: Final[dict[LbPolicy, int]] = {
 }
 
 
-def outbound_cluster(service: Service) -> cluster_pb2.Cluster:
+def outbound_clusters(service: Service) -> list[cluster_pb2.Cluster]:
+    """One cluster per service port, in port order."""
+    return [outbound_cluster(service, port) for port in service.service_ports]
+
+
+def outbound_cluster(service: Service, port: ServicePort) -> cluster_pb2.Cluster:
     """Endpoints come by EDS, so an endpoint change does not touch (and re-warm) the
-    cluster."""
-    name = names.outbound_cluster(service)
+    cluster. An external service has no endpoints to send: Envoy resolves its DNS name
+    itself (STRICT_DNS, every address it returns is a host)."""
+    name = names.outbound_cluster(service, port.port)
     policy = service.policy
     balancer = policy.load_balancer.policy if policy.load_balancer else "round_robin"
     cluster = _Cluster(
         name=name,
-        type=_Cluster.DiscoveryType.EDS,
-        eds_cluster_config=_Cluster.EdsClusterConfig(eds_config=ads(), service_name=name),
         connect_timeout=duration(CONNECT_TIMEOUT),
         lb_policy=_LB_POLICIES[balancer],
         circuit_breakers=_circuit_breakers(policy.circuit_breaker),
     )
+    if service.external_name is None:
+        cluster.type = _Cluster.DiscoveryType.EDS
+        cluster.eds_cluster_config.CopyFrom(
+            _Cluster.EdsClusterConfig(eds_config=ads(), service_name=name)
+        )
+    else:
+        cluster.type = _Cluster.DiscoveryType.STRICT_DNS
+        cluster.dns_lookup_family = _Cluster.DnsLookupFamily.V4_PREFERRED
+        cluster.load_assignment.CopyFrom(static_assignment(name, service.external_name, port.port))
     if policy.outlier_detection is not None:
         cluster.outlier_detection.CopyFrom(_outlier_detection(policy.outlier_detection))
-    if service.protocol == "grpc":
+    if port.protocol == "grpc":
         _use_http2(cluster)
     return cluster
 
@@ -65,9 +86,21 @@ def inbound_cluster(proxy: ProxyIdentity, own: Service | None) -> cluster_pb2.Cl
         connect_timeout=duration(CONNECT_TIMEOUT),
         load_assignment=static_assignment(name, LOCALHOST, proxy.app_port),
     )
-    if own is not None and own.protocol == "grpc":
+    if inbound_protocol(own, proxy.inbound_port) == "grpc":
         _use_http2(cluster)
     return cluster
+
+
+def inbound_protocol(own: Service | None, inbound_port: int) -> Protocol:
+    """What the app behind an inbound listener speaks. An endpoint's port is its
+    sidecar's inbound port, so with named ports the port that endpoints serve on
+    ``inbound_port`` says which; otherwise (or unknown service: http) the first port's."""
+    if own is None:
+        return "http"
+    for port in own.service_ports:
+        if any(endpoint.port_for(port) == inbound_port for endpoint in own.endpoints):
+            return port.protocol
+    return own.protocol
 
 
 def _use_http2(cluster: cluster_pb2.Cluster) -> None:

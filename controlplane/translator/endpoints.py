@@ -1,4 +1,4 @@
-"""ClusterLoadAssignments: a service's endpoints as EDS serves them."""
+"""ClusterLoadAssignments: a service's endpoints as EDS serves them, one per port."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from itertools import groupby
 from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
-from controlplane.mesh.model import Endpoint, Service
+from controlplane.mesh.model import Endpoint, Service, ServicePort
 from controlplane.translator import names
 from controlplane.translator.protoutil import socket_address, struct
 
@@ -17,20 +17,33 @@ LB_METADATA = "envoy.lb"
 _HealthStatus = health_check_pb2.HealthStatus
 
 
-def load_assignment(service: Service) -> endpoint_pb2.ClusterLoadAssignment:
+def load_assignments(service: Service) -> list[endpoint_pb2.ClusterLoadAssignment]:
+    """One per service port, as the clusters; none for an external service, whose
+    clusters resolve DNS themselves."""
+    if service.external_name is not None:
+        return []
+    return [load_assignment(service, port) for port in service.service_ports]
+
+
+def load_assignment(service: Service, port: ServicePort) -> endpoint_pb2.ClusterLoadAssignment:
     """Always a CLA, even an empty one: an EDS cluster without one stays warming and
-    holds back every listener update behind it."""
-    kept = [(ep, status) for ep in service.endpoints if (status := _health(ep)) is not None]
-    kept.sort(key=lambda item: (item[0].zone or "", item[0].address, item[0].port))
+    holds back every listener update behind it. An endpoint that does not serve
+    ``port`` is left out of it."""
+    kept = [
+        (ep, target, status)
+        for ep in service.endpoints
+        if (target := ep.port_for(port)) is not None and (status := _health(ep)) is not None
+    ]
+    kept.sort(key=lambda item: (item[0].zone or "", item[0].address, item[1]))
     localities = [
         endpoint_components_pb2.LocalityLbEndpoints(
             locality=base_pb2.Locality(zone=zone),
-            lb_endpoints=[_lb_endpoint(ep, status) for ep, status in group],
+            lb_endpoints=[_lb_endpoint(ep, target, status) for ep, target, status in group],
         )
         for zone, group in groupby(kept, key=lambda item: item[0].zone or "")
     ]
     return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=names.outbound_cluster(service), endpoints=localities
+        cluster_name=names.outbound_cluster(service, port.port), endpoints=localities
     )
 
 
@@ -64,11 +77,9 @@ def _health(endpoint: Endpoint) -> int | None:
     return None
 
 
-def _lb_endpoint(endpoint: Endpoint, status: int) -> endpoint_components_pb2.LbEndpoint:
+def _lb_endpoint(endpoint: Endpoint, port: int, status: int) -> endpoint_components_pb2.LbEndpoint:
     lb_endpoint = endpoint_components_pb2.LbEndpoint(
-        endpoint=endpoint_components_pb2.Endpoint(
-            address=socket_address(endpoint.address, endpoint.port)
-        ),
+        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(endpoint.address, port)),
         health_status=status,
     )
     if endpoint.labels:

@@ -16,6 +16,7 @@ from google.protobuf import wrappers_pb2
 from controlplane.mesh.model import Service
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
+from controlplane.translator.clusters import inbound_protocol
 from controlplane.translator.protoutil import ads, pack, socket_address
 from controlplane.translator.routes import inbound_route
 
@@ -55,7 +56,7 @@ def inbound_listener(
     one static cluster. A TCP service gets a plain TCP proxy."""
     if proxy.inbound_port is None or proxy.app_port is None:
         return None
-    if own is not None and own.protocol == "tcp":
+    if inbound_protocol(own, proxy.inbound_port) == "tcp":
         chain = _chain(
             TCP_PROXY, tcp_proxy_pb2.TcpProxy(stat_prefix="inbound", cluster=cluster_name)
         )

@@ -16,9 +16,14 @@ def fqdn(service: Service) -> str:
     return f"{service.name}.{service.namespace}.svc.{CLUSTER_DOMAIN}"
 
 
-def outbound_cluster(service: Service, subset: str = "") -> str:
-    """The EDS cluster (and ClusterLoadAssignment) name for calls to ``service``."""
-    return f"outbound|{service.port}|{subset}|{fqdn(service)}"
+def outbound_cluster(service: Service, port: int, subset: str = "") -> str:
+    """The cluster (and ClusterLoadAssignment) name for calls to one port of ``service``."""
+    return f"outbound|{port}|{subset}|{fqdn(service)}"
+
+
+def virtual_host(service: Service, port: int) -> str:
+    """``name.namespace``, and ``name.namespace:port`` for one of several named ports."""
+    return f"{service.key}:{port}" if service.named_ports else service.key
 
 
 def inbound_cluster(service_name: str, namespace: str, inbound_port: int) -> str:
@@ -26,15 +31,16 @@ def inbound_cluster(service_name: str, namespace: str, inbound_port: int) -> str
     return f"inbound|{inbound_port}||{service_name}.{namespace}.svc.{CLUSTER_DOMAIN}"
 
 
-def domains(service: Service, proxy_namespace: str) -> list[str]:
-    """Every Host a client may use: ``svc``, ``svc.ns``, ``svc.ns.svc``, the FQDN, each
-    bare and with ``:port``. The bare ``svc`` only for the proxy's own namespace, as in
-    Kubernetes DNS: two namespaces may both have a ``reviews``, and Envoy rejects a route
-    configuration in which two virtual hosts share a domain."""
+def domains(service: Service, proxy_namespace: str, port: int, bare: bool = True) -> list[str]:
+    """Every Host a client may use for ``port``: ``svc``, ``svc.ns``, ``svc.ns.svc``, the
+    FQDN, each with ``:port`` and, when ``bare``, without (only one port of a service
+    may take the bare forms: Envoy rejects a route configuration in which two virtual
+    hosts share a domain). The plain ``svc`` only for the proxy's own namespace, as in
+    Kubernetes DNS: two namespaces may both have a ``reviews``."""
     hosts = [service.name] if service.namespace == proxy_namespace else []
     hosts += [
         f"{service.name}.{service.namespace}",
         f"{service.name}.{service.namespace}.svc",
         fqdn(service),
     ]
-    return [*hosts, *(f"{h}:{service.port}" for h in hosts)]
+    return [*(hosts if bare else []), *(f"{h}:{port}" for h in hosts)]

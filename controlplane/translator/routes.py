@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
-from controlplane.mesh.model import Mesh, Retries, Service
+from controlplane.mesh.model import Mesh, Retries, Service, ServicePort
 from controlplane.translator import names
 from controlplane.translator.protoutil import duration, u32
 
@@ -14,14 +14,11 @@ _RETRIABLE_STATUS_CODES = "retriable-status-codes"
 
 
 def egress_route(mesh: Mesh, namespace: str) -> route_pb2.RouteConfiguration:
-    """One virtual host per HTTP or gRPC service, the proxy's own included (a service
-    may call itself). TCP services have no Host header to route on. Only the proxy's
-    namespace matters (for bare service names), so proxies of a namespace share it."""
-    hosts = [
-        _virtual_host(service, namespace)
-        for service in mesh.services
-        if service.protocol in ("http", "grpc")
-    ]
+    """One virtual host per HTTP or gRPC service port, the proxy's own service included
+    (a service may call itself). TCP ports have no Host header to route on. Only the
+    proxy's namespace matters (for bare service names), so proxies of a namespace share
+    it."""
+    hosts = [host for service in mesh.services for host in _virtual_hosts(service, namespace)]
     hosts.sort(key=lambda host: str(host.name))
     return route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
 
@@ -50,22 +47,30 @@ def inbound_route(cluster_name: str) -> route_pb2.RouteConfiguration:
     )
 
 
-def _virtual_host(service: Service, proxy_namespace: str) -> route_components_pb2.VirtualHost:
-    return route_components_pb2.VirtualHost(
-        name=service.key,
-        domains=names.domains(service, proxy_namespace),
-        routes=[
-            route_components_pb2.Route(
-                match=route_components_pb2.RouteMatch(prefix="/"),
-                route=_route_action(service),
-            )
-        ],
-    )
+def _virtual_hosts(
+    service: Service, proxy_namespace: str
+) -> list[route_components_pb2.VirtualHost]:
+    """The first HTTP/gRPC port also takes the port-less Host forms (a client calling
+    ``http://api/`` says no port); the others answer only with theirs."""
+    routed = [port for port in service.service_ports if port.protocol in ("http", "grpc")]
+    return [
+        route_components_pb2.VirtualHost(
+            name=names.virtual_host(service, port.port),
+            domains=names.domains(service, proxy_namespace, port.port, bare=index == 0),
+            routes=[
+                route_components_pb2.Route(
+                    match=route_components_pb2.RouteMatch(prefix="/"),
+                    route=_route_action(service, port),
+                )
+            ],
+        )
+        for index, port in enumerate(routed)
+    ]
 
 
-def _route_action(service: Service) -> route_components_pb2.RouteAction:
+def _route_action(service: Service, port: ServicePort) -> route_components_pb2.RouteAction:
     policy = service.policy
-    action = route_components_pb2.RouteAction(cluster=names.outbound_cluster(service))
+    action = route_components_pb2.RouteAction(cluster=names.outbound_cluster(service, port.port))
     if policy.timeout is not None:
         action.timeout.CopyFrom(duration(policy.timeout))
     if policy.retries is not None:

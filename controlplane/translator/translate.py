@@ -1,7 +1,7 @@
 """Mesh state + proxy identity -> the Envoy resources that proxy is served.
 
 Split by what the output depends on, so the pipeline can share work between proxies:
-a service's cluster and endpoints depend on that service alone, the egress route table
+a service's clusters and endpoints depend on that service alone, the egress route table
 on the mesh and the proxy's namespace, and the listeners and inbound cluster on the
 proxy. ``translate`` puts the three together.
 """
@@ -18,8 +18,8 @@ from google.protobuf.message import Message
 from controlplane import resource
 from controlplane.mesh.model import Mesh, Service
 from controlplane.proxy import ProxyIdentity
-from controlplane.translator.clusters import inbound_cluster, outbound_cluster
-from controlplane.translator.endpoints import load_assignment
+from controlplane.translator.clusters import inbound_cluster, outbound_clusters
+from controlplane.translator.endpoints import load_assignments
 from controlplane.translator.listeners import egress_listener, inbound_listener
 from controlplane.translator.routes import egress_route
 
@@ -28,14 +28,15 @@ Resources: TypeAlias = dict[str, list[Message]]
 
 @dataclass(frozen=True, slots=True)
 class ServiceResources:
-    """What every proxy gets for one service, whoever it is."""
+    """What every proxy gets for one service, whoever it is: a cluster per port, and a
+    ClusterLoadAssignment per EDS cluster (none for an external service)."""
 
-    cluster: cluster_pb2.Cluster
-    load_assignment: endpoint_pb2.ClusterLoadAssignment
+    clusters: tuple[cluster_pb2.Cluster, ...]
+    load_assignments: tuple[endpoint_pb2.ClusterLoadAssignment, ...]
 
 
 def service_resources(service: Service) -> ServiceResources:
-    return ServiceResources(outbound_cluster(service), load_assignment(service))
+    return ServiceResources(tuple(outbound_clusters(service)), tuple(load_assignments(service)))
 
 
 def proxy_resources(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
@@ -58,8 +59,10 @@ def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
     shared = [service_resources(s) for s in mesh.services]
     own = proxy_resources(mesh, proxy)
     return {
-        resource.CLUSTER: _sorted([*(s.cluster for s in shared), *own[resource.CLUSTER]]),
-        resource.ENDPOINT: _sorted([s.load_assignment for s in shared]),
+        resource.CLUSTER: _sorted(
+            [*(c for s in shared for c in s.clusters), *own[resource.CLUSTER]]
+        ),
+        resource.ENDPOINT: _sorted([a for s in shared for a in s.load_assignments]),
         resource.LISTENER: own[resource.LISTENER],
         resource.ROUTE: [egress_route(mesh, proxy.namespace)],
         resource.SECRET: [],
