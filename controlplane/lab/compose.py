@@ -48,6 +48,8 @@ def boxes() -> list[Box]:
     for service in mesh.services:
         for index, endpoint in enumerate(service.endpoints):
             version = endpoint.labels.get("version", f"v{index + 1}")
+            if endpoint.port is None:
+                raise ValueError(f"{service.key}: the lab runs single-port services only")
             number = len(result)
             result.append(Box(f"{service.name}-{version}", service.name, version,
                               f"172.30.0.{11 + number}", endpoint.port, endpoint.port + 1,

@@ -68,6 +68,8 @@ def plan(workdir: Path, template: str | None = None) -> Plan:
     for service, raw in zip(mesh.services, data["services"], strict=True):
         for index, endpoint in enumerate(service.endpoints):
             version = endpoint.labels.get("version", f"v{index + 1}")
+            if endpoint.port is None:
+                raise ValueError(f"{service.key}: the lab runs single-port services only")
             inbound = free_port(endpoint.port)
             raw["endpoints"][index]["port"] = inbound
             raw["endpoints"][index]["address"] = "127.0.0.1"

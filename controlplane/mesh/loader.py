@@ -75,9 +75,10 @@ def describe_error(error: Any, data: Any, root: str = "") -> str:
     node: Any = data
     for item in error["loc"]:
         if isinstance(item, int):
+            in_services = parts[-1:] in (["services"], [".services"])  # name those only
             parts.append(f"[{item}]")
             node = node[item] if isinstance(node, list) and item < len(node) else None
-            if isinstance(node, dict) and isinstance(node.get("name"), str):
+            if in_services and isinstance(node, dict) and isinstance(node.get("name"), str):
                 namespace = node.get("namespace", "default")
                 parts.append(f" ({node['name']}.{namespace})")
         else:
