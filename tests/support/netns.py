@@ -34,7 +34,7 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
-class TestHost:
+class NetnsHost:
     """One host with one HTTP backend that answers with its name."""
 
     def __init__(self, name: str, port: int = 8080) -> None:
@@ -48,7 +48,7 @@ class TestHost:
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> TestHost:
+    def start(self) -> NetnsHost:
         _ip("netns", "add", self.ns)
         try:
             _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)

@@ -105,28 +105,36 @@ class Backend:
 
 
 class ControlPlane:
-    """``controlplane serve`` as a real process."""
+    """``controlplane serve`` as a real process, on a mesh file or any ``--source``."""
 
-    def __init__(self, mesh: Path, workdir: Path, xds_port: int | None = None) -> None:
-        self.mesh = mesh
+    def __init__(self, mesh: Path | str, workdir: Path, xds_port: int | None = None,
+                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.source = f"file:{mesh}" if isinstance(mesh, Path) else mesh
         self.workdir = workdir
         self.xds_port = xds_port or free_port()
         self.admin_port = free_port()
+        self.extra = extra or []
+        self.env = env or {}
         self.log_path = workdir / f"controlplane-{self.xds_port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> ControlPlane:
+    def start(self, wait_ready: bool = True) -> ControlPlane:
         self.admin_port = free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controlplane", "serve", "--source", f"file:{self.mesh}",
+            [sys.executable, "-m", "controlplane", "serve", "--source", self.source,
              "--xds-address", f"127.0.0.1:{self.xds_port}",
              "--admin-address", f"127.0.0.1:{self.admin_port}",
-             "--snapshot-dir", str(self.workdir / "snapshots"), "--log-level", "debug"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+             "--snapshot-dir", str(self.workdir / "snapshots"), "--log-level", "debug",
+             *self.extra],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env})
         log.close()
-        wait_for(lambda: self.get("/readyz")[0] == 200, what="controlplane /readyz",
+        wait_for(lambda: self.get("/healthz")[0] == 200, what="controlplane /healthz",
                  timeout=20)
+        if wait_ready:
+            wait_for(lambda: self.get("/readyz")[0] == 200, what="controlplane /readyz",
+                     timeout=20)
         return self
 
     def get(self, path: str) -> tuple[int, str, dict[str, str]]:

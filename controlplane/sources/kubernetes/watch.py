@@ -150,9 +150,10 @@ class Watcher(threading.Thread):
                 if exc.status == 410:
                     raise Gone from exc
                 raise
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                # Dropped or silent past the inactivity timeout: watch again from where we
-                # were; if that version has expired meanwhile, the server says 410.
+            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as exc:
+                # Dropped mid-stream, or silent past the inactivity timeout: watch again at
+                # once from where we were; if that version expired meanwhile, the server
+                # says 410. (A refused connection is not caught here: it backs off.)
                 metrics.K8S_RELISTS.labels(self.kind.plural, "reconnect").inc()
                 log.info("watch.reconnecting", kind=self.kind.kind,
                          reason=type(exc).__name__, resource_version=version)

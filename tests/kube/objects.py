@@ -1,0 +1,160 @@
+"""Small chained builders for Kubernetes test objects (as Contour's ``fixture`` package).
+
+Each ``build()`` returns a plain dict in the API's JSON shape (camelCase, with kind and
+apiVersion), ready for ``ApiServerDouble.create`` or the client's ``create_*`` calls:
+
+    service("reviews").port(9080, name="http", target="http").build()
+    endpoint_slice("reviews-abc", service="reviews") \\
+        .endpoint("10.231.0.2", ready=True, zone="zone-a").port(9080, name="http").build()
+    traffic_policy("reviews-policy", target="reviews", spec={"timeout": "2s"}).build()
+
+Only what a user writes is set; what the API server fills in (clusterIP, uid,
+resourceVersion, defaults) comes from the server, as in a cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Self
+
+from controlplane.sources.kubernetes.kinds import (
+    ENDPOINT_SLICES,
+    SERVICE_NAME_LABEL,
+    SERVICES,
+    TRAFFIC_POLICIES,
+)
+
+Obj = dict[str, Any]
+
+# Set by the EndpointSlice controller on the slices it manages.
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+MANAGED_BY_CONTROLLER = "endpointslice-controller.k8s.io"
+
+
+class _Builder:
+    """Metadata common to every kind."""
+
+    def __init__(self, api_version: str, kind: str, name: str, namespace: str) -> None:
+        self._obj: Obj = {"apiVersion": api_version, "kind": kind,
+                          "metadata": {"name": name, "namespace": namespace}}
+
+    def label(self, key: str, value: str) -> Self:
+        self._obj["metadata"].setdefault("labels", {})[key] = value
+        return self
+
+    def labels(self, **labels: str) -> Self:
+        for key, value in labels.items():
+            self.label(key, value)
+        return self
+
+    def annotation(self, key: str, value: str) -> Self:
+        self._obj["metadata"].setdefault("annotations", {})[key] = value
+        return self
+
+    def build(self) -> Obj:
+        return copy.deepcopy(self._obj)
+
+
+class ServiceBuilder(_Builder):
+    def __init__(self, name: str, namespace: str) -> None:
+        super().__init__(SERVICES.api_version, SERVICES.kind, name, namespace)
+        self._obj["spec"] = {"selector": {"app": name}, "ports": []}
+
+    def port(self, port: int, *, name: str | None = None, target: int | str | None = None,
+             protocol: str = "TCP", app_protocol: str | None = None) -> Self:
+        """``target`` is the targetPort: a number, or the name of a container port."""
+        entry: Obj = {"port": port, "protocol": protocol}
+        if name is not None:
+            entry["name"] = name
+        if target is not None:
+            entry["targetPort"] = target
+        if app_protocol is not None:
+            entry["appProtocol"] = app_protocol
+        self._obj["spec"]["ports"].append(entry)
+        return self
+
+    def selector(self, **labels: str) -> Self:
+        self._obj["spec"]["selector"] = dict(labels)
+        return self
+
+    def headless(self) -> Self:
+        self._obj["spec"]["clusterIP"] = "None"
+        return self
+
+
+class EndpointSliceBuilder(_Builder):
+    def __init__(self, name: str, namespace: str, service: str | None,
+                 address_type: str) -> None:
+        super().__init__(ENDPOINT_SLICES.api_version, ENDPOINT_SLICES.kind, name, namespace)
+        if service is not None:
+            self.label(SERVICE_NAME_LABEL, service)
+            self.label(MANAGED_BY_LABEL, MANAGED_BY_CONTROLLER)
+        self._obj["addressType"] = address_type
+        self._obj["endpoints"] = []
+        self._obj["ports"] = []
+
+    def endpoint(self, *addresses: str, ready: bool | None = True, serving: bool | None = None,
+                 terminating: bool | None = False, zone: str | None = None,
+                 node: str | None = None, hostname: str | None = None,
+                 pod: str | None = None) -> Self:
+        """One endpoint. Conditions as the controller writes them: ``serving`` follows
+        ``ready`` unless given; ``None`` leaves a condition unset (meaning unknown)."""
+        entry: Obj = {"addresses": list(addresses)}
+        conditions = {"ready": ready, "serving": ready if serving is None else serving,
+                      "terminating": terminating}
+        entry["conditions"] = {k: v for k, v in conditions.items() if v is not None}
+        if hostname is not None:
+            entry["hostname"] = hostname
+        if pod is not None:
+            entry["targetRef"] = {"kind": "Pod", "name": pod,
+                                  "namespace": self._obj["metadata"]["namespace"]}
+        if node is not None:
+            entry["nodeName"] = node
+        if zone is not None:
+            entry["zone"] = zone
+        self._obj["endpoints"].append(entry)
+        return self
+
+    def port(self, port: int, *, name: str = "", protocol: str = "TCP",
+             app_protocol: str | None = None) -> Self:
+        entry: Obj = {"name": name, "port": port, "protocol": protocol}
+        if app_protocol is not None:
+            entry["appProtocol"] = app_protocol
+        self._obj["ports"].append(entry)
+        return self
+
+
+class TrafficPolicyBuilder(_Builder):
+    def __init__(self, name: str, namespace: str, target: str, spec: Obj | None) -> None:
+        super().__init__(TRAFFIC_POLICIES.api_version, TRAFFIC_POLICIES.kind, name, namespace)
+        self._obj["spec"] = {"targetRef": {"kind": SERVICES.kind, "name": target},
+                             **copy.deepcopy(spec or {})}
+
+    def set(self, key: str, value: Any) -> Self:
+        """One spec field, e.g. ``.set("timeout", "2s")``."""
+        self._obj["spec"][key] = copy.deepcopy(value)
+        return self
+
+    def status(self, status: Obj) -> Self:
+        """Only for objects handed to ``update_status``: create drops status, as the API
+        server does for kinds with a status subresource."""
+        self._obj["status"] = copy.deepcopy(status)
+        return self
+
+
+def service(name: str, namespace: str = "default") -> ServiceBuilder:
+    """A ClusterIP Service selecting ``app=<name>``; add ports with ``.port()``."""
+    return ServiceBuilder(name, namespace)
+
+
+def endpoint_slice(name: str, service: str | None = None, namespace: str = "default",
+                   address_type: str = "IPv4") -> EndpointSliceBuilder:
+    """An EndpointSlice; ``service`` sets the kubernetes.io/service-name label."""
+    return EndpointSliceBuilder(name, namespace, service, address_type)
+
+
+def traffic_policy(name: str, target: str, spec: Obj | None = None,
+                   namespace: str = "default") -> TrafficPolicyBuilder:
+    """A TrafficPolicy whose ``spec.targetRef`` names the Service ``target``; ``spec``
+    holds the policy fields (the mesh file's ``policy`` block)."""
+    return TrafficPolicyBuilder(name, namespace, target, spec)

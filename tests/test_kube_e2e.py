@@ -1,0 +1,274 @@
+"""`controlplane serve --source kubernetes` end to end: the official client against the
+API server double, real Envoy, real HTTP to backends on test hosts in network namespaces
+(a real API server rejects loopback endpoint addresses, and so does the double)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.sources.kubernetes.kinds import ACCEPTED, ENDPOINT_SLICES, TRAFFIC_POLICIES
+from tests.kube.apiserver import ApiServerDouble
+from tests.kube.objects import endpoint_slice, service, traffic_policy
+from tests.support import netns
+from tests.support.netns import NetnsHost
+from tests.support.procs import ControlPlane, Envoy, wait_for
+
+pytestmark = pytest.mark.e2e
+
+REVIEWS = "outbound|9080||reviews.default.svc.cluster.local"
+FAST = {  # short timings so that faults show within a test's patience
+    "CONTROLPLANE_WATCH_TIMEOUT": "20",
+    "CONTROLPLANE_WATCH_INACTIVITY": "3",
+    "CONTROLPLANE_DEBOUNCE_QUIET": "0.1",
+    "CONTROLPLANE_DEBOUNCE_MAX": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[list[NetnsHost]]:
+    reason = netns.available()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"test hosts are needed in CI: {reason}")
+        pytest.skip(reason)
+    made: list[NetnsHost] = []
+    try:
+        for i in range(3):
+            made.append(NetnsHost(f"reviews-{i + 1}").start())
+        yield made
+    finally:
+        for host in made:
+            host.stop()
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.api = ApiServerDouble(bookmark_interval=0.5).start()
+        self.kubeconfig = self.api.kubeconfig(tmp / "kubeconfig")
+        self.server: ControlPlane | None = None
+        self.envoys: list[Envoy] = []
+
+    def serve(self, wait_ready: bool = True) -> ControlPlane:
+        self.server = ControlPlane("kubernetes", self.tmp, env=FAST,
+                                   extra=["--kubeconfig", str(self.kubeconfig)])
+        return self.server.start(wait_ready=wait_ready)
+
+    def envoy(self, node_id: str = "frontend-1", delta: bool = False) -> Envoy:
+        assert self.server is not None
+        envoy = Envoy(self.tmp, node_id, "frontend", self.server.xds_port, delta).start()
+        self.envoys.append(envoy)
+        return envoy
+
+    def reviews(self, *endpoints: tuple[NetnsHost, dict[str, Any]], name: str = "reviews-abc",
+                ) -> None:
+        """Set the reviews EndpointSlice to these hosts (with their conditions)."""
+        builder = endpoint_slice(name, service="reviews").port(8080, name="http")
+        for host, conditions in endpoints:
+            builder.endpoint(host.address, **conditions)
+        self.api.apply(builder.build())
+
+    def served(self, node: str = "frontend-1") -> dict[str, str]:
+        """address -> health status, as the server serves reviews' endpoints to ``node``."""
+        assert self.server is not None
+        dump = self.server.json(f"/debug/config_dump?node={node}")
+        for assignment in dump["resources"]["endpoints"]:
+            if assignment["cluster_name"] == REVIEWS:
+                return {lb["endpoint"]["address"]["socket_address"]["address"]:
+                        lb.get("health_status", "UNKNOWN")
+                        for group in assignment.get("endpoints", [])
+                        for lb in group.get("lb_endpoints", [])}
+        return {}
+
+    def close(self) -> None:
+        for envoy in self.envoys:
+            envoy.stop()
+        if self.server is not None:
+            self.server.stop()
+        self.api.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path)
+    yield made
+    made.close()
+
+
+def envoy_hosts(envoy: Envoy) -> dict[str, str]:
+    """address -> EDS health status, as Envoy itself holds the reviews cluster."""
+    status, body, _ = envoy.admin("/clusters?format=json")
+    assert status == 200
+    for cluster in json.loads(body).get("cluster_statuses", []):
+        if cluster["name"] == REVIEWS:
+            return {h["address"]["socket_address"]["address"]:
+                    h.get("health_status", {}).get("eds_health_status", "HEALTHY")
+                    for h in cluster.get("host_statuses", [])}
+    return {}
+
+
+def answers(envoy: Envoy, count: int = 12) -> set[str]:
+    return {body for status, body, _ in (envoy.request("reviews") for _ in range(count))
+            if status == 200}
+
+
+def test_services_and_slices_reach_envoy_and_follow_scaling(
+        cluster: Cluster, hosts: list[NetnsHost]) -> None:
+    one, two, _ = hosts
+    cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
+    cluster.reviews((one, {"zone": "zone-a"}))
+    cluster.serve()
+    envoy = cluster.envoy()
+    wait_for(lambda: answers(envoy) == {"reviews-1"}, what="reviews routed to its pod")
+
+    cluster.reviews((one, {}), (two, {"zone": "zone-b"}))  # scale up
+    wait_for(lambda: answers(envoy, 20) == {"reviews-1", "reviews-2"}, what="scaled up")
+
+    # Terminating but still serving: DRAINING in Envoy, and no new requests go there.
+    cluster.reviews((one, {}), (two, {"ready": False, "serving": True, "terminating": True}))
+    wait_for(lambda: envoy_hosts(envoy).get(two.address) == "DRAINING", what="DRAINING")
+    assert answers(envoy) == {"reviews-1"}
+    cluster.reviews((one, {}))  # gone
+    wait_for(lambda: two.address not in envoy_hosts(envoy), what="drained host removed")
+
+    cluster.reviews()  # scaled to zero: the cluster stays, with no hosts
+    wait_for(lambda: envoy_hosts(envoy) == {}, what="no hosts")
+    assert envoy.request("reviews")[0] == 503
+    _, body, _ = envoy.admin("/clusters")
+    assert REVIEWS in body
+
+
+def test_served_endpoints_equal_the_api_after_every_fault(
+        cluster: Cluster, hosts: list[NetnsHost]) -> None:
+    one, two, three = hosts
+    cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
+    cluster.reviews((one, {}))
+    cluster.serve()
+    envoy = cluster.envoy()
+    wait_for(lambda: answers(envoy) == {"reviews-1"}, what="first route")
+    states = [((two, {}),), ((one, {}), (three, {})), ((three, {}),)]
+
+    def expect(*expected: NetnsHost) -> None:
+        want = {h.address: "HEALTHY" for h in expected}
+        wait_for(lambda: cluster.served() == want, timeout=20, what=f"served == {want}")
+        wait_for(lambda: answers(envoy) == {h.name for h in expected}, what="traffic follows")
+
+    for round_ in range(2):
+        # The watch dies mid-stream while the world changes.
+        cluster.api.drop_watches()
+        cluster.reviews(*states[0])
+        expect(two)
+        # The resourceVersion expires while we are away: list again, no stale endpoints.
+        cluster.api.pause()
+        cluster.reviews(*states[1])
+        cluster.api.compact()
+        cluster.api.drop_watches()
+        cluster.api.resume()
+        expect(one, three)
+        # The API server restarts, and comes back with changed state.
+        cluster.api.restart(keep_state=True)
+        cluster.reviews(*states[2])
+        expect(three)
+        cluster.reviews((one, {}))
+        expect(one)
+        assert round_ < 2
+    assert cluster.server is not None
+    metrics = cluster.server.get("/metrics")[1]
+    gone = re.search(r'watch_restarts_total\{reason="gone",resource="endpointslices"\} (\S+)',
+                     metrics)
+    assert gone is not None and float(gone.group(1)) >= 1, "expected a relist after 410"
+
+
+def test_an_endpoint_storm_is_batched_and_ends_exact(
+        cluster: Cluster, hosts: list[NetnsHost]) -> None:
+    one, two, _ = hosts
+    cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
+    cluster.reviews((one, {}))
+    cluster.serve()
+    envoy = cluster.envoy()
+    wait_for(lambda: answers(envoy) == {"reviews-1"}, what="first route")
+    assert cluster.server is not None
+
+    def eds_pushes() -> int:
+        [proxy] = [p for p in cluster.server.json("/debug/proxies")  # type: ignore[union-attr]
+                   if p["node_id"] == "frontend-1"]
+        return int(proxy["types"]["eds"]["pushes"])
+
+    before = eds_pushes()
+    started = time.monotonic()
+    for i in range(1000):  # flap reviews-2 in and out, 1000 updates
+        cluster.reviews((one, {}), (two, {"ready": i % 2 == 1}))
+    spent = time.monotonic() - started
+    wait_for(lambda: cluster.served() == {one.address: "HEALTHY", two.address: "HEALTHY"},
+             what="the final state")
+    wait_for(lambda: answers(envoy, 20) == {"reviews-1", "reviews-2"}, what="traffic")
+    time.sleep(0.5)
+    pushes = eds_pushes() - before
+    print(f"1000 EndpointSlice updates in {spent:.2f}s -> {pushes} EDS pushes")
+    assert 1 <= pushes <= 25, pushes
+
+
+def test_invalid_traffic_policy_gets_a_status_and_breaks_nothing(
+        cluster: Cluster, hosts: list[NetnsHost]) -> None:
+    one, two, _ = hosts
+    cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
+    cluster.api.create(service("ratings").port(9080, name="http", target="http").build())
+    cluster.reviews((one, {}))
+    cluster.api.apply(endpoint_slice("ratings-abc", service="ratings")
+                      .endpoint(two.address).port(8080, name="http").build())
+    cluster.api.create(traffic_policy("ratings-policy", "ratings", {"timeout": "2s"}).build())
+    # The CRD schema rejects what it can express (the API server answers 422); what only
+    # the model knows, such as weights that add up to nothing, lands in the status.
+    bad = traffic_policy("reviews-policy", "reviews", {
+        "timeout": "3s", "split": [{"labels": {"version": "v1"}, "weight": 0}]}).build()
+    cluster.api.create(bad)
+    cluster.serve()
+    envoy = cluster.envoy()
+
+    def condition(name: str) -> dict[str, Any] | None:
+        obj = cluster.api.get(TRAFFIC_POLICIES, "default", name)
+        for item in (obj.get("status") or {}).get("conditions", []):
+            if item["type"] == ACCEPTED:
+                return dict(item)
+        return None
+
+    rejected = wait_for(lambda: condition("reviews-policy"), what="a status on the bad policy")
+    assert rejected["status"] == "False" and rejected["reason"] == "Invalid"
+    assert "spec.split: split weights add up to 0" in rejected["message"]
+    accepted = wait_for(lambda: condition("ratings-policy"), what="a status on the good one")
+    assert accepted["status"] == "True"
+    # Both services serve; the good policy is in force, the bad one is not.
+    wait_for(lambda: answers(envoy) == {"reviews-1"}, what="reviews still routed")
+    assert envoy.request("ratings")[1] == "reviews-2"
+    assert cluster.server is not None
+    routes = cluster.server.json("/debug/config_dump?node=frontend-1")["resources"]["routes"]
+    timeouts = {vh["name"]: vh["routes"][0]["route"].get("timeout")
+                for vh in routes[0]["virtual_hosts"]}
+    assert timeouts == {"ratings.default": "2s", "reviews.default": None}
+
+    # Fixed: accepted, and in force.
+    fixed = traffic_policy("reviews-policy", "reviews", {"timeout": "3s"}).build()
+    cluster.api.apply(fixed)
+    wait_for(lambda: (condition("reviews-policy") or {}).get("status") == "True",
+             what="the fixed policy accepted")
+
+
+def test_not_ready_until_listed_and_early_streams_wait(
+        cluster: Cluster, hosts: list[NetnsHost]) -> None:
+    one = hosts[0]
+    cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
+    cluster.reviews((one, {}))
+    cluster.api.fail_next(6, status=503)  # the first lists fail: not ready yet
+    server = cluster.serve(wait_ready=False)
+    envoy = cluster.envoy()  # connects before the first snapshot: it waits, gets no empty config
+    wait_for(lambda: server.get("/readyz")[0] == 200, what="ready after the lists succeed")
+    wait_for(lambda: answers(envoy) == {"reviews-1"}, what="the early proxy configured")
+    assert cluster.api.count("list", ENDPOINT_SLICES) >= 1
