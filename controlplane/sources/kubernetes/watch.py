@@ -72,6 +72,7 @@ class Watcher(threading.Thread):
         self.timing = timing
         self._list_fn, self._args = _list_function(kind, api, namespace)
         self._failures = 0
+        self._missing_logged = False
 
     def run(self) -> None:
         where = self.namespace or "all namespaces"
@@ -91,9 +92,11 @@ class Watcher(threading.Thread):
                 if exc.status == 404 and self.kind.group not in ("", ENDPOINT_SLICES.group):
                     # The CRD is not installed: serve without policies, and keep looking.
                     self.emit(Listed(self.kind, self.namespace, []))
-                    log.error("watch.kind_missing", kind=self.kind.kind,
-                              hint="apply deploy/kubernetes/crd.yaml; services are served "
-                              "without TrafficPolicies meanwhile")
+                    level = log.debug if self._missing_logged else log.error
+                    level("watch.kind_missing", kind=self.kind.kind,
+                          hint="apply deploy/kubernetes/01-crd.yaml; services are served "
+                          "without TrafficPolicies meanwhile")
+                    self._missing_logged = True
                 else:
                     log.warning("watch.failed", kind=self.kind.kind, namespace=where,
                                 status=exc.status, error=str(exc.reason))

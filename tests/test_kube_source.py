@@ -1,0 +1,169 @@
+"""The Kubernetes source in-process, against the API server double: what it yields."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from controlplane import resource
+from controlplane.cache import SnapshotCache
+from controlplane.mesh.model import Mesh
+from controlplane.pipeline import Pipeline
+from controlplane.proxy import ProxyIdentity
+from controlplane.sources.kubernetes import Debounce, KubernetesSource, WatchTiming, api_client
+from controlplane.sources.kubernetes.kinds import TRAFFIC_POLICIES
+from tests.kube.apiserver import ApiServerDouble
+from tests.kube.objects import endpoint_slice, service, traffic_policy
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[ApiServerDouble]:
+    double = ApiServerDouble(bookmark_interval=0.5, crd_installed=False).start()
+    yield double
+    double.stop()
+
+
+def source(api: ApiServerDouble, tmp_path: Path, namespaces: list[str] | None = None,
+           ) -> KubernetesSource:
+    client = api_client(api.kubeconfig(tmp_path / "kubeconfig"))
+    return KubernetesSource(client, namespaces, WatchTiming(server_timeout=30, inactivity=5,
+                                                            backoff_initial=0.1),
+                            Debounce(quiet=0.05, max_delay=1.0))
+
+
+class Feed:
+    """Consumes the source into a queue: waiting on a queue can time out harmlessly,
+    while cancelling a pending ``anext`` would close the source's generator."""
+
+    def __init__(self, updates: AsyncIterator[Mesh]) -> None:
+        self.queue: asyncio.Queue[Mesh] = asyncio.Queue()
+        self.updates = updates
+        self.task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        async for mesh in self.updates:
+            await self.queue.put(mesh)
+
+    async def aclose(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def next_mesh(feed: Feed, timeout: float = 10) -> Mesh:
+    return await asyncio.wait_for(feed.queue.get(), timeout)
+
+
+async def nothing(feed: Feed, wait: float = 0.6) -> None:
+    try:
+        mesh = await asyncio.wait_for(feed.queue.get(), wait)
+    except TimeoutError:
+        return
+    raise AssertionError(f"expected no mesh, got {mesh}")
+
+
+def reviews_slice(*addresses: str, port: int = 8080) -> dict[str, object]:
+    builder = endpoint_slice("reviews-abc", service="reviews").port(port, name="http")
+    for address in addresses:
+        builder.endpoint(address)
+    return builder.build()
+
+
+async def test_namespaces_limit_what_is_watched(api: ApiServerDouble, tmp_path: Path) -> None:
+    api.create(service("reviews").port(9080, name="http").build())
+    api.create(service("reviews", namespace="other").port(9080, name="http").build())
+    updates = Feed(source(api, tmp_path, ["default"]).updates())
+    mesh = await next_mesh(updates)
+    assert [(s.name, s.namespace) for s in mesh.services] == [("reviews", "default")]
+    await updates.aclose()
+
+
+async def test_missing_crd_serves_services_then_policies_once_installed(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    api.create(service("reviews").port(9080, name="http").build())
+    updates = Feed(source(api, tmp_path).updates())
+    first = await next_mesh(updates)  # ready without the CRD
+    assert first.services[0].policy.timeout is None
+    api.install_crd()
+    api.create(traffic_policy("reviews", "reviews", {"timeout": "2s"}).build())
+    mesh = await next_mesh(updates, timeout=15)
+    assert mesh.services[0].policy.timeout is not None
+    await updates.aclose()
+
+
+async def test_invisible_changes_yield_nothing(api: ApiServerDouble, tmp_path: Path) -> None:
+    api.create(service("reviews").port(9080, name="http").build())
+    api.create(reviews_slice("10.0.0.1"))
+    updates = Feed(source(api, tmp_path).updates())
+    await next_mesh(updates)
+    annotated = reviews_slice("10.0.0.1")
+    annotated["metadata"]["annotations"] = {"touched": "yes"}  # type: ignore[index]
+    api.apply(annotated)
+    await nothing(updates)
+    api.apply(reviews_slice("10.0.0.1", "10.0.0.2"))
+    mesh = await next_mesh(updates)
+    assert [e.address for e in mesh.services[0].endpoints] == ["10.0.0.1", "10.0.0.2"]
+    await updates.aclose()
+
+
+async def test_endpoint_change_moves_only_the_endpoints_version(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    api.create(service("reviews").port(9080, name="http").build())
+    api.create(reviews_slice("10.0.0.1"))
+    updates = Feed(source(api, tmp_path).updates())
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    proxy = ProxyIdentity(node_id="f-1", service="frontend")
+    pipeline.set_mesh(await next_mesh(updates))
+    before = await cache.next_snapshot(proxy, None)
+    api.apply(reviews_slice("10.0.0.1", "10.0.0.2"))
+    pipeline.set_mesh(await next_mesh(updates))
+    after = cache.get(proxy.group)
+    assert after is not None
+    changed = {t for t in resource.PUSH_ORDER
+               if before.get(t).version != after.get(t).version}  # type: ignore[union-attr]
+    assert changed == {resource.ENDPOINT}
+    await updates.aclose()
+
+
+async def test_multiport_headless_and_external_name(api: ApiServerDouble, tmp_path: Path) -> None:
+    api.create(service("api").headless().port(80, name="http", target="web")
+               .port(9090, name="grpc", target="rpc").build())
+    api.create(endpoint_slice("api-1", service="api").endpoint("10.0.0.7").endpoint("10.0.0.8")
+               .port(8080, name="http").port(8090, name="grpc").build())
+    billing = service("billing").port(443, name="tls").build()
+    billing["spec"] = {"type": "ExternalName", "externalName": "Billing.Example.com.",
+                       "ports": [{"name": "tls", "port": 443, "protocol": "TCP"}]}
+    api.create(billing)
+    updates = Feed(source(api, tmp_path).updates())
+    mesh = await next_mesh(updates)
+    api_svc, billing_svc = mesh.service("api"), mesh.service("billing")
+    assert api_svc is not None and billing_svc is not None
+    assert [(p.name, p.port, p.protocol) for p in api_svc.service_ports] == [
+        ("http", 80, "http"), ("grpc", 9090, "grpc")]
+    assert [dict(e.ports or {}) for e in api_svc.endpoints] == [
+        {"grpc": 8090, "http": 8080}, {"grpc": 8090, "http": 8080}]
+    assert billing_svc.external_name == "billing.example.com"
+    assert billing_svc.protocol == "tcp"
+    await updates.aclose()
+
+
+async def test_policy_status_is_written(api: ApiServerDouble, tmp_path: Path) -> None:
+    api.install_crd()
+    api.create(service("reviews").port(9080, name="http").build())
+    api.create(traffic_policy("orphan", "nothing-here", {"timeout": "1s"}).build())
+    updates = Feed(source(api, tmp_path).updates())
+    await next_mesh(updates)
+    for _ in range(100):
+        status = api.get(TRAFFIC_POLICIES, "default", "orphan").get("status") or {}
+        if status.get("conditions"):
+            break
+        await asyncio.sleep(0.05)
+    [condition] = status["conditions"]
+    assert (condition["status"], condition["reason"]) == ("False", "TargetNotFound")
+    assert "spec.targetRef" in condition["message"]
+    await updates.aclose()
