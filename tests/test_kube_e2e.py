@@ -173,9 +173,14 @@ def test_served_endpoints_equal_the_api_after_every_fault(
         cluster.api.drop_watches()
         cluster.api.resume()
         expect(one, three)
-        # The API server restarts, and comes back with changed state.
-        cluster.api.restart(keep_state=True)
+        # The API server goes down, the state changes meanwhile, and it comes back (the
+        # second time with an empty watch cache, so the old resourceVersion is gone).
+        cluster.api.stop()
         cluster.reviews(*states[2])
+        if round_:
+            cluster.api.compact()
+        time.sleep(1.0)  # the watchers meet a refused connection and back off
+        cluster.api.start()
         expect(three)
         cluster.reviews((one, {}))
         expect(one)
