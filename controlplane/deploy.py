@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import yaml
 
+from controlplane import generated
 from controlplane.sources.kubernetes.crd import traffic_policy_crd
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
@@ -240,10 +241,7 @@ def rendered() -> dict[Path, str]:
 
 
 def main() -> None:
-    for path, text in rendered().items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        print(f"wrote {path}")
+    generated.write(rendered())
 
 
 if __name__ == "__main__":

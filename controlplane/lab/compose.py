@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from controlplane import generated
 from controlplane.bootstrap import BootstrapOptions, render_bootstrap
 from controlplane.lab.topology import embedded_mesh_text
 from controlplane.mesh.loader import load_mesh_text, parse_mesh_yaml
@@ -137,10 +138,7 @@ def rendered() -> dict[Path, str]:
 
 
 def main() -> None:
-    for path, text in rendered().items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        print(f"wrote {path}")
+    generated.write(rendered())
 
 
 if __name__ == "__main__":
