@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -26,6 +27,11 @@ class _Encoded:
     service: Service
     clusters: tuple[Resource, ...]  # one per service port
     load_assignments: tuple[Resource, ...]  # one per EDS cluster
+    routing: dict[str, Any]  # what the route tables see of it: all but its endpoints
+
+
+def _routing(service: Service) -> dict[str, Any]:
+    return service.model_dump(exclude={"endpoints"})
 
 
 class MeshBuild:
@@ -36,24 +42,30 @@ class MeshBuild:
         before = previous._services if previous is not None else {}
         self._services: dict[str, _Encoded] = {}
         self.encoded_bytes = 0
+        # Route tables carry over when no service changed anything but its endpoints.
+        routes_same = previous is not None and [s.key for s in mesh.services] == [
+            s.key for s in previous.mesh.services]
         for service in mesh.services:
             old = before.get(service.key)
-            if old is not None and old.service == service:
+            if old is not None and (old.service is service or old.service == service):
                 self._services[service.key] = old
                 continue
+            routing = _routing(service)
+            if old is None or old.routing != routing:
+                routes_same = False
             made = service_resources(service)
             clusters = _encode(resource.CLUSTER, made.clusters, old.clusters if old else ())
             assignments = _encode(resource.ENDPOINT, made.load_assignments,
                                   old.load_assignments if old else ())
             # all serialized, even those that come out equal to the old ones
             self.encoded_bytes += sum(r.size for r in (*clusters, *assignments))
-            self._services[service.key] = _Encoded(service, clusters, assignments)
+            self._services[service.key] = _Encoded(service, clusters, assignments, routing)
         self._clusters = sorted((c for e in self._services.values() for c in e.clusters),
                                 key=lambda r: r.name)
         self._assignments = sorted((a for e in self._services.values()
                                     for a in e.load_assignments), key=lambda r: r.name)
-        self._routes: dict[str, Resource] = {}
         self._previous_routes = previous._routes if previous is not None else {}
+        self._routes: dict[str, Resource] = dict(self._previous_routes) if routes_same else {}
 
     def route(self, namespace: str) -> Resource:
         """The egress route table of a namespace, encoded once for all its proxies."""

@@ -118,3 +118,18 @@ def test_policy_target_missing_or_conflicting() -> None:
     assert result.verdicts[("default", "orphan")].reason == "TargetNotFound"
     assert "spec.targetRef" in result.verdicts[("default", "no-target")].message
     assert result.mesh.services[0].policy.timeout.total_seconds() == 1  # type: ignore[union-attr]
+
+
+def test_converter_converts_again_only_what_changed() -> None:
+    from controlplane.sources.kubernetes.convert import Converter
+
+    services = [svc("a", {"port": 80}), svc("b", {"port": 80})]
+    slices = [eps("a-1", "a", [ep("10.0.0.1")], [{"port": 8080}]),
+              eps("b-1", "b", [ep("10.0.0.2")], [{"port": 8080}])]
+    converter = Converter()
+    first = converter.convert(services, slices, []).mesh
+    slices[1] = eps("b-1", "b", [ep("10.0.0.3")], [{"port": 8080}])  # b's slice replaced
+    second = converter.convert(services, slices, []).mesh
+    assert second.services[0] is first.services[0]  # a: the same object, not converted again
+    assert second.services[1] is not first.services[1]
+    assert second.services[1].endpoints[0].address == "10.0.0.3"

@@ -118,3 +118,19 @@ async def test_two_replicas_serve_the_same_versions() -> None:
     replicas[1].set_mesh(mesh(9090))
     replicas[1].set_mesh(mesh(9081))
     assert replicas[1].cache.get(PROXY.group).version == one.version
+
+
+def test_route_tables_carry_over_when_only_endpoints_change() -> None:
+    from controlplane.assembly import MeshBuild
+
+    first = MeshBuild(mesh(9081))
+    route = first.route("default")
+    moved = MeshBuild(mesh(9082), first)  # an endpoint moved: same routes, not rebuilt
+    assert moved.route("default") is route
+    timed = load_mesh_text((MESH % 9082).replace("port: 9080, endpoints: [{address: 127.0.0.1, "
+                                                  "port: 9082}]",
+                                                  "port: 9080, policy: {timeout: 1s}, "
+                                                  "endpoints: [{address: 127.0.0.1, port: 9082}]"))
+    retimed = MeshBuild(timed, moved)  # a policy changed: the route table is built again
+    assert retimed.route("default") is not route
+    assert retimed.route("default").version != route.version

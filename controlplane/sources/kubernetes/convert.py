@@ -72,30 +72,67 @@ def protocol_of(port: Obj) -> str:
 
 def convert(services: Iterable[Obj], slices: Iterable[Obj],
             policies: Iterable[Obj]) -> Conversion:
-    by_service: dict[Key, list[Obj]] = {}
-    for slice_ in slices:
-        owner = slice_.get("metadata", {}).get("labels", {}).get(SERVICE_NAME_LABEL)
-        if owner:
-            by_service.setdefault((key(slice_)[0], owner), []).append(slice_)
+    """One conversion, from nothing (``Converter`` remembers between batches)."""
+    return Converter().convert(services, slices, policies)
 
-    service_objs = {key(s): s for s in services}
-    chosen, verdicts = _choose_policies(policies, service_objs)
-    result = Conversion(Mesh(), verdicts)
-    built: list[Service] = []
-    for svc_key in sorted(service_objs):
-        data = service_data(service_objs[svc_key], by_service.get(svc_key, []))
-        if data is None:
-            result.skipped.append(f"service {svc_key[0]}/{svc_key[1]}: no TCP ports")
-            continue
-        if svc_key in chosen:
-            data["policy"] = chosen[svc_key]
-        try:
-            built.append(Service.model_validate(data))
-        except ValidationError as exc:
-            problems = "; ".join(describe_error(e, data) for e in exc.errors())
-            result.skipped.append(f"service {svc_key[0]}/{svc_key[1]}: {problems}")
-    result.mesh = Mesh(services=built)
-    return result
+
+class Converter:
+    """Converts again only the Services whose inputs changed since the last batch.
+
+    The source's stores replace an object's dict only when it changed, so a Service whose
+    own dict, slice dicts and policy dict are the very same objects as last time converts
+    to the same mesh service. The memo holds those dicts, so their ids cannot be reused.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[Key, tuple[tuple[Obj, ...], Service | str]] = {}
+
+    def convert(self, services: Iterable[Obj], slices: Iterable[Obj],
+                policies: Iterable[Obj]) -> Conversion:
+        by_service: dict[Key, list[Obj]] = {}
+        for slice_ in slices:
+            owner = slice_.get("metadata", {}).get("labels", {}).get(SERVICE_NAME_LABEL)
+            if owner:
+                by_service.setdefault((key(slice_)[0], owner), []).append(slice_)
+        service_objs = {key(s): s for s in services}
+        chosen, verdicts = _choose_policies(policies, service_objs)
+        result = Conversion(Mesh(), verdicts)
+        built: list[Service] = []
+        memo: dict[Key, tuple[tuple[Obj, ...], Service | str]] = {}
+        for svc_key in sorted(service_objs):
+            policy = chosen.get(svc_key)
+            inputs = (service_objs[svc_key], *by_service.get(svc_key, ()),
+                      *((policy[0],) if policy else ()))
+            known = self._memo.get(svc_key)
+            if known is not None and len(known[0]) == len(inputs) and all(
+                    a is b for a, b in zip(known[0], inputs, strict=True)):
+                outcome = known[1]
+            else:
+                outcome = _build(svc_key, service_objs[svc_key], by_service.get(svc_key, []),
+                                 policy[1] if policy else None)
+            memo[svc_key] = (inputs, outcome)
+            if isinstance(outcome, Service):
+                built.append(outcome)
+            else:
+                result.skipped.append(outcome)
+        self._memo = memo
+        result.mesh = Mesh(services=built)
+        return result
+
+
+def _build(svc_key: Key, service: Obj, slices: list[Obj],
+           policy: dict[str, Any] | None) -> Service | str:
+    """The mesh service, or why there is none."""
+    data = service_data(service, slices)
+    if data is None:
+        return f"service {svc_key[0]}/{svc_key[1]}: no TCP ports"
+    if policy is not None:
+        data["policy"] = policy
+    try:
+        return Service.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(describe_error(e, data) for e in exc.errors())
+        return f"service {svc_key[0]}/{svc_key[1]}: {problems}"
 
 
 def service_data(service: Obj, slices: list[Obj]) -> dict[str, Any] | None:
@@ -168,9 +205,10 @@ def _endpoints(ports: list[Obj], slices: list[Obj], single: bool) -> list[dict[s
 
 
 def _choose_policies(policies: Iterable[Obj], services: Mapping[Key, Obj],
-                     ) -> tuple[dict[Key, dict[str, Any]], dict[Key, Verdict]]:
-    """Validate every TrafficPolicy; the oldest valid one per Service applies."""
-    chosen: dict[Key, dict[str, Any]] = {}
+                     ) -> tuple[dict[Key, tuple[Obj, dict[str, Any]]], dict[Key, Verdict]]:
+    """Validate every TrafficPolicy; the oldest valid one per Service applies. Returns,
+    per Service, the policy object and its spec without ``targetRef``."""
+    chosen: dict[Key, tuple[Obj, dict[str, Any]]] = {}
     owner: dict[Key, Key] = {}
     verdicts: dict[Key, Verdict] = {}
     ordered = sorted(policies, key=lambda p: (
@@ -204,7 +242,7 @@ def _choose_policies(policies: Iterable[Obj], services: Mapping[Key, Obj],
                 f"Service {target_key[1]!r} already has TrafficPolicy {owner[target_key][1]!r} "
                 "(the oldest applies); merge the two", generation)
             continue
-        chosen[target_key] = spec
+        chosen[target_key] = (policy, spec)
         owner[target_key] = policy_key
         verdicts[policy_key] = Verdict(True, "Accepted",
                                        f"applied to Service {target_key[1]!r}", generation)

@@ -22,7 +22,7 @@ from kubernetes import client
 
 from controlplane import metrics
 from controlplane.mesh.model import Mesh
-from controlplane.sources.kubernetes.convert import Key, Verdict, convert
+from controlplane.sources.kubernetes.convert import Converter, Key, Verdict
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
     SERVICES,
@@ -58,6 +58,7 @@ class KubernetesSource:
             SERVICES: ObjectStore(), ENDPOINT_SLICES: ObjectStore(),
             TRAFFIC_POLICIES: ObjectStore(keep_status=True)}
         self.verdicts: dict[Key, Verdict] = {}
+        self.converter = Converter()
         self._writing: dict[Key, Verdict] = {}  # status writes sent, not yet seen back
 
     async def updates(self) -> AsyncIterator[Mesh]:
@@ -135,8 +136,8 @@ class KubernetesSource:
 
     def _convert(self, tasks: set[asyncio.Task[None]]) -> Mesh:
         policies = self.stores[TRAFFIC_POLICIES]
-        result = convert(self.stores[SERVICES].values(), self.stores[ENDPOINT_SLICES].values(),
-                         policies.values())
+        result = self.converter.convert(self.stores[SERVICES].values(),
+                                        self.stores[ENDPOINT_SLICES].values(), policies.values())
         for problem in result.skipped:
             log.warning("source.object_skipped", problem=problem,
                         hint="fix the object; the other services are served as usual")
