@@ -167,3 +167,23 @@ async def test_policy_status_is_written(api: ApiServerDouble, tmp_path: Path) ->
     assert (condition["status"], condition["reason"]) == ("False", "TargetNotFound")
     assert "spec.targetRef" in condition["message"]
     await updates.aclose()
+
+
+async def test_a_silent_watch_is_dropped_and_resumed(api: ApiServerDouble,
+                                                     tmp_path: Path) -> None:
+    api.create(service("reviews").port(9080, name="http").build())
+    api.create(reviews_slice("10.0.0.1"))
+    client = api_client(api.kubeconfig(tmp_path / "kubeconfig"))
+    silent = KubernetesSource(client, None, WatchTiming(server_timeout=60, inactivity=0.8),
+                              Debounce(quiet=0.05, max_delay=1.0))
+    updates = Feed(silent.updates())
+    await next_mesh(updates)
+    watches = api.count("watch", "endpointslices")
+    api.pause()  # connections stay open, nothing arrives: not even bookmarks
+    await asyncio.sleep(2.0)
+    assert api.count("watch", "endpointslices") > watches, "the silent watch was not resumed"
+    api.resume()
+    api.apply(reviews_slice("10.0.0.1", "10.0.0.2"))
+    mesh = await next_mesh(updates)
+    assert [e.address for e in mesh.services[0].endpoints] == ["10.0.0.1", "10.0.0.2"]
+    await updates.aclose()
