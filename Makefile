@@ -25,6 +25,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/xds_push.py
+	$(BIN)/python bench/k8s_sync.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
