@@ -6,14 +6,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Final
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import protocol_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from controlplane.mesh.model import (
-    CircuitBreaker,
-    LbPolicy,
-    OutlierDetection,
     Protocol,
     Service,
     ServicePort,
@@ -21,23 +18,14 @@ from controlplane.mesh.model import (
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
 from controlplane.translator.endpoints import static_assignment
-from controlplane.translator.protoutil import ads, duration, pack, u32
+from controlplane.translator.policies import FEATURES
+from controlplane.translator.protoutil import ads, duration, pack
 
 CONNECT_TIMEOUT: Final = timedelta(seconds=1)
-# Envoy allows only 3 concurrent retries per cluster by default: during a rolling update
-# every client retries at once and most retries are refused. Istio makes the same call.
-DEFAULT_MAX_RETRIES: Final = 1024
 HTTP_PROTOCOL_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 LOCALHOST: Final = "127.0.0.1"
 
 _Cluster = cluster_pb2.Cluster
-_LB_POLICIES: Final[dict[LbPolicy, int]] = {
-    "round_robin": _Cluster.LbPolicy.ROUND_ROBIN,
-    "least_request": _Cluster.LbPolicy.LEAST_REQUEST,
-    "random": _Cluster.LbPolicy.RANDOM,
-    "ring_hash": _Cluster.LbPolicy.RING_HASH,
-    "maglev": _Cluster.LbPolicy.MAGLEV,
-}
 
 
 def outbound_clusters(service: Service) -> list[cluster_pb2.Cluster]:
@@ -50,14 +38,7 @@ def outbound_cluster(service: Service, port: ServicePort) -> cluster_pb2.Cluster
     cluster. An external service has no endpoints to send: Envoy resolves its DNS name
     itself (STRICT_DNS, every address it returns is a host)."""
     name = names.outbound_cluster(service, port.port)
-    policy = service.policy
-    balancer = policy.load_balancer.policy if policy.load_balancer else "round_robin"
-    cluster = _Cluster(
-        name=name,
-        connect_timeout=duration(CONNECT_TIMEOUT),
-        lb_policy=_LB_POLICIES[balancer],
-        circuit_breakers=_circuit_breakers(policy.circuit_breaker),
-    )
+    cluster = _Cluster(name=name, connect_timeout=duration(CONNECT_TIMEOUT))
     if service.external_name is None:
         cluster.type = _Cluster.DiscoveryType.EDS
         cluster.eds_cluster_config.CopyFrom(
@@ -67,10 +48,10 @@ def outbound_cluster(service: Service, port: ServicePort) -> cluster_pb2.Cluster
         cluster.type = _Cluster.DiscoveryType.STRICT_DNS
         cluster.dns_lookup_family = _Cluster.DnsLookupFamily.V4_PREFERRED
         cluster.load_assignment.CopyFrom(static_assignment(name, service.external_name, port.port))
-    if policy.outlier_detection is not None:
-        cluster.outlier_detection.CopyFrom(_outlier_detection(policy.outlier_detection))
     if port.protocol == "grpc":
         _use_http2(cluster)
+    for feature in FEATURES:
+        feature.cluster(service, port, cluster)
     return cluster
 
 
@@ -111,41 +92,3 @@ def _use_http2(cluster: cluster_pb2.Cluster) -> None:
         )
     )
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(options))
-
-
-def _circuit_breakers(policy: CircuitBreaker | None) -> circuit_breaker_pb2.CircuitBreakers:
-    thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
-        priority=base_pb2.RoutingPriority.DEFAULT,
-        max_retries=u32(DEFAULT_MAX_RETRIES),
-    )
-    if policy is not None:
-        if policy.max_connections is not None:
-            thresholds.max_connections.value = policy.max_connections
-        if policy.max_pending_requests is not None:
-            thresholds.max_pending_requests.value = policy.max_pending_requests
-        if policy.max_requests is not None:
-            thresholds.max_requests.value = policy.max_requests
-        if policy.max_retries is not None:
-            thresholds.max_retries.value = policy.max_retries
-    return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
-
-
-def _outlier_detection(policy: OutlierDetection) -> outlier_detection_pb2.OutlierDetection:
-    """Envoy enforces gateway-failure ejection at 0% unless told otherwise, and 5xx
-    ejection at 100% with a threshold of 5 even when unset: a policy that names only
-    gateway errors gets exactly that, as in Istio."""
-    detection = outlier_detection_pb2.OutlierDetection()
-    if policy.consecutive_5xx is not None:
-        detection.consecutive_5xx.value = policy.consecutive_5xx
-    if policy.consecutive_gateway_errors is not None:
-        detection.consecutive_gateway_failure.value = policy.consecutive_gateway_errors
-        detection.enforcing_consecutive_gateway_failure.value = 100
-        if policy.consecutive_5xx is None:
-            detection.enforcing_consecutive_5xx.value = 0
-    if policy.interval is not None:
-        detection.interval.CopyFrom(duration(policy.interval))
-    if policy.base_ejection_time is not None:
-        detection.base_ejection_time.CopyFrom(duration(policy.base_ejection_time))
-    if policy.max_ejection_percent is not None:
-        detection.max_ejection_percent.value = round(policy.max_ejection_percent)
-    return detection

@@ -17,6 +17,7 @@ from controlplane.mesh.model import Service
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
 from controlplane.translator.clusters import inbound_protocol
+from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import ads, pack, socket_address
 from controlplane.translator.routes import inbound_route
 
@@ -38,7 +39,7 @@ def egress_listener(proxy: ProxyIdentity) -> listener_pb2.Listener:
         rds=http_connection_manager_pb2.Rds(
             config_source=ads(), route_config_name=names.EGRESS_ROUTE
         ),
-        http_filters=[_router()],
+        http_filters=[*(f for feature in FEATURES for f in feature.http_filters()), _router()],
         use_remote_address=wrappers_pb2.BoolValue(value=False),
     )
     return listener_pb2.Listener(

@@ -6,11 +6,10 @@ from datetime import timedelta
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
-from controlplane.mesh.model import Mesh, Retries, Service, ServicePort
+from controlplane.mesh.model import Mesh, Service, ServicePort
 from controlplane.translator import names
-from controlplane.translator.protoutil import duration, u32
-
-_RETRIABLE_STATUS_CODES = "retriable-status-codes"
+from controlplane.translator.policies import FEATURES
+from controlplane.translator.protoutil import duration
 
 
 def egress_route(mesh: Mesh, namespace: str) -> route_pb2.RouteConfiguration:
@@ -57,38 +56,18 @@ def _virtual_hosts(
         route_components_pb2.VirtualHost(
             name=names.virtual_host(service, port.port),
             domains=names.domains(service, proxy_namespace, port.port, bare=index == 0),
-            routes=[
-                route_components_pb2.Route(
-                    match=route_components_pb2.RouteMatch(prefix="/"),
-                    route=_route_action(service, port),
-                )
-            ],
+            routes=[_route(service, port)],
         )
         for index, port in enumerate(routed)
     ]
 
 
-def _route_action(service: Service, port: ServicePort) -> route_components_pb2.RouteAction:
-    policy = service.policy
-    action = route_components_pb2.RouteAction(cluster=names.outbound_cluster(service, port.port))
-    if policy.timeout is not None:
-        action.timeout.CopyFrom(duration(policy.timeout))
-    if policy.retries is not None:
-        action.retry_policy.CopyFrom(_retry_policy(policy.retries))
-    return action
-
-
-def _retry_policy(retries: Retries) -> route_components_pb2.RetryPolicy:
-    """Status codes only count when ``retry_on`` names ``retriable-status-codes``; a
-    policy that lists codes clearly wants them retried, so the condition is added."""
-    retry_on: list[str] = list(retries.on)
-    if retries.retriable_status_codes and _RETRIABLE_STATUS_CODES not in retry_on:
-        retry_on.append(_RETRIABLE_STATUS_CODES)
-    policy = route_components_pb2.RetryPolicy(
-        retry_on=",".join(retry_on),
-        num_retries=u32(retries.attempts),
-        retriable_status_codes=retries.retriable_status_codes,
+def _route(service: Service, port: ServicePort) -> route_components_pb2.Route:
+    """Everything to the port's cluster; the governance features shape the rest."""
+    route = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        route=route_components_pb2.RouteAction(cluster=names.outbound_cluster(service, port.port)),
     )
-    if retries.per_try_timeout is not None:
-        policy.per_try_timeout.CopyFrom(duration(retries.per_try_timeout))
-    return policy
+    for feature in FEATURES:
+        feature.route(service, port, route)
+    return route
