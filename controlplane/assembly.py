@@ -10,7 +10,7 @@ thousand services re-encodes one ClusterLoadAssignment, not a thousand per group
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import Message
@@ -20,6 +20,7 @@ from controlplane.cache.snapshot import Resource, Snapshot, build_snapshot, enco
 from controlplane.mesh.model import Mesh, Service
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import egress_route, proxy_resources, resource_name, service_resources
+from controlplane.translator.locality import prefer_zone
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class _Encoded:
     clusters: tuple[Resource, ...]  # one per service port
     load_assignments: tuple[Resource, ...]  # one per EDS cluster
     routing: dict[str, Any]  # what the route tables see of it: all but its endpoints
+    zoned: dict[str, tuple[Resource, ...]] = field(default_factory=dict)  # by proxy zone
 
 
 def _routing(service: Service) -> dict[str, Any]:
@@ -64,6 +66,7 @@ class MeshBuild:
                                 key=lambda r: r.name)
         self._assignments = sorted((a for e in self._services.values()
                                     for a in e.load_assignments), key=lambda r: r.name)
+        self._zoned: dict[str, list[Resource]] = {}
         self._previous_routes = previous._routes if previous is not None else {}
         self._routes: dict[str, Resource] = dict(self._previous_routes) if routes_same else {}
 
@@ -77,13 +80,30 @@ class MeshBuild:
             self._routes[namespace] = found
         return found
 
+    def assignments(self, zone: str) -> list[Resource]:
+        """Every ClusterLoadAssignment as a proxy in ``zone`` gets it: its own zone first.
+        Each service's variant is encoded once per zone and kept while it is unchanged."""
+        if not zone:
+            return self._assignments
+        found = self._zoned.get(zone)
+        if found is None:
+            chosen: list[Resource] = []
+            for encoded in self._services.values():
+                variant = encoded.zoned.get(zone)
+                if variant is None:
+                    variant = tuple(_zoned(a, zone) for a in encoded.load_assignments)
+                    encoded.zoned[zone] = variant
+                chosen.extend(variant)
+            found = self._zoned[zone] = sorted(chosen, key=lambda r: r.name)
+        return found
+
     def snapshot(self, proxy: ProxyIdentity, reuse: Snapshot | None = None) -> Snapshot:
         """The group's snapshot; proxy-specific resources are encoded against ``reuse``."""
         own = proxy_resources(self.mesh, proxy)
         return build_snapshot({
             resource.CLUSTER: [*self._clusters,
                                *((resource_name(m), m) for m in own[resource.CLUSTER])],
-            resource.ENDPOINT: self._assignments,
+            resource.ENDPOINT: self.assignments(proxy.zone),
             resource.LISTENER: [(resource_name(m), m) for m in own[resource.LISTENER]],
             resource.ROUTE: [self.route(proxy.namespace)],
             resource.SECRET: [],
@@ -99,3 +119,10 @@ def _encode(type_url: str, messages: Sequence[Message],
         name = resource_name(message)
         encoded.append(encode_resource(type_url, name, message, by_name.get(name)))
     return tuple(encoded)
+
+
+def _zoned(assignment: Resource, zone: str) -> Resource:
+    preferred = prefer_zone(assignment.message, zone)
+    if preferred is None:
+        return assignment
+    return encode_resource(resource.ENDPOINT, assignment.name, preferred)

@@ -51,6 +51,8 @@ class BootstrapOptions:
     """Address the inbound listener binds."""
     delta: bool = False
     """Incremental (delta) xDS instead of state-of-the-world."""
+    zone: str | None = None
+    """The proxy's zone (``node.locality.zone``): endpoints in it are preferred."""
 
 
 def parse_host_port(value: str, flag: str = "--xds-address") -> tuple[str, int]:
@@ -80,6 +82,7 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
             "id": options.node_id,
             "cluster": options.service,
             "metadata": _metadata(options),
+            **({"locality": {"zone": options.zone}} if options.zone else {}),
         },
         "admin": {
             "address": _socket_address(options.admin_address, options.admin_port),

@@ -187,7 +187,8 @@ def pod_disruption_budget() -> dict[str, Any]:
 
 def example_traffic_policy() -> dict[str, Any]:
     """A TrafficPolicy for the ``reviews`` Service that uses most policy fields (not
-    ``fault``: an example should not break the service it is applied to)."""
+    ``fault``, nor a split or match to Services that may not exist: an example should
+    not break the service it is applied to)."""
     return {
         "apiVersion": f"{POLICY_GROUP}/{POLICY_VERSION}",
         "kind": POLICY_KIND,
@@ -202,9 +203,9 @@ def example_traffic_policy() -> dict[str, Any]:
             "outlier_detection": {"consecutive_5xx": 5, "interval": "10s",
                                   "base_ejection_time": "30s", "max_ejection_percent": 50},
             "load_balancer": {"policy": "least_request"},
-            "split": [{"labels": {"version": "v1"}, "weight": 90},
-                      {"labels": {"version": "v2"}, "weight": 10}],
             "rate_limit": {"requests_per_second": 100, "burst": 200},
+            "fallback": {"status": 200, "body": "reviews are unavailable",
+                         "content_type": "text/plain"},
         },
     }
 

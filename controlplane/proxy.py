@@ -29,11 +29,14 @@ class ProxyIdentity:
     inbound_port: int | None = None
     app_port: int | None = None
     inbound_address: str = DEFAULT_INBOUND_ADDRESS
+    zone: str = ""  # node.locality.zone: endpoints in this zone are preferred
 
     @property
     def group(self) -> str:
         """The snapshot group key: readable, stable, and free of the node id."""
         key = f"{self.service}.{self.namespace}~egress={self.egress_port}"
+        if self.zone:
+            key += f"~zone={self.zone}"
         if self.inbound_port is not None and self.app_port is not None:
             key += f"~inbound={self.inbound_address}:{self.inbound_port}->{self.app_port}"
         return key
@@ -55,6 +58,7 @@ class ProxyIdentity:
             inbound_port=inbound,
             app_port=app,
             inbound_address=_text(fields.get("inbound_address")) or DEFAULT_INBOUND_ADDRESS,
+            zone=node.locality.zone,
         )
 
 

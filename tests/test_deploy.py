@@ -228,6 +228,9 @@ def test_every_policy_field_passes_both() -> None:
                      "abort": {"percent": 5.5, "status": 503}}
     spec["retries"]["retriable_status_codes"] = [503]
     spec["outlier_detection"]["consecutive_gateway_errors"] = 3
+    spec["match"] = [{"headers": {"x-canary": "true"}, "labels": {"version": "v2"}}]
+    spec["split"] = [{"labels": {"version": "v1"}, "weight": 90},
+                     {"service": "reviews-v2", "weight": 10}]
     del spec["targetRef"]
     assert set(spec) == set(Policy.model_fields)
     assert schema_errors(traffic_policy(spec)) == []

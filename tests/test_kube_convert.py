@@ -133,3 +133,15 @@ def test_converter_converts_again_only_what_changed() -> None:
     assert second.services[0] is first.services[0]  # a: the same object, not converted again
     assert second.services[1] is not first.services[1]
     assert second.services[1].endpoints[0].address == "10.0.0.3"
+
+
+def test_label_subsets_are_refused_with_a_way_out() -> None:
+    result = convert([svc("reviews"), svc("reviews-v2")], [], [
+        policy("canary", "reviews", split=[{"labels": {"version": "v1"}, "weight": 90},
+                                           {"labels": {"version": "v2"}, "weight": 10}]),
+        policy("by-service", "reviews-v2", created="2026-03-01T00:00:00Z",
+               split=[{"service": "reviews", "weight": 10}])])
+    refused = result.verdicts[("default", "canary")]
+    assert (refused.accepted, refused.reason) == (False, "Unsupported")
+    assert refused.message.startswith("spec.split[0].labels: label subsets need pod labels")
+    assert result.verdicts[("default", "by-service")].accepted

@@ -228,3 +228,16 @@ async def test_file_source_reloads_and_skips_bad_saves(tmp_path: Path) -> None:
     tmp.replace(path)  # an editor's atomic save
     assert await next_mesh() == ["c"]
     await updates.aclose()
+
+
+@pytest.mark.parametrize(("mesh", "message"), [
+    ("services: [{name: a, port: 80, policy: {fallback: {service: nope}}}]",
+     "services[0] (a.default).policy.fallback.service: no service 'nope' in namespace"),
+    ("services: [{name: a, port: 80, policy: {fallback: {service: a}}}]",
+     "services[0] (a.default).policy.fallback.service: a service cannot fall back to itself"),
+    ("services: [{name: a, port: 80, policy: {fallback: {service: b.x}}},"
+     " {name: b, namespace: x, port: 5432, protocol: tcp}]",
+     "b.x has no HTTP or gRPC port"),
+])
+def test_fallback_service_must_exist_and_speak_http(mesh: str, message: str) -> None:
+    assert any(message in p for p in problems(mesh))

@@ -140,6 +140,9 @@ def test_the_required_cases_exist() -> None:
         "empty",
         "multiport",
         "external_name",
+        "resilience",
+        "traffic_split", "traffic_multiport",
+        "edge",
     }
     assert required <= set(CASES)
 
@@ -198,7 +201,9 @@ def test_resources_are_consistent(case: str) -> None:
     for route_config in resources[resource.ROUTE]:
         for host in route_config.virtual_hosts:
             for route in host.routes:
-                assert route.route.cluster in clusters, route.route.cluster
+                action = route.route
+                targets = {action.cluster, *(w.name for w in action.weighted_clusters.clusters)}
+                assert targets - {""} <= clusters.keys() and targets != {""}, route
     for name, cluster in clusters.items():
         if cluster.HasField("eds_cluster_config"):
             assert cluster.eds_cluster_config.service_name in assignments, name

@@ -8,11 +8,20 @@ mesh that passes these models is one the translator can turn into a consistent s
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from controlplane.mesh.duration import Duration
+from controlplane.mesh.duration import Duration, format_duration
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
@@ -104,16 +113,68 @@ class ServicePort(_Model):
         return _dns_label(value, "port name")
 
 
+def _longer_than_zero(value: timedelta | None) -> timedelta | None:
+    """Zero durations that Envoy would reject (or read as "no limit") are refused here,
+    by path, rather than NACKed by every sidecar. Negative ones never parse."""
+    if value is not None and value <= timedelta(0):
+        raise ValueError("must be longer than 0, such as '100ms'")
+    return value
+
+
+class RetryBackoff(_Model):
+    """The wait between tries: random below base_interval * 2^n, at most max_interval
+    (default 10 x base_interval). Unset, Envoy's base is 25ms, quick on a busy host."""
+
+    base_interval: Duration
+    max_interval: Duration | None = None
+
+    @field_validator("base_interval", "max_interval")
+    @classmethod
+    def _positive(cls, value: timedelta | None) -> timedelta | None:
+        return _longer_than_zero(value)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetryBackoff:
+        if self.max_interval is not None and self.max_interval < self.base_interval:
+            raise ValueError(
+                f"max_interval {format_duration(self.max_interval)} is shorter than "
+                f"base_interval {format_duration(self.base_interval)}; the cap must be at "
+                "least the first interval"
+            )
+        return self
+
+
+class RetryBudget(_Model):
+    """Retries in flight at most percent of the active requests (and at least
+    min_concurrency), so retries cannot multiply the load on a failing service.
+    Per cluster; it replaces circuit_breaker.max_retries."""
+
+    percent: Percent
+    min_concurrency: int = Field(default=3, ge=1)
+
+
 class Retries(_Model):
+    """Retries; each goes to a host not tried yet for the request, when there is one."""
+
     attempts: int = Field(default=1, ge=0, le=100)
     per_try_timeout: Duration | None = None
     on: list[RetryOn] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
     retriable_status_codes: list[Annotated[int, Field(ge=100, le=599)]] = Field(
         default_factory=list
     )
+    backoff: RetryBackoff | None = None
+    budget: RetryBudget | None = None
+
+    @field_validator("per_try_timeout")
+    @classmethod
+    def _per_try_positive(cls, value: timedelta | None) -> timedelta | None:
+        return _longer_than_zero(value)
 
 
 class CircuitBreaker(_Model):
+    """Per-cluster limits. Each one unset is 1024: Envoy's default, except for
+    max_retries (Envoy's is 3, too few when every client retries at once)."""
+
     max_connections: int | None = Field(default=None, ge=1)
     max_pending_requests: int | None = Field(default=None, ge=1)
     max_requests: int | None = Field(default=None, ge=1)
@@ -127,36 +188,200 @@ class OutlierDetection(_Model):
     base_ejection_time: Duration | None = None
     max_ejection_percent: Percent | None = None
 
+    @field_validator("interval", "base_ejection_time")
+    @classmethod
+    def _positive(cls, value: timedelta | None) -> timedelta | None:
+        return _longer_than_zero(value)
+
+
+class HashOn(_Model):
+    """What ``ring_hash`` and ``maglev`` hash on, so the same client keeps its host:
+    exactly one of a request header, a cookie (Envoy sets it when missing, with
+    ``cookie_ttl``), or the client's source IP."""
+
+    header: str | None = Field(default=None, min_length=1)
+    cookie: str | None = Field(default=None, min_length=1)
+    cookie_ttl: Duration | None = None
+    source_ip: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HashOn:
+        chosen = [k for k in ("header", "cookie") if getattr(self, k) is not None]
+        chosen += ["source_ip"] if self.source_ip else []
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of header, cookie, source_ip: true "
+                             f"(got {', '.join(chosen) or 'none'})")
+        if self.cookie_ttl is not None and self.cookie is None:
+            raise ValueError("cookie_ttl goes with cookie")
+        return self
+
 
 class LoadBalancer(_Model):
     policy: LbPolicy = "round_robin"
+    hash: HashOn | None = None
+
+    @model_validator(mode="after")
+    def _hash_fits_policy(self) -> LoadBalancer:
+        hashing = self.policy in ("ring_hash", "maglev")
+        if hashing and self.hash is None:
+            raise ValueError(f"{self.policy} needs hash: {{header: NAME}}, {{cookie: NAME}} "
+                             "or {source_ip: true}, else every request hashes alike")
+        if not hashing and self.hash is not None:
+            raise ValueError(f"hash only applies to ring_hash and maglev, not {self.policy}")
+        return self
 
 
 class SplitTarget(_Model):
-    """One leg of a traffic split: a label subset of this service's endpoints."""
+    """One leg of a traffic split: a label subset of this service's endpoints
+    (``labels``), or another service (``service``, in this service's namespace unless
+    ``namespace`` says otherwise). Weights are relative: 90/10 and 9/1 split alike."""
 
-    labels: dict[str, str] = Field(min_length=1)
+    labels: dict[str, str] | None = Field(default=None, min_length=1)
+    service: str | None = None
+    namespace: str | None = None
     weight: int = Field(ge=0, le=10000)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SplitTarget:
+        _one_target(self.labels, self.service, self.namespace)
+        return self
 
 
 class FaultDelay(_Model):
+    """Hold ``percent`` of the requests for ``duration`` before sending them on."""
+
     percent: Percent
     duration: Duration
 
+    @field_validator("duration")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("a fault delay must be longer than 0s")
+        return value
+
 
 class FaultAbort(_Model):
+    """Answer ``percent`` of the requests with ``status`` without sending them."""
+
     percent: Percent
     status: int = Field(ge=200, le=599)
 
 
 class Fault(_Model):
+    """Fault injection for calls to the service: a delay, an abort, or both."""
+
     delay: FaultDelay | None = None
     abort: FaultAbort | None = None
 
+    @model_validator(mode="after")
+    def _something(self) -> Fault:
+        if self.delay is None and self.abort is None:
+            raise ValueError("a fault needs a delay, an abort, or both")
+        return self
+
 
 class RateLimit(_Model):
+    """A token bucket per calling sidecar: ``requests_per_second`` on average, at most
+    ``burst`` at once (default: one second's worth). Past it, callers get 429."""
+
     requests_per_second: float = Field(gt=0)
-    burst: int | None = Field(default=None, ge=1)
+    burst: int | None = Field(default=None, ge=1, le=1_000_000_000)
+
+    @field_validator("requests_per_second")
+    @classmethod
+    def _millis(cls, value: float) -> float:
+        if abs(value * 1000 - round(value * 1000)) > 1e-6:
+            raise ValueError(
+                f"requests_per_second {value} has more than 3 decimals; "
+                "rates are expressed exactly, in steps of 0.001"
+            )
+        return value
+
+
+class Fallback(_Model):
+    """What callers get instead of a bare 503 when no endpoint of the service is healthy
+    (all not ready, or all ejected): a fixed answer (``status``, ``body``,
+    ``content_type``) or another ``service`` (``name`` in this namespace, or
+    ``name.namespace``) answering in its place. ``status`` defaults to 200 in both
+    forms (the service form answers with the fallback service's body and headers)."""
+
+    status: int | None = Field(default=None, ge=200, le=599)
+    body: str | None = None
+    content_type: str | None = Field(default=None, min_length=1)
+    service: str | None = None
+
+    @field_validator("service")
+    @classmethod
+    def _service(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = value.split(".")
+            if len(parts) > 2:
+                raise ValueError(
+                    f"service {value!r}: give name or name.namespace"
+                )
+            for part in parts:
+                _dns_label(part, "service")
+        return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Fallback:
+        static = [k for k in ("body", "content_type") if getattr(self, k) is not None]
+        if self.service is not None and static:
+            raise ValueError(
+                f"give service (another service answers) or body/content_type "
+                f"(a fixed answer), not both; found service and {', '.join(static)}"
+            )
+        if self.service is None and not static and self.status is None:
+            raise ValueError("give service, or a fixed answer: status, body, content_type")
+        return self
+
+    def target(self, namespace: str) -> tuple[str, str] | None:
+        """(name, namespace) of the fallback service, in ``namespace`` unless it says."""
+        if self.service is None:
+            return None
+        name, _, other = self.service.partition(".")
+        return name, other or namespace
+
+
+def _one_target(labels: dict[str, str] | None, service: str | None, namespace: str | None) -> None:
+    if (labels is None) == (service is None):
+        raise ValueError(
+            "give labels (a subset of this service's endpoints) or service (another "
+            "service), exactly one of them"
+        )
+    if namespace is not None and service is None:
+        raise ValueError("namespace: only with service")
+    if service is not None:
+        _dns_label(service, "service")
+    if namespace is not None:
+        _dns_label(namespace, "namespace")
+
+
+class MatchRoute(_Model):
+    """Requests whose headers all have exactly these values go to ``labels`` (a subset of
+    this service's endpoints) or ``service``, ahead of the split or default route."""
+
+    headers: dict[str, str] = Field(min_length=1)
+    labels: dict[str, str] | None = Field(default=None, min_length=1)
+    service: str | None = None
+    namespace: str | None = None
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name in headers:
+            if not name or name != name.lower() or any(c in name for c in " :\t\r\n"):
+                raise ValueError(
+                    f"header name {name!r} must be non-empty, lower-case, with no spaces "
+                    "or ':' (pseudo-headers such as :path are not matched)"
+                )
+        return headers
+
+    @model_validator(mode="after")
+    def _one_target(self) -> MatchRoute:
+        _one_target(self.labels, self.service, self.namespace)
+        return self
 
 
 class Policy(_Model):
@@ -168,8 +393,10 @@ class Policy(_Model):
     outlier_detection: OutlierDetection | None = None
     load_balancer: LoadBalancer | None = None
     split: list[SplitTarget] | None = None
+    match: list[MatchRoute] | None = None
     fault: Fault | None = None
     rate_limit: RateLimit | None = None
+    fallback: Fallback | None = None
 
     @field_validator("split")
     @classmethod
@@ -324,7 +551,69 @@ class Mesh(_Model):
                     "merge the two entries"
                 )
             seen[service.key] = index
+        problems = [p for i, s in enumerate(self.services) for p in self._check_targets(i, s, seen)]
+        if problems:
+            # Raised with each problem's own path, so the loader names it as it names
+            # field errors: services[0] (reviews.default).policy.split[1].service: ...
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
         return self
+
+    def _check_targets(
+        self, index: int, service: Service, keys: dict[str, int]
+    ) -> list[InitErrorDetails]:
+        """Every split or match target names a service of the mesh that serves HTTP or
+        gRPC on each of this service's HTTP/gRPC port numbers, and a label subset needs
+        endpoints to select from (not an external name)."""
+        policy = service.policy
+        targets: list[tuple[str, int, SplitTarget | MatchRoute]] = [
+            *(("split", i, t) for i, t in enumerate(policy.split or [])),
+            *(("match", i, t) for i, t in enumerate(policy.match or [])),
+        ]
+        problems: list[InitErrorDetails] = []
+
+        def problem(field: str, where: tuple[str | int, ...], value: object, message: str) -> None:
+            problems.append(InitErrorDetails(
+                type=PydanticCustomError("value_error", "{message}", {"message": message}),
+                loc=("services", index, "policy", *where, field), input=value))
+
+        for kind, at, target in targets:
+            if target.labels is not None and service.external_name is not None:
+                problem("labels", (kind, at), target.labels,
+                        "an external_name service has no endpoints to select by label; "
+                        "route to a service instead")
+            if target.service is None:
+                continue
+            namespace = target.namespace or service.namespace
+            found = keys.get(f"{target.service}.{namespace}")
+            if found is None:
+                problem("service", (kind, at), target.service,
+                        f"no service {target.service!r} in namespace {namespace!r}")
+            else:
+                # A target is called on the port the request came for: it must have each.
+                theirs = {p.port for p in self.services[found].service_ports
+                          if p.protocol in ("http", "grpc")}
+                missing = [p.port for p in service.service_ports
+                           if p.protocol in ("http", "grpc") and p.port not in theirs]
+                if missing:
+                    problem("service", (kind, at), target.service,
+                            f"{target.service}.{namespace} has no HTTP or gRPC port "
+                            f"{', '.join(map(str, missing))}; a split or match to another "
+                            "service calls it on the same port number")
+        fallback = policy.fallback.target(service.namespace) if policy.fallback else None
+        if fallback is not None:
+            where = f"{fallback[0]}.{fallback[1]}"
+            found = keys.get(where)
+            if where == service.key:
+                problem("service", ("fallback",), where,
+                        "a service cannot fall back to itself; name another service")
+            elif found is None:
+                problem("service", ("fallback",), where,
+                        f"no service {fallback[0]!r} in namespace {fallback[1]!r}")
+            elif not any(p.protocol in ("http", "grpc")
+                         for p in self.services[found].service_ports):
+                problem("service", ("fallback",), where,
+                        f"{where} has no HTTP or gRPC port to answer in this one's place")
+        return problems
 
     def service(self, name: str, namespace: str = "default") -> Service | None:
         for service in self.services:

@@ -19,6 +19,7 @@ from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
 from controlplane.translator.endpoints import static_assignment
 from controlplane.translator.policies import FEATURES
+from controlplane.translator.policies.traffic import subset_name, subset_ports, subsets
 from controlplane.translator.protoutil import ads, duration, pack
 
 CONNECT_TIMEOUT: Final = timedelta(seconds=1)
@@ -29,15 +30,24 @@ _Cluster = cluster_pb2.Cluster
 
 
 def outbound_clusters(service: Service) -> list[cluster_pb2.Cluster]:
-    """One cluster per service port, in port order."""
-    return [outbound_cluster(service, port) for port in service.service_ports]
+    """One cluster per service port, in port order, then one per label subset that the
+    service's traffic policy names, for each HTTP/gRPC port (policies/traffic.py)."""
+    return [
+        *(outbound_cluster(service, port) for port in service.service_ports),
+        *(
+            outbound_cluster(service, port, subset_name(labels))
+            for port in subset_ports(service)
+            for labels in subsets(service)
+        ),
+    ]
 
 
-def outbound_cluster(service: Service, port: ServicePort) -> cluster_pb2.Cluster:
+def outbound_cluster(service: Service, port: ServicePort, subset: str = "") -> cluster_pb2.Cluster:
     """Endpoints come by EDS, so an endpoint change does not touch (and re-warm) the
     cluster. An external service has no endpoints to send: Envoy resolves its DNS name
-    itself (STRICT_DNS, every address it returns is a host)."""
-    name = names.outbound_cluster(service, port.port)
+    itself (STRICT_DNS, every address it returns is a host). A subset cluster is built
+    as the port's own, every feature included; only its name and endpoints differ."""
+    name = names.outbound_cluster(service, port.port, subset)
     cluster = _Cluster(name=name, connect_timeout=duration(CONNECT_TIMEOUT))
     if service.external_name is None:
         cluster.type = _Cluster.DiscoveryType.EDS

@@ -9,6 +9,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
 from controlplane.mesh.model import Endpoint, Service, ServicePort
 from controlplane.translator import names
+from controlplane.translator.policies.traffic import in_subset, subset_name, subset_ports, subsets
 from controlplane.translator.protoutil import socket_address, struct
 
 # Where endpoint labels go; subset load balancing reads this namespace.
@@ -22,17 +23,27 @@ def load_assignments(service: Service) -> list[endpoint_pb2.ClusterLoadAssignmen
     clusters resolve DNS themselves."""
     if service.external_name is not None:
         return []
-    return [load_assignment(service, port) for port in service.service_ports]
+    return [
+        *(load_assignment(service, port) for port in service.service_ports),
+        *(
+            load_assignment(service, port, labels)
+            for port in subset_ports(service)
+            for labels in subsets(service)
+        ),
+    ]
 
 
-def load_assignment(service: Service, port: ServicePort) -> endpoint_pb2.ClusterLoadAssignment:
+def load_assignment(
+    service: Service, port: ServicePort, subset: dict[str, str] | None = None
+) -> endpoint_pb2.ClusterLoadAssignment:
     """Always a CLA, even an empty one: an EDS cluster without one stays warming and
     holds back every listener update behind it. An endpoint that does not serve
-    ``port`` is left out of it."""
+    ``port`` is left out of it, and so is one without the ``subset`` labels, if given."""
     kept = [
         (ep, target, status)
         for ep in service.endpoints
         if (target := ep.port_for(port)) is not None and (status := _health(ep)) is not None
+        and (subset is None or in_subset(ep, subset))
     ]
     kept.sort(key=lambda item: (item[0].zone or "", item[0].address, item[1]))
     localities = [
@@ -43,7 +54,10 @@ def load_assignment(service: Service, port: ServicePort) -> endpoint_pb2.Cluster
         for zone, group in groupby(kept, key=lambda item: item[0].zone or "")
     ]
     return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=names.outbound_cluster(service, port.port), endpoints=localities
+        cluster_name=names.outbound_cluster(
+            service, port.port, subset_name(subset) if subset is not None else ""
+        ),
+        endpoints=localities,
     )
 
 

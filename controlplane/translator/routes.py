@@ -56,10 +56,19 @@ def _virtual_hosts(
         route_components_pb2.VirtualHost(
             name=names.virtual_host(service, port.port),
             domains=names.domains(service, proxy_namespace, port.port, bare=index == 0),
-            routes=[_route(service, port)],
+            routes=[*_extra_routes(service, port), _route(service, port)],
         )
         for index, port in enumerate(routed)
     ]
+
+
+def _extra_routes(service: Service, port: ServicePort) -> list[route_components_pb2.Route]:
+    """The features' routes ahead of the default one (first match wins in Envoy)."""
+    extra = [route for feature in FEATURES for route in feature.routes(service, port)]
+    for route in extra:
+        for feature in FEATURES:
+            feature.route(service, port, route)
+    return extra
 
 
 def _route(service: Service, port: ServicePort) -> route_components_pb2.Route:

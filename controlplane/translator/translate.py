@@ -21,6 +21,7 @@ from controlplane.proxy import ProxyIdentity
 from controlplane.translator.clusters import inbound_cluster, outbound_clusters
 from controlplane.translator.endpoints import load_assignments
 from controlplane.translator.listeners import egress_listener, inbound_listener
+from controlplane.translator.locality import prefer_zone
 from controlplane.translator.routes import egress_route
 
 Resources: TypeAlias = dict[str, list[Message]]
@@ -62,7 +63,8 @@ def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
         resource.CLUSTER: _sorted(
             [*(c for s in shared for c in s.clusters), *own[resource.CLUSTER]]
         ),
-        resource.ENDPOINT: _sorted([a for s in shared for a in s.load_assignments]),
+        resource.ENDPOINT: _sorted([prefer_zone(a, proxy.zone) or a
+                                    for s in shared for a in s.load_assignments]),
         resource.LISTENER: own[resource.LISTENER],
         resource.ROUTE: [egress_route(mesh, proxy.namespace)],
         resource.SECRET: [],

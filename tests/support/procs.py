@@ -48,9 +48,11 @@ def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 
 
 
 def http_get(
-    url: str, host: str | None = None, timeout: float = 3.0
+    url: str, host: str | None = None, timeout: float = 3.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, str, dict[str, str]]:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    request = urllib.request.Request(url, headers={**({"Host": host} if host else {}),
+                                                   **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode(), dict(response.headers)
@@ -193,8 +195,10 @@ class Envoy:
             raise RuntimeError(f"envoy exited: {self.log_path.read_text()[-3000:]}")
         return http_get(f"http://127.0.0.1:{self.admin_port}{path}")
 
-    def request(self, host: str, path: str = "/") -> tuple[int, str, dict[str, str]]:
-        return http_get(f"http://127.0.0.1:{self.egress_port}{path}", host=host)
+    def request(self, host: str, path: str = "/",
+                headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
+        return http_get(f"http://127.0.0.1:{self.egress_port}{path}", host=host,
+                        headers=headers)
 
     def stat(self, name: str) -> int:
         _, body, _ = self.admin(f"/stats?filter=^{name}$")

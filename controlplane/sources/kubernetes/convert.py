@@ -116,8 +116,32 @@ class Converter:
             else:
                 result.skipped.append(outcome)
         self._memo = memo
-        result.mesh = Mesh(services=built)
+        result.mesh = _mesh(built, result.skipped)
         return result
+
+
+def _mesh(built: list[Service], skipped: list[str]) -> Mesh:
+    """A policy may split to a service that is not there (deleted, or not yet created):
+    the service whose policy does is left out with the reason, as one with a bad policy
+    is, and the rest of the mesh is served. Leaving one out may strand another's target,
+    hence the loop (bounded: each round removes at least one service)."""
+    services = list(built)
+    for _ in range(len(built) + 1):
+        try:
+            return Mesh(services=services)
+        except ValidationError as exc:
+            names = {"services": [{"name": s.name, "namespace": s.namespace} for s in services]}
+            bad: set[int] = set()
+            for error in exc.errors():
+                loc = error["loc"]
+                if len(loc) < 2 or loc[0] != "services" or not isinstance(loc[1], int):
+                    raise
+                bad.add(loc[1])
+                svc = services[loc[1]]
+                skipped.append(f"service {svc.namespace}/{svc.name}: "
+                               f"{describe_error(error, names)}")
+            services = [s for i, s in enumerate(services) if i not in bad]
+    raise AssertionError("unreachable: every round leaves out a service")
 
 
 def _build(svc_key: Key, service: Obj, slices: list[Obj],
@@ -228,6 +252,15 @@ def _choose_policies(policies: Iterable[Obj], services: Mapping[Key, Obj],
         except ValidationError as exc:
             problems = "; ".join(describe_error(e, spec, root="spec") for e in exc.errors())
             verdicts[policy_key] = Verdict(False, "Invalid", problems, generation)
+            continue
+        subsets = [f"spec.{field}[{i}].labels" for field in ("split", "match")
+                   for i, leg in enumerate(spec.get(field) or []) if leg.get("labels")]
+        if subsets:
+            verdicts[policy_key] = Verdict(
+                False, "Unsupported",
+                f"{subsets[0]}: label subsets need pod labels, which the Kubernetes source "
+                "does not read; make each version a Service and split across Services "
+                "({service: reviews-v2, weight: 10})", generation)
             continue
         target_key = (policy_key[0], str(target["name"]))
         if target_key not in services:

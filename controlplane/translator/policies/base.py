@@ -26,6 +26,11 @@ class Feature:
               route: route_components_pb2.Route) -> None:
         """Adjust the egress route that sends to ``service``'s ``port``."""
 
+    def routes(self, service: Service, port: ServicePort) -> list[route_components_pb2.Route]:
+        """Routes to put ahead of the port's default route (header matches, say). Every
+        feature's ``route`` hook then shapes them as it shapes the default one."""
+        return []
+
     def http_filters(self) -> list[hcm_pb2.HttpFilter]:
         """HTTP filters this feature needs on the egress listener, before the router.
         They should do nothing unless a route turns them on (typed_per_filter_config)."""
