@@ -95,7 +95,11 @@ def _lab(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_level, "console")
     try:
-        return int(run_lab(duration=args.duration, mesh_path=args.mesh))
+        return int(run_lab(duration=args.duration, mesh_path=args.mesh,
+                           headless=True if args.headless else None, scenario=args.scenario))
+    except ValueError as exc:
+        print(f"controlplane lab: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
 
@@ -147,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--mesh", help="mesh file to start from (default: the embedded lab mesh)")
     lab.add_argument("--duration", type=float, default=0.0,
                      help="stop after this many seconds (default: run until Ctrl-C)")
+    lab.add_argument("--headless", action="store_true",
+                     help="print the view as one line a second instead of a live table "
+                     "(the default when the output is not a terminal)")
+    lab.add_argument("--scenario", choices=["canary", "fault", "circuit-breaker",
+                                            "endpoint-gone"],
+                     help="run a scenario against the live lab (it edits the lab's mesh file)")
     lab.add_argument("--log-level", default="warning",
                      choices=["debug", "info", "warning", "error"])
     lab.set_defaults(run=_lab)

@@ -30,14 +30,19 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
-def test_lab_serves_traffic_and_stops_cleanly_on_sigint() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab"],
+def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
+    """Headless lab, every service answering through its sidecar, the canary scenario
+    moving reviews from v1+v2 to v2 alone, then SIGINT: no process left behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab", "--headless",
+                             "--scenario", "canary"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True)
     lines: list[str] = []
     children: list[int] = []
+    mixes: list[tuple[int, int]] = []
+    healthy = done = False
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         assert proc.stdout is not None
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -46,13 +51,21 @@ def test_lab_serves_traffic_and_stops_cleanly_on_sigint() -> None:
             lines.append(line.rstrip())
             if not children and "Ctrl-C stops everything" in line:
                 children = _children_of(proc.pid)
-            healthy = re.search(
-                r"frontend\s+\d+ rps 100\.0% ok .*ratings\s+\d+ rps 100\.0% ok", line)
-            if healthy and "v1" in line and "v2" in line:
+            if re.search(r"frontend\s+[\d.]+ rps 100\.0% ok .*ratings\s+[\d.]+ rps 100\.0% ok",
+                         line):
+                healthy = True
+                mix = re.search(r"reviews .*?\[v1 (\d+)% v2 (\d+)%\]", line)
+                if mix and not done:
+                    mixes.append((int(mix.group(1)), int(mix.group(2))))
+            if "scenario canary: done" in line:
+                done = True
+            if done and re.search(r"reviews .*\[v1 0% v2 100%\]", line):
                 break
         else:
-            pytest.fail("lab did not report healthy traffic in time:\n" + "\n".join(lines))
-        assert len(children) == 5, f"expected 5 Envoy sidecars, saw {children}"
+            pytest.fail("lab did not finish the scenario in time:\n" + "\n".join(lines))
+        assert healthy and len(children) == 5, f"expected 5 Envoy sidecars, saw {children}"
+        assert any(40 <= v2 <= 60 for _, v2 in mixes[:3]), mixes  # round robin at first
+        assert any(v2 <= 25 for _, v2 in mixes), mixes  # the 90/10 step showed
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out

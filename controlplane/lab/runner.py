@@ -10,22 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import TextIO
 
 import aiohttp
 import structlog
+import yaml
+from rich.live import Live
 
 from controlplane.app import Running, start
 from controlplane.lab.apps import start_app
+from controlplane.lab.scenarios import scenarios
 from controlplane.lab.sidecars import Sidecar
 from controlplane.lab.topology import Plan, plan
 from controlplane.lab.traffic import Traffic
+from controlplane.lab.view import Stats, console, render_line, render_table
+from controlplane.mesh.loader import parse_mesh_yaml
 from controlplane.settings import ServeSettings
 
 log = structlog.get_logger("controlplane.lab")
@@ -33,45 +36,56 @@ _INBOUND = r"^http\.inbound\.downstream_rq_(completed|2xx)$"
 
 
 async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic,
-                session: aiohttp.ClientSession, out: TextIO) -> None:
-    """One line a second: per service rate and success from each sidecar's inbound stats,
-    latency and the reviews version mix as the traffic generator saw them."""
-    before: dict[str, dict[str, int]] = {}
+                session: aiohttp.ClientSession, out: TextIO, headless: bool,
+                status: list[str]) -> None:
+    """Once a second, what the sidecars saw: a live table, or a line when headless."""
+    stats = Stats(sidecars)
+    order = list(dict.fromkeys(i.service for i in plan_.instances))
     started = time.monotonic()
-    while True:
-        await asyncio.sleep(1.0)
-        per_service: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for sidecar in sidecars:
-            if not sidecar.instance.inbound_port:
-                continue
-            now = await sidecar.counters(session, _INBOUND)
-            old = before.get(sidecar.instance.node_id, now)
-            before[sidecar.instance.node_id] = now
-            totals = per_service[sidecar.instance.service]
-            for index, key in enumerate(("completed", "2xx")):
-                name = f"http.inbound.downstream_rq_{key}"
-                totals[index] += now.get(name, 0) - old.get(name, 0)
-        latencies, statuses, versions = traffic.take()
-        parts = [f"[{time.monotonic() - started:5.0f}s]"]
-        for service in dict.fromkeys(i.service for i in plan_.instances):
-            done, ok = per_service[service]
-            rate = f"{100 * ok / done:5.1f}%" if done else "   - "
-            parts.append(f"{service} {done:3d} rps {rate} ok")
-        if latencies:
-            ordered = sorted(latencies)
-            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-            parts.append(f"p50 {1000 * statistics.median(ordered):.1f}ms p99 {1000 * p99:.1f}ms")
-        total = sum(versions.values())
-        if total:
-            mix = " ".join(f"{v} {100 * n / total:.0f}%" for v, n in sorted(versions.items()))
-            parts.append(f"reviews: {mix}")
-        failed = sum(n for code, n in statuses.items() if code != 200)
-        if failed:
-            parts.append(f"errors {failed} {dict(sorted(statuses.items()))}")
-        print(parts[0], " | ".join(parts[1:]), file=out, flush=True)
+    live = None if headless else Live(console=console(out), auto_refresh=False)
+    if live is not None:
+        live.start()
+    try:
+        while True:
+            await asyncio.sleep(1.0)
+            services = await stats.sample(session)
+            _, statuses, _ = traffic.take()
+            failed = sum(n for code, n in statuses.items() if code != 200)
+            errors = f"client errors {failed} {dict(sorted(statuses.items()))}" if failed else ""
+            elapsed = time.monotonic() - started
+            if live is None:  # scenario steps print their own lines
+                render_line(elapsed, services, order, errors, out)
+            else:
+                latest = status[-1] if status else ""
+                live.update(render_table(elapsed, services, order, f"{errors} {latest}".strip()),
+                            refresh=True)
+    finally:
+        if live is not None:
+            live.stop()
 
 
-async def _lab(duration: float, mesh_template: str | None, rate: float, out: TextIO) -> int:
+async def _scenario(name: str, path: Path, traffic: Traffic, out: TextIO,
+                    status: list[str]) -> None:
+    """Edit the lab's mesh file step by step, as a person would."""
+    scenario = scenarios()[name]
+    print(f"scenario {name}: {scenario.summary}", file=out, flush=True)
+    for step in scenario.steps:
+        await asyncio.sleep(step.after)
+        mesh = parse_mesh_yaml(path.read_text(encoding="utf-8"))
+        step.change(mesh)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(yaml.safe_dump(mesh, sort_keys=False), encoding="utf-8")
+        temporary.replace(path)
+        if step.rate is not None:
+            traffic.rate = step.rate
+        status.append(f"scenario {name}: {step.says}")
+        print(status[-1], file=out, flush=True)
+    status.append(f"scenario {name}: done")
+    print(status[-1], file=out, flush=True)
+
+
+async def _lab(duration: float, mesh_template: str | None, rate: float, out: TextIO,
+               headless: bool, scenario: str | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="controlplane-lab-"))
     layout = plan(workdir, mesh_template)
     stop = asyncio.Event()
@@ -110,8 +124,13 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
         print("  Ctrl-C stops everything.", file=out, flush=True)
 
         traffic = Traffic(session, layout.loadgen.egress_port, rate)
+        status: list[str] = []
         tasks = [asyncio.create_task(traffic.run()),
-                 asyncio.create_task(_view(layout, sidecars, traffic, session, out))]
+                 asyncio.create_task(_view(layout, sidecars, traffic, session, out, headless,
+                                           status))]
+        if scenario is not None:
+            tasks.append(asyncio.create_task(
+                _scenario(scenario, layout.mesh_path, traffic, out, status)))
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter], timeout=duration or None)
         waiter.cancel()
@@ -131,6 +150,12 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
         print("controlplane lab: stopped", file=out, flush=True)
 
 
-def run_lab(duration: float = 0.0, mesh_path: str | None = None, rate: float = 20.0) -> int:
+def run_lab(duration: float = 0.0, mesh_path: str | None = None, rate: float = 20.0,
+            headless: bool | None = None, scenario: str | None = None) -> int:
+    """``headless`` None: a live table on a terminal, lines otherwise."""
+    if scenario is not None and scenario not in scenarios():
+        raise ValueError(f"no scenario {scenario!r}; choose one of {', '.join(scenarios())}")
     template = Path(mesh_path).read_text(encoding="utf-8") if mesh_path else None
-    return asyncio.run(_lab(duration, template, rate, sys.stdout))
+    if headless is None:
+        headless = not sys.stdout.isatty()
+    return asyncio.run(_lab(duration, template, rate, sys.stdout, headless, scenario))

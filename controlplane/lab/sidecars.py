@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 import aiohttp
+import yaml
 
-from controlplane.bootstrap import BootstrapOptions, render_bootstrap
+from controlplane.bootstrap import BootstrapOptions, build_bootstrap
 from controlplane.lab.envoy import envoy_command
 from controlplane.lab.topology import Instance
 
@@ -20,11 +21,15 @@ class Sidecar:
         self.config = workdir / f"envoy-{instance.node_id}.yaml"
         self.log_path = workdir / f"envoy-{instance.node_id}.log"
         inbound = instance.inbound_port or None
-        self.config.write_text(render_bootstrap(BootstrapOptions(
+        options = BootstrapOptions(
             node_id=instance.node_id, service=instance.service,
             xds_address=f"127.0.0.1:{xds_port}", admin_port=instance.admin_port,
             egress_port=instance.egress_port, inbound_port=inbound,
-            app_port=instance.app_port if inbound else None, inbound_address="127.0.0.1")))
+            app_port=instance.app_port if inbound else None, inbound_address="127.0.0.1")
+        bootstrap = build_bootstrap(options)
+        # Latency quantiles per flush interval: one a second, as the lab's view refreshes.
+        bootstrap["stats_flush_interval"] = "1s"
+        self.config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         self.process: asyncio.subprocess.Process | None = None
 
     @property

@@ -1,0 +1,132 @@
+"""What the lab shows, once a second, from the sidecars' own stats.
+
+Per service: requests a second and success rate (the inbound listeners' counters of its
+instances), p50/p99 latency (the inbound listeners' latency histograms, per 1 s flush
+interval; the slowest instance's, as a conservative figure) and which versions answer
+(each instance's share of the requests). Rendered as a live table on a terminal, or as
+one line a second (``--headless``, or when the output is not a terminal).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from controlplane.lab.sidecars import Sidecar
+
+_COUNTERS = r"^http\.inbound\.downstream_rq_(completed|2xx)$"
+_LATENCY = r"^http\.inbound\.downstream_rq_time$"
+
+
+@dataclass
+class ServiceStats:
+    requests: int = 0
+    ok: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    versions: dict[str, int] = field(default_factory=dict)
+
+    def line(self, name: str, seconds: float) -> str:
+        rate = f"{100 * self.ok / self.requests:5.1f}%" if self.requests else "   - "
+        text = f"{name} {self.requests / seconds:5.1f} rps {rate} ok"
+        if self.p50_ms is not None and self.p99_ms is not None:
+            text += f" p50 {_ms(self.p50_ms)} p99 {_ms(self.p99_ms)}"
+        total = sum(self.versions.values())
+        if total and len(self.versions) > 1:
+            text += " [" + " ".join(f"{v} {100 * n / total:.0f}%"
+                                    for v, n in sorted(self.versions.items())) + "]"
+        return text
+
+
+def _ms(value: float) -> str:
+    """Envoy records request times in whole milliseconds: 0 means under one."""
+    return "<1ms" if value < 0.5 else f"{value:.0f}ms"
+
+
+class Stats:
+    """Turns the sidecars' cumulative counters into per-interval figures."""
+
+    def __init__(self, sidecars: list[Sidecar]) -> None:
+        self.sidecars = [s for s in sidecars if s.instance.inbound_port]
+        self._before: dict[str, dict[str, int]] = {}
+
+    async def sample(self, session: aiohttp.ClientSession) -> dict[str, ServiceStats]:
+        result: dict[str, ServiceStats] = defaultdict(ServiceStats)
+        for sidecar in self.sidecars:
+            instance = sidecar.instance
+            now = await sidecar.counters(session, _COUNTERS)
+            old = self._before.get(instance.node_id, now)
+            self._before[instance.node_id] = now
+            done = now.get("http.inbound.downstream_rq_completed", 0) - old.get(
+                "http.inbound.downstream_rq_completed", 0)
+            ok = now.get("http.inbound.downstream_rq_2xx", 0) - old.get(
+                "http.inbound.downstream_rq_2xx", 0)
+            stats = result[instance.service]
+            stats.requests += done
+            stats.ok += ok
+            stats.versions[instance.version] = stats.versions.get(instance.version, 0) + done
+            p50, p99 = await _quantiles(sidecar, session)
+            if p50 is not None and (stats.p50_ms is None or p50 > stats.p50_ms):
+                stats.p50_ms = p50
+            if p99 is not None and (stats.p99_ms is None or p99 > stats.p99_ms):
+                stats.p99_ms = p99
+        return dict(result)
+
+
+async def _quantiles(sidecar: Sidecar,
+                     session: aiohttp.ClientSession) -> tuple[float | None, float | None]:
+    """P50 and P99 of the last flush interval, in ms (None when there was no request)."""
+    try:
+        async with session.get(f"{sidecar.admin_url}/stats",
+                               params={"format": "json", "filter": _LATENCY}) as response:
+            data = json.loads(await response.text())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None, None
+    for stat in data.get("stats", []):
+        histograms = stat.get("histograms")
+        if not histograms:
+            continue
+        supported = histograms.get("supported_quantiles", [])
+        for computed in histograms.get("computed_quantiles", []):
+            values = dict(zip(supported, computed.get("values", []), strict=False))
+            p50 = (values.get(50) or values.get(50.0) or {}).get("interval")
+            p99 = (values.get(99) or values.get(99.0) or {}).get("interval")
+            return p50, p99
+    return None, None
+
+
+def render_line(elapsed: float, services: dict[str, ServiceStats], order: list[str],
+                extra: str, out: TextIO) -> None:
+    parts = [services.get(name, ServiceStats()).line(name, 1.0) for name in order]
+    print(f"[{elapsed:5.0f}s]", " | ".join(parts), extra, file=out, flush=True)
+
+
+def render_table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
+                 extra: str) -> Table:
+    table = Table(title=f"controlplane lab: {elapsed:.0f}s  {extra}".rstrip(),
+                  title_justify="left", expand=False)
+    for column in ("service", "rps", "success", "p50", "p99", "versions answering"):
+        table.add_column(column, justify="left" if column in ("service",
+                                                              "versions answering") else "right")
+    for name in order:
+        stats = services.get(name, ServiceStats())
+        total = sum(stats.versions.values())
+        success = f"{100 * stats.ok / stats.requests:.1f}%" if stats.requests else "-"
+        style = "red" if stats.requests and stats.ok < stats.requests else ""
+        table.add_row(
+            name, f"{stats.requests:.0f}", f"[{style}]{success}[/]" if style else success,
+            _ms(stats.p50_ms) if stats.p50_ms is not None else "-",
+            _ms(stats.p99_ms) if stats.p99_ms is not None else "-",
+            " ".join(f"{v} {100 * n / total:.0f}%" for v, n in sorted(stats.versions.items()))
+            if total else "-")
+    return table
+
+
+def console(out: TextIO) -> Console:
+    return Console(file=out)
