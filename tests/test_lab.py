@@ -80,3 +80,22 @@ def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
         for pid in children:
             if Path(f"/proc/{pid}").exists():
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_live_table_and_line_show_the_same_figures() -> None:
+    import io
+
+    from rich.console import Console
+
+    from controlplane.lab.view import ServiceStats, render_line, render_table
+
+    services = {"reviews": ServiceStats(requests=20, ok=19, p50_ms=1.0, p99_ms=0.2,
+                                        versions={"v1": 15, "v2": 5})}
+    console = Console(file=io.StringIO(), width=120)
+    console.print(render_table(3.0, services, ["reviews", "ratings"], "scenario canary: x"))
+    table = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "reviews" in table and "95.0%" in table and "v1 75% v2 25%" in table
+    assert "<1ms" in table and "scenario canary: x" in table
+    line = io.StringIO()
+    render_line(3.0, services, ["reviews"], "", line)
+    assert "reviews  20.0 rps  95.0% ok p50 1ms p99 <1ms [v1 75% v2 25%]" in line.getvalue()
