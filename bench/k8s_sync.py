@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the API server double and the process helpers live in tests/
     sys.path.insert(0, str(ROOT))
 
+from common import metric, parse_metrics  # noqa: E402 (bench/ is the script folder)
+
 from tests.kube.apiserver import ApiServerDouble  # noqa: E402
 from tests.kube.objects import endpoint_slice, service  # noqa: E402
 from tests.support.procs import ControlPlane, Envoy  # noqa: E402
@@ -185,23 +187,6 @@ def memory_mib(pid: int, key: str) -> float:
         if line.startswith(key + ":"):
             return round(int(line.split()[1]) / 1024, 1)
     raise BenchError(f"{key} not in /proc/{pid}/status")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {'name{labels}': value}."""
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                samples[key] = float(value)
-    return samples
-
-
-def metric(samples: dict[str, float], name: str, labels: str = "") -> float:
-    """Sum of the samples of ``name`` whose label text contains ``labels``."""
-    return sum(value for key, value in samples.items()
-               if (key == name or key.startswith(name + "{")) and labels in key)
 
 
 def server_pid(server: ControlPlane) -> int:

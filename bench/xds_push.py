@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from common import metric, parse_metrics  # bench/ is on sys.path as the script's folder
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -108,23 +109,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {'name{labels}': value}."""
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                samples[key] = float(value)
-    return samples
-
-
-def metric(samples: dict[str, float], name: str, labels: str = "") -> float:
-    """Sum of the samples of ``name`` whose label text contains ``labels``."""
-    return sum(value for key, value in samples.items()
-               if (key == name or key.startswith(name + "{")) and labels in key)
 
 
 class ServerProcess:

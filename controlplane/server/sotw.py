@@ -48,8 +48,7 @@ class SotwStream(StreamBase):
         return dict(self.types)
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> Handled:
-        self.accept_node(request.node, request.HasField("node"))
-        type_url = self.resolve_type(request.type_url)
+        type_url = self.begin(request)
         if type_url is None:
             return Handled("unknown_type", request.type_url)
         state = self.types.get(type_url)

@@ -111,6 +111,11 @@ class StreamBase:
         self.proxy = ProxyIdentity.from_node(node)
         return True
 
+    def begin(self, request: Any) -> str | None:
+        """Every request's first steps: keep the node, resolve the type (None: ignored)."""
+        self.accept_node(request.node, request.HasField("node"))
+        return self.resolve_type(request.type_url)
+
     def resolve_type(self, type_url: str) -> str | None:
         """The request's type, or None for a type this server does not serve (ignored)."""
         if self.fixed_type is not None:
