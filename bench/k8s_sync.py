@@ -28,7 +28,6 @@ import math
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the API server double and the process helpers live in tests/
     sys.path.insert(0, str(ROOT))
 
-from common import metric, parse_metrics  # noqa: E402 (bench/ is the script folder)
+from common import BenchError, Profiler, metric, parse_metrics  # noqa: E402 (bench/ is the script folder)
 
 from tests.kube.apiserver import ApiServerDouble  # noqa: E402
 from tests.kube.objects import endpoint_slice, service  # noqa: E402
@@ -62,10 +61,6 @@ POLL_S = 0.005  # Envoy admin poll interval during a change
 STARTUP_POLL_S = 0.01  # /readyz, Envoy /ready and /debug/snapshots poll interval
 CHANGE_TIMEOUT_S = 15.0  # one change must reach every Envoy within this
 IDLE_WINDOW_S, IDLE_BUSY = 0.25, 0.1  # "idle": under 10 % of a CPU over 0.25 s
-
-
-class BenchError(Exception):
-    """The run could not finish (deadline, a process exited, a wrong answer)."""
 
 
 @dataclass
@@ -228,33 +223,6 @@ def wait_idle(pid: int, deadline: Deadline, timeout: float = 10.0) -> None:
             return
         if time.monotonic() > limit:
             raise BenchError(f"the server stayed busy for {timeout:.0f} s")
-
-
-class Profiler:
-    """``py-spy record`` of the server (optional), as collapsed stacks: one
-    ``frame;frame;... count`` line per stack, for speedscope or flamegraph.pl."""
-
-    def __init__(self, pid: int, output: Path) -> None:
-        self.output = output
-        output.parent.mkdir(parents=True, exist_ok=True)
-        binary = Path(sys.executable).parent / "py-spy"
-        if not binary.exists():
-            raise BenchError(f"--profile needs py-spy: {sys.executable} -m pip install py-spy")
-        with open(output.with_suffix(".log"), "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(binary), "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
-                 "--threads", "--format", "raw", "--output", str(output)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        """SIGINT makes py-spy write its output; it is our own child, ended by PID."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # --- phase 1: the server's initial sync ------------------------------------------------

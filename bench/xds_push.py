@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from common import metric, parse_metrics  # bench/ is on sys.path as the script's folder
+from common import (  # bench/ is on sys.path as the script's folder
+    BenchError,
+    Profiler,
+    metric,
+    parse_metrics,
+)
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -69,10 +73,6 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel, not shared
 ]
-
-
-class BenchError(Exception):
-    """A scenario could not finish (timeout, server exit, failed streams)."""
 
 
 # --- the mesh file ---------------------------------------------------------------------
@@ -216,33 +216,6 @@ class ServerProcess:
 
     def log_tail(self, chars: int = 2000) -> str:
         return "\n".join(self.log_problems())[-chars:]
-
-
-class Profiler:
-    """``py-spy record`` of the server during the change phase (optional), as collapsed
-    stacks: one ``frame;frame;... count`` line per stack, for speedscope or flamegraph.pl."""
-
-    def __init__(self, pid: int, output: Path) -> None:
-        self.output = output
-        output.parent.mkdir(parents=True, exist_ok=True)
-        binary = Path(sys.executable).parent / "py-spy"
-        if not binary.exists():
-            raise BenchError(f"--profile needs py-spy: {sys.executable} -m pip install py-spy")
-        with open(output.with_suffix(".log"), "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(binary), "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
-                 "--format", "raw", "--output", str(output)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        """SIGINT makes py-spy write its output; it is our own child, ended by PID."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # --- simulated proxies -----------------------------------------------------------------
