@@ -186,14 +186,18 @@ def test_fault_abort_and_delay_hit_only_their_service(edge: Edge) -> None:
     for _ in range(5):
         assert envoy.request("reviews")[0] == 418
     assert reviews.hits == 0
+    # Envoy's timer may fire a few milliseconds early against our clock, so the
+    # delayed service is held to "most of 300ms" and the other to "far less".
+    delayed, direct = [], []
     for _ in range(3):
         started = time.monotonic()
-        status, body, _ = envoy.request("ratings")
-        took = time.monotonic() - started
-        assert (status, body) == (200, "ratings") and took >= 0.3, took
+        assert envoy.request("ratings")[:2] == (200, "ratings")
+        delayed.append(time.monotonic() - started)
         started = time.monotonic()
         assert envoy.request("details")[:2] == (200, "details")
-        assert time.monotonic() - started < 0.3
+        direct.append(time.monotonic() - started)
+    assert min(delayed) >= 0.25, delayed
+    assert min(direct) < 0.15, direct
     assert envoy.stat("http.egress.fault.aborts_injected") >= 6
     assert envoy.stat("http.egress.fault.delays_injected") >= 3
 

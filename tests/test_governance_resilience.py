@@ -208,7 +208,7 @@ def test_per_try_timeout_retries_a_slow_try(rig: Rig) -> None:
     status, elapsed, _ = rig.timed("slow-once")  # try 1 hangs 2 s, cut at 300ms; try 2 is fast
     print(f"per-try timeout: {status} after {elapsed:.2f}s, {backend.calls} backend calls")
     assert status == 200
-    assert 0.28 <= elapsed < 1.5, elapsed
+    assert 0.25 <= elapsed < 1.5, elapsed
     assert backend.calls == 2
     assert rig.stat("slow-once", "upstream_rq_per_try_timeout") == 1
 
