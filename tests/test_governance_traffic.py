@@ -1,5 +1,5 @@
-"""Traffic split and header routes (policy.split, policy.match): canary, blue-green, a
-split across services, through real Envoy; and the validation of targets and weights."""
+"""Traffic split, header and path routes (policy.split, policy.match): canary, blue-green,
+a split across services, through real Envoy; and the validation of targets and weights."""
 
 from __future__ import annotations
 
@@ -91,6 +91,29 @@ def test_header_route_to_another_service(lab: Lab) -> None:  # noqa: F811
     envoy = start(lab, {"match": [{"headers": {"x-user": "tester"}, "service": "reviews-next"}]})
     assert bodies(envoy, 20, {"x-user": "tester"}) == {"reviews-next": 20}
     assert set(bodies(envoy, 40)) == {"reviews-v1", "reviews-v2"}  # the plain cluster
+
+
+def paths(envoy: Envoy, path: str, count: int,
+          headers: dict[str, str] | None = None) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(count):
+        status, body, _ = envoy.request("reviews", path=path, headers=headers)
+        seen[body if status == 200 else f"status {status}"] += 1
+    return seen
+
+
+@pytest.mark.e2e
+def test_path_routes_by_prefix_and_exact_path(lab: Lab) -> None:  # noqa: F811
+    envoy = start(lab, {**split(100, 0), "match": [
+        {"path": {"prefix": "/v2/"}, **V1_V2[1]},
+        {"path": {"exact": "/next"}, "headers": {"x-user": "tester"},
+         "service": "reviews-next"},
+    ]})
+    assert paths(envoy, "/v2/stars?x=1", 20) == {"reviews-v2": 20}  # the query is ignored
+    assert paths(envoy, "/v2", 20) == {"reviews-v1": 20}  # not under /v2/: the split
+    assert paths(envoy, "/next", 10, {"x-user": "tester"}) == {"reviews-next": 10}
+    assert paths(envoy, "/next/page", 10, {"x-user": "tester"}) == {"reviews-v1": 10}
+    assert paths(envoy, "/next", 10) == {"reviews-v1": 10}  # both conditions, or neither
 
 
 @pytest.mark.e2e
@@ -191,6 +214,21 @@ def test_weights_and_headers_are_checked() -> None:
     assert "greater than or equal to 0" in problems(split(-1, 10))[0]
     assert "lower-case" in problems({"match": [{"headers": {"X-Canary": "1"}, **V1_V2[1]}]})[0]
     assert "headers" in problems({"match": [{"headers": {}, **V1_V2[1]}]})[0]
+    assert "give headers, path or both" in problems({"match": [V1_V2[1]]})[0]
+
+
+def test_paths_are_checked() -> None:
+    def path_problems(path: dict[str, Any]) -> list[str]:
+        return problems({"match": [{"path": path, **V1_V2[1]}]})
+
+    assert path_problems({"prefix": "api"}) == [
+        "services[0] (reviews.default).policy.match[0].path.prefix: path "
+        "'api' must start with '/' and hold no spaces, '?' or '#' (the query string is "
+        "not matched)"]
+    assert "must start with '/'" in path_problems({"exact": "/a?b=1"})[0]
+    assert "exactly one of them" in path_problems({"prefix": "/a", "exact": "/a"})[0]
+    assert "exactly one of them" in path_problems({})[0]
+    assert "path.regex: unknown field" in path_problems({"regex": "/a.*"})[0]
 
 
 def test_a_target_service_needs_the_same_port() -> None:

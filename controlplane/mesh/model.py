@@ -358,19 +358,48 @@ def _one_target(labels: dict[str, str] | None, service: str | None, namespace: s
         _dns_label(namespace, "namespace")
 
 
-class MatchRoute(_Model):
-    """Requests whose headers all have exactly these values go to ``labels`` (a subset of
-    this service's endpoints) or ``service``, ahead of the split or default route."""
+class PathMatch(_Model):
+    """The request path (without its query string): one ``prefix`` or one ``exact`` path.
+    A prefix matches as Envoy's and Istio's do, character by character: ``/api`` also
+    matches ``/apiary``; write ``/api/`` to mean the directory."""
 
-    headers: dict[str, str] = Field(min_length=1)
+    prefix: str | None = None
+    exact: str | None = None
+
+    @field_validator("prefix", "exact")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value.startswith("/") or any(c in value for c in " \t\r\n?#")
+        ):
+            raise ValueError(
+                f"path {value!r} must start with '/' and hold no spaces, '?' or '#' "
+                "(the query string is not matched)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PathMatch:
+        if (self.prefix is None) == (self.exact is None):
+            raise ValueError("give prefix or exact, exactly one of them")
+        return self
+
+
+class MatchRoute(_Model):
+    """Requests whose headers all have exactly these values, and whose path matches
+    ``path`` when given, go to ``labels`` (a subset of this service's endpoints) or
+    ``service``, ahead of the split or default route."""
+
+    headers: dict[str, str] | None = Field(default=None, min_length=1)
+    path: PathMatch | None = None
     labels: dict[str, str] | None = Field(default=None, min_length=1)
     service: str | None = None
     namespace: str | None = None
 
     @field_validator("headers")
     @classmethod
-    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
-        for name in headers:
+    def _header_names(cls, headers: dict[str, str] | None) -> dict[str, str] | None:
+        for name in headers or {}:
             if not name or name != name.lower() or any(c in name for c in " :\t\r\n"):
                 raise ValueError(
                     f"header name {name!r} must be non-empty, lower-case, with no spaces "
@@ -380,6 +409,8 @@ class MatchRoute(_Model):
 
     @model_validator(mode="after")
     def _one_target(self) -> MatchRoute:
+        if self.headers is None and self.path is None:
+            raise ValueError("give headers, path or both: what requests this route takes")
         _one_target(self.labels, self.service, self.namespace)
         return self
 

@@ -25,6 +25,9 @@ from controlplane.translator.policies.base import Feature
 from controlplane.translator.protoutil import u32
 
 _ROUTED = ("http", "grpc")
+# Match routes are named match-0, match-1, ... (as in the policy): the default route is
+# the one without a name, and shows so in config dumps.
+MATCH_ROUTE = "match-"
 
 
 def subset_name(labels: dict[str, str]) -> str:
@@ -69,9 +72,9 @@ class Traffic(Feature):
 
     def route(self, service: Service, port: ServicePort,
               route: route_components_pb2.Route) -> None:
-        """The default route (the one without header matches) splits by weight."""
+        """The default route (not a named match route) splits by weight."""
         split = service.policy.split
-        if not split or route.match.headers or not route.HasField("route"):
+        if not split or route.name.startswith(MATCH_ROUTE) or not route.HasField("route"):
             return
         legs = [
             route_components_pb2.WeightedCluster.ClusterWeight(
@@ -85,21 +88,27 @@ class Traffic(Feature):
 
     def routes(self, service: Service, port: ServicePort) -> list[route_components_pb2.Route]:
         """One route per ``match`` entry, ahead of the default route."""
-        return [_match_route(service, port, match) for match in service.policy.match or []]
+        return [_match_route(service, port, index, match)
+                for index, match in enumerate(service.policy.match or [])]
 
 
 def _match_route(
-    service: Service, port: ServicePort, match: MatchRoute
+    service: Service, port: ServicePort, index: int, match: MatchRoute
 ) -> route_components_pb2.Route:
+    route_match = route_components_pb2.RouteMatch(
+        headers=[
+            route_components_pb2.HeaderMatcher(
+                name=name, string_match=string_pb2.StringMatcher(exact=value)
+            )
+            for name, value in sorted((match.headers or {}).items())
+        ],
+    )
+    if match.path is not None and match.path.exact is not None:
+        route_match.path = match.path.exact
+    else:
+        route_match.prefix = match.path.prefix if match.path is not None else "/"
     return route_components_pb2.Route(
-        match=route_components_pb2.RouteMatch(
-            prefix="/",
-            headers=[
-                route_components_pb2.HeaderMatcher(
-                    name=name, string_match=string_pb2.StringMatcher(exact=value)
-                )
-                for name, value in sorted(match.headers.items())
-            ],
-        ),
+        name=f"{MATCH_ROUTE}{index}",
+        match=route_match,
         route=route_components_pb2.RouteAction(cluster=target_cluster(service, port, match)),
     )
