@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
             "admin_address": args.admin_address,
             "kubeconfig": args.kubeconfig,
             "namespace": args.namespace,
+            "pod_labels": False if args.no_pod_labels else None,
             "snapshot_dir": args.snapshot_dir,
             "snapshot_keep": args.snapshot_keep,
             "log_level": args.log_level,
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kubeconfig", help="kubeconfig for --source kubernetes")
     serve.add_argument("--namespace", action="append",
                        help="namespace to watch (repeatable; default all)")
+    serve.add_argument("--no-pod-labels", action="store_true",
+                       help="do not watch Pod metadata; TrafficPolicies with label subsets "
+                       "are then refused [env CONTROLPLANE_POD_LABELS=false]")
     serve.add_argument("--snapshot-dir", help="where published snapshots go (default snapshots/)")
     serve.add_argument("--snapshot-keep", type=int,
                        help="snapshots kept per group (default 10; 0 turns the store off)")

@@ -18,6 +18,7 @@ from controlplane import generated
 from controlplane.sources.kubernetes.crd import traffic_policy_crd
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    PODS,
     POLICY_GROUP,
     POLICY_KIND,
     POLICY_PLURAL,
@@ -68,6 +69,8 @@ def cluster_role_rules() -> list[dict[str, Any]]:
          "verbs": _WATCH},
         {"apiGroups": [TRAFFIC_POLICIES.group], "resources": [TRAFFIC_POLICIES.plural],
          "verbs": _WATCH},
+        # Read as metadata only (labels, for label subsets); --no-pod-labels needs none.
+        {"apiGroups": [PODS.group], "resources": [PODS.plural], "verbs": _WATCH},
         {"apiGroups": [TRAFFIC_POLICIES.group],
          "resources": [f"{TRAFFIC_POLICIES.plural}/status"],
          "verbs": ["get", "update", "patch"]},

@@ -54,6 +54,10 @@ class ServeSettings(BaseSettings):
     write_status: bool = Field(
         default=True, description="Kubernetes: write each TrafficPolicy's Accepted condition."
     )
+    pod_labels: bool = Field(
+        default=True, description="Kubernetes: watch Pod metadata (labels only) so that "
+        "TrafficPolicies can split and match by label subsets."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Lowest level logged."
     )

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import urllib3
@@ -23,12 +23,15 @@ from kubernetes.client.exceptions import ApiException
 
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    METADATA_LIST_ACCEPT,
+    METADATA_WATCH_ACCEPT,
+    PODS,
     SERVICE_NAME_LABEL,
     SERVICES,
     TRAFFIC_POLICIES,
 )
 from tests.kube.apiserver import ApiServerDouble, StatusError
-from tests.kube.objects import endpoint_slice, service, traffic_policy
+from tests.kube.objects import endpoint_slice, pod, service, traffic_policy
 
 GROUP, VERSION, PLURAL = TRAFFIC_POLICIES.group, TRAFFIC_POLICIES.version, TRAFFIC_POLICIES.plural
 Event = dict[str, Any]
@@ -81,6 +84,21 @@ def later(action: Callable[[], None]) -> threading.Thread:
 
 def types(events: list[Event]) -> list[str]:
     return [e["type"] for e in events]
+
+
+def body(response: object) -> Any:
+    """The JSON of a ``_preload_content=False`` response (the client types it as a model)."""
+    return json.loads(cast(urllib3.BaseHTTPResponse, response).data)
+
+
+def status_of(caught: pytest.ExceptionInfo[ApiException]) -> Any:
+    """The Status object an ApiException carries."""
+    return json.loads(caught.value.body or "null")
+
+
+def accept(value: str) -> dict[str, str]:
+    """``_headers`` for one call (a fresh dict: the client adds to the one it is given)."""
+    return {"Accept": value}
 
 
 # --- LIST -------------------------------------------------------------------------------
@@ -403,6 +421,279 @@ async def test_usable_from_async_tests(apiserver: ApiServerDouble,
     apiserver.create(service("reviews").port(9080).build())
     events = await asyncio.wait_for(task, 5)
     assert types(events) == ["ADDED"]
+
+
+# --- Pods, and metadata-only representations -------------------------------------------
+
+PARTIAL = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1"}
+
+
+def test_pods_are_a_built_in_kind_with_a_status_subresource(
+        apiserver: ApiServerDouble, core: client.CoreV1Api) -> None:
+    sent: Any = pod("reviews-v1").labels(app="reviews").ip("10.231.0.2").build()
+    created = body(core.create_namespaced_pod("default", sent, _preload_content=False))
+    assert created["metadata"]["generation"] == 1
+    # Create drops the status sent; the server sets its own, then only /status changes it.
+    assert created["status"] == {"phase": "Pending", "qosClass": "BestEffort"}
+    container = created["spec"]["containers"][0]
+    assert (container["imagePullPolicy"], created["spec"]["restartPolicy"]) == (
+        "IfNotPresent", "Always")
+
+    listed = body(core.list_namespaced_pod("default", _preload_content=False))
+    assert (listed["kind"], listed["apiVersion"]) == ("PodList", "v1")
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["reviews-v1"]
+    assert "kind" not in listed["items"][0] and "apiVersion" not in listed["items"][0]
+    typed = core.list_namespaced_pod("default", label_selector="app=reviews")
+    assert [p.metadata.name for p in typed.items if p.metadata] == ["reviews-v1"]
+
+    running = apiserver.update_status(pod("reviews-v1").ip("10.231.0.2").phase("Running")
+                                      .build())
+    assert running["status"] == {"phase": "Running", "podIP": "10.231.0.2",
+                                 "podIPs": [{"ip": "10.231.0.2"}]}
+    assert running["metadata"]["generation"] == 1
+
+    # The main resource ignores status; an image change is a spec change: generation 2.
+    patched = body(core.patch_namespaced_pod(
+        "reviews-v1", "default", {"spec": {"containers": [
+            {**container, "image": "registry.example/app:2"}]}, "status": {"phase": "Failed"}},
+        _content_type="application/merge-patch+json", _preload_content=False))
+    assert patched["metadata"]["generation"] == 2
+    assert patched["status"]["phase"] == "Running"
+
+    deleted = body(core.delete_namespaced_pod("reviews-v1", "default", _preload_content=False))
+    assert deleted["kind"] == "Pod" and deleted["status"]["podIP"] == "10.231.0.2"
+    assert apiserver.objects(PODS) == []
+
+
+def test_pod_watch_sends_whole_objects_by_default(apiserver: ApiServerDouble,
+                                                 core: client.CoreV1Api) -> None:
+    version = apiserver.resource_version
+
+    def change() -> None:
+        apiserver.wait_for_watches(1)
+        apiserver.create(pod("reviews-v1").labels(app="reviews").build())
+        apiserver.update_status(pod("reviews-v1").ip("10.231.0.2").build())
+
+    later(change)
+    events = watch_events(core.list_namespaced_pod, "default", resource_version=version,
+                          until=lambda events: len(events) == 2)
+    assert types(events) == ["ADDED", "MODIFIED"]
+    assert events[0]["raw_object"]["kind"] == "Pod"
+    assert events[0]["object"].spec.containers[0].image == "registry.example/app:1"
+    assert events[1]["raw_object"]["status"]["podIP"] == "10.231.0.2"
+
+
+def test_metadata_list_is_a_partial_object_metadata_list(apiserver: ApiServerDouble,
+                                                        core: client.CoreV1Api) -> None:
+    for name, version in (("reviews-v1", "v1"), ("reviews-v2", "v2"), ("reviews-v3", "v3")):
+        apiserver.create(pod(name).labels(app="reviews", version=version).build())
+    stored = apiserver.get(PODS, "default", "reviews-v1")
+
+    listed = body(core.list_namespaced_pod("default", _headers=accept(METADATA_LIST_ACCEPT),
+                                           _preload_content=False))
+    assert listed["kind"] == "PartialObjectMetadataList"
+    assert listed["apiVersion"] == "meta.k8s.io/v1"
+    assert listed["metadata"] == {"resourceVersion": apiserver.resource_version}
+    assert [item["metadata"]["labels"]["version"] for item in listed["items"]] == [
+        "v1", "v2", "v3"]
+    # Each item is the object's whole metadata, and nothing else.
+    assert listed["items"][0] == {**PARTIAL, "metadata": stored["metadata"]}
+    assert apiserver.requests[-1].accept == METADATA_LIST_ACCEPT
+
+    # Chunking, selectors and the v1beta1 form work as for whole objects.
+    page = body(core.list_namespaced_pod(
+        "default", limit=2, _headers=accept(METADATA_LIST_ACCEPT.replace("v=v1", "v=v1beta1")),
+        _preload_content=False))
+    assert page["apiVersion"] == "meta.k8s.io/v1beta1"
+    assert page["items"][0]["apiVersion"] == "meta.k8s.io/v1beta1"
+    assert page["metadata"]["remainingItemCount"] == 1 and page["metadata"]["continue"]
+    selected = body(core.list_namespaced_pod(
+        "default", label_selector="version=v2", _headers=accept(METADATA_LIST_ACCEPT),
+        _preload_content=False))
+    assert [item["metadata"]["name"] for item in selected["items"]] == ["reviews-v2"]
+    # Go's nil slice: an empty metadata list has no [] but null.
+    empty = body(core.list_namespaced_pod("shop", _headers=accept(METADATA_LIST_ACCEPT),
+                                          _preload_content=False))
+    assert empty["items"] is None
+
+    # A single GET may ask for metadata only too.
+    one = body(core.read_namespaced_pod("reviews-v1", "default",
+                                        _headers=accept(METADATA_WATCH_ACCEPT),
+                                        _preload_content=False))
+    assert one == {**PARTIAL, "metadata": stored["metadata"]}
+
+
+def test_metadata_watch_sends_partial_object_metadata_events(
+        apiserver: ApiServerDouble, core: client.CoreV1Api) -> None:
+    apiserver.create(pod("reviews-v1").labels(app="reviews", version="v1").build())
+    version = apiserver.resource_version
+
+    def change() -> None:
+        apiserver.wait_for_watches(1)
+        relabelled = apiserver.get(PODS, "default", "reviews-v1")
+        relabelled["metadata"]["labels"]["version"] = "v2"
+        apiserver.update(relabelled)
+        apiserver.update_status(pod("reviews-v1").ip("10.231.0.2").phase("Running").build())
+        apiserver.delete(PODS, "default", "reviews-v1")
+
+    later(change)
+    events = watch_events(core.list_namespaced_pod, "default", resource_version=version,
+                          _headers=accept(METADATA_WATCH_ACCEPT),
+                          until=lambda events: events[-1]["type"] == "DELETED")
+    assert types(events) == ["MODIFIED", "MODIFIED", "DELETED"]
+    for event in events:
+        assert event["raw_object"].keys() == {"kind", "apiVersion", "metadata"}
+        assert {k: event["raw_object"][k] for k in PARTIAL} == PARTIAL
+    relabel, status, deleted = (e["raw_object"]["metadata"] for e in events)
+    assert relabel["labels"] == {"app": "reviews", "version": "v2"}
+    # A status-only write moves the resourceVersion, so it is an event, metadata or not.
+    assert int(status["resourceVersion"]) > int(relabel["resourceVersion"])
+    assert status["labels"] == relabel["labels"] and status["uid"] == relabel["uid"]
+    assert deleted["resourceVersion"] == apiserver.resource_version
+
+
+def test_metadata_watch_bookmarks_and_errors(apiserver: ApiServerDouble,
+                                             core: client.CoreV1Api) -> None:
+    apiserver.bookmark_interval = 60.0
+
+    def bookmark() -> None:
+        apiserver.wait_for_watches(1)
+        apiserver.bookmark_now()
+
+    later(bookmark)
+    events = watch_events(core.list_namespaced_pod, "default",
+                          resource_version=apiserver.resource_version,
+                          allow_watch_bookmarks=True, _headers=accept(METADATA_WATCH_ACCEPT),
+                          until=lambda events: True)
+    assert [e["raw_object"] for e in events] == [
+        {**PARTIAL, "metadata": {"resourceVersion": apiserver.resource_version}}]
+
+    # ERROR events stay Status objects.
+    version = apiserver.create(pod("reviews-v1").build())["metadata"]["resourceVersion"]
+    apiserver.apply(pod("reviews-v1").label("app", "reviews").build())
+    apiserver.compact()
+    response = cast(urllib3.BaseHTTPResponse, core.list_namespaced_pod(
+        "default", watch=True, resource_version=version, _headers=accept(METADATA_WATCH_ACCEPT),
+        _preload_content=False, _request_timeout=(2, 3)))
+    try:
+        event = json.loads(response.data)
+    finally:
+        response.release_conn()
+    assert event["type"] == "ERROR"
+    assert (event["object"]["kind"], event["object"]["code"]) == ("Status", 410)
+
+
+@pytest.mark.parametrize("header", [
+    "application/json",
+    "application/json, application/yaml, application/vnd.kubernetes.protobuf",
+    "*/*",
+    "application/*",
+    "application/json;stream=watch",
+    # Clauses the server cannot honour are skipped: an unknown version, a non-meta group.
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v2, application/json",
+    "application/json;as=PodList;g=;v=v1, application/json",
+    # A higher q wins over the order.
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1;q=0.5, application/json",
+])
+def test_accept_headers_that_mean_whole_objects(apiserver: ApiServerDouble,
+                                               core: client.CoreV1Api, header: str) -> None:
+    apiserver.create(pod("reviews-v1").build())
+    listed = body(core.list_namespaced_pod("default", _headers=accept(header),
+                                           _preload_content=False))
+    assert listed["kind"] == "PodList"
+
+
+def test_watch_asking_for_a_list_kind_gets_whole_objects(apiserver: ApiServerDouble,
+                                                        core: client.CoreV1Api) -> None:
+    apiserver.create(pod("reviews-v1").build())
+    # The real server's conversion of each event fails, and it sends the object instead.
+    events = watch_events(core.list_namespaced_pod, "default",
+                          _headers=accept(METADATA_LIST_ACCEPT),
+                          until=lambda events: len(events) == 1)
+    assert events[0]["raw_object"]["kind"] == "Pod"
+
+
+NOT_ACCEPTABLE = ("only the following media types are accepted: application/json, "
+                  "application/yaml, application/vnd.kubernetes.protobuf")
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ("text/html", NOT_ACCEPTABLE),
+    ("application/json;as=PartialObjectMetadata;g=meta.k8s.io", NOT_ACCEPTABLE),  # no v
+    # Served by a real server, but not by the double: it says so rather than send JSON.
+    ("application/vnd.kubernetes.protobuf", NOT_ACCEPTABLE),
+    ("application/json;as=Table;g=meta.k8s.io;v=v1", NOT_ACCEPTABLE),
+    ("application/yaml, application/json", NOT_ACCEPTABLE),
+    # Negotiation accepts it, the conversion refuses: the fallback clause is never tried.
+    ("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json",
+     "you requested PartialObjectMetadata, but the requested object is a list "
+     "(*core.PodList)"),
+])
+def test_unservable_accept_headers_are_406(apiserver: ApiServerDouble, core: client.CoreV1Api,
+                                           header: str, message: str) -> None:
+    with pytest.raises(ApiException) as caught:
+        core.list_namespaced_pod("default", _headers=accept(header))
+    assert caught.value.status == 406
+    status = status_of(caught)
+    assert (status["kind"], status["reason"], status["code"]) == ("Status", "NotAcceptable", 406)
+    assert status["message"].startswith(message)
+
+
+def test_watch_and_get_406s(apiserver: ApiServerDouble, core: client.CoreV1Api) -> None:
+    apiserver.create(pod("reviews-v1").build())
+    with pytest.raises(ApiException) as caught:  # YAML has no watch framing
+        core.list_namespaced_pod("default", watch=True, _headers=accept("application/yaml"),
+                                 _request_timeout=(2, 3))
+    assert status_of(caught)["message"] == (
+        "only the following media types are accepted: application/json;stream=watch, "
+        "application/vnd.kubernetes.protobuf;stream=watch")
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_pod("reviews-v1", "default", _headers=accept(METADATA_LIST_ACCEPT))
+    assert status_of(caught)["message"] == (
+        "you requested PartialObjectMetadataList, but the requested object is not a list "
+        "(*core.Pod)")
+    assert apiserver.count("get", PODS) == 1
+
+
+def test_pod_validation(apiserver: ApiServerDouble, core: client.CoreV1Api) -> None:
+    no_containers: Any = pod("reviews-v1").build()
+    no_containers["spec"]["containers"] = []
+    with pytest.raises(ApiException) as caught:
+        core.create_namespaced_pod("default", no_containers)
+    assert caught.value.status == 422
+    status = status_of(caught)
+    assert status["message"] == 'Pod "reviews-v1" is invalid: spec.containers: Required value'
+    assert status["details"]["causes"] == [{"reason": "FieldValueRequired",
+                                            "message": "Required value",
+                                            "field": "spec.containers"}]
+
+    no_image: Any = pod("reviews-v1").build()
+    no_image["spec"]["containers"] = [{"name": "app"}, {"name": "Sidecar", "image": "x"}]
+    with pytest.raises(ApiException) as caught:
+        core.create_namespaced_pod("default", no_image)
+    assert [c["field"] for c in status_of(caught)["details"]["causes"]] == [
+        "spec.containers[0].image", "spec.containers[1].name"]
+    assert status_of(caught)["message"].startswith(
+        'Pod "reviews-v1" is invalid: [spec.containers[0].image: Required value, '
+        'spec.containers[1].name: Invalid value: "Sidecar": a lowercase RFC 1123 label')
+
+    with pytest.raises(StatusError) as from_python:
+        apiserver.create(pod("Reviews_v1").build())
+    assert from_python.value.code == 422
+    assert from_python.value.status["details"]["causes"][0]["field"] == "metadata.name"
+    assert apiserver.objects(PODS) == []
+
+    # Beyond images (and a few others), a Pod's spec is immutable.
+    created = apiserver.create(pod("reviews-v1").build())
+    created["spec"]["containers"][0]["ports"] = [{"containerPort": 9080}]
+    with pytest.raises(StatusError) as immutable:
+        apiserver.update(created)
+    assert immutable.value.message.startswith(
+        'Pod "reviews-v1" is invalid: spec: Forbidden: pod updates may not change fields '
+        "other than `spec.containers[*].image`")
+    with pytest.raises(StatusError) as bad_ip:
+        apiserver.update_status(pod("reviews-v1").ip("10.231.0.256").build())
+    assert bad_ip.value.status["details"]["causes"][0]["field"] == "status.podIPs[0]"
 
 
 # --- Writes, validation, status ---------------------------------------------------------

@@ -276,6 +276,7 @@ def test_cluster_role_is_least_privilege() -> None:
     expected = {("", "services", v) for v in read}
     expected |= {("discovery.k8s.io", "endpointslices", v) for v in read}
     expected |= {(kinds.POLICY_GROUP, kinds.POLICY_PLURAL, v) for v in read}
+    expected |= {("", "pods", v) for v in read}  # read as metadata, for label subsets
     expected |= {(kinds.POLICY_GROUP, f"{kinds.POLICY_PLURAL}/status", v)
                  for v in ("get", "update", "patch")}
     assert granted == expected

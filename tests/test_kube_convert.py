@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.sources.kubernetes.convert import convert, protocol_of
+from controlplane.sources.kubernetes.convert import Converter, convert, protocol_of
 from controlplane.sources.kubernetes.kinds import SERVICE_NAME_LABEL
 
 
@@ -21,13 +21,22 @@ def eps(name: str, service: str, endpoints: list[dict[str, Any]],
 
 
 def ep(address: str, ready: bool | None = True, serving: bool | None = None,
-       terminating: bool | None = None, zone: str | None = None) -> dict[str, Any]:
+       terminating: bool | None = None, zone: str | None = None,
+       pod: str | None = None) -> dict[str, Any]:
     conditions = {k: v for k, v in {"ready": ready, "serving": serving,
                                     "terminating": terminating}.items() if v is not None}
     out: dict[str, Any] = {"addresses": [address], "conditions": conditions}
     if zone:
         out["zone"] = zone
+    if pod:
+        out["targetRef"] = {"kind": "Pod", "name": pod, "namespace": "default"}
     return out
+
+
+def pod(name: str, **labels: str) -> tuple[tuple[str, str], dict[str, Any]]:
+    """A Pod as the source stores it (labels only), keyed as the source keys it."""
+    return ("default", name), {"metadata": {"name": name, "namespace": "default",
+                                            "labels": dict(labels)}}
 
 
 def policy(name: str, target: str, created: str = "2026-01-01T00:00:00Z", **spec: Any,
@@ -121,8 +130,6 @@ def test_policy_target_missing_or_conflicting() -> None:
 
 
 def test_converter_converts_again_only_what_changed() -> None:
-    from controlplane.sources.kubernetes.convert import Converter
-
     services = [svc("a", {"port": 80}), svc("b", {"port": 80})]
     slices = [eps("a-1", "a", [ep("10.0.0.1")], [{"port": 8080}]),
               eps("b-1", "b", [ep("10.0.0.2")], [{"port": 8080}])]
@@ -135,13 +142,56 @@ def test_converter_converts_again_only_what_changed() -> None:
     assert second.services[1].endpoints[0].address == "10.0.0.3"
 
 
-def test_label_subsets_are_refused_with_a_way_out() -> None:
+CANARY = {"split": [{"labels": {"version": "v1"}, "weight": 90},
+                   {"labels": {"version": "v2"}, "weight": 10}]}
+
+
+def test_label_subsets_without_pod_labels_are_refused_with_a_way_out() -> None:
     result = convert([svc("reviews"), svc("reviews-v2")], [], [
-        policy("canary", "reviews", split=[{"labels": {"version": "v1"}, "weight": 90},
-                                           {"labels": {"version": "v2"}, "weight": 10}]),
+        policy("canary", "reviews", **CANARY),
         policy("by-service", "reviews-v2", created="2026-03-01T00:00:00Z",
-               split=[{"service": "reviews", "weight": 10}])])
+               split=[{"service": "reviews", "weight": 10}])], pods=None)
     refused = result.verdicts[("default", "canary")]
     assert (refused.accepted, refused.reason) == (False, "Unsupported")
-    assert refused.message.startswith("spec.split[0].labels: label subsets need pod labels")
+    assert refused.message.startswith(
+        "spec.split[0].labels: label subsets need Pod labels, which this server does not "
+        "watch (--no-pod-labels)")
     assert result.verdicts[("default", "by-service")].accepted
+
+
+def test_label_subsets_take_the_selected_labels_of_each_endpoints_pod() -> None:
+    slices = [eps("reviews-a", "reviews", [
+        ep("10.0.0.1", pod="reviews-v1-a"), ep("10.0.0.2", pod="reviews-v2-b"),
+        ep("10.0.0.3", pod="not-yet-seen"), ep("10.0.0.4")],  # no Pod known, no targetRef
+        [{"port": 8080}])]
+    pods = dict([pod("reviews-v1-a", version="v1", **{"pod-template-hash": "abc"}),
+                 pod("reviews-v2-b", version="v2", app="reviews")])
+    result = convert([svc("reviews")], slices, [policy("canary", "reviews", **CANARY)], pods)
+    assert result.verdicts[("default", "canary")].accepted
+    [reviews] = result.mesh.services
+    assert [(e.address, e.labels) for e in reviews.endpoints] == [
+        ("10.0.0.1", {"version": "v1"}), ("10.0.0.2", {"version": "v2"}),
+        ("10.0.0.3", {}), ("10.0.0.4", {})]  # only the keys a subset selects on
+    plain = convert([svc("reviews")], slices, [], pods).mesh.services[0]
+    assert all(e.labels == {} for e in plain.endpoints)  # no subsets: no labels read
+
+
+def test_a_relabelled_pod_converts_its_service_again_and_nothing_else() -> None:
+    services = [svc("reviews"), svc("ratings")]
+    slices = [eps("reviews-a", "reviews", [ep("10.0.0.1", pod="r-1")], [{"port": 8080}]),
+              eps("ratings-a", "ratings", [ep("10.0.0.2", pod="x-1")], [{"port": 8080}])]
+    policies = [policy("canary", "reviews", **CANARY)]
+    pods = dict([pod("r-1", version="v1"), pod("x-1", version="v1")])
+    converter = Converter()
+    first = converter.convert(services, slices, policies, pods).mesh
+    pods.update([pod("x-1", version="v2")])  # ratings has no subsets: unchanged
+    second = converter.convert(services, slices, policies, pods).mesh
+    assert second.services == first.services
+    assert all(a is b for a, b in zip(second.services, first.services, strict=True))
+    pods.update([pod("r-1", version="v2")])
+    third = converter.convert(services, slices, policies, pods).mesh
+    [_, reviews] = third.services
+    assert reviews.endpoints[0].labels == {"version": "v2"}
+    del pods[("default", "r-1")]  # the Pod gone before its endpoint: no labels, no error
+    assert converter.convert(services, slices, policies, pods).mesh.services[1].endpoints[
+        0].labels == {}

@@ -16,7 +16,7 @@ import pytest
 
 from controlplane.sources.kubernetes.kinds import ACCEPTED, ENDPOINT_SLICES, TRAFFIC_POLICIES
 from tests.kube.apiserver import ApiServerDouble
-from tests.kube.objects import endpoint_slice, service, traffic_policy
+from tests.kube.objects import endpoint_slice, pod, service, traffic_policy
 from tests.support import netns
 from tests.support.netns import NetnsHost
 from tests.support.procs import ControlPlane, Envoy, wait_for
@@ -277,3 +277,54 @@ def test_not_ready_until_listed_and_early_streams_wait(
     wait_for(lambda: server.get("/readyz")[0] == 200, what="ready after the lists succeed")
     wait_for(lambda: answers(envoy) == {"reviews-1"}, what="the early proxy configured")
     assert cluster.api.count("list", ENDPOINT_SLICES) >= 1
+
+
+def test_label_subsets_follow_pod_labels(cluster: Cluster, hosts: list[NetnsHost]) -> None:
+    """A canary by Pod label, as in Istio: the slice's endpoints name their Pods, the Pods'
+    labels (read as metadata) choose the subset, and a relabelled Pod moves with them."""
+    one, two, _ = hosts
+    cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
+    for host, version in ((one, "v1"), (two, "v2")):
+        cluster.api.create(pod(host.name).labels(app="reviews", version=version).build())
+    cluster.api.apply(endpoint_slice("reviews-abc", service="reviews")
+                      .endpoint(one.address, pod=one.name)
+                      .endpoint(two.address, pod=two.name).port(8080, name="http").build())
+    cluster.api.create(traffic_policy("reviews-canary", "reviews", {
+        "split": [{"labels": {"version": "v1"}, "weight": 100},
+                  {"labels": {"version": "v2"}, "weight": 0}],
+        "match": [{"headers": {"x-canary": "true"}, "labels": {"version": "v2"}}],
+    }).build())
+    cluster.serve()
+    envoy = cluster.envoy()
+
+    def canary(count: int = 12) -> set[str]:
+        return {body if status == 200 else str(status) for status, body, _ in (
+            envoy.request("reviews", headers={"x-canary": "true"}) for _ in range(count))}
+
+    wait_for(lambda: answers(envoy) == {"reviews-1"}, what="the v1 subset takes traffic")
+    assert canary() == {"reviews-2"}
+    assert cluster.server is not None
+    # Status churn on a Pod (its resourceVersion moves, its labels do not) is not even a
+    # batch: the event arrives and is dropped.
+    def counter(name: str, labels: str) -> float:
+        assert cluster.server is not None
+        found = re.search(rf"{name}\{{{labels}\}} (\S+)", cluster.server.get("/metrics")[1])
+        return float(found.group(1)) if found else 0.0
+
+    rebuilds = sum(counter("controlplane_kubernetes_rebuilds_total", f'result="{result}"')
+                   for result in ("published", "unchanged"))
+    modified = counter("controlplane_kubernetes_events_total", 'resource="pods",type="MODIFIED"')
+    cluster.api.update_status(pod(two.name).ip(two.address).build())
+    wait_for(lambda: counter("controlplane_kubernetes_events_total",
+                             'resource="pods",type="MODIFIED"') > modified,
+             what="the pod's status event")
+    time.sleep(0.5)
+    assert sum(counter("controlplane_kubernetes_rebuilds_total", f'result="{result}"')
+               for result in ("published", "unchanged")) == rebuilds
+
+    relabelled = cluster.api.get("pods", "default", two.name)
+    relabelled["metadata"]["labels"]["version"] = "v1"
+    cluster.api.update(relabelled)
+    wait_for(lambda: answers(envoy, 20) == {"reviews-1", "reviews-2"},
+             what="the relabelled pod joins v1")
+    wait_for(lambda: canary() == {"503"}, what="the v2 subset empty")

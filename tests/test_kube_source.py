@@ -15,9 +15,9 @@ from controlplane.mesh.model import Mesh
 from controlplane.pipeline import Pipeline
 from controlplane.proxy import ProxyIdentity
 from controlplane.sources.kubernetes import Debounce, KubernetesSource, WatchTiming, api_client
-from controlplane.sources.kubernetes.kinds import TRAFFIC_POLICIES
+from controlplane.sources.kubernetes.kinds import PODS, TRAFFIC_POLICIES
 from tests.kube.apiserver import ApiServerDouble
-from tests.kube.objects import endpoint_slice, service, traffic_policy
+from tests.kube.objects import endpoint_slice, pod, service, traffic_policy
 
 
 @pytest.fixture
@@ -28,11 +28,11 @@ def api(tmp_path: Path) -> Iterator[ApiServerDouble]:
 
 
 def source(api: ApiServerDouble, tmp_path: Path, namespaces: list[str] | None = None,
-           ) -> KubernetesSource:
+           pod_labels: bool = True) -> KubernetesSource:
     client = api_client(api.kubeconfig(tmp_path / "kubeconfig"))
     return KubernetesSource(client, namespaces, WatchTiming(server_timeout=30, inactivity=5,
                                                             backoff_initial=0.1),
-                            Debounce(quiet=0.05, max_delay=1.0))
+                            Debounce(quiet=0.05, max_delay=1.0), pod_labels=pod_labels)
 
 
 class Feed:
@@ -107,6 +107,50 @@ async def test_invisible_changes_yield_nothing(api: ApiServerDouble, tmp_path: P
     api.apply(reviews_slice("10.0.0.1", "10.0.0.2"))
     mesh = await next_mesh(updates)
     assert [e.address for e in mesh.services[0].endpoints] == ["10.0.0.1", "10.0.0.2"]
+    await updates.aclose()
+
+
+CANARY = {"split": [{"labels": {"version": "v1"}, "weight": 9},
+                   {"labels": {"version": "v2"}, "weight": 1}]}
+
+
+async def test_pods_are_read_as_metadata_and_label_the_subsets(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    api.install_crd()
+    api.create(service("reviews").port(9080, name="http").build())
+    for name, version in (("reviews-1", "v1"), ("reviews-2", "v2")):
+        api.create(pod(name).labels(app="reviews", version=version).build())
+    api.create(endpoint_slice("reviews-abc", service="reviews").port(8080, name="http")
+               .endpoint("10.0.0.1", pod="reviews-1").endpoint("10.0.0.2", pod="reviews-2")
+               .build())
+    api.create(traffic_policy("canary", "reviews", CANARY).build())
+    updates = Feed(source(api, tmp_path).updates())
+    mesh = await next_mesh(updates)
+    assert [(e.address, e.labels) for e in mesh.services[0].endpoints] == [
+        ("10.0.0.1", {"version": "v1"}), ("10.0.0.2", {"version": "v2"})]
+    asked = {(r.verb, r.accept) for r in api.requests if r.kind == PODS}
+    assert asked == {
+        ("list", "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,"
+                 "application/json"),
+        ("watch", "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,"
+                  "application/json")}
+    relabelled = api.get(PODS, "default", "reviews-2")
+    relabelled["metadata"]["labels"]["version"] = "v1"
+    api.update(relabelled)
+    mesh = await next_mesh(updates)
+    assert [e.labels for e in mesh.services[0].endpoints] == [{"version": "v1"}] * 2
+    await updates.aclose()
+
+
+async def test_without_pod_labels_pods_are_not_asked_for(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    api.install_crd()
+    api.create(service("reviews").port(9080, name="http").build())
+    api.create(traffic_policy("canary", "reviews", CANARY).build())
+    updates = Feed(source(api, tmp_path, pod_labels=False).updates())
+    mesh = await next_mesh(updates)
+    assert mesh.services[0].policy.split is None  # refused: Unsupported
+    assert not [r for r in api.requests if r.kind == PODS]
     await updates.aclose()
 
 

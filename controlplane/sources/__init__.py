@@ -31,11 +31,13 @@ def open_source(settings: ServeSettings) -> Source:
         )
 
         return KubernetesSource(
-            api_client(settings.kubeconfig, pool_size=8 + 3 * max(1, len(settings.namespace))),
+            # A connection per watch (four kinds per namespace), and some for status writes.
+            api_client(settings.kubeconfig, pool_size=8 + 4 * max(1, len(settings.namespace))),
             namespaces=settings.namespace,
             timing=WatchTiming(server_timeout=settings.watch_timeout,
                                inactivity=settings.watch_inactivity),
             debounce=Debounce(settings.debounce_quiet, settings.debounce_max),
             write_status=settings.write_status,
+            pod_labels=settings.pod_labels,
         )
     raise SourceError(f"unknown source {spec!r}; use file:PATH or kubernetes")

@@ -8,8 +8,10 @@ kube-apiserver where the source can tell the difference:
 
 - one global resourceVersion counter (etcd's revision), as a string on every object
   and list; uid, creationTimestamp, generation (bumped by spec changes), defaults
-  (a Service's clusterIP, port protocols, targetPort), validation errors as 422 Status
-  objects with the real messages (loopback EndpointSlice addresses; the TrafficPolicy
+  (a Service's clusterIP, port protocols, targetPort; a Pod's scheme defaults and its
+  ``Pending`` status with a qosClass on create), validation errors as 422 Status
+  objects with the real messages (loopback EndpointSlice addresses; a Pod's containers,
+  their names and images, and its spec being immutable but for images; the TrafficPolicy
   CRD's structural schema, which also prunes unknown fields with a ``Warning`` header);
 - LIST with labelSelector, fieldSelector (metadata.name/namespace), limit/continue
   (every page is a consistent snapshot at the first page's resourceVersion);
@@ -19,19 +21,31 @@ kube-apiserver where the source can tell the difference:
   "0"), label-selector transitions as ADDED/DELETED, BOOKMARKs, ``timeoutSeconds``,
   and ``410 Expired`` as an ERROR event in a 200 stream when the version is older than
   the history (``compact()``);
-- the ``status`` subresource (Services, TrafficPolicies): updates of the main resource
-  ignore status, updates of ``/status`` ignore everything else; no-op writes do not
-  bump the resourceVersion or make an event;
+- the ``status`` subresource (Services, Pods, TrafficPolicies): updates of the main
+  resource ignore status, updates of ``/status`` ignore everything else; no-op writes do
+  not bump the resourceVersion or make an event;
+- content negotiation by the Accept header (clauses by q, then in order): JSON objects,
+  or, as client-go's metadata client asks (``as=PartialObjectMetadataList`` to LIST,
+  ``as=PartialObjectMetadata`` to WATCH and GET; ``g=meta.k8s.io``, ``v=v1`` or
+  ``v1beta1``), PartialObjectMetadata carrying each object's whole metadata: bookmarks
+  too, ERROR events stay Status objects, an empty list has ``"items": null``. The real
+  server's mismatches are kept: ``as=PartialObjectMetadata`` on a LIST is a 406 even with
+  a fallback clause after it, ``as=PartialObjectMetadataList`` on a WATCH sends whole
+  objects. Nothing acceptable is a ``406 NotAcceptable`` Status;
 - PATCH as merge patch and JSON patch; strategic merge and server-side apply are refused
   with 415 rather than approximated.
 
 Faults the real world has and tests need: ``drop_watches()`` (connections cut
 mid-stream), ``pause()``/``resume()`` (silent connections), ``fail_next()`` (error
 responses), ``restart()`` (the same port, optionally with the history gone), and
-``requests`` (what the client asked for, to assert re-lists).
+``requests`` (what the client asked for, Accept header included, to assert re-lists).
 
 Not modelled: namespaces as objects (any namespace exists), finalizers, RBAC and
-authentication (any bearer token is accepted), field managers, protobuf, HTTP/2.
+authentication (any bearer token is accepted), field managers, HTTP/2; YAML, protobuf
+and Table responses (where the real server would send one, a 406 says the double
+cannot); for Pods, any scheduler or kubelet (a Pod stays Pending until ``update_status``),
+admission plugins (service account volume, tolerations, priority) and graceful deletion
+(a DELETE removes the Pod at once, as for one never scheduled).
 
 It runs in its own thread with its own event loop, so synchronous code (the client)
 and async tests can both use it; every method here is thread-safe.
@@ -61,6 +75,7 @@ from aiohttp import web
 
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    PODS,
     SERVICES,
     TRAFFIC_POLICIES,
     WATCHED,
@@ -70,8 +85,8 @@ from controlplane.sources.kubernetes.kinds import (
 Obj = dict[str, Any]
 
 TOKEN: Final = "apiserver-double-token"  # what kubeconfig() writes; any token is accepted
-_BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES})  # list items without kind/apiVersion
-_STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES})
+_BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS})  # list items: no kind/apiVersion
+_STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, PODS})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 
@@ -104,9 +119,9 @@ class StatusError(Exception):
 
 _REASONS: Final = {
     400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-    405: "MethodNotAllowed", 409: "Conflict", 410: "Expired", 415: "UnsupportedMediaType",
-    422: "Invalid", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
-    504: "Timeout",
+    405: "MethodNotAllowed", 406: "NotAcceptable", 409: "Conflict", 410: "Expired",
+    415: "UnsupportedMediaType", 422: "Invalid", 429: "TooManyRequests",
+    500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout",
 }
 
 
@@ -512,6 +527,126 @@ def _validate_endpoint_slice(obj: Obj) -> list[FieldError]:
     return errors
 
 
+_POD_UPDATABLE: Final = (
+    "pod updates may not change fields other than `spec.containers[*].image`,"
+    "`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only "
+    "additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be "
+    "set to 1 if it was previously negative)")
+
+
+def _pull_policy(image: str) -> str:
+    """SetDefaults_Container: Always for ``:latest`` or no tag, unless a digest pins it."""
+    if "@" in image:
+        return "IfNotPresent"
+    last = image.rsplit("/", 1)[-1]
+    return "Always" if ":" not in last or last.endswith(":latest") else "IfNotPresent"
+
+
+def _default_pod(obj: Obj) -> None:
+    """The scheme's defaults; what admission plugins add (the service account's token
+    volume, tolerations, priority) is not modelled."""
+    spec = obj.setdefault("spec", {})
+    for key, value in (("restartPolicy", "Always"), ("dnsPolicy", "ClusterFirst"),
+                       ("terminationGracePeriodSeconds", 30), ("securityContext", {}),
+                       ("schedulerName", "default-scheduler"), ("enableServiceLinks", True)):
+        spec.setdefault(key, copy.deepcopy(value))
+    for container in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        container.setdefault("terminationMessagePath", "/dev/termination-log")
+        container.setdefault("terminationMessagePolicy", "File")
+        if isinstance(container.get("image"), str) and container["image"]:
+            container.setdefault("imagePullPolicy", _pull_policy(container["image"]))
+        resources = container.setdefault("resources", {})
+        for name, quantity in (resources.get("limits") or {}).items():
+            resources.setdefault("requests", {}).setdefault(name, quantity)
+        for port in container.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+
+
+def _qos_class(spec: Obj) -> str:
+    """GetPodQOS, with quantities compared as written ("1" is not "1000m" here)."""
+    resources = [c.get("resources") or {} for c in
+                 (spec.get("initContainers") or []) + (spec.get("containers") or [])]
+    compute = ("cpu", "memory")
+    if not any((r.get(part) or {}).get(name) for r in resources
+               for part in ("requests", "limits") for name in compute):
+        return "BestEffort"
+    guaranteed = all(name in (r.get("limits") or {})
+                     and (r.get("requests") or {}).get(name) == r["limits"][name]
+                     for r in resources for name in compute)
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def _sync_pod_ips(status: Obj) -> None:
+    """v1 has podIP and podIPs, the internal type only podIPs; conversion keeps them in
+    step, podIP winning when they disagree (for older clients)."""
+    ip, ips = status.get("podIP"), status.get("podIPs") or []
+    if ip and (not ips or ips[0].get("ip") != ip):
+        ips = [{"ip": ip}]
+    status.pop("podIP", None)
+    status.pop("podIPs", None)
+    if ips:
+        status["podIP"], status["podIPs"] = ips[0].get("ip"), ips
+
+
+def _label_errors(path: str, name: str) -> list[FieldError]:
+    """ValidateDNS1123Label: one error per broken rule."""
+    errors = []
+    if len(name) > 63:
+        errors.append(_invalid(path, name, "must be no more than 63 characters"))
+    if not _DNS1123_LABEL.match(name):
+        errors.append(_invalid(path, name, _NAME_HELP["label"]))
+    return errors
+
+
+def _validate_containers(containers: Any, path: str) -> list[FieldError]:
+    if not containers:
+        return [_required(path)]
+    errors: list[FieldError] = []
+    names: set[str] = set()
+    for i, container in enumerate(containers):
+        at, name = f"{path}[{i}]", container.get("name") or ""
+        if not name:
+            errors.append(_required(f"{at}.name"))
+        elif name in names:
+            errors.append(_duplicate(f"{at}.name", name))
+        else:
+            errors.extend(_label_errors(f"{at}.name", name))
+        names.add(name)
+        if not container.get("image"):
+            errors.append(_required(f"{at}.image"))
+    return errors
+
+
+def _immutable_pod_spec(spec: Obj) -> Obj:
+    """The spec less what a pod update may change. Simplified: tolerations and
+    activeDeadlineSeconds may change freely here, not only as the real rules allow."""
+    masked = copy.deepcopy(spec)
+    for key in ("containers", "initContainers"):
+        for container in masked.get(key) or []:
+            container.pop("image", None)
+    masked.pop("tolerations", None)
+    masked.pop("activeDeadlineSeconds", None)
+    return masked
+
+
+def _validate_pod(obj: Obj, old: Obj | None) -> list[FieldError]:
+    """What ValidatePodCreate/Update and ValidatePodStatusUpdate refuse first: no
+    containers, nameless or imageless ones, spec changes beyond the few allowed, bad IPs."""
+    spec = obj.get("spec") or {}
+    errors = _validate_containers(spec.get("containers"), "spec.containers")
+    if old is not None and _immutable_pod_spec(spec) != _immutable_pod_spec(old["spec"]):
+        # The real message goes on with a diff of the two specs, left out here.
+        errors.append(FieldError("spec", "FieldValueForbidden", f"Forbidden: {_POD_UPDATABLE}"))
+    for i, entry in enumerate((obj.get("status") or {}).get("podIPs") or []):
+        try:
+            ipaddress.ip_address(entry.get("ip", ""))
+        except ValueError:
+            errors.append(_invalid(f"status.podIPs[{i}]", entry.get("ip", ""),
+                                   "must be a valid IP address, (e.g. 10.9.8.7 or "
+                                   "2001:db8::ffff)"))
+    return errors
+
+
 def traffic_policy_schema() -> Obj:
     """The openAPIV3Schema of the CRD the project ships (generated from the model)."""
     from controlplane.sources.kubernetes.crd import traffic_policy_crd
@@ -608,6 +743,175 @@ def _validate_schema(value: Any, schema: Obj, path: str) -> list[FieldError]:
     return errors
 
 
+# --- Content negotiation: whole objects or metadata only --------------------------------
+# The server answers in the first Accept clause (by q, then the client's order) that it can
+# serve; a clause may ask for a meta.k8s.io kind instead of the object (``as=``), which is
+# how client-go's metadata client gets PartialObjectMetadata(List).
+
+_META_GROUP: Final = "meta.k8s.io"
+_META_VERSIONS: Final = ("v1", "v1beta1")
+_JSON: Final = "application/json"
+_YAML: Final = "application/yaml"
+_PROTOBUF: Final = "application/vnd.kubernetes.protobuf"
+_MEDIA_TYPES: Final = (_JSON, _YAML, _PROTOBUF)  # kube-apiserver's, in its order (no CBOR)
+_STREAMED: Final = (_JSON, _PROTOBUF)  # those with a watch framing; YAML has none
+_CUSTOM_MEDIA_TYPES: Final = (_JSON, _YAML)  # custom resources, when not converted
+
+
+@dataclass(frozen=True)
+class _Clause:
+    """One media range of an Accept header, as goautoneg parses it."""
+
+    type: str
+    subtype: str
+    params: Mapping[str, str]
+    q: float
+
+    def specificity(self, media_type: str) -> int:
+        """2 for an exact match, 1 for type/*, 0 for */*, -1 for none (q aside)."""
+        type_, _, subtype = media_type.partition("/")
+        if (self.type, self.subtype) == (type_, subtype):
+            return 2
+        if self.type == type_ and self.subtype == "*":
+            return 1
+        return 0 if (self.type, self.subtype) == ("*", "*") else -1
+
+
+def _parse_accept(header: str) -> list[_Clause]:
+    """The clauses, highest q first, concrete types before wildcards, else in order."""
+    clauses = []
+    for part in header.split(","):
+        media_range, *params = part.split(";")
+        type_, _, subtype = (p.strip() for p in media_range.partition("/"))
+        if not subtype:
+            if type_ != "*":
+                continue  # goautoneg skips what is not a media range
+            subtype = "*"
+        q, options = 1.0, {}
+        for param in params:
+            key, equals, value = (p.strip() for p in param.partition("="))
+            if not equals:
+                continue
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0  # Go's ParseFloat error leaves zero
+            else:
+                options[key] = value
+        clauses.append(_Clause(type_, subtype, options, q))
+    return sorted(clauses, key=lambda c: (-c.q, c.type == "*", c.subtype == "*"))
+
+
+@dataclass(frozen=True)
+class _Output:
+    """What responses carry: the objects themselves (``convert`` None), or a meta.k8s.io
+    kind made from them, in ``version``."""
+
+    convert: str | None = None  # PartialObjectMetadata | PartialObjectMetadataList | Table
+    version: str = "v1"
+
+    @property
+    def api_version(self) -> str:
+        return f"{_META_GROUP}/{self.version}"
+
+
+def _conversion(clause: _Clause, media_type: str, kind: Kind) -> _Output | None:
+    """acceptMediaTypeOptions with the endpoint's restrictions: what this clause asks of
+    this media type, or None when the server skips the pair."""
+    params = clause.params
+    stream = params.get("stream")
+    if stream and (stream != "watch" or media_type not in _STREAMED):
+        return None
+    if params.get("sv") and params["sv"] != "v1":
+        return None
+    if not {"as", "g", "v"} & params.keys():
+        if kind not in _BUILTIN and media_type not in _CUSTOM_MEDIA_TYPES:
+            return None
+        return _Output()
+    target, group, version = params.get("as", ""), params.get("g", ""), params.get("v", "")
+    if group != _META_GROUP or version not in _META_VERSIONS:
+        return None
+    if target == "Table" and media_type in (_JSON, _YAML):
+        return _Output(target, version)
+    if target in ("PartialObjectMetadata", "PartialObjectMetadataList"):
+        return _Output(target, version)  # list or not is only checked later, as there
+    return None
+
+
+def _not_acceptable(accepted: Iterable[str], note: str = "") -> StatusError:
+    return _error(406, "only the following media types are accepted: "
+                  + ", ".join(accepted) + note)
+
+
+def _rejected(media_type: str, clauses: list[_Clause]) -> bool:
+    """q=0 on the most specific clause naming a media type refuses it, even where a
+    wildcard would accept it."""
+    best = max(clauses, key=lambda c: c.specificity(media_type), default=None)
+    return best is not None and best.specificity(media_type) >= 0 and best.q <= 0
+
+
+def _negotiate(header: str, kind: Kind, watch: bool) -> _Output:
+    """NegotiateOutputMediaType. Where the real server would answer in YAML, protobuf or
+    as a Table, the double cannot, and says so with a 406 rather than send JSON."""
+    if not header:
+        return _Output()
+    clauses = _parse_accept(header)
+    for clause in (c for c in clauses if c.q > 0):
+        for media_type in _MEDIA_TYPES:
+            if clause.specificity(media_type) < 0 or _rejected(media_type, clauses):
+                continue
+            output = _conversion(clause, media_type, kind)
+            if output is None:
+                continue
+            if watch and media_type not in _STREAMED:
+                raise _not_acceptable(f"{m};stream=watch" for m in _STREAMED)
+            if media_type != _JSON or output.convert == "Table":
+                unserved = "as=Table" if output.convert == "Table" else media_type
+                raise _not_acceptable(_MEDIA_TYPES, " (the API server double writes only "
+                                      f"application/json, not {unserved})")
+            if watch and output.convert == "PartialObjectMetadataList":
+                # Converting each event fails, and the real server then sends the object.
+                return _Output()
+            return output
+    raise _not_acceptable(_MEDIA_TYPES)
+
+
+def _go_type(kind: Kind, is_list: bool) -> str:
+    """The %T in the real server's messages: its internal type, or unstructured."""
+    name = (f"{kind.group.split('.')[0] or 'core'}.{kind.kind}" if kind in _BUILTIN
+            else "unstructured.Unstructured")
+    return f"*{name}List" if is_list else f"*{name}"
+
+
+def _partial(obj: Obj, output: _Output) -> Obj:
+    return {"kind": "PartialObjectMetadata", "apiVersion": output.api_version,
+            "metadata": copy.deepcopy(obj.get("metadata", {}))}
+
+
+def _represent(kind: Kind, obj: Obj, output: _Output) -> Obj:
+    """One object (or event object) as negotiated; a Status is always sent as it is."""
+    if output.convert is None or obj.get("kind") == "Status":
+        return obj
+    if output.convert == "PartialObjectMetadataList":
+        raise _error(406, "you requested PartialObjectMetadataList, but the requested object "
+                     f"is not a list ({_go_type(kind, False)})")
+    return _partial(obj, output)
+
+
+def _represent_list(kind: Kind, body: Obj, output: _Output) -> Obj:
+    """A list as negotiated. An empty PartialObjectMetadataList has ``"items": null``:
+    Go's nil slice, which the real server sends as it is."""
+    if output.convert is None:
+        return body
+    if output.convert == "PartialObjectMetadata":
+        raise _error(406, "you requested PartialObjectMetadata, but the requested object is "
+                     f"a list ({_go_type(kind, True)})")
+    items = [_partial(item, output) for item in body["items"]]
+    return {"kind": "PartialObjectMetadataList", "apiVersion": output.api_version,
+            "metadata": body["metadata"], "items": items or None}
+
+
 # --- The store: objects, resourceVersions, history, watchers ----------------------------
 
 
@@ -633,6 +937,7 @@ class _Watcher:
     bookmarks: bool
     loop: asyncio.AbstractEventLoop
     wakeup: asyncio.Event
+    output: _Output = _Output()  # how its event objects are written
     pending: deque[tuple[str, Obj]] = field(default_factory=deque)  # guarded by the store lock
     bookmark_requested: bool = False
     dropped: bool = False
@@ -698,6 +1003,8 @@ def _spec_of(kind: Kind, obj: Obj) -> Any:
     """What a generation counts: for CRDs all but metadata and status."""
     if kind == ENDPOINT_SLICES:
         return [obj.get("addressType"), obj.get("endpoints"), obj.get("ports")]
+    if kind == PODS:
+        return obj.get("spec")
     return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
 
 
@@ -836,6 +1143,12 @@ class _Store:
             if old is not None and old.get("addressType") != obj.get("addressType"):
                 errors.append(_invalid("addressType", obj.get("addressType"),
                                        "field is immutable"))
+        elif kind == PODS:
+            _default_pod(obj)
+            if old is None:  # PrepareForCreate: whatever status was sent, this is it
+                obj["status"] = {"phase": "Pending", "qosClass": _qos_class(obj["spec"])}
+            _sync_pod_ips(obj.setdefault("status", {}))
+            errors += _validate_pod(obj, old)
         elif self.crd_schema is not None:
             pruned: list[str] = []
             meta = obj["metadata"]
@@ -947,6 +1260,7 @@ class RecordedRequest:
     namespace: str | None = None
     name: str | None = None
     subresource: str | None = None
+    accept: str | None = None  # the Accept header: whole objects or metadata only
 
 
 @dataclass(frozen=True)
@@ -1266,7 +1580,8 @@ class ApiServerDouble:
             self._requests.append(RecordedRequest(
                 request.method, request.path, query, verb,
                 target.kind if target else None, target.namespace if target else None,
-                target.name if target else None, target.subresource if target else None))
+                target.name if target else None, target.subresource if target else None,
+                request.headers.get("Accept")))
             failure = next((f for f in self._failures
                             if f.remaining > 0 and (f.path is None
                                                     or request.path.startswith(f.path))), None)
@@ -1304,20 +1619,23 @@ class ApiServerDouble:
         if target is None or (target.kind == TRAFFIC_POLICIES and not self.crd_installed):
             raise _resource_not_found()
         method = request.method
+        watch = (method == "GET" and target.name is None
+                 and _parse_bool(request.query.get("watch"), "watch"))
+        output = _negotiate(request.headers.get("Accept", ""), target.kind, watch)
         if target.name is None:
             if method == "GET":
-                if _parse_bool(request.query.get("watch"), "watch"):
-                    return await self._watch(request, target)
-                return self._list(request, target)
+                if watch:
+                    return await self._watch(request, target, output)
+                return self._list(request, target, output)
             if method == "POST" and target.namespace is not None:
-                return await self._create(request, target)
+                return await self._create(request, target, output)
         else:
             assert target.namespace is not None
             if method == "GET":
-                return web.json_response(self._store.get(target.kind, target.namespace,
-                                                         target.name))
+                return web.json_response(_represent(target.kind, self._store.get(
+                    target.kind, target.namespace, target.name), output))
             if method in ("PUT", "PATCH"):
-                return await self._write(request, target)
+                return await self._write(request, target, output)
             if method == "DELETE" and target.subresource is None:
                 gone = self._store.delete(target.kind, target.namespace, target.name)
                 if target.kind == ENDPOINT_SLICES:  # its REST storage returns a Status
@@ -1326,12 +1644,12 @@ class ApiServerDouble:
                         "status": "Success", "details": {
                             **_details(target.kind, target.name),
                             "uid": gone["metadata"]["uid"]}})
-                return web.json_response(gone)
+                return web.json_response(_represent(target.kind, gone, output))
         raise _error(405, "the server does not allow this method on the requested resource")
 
     # -- LIST
 
-    def _list(self, request: web.Request, target: _Target) -> web.Response:
+    def _list(self, request: web.Request, target: _Target, output: _Output) -> web.Response:
         kind, query = target.kind, request.query
         labels = LabelSelector(query.get("labelSelector", ""))
         fields = FieldSelector(query.get("fieldSelector", ""))
@@ -1365,8 +1683,9 @@ class ApiServerDouble:
             metadata["continue"] = self._encode_continue(version, "/".join(page[-1]))
             if not labels.text and not query.get("fieldSelector"):
                 metadata["remainingItemCount"] = len(keys) - len(page)
-        return web.json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
-                                  "metadata": metadata, "items": items})
+        return web.json_response(_represent_list(kind, {
+            "kind": f"{kind.kind}List", "apiVersion": kind.api_version, "metadata": metadata,
+            "items": items}, output))
 
     @staticmethod
     def _encode_continue(version: int, last_key: str) -> str:
@@ -1385,7 +1704,8 @@ class ApiServerDouble:
 
     # -- WATCH
 
-    async def _watch(self, request: web.Request, target: _Target) -> web.StreamResponse:
+    async def _watch(self, request: web.Request, target: _Target,
+                     output: _Output) -> web.StreamResponse:
         query = request.query
         try:
             timeout = int(query.get("timeoutSeconds") or 0)
@@ -1396,7 +1716,7 @@ class ApiServerDouble:
                            LabelSelector(query.get("labelSelector", "")),
                            FieldSelector(query.get("fieldSelector", "")),
                            _parse_bool(query.get("allowWatchBookmarks"), "allowWatchBookmarks"),
-                           loop, asyncio.Event())
+                           loop, asyncio.Event(), output)
         response = web.StreamResponse(headers={"Content-Type": "application/json",
                                                "Cache-Control": "no-cache, private"})
         response.enable_chunked_encoding()
@@ -1439,13 +1759,14 @@ class ApiServerDouble:
                     break
                 events, version = self._store.take(watcher)
                 for type_, obj in events:
-                    await response.write(_event_line(type_, obj))
+                    await response.write(_event_line(type_, _represent(watcher.kind, obj,
+                                                                       watcher.output)))
                 if watcher.bookmarks and (watcher.bookmark_requested or now >= next_bookmark):
                     watcher.bookmark_requested = False
                     next_bookmark = now + self.bookmark_interval
-                    await response.write(_event_line("BOOKMARK", {
+                    await response.write(_event_line("BOOKMARK", _represent(watcher.kind, {
                         "kind": watcher.kind.kind, "apiVersion": watcher.kind.api_version,
-                        "metadata": {"resourceVersion": str(version)}}))
+                        "metadata": {"resourceVersion": str(version)}}, watcher.output)))
             wait = 0.25  # also how soon a vanished client is noticed
             if not self._store.paused:
                 if deadline is not None:
@@ -1487,12 +1808,15 @@ class ApiServerDouble:
         body["apiVersion"], body["kind"] = kind.api_version, kind.kind
         return body
 
-    async def _create(self, request: web.Request, target: _Target) -> web.Response:
+    async def _create(self, request: web.Request, target: _Target,
+                      output: _Output) -> web.Response:
         body = self._check_body(await self._body(request), target)
         body = self._field_validation(request, body, target)
-        return self._respond(*self._store.create(body, target.namespace), status=201)
+        obj, warnings = self._store.create(body, target.namespace)
+        return self._respond(_represent(target.kind, obj, output), warnings, status=201)
 
-    async def _write(self, request: web.Request, target: _Target) -> web.Response:
+    async def _write(self, request: web.Request, target: _Target,
+                     output: _Output) -> web.Response:
         assert target.namespace is not None and target.name is not None
         if request.method == "PUT":
             body = self._check_body(await self._body(request), target)
@@ -1502,8 +1826,8 @@ class ApiServerDouble:
                               self._store.get(target.kind, target.namespace, target.name)),
                 target)
         body = self._field_validation(request, body, target)
-        return self._respond(*self._store.update(body, subresource=target.subresource),
-                             status=200)
+        obj, warnings = self._store.update(body, subresource=target.subresource)
+        return self._respond(_represent(target.kind, obj, output), warnings, status=200)
 
     @staticmethod
     def _patched(request: web.Request, patch: Any, current: Obj) -> Any:

@@ -7,6 +7,8 @@ apiVersion), ready for ``ApiServerDouble.create`` or the client's ``create_*`` c
     endpoint_slice("reviews-abc", service="reviews") \\
         .endpoint("10.231.0.2", ready=True, zone="zone-a").port(9080, name="http").build()
     traffic_policy("reviews-policy", target="reviews", spec={"timeout": "2s"}).build()
+    pod("reviews-v1-abc").labels(app="reviews", version="v1").build()
+    pod("reviews-v1-abc").ip("10.231.0.2").phase("Running").build()  # for update_status
 
 Only what a user writes is set; what the API server fills in (clusterIP, uid,
 resourceVersion, defaults) comes from the server, as in a cluster.
@@ -19,6 +21,7 @@ from typing import Any, Self
 
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    PODS,
     SERVICE_NAME_LABEL,
     SERVICES,
     TRAFFIC_POLICIES,
@@ -142,6 +145,25 @@ class TrafficPolicyBuilder(_Builder):
         return self
 
 
+class PodBuilder(_Builder):
+    def __init__(self, name: str, namespace: str) -> None:
+        super().__init__(PODS.api_version, PODS.kind, name, namespace)
+        self._obj["spec"] = {"containers": [{"name": "app", "image": "registry.example/app:1"}]}
+
+    def ip(self, address: str) -> Self:
+        """status.podIP and podIPs, as the kubelet reports them. Only for objects handed
+        to ``update_status``: create drops status, as the API server does for Pods."""
+        status = self._obj.setdefault("status", {})
+        status["podIP"], status["podIPs"] = address, [{"ip": address}]
+        return self
+
+    def phase(self, phase: str) -> Self:
+        """status.phase (Pending, Running, ...); like ``ip``, only for ``update_status``,
+        whose status replaces the whole of the stored one."""
+        self._obj.setdefault("status", {})["phase"] = phase
+        return self
+
+
 def service(name: str, namespace: str = "default") -> ServiceBuilder:
     """A ClusterIP Service selecting ``app=<name>``; add ports with ``.port()``."""
     return ServiceBuilder(name, namespace)
@@ -158,3 +180,9 @@ def traffic_policy(name: str, target: str, spec: Obj | None = None,
     """A TrafficPolicy whose ``spec.targetRef`` names the Service ``target``; ``spec``
     holds the policy fields (the mesh file's ``policy`` block)."""
     return TrafficPolicyBuilder(name, namespace, target, spec)
+
+
+def pod(name: str, namespace: str = "default") -> PodBuilder:
+    """A Pod with one container (``app``, ``registry.example/app:1``); add labels with
+    ``.label()``/``.labels()``."""
+    return PodBuilder(name, namespace)

@@ -8,6 +8,11 @@ dicts), so they are tested without a cluster and nothing downstream knows the so
   to Service ports by port name (what ``targetPort`` names resolve to), deduplicated by
   address, and keep their conditions (ready, serving, terminating) and zone.
 - An ExternalName Service becomes an external DNS service.
+- Label subsets (a policy's ``split`` or ``match`` by ``labels``) need the labels of the
+  Pods behind the endpoints: each endpoint's ``targetRef`` names its Pod, and the Pod's
+  metadata gives the labels. Only the label keys some subset selects are copied, and
+  only for Services whose policy has subsets, so a Pod relabelled by a controller
+  (``pod-template-hash``) changes nothing else.
 - A TrafficPolicy's spec (minus ``targetRef``) is the service's policy; it is validated
   here, and a policy that fails is left out (the service still serves) and reported.
 """
@@ -70,10 +75,11 @@ def protocol_of(port: Obj) -> str:
     return "http"
 
 
-def convert(services: Iterable[Obj], slices: Iterable[Obj],
-            policies: Iterable[Obj]) -> Conversion:
-    """One conversion, from nothing (``Converter`` remembers between batches)."""
-    return Converter().convert(services, slices, policies)
+def convert(services: Iterable[Obj], slices: Iterable[Obj], policies: Iterable[Obj],
+            pods: Mapping[Key, Obj] | None = None) -> Conversion:
+    """One conversion, from nothing (``Converter`` remembers between batches). ``pods``:
+    Pod metadata by (namespace, name), or None when Pods are not watched."""
+    return Converter().convert(services, slices, policies, pods)
 
 
 class Converter:
@@ -88,28 +94,32 @@ class Converter:
         self._memo: dict[Key, tuple[tuple[Obj, ...], Service | str]] = {}
 
     def convert(self, services: Iterable[Obj], slices: Iterable[Obj],
-                policies: Iterable[Obj]) -> Conversion:
+                policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None) -> Conversion:
         by_service: dict[Key, list[Obj]] = {}
         for slice_ in slices:
             owner = slice_.get("metadata", {}).get("labels", {}).get(SERVICE_NAME_LABEL)
             if owner:
                 by_service.setdefault((key(slice_)[0], owner), []).append(slice_)
         service_objs = {key(s): s for s in services}
-        chosen, verdicts = _choose_policies(policies, service_objs)
+        chosen, verdicts = _choose_policies(policies, service_objs, pods is not None)
         result = Conversion(Mesh(), verdicts)
         built: list[Service] = []
         memo: dict[Key, tuple[tuple[Obj, ...], Service | str]] = {}
         for svc_key in sorted(service_objs):
             policy = chosen.get(svc_key)
-            inputs = (service_objs[svc_key], *by_service.get(svc_key, ()),
-                      *((policy[0],) if policy else ()))
+            own_slices = by_service.get(svc_key, [])
+            subset_keys = _subset_keys(policy[1]) if policy else frozenset()
+            labels = _PodLabels(pods or {}, subset_keys) if subset_keys else None
+            inputs = (service_objs[svc_key], *own_slices,
+                      *((policy[0],) if policy else ()),
+                      *(labels.pods(own_slices) if labels else ()))
             known = self._memo.get(svc_key)
             if known is not None and len(known[0]) == len(inputs) and all(
                     a is b for a, b in zip(known[0], inputs, strict=True)):
                 outcome = known[1]
             else:
-                outcome = _build(svc_key, service_objs[svc_key], by_service.get(svc_key, []),
-                                 policy[1] if policy else None)
+                outcome = _build(svc_key, service_objs[svc_key], own_slices,
+                                 policy[1] if policy else None, labels)
             memo[svc_key] = (inputs, outcome)
             if isinstance(outcome, Service):
                 built.append(outcome)
@@ -144,10 +154,51 @@ def _mesh(built: list[Service], skipped: list[str]) -> Mesh:
     raise AssertionError("unreachable: every round leaves out a service")
 
 
-def _build(svc_key: Key, service: Obj, slices: list[Obj],
-           policy: dict[str, Any] | None) -> Service | str:
+def _subset_keys(spec: Mapping[str, Any]) -> frozenset[str]:
+    """The label keys a policy's split and match legs select on."""
+    return frozenset(label for field in ("split", "match") for leg in spec.get(field) or []
+                     for label in leg.get("labels") or {})
+
+
+class _PodLabels:
+    """The labels of endpoints' Pods, cut down to the keys subsets select on."""
+
+    def __init__(self, pods: Mapping[Key, Obj], keys: frozenset[str]) -> None:
+        self._pods = pods
+        self._keys = keys
+
+    @staticmethod
+    def _pod_key(endpoint: Obj, namespace: str) -> Key | None:
+        ref = endpoint.get("targetRef") or {}
+        if ref.get("kind") != "Pod" or not ref.get("name"):
+            return None
+        return str(ref.get("namespace") or namespace), str(ref["name"])
+
+    def pods(self, slices: Iterable[Obj]) -> list[Obj]:
+        """The Pod objects the slices' endpoints name, as the memo's inputs: a relabelled,
+        new or deleted Pod makes the Service convert again."""
+        found: dict[Key, Obj] = {}
+        for slice_ in slices:
+            namespace = key(slice_)[0]
+            for endpoint in slice_.get("endpoints") or []:
+                pod_key = self._pod_key(endpoint, namespace)
+                if pod_key is not None and pod_key in self._pods:
+                    found[pod_key] = self._pods[pod_key]
+        return [found[k] for k in sorted(found)]
+
+    def of(self, endpoint: Obj, namespace: str) -> dict[str, str]:
+        pod_key = self._pod_key(endpoint, namespace)
+        pod = self._pods.get(pod_key) if pod_key is not None else None
+        if pod is None:
+            return {}
+        labels = pod.get("metadata", {}).get("labels") or {}
+        return {k: str(v) for k, v in sorted(labels.items()) if k in self._keys}
+
+
+def _build(svc_key: Key, service: Obj, slices: list[Obj], policy: dict[str, Any] | None,
+           labels: _PodLabels | None = None) -> Service | str:
     """The mesh service, or why there is none."""
-    data = service_data(service, slices)
+    data = service_data(service, slices, labels)
     if data is None:
         return f"service {svc_key[0]}/{svc_key[1]}: no TCP ports"
     if policy is not None:
@@ -159,7 +210,8 @@ def _build(svc_key: Key, service: Obj, slices: list[Obj],
         return f"service {svc_key[0]}/{svc_key[1]}: {problems}"
 
 
-def service_data(service: Obj, slices: list[Obj]) -> dict[str, Any] | None:
+def service_data(service: Obj, slices: list[Obj],
+                 labels: _PodLabels | None = None) -> dict[str, Any] | None:
     """The mesh-file form of one Service (see the README's mesh file reference)."""
     namespace, name = key(service)
     spec = service.get("spec", {})
@@ -177,11 +229,12 @@ def service_data(service: Obj, slices: list[Obj]) -> dict[str, Any] | None:
     if spec.get("type") == "ExternalName":
         data["external_name"] = str(spec.get("externalName", "")).rstrip(".").lower()
         return data
-    data["endpoints"] = _endpoints(ports, slices, single)
+    data["endpoints"] = _endpoints(ports, slices, single, labels)
     return data
 
 
-def _endpoints(ports: list[Obj], slices: list[Obj], single: bool) -> list[dict[str, Any]]:
+def _endpoints(ports: list[Obj], slices: list[Obj], single: bool,
+               labels: _PodLabels | None) -> list[dict[str, Any]]:
     """Merge every slice; one endpoint per address, with its port per Service port name."""
     wanted = {str(p.get("name", "")) for p in ports}
     merged: dict[str, dict[str, Any]] = {}
@@ -213,6 +266,10 @@ def _endpoints(ports: list[Obj], slices: list[Obj], single: bool) -> list[dict[s
             zone = endpoint.get("zone")
             if zone:
                 entry["zone"] = str(zone)
+            if labels is not None and "labels" not in entry:
+                found = labels.of(endpoint, key(slice_)[0])
+                if found:
+                    entry["labels"] = found
     result = []
     for address in sorted(merged):
         entry = merged[address]
@@ -228,10 +285,11 @@ def _endpoints(ports: list[Obj], slices: list[Obj], single: bool) -> list[dict[s
     return result
 
 
-def _choose_policies(policies: Iterable[Obj], services: Mapping[Key, Obj],
+def _choose_policies(policies: Iterable[Obj], services: Mapping[Key, Obj], pod_labels: bool,
                      ) -> tuple[dict[Key, tuple[Obj, dict[str, Any]]], dict[Key, Verdict]]:
     """Validate every TrafficPolicy; the oldest valid one per Service applies. Returns,
-    per Service, the policy object and its spec without ``targetRef``."""
+    per Service, the policy object and its spec without ``targetRef``. Without
+    ``pod_labels`` (Pods not watched) a policy with label subsets is refused."""
     chosen: dict[Key, tuple[Obj, dict[str, Any]]] = {}
     owner: dict[Key, Key] = {}
     verdicts: dict[Key, Verdict] = {}
@@ -255,12 +313,12 @@ def _choose_policies(policies: Iterable[Obj], services: Mapping[Key, Obj],
             continue
         subsets = [f"spec.{field}[{i}].labels" for field in ("split", "match")
                    for i, leg in enumerate(spec.get(field) or []) if leg.get("labels")]
-        if subsets:
+        if subsets and not pod_labels:
             verdicts[policy_key] = Verdict(
                 False, "Unsupported",
-                f"{subsets[0]}: label subsets need pod labels, which the Kubernetes source "
-                "does not read; make each version a Service and split across Services "
-                "({service: reviews-v2, weight: 10})", generation)
+                f"{subsets[0]}: label subsets need Pod labels, which this server does not "
+                "watch (--no-pod-labels); drop that flag, or make each version a Service "
+                "and split across Services ({service: reviews-v2, weight: 10})", generation)
             continue
         target_key = (policy_key[0], str(target["name"]))
         if target_key not in services:

@@ -42,7 +42,17 @@ class Kind:
 SERVICES: Final = Kind("", "v1", "services", "Service")
 ENDPOINT_SLICES: Final = Kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
 TRAFFIC_POLICIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, POLICY_PLURAL, POLICY_KIND)
-WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES)
+# Pods are watched as metadata only (PartialObjectMetadata): their labels are what label
+# subsets select, and nothing else of a Pod matters to routing.
+PODS: Final = Kind("", "v1", "pods", "Pod")
+WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, PODS)
+
+# The Accept headers of client-go's metadata client, JSON only: the server sends
+# PartialObjectMetadata(List), or whole objects if it cannot (the plain fallback).
+METADATA_LIST_ACCEPT: Final = (
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json")
+METADATA_WATCH_ACCEPT: Final = (
+    "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json")
 
 # The label that ties an EndpointSlice to its Service (set by the EndpointSlice controller).
 SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"

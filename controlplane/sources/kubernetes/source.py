@@ -1,4 +1,5 @@
-"""``--source kubernetes``: Services, EndpointSlices and TrafficPolicies in, meshes out.
+"""``--source kubernetes``: Services, EndpointSlices, TrafficPolicies and Pod metadata in,
+meshes out.
 
 Watchers (one thread per kind and namespace) feed one queue. Changes are batched: a
 batch is converted once the stream has been quiet for ``quiet`` seconds, or ``max_delay``
@@ -25,13 +26,14 @@ from controlplane.mesh.model import Mesh
 from controlplane.sources.kubernetes.convert import Converter, Key, Verdict
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    PODS,
     SERVICES,
     TRAFFIC_POLICIES,
     WATCHED,
     Kind,
 )
 from controlplane.sources.kubernetes.status import StatusWriter, needs_write
-from controlplane.sources.kubernetes.store import ObjectStore
+from controlplane.sources.kubernetes.store import ObjectStore, labels_only
 from controlplane.sources.kubernetes.watch import Changed, Listed, Watcher, WatchTiming
 
 log = structlog.get_logger("controlplane.source.kubernetes")
@@ -48,15 +50,17 @@ class KubernetesSource:
 
     def __init__(self, api: client.ApiClient, namespaces: list[str] | None = None,
                  timing: WatchTiming | None = None, debounce: Debounce | None = None,
-                 write_status: bool = True) -> None:
+                 write_status: bool = True, pod_labels: bool = True) -> None:
         self.api = api
+        self.kinds = [kind for kind in WATCHED if pod_labels or kind != PODS]
         self.namespaces: list[str | None] = list(namespaces) if namespaces else [None]
         self.timing = timing or WatchTiming()
         self.debounce = debounce or Debounce()
         self.status = StatusWriter(api) if write_status else None
         self.stores: dict[Kind, ObjectStore] = {
             SERVICES: ObjectStore(), ENDPOINT_SLICES: ObjectStore(),
-            TRAFFIC_POLICIES: ObjectStore(keep_status=True)}
+            TRAFFIC_POLICIES: ObjectStore(keep_status=True),
+            PODS: ObjectStore(reduce=labels_only)}
         self.verdicts: dict[Key, Verdict] = {}
         self.converter = Converter()
         self._writing: dict[Key, Verdict] = {}  # status writes sent, not yet seen back
@@ -70,7 +74,7 @@ class KubernetesSource:
             with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        unlisted = {(kind, ns) for kind in WATCHED for ns in self.namespaces}
+        unlisted = {(kind, ns) for kind in self.kinds for ns in self.namespaces}
         for kind, namespace in sorted(unlisted, key=lambda k: (k[0].plural, k[1] or "")):
             Watcher(kind, self.api, namespace, emit, stop, self.timing).start()
         log.info("source.kubernetes_started",
@@ -136,8 +140,10 @@ class KubernetesSource:
 
     def _convert(self, tasks: set[asyncio.Task[None]]) -> Mesh:
         policies = self.stores[TRAFFIC_POLICIES]
+        pods = self.stores[PODS].objects if PODS in self.kinds else None
         result = self.converter.convert(self.stores[SERVICES].values(),
-                                        self.stores[ENDPOINT_SLICES].values(), policies.values())
+                                        self.stores[ENDPOINT_SLICES].values(), policies.values(),
+                                        pods)
         for problem in result.skipped:
             log.warning("source.object_skipped", problem=problem,
                         hint="fix the object; the other services are served as usual")

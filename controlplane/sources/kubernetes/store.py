@@ -6,7 +6,7 @@ managedFields, our own status write) leaves the store equal, and so triggers not
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from controlplane.sources.kubernetes.convert import Key, key
@@ -22,16 +22,25 @@ def relevant(obj: Mapping[str, Any]) -> dict[str, Any]:
     return reduced
 
 
+def labels_only(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A Pod as label subsets see it: its name and labels. Every status change of a Pod
+    (probes, restarts) bumps its resourceVersion; this makes those no change at all."""
+    meta = obj.get("metadata", {})
+    return {"metadata": {k: meta[k] for k in ("name", "namespace", "labels") if k in meta}}
+
+
 class ObjectStore:
-    def __init__(self, keep_status: bool = False) -> None:
+    def __init__(self, keep_status: bool = False,
+                 reduce: Callable[[Mapping[str, Any]], dict[str, Any]] = relevant) -> None:
         self.objects: dict[Key, dict[str, Any]] = {}
         self.status: dict[Key, Any] = {}  # for TrafficPolicy: the status as last seen
         self._keep_status = keep_status
+        self._reduce = reduce
 
     def replace(self, items: Iterable[Mapping[str, Any]], namespace: str | None) -> bool:
         """A fresh list (initial, or after 410 Gone): the truth for ``namespace`` (or for
         all, when None). Objects missing from it were deleted while we were not looking."""
-        fresh = {key(o): relevant(o) for o in items}
+        fresh = {key(o): self._reduce(o) for o in items}
         kept = {k: v for k, v in self.objects.items()
                 if namespace is not None and k[0] != namespace}
         merged = {**kept, **fresh}
@@ -50,7 +59,7 @@ class ObjectStore:
             return self.objects.pop(object_key, None) is not None
         if self._keep_status:
             self.status[object_key] = obj.get("status")
-        reduced = relevant(obj)
+        reduced = self._reduce(obj)
         if self.objects.get(object_key) == reduced:
             return False
         self.objects[object_key] = reduced

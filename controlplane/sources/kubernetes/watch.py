@@ -23,7 +23,14 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from controlplane import metrics
-from controlplane.sources.kubernetes.kinds import ENDPOINT_SLICES, SERVICES, Kind
+from controlplane.sources.kubernetes.kinds import (
+    ENDPOINT_SLICES,
+    METADATA_LIST_ACCEPT,
+    METADATA_WATCH_ACCEPT,
+    PODS,
+    SERVICES,
+    Kind,
+)
 
 log = structlog.get_logger("controlplane.source.kubernetes")
 
@@ -163,8 +170,25 @@ class Watcher(threading.Thread):
                 self.stop_event.wait(random.uniform(0.05, 0.25))
 
 
+def _metadata_only(list_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``list_fn`` asking for PartialObjectMetadata, as client-go's metadata client does: a
+    Pod's labels without its spec and status (most of its bytes). A plain function, not
+    the client's method, so the client's watch does not build V1Pod models from it."""
+
+    def list_metadata(*args: Any, **kwargs: Any) -> Any:
+        accept = METADATA_WATCH_ACCEPT if kwargs.get("watch") else METADATA_LIST_ACCEPT
+        return list_fn(*args, _headers={"Accept": accept}, **kwargs)
+
+    return list_metadata
+
+
 def _list_function(kind: Kind, api: client.ApiClient,
                    namespace: str | None) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    if kind == PODS:
+        core = client.CoreV1Api(api)
+        if namespace is None:
+            return _metadata_only(core.list_pod_for_all_namespaces), ()
+        return _metadata_only(core.list_namespaced_pod), (namespace,)
     if kind == SERVICES:
         core = client.CoreV1Api(api)
         if namespace is None:
