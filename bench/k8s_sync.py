@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # the API server double and the process helpers l
 from common import BenchError, Profiler, metric, parse_metrics  # noqa: E402 (bench/ is the script folder)
 
 from tests.kube.apiserver import ApiServerDouble  # noqa: E402
-from tests.kube.objects import endpoint_slice, service  # noqa: E402
+from tests.kube.objects import endpoint_slice, pod, service  # noqa: E402
 from tests.support.procs import ControlPlane, Envoy  # noqa: E402
 
 # --- constants -------------------------------------------------------------------------
@@ -104,19 +104,25 @@ def changed_address(n: int) -> str:
     return f"10.230.{(n // 254) % 256}.{n % 254 + 1}"
 
 
+def pod_name(address: str) -> str:
+    return "pod-" + address.replace(".", "-")
+
+
 def slice_object(index: int, addresses: Sequence[str]) -> dict[str, Any]:
-    """The Service's one EndpointSlice: every address ready, port ``http`` 8080."""
+    """The Service's one EndpointSlice: every address ready, port ``http`` 8080, each
+    endpoint naming its Pod (``targetRef``) as the EndpointSlice controller writes it."""
     name = service_name(index)
     builder = endpoint_slice(f"{name}-bench", service=name, namespace=NAMESPACE).port(
         TARGET_PORT, name=PORT_NAME)
     for address in addresses:
-        builder.endpoint(address)
+        builder.endpoint(address, pod=pod_name(address))
     return builder.build()
 
 
 def populate(api: ApiServerDouble, services: int, endpoints: int) -> list[list[str]]:
-    """Create N Services and one EndpointSlice each, E endpoints spread evenly; returns
-    each Service's addresses (what the bench changes later)."""
+    """Create N Services and one EndpointSlice each, E endpoints spread evenly, and a Pod
+    per endpoint (the server reads Pods as metadata); returns each Service's addresses
+    (what the bench changes later)."""
     addresses: list[list[str]] = []
     k = 0
     for i in range(services):
@@ -126,6 +132,10 @@ def populate(api: ApiServerDouble, services: int, endpoints: int) -> list[list[s
         addresses.append(mine)
         api.create(service(service_name(i), NAMESPACE)
                    .port(SERVICE_PORT, name=PORT_NAME, target=PORT_NAME).build())
+        for address in mine:
+            api.create(pod(pod_name(address), NAMESPACE)
+                       .labels(app=service_name(i), version="v1",
+                               **{"pod-template-hash": "6d4cf56db6"}).build())
         api.create(slice_object(i, mine))
     return addresses
 
