@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -51,6 +52,16 @@ def test_design_example_parses_every_policy_field() -> None:
     assert policy.retries.per_try_timeout == timedelta(milliseconds=500)
     assert policy.split is not None and [t.weight for t in policy.split] == [90, 10]
     assert service.endpoints[1].ready is False and service.endpoints[1].is_serving is False
+
+
+def test_the_readme_mesh_reference_is_a_valid_mesh() -> None:
+    """The README's annotated mesh file shows every field: it must also load, so the
+    reference cannot drift from the model."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "services:" in b]
+    assert blocks, "the README lost its mesh file reference"
+    policies = [s.policy for block in blocks for s in load_mesh_text(block, "README.md").services]
+    assert any(p.match and any(m.path for m in p.match) for p in policies)  # the newest field
 
 
 def test_every_problem_is_reported_with_its_path_and_object() -> None:
