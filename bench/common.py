@@ -1,12 +1,19 @@
-"""What the benchmarks share: the server's Prometheus metrics, and py-spy profiles."""
+"""What the benchmarks share: the server's Prometheus metrics, a run's time budget, and
+py-spy profiles."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -29,6 +36,33 @@ def metric(samples: dict[str, float], name: str, labels: str = "") -> float:
 class BenchError(Exception):
     """A run could not finish (deadline, a process exited, a wrong answer): reported with
     an ``error`` key and exit code 1, never a traceback."""
+
+
+@dataclass
+class Deadline:
+    """One time budget for a whole run; every wait draws on it."""
+
+    seconds: float
+    ends: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ends = time.monotonic() + self.seconds
+
+    def left(self, cap: float = math.inf) -> float:
+        return max(0.0, min(cap, self.ends - time.monotonic()))
+
+    def check(self, what: str) -> None:
+        if time.monotonic() >= self.ends:
+            raise BenchError(f"the deadline of {self.seconds:.0f} s passed while {what}")
+
+    async def wait(self, what: str, awaitable: Awaitable[Any],
+                   progress: Callable[[], str] | None = None) -> None:
+        try:
+            await asyncio.wait_for(awaitable, self.left())
+        except TimeoutError:
+            detail = f" ({progress()})" if progress else ""
+            raise BenchError(f"the deadline of {self.seconds:.0f} s passed while waiting "
+                             f"for {what}{detail}") from None
 
 
 class Profiler:

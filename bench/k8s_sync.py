@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the API server double and the process helpers live in tests/
     sys.path.insert(0, str(ROOT))
 
-from common import BenchError, Profiler, metric, parse_metrics  # noqa: E402 (bench/ is the script folder)
+from common import BenchError, Deadline, Profiler, metric, parse_metrics  # noqa: E402 (bench/ is the script folder)
 
 from tests.kube.apiserver import ApiServerDouble  # noqa: E402
 from tests.kube.objects import endpoint_slice, pod, service  # noqa: E402
@@ -61,24 +61,6 @@ POLL_S = 0.005  # Envoy admin poll interval during a change
 STARTUP_POLL_S = 0.01  # /readyz, Envoy /ready and /debug/snapshots poll interval
 CHANGE_TIMEOUT_S = 15.0  # one change must reach every Envoy within this
 IDLE_WINDOW_S, IDLE_BUSY = 0.25, 0.1  # "idle": under 10 % of a CPU over 0.25 s
-
-
-@dataclass
-class Deadline:
-    """One time budget for the whole run; every wait draws on it."""
-
-    seconds: float
-    ends: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ends = time.monotonic() + self.seconds
-
-    def left(self, cap: float = math.inf) -> float:
-        return max(0.0, min(cap, self.ends - time.monotonic()))
-
-    def check(self, what: str) -> None:
-        if time.monotonic() >= self.ends:
-            raise BenchError(f"the deadline of {self.seconds:.0f} s passed while {what}")
 
 
 # --- the cluster -----------------------------------------------------------------------

@@ -29,14 +29,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from common import (  # bench/ is on sys.path as the script's folder
     BenchError,
+    Deadline,
     Profiler,
     metric,
     parse_metrics,
@@ -530,29 +531,6 @@ class Options:
     deadline_s: float
     poll_interval_s: float
     profile_dir: Path | None
-
-
-@dataclass
-class Deadline:
-    """One time budget for a whole scenario; every wait draws on it."""
-
-    seconds: float
-    ends: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ends = time.monotonic() + self.seconds
-
-    def left(self) -> float:
-        return max(0.0, self.ends - time.monotonic())
-
-    async def wait(self, what: str, awaitable: Awaitable[Any],
-                   progress: Callable[[], str] | None = None) -> None:
-        try:
-            await asyncio.wait_for(awaitable, self.left())
-        except TimeoutError:
-            detail = f" ({progress()})" if progress else ""
-            raise BenchError(f"scenario deadline of {self.seconds:.0f} s passed while "
-                             f"waiting for {what}{detail}") from None
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
