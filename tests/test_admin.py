@@ -1,12 +1,16 @@
-"""The admin server over real HTTP, with a real cache, registry and xDS stream behind it."""
+"""The admin server over real HTTP, with a real cache, registry and xDS stream behind it;
+readiness and metrics from a real pipeline and real gRPC pushes."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2
@@ -14,13 +18,18 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 
-from controlplane import metrics, resource
+from controlplane import resource
 from controlplane.admin import AdminState, start_admin
+from controlplane.admin.render import Renderer
 from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.snapshot import Snapshot, build_snapshot
+from controlplane.mesh.loader import load_mesh_text
+from controlplane.pipeline import Pipeline
 from controlplane.proxy import ProxyIdentity
+from controlplane.server import XdsServer, create_server
 from controlplane.server.registry import StreamRegistry
 from controlplane.server.sotw import SotwStream
+from tests.support.xds_client import AdsClient, node
 
 NODE_ID = "reviews-1"
 
@@ -45,6 +54,7 @@ class Admin:
     readiness: Ready
     snapshot: Snapshot
     group: str
+    renderer: Renderer
     streams: list[SotwStream] = field(default_factory=list)
 
     async def get(self, path: str) -> tuple[int, str, str]:
@@ -111,12 +121,14 @@ async def admin() -> AsyncIterator[Admin]:
     group = stream.proxy.group
     cache.set_snapshot(group, snapshot)
     stream.on_snapshot(snapshot)
-    runner, port = await start_admin(AdminState(registry, cache, readiness), "127.0.0.1", 0)
+    renderer = Renderer(limit=2)
+    runner, port = await start_admin(AdminState(registry, cache, readiness, renderer),
+                                     "127.0.0.1", 0)
     assert port > 0
     try:
         async with aiohttp.ClientSession() as session:
             yield Admin(session, f"http://127.0.0.1:{port}", cache, registry, readiness,
-                        snapshot, group, [stream])
+                        snapshot, group, renderer, [stream])
     finally:
         await runner.cleanup()
 
@@ -132,23 +144,6 @@ async def test_index_lists_endpoints(admin: Admin) -> None:
 
 async def test_healthz(admin: Admin) -> None:
     assert (await admin.get("/healthz"))[::2] == (200, "ok")
-
-
-async def test_readyz_flips(admin: Admin) -> None:
-    status, _, text = await admin.get("/readyz")
-    assert (status, text) == (503, "waiting for the first mesh from the source")
-    admin.readiness.ready, admin.readiness.reason = True, "ready: 1 group built"
-    status, _, text = await admin.get("/readyz")
-    assert (status, text) == (200, "ready: 1 group built")
-
-
-async def test_metrics(admin: Admin) -> None:
-    metrics.PUSHES.labels("cds").inc()
-    status, content_type, text = await admin.get("/metrics")
-    assert status == 200
-    assert content_type.startswith("text/plain; version=")
-    assert "controlplane_" in text
-    assert 'controlplane_xds_pushes_total{type="cds"}' in text
 
 
 async def test_debug_proxies(admin: Admin) -> None:
@@ -243,3 +238,144 @@ async def test_port_in_use_is_reported() -> None:
             await start_admin(state, "127.0.0.1", port)
     finally:
         await runner.cleanup()
+
+
+async def test_config_dump_of_some_types(admin: Admin) -> None:
+    body = await admin.get_json(f"/debug/config_dump?node={NODE_ID}&type=clusters")
+    assert list(body["resources"]) == ["clusters"]
+    assert body["resources"]["clusters"][0]["name"] == "reviews.default"
+    body = await admin.get_json(f"/debug/config_dump?node={NODE_ID}&type=eds,cds")
+    assert list(body["resources"]) == ["clusters", "endpoints"]
+    body = await admin.get_json(f"/debug/config_dump?node={NODE_ID}&type=clusters,bogus",
+                                status=400)
+    assert "unknown type bogus" in body["error"]
+    assert "clusters, endpoints, listeners, routes, secrets" in body["error"]
+
+
+async def test_identical_dumps_are_rendered_once(admin: Admin) -> None:
+    """Twenty concurrent and then more sequential identical requests: one render, since
+    the rendered resources are kept by the snapshot's content-hash version."""
+    before = admin.renderer.renders
+    bodies = await asyncio.gather(
+        *(admin.get_json(f"/debug/config_dump?node={NODE_ID}") for _ in range(20)))
+    bodies += [await admin.get_json(f"/debug/config_dump?node={NODE_ID}") for _ in range(5)]
+    assert all(body == bodies[0] for body in bodies)
+    assert admin.renderer.renders == before + 1
+    # Another proxy of the same content shares the render; a new version renders again.
+    connect(admin.registry, "reviews-2")
+    assert (await admin.get_json("/debug/config_dump?node=reviews-2"))["resources"] == \
+        bodies[0]["resources"]
+    assert admin.renderer.renders == before + 1
+    changed = build_snapshot({resource.CLUSTER: [], resource.ENDPOINT: []})
+    admin.cache.set_snapshot(admin.group, changed)
+    admin.streams[0].on_snapshot(changed)
+    body = await admin.get_json(f"/debug/config_dump?node={NODE_ID}")
+    assert body["version"] == changed.version and body["resources"]["clusters"] == []
+    assert admin.renderer.renders == before + 2
+
+
+async def test_debug_renders_run_off_the_loop_and_are_bounded(admin: Admin) -> None:
+    """While the render worker is stuck, /healthz, /readyz and /metrics still answer
+    (the loop is free), and debug requests beyond the limit get 503 with Retry-After."""
+    release = threading.Event()
+
+    def stuck() -> bytes:
+        release.wait(20)
+        return b"{}"
+
+    blockers = [asyncio.ensure_future(admin.renderer.run(stuck)) for _ in range(2)]
+    try:
+        await asyncio.sleep(0)  # both take their slot
+        assert admin.renderer.running == 2
+        for path in ("/healthz", "/readyz", "/metrics"):
+            status, _, _ = await asyncio.wait_for(admin.get(path), 5)
+            assert status in (200, 503), path  # /readyz is 503: never made ready here
+        for path in ("/debug/proxies", "/debug/snapshots",
+                     f"/debug/config_dump?node={NODE_ID}&type=routes"):
+            async with admin.session.get(admin.base + path) as response:
+                assert response.status == 503, path
+                assert response.headers["Retry-After"] == "1"
+                error = (await response.json())["error"]
+                assert "busy" in error and "at most 2 at a time" in error
+                assert "retry" in error
+    finally:
+        release.set()
+        await asyncio.gather(*blockers)
+    assert (await admin.get_json("/debug/snapshots"))[admin.group]["version"] == \
+        admin.snapshot.version
+
+
+MESH = """
+services:
+  - name: reviews
+    port: 9080
+    endpoints: [{address: 127.0.0.1, port: 9081}]
+"""
+
+
+@dataclass
+class Served:
+    """A real pipeline and xDS server over gRPC, with the admin server reading them."""
+
+    admin: Admin
+    pipeline: Pipeline
+    channel: grpc.aio.Channel
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    registry = StreamRegistry()
+    server, port = await create_server("127.0.0.1:0", XdsServer(cache, registry))
+    renderer = Renderer()
+    runner, admin_port = await start_admin(
+        AdminState(registry, cache, pipeline.readiness, renderer), "127.0.0.1", 0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        async with aiohttp.ClientSession() as session:
+            admin = Admin(session, f"http://127.0.0.1:{admin_port}", cache, registry,
+                          Ready(), make_snapshot(), "", renderer)
+            yield Served(admin, pipeline, channel)
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await runner.cleanup()
+
+
+async def test_readyz_is_503_until_the_pipeline_has_a_mesh(served: Served) -> None:
+    status, _, text = await served.admin.get("/readyz")
+    assert status == 503
+    assert "waiting for the first valid mesh" in text
+    assert served.pipeline.set_mesh(load_mesh_text(MESH))
+    status, _, text = await served.admin.get("/readyz")
+    assert status == 200
+    assert "1 services" in text
+
+
+def pushes(text: str, type_: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'controlplane_xds_pushes_total{{type="{type_}"}} '):
+            return float(line.rpartition(" ")[2])
+    return 0.0
+
+
+async def test_metrics_count_real_pushes(served: Served) -> None:
+    """The counter moves because the server pushed to a real gRPC client, not because
+    the test touched it."""
+    served.pipeline.set_mesh(load_mesh_text(MESH))
+    status, content_type, text = await served.admin.get("/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain; version=")
+    before = pushes(text, "cds")
+    client = AdsClient(served.channel)
+    try:
+        await client.send(node=node("frontend-1"), type_url=resource.CLUSTER)
+        response = await client.recv(10)
+        assert response.type_url == resource.CLUSTER
+        after = pushes((await served.admin.get("/metrics"))[2], "cds")
+        assert after == before + 1
+        (proxy,) = await served.admin.get_json("/debug/proxies")
+        assert proxy["node_id"] == "frontend-1"
+    finally:
+        await client.close()

@@ -1,24 +1,33 @@
 """The admin HTTP server: health, readiness, Prometheus metrics and debug views.
 
-It runs in the xDS server's event loop and only reads the registry and the cache, so
-what it shows is exactly what the streams hold, with no locking. Every handler is
-synchronous work over in-memory state; nothing here blocks on I/O.
+It runs in the xDS server's event loop and reads the registry and the cache there, so
+what it shows is exactly what the streams hold, with no locking. The loop serves xDS
+first: it only takes what a view needs (cheap), and the JSON rendering of debug views
+runs on a worker thread (render.py), cached by snapshot version and bounded in number,
+so a storm of debug requests delays neither pushes nor /healthz.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from google.protobuf import json_format
-from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from controlplane import metrics as _metrics  # noqa: F401  (defines the metrics served)
 from controlplane import resource
+from controlplane.admin.render import (
+    Busy,
+    Renderer,
+    config_dump_body,
+    parse_types,
+    render_json,
+    render_resources,
+)
 from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.snapshot import Snapshot
 from controlplane.server.registry import StreamRegistry
@@ -27,22 +36,14 @@ from controlplane.server.stream import StreamBase
 Readiness = Callable[[], tuple[bool, str]]
 """Returns (ready?, reason); the reason is shown by /readyz either way."""
 
-# The keys of /debug/config_dump, named like Envoy's own config dump sections.
-DUMP_KEYS: dict[str, str] = {
-    resource.CLUSTER: "clusters",
-    resource.ENDPOINT: "endpoints",
-    resource.LISTENER: "listeners",
-    resource.ROUTE: "routes",
-    resource.SECRET: "secrets",
-}
-
 ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/healthz", "200 while the process is alive"),
     ("/readyz", "200 once the source has synced and a first snapshot is built, else 503"),
     ("/metrics", "Prometheus metrics"),
     ("/debug/proxies", "connected proxies: node id, protocol, sent/ACKed versions, last NACK"),
     ("/debug/snapshots", "snapshot versions and resource counts per proxy group"),
-    ("/debug/config_dump?node=ID", "the resources the proxy with node id ID is served"),
+    ("/debug/config_dump?node=ID", "the resources the proxy with node id ID is served "
+     "(&type=clusters,routes,... for some types only)"),
 )
 
 
@@ -56,6 +57,8 @@ class AdminState:
     """The published snapshots per proxy group."""
     readiness: Readiness
     """Whether the server is ready to serve config, and why (not)."""
+    renderer: Renderer = field(default_factory=Renderer)
+    """Renders debug views off the loop; closed with the admin server."""
 
 
 _STATE: web.AppKey[AdminState] = web.AppKey("state", AdminState)
@@ -72,6 +75,11 @@ def create_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/debug/proxies", _proxies)
     app.router.add_get("/debug/snapshots", _snapshots)
     app.router.add_get("/debug/config_dump", _config_dump)
+
+    async def close_renderer(app: web.Application) -> None:
+        app[_STATE].renderer.close()
+
+    app.on_cleanup.append(close_renderer)
     return app
 
 
@@ -98,6 +106,14 @@ async def _json_errors(
     """Unknown paths and methods answer in JSON too, pointing at the index."""
     try:
         return await handler(request)
+    except Busy as exc:
+        renderer = request.app[_STATE].renderer
+        return _json(
+            {"error": f"busy: {exc} (at most {renderer.limit} at a time, so that xDS stays "
+             "responsive); retry in a second"},
+            status=503,
+            headers={"Retry-After": "1"},
+        )
     except web.HTTPNotFound:
         return _json(
             {"error": f"no admin endpoint at {request.path}; GET / lists them"}, status=404
@@ -128,7 +144,8 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics_handler(request: web.Request) -> web.Response:
-    response = web.Response(body=generate_latest(REGISTRY))
+    # Off the loop: with many groups the exposition is thousands of series.
+    response = web.Response(body=await asyncio.to_thread(generate_latest, REGISTRY))
     # Set as a header: the exposition type carries a version parameter that aiohttp's
     # content_type argument would refuse.
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
@@ -136,12 +153,16 @@ async def _metrics_handler(request: web.Request) -> web.Response:
 
 
 async def _proxies(request: web.Request) -> web.Response:
-    return _json(request.app[_STATE].registry.describe())
+    state = request.app[_STATE]
+    described = state.registry.describe()  # on the loop: the streams change there
+    return _json_bytes(await state.renderer.run(lambda: render_json(described)))
 
 
 async def _snapshots(request: web.Request) -> web.Response:
-    snapshots = request.app[_STATE].cache.snapshots()
-    return _json({group: _summary(snapshots[group]) for group in sorted(snapshots)})
+    state = request.app[_STATE]
+    snapshots = state.cache.snapshots()
+    summary = {group: _summary(snapshots[group]) for group in sorted(snapshots)}
+    return _json_bytes(await state.renderer.run(lambda: render_json(summary)))
 
 
 async def _config_dump(request: web.Request) -> web.Response:
@@ -153,6 +174,9 @@ async def _config_dump(request: web.Request) -> web.Response:
              "see /debug/proxies for the connected ones"},
             status=400,
         )
+    keys = parse_types(request.query.get("type", ""))
+    if isinstance(keys, str):
+        return _json({"error": keys}, status=400)
     streams = state.registry.by_node(node)
     if not streams:
         return _json(
@@ -163,14 +187,12 @@ async def _config_dump(request: web.Request) -> web.Response:
     assert stream.proxy is not None  # by_node matches on proxy.node_id
     group = stream.proxy.group
     snapshot = stream.snapshot or state.cache.get(group)
-    return _json(
-        {
-            "node": node,
-            "group": group,
-            "version": snapshot.version if snapshot else None,
-            "resources": _dump(snapshot),
-        }
-    )
+    version = snapshot.version if snapshot else None
+    # Versions are content hashes: one render serves every proxy with the same content.
+    resources = await state.renderer.cached(
+        ("config_dump", version, keys), lambda: render_resources(snapshot, keys))
+    head = {"node": node, "group": group, "version": version}
+    return _json_bytes(config_dump_body(head, resources))
 
 
 def _newest_with_snapshot(streams: list[StreamBase]) -> StreamBase:
@@ -190,28 +212,6 @@ def _summary(snapshot: Snapshot) -> dict[str, Any]:
     }
 
 
-def _dump(snapshot: Snapshot | None) -> dict[str, list[dict[str, Any]]]:
-    dump: dict[str, list[dict[str, Any]]] = {key: [] for key in DUMP_KEYS.values()}
-    if snapshot is None:
-        return dump
-    for type_url, typed in snapshot.types.items():
-        key = DUMP_KEYS.get(type_url, resource.short_name(type_url))
-        dump[key] = [_to_dict(typed.resources[name].message) for name in sorted(typed.resources)]
-    return dump
-
-
-def _to_dict(message: Message) -> dict[str, Any]:
-    """A resource as JSON; one that cannot be rendered (an Any of a type this process
-    never imported) is shown with the reason rather than failing the whole dump."""
-    try:
-        rendered: dict[str, Any] = json_format.MessageToDict(
-            message, preserving_proto_field_name=True
-        )
-    except (TypeError, KeyError, json_format.Error) as exc:
-        return {"@type": message.DESCRIPTOR.full_name, "error": f"cannot render as JSON: {exc}"}
-    return rendered
-
-
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         text=json.dumps(body, indent=2) + "\n",
@@ -219,3 +219,7 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
         content_type="application/json",
         headers=headers,
     )
+
+
+def _json_bytes(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
