@@ -59,9 +59,13 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     registry = StreamRegistry()
     grpc_server, xds_port = await create_server(
         settings.xds_address, XdsServer(cache, registry, settings.identifier))
-    runner, bound_admin = await start_admin(
-        AdminState(registry=registry, cache=cache, readiness=pipeline.readiness),
-        admin_host, admin_port)
+    try:
+        runner, bound_admin = await start_admin(
+            AdminState(registry=registry, cache=cache, readiness=pipeline.readiness),
+            admin_host, admin_port)
+    except BaseException:  # e.g. the admin port is taken: release the xDS port too
+        await grpc_server.stop(0)
+        raise
 
     async def follow() -> None:
         frozen = False
