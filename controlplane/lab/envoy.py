@@ -22,7 +22,12 @@ def find_envoy() -> str:
     return found
 
 
-def envoy_command(config: Path) -> list[str]:
-    """One worker thread, a dynamic base id (so several Envoys share a machine), quick drain."""
-    return [find_envoy(), "-c", str(config), "--use-dynamic-base-id", "--concurrency", "1",
-            "--log-level", "warning", "--drain-time-s", "1", "--parent-shutdown-time-s", "2"]
+def envoy_command(config: Path, admin_address_path: Path | None = None) -> list[str]:
+    """One worker thread, a dynamic base id (so several Envoys share a machine), quick drain.
+    ``admin_address_path``: where Envoy writes its admin address (for an admin on port 0)."""
+    command = [find_envoy(), "-c", str(config), "--use-dynamic-base-id", "--concurrency", "1",
+               "--log-level", "warning", "--drain-time-s", "1", "--parent-shutdown-time-s",
+               "2"]
+    if admin_address_path is not None:
+        command += ["--admin-address-path", str(admin_address_path)]
+    return command

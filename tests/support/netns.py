@@ -4,21 +4,56 @@ A real API server rejects loopback addresses in EndpointSlices, so tests that se
 traffic to Kubernetes-sourced endpoints put their backends on hosts made here: a network
 namespace, a veth pair, 10.231.N.2/30 inside and 10.231.N.1/30 on our side. Needs root
 (CI runs as root); every host made is removed again, by name.
+
+Host numbers are leased, not derived: each is an exclusive ``flock`` on its own file under
+``/run/controlplane-test-hosts`` (or ``/tmp``), held while the host lives, so parallel
+workers and concurrent runs never share one, and a crashed run's leases go with its
+process. A host left behind by such a run (same number, so same names) is deleted when
+its number is leased again.
 """
 
 from __future__ import annotations
 
-import itertools
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 from tests.support.procs import http_get, wait_for
 
 _SERVER = Path(__file__).with_name("named_http.py")
-_numbers = itertools.count(0)
+_HOSTS = 64 * 256  # 10.231.0.0/16 in /30s
+_PREFIX = "cpt"  # namespaces cpt-N, host-side veths cptvN: ours alone
+
+
+def _lease_dir() -> Path:
+    for base in ("/run", "/tmp"):
+        if os.access(base, os.W_OK):
+            path = Path(base) / "controlplane-test-hosts"
+            path.mkdir(exist_ok=True)
+            return path
+    raise RuntimeError("no writable /run or /tmp for test host leases")
+
+
+def lease() -> tuple[int, IO[bytes]]:
+    """A host number no other process holds, and the open file whose lock holds it
+    (closing the file frees the number). Starts at a per-process offset, so parallel
+    workers rarely contend for the same file."""
+    directory = _lease_dir()
+    start = (os.getpid() * 97) % _HOSTS
+    for step in range(_HOSTS):
+        number = (start + step) % _HOSTS
+        handle = open(directory / f"{number}.lock", "ab")  # noqa: SIM115 (held by caller)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return number, handle
+    raise RuntimeError(f"all {_HOSTS} test host numbers are in use")
 
 
 def available() -> str | None:
@@ -38,9 +73,9 @@ class NetnsHost:
     """One host with one HTTP backend that answers with its name."""
 
     def __init__(self, name: str, port: int = 8080) -> None:
-        index = next(_numbers) + (os.getpid() % 50) * 64
-        self.ns = f"cp{os.getpid()}-{index}"
-        self.veth = f"cpv{index}"
+        index, self._lease = lease()
+        self.ns = f"{_PREFIX}-{index}"
+        self.veth = f"{_PREFIX}v{index}"
         third, fourth = divmod(index, 64)
         self.address = f"10.231.{third}.{fourth * 4 + 2}"
         self.gateway = f"10.231.{third}.{fourth * 4 + 1}"
@@ -49,6 +84,7 @@ class NetnsHost:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> NetnsHost:
+        self._remove()  # left by a run that crashed while it held this number
         _ip("netns", "add", self.ns)
         try:
             _ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
@@ -77,5 +113,10 @@ class NetnsHost:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self._remove()
+        if not self._lease.closed:
+            self._lease.close()
+
+    def _remove(self) -> None:
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=10)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=10)

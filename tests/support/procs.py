@@ -1,15 +1,21 @@
 """Real processes for end-to-end tests: the control plane, Envoy sidecars, HTTP backends.
 
-Everything binds 127.0.0.1 on free ports, and every process started here is ended here,
-by its own handle.
+Everything binds 127.0.0.1, and every process started here is ended here, by its own
+handle. Ports are taken without races, so tests run in parallel (pytest-xdist): what our
+own code binds (backends, the control plane's xDS and admin, Envoy's admin) binds port 0
+and reads the port back; what Envoy must bind on a port named up front (its egress and
+inbound listeners, which the bootstrap carries) is picked free and, when another process
+took it in between, the whole sidecar start is retried on new ports.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.server
+import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,8 +29,13 @@ from typing import Any
 
 from controlplane.lab.envoy import envoy_command
 
+_serial = itertools.count(1)
+_START_ATTEMPTS = 5
+
 
 def free_port() -> int:
+    """A port free right now. Racy by nature (another process may take it before it is
+    bound): only for ports a process must be told up front; prefer binding port 0."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -76,7 +87,6 @@ class Backend:
 
     def __init__(self, name: str, port: int | None = None) -> None:
         self.name = name
-        self.port = port or free_port()
         self.hits = 0
         backend = self
 
@@ -96,7 +106,8 @@ class Backend:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port or 0), Handler)
+        self.port = int(self.server.server_address[1])
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -107,37 +118,68 @@ class Backend:
 
 
 class ControlPlane:
-    """``controlplane serve`` as a real process, on a mesh file or any ``--source``."""
+    """``controlplane serve`` as a real process, on a mesh file or any ``--source``.
+
+    Its admin port is always the server's own pick (port 0, read back from its
+    ``serve.started`` log line); so is its xDS port, unless given or already used by a
+    previous start (a restart keeps the port its sidecars dial)."""
 
     def __init__(self, mesh: Path | str, workdir: Path, xds_port: int | None = None,
                  extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.source = f"file:{mesh}" if isinstance(mesh, Path) else mesh
         self.workdir = workdir
-        self.xds_port = xds_port or free_port()
-        self.admin_port = free_port()
+        self._xds_port = xds_port
+        self.admin_port = 0
         self.extra = extra or []
         self.env = env or {}
-        self.log_path = workdir / f"controlplane-{self.xds_port}.log"
+        self.log_path = workdir / f"controlplane-{os.getpid()}-{next(_serial)}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def xds_port(self) -> int:
+        """Asked before the first start (a sidecar started ahead of its server), a free
+        port is picked now and the server told to use it."""
+        if self._xds_port is None:
+            self._xds_port = free_port()
+        return self._xds_port
+
     def start(self, wait_ready: bool = True) -> ControlPlane:
-        self.admin_port = free_port()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controlplane", "serve", "--source", self.source,
-             "--xds-address", f"127.0.0.1:{self.xds_port}",
-             "--admin-address", f"127.0.0.1:{self.admin_port}",
+             "--xds-address", f"127.0.0.1:{self._xds_port or 0}",
+             "--admin-address", "127.0.0.1:0",
              "--snapshot-dir", str(self.workdir / "snapshots"), "--log-level", "debug",
              *self.extra],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env})
         log.close()
+        self._xds_port, self.admin_port = wait_for(
+            lambda: self._bound_ports(offset), what="controlplane serve.started", timeout=30)
         wait_for(lambda: self.get("/healthz")[0] == 200, what="controlplane /healthz",
                  timeout=20)
         if wait_ready:
             wait_for(lambda: self.get("/readyz")[0] == 200, what="controlplane /readyz",
                      timeout=20)
         return self
+
+    def _bound_ports(self, offset: int) -> tuple[int, int] | None:
+        """The xDS and admin ports from this start's ``serve.started`` line, if logged."""
+        with open(self.log_path, "rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode(errors="replace")
+        for line in text.splitlines():
+            if "serve.started" not in line:
+                continue
+            xds = re.search(r'xds(?:": "|=)[^\s",]*:(\d+)', line)
+            admin = re.search(r'admin(?:": "|=)http://[^\s",]*:(\d+)/', line)
+            if xds and admin:
+                return int(xds.group(1)), int(admin.group(1))
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"controlplane exited with {self.proc.returncode}: "
+                               f"{text[-2000:]}")
+        return None
 
     def get(self, path: str) -> tuple[int, str, dict[str, str]]:
         if self.proc is not None and self.proc.poll() is not None:
@@ -161,34 +203,91 @@ class ControlPlane:
         self.proc = None
 
 
+class PortTaken(Exception):
+    """Envoy could not bind a port picked for it: another process took it first."""
+
+
 class Envoy:
-    """A real Envoy sidecar, configured by ``controlplane bootstrap``."""
+    """A real Envoy sidecar, configured by ``controlplane bootstrap``.
+
+    Envoy's admin binds port 0 (its address is read from ``--admin-address-path``). The
+    egress port, and the inbound port when ``app_port`` is given, are picked free; when
+    Envoy then cannot bind one (another process was quicker), the sidecar is started
+    again on new ports, up to five times. Ports passed in ``extra`` are the test's own
+    and never retried (a test may mean Envoy to fail on them)."""
 
     def __init__(self, workdir: Path, node_id: str, service: str, xds_port: int,
-                 delta: bool = False, extra: list[str] | None = None) -> None:
+                 delta: bool = False, extra: list[str] | None = None,
+                 app_port: int | None = None) -> None:
         self.node_id = node_id
-        self.admin_port = free_port()
-        self.egress_port = free_port()
+        self.service = service
+        self.xds_port = xds_port
+        self.delta = delta
+        self.extra = extra or []
+        self.app_port = app_port
+        self.admin_port = 0
+        self.egress_port = 0
+        self.inbound_port: int | None = None
         self.config = workdir / f"envoy-{node_id}.yaml"
         self.log_path = workdir / f"envoy-{node_id}.log"
-        args = [sys.executable, "-m", "controlplane", "bootstrap", "--node-id", node_id,
-                "--service", service, "--xds-address", f"127.0.0.1:{xds_port}",
-                "--admin-port", str(self.admin_port), "--egress-port", str(self.egress_port),
-                "-o", str(self.config), *(extra or [])]
-        if delta:
-            args.append("--delta")
-        subprocess.run(args, check=True)
+        self.admin_path = workdir / f"envoy-{node_id}.admin"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._bootstrap()
+
+    def _bootstrap(self) -> None:
+        self.egress_port = free_port()
+        args = [sys.executable, "-m", "controlplane", "bootstrap", "--node-id", self.node_id,
+                "--service", self.service, "--xds-address", f"127.0.0.1:{self.xds_port}",
+                "--admin-port", "0", "--egress-port", str(self.egress_port),
+                "-o", str(self.config), *self.extra]
+        if self.app_port is not None:
+            self.inbound_port = free_port()
+            args += ["--inbound-port", str(self.inbound_port), "--app-port",
+                     str(self.app_port), "--inbound-address", "127.0.0.1"]
+        if self.delta:
+            args.append("--delta")
+        subprocess.run(args, check=True, timeout=60)
 
     def start(self) -> Envoy:
+        for attempt in range(_START_ATTEMPTS):
+            if attempt:
+                self._bootstrap()
+            try:
+                return self._start_once()
+            except PortTaken:
+                self.stop()
+        raise AssertionError(f"envoy {self.node_id}: its ports were taken "
+                             f"{_START_ATTEMPTS} times; see {self.log_path}")
+
+    def _start_once(self) -> Envoy:
+        self.admin_path.unlink(missing_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            envoy_command(self.config),
+            envoy_command(self.config, admin_address_path=self.admin_path),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "ENVOY_NO_COLOR": "1"})
         log.close()
+        self.admin_port = wait_for(self._admin_port, what=f"envoy {self.node_id} admin")
         wait_for(lambda: self.admin("/ready")[0] == 200, what=f"envoy {self.node_id} ready")
+        self._check_ports(offset)
         return self
+
+    def _admin_port(self) -> int | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"envoy exited: {self.log_path.read_text()[-3000:]}")
+        text = self.admin_path.read_text() if self.admin_path.exists() else ""
+        _, _, port = text.strip().rpartition(":")
+        return int(port) if port.isdigit() else None
+
+    def _check_ports(self, offset: int) -> None:
+        """PortTaken when Envoy logged that it cannot bind a port picked here."""
+        with open(self.log_path, "rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode(errors="replace")
+        for port in (self.egress_port, self.inbound_port):
+            if port is not None and f"cannot bind '127.0.0.1:{port}'" in text:
+                raise PortTaken(port)
 
     def admin(self, path: str) -> tuple[int, str, dict[str, str]]:
         if self.proc is not None and self.proc.poll() is not None:
