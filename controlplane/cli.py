@@ -45,11 +45,31 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(settings))
     except (ControlPlaneError, ValueError, OSError) as exc:
-        print(f"controlplane serve: {exc}", file=sys.stderr)
+        print(f"controlplane serve: {_bind_error(exc, settings) or exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        told = _bind_error(exc, settings)
+        if told is None:
+            raise
+        print(f"controlplane serve: {told}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _bind_error(exc: BaseException, settings: Any) -> str | None:
+    """One line for a listen address that is taken or not ours, naming the flag to
+    change; None for any other error."""
+    text = str(exc)
+    if text.startswith("Failed to bind"):
+        address, flag = settings.xds_address, "--xds-address"
+    elif isinstance(exc, OSError) and "bind" in text:
+        address, flag = settings.admin_address, "--admin-address"
+    else:
+        return None
+    return (f"cannot listen on {address} ({flag}): the port is in use or the address is "
+            f"not this machine's; stop what uses it, or choose another with {flag}")
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -92,15 +112,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from controlplane.lab import run_lab
+    from controlplane.lab import LabError, run_lab
 
     logs.configure(args.log_level, "console")
     try:
         return int(run_lab(duration=args.duration, mesh_path=args.mesh,
                            headless=True if args.headless else None, scenario=args.scenario))
-    except ValueError as exc:
+    except (ValueError, LabError, ControlPlaneError) as exc:
         print(f"controlplane lab: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. no port left, no envoy binary
+        print(f"controlplane lab: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
 
@@ -152,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(run=_validate)
 
     lab = commands.add_parser("lab", help="run the local lab: server, demo services, sidecars")
-    lab.add_argument("--mesh", help="mesh file to start from (default: the embedded lab mesh)")
+    lab.add_argument("--mesh", metavar="FILE",
+                     help="mesh file to start from (default: the embedded lab mesh). It needs "
+                     "a service `frontend` with an endpoint (the traffic generator calls it), "
+                     "and single-port services (each endpoint becomes a demo app and its "
+                     "sidecar); frontend's app calls `reviews`, reviews' app calls `ratings`")
     lab.add_argument("--duration", type=float, default=0.0,
                      help="stop after this many seconds (default: run until Ctrl-C)")
     lab.add_argument("--headless", action="store_true",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 
 import aiohttp
@@ -38,11 +39,19 @@ def make_app(instance: Instance, session: aiohttp.ClientSession) -> web.Applicat
     return app
 
 
-async def start_app(instance: Instance, session: aiohttp.ClientSession) -> web.AppRunner:
+async def start_app(instance: Instance,
+                    session: aiohttp.ClientSession) -> tuple[web.AppRunner, Instance]:
+    """The app on its planned port, or on a free one when another process took that port
+    meanwhile; returns the instance with the port it really has."""
     runner = web.AppRunner(make_app(instance, session), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", instance.app_port).start()
-    return runner
+    try:
+        await web.TCPSite(runner, "127.0.0.1", instance.app_port).start()
+    except OSError:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = int(runner.addresses[0][1])
+        instance = dataclasses.replace(instance, app_port=port)
+    return runner, instance
 
 
 async def _serve_forever(instance: Instance, host: str) -> None:

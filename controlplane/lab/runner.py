@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 import tempfile
@@ -25,9 +26,10 @@ from controlplane.app import Running, start
 from controlplane.lab.apps import start_app
 from controlplane.lab.scenarios import scenarios
 from controlplane.lab.sidecars import Sidecar
-from controlplane.lab.topology import Plan, plan
+from controlplane.lab.topology import LabError, Plan, check_template, plan
 from controlplane.lab.traffic import Traffic
 from controlplane.lab.view import Stats, console, render_line, render_table
+from controlplane.lab.watch import KEEPS, MeshWatch
 from controlplane.mesh.loader import parse_mesh_yaml
 from controlplane.settings import ServeSettings
 
@@ -38,30 +40,50 @@ _INBOUND = r"^http\.inbound\.downstream_rq_(completed|2xx)$"
 async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic,
                 session: aiohttp.ClientSession, out: TextIO, headless: bool,
                 status: list[str]) -> None:
-    """Once a second, what the sidecars saw: a live table, or a line when headless."""
+    """Once a second, what the sidecars saw: a live table, or a line when headless; and
+    what is wrong with the mesh file, in every refresh until a save fixes it."""
     stats = Stats(sidecars)
+    watch = MeshWatch(plan_.mesh_path)
     order = list(dict.fromkeys(i.service for i in plan_.instances))
     started = time.monotonic()
     live = None if headless else Live(console=console(out), auto_refresh=False)
     if live is not None:
         live.start()
+    shown: list[str] = []
     try:
         while True:
             await asyncio.sleep(1.0)
+            problems = await watch.check()
+            if problems != shown:
+                _tell(problems, out if live is None else None)
+                shown = problems
             services = await stats.sample(session)
             _, statuses, _ = traffic.take()
             failed = sum(n for code, n in statuses.items() if code != 200)
             errors = f"client errors {failed} {dict(sorted(statuses.items()))}" if failed else ""
             elapsed = time.monotonic() - started
             if live is None:  # scenario steps print their own lines
-                render_line(elapsed, services, order, errors, out)
+                render_line(elapsed, services, order, errors, out, watch.summary())
             else:
                 latest = status[-1] if status else ""
-                live.update(render_table(elapsed, services, order, f"{errors} {latest}".strip()),
-                            refresh=True)
+                live.update(render_table(elapsed, services, order, f"{errors} {latest}".strip(),
+                                         problems, KEEPS), refresh=True)
     finally:
         if live is not None:
             live.stop()
+
+
+def _tell(problems: list[str], out: TextIO | None) -> None:
+    """Headless: the whole list once when it changes (each line then carries a summary)."""
+    if out is None:
+        return
+    if problems:
+        print(f"mesh file rejected ({KEEPS}):", file=out)
+        for problem in problems:
+            print(f"  {problem}", file=out)
+    else:
+        print("mesh file fixed: the control plane serves it", file=out)
+    out.flush()
 
 
 async def _scenario(name: str, path: Path, traffic: Traffic, out: TextIO,
@@ -84,6 +106,20 @@ async def _scenario(name: str, path: Path, traffic: Traffic, out: TextIO,
     print(status[-1], file=out, flush=True)
 
 
+async def _start_server(layout: Plan, workdir: Path) -> Running:
+    """The control plane on the plan's ports, or on free ones when another process took
+    them between the plan and now."""
+    def settings(xds: int, admin: int) -> ServeSettings:
+        return ServeSettings(
+            source=f"file:{layout.mesh_path}", xds_address=f"127.0.0.1:{xds}",
+            admin_address=f"127.0.0.1:{admin}", snapshot_dir=workdir / "snapshots",
+            poll_interval=0.1)
+    try:
+        return await start(settings(layout.xds_port, layout.admin_port))
+    except (OSError, RuntimeError):  # grpc says RuntimeError("Failed to bind ...")
+        return await start(settings(0, 0))
+
+
 async def _lab(duration: float, mesh_template: str | None, rate: float, out: TextIO,
                headless: bool, scenario: str | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="controlplane-lab-"))
@@ -100,12 +136,14 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
     session = aiohttp.ClientSession()
     try:
         print(f"controlplane lab: starting in {workdir}", file=out, flush=True)
-        running = await start(ServeSettings(
-            source=f"file:{layout.mesh_path}", xds_address=f"127.0.0.1:{layout.xds_port}",
-            admin_address=f"127.0.0.1:{layout.admin_port}",
-            snapshot_dir=workdir / "snapshots", poll_interval=0.1))
+        running = await _start_server(layout, workdir)
+        instances = []
         for instance in layout.instances:
-            runners.append(await start_app(instance, session))
+            runner, instance = await start_app(instance, session)
+            runners.append(runner)
+            instances.append(instance)
+        layout = dataclasses.replace(layout, instances=tuple(instances),
+                                     xds_port=running.xds_port, admin_port=running.admin_port)
         sidecars = [Sidecar(i, workdir, layout.xds_port)
                     for i in (*layout.instances, layout.loadgen)]
         for sidecar in sidecars:
@@ -150,12 +188,31 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
         print("controlplane lab: stopped", file=out, flush=True)
 
 
+def read_template(mesh_path: str) -> tuple[str, list[str]]:
+    """``--mesh FILE``'s text and notes on it; LabError, saying what to do, when the lab
+    cannot run it."""
+    try:
+        text = Path(mesh_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LabError(f"{mesh_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                       "save the mesh file as UTF-8") from exc
+    except OSError as exc:
+        raise LabError(f"cannot read the mesh file {mesh_path}: {exc.strerror or exc}; give "
+                       "an existing file, or leave out --mesh for the lab's own mesh") from exc
+    _, notes = check_template(text, mesh_path)
+    return text, notes
+
+
 def run_lab(duration: float = 0.0, mesh_path: str | None = None, rate: float = 20.0,
             headless: bool | None = None, scenario: str | None = None) -> int:
     """``headless`` None: a live table on a terminal, lines otherwise."""
     if scenario is not None and scenario not in scenarios():
         raise ValueError(f"no scenario {scenario!r}; choose one of {', '.join(scenarios())}")
-    template = Path(mesh_path).read_text(encoding="utf-8") if mesh_path else None
+    template = None
+    if mesh_path:
+        template, notes = read_template(mesh_path)
+        for note in notes:
+            print(f"controlplane lab: note: {note}", file=sys.stderr)
     if headless is None:
         headless = not sys.stdout.isatty()
     return asyncio.run(_lab(duration, template, rate, sys.stdout, headless, scenario))

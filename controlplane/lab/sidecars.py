@@ -12,7 +12,7 @@ import yaml
 
 from controlplane.bootstrap import BootstrapOptions, build_bootstrap
 from controlplane.lab.envoy import envoy_command
-from controlplane.lab.topology import Instance
+from controlplane.lab.topology import Instance, LabError
 
 
 class Sidecar:
@@ -46,16 +46,28 @@ class Sidecar:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.returncode is not None:
-                raise RuntimeError(
+                self._check_bound()
+                raise LabError(
                     f"envoy {self.instance.node_id} exited with {self.process.returncode}; "
-                    f"see {self.log_path}")
+                    f"its log says why: {self.log_path}")
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with session.get(f"{self.admin_url}/ready") as response:
                     if response.status == 200:
+                        self._check_bound()
                         return
             await asyncio.sleep(0.1)
-        raise TimeoutError(f"envoy {self.instance.node_id} not ready after {timeout}s; "
-                           f"see {self.log_path}")
+        raise LabError(f"envoy {self.instance.node_id} not ready after {timeout}s; "
+                       f"its log says why: {self.log_path}")
+
+    def _check_bound(self) -> None:
+        """LabError when Envoy could not bind a listener port: another process took it
+        between the lab's pick and Envoy's bind."""
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        for port in (self.instance.inbound_port, self.instance.egress_port,
+                     self.instance.admin_port):
+            if port and f"cannot bind '127.0.0.1:{port}'" in text:
+                raise LabError(f"sidecar {self.instance.node_id}: port 127.0.0.1:{port} was "
+                               "taken by another process meanwhile; run the lab again")
 
     async def counters(self, session: aiohttp.ClientSession, pattern: str) -> dict[str, int]:
         """Envoy's own counters matching ``pattern`` (a regex), from its admin API."""

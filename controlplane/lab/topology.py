@@ -14,10 +14,40 @@ from pathlib import Path
 
 import yaml
 
+from controlplane.errors import MeshError
 from controlplane.mesh.loader import load_mesh_text, parse_mesh_yaml
 from controlplane.mesh.model import Mesh
 
 CALLS = {"frontend": "reviews", "reviews": "ratings"}  # who each demo app calls downstream
+NEEDS = ("a service `frontend` with at least one endpoint (the traffic generator calls it "
+         "by Host `frontend`); every service with endpoints on a single port (each endpoint "
+         "becomes a demo app behind its own sidecar). The demo apps of frontend and reviews "
+         "call `reviews` and `ratings`")
+
+
+class LabError(Exception):
+    """An expected failure of the lab (a mesh it cannot run, a port taken): one line that
+    says what to do, never a traceback."""
+
+
+def check_template(text: str, origin: str) -> tuple[Mesh, list[str]]:
+    """The mesh, and notes on what will not answer; LabError when the lab cannot run it."""
+    try:
+        mesh = load_mesh_text(text, origin=origin)
+    except MeshError as exc:
+        raise LabError(str(exc)) from exc
+    names = {s.name: s for s in mesh.services}
+    frontend = names.get("frontend")
+    if frontend is None or not frontend.endpoints:
+        what = "has no service `frontend`" if frontend is None else "`frontend` has no endpoint"
+        raise LabError(f"{origin}: {what}; the lab needs {NEEDS}")
+    for service in mesh.services:
+        if any(e.port is None for e in service.endpoints):
+            raise LabError(f"{origin}: {service.key} has several ports; the lab needs {NEEDS}")
+    notes = [f"{caller}'s demo app calls `{callee}`, which this mesh lacks: {caller} will "
+             f"answer 502" for caller, callee in CALLS.items()
+             if caller in names and callee not in names]
+    return mesh, notes
 
 
 def free_port(preferred: int = 0) -> int:
@@ -62,14 +92,13 @@ def embedded_mesh_text() -> str:
 def plan(workdir: Path, template: str | None = None) -> Plan:
     """Give every endpoint of the template free ports and write the mesh to ``workdir``."""
     text = template if template is not None else embedded_mesh_text()
-    mesh: Mesh = load_mesh_text(text, origin="lab mesh")
+    mesh, _ = check_template(text, "lab mesh")
     data = parse_mesh_yaml(text)
     instances: list[Instance] = []
     for service, raw in zip(mesh.services, data["services"], strict=True):
         for index, endpoint in enumerate(service.endpoints):
             version = endpoint.labels.get("version", f"v{index + 1}")
-            if endpoint.port is None:
-                raise ValueError(f"{service.key}: the lab runs single-port services only")
+            assert endpoint.port is not None  # check_template refused several ports
             inbound = free_port(endpoint.port)
             raw["endpoints"][index]["port"] = inbound
             raw["endpoints"][index]["address"] = "127.0.0.1"

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 import aiohttp
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from controlplane.lab.sidecars import Sidecar
 
@@ -102,13 +103,31 @@ async def _quantiles(sidecar: Sidecar,
 
 
 def render_line(elapsed: float, services: dict[str, ServiceStats], order: list[str],
-                extra: str, out: TextIO) -> None:
+                extra: str, out: TextIO, problem: str = "") -> None:
+    """One line a second; ``problem`` (the mesh file's, until fixed) ends every line."""
     parts = [services.get(name, ServiceStats()).line(name, 1.0) for name in order]
-    print(f"[{elapsed:5.0f}s]", " | ".join(parts), extra, file=out, flush=True)
+    tail = f" | {problem}" if problem else ""
+    print(f"[{elapsed:5.0f}s]", " | ".join(parts), extra + tail, file=out, flush=True)
 
 
 def render_table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
-                 extra: str) -> Table:
+                 extra: str, problems: list[str] | None = None,
+                 note: str = "") -> RenderableType:
+    """The live table; under it, in red, the mesh file's problems until a save fixes them."""
+    table = _table(elapsed, services, order, extra)
+    if not problems:
+        return table
+    shown = problems[:8]
+    text = Text("Mesh file rejected: " + (note or "fix it and save again") + "\n", style="bold red")
+    for problem in shown:
+        text.append(f"  {problem}\n", style="red")
+    if len(problems) > len(shown):
+        text.append(f"  ... and {len(problems) - len(shown)} more\n", style="red")
+    return Group(table, text)
+
+
+def _table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
+           extra: str) -> Table:
     table = Table(title=f"controlplane lab: {elapsed:.0f}s  {extra}".rstrip(),
                   title_justify="left", expand=False)
     for column in ("service", "rps", "success", "p50", "p99", "versions answering"):
