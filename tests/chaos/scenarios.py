@@ -1,0 +1,319 @@
+"""The chaos scenarios, each against real processes: ``controlplane serve``, Envoy
+sidecars from ``controlplane bootstrap``, HTTP backends. Each returns its figures and
+raises AssertionError when a promise is broken; tests/chaos/test_*.py and bench/chaos.py
+both run them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import string
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import yaml
+
+from controlplane import resource
+from tests.chaos.harness import (
+    Stack,
+    answered_by,
+    connected,
+    healthz,
+    mesh_text,
+    pid_of,
+    rss_mb,
+    server_sees,
+    wait_reconnected,
+    write_atomic,
+)
+from tests.support.procs import ControlPlane, Envoy, wait_for
+from tests.support.xds_client import AdsClient, node
+
+
+def kill_and_restart(stack: Stack, down_seconds: float = 1.0) -> dict[str, Any]:
+    """SIGKILL the server under traffic, restart it on the same port: no request fails,
+    the sidecar reconnects, and a later change still reaches it."""
+    first, second = stack.backend("reviews-1"), stack.backend("reviews-2")
+    write_atomic(stack.mesh, mesh_text({"reviews": [first]}))
+    server = stack.server()
+    envoy = stack.envoy("frontend-1", server.xds_port)
+    wait_for(lambda: answered_by(envoy, "reviews", "reviews-1"), what="reviews routed")
+    traffic = stack.run_traffic(envoy, "reviews")
+    wait_for(lambda: traffic.ok >= 20, what="traffic flowing")
+
+    assert server.proc is not None
+    server.proc.kill()  # our own child, by its handle
+    server.proc.wait(10)
+    killed = time.monotonic()
+    wait_for(lambda: not connected(envoy), what="the sidecar noticing the server is gone")
+    served_while_down = traffic.ok
+    wait_for(lambda: traffic.ok >= served_while_down + int(20 * down_seconds),
+             what="traffic flowing with no control plane")
+    served_while_down = traffic.ok - served_while_down
+
+    restarted = time.monotonic()
+    server.start()
+    ready = time.monotonic()
+    reconnect = wait_reconnected(envoy, server)
+
+    changed = time.monotonic()
+    write_atomic(stack.mesh, mesh_text({"reviews": [second]}))
+    wait_for(lambda: answered_by(envoy, "reviews", "reviews-2"), timeout=15,
+             interval=0.05, what="a change after the restart reaching the sidecar")
+    change_seconds = time.monotonic() - changed
+    traffic.stop()
+    assert traffic.failed == 0, traffic.summary()
+    return {"traffic": traffic.summary(), "served_while_down": served_while_down,
+            "down_seconds": round(restarted - killed, 2),
+            "server_start_seconds": round(ready - restarted, 2),
+            "reconnect_seconds_after_ready": round(reconnect, 2),
+            "change_after_restart_seconds": round(change_seconds, 2)}
+
+
+class TwoServerEnvoy(Envoy):
+    """A sidecar whose xDS cluster lists two replicas, as a Service in front of two
+    control plane pods would: each reconnect may go to either one."""
+
+    other_port = 0
+
+    def _bootstrap(self) -> None:
+        super()._bootstrap()
+        config = yaml.safe_load(self.config.read_text())
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == "xds_cluster":
+                (locality,) = cluster["load_assignment"]["endpoints"]
+                (first,) = locality["lb_endpoints"]
+                second = yaml.safe_load(yaml.safe_dump(first))
+                second["endpoint"]["address"]["socket_address"]["port_value"] = self.other_port
+                locality["lb_endpoints"].append(second)
+        self.config.write_text(yaml.safe_dump(config))
+
+
+_CONFIG_STATS = ("cluster_manager.cds.version", "listener_manager.lds.version",
+                 "cluster_manager.cluster_modified", "cluster_manager.cluster_added",
+                 "listener_manager.listener_modified", "listener_manager.listener_added",
+                 "cluster_manager.cds.update_rejected", "listener_manager.lds.update_rejected")
+
+
+def failover(stack: Stack) -> dict[str, Any]:
+    """Two replicas on one mesh file; the one the sidecar is connected to is killed: the
+    sidecar moves to the other with no failed request and no config change (versions are
+    content hashes, the same on both)."""
+    first = stack.backend("reviews-1")
+    write_atomic(stack.mesh, mesh_text({"reviews": [first]}))
+    a, b = stack.server(), stack.server()
+    TwoServerEnvoy.other_port = b.xds_port
+    envoy = stack.envoy("frontend-1", a.xds_port, cls=TwoServerEnvoy)
+    wait_for(lambda: answered_by(envoy, "reviews", "reviews-1"), what="reviews routed")
+    on, other = wait_for(lambda: (a, b) if server_sees(a, "frontend-1")
+                         else (b, a) if server_sees(b, "frontend-1") else None,
+                         what="the sidecar on one replica")
+    assert not server_sees(other, "frontend-1"), "the sidecar is on both replicas"
+    traffic = stack.run_traffic(envoy, "reviews")
+    wait_for(lambda: traffic.ok >= 20, what="traffic flowing")
+    before = {name: envoy.stat(name) for name in _CONFIG_STATS}
+    assert before["cluster_manager.cds.version"] != 0, before
+
+    assert on.proc is not None
+    on.proc.kill()
+    on.proc.wait(10)
+    killed = time.monotonic()
+    wait_for(lambda: server_sees(other, "frontend-1"), timeout=30, interval=0.05,
+             what="the sidecar on the other replica")
+    failover_seconds = time.monotonic() - killed
+    wait_for(lambda: traffic.ok >= 20 + 20, what="traffic after the failover")
+    traffic.stop()
+    after = {name: envoy.stat(name) for name in _CONFIG_STATS}
+    assert traffic.failed == 0, traffic.summary()
+    assert after == before, f"the sidecar's config changed on failover: {before} -> {after}"
+    (proxy,) = [p for p in other.json("/debug/proxies") if p["node_id"] == "frontend-1"]
+    assert all(t["last_nack"] is None for t in proxy["types"].values()), proxy
+    return {"traffic": traffic.summary(), "failover_seconds": round(failover_seconds, 2),
+            "config_stats_unchanged": after == before}
+
+
+def _random_name(rng: random.Random, length: int = 12) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
+
+
+async def _invent(port: int, count: int, seed: int) -> int:
+    """``count`` ADS streams (half SotW, half delta) with invented node ids, services and
+    namespaces; each gets its first CDS response, then all disconnect."""
+    rng = random.Random(seed)
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(8)]
+    answered = 0
+    try:
+        for start in range(0, count, 100):
+            clients = []
+            for i in range(start, min(count, start + 100)):
+                delta = i % 2 == 1
+                client = AdsClient(channels[i % len(channels)], delta=delta)
+                clients.append(client)
+                await client.send(node=node(f"ghost-{_random_name(rng, 20)}",
+                                            f"svc-{_random_name(rng)}",
+                                            namespace=f"ns-{_random_name(rng, 6)}"),
+                                  type_url=resource.CLUSTER)
+            for client in clients:
+                try:
+                    await client.recv(20)
+                    answered += 1
+                except TimeoutError:
+                    pass
+            for client in clients:
+                await client.close()
+    finally:
+        for channel in channels:
+            await channel.close()
+    return answered
+
+
+def _series_with(text: str, marker: str) -> list[str]:
+    return [line for line in text.splitlines() if marker in line and not line.startswith("#")]
+
+
+def _invented_folders(store: Path) -> list[str]:
+    """Snapshot store folders of invented groups (their services are all svc-...)."""
+    return [p.name for p in store.iterdir() if "svc-" in p.name] if store.exists() else []
+
+
+def invented_identities(stack: Stack, count: int, ttl_env: dict[str, str],
+                        ttl_seconds: float) -> dict[str, Any]:
+    """``count`` connections with invented identities, then gone: after the group TTL no
+    group, stored snapshot folder or metric series of theirs is left, and RSS is back
+    near where it started."""
+    first = stack.backend("reviews-1")
+    write_atomic(stack.mesh, mesh_text({"reviews": [first]}))
+    server = stack.server(env=ttl_env)
+    envoy = stack.envoy("frontend-1", server.xds_port)
+    wait_for(lambda: answered_by(envoy, "reviews", "reviews-1"), what="reviews routed")
+    real_groups = set(server.json("/debug/snapshots"))
+    store = stack.workdir / "snapshots"
+    rss_before = rss_mb(pid_of(server))
+
+    started = time.monotonic()
+    answered = asyncio.run(_invent(server.xds_port, count, seed=count))
+    connect_seconds = time.monotonic() - started
+    peak_groups = len(server.json("/debug/snapshots"))
+    rss_peak = rss_mb(pid_of(server))
+    assert answered == count, f"only {answered} of {count} invented proxies got config"
+
+    gone = time.monotonic()
+    wait_for(lambda: set(server.json("/debug/snapshots")) == real_groups,
+             timeout=ttl_seconds + 30, interval=0.25,
+             what=f"the invented groups forgotten after the {ttl_seconds}s TTL")
+    forgotten_seconds = time.monotonic() - gone
+    _, metrics_text, _ = server.get("/metrics")
+    left_series = _series_with(metrics_text, "svc-")
+    assert not left_series, f"metric series of forgotten groups: {left_series[:5]}"
+    wait_for(lambda: not _invented_folders(store), timeout=10,
+             what="the stored snapshots of forgotten groups removed")
+    rss_after = rss_mb(pid_of(server))
+    assert healthz(server) == 200
+    assert answered_by(envoy, "reviews", "reviews-1")
+    return {"connections": count, "answered": answered,
+            "connect_seconds": round(connect_seconds, 2), "peak_groups": peak_groups,
+            "groups_after": len(real_groups), "forgotten_seconds": round(forgotten_seconds, 2),
+            "rss_mb_before": round(rss_before, 1),
+            "rss_mb_peak": round(rss_peak, 1), "rss_mb_after": round(rss_after, 1)}
+
+
+class Storm:
+    """``concurrency`` clients asking /debug/config_dump over and over, on their own
+    thread and loop, until stopped (bounded by ``max_seconds``)."""
+
+    def __init__(self, server: ControlPlane, node_id: str, concurrency: int,
+                 max_seconds: float = 60.0) -> None:
+        self.url = f"http://127.0.0.1:{server.admin_port}/debug/config_dump?node={node_id}"
+        self.concurrency = concurrency
+        self.max_seconds = max_seconds
+        self.statuses: dict[int, int] = {}
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True,
+                                        name="storm")
+
+    async def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        timeout = aiohttp.ClientTimeout(total=30)
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+            async def client() -> None:
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    try:
+                        async with session.get(self.url) as response:
+                            await response.read()
+                            self.statuses[response.status] = \
+                                self.statuses.get(response.status, 0) + 1
+                    except (aiohttp.ClientError, TimeoutError):
+                        self.errors += 1
+
+            await asyncio.gather(*(client() for _ in range(self.concurrency)))
+
+    def __enter__(self) -> Storm:
+        self._thread.start()
+        wait_for(lambda: sum(self.statuses.values()) >= self.concurrency, timeout=60,
+                 what="the debug storm under way")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(40)
+
+
+def _push_seconds(stack: Stack, envoy: Envoy, backends: dict[str, Any], service: str,
+                  timeout: float) -> float:
+    """Move ``service`` to the 'moved' backend; seconds until the sidecar answers from it."""
+    mesh = yaml.safe_load(stack.mesh.read_text())
+    for entry in mesh["services"]:
+        if entry["name"] == service:
+            entry["endpoints"] = [{"address": "127.0.0.1", "port": backends["moved"].port}]
+    changed = time.monotonic()
+    write_atomic(stack.mesh, yaml.safe_dump(mesh))
+    wait_for(lambda: answered_by(envoy, service, "moved"), timeout=timeout, interval=0.02,
+             what=f"the change of {service} reaching the sidecar")
+    return time.monotonic() - changed
+
+
+def debug_storm(stack: Stack, services: int, concurrency: int,
+                bound_seconds: float) -> dict[str, Any]:
+    """A mesh change reaches a sidecar as fast during a storm of /debug/config_dump
+    requests as without one; /healthz stays responsive through it."""
+    base, moved = stack.backend("base"), stack.backend("moved")
+    write_atomic(stack.mesh, yaml.safe_dump({"services": [
+        {"name": f"svc-{i}", "port": 9080,
+         "endpoints": [{"address": "127.0.0.1", "port": base.port}]}
+        for i in range(services)]}))
+    server = stack.server()
+    envoy = stack.envoy("frontend-1", server.xds_port)
+    wait_for(lambda: answered_by(envoy, "svc-0", "base"), timeout=30, what="svc-0 routed")
+    wait_for(lambda: server_sees(server, "frontend-1"), what="the sidecar ACKed")
+    backends = {"moved": moved}
+    quiet = _push_seconds(stack, envoy, backends, "svc-0", 30)
+    healthz_worst = 0.0
+    with Storm(server, "frontend-1", concurrency) as storm:
+        stormy = _push_seconds(stack, envoy, backends, "svc-1", 30)
+        for _ in range(10):
+            started = time.monotonic()
+            assert healthz(server) == 200
+            healthz_worst = max(healthz_worst, time.monotonic() - started)
+    assert stormy < bound_seconds, \
+        f"a change took {stormy:.2f}s to reach the sidecar during the storm " \
+        f"(without: {quiet:.2f}s)"
+    assert healthz_worst < bound_seconds, f"/healthz took {healthz_worst:.2f}s in the storm"
+    return {"services": services, "concurrency": concurrency,
+            "push_seconds_quiet": round(quiet, 3), "push_seconds_storm": round(stormy, 3),
+            "healthz_worst_seconds_storm": round(healthz_worst, 3),
+            "debug_responses": dict(sorted(storm.statuses.items())),
+            "debug_client_errors": storm.errors}
+
+
+def workdir_for(root: Path, name: str) -> Path:
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
