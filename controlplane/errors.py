@@ -2,6 +2,8 @@
 
     ControlPlaneError
      +-- MeshError          the mesh input is invalid (every problem listed, with its path)
+     |    +-- EmptyMeshError    it holds no ``services`` at all (an empty or half-written
+     |                          file): sources keep the last good mesh and warn
      +-- SourceError        a source cannot read its input (missing file, unreachable API)
      +-- TranslationError   the mesh cannot be turned into a consistent snapshot
 
@@ -28,6 +30,11 @@ class MeshError(ControlPlaneError):
             f"{origin}: {count} problem{'s' if count != 1 else ''} in the mesh; "
             f"fix {'them' if count != 1 else 'it'} and save again:\n{lines}"
         )
+
+
+class EmptyMeshError(MeshError):
+    """The input says nothing about services: an empty file, or one without ``services``
+    (often a save caught half-way). Not "no services": that is ``services: []``."""
 
 
 class SourceError(ControlPlaneError):

@@ -172,7 +172,7 @@ def test_crd_spec_is_the_policy_model_plus_target_ref() -> None:
     retries = spec["properties"]["retries"]["properties"]
     assert retries["per_try_timeout"]["pattern"] == crd.DURATION_PATTERN
     assert spec["properties"]["rate_limit"]["properties"]["requests_per_second"] == {
-        "type": "number", "minimum": 0, "exclusiveMinimum": True}
+        "type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1_000_000}
     assert spec["properties"]["split"]["items"]["properties"]["labels"]["additionalProperties"] \
         == {"type": "string"}
 

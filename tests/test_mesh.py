@@ -84,7 +84,7 @@ services:
 
 def test_duplicates_names_and_yaml_errors() -> None:
     dup = problems("services: [{name: a, port: 1}, {name: a, port: 2}]")
-    assert "services[1] repeats service 'a'" in dup[0]
+    assert "services[1] (a.default).name: repeats service 'a'" in dup[0]
     assert "DNS label" in problems("services: [{name: Bad_Name, port: 1}]")[0]
     assert "not valid YAML" in problems("services: [")[0]
     assert "top level must be a mapping" in problems("- a\n- b")[0]

@@ -1,43 +1,71 @@
-"""Durations as people write them in mesh files: ``2s``, ``500ms``, ``1m30s``, ``1.5s``."""
+"""Durations as people write them in mesh files: ``2s``, ``500ms``, ``1m30s``, ``1.5s``.
+
+Every duration is at most ``MAX_DURATION`` (365 days). Envoy refuses far shorter ones
+than protobuf allows (its own limit is ~292 years, where nanoseconds overflow an int64;
+``timeout: 100000000h`` makes every sidecar reject the whole route table), and no
+timeout, interval or delay in a mesh means anything beyond a year. Infinite, NaN and
+overlong values are clean errors, never an OverflowError.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from pydantic import BeforeValidator, PlainSerializer
 
+MAX_DURATION: Final = timedelta(days=365)
+MAX_DURATION_TEXT: Final = "8760h (365 days)"
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+_MAX_TEXT_LENGTH: Final = 64
+
+
+def _seconds_of_text(value: str) -> float:
+    text = value.strip()
+    if text.startswith("-"):
+        raise ValueError(f"duration {value!r} is negative; use a positive value such as '2s'")
+    if len(text) > _MAX_TEXT_LENGTH:
+        raise ValueError(f"duration {value[:20]!r}... is too long to be a duration; "
+                         "write it like '500ms', '2s' or '1m30s'")
+    pos, seconds = 0, 0.0
+    for match in _PART.finditer(text):
+        if match.start() != pos:
+            break
+        seconds += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(
+            f"duration {value!r} is not understood; write it like '500ms', '2s' or '1m30s'"
+        )
+    return seconds
 
 
 def parse_duration(value: Any) -> timedelta:
-    """Accept ``"250ms"``, ``"1m30s"``, a number of seconds, or a timedelta; never negative."""
+    """Accept ``"250ms"``, ``"1m30s"``, a number of seconds, or a timedelta; never
+    negative, never longer than ``MAX_DURATION``."""
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, bool):
         raise ValueError("expected a duration such as '500ms' or '2s', got a boolean")
     elif isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if not isinstance(value, int) or abs(value) < 2**62 else math.inf
     elif isinstance(value, str):
-        text = value.strip()
-        if text.startswith("-"):
-            raise ValueError(f"duration {value!r} is negative; use a positive value such as '2s'")
-        pos, seconds = 0, 0.0
-        for match in _PART.finditer(text):
-            if match.start() != pos:
-                break
-            seconds += float(match.group(1)) * _UNITS[match.group(2)]
-            pos = match.end()
-        if pos != len(text) or not text:
-            raise ValueError(
-                f"duration {value!r} is not understood; write it like '500ms', '2s' or '1m30s'"
-            )
+        seconds = _seconds_of_text(value)
     else:
         raise ValueError(f"expected a duration such as '500ms' or '2s', got {type(value).__name__}")
+    if math.isnan(seconds):
+        raise ValueError("duration is not a number; write it like '500ms', '2s' or '1m30s'")
     if seconds < 0:
         raise ValueError(f"duration {value!r} is negative; use a positive value such as '2s'")
+    if seconds > MAX_DURATION.total_seconds():
+        shown = repr(value) if not isinstance(value, float | int) else f"{value}s"
+        raise ValueError(
+            f"duration {shown} is longer than the maximum, {MAX_DURATION_TEXT}; Envoy refuses "
+            "durations that long, give a shorter one"
+        )
     return timedelta(seconds=seconds)
 
 

@@ -1,23 +1,47 @@
-"""Turn YAML text into a validated Mesh, or a MeshError that names every bad field."""
+"""Turn YAML bytes or text into a validated Mesh, or a MeshError that names every bad
+field. Whatever the input (any bytes, any size, any nesting), the outcome is one of the
+two: never another exception."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import InitErrorDetails
 
-from controlplane.errors import MeshError
-from controlplane.mesh.model import Mesh
+from controlplane.errors import EmptyMeshError, MeshError
+from controlplane.mesh.model import Mesh, Service, reference_problems
 
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x
+# A mesh of 100,000 endpoints is ~1M values; YAML aliases could make a small file expand
+# into billions ("billion laughs"), which validation would walk for hours.
+MAX_VALUES: Final = 5_000_000
 
 
 class _MeshYamlLoader(_BaseLoader):  # type: ignore[misc]
     """YAML 1.2 booleans: only ``true``/``false``. YAML 1.1 would read the key ``on:`` of
-    ``retries`` (and values such as ``yes``/``off``) as booleans."""
+    ``retries`` (and values such as ``yes``/``off``) as booleans. A key repeated in one
+    mapping is an error naming both lines: YAML would keep the last value silently."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None,
+                        f"key {key_node.value[:80]!r} repeats the one on line {seen[key]}; "
+                        "keep one of them (YAML would silently keep the last)",
+                        key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _MeshYamlLoader.yaml_implicit_resolvers = {
@@ -32,14 +56,33 @@ _MeshYamlLoader.add_implicit_resolver(
 def load_mesh_file(path: str | Path) -> Mesh:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise MeshError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from exc
-    return load_mesh_text(text, origin=str(path))
+    return load_mesh_bytes(data, origin=str(path))
+
+
+def decode_mesh(data: bytes, origin: str = "<mesh>") -> str:
+    """UTF-8 (a leading byte-order mark is allowed), or a MeshError naming the line and
+    the byte that is not."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise MeshError(origin, [
+            f"line {line}, byte {column} of the line (offset {exc.start}): byte "
+            f"0x{data[exc.start]:02x} is not UTF-8; save the file as UTF-8"
+        ]) from None
+
+
+def load_mesh_bytes(data: bytes, origin: str = "<mesh>") -> Mesh:
+    return load_mesh_text(decode_mesh(data, origin), origin)
 
 
 def parse_mesh_yaml(text: str) -> Any:
-    """YAML as mesh files mean it (YAML 1.2 booleans); raises yaml.YAMLError."""
+    """YAML as mesh files mean it (YAML 1.2 booleans, no repeated keys); raises
+    yaml.YAMLError."""
     return yaml.load(text, Loader=_MeshYamlLoader)
 
 
@@ -50,9 +93,17 @@ def load_mesh_text(text: str, origin: str = "<mesh>") -> Mesh:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise MeshError(origin, [f"{where}not valid YAML: {problem}"]) from exc
-    if data is None:
-        data = {}
+        raise MeshError(origin, [f"{where}not valid YAML: {problem}"]) from None
+    except (RecursionError, MemoryError, ValueError, OverflowError) as exc:
+        # Nesting deeper than the parser's stack, or a scalar no Python value holds.
+        raise MeshError(origin, [f"not a mesh file YAML can read: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}"]) from None
+    if data is None or (isinstance(data, dict) and "services" not in data):
+        raise EmptyMeshError(origin, [
+            "the mesh has no 'services' key"
+            + (" (the file is empty)" if data is None else "")
+            + "; a mesh with no services says so: services: []"
+        ])
     if not isinstance(data, dict):
         raise MeshError(
             origin, [f"the top level must be a mapping with a 'services' list, not a {_kind(data)}"]
@@ -61,10 +112,57 @@ def load_mesh_text(text: str, origin: str = "<mesh>") -> Mesh:
 
 
 def load_mesh_data(data: dict[str, Any], origin: str = "<mesh>") -> Mesh:
+    if _count_values(data) > MAX_VALUES:
+        raise MeshError(origin, [
+            f"the mesh holds more than {MAX_VALUES:,} values once YAML aliases are expanded; "
+            "write it without aliases, or split it"
+        ])
     try:
         return Mesh.model_validate(data)
     except ValidationError as exc:
-        raise MeshError(origin, [describe_error(err, data) for err in exc.errors()]) from exc
+        problems = [describe_error(err, data) for err in exc.errors()]
+    except RecursionError:
+        raise MeshError(origin, ["nested too deeply to be a mesh"]) from None
+    for extra in _reference_problems(data):
+        if extra not in problems:
+            problems.append(extra)
+    raise MeshError(origin, problems)
+
+
+def _reference_problems(data: dict[str, Any]) -> list[str]:
+    """The cross-service checks (splits, matches, fallbacks, repeated names) over the
+    services that did validate, so that one round reports both kinds of problem."""
+    items = data.get("services")
+    if not isinstance(items, list):
+        return []
+    parsed: list[tuple[int, Service]] = []
+    unparsed: set[str] = set()
+    for index, item in enumerate(items):
+        try:
+            parsed.append((index, Service.model_validate(item)))
+        except (ValidationError, RecursionError):
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                namespace = item.get("namespace", "default")
+                unparsed.add(f"{item['name']}.{namespace}")
+    found: list[InitErrorDetails] = reference_problems(parsed, frozenset(unparsed))
+    if not found:
+        return []
+    errors = ValidationError.from_exception_data("Mesh", found).errors()
+    return [describe_error(err, data) for err in errors]
+
+
+def _count_values(data: Any) -> int:
+    """How many values ``data`` holds, aliases counted each time; stops past MAX_VALUES."""
+    count, stack = 0, [data]
+    while stack and count <= MAX_VALUES:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
 
 
 def describe_error(error: Any, data: Any, root: str = "") -> str:
@@ -77,12 +175,13 @@ def describe_error(error: Any, data: Any, root: str = "") -> str:
         if isinstance(item, int):
             in_services = parts[-1:] in (["services"], [".services"])  # name those only
             parts.append(f"[{item}]")
-            node = node[item] if isinstance(node, list) and item < len(node) else None
+            node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
             if in_services and isinstance(node, dict) and isinstance(node.get("name"), str):
                 namespace = node.get("namespace", "default")
-                parts.append(f" ({node['name']}.{namespace})")
+                parts.append(f" ({str(node['name'])[:80]}.{str(namespace)[:80]})")
         else:
-            parts.append(f".{item}" if parts else str(item))
+            text = str(item)[:80]
+            parts.append(f".{text}" if parts else text)
             node = node.get(item) if isinstance(node, dict) else None
     path = "".join(parts) or "(top level)"
     message = str(error["msg"])

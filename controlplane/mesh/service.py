@@ -1,0 +1,155 @@
+"""A service: its ports, endpoints and policy."""
+
+from __future__ import annotations
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from controlplane.mesh.base import _Model
+from controlplane.mesh.endpoints import Endpoint, Protocol, ServicePort
+from controlplane.mesh.limits import Port, dns_label, hostname
+from controlplane.mesh.policy import Policy
+
+MAX_ENDPOINTS = 100_000
+
+
+class Service(_Model):
+    """A service, in one of two forms: ``port`` + ``protocol`` (one port), or ``ports``
+    (named ports, as a Kubernetes Service with several). With ``external_name`` it is a
+    DNS name outside the mesh: no endpoints, and its ports are also the external host's.
+
+    The one-port fields are stored as ``single_port``/``single_protocol`` (aliases ``port``
+    and ``protocol``, so input and dumps keep the mesh file's keys) because ``port`` and
+    ``protocol`` are properties that work in both forms: the first port's."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    name: str
+    namespace: str = "default"
+    single_port: Port | None = Field(default=None, alias="port")
+    single_protocol: Protocol | None = Field(default=None, alias="protocol")
+    ports: list[ServicePort] | None = Field(default=None, min_length=1, max_length=1000)
+    external_name: str | None = None
+    endpoints: list[Endpoint] = Field(default_factory=list, max_length=MAX_ENDPOINTS)
+    policy: Policy = Field(default_factory=Policy)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return dns_label(value, "service name")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return dns_label(value, "namespace")
+
+    @field_validator("external_name")
+    @classmethod
+    def _external_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                hostname(value)
+            except ValueError:
+                raise ValueError(
+                    f"external_name {value[:80]!r} must be a lower-case DNS name such as "
+                    "'billing.example.com' (dot-separated DNS labels, no trailing dot)"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Service:
+        if self.ports is None:
+            if self.single_port is None:
+                raise ValueError("port: Field required (or ports: a list of named ports)")
+        else:
+            if self.single_port is not None:
+                raise ValueError("give port (with protocol) or ports, not both")
+            if self.single_protocol is not None:
+                raise ValueError("protocol: with ports, each port names its own protocol")
+            _unique_ports(self.ports)
+        if self.external_name is not None and self.endpoints:
+            raise ValueError(
+                "endpoints: a service with external_name has none; its DNS name is the backend"
+            )
+        kinds = {endpoint.address_type for endpoint in self.endpoints}
+        if len(kinds) > 1:
+            raise ValueError(
+                "endpoints: mixes IP addresses and DNS names (address_type: dns); a service's "
+                "endpoints are all one or all the other, split it into two services"
+            )
+        for index, endpoint in enumerate(self.endpoints):
+            self._check_endpoint(index, endpoint)
+        return self
+
+    def _check_endpoint(self, index: int, endpoint: Endpoint) -> None:
+        where = f"endpoints[{index}] ({endpoint.address})"
+        if self.ports is None:
+            if endpoint.port is None:
+                raise ValueError(f"{where}: needs port; this service has a single port")
+            return
+        names = [p.name for p in self.ports]
+        if endpoint.ports is None:
+            raise ValueError(
+                f"{where}: needs ports: {{name: port}}; this service's ports are named "
+                f"{', '.join(names)}"
+            )
+        unknown = sorted(set(endpoint.ports) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{where}.ports: {', '.join(map(repr, unknown))} is not a port of this "
+                f"service ({', '.join(names)})"
+            )
+
+    @property
+    def key(self) -> str:
+        """``name.namespace``: how the mesh and the translator refer to a service."""
+        return f"{self.name}.{self.namespace}"
+
+    @property
+    def named_ports(self) -> bool:
+        """True in the ``ports`` form: resources are then per named port, even for one."""
+        return self.ports is not None
+
+    @property
+    def resolves_dns(self) -> bool:
+        """Its endpoints are DNS names (address_type: dns): its clusters resolve them."""
+        return any(endpoint.is_dns for endpoint in self.endpoints)
+
+    @property
+    def service_ports(self) -> list[ServicePort]:
+        """Every port, in the order given; a single-port service's one port is named ``""``."""
+        if self.ports is not None:
+            return list(self.ports)
+        assert self.single_port is not None  # the validator demands it
+        return [
+            ServicePort.model_construct(
+                name="", port=self.single_port, protocol=self.single_protocol or "http"
+            )
+        ]
+
+    @property
+    def port(self) -> int:
+        """The first (or only) port's number."""
+        return self.service_ports[0].port
+
+    @property
+    def protocol(self) -> Protocol:
+        """The first (or only) port's protocol."""
+        return self.service_ports[0].protocol
+
+
+def _unique_ports(ports: list[ServicePort]) -> None:
+    names: dict[str, int] = {}
+    numbers: dict[int, int] = {}
+    for index, port in enumerate(ports):
+        if port.name in names:
+            raise ValueError(
+                f"ports[{index}].name: {port.name!r} repeats ports[{names[port.name]}]; "
+                "port names are unique within a service"
+            )
+        if port.port in numbers:
+            raise ValueError(
+                f"ports[{index}].port: {port.port} repeats ports[{numbers[port.port]}]; "
+                "ports are unique within a service"
+            )
+        names[port.name] = index
+        numbers[port.port] = index
