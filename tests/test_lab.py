@@ -99,3 +99,75 @@ def test_live_table_and_line_show_the_same_figures() -> None:
     line = io.StringIO()
     render_line(3.0, services, ["reviews"], "", line)
     assert "reviews  20.0 rps  95.0% ok p50 1ms p99 <1ms [v1 75% v2 25%]" in line.getvalue()
+
+
+def test_a_rejected_save_stays_in_the_view_until_fixed() -> None:
+    """A bad save is shown on every line (and the table) until the file is fixed, while
+    the sidecars keep answering from the last good mesh; the fix clears it."""
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab", "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        mesh: Path | None = None
+        good = ""
+        flagged = 0
+        fixed = False
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip())
+            found = re.search(r"mesh file \(edit it live\): (\S+)", line)
+            if found:
+                mesh = Path(found.group(1))
+                good = mesh.read_text()
+            if mesh is not None and good and line.startswith("[") and not flagged \
+                    and "100.0% ok" in line and mesh.read_text() == good:
+                mesh.write_text(good.replace("port: 9080", "port: ninety", 1))
+            if line.startswith("[") and "MESH FILE REJECTED" in line:
+                assert "services[0] (frontend.default).port" in line, line
+                assert "frontend" in line and "100.0% ok" in line, line  # still served
+                flagged += 1
+                if flagged == 3:  # three refreshes later, still there: fix it
+                    assert mesh is not None
+                    mesh.write_text(good)
+            if flagged >= 3 and line.startswith("mesh file fixed"):
+                fixed = True
+            if fixed and line.startswith("[") and "REJECTED" not in line:
+                break
+        else:
+            pytest.fail("no fix seen in time:\n" + "\n".join(lines))
+        assert flagged >= 3 and fixed, "\n".join(lines)
+        assert any(line.startswith("mesh file rejected") for line in lines)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_table_shows_the_mesh_problem_under_the_figures(tmp_path: Path) -> None:
+    import asyncio
+    import io
+
+    from rich.console import Console
+
+    from controlplane.lab.view import ServiceStats, render_table
+    from controlplane.lab.watch import KEEPS, MeshWatch
+
+    path = tmp_path / "mesh.yaml"
+    path.write_text("services:\n  - {name: a, port: 80, protocl: http}\n")
+    watch = MeshWatch(path)
+    problems = asyncio.run(watch.check())
+    assert problems and "protocl" in problems[0], problems
+    console = Console(file=io.StringIO(), width=160)
+    console.print(render_table(1.0, {"a": ServiceStats()}, ["a"], "", problems, KEEPS))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "Mesh file rejected" in text and "protocl" in text and "last good mesh" in text
+    path.write_text("services:\n  - {name: a, port: 80, protocol: http}\n")
+    assert asyncio.run(watch.check()) == [] and watch.summary() == ""
