@@ -25,6 +25,7 @@ from controlplane.mesh import Mesh, load_mesh_data
 from controlplane.mesh.loader import parse_mesh_yaml
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import Resources, resource_name, translate
+from tests.support.envoy_validate import rejected
 
 DATA = Path(__file__).parent / "testdata" / "translator"
 IN = DATA / "in"
@@ -121,6 +122,15 @@ def test_golden(case: str, request: pytest.FixtureRequest) -> None:
         pytest.fail("translation differs from the golden file:\n" + "".join(diff), False)
 
 
+def test_every_golden_output_is_accepted_by_a_real_envoy() -> None:
+    """No golden output is one Envoy would reject: every case's resources, as static
+    resources in one bootstrap, pass ``envoy --mode validate`` (EDS clusters carry their
+    ClusterLoadAssignment inline, so endpoints and addresses are checked too)."""
+    translations = [translate(*load_case(case)) for case in CASES]
+    refused = rejected(translations)
+    assert not refused, {CASES[i]: error for i, error in refused.items()}
+
+
 def test_no_stale_golden_files(request: pytest.FixtureRequest) -> None:
     stale = sorted(path for path in OUT.glob("*.yaml") if path.stem not in CASES)
     if request.config.getoption("--update-golden"):
@@ -143,6 +153,7 @@ def test_the_required_cases_exist() -> None:
         "resilience",
         "traffic_split", "traffic_multiport",
         "edge",
+        "dns_endpoints",
     }
     assert required <= set(CASES)
 
@@ -281,6 +292,24 @@ def test_external_names_resolve_by_dns_and_have_no_assignments() -> None:
     assert not assignments & {c.name for c in external}
     hosts = [h.name for r in resources[resource.ROUTE] for h in r.virtual_hosts]
     assert "weather.default" in hosts and "billing.payments" not in hosts
+
+
+def test_dns_endpoints_make_strict_dns_clusters_with_inline_endpoints() -> None:
+    mesh, proxy = load_case("dns_endpoints")
+    resources = translate(mesh, proxy)
+    clusters = {c.name: c for c in resources[resource.CLUSTER]}
+    legacy = clusters["outbound|5432||legacy.default.svc.cluster.local"]
+    assert legacy.type == legacy.DiscoveryType.STRICT_DNS
+    assert not legacy.HasField("eds_cluster_config")
+    hosts = [(group.locality.zone, e.endpoint.address.socket_address.address)
+             for group in legacy.load_assignment.endpoints for e in group.lb_endpoints]
+    assert hosts == [("zone-a", "db-1.legacy.example.com"), ("zone-b", "db-2.legacy.example.com")]
+    v1 = clusters["outbound|9200|version=v1|search.default.svc.cluster.local"]
+    assert v1.type == v1.DiscoveryType.STRICT_DNS
+    assert [e.endpoint.address.socket_address.address for group in v1.load_assignment.endpoints
+            for e in group.lb_endpoints] == ["search-v1.example.com"]
+    assignments = {resource_name(a) for a in resources[resource.ENDPOINT]}
+    assert assignments == {"outbound|80||web.default.svc.cluster.local"}
 
 
 def test_a_port_change_reencodes_only_what_changed() -> None:

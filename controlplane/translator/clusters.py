@@ -1,5 +1,5 @@
-"""Clusters: one per service port (EDS, or DNS for an external service), plus the
-sidecar's static inbound cluster."""
+"""Clusters: one per service port (EDS, or DNS for an external service and for one whose
+endpoints are DNS names), plus the sidecar's static inbound cluster."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from controlplane.mesh.model import (
 )
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
-from controlplane.translator.endpoints import static_assignment
+from controlplane.translator.endpoints import load_assignment, static_assignment
 from controlplane.translator.policies import FEATURES
 from controlplane.translator.policies.traffic import subset_name, subset_ports, subsets
 from controlplane.translator.protoutil import ads, duration, pack
@@ -35,29 +35,37 @@ def outbound_clusters(service: Service) -> list[cluster_pb2.Cluster]:
     return [
         *(outbound_cluster(service, port) for port in service.service_ports),
         *(
-            outbound_cluster(service, port, subset_name(labels))
+            outbound_cluster(service, port, labels)
             for port in subset_ports(service)
             for labels in subsets(service)
         ),
     ]
 
 
-def outbound_cluster(service: Service, port: ServicePort, subset: str = "") -> cluster_pb2.Cluster:
+def outbound_cluster(
+    service: Service, port: ServicePort, subset: dict[str, str] | None = None
+) -> cluster_pb2.Cluster:
     """Endpoints come by EDS, so an endpoint change does not touch (and re-warm) the
     cluster. An external service has no endpoints to send: Envoy resolves its DNS name
-    itself (STRICT_DNS, every address it returns is a host). A subset cluster is built
-    as the port's own, every feature included; only its name and endpoints differ."""
-    name = names.outbound_cluster(service, port.port, subset)
+    itself (STRICT_DNS, every address it returns is a host); so does a service whose
+    endpoints are DNS names (``address_type: dns``), whose assignment, with zones,
+    labels and health, is then inline. A subset cluster is built as the port's own,
+    every feature included; only its name and endpoints differ."""
+    name = names.outbound_cluster(service, port.port, subset_name(subset) if subset else "")
     cluster = _Cluster(name=name, connect_timeout=duration(CONNECT_TIMEOUT))
-    if service.external_name is None:
+    if service.external_name is not None:
+        cluster.type = _Cluster.DiscoveryType.STRICT_DNS
+        cluster.dns_lookup_family = _Cluster.DnsLookupFamily.V4_PREFERRED
+        cluster.load_assignment.CopyFrom(static_assignment(name, service.external_name, port.port))
+    elif service.resolves_dns:
+        cluster.type = _Cluster.DiscoveryType.STRICT_DNS
+        cluster.dns_lookup_family = _Cluster.DnsLookupFamily.V4_PREFERRED
+        cluster.load_assignment.CopyFrom(load_assignment(service, port, subset))
+    else:
         cluster.type = _Cluster.DiscoveryType.EDS
         cluster.eds_cluster_config.CopyFrom(
             _Cluster.EdsClusterConfig(eds_config=ads(), service_name=name)
         )
-    else:
-        cluster.type = _Cluster.DiscoveryType.STRICT_DNS
-        cluster.dns_lookup_family = _Cluster.DnsLookupFamily.V4_PREFERRED
-        cluster.load_assignment.CopyFrom(static_assignment(name, service.external_name, port.port))
     if port.protocol == "grpc":
         _use_http2(cluster)
     for feature in FEATURES:

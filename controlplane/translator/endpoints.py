@@ -19,9 +19,9 @@ _HealthStatus = health_check_pb2.HealthStatus
 
 
 def load_assignments(service: Service) -> list[endpoint_pb2.ClusterLoadAssignment]:
-    """One per service port, as the clusters; none for an external service, whose
-    clusters resolve DNS themselves."""
-    if service.external_name is not None:
+    """One per service port, as the clusters; none for an external service or one whose
+    endpoints are DNS names: those clusters resolve DNS themselves, assignment inline."""
+    if service.external_name is not None or service.resolves_dns:
         return []
     return [
         *(load_assignment(service, port) for port in service.service_ports),

@@ -46,24 +46,31 @@ class RateLimit(Feature):
             )
 
 
-def fill(requests_per_second: float) -> tuple[int, timedelta]:
-    """(tokens_per_fill, fill_interval) giving exactly ``requests_per_second``: the
-    fewest tokens whose interval is a whole number of microseconds and at least 50ms.
-    100 rps: 5 tokens every 50ms; 3 rps: 3 every second; 0.5 rps: 1 every 2s."""
+def fill(requests_per_second: float, most: int | None = None) -> tuple[int, timedelta]:
+    """(tokens_per_fill, fill_interval) for ``requests_per_second``, in O(1).
+
+    Exact when it can be: the fewest tokens whose interval is a whole number of
+    microseconds and at least 50ms (100 rps: 5 tokens every 50ms; 3 rps: 3 every second;
+    0.5 rps: 1 every 2s). An exact fill of 12345.677 rps would be 12,345,677 tokens every
+    1000s, a bucket that ignores any burst; when the exact fill holds more than ``most``
+    tokens (the bucket's size), the fewest tokens per >=50ms are used instead, with the
+    interval rounded to the microsecond: off by under 0.002%."""
     rate = Fraction(round(requests_per_second * 1000), 1000)
-    tokens = max(1, math.ceil(rate * _MIN_FILL))
-    while True:  # ends at tokens == rate.numerator at the latest (interval: whole seconds)
-        interval = Fraction(tokens) / rate
-        if (interval * _MICROS).denominator == 1 and interval >= _MIN_FILL:
-            return tokens, timedelta(microseconds=int(interval * _MICROS))
-        tokens += 1
+    least = max(1, math.ceil(rate * _MIN_FILL))  # tokens per fill for an interval >= 50ms
+    # interval = tokens / rate is whole microseconds iff tokens is a multiple of `step`.
+    step = rate.numerator // math.gcd(rate.numerator, rate.denominator * _MICROS)
+    exact = step * math.ceil(Fraction(least, step))
+    if most is None or exact <= max(most, least):
+        return exact, timedelta(microseconds=int(Fraction(exact) / rate * _MICROS))
+    micros = max(round(Fraction(least) / rate * _MICROS), math.ceil(_MIN_FILL * _MICROS))
+    return least, timedelta(microseconds=micros)
 
 
 def token_bucket(policy: RateLimitPolicy) -> token_bucket_pb2.TokenBucket:
     """The bucket holds ``burst`` tokens (default: one second's worth), and never less
     than one fill, else part of each fill would be lost and the rate fall short."""
-    tokens, interval = fill(policy.requests_per_second)
-    burst = policy.burst or math.ceil(policy.requests_per_second)
+    burst = policy.burst or max(1, math.ceil(policy.requests_per_second))
+    tokens, interval = fill(policy.requests_per_second, burst)
     return token_bucket_pb2.TokenBucket(
         max_tokens=max(burst, tokens),
         tokens_per_fill=u32(tokens),
