@@ -7,10 +7,12 @@ both run them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import string
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,35 +143,34 @@ def _random_name(rng: random.Random, length: int = 12) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
 
 
-async def _invent(port: int, count: int, seed: int) -> int:
+async def _invent(port: int, count: int, seed: int,
+                  while_connected: Callable[[], Any]) -> tuple[int, Any]:
     """``count`` ADS streams (half SotW, half delta) with invented node ids, services and
-    namespaces; each gets its first CDS response, then all disconnect."""
+    namespaces; each waits for its first CDS response; ``while_connected()`` runs with
+    all of them open, then all disconnect."""
     rng = random.Random(seed)
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(8)]
+    clients: list[AdsClient] = []
     answered = 0
     try:
-        for start in range(0, count, 100):
-            clients = []
-            for i in range(start, min(count, start + 100)):
-                delta = i % 2 == 1
-                client = AdsClient(channels[i % len(channels)], delta=delta)
-                clients.append(client)
-                await client.send(node=node(f"ghost-{_random_name(rng, 20)}",
-                                            f"svc-{_random_name(rng)}",
-                                            namespace=f"ns-{_random_name(rng, 6)}"),
-                                  type_url=resource.CLUSTER)
-            for client in clients:
-                try:
-                    await client.recv(20)
-                    answered += 1
-                except TimeoutError:
-                    pass
-            for client in clients:
-                await client.close()
+        for i in range(count):
+            client = AdsClient(channels[i % len(channels)], delta=i % 2 == 1)
+            clients.append(client)
+            await client.send(node=node(f"ghost-{_random_name(rng, 20)}",
+                                        f"svc-{_random_name(rng)}",
+                                        namespace=f"ns-{_random_name(rng, 6)}"),
+                              type_url=resource.CLUSTER)
+        for client in clients:
+            with contextlib.suppress(TimeoutError):
+                await client.recv(30)
+                answered += 1
+        seen = while_connected()
     finally:
+        for client in clients:
+            await client.close()
         for channel in channels:
             await channel.close()
-    return answered
+    return answered, seen
 
 
 def _series_with(text: str, marker: str) -> list[str]:
@@ -196,10 +197,10 @@ def invented_identities(stack: Stack, count: int, ttl_env: dict[str, str],
     rss_before = rss_mb(pid_of(server))
 
     started = time.monotonic()
-    answered = asyncio.run(_invent(server.xds_port, count, seed=count))
+    answered, (peak_groups, rss_peak) = asyncio.run(_invent(
+        server.xds_port, count, seed=count,
+        while_connected=lambda: (len(server.json("/debug/snapshots")), rss_mb(pid_of(server)))))
     connect_seconds = time.monotonic() - started
-    peak_groups = len(server.json("/debug/snapshots"))
-    rss_peak = rss_mb(pid_of(server))
     assert answered == count, f"only {answered} of {count} invented proxies got config"
 
     gone = time.monotonic()
