@@ -120,3 +120,25 @@ class NetnsHost:
     def _remove(self) -> None:
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=10)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=10)
+
+
+class Namespace:
+    """A network namespace of our own with only loopback up: the documented ports are
+    free in it whatever runs on this machine. ``run`` gives the command prefix."""
+
+    def __init__(self) -> None:
+        index, self._lease = lease()
+        self.ns = f"{_PREFIX}-{index}"
+
+    def __enter__(self) -> Namespace:
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=10)
+        _ip("netns", "add", self.ns)
+        _ip("-n", self.ns, "link", "set", "lo", "up")
+        return self
+
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.ns]
+
+    def __exit__(self, *_: object) -> None:
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=10)
+        self._lease.close()
