@@ -1,4 +1,10 @@
-"""``controlplane serve``: wires source -> pipeline -> cache -> xDS server, plus admin."""
+"""``controlplane serve``: wires source -> pipeline -> cache -> xDS server, plus admin.
+
+The process outlives its inputs: a source that fails is logged and started again (the
+last good mesh is served meanwhile), a mesh that cannot be built is rejected, and groups
+that no proxy uses any more are swept away. On SIGTERM streams are ended cleanly, so
+sidecars reconnect at once (their bootstrap caps the back-off at a second).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.store import SnapshotStore
 from controlplane.pipeline import Pipeline
 from controlplane.server import StreamRegistry, XdsServer, create_server
+from controlplane.server.limits import Limits
 from controlplane.settings import ServeSettings, split_address
 from controlplane.sources import Source, open_source
 
@@ -37,15 +44,73 @@ class Running:
     admin_port: int
     source_task: asyncio.Task[None]
     store: SnapshotStore | None
+    xds: XdsServer | None = None
+    sweeper: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
-        self.source_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.source_task
-        await self.grpc_server.stop(grace)
+        """Stop taking new streams, end the open ones once their writes are done (they
+        reconnect elsewhere), and cut what is left after ``grace`` seconds."""
+        for task in (self.source_task, self.sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
+        if self.xds is not None:
+            self.xds.shutdown()
+        await stopping
         await self.admin_runner.cleanup()
         if self.store is not None:
             self.store.close()
+
+
+def limits(settings: ServeSettings) -> Limits:
+    """The xDS server's bounds on what clients send, from the settings."""
+    return Limits(
+        max_node_id_bytes=settings.max_node_id_bytes,
+        max_node_bytes=settings.max_node_bytes,
+        max_names_per_request=settings.max_names_per_request,
+        max_unknown_types=settings.max_unknown_types,
+        max_streams=settings.max_streams,
+        log_lines_per_second=settings.stream_log_rate,
+    )
+
+
+async def follow(source: Source, pipeline: Pipeline, retry: float = 1.0) -> None:
+    """Feed the source's meshes to the pipeline for as long as the process lives. A source
+    that fails or ends is started again after ``retry`` seconds (doubling to 30)."""
+    frozen = False
+    delay = retry
+    while True:
+        try:
+            async for mesh in source.updates():
+                delay = retry
+                if await pipeline.apply(mesh) and not frozen:
+                    # What the first mesh built lives long: keep it out of later
+                    # collections (half of a change's CPU went to the collector).
+                    gc.freeze()
+                    frozen = True
+            log.error("source.ended", source=source.name, retry_in=delay,
+                      hint="the last good mesh is still served; the source is started again")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("source.failed", source=source.name, retry_in=delay,
+                          error=f"{type(exc).__name__}: {exc}",
+                          hint="the last good mesh is still served; the source is started "
+                          "again")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 30.0)
+
+
+async def sweep(pipeline: Pipeline, ttl: float) -> None:
+    """Forget proxy groups that have had no proxy connected for ``ttl`` seconds."""
+    while True:
+        await asyncio.sleep(min(max(ttl / 4, 0.05), 5.0))
+        try:
+            pipeline.expire_groups(ttl)
+        except Exception:
+            log.exception("groups.sweep_failed", hint="retried at the next sweep")
 
 
 async def start(settings: ServeSettings, source: Source | None = None) -> Running:
@@ -57,8 +122,8 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     cache = SnapshotCache()
     pipeline = Pipeline(cache, store)
     registry = StreamRegistry()
-    grpc_server, xds_port = await create_server(
-        settings.xds_address, XdsServer(cache, registry, settings.identifier))
+    xds = XdsServer(cache, registry, settings.identifier, limits=limits(settings))
+    grpc_server, xds_port = await create_server(settings.xds_address, xds)
     try:
         runner, bound_admin = await start_admin(
             AdminState(registry=registry, cache=cache, readiness=pipeline.readiness),
@@ -67,21 +132,13 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
         await grpc_server.stop(0)
         raise
 
-    async def follow() -> None:
-        frozen = False
-        async for mesh in source.updates():
-            if pipeline.set_mesh(mesh) and not frozen:
-                # What the first mesh built lives as long as the process: keep it out of
-                # every later collection (half of a change's CPU went to the collector).
-                gc.freeze()
-                frozen = True
-
-    task = asyncio.create_task(follow(), name="source")
+    task = asyncio.create_task(follow(source, pipeline), name="source")
+    sweeper = asyncio.create_task(sweep(pipeline, settings.group_ttl), name="group-sweeper")
     host = settings.xds_address.rpartition(":")[0]
     log.info("serve.started", source=source.name, xds=f"{host}:{xds_port}",
              admin=f"http://{admin_host}:{bound_admin}/", snapshot_dir=str(settings.snapshot_dir))
     return Running(settings, pipeline, cache, registry, grpc_server, xds_port, runner,
-                   bound_admin, task, store)
+                   bound_admin, task, store, xds, sweeper)
 
 
 async def serve(settings: ServeSettings) -> None:
@@ -98,6 +155,6 @@ async def serve(settings: ServeSettings) -> None:
         return_when=asyncio.FIRST_COMPLETED)
     if running.source_task in done and running.source_task.exception() is not None:
         log.error("serve.source_failed", error=str(running.source_task.exception()))
-    log.info("serve.stopping")
-    await running.stop()
+    log.info("serve.stopping", grace=settings.shutdown_grace)
+    await running.stop(settings.shutdown_grace)
     log.info("serve.stopped")

@@ -5,11 +5,15 @@ A MeshBuild translates and serializes those once per mesh, and only for the serv
 that changed since the previous mesh; the egress route table once per namespace; and per
 group only the listeners and the inbound cluster. A one-endpoint change in a mesh of a
 thousand services re-encodes one ClusterLoadAssignment, not a thousand per group.
+
+A service whose translation fails (a translator bug, a value nothing caught) is left
+out of the build, or kept at its last good version when the previous build had one; it
+is listed in ``rejected`` with the error. The rest of the mesh is built as usual.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +43,17 @@ def _routing(service: Service) -> dict[str, Any]:
 class MeshBuild:
     """Immutable once made; the pipeline swaps in a new one when a mesh is accepted."""
 
-    def __init__(self, mesh: Mesh, previous: MeshBuild | None = None) -> None:
-        self.mesh = mesh
+    mesh: Mesh  # what is served: rejected services at their last good version, or left out
+
+    def __init__(self, mesh: Mesh, previous: MeshBuild | None = None,
+                 replace: Mapping[str, str] | None = None) -> None:
+        """``replace``: services (by key) already known to break the route tables, with
+        the error; they are treated like services whose translation failed."""
         before = previous._services if previous is not None else {}
         self._services: dict[str, _Encoded] = {}
+        self.rejected: dict[str, str] = dict(replace or {})
         self.encoded_bytes = 0
+        served: list[Service] = []
         # Route tables carry over when no service changed anything but its endpoints.
         routes_same = previous is not None and [s.key for s in mesh.services] == [
             s.key for s in previous.mesh.services]
@@ -51,17 +61,34 @@ class MeshBuild:
             old = before.get(service.key)
             if old is not None and (old.service is service or old.service == service):
                 self._services[service.key] = old
+                served.append(old.service)
                 continue
-            routing = _routing(service)
+            try:
+                if service.key in self.rejected:
+                    raise _Replaced(self.rejected[service.key])
+                routing = _routing(service)
+                made = service_resources(service)
+                clusters = _encode(resource.CLUSTER, made.clusters,
+                                   old.clusters if old else ())
+                assignments = _encode(resource.ENDPOINT, made.load_assignments,
+                                      old.load_assignments if old else ())
+            except Exception as exc:
+                if not isinstance(exc, _Replaced):
+                    self.rejected[service.key] = f"{type(exc).__name__}: {exc}"
+                if old is not None:  # its last good version stays
+                    self._services[service.key] = old
+                    served.append(old.service)
+                else:
+                    routes_same = False
+                continue
             if old is None or old.routing != routing:
                 routes_same = False
-            made = service_resources(service)
-            clusters = _encode(resource.CLUSTER, made.clusters, old.clusters if old else ())
-            assignments = _encode(resource.ENDPOINT, made.load_assignments,
-                                  old.load_assignments if old else ())
             # all serialized, even those that come out equal to the old ones
             self.encoded_bytes += sum(r.size for r in (*clusters, *assignments))
             self._services[service.key] = _Encoded(service, clusters, assignments, routing)
+            served.append(service)
+        # What is served: the mesh with each rejected service at its last good version.
+        self.mesh = mesh if not self.rejected else mesh.model_copy(update={"services": served})
         self._clusters = sorted((c for e in self._services.values() for c in e.clusters),
                                 key=lambda r: r.name)
         self._assignments = sorted((a for e in self._services.values()
@@ -69,6 +96,21 @@ class MeshBuild:
         self._zoned: dict[str, list[Resource]] = {}
         self._previous_routes = previous._routes if previous is not None else {}
         self._routes: dict[str, Resource] = dict(self._previous_routes) if routes_same else {}
+
+    def last_good(self, key: str) -> Service | None:
+        """The service ``key`` as this build serves it."""
+        found = self._services.get(key)
+        return found.service if found is not None else None
+
+    def forget(self, namespaces: Collection[str], zones: Collection[str]) -> None:
+        """Drop route tables and zone variants no group uses any more: proxies choose
+        their namespace and zone, so these would otherwise grow with every name seen."""
+        self._routes = {n: r for n, r in self._routes.items() if n in namespaces}
+        self._previous_routes = {}
+        self._zoned = {z: a for z, a in self._zoned.items() if z in zones}
+        for encoded in self._services.values():
+            for zone in [z for z in encoded.zoned if z not in zones]:
+                encoded.zoned.pop(zone, None)
 
     def route(self, namespace: str) -> Resource:
         """The egress route table of a namespace, encoded once for all its proxies."""
@@ -108,6 +150,10 @@ class MeshBuild:
             resource.ROUTE: [self.route(proxy.namespace)],
             resource.SECRET: [],
         }, reuse=reuse)
+
+
+class _Replaced(Exception):
+    """A service already found to break the route tables."""
 
 
 def _encode(type_url: str, messages: Sequence[Message],

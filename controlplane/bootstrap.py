@@ -21,6 +21,11 @@ XDS_CLUSTER = "xds_cluster"
 # gRPC's default 4 MB limit is too small for big meshes (Istio #32644).
 MAX_RECEIVE_MESSAGE_LENGTH = 256 * 1024 * 1024
 
+# Envoy retries a lost xDS stream with a jittered back-off of 0.5 s doubling to 30 s
+# (its defaults); after a server restart a sidecar could wait that long to come back.
+# Capped at a second, a rollout of the control plane costs sidecars about a second.
+XDS_RETRY_BACK_OFF = {"base_interval": "0.1s", "max_interval": "1s"}
+
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 
@@ -96,6 +101,7 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
                         "envoy_grpc": {
                             "cluster_name": XDS_CLUSTER,
                             "max_receive_message_length": MAX_RECEIVE_MESSAGE_LENGTH,
+                            "retry_policy": {"retry_back_off": dict(XDS_RETRY_BACK_OFF)},
                         }
                     }
                 ],

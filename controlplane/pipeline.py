@@ -1,42 +1,91 @@
 """Mesh states in, published snapshots out: the one place sources meet the cache.
 
 A new mesh is first translated (a MeshBuild: shared resources encoded once) and
-assembled for a neutral proxy; if that fails or is inconsistent the mesh is rejected as
-a whole and the last good one keeps being served. Then every group that has a connected
-proxy is assembled again; unchanged resources keep their encoded bytes.
+assembled for a neutral proxy. A service that cannot be translated is left out (or kept
+at its last good version) and named in the logs and in /readyz; if the rest still fails
+or is inconsistent the mesh is rejected as a whole and the last good one keeps being
+served. Then every group that has a proxy (connected, or gone for less than the group
+TTL) is assembled again; unchanged resources keep their encoded bytes.
+
+``apply`` does the translating and assembling on a worker thread and only publishes on
+the event loop, so a big change does not hold up xDS streams or /healthz. Nothing here
+raises to its caller: a source's mesh is accepted or rejected, never fatal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import structlog
 
 from controlplane import metrics, resource
 from controlplane.assembly import MeshBuild
 from controlplane.cache.cache import SnapshotCache
+from controlplane.cache.snapshot import Snapshot
 from controlplane.cache.store import SnapshotStore
 from controlplane.errors import TranslationError
 from controlplane.mesh.model import Mesh
-from controlplane.proxy import ProxyIdentity
+from controlplane.proxy import DEFAULT_NAMESPACE, ProxyIdentity
+from controlplane.translator import egress_route
 
 log = structlog.get_logger("controlplane.pipeline")
 
 _PROBE = ProxyIdentity(node_id="(probe)", service="(probe)")
+_ATTEMPTS = 3  # isolate route-table culprits at most this many times, then reject whole
 
 
-def check_mesh(mesh: Mesh, previous: MeshBuild | None = None) -> MeshBuild:
-    """Translate ``mesh`` and assemble it for a neutral proxy; TranslationError if that
-    fails or is not consistent. The returned build is then shared by every group."""
-    try:
-        build = MeshBuild(mesh, previous)
-        snapshot = build.snapshot(_PROBE)
-    except Exception as exc:  # a translator bug is reported like any bad mesh
-        raise TranslationError(f"{type(exc).__name__}: {exc}") from exc
-    problems = snapshot.problems()
-    if problems:
-        raise TranslationError("inconsistent snapshot: " + "; ".join(problems))
-    return build
+def check_mesh(mesh: Mesh, previous: MeshBuild | None = None,
+               namespaces: Collection[str] = (DEFAULT_NAMESPACE,)) -> MeshBuild:
+    """Translate ``mesh``, build the route tables of ``namespaces`` and assemble it for a
+    neutral proxy; TranslationError if that fails or is not consistent. Services whose
+    translation fails are listed in the build's ``rejected``. The build is then shared by
+    every group."""
+    culprits: dict[str, str] = {}
+    for _ in range(_ATTEMPTS):
+        try:
+            build = MeshBuild(mesh, previous, culprits)
+            for namespace in sorted({DEFAULT_NAMESPACE, *namespaces}):
+                build.route(namespace)
+            snapshot = build.snapshot(_PROBE)
+        except Exception as exc:  # a translator bug: find the services that cause it
+            found = _route_culprits(mesh, {DEFAULT_NAMESPACE, *namespaces})
+            if not found or found.keys() <= culprits.keys():
+                raise TranslationError(f"{type(exc).__name__}: {exc}") from exc
+            culprits.update(found)
+            continue
+        problems = snapshot.problems()
+        if problems:
+            raise TranslationError("inconsistent snapshot: " + "; ".join(problems))
+        return build
+    raise TranslationError("translation keeps failing after leaving out "
+                           + ", ".join(sorted(culprits)))
+
+
+def _route_culprits(mesh: Mesh, namespaces: Collection[str]) -> dict[str, str]:
+    """The services whose own virtual hosts fail to build, each with its error."""
+    found: dict[str, str] = {}
+    for service in mesh.services:
+        alone = mesh.model_copy(update={"services": [service]})
+        for namespace in namespaces:
+            try:
+                egress_route(alone, namespace)
+            except Exception as exc:
+                found[service.key] = f"{type(exc).__name__}: {exc}"
+                break
+    return found
+
+
+@dataclass
+class _Prepared:
+    """A mesh translated and assembled for every known group, ready to publish."""
+
+    build: MeshBuild
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 class Pipeline:
@@ -45,6 +94,8 @@ class Pipeline:
         self.store = store
         self.current: MeshBuild | None = None
         self.generation = 0
+        self.last_error = ""
+        self._lock = asyncio.Lock()
         cache.on_new_group = self.on_new_group
 
     @property
@@ -53,30 +104,114 @@ class Pipeline:
 
     def readiness(self) -> tuple[bool, str]:
         if self.current is None:
-            return False, "waiting for the first valid mesh from the source"
+            detail = "waiting for the first valid mesh from the source"
+            if self.last_error:
+                detail += f"; the last one was rejected: {self.last_error[:500]}"
+            return False, detail
         services = len(self.current.mesh.services)
-        return True, f"mesh generation {self.generation} with {services} services"
+        detail = f"mesh generation {self.generation} with {services} services"
+        if self.current.rejected:
+            left = "; ".join(f"{k}: {e}" for k, e in sorted(self.current.rejected.items()))
+            detail += f"; not translated (last good version served, if any): {left[:500]}"
+        return True, detail
 
     def set_mesh(self, mesh: Mesh) -> bool:
-        """Accept ``mesh`` if it translates into a consistent snapshot; rebuild every group."""
-        started = time.perf_counter()
+        """Accept ``mesh`` if it translates into a consistent snapshot; rebuild every group.
+        All on the calling thread; True when accepted. Never raises."""
         try:
-            build = check_mesh(mesh, self.current)
-        except TranslationError as exc:
-            metrics.MESH_UPDATES.labels("rejected").inc()
+            prepared = self._prepare(mesh, self.current, self.cache.groups())
+        except Exception as exc:
+            return self._rejected(exc)
+        try:
+            self._publish(prepared)
+        except Exception as exc:
+            return self._rejected(exc)
+        return True
+
+    async def apply(self, mesh: Mesh) -> bool:
+        """``set_mesh`` with the translation and assembly on a worker thread; snapshots
+        are published on the event loop, a slice of groups at a time."""
+        async with self._lock:
+            try:
+                prepared = await asyncio.to_thread(
+                    self._prepare, mesh, self.current, self.cache.groups())
+            except Exception as exc:
+                return self._rejected(exc)
+            try:
+                await self._publish_async(prepared)
+            except Exception as exc:
+                return self._rejected(exc)
+            return True
+
+    def _rejected(self, exc: Exception) -> bool:
+        metrics.MESH_UPDATES.labels("rejected").inc()
+        self.last_error = str(exc)
+        if isinstance(exc, TranslationError):
             log.error("mesh.rejected", error=str(exc),
                       hint="the last good mesh is still served; fix the input and save again")
-            return False
+        else:  # a bug of ours, not the input's: the traceback helps us
+            log.exception("mesh.failed", error=f"{type(exc).__name__}: {exc}",
+                          hint="the last good mesh is still served; please report this")
+        return False
+
+    def _prepare(self, mesh: Mesh, previous: MeshBuild | None,
+                 groups: dict[str, ProxyIdentity]) -> _Prepared:
+        """Pure work (no publishing), safe on a worker thread."""
+        started = time.perf_counter()
+        namespaces = {p.namespace for p in groups.values()}
+        prepared = _Prepared(check_mesh(mesh, previous, namespaces))
+        for group, proxy in groups.items():
+            try:
+                snapshot = prepared.build.snapshot(proxy, self.cache.get(group))
+                snapshot.problems()  # computed here, off the loop; kept by the snapshot
+                prepared.snapshots[group] = snapshot
+            except Exception as exc:
+                prepared.failures[group] = f"{type(exc).__name__}: {exc}"
+        prepared.seconds = time.perf_counter() - started
+        return prepared
+
+    def _accept(self, prepared: _Prepared) -> None:
+        build = prepared.build
         self.current = build
         self.generation += 1
+        self.last_error = ""
         metrics.MESH_UPDATES.labels("accepted").inc()
         metrics.ENCODED_BYTES.inc(build.encoded_bytes)
-        groups = self.cache.groups()
-        for proxy in groups.values():
-            self.build(proxy)
-        log.info("mesh.accepted", generation=self.generation, services=len(mesh.services),
-                 groups=len(groups), seconds=round(time.perf_counter() - started, 4))
-        return True
+        for key, error in sorted(build.rejected.items()):
+            kept = build.last_good(key) is not None
+            log.error("service.rejected", service=key, error=error,
+                      hint=("its last good version is still served" if kept else
+                            "it is left out") + "; fix its definition and save again")
+        for group, error in prepared.failures.items():
+            self._group_failed(group, error)
+
+    def _publish(self, prepared: _Prepared) -> None:
+        self._accept(prepared)
+        for group, snapshot in prepared.snapshots.items():
+            self._publish_group(group, snapshot, prepared.seconds)
+        self._build_missing(prepared)
+        self._accepted_log(prepared)
+
+    async def _publish_async(self, prepared: _Prepared) -> None:
+        self._accept(prepared)
+        for index, (group, snapshot) in enumerate(prepared.snapshots.items()):
+            self._publish_group(group, snapshot, prepared.seconds)
+            if index % 50 == 49:
+                await asyncio.sleep(0)  # let streams write between slices of groups
+        self._build_missing(prepared)
+        self._accepted_log(prepared)
+
+    def _build_missing(self, prepared: _Prepared) -> None:
+        """Groups that arrived while the mesh was being built got the old one."""
+        for group, proxy in self.cache.groups().items():
+            if group not in prepared.snapshots and group not in prepared.failures:
+                self.build(proxy)
+
+    def _accepted_log(self, prepared: _Prepared) -> None:
+        build = prepared.build
+        log.info("mesh.accepted", generation=self.generation,
+                 services=len(build.mesh.services), groups=len(prepared.snapshots),
+                 rejected_services=len(build.rejected), seconds=round(prepared.seconds, 4))
 
     def on_new_group(self, proxy: ProxyIdentity) -> None:
         if self.current is not None:
@@ -89,13 +224,24 @@ class Pipeline:
         started = time.perf_counter()
         try:
             snapshot = self.current.snapshot(proxy, self.cache.get(group))
+        except Exception as exc:
+            self._group_failed(group, f"{type(exc).__name__}: {exc}")
+            return
+        self._publish_group(group, snapshot, time.perf_counter() - started)
+
+    def _group_failed(self, group: str, error: str) -> None:
+        metrics.SNAPSHOT_BUILDS.labels("rejected").inc()
+        log.error("snapshot.rejected", group=group, error=error,
+                  hint="this group keeps its last good snapshot; fix the mesh")
+
+    def _publish_group(self, group: str, snapshot: Snapshot, elapsed: float) -> None:
+        if group not in self.cache.groups():
+            return  # expired while it was being built
+        try:
             published = self.cache.set_snapshot(group, snapshot)
         except Exception as exc:
-            metrics.SNAPSHOT_BUILDS.labels("rejected").inc()
-            log.error("snapshot.rejected", group=group, error=str(exc),
-                      hint="this group keeps its last good snapshot; fix the mesh")
+            self._group_failed(group, str(exc))
             return
-        elapsed = time.perf_counter() - started
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
         metrics.SNAPSHOT_BUILDS.labels("published" if published else "unchanged").inc()
         if published:
@@ -106,3 +252,24 @@ class Pipeline:
                      versions=snapshot.versions(), seconds=round(elapsed, 4))
             if self.store is not None:
                 self.store.save(group, snapshot)
+
+    def expire_groups(self, ttl: float, now: float | None = None) -> list[str]:
+        """Forget groups with no proxy connected for ``ttl`` seconds: their snapshot, their
+        metric series, their stored snapshots, and the route tables and zone variants
+        only they used."""
+        gone = self.cache.expire(ttl, now)
+        if not gone:
+            return gone
+        for group in gone:
+            for short in resource.SHORT_NAMES.values():
+                metrics.CONFIG_BYTES.remove(group, short)
+            if self.store is not None:
+                self.store.forget(group)
+        if self.current is not None:
+            members = self.cache.groups().values()
+            self.current.forget({DEFAULT_NAMESPACE, *(p.namespace for p in members)},
+                                {p.zone for p in members if p.zone})
+        log.info("groups.expired", count=len(gone), groups=sorted(gone)[:10],
+                 remaining=len(self.cache.groups()), ttl=ttl)
+        return gone
+

@@ -67,6 +67,41 @@ class ServeSettings(BaseSettings):
     identifier: str = Field(
         default="controlplane", description="Sent to proxies as control_plane.identifier."
     )
+    group_ttl: float = Field(
+        default=60.0, gt=0, description="A proxy group none of whose proxies has been "
+        "connected this long, in seconds, is forgotten: its snapshot, its stored snapshots "
+        "and its metric series (clients choose their identity, so groups would otherwise "
+        "only grow). `CONTROLPLANE_GROUP_TTL`."
+    )
+    shutdown_grace: float = Field(
+        default=5.0, ge=0, description="On SIGTERM, streams are asked to end once their "
+        "writes are done (clients reconnect, to another replica); after this many seconds "
+        "the rest are cut."
+    )
+    max_node_id_bytes: int = Field(
+        default=1024, ge=16, description="Longest node.id (also node.cluster and "
+        "node.locality.zone) a proxy may send; longer is refused with INVALID_ARGUMENT."
+    )
+    max_node_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest node (metadata included), "
+        "serialized; larger is refused with INVALID_ARGUMENT."
+    )
+    max_names_per_request: int = Field(
+        default=100_000, ge=1, description="Most resource names in one discovery request; "
+        "more is refused with RESOURCE_EXHAUSTED."
+    )
+    max_unknown_types: int = Field(
+        default=16, ge=0, description="Distinct type URLs this server does not serve that "
+        "one stream may ask for; more is refused with RESOURCE_EXHAUSTED."
+    )
+    max_streams: int = Field(
+        default=0, ge=0, description="Most xDS streams open at once (0: no cap); more are "
+        "refused with RESOURCE_EXHAUSTED."
+    )
+    stream_log_rate: float = Field(
+        default=5.0, gt=0, description="Warnings one stream may cause per second (NACKs, "
+        "unknown types, protocol errors); the rest are counted and the count logged."
+    )
 
 
 def split_address(address: str, flag: str) -> tuple[str, int]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from controlplane import assembly, resource
-from controlplane.cache import SnapshotCache
+from controlplane.cache import Snapshot, SnapshotCache
 from controlplane.cache.store import SnapshotStore
 from controlplane.mesh import Mesh, load_mesh_text
 from controlplane.mesh.model import Service
@@ -43,7 +46,99 @@ async def test_ready_only_after_a_valid_mesh_and_groups_built_on_demand() -> Non
         snapshot.get(resource.CLUSTER).resources
 
 
-async def test_a_mesh_that_fails_translation_is_rejected_whole(
+def _endpoint_port(snapshot: Snapshot, service: str) -> int:
+    name = f"outbound|9080||{service}.default.svc.cluster.local"
+    assignment = snapshot.get(resource.ENDPOINT).resources[name].message
+    return int(assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+               .port_value)
+
+
+TWO = """services:
+  - {name: reviews, port: 9080, endpoints: [{address: 127.0.0.1, port: %d}]}
+  - {name: ratings, port: 9080, endpoints: [{address: 127.0.0.1, port: %d}]}
+"""
+
+
+async def test_a_translator_bug_in_one_service_keeps_its_last_good_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    assert pipeline.set_mesh(load_mesh_text(TWO % (9081, 9091)))
+    await cache.next_snapshot(PROXY, None)
+    real = assembly.service_resources
+
+    def broken(service: Service) -> ServiceResources:
+        if service.name == "reviews":
+            raise RuntimeError("translator bug")
+        return real(service)
+
+    monkeypatch.setattr(assembly, "service_resources", broken)
+    with capture_logs() as logs:
+        assert pipeline.set_mesh(load_mesh_text(TWO % (9082, 9092))) is True
+    snapshot = cache.get(PROXY.group)
+    assert _endpoint_port(snapshot, "reviews") == 9081  # its last good version
+    assert _endpoint_port(snapshot, "ratings") == 9092  # the rest moved on
+    [rejected] = [e for e in logs if e["event"] == "service.rejected"]
+    assert rejected["service"] == "reviews.default" and "translator bug" in rejected["error"]
+    assert rejected["log_level"] == "error" and "last good" in rejected["hint"]
+    ready, detail = pipeline.readiness()
+    assert ready and "reviews.default" in detail and "translator bug" in detail
+
+
+async def test_a_new_service_that_cannot_be_translated_is_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    real = assembly.service_resources
+
+    def broken(service: Service) -> ServiceResources:
+        if service.name == "reviews":
+            raise RuntimeError("translator bug")
+        return real(service)
+
+    monkeypatch.setattr(assembly, "service_resources", broken)
+    # Starting with it: the rest is served and the server is ready.
+    assert pipeline.set_mesh(load_mesh_text(TWO % (9081, 9091)))
+    snapshot = await cache.next_snapshot(PROXY, None)
+    clusters = snapshot.get(resource.CLUSTER).resources
+    assert "outbound|9080||ratings.default.svc.cluster.local" in clusters
+    assert "outbound|9080||reviews.default.svc.cluster.local" not in clusters
+    assert pipeline.readiness()[0] is True
+    assert [s.name for s in pipeline.mesh.services] == ["ratings"]  # type: ignore[union-attr]
+
+
+async def test_a_route_table_bug_in_one_service_is_isolated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from controlplane.translator import routes
+
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    assert pipeline.set_mesh(load_mesh_text(TWO % (9081, 9091)))
+    await cache.next_snapshot(PROXY, None)
+    real = routes._virtual_hosts
+
+    def broken(service: Service, namespace: str) -> Any:
+        if service.name == "reviews" and service.policy is not None:
+            raise ValueError("route bug")
+        return real(service, namespace)
+
+    monkeypatch.setattr(routes, "_virtual_hosts", broken)
+    timed = (TWO % (9082, 9092)).replace("port: 9080, endpoints: [{address: 127.0.0.1, "
+                                         "port: 9082}]", "port: 9080, policy: {timeout: 1s}, "
+                                         "endpoints: [{address: 127.0.0.1, port: 9082}]")
+    with capture_logs() as logs:
+        assert pipeline.set_mesh(load_mesh_text(timed)) is True
+    snapshot = cache.get(PROXY.group)
+    assert _endpoint_port(snapshot, "reviews") == 9081  # last good: no policy, old endpoint
+    assert _endpoint_port(snapshot, "ratings") == 9092
+    assert [e["service"] for e in logs if e["event"] == "service.rejected"] == [
+        "reviews.default"]
+
+
+async def test_set_mesh_never_raises_and_keeps_the_last_good_snapshot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cache = SnapshotCache()
@@ -51,16 +146,35 @@ async def test_a_mesh_that_fails_translation_is_rejected_whole(
     pipeline.set_mesh(mesh(9081))
     first = await cache.next_snapshot(PROXY, None)
 
-    def broken(service: Service) -> ServiceResources:
-        raise RuntimeError("translator bug")
+    def broken(*args: object, **kwargs: object) -> Snapshot:
+        raise RuntimeError("assembly bug")
 
-    monkeypatch.setattr(assembly, "service_resources", broken)
+    monkeypatch.setattr(assembly, "build_snapshot", broken)
     with capture_logs() as logs:
         assert pipeline.set_mesh(mesh(9082)) is False
-    assert [entry["event"] for entry in logs] == ["mesh.rejected"]
-    assert "translator bug" in logs[0]["error"]
+        assert await pipeline.apply(mesh(9083)) is False
+    assert [e["event"] for e in logs] == ["mesh.rejected", "mesh.rejected"]
+    assert "assembly bug" in logs[0]["error"]
     assert cache.get(PROXY.group) is first  # the last good snapshot stays
     assert pipeline.mesh == mesh(9081)
+
+
+async def test_apply_translates_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    threads: list[str] = []
+    real = assembly.service_resources
+
+    def spy(service: Service) -> ServiceResources:
+        threads.append(threading.current_thread().name)
+        return real(service)
+
+    monkeypatch.setattr(assembly, "service_resources", spy)
+    waiting = asyncio.ensure_future(cache.next_snapshot(PROXY, None))
+    assert await pipeline.apply(mesh(9081))
+    snapshot = await asyncio.wait_for(waiting, 5)
+    assert _endpoint_port(snapshot, "reviews") == 9081
+    assert threads and threading.main_thread().name not in threads
 
 
 async def test_unchanged_mesh_publishes_nothing_and_endpoint_change_reuses_the_rest() -> None:
@@ -134,3 +248,71 @@ def test_route_tables_carry_over_when_only_endpoints_change() -> None:
     retimed = MeshBuild(timed, moved)  # a policy changed: the route table is built again
     assert retimed.route("default") is not route
     assert retimed.route("default").version != route.version
+
+
+def _config_bytes(group: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("controlplane_config_bytes",
+                                     {"group": group, "type": "cds"})
+
+
+async def test_groups_without_proxies_are_forgotten_after_the_ttl(tmp_path: Path) -> None:
+    """Clients choose their identity: 50 invented ones leave nothing behind once the TTL
+    has passed (snapshot, metric series, store folder, their route tables)."""
+    store = SnapshotStore(tmp_path, keep=2)
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache, store)
+    pipeline.set_mesh(mesh(9081))
+    cache.connect(PROXY)
+    invented = [ProxyIdentity(node_id=f"x{i}", service=f"made-up-{i}", namespace=f"ns{i}",
+                              zone=f"zone-{i}") for i in range(50)]
+    for proxy in invented:
+        cache.connect(proxy)
+        cache.disconnect(proxy)
+    pipeline.set_mesh(mesh(9082))
+    assert len(cache.groups()) == 51
+    assert all(_config_bytes(p.group) is not None for p in invented)
+    assert pipeline.current is not None and len(pipeline.current._routes) == 51
+    pipeline.current.assignments("zone-3")
+
+    start = time.monotonic()
+    assert pipeline.expire_groups(60, now=start + 30) == []  # not yet
+    gone = pipeline.expire_groups(60, now=start + 61)
+    assert sorted(gone) == sorted(p.group for p in invented)
+    assert list(cache.groups()) == [PROXY.group]  # still connected: kept
+    assert all(cache.get(p.group) is None for p in invented)
+    assert all(_config_bytes(p.group) is None for p in invented)
+    assert _config_bytes(PROXY.group) is not None
+    assert set(pipeline.current._routes) == {"default"} and not pipeline.current._zoned
+    for _ in range(100):
+        if store.pending() == 0 and not any(store.folder(p.group).exists() for p in invented):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(store.folder(p.group).exists() for p in invented)
+    assert store.folder(PROXY.group).exists()
+    with capture_logs() as logs:
+        pipeline.set_mesh(mesh(9083))  # rebuilds only the group that is left
+    assert [e["groups"] for e in logs if e["event"] == "mesh.accepted"] == [1]
+
+    cache.disconnect(PROXY)  # the last proxy leaves: its group goes after the TTL too
+    assert pipeline.expire_groups(60, now=time.monotonic() + 61) == [PROXY.group]
+    store.close()
+
+
+async def test_store_coalesces_writes_per_group_latest_wins(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, keep=100)
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache, store)
+    pipeline.set_mesh(mesh(9081))
+    gate = threading.Event()
+    store._pool.submit(gate.wait, 10)  # hold the writer while versions pile up
+    cache.connect(PROXY)
+    for port in range(9082, 9102):
+        pipeline.set_mesh(mesh(port))
+    assert store.pending() == 1  # one job for the group, not twenty
+    gate.set()
+    store.close()
+    files = sorted(store.folder(PROXY.group).glob("*.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text())["version"] == cache.get(PROXY.group).version

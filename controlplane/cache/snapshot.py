@@ -81,6 +81,7 @@ class Snapshot:
     types: Mapping[str, TypeSnapshot]
     version: str = field(default="")
     encoded_bytes: int = 0  # bytes serialized to build it (pre-encoded resources excluded)
+    _problems: list[list[str]] = field(default_factory=list, compare=False, repr=False)
 
     def get(self, type_url: str) -> TypeSnapshot | None:
         return self.types.get(type_url)
@@ -90,14 +91,18 @@ class Snapshot:
 
     def problems(self) -> list[str]:
         """What makes this snapshot inconsistent (empty when it may be published): every
-        listener's routes, every route's clusters, every EDS cluster's endpoints exist."""
+        listener's routes, every route's clusters, every EDS cluster's endpoints exist.
+        Computed once (the pipeline does it off the event loop) and kept."""
+        if self._problems:
+            return list(self._problems[0])
         present = {t: s.resources.keys() for t, s in self.types.items()}
         found: list[str] = []
         for type_url, typed in self.types.items():
             for res in typed.resources.values():
                 if res.refs:
                     found += dangling(type_url, res.name, res.refs, present)
-        return found
+        self._problems.append(found)
+        return list(found)
 
 
 def encode_resource(

@@ -2,13 +2,17 @@
 
 One folder per group under the store directory; one JSON file per published version;
 the newest ``keep`` kept. Writing happens on a worker thread: a slow disk never holds up
-a push.
+a push. Work is coalesced per group, the latest wins: while a group's write waits, a
+newer version replaces it, so the queue never holds more than one job per group. A
+group that expires has its folder removed.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,12 +49,40 @@ class SnapshotStore:
         self.keep = keep
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-store")
         self._seq = 0
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[Snapshot, int] | None] = {}  # None: remove the folder
 
     def save(self, group: str, snapshot: Snapshot) -> None:
         if self.keep <= 0:
             return
         self._seq += 1
-        self._pool.submit(self._write, group, snapshot, self._seq)
+        self._queue(group, (snapshot, self._seq))
+
+    def forget(self, group: str) -> None:
+        """Remove the group's folder (after any write of it still waiting)."""
+        self._queue(group, None)
+
+    def pending(self) -> int:
+        """Groups with work waiting (at most one job each)."""
+        with self._lock:
+            return len(self._pending)
+
+    def _queue(self, group: str, job: tuple[Snapshot, int] | None) -> None:
+        with self._lock:
+            waiting = group in self._pending
+            self._pending[group] = job
+        if not waiting:
+            self._pool.submit(self._run, group)
+
+    def _run(self, group: str) -> None:
+        with self._lock:
+            if group not in self._pending:
+                return
+            job = self._pending.pop(group)
+        if job is None:
+            shutil.rmtree(self.folder(group), ignore_errors=True)
+        else:
+            self._write(group, *job)
 
     def folder(self, group: str) -> Path:
         """Where ``group``'s snapshots go (the group key made safe as a file name)."""

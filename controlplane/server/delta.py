@@ -24,6 +24,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot
+from controlplane.server.limits import Limits
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
 
 
@@ -38,9 +39,10 @@ class DeltaStream(StreamBase):
     protocol = "delta"
 
     def __init__(
-        self, stream_id: int, api: str, fixed_type: str | None = None, identifier: str = ""
+        self, stream_id: int, api: str, fixed_type: str | None = None, identifier: str = "",
+        limits: Limits | None = None,
     ) -> None:
-        super().__init__(stream_id, api, fixed_type, identifier)
+        super().__init__(stream_id, api, fixed_type, identifier, limits)
         self.types: dict[str, DeltaTypeState] = {}
 
     def type_states(self) -> dict[str, TypeState]:

@@ -20,7 +20,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane import metrics, resource
 from controlplane.cache.cache import ConfigWatcher
 from controlplane.cache.snapshot import Snapshot
+from controlplane.proxy import ProxyIdentity
 from controlplane.server.delta import DeltaStream
+from controlplane.server.limits import LimitError, Limits, LogBudget
 from controlplane.server.registry import StreamRegistry
 from controlplane.server.sotw import SotwStream
 from controlplane.server.stream import ProtocolError, Push, StreamBase
@@ -28,6 +30,7 @@ from controlplane.server.stream import ProtocolError, Push, StreamBase
 log = structlog.get_logger("controlplane.xds")
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MB default is too small for big meshes
+_SHUTTING_DOWN = "the control plane is shutting down; reconnect (Envoy does so by itself)"
 
 # service -> (per-type URL or None for ADS, SotW method, delta method, fetch method)
 SERVICES: dict[str, tuple[str | None, str, str, str | None]] = {
@@ -50,15 +53,27 @@ def _raw(message: Any) -> bytes:
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
 
 
+class _ClientGone(Exception):
+    """The client went away while we were writing to it: a normal end of a stream."""
+
+
 class XdsServer:
     """Serves snapshots from a ConfigWatcher over every xDS flavour."""
 
     def __init__(self, watcher: ConfigWatcher, registry: StreamRegistry | None = None,
-                 identifier: str = "controlplane", fetch_timeout: float = 5.0) -> None:
+                 identifier: str = "controlplane", fetch_timeout: float = 5.0,
+                 limits: Limits | None = None) -> None:
         self.watcher = watcher
         self.registry = registry if registry is not None else StreamRegistry()
         self.identifier = identifier
         self.fetch_timeout = fetch_timeout
+        self.limits = limits if limits is not None else Limits()
+        self._closing = asyncio.Event()
+
+    def shutdown(self) -> None:
+        """Ask every stream to end once its current writes are done (UNAVAILABLE, so the
+        client reconnects, to another replica or to this one once it is back)."""
+        self._closing.set()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         result: list[grpc.GenericRpcHandler] = []
@@ -66,11 +81,11 @@ class XdsServer:
             api = resource.short_name(type_url) if type_url else "ads"
             methods: dict[str, grpc.RpcMethodHandler] = {
                 sotw: grpc.stream_stream_rpc_method_handler(
-                    self._sotw_handler(api, type_url),
+                    self._stream_handler(SotwStream, api, type_url),
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
                     response_serializer=_raw),
                 delta: grpc.stream_stream_rpc_method_handler(
-                    self._delta_handler(api, type_url),
+                    self._stream_handler(DeltaStream, api, type_url),
                     request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
                     response_serializer=_raw),
             }
@@ -82,33 +97,40 @@ class XdsServer:
             result.append(grpc.method_handlers_generic_handler(service, methods))
         return result
 
-    def _sotw_handler(self, api: str, type_url: str | None) -> Callable[..., Awaitable[None]]:
+    def _stream_handler(self, kind: type[SotwStream | DeltaStream], api: str,
+                        type_url: str | None) -> Callable[..., Awaitable[None]]:
         async def handle(_requests: Any, context: grpc.aio.ServicerContext) -> None:
-            stream = SotwStream(self.registry.next_id(), api, type_url, self.identifier)
-            await self._serve(stream, context)
-        return handle
-
-    def _delta_handler(self, api: str, type_url: str | None) -> Callable[..., Awaitable[None]]:
-        async def handle(_requests: Any, context: grpc.aio.ServicerContext) -> None:
-            stream = DeltaStream(self.registry.next_id(), api, type_url, self.identifier)
+            cap = self.limits.max_streams
+            if cap and len(self.registry) >= cap:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"this server has {cap} streams open, its limit; retry "
+                                    "later or connect to another replica")
+            if self._closing.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+            stream = kind(self.registry.next_id(), api, type_url, self.identifier, self.limits)
             await self._serve(stream, context)
         return handle
 
     def _fetch_handler(self, api: str, type_url: str) -> Callable[..., Awaitable[bytes]]:
         async def handle(request: discovery_pb2.DiscoveryRequest,
                          context: grpc.aio.ServicerContext) -> bytes:
-            stream = SotwStream(0, api, type_url, self.identifier)
+            stream = SotwStream(0, api, type_url, self.identifier, self.limits)
             try:
                 stream.on_request(request)
             except ProtocolError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except LimitError as exc:
+                await context.abort(grpc.StatusCode[exc.status], str(exc))
             assert stream.proxy is not None
+            self.watcher.connect(stream.proxy)
             try:
                 snapshot = await asyncio.wait_for(
                     self.watcher.next_snapshot(stream.proxy, None), self.fetch_timeout)
             except TimeoutError:
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     "no configuration built yet; retry when /readyz is ready")
+            finally:
+                self.watcher.disconnect(stream.proxy)
             pushes = stream.on_snapshot(snapshot)
             return pushes[0].payload if pushes else b""
         return handle
@@ -118,11 +140,14 @@ class XdsServer:
         metrics.CONNECTED_PROXIES.labels(stream.protocol).inc()
         structlog.contextvars.bind_contextvars(stream_id=stream.stream_id, api=stream.api,
                                                protocol=stream.protocol)
+        budget = LogBudget(self.limits.log_lines_per_second)
         reading: asyncio.Future[Any] = asyncio.ensure_future(context.read())
+        closing = asyncio.ensure_future(self._closing.wait())
         watching: asyncio.Task[Snapshot] | None = None
+        connected: ProxyIdentity | None = None
         try:
             while True:
-                waits: set[asyncio.Future[Any]] = {reading}
+                waits: set[asyncio.Future[Any]] = {reading, closing}
                 if watching is not None:
                     waits.add(watching)
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -131,9 +156,11 @@ class XdsServer:
                     request = reading.result()
                     if request is grpc.aio.EOF:
                         break
-                    pushes += self._on_request(stream, request)
+                    pushes += self._on_request(stream, request, budget)
                     reading = asyncio.ensure_future(context.read())
                     if watching is None and stream.proxy is not None:
+                        connected = stream.proxy
+                        self.watcher.connect(connected)
                         watching = asyncio.ensure_future(
                             self.watcher.next_snapshot(stream.proxy, None))
                 if watching is not None and watching in done:
@@ -143,42 +170,78 @@ class XdsServer:
                     watching = asyncio.ensure_future(
                         self.watcher.next_snapshot(stream.proxy, snapshot))
                 for push in pushes:
-                    await context.write(push.payload)
+                    await self._write(context, push.payload)
                     self._sent(push)
+                if closing in done:
+                    log.info("xds.stream_shutdown", hint="the client reconnects")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         except ProtocolError as exc:
-            log.warning("xds.protocol_error", error=str(exc))
+            self._warn(budget, "xds.protocol_error", error=str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except LimitError as exc:
+            self._warn(budget, "xds.limit_exceeded", status=exc.status, error=str(exc))
+            await context.abort(grpc.StatusCode[exc.status], str(exc))
+        except _ClientGone as exc:
+            log.info("xds.client_gone", error=str(exc)[:200],
+                     hint="the client closed the stream during a write; it reconnects")
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
             log.exception("xds.stream_failed")
             raise
         finally:
-            for task in (reading, watching):
+            for task in (reading, watching, closing):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
+            if connected is not None:
+                self.watcher.disconnect(connected)
             self.registry.remove(stream)
             metrics.CONNECTED_PROXIES.labels(stream.protocol).dec()
-            log.info("xds.stream_closed")
+            log.info("xds.stream_closed", **({"suppressed_logs": budget.suppressed}
+                                              if budget.suppressed else {}))
             structlog.contextvars.unbind_contextvars("stream_id", "node_id", "api", "protocol")
 
-    def _on_request(self, stream: StreamBase, request: Any) -> list[Push]:
+    @staticmethod
+    async def _write(context: grpc.aio.ServicerContext, payload: bytes) -> None:
+        """A write fails only when the call is over: the client cancelled or the
+        connection broke (gRPC reports it as a failed batch, not as a cancellation)."""
+        try:
+            await context.write(payload)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            raise _ClientGone(f"{type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _warn(budget: LogBudget, event: str, **fields: Any) -> None:
+        """A warning the client caused, within its stream's budget of log lines."""
+        dropped = budget.take()
+        if dropped is None:
+            return
+        if dropped:
+            fields["suppressed_before"] = dropped
+        log.warning(event, **fields)
+
+    def _on_request(self, stream: StreamBase, request: Any, budget: LogBudget) -> list[Push]:
         is_new = stream.node is None
         handled = stream.on_request(request)
         if is_new and stream.proxy is not None:
             structlog.contextvars.bind_contextvars(node_id=stream.proxy.node_id)
             log.info("xds.stream_opened", group=stream.proxy.group)
-        short = resource.short_name(handled.type_url)
+        # A type URL the client made up is not a label: the series would be the client's.
+        short = "unknown" if handled.kind == "unknown_type" \
+            else resource.short_name(handled.type_url)
         metrics.REQUESTS.labels(short, handled.kind).inc()
         if handled.kind == "nack":
             metrics.NACKS.labels(short).inc()
-            log.warning("xds.nack", type=short, error=handled.error,
-                        version=stream.type_states()[handled.type_url].nacked_version)
+            self._warn(budget, "xds.nack", type=short, error=handled.error[:2048],
+                       version=stream.type_states()[handled.type_url].nacked_version)
         elif handled.kind == "unknown_type":
-            log.warning("xds.unknown_type", type=handled.type_url,
-                        hint="this server serves clusters, endpoints, listeners, routes, secrets")
+            self._warn(budget, "xds.unknown_type", type=handled.type_url,
+                       hint="this server serves clusters, endpoints, listeners, routes, "
+                       "secrets")
         return handled.pushes
 
     def _sent(self, push: Push) -> None:
@@ -193,7 +256,7 @@ async def create_server(address: str, xds: XdsServer) -> tuple[grpc.aio.Server, 
     """Bind ``HOST:PORT`` (port 0 picks a free one); returns the started server and its port."""
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", xds.limits.max_request_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

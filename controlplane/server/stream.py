@@ -16,6 +16,7 @@ from envoy.config.core.v3 import base_pb2
 from controlplane import resource
 from controlplane.cache.snapshot import Snapshot
 from controlplane.proxy import ProxyIdentity
+from controlplane.server.limits import LimitError, Limits, check_names, check_node
 
 
 class ProtocolError(Exception):
@@ -86,7 +87,8 @@ class StreamBase:
     protocol = "base"
 
     def __init__(self, stream_id: int, api: str, fixed_type: str | None = None,
-                 identifier: str = "") -> None:
+                 identifier: str = "", limits: Limits | None = None) -> None:
+        self.limits = limits if limits is not None else Limits()
         self.stream_id = stream_id
         self.api = api
         self.fixed_type = fixed_type
@@ -107,6 +109,7 @@ class StreamBase:
                 "the first request on a stream must carry a node with an id; "
                 "set node.id in the Envoy bootstrap (controlplane bootstrap does)"
             )
+        check_node(node, self.limits)
         self.node = node
         self.proxy = ProxyIdentity.from_node(node)
         return True
@@ -114,6 +117,12 @@ class StreamBase:
     def begin(self, request: Any) -> str | None:
         """Every request's first steps: keep the node, resolve the type (None: ignored)."""
         self.accept_node(request.node, request.HasField("node"))
+        if request.DESCRIPTOR.name == "DeltaDiscoveryRequest":
+            names = [*request.resource_names_subscribe, *request.resource_names_unsubscribe,
+                     *request.initial_resource_versions]
+        else:
+            names = list(request.resource_names)
+        check_names([request.type_url, *names], self.limits)
         return self.resolve_type(request.type_url)
 
     def resolve_type(self, type_url: str) -> str | None:
@@ -131,6 +140,12 @@ class StreamBase:
                 "must name its resource type"
             )
         if type_url not in resource.PUSH_ORDER:
+            if (type_url not in self.unknown_types
+                    and len(self.unknown_types) >= self.limits.max_unknown_types):
+                raise LimitError(
+                    f"more than {self.limits.max_unknown_types} type URLs this server does "
+                    "not serve on one stream; it serves clusters, endpoints, listeners, "
+                    "routes and secrets: ask only for those")
             self.unknown_types.add(type_url)
             return None
         return type_url

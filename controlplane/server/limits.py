@@ -1,0 +1,101 @@
+"""Bounds on everything an xDS client controls, and a per-stream budget for log lines.
+
+A client picks its node id, its metadata, the names it asks for and the type URLs it
+sends. Each of those ends up in memory, in logs or in a snapshot group, so each has a
+bound; past it the stream ends with a gRPC status that says which bound and what to do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Defaults sit far above what a real Envoy sends (Istio's node metadata is a few
+    KiB; a 10,000-service mesh subscribes to 10,000 names)."""
+
+    max_node_id_bytes: int = 1024
+    """node.id, node.cluster and node.locality.zone, each: they go in every log line."""
+    max_node_bytes: int = 64 * 1024
+    """The whole Node as serialized, metadata included."""
+    max_names_per_request: int = 100_000
+    """Resource names in one request (SotW names; delta subscribe + unsubscribe +
+    initial versions)."""
+    max_name_bytes: int = 4096
+    """One resource name or type URL."""
+    max_unknown_types: int = 16
+    """Distinct type URLs this server does not serve, per stream."""
+    max_streams: int = 0
+    """Open streams at once (0: no cap)."""
+    log_lines_per_second: float = 5.0
+    """Warnings one stream may cause per second; the rest are counted, not written."""
+    max_request_bytes: int = 64 * 1024 * 1024
+    """gRPC's receive limit for one request message."""
+
+
+class LimitError(Exception):
+    """A client went past a bound; the stream ends with ``status`` and this text."""
+
+    def __init__(self, message: str, status: str = "RESOURCE_EXHAUSTED") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_node(node: base_pb2.Node, limits: Limits) -> None:
+    """Refuse a node whose identity is too big to log or to keep."""
+    for field, value in (("node.id", node.id), ("node.cluster", node.cluster),
+                         ("node.locality.zone", node.locality.zone)):
+        size = len(value.encode())
+        if size > limits.max_node_id_bytes:
+            raise LimitError(
+                f"{field} is {size} bytes, more than the {limits.max_node_id_bytes} this "
+                f"server accepts; use a short id such as <pod>.<namespace>",
+                "INVALID_ARGUMENT")
+    size = node.ByteSize()
+    if size > limits.max_node_bytes:
+        raise LimitError(
+            f"the node is {size} bytes, more than the {limits.max_node_bytes} this server "
+            f"accepts; send less node.metadata (namespace and ports are all it reads)",
+            "INVALID_ARGUMENT")
+
+
+def check_names(names: list[str], limits: Limits, what: str = "resource names") -> None:
+    """Refuse a request that names too many resources, or too long a name."""
+    if len(names) > limits.max_names_per_request:
+        raise LimitError(
+            f"{len(names)} {what} in one request, more than the "
+            f"{limits.max_names_per_request} this server accepts; subscribe with the "
+            f"wildcard instead of listing every name")
+    for name in names:
+        if len(name) > limits.max_name_bytes:
+            raise LimitError(
+                f"a resource name of {len(name)} characters, more than the "
+                f"{limits.max_name_bytes} this server accepts; no resource it serves has "
+                f"such a name", "INVALID_ARGUMENT")
+
+
+class LogBudget:
+    """Token bucket for one stream's log lines: ``rate`` a second, bursts of ``rate``.
+    What is refused is counted, and the count goes out with the next line allowed."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = rate
+        self._at = time.monotonic()
+        self.suppressed = 0
+
+    def take(self) -> int | None:
+        """None when this line must be dropped; else how many were dropped before it."""
+        now = time.monotonic()
+        self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1:
+            self.suppressed += 1
+            return None
+        self._tokens -= 1
+        dropped, self.suppressed = self.suppressed, 0
+        return dropped
