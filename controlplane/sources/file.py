@@ -1,8 +1,15 @@
 """The file source: a mesh YAML file, reloaded when it changes.
 
 Polls the file's stat (cheap) and reads it only when mtime, size or inode moved, so it
-follows editors that save by renaming a temporary file. A bad save is logged once, as
-one error listing every problem, and the last good mesh keeps being served.
+follows editors that save by renaming a temporary file; then hashes the bytes and parses
+only content it has not seen. Reading, parsing and validating run in a worker thread, so
+a big file never holds up the event loop (xDS pushes, health checks).
+
+The last good mesh keeps being served through every kind of bad save, each logged once:
+an invalid mesh (an error listing every problem), an empty file or one without
+``services`` (a warning: usually a save caught half-way; a mesh of no services says
+``services: []``), a file that is gone or unreadable for a while (a warning). A read that
+the file changed under is done again rather than trusted.
 """
 
 from __future__ import annotations
@@ -11,16 +18,57 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from controlplane import metrics
-from controlplane.errors import MeshError
-from controlplane.mesh.loader import load_mesh_text
+from controlplane.errors import EmptyMeshError, MeshError
+from controlplane.mesh.loader import load_mesh_bytes
 from controlplane.mesh.model import Mesh
 
 log = structlog.get_logger("controlplane.source.file")
+
+_Signature = tuple[int, int, int]
+_SERVED_HINT = "the last good mesh is still served"
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """What one read of the file found: a mesh, or why not (``problem``), or nothing
+    new (``digest`` seen before); ``torn`` when the file changed while it was read."""
+
+    digest: str
+    mesh: Mesh | None = None
+    problem: MeshError | None = None
+    error: str | None = None
+    torn: bool = False
+
+
+def _signature(path: Path) -> _Signature:
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def read_mesh(path: Path, seen: str, served: str = "") -> _Read:
+    """Read, hash and parse the file, unless its content is the one read last (``seen``)
+    or the one served (``served``): blocking, run off the loop."""
+    try:
+        before = _signature(path)
+        data = path.read_bytes()
+        torn = _signature(path) != before
+    except OSError as exc:
+        return _Read(seen, error=exc.strerror or str(exc))
+    digest = hashlib.sha256(data).hexdigest()
+    if torn:
+        return _Read(seen, torn=True)
+    if digest in (seen, served):
+        return _Read(digest)
+    try:
+        return _Read(digest, mesh=load_mesh_bytes(data, origin=str(path)))
+    except MeshError as exc:
+        return _Read(digest, problem=exc)
 
 
 class FileSource:
@@ -28,47 +76,64 @@ class FileSource:
         self.path = Path(path)
         self.poll_interval = poll_interval
         self.name = f"file:{self.path}"
+        self.problem: str | None = None
+        """What is wrong with the file now (None when its mesh is served), for views
+        and readiness details; cleared by the next good save."""
 
     async def updates(self) -> AsyncIterator[Mesh]:
-        signature: tuple[int, int, int] | None = None
-        digest = ""
-        missing_logged = False
+        signature: _Signature | None = None
+        seen = served = ""  # digests: the content last read, the content last yielded
         while True:
             try:
-                stat = os.stat(self.path)
-                current = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+                current = _signature(self.path)
             except OSError as exc:
-                if not missing_logged:
-                    log.error("source.file_unreadable", path=str(self.path), error=exc.strerror,
-                              hint="create the file or fix --source file:PATH; "
-                              "the last good mesh is still served")
-                    missing_logged = True
+                self._report("source.file_missing", f"cannot read {self.path}: {exc.strerror}",
+                             hint=f"create the file or fix --source file:PATH; {_SERVED_HINT}")
                 signature = None
                 await asyncio.sleep(self.poll_interval)
                 continue
-            missing_logged = False
             if current != signature:
-                signature = current
-                mesh, digest = self._read(digest)
+                found = await asyncio.to_thread(read_mesh, self.path, seen, served)
+                signature = None if found.torn or found.error else current
+                mesh = self._outcome(found, served)
+                seen = found.digest
                 if mesh is not None:
+                    served = found.digest
                     yield mesh
+                del mesh, found  # keep nothing of a replaced mesh alive here
             await asyncio.sleep(self.poll_interval)
 
-    def _read(self, digest: str) -> tuple[Mesh | None, str]:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except OSError as exc:
-            log.error("source.file_unreadable", path=str(self.path), error=exc.strerror)
-            return None, digest
-        fresh = hashlib.sha256(text.encode()).hexdigest()
-        if fresh == digest:
-            return None, digest
-        try:
-            mesh = load_mesh_text(text, origin=str(self.path))
-        except MeshError as exc:
+    def _outcome(self, found: _Read, served: str) -> Mesh | None:
+        """Log what the read found; the mesh to yield, if any."""
+        if found.error is not None:
+            self._report("source.file_missing", f"cannot read {self.path}: {found.error}",
+                         hint=f"check the file's permissions; {_SERVED_HINT}")
+            return None
+        if found.torn:
+            return None  # changed while read: read again on the next poll
+        if isinstance(found.problem, EmptyMeshError):
             metrics.MESH_UPDATES.labels("rejected").inc()
-            log.error("mesh.invalid", path=str(self.path), problems=exc.problems,
-                      hint="fix the file and save again; the last good mesh is still served")
-            return None, fresh
-        log.info("source.file_loaded", path=str(self.path), services=len(mesh.services))
-        return mesh, fresh
+            self._report("source.file_empty", "; ".join(found.problem.problems),
+                         hint=f"{_SERVED_HINT}; write services: [] to serve no services")
+            return None
+        if found.problem is not None:
+            metrics.MESH_UPDATES.labels("rejected").inc()
+            self.problem = str(found.problem)
+            log.error("mesh.invalid", path=str(self.path), problems=found.problem.problems,
+                      hint=f"fix the file and save again; {_SERVED_HINT}")
+            return None
+        if found.mesh is None:
+            if found.digest == served and self.problem is not None:
+                log.info("source.file_restored", path=str(self.path),
+                         detail="the file is back to the mesh being served")
+                self.problem = None
+            return None  # nothing new
+        self.problem = None
+        log.info("source.file_loaded", path=str(self.path), services=len(found.mesh.services))
+        return found.mesh
+
+    def _report(self, event: str, problem: str, hint: str) -> None:
+        """A warning, once per problem: a file that stays empty or missing is not news."""
+        if self.problem != problem:
+            self.problem = problem
+            log.warning(event, path=str(self.path), problem=problem, hint=hint)
