@@ -90,3 +90,38 @@ class Profiler:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def add_output_flags(parser: Any, baseline: str, note: str = "") -> None:
+    """``--out`` and ``--update-baseline`` for a bench whose committed baseline is
+    ``bench/results/<baseline>``: a run never overwrites it unless asked to."""
+    stem = Path(baseline).stem
+    parser.add_argument("--out", type=Path,
+                        help=f"JSON output (default: a new bench/results/runs/{stem}-<UTC "
+                             f"time>.json, beside the committed baseline "
+                             f"bench/results/{baseline}{note})")
+    parser.add_argument("--update-baseline", action="store_true",
+                        help=f"write the committed baseline bench/results/{baseline} "
+                             f"instead{note}")
+
+
+def results_path(baseline: str, out: Path | None = None, update_baseline: bool = False,
+                 now: float | None = None) -> Path:
+    """Where a run's JSON goes: ``out`` if given, the baseline only when asked to update
+    it, else a new timestamped file under bench/results/runs/ (not committed)."""
+    if out is not None:
+        return out
+    if update_baseline:
+        return RESULTS / baseline
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return RESULTS / "runs" / f"{Path(baseline).stem}-{stamp}.json"
+
+
+def write_results(path: Path, text: str, baseline: str) -> None:
+    """Write the run's JSON and say where, and where the baseline to compare with is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n", encoding="utf-8")
+    print(f"wrote {path} (committed baseline: {RESULTS / baseline})", file=sys.stderr)

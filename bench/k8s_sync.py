@@ -43,7 +43,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the API server double and the process helpers live in tests/
     sys.path.insert(0, str(ROOT))
 
-from common import BenchError, Deadline, Profiler, metric, parse_metrics  # noqa: E402 (bench/ is the script folder)
+from common import (  # noqa: E402 (bench/ is the script folder)
+    BenchError,
+    Deadline,
+    Profiler,
+    add_output_flags,
+    metric,
+    parse_metrics,
+    results_path,
+    write_results,
+)
 
 from tests.kube.apiserver import ApiServerDouble  # noqa: E402
 from tests.kube.objects import endpoint_slice, pod, service  # noqa: E402
@@ -774,9 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="real Envoys K, each a sidecar of another Service (3)")
     parser.add_argument("--changes", type=int, default=20,
                         help="EndpointSlice changes R, one at a time (20)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "k8s_sync.json",
-                        help="JSON output (default bench/results/k8s_sync.json)")
+    add_output_flags(parser, "k8s_sync.json")
     parser.add_argument("--deadline", type=float, default=300.0,
                         help="seconds the whole run may take (300)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
@@ -811,8 +818,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED: {result['error']}", file=sys.stderr)
     text = json.dumps(result, indent=2)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n", encoding="utf-8")
+    write_results(results_path("k8s_sync.json", args.out, args.update_baseline), text,
+                  "k8s_sync.json")
     return 1 if "error" in result else 0
 
 

@@ -39,8 +39,11 @@ from common import (  # bench/ is on sys.path as the script's folder
     BenchError,
     Deadline,
     Profiler,
+    add_output_flags,
     metric,
     parse_metrics,
+    results_path,
+    write_results,
 )
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -728,9 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="endpoint changes R per scenario; the median is reported")
     parser.add_argument("--delta", action="store_true",
                         help="incremental xDS (DeltaAggregatedResources) instead of SotW")
-    parser.add_argument("--out", type=Path,
-                        help="JSON output (default bench/results/xds_push.json, "
-                             "or xds_push_delta.json with --delta)")
+    add_output_flags(parser, "xds_push.json", "; xds_push_delta with --delta")
     parser.add_argument("--deadline", type=float, default=120.0,
                         help="seconds a scenario may take in all (default 120)")
     parser.add_argument("--poll-interval", type=float, default=0.05,
@@ -770,8 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.changes < 1:
         print("--changes must be at least 1", file=sys.stderr)
         return 2
-    out: Path = args.out or Path(__file__).parent / "results" / (
-        "xds_push_delta.json" if args.delta else "xds_push.json")
+    baseline = "xds_push_delta.json" if args.delta else "xds_push.json"
+    out = results_path(baseline, args.out, args.update_baseline)
     try:
         results = asyncio.run(run_all(args))
     except KeyboardInterrupt:  # run_scenario has already stopped its server
@@ -779,8 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     text = json.dumps(results, indent=2)
     print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n", encoding="utf-8")
+    write_results(out, text, baseline)
     return 1 if any("error" in r for r in results) else 0
 
 
