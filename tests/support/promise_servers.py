@@ -128,14 +128,17 @@ ECHO_STREAM = "/promises.Echo/Count"
 class GrpcEcho:
     """A real grpcio server (HTTP/2, no TLS) with two raw-bytes methods: ``Say`` answers
     ``name:request`` (and fails with NOT_FOUND on ``missing``), ``Count`` streams the
-    request's number of messages. Bytes in, bytes out: no generated code needed."""
+    request's number of messages. Bytes in, bytes out: no generated code needed. The
+    first ``unavailable`` calls of ``Say`` fail with UNAVAILABLE."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, unavailable: int = 0) -> None:
         self.name = name
         self.calls = 0
 
         def say(request: bytes, context: grpc.ServicerContext) -> bytes:
             self.calls += 1
+            if self.calls <= unavailable:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{name} is starting")
             if request == b"missing":
                 context.abort(grpc.StatusCode.NOT_FOUND, f"{name} has no 'missing'")
             return name.encode() + b":" + request
