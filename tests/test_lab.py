@@ -14,6 +14,10 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
+# The lab prefers the mesh file's ports (as the compose lab uses them): two labs at once
+# would race for them, so the lab's tests share one xdist worker (`--dist loadgroup`).
+one_lab_at_a_time = pytest.mark.xdist_group("lab")
+
 
 def _children_of(pid: int) -> list[int]:
     found = []
@@ -30,6 +34,7 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
+@one_lab_at_a_time
 def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
     """Headless lab, every service answering through its sidecar, the canary scenario
     moving reviews from v1+v2 to v2 alone, then SIGINT: no process left behind."""
@@ -101,6 +106,7 @@ def test_live_table_and_line_show_the_same_figures() -> None:
     assert "reviews  20.0 rps  95.0% ok p50 1ms p99 <1ms [v1 75% v2 25%]" in line.getvalue()
 
 
+@one_lab_at_a_time
 def test_a_rejected_save_stays_in_the_view_until_fixed() -> None:
     """A bad save is shown on every line (and the table) until the file is fixed, while
     the sidecars keep answering from the last good mesh; the fix clears it."""
