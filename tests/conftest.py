@@ -1,4 +1,5 @@
-"""Shared fixtures: the golden-file switch, and an in-process xDS server for protocol tests."""
+"""Shared fixtures: the golden-file switch, and an in-process xDS server for protocol tests;
+at start, test hosts that a crashed run left behind are deleted."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from controlplane.cache import SnapshotCache
 from controlplane.server import StreamRegistry, XdsServer, create_server
+from tests.support import netns
 from tests.support.xds_client import AdsClient
 
 
@@ -20,6 +22,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="rewrite golden files from the current output instead of comparing",
     )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Each worker sweeps; only hosts no live process holds go, so this is safe in
+    parallel and beside a concurrent run."""
+    netns.sweep()
 
 
 @dataclass

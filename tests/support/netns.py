@@ -69,6 +69,32 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
+def sweep() -> list[str]:
+    """Delete the test hosts that crashed runs left behind: ours by name prefix, and only
+    those whose number no live process holds (so a concurrent run keeps its own).
+    Returns the namespaces deleted."""
+    if available() is not None:
+        return []
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                            timeout=10).stdout
+    directory = _lease_dir()
+    deleted = []
+    for name in (line.split()[0] for line in listed.splitlines() if line.strip()):
+        number = name.removeprefix(f"{_PREFIX}-")
+        if name == number or not number.isdigit():
+            continue
+        with open(directory / f"{number}.lock", "ab") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live test holds it
+            subprocess.run(["ip", "link", "del", f"{_PREFIX}v{number}"], capture_output=True,
+                           timeout=10)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+            deleted.append(name)
+    return deleted
+
+
 class NetnsHost:
     """One host with one HTTP backend that answers with its name."""
 
