@@ -4,6 +4,7 @@ protocols, and config bigger than gRPC's 4 MB default message reaching a sidecar
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,12 @@ def test_a_route_table_over_4_mb_reaches_sidecars(lab: Rig) -> None:
     server = lab.serve(big_mesh(backend, services=120, matches=100))
     sotw, delta = lab.envoy("frontend-1"), lab.envoy("frontend-2", delta=True)
     path = "/099" + "p" * PREFIX_CHARS + "/end"
+
+    def routed(envoy: Envoy) -> bool:
+        return envoy.request("big-119", path)[:2] == (200, "big")
+
     for envoy in (sotw, delta):
-        wait_for(lambda e=envoy: e.request("big-119", path)[:2] == (200, "big"),
-                 what="a route from the big table", timeout=60)
+        wait_for(partial(routed, envoy), what="a route from the big table", timeout=60)
     tables = [v for (name, labels), v in scrape(server).items()
               if name == "controlplane_config_bytes" and ("type", "rds") in labels]
     print(f"route tables: {[f'{v / 2**20:.1f} MiB' for v in tables]}")
