@@ -203,6 +203,31 @@ def test_fault_abort_and_delay_hit_only_their_service(edge: Edge) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_fault_percentages_below_100(edge: Edge) -> None:
+    """abort 30% and delay 20% (10ms): over 300 requests the aborted share has a
+    binomial sd of 2.6 points; +-10 points is 3.8 sd, a false failure about once in
+    7,000 runs. The same bound holds the delayed share (sd 2.3 points)."""
+    reviews = edge.backend("reviews")
+    edge.write([service("reviews", reviews, fault={
+        "abort": {"percent": 30, "status": 418},
+        "delay": {"percent": 20, "duration": "10ms"}})])
+    envoy = edge.start()
+    wait_for(lambda: envoy.request("reviews")[0] in (200, 418), what="reviews routed")
+    hits, aborts, delays = (reviews.hits, envoy.stat("http.egress.fault.aborts_injected"),
+                            envoy.stat("http.egress.fault.delays_injected"))
+    statuses = [envoy.request("reviews")[0] for _ in range(300)]
+    aborted = statuses.count(418)
+    delayed = envoy.stat("http.egress.fault.delays_injected") - delays
+    print(f"fault: {aborted} of 300 aborted, {delayed} delayed")
+    assert aborted + statuses.count(200) == 300, statuses
+    assert abs(aborted / 300 - 0.30) <= 0.10, aborted
+    assert abs(delayed / 300 - 0.20) <= 0.10, delayed
+    assert envoy.stat("http.egress.fault.aborts_injected") - aborts == aborted
+    assert reviews.hits - hits == 300 - aborted
+
+
+@pytest.mark.e2e
 def test_rate_limit_answers_429_past_the_burst(edge: Edge) -> None:
     limited, free = edge.backend("limited"), edge.backend("free")
     edge.write([
