@@ -253,11 +253,12 @@ async def test_config_dump_of_some_types(admin: Admin) -> None:
 
 
 async def test_identical_dumps_are_rendered_once(admin: Admin) -> None:
-    """Twenty concurrent and then more sequential identical requests: one render, since
-    the rendered resources are kept by the snapshot's content-hash version."""
+    """Concurrent and then sequential identical requests: one render, since the rendered
+    resources are kept by the snapshot's content-hash version."""
     before = admin.renderer.renders
     bodies = await asyncio.gather(
-        *(admin.get_json(f"/debug/config_dump?node={NODE_ID}") for _ in range(20)))
+        *(admin.get_json(f"/debug/config_dump?node={NODE_ID}")
+          for _ in range(admin.renderer.limit)))
     bodies += [await admin.get_json(f"/debug/config_dump?node={NODE_ID}") for _ in range(5)]
     assert all(body == bodies[0] for body in bodies)
     assert admin.renderer.renders == before + 1
@@ -283,7 +284,11 @@ async def test_debug_renders_run_off_the_loop_and_are_bounded(admin: Admin) -> N
         release.wait(20)
         return b"{}"
 
-    blockers = [asyncio.ensure_future(admin.renderer.run(stuck)) for _ in range(2)]
+    async def occupy() -> None:
+        async with admin.renderer.slot():
+            await admin.renderer.run(stuck)
+
+    blockers = [asyncio.ensure_future(occupy()) for _ in range(2)]
     try:
         await asyncio.sleep(0)  # both take their slot
         assert admin.renderer.running == 2

@@ -152,20 +152,22 @@ async def _metrics_handler(request: web.Request) -> web.Response:
     return response
 
 
-async def _proxies(request: web.Request) -> web.Response:
+async def _proxies(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
-    described = state.registry.describe()  # on the loop: the streams change there
-    return _json_bytes(await state.renderer.run(lambda: render_json(described)))
+    async with state.renderer.slot():
+        described = state.registry.describe()  # on the loop: the streams change there
+        return await _send(request, await state.renderer.run(lambda: render_json(described)))
 
 
-async def _snapshots(request: web.Request) -> web.Response:
+async def _snapshots(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
-    snapshots = state.cache.snapshots()
-    summary = {group: _summary(snapshots[group]) for group in sorted(snapshots)}
-    return _json_bytes(await state.renderer.run(lambda: render_json(summary)))
+    async with state.renderer.slot():
+        snapshots = state.cache.snapshots()
+        summary = {group: _summary(snapshots[group]) for group in sorted(snapshots)}
+        return await _send(request, await state.renderer.run(lambda: render_json(summary)))
 
 
-async def _config_dump(request: web.Request) -> web.Response:
+async def _config_dump(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
     node = request.query.get("node", "")
     if not node:
@@ -188,11 +190,12 @@ async def _config_dump(request: web.Request) -> web.Response:
     group = stream.proxy.group
     snapshot = stream.snapshot or state.cache.get(group)
     version = snapshot.version if snapshot else None
-    # Versions are content hashes: one render serves every proxy with the same content.
-    resources = await state.renderer.cached(
-        ("config_dump", version, keys), lambda: render_resources(snapshot, keys))
     head = {"node": node, "group": group, "version": version}
-    return _json_bytes(config_dump_body(head, resources))
+    async with state.renderer.slot():
+        # Versions are content hashes: one render serves every proxy with that content.
+        resources = await state.renderer.cached(
+            ("config_dump", version, keys), lambda: render_resources(snapshot, keys))
+        return await _send(request, config_dump_body(head, resources))
 
 
 def _newest_with_snapshot(streams: list[StreamBase]) -> StreamBase:
@@ -221,5 +224,13 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-def _json_bytes(body: bytes) -> web.Response:
-    return web.Response(body=body, content_type="application/json")
+async def _send(request: web.Request, body: bytes) -> web.StreamResponse:
+    """Send a rendered JSON body within the caller's slot: the slot is held until the
+    body is (mostly) written, so slots bound the megabytes in flight too."""
+    response = web.StreamResponse()
+    response.content_type = "application/json"
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body)
+    await response.write_eof()
+    return response

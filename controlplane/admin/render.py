@@ -2,9 +2,10 @@
 
 Rendering a big config dump as JSON takes seconds of CPU; done on the event loop it froze
 xDS pushes and /healthz. Here every render runs on one worker thread, finished renders
-are kept by a key that says what they show (a snapshot's content-hash version), identical
-requests in flight share one render, and at most ``limit`` distinct renders wait at once:
-more are refused so that a storm of debug requests cannot queue up unbounded work.
+are kept by a key that says what they show (a snapshot's content-hash version), and
+identical requests in flight share one render. Even a cached dump is megabytes to send,
+so at most ``limit`` debug requests are served at once (rendered and sent); more are
+refused at once, so that a storm of debug requests cannot queue up unbounded work.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Any
 
 from google.protobuf import json_format
@@ -37,12 +39,12 @@ _BY_NAME: dict[str, str] = {
 
 
 class Busy(Exception):
-    """Too many distinct renders are in flight; the caller answers 503 and Retry-After."""
+    """Too many debug requests are being served; the caller answers 503 and Retry-After."""
 
 
 class Renderer:
     """One worker thread for debug renders, a size-bounded cache of their results, and a
-    bound on renders in flight. Used only from the event loop's thread."""
+    bound on debug requests in flight. Used only from the event loop's thread."""
 
     def __init__(self, limit: int = 4, cache_bytes: int = 64 * 1024 * 1024) -> None:
         self.limit = limit
@@ -59,9 +61,20 @@ class Renderer:
     def running(self) -> int:
         return self._running
 
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One debug request served (rendered and sent); Busy when ``limit`` already are."""
+        if self._running >= self.limit:
+            raise Busy(f"{self._running} debug requests are being served")
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+
     async def cached(self, key: Hashable, work: Callable[[], bytes]) -> bytes:
         """``work()`` rendered once per key: a cached result, or the one render in flight
-        for it, or a new render (Busy if ``limit`` are already in flight)."""
+        for it, or a new render."""
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -79,15 +92,9 @@ class Renderer:
         return body
 
     async def run(self, work: Callable[[], bytes]) -> bytes:
-        """``work()`` on the worker thread, uncached; Busy if ``limit`` are in flight."""
-        if self._running >= self.limit:
-            raise Busy(f"{self._running} debug views are being rendered")
-        self._running += 1
-        try:
-            self.renders += 1
-            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
-        finally:
-            self._running -= 1
+        """``work()`` on the worker thread, uncached."""
+        self.renders += 1
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     def _keep(self, key: Hashable, body: bytes) -> None:
         if len(body) > self.cache_bytes or key in self._cache:
