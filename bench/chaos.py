@@ -9,6 +9,8 @@ scenario, what it simulated and its figures, and writes them as JSON:
 - ``kill_restart``: SIGKILL the server under traffic, keep it down ~1 s, restart it on
   the same port: failed requests, the server's start time, the sidecar's reconnect time
   once the server is ready, and how long a following change takes to arrive;
+- ``rollout``: the same with SIGTERM, which must end the server cleanly (exit 0, no
+  error logged);
 - ``failover``: two replicas on one mesh file, the sidecar's xDS cluster lists both; the
   one it is connected to is killed: failed requests, seconds until it is on the other,
   and whether its config changed (it must not: versions are content hashes);
@@ -57,7 +59,8 @@ from tests.chaos.scenarios import (  # noqa: E402
 )
 
 BASELINE = "chaos.json"
-SCENARIOS = ("kill_restart", "failover", "invented_identities", "debug_storm", "bad_inputs")
+SCENARIOS = ("kill_restart", "rollout", "failover", "invented_identities", "debug_storm",
+             "bad_inputs")
 
 
 def _bad_inputs(root: Path) -> dict[str, Any]:
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     deadline = Deadline(args.deadline)
     plan: dict[str, Callable[[], dict[str, Any]]] = {
         "kill_restart": lambda: _in_stack(root / "kill", kill_and_restart),
+        "rollout": lambda: _in_stack(root / "rollout",
+                                     lambda s: kill_and_restart(s, graceful=True)),
         "failover": lambda: _in_stack(root / "failover", failover),
         "invented_identities": lambda: _in_stack(
             root / "identities",

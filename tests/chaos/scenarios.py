@@ -37,9 +37,12 @@ from tests.support.procs import ControlPlane, Envoy, wait_for
 from tests.support.xds_client import AdsClient, node
 
 
-def kill_and_restart(stack: Stack, down_seconds: float = 1.0) -> dict[str, Any]:
-    """SIGKILL the server under traffic, restart it on the same port: no request fails,
-    the sidecar reconnects, and a later change still reaches it."""
+def kill_and_restart(stack: Stack, down_seconds: float = 1.0,
+                     graceful: bool = False) -> dict[str, Any]:
+    """SIGKILL (or, ``graceful``, SIGTERM as a rollout does) the server under traffic,
+    restart it on the same port: no request fails, the sidecar reconnects, and a later
+    change still reaches it. A SIGTERM ends the server cleanly: exit code 0, no error
+    logged."""
     first, second = stack.backend("reviews-1"), stack.backend("reviews-2")
     write_atomic(stack.mesh, mesh_text({"reviews": [first]}))
     server = stack.server()
@@ -49,8 +52,15 @@ def kill_and_restart(stack: Stack, down_seconds: float = 1.0) -> dict[str, Any]:
     wait_for(lambda: traffic.ok >= 20, what="traffic flowing")
 
     assert server.proc is not None
-    server.proc.kill()  # our own child, by its handle
-    server.proc.wait(10)
+    offset = server.log_path.stat().st_size
+    if graceful:
+        server.proc.terminate()  # our own child, by its handle
+        assert server.proc.wait(15) == 0, f"exit code {server.proc.returncode}"
+        errors = _errors_after(server, offset)
+        assert not errors, f"a SIGTERM logged errors: {errors[:3]}"
+    else:
+        server.proc.kill()
+        server.proc.wait(10)
     killed = time.monotonic()
     wait_for(lambda: not connected(envoy), what="the sidecar noticing the server is gone")
     served_while_down = traffic.ok
@@ -75,6 +85,15 @@ def kill_and_restart(stack: Stack, down_seconds: float = 1.0) -> dict[str, Any]:
             "server_start_seconds": round(ready - restarted, 2),
             "reconnect_seconds_after_ready": round(reconnect, 2),
             "change_after_restart_seconds": round(change_seconds, 2)}
+
+
+def _errors_after(server: ControlPlane, offset: int) -> list[str]:
+    with open(server.log_path, "rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    return [line for line in text.splitlines()
+            if '"level": "error"' in line or '"level": "critical"' in line
+            or line.startswith("Traceback")]
 
 
 class TwoServerEnvoy(Envoy):
