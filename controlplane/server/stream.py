@@ -122,7 +122,8 @@ class StreamBase:
                      *request.initial_resource_versions]
         else:
             names = list(request.resource_names)
-        check_names([request.type_url, *names], self.limits)
+        check_names(names, self.limits)
+        check_names([request.type_url], self.limits, "type URLs")
         return self.resolve_type(request.type_url)
 
     def resolve_type(self, type_url: str) -> str | None:
