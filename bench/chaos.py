@@ -18,6 +18,8 @@ scenario, what it simulated and its figures, and writes them as JSON:
   services and namespaces, each answered, then all gone: seconds to connect them, the
   groups at the peak, seconds until they are forgotten (group TTL 2 s), and server RSS
   before, at the peak and after;
+- ``abusive_clients``: a 1 MB node id, and 2000 unknown type URLs on one stream: the
+  gRPC status each gets, and the bytes of log they cost;
 - ``debug_storm``: a mesh of M services; the time one endpoint change takes to reach the
   sidecar without, then during, C concurrent clients asking /debug/config_dump in a loop;
   the worst /healthz latency during the storm; the debug responses by status;
@@ -52,6 +54,7 @@ from common import Deadline, add_output_flags, results_path, write_results  # no
 from tests.chaos.bad_inputs import BAD_INPUTS, SEQUENCES, bad_input  # noqa: E402
 from tests.chaos.harness import Stack  # noqa: E402
 from tests.chaos.scenarios import (  # noqa: E402
+    abusive_clients,
     debug_storm,
     failover,
     invented_identities,
@@ -59,8 +62,8 @@ from tests.chaos.scenarios import (  # noqa: E402
 )
 
 BASELINE = "chaos.json"
-SCENARIOS = ("kill_restart", "rollout", "failover", "invented_identities", "debug_storm",
-             "bad_inputs")
+SCENARIOS = ("kill_restart", "rollout", "failover", "invented_identities", "abusive_clients",
+             "debug_storm", "bad_inputs")
 
 
 def _bad_inputs(root: Path) -> dict[str, Any]:
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             root / "identities",
             lambda s: invented_identities(s, args.identities,
                                           {"CONTROLPLANE_GROUP_TTL": "2"}, 2.0)),
+        "abusive_clients": lambda: _in_stack(root / "abuse", abusive_clients),
         "debug_storm": lambda: _in_stack(
             root / "storm",
             lambda s: debug_storm(s, args.services, args.concurrency, bound_seconds=60.0)),

@@ -337,3 +337,55 @@ def workdir_for(root: Path, name: str) -> Path:
     path = root / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+async def _abuse(port: int) -> dict[str, Any]:
+    """A 1 MB node id, and 2000 unknown type URLs on one stream: each refused with a
+    gRPC status that names the bound."""
+    outcome: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        client = AdsClient(channel)
+        await client.send(node=node("x" * 1024 * 1024), type_url=resource.CLUSTER)
+        await asyncio.wait_for(client._reader, 15)
+        assert client.error is not None, "a 1 MB node id was served"
+        outcome["big_node_id"] = f"{client.error.code().name}: {client.error.details()}"
+        await client.close()
+
+        client = AdsClient(channel)
+        await client.send(node=node("abuser-1"), type_url=resource.CLUSTER)
+        await client.recv(15)
+        sent = 0
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError,
+                                 asyncio.InvalidStateError):
+            for i in range(2000):
+                if client.error is not None or client._reader.done():
+                    break
+                await client.send(type_url=f"type.googleapis.com/made.up.Type{i}")
+                sent += 1
+        await asyncio.wait_for(asyncio.shield(client._reader), 15)
+        assert client.error is not None, "2000 unknown type URLs were all kept"
+        outcome["unknown_types_sent_before_refusal"] = sent
+        outcome["unknown_types"] = f"{client.error.code().name}: {client.error.details()}"
+        await client.close()
+    return outcome
+
+
+def abusive_clients(stack: Stack) -> dict[str, Any]:
+    """Clients past every bound are refused with a clear status; the log stays small, the
+    server stays up and the real sidecar keeps being served."""
+    first = stack.backend("reviews-1")
+    write_atomic(stack.mesh, mesh_text({"reviews": [first]}))
+    server = stack.server()
+    envoy = stack.envoy("frontend-1", server.xds_port)
+    wait_for(lambda: answered_by(envoy, "reviews", "reviews-1"), what="reviews routed")
+    offset = server.log_path.stat().st_size
+    outcome = asyncio.run(_abuse(server.xds_port))
+    log_bytes = server.log_path.stat().st_size - offset
+    assert "node.id" in outcome["big_node_id"], outcome
+    assert outcome["big_node_id"].startswith(("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"))
+    assert outcome["unknown_types"].startswith(("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"))
+    assert "type" in outcome["unknown_types"].lower(), outcome
+    assert log_bytes < 256 * 1024, f"{log_bytes} bytes of log for two abusive streams"
+    assert healthz(server) == 200
+    assert answered_by(envoy, "reviews", "reviews-1")
+    return {**outcome, "log_bytes": log_bytes}

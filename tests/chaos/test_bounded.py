@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.chaos.harness import Stack
-from tests.chaos.scenarios import invented_identities
+from tests.chaos.scenarios import abusive_clients, invented_identities
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -19,3 +19,9 @@ def test_invented_identities_are_forgotten_after_the_group_ttl(stack: Stack) -> 
     assert figures["groups_after"] == 1
     # Near the baseline: the issue measured hundreds of MB kept for 500 invented groups.
     assert figures["rss_mb_after"] - figures["rss_mb_before"] < 64, figures
+
+
+def test_abusive_clients_are_refused_with_a_clear_status(stack: Stack) -> None:
+    figures = abusive_clients(stack)
+    print(figures)
+    assert figures["log_bytes"] < 256 * 1024
