@@ -384,3 +384,21 @@ async def test_metrics_count_real_pushes(served: Served) -> None:
         assert proxy["node_id"] == "frontend-1"
     finally:
         await client.close()
+
+
+async def test_render_cache_is_bounded() -> None:
+    """Old versions' renders are dropped: the cache holds a few entries and bytes."""
+    renderer = Renderer(cache_entries=2, cache_bytes=10)
+    try:
+        for key in ("a", "b", "c"):
+            assert await renderer.cached(key, lambda k=key: k.encode()) == key.encode()
+        assert renderer.renders == 3
+        await renderer.cached("c", lambda: b"c")
+        assert renderer.renders == 3  # still cached
+        await renderer.cached("a", lambda: b"a")
+        assert renderer.renders == 4  # dropped as the oldest
+        await renderer.cached("big", lambda: b"x" * 11)
+        await renderer.cached("big", lambda: b"x" * 11)
+        assert renderer.renders == 6  # larger than the whole cache: never kept
+    finally:
+        renderer.close()

@@ -46,8 +46,10 @@ class Renderer:
     """One worker thread for debug renders, a size-bounded cache of their results, and a
     bound on debug requests in flight. Used only from the event loop's thread."""
 
-    def __init__(self, limit: int = 4, cache_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, limit: int = 4, cache_entries: int = 8,
+                 cache_bytes: int = 32 * 1024 * 1024) -> None:
         self.limit = limit
+        self.cache_entries = cache_entries
         self.cache_bytes = cache_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin-render")
         self._cache: OrderedDict[Hashable, bytes] = OrderedDict()
@@ -101,7 +103,7 @@ class Renderer:
             return
         self._cache[key] = body
         self._cached_bytes += len(body)
-        while self._cached_bytes > self.cache_bytes:
+        while self._cached_bytes > self.cache_bytes or len(self._cache) > self.cache_entries:
             _, old = self._cache.popitem(last=False)
             self._cached_bytes -= len(old)
 
