@@ -59,6 +59,7 @@ class Running:
         if self.xds is not None:
             self.xds.shutdown()
         await stopping
+        self.pipeline.close()
         await self.admin_runner.cleanup()
         if self.store is not None:
             self.store.close()

@@ -94,6 +94,7 @@ class MeshBuild:
         self._assignments = sorted((a for e in self._services.values()
                                     for a in e.load_assignments), key=lambda r: r.name)
         self._zoned: dict[str, list[Resource]] = {}
+        self._namespaces = frozenset(s.namespace for s in self.mesh.services)
         self._previous_routes = previous._routes if previous is not None else {}
         self._routes: dict[str, Resource] = dict(self._previous_routes) if routes_same else {}
 
@@ -105,7 +106,8 @@ class MeshBuild:
     def forget(self, namespaces: Collection[str], zones: Collection[str]) -> None:
         """Drop route tables and zone variants no group uses any more: proxies choose
         their namespace and zone, so these would otherwise grow with every name seen."""
-        self._routes = {n: r for n, r in self._routes.items() if n in namespaces}
+        self._routes = {n: r for n, r in self._routes.items() if n in namespaces
+                        or n == _FOREIGN}
         self._previous_routes = {}
         self._zoned = {z: a for z, a in self._zoned.items() if z in zones}
         for encoded in self._services.values():
@@ -113,13 +115,16 @@ class MeshBuild:
                 encoded.zoned.pop(zone, None)
 
     def route(self, namespace: str) -> Resource:
-        """The egress route table of a namespace, encoded once for all its proxies."""
-        found = self._routes.get(namespace)
+        """The egress route table of a namespace, encoded once for all its proxies.
+        A namespace without services of its own gets no bare names, so all such share
+        one table: proxies choose their namespace, and each table costs megabytes."""
+        key = namespace if namespace in self._namespaces else _FOREIGN
+        found = self._routes.get(key)
         if found is None:
             config = egress_route(self.mesh, namespace)
             found = encode_resource(resource.ROUTE, resource_name(config), config,
-                                    self._previous_routes.get(namespace))
-            self._routes[namespace] = found
+                                    self._previous_routes.get(key))
+            self._routes[key] = found
         return found
 
     def assignments(self, zone: str) -> list[Resource]:
@@ -150,6 +155,9 @@ class MeshBuild:
             resource.ROUTE: [self.route(proxy.namespace)],
             resource.SECRET: [],
         }, reuse=reuse)
+
+
+_FOREIGN = "\0foreign"  # the route table key of namespaces that have no services
 
 
 class _Replaced(Exception):

@@ -176,6 +176,21 @@ async def test_apply_translates_off_the_event_loop(monkeypatch: pytest.MonkeyPat
     assert _endpoint_port(snapshot, "reviews") == 9081
     assert threads and threading.main_thread().name not in threads
 
+    # A group's first proxy: its snapshot (its namespace's route table) is built there too.
+    routes: list[str] = []
+    real_route = assembly.egress_route
+
+    def route_spy(built: Mesh, namespace: str) -> Any:
+        routes.append(threading.current_thread().name)
+        return real_route(built, namespace)
+
+    monkeypatch.setattr(assembly, "egress_route", route_spy)
+    other = ProxyIdentity(node_id="shop-1", service="frontend", namespace="shop")
+    snapshot = await asyncio.wait_for(cache.next_snapshot(other, None), 5)
+    assert snapshot.get(resource.ROUTE) is not None
+    assert routes and threading.main_thread().name not in routes
+    pipeline.close()
+
 
 async def test_unchanged_mesh_publishes_nothing_and_endpoint_change_reuses_the_rest() -> None:
     cache = SnapshotCache()
@@ -273,7 +288,8 @@ async def test_groups_without_proxies_are_forgotten_after_the_ttl(tmp_path: Path
     pipeline.set_mesh(mesh(9082))
     assert len(cache.groups()) == 51
     assert all(_config_bytes(p.group) is not None for p in invented)
-    assert pipeline.current is not None and len(pipeline.current._routes) == 51
+    # Namespaces without services share one route table: 50 made-up ones cost one.
+    assert pipeline.current is not None and len(pipeline.current._routes) == 2
     pipeline.current.assignments("zone-3")
 
     start = time.monotonic()
@@ -284,7 +300,7 @@ async def test_groups_without_proxies_are_forgotten_after_the_ttl(tmp_path: Path
     assert all(cache.get(p.group) is None for p in invented)
     assert all(_config_bytes(p.group) is None for p in invented)
     assert _config_bytes(PROXY.group) is not None
-    assert set(pipeline.current._routes) == {"default"} and not pipeline.current._zoned
+    assert len(pipeline.current._routes) == 2 and not pipeline.current._zoned
     for _ in range(100):
         if store.pending() == 0 and not any(store.folder(p.group).exists() for p in invented):
             break
@@ -316,3 +332,19 @@ async def test_store_coalesces_writes_per_group_latest_wins(tmp_path: Path) -> N
     files = sorted(store.folder(PROXY.group).glob("*.json"))
     assert len(files) == 1
     assert json.loads(files[0].read_text())["version"] == cache.get(PROXY.group).version
+
+
+def test_namespaces_without_services_share_one_route_table() -> None:
+    from controlplane.assembly import MeshBuild
+    from controlplane.translator import egress_route
+
+    shop = load_mesh_text(MESH % 9081 + "  - {name: cart, namespace: shop, port: 9080}\n")
+    build = MeshBuild(shop)
+    one, other = build.route("made-up-1"), build.route("made-up-2")
+    assert one is other  # shared, and right for both:
+    assert one.sotw_chunk == MeshBuild(shop).route("made-up-2").sotw_chunk
+    assert egress_route(shop, "made-up-1") == egress_route(shop, "made-up-2")
+    # A namespace with services of its own has its bare names, so its own table.
+    assert build.route("shop") is not one and build.route("default") is not one
+    assert "cart" in str(build.route("shop").message) and build.route("shop").version != \
+        one.version
