@@ -15,7 +15,10 @@ from controlplane.mesh import load_mesh_text
 from controlplane.mesh.duration import MAX_DURATION, parse_duration
 from controlplane.mesh.loader import MAX_VALUES, load_mesh_bytes
 from controlplane.mesh.model import RateLimit
+from controlplane.proxy import ProxyIdentity
+from controlplane.translator import translate
 from controlplane.translator.policies.rate_limit import fill, token_bucket
+from tests.support.envoy_validate import rejected
 
 SVC = "services[0] (a.default)"
 
@@ -251,3 +254,36 @@ def test_a_decimal_rate_is_exact_when_the_burst_allows() -> None:
     tokens, interval = fill(12345.677)  # no bucket size given: the exact fill
     assert (tokens, interval) == (12345677, timedelta(seconds=1000))
     assert fill(12345.677, 20000) == (618, timedelta(microseconds=50058))
+
+
+def test_the_limits_themselves_are_accepted_by_a_real_envoy() -> None:
+    """Each maximum the model allows, and the characters it lets through, pass a real
+    Envoy: the bounds are Envoy's, not looser (and not needlessly tighter)."""
+    mesh = load_mesh_text(f"""
+services:
+  - name: a
+    port: 65535
+    endpoints:
+      - {{address: 'fd00::7', port: 1, zone: {"z" * 63}, labels: {{version: {"v" * 63}}}}}
+    policy:
+      timeout: 8760h
+      retries: {{attempts: 100, per_try_timeout: 8760h,
+                backoff: {{base_interval: 1us, max_interval: 8760h}},
+                budget: {{percent: 100, min_concurrency: 4294967295}}}}
+      circuit_breaker: {{max_connections: 4294967295, max_pending_requests: 4294967295,
+                        max_requests: 4294967295, max_retries: 4294967295}}
+      outlier_detection: {{consecutive_5xx: 4294967295, interval: 8760h,
+                          base_ejection_time: 8760h, max_ejection_percent: 100}}
+      load_balancer: {{policy: ring_hash, hash: {{cookie: "a!#$%&'*+-.^_`|~z",
+                                                 cookie_ttl: 8760h}}}}
+      match: [{{headers: {{"x-a!#$%&'*+-.^_`|~": "50% of \\"all\\" %REQ(x)%"}},
+               path: {{prefix: "/{"p" * 1000}"}}, labels: {{version: {"v" * 63}}}}}]
+      fault: {{delay: {{percent: 100, duration: 8760h}}, abort: {{percent: 0.0001, status: 599}}}}
+      rate_limit: {{requests_per_second: 12345.677, burst: 1000000000}}
+      fallback: {{status: 599, body: "{"b" * 65536}", content_type: "text/plain; q=100%"}}
+  - name: b
+    port: 80
+    endpoints: [{{address: db.example.com, address_type: dns, port: 5432}}]
+""")
+    proxy = ProxyIdentity(node_id="edge-1", service="a", inbound_port=15006, app_port=8080)
+    assert rejected([translate(mesh, proxy)]) == {}

@@ -126,7 +126,7 @@ def _response_policy(service: Service, policy: FallbackPolicy) -> Message:
         )
     content_type = base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(
-            key="content-type", value=policy.content_type or DEFAULT_CONTENT_TYPE
+            key="content-type", value=literal(policy.content_type or DEFAULT_CONTENT_TYPE)
         ),
         append_action=base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
     )
@@ -136,6 +136,12 @@ def _response_policy(service: Service, policy: FallbackPolicy) -> Message:
     )
     response.body.inline_string = policy.body or ""
     return response
+
+
+def literal(value: str) -> str:
+    """A header value as written: Envoy reads headers_to_add values as format strings, in
+    which ``%`` starts a command (a bare one makes it refuse the whole route table)."""
+    return value.replace("%", "%%")
 
 
 def _no_healthy_upstream() -> syntax_pb2.ParsedExpr:
