@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,15 +83,21 @@ async def follow(source: Source, pipeline: Pipeline, retry: float = 1.0) -> None
     that fails or ends is started again after ``retry`` seconds (doubling to 30)."""
     frozen = False
     delay = retry
+    size = 0
     while True:
         try:
             async for mesh in source.updates():
                 delay = retry
-                if await pipeline.apply(mesh) and not frozen:
+                if not await pipeline.apply(mesh):
+                    continue
+                if not frozen:
                     # What the first mesh built lives long: keep it out of later
                     # collections (half of a change's CPU went to the collector).
                     gc.freeze()
                     frozen = True
+                elif len(mesh.services) * 2 < size and size >= 200:
+                    _reclaim(size, len(mesh.services))
+                size = len(mesh.services)
             log.error("source.ended", source=source.name, retry_in=delay,
                       hint="the last good mesh is still served; the source is started again")
         except asyncio.CancelledError:
@@ -102,6 +109,17 @@ async def follow(source: Source, pipeline: Pipeline, retry: float = 1.0) -> None
                           "again")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 30.0)
+
+
+def _reclaim(before: int, after: int) -> None:
+    """The mesh shrank by half or more: collect what the old builds left in cycles
+    (frozen ones included), so memory returns near its baseline; then freeze again."""
+    started = time.perf_counter()
+    gc.unfreeze()
+    found = gc.collect()
+    gc.freeze()
+    log.info("memory.reclaimed", services_before=before, services_after=after,
+             objects=found, seconds=round(time.perf_counter() - started, 3))
 
 
 async def sweep(pipeline: Pipeline, ttl: float) -> None:
