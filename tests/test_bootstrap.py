@@ -82,6 +82,10 @@ def test_sotw_without_inbound() -> None:
     assert ads["transport_api_version"] == "V3"
     assert ads["set_node_on_first_message_only"] is True
     assert ads["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "xds_cluster"
+    # Reconnects are capped at a second (Envoy's default grows to 30 s); that this is
+    # what Envoy does is shown by tests/test_server_lifecycle.py.
+    assert ads["grpc_services"][0]["envoy_grpc"]["retry_policy"] == {
+        "retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}}
     assert boot["dynamic_resources"]["cds_config"] == {"ads": {}, "resource_api_version": "V3"}
     assert boot["dynamic_resources"]["lds_config"] == {"ads": {}, "resource_api_version": "V3"}
     (cluster,) = boot["static_resources"]["clusters"]
