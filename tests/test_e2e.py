@@ -12,7 +12,7 @@ import yaml
 
 from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
 def write_mesh(path: Path, services: dict[str, list[Backend]]) -> None:
@@ -34,6 +34,11 @@ def answers(envoy: Envoy, host: str, count: int = 20) -> set[str]:
         if status == 200:
             seen.add(body)
     return seen
+
+
+def sent_versions(server: ControlPlane, node_id: str) -> dict[str, str]:
+    [proxy] = [p for p in server.json("/debug/proxies") if p["node_id"] == node_id]
+    return {kind: state["sent_version"] for kind, state in proxy["types"].items()}
 
 
 class Lab:
@@ -127,14 +132,17 @@ def test_bad_mesh_keeps_the_last_good_config(lab: Lab, delta: bool) -> None:
     server = lab.serve()
     envoy = lab.envoy("frontend-1", delta)
     wait_for(lambda: envoy.request("reviews")[1] == "reviews-1", what="first route")
+    sent = sent_versions(server, "frontend-1")
 
     lab.mesh.write_text("services:\n  - name: reviews\n    port: 99999\n")
     wait_for(lambda: any(line.get("event") == "mesh.invalid" for line in server.logs()),
              what="the server to log the bad mesh")
     [error] = [line for line in server.logs() if line.get("event") == "mesh.invalid"]
     assert any("services[0] (reviews.default).port" in p for p in error["problems"])
-    time.sleep(0.5)
+    # A rejected mesh is never translated: nothing was or will be sent for it.
+    assert sent_versions(server, "frontend-1") == sent
     assert answers(envoy, "reviews", 10) == {"reviews-1"}
+    assert sent_versions(server, "frontend-1") == sent
     assert server.get("/readyz")[0] == 200
 
     fixed = lab.backend("reviews-2")

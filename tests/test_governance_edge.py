@@ -22,6 +22,9 @@ from controlplane.translator.policies.rate_limit import fill, token_bucket
 from tests.support.procs import Backend, ControlPlane, Envoy, free_port, wait_for
 from tests.test_translator_golden import load_case, translate
 
+# Every test here is bounded: a hung Envoy or backend fails the test, not the suite.
+pytestmark = pytest.mark.timeout(180)
+
 # --- the model ---------------------------------------------------------------------
 
 

@@ -12,6 +12,9 @@ from controlplane.mesh import load_mesh_text
 from tests.support.procs import wait_for
 from tests.test_e2e import Lab, lab  # noqa: F401 (fixture)
 
+# Every test here is bounded: a hung Envoy or backend fails the test, not the suite.
+pytestmark = pytest.mark.timeout(180)
+
 
 def write(target: Lab, balancer: dict[str, object]) -> None:
     backends = target.backends

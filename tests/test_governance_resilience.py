@@ -7,10 +7,8 @@ per behaviour, each backed by its own scripted backend: no test sees another's t
 
 from __future__ import annotations
 
-import http.server
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -20,66 +18,13 @@ import yaml
 
 from controlplane.errors import MeshError
 from controlplane.mesh import load_mesh_text
-from tests.support.procs import Envoy, free_port, wait_for
+from tests.support.procs import Envoy, wait_for
+from tests.support.promise_servers import Behaviour
+from tests.support.promise_servers import ScriptedHttp as Scripted
 from tests.test_e2e import Lab
 
-# What the n-th call (from 1) gets: (status, seconds to wait before answering).
-Behaviour = Callable[[int], tuple[int, float]]
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Envoy hangs up on a request that timed out; that is expected, not news."""
-
-
-class Scripted:
-    """An HTTP backend on 127.0.0.1 whose answers follow ``behave``; it counts calls
-    and the most requests it held at once."""
-
-    def __init__(self, name: str, behave: Behaviour) -> None:
-        self.name = name
-        self.port = free_port()
-        self.calls = 0
-        self.active = 0
-        self.peak = 0
-        lock = threading.Lock()
-        backend = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                with lock:
-                    backend.calls += 1
-                    backend.active += 1
-                    backend.peak = max(backend.peak, backend.active)
-                    call = backend.calls
-                try:
-                    status, delay = behave(call)
-                    time.sleep(delay)
-                    body = f"{backend.name} {status}".encode()
-                    self.send_response(status)
-                    self.send_header("content-length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                finally:
-                    with lock:
-                        backend.active -= 1
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = _QuietServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+# Every test here is bounded: a hung Envoy or backend fails the test, not the suite.
+pytestmark = pytest.mark.timeout(180)
 
 
 def fail_first(count: int) -> Behaviour:
