@@ -34,6 +34,7 @@ class Protocols:
     frontend: Envoy
     shop: Envoy
     store: Envoy
+    meshed: Envoy
     store_inbound: int
     grpc: dict[str, GrpcEcho]
     tcp: TcpEcho
@@ -45,17 +46,21 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Protocols]:
     lab = Rig(Path(tmp_path_factory.mktemp("protocols")))
     try:
         grpcs = {name: lab.own(GrpcEcho(name, unavailable=unavailable))
-                 for name, unavailable in (("echo", 0), ("echo-flaky", 1), ("echo-bare", 1))}
+                 for name, unavailable in (("echo", 0), ("echo-flaky", 1), ("echo-bare", 1),
+                                           ("echo-meshed", 0))}
         tcp = lab.own(TcpEcho("store-app"))
         http = {name: lab.own(ScriptedHttp(name))
                 for name in ("external", "reviews-default", "reviews-shop", "ratings-shop")}
-        inbound = free_port()
+        inbound, grpc_inbound = free_port(), free_port()
         retry_unavailable = {"retries": {"attempts": 2, "on": ["unavailable"]}}
         lab.serve([
             service("echo", [grpcs["echo"]], GRPC_PORT, protocol="grpc"),
             service("echo-flaky", [grpcs["echo-flaky"]], GRPC_PORT, protocol="grpc",
                     policy=retry_unavailable),
             service("echo-bare", [grpcs["echo-bare"]], GRPC_PORT, protocol="grpc"),
+            # Reached through its own sidecar's inbound listener, as in a real mesh.
+            {"name": "echo-meshed", "port": GRPC_PORT, "protocol": "grpc",
+             "endpoints": [{"address": "127.0.0.1", "port": grpc_inbound}]},
             # The store's endpoint is its sidecar's inbound listener, which proxies TCP.
             {"name": "store", "port": TCP_PORT, "protocol": "tcp",
              "endpoints": [{"address": "127.0.0.1", "port": inbound}]},
@@ -70,9 +75,13 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Protocols]:
         store = lab.envoy("store-1", service="store", extra=[
             "--inbound-port", str(inbound), "--app-port", str(tcp.port),
             "--inbound-address", "127.0.0.1"])
-        wait_endpoints(frontend, {"echo": 1, "echo-flaky": 1, "echo-bare": 1}, GRPC_PORT)
+        meshed = lab.envoy("echo-meshed-1", service="echo-meshed", extra=[
+            "--inbound-port", str(grpc_inbound), "--app-port", str(grpcs["echo-meshed"].port),
+            "--inbound-address", "127.0.0.1"])
+        wait_endpoints(frontend, {"echo": 1, "echo-flaky": 1, "echo-bare": 1,
+                                  "echo-meshed": 1}, GRPC_PORT)
         wait_endpoints(frontend, {"store": 1}, TCP_PORT)
-        yield Protocols(lab, frontend, shop, store, inbound, grpcs, tcp, http)
+        yield Protocols(lab, frontend, shop, store, meshed, inbound, grpcs, tcp, http)
     finally:
         lab.close()
 
@@ -96,6 +105,16 @@ def test_grpc_unary_streaming_and_status_through_the_sidecar(rig: Protocols) -> 
     with _channel(rig.frontend, "echo.default.svc.cluster.local:9090") as channel:
         assert channel.unary_unary(ECHO_UNARY)(b"x", timeout=10) == b"echo:x"
     assert cluster_stat(rig.frontend, "echo", "upstream_cx_http2_total", GRPC_PORT) >= 1
+
+
+def test_grpc_through_both_sidecars(rig: Protocols) -> None:
+    """Caller's sidecar -> the service's sidecar (inbound listener, HTTP/2 to the app)
+    -> a gRPC app: the whole mesh path, with streaming."""
+    with _channel(rig.frontend, "echo-meshed") as channel:
+        assert channel.unary_unary(ECHO_UNARY)(b"hop", timeout=10) == b"echo-meshed:hop"
+        assert len(list(channel.unary_stream(ECHO_STREAM)(b"5", timeout=10))) == 5
+    assert rig.meshed.stat("http.inbound.downstream_rq_completed") >= 2
+    assert rig.meshed.stat("http.inbound.downstream_cx_http2_total") >= 1
 
 
 def test_grpc_retry_on_unavailable(rig: Protocols) -> None:
