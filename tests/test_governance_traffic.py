@@ -274,23 +274,3 @@ def test_weights_are_relative() -> None:
     vhost = next(h for h in routes[0].virtual_hosts if h.name == "reviews.default")
     assert [c.name.split("|")[2] for c in vhost.routes[-1].route.weighted_clusters.clusters] == [
         "version=v2"]
-
-
-def test_kubernetes_leaves_out_a_service_whose_split_target_is_gone() -> None:
-    """From Kubernetes, a TrafficPolicy may name a deleted Service: that service is left
-    out with the reason (as with any bad policy) and the rest is served."""
-    from controlplane.mesh.model import Service
-    from controlplane.sources.kubernetes.convert import _mesh
-
-    def svc(name: str, target: str | None = None) -> Service:
-        policy = {"split": [{"service": target, "weight": 1}]} if target else {}
-        return Service.model_validate({"name": name, "port": 80, "policy": policy})
-
-    skipped: list[str] = []
-    kept = _mesh([svc("a", "gone"), svc("c", "a"), svc("d")], skipped)
-    assert [s.name for s in kept.services] == ["d"]
-    assert skipped == [
-        "service default/a: services[0] (a.default).policy.split[0].service: "
-        "no service 'gone' in namespace 'default'",
-        "service default/c: services[0] (c.default).policy.split[0].service: "
-        "no service 'a' in namespace 'default'"]

@@ -142,7 +142,7 @@ def test_converter_converts_again_only_what_changed() -> None:
     assert second.services[1].endpoints[0].address == "10.0.0.3"
 
 
-CANARY = {"split": [{"labels": {"version": "v1"}, "weight": 90},
+CANARY: dict[str, Any] = {"split": [{"labels": {"version": "v1"}, "weight": 90},
                    {"labels": {"version": "v2"}, "weight": 10}]}
 
 

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from controlplane.sources.kubernetes.convert import Verdict
-from controlplane.sources.kubernetes.status import condition, needs_write
+from controlplane.sources.kubernetes.status import condition, conditions, needs_write
 from controlplane.sources.kubernetes.store import ObjectStore
 
 
@@ -44,7 +44,7 @@ def test_relist_replaces_what_was_known_in_its_namespace() -> None:
 def test_status_is_written_only_when_it_changes() -> None:
     accepted = Verdict(True, "Accepted", "applied to Service 'reviews'", 2)
     assert needs_write(accepted, None)
-    written = {"conditions": [condition(accepted, None)]}
+    written = {"conditions": conditions(accepted, None)}
     assert not needs_write(accepted, written)
     again = condition(accepted, written)
     assert again["lastTransitionTime"] == written["conditions"][0]["lastTransitionTime"]
@@ -53,3 +53,20 @@ def test_status_is_written_only_when_it_changes() -> None:
     rejected = Verdict(False, "Invalid", "spec.timeout: negative", 3)
     flipped = condition(rejected, copy.deepcopy(written))
     assert flipped["status"] == "False" and flipped["reason"] == "Invalid"
+
+
+def test_an_accepted_policy_says_whether_its_subsets_select_endpoints() -> None:
+    resolved = Verdict(True, "Accepted", "applied to Service 'reviews'", 2)
+    written = {"conditions": conditions(resolved, None)}
+    assert [(c["type"], c["status"], c["reason"]) for c in written["conditions"]] == [
+        ("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")]
+    empty = Verdict(True, "Accepted", "applied to Service 'reviews'", 2,
+                    unresolved="spec.split[1].labels (version=v3): no endpoint")
+    assert needs_write(empty, written)
+    [accepted, refs] = conditions(empty, written)
+    assert accepted["lastTransitionTime"] == written["conditions"][0]["lastTransitionTime"]
+    assert (refs["status"], refs["reason"]) == ("False", "NoMatchingEndpoints")
+    assert refs["message"].startswith("spec.split[1].labels (version=v3)")
+    refused = Verdict(False, "Invalid", "spec.timeout: negative", 2)
+    assert [c["type"] for c in conditions(refused, written)] == ["Accepted"]
+    assert needs_write(refused, written)

@@ -15,10 +15,16 @@ dicts), so they are tested without a cluster and nothing downstream knows the so
   (``pod-template-hash``) changes nothing else.
 - A TrafficPolicy's spec (minus ``targetRef``) is the service's policy; it is validated
   here, and a policy that fails is left out (the service still serves) and reported.
+
+One object's fault stays with that object: a Service that cannot be converted is left
+out, an EndpointSlice that cannot be read is left out of its Service, a policy the model
+refuses (alone, or with its Service, or against the rest of the mesh) is left out of its
+Service with ``Accepted: False``. No object of any shape makes ``convert`` raise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,51 +34,43 @@ from pydantic import ValidationError
 from controlplane.mesh.loader import describe_error
 from controlplane.mesh.model import Mesh, Policy, Service
 from controlplane.sources.kubernetes.kinds import SERVICE_NAME_LABEL
+from controlplane.sources.kubernetes.policies import (
+    Verdict,
+    choose_policies,
+    rejected,
+    subset_keys,
+    unresolved_subsets,
+)
+from controlplane.sources.kubernetes.services import (
+    Key,
+    Malformed,
+    Obj,
+    PodLabels,
+    key,
+    meta,
+    protocol_of,
+    service_data,
+)
 
-Obj = Mapping[str, Any]
-Key = tuple[str, str]  # (namespace, name)
-
-_GRPC = ("grpc", "http2", "h2c", "kubernetes.io/h2c")
-_TCP = ("tcp", "tls", "https", "mongo", "mysql", "redis", "kubernetes.io/ws",
-        "kubernetes.io/wss")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What becomes a TrafficPolicy's ``Accepted`` condition."""
-
-    accepted: bool
-    reason: str  # Accepted | Invalid | TargetNotFound | Conflicted
-    message: str
-    generation: int = 0
+__all__ = ["Conversion", "Converter", "Key", "Obj", "Verdict", "convert", "key",
+           "protocol_of", "service_data"]
 
 
 @dataclass
 class Conversion:
     mesh: Mesh
     verdicts: dict[Key, Verdict] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)  # services left out, and why
+    skipped: list[str] = field(default_factory=list)  # objects left out, and why
 
 
-def key(obj: Obj) -> Key:
-    meta = obj.get("metadata", {})
-    return str(meta.get("namespace", "default")), str(meta.get("name", ""))
+@dataclass(frozen=True)
+class _Outcome:
+    """One Service's conversion: the service (None: left out), the problems met, and
+    why its policy was dropped ("" when it was applied or there was none)."""
 
-
-def protocol_of(port: Obj) -> str:
-    """``http``, ``grpc`` or ``tcp`` for one Service port (Istio's naming convention)."""
-    app = str(port.get("appProtocol") or "").lower()
-    name = str(port.get("name") or "").lower()
-    for hint in (app, name.split("-", 1)[0] if name else ""):
-        if not hint:
-            continue
-        if hint in _GRPC:
-            return "grpc"
-        if hint in _TCP:
-            return "tcp"
-        if hint == "http":
-            return "http"
-    return "http"
+    service: Service | None
+    problems: tuple[str, ...] = ()
+    policy_dropped: str = ""
 
 
 def convert(services: Iterable[Obj], slices: Iterable[Obj], policies: Iterable[Obj],
@@ -91,25 +89,26 @@ class Converter:
     """
 
     def __init__(self) -> None:
-        self._memo: dict[Key, tuple[tuple[Obj, ...], Service | str]] = {}
+        self._memo: dict[Key, tuple[tuple[Obj, ...], _Outcome]] = {}
 
     def convert(self, services: Iterable[Obj], slices: Iterable[Obj],
                 policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None) -> Conversion:
         by_service: dict[Key, list[Obj]] = {}
         for slice_ in slices:
-            owner = slice_.get("metadata", {}).get("labels", {}).get(SERVICE_NAME_LABEL)
-            if owner:
+            labels = meta(slice_).get("labels")
+            owner = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, Mapping) else None
+            if owner and isinstance(owner, str):
                 by_service.setdefault((key(slice_)[0], owner), []).append(slice_)
-        service_objs = {key(s): s for s in services}
-        chosen, verdicts = _choose_policies(policies, service_objs, pods is not None)
+        service_objs = {key(s): s for s in services if isinstance(s, Mapping)}
+        chosen, verdicts = choose_policies(policies, service_objs, pods is not None)
         result = Conversion(Mesh(), verdicts)
         built: list[Service] = []
-        memo: dict[Key, tuple[tuple[Obj, ...], Service | str]] = {}
+        memo: dict[Key, tuple[tuple[Obj, ...], _Outcome]] = {}
         for svc_key in sorted(service_objs):
             policy = chosen.get(svc_key)
             own_slices = by_service.get(svc_key, [])
-            subset_keys = _subset_keys(policy[1]) if policy else frozenset()
-            labels = _PodLabels(pods or {}, subset_keys) if subset_keys else None
+            keys = subset_keys(policy[1]) if policy else frozenset()
+            labels = PodLabels(pods or {}, keys) if keys else None
             inputs = (service_objs[svc_key], *own_slices,
                       *((policy[0],) if policy else ()),
                       *(labels.pods(own_slices) if labels else ()))
@@ -121,220 +120,101 @@ class Converter:
                 outcome = _build(svc_key, service_objs[svc_key], own_slices,
                                  policy[1] if policy else None, labels)
             memo[svc_key] = (inputs, outcome)
-            if isinstance(outcome, Service):
-                built.append(outcome)
-            else:
-                result.skipped.append(outcome)
+            result.skipped.extend(outcome.problems)
+            if policy is not None and outcome.policy_dropped:
+                verdicts[key(policy[0])] = rejected(policy[0], "Invalid",
+                                                    outcome.policy_dropped)
+            if outcome.service is not None:
+                built.append(outcome.service)
         self._memo = memo
-        result.mesh = _mesh(built, result.skipped)
+        result.mesh = _mesh(built, result, {k: key(p[0]) for k, p in chosen.items()})
+        for service in result.mesh.services:
+            applied = chosen.get((service.namespace, service.name))
+            policy_key = key(applied[0]) if applied is not None else None
+            verdict = verdicts.get(policy_key) if policy_key is not None else None
+            if policy_key is not None and verdict is not None and verdict.accepted:
+                verdicts[policy_key] = dataclasses.replace(
+                    verdict, unresolved=unresolved_subsets(service))
         return result
 
 
-def _mesh(built: list[Service], skipped: list[str]) -> Mesh:
+def _build(svc_key: Key, service: Obj, slices: list[Obj], policy: dict[str, Any] | None,
+           labels: PodLabels | None = None) -> _Outcome:
+    """The mesh service, or why there is none; a policy the model refuses together with
+    this Service is dropped (and said why), the Service served without it."""
+    where = f"service {svc_key[0]}/{svc_key[1]}"
+    problems: list[str] = []
+    try:
+        data = service_data(service, slices, labels, problems)
+    except Malformed as exc:
+        return _Outcome(None, (f"{where}: {exc}; fix the Service",))
+    except Exception as exc:  # a shape nothing above foresaw: this Service only
+        return _Outcome(None, (f"{where}: cannot be converted ({type(exc).__name__}: {exc}); "
+                               "compare it with a Service the API server accepts",))
+    if data is None:
+        return _Outcome(None, (f"{where}: no TCP ports",))
+    try:
+        plain = Service.model_validate(data)
+    except ValidationError as exc:
+        why = "; ".join(describe_error(e, data) for e in exc.errors())
+        return _Outcome(None, (*problems, f"{where}: {why}"))
+    if policy is None:
+        return _Outcome(plain, tuple(problems))
+    try:
+        return _Outcome(Service.model_validate({**data, "policy": policy}), tuple(problems))
+    except ValidationError as exc:
+        why = "; ".join(describe_error(e, {**data, "policy": policy}) for e in exc.errors())
+        return _Outcome(plain, tuple(problems), f"with Service {svc_key[1]!r}: {why}")
+
+
+def _mesh(built: list[Service], result: Conversion, policy_of: Mapping[Key, Key]) -> Mesh:
     """A policy may split to a service that is not there (deleted, or not yet created):
-    the service whose policy does is left out with the reason, as one with a bad policy
-    is, and the rest of the mesh is served. Leaving one out may strand another's target,
-    hence the loop (bounded: each round removes at least one service)."""
+    that policy is dropped (``Accepted: False``) and its service served without it; a
+    service that fails on its own account is left out. Dropping one may strand another's
+    target, hence the loop (bounded: each round changes at least one service)."""
     services = list(built)
-    for _ in range(len(built) + 1):
+    for _ in range(2 * len(built) + 1):
         try:
             return Mesh(services=services)
         except ValidationError as exc:
             names = {"services": [{"name": s.name, "namespace": s.namespace} for s in services]}
-            bad: set[int] = set()
+            by_index: dict[int, list[str]] = {}
+            in_policy: set[int] = set()
             for error in exc.errors():
                 loc = error["loc"]
-                if len(loc) < 2 or loc[0] != "services" or not isinstance(loc[1], int):
-                    raise
-                bad.add(loc[1])
-                svc = services[loc[1]]
-                skipped.append(f"service {svc.namespace}/{svc.name}: "
-                               f"{describe_error(error, names)}")
-            services = [s for i, s in enumerate(services) if i not in bad]
-    raise AssertionError("unreachable: every round leaves out a service")
+                if len(loc) < 2 or loc[0] != "services" or not isinstance(loc[1], int) \
+                        or not 0 <= loc[1] < len(services):
+                    return _mesh_one_by_one(services, result)
+                by_index.setdefault(loc[1], []).append(describe_error(error, names))
+                if len(loc) > 2 and loc[2] == "policy":
+                    in_policy.add(loc[1])
+            kept = []
+            for index, service in enumerate(services):
+                why = "; ".join(by_index.get(index, []))
+                owner = policy_of.get((service.namespace, service.name))
+                if not why:
+                    kept.append(service)
+                elif index in in_policy and owner is not None and owner in result.verdicts:
+                    old = result.verdicts[owner]
+                    result.verdicts[owner] = Verdict(False, "Invalid", why, old.generation,
+                                                     old.uid)
+                    kept.append(service.model_copy(update={"policy": Policy()}))
+                else:
+                    result.skipped.append(f"service {service.namespace}/{service.name}: {why}")
+            services = kept
+    return _mesh_one_by_one(services, result)
 
 
-def _subset_keys(spec: Mapping[str, Any]) -> frozenset[str]:
-    """The label keys a policy's split and match legs select on."""
-    return frozenset(label for field in ("split", "match") for leg in spec.get(field) or []
-                     for label in leg.get("labels") or {})
-
-
-class _PodLabels:
-    """The labels of endpoints' Pods, cut down to the keys subsets select on."""
-
-    def __init__(self, pods: Mapping[Key, Obj], keys: frozenset[str]) -> None:
-        self._pods = pods
-        self._keys = keys
-
-    @staticmethod
-    def _pod_key(endpoint: Obj, namespace: str) -> Key | None:
-        ref = endpoint.get("targetRef") or {}
-        if ref.get("kind") != "Pod" or not ref.get("name"):
-            return None
-        return str(ref.get("namespace") or namespace), str(ref["name"])
-
-    def pods(self, slices: Iterable[Obj]) -> list[Obj]:
-        """The Pod objects the slices' endpoints name, as the memo's inputs: a relabelled,
-        new or deleted Pod makes the Service convert again."""
-        found: dict[Key, Obj] = {}
-        for slice_ in slices:
-            namespace = key(slice_)[0]
-            for endpoint in slice_.get("endpoints") or []:
-                pod_key = self._pod_key(endpoint, namespace)
-                if pod_key is not None and pod_key in self._pods:
-                    found[pod_key] = self._pods[pod_key]
-        return [found[k] for k in sorted(found)]
-
-    def of(self, endpoint: Obj, namespace: str) -> dict[str, str]:
-        pod_key = self._pod_key(endpoint, namespace)
-        pod = self._pods.get(pod_key) if pod_key is not None else None
-        if pod is None:
-            return {}
-        labels = pod.get("metadata", {}).get("labels") or {}
-        return {k: str(v) for k, v in sorted(labels.items()) if k in self._keys}
-
-
-def _build(svc_key: Key, service: Obj, slices: list[Obj], policy: dict[str, Any] | None,
-           labels: _PodLabels | None = None) -> Service | str:
-    """The mesh service, or why there is none."""
-    data = service_data(service, slices, labels)
-    if data is None:
-        return f"service {svc_key[0]}/{svc_key[1]}: no TCP ports"
-    if policy is not None:
-        data["policy"] = policy
-    try:
-        return Service.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(describe_error(e, data) for e in exc.errors())
-        return f"service {svc_key[0]}/{svc_key[1]}: {problems}"
-
-
-def service_data(service: Obj, slices: list[Obj],
-                 labels: _PodLabels | None = None) -> dict[str, Any] | None:
-    """The mesh-file form of one Service (see the README's mesh file reference)."""
-    namespace, name = key(service)
-    spec = service.get("spec", {})
-    ports = [p for p in spec.get("ports", []) if p.get("protocol", "TCP") == "TCP"]
-    if not ports:
-        return None
-    data: dict[str, Any] = {"name": name, "namespace": namespace}
-    single = len(ports) == 1
-    if single:
-        data["port"] = int(ports[0]["port"])
-        data["protocol"] = protocol_of(ports[0])
-    else:
-        data["ports"] = [{"name": str(p.get("name", "")), "port": int(p["port"]),
-                          "protocol": protocol_of(p)} for p in ports]
-    if spec.get("type") == "ExternalName":
-        data["external_name"] = str(spec.get("externalName", "")).rstrip(".").lower()
-        return data
-    data["endpoints"] = _endpoints(ports, slices, single, labels)
-    return data
-
-
-def _endpoints(ports: list[Obj], slices: list[Obj], single: bool,
-               labels: _PodLabels | None) -> list[dict[str, Any]]:
-    """Merge every slice; one endpoint per address, with its port per Service port name."""
-    wanted = {str(p.get("name", "")) for p in ports}
-    merged: dict[str, dict[str, Any]] = {}
-    for slice_ in sorted(slices, key=lambda s: key(s)[1]):
-        if slice_.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
-            continue
-        slice_ports = {str(p.get("name") or ""): int(p["port"])
-                       for p in slice_.get("ports") or [] if p.get("port") is not None
-                       and p.get("protocol", "TCP") == "TCP"}
-        served = {n: port for n, port in slice_ports.items() if n in wanted}
-        if not served:
-            continue
-        for endpoint in slice_.get("endpoints") or []:
-            addresses = endpoint.get("addresses") or []
-            if not addresses:
-                continue
-            address = str(addresses[0])
-            conditions = endpoint.get("conditions") or {}
-            ready = conditions.get("ready")
-            ready = True if ready is None else bool(ready)
-            serving = conditions.get("serving")
-            entry = merged.setdefault(address, {"address": address, "ports": {}})
-            entry["ports"].update(served)
-            # The most available view wins when two slices disagree (a pod moving slices).
-            if "ready" not in entry or (ready and not entry["ready"]):
-                entry["ready"] = ready
-                entry["serving"] = ready if serving is None else bool(serving)
-                entry["terminating"] = bool(conditions.get("terminating", False))
-            zone = endpoint.get("zone")
-            if zone:
-                entry["zone"] = str(zone)
-            if labels is not None and "labels" not in entry:
-                found = labels.of(endpoint, key(slice_)[0])
-                if found:
-                    entry["labels"] = found
-    result = []
-    for address in sorted(merged):
-        entry = merged[address]
-        by_name: dict[str, int] = entry.pop("ports")
-        if single:
-            [only] = wanted
-            if only not in by_name:
-                continue
-            entry["port"] = by_name[only]
-        else:
-            entry["ports"] = dict(sorted(by_name.items()))
-        result.append(entry)
-    return result
-
-
-def _choose_policies(policies: Iterable[Obj], services: Mapping[Key, Obj], pod_labels: bool,
-                     ) -> tuple[dict[Key, tuple[Obj, dict[str, Any]]], dict[Key, Verdict]]:
-    """Validate every TrafficPolicy; the oldest valid one per Service applies. Returns,
-    per Service, the policy object and its spec without ``targetRef``. Without
-    ``pod_labels`` (Pods not watched) a policy with label subsets is refused."""
-    chosen: dict[Key, tuple[Obj, dict[str, Any]]] = {}
-    owner: dict[Key, Key] = {}
-    verdicts: dict[Key, Verdict] = {}
-    ordered = sorted(policies, key=lambda p: (
-        str(p.get("metadata", {}).get("creationTimestamp", "")), key(p)))
-    for policy in ordered:
-        policy_key = key(policy)
-        generation = int(policy.get("metadata", {}).get("generation", 0) or 0)
-        spec = dict(policy.get("spec") or {})
-        target = spec.pop("targetRef", None) or {}
-        if target.get("kind", "Service") != "Service" or not target.get("name"):
-            verdicts[policy_key] = Verdict(
-                False, "Invalid", "spec.targetRef: must be {kind: Service, name: <service>} "
-                "in the policy's namespace", generation)
-            continue
+def _mesh_one_by_one(services: list[Service], result: Conversion) -> Mesh:
+    """The mesh refused for a reason no single service carries: add services one at a
+    time, leaving out each that the mesh refuses. Slow, and only ever a fallback."""
+    kept: list[Service] = []
+    for service in services:
         try:
-            Policy.model_validate(spec)
+            Mesh(services=[*kept, service])
         except ValidationError as exc:
-            problems = "; ".join(describe_error(e, spec, root="spec") for e in exc.errors())
-            verdicts[policy_key] = Verdict(False, "Invalid", problems, generation)
+            why = "; ".join(str(e["msg"]) for e in exc.errors())
+            result.skipped.append(f"service {service.namespace}/{service.name}: {why}")
             continue
-        subsets = [f"spec.{field}[{i}].labels" for field in ("split", "match")
-                   for i, leg in enumerate(spec.get(field) or []) if leg.get("labels")]
-        if subsets and not pod_labels:
-            verdicts[policy_key] = Verdict(
-                False, "Unsupported",
-                f"{subsets[0]}: label subsets need Pod labels, which this server does not "
-                "watch (--no-pod-labels); drop that flag, or make each version a Service "
-                "and split across Services ({service: reviews-v2, weight: 10})", generation)
-            continue
-        target_key = (policy_key[0], str(target["name"]))
-        if target_key not in services:
-            verdicts[policy_key] = Verdict(
-                False, "TargetNotFound",
-                f"spec.targetRef: no Service {target_key[1]!r} in namespace {target_key[0]!r}; "
-                "the policy applies once it exists", generation)
-            continue
-        if target_key in chosen:
-            verdicts[policy_key] = Verdict(
-                False, "Conflicted",
-                f"Service {target_key[1]!r} already has TrafficPolicy {owner[target_key][1]!r} "
-                "(the oldest applies); merge the two", generation)
-            continue
-        chosen[target_key] = (policy, spec)
-        owner[target_key] = policy_key
-        verdicts[policy_key] = Verdict(True, "Accepted",
-                                       f"applied to Service {target_key[1]!r}", generation)
-    return chosen, verdicts
+        kept.append(service)
+    return Mesh(services=kept)

@@ -16,6 +16,7 @@ POLICY_PLURAL: Final = "trafficpolicies"
 POLICY_SINGULAR: Final = "trafficpolicy"
 POLICY_SHORT_NAMES: Final = ("tp",)
 ACCEPTED: Final = "Accepted"  # the status condition type set on every TrafficPolicy
+RESOLVED_REFS: Final = "ResolvedRefs"  # on accepted ones: does every subset select endpoints
 
 
 @dataclass(frozen=True)

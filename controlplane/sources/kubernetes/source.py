@@ -6,6 +6,12 @@ batch is converted once the stream has been quiet for ``quiet`` seconds, or ``ma
 after its first change at the latest (Istio's debounce, 100 ms / 10 s). Nothing is
 yielded before every kind has been listed once, so the first mesh is complete; a batch
 that converts to the mesh already served yields nothing.
+
+A relist (after an outage, or 410 Gone) holds the next batch until every kind relisting
+has its fresh list (or ``max_delay`` has passed), so no mesh mixes a kind's new state
+with another's stale one. A kind or namespace the server may not read (403) counts as
+listed (with what was known of it, nothing at first) and is reported by ``problems()``:
+the rest is served.
 """
 
 from __future__ import annotations
@@ -34,7 +40,14 @@ from controlplane.sources.kubernetes.kinds import (
 )
 from controlplane.sources.kubernetes.status import StatusWriter, needs_write
 from controlplane.sources.kubernetes.store import ObjectStore, labels_only
-from controlplane.sources.kubernetes.watch import Changed, Listed, Watcher, WatchTiming
+from controlplane.sources.kubernetes.watch import (
+    Event,
+    Forbidden,
+    Listed,
+    Listing,
+    Watcher,
+    WatchTiming,
+)
 
 log = structlog.get_logger("controlplane.source.kubernetes")
 
@@ -64,17 +77,26 @@ class KubernetesSource:
         self.verdicts: dict[Key, Verdict] = {}
         self.converter = Converter()
         self._writing: dict[Key, Verdict] = {}  # status writes sent, not yet seen back
+        self._forbidden: dict[tuple[Kind, str | None], str] = {}
+        self._logged: set[str] = set()  # problems already logged: each is logged once
+
+    def problems(self) -> list[str]:
+        """What the source cannot see (for /readyz): each kind or namespace the server may
+        not read, with the RBAC rule to add. Empty when it sees everything it watches."""
+        return [self._forbidden[k] for k in sorted(
+            self._forbidden, key=lambda k: (k[0].plural, k[1] or ""))]
 
     async def updates(self) -> AsyncIterator[Mesh]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Listed | Changed] = asyncio.Queue()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
         stop = threading.Event()
 
-        def emit(item: Listed | Changed) -> None:
+        def emit(item: Event) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         unlisted = {(kind, ns) for kind in self.kinds for ns in self.namespaces}
+        relisting: dict[tuple[Kind, str | None], float] = {}  # since when
         for kind, namespace in sorted(unlisted, key=lambda k: (k[0].plural, k[1] or "")):
             Watcher(kind, self.api, namespace, emit, stop, self.timing).start()
         log.info("source.kubernetes_started",
@@ -89,14 +111,19 @@ class KubernetesSource:
                 if dirty and not unlisted:
                     due = min(last_change + self.debounce.quiet,
                               first_change + self.debounce.max_delay)
+                    if relisting:
+                        due = max(due, min(relisting.values()) + self.debounce.max_delay)
                     timeout = max(0.0, due - time.monotonic())
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
+                    item: Event | None = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError:
                     item = None
                 while item is not None:
-                    if isinstance(item, Listed):
+                    if isinstance(item, Listing):
+                        relisting.setdefault((item.kind, item.namespace), time.monotonic())
+                    elif isinstance(item, Listed | Forbidden):
                         unlisted.discard((item.kind, item.namespace))
+                        relisting.pop((item.kind, item.namespace), None)
                     if self._apply(item):
                         now = time.monotonic()
                         if not dirty:
@@ -109,6 +136,8 @@ class KubernetesSource:
                 if not dirty or unlisted:
                     continue
                 now = time.monotonic()
+                if relisting and now - min(relisting.values()) < self.debounce.max_delay:
+                    continue  # a kind is being listed again: wait for its fresh state
                 if (now - last_change < self.debounce.quiet
                         and now - first_change < self.debounce.max_delay):
                     continue
@@ -125,9 +154,18 @@ class KubernetesSource:
             for task in tasks:
                 task.cancel()
 
-    def _apply(self, item: Listed | Changed) -> bool:
+    def _apply(self, item: Event) -> bool:
+        if isinstance(item, Listing):
+            return False
+        if isinstance(item, Forbidden):
+            known = (item.kind, item.namespace) in self._forbidden
+            self._forbidden[(item.kind, item.namespace)] = item.message
+            return not known  # the first one may complete the first sync
         store = self.stores[item.kind]
         if isinstance(item, Listed):
+            if self._forbidden.pop((item.kind, item.namespace), None) is not None:
+                log.info("watch.allowed", kind=item.kind.kind,
+                         namespace=item.namespace or "all namespaces")
             store.replace(item.items, item.namespace)
             return True  # a (re)list always ends in a batch: the first one makes us ready
         return store.apply(item.type, item.obj)
@@ -144,13 +182,21 @@ class KubernetesSource:
         result = self.converter.convert(self.stores[SERVICES].values(),
                                         self.stores[ENDPOINT_SLICES].values(), policies.values(),
                                         pods)
+        problems = set(result.skipped)
         for problem in result.skipped:
-            log.warning("source.object_skipped", problem=problem,
-                        hint="fix the object; the other services are served as usual")
+            if problem not in self._logged:
+                log.warning("source.object_skipped", problem=problem,
+                            hint="fix the object; the other services are served as usual")
         for policy, verdict in result.verdicts.items():
-            if not verdict.accepted and self.verdicts.get(policy) != verdict:
+            previous = self.verdicts.get(policy)
+            if not verdict.accepted and previous != verdict:
                 log.warning("policy.rejected", policy=f"{policy[0]}/{policy[1]}",
                             reason=verdict.reason, message=verdict.message)
+            if verdict.unresolved:
+                problems.add(verdict.unresolved)
+                if verdict.unresolved not in self._logged:
+                    log.warning("policy.no_matching_endpoints",
+                                policy=f"{policy[0]}/{policy[1]}", message=verdict.unresolved)
             current = policies.status.get(policy)
             if self.status is None or not needs_write(verdict, current):
                 self._writing.pop(policy, None)
@@ -161,5 +207,7 @@ class KubernetesSource:
             task = asyncio.create_task(self._write(policy, verdict, current))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        self._logged = problems
+        self._writing = {k: v for k, v in self._writing.items() if k in result.verdicts}
         self.verdicts = result.verdicts
         return result.mesh

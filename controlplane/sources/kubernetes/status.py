@@ -1,6 +1,9 @@
 """TrafficPolicy status: an ``Accepted`` condition that says whether the policy applies,
-and if not, which field is wrong. Written only when it differs from what is there, so
-two replicas agree and our own writes do not echo back as changes."""
+and if not, which field is wrong; for an accepted policy with label subsets, a
+``ResolvedRefs`` condition that says whether every subset selects an endpoint (reason
+``NoMatchingEndpoints`` when one selects none: its traffic share answers 503). Written
+only when it differs from what is there, so two replicas agree and our own writes do not
+echo back as changes."""
 
 from __future__ import annotations
 
@@ -12,36 +15,62 @@ import structlog
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controlplane.sources.kubernetes.convert import Key, Verdict
-from controlplane.sources.kubernetes.kinds import ACCEPTED, TRAFFIC_POLICIES
+from controlplane.sources.kubernetes.kinds import ACCEPTED, RESOLVED_REFS, TRAFFIC_POLICIES
+from controlplane.sources.kubernetes.policies import Verdict
+from controlplane.sources.kubernetes.services import Key
 
 log = structlog.get_logger("controlplane.source.kubernetes")
 
+_COMPARED = ("status", "reason", "message", "observedGeneration")
 
-def condition(verdict: Verdict, current: Mapping[str, Any] | None) -> dict[str, Any]:
-    status = "True" if verdict.accepted else "False"
-    previous = _accepted(current)
+
+def _condition(type_: str, status: str, reason: str, message: str, generation: int,
+               current: Mapping[str, Any] | None) -> dict[str, Any]:
+    previous = _find(current, type_)
     since = previous.get("lastTransitionTime") if previous.get("status") == status else None
     return {
-        "type": ACCEPTED,
+        "type": type_,
         "status": status,
-        "reason": verdict.reason,
-        "message": verdict.message,
-        "observedGeneration": verdict.generation,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
         "lastTransitionTime": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
+def condition(verdict: Verdict, current: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``Accepted`` condition."""
+    return _condition(ACCEPTED, "True" if verdict.accepted else "False", verdict.reason,
+                      verdict.message, verdict.generation, current)
+
+
+def conditions(verdict: Verdict, current: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Every condition the verdict makes: ``Accepted``, and ``ResolvedRefs`` when accepted."""
+    made = [condition(verdict, current)]
+    if verdict.accepted:
+        if verdict.unresolved:
+            made.append(_condition(RESOLVED_REFS, "False", "NoMatchingEndpoints",
+                                   verdict.unresolved, verdict.generation, current))
+        else:
+            made.append(_condition(RESOLVED_REFS, "True", "ResolvedRefs",
+                                   "every target selects at least one endpoint",
+                                   verdict.generation, current))
+    return made
+
+
 def needs_write(verdict: Verdict, current: Mapping[str, Any] | None) -> bool:
-    previous = _accepted(current)
-    wanted = condition(verdict, current)
-    return any(previous.get(k) != wanted[k]
-               for k in ("status", "reason", "message", "observedGeneration"))
+    wanted = conditions(verdict, current)
+    present = [dict(c) for c in (current or {}).get("conditions") or []
+               if isinstance(c, Mapping)]
+    if len(present) != len(wanted):
+        return True
+    return any(_find(current, w["type"]).get(k) != w[k] for w in wanted for k in _COMPARED)
 
 
-def _accepted(status: Mapping[str, Any] | None) -> dict[str, Any]:
-    for item in (status or {}).get("conditions") or []:
-        if item.get("type") == ACCEPTED:
+def _find(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
+    found = (status or {}).get("conditions") if isinstance(status, Mapping) else None
+    for item in found if isinstance(found, list) else []:
+        if isinstance(item, Mapping) and item.get("type") == type_:
             return dict(item)
     return {}
 
@@ -53,7 +82,7 @@ class StatusWriter:
     def write(self, policy: Key, verdict: Verdict, current: Mapping[str, Any] | None) -> bool:
         """Blocking; run it off the event loop. Failures are logged, never raised."""
         namespace, name = policy
-        body = {"status": {"conditions": [condition(verdict, current)]}}
+        body = {"status": {"conditions": conditions(verdict, current)}}
         try:
             self._custom.patch_namespaced_custom_object_status(
                 TRAFFIC_POLICIES.group, TRAFFIC_POLICIES.version, namespace,

@@ -5,7 +5,12 @@ sees to the event loop. The loop is kopf's: list and mark "listed"; watch from t
 resourceVersion with bookmarks (which keep it fresh); when a watch ends (the server's
 timeout, a dropped connection, a silent connection past the inactivity timeout) watch
 again from the last resourceVersion; on 410 Gone list again, which replaces what was
-known, so nothing stale and nothing duplicated survives; on errors back off with jitter.
+known, so nothing stale and nothing duplicated survives; on errors back off with jitter,
+at most about a second, so every watch is back within a second of the API's return.
+
+A 403 is not an outage: the server may not read this kind here (RBAC). The watcher says
+so once (``Forbidden``, with the rule to add) and keeps asking, slowly, so a fixed role
+takes effect without a restart; the other kinds and namespaces carry on.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class WatchTiming:
     inactivity: float = 330.0  # no byte (not even a bookmark) for this long: reconnect
     connect: float = 5.0
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 1.0  # an API back after an outage is seen within about this long
+    forbidden_retry: float = 10.0  # how often a kind the server may not read is asked again
     page_size: int = 500
 
 
@@ -57,10 +63,31 @@ class Listed:
 
 
 @dataclass(frozen=True)
+class Listing:
+    """A list again (after an error or 410): what is known of ``kind`` in ``namespace``
+    may be stale until the matching ``Listed``, so the source holds its next batch."""
+
+    kind: Kind
+    namespace: str | None
+
+
+@dataclass(frozen=True)
+class Forbidden:
+    """The server may not list ``kind`` in ``namespace`` (403): what to add, and where."""
+
+    kind: Kind
+    namespace: str | None
+    message: str
+
+
+@dataclass(frozen=True)
 class Changed:
     kind: Kind
     type: str  # ADDED | MODIFIED | DELETED
     obj: dict[str, Any]
+
+
+Event = Listed | Listing | Forbidden | Changed
 
 
 class Gone(Exception):
@@ -69,7 +96,7 @@ class Gone(Exception):
 
 class Watcher(threading.Thread):
     def __init__(self, kind: Kind, api: client.ApiClient, namespace: str | None,
-                 emit: Callable[[Listed | Changed], None], stop: threading.Event,
+                 emit: Callable[[Event], None], stop: threading.Event,
                  timing: WatchTiming) -> None:
         super().__init__(name=f"watch-{kind.plural}-{namespace or 'all'}", daemon=True)
         self.kind = kind
@@ -80,14 +107,20 @@ class Watcher(threading.Thread):
         self._list_fn, self._args = _list_function(kind, api, namespace)
         self._failures = 0
         self._missing_logged = False
+        self._forbidden_logged = False
 
     def run(self) -> None:
         where = self.namespace or "all namespaces"
+        first = True
         while not self.stop_event.is_set():
             try:
+                if not first:
+                    self.emit(Listing(self.kind, self.namespace))
+                first = False
                 items, version = self._list()
                 self.emit(Listed(self.kind, self.namespace, items))
                 self._failures = 0
+                self._forbidden_logged = False
                 log.info("watch.listed", kind=self.kind.kind, namespace=where,
                          objects=len(items), resource_version=version)
                 self._watch(version)
@@ -96,7 +129,9 @@ class Watcher(threading.Thread):
                 log.info("watch.expired", kind=self.kind.kind, namespace=where,
                          action="listing again")
             except ApiException as exc:
-                if exc.status == 404 and self.kind.group not in ("", ENDPOINT_SLICES.group):
+                if exc.status == 403:
+                    self._forbidden(exc)
+                elif exc.status == 404 and self.kind.group not in ("", ENDPOINT_SLICES.group):
                     # The CRD is not installed: serve without policies, and keep looking.
                     self.emit(Listed(self.kind, self.namespace, []))
                     level = log.debug if self._missing_logged else log.error
@@ -104,15 +139,28 @@ class Watcher(threading.Thread):
                           hint="apply deploy/kubernetes/01-crd.yaml; services are served "
                           "without TrafficPolicies meanwhile")
                     self._missing_logged = True
+                    self._back_off()
                 else:
                     log.warning("watch.failed", kind=self.kind.kind, namespace=where,
                                 status=exc.status, error=str(exc.reason))
-                self._back_off()
+                    self._back_off()
             except Exception as exc:  # connection refused, reset, timeouts: the API is away
                 log.warning("watch.failed", kind=self.kind.kind, namespace=where,
                             error=f"{type(exc).__name__}: {exc}",
                             hint="retrying with backoff; check that the API server is reachable")
                 self._back_off()
+
+    def _forbidden(self, exc: ApiException) -> None:
+        """Say once what the server may not read and the rule that allows it; ask again
+        every ``forbidden_retry`` seconds."""
+        message = forbidden_message(self.kind, self.namespace, _status_message(exc))
+        self.emit(Forbidden(self.kind, self.namespace, message))
+        level = log.debug if self._forbidden_logged else log.error
+        level("watch.forbidden", kind=self.kind.kind,
+              namespace=self.namespace or "all namespaces", problem=message)
+        self._forbidden_logged = True
+        metrics.K8S_RELISTS.labels(self.kind.plural, "error").inc()
+        self.stop_event.wait(self.timing.forbidden_retry)
 
     def _back_off(self) -> None:
         metrics.K8S_RELISTS.labels(self.kind.plural, "error").inc()
@@ -168,6 +216,27 @@ class Watcher(threading.Thread):
                 log.info("watch.reconnecting", kind=self.kind.kind,
                          reason=type(exc).__name__, resource_version=version)
                 self.stop_event.wait(random.uniform(0.05, 0.25))
+
+
+def _status_message(exc: ApiException) -> str:
+    """The message of the Status object the API server sent, or the HTTP reason."""
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or exc.reason or f"HTTP {exc.status}")
+
+
+def forbidden_message(kind: Kind, namespace: str | None, detail: str) -> str:
+    """What the server may not do, and the RBAC rule to add (kubectl's YAML)."""
+    where = f"in namespace {namespace!r}" if namespace else "cluster-wide"
+    binding = (f"a RoleBinding in namespace {namespace!r} (or the ClusterRoleBinding)"
+               if namespace else "a ClusterRoleBinding")
+    return (f"may not list and watch {kind.plural} {where}: {detail}; add the rule "
+            f"{{apiGroups: [{kind.group!r}], resources: [{kind.plural!r}], verbs: [get, "
+            f"list, watch]}} to the ClusterRole (deploy/kubernetes/02-rbac.yaml) and bind it "
+            f"to the server's service account with {binding}; the rest is served meanwhile")
 
 
 def _metadata_only(list_fn: Callable[..., Any]) -> Callable[..., Any]:

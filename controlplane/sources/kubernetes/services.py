@@ -1,0 +1,214 @@
+"""A Service and its EndpointSlices -> the mesh-file form of one service.
+
+Pure functions over the API's JSON (camelCase dicts). They read defensively: the API
+server validates built-in kinds, but the source must not trust that (a newer server, an
+aggregated API, a bug anywhere), so a field of the wrong shape is a ``Malformed`` error
+naming the object and the field, never a ``KeyError`` deep in a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+Obj = Mapping[str, Any]
+Key = tuple[str, str]  # (namespace, name)
+
+_GRPC = ("grpc", "http2", "h2c", "kubernetes.io/h2c")
+_TCP = ("tcp", "tls", "https", "mongo", "mysql", "redis", "kubernetes.io/ws",
+        "kubernetes.io/wss")
+
+
+class Malformed(ValueError):
+    """An object whose shape the API would not produce: ``field: what is wrong``."""
+
+
+def meta(obj: Any) -> Mapping[str, Any]:
+    """``metadata``, or an empty mapping when there is none (or it is not a mapping)."""
+    found = obj.get("metadata") if isinstance(obj, Mapping) else None
+    return found if isinstance(found, Mapping) else {}
+
+
+def key(obj: Any) -> Key:
+    data = meta(obj)
+    return str(data.get("namespace") or "default"), str(data.get("name") or "")
+
+
+def mapping(value: Any, field: str) -> Mapping[str, Any]:
+    """``value`` if it is a mapping, {} if absent; else Malformed naming ``field``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise Malformed(f"{field}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def sequence(value: Any, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise Malformed(f"{field}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def port_number(value: Any, field: str) -> int:
+    """A TCP port: an integer 1-65535 (``True`` is not one, though Python says it is)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise Malformed(f"{field}: {value!r} is not a port number (an integer 1-65535)")
+    return value
+
+
+def protocol_of(port: Obj) -> str:
+    """``http``, ``grpc`` or ``tcp`` for one Service port (Istio's naming convention)."""
+    app = str(port.get("appProtocol") or "").lower()
+    name = str(port.get("name") or "").lower()
+    for hint in (app, name.split("-", 1)[0] if name else ""):
+        if not hint:
+            continue
+        if hint in _GRPC:
+            return "grpc"
+        if hint in _TCP:
+            return "tcp"
+        if hint == "http":
+            return "http"
+    return "http"
+
+
+class PodLabels:
+    """The labels of endpoints' Pods, cut down to the keys subsets select on."""
+
+    def __init__(self, pods: Mapping[Key, Obj], keys: frozenset[str]) -> None:
+        self._pods = pods
+        self._keys = keys
+
+    @staticmethod
+    def _pod_key(endpoint: Any, namespace: str) -> Key | None:
+        ref = endpoint.get("targetRef") if isinstance(endpoint, Mapping) else None
+        if not isinstance(ref, Mapping) or ref.get("kind") != "Pod" or not ref.get("name"):
+            return None
+        return str(ref.get("namespace") or namespace), str(ref["name"])
+
+    def pods(self, slices: Iterable[Obj]) -> list[Obj]:
+        """The Pod objects the slices' endpoints name, as the memo's inputs: a relabelled,
+        new or deleted Pod makes the Service convert again."""
+        found: dict[Key, Obj] = {}
+        for slice_ in slices:
+            namespace = key(slice_)[0]
+            endpoints = slice_.get("endpoints")
+            for endpoint in endpoints if isinstance(endpoints, list) else []:
+                pod_key = self._pod_key(endpoint, namespace)
+                if pod_key is not None and pod_key in self._pods:
+                    found[pod_key] = self._pods[pod_key]
+        return [found[k] for k in sorted(found)]
+
+    def of(self, endpoint: Obj, namespace: str) -> dict[str, str]:
+        pod_key = self._pod_key(endpoint, namespace)
+        pod = self._pods.get(pod_key) if pod_key is not None else None
+        labels = meta(pod).get("labels")
+        if not isinstance(labels, Mapping):
+            return {}
+        return {str(k): str(v) for k, v in sorted(labels.items(), key=lambda kv: str(kv[0]))
+                if k in self._keys}
+
+
+def service_data(service: Obj, slices: list[Obj], labels: PodLabels | None = None,
+                 problems: list[str] | None = None) -> dict[str, Any] | None:
+    """The mesh-file form of one Service (see the README's mesh file reference), or None
+    when it has no TCP port. A malformed Service raises ``Malformed``; a malformed
+    EndpointSlice is left out and described in ``problems``."""
+    namespace, name = key(service)
+    spec = mapping(service.get("spec"), "spec")
+    ports = []
+    for index, port in enumerate(sequence(spec.get("ports"), "spec.ports")):
+        port = mapping(port, f"spec.ports[{index}]")
+        if port.get("protocol", "TCP") == "TCP":
+            port_number(port.get("port"), f"spec.ports[{index}].port")
+            ports.append(port)
+    if not ports:
+        return None
+    data: dict[str, Any] = {"name": name, "namespace": namespace}
+    single = len(ports) == 1
+    if single:
+        data["port"] = ports[0]["port"]
+        data["protocol"] = protocol_of(ports[0])
+    else:
+        data["ports"] = [{"name": str(p.get("name") or ""), "port": p["port"],
+                          "protocol": protocol_of(p)} for p in ports]
+    if spec.get("type") == "ExternalName":
+        data["external_name"] = str(spec.get("externalName") or "").rstrip(".").lower()
+        return data
+    data["endpoints"] = _endpoints(ports, slices, single, labels,
+                                   problems if problems is not None else [])
+    return data
+
+
+def _endpoints(ports: list[Obj], slices: list[Obj], single: bool, labels: PodLabels | None,
+               problems: list[str]) -> list[dict[str, Any]]:
+    """Merge every slice; one endpoint per address, with its port per Service port name."""
+    wanted = {str(p.get("name") or "") for p in ports}
+    merged: dict[str, dict[str, Any]] = {}
+    for slice_ in sorted(slices, key=lambda s: key(s)[1]):
+        try:
+            _merge_slice(slice_, wanted, labels, merged)
+        except Malformed as exc:
+            namespace, name = key(slice_)
+            problems.append(f"EndpointSlice {namespace}/{name}: {exc}; its endpoints are "
+                            "left out, the rest of the Service is served")
+    result = []
+    for address in sorted(merged):
+        entry = merged[address]
+        by_name: dict[str, int] = entry.pop("ports")
+        if single:
+            [only] = wanted
+            if only not in by_name:
+                continue
+            entry["port"] = by_name[only]
+        else:
+            entry["ports"] = dict(sorted(by_name.items()))
+        result.append(entry)
+    return result
+
+
+def _merge_slice(slice_: Obj, wanted: set[str], labels: PodLabels | None,
+                 merged: dict[str, dict[str, Any]]) -> None:
+    """One slice's endpoints into ``merged``; checks the whole slice before touching it."""
+    if slice_.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
+        return
+    slice_ports: dict[str, int] = {}
+    for index, port in enumerate(sequence(slice_.get("ports"), "ports")):
+        port = mapping(port, f"ports[{index}]")
+        if port.get("port") is not None and port.get("protocol", "TCP") == "TCP":
+            slice_ports[str(port.get("name") or "")] = port_number(
+                port["port"], f"ports[{index}].port")
+    served = {n: port for n, port in slice_ports.items() if n in wanted}
+    if not served:
+        return
+    found: list[tuple[str, Obj, Mapping[str, Any]]] = []
+    for index, endpoint in enumerate(sequence(slice_.get("endpoints"), "endpoints")):
+        endpoint = mapping(endpoint, f"endpoints[{index}]")
+        addresses = sequence(endpoint.get("addresses"), f"endpoints[{index}].addresses")
+        if not addresses:
+            continue
+        if not isinstance(addresses[0], str):
+            raise Malformed(f"endpoints[{index}].addresses[0]: {addresses[0]!r} is not an "
+                            "address")
+        conditions = mapping(endpoint.get("conditions"), f"endpoints[{index}].conditions")
+        found.append((addresses[0], endpoint, conditions))
+    for address, endpoint, conditions in found:
+        ready = conditions.get("ready")
+        ready = True if ready is None else bool(ready)
+        serving = conditions.get("serving")
+        entry = merged.setdefault(address, {"address": address, "ports": {}})
+        entry["ports"].update(served)
+        # The most available view wins when two slices disagree (a pod moving slices).
+        if "ready" not in entry or (ready and not entry["ready"]):
+            entry["ready"] = ready
+            entry["serving"] = ready if serving is None else bool(serving)
+            entry["terminating"] = bool(conditions.get("terminating", False))
+        zone = endpoint.get("zone")
+        if zone:
+            entry["zone"] = str(zone)
+        if labels is not None and "labels" not in entry:
+            pod_labels = labels.of(endpoint, key(slice_)[0])
+            if pod_labels:
+                entry["labels"] = pod_labels
