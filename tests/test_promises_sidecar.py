@@ -134,3 +134,64 @@ def test_settings_from_the_environment(lab: Rig) -> None:
     assert lab.server is not None
     text = lab.server.log_path.read_text()
     assert "mesh." in text and not text.lstrip().startswith("{"), text[:300]
+
+
+def test_rate_limit_is_per_calling_sidecar(lab: Rig) -> None:
+    """Each sidecar has its own bucket: one caller running dry leaves another's full."""
+    backend = lab.own(ScriptedHttp("limited"))
+    lab.serve([service("limited", [backend],
+                       policy={"rate_limit": {"requests_per_second": 0.1, "burst": 2}})])
+    first, second = lab.envoy("frontend-1"), lab.envoy("frontend-2")
+    wait_for(lambda: first.request("limited")[0] == 429, what="the first bucket dry")
+    assert [second.request("limited")[0] for _ in range(3)] == [200, 200, 429]
+    assert first.request("limited")[0] == 429
+
+
+def test_ejection_is_capped_by_max_ejection_percent(lab: Rig) -> None:
+    """Two hosts that both fail: at 50% one is ejected and the other still answers;
+    at 100% both go."""
+    hosts = {name: [lab.own(ScriptedHttp(f"{name}-{i}", always(503))) for i in range(2)]
+             for name in ("capped", "uncapped")}
+    lab.serve([service(name, members, policy={"outlier_detection": {
+        "consecutive_5xx": 2, "interval": "1s", "base_ejection_time": "30s",
+        "max_ejection_percent": 50 if name == "capped" else 100}})
+        for name, members in hosts.items()])
+    envoy = lab.envoy("frontend-1")
+    wait_for(lambda: all(cluster_stat(envoy, n, "membership_total") == 2 for n in hosts),
+             what="endpoints")
+
+    def ejected(name: str, count: int) -> bool:
+        envoy.request(name)
+        return cluster_stat(envoy, name, "outlier_detection.ejections_active") == count
+
+    wait_for(partial(ejected, "uncapped", 2), what="both hosts ejected", interval=0.05)
+    wait_for(partial(ejected, "capped", 1), what="one host ejected", interval=0.05)
+    for _ in range(10):
+        envoy.request("capped")
+    assert cluster_stat(envoy, "capped", "outlier_detection.ejections_active") == 1
+    assert cluster_stat(envoy, "capped", "outlier_detection.ejections_overflow") >= 1
+
+
+def test_a_host_name_as_xds_address(lab: Rig) -> None:
+    """``bootstrap --xds-address localhost:PORT``: the sidecar resolves it and connects."""
+    backend = lab.own(ScriptedHttp("reviews"))
+    server = lab.serve([service("reviews", [backend])])
+    envoy = lab.envoy("frontend-1", extra=["--xds-address", f"localhost:{server.xds_port}"])
+    wait_for(lambda: envoy.request("reviews")[1] == "reviews", what="config over localhost")
+
+
+def test_every_stream_log_line_names_its_node_and_stream(lab: Rig) -> None:
+    backend = lab.own(ScriptedHttp("reviews"))
+    server = lab.serve([service("reviews", [backend])])
+    envoy = lab.envoy("frontend-1", delta=True)
+    wait_for(lambda: envoy.request("reviews")[1] == "reviews", what="reviews routed")
+    lab.write([service("reviews", [backend]), service("ratings", [backend])])
+    wait_for(lambda: envoy.request("ratings")[1] == "reviews", what="ratings routed")
+    envoy.stop()
+    wait_for(lambda: any(line.get("event") == "xds.stream_closed" for line in server.logs()),
+             what="the stream to close")
+    stream = [line for line in server.logs() if str(line.get("event", "")).startswith("xds.")
+              and line.get("event") != "xds.listening"]
+    assert len(stream) >= 3, stream
+    assert all(line.get("node_id") == "frontend-1" and isinstance(line.get("stream_id"), int)
+               for line in stream), stream
