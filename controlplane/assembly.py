@@ -106,12 +106,13 @@ class MeshBuild:
     def forget(self, namespaces: Collection[str], zones: Collection[str]) -> None:
         """Drop route tables and zone variants no group uses any more: proxies choose
         their namespace and zone, so these would otherwise grow with every name seen."""
-        self._routes = {n: r for n, r in self._routes.items() if n in namespaces
+        # list() first: a worker thread may be adding entries (list() of a dict is atomic).
+        self._routes = {n: r for n, r in list(self._routes.items()) if n in namespaces
                         or n == _FOREIGN}
         self._previous_routes = {}
-        self._zoned = {z: a for z, a in self._zoned.items() if z in zones}
-        for encoded in self._services.values():
-            for zone in [z for z in encoded.zoned if z not in zones]:
+        self._zoned = {z: a for z, a in list(self._zoned.items()) if z in zones}
+        for encoded in list(self._services.values()):
+            for zone in [z for z in list(encoded.zoned) if z not in zones]:
                 encoded.zoned.pop(zone, None)
 
     def route(self, namespace: str) -> Resource:

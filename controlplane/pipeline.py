@@ -120,6 +120,9 @@ class Pipeline:
             return False, detail
         services = len(self.current.mesh.services)
         detail = f"mesh generation {self.generation} with {services} services"
+        if self.last_error:
+            detail += (f"; the latest change was rejected (still serving generation "
+                       f"{self.generation}): {self.last_error[:500]}")
         if self.current.rejected:
             left = "; ".join(f"{k}: {e}" for k, e in sorted(self.current.rejected.items()))
             detail += f"; not translated (last good version served, if any): {left[:500]}"
@@ -274,7 +277,7 @@ class Pipeline:
                   hint="this group keeps its last good snapshot; fix the mesh")
 
     def _publish_group(self, group: str, snapshot: Snapshot, elapsed: float) -> None:
-        if group not in self.cache.groups():
+        if not self.cache.known(group):
             return  # expired while it was being built
         try:
             published = self.cache.set_snapshot(group, snapshot)

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from controlplane import assembly, resource
 from controlplane.cache import Snapshot, SnapshotCache
 from controlplane.cache.store import SnapshotStore
-from controlplane.mesh import Mesh, load_mesh_text
+from controlplane.mesh import CircuitBreaker, Mesh, Policy, load_mesh_text
 from controlplane.mesh.model import Service
 from controlplane.pipeline import Pipeline
 from controlplane.proxy import ProxyIdentity
@@ -348,3 +348,48 @@ def test_namespaces_without_services_share_one_route_table() -> None:
     assert build.route("shop") is not one and build.route("default") is not one
     assert "cart" in str(build.route("shop").message) and build.route("shop").version != \
         one.version
+
+
+async def test_a_value_the_translator_cannot_encode_stays_with_its_service() -> None:
+    """No monkeypatching: a circuit-breaker limit past uint32 (the issue's 99999999999,
+    which made every later update fail while /readyz said 200) slipped past validation
+    (built with model_copy, as a bug in a source could) fails in protobuf itself."""
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    good = load_mesh_text(TWO % (9081, 9091))
+    assert pipeline.set_mesh(good)
+    await cache.next_snapshot(PROXY, None)
+    changed = load_mesh_text(TWO % (9082, 9092))
+    reviews = changed.services[0]
+    policy = Policy.model_construct(
+        circuit_breaker=CircuitBreaker.model_construct(max_connections=99999999999))
+    broken = changed.model_copy(update={"services": [
+        reviews.model_copy(update={"policy": policy}), changed.services[1]]})
+    with capture_logs() as logs:
+        assert pipeline.set_mesh(broken)
+    snapshot = cache.get(PROXY.group)
+    assert snapshot is not None
+    assert _endpoint_port(snapshot, "reviews") == 9081
+    assert _endpoint_port(snapshot, "ratings") == 9092
+    [rejected] = [e for e in logs if e["event"] == "service.rejected"]
+    assert "out of range" in rejected["error"]
+    # and the next good change is accepted as usual
+    assert pipeline.set_mesh(load_mesh_text(TWO % (9083, 9093)))
+    snapshot = cache.get(PROXY.group)
+    assert snapshot is not None and _endpoint_port(snapshot, "reviews") == 9083
+    assert "reviews.default" not in pipeline.readiness()[1]
+
+
+async def test_readiness_says_when_the_latest_change_was_rejected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = Pipeline(SnapshotCache())
+    pipeline.set_mesh(mesh(9081))
+
+    def broken(*args: object, **kwargs: object) -> Snapshot:
+        raise RuntimeError("assembly bug")
+
+    monkeypatch.setattr(assembly, "build_snapshot", broken)
+    assert not pipeline.set_mesh(mesh(9082))
+    ready, detail = pipeline.readiness()
+    assert ready and "latest change was rejected" in detail and "assembly bug" in detail

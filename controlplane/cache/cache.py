@@ -112,6 +112,10 @@ class SnapshotCache:
     def get(self, group: str) -> Snapshot | None:
         return self._snapshots.get(group)
 
+    def known(self, group: str) -> bool:
+        """Whether a proxy has asked for ``group`` (and it has not expired since)."""
+        return group in self._members
+
     def groups(self) -> dict[str, ProxyIdentity]:
         """Every group a proxy has asked for, with one member's identity (to translate)."""
         return dict(self._members)
