@@ -7,6 +7,7 @@ agree on everything but their id get the same config, so they share one snapshot
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,8 @@ def _text(value: Any) -> str | None:
     if kind == "string_value":
         return str(value.string_value) or None
     if kind == "number_value":
-        return str(int(value.number_value))
+        number = value.number_value
+        return str(int(number)) if math.isfinite(number) else None
     return None
 
 
@@ -79,6 +81,6 @@ def _port(value: Any) -> int | None:
         return None
     try:
         port = int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc", "nan", "1e400"
         return None
     return port if 0 < port < 65536 else None

@@ -246,3 +246,35 @@ async def test_shutdown_ends_streams_with_unavailable(limited: Limited) -> None:
     assert (await refused(late)).code() == grpc.StatusCode.UNAVAILABLE
     await client.close()
     await late.close()
+
+
+async def test_metadata_the_server_reads_is_checked(limited: Limited) -> None:
+    client = limited.client()
+    await client.send(node=node("p1", namespace="n" * 100), type_url=resource.CLUSTER)
+    error = await refused(client)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "node.metadata.namespace is 100 bytes" in (error.details() or "")
+    await client.close()
+    client = limited.client()
+    await client.send(node=node("p2", inbound_address="localhost", inbound_port=15006,
+                                app_port=9080), type_url=resource.CLUSTER)
+    error = await refused(client)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an IP address" in (error.details() or "")
+    await client.close()
+
+
+@pytest.mark.parametrize("port", [float("inf"), float("nan"), 1e300, -5.0])
+async def test_odd_port_numbers_in_metadata_do_not_break_the_stream(
+    limited: Limited, port: float,
+) -> None:
+    client = limited.client()
+    with capture_logs() as logs:
+        await client.send(node=node("p1", egress_port=port, inbound_port=port, app_port=port),
+                          type_url=resource.CLUSTER)
+        response = await client.recv()  # the bootstrap defaults stand in for them
+    assert response.type_url == resource.CLUSTER
+    assert not [e for e in logs if e["log_level"] == "error"]
+    [stream] = limited.registry.describe()
+    assert stream["group"] == GROUP
+    await client.close()

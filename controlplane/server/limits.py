@@ -7,6 +7,7 @@ bound; past it the stream ends with a gRPC status that says which bound and what
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass
 
@@ -55,6 +56,23 @@ def check_node(node: base_pb2.Node, limits: Limits) -> None:
                 f"{field} is {size} bytes, more than the {limits.max_node_id_bytes} this "
                 f"server accepts; use a short id such as <pod>.<namespace>",
                 "INVALID_ARGUMENT")
+    metadata = node.metadata.fields
+    for key in ("namespace", "inbound_address"):
+        value = metadata.get(key)
+        if value is None or value.WhichOneof("kind") != "string_value":
+            continue
+        size = len(value.string_value.encode())
+        if size > limits.max_node_id_bytes:
+            raise LimitError(
+                f"node.metadata.{key} is {size} bytes, more than the "
+                f"{limits.max_node_id_bytes} this server accepts", "INVALID_ARGUMENT")
+    address = metadata.get("inbound_address")
+    if address is not None and address.WhichOneof("kind") == "string_value" \
+            and address.string_value and not _is_ip(address.string_value):
+        raise LimitError(
+            f"node.metadata.inbound_address {address.string_value[:64]!r} is not an IP "
+            f"address; Envoy would refuse a listener on it (controlplane bootstrap "
+            f"--inbound-address takes an IP)", "INVALID_ARGUMENT")
     size = node.ByteSize()
     if size > limits.max_node_bytes:
         raise LimitError(
@@ -76,6 +94,14 @@ def check_names(names: list[str], limits: Limits, what: str = "resource names") 
                 f"a resource name of {len(name)} characters, more than the "
                 f"{limits.max_name_bytes} this server accepts; no resource it serves has "
                 f"such a name", "INVALID_ARGUMENT")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class LogBudget:
