@@ -11,7 +11,10 @@ whole list of meshes, so the property costs a few seconds, not minutes.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import string
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -20,6 +23,7 @@ from hypothesis import strategies as st
 
 from controlplane.errors import MeshError
 from controlplane.mesh.duration import MAX_DURATION
+from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.limits import UINT32_MAX
 from controlplane.mesh.loader import load_mesh_bytes, load_mesh_data, load_mesh_text
 from controlplane.mesh.model import Mesh
@@ -266,10 +270,9 @@ _values = st.recursive(_scalars, lambda inner: st.one_of(
     max_leaves=10)
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> tuple[dict[str, Any], ProxyIdentity]:
-    """A valid mesh with one value, anywhere in it, replaced by anything at all."""
-    mesh, proxy = draw(meshes())
+def mangle(draw: st.DrawFn, mesh: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``mesh`` with one value, anywhere in it, replaced by anything at all."""
+    mesh = copy.deepcopy(mesh)
     node: Any = mesh
     while True:
         keys = list(node) if isinstance(node, dict) else list(range(len(node)))
@@ -282,7 +285,14 @@ def mutated(draw: st.DrawFn) -> tuple[dict[str, Any], ProxyIdentity]:
             continue
         node[key] = draw(_values)
         break
-    return mesh, proxy
+    return mesh
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> tuple[dict[str, Any], ProxyIdentity]:
+    """A valid mesh with one value, anywhere in it, replaced by anything at all."""
+    mesh, proxy = draw(meshes())
+    return mangle(draw, mesh), proxy
 
 
 @bounded(12, shrink=False)
@@ -304,3 +314,49 @@ def test_a_mangled_mesh_is_refused_cleanly_or_accepted_by_envoy(
         accepted.append((mesh, translate(loaded, proxy)))
     refused = rejected([resources for _, resources in accepted])
     assert not refused, [(accepted[i][0], error) for i, error in refused.items()]
+
+
+# --- the incremental loader: the same answer as a full load, always -----------------------
+
+
+def _outcome(load: Callable[[], Mesh]) -> Mesh | list[str]:
+    try:
+        return load()
+    except MeshError as error:
+        return error.problems
+
+
+@st.composite
+def edits(draw: st.DrawFn) -> list[str]:
+    """A mesh file, then the same file with one value changed (to anything), in block or
+    flow style: what the incremental loader sees from an editor."""
+    mesh, _ = draw(meshes())
+    style: dict[str, Any] = draw(st.sampled_from([
+        {"default_flow_style": None}, {"default_flow_style": False, "indent": 2},
+        {"default_flow_style": False, "indent": 4}]))
+    texts = []
+    for version in (mesh, mangle(draw, mesh), mangle(draw, mesh)):
+        try:
+            texts.append(yaml.safe_dump(version, allow_unicode=True, **style))
+        except yaml.YAMLError:
+            continue
+    return texts
+
+
+@bounded(60)
+@given(edits())
+def test_the_incremental_loader_answers_as_a_full_load(texts: list[str]) -> None:
+    """Each answer, mesh or problems, is the full load's, however the file changed."""
+    loader = MeshLoader()
+    for text in texts:
+        incremental = _outcome(functools.partial(loader.load, text.encode()))
+        assert incremental == _outcome(functools.partial(load_mesh_text, text))
+
+
+@bounded(300)
+@given(st.text(max_size=300))
+def test_the_incremental_loader_survives_any_text(text: str) -> None:
+    loader = MeshLoader()
+    body = "services:\n" + text
+    assert _outcome(functools.partial(loader.load, body.encode())) == _outcome(
+        functools.partial(load_mesh_text, body))

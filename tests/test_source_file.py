@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import structlog
 
+from controlplane.mesh.loader import load_mesh_text
 from controlplane.mesh.model import Mesh
-from controlplane.sources import file as file_source
 from controlplane.sources.file import FileSource
 
 POLL = 0.02
@@ -154,13 +154,13 @@ async def test_content_already_read_is_not_parsed_again(
     """A touch, or a save of the same bytes, changes the stat but not the content: the
     file is hashed, not parsed, and nothing is pushed."""
     parsed: list[int] = []
-    real: Callable[..., Mesh] = file_source.load_mesh_bytes
+    real: Callable[..., Mesh] = watch.source.loader.load
 
     def counting(data: bytes, origin: str = "<mesh>") -> Mesh:
         parsed.append(len(data))
         return real(data, origin)
 
-    monkeypatch.setattr(file_source, "load_mesh_bytes", counting)
+    monkeypatch.setattr(watch.source.loader, "load", counting)
     assert await watch.mesh() == ["a"]
     before = len(parsed)
     for _ in range(3):
@@ -178,17 +178,18 @@ async def test_parsing_runs_off_the_event_loop(
     """Reading, parsing and validating happen in a worker thread: a big file cannot
     stall xDS pushes or /healthz."""
     threads: list[int] = []
-    real: Callable[..., Mesh] = file_source.load_mesh_bytes
+    path = tmp_path / "mesh.yaml"
+    services = ", ".join(f"{{name: s{i}, port: 80}}" for i in range(2000))
+    path.write_text(f"services: [{services}]\n")
+    source = FileSource(path, poll_interval=POLL)
+    real: Callable[..., Mesh] = source.loader.load
 
     def recording(data: bytes, origin: str = "<mesh>") -> Mesh:
         threads.append(threading.get_ident())
         return real(data, origin)
 
-    monkeypatch.setattr(file_source, "load_mesh_bytes", recording)
-    path = tmp_path / "mesh.yaml"
-    services = ", ".join(f"{{name: s{i}, port: 80}}" for i in range(2000))
-    path.write_text(f"services: [{services}]\n")
-    updates = FileSource(path, poll_interval=POLL).updates()
+    monkeypatch.setattr(source.loader, "load", recording)
+    updates = source.updates()
     ticks = 0
 
     async def ticker() -> None:
@@ -224,3 +225,21 @@ async def test_starting_on_a_bad_file_serves_nothing_and_says_why(tmp_path: Path
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_one_service_edit_parses_only_that_service(watch: Watch) -> None:
+    """A big mesh file edited in one place: only the service whose text changed is
+    parsed and validated again; the mesh is the same as a full load's."""
+    assert await watch.mesh() == ["a"]
+    items = "".join(f"  - name: s{i}\n    port: 80\n    endpoints:\n"
+                    f"      - {{address: 10.0.{i // 200}.{i % 200 + 1}, port: 8080}}\n"
+                    for i in range(300))
+    write(watch.source.path, f"# the mesh\nservices:\n{items}")
+    assert len(await watch.mesh()) == 300
+    assert watch.source.loader.parsed == 300
+    edited = items.replace("10.0.1.8, port: 8080", "10.0.1.8, port: 9090")
+    write(watch.source.path, f"# the mesh\nservices:\n{edited}")
+    mesh = await asyncio.wait_for(watch.meshes.get(), WAIT)
+    assert watch.source.loader.parsed == 1
+    assert mesh == load_mesh_text(f"services:\n{edited}")
+    assert mesh.services[207].endpoints[0].port == 9090

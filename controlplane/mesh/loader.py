@@ -112,7 +112,7 @@ def load_mesh_text(text: str, origin: str = "<mesh>") -> Mesh:
 
 
 def load_mesh_data(data: dict[str, Any], origin: str = "<mesh>") -> Mesh:
-    if _count_values(data) > MAX_VALUES:
+    if count_values(data) > MAX_VALUES:
         raise MeshError(origin, [
             f"the mesh holds more than {MAX_VALUES:,} values once YAML aliases are expanded; "
             "write it without aliases, or split it"
@@ -151,7 +151,7 @@ def _reference_problems(data: dict[str, Any]) -> list[str]:
     return [describe_error(err, data) for err in errors]
 
 
-def _count_values(data: Any) -> int:
+def count_values(data: Any) -> int:
     """How many values ``data`` holds, aliases counted each time; stops past MAX_VALUES."""
     count, stack = 0, [data]
     while stack and count <= MAX_VALUES:

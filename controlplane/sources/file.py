@@ -2,8 +2,9 @@
 
 Polls the file's stat (cheap) and reads it only when mtime, size or inode moved, so it
 follows editors that save by renaming a temporary file; then hashes the bytes and parses
-only content it has not seen. Reading, parsing and validating run in a worker thread, so
-a big file never holds up the event loop (xDS pushes, health checks).
+only content it has not seen, and of that only the services whose text changed
+(controlplane.mesh.incremental). Reading, parsing and validating run in a worker thread,
+so a big file never holds up the event loop (xDS pushes, health checks).
 
 The last good mesh keeps being served through every kind of bad save, each logged once:
 an invalid mesh (an error listing every problem), an empty file or one without
@@ -25,7 +26,7 @@ import structlog
 
 from controlplane import metrics
 from controlplane.errors import EmptyMeshError, MeshError
-from controlplane.mesh.loader import load_mesh_bytes
+from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.model import Mesh
 
 log = structlog.get_logger("controlplane.source.file")
@@ -51,9 +52,10 @@ def _signature(path: Path) -> _Signature:
     return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
-def read_mesh(path: Path, seen: str, served: str = "") -> _Read:
+def read_mesh(path: Path, loader: MeshLoader, seen: str, served: str = "") -> _Read:
     """Read, hash and parse the file, unless its content is the one read last (``seen``)
-    or the one served (``served``): blocking, run off the loop."""
+    or the one served (``served``): blocking, run off the loop. ``loader`` parses only
+    the services whose text changed since its last load."""
     try:
         before = _signature(path)
         data = path.read_bytes()
@@ -66,7 +68,7 @@ def read_mesh(path: Path, seen: str, served: str = "") -> _Read:
     if digest in (seen, served):
         return _Read(digest)
     try:
-        return _Read(digest, mesh=load_mesh_bytes(data, origin=str(path)))
+        return _Read(digest, mesh=loader.load(data, origin=str(path)))
     except MeshError as exc:
         return _Read(digest, problem=exc)
 
@@ -76,6 +78,7 @@ class FileSource:
         self.path = Path(path)
         self.poll_interval = poll_interval
         self.name = f"file:{self.path}"
+        self.loader = MeshLoader()
         self.problem: str | None = None
         """What is wrong with the file now (None when its mesh is served), for views
         and readiness details; cleared by the next good save."""
@@ -93,7 +96,7 @@ class FileSource:
                 await asyncio.sleep(self.poll_interval)
                 continue
             if current != signature:
-                found = await asyncio.to_thread(read_mesh, self.path, seen, served)
+                found = await asyncio.to_thread(read_mesh, self.path, self.loader, seen, served)
                 signature = None if found.torn or found.error else current
                 mesh = self._outcome(found, served)
                 seen = found.digest
