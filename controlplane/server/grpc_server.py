@@ -49,6 +49,25 @@ SERVICES: dict[str, tuple[str | None, str, str, str | None]] = {
 }
 
 
+class _Malformed:
+    """A request that did not parse; the stream ends with INVALID_ARGUMENT."""
+
+    def __init__(self, kind: str, error: str) -> None:
+        self.message = (f"the request is not a valid {kind} ({error}); send "
+                        "envoy.service.discovery.v3 messages")
+
+
+def _parser(cls: Any) -> Callable[[bytes], Any]:
+    """Parse a request, or hand the stream a _Malformed (gRPC would log a traceback
+    and answer UNKNOWN for an exception raised here)."""
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception as exc:
+            return _Malformed(cls.DESCRIPTOR.name, str(exc)[:200])
+    return parse
+
+
 def _raw(message: Any) -> bytes:
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
 
@@ -82,17 +101,17 @@ class XdsServer:
             methods: dict[str, grpc.RpcMethodHandler] = {
                 sotw: grpc.stream_stream_rpc_method_handler(
                     self._stream_handler(SotwStream, api, type_url),
-                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    request_deserializer=_parser(discovery_pb2.DiscoveryRequest),
                     response_serializer=_raw),
                 delta: grpc.stream_stream_rpc_method_handler(
                     self._stream_handler(DeltaStream, api, type_url),
-                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    request_deserializer=_parser(discovery_pb2.DeltaDiscoveryRequest),
                     response_serializer=_raw),
             }
             if fetch is not None and type_url is not None:
                 methods[fetch] = grpc.unary_unary_rpc_method_handler(
                     self._fetch_handler(api, type_url),
-                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    request_deserializer=_parser(discovery_pb2.DiscoveryRequest),
                     response_serializer=_raw)
             result.append(grpc.method_handlers_generic_handler(service, methods))
         return result
@@ -115,6 +134,8 @@ class XdsServer:
         async def handle(request: discovery_pb2.DiscoveryRequest,
                          context: grpc.aio.ServicerContext) -> bytes:
             stream = SotwStream(0, api, type_url, self.identifier, self.limits)
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             try:
                 stream.on_request(request)
             except ProtocolError as exc:
@@ -156,6 +177,8 @@ class XdsServer:
                     request = reading.result()
                     if request is grpc.aio.EOF:
                         break
+                    if isinstance(request, _Malformed):
+                        raise ProtocolError(request.message)
                     pushes += self._on_request(stream, request, budget)
                     reading = asyncio.ensure_future(context.read())
                     if watching is None and stream.proxy is not None:
