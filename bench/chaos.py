@@ -20,14 +20,15 @@ scenario, what it simulated and its figures, and writes them as JSON:
   before, at the peak and after;
 - ``abusive_clients``: a 1 MB node id, and 2000 unknown type URLs on one stream: the
   gRPC status each gets, and the bytes of log they cost;
-- ``debug_storm``: a mesh of M services; the time one endpoint change takes to reach the
-  sidecar without, then during, C concurrent clients asking /debug/config_dump in a loop;
+- ``debug_storm``: a mesh of M services; the time an endpoint change takes to reach the
+  sidecar (R changes, median and each) without, then during, C concurrent clients asking
+  /debug/config_dump in a loop;
   the worst /healthz latency during the storm; the debug responses by status;
 - ``bad_inputs``: every bad mesh file of tests/chaos/bad_inputs.py written into a running
   server: failed requests and whether the server stayed up (one line per input).
 
     .venv/bin/python bench/chaos.py [--identities 1000] [--services 1000]
-        [--concurrency 200] [--skip bad_inputs] [--out FILE] [--update-baseline]
+        [--concurrency 200] [--changes 5] [--skip bad_inputs] [--out FILE] [--update-baseline]
 
 A run writes bench/results/runs/chaos-<UTC time>.json; the committed baseline
 bench/results/chaos.json is written only with --update-baseline. Bounded: each scenario
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "abusive_clients": lambda: _in_stack(root / "abuse", abusive_clients),
         "debug_storm": lambda: _in_stack(
             root / "storm",
-            lambda s: debug_storm(s, args.services, args.concurrency, bound_seconds=60.0)),
+            lambda s: debug_storm(s, args.services, args.concurrency, bound_seconds=60.0,
+                                  changes=args.changes)),
         "bad_inputs": lambda: _bad_inputs(root / "bad"),
     }
     results: dict[str, Any] = {"simulated": __doc__.split("\n\n")[1].replace("\n", " ")}
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="services in the debug storm's mesh (default 1000)")
     parser.add_argument("--concurrency", type=int, default=200,
                         help="concurrent /debug/config_dump clients (default 200)")
+    parser.add_argument("--changes", type=int, default=5,
+                        help="endpoint changes timed without and with the storm (default 5)")
     parser.add_argument("--skip", action="append", default=[], choices=SCENARIOS,
                         help="leave a scenario out (repeatable)")
     parser.add_argument("--deadline", type=float, default=300.0,

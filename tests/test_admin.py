@@ -56,6 +56,8 @@ class Admin:
     group: str
     renderer: Renderer
     streams: list[SotwStream] = field(default_factory=list)
+    admin_loop: asyncio.AbstractEventLoop | None = None
+    """The admin server's own loop (its thread), where its renderer is used."""
 
     async def get(self, path: str) -> tuple[int, str, str]:
         async with self.session.get(self.base + path) as response:
@@ -128,7 +130,7 @@ async def admin() -> AsyncIterator[Admin]:
     try:
         async with aiohttp.ClientSession() as session:
             yield Admin(session, f"http://127.0.0.1:{port}", cache, registry, readiness,
-                        snapshot, group, renderer, [stream])
+                        snapshot, group, renderer, [stream], runner.loop)
     finally:
         await runner.cleanup()
 
@@ -288,9 +290,15 @@ async def test_debug_renders_run_off_the_loop_and_are_bounded(admin: Admin) -> N
         async with admin.renderer.slot():
             await admin.renderer.run(stuck)
 
-    blockers = [asyncio.ensure_future(occupy()) for _ in range(2)]
+    assert admin.admin_loop is not None
+    blockers = [asyncio.wrap_future(asyncio.run_coroutine_threadsafe(occupy(),
+                                                                     admin.admin_loop))
+                for _ in range(2)]
     try:
-        await asyncio.sleep(0)  # both take their slot
+        for _ in range(250):  # both take their slot, on the admin loop
+            if admin.renderer.running == 2:
+                break
+            await asyncio.sleep(0.02)
         assert admin.renderer.running == 2
         for path in ("/healthz", "/readyz", "/metrics"):
             status, _, _ = await asyncio.wait_for(admin.get(path), 5)

@@ -1,10 +1,11 @@
 """The admin HTTP server: health, readiness, Prometheus metrics and debug views.
 
-It runs in the xDS server's event loop and reads the registry and the cache there, so
-what it shows is exactly what the streams hold, with no locking. The loop serves xDS
-first: it only takes what a view needs (cheap), and the JSON rendering of debug views
-runs on a worker thread (render.py), cached by snapshot version and bounded in number,
-so a storm of debug requests delays neither pushes nor /healthz.
+It runs on a thread and event loop of its own (thread.py) and reads the registry, the
+cache and readiness on the xDS loop, where they live, so what it shows is exactly what
+the streams hold, with no locking. The xDS loop serves xDS first: it only takes what a
+view needs (cheap); the JSON rendering of debug views runs on a worker thread
+(render.py), cached by snapshot version, and at most a few debug requests are served at
+once, so a storm of debug requests delays neither pushes nor /healthz.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from controlplane.admin.render import (
     render_json,
     render_resources,
 )
+from controlplane.admin.thread import AdminThread, on_main
 from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.snapshot import Snapshot
 from controlplane.server.registry import StreamRegistry
@@ -59,6 +61,9 @@ class AdminState:
     """Whether the server is ready to serve config, and why (not)."""
     renderer: Renderer = field(default_factory=Renderer)
     """Renders debug views off the loop; closed with the admin server."""
+    main_loop: asyncio.AbstractEventLoop | None = None
+    """The xDS loop, where the registry, cache and readiness are read (set by
+    ``start_admin``; None: the admin app runs on that loop itself)."""
 
 
 _STATE: web.AppKey[AdminState] = web.AppKey("state", AdminState)
@@ -83,20 +88,13 @@ def create_admin_app(state: AdminState) -> web.Application:
     return app
 
 
-async def start_admin(state: AdminState, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve the admin app on host:port (0 picks a free port); returns the runner, to
-    ``await runner.cleanup()`` on shutdown, and the port actually bound."""
-    # No access log: Prometheus scrapes and probes would drown the server's own logs.
-    runner = web.AppRunner(create_admin_app(state), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = runner.addresses[0][1]
-    return runner, int(bound)
+async def start_admin(state: AdminState, host: str, port: int) -> tuple[AdminThread, int]:
+    """Serve the admin app on host:port (0 picks a free port) on its own thread, reading
+    state on the calling (xDS) loop; returns the server, to ``await server.cleanup()`` on
+    shutdown, and the port actually bound."""
+    state.main_loop = asyncio.get_running_loop()
+    server = AdminThread(create_admin_app(state), host, port)
+    return server, await server.start()
 
 
 @web.middleware
@@ -135,11 +133,14 @@ async def _index(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    # A round trip through the xDS loop: a stuck loop fails the liveness probe.
+    await on_main(request.app[_STATE].main_loop, lambda: None)
     return web.Response(text="ok")
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    ready, reason = request.app[_STATE].readiness()
+    state = request.app[_STATE]
+    ready, reason = await on_main(state.main_loop, state.readiness)
     return web.Response(text=reason, status=200 if ready else 503)
 
 
@@ -155,15 +156,19 @@ async def _metrics_handler(request: web.Request) -> web.Response:
 async def _proxies(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
     async with state.renderer.slot():
-        described = state.registry.describe()  # on the loop: the streams change there
+        described = await on_main(state.main_loop, state.registry.describe)
         return await _send(request, await state.renderer.run(lambda: render_json(described)))
 
 
 async def _snapshots(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
-    async with state.renderer.slot():
+
+    def summarize() -> dict[str, Any]:
         snapshots = state.cache.snapshots()
-        summary = {group: _summary(snapshots[group]) for group in sorted(snapshots)}
+        return {group: _summary(snapshots[group]) for group in sorted(snapshots)}
+
+    async with state.renderer.slot():
+        summary = await on_main(state.main_loop, summarize)
         return await _send(request, await state.renderer.run(lambda: render_json(summary)))
 
 
@@ -179,16 +184,13 @@ async def _config_dump(request: web.Request) -> web.StreamResponse:
     keys = parse_types(request.query.get("type", ""))
     if isinstance(keys, str):
         return _json({"error": keys}, status=400)
-    streams = state.registry.by_node(node)
-    if not streams:
+    found = await on_main(state.main_loop, lambda: _served_to(state, node))
+    if found is None:
         return _json(
             {"error": f"no connected proxy with node id {node}; see /debug/proxies"},
             status=404,
         )
-    stream = _newest_with_snapshot(streams)
-    assert stream.proxy is not None  # by_node matches on proxy.node_id
-    group = stream.proxy.group
-    snapshot = stream.snapshot or state.cache.get(group)
+    group, snapshot = found
     version = snapshot.version if snapshot else None
     head = {"node": node, "group": group, "version": version}
     async with state.renderer.slot():
@@ -196,6 +198,17 @@ async def _config_dump(request: web.Request) -> web.StreamResponse:
         resources = await state.renderer.cached(
             ("config_dump", version, keys), lambda: render_resources(snapshot, keys))
         return await _send(request, config_dump_body(head, resources))
+
+
+def _served_to(state: AdminState, node: str) -> tuple[str, Snapshot | None] | None:
+    """The group and snapshot of the proxy with node id ``node`` (on the xDS loop)."""
+    streams = state.registry.by_node(node)
+    if not streams:
+        return None
+    stream = _newest_with_snapshot(streams)
+    assert stream.proxy is not None  # by_node matches on proxy.node_id
+    group = stream.proxy.group
+    return group, stream.snapshot or state.cache.get(group)
 
 
 def _newest_with_snapshot(streams: list[StreamBase]) -> StreamBase:
