@@ -46,7 +46,8 @@ def apiserver() -> Iterator[ApiServerDouble]:
 
 @pytest.fixture
 def api(apiserver: ApiServerDouble, tmp_path: Path) -> Iterator[client.ApiClient]:
-    api_client = config.new_client_from_config(str(apiserver.kubeconfig(tmp_path / "kubeconfig")))
+    api_client = config.new_client_from_config(
+        str(apiserver.kubeconfig(tmp_path / "kubeconfig", admin=True)))
     yield api_client
     api_client.close()
 
@@ -382,7 +383,7 @@ def test_restart_on_the_same_port(apiserver: ApiServerDouble, core: client.CoreV
     version = core.list_namespaced_service("default").metadata.resource_version
     port = apiserver.port
 
-    restarter = later(lambda: (apiserver.wait_for_watches(1), apiserver.restart()))
+    restarter = later(lambda: (apiserver.wait_for_watches(1), apiserver.restart(keep_state=True)))
     events = watch_events(core.list_namespaced_service, "default", resource_version=version,
                           timeout=5, until=lambda events: True)
     assert events == []  # a graceful shutdown ends the watch cleanly
@@ -787,7 +788,8 @@ def test_policy_schema_is_enforced_like_the_crd(apiserver: ApiServerDouble,
 
 def test_crd_not_installed_is_404(tmp_path: Path) -> None:
     with ApiServerDouble(crd_installed=False) as double:
-        api = config.new_client_from_config(str(double.kubeconfig(tmp_path / "kubeconfig")))
+        api = config.new_client_from_config(
+            str(double.kubeconfig(tmp_path / "kubeconfig", admin=True)))
         custom = client.CustomObjectsApi(api)
         with pytest.raises(ApiException) as caught:
             custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)

@@ -40,8 +40,21 @@ mid-stream), ``pause()``/``resume()`` (silent connections), ``fail_next()`` (err
 responses), ``restart()`` (the same port, optionally with the history gone), and
 ``requests`` (what the client asked for, Accept header included, to assert re-lists).
 
-Not modelled: namespaces as objects (any namespace exists), finalizers, RBAC and
-authentication (any bearer token is accepted), field managers, HTTP/2; YAML, protobuf
+Authentication and RBAC as the control plane meets them: ``kubeconfig()`` gives the
+server's service account, whose requests are authorized by the ClusterRole shipped in
+deploy/kubernetes (``tests/kube/rbac.py``; 403 in the real format), bound cluster-wide or,
+with ``rbac=Rbac(namespaces=[...])``, in some namespaces only; ``kubeconfig(admin=True)``
+is a cluster admin (what tests write with); any other token is a 401.
+
+Like a real server on the points the source relies on: a BOOKMARK about once a minute
+(``bookmark_interval``, shorter in tests); ``restart()`` comes back with an empty watch
+cache (every older resourceVersion is 410 Expired); a LIST at a resourceVersion newer
+than the server has waits ``too_large_wait`` seconds, then answers 504 "Too large
+resource version" with ``Retry-After`` (what a lagging replica, or one restored from an
+etcd backup, answers; ``restore()`` makes one).
+
+Not modelled: namespaces as objects (any namespace exists), finalizers, field managers,
+HTTP/2; YAML, protobuf
 and Table responses (where the real server would send one, a 406 says the double
 cannot); for Pods, any scheduler or kubelet (a Pod stays Pending until ``update_status``),
 admission plugins (service account volume, tolerations, priority) and graceful deletion
@@ -81,10 +94,12 @@ from controlplane.sources.kubernetes.kinds import (
     WATCHED,
     Kind,
 )
+from tests.kube.rbac import Rbac
 
 Obj = dict[str, Any]
 
-TOKEN: Final = "apiserver-double-token"  # what kubeconfig() writes; any token is accepted
+TOKEN: Final = "apiserver-double-token"  # the control plane's service account (RBAC applies)
+ADMIN_TOKEN: Final = "apiserver-double-admin"  # a cluster admin: what tests write with
 _BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS})  # list items: no kind/apiVersion
 _STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, PODS})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
@@ -165,6 +180,15 @@ def _conflict(kind: Kind, name: str) -> StatusError:
     return _error(409, f'Operation cannot be fulfilled on {_resource(kind)} "{name}": the '
                   "object has been modified; please apply your changes to the latest version "
                   "and try again", details=_details(kind, name))
+
+
+def _too_large(version: int, current: int) -> StatusError:
+    """k8s.io/apiserver's NewTooLargeResourceVersionError: a Timeout, retry in a second."""
+    return StatusError(status_object(
+        504, f"Too large resource version: {version}, current: {current}", "Timeout",
+        {"causes": [{"reason": "ResourceVersionTooLarge",
+                     "message": "Too large resource version"}], "retryAfterSeconds": 1}),
+        {"Retry-After": "1"})
 
 
 def _too_old(version: int, oldest: int) -> StatusError:
@@ -1322,12 +1346,17 @@ class ApiServerDouble:
     ``delete``/``apply``, and break it with the fault methods."""
 
     def __init__(self, port: int = 0, *, history_limit: int = 1000,
-                 bookmark_interval: float = 1.0, crd_installed: bool = True,
-                 crd_schema: Obj | None = None) -> None:
+                 bookmark_interval: float = 60.0, crd_installed: bool = True,
+                 crd_schema: Obj | None = None, rbac: Rbac | bool = True,
+                 too_large_wait: float = 3.0) -> None:
         """``crd_installed=False`` makes TrafficPolicy paths 404 until ``install_crd()``;
-        ``crd_schema`` defaults to the schema of the CRD the project ships."""
+        ``crd_schema`` defaults to the schema of the CRD the project ships; ``rbac``:
+        True authorizes the service account with the shipped ClusterRole, False allows
+        it everything, an ``Rbac`` is that policy (``self.rbac`` may change at any time)."""
         self.port = port
         self.bookmark_interval = bookmark_interval
+        self.rbac: Rbac | None = Rbac() if rbac is True else (rbac or None)
+        self.too_large_wait = too_large_wait
         self.crd_installed = crd_installed
         self._store = _Store(history_limit, crd_schema or traffic_policy_schema())
         self._failures: list[_Failure] = []
@@ -1374,13 +1403,29 @@ class ApiServerDouble:
             raise RuntimeError("the API server double did not stop within 10 s")
         self._thread = self._loop = self._stopping = None
 
-    def restart(self, keep_state: bool = True) -> None:
+    def restart(self, keep_state: bool = False) -> None:
         """Stop and start on the same port. Objects and the resourceVersion counter always
-        survive (they live in etcd); ``keep_state=False`` drops the watch history, as a
-        fresh API server's empty watch cache does, so every older resourceVersion gets
-        410 Expired."""
+        survive (they live in etcd); the watch history does not, as a fresh API server's
+        watch cache starts empty, so every older resourceVersion gets 410 Expired.
+        ``keep_state=True`` keeps the history (a load balancer's blip, not a restart)."""
         self.stop()
         if not keep_state:
+            self._store.compact()
+        self.start()
+
+    def backup(self) -> Obj:
+        """What etcd holds now: every object and the resourceVersion counter."""
+        with self._store.lock:
+            return {"version": self._store.version,
+                    "objects": copy.deepcopy(self._store.objects)}
+
+    def restore(self, backup: Obj) -> None:
+        """Restart from an etcd backup: the objects and the counter go back in time, so a
+        client's newer resourceVersion is "too large" for this server."""
+        self.stop()
+        with self._store.lock:
+            self._store.objects = copy.deepcopy(backup["objects"])
+            self._store.version = int(backup["version"])
             self._store.compact()
         self.start()
 
@@ -1396,14 +1441,15 @@ class ApiServerDouble:
             raise RuntimeError("not started")
         return f"http://127.0.0.1:{self.port}"
 
-    def kubeconfig(self, path: str | Path) -> Path:
-        """Write a kubeconfig for this server (any token is accepted) and return its path."""
+    def kubeconfig(self, path: str | Path, *, admin: bool = False) -> Path:
+        """Write a kubeconfig for this server and return its path: the control plane's
+        service account (RBAC applies), or with ``admin`` a cluster admin."""
         path = Path(path)
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "double", "cluster": {"server": self.url}}],
-            "users": [{"name": "double", "user": {"token": TOKEN}}],
+            "users": [{"name": "double", "user": {"token": ADMIN_TOKEN if admin else TOKEN}}],
             "contexts": [{"name": "double", "context": {"cluster": "double", "user": "double",
                                                         "namespace": "default"}}],
             "current-context": "double",
@@ -1591,6 +1637,7 @@ class ApiServerDouble:
         try:
             if failure is not None:
                 raise self._injected(failure.status)
+            self._authorize(request, target, verb)
             response: web.StreamResponse = await handler(request)
             return response
         except StatusError as exc:
@@ -1599,6 +1646,20 @@ class ApiServerDouble:
             self.server_errors.append(exc)
             return web.json_response(status_object(500, f"Internal error occurred: {exc}"),
                                      status=500)
+
+    def _authorize(self, request: web.Request, target: _Target | None, verb: str) -> None:
+        """Authentication by bearer token, then RBAC for the service account."""
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token == ADMIN_TOKEN:
+            return
+        if token != TOKEN:
+            raise _error(401, "Unauthorized")
+        rbac = self.rbac
+        if rbac is None or target is None:
+            return  # discovery, /version and health are open to every authenticated user
+        if not rbac.allows(verb, target.kind, target.namespace, target.subresource):
+            raise StatusError(rbac.forbidden(verb, target.kind, target.namespace, target.name,
+                                             target.subresource))
 
     @staticmethod
     def _injected(code: int) -> StatusError:
@@ -1626,6 +1687,8 @@ class ApiServerDouble:
             if method == "GET":
                 if watch:
                     return await self._watch(request, target, output)
+                await self._fresh_enough(request.query.get("resourceVersion", ""),
+                                         request.query.get("resourceVersionMatch", ""))
                 return self._list(request, target, output)
             if method == "POST" and target.namespace is not None:
                 return await self._create(request, target, output)
@@ -1648,6 +1711,22 @@ class ApiServerDouble:
         raise _error(405, "the server does not allow this method on the requested resource")
 
     # -- LIST
+
+    async def _fresh_enough(self, version: str, match: str) -> None:
+        """A LIST at a resourceVersion (not "" or "0") newer than the server's waits for
+        it, then fails as the watch cache does: 504 Too large resource version."""
+        if version in ("", "0") or match == "Exact":
+            return
+        wanted = _parse_version(version)
+        deadline = time.monotonic() + self.too_large_wait
+        while True:
+            with self._store.lock:
+                current = self._store.version
+            if current >= wanted:
+                return
+            if time.monotonic() >= deadline:
+                raise _too_large(wanted, current)
+            await asyncio.sleep(0.05)
 
     def _list(self, request: web.Request, target: _Target, output: _Output) -> web.Response:
         kind, query = target.kind, request.query
