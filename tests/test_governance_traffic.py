@@ -120,6 +120,30 @@ def test_path_routes_by_prefix_and_exact_path(lab: Lab) -> None:  # noqa: F811
 
 
 @pytest.mark.e2e
+def test_first_match_wins_and_prefixes_match_characters(lab: Lab) -> None:  # noqa: F811
+    """``/api`` takes ``/apiary`` too (a prefix of characters, as in Envoy and Istio);
+    of two matching routes the first listed wins; no match falls to the split."""
+    envoy = start(lab, {**split(100, 0), "match": [
+        {"path": {"prefix": "/api"}, **V1_V2[1]},
+        {"path": {"prefix": "/a"}, "service": "reviews-next"},
+    ]})
+    assert paths(envoy, "/apiary", 10) == {"reviews-v2": 10}
+    assert paths(envoy, "/api/v1", 10) == {"reviews-v2": 10}
+    assert paths(envoy, "/about", 10) == {"reviews-next": 10}
+    assert paths(envoy, "/b", 10) == {"reviews-v1": 10}
+
+
+@pytest.mark.e2e
+def test_weights_are_relative_in_traffic(lab: Lab) -> None:  # noqa: F811
+    """1 and 3 split like 25 and 75: over 400 requests the v2 share has a binomial sd
+    of 2.2 points; +-8 points is 3.7 sd."""
+    envoy = start(lab, split(1, 3))
+    seen = bodies(envoy, 400)
+    assert abs(seen["reviews-v2"] / 400 - 0.75) <= 0.08, seen
+    assert seen["reviews-v1"] + seen["reviews-v2"] == 400, seen
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_blue_green_switch_loses_no_request(lab: Lab, delta: bool) -> None:  # noqa: F811
     """A client sends requests back to back (at most 3000, at most 8 s) while the mesh
