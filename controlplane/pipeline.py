@@ -221,9 +221,11 @@ class Pipeline:
 
     def _accepted_log(self, prepared: _Prepared) -> None:
         build = prepared.build
+        versions = {s.version for s in prepared.snapshots.values()}
         log.info("mesh.accepted", generation=self.generation,
                  services=len(build.mesh.services), groups=len(prepared.snapshots),
-                 rejected_services=len(build.rejected), seconds=round(prepared.seconds, 4))
+                 versions=len(versions), rejected_services=len(build.rejected),
+                 seconds=round(prepared.seconds, 4))
 
     def on_new_group(self, proxy: ProxyIdentity) -> None:
         """A group's first proxy: build its snapshot on the worker when there is an event
@@ -290,8 +292,9 @@ class Pipeline:
             metrics.ENCODED_BYTES.inc(snapshot.encoded_bytes)
             for type_url, typed in snapshot.types.items():
                 metrics.CONFIG_BYTES.labels(group, resource.short_name(type_url)).set(typed.size)
-            log.info("snapshot.published", group=group, version=snapshot.version,
-                     versions=snapshot.versions(), seconds=round(elapsed, 4))
+            # debug: one line per group per change would let clients set the log volume
+            log.debug("snapshot.published", group=group, version=snapshot.version,
+                      versions=snapshot.versions(), seconds=round(elapsed, 4))
             if self.store is not None:
                 self.store.save(group, snapshot)
 
