@@ -243,3 +243,18 @@ async def test_a_one_service_edit_parses_only_that_service(watch: Watch) -> None
     assert watch.source.loader.parsed == 1
     assert mesh == load_mesh_text(f"services:\n{edited}")
     assert mesh.services[207].endpoints[0].port == 9090
+
+
+async def test_a_split_to_labels_no_endpoint_has_is_served_with_a_warning(watch: Watch) -> None:
+    assert await watch.mesh() == ["a"]
+    write(watch.source.path, """
+services:
+  - name: a
+    port: 80
+    endpoints: [{address: 10.0.0.1, port: 8080, labels: {version: v1}}]
+    policy: {split: [{labels: {version: v1}, weight: 90}, {labels: {version: v3}, weight: 10}]}
+""")
+    assert await watch.mesh() == ["a"]
+    event = await watch.event("mesh.subset_empty")
+    assert event["subsets"] == ["services[0] (a.default).policy.split[1].labels (version=v3)"]
+    assert event["log_level"] == "warning" and "503" in event["hint"]

@@ -71,6 +71,7 @@ __all__ = [
     "ServicePort",
     "SplitTarget",
     "_Model",
+    "empty_subsets",
     "longer_than_zero",
     "reference_problems",
 ]
@@ -187,3 +188,21 @@ def _check_targets(
             problem("service", ("fallback",), where,
                     f"{where} has no HTTP or gRPC port to answer in this one's place")
     return problems
+
+
+def empty_subsets(mesh: Mesh) -> list[str]:
+    """The split and match legs whose label subset no endpoint has (``services[0]
+    (reviews.default).policy.split[1].labels (version=v3)``): valid, since endpoints come
+    and go, but their share of the traffic fails with 503 until one does, so sources warn."""
+    found = []
+    for index, service in enumerate(mesh.services):
+        legs = [*(("split", i, t.labels) for i, t in enumerate(service.policy.split or [])),
+                *(("match", i, t.labels) for i, t in enumerate(service.policy.match or []))]
+        for field, at, labels in legs:
+            if labels is None or any(
+                all(e.labels.get(k) == v for k, v in labels.items()) for e in service.endpoints
+            ):
+                continue
+            shown = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            found.append(f"services[{index}] ({service.key}).policy.{field}[{at}].labels ({shown})")
+    return found

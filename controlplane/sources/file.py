@@ -27,7 +27,7 @@ import structlog
 from controlplane import metrics
 from controlplane.errors import EmptyMeshError, MeshError
 from controlplane.mesh.incremental import MeshLoader
-from controlplane.mesh.model import Mesh
+from controlplane.mesh.model import Mesh, empty_subsets
 
 log = structlog.get_logger("controlplane.source.file")
 
@@ -133,6 +133,11 @@ class FileSource:
             return None  # nothing new
         self.problem = None
         log.info("source.file_loaded", path=str(self.path), services=len(found.mesh.services))
+        empty = empty_subsets(found.mesh)
+        if empty:
+            log.warning("mesh.subset_empty", path=str(self.path), subsets=empty,
+                        hint="no endpoint has these labels, so their share of the traffic "
+                        "fails with 503; fix the labels or add endpoints")
         return found.mesh
 
     def _report(self, event: str, problem: str, hint: str) -> None:
