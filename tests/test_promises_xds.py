@@ -106,3 +106,38 @@ def test_a_route_table_over_4_mb_reaches_sidecars(lab: Rig) -> None:
     for proxy in server.json("/debug/proxies"):
         rds = proxy["types"]["rds"]
         assert rds["last_nack"] is None and rds["acked_version"] == rds["sent_version"], proxy
+
+
+def update_counts(envoy: Envoy, clusters: list[str]) -> dict[str, int]:
+    """How many updates of each kind the sidecar has taken, as Envoy counts them."""
+    _, text, _ = envoy.admin("/stats?filter=update_success$")
+    stats = dict(line.split(": ") for line in text.splitlines() if ": " in line)
+    counts = {"cds": int(stats["cluster_manager.cds.update_success"]),
+              "lds": int(stats["listener_manager.lds.update_success"]),
+              "rds": sum(int(v) for k, v in stats.items() if ".rds." in k)}
+    for name in clusters:
+        counts[name] = int(stats[f"cluster.outbound|9080||{name}.default.svc.cluster.local"
+                                 ".update_success"])
+    return counts
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_one_endpoint_change_updates_one_assignment(lab: Rig, delta: bool) -> None:
+    """Moving one endpoint reaches a real sidecar as one ClusterLoadAssignment: that
+    cluster's endpoints update; no other cluster's, and no clusters, listeners or
+    routes are sent again."""
+    backends = {n: lab.own(ScriptedHttp(n)) for n in ("reviews", "ratings", "details",
+                                                      "reviews-2")}
+    names = ["reviews", "ratings", "details"]
+    lab.serve([service(n, [backends[n]]) for n in names])
+    envoy = lab.envoy("frontend-1", delta=delta)
+    wait_for(lambda: all(envoy.request(n)[1] == n for n in names), what="all routed")
+    before = update_counts(envoy, names)
+    lab.write([service("reviews", [backends["reviews-2"]]),
+               *(service(n, [backends[n]]) for n in names[1:])])
+    wait_for(lambda: envoy.request("reviews")[1] == "reviews-2", what="the moved endpoint")
+    after = update_counts(envoy, names)
+    print(f"updates before {before}, after {after}")
+    assert after["reviews"] == before["reviews"] + 1, (before, after)
+    assert {k: v for k, v in after.items() if k != "reviews"} == {
+        k: v for k, v in before.items() if k != "reviews"}, (before, after)
