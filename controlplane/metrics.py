@@ -57,3 +57,22 @@ K8S_REBUILDS = Counter(
     "Debounced batches of Kubernetes changes, by result (published, unchanged).",
     ["result"],
 )
+PROXY_GROUPS = Gauge(
+    "controlplane_proxy_groups",
+    "Proxy groups with a snapshot: a proxy connected, or gone for less than the group TTL.",
+)
+GROUPS_EXPIRED = Counter(
+    "controlplane_proxy_groups_expired_total",
+    "Groups forgotten after the group TTL with no proxy connected.",
+)
+STREAMS_REFUSED = Counter(
+    "controlplane_xds_streams_refused_total",
+    "Streams ended for what the client sent, by reason (node, names, unknown_types, "
+    "streams, malformed, protocol).",
+    ["reason"],
+)
+SERVICES_REJECTED = Gauge(
+    "controlplane_services_rejected",
+    "Services of the current mesh that could not be translated (each served at its last "
+    "good version, or left out).",
+)

@@ -189,6 +189,7 @@ class Pipeline:
         self.last_error = ""
         metrics.MESH_UPDATES.labels("accepted").inc()
         metrics.ENCODED_BYTES.inc(build.encoded_bytes)
+        metrics.SERVICES_REJECTED.set(len(build.rejected))
         for key, error in sorted(build.rejected.items()):
             kept = build.last_good(key) is not None
             log.error("service.rejected", service=key, error=error,
@@ -288,6 +289,7 @@ class Pipeline:
             return
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
         metrics.SNAPSHOT_BUILDS.labels("published" if published else "unchanged").inc()
+        metrics.PROXY_GROUPS.set(len(self.cache))
         if published:
             metrics.ENCODED_BYTES.inc(snapshot.encoded_bytes)
             for type_url, typed in snapshot.types.items():
@@ -303,8 +305,10 @@ class Pipeline:
         metric series, their stored snapshots, and the route tables and zone variants
         only they used."""
         gone = self.cache.expire(ttl, now)
+        metrics.PROXY_GROUPS.set(len(self.cache))
         if not gone:
             return gone
+        metrics.GROUPS_EXPIRED.inc(len(gone))
         for group in gone:
             for short in resource.SHORT_NAMES.values():
                 metrics.CONFIG_BYTES.remove(group, short)

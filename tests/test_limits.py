@@ -108,8 +108,14 @@ async def test_a_long_cluster_or_zone_is_refused(limited: Limited) -> None:
     await client.close()
 
 
+def refusals(reason: str) -> float:
+    return REGISTRY.get_sample_value("controlplane_xds_streams_refused_total",
+                                     {"reason": reason}) or 0.0
+
+
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_too_many_names_in_one_request(limited: Limited, delta: bool) -> None:
+    before = refusals("names")
     client = limited.client(delta)
     names = [f"name-{i}" for i in range(11)]
     if delta:
@@ -121,6 +127,7 @@ async def test_too_many_names_in_one_request(limited: Limited, delta: bool) -> N
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "11 resource names in one request" in (error.details() or "")
     assert "wildcard" in (error.details() or "")
+    assert refusals("names") == before + 1
     await client.close()
 
 
@@ -192,6 +199,7 @@ async def test_nack_warnings_are_rate_limited_per_stream(limited: Limited) -> No
 
 
 async def test_streams_beyond_the_cap_are_refused(limited: Limited) -> None:
+    before = refusals("streams")
     clients = [limited.client() for _ in range(4)]
     for i, client in enumerate(clients):
         await client.send(node=node(f"p{i}"), type_url=resource.CLUSTER)
@@ -201,6 +209,7 @@ async def test_streams_beyond_the_cap_are_refused(limited: Limited) -> None:
     error = await refused(extra)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "another replica" in (error.details() or "")
+    assert refusals("streams") == before + 1
     await clients[0].close()
     for _ in range(40):  # a slot frees up when a stream ends
         if len(limited.registry) < 4:
@@ -287,6 +296,7 @@ async def test_odd_port_numbers_in_metadata_do_not_break_the_stream(
 
 
 async def test_a_request_that_does_not_parse_is_invalid_argument(limited: Limited) -> None:
+    before = refusals("malformed")
     for method in ("/envoy.service.discovery.v3.AggregatedDiscoveryService/"
                    "StreamAggregatedResources",
                    "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
@@ -300,6 +310,7 @@ async def test_a_request_that_does_not_parse_is_invalid_argument(limited: Limite
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid" in (info.value.details() or "")
         assert not [e for e in logs if e["log_level"] == "error" or "exc_info" in e]
+    assert refusals("malformed") == before + 2
     fetch = limited.channel.unary_unary(
         "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters",
         request_serializer=lambda b: b, response_deserializer=lambda b: b)

@@ -292,10 +292,16 @@ async def test_groups_without_proxies_are_forgotten_after_the_ttl(tmp_path: Path
     assert pipeline.current is not None and len(pipeline.current._routes) == 2
     pipeline.current.assignments("zone-3")
 
+    from prometheus_client import REGISTRY
+
+    expired = REGISTRY.get_sample_value("controlplane_proxy_groups_expired_total") or 0
     start = time.monotonic()
     assert pipeline.expire_groups(60, now=start + 30) == []  # not yet
+    assert REGISTRY.get_sample_value("controlplane_proxy_groups") == 51
     gone = pipeline.expire_groups(60, now=start + 61)
     assert sorted(gone) == sorted(p.group for p in invented)
+    assert REGISTRY.get_sample_value("controlplane_proxy_groups") == 1
+    assert REGISTRY.get_sample_value("controlplane_proxy_groups_expired_total") == expired + 50
     assert list(cache.groups()) == [PROXY.group]  # still connected: kept
     assert all(cache.get(p.group) is None for p in invented)
     assert all(_config_bytes(p.group) is None for p in invented)
@@ -373,11 +379,15 @@ async def test_a_value_the_translator_cannot_encode_stays_with_its_service() -> 
     assert _endpoint_port(snapshot, "ratings") == 9092
     [rejected] = [e for e in logs if e["event"] == "service.rejected"]
     assert "out of range" in rejected["error"]
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("controlplane_services_rejected") == 1
     # and the next good change is accepted as usual
     assert pipeline.set_mesh(load_mesh_text(TWO % (9083, 9093)))
     snapshot = cache.get(PROXY.group)
     assert snapshot is not None and _endpoint_port(snapshot, "reviews") == 9083
     assert "reviews.default" not in pipeline.readiness()[1]
+    assert REGISTRY.get_sample_value("controlplane_services_rejected") == 0
 
 
 async def test_readiness_says_when_the_latest_change_was_rejected(

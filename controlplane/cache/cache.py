@@ -112,6 +112,10 @@ class SnapshotCache:
     def get(self, group: str) -> Snapshot | None:
         return self._snapshots.get(group)
 
+    def __len__(self) -> int:
+        """Groups known now."""
+        return len(self._members)
+
     def known(self, group: str) -> bool:
         """Whether a proxy has asked for ``group`` (and it has not expired since)."""
         return group in self._members

@@ -57,6 +57,10 @@ class _Malformed:
                         "envoy.service.discovery.v3 messages")
 
 
+class _MalformedRequest(ProtocolError):
+    """The stream's request did not parse."""
+
+
 def _parser(cls: Any) -> Callable[[bytes], Any]:
     """Parse a request, or hand the stream a _Malformed (gRPC would log a traceback
     and answer UNKNOWN for an exception raised here)."""
@@ -121,6 +125,7 @@ class XdsServer:
         async def handle(_requests: Any, context: grpc.aio.ServicerContext) -> None:
             cap = self.limits.max_streams
             if cap and len(self.registry) >= cap:
+                metrics.STREAMS_REFUSED.labels("streams").inc()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"this server has {cap} streams open, its limit; retry "
                                     "later or connect to another replica")
@@ -178,7 +183,7 @@ class XdsServer:
                     if request is grpc.aio.EOF:
                         break
                     if isinstance(request, _Malformed):
-                        raise ProtocolError(request.message)
+                        raise _MalformedRequest(request.message)
                     pushes += self._on_request(stream, request, budget)
                     reading = asyncio.ensure_future(context.read())
                     if watching is None and stream.proxy is not None:
@@ -199,9 +204,12 @@ class XdsServer:
                     log.info("xds.stream_shutdown", hint="the client reconnects")
                     await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         except ProtocolError as exc:
+            malformed = isinstance(exc, _MalformedRequest)
+            metrics.STREAMS_REFUSED.labels("malformed" if malformed else "protocol").inc()
             self._warn(budget, "xds.protocol_error", error=str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LimitError as exc:
+            metrics.STREAMS_REFUSED.labels(exc.reason).inc()
             self._warn(budget, "xds.limit_exceeded", status=exc.status, error=str(exc))
             await context.abort(grpc.StatusCode[exc.status], str(exc))
         except _ClientGone as exc:

@@ -41,9 +41,11 @@ class Limits:
 class LimitError(Exception):
     """A client went past a bound; the stream ends with ``status`` and this text."""
 
-    def __init__(self, message: str, status: str = "RESOURCE_EXHAUSTED") -> None:
+    def __init__(self, message: str, status: str = "RESOURCE_EXHAUSTED",
+                 reason: str = "node") -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason  # the metric label: node, names, unknown_types
 
 
 def check_node(node: base_pb2.Node, limits: Limits) -> None:
@@ -87,13 +89,13 @@ def check_names(names: list[str], limits: Limits, what: str = "resource names") 
         raise LimitError(
             f"{len(names)} {what} in one request, more than the "
             f"{limits.max_names_per_request} this server accepts; subscribe with the "
-            f"wildcard instead of listing every name")
+            f"wildcard instead of listing every name", reason="names")
     for name in names:
         if len(name) > limits.max_name_bytes:
             raise LimitError(
                 f"a resource name of {len(name)} characters, more than the "
                 f"{limits.max_name_bytes} this server accepts; no resource it serves has "
-                f"such a name", "INVALID_ARGUMENT")
+                f"such a name", "INVALID_ARGUMENT", "names")
 
 
 def _is_ip(text: str) -> bool:

@@ -146,7 +146,7 @@ class StreamBase:
                 raise LimitError(
                     f"more than {self.limits.max_unknown_types} type URLs this server does "
                     "not serve on one stream; it serves clusters, endpoints, listeners, "
-                    "routes and secrets: ask only for those")
+                    "routes and secrets: ask only for those", reason="unknown_types")
             self.unknown_types.add(type_url)
             return None
         return type_url
