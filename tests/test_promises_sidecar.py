@@ -195,3 +195,13 @@ def test_every_stream_log_line_names_its_node_and_stream(lab: Rig) -> None:
     assert len(stream) >= 3, stream
     assert all(line.get("node_id") == "frontend-1" and isinstance(line.get("stream_id"), int)
                for line in stream), stream
+
+
+def test_snapshot_keep_0_turns_the_store_off(lab: Rig) -> None:
+    backend = lab.own(ScriptedHttp("reviews"))
+    lab.serve([service("reviews", [backend])], extra=["--snapshot-keep", "0"])
+    envoy = lab.envoy("frontend-1")
+    lab.write([service("reviews", [backend]), service("ratings", [backend])])
+    wait_for(lambda: envoy.request("ratings")[0] == 200, what="ratings routed")
+    store = lab.tmp / "snapshots"
+    assert not store.exists() or not list(store.rglob("*.json")), list(store.rglob("*"))
