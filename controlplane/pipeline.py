@@ -39,11 +39,13 @@ _ATTEMPTS = 3  # isolate route-table culprits at most this many times, then reje
 
 
 def check_mesh(mesh: Mesh, previous: MeshBuild | None = None,
-               namespaces: Collection[str] = (DEFAULT_NAMESPACE,)) -> MeshBuild:
+               namespaces: Collection[str] = (DEFAULT_NAMESPACE,),
+               strict: bool = True) -> MeshBuild:
     """Translate ``mesh``, build the route tables of ``namespaces`` and assemble it for a
     neutral proxy; TranslationError if that fails or is not consistent. Services whose
-    translation fails are listed in the build's ``rejected``. The build is then shared by
-    every group."""
+    translation fails are an error too when ``strict`` (``controlplane validate``); the
+    server is not strict: it lists them in the build's ``rejected`` and serves the rest.
+    The build is then shared by every group."""
     culprits: dict[str, str] = {}
     for _ in range(_ATTEMPTS):
         try:
@@ -60,6 +62,9 @@ def check_mesh(mesh: Mesh, previous: MeshBuild | None = None,
         problems = snapshot.problems()
         if problems:
             raise TranslationError("inconsistent snapshot: " + "; ".join(problems))
+        if strict and build.rejected:
+            raise TranslationError("; ".join(f"service {key}: {error}" for key, error
+                                             in sorted(build.rejected.items())))
         return build
     raise TranslationError("translation keeps failing after leaving out "
                            + ", ".join(sorted(culprits)))
@@ -172,7 +177,7 @@ class Pipeline:
         """Pure work (no publishing), safe on a worker thread."""
         started = time.perf_counter()
         namespaces = {p.namespace for p in groups.values()}
-        prepared = _Prepared(check_mesh(mesh, previous, namespaces))
+        prepared = _Prepared(check_mesh(mesh, previous, namespaces, strict=False))
         for group, proxy in groups.items():
             try:
                 prepared.snapshots[group] = _assemble(prepared.build, proxy,

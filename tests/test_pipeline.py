@@ -403,3 +403,24 @@ async def test_readiness_says_when_the_latest_change_was_rejected(
     assert not pipeline.set_mesh(mesh(9082))
     ready, detail = pipeline.readiness()
     assert ready and "latest change was rejected" in detail and "assembly bug" in detail
+
+
+def test_validate_is_strict_about_services_the_server_would_leave_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`controlplane validate` (check_mesh) fails on what the server would serve around."""
+    from controlplane.errors import TranslationError
+    from controlplane.pipeline import check_mesh
+
+    real = assembly.service_resources
+
+    def broken(service: Service) -> ServiceResources:
+        if service.name == "reviews":
+            raise RuntimeError("translator bug")
+        return real(service)
+
+    monkeypatch.setattr(assembly, "service_resources", broken)
+    with pytest.raises(TranslationError, match=r"service reviews\.default: RuntimeError"):
+        check_mesh(mesh(9081))
+    assert check_mesh(mesh(9081), strict=False).rejected == {
+        "reviews.default": "RuntimeError: translator bug"}
