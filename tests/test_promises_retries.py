@@ -134,9 +134,10 @@ def _gaps(backend: ScriptedHttp, tries: int) -> list[float]:
 
 def test_backoff_spaces_the_tries(rig: Retried) -> None:
     """Envoy waits a random time below base_interval x 2^n (at most max_interval)
-    before each retry. With 400ms, 10 requests of 3 tries wait about 20 x 200ms = 4s in
-    all (sd 0.5s); with Envoy's default 25ms base, at most 20 x 100ms. The bound below
-    is 4 sd away from the expected figure."""
+    before each retry. With 400ms, 10 requests of 3 tries wait 20 x 200ms = 4s in all
+    on average (sd 0.5s); with Envoy's default 25ms base, 0.4s on average and never
+    more than 0.75s. Both see the same overheads; the bound below is 4 sd under the
+    expected difference."""
     for service in ("backoff", "backoff-no"):
         assert rig.statuses(service, 10) == [503] * 10
     [slow], [quick] = rig.backends["backoff"], rig.backends["backoff-no"]
@@ -144,7 +145,7 @@ def test_backoff_spaces_the_tries(rig: Retried) -> None:
     waited, default = sum(_gaps(slow, 3)), sum(_gaps(quick, 3))
     print(f"backoff: 20 waits took {waited:.2f}s with base 400ms, {default:.2f}s with "
           f"Envoy's default; longest {max(_gaps(slow, 3)):.3f}s")
-    assert waited - default >= 2.0, (waited, default)
+    assert waited - default >= 1.5, (waited, default)
     assert rig.stat("backoff", "upstream_rq_retry_backoff_exponential") == 20
 
 
