@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.errors import MeshError, TranslationError
+from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.loader import load_mesh_data, load_mesh_file, load_mesh_text
 from controlplane.mesh.model import Mesh
 from controlplane.pipeline import check_mesh
@@ -139,6 +140,45 @@ def test_any_file_bytes_load_or_are_a_mesh_error(tmp_path: Path, content: bytes)
     path.write_bytes(content)
     with contextlib.suppress(MeshError):
         load_mesh_file(path)
+
+
+@st.composite
+def edited_files(draw: st.DrawFn) -> bytes:
+    """A mesh file as a person edits it: dumped from mesh-shaped data, then maybe a line
+    repeated (a duplicate key), dropped, cut short or given a stray byte."""
+    try:
+        text = yaml.safe_dump(draw(MESH), allow_unicode=True)
+    except yaml.YAMLError:
+        text = "services: []\n"
+    lines = text.splitlines(keepends=True)
+    edit = draw(st.sampled_from(["none", "repeat", "drop", "cut", "byte"]))
+    at = draw(st.integers(0, max(0, len(lines) - 1)))
+    if edit == "repeat" and lines:
+        lines.insert(at, lines[at])
+    elif edit == "drop" and lines:
+        del lines[at]
+    data = "".join(lines).encode()
+    if edit == "cut":
+        data = data[:draw(st.integers(0, len(data)))]
+    elif edit == "byte":
+        where = draw(st.integers(0, len(data)))
+        data = data[:where] + draw(st.binary(min_size=1, max_size=2)) + data[where:]
+    return data
+
+
+@FUZZ
+@given(st.lists(edited_files(), min_size=1, max_size=4))
+def test_the_file_sources_incremental_loader_gives_a_mesh_or_a_mesh_error(
+        saves: list[bytes]) -> None:
+    """The loader the file source keeps between saves: each save of an edited file loads
+    or is a MeshError, whatever the saves before it were."""
+    loader = MeshLoader()
+    for data in saves:
+        try:
+            mesh = loader.load(data, origin="fuzz.yaml")
+        except MeshError:
+            continue
+        _translate(mesh)
 
 
 OBJ_META = shaped({"name": NAME, "namespace": NAME},
