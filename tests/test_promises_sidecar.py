@@ -205,3 +205,24 @@ def test_snapshot_keep_0_turns_the_store_off(lab: Rig) -> None:
     wait_for(lambda: envoy.request("ratings")[0] == 200, what="ratings routed")
     store = lab.tmp / "snapshots"
     assert not store.exists() or not list(store.rglob("*.json")), list(store.rglob("*"))
+
+
+def test_sidecars_alike_but_for_their_id_share_one_snapshot(lab: Rig) -> None:
+    """Two replicas of a service (same service, namespace and ports; Envoy listens with
+    SO_REUSEPORT, so both bind the egress port) are one proxy group; another zone is
+    another group."""
+    backend = lab.own(ScriptedHttp("reviews"))
+    server = lab.serve([service("reviews", [backend])])
+    first = lab.envoy("frontend-1")
+    same = ["--egress-port", str(first.egress_port)]
+    lab.envoy("frontend-2", extra=same)
+    lab.envoy("frontend-3", extra=[*same, "--zone", "zone-b"])
+
+    def groups() -> dict[str, str]:
+        proxies = server.json("/debug/proxies")
+        acked = all(p["types"]["cds"]["acked_version"] for p in proxies)
+        return {p["node_id"]: p["group"] for p in proxies} if acked else {}
+
+    by_node = wait_for(lambda: len(groups()) == 3 and groups(), what="three sidecars")
+    assert by_node["frontend-1"] == by_node["frontend-2"] != by_node["frontend-3"], by_node
+    assert set(server.json("/debug/snapshots")) == set(by_node.values())  # two snapshots
