@@ -1,19 +1,28 @@
 """xDS promises shown with real Envoy: the per-type services (not only ADS) in both
-protocols, and config bigger than gRPC's 4 MB default message reaching a sidecar."""
+protocols, config bigger than gRPC's common 4 MB message limit reaching a sidecar, and
+a one-endpoint change reaching it as one ClusterLoadAssignment."""
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.endpoint.v3 import eds_pb2_grpc
+from envoy.service.route.v3 import rds_pb2_grpc
 
 from tests.support.procs import Envoy, wait_for
 from tests.support.promise_rig import Rig, service
 from tests.support.promise_servers import ScriptedHttp
+from tests.support.xds_client import node
 from tests.test_promises_metrics import scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -141,3 +150,61 @@ def test_one_endpoint_change_updates_one_assignment(lab: Rig, delta: bool) -> No
     assert after["reviews"] == before["reviews"] + 1, (before, after)
     assert {k: v for k, v in after.items() if k != "reviews"} == {
         k: v for k, v in before.items() if k != "reviews"}, (before, after)
+
+
+class DeltaStream:
+    """One per-type delta stream (DeltaEndpoints, DeltaRoutes, ...) to the real server,
+    driven by a plain gRPC client: Envoy itself only asks for endpoints and routes per
+    type when the clusters and listeners say so, and the server's name ADS."""
+
+    def __init__(self, call: Any, type_url: str, names: list[str]) -> None:
+        self.type_url = type_url
+        self.requests: queue.Queue[Any] = queue.Queue()
+        self.requests.put(discovery_pb2.DeltaDiscoveryRequest(
+            node=node("probe-1", "frontend", namespace="default", egress_port=15001),
+            type_url=type_url, resource_names_subscribe=names))
+        self.responses = call(iter(self.requests.get, None), timeout=60)
+
+    def next(self) -> Any:
+        response = next(self.responses)
+        assert response.type_url == self.type_url, response.type_url
+        self.requests.put(discovery_pb2.DeltaDiscoveryRequest(type_url=self.type_url,
+                                        response_nonce=response.nonce))
+        return response
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.responses.cancel()
+
+
+def test_per_type_delta_endpoints_and_routes(lab: Rig) -> None:
+    first, second = lab.own(ScriptedHttp("reviews-1")), lab.own(ScriptedHttp("reviews-2"))
+    server = lab.serve([service("reviews", [first])])
+    cluster = "outbound|9080||reviews.default.svc.cluster.local"
+    with grpc.insecure_channel(f"127.0.0.1:{server.xds_port}") as channel:
+        eds = DeltaStream(eds_pb2_grpc.EndpointDiscoveryServiceStub(channel).DeltaEndpoints,
+                          "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                          [cluster])
+        rds = DeltaStream(rds_pb2_grpc.RouteDiscoveryServiceStub(channel).DeltaRoutes,
+                          "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                          ["egress"])
+        try:
+            def port_of(response: Any) -> int:
+                [item] = response.resources
+                cla = endpoint_pb2.ClusterLoadAssignment.FromString(item.resource.value)
+                return int(cla.endpoints[0].lb_endpoints[0].endpoint.address
+                           .socket_address.port_value)
+
+            def hosts(response: Any) -> set[str]:
+                [item] = response.resources
+                table = route_pb2.RouteConfiguration.FromString(item.resource.value)
+                return {h.name for h in table.virtual_hosts}
+
+            assert port_of(eds.next()) == first.port
+            assert "reviews.default" in hosts(rds.next())
+            lab.write([service("reviews", [second]), service("ratings", [first])])
+            assert port_of(eds.next()) == second.port  # only the subscribed name
+            assert "ratings.default" in hosts(rds.next())
+        finally:
+            eds.close()
+            rds.close()
