@@ -24,11 +24,15 @@ scenario, what it simulated and its figures, and writes them as JSON:
   sidecar (R changes, median and each) without, then during, C concurrent clients asking
   /debug/config_dump in a loop;
   the worst /healthz latency during the storm; the debug responses by status;
+- ``big_mesh``: a mesh file of B services x E endpoints saved over a 2-service one, then
+  the 2-service one again: seconds until the sidecar has the big one, the worst /healthz
+  latency meanwhile, and server RSS before, with the big mesh and after;
 - ``bad_inputs``: every bad mesh file of tests/chaos/bad_inputs.py written into a running
   server: failed requests and whether the server stayed up (one line per input).
 
     .venv/bin/python bench/chaos.py [--identities 1000] [--services 1000]
-        [--concurrency 200] [--changes 5] [--skip bad_inputs] [--out FILE] [--update-baseline]
+        [--concurrency 200] [--changes 5] [--big-services 5000] [--big-endpoints 10]
+        [--skip bad_inputs] [--out FILE] [--update-baseline]
 
 A run writes bench/results/runs/chaos-<UTC time>.json; the committed baseline
 bench/results/chaos.json is written only with --update-baseline. Bounded: each scenario
@@ -56,6 +60,7 @@ from tests.chaos.bad_inputs import BAD_INPUTS, SEQUENCES, bad_input  # noqa: E40
 from tests.chaos.harness import Stack  # noqa: E402
 from tests.chaos.scenarios import (  # noqa: E402
     abusive_clients,
+    big_mesh,
     debug_storm,
     failover,
     invented_identities,
@@ -64,7 +69,7 @@ from tests.chaos.scenarios import (  # noqa: E402
 
 BASELINE = "chaos.json"
 SCENARIOS = ("kill_restart", "rollout", "failover", "invented_identities", "abusive_clients",
-             "debug_storm", "bad_inputs")
+             "debug_storm", "big_mesh", "bad_inputs")
 
 
 def _bad_inputs(root: Path) -> dict[str, Any]:
@@ -118,6 +123,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             root / "storm",
             lambda s: debug_storm(s, args.services, args.concurrency, bound_seconds=60.0,
                                   changes=args.changes)),
+        "big_mesh": lambda: _in_stack(
+            root / "big", lambda s: big_mesh(s, args.big_services, args.big_endpoints)),
         "bad_inputs": lambda: _bad_inputs(root / "bad"),
     }
     results: dict[str, Any] = {"simulated": __doc__.split("\n\n")[1].replace("\n", " ")}
@@ -146,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="concurrent /debug/config_dump clients (default 200)")
     parser.add_argument("--changes", type=int, default=5,
                         help="endpoint changes timed without and with the storm (default 5)")
+    parser.add_argument("--big-services", type=int, default=5000,
+                        help="services in the big mesh file (default 5000)")
+    parser.add_argument("--big-endpoints", type=int, default=10,
+                        help="endpoints per service in the big mesh file (default 10)")
     parser.add_argument("--skip", action="append", default=[], choices=SCENARIOS,
                         help="leave a scenario out (repeatable)")
     parser.add_argument("--deadline", type=float, default=300.0,

@@ -395,3 +395,52 @@ def abusive_clients(stack: Stack) -> dict[str, Any]:
     assert healthz(server) == 200
     assert answered_by(envoy, "reviews", "reviews-1")
     return {**outcome, "log_bytes": log_bytes}
+
+
+def _mesh_of(backend_ports: list[int], services: int) -> str:
+    return yaml.safe_dump({"services": [
+        {"name": f"svc-{i}", "port": 9080,
+         "endpoints": [{"address": "127.0.0.1", "port": port} for port in backend_ports]}
+        for i in range(services)]})
+
+
+def big_mesh(stack: Stack, services: int, endpoints: int) -> dict[str, Any]:
+    """A big mesh file saved over a small one, then the small one again: /healthz stays
+    responsive while the big one is read, the sidecar gets it, and the server's memory
+    comes back near where it was."""
+    backend = stack.backend("base")
+    ports = [backend.port] + [backend.port + 1 + i for i in range(endpoints - 1)]
+    small = _mesh_of([backend.port], 2)
+    write_atomic(stack.mesh, small)
+    server = stack.server()
+    envoy = stack.envoy("frontend-1", server.xds_port)
+    wait_for(lambda: answered_by(envoy, "svc-1", "base"), what="svc-1 routed")
+    rss_before = rss_mb(pid_of(server))
+    text = _mesh_of(ports, services)
+    last = f"svc-{services - 1}"
+
+    written = time.monotonic()
+    write_atomic(stack.mesh, text)
+    healthz_worst = 0.0
+    deadline = written + 120
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        assert healthz(server) == 200
+        healthz_worst = max(healthz_worst, time.monotonic() - started)
+        if envoy.request(last)[0] == 200:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"{last} never reached the sidecar")
+    applied = time.monotonic() - written
+    rss_big = rss_mb(pid_of(server))
+
+    write_atomic(stack.mesh, small)
+    wait_for(lambda: envoy.request(last)[0] == 404, timeout=60, what=f"{last} removed")
+    wait_for(lambda: answered_by(envoy, "svc-1", "base"), what="svc-1 still routed")
+    rss_after = rss_mb(pid_of(server))
+    return {"services": services, "endpoints_per_service": endpoints,
+            "file_mb": round(len(text) / 1e6, 2), "applied_seconds": round(applied, 2),
+            "healthz_worst_seconds": round(healthz_worst, 3),
+            "rss_mb_before": round(rss_before, 1), "rss_mb_big": round(rss_big, 1),
+            "rss_mb_after": round(rss_after, 1)}
