@@ -208,6 +208,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     deadline = Deadline(args.deadline)
     return {
         "memory": await part_memory(deadline, args.big),
+    } if args.only_memory else {
+        "memory": await part_memory(deadline, args.big),
         "change": await part_change(args.services),
         "invented": await part_invented(deadline, args.services, args.invented),
     }
@@ -218,6 +220,7 @@ def main() -> int:
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--invented", type=int, default=500)
     parser.add_argument("--big", type=int, default=5000)
+    parser.add_argument("--only-memory", action="store_true")
     parser.add_argument("--deadline", type=float, default=300.0)
     add_output_flags(parser, "pipeline_load.json")
     args = parser.parse_args()

@@ -103,6 +103,12 @@ class MeshBuild:
         found = self._services.get(key)
         return found.service if found is not None else None
 
+    def settle(self) -> None:
+        """Let go of the previous build's route tables (kept only to reuse their bytes
+        while this build's tables are made): after a big mesh shrinks, they are most of
+        what it left behind."""
+        self._previous_routes = {}
+
     def forget(self, namespaces: Collection[str], zones: Collection[str]) -> None:
         """Drop route tables and zone variants no group uses any more: proxies choose
         their namespace and zone, so these would otherwise grow with every name seen."""

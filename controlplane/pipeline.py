@@ -52,6 +52,7 @@ def check_mesh(mesh: Mesh, previous: MeshBuild | None = None,
             build = MeshBuild(mesh, previous, culprits)
             for namespace in sorted({DEFAULT_NAMESPACE, *namespaces}):
                 build.route(namespace)
+            build.settle()
             snapshot = build.snapshot(_PROBE)
         except Exception as exc:  # a translator bug: find the services that cause it
             found = _route_culprits(mesh, {DEFAULT_NAMESPACE, *namespaces})
