@@ -7,11 +7,11 @@ after its first change at the latest (Istio's debounce, 100 ms / 10 s). Nothing 
 yielded before every kind has been listed once, so the first mesh is complete; a batch
 that converts to the mesh already served yields nothing.
 
-A relist (after an outage, or 410 Gone) holds the next batch until every kind relisting
-has its fresh list (or ``max_delay`` has passed), so no mesh mixes a kind's new state
-with another's stale one. A kind or namespace the server may not read (403) counts as
-listed (with what was known of it, nothing at first) and is reported by ``problems()``:
-the rest is served.
+A failed watch (an outage, 410 Gone) marks its kind stale until it is listed again; a
+batch waits until no kind is stale (or ``max_delay`` after its first change), so after
+an outage or a relist no mesh mixes one kind's fresh state with another's stale one.
+A kind or namespace the server may not read (403) counts as listed (with what was known
+of it, nothing at first) and is reported by ``problems()``: the rest is served.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class KubernetesSource:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         unlisted = {(kind, ns) for kind in self.kinds for ns in self.namespaces}
-        relisting: dict[tuple[Kind, str | None], float] = {}  # since when
+        stale: set[tuple[Kind, str | None]] = set()  # watch failed, not listed again yet
         for kind, namespace in sorted(unlisted, key=lambda k: (k[0].plural, k[1] or "")):
             Watcher(kind, self.api, namespace, emit, stop, self.timing).start()
         log.info("source.kubernetes_started",
@@ -111,8 +111,8 @@ class KubernetesSource:
                 if dirty and not unlisted:
                     due = min(last_change + self.debounce.quiet,
                               first_change + self.debounce.max_delay)
-                    if relisting:
-                        due = max(due, min(relisting.values()) + self.debounce.max_delay)
+                    if stale:
+                        due = first_change + self.debounce.max_delay
                     timeout = max(0.0, due - time.monotonic())
                 try:
                     item: Event | None = await asyncio.wait_for(queue.get(), timeout)
@@ -120,10 +120,10 @@ class KubernetesSource:
                     item = None
                 while item is not None:
                     if isinstance(item, Listing):
-                        relisting.setdefault((item.kind, item.namespace), time.monotonic())
+                        stale.add((item.kind, item.namespace))
                     elif isinstance(item, Listed | Forbidden):
                         unlisted.discard((item.kind, item.namespace))
-                        relisting.pop((item.kind, item.namespace), None)
+                        stale.discard((item.kind, item.namespace))
                     if self._apply(item):
                         now = time.monotonic()
                         if not dirty:
@@ -136,7 +136,7 @@ class KubernetesSource:
                 if not dirty or unlisted:
                     continue
                 now = time.monotonic()
-                if relisting and now - min(relisting.values()) < self.debounce.max_delay:
+                if stale and now - first_change < self.debounce.max_delay:
                     continue  # a kind is being listed again: wait for its fresh state
                 if (now - last_change < self.debounce.quiet
                         and now - first_change < self.debounce.max_delay):

@@ -64,8 +64,8 @@ class Listed:
 
 @dataclass(frozen=True)
 class Listing:
-    """A list again (after an error or 410): what is known of ``kind`` in ``namespace``
-    may be stale until the matching ``Listed``, so the source holds its next batch."""
+    """The watch failed (an error, an outage, 410): what is known of ``kind`` in
+    ``namespace`` may be stale until the next ``Listed``, so the source holds batches."""
 
     kind: Kind
     namespace: str | None
@@ -108,23 +108,25 @@ class Watcher(threading.Thread):
         self._failures = 0
         self._missing_logged = False
         self._forbidden_logged = False
+        self._stale = False  # a Listing was emitted and no Listed since
 
     def run(self) -> None:
         where = self.namespace or "all namespaces"
-        first = True
         while not self.stop_event.is_set():
             try:
-                if not first:
-                    self.emit(Listing(self.kind, self.namespace))
-                first = False
                 items, version = self._list()
                 self.emit(Listed(self.kind, self.namespace, items))
+                self._stale = False
+                if self._failures:
+                    log.info("watch.recovered", kind=self.kind.kind, namespace=where,
+                             failures=self._failures)
                 self._failures = 0
                 self._forbidden_logged = False
                 log.info("watch.listed", kind=self.kind.kind, namespace=where,
                          objects=len(items), resource_version=version)
                 self._watch(version)
             except Gone:
+                self._mark_stale()
                 metrics.K8S_RELISTS.labels(self.kind.plural, "gone").inc()
                 log.info("watch.expired", kind=self.kind.kind, namespace=where,
                          action="listing again")
@@ -141,14 +143,26 @@ class Watcher(threading.Thread):
                     self._missing_logged = True
                     self._back_off()
                 else:
-                    log.warning("watch.failed", kind=self.kind.kind, namespace=where,
-                                status=exc.status, error=str(exc.reason))
-                    self._back_off()
+                    self._failed(status=exc.status, error=str(exc.reason))
             except Exception as exc:  # connection refused, reset, timeouts: the API is away
-                log.warning("watch.failed", kind=self.kind.kind, namespace=where,
-                            error=f"{type(exc).__name__}: {exc}",
-                            hint="retrying with backoff; check that the API server is reachable")
-                self._back_off()
+                self._failed(error=f"{type(exc).__name__}: {exc}",
+                             hint="retrying every second; check that the API server is "
+                             "reachable")
+
+    def _failed(self, **details: Any) -> None:
+        """One failure: the first of a run is a warning, the rest (once a second during
+        an outage, per kind and namespace) debug, until the next list succeeds."""
+        self._mark_stale()
+        level = log.debug if self._failures else log.warning
+        level("watch.failed", kind=self.kind.kind, namespace=self.namespace or "all namespaces",
+              **details)
+        self._back_off()
+
+    def _mark_stale(self) -> None:
+        """Tell the source once per failure that this kind will be listed again."""
+        if not self._stale:
+            self._stale = True
+            self.emit(Listing(self.kind, self.namespace))
 
     def _forbidden(self, exc: ApiException) -> None:
         """Say once what the server may not read and the rule that allows it; ask again
