@@ -360,3 +360,16 @@ def test_the_incremental_loader_survives_any_text(text: str) -> None:
     body = "services:\n" + text
     assert _outcome(functools.partial(loader.load, body.encode())) == _outcome(
         functools.partial(load_mesh_text, body))
+
+
+def test_the_incremental_loader_follows_anchors_shared_between_services() -> None:
+    """yaml.safe_dump writes an object used twice as an anchor and an alias, which no
+    single service's text can resolve: the full load answers."""
+    backoff = {"base_interval": "10ms", "max_interval": "50ms"}
+    text = yaml.safe_dump({"services": [
+        {"name": "a", "port": 80, "policy": {"retries": {"backoff": backoff}}},
+        {"name": "b", "port": 80, "policy": {"retries": {"backoff": backoff}}}]})
+    assert "*id001" in text
+    loader = MeshLoader()
+    assert loader.load(text.encode()) == load_mesh_text(text)
+    assert loader.parsed == -1

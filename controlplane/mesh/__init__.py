@@ -1,6 +1,12 @@
 """The mesh model and the loader that turns YAML into it."""
 
-from controlplane.mesh.loader import load_mesh_data, load_mesh_file, load_mesh_text
+from controlplane.mesh.incremental import MeshLoader
+from controlplane.mesh.loader import (
+    load_mesh_bytes,
+    load_mesh_data,
+    load_mesh_file,
+    load_mesh_text,
+)
 from controlplane.mesh.model import (
     CircuitBreaker,
     Endpoint,
@@ -21,12 +27,14 @@ __all__ = [
     "Fault",
     "LoadBalancer",
     "Mesh",
+    "MeshLoader",
     "OutlierDetection",
     "Policy",
     "RateLimit",
     "Retries",
     "Service",
     "SplitTarget",
+    "load_mesh_bytes",
     "load_mesh_data",
     "load_mesh_file",
     "load_mesh_text",

@@ -18,9 +18,6 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from pydantic import ValidationError
-
-from controlplane.errors import MeshError
 from controlplane.mesh.loader import (
     MAX_VALUES,
     count_values,
@@ -32,7 +29,6 @@ from controlplane.mesh.model import Mesh, Service
 
 _SERVICES: Final = re.compile(r"services:[ \t]*(#.*)?\r?\n?")
 _ITEM: Final = re.compile(r"( *)-( |\r?\n|$)")
-_FALLBACK: Final = (MeshError, ValidationError, RecursionError, ValueError, TypeError)
 
 
 def split_services(text: str) -> tuple[str, list[tuple[int, str]]] | None:
@@ -83,7 +79,7 @@ class MeshLoader:
         text = decode_mesh(data, origin)
         try:
             mesh = self._fast(text)
-        except _FALLBACK:
+        except Exception:  # any surprise on the fast path: the full load has the answer
             mesh = None
         if mesh is None:
             self._known = {}
