@@ -8,31 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.procs import ControlPlane, wait_for
-from tests.support.promise_rig import Rig, service
+from tests.support.procs import wait_for
+from tests.support.promise_rig import Rig, scrape, service, value
 from tests.support.promise_servers import ScriptedHttp
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 TYPES = ("cds", "eds", "lds", "rds")
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(server: ControlPlane) -> Samples:
-    status, text, _ = server.get("/metrics")
-    assert status == 200, text
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of ``name`` over every series that has ``labels``."""
-    wanted = set(labels.items())
-    return sum(v for (n, series), v in samples.items() if n == name and wanted <= series)
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Rig]:
     rig = Rig(tmp_path)

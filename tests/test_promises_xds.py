@@ -20,10 +20,9 @@ from envoy.service.endpoint.v3 import eds_pb2_grpc
 from envoy.service.route.v3 import rds_pb2_grpc
 
 from tests.support.procs import Envoy, wait_for
-from tests.support.promise_rig import Rig, service
+from tests.support.promise_rig import Rig, scrape, service
 from tests.support.promise_servers import ScriptedHttp
 from tests.support.xds_client import node
-from tests.test_promises_metrics import scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

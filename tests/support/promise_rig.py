@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import ControlPlane, Envoy, wait_for
 
@@ -83,3 +84,19 @@ def timed(call: Any) -> tuple[Any, float]:
     start = time.monotonic()
     result = call()
     return result, time.monotonic() - start
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(server: ControlPlane) -> Samples:
+    status, text, _ = server.get("/metrics")
+    assert status == 200, text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name`` over every series that has ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, series), v in samples.items() if n == name and wanted <= series)
