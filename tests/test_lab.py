@@ -68,7 +68,9 @@ def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
                 break
         else:
             pytest.fail("lab did not finish the scenario in time:\n" + "\n".join(lines))
-        assert healthy and len(children) == 5, f"expected 5 Envoy sidecars, saw {children}"
+        shown = "\n".join(lines)
+        assert len(children) == 5, f"expected 5 Envoy sidecars, saw {children}:\n{shown}"
+        assert healthy, f"no line with every service at 100% ok:\n{shown}"
         assert any(40 <= v2 <= 60 for _, v2 in mixes[:3]), mixes  # round robin at first
         assert any(v2 <= 25 for _, v2 in mixes), mixes  # the 90/10 step showed
         proc.send_signal(signal.SIGINT)
@@ -82,6 +84,8 @@ def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
         for pid in children:
             if Path(f"/proc/{pid}").exists():
                 os.kill(pid, signal.SIGKILL)
@@ -154,7 +158,7 @@ def test_a_rejected_save_stays_in_the_view_until_fixed() -> None:
             proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.communicate()
 
 
 def test_the_table_shows_the_mesh_problem_under_the_figures(tmp_path: Path) -> None:

@@ -155,14 +155,26 @@ class ControlPlane:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env})
         log.close()
-        self._xds_port, self.admin_port = wait_for(
-            lambda: self._bound_ports(offset), what="controlplane serve.started", timeout=30)
-        wait_for(lambda: self.get("/healthz")[0] == 200, what="controlplane /healthz",
-                 timeout=20)
-        if wait_ready:
-            wait_for(lambda: self.get("/readyz")[0] == 200, what="controlplane /readyz",
+        try:
+            self._xds_port, self.admin_port = wait_for(
+                lambda: self._bound_ports(offset), what="controlplane serve.started",
+                timeout=30)
+            wait_for(lambda: self.get("/healthz")[0] == 200, what="controlplane /healthz",
                      timeout=20)
+            if wait_ready:
+                wait_for(lambda: self.get("/readyz")[0] == 200, what="controlplane /readyz",
+                         timeout=20)
+        except BaseException as exc:  # not up: end it here, the caller never got a handle
+            self.stop()
+            if not isinstance(exc, Exception):
+                raise  # a timeout or Ctrl-C stays what it is
+            raise AssertionError(f"{exc}; its log: {self._tail(offset)}") from exc
         return self
+
+    def _tail(self, offset: int, size: int = 3000) -> str:
+        with open(self.log_path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode(errors="replace")[-size:]
 
     def _bound_ports(self, offset: int) -> tuple[int, int] | None:
         """The xDS and admin ports from this start's ``serve.started`` line, if logged."""
@@ -268,9 +280,14 @@ class Envoy:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "ENVOY_NO_COLOR": "1"})
         log.close()
-        self.admin_port = wait_for(self._admin_port, what=f"envoy {self.node_id} admin")
-        wait_for(lambda: self.admin("/ready")[0] == 200, what=f"envoy {self.node_id} ready")
-        self._check_ports(offset)
+        try:
+            self.admin_port = wait_for(self._admin_port, what=f"envoy {self.node_id} admin")
+            wait_for(lambda: self.admin("/ready")[0] == 200,
+                     what=f"envoy {self.node_id} ready")
+            self._check_ports(offset)
+        except BaseException:  # not up (or on a taken port): end it here
+            self.stop()
+            raise
         return self
 
     def _admin_port(self) -> int | None:
