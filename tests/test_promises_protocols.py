@@ -9,11 +9,12 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from tests.support.procs import Envoy, free_port, wait_for
+from tests.support.procs import Envoy, wait_for
 from tests.support.promise_rig import Rig, cluster_stat, service, wait_endpoints
 from tests.support.promise_servers import (
     ECHO_STREAM,
@@ -51,37 +52,41 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Protocols]:
         tcp = lab.own(TcpEcho("store-app"))
         http = {name: lab.own(ScriptedHttp(name))
                 for name in ("external", "reviews-default", "reviews-shop", "ratings-shop")}
-        inbound, grpc_inbound = free_port(), free_port()
         retry_unavailable = {"retries": {"attempts": 2, "on": ["unavailable"]}}
-        lab.serve([
-            service("echo", [grpcs["echo"]], GRPC_PORT, protocol="grpc"),
-            service("echo-flaky", [grpcs["echo-flaky"]], GRPC_PORT, protocol="grpc",
-                    policy=retry_unavailable),
-            service("echo-bare", [grpcs["echo-bare"]], GRPC_PORT, protocol="grpc"),
-            # Reached through its own sidecar's inbound listener, as in a real mesh.
-            {"name": "echo-meshed", "port": GRPC_PORT, "protocol": "grpc",
-             "endpoints": [{"address": "127.0.0.1", "port": grpc_inbound}]},
-            # The store's endpoint is its sidecar's inbound listener, which proxies TCP.
-            {"name": "store", "port": TCP_PORT, "protocol": "tcp",
-             "endpoints": [{"address": "127.0.0.1", "port": inbound}]},
-            # Outside the mesh: the port is the external host's too.
-            {"name": "external", "port": http["external"].port, "external_name": "localhost"},
-            service("reviews", [http["reviews-default"]]),
-            service("reviews", [http["reviews-shop"]], namespace="shop"),
-            service("ratings", [http["ratings-shop"]], namespace="shop"),
-        ])
+
+        def mesh(store: int | None, meshed: int | None) -> list[dict[str, Any]]:
+            """``store`` and ``echo-meshed`` are reached through their own sidecars'
+            inbound listeners (known once those sidecars run), as in a real mesh."""
+            return [
+                service("echo", [grpcs["echo"]], GRPC_PORT, protocol="grpc"),
+                service("echo-flaky", [grpcs["echo-flaky"]], GRPC_PORT, protocol="grpc",
+                        policy=retry_unavailable),
+                service("echo-bare", [grpcs["echo-bare"]], GRPC_PORT, protocol="grpc"),
+                {"name": "echo-meshed", "port": GRPC_PORT, "protocol": "grpc", "endpoints":
+                 [{"address": "127.0.0.1", "port": meshed}] if meshed else []},
+                {"name": "store", "port": TCP_PORT, "protocol": "tcp", "endpoints":
+                 [{"address": "127.0.0.1", "port": store}] if store else []},
+                # Outside the mesh: the port is the external host's too.
+                {"name": "external", "port": http["external"].port,
+                 "external_name": "localhost"},
+                service("reviews", [http["reviews-default"]]),
+                service("reviews", [http["reviews-shop"]], namespace="shop"),
+                service("ratings", [http["ratings-shop"]], namespace="shop"),
+            ]
+
+        lab.serve(mesh(None, None))
         frontend = lab.envoy("frontend-1")
         shop = lab.envoy("frontend-shop", extra=["--namespace", "shop"])
-        store = lab.envoy("store-1", service="store", extra=[
-            "--inbound-port", str(inbound), "--app-port", str(tcp.port),
-            "--inbound-address", "127.0.0.1"])
-        meshed = lab.envoy("echo-meshed-1", service="echo-meshed", extra=[
-            "--inbound-port", str(grpc_inbound), "--app-port", str(grpcs["echo-meshed"].port),
-            "--inbound-address", "127.0.0.1"])
+        store = lab.envoy("store-1", service="store", app_port=tcp.port)
+        meshed = lab.envoy("echo-meshed-1", service="echo-meshed",
+                           app_port=grpcs["echo-meshed"].port)
+        assert store.inbound_port is not None and meshed.inbound_port is not None
+        lab.write(mesh(store.inbound_port, meshed.inbound_port))
         wait_endpoints(frontend, {"echo": 1, "echo-flaky": 1, "echo-bare": 1,
                                   "echo-meshed": 1}, GRPC_PORT)
         wait_endpoints(frontend, {"store": 1}, TCP_PORT)
-        yield Protocols(lab, frontend, shop, store, meshed, inbound, grpcs, tcp, http)
+        yield Protocols(lab, frontend, shop, store, meshed, store.inbound_port, grpcs, tcp,
+                        http)
     finally:
         lab.close()
 

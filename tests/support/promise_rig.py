@@ -53,9 +53,12 @@ class Rig:
         return self.server
 
     def envoy(self, node_id: str, service: str = "frontend", delta: bool = False,
-              extra: list[str] | None = None) -> Envoy:
+              extra: list[str] | None = None, app_port: int | None = None) -> Envoy:
+        """A sidecar; with ``app_port``, an inbound listener on a port it picks (read
+        ``inbound_port`` once started)."""
         assert self.server is not None
-        envoy = Envoy(self.tmp, node_id, service, self.server.xds_port, delta, extra).start()
+        envoy = Envoy(self.tmp, node_id, service, self.server.xds_port, delta, extra,
+                      app_port=app_port).start()
         self.envoys.append(envoy)
         return envoy
 
