@@ -27,16 +27,19 @@ scenario, what it simulated and its figures, and writes them as JSON:
 - ``big_mesh``: a mesh file of B services x E endpoints saved over a 2-service one, then
   the 2-service one again: seconds until the sidecar has the big one, the worst /healthz
   latency meanwhile, and server RSS before, with the big mesh and after;
+- ``api_outage``: ``serve --source kubernetes`` against the API server double, which
+  goes down for T seconds (45 by default) while an EndpointSlice changes: seconds from
+  its return until the sidecar holds the new endpoint;
 - ``bad_inputs``: every bad mesh file of tests/chaos/bad_inputs.py written into a running
   server: failed requests and whether the server stayed up (one line per input).
 
     .venv/bin/python bench/chaos.py [--identities 1000] [--services 1000]
         [--concurrency 200] [--changes 5] [--big-services 5000] [--big-endpoints 10]
-        [--skip bad_inputs] [--out FILE] [--update-baseline]
+        [--outage 45] [--skip bad_inputs] [--out FILE] [--update-baseline]
 
 A run writes bench/results/runs/chaos-<UTC time>.json; the committed baseline
 bench/results/chaos.json is written only with --update-baseline. Bounded: each scenario
-has its own waits, and no scenario starts after --deadline seconds (default 300).
+has its own waits, and no scenario starts after --deadline seconds (default 420).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from common import Deadline, add_output_flags, results_path, write_results  # no
 
 from tests.chaos.bad_inputs import BAD_INPUTS, SEQUENCES, bad_input  # noqa: E402
 from tests.chaos.harness import Stack  # noqa: E402
+from tests.chaos.kube import Kube, api_outage  # noqa: E402
 from tests.chaos.scenarios import (  # noqa: E402
     abusive_clients,
     big_mesh,
@@ -69,7 +73,7 @@ from tests.chaos.scenarios import (  # noqa: E402
 
 BASELINE = "chaos.json"
 SCENARIOS = ("kill_restart", "rollout", "failover", "invented_identities", "abusive_clients",
-             "debug_storm", "big_mesh", "bad_inputs")
+             "debug_storm", "big_mesh", "api_outage", "bad_inputs")
 
 
 def _bad_inputs(root: Path) -> dict[str, Any]:
@@ -100,6 +104,18 @@ def _in_stack(workdir: Path, scenario: Callable[[Stack], dict[str, Any]]) -> dic
         stack.close()
 
 
+def _in_kube(workdir: Path, scenario: Callable[[Kube], dict[str, Any]]) -> dict[str, Any]:
+    """Like _in_stack, with the Kubernetes API server double."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    kube = Kube(workdir)
+    try:
+        return scenario(kube)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+    finally:
+        kube.close()
+
+
 def _line(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"FAILED: {result['error'][:300]}"
@@ -125,6 +141,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                   changes=args.changes)),
         "big_mesh": lambda: _in_stack(
             root / "big", lambda s: big_mesh(s, args.big_services, args.big_endpoints)),
+        "api_outage": lambda: _in_kube(root / "outage",
+                                       lambda k: api_outage(k, args.outage)),
         "bad_inputs": lambda: _bad_inputs(root / "bad"),
     }
     results: dict[str, Any] = {"simulated": __doc__.split("\n\n")[1].replace("\n", " ")}
@@ -157,10 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="services in the big mesh file (default 5000)")
     parser.add_argument("--big-endpoints", type=int, default=10,
                         help="endpoints per service in the big mesh file (default 10)")
+    parser.add_argument("--outage", type=float, default=45.0,
+                        help="seconds the Kubernetes API server is down (default 45)")
     parser.add_argument("--skip", action="append", default=[], choices=SCENARIOS,
                         help="leave a scenario out (repeatable)")
-    parser.add_argument("--deadline", type=float, default=300.0,
-                        help="no scenario starts after this many seconds (default 300)")
+    parser.add_argument("--deadline", type=float, default=420.0,
+                        help="no scenario starts after this many seconds (default 420)")
     add_output_flags(parser, BASELINE)
     return parser
 
