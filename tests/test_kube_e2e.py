@@ -17,6 +17,7 @@ import pytest
 from controlplane.sources.kubernetes.kinds import ACCEPTED, ENDPOINT_SLICES, TRAFFIC_POLICIES
 from tests.kube.apiserver import ApiServerDouble
 from tests.kube.objects import endpoint_slice, pod, service, traffic_policy
+from tests.kube.rbac import Rbac
 from tests.support import netns
 from tests.support.netns import NetnsHost
 from tests.support.procs import ControlPlane, Envoy, wait_for
@@ -57,9 +58,10 @@ class Cluster:
         self.server: ControlPlane | None = None
         self.envoys: list[Envoy] = []
 
-    def serve(self, wait_ready: bool = True) -> ControlPlane:
-        self.server = ControlPlane("kubernetes", self.tmp, env=FAST,
-                                   extra=["--kubeconfig", str(self.kubeconfig)])
+    def serve(self, wait_ready: bool = True, env: dict[str, str] | None = None,
+              extra: list[str] | None = None) -> ControlPlane:
+        self.server = ControlPlane("kubernetes", self.tmp, env={**FAST, **(env or {})},
+                                   extra=["--kubeconfig", str(self.kubeconfig), *(extra or [])])
         return self.server.start(wait_ready=wait_ready)
 
     def envoy(self, node_id: str = "frontend-1", delta: bool = False) -> Envoy:
@@ -161,7 +163,13 @@ def test_served_endpoints_equal_the_api_after_every_fault(
         wait_for(lambda: cluster.served() == want, timeout=20, what=f"served == {want}")
         wait_for(lambda: answers(envoy) == {h.name for h in expected}, what="traffic follows")
 
-    for round_ in range(2):
+    def counter(reason: str) -> float:
+        assert cluster.server is not None
+        found = re.search(rf'watch_restarts_total\{{reason="{reason}",'
+                          r'resource="endpointslices"\} (\S+)', cluster.server.get("/metrics")[1])
+        return float(found.group(1)) if found else 0.0
+
+    for empty_cache in (False, True):
         # The watch dies mid-stream while the world changes.
         cluster.api.drop_watches()
         cluster.reviews(*states[0])
@@ -173,23 +181,22 @@ def test_served_endpoints_equal_the_api_after_every_fault(
         cluster.api.drop_watches()
         cluster.api.resume()
         expect(one, three)
-        # The API server goes down, the state changes meanwhile, and it comes back (the
-        # second time with an empty watch cache, so the old resourceVersion is gone).
+        # The API server goes down, the state changes meanwhile, and it comes back: once
+        # with its watch history (a network blip), once restarted with an empty watch
+        # cache, so the old resourceVersion is gone and the watcher must list again.
+        errors = counter("error")
         cluster.api.stop()
         cluster.reviews(*states[2])
-        if round_:
-            cluster.api.compact()
-        time.sleep(1.0)  # the watchers meet a refused connection and back off
-        cluster.api.start()
+        wait_for(lambda errors=errors: counter("error") > errors,
+                 what="the watcher meets the refused connection")
+        if empty_cache:
+            cluster.api.restart()
+        else:
+            cluster.api.start()
         expect(three)
         cluster.reviews((one, {}))
         expect(one)
-        assert round_ < 2
-    assert cluster.server is not None
-    metrics = cluster.server.get("/metrics")[1]
-    gone = re.search(r'watch_restarts_total\{reason="gone",resource="endpointslices"\} (\S+)',
-                     metrics)
-    assert gone is not None and float(gone.group(1)) >= 1, "expected a relist after 410"
+    assert counter("gone") >= 2, "expected a relist after each 410"
 
 
 def test_an_endpoint_storm_is_batched_and_ends_exact(
@@ -197,7 +204,9 @@ def test_an_endpoint_storm_is_batched_and_ends_exact(
     one, two, _ = hosts
     cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
     cluster.reviews((one, {}))
-    cluster.serve()
+    # The storm's gaps stay far below this quiet period on a loaded machine too, so the
+    # promise is exact: one push for the whole storm.
+    cluster.serve(env={"CONTROLPLANE_DEBOUNCE_QUIET": "1.0", "CONTROLPLANE_DEBOUNCE_MAX": "60"})
     envoy = cluster.envoy()
     wait_for(lambda: answers(envoy) == {"reviews-1"}, what="first route")
     assert cluster.server is not None
@@ -215,10 +224,9 @@ def test_an_endpoint_storm_is_batched_and_ends_exact(
     wait_for(lambda: cluster.served() == {one.address: "HEALTHY", two.address: "HEALTHY"},
              what="the final state")
     wait_for(lambda: answers(envoy, 20) == {"reviews-1", "reviews-2"}, what="traffic")
-    time.sleep(0.5)
     pushes = eds_pushes() - before
     print(f"1000 EndpointSlice updates in {spent:.2f}s -> {pushes} EDS pushes")
-    assert 1 <= pushes <= 25, pushes
+    assert pushes == 1, pushes
 
 
 def test_invalid_traffic_policy_gets_a_status_and_breaks_nothing(
@@ -328,3 +336,36 @@ def test_label_subsets_follow_pod_labels(cluster: Cluster, hosts: list[NetnsHost
     wait_for(lambda: answers(envoy, 20) == {"reviews-1", "reviews-2"},
              what="the relabelled pod joins v1")
     wait_for(lambda: canary() == {"503"}, what="the v2 subset empty")
+
+    def refs() -> dict[str, Any]:
+        obj = cluster.api.get(TRAFFIC_POLICIES, "default", "reviews-canary")
+        return next((c for c in (obj.get("status") or {}).get("conditions", [])
+                     if c["type"] == "ResolvedRefs"), {})
+
+    # The policy still applies, and its status says why its canary answers 503.
+    empty = wait_for(lambda: refs() if refs().get("status") == "False" else None,
+                     what="ResolvedRefs False on the policy")
+    assert empty["reason"] == "NoMatchingEndpoints"
+    assert "(version=v2): no endpoint of Service 'reviews'" in empty["message"]
+
+
+def test_a_namespace_without_rbac_leaves_the_others_served(
+        cluster: Cluster, hosts: list[NetnsHost]) -> None:
+    """--namespace default --namespace other, with a RoleBinding in default only: default is
+    served (and the server ready), and the log names the rule other needs."""
+    one = hosts[0]
+    cluster.api.rbac = Rbac(namespaces=["default"])
+    cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
+    cluster.reviews((one, {}))
+    server = cluster.serve(extra=["--namespace", "default", "--namespace", "other"])
+    envoy = cluster.envoy()
+    wait_for(lambda: answers(envoy) == {"reviews-1"}, what="default served")
+    assert server.get("/readyz")[0] == 200
+
+    def forbidden() -> list[str]:
+        return [e["problem"] for e in server.logs() if e.get("event") == "watch.forbidden"]
+
+    problems = wait_for(lambda: forbidden() if len(forbidden()) >= 4 else None,
+                        what="every kind in the forbidden namespace logged")
+    services = next(p for p in problems if "services in namespace 'other'" in p)
+    assert "{apiGroups: [''], resources: ['services'], verbs: [get, list, watch]}" in services
