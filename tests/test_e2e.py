@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
+from tests.support.procs import Backend, ControlPlane, Envoy, http_get, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -59,9 +59,10 @@ class Lab:
         return self.server
 
     def envoy(self, node_id: str, delta: bool, service: str = "frontend",
-              extra: list[str] | None = None) -> Envoy:
+              extra: list[str] | None = None, app_port: int | None = None) -> Envoy:
         assert self.server is not None
-        envoy = Envoy(self.tmp, node_id, service, self.server.xds_port, delta, extra).start()
+        envoy = Envoy(self.tmp, node_id, service, self.server.xds_port, delta, extra,
+                      app_port=app_port).start()
         self.envoys.append(envoy)
         return envoy
 
@@ -181,14 +182,10 @@ def test_many_sidecars_and_an_inbound_listener(lab: Lab) -> None:
     lab.serve()
     sotw = lab.envoy("frontend-1", delta=False)
     delta = lab.envoy("frontend-2", delta=True)
-    from tests.support.procs import free_port
-    inbound = free_port()
-    sidecar = lab.envoy("reviews-1", delta=False, service="reviews",
-                        extra=["--inbound-port", str(inbound), "--app-port", str(app.port),
-                               "--inbound-address", "127.0.0.1"])
+    sidecar = lab.envoy("reviews-1", delta=False, service="reviews", app_port=app.port)
+    inbound = sidecar.inbound_port
     for envoy in (sotw, delta):
         wait_for(lambda e=envoy: e.request("reviews")[1] == "reviews-app", what="egress route")
-    from tests.support.procs import http_get
     wait_for(lambda: http_get(f"http://127.0.0.1:{inbound}/")[1] == "reviews-app",
              what="inbound listener to the app")
     assert sidecar.stat("http.inbound.downstream_rq_completed") >= 1

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from controlplane import resource
 from controlplane.mesh.model import Fallback, Fault, Policy, RateLimit
 from controlplane.translator.policies.rate_limit import fill, token_bucket
-from tests.support.procs import Backend, ControlPlane, Envoy, free_port, wait_for
+from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
+from tests.support.promise_servers import DeadPort
 from tests.test_translator_golden import load_case, translate
 
 # Every test here is bounded: a hung Envoy or backend fails the test, not the suite.
@@ -133,6 +134,7 @@ class Edge:
         self.tmp = tmp
         self.mesh = tmp / "mesh.yaml"
         self.backends: list[Backend] = []
+        self.held: list[DeadPort] = []
         self.server: ControlPlane | None = None
         self.envoy: Envoy | None = None
 
@@ -158,6 +160,8 @@ class Edge:
             self.server.stop()
         for backend in self.backends:
             backend.stop()
+        for port in self.held:
+            port.stop()
 
 
 def service(name: str, backend: Backend | int, port: int = 9080, ready: bool = True,
@@ -254,13 +258,14 @@ def test_rate_limit_answers_429_past_the_burst(edge: Edge) -> None:
 @pytest.mark.e2e
 def test_fallback_answers_when_no_endpoint_is_healthy(edge: Edge) -> None:
     ratings, cache = edge.backend("ratings"), edge.backend("ratings-cache")
-    dead = free_port()  # the reviews backend is down: nothing listens there
+    dead = DeadPort()  # the reviews backend is down: nothing listens there
+    edge.held.append(dead)
     fixed = {"status": 200, "body": '{"stars": 0}', "content_type": "application/json"}
     edge.write([
         # every endpoint not ready: the cluster is empty
         service("ratings", ratings, ready=False, fallback=fixed),
         # the backend is down: outlier detection ejects its one host on the first failure
-        service("reviews", dead, fallback={"service": "ratings-cache"},
+        service("reviews", dead.port, fallback={"service": "ratings-cache"},
                 outlier_detection={"consecutive_gateway_errors": 1, "interval": "1s",
                                    "base_ejection_time": "30s", "max_ejection_percent": 100}),
         service("ratings-cache", cache, port=8080),
