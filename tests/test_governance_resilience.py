@@ -115,8 +115,9 @@ def _flood(envoy: Envoy, service: str, count: int) -> list[tuple[int, dict[str, 
 
 @pytest.mark.e2e
 def test_envoy_accepts_every_resilience_setting(rig: Rig) -> None:
-    """Back-off, the previous-hosts predicate and the retry budget are config only
-    Envoy can judge: no NACK, and they are in its running config."""
+    """Envoy takes every resilience setting at once: no NACK, and they are in its
+    running config. (What each does to traffic: the tests below, and
+    tests/test_promises_retries.py for back-off and previous-host avoidance.)"""
     assert rig.lab.server is not None
     [proxy] = [p for p in rig.lab.server.json("/debug/proxies") if p["node_id"] == "frontend-1"]
     for kind in ("cds", "rds"):
