@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane.mesh.model import Mesh
-from controlplane.sources.kubernetes.convert import Converter, convert
+from controlplane.sources.kubernetes.convert import Converter, Verdict, convert
+from controlplane.sources.kubernetes.status import conditions, needs_write
+from controlplane.sources.kubernetes.store import ObjectStore, labels_only
 from tests.test_kube_convert import ep, eps, pod, policy, svc
 
 # --- fuzzing: JSON-ish values, and objects shaped roughly like the real ones ---
@@ -60,7 +62,7 @@ _SPEC_VALUES = {"timeout": _maybe(st.sampled_from(["1s", "-1s", "9999999999999h"
                 "circuit_breaker": _maybe(st.fixed_dictionaries(
                     {"max_connections": st.integers(-1, 2**64)})),
                 "rate_limit": _JSON, "retries": _JSON, "match": _JSON, "fallback": _JSON}
-POLICIES = st.fixed_dictionaries({"metadata": _META}, optional={"spec": _maybe(
+POLICIES = st.fixed_dictionaries({"metadata": _META}, optional={"status": _JSON, "spec": _maybe(
     st.fixed_dictionaries({"targetRef": _maybe(st.fixed_dictionaries(
         {"kind": st.just("Service"), "name": _maybe(_NAMES)}))},
         optional=_SPEC_VALUES))})
@@ -148,3 +150,23 @@ def test_a_policy_carries_its_uid_so_a_recreated_one_is_another_verdict() -> Non
     one = convert([svc("reviews")], [], [first]).verdicts[("default", "p")]
     two = convert([svc("reviews")], [], [second]).verdicts[("default", "p")]
     assert one.accepted and two.accepted and one != two
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from(["ADDED", "MODIFIED", "DELETED"]),
+                                 POLICIES | SLICES | _JSON), max_size=6),
+       listed=st.lists(POLICIES | _JSON, max_size=3))
+def test_no_object_shape_breaks_the_stores(events: list[tuple[str, Any]],
+                                           listed: list[Any]) -> None:
+    """What the watchers hand the source (status kept, as for TrafficPolicies), then the
+    status check: nothing raises."""
+    store = ObjectStore(keep_status=True)
+    pods = ObjectStore(reduce=labels_only)
+    store.replace(listed, None)
+    for event, obj in events:
+        store.apply(event, obj)
+        pods.apply(event, obj)
+    verdict = Verdict(True, "Accepted", "applied", 1)
+    for status in store.status.values():
+        needs_write(verdict, status)
+        conditions(verdict, status)

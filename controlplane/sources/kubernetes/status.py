@@ -60,8 +60,8 @@ def conditions(verdict: Verdict, current: Mapping[str, Any] | None) -> list[dict
 
 def needs_write(verdict: Verdict, current: Mapping[str, Any] | None) -> bool:
     wanted = conditions(verdict, current)
-    present = [dict(c) for c in (current or {}).get("conditions") or []
-               if isinstance(c, Mapping)]
+    listed = current.get("conditions") if isinstance(current, Mapping) else None
+    present = [c for c in listed if isinstance(c, Mapping)] if isinstance(listed, list) else []
     if len(present) != len(wanted):
         return True
     return any(_find(current, w["type"]).get(k) != w[k] for w in wanted for k in _COMPARED)

@@ -9,24 +9,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from controlplane.sources.kubernetes.convert import Key, key
+from controlplane.sources.kubernetes.services import Key, key, meta
 
 _KEPT_METADATA = ("name", "namespace", "labels", "creationTimestamp", "generation", "uid")
 _DROPPED_TOP = ("metadata", "status", "kind", "apiVersion")
 
 
 def relevant(obj: Mapping[str, Any]) -> dict[str, Any]:
-    meta = obj.get("metadata", {})
+    found = meta(obj)
     reduced: dict[str, Any] = {k: v for k, v in obj.items() if k not in _DROPPED_TOP}
-    reduced["metadata"] = {k: meta[k] for k in _KEPT_METADATA if k in meta}
+    reduced["metadata"] = {k: found[k] for k in _KEPT_METADATA if k in found}
     return reduced
 
 
 def labels_only(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A Pod as label subsets see it: its name and labels. Every status change of a Pod
     (probes, restarts) bumps its resourceVersion; this makes those no change at all."""
-    meta = obj.get("metadata", {})
-    return {"metadata": {k: meta[k] for k in ("name", "namespace", "labels") if k in meta}}
+    found = meta(obj)
+    return {"metadata": {k: found[k] for k in ("name", "namespace", "labels") if k in found}}
 
 
 class ObjectStore:
@@ -40,6 +40,7 @@ class ObjectStore:
     def replace(self, items: Iterable[Mapping[str, Any]], namespace: str | None) -> bool:
         """A fresh list (initial, or after 410 Gone): the truth for ``namespace`` (or for
         all, when None). Objects missing from it were deleted while we were not looking."""
+        items = [o for o in items if isinstance(o, Mapping)]  # the API sends only objects
         fresh = {key(o): self._reduce(o) for o in items}
         kept = {k: v for k, v in self.objects.items()
                 if namespace is not None and k[0] != namespace}
@@ -53,6 +54,8 @@ class ObjectStore:
 
     def apply(self, event_type: str, obj: Mapping[str, Any]) -> bool:
         """An ADDED, MODIFIED or DELETED event; True if something that matters changed."""
+        if not isinstance(obj, Mapping):
+            return False  # the API sends only objects
         object_key = key(obj)
         if event_type == "DELETED":
             self.status.pop(object_key, None)
