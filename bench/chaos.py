@@ -20,6 +20,10 @@ scenario, what it simulated and its figures, and writes them as JSON:
   before, at the peak and after;
 - ``abusive_clients``: a 1 MB node id, and 2000 unknown type URLs on one stream: the
   gRPC status each gets, and the bytes of log they cost;
+- ``stalled_clients``: 20 clients on a 1000-service mesh ask for clusters, listeners and
+  routes and never read (the server's writes block on flow control), then vanish: how
+  many interrupted writes were logged (at info, never as errors), and the push time to
+  the real sidecar afterwards;
 - ``debug_storm``: a mesh of M services; the time an endpoint change takes to reach the
   sidecar (R changes, median and each) without, then during, C concurrent clients asking
   /debug/config_dump in a loop;
@@ -69,11 +73,12 @@ from tests.chaos.scenarios import (  # noqa: E402
     failover,
     invented_identities,
     kill_and_restart,
+    stalled_clients,
 )
 
 BASELINE = "chaos.json"
 SCENARIOS = ("kill_restart", "rollout", "failover", "invented_identities", "abusive_clients",
-             "debug_storm", "big_mesh", "api_outage", "bad_inputs")
+             "stalled_clients", "debug_storm", "big_mesh", "api_outage", "bad_inputs")
 
 
 def _bad_inputs(root: Path) -> dict[str, Any]:
@@ -135,6 +140,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             lambda s: invented_identities(s, args.identities,
                                           {"CONTROLPLANE_GROUP_TTL": "2"}, 2.0)),
         "abusive_clients": lambda: _in_stack(root / "abuse", abusive_clients),
+        "stalled_clients": lambda: _in_stack(
+            root / "stalled", lambda s: stalled_clients(s, 1000, 20)),
         "debug_storm": lambda: _in_stack(
             root / "storm",
             lambda s: debug_storm(s, args.services, args.concurrency, bound_seconds=60.0,

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import grpc
 import yaml
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from controlplane import resource
 from tests.chaos.harness import (
@@ -444,3 +445,56 @@ def big_mesh(stack: Stack, services: int, endpoints: int) -> dict[str, Any]:
             "healthz_worst_seconds": round(healthz_worst, 3),
             "rss_mb_before": round(rss_before, 1), "rss_mb_big": round(rss_big, 1),
             "rss_mb_after": round(rss_after, 1)}
+
+
+async def _stall(port: int, count: int) -> None:
+    """``count`` clients that ask for every cluster and never read, so the server's
+    writes block on flow control; then they vanish mid-write."""
+    # No window growth: 64 KB of unread responses and the server's writes must wait.
+    options = [("grpc.http2.bdp_probe", 0)]
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+                for _ in range(count)]
+    calls = []
+    try:
+        for i, channel in enumerate(channels):
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources()
+            await call.write(discovery_pb2.DiscoveryRequest(
+                node=node(f"staller-{i}", "frontend"), type_url=resource.CLUSTER))
+            for type_url in (resource.LISTENER, resource.ROUTE):
+                await call.write(discovery_pb2.DiscoveryRequest(type_url=type_url))
+            calls.append(call)
+        await asyncio.sleep(1.5)  # the state under test: writes blocked on full windows
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close(grace=None)
+
+
+def stalled_clients(stack: Stack, services: int, count: int) -> dict[str, Any]:
+    """Clients that stop reading and then disconnect in the middle of a blocked write are
+    a normal event: no error or traceback logged, and the real sidecar keeps getting
+    changes."""
+    base, moved = stack.backend("base"), stack.backend("moved")
+    write_atomic(stack.mesh, _mesh_of([base.port], services))
+    server = stack.server()
+    envoy = stack.envoy("frontend-1", server.xds_port)
+    wait_for(lambda: answered_by(envoy, "svc-0", "base"), timeout=30, what="svc-0 routed")
+    offset = server.log_path.stat().st_size
+    asyncio.run(_stall(server.xds_port, count))
+    wait_for(lambda: len([p for p in server.json("/debug/proxies")
+                          if p["node_id"].startswith("staller-")]) == 0, timeout=30,
+             what="the stalled streams closed")
+    seconds = _push_seconds(stack, envoy, {"moved": moved}, "svc-0", 30)
+    errors = _errors_after(server, offset)
+    assert not errors, f"a client going away was logged as an error: {errors[:2]}"
+    with open(server.log_path, "rb") as handle:
+        handle.seek(offset)
+        gone = [line for line in handle.read().decode(errors="replace").splitlines()
+                if '"xds.client_gone"' in line and '"level": "info"' in line]
+    assert gone, "no write was interrupted: the scenario did not block the server"
+    assert healthz(server) == 200
+    return {"stalled_clients": count, "services": services,
+            "interrupted_writes_logged_at_info": len(gone),
+            "push_seconds_after": round(seconds, 3)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.chaos.harness import Stack
-from tests.chaos.scenarios import abusive_clients, invented_identities
+from tests.chaos.scenarios import abusive_clients, invented_identities, stalled_clients
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -25,3 +25,8 @@ def test_abusive_clients_are_refused_with_a_clear_status(stack: Stack) -> None:
     figures = abusive_clients(stack)
     print(figures)
     assert figures["log_bytes"] < 256 * 1024
+
+
+def test_clients_vanishing_during_a_blocked_write_are_a_normal_event(stack: Stack) -> None:
+    figures = stalled_clients(stack, services=1000, count=20)
+    print(figures)
