@@ -197,3 +197,29 @@ async def test_lists_are_consistent_reads(api: ApiServerDouble, tmp_path: Path) 
     lists = [r for r in api.requests if r.verb == "list"]
     assert lists and all("resourceVersion" not in r.query for r in lists)
     await updates.aclose()
+
+
+async def test_a_converter_bug_keeps_the_last_mesh_and_the_source_alive(
+        api: ApiServerDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (not an input) in one batch's conversion: logged, the last good mesh stays
+    served, and the next change converts again."""
+    api.create(service("reviews").port(9080, name="http").build())
+    watched = source(api, tmp_path)
+    updates = Feed(watched.updates())
+    await next_mesh(updates)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(watched.converter, "convert", broken)
+    with capture_logs() as logs:
+        api.create(service("ratings").port(9080, name="http").build())
+        deadline = time.monotonic() + 10
+        while not any(e["event"] == "source.convert_failed" for e in logs):
+            assert time.monotonic() < deadline, "the failure was not logged"
+            await asyncio.sleep(0.05)
+    assert not updates.task.done()
+    api.create(service("details").port(9080, name="http").build())
+    mesh = await mesh_where(updates, lambda m: m.service("details") is not None)
+    assert {s.name for s in mesh.services} == {"reviews", "ratings", "details"}
+    await updates.aclose()

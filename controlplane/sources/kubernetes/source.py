@@ -142,7 +142,13 @@ class KubernetesSource:
                         and now - first_change < self.debounce.max_delay):
                     continue
                 dirty = False
-                mesh = self._convert(tasks)
+                try:
+                    mesh = self._convert(tasks)
+                except Exception:  # a bug, not an input: keep serving the last good mesh
+                    log.exception("source.convert_failed", hint="the last good mesh is "
+                                  "served; the next change tries again; please report this")
+                    self.converter = Converter()  # start the memo afresh
+                    continue
                 if mesh == served:
                     metrics.K8S_REBUILDS.labels("unchanged").inc()
                     continue
