@@ -51,7 +51,8 @@ def parse_duration(value: Any) -> timedelta:
     elif isinstance(value, bool):
         raise ValueError("expected a duration such as '500ms' or '2s', got a boolean")
     elif isinstance(value, int | float):
-        seconds = float(value) if not isinstance(value, int) or abs(value) < 2**62 else math.inf
+        # Clamped first: float() of a 400-digit integer is an OverflowError.
+        seconds = float(max(min(value, 2**62), -1)) if isinstance(value, int) else value
     elif isinstance(value, str):
         seconds = _seconds_of_text(value)
     else:
@@ -60,6 +61,10 @@ def parse_duration(value: Any) -> timedelta:
         raise ValueError("duration is not a number; write it like '500ms', '2s' or '1m30s'")
     if seconds < 0:
         raise ValueError(f"duration {value!r} is negative; use a positive value such as '2s'")
+    if math.isinf(seconds):
+        raise ValueError(
+            f"duration is infinite; give one such as '2s', at most {MAX_DURATION_TEXT}"
+        )
     if seconds > MAX_DURATION.total_seconds():
         shown = repr(value) if not isinstance(value, float | int) else f"{value}s"
         raise ValueError(

@@ -10,9 +10,10 @@ from typing import Any, Final
 
 import yaml
 from pydantic import ValidationError
-from pydantic_core import InitErrorDetails
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from controlplane.errors import EmptyMeshError, MeshError
+from controlplane.mesh.limits import UINT32_MAX
 from controlplane.mesh.model import Mesh, Service, reference_problems
 
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x
@@ -145,10 +146,44 @@ def _reference_problems(data: dict[str, Any]) -> list[str]:
                 namespace = item.get("namespace", "default")
                 unparsed.add(f"{item['name']}.{namespace}")
     found: list[InitErrorDetails] = reference_problems(parsed, frozenset(unparsed))
+    keys = unparsed | {service.key for _, service in parsed}
+    valid = {index for index, _ in parsed}
+    for index, item in enumerate(items):
+        if index not in valid and isinstance(item, dict):
+            found += _raw_references(index, item, keys)
     if not found:
         return []
     errors = ValidationError.from_exception_data("Mesh", found).errors()
     return [describe_error(err, data) for err in errors]
+
+
+def _raw_references(index: int, item: dict[str, Any], keys: set[str]) -> list[InitErrorDetails]:
+    """A service that failed its own validation may still split, match or fall back to a
+    service that does not exist: say so now, not after its other fields are fixed."""
+    policy = item.get("policy")
+    namespace = item.get("namespace", "default")
+    if not isinstance(policy, dict) or not isinstance(namespace, str):
+        return []
+    targets: list[tuple[tuple[str | int, ...], Any, Any]] = []
+    for field in ("split", "match"):
+        legs = policy.get(field)
+        for at, leg in enumerate(legs if isinstance(legs, list) else []):
+            if isinstance(leg, dict):
+                targets.append(((field, at), leg.get("service"), leg.get("namespace")))
+    fallback = policy.get("fallback")
+    if isinstance(fallback, dict) and isinstance(fallback.get("service"), str):
+        name, _, other = fallback["service"].partition(".")
+        targets.append((("fallback",), name, other or None))
+    found = []
+    for where, name, other in targets:
+        target_namespace = namespace if other is None else other
+        if isinstance(name, str) and isinstance(target_namespace, str) \
+                and f"{name}.{target_namespace}" not in keys:
+            found.append(InitErrorDetails(
+                type=PydanticCustomError("value_error", "{message}", {
+                    "message": f"no service {name!r} in namespace {target_namespace!r}"}),
+                loc=("services", index, "policy", *where, "service"), input=name))
+    return found
 
 
 def count_values(data: Any) -> int:
@@ -187,6 +222,11 @@ def describe_error(error: Any, data: Any, root: str = "") -> str:
     message = str(error["msg"])
     if error["type"] == "extra_forbidden":
         message = "unknown field; check its spelling against the mesh file reference in the README"
+    elif error["type"] in ("int_type", "float_type") and isinstance(error.get("input"), bool):
+        # YAML reads `port: true` as a boolean, which Python would take for 1.
+        message = f"{str(error['input']).lower()} is a boolean; give a number"
+    elif error["type"] == "less_than_equal" and error.get("ctx", {}).get("le") == UINT32_MAX:
+        message += " (Envoy keeps it in 32 bits)"
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     return f"{path}: {message}"
