@@ -424,3 +424,21 @@ def test_validate_is_strict_about_services_the_server_would_leave_out(
         check_mesh(mesh(9081))
     assert check_mesh(mesh(9081), strict=False).rejected == {
         "reviews.default": "RuntimeError: translator bug"}
+
+
+async def test_groups_with_the_same_snapshot_share_one_stored_file(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, keep=5)
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache, store)
+    pipeline.set_mesh(mesh(9081))
+    proxies = [ProxyIdentity(node_id=f"p{i}", service=f"app-{i}") for i in range(20)]
+    for proxy in proxies:
+        cache.connect(proxy)
+    pipeline.set_mesh(mesh(9082))  # 20 groups, one version: written once, linked 19 times
+    store.close()
+    assert len({cache.get(p.group).version for p in proxies}) == 1  # type: ignore[union-attr]
+    newest = [sorted(store.folder(p.group).glob("*.json"))[-1] for p in proxies]
+    assert len({f.stat().st_ino for f in newest}) == 1
+    assert store.links >= 19
+    body = json.loads(newest[0].read_text())
+    assert "group" not in body and body["version"] == cache.get(proxies[0].group).version  # type: ignore[union-attr]

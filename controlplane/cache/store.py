@@ -5,11 +5,17 @@ the newest ``keep`` kept. Writing happens on a worker thread: a slow disk never 
 a push. Work is coalesced per group, the latest wins: while a group's write waits, a
 newer version replaces it, so the queue never holds more than one job per group. A
 group that expires has its folder removed.
+
+A file holds the version and the resources, not the group (its folder says that), so
+groups served the same snapshot have the same file: it is written once and hard-linked
+into the other folders. Many groups usually share a version (proxies of different
+services in one namespace get the same config), and clients can invent groups at will.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -28,9 +34,8 @@ log = structlog.get_logger("controlplane.store")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
 
-def snapshot_to_dict(group: str, snapshot: Snapshot) -> dict[str, Any]:
+def snapshot_to_dict(snapshot: Snapshot) -> dict[str, Any]:
     return {
-        "group": group,
         "version": snapshot.version,
         "versions": snapshot.versions(),
         "resources": {
@@ -51,6 +56,8 @@ class SnapshotStore:
         self._seq = 0
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[Snapshot, int] | None] = {}  # None: remove the folder
+        self._files: dict[str, Path] = {}  # version -> a file holding it (writer thread only)
+        self.links = 0  # files hard-linked rather than written
 
     def save(self, group: str, snapshot: Snapshot) -> None:
         if self.keep <= 0:
@@ -91,13 +98,30 @@ class SnapshotStore:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+    def _link(self, version: str, path: Path) -> bool:
+        """Hard-link a file already written for ``version``; False if there is none."""
+        existing = self._files.get(version)
+        if existing is None:
+            return False
+        try:
+            os.link(existing, path)
+        except OSError:  # pruned meanwhile, or a file system without hard links
+            self._files.pop(version, None)
+            return False
+        self.links += 1
+        return True
+
     def _write(self, group: str, snapshot: Snapshot, seq: int) -> None:
         folder = self.folder(group)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             path = folder / f"{stamp}-{seq:06d}-{snapshot.version}.json"
-            path.write_text(json.dumps(snapshot_to_dict(group, snapshot), indent=2) + "\n")
+            if not self._link(snapshot.version, path):
+                path.write_text(json.dumps(snapshot_to_dict(snapshot), indent=2) + "\n")
+                if len(self._files) >= 1024:
+                    self._files.clear()
+                self._files[snapshot.version] = path
             for old in sorted(folder.glob("*.json"))[: -self.keep]:
                 old.unlink(missing_ok=True)
         except OSError as exc:
