@@ -70,3 +70,11 @@ def test_an_accepted_policy_says_whether_its_subsets_select_endpoints() -> None:
     refused = Verdict(False, "Invalid", "spec.timeout: negative", 2)
     assert [c["type"] for c in conditions(refused, written)] == ["Accepted"]
     assert needs_write(refused, written)
+
+
+def test_a_huge_message_is_cut_to_what_the_api_accepts() -> None:
+    many = "; ".join(f"spec.split[{i}].weight: must be an integer" for i in range(5000))
+    [accepted] = conditions(Verdict(False, "Invalid", many, 1), None)
+    assert len(accepted["message"]) == 32768
+    assert accepted["message"].endswith("(cut; the server's log has every problem)")
+    assert not needs_write(Verdict(False, "Invalid", many, 1), {"conditions": [accepted]})

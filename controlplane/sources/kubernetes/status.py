@@ -22,6 +22,15 @@ from controlplane.sources.kubernetes.services import Key
 log = structlog.get_logger("controlplane.source.kubernetes")
 
 _COMPARED = ("status", "reason", "message", "observedGeneration")
+# metav1.Condition's bound on a message; a longer one makes the API server refuse the write.
+MAX_MESSAGE = 32768
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    tail = " ... (cut; the server's log has every problem)"
+    return message[:MAX_MESSAGE - len(tail)] + tail
 
 
 def _condition(type_: str, status: str, reason: str, message: str, generation: int,
@@ -32,7 +41,7 @@ def _condition(type_: str, status: str, reason: str, message: str, generation: i
         "type": type_,
         "status": status,
         "reason": reason,
-        "message": message,
+        "message": _bounded(message),
         "observedGeneration": generation,
         "lastTransitionTime": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
