@@ -81,8 +81,15 @@ def label_value(value: str) -> str:
     return value
 
 
+_OCTET: Final = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4: Final = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
 def ip_address(value: str) -> str:
-    """An IPv4 or IPv6 address, as Envoy parses one (no zone index, no brackets)."""
+    """An IPv4 or IPv6 address, as Envoy parses one (no zone index, no brackets, no
+    leading zeros). IPv4 by a regular expression first: a mesh has many endpoints."""
+    if _IPV4.fullmatch(value):
+        return value
     try:
         parsed = ipaddress.ip_address(value)
     except ValueError:
