@@ -397,3 +397,27 @@ def test_any_delta_request_sequence_is_handled_or_refused_cleanly(
 ) -> None:
     fixed_type = [None, resource.CLUSTER, resource.ENDPOINT, resource.ROUTE][fixed]
     _drive(DeltaStream(1, "ads", fixed_type, limits=_FUZZ_LIMITS), requests, _SNAPSHOTS)
+
+
+async def test_what_a_client_reports_is_kept_bounded(limited: Limited) -> None:
+    """A NACK's error and an ACK's version are the client's text: kept short."""
+    client = limited.client()
+    await client.send(node=node(), type_url=resource.CLUSTER)
+    response = await client.recv()
+    await client.nack(response, "e" * 100_000)
+    await client.nothing(0.2)
+    [stream] = limited.registry.describe()
+    assert len(stream["types"]["cds"]["last_nack"]["error"]) == 4096
+    await client.send(type_url=resource.CLUSTER, version_info="v" * 10_000,
+                      response_nonce=response.nonce)
+    await client.nothing(0.2)
+    [stream] = limited.registry.describe()
+    assert len(stream["types"]["cds"]["acked_version"]) == 256
+    await client.close()
+    delta = limited.client(delta=True)
+    await delta.send(node=node("d1"), type_url=resource.CLUSTER,
+                     initial_resource_versions={"a": "v" * 1000})
+    error = await refused(delta)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send back the versions it sent" in (error.details() or "")
+    await delta.close()

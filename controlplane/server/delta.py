@@ -24,7 +24,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot
-from controlplane.server.limits import Limits
+from controlplane.server.limits import MAX_ERROR_CHARS, Limits
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
 
 
@@ -65,7 +65,7 @@ class DeltaStream(StreamBase):
             if request.response_nonce != state.nonce:
                 kind = "stale"
             elif request.HasField("error_detail"):
-                kind, error = "nack", request.error_detail.message
+                kind, error = "nack", request.error_detail.message[:MAX_ERROR_CHARS]
                 state.last_nack = Nack(error, state.sent_version, request.response_nonce,
                                        time.time())
                 state.nacked_version = state.sent_version

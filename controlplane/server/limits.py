@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 
+MAX_ERROR_CHARS = 4096  # of a NACK's error message, as kept per stream and shown
+MAX_VERSION_CHARS = 256  # of a version a client reports, as kept per stream
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -34,7 +37,7 @@ class Limits:
     """Open streams at once (0: no cap)."""
     log_lines_per_second: float = 5.0
     """Warnings one stream may cause per second; the rest are counted, not written."""
-    max_request_bytes: int = 64 * 1024 * 1024
+    max_request_bytes: int = 16 * 1024 * 1024
     """gRPC's receive limit for one request message."""
 
 
@@ -81,6 +84,16 @@ def check_node(node: base_pb2.Node, limits: Limits) -> None:
             f"the node is {size} bytes, more than the {limits.max_node_bytes} this server "
             f"accepts; send less node.metadata (namespace and ports are all it reads)",
             "INVALID_ARGUMENT")
+
+
+def check_versions(versions: dict[str, str], limits: Limits) -> None:
+    """A delta client's initial_resource_versions: the versions are kept per stream."""
+    for name, version in versions.items():
+        if len(version) > MAX_VERSION_CHARS:
+            raise LimitError(
+                f"initial_resource_versions[{name[:100]!r}] is {len(version)} characters, "
+                f"more than the {MAX_VERSION_CHARS} this server accepts; send back the "
+                f"versions it sent", "INVALID_ARGUMENT", "names")
 
 
 def check_names(names: list[str], limits: Limits, what: str = "resource names") -> None:

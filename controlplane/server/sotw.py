@@ -24,7 +24,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot, type_version
-from controlplane.server.limits import Limits
+from controlplane.server.limits import MAX_ERROR_CHARS, MAX_VERSION_CHARS, Limits
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
 
 
@@ -62,12 +62,12 @@ class SotwStream(StreamBase):
 
         kind, error = "initial", ""
         if not first and request.HasField("error_detail"):
-            kind, error = "nack", request.error_detail.message
+            kind, error = "nack", request.error_detail.message[:MAX_ERROR_CHARS]
             state.last_nack = Nack(error, state.sent_version, request.response_nonce, time.time())
             state.nacked_version = state.sent_version
         elif not first:
             kind = "ack"
-            state.acked_version = request.version_info
+            state.acked_version = request.version_info[:MAX_VERSION_CHARS]
 
         before = state.names  # rebound, never mutated, by _update_subscription
         added = _update_subscription(state, list(request.resource_names), first)

@@ -16,7 +16,13 @@ from envoy.config.core.v3 import base_pb2
 from controlplane import resource
 from controlplane.cache.snapshot import Snapshot
 from controlplane.proxy import ProxyIdentity
-from controlplane.server.limits import LimitError, Limits, check_names, check_node
+from controlplane.server.limits import (
+    LimitError,
+    Limits,
+    check_names,
+    check_node,
+    check_versions,
+)
 
 
 class ProtocolError(Exception):
@@ -120,6 +126,7 @@ class StreamBase:
         if request.DESCRIPTOR.name == "DeltaDiscoveryRequest":
             names = [*request.resource_names_subscribe, *request.resource_names_unsubscribe,
                      *request.initial_resource_versions]
+            check_versions(dict(request.initial_resource_versions), self.limits)
         else:
             names = list(request.resource_names)
         check_names(names, self.limits)
