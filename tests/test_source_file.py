@@ -258,3 +258,27 @@ services:
     event = await watch.event("mesh.subset_empty")
     assert event["subsets"] == ["services[0] (a.default).policy.split[1].labels (version=v3)"]
     assert event["log_level"] == "warning" and "503" in event["hint"]
+
+
+async def test_a_file_written_in_place_is_read_once_it_holds_still(tmp_path: Path) -> None:
+    """Half of a file being written can be a valid, smaller mesh (here: one service of
+    two): it must never be served. The source waits for the stat to hold still."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(A)
+    watched = Watch(path)
+    watched.source.poll_interval = 0.3
+    with structlog.testing.capture_logs() as logs:
+        watched.logs = logs
+        task = asyncio.create_task(watched.consume())
+        try:
+            assert await watched.mesh() == ["a"]
+            with path.open("w") as out:  # in place: truncate, then write in two parts
+                out.write("services:\n  - {name: a, port: 80}\n")
+                out.flush()
+                await watched.event("source.file_settling")
+                out.write("  - {name: b, port: 81}\n")
+            assert await watched.mesh() == ["a", "b"]
+            assert watched.meshes.empty()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

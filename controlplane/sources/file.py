@@ -9,8 +9,10 @@ so a big file never holds up the event loop (xDS pushes, health checks).
 The last good mesh keeps being served through every kind of bad save, each logged once:
 an invalid mesh (an error listing every problem), an empty file or one without
 ``services`` (a warning: usually a save caught half-way; a mesh of no services says
-``services: []``), a file that is gone or unreadable for a while (a warning). A read that
-the file changed under is done again rather than trusted.
+``services: []``), a file that is gone or unreadable for a while (a warning). A file
+written in place (same inode: ``>`` redirects, some editors) is read once its stat holds
+still for one poll, since a half-written mesh file can be a valid, smaller mesh; a save
+by rename is read at once. A read that the file changed under is done again.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class FileSource:
 
     async def updates(self) -> AsyncIterator[Mesh]:
         signature: _Signature | None = None
+        settling: _Signature | None = None
         seen = served = ""  # digests: the content last read, the content last yielded
         while True:
             try:
@@ -96,6 +99,14 @@ class FileSource:
                 await asyncio.sleep(self.poll_interval)
                 continue
             if current != signature:
+                if signature is not None and current[2] == signature[2] and current != settling:
+                    # Written in place (same inode): maybe half-way, and half a mesh file
+                    # can be a valid, smaller mesh. Read it once it holds still for a poll.
+                    settling = current
+                    log.info("source.file_settling", path=str(self.path))
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                settling = None
                 found = await asyncio.to_thread(read_mesh, self.path, self.loader, seen, served)
                 signature = None if found.torn or found.error else current
                 mesh = self._outcome(found, served)
