@@ -6,25 +6,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from controlplane import resource
-from controlplane.cache import Snapshot, SnapshotCache
+from controlplane.cache import SnapshotCache
 from controlplane.proxy import ProxyIdentity
 from controlplane.server import StreamRegistry, XdsServer, create_server
-from controlplane.server.delta import DeltaStream
-from controlplane.server.limits import LimitError, Limits
-from controlplane.server.sotw import SotwStream
-from controlplane.server.stream import ProtocolError, StreamBase
+from controlplane.server.limits import Limits
 from tests.support.snapshots import snapshot
 from tests.support.xds_client import AdsClient, node
 
@@ -317,86 +311,6 @@ async def test_a_request_that_does_not_parse_is_invalid_argument(limited: Limite
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await asyncio.wait_for(fetch(b"\xff\xff\xff"), 5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-# Any sequence of requests a client can send, against the protocol logic itself: each
-# is handled or refused with ProtocolError / LimitError (a clean status), never a crash.
-_TYPES = st.sampled_from([*resource.PUSH_ORDER, "", "type.googleapis.com/made.up.T",
-                          "x" * 300, "type.googleapis.com/made.up.U"])
-_NAMES = st.lists(st.sampled_from(["a", "b", "*", "", "zzz", "x" * 250]), max_size=12)
-_NODES = st.one_of(st.none(), st.builds(
-    lambda i, c, ns, port: node(i, c, namespace=ns, egress_port=port),
-    st.text(max_size=80), st.text(max_size=80), st.text(max_size=20),
-    st.one_of(st.floats(allow_nan=True), st.integers(-10, 70000).map(float))))
-
-
-@st.composite
-def _sotw_requests(draw: st.DrawFn) -> list[discovery_pb2.DiscoveryRequest]:
-    requests = []
-    for _ in range(draw(st.integers(1, 8))):
-        request = discovery_pb2.DiscoveryRequest(
-            type_url=draw(_TYPES), resource_names=draw(_NAMES),
-            version_info=draw(st.text(max_size=5)), response_nonce=draw(
-                st.sampled_from(["", "1", "2", "3", "junk"])))
-        made = draw(_NODES)
-        if made is not None:
-            request.node.CopyFrom(made)
-        if draw(st.booleans()):
-            request.error_detail.message = draw(st.text(max_size=20))
-        requests.append(request)
-    return requests
-
-
-@st.composite
-def _delta_requests(draw: st.DrawFn) -> list[discovery_pb2.DeltaDiscoveryRequest]:
-    requests = []
-    for _ in range(draw(st.integers(1, 8))):
-        request = discovery_pb2.DeltaDiscoveryRequest(
-            type_url=draw(_TYPES), resource_names_subscribe=draw(_NAMES),
-            resource_names_unsubscribe=draw(_NAMES),
-            initial_resource_versions={n: "v" for n in draw(_NAMES)},
-            response_nonce=draw(st.sampled_from(["", "1", "2", "junk"])))
-        made = draw(_NODES)
-        if made is not None:
-            request.node.CopyFrom(made)
-        if draw(st.booleans()):
-            request.error_detail.message = draw(st.text(max_size=20))
-        requests.append(request)
-    return requests
-
-
-def _drive(stream: StreamBase, requests: list[Any], snapshots: list[Snapshot]) -> None:
-    for index, request in enumerate(requests):
-        try:
-            stream.on_request(request)
-        except (ProtocolError, LimitError):
-            return  # the stream ends here with a clean status
-        if index < len(snapshots):
-            stream.on_snapshot(snapshots[index])
-        stream.describe()
-
-
-_SNAPSHOTS = [snapshot({"a": (1,), "b": (2,)}), snapshot({"a": (1, 2)}), snapshot({"zzz": (3,)})]
-_FUZZ_LIMITS = Limits(max_names_per_request=8, max_name_bytes=200, max_unknown_types=1,
-                      max_node_id_bytes=64)
-
-
-@settings(max_examples=300, deadline=None)
-@given(_sotw_requests(), st.integers(0, 3))
-def test_any_sotw_request_sequence_is_handled_or_refused_cleanly(
-    requests: list[discovery_pb2.DiscoveryRequest], fixed: int,
-) -> None:
-    fixed_type = [None, resource.CLUSTER, resource.ENDPOINT, resource.ROUTE][fixed]
-    _drive(SotwStream(1, "ads", fixed_type, limits=_FUZZ_LIMITS), requests, _SNAPSHOTS)
-
-
-@settings(max_examples=300, deadline=None)
-@given(_delta_requests(), st.integers(0, 3))
-def test_any_delta_request_sequence_is_handled_or_refused_cleanly(
-    requests: list[discovery_pb2.DeltaDiscoveryRequest], fixed: int,
-) -> None:
-    fixed_type = [None, resource.CLUSTER, resource.ENDPOINT, resource.ROUTE][fixed]
-    _drive(DeltaStream(1, "ads", fixed_type, limits=_FUZZ_LIMITS), requests, _SNAPSHOTS)
 
 
 async def test_what_a_client_reports_is_kept_bounded(limited: Limited) -> None:

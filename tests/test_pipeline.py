@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -265,97 +264,6 @@ def test_route_tables_carry_over_when_only_endpoints_change() -> None:
     assert retimed.route("default").version != route.version
 
 
-def _config_bytes(group: str) -> float | None:
-    from prometheus_client import REGISTRY
-
-    return REGISTRY.get_sample_value("controlplane_config_bytes",
-                                     {"group": group, "type": "cds"})
-
-
-async def test_groups_without_proxies_are_forgotten_after_the_ttl(tmp_path: Path) -> None:
-    """Clients choose their identity: 50 invented ones leave nothing behind once the TTL
-    has passed (snapshot, metric series, store folder, their route tables)."""
-    store = SnapshotStore(tmp_path, keep=2)
-    cache = SnapshotCache()
-    pipeline = Pipeline(cache, store)
-    pipeline.set_mesh(mesh(9081))
-    cache.connect(PROXY)
-    invented = [ProxyIdentity(node_id=f"x{i}", service=f"made-up-{i}", namespace=f"ns{i}",
-                              zone=f"zone-{i}") for i in range(50)]
-    for proxy in invented:
-        cache.connect(proxy)
-        cache.disconnect(proxy)
-    pipeline.set_mesh(mesh(9082))
-    assert len(cache.groups()) == 51
-    assert all(_config_bytes(p.group) is not None for p in invented)
-    # Namespaces without services share one route table: 50 made-up ones cost one.
-    assert pipeline.current is not None and len(pipeline.current._routes) == 2
-    pipeline.current.assignments("zone-3")
-
-    from prometheus_client import REGISTRY
-
-    expired = REGISTRY.get_sample_value("controlplane_proxy_groups_expired_total") or 0
-    start = time.monotonic()
-    assert pipeline.expire_groups(60, now=start + 30) == []  # not yet
-    assert REGISTRY.get_sample_value("controlplane_proxy_groups") == 51
-    gone = pipeline.expire_groups(60, now=start + 61)
-    assert sorted(gone) == sorted(p.group for p in invented)
-    assert REGISTRY.get_sample_value("controlplane_proxy_groups") == 1
-    assert REGISTRY.get_sample_value("controlplane_proxy_groups_expired_total") == expired + 50
-    assert list(cache.groups()) == [PROXY.group]  # still connected: kept
-    assert all(cache.get(p.group) is None for p in invented)
-    assert all(_config_bytes(p.group) is None for p in invented)
-    assert _config_bytes(PROXY.group) is not None
-    assert len(pipeline.current._routes) == 2 and not pipeline.current._zoned
-    for _ in range(100):
-        if store.pending() == 0 and not any(store.folder(p.group).exists() for p in invented):
-            break
-        await asyncio.sleep(0.05)
-    assert not any(store.folder(p.group).exists() for p in invented)
-    assert store.folder(PROXY.group).exists()
-    with capture_logs() as logs:
-        pipeline.set_mesh(mesh(9083))  # rebuilds only the group that is left
-    assert [e["groups"] for e in logs if e["event"] == "mesh.accepted"] == [1]
-
-    cache.disconnect(PROXY)  # the last proxy leaves: its group goes after the TTL too
-    assert pipeline.expire_groups(60, now=time.monotonic() + 61) == [PROXY.group]
-    store.close()
-
-
-async def test_store_coalesces_writes_per_group_latest_wins(tmp_path: Path) -> None:
-    store = SnapshotStore(tmp_path, keep=100)
-    cache = SnapshotCache()
-    pipeline = Pipeline(cache, store)
-    pipeline.set_mesh(mesh(9081))
-    gate = threading.Event()
-    store._pool.submit(gate.wait, 10)  # hold the writer while versions pile up
-    cache.connect(PROXY)
-    for port in range(9082, 9102):
-        pipeline.set_mesh(mesh(port))
-    assert store.pending() == 1  # one job for the group, not twenty
-    gate.set()
-    store.close()
-    files = sorted(store.folder(PROXY.group).glob("*.json"))
-    assert len(files) == 1
-    assert json.loads(files[0].read_text())["version"] == cache.get(PROXY.group).version
-
-
-def test_namespaces_without_services_share_one_route_table() -> None:
-    from controlplane.assembly import MeshBuild
-    from controlplane.translator import egress_route
-
-    shop = load_mesh_text(MESH % 9081 + "  - {name: cart, namespace: shop, port: 9080}\n")
-    build = MeshBuild(shop)
-    one, other = build.route("made-up-1"), build.route("made-up-2")
-    assert one is other  # shared, and right for both:
-    assert one.sotw_chunk == MeshBuild(shop).route("made-up-2").sotw_chunk
-    assert egress_route(shop, "made-up-1") == egress_route(shop, "made-up-2")
-    # A namespace with services of its own has its bare names, so its own table.
-    assert build.route("shop") is not one and build.route("default") is not one
-    assert "cart" in str(build.route("shop").message) and build.route("shop").version != \
-        one.version
-
-
 async def test_a_value_the_translator_cannot_encode_stays_with_its_service() -> None:
     """No monkeypatching: a circuit-breaker limit past uint32 (the issue's 99999999999,
     which made every later update fail while /readyz said 200) slipped past validation
@@ -424,21 +332,3 @@ def test_validate_is_strict_about_services_the_server_would_leave_out(
         check_mesh(mesh(9081))
     assert check_mesh(mesh(9081), strict=False).rejected == {
         "reviews.default": "RuntimeError: translator bug"}
-
-
-async def test_groups_with_the_same_snapshot_share_one_stored_file(tmp_path: Path) -> None:
-    store = SnapshotStore(tmp_path, keep=5)
-    cache = SnapshotCache()
-    pipeline = Pipeline(cache, store)
-    pipeline.set_mesh(mesh(9081))
-    proxies = [ProxyIdentity(node_id=f"p{i}", service=f"app-{i}") for i in range(20)]
-    for proxy in proxies:
-        cache.connect(proxy)
-    pipeline.set_mesh(mesh(9082))  # 20 groups, one version: written once, linked 19 times
-    store.close()
-    assert len({cache.get(p.group).version for p in proxies}) == 1  # type: ignore[union-attr]
-    newest = [sorted(store.folder(p.group).glob("*.json"))[-1] for p in proxies]
-    assert len({f.stat().st_ino for f in newest}) == 1
-    assert store.links >= 19
-    body = json.loads(newest[0].read_text())
-    assert "group" not in body and body["version"] == cache.get(proxies[0].group).version  # type: ignore[union-attr]

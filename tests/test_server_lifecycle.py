@@ -1,10 +1,12 @@
 """The server's life: restarts cost sidecars nothing, sources that fail are restarted,
-groups no proxy uses are forgotten. Real `controlplane serve` processes, real Envoy
+groups no proxy uses are forgotten (with their snapshots, metric series and stored
+files), and the snapshot store stays bounded. Real `controlplane serve` processes, real Envoy
 sidecars, real HTTP through them."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -16,12 +18,18 @@ import grpc
 import pytest
 import yaml
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from controlplane import app, resource
+from controlplane.cache import SnapshotCache
+from controlplane.cache.store import SnapshotStore
 from controlplane.mesh import Mesh, load_mesh_text
+from controlplane.pipeline import Pipeline
+from controlplane.proxy import ProxyIdentity
 from controlplane.settings import ServeSettings
 from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
 from tests.support.xds_client import AdsClient, node
+from tests.test_pipeline import MESH, PROXY, mesh
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -166,8 +174,6 @@ def _mesh(port: int) -> Mesh:
 
 
 async def test_a_source_that_fails_is_started_again(tmp_path: Path) -> None:
-    from structlog.testing import capture_logs
-
     source = FlakySource([_mesh(9081), _mesh(9082)])
     settings = ServeSettings(xds_address="127.0.0.1:0", admin_address="127.0.0.1:0",
                              snapshot_dir=tmp_path / "snapshots")
@@ -242,3 +248,112 @@ async def test_invented_identities_leave_nothing_behind(tmp_path: Path) -> None:
     finally:
         await channel.close()
         await running.stop(0)
+
+
+def _config_bytes(group: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("controlplane_config_bytes",
+                                     {"group": group, "type": "cds"})
+
+
+async def test_groups_without_proxies_are_forgotten_after_the_ttl(tmp_path: Path) -> None:
+    """Clients choose their identity: 50 invented ones leave nothing behind once the TTL
+    has passed (snapshot, metric series, store folder, their route tables)."""
+    store = SnapshotStore(tmp_path, keep=2)
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache, store)
+    pipeline.set_mesh(mesh(9081))
+    cache.connect(PROXY)
+    invented = [ProxyIdentity(node_id=f"x{i}", service=f"made-up-{i}", namespace=f"ns{i}",
+                              zone=f"zone-{i}") for i in range(50)]
+    for proxy in invented:
+        cache.connect(proxy)
+        cache.disconnect(proxy)
+    pipeline.set_mesh(mesh(9082))
+    assert len(cache.groups()) == 51
+    assert all(_config_bytes(p.group) is not None for p in invented)
+    # Namespaces without services share one route table: 50 made-up ones cost one.
+    assert pipeline.current is not None and len(pipeline.current._routes) == 2
+    pipeline.current.assignments("zone-3")
+
+    from prometheus_client import REGISTRY
+
+    expired = REGISTRY.get_sample_value("controlplane_proxy_groups_expired_total") or 0
+    start = time.monotonic()
+    assert pipeline.expire_groups(60, now=start + 30) == []  # not yet
+    assert REGISTRY.get_sample_value("controlplane_proxy_groups") == 51
+    gone = pipeline.expire_groups(60, now=start + 61)
+    assert sorted(gone) == sorted(p.group for p in invented)
+    assert REGISTRY.get_sample_value("controlplane_proxy_groups") == 1
+    assert REGISTRY.get_sample_value("controlplane_proxy_groups_expired_total") == expired + 50
+    assert list(cache.groups()) == [PROXY.group]  # still connected: kept
+    assert all(cache.get(p.group) is None for p in invented)
+    assert all(_config_bytes(p.group) is None for p in invented)
+    assert _config_bytes(PROXY.group) is not None
+    assert len(pipeline.current._routes) == 2 and not pipeline.current._zoned
+    for _ in range(100):
+        if store.pending() == 0 and not any(store.folder(p.group).exists() for p in invented):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(store.folder(p.group).exists() for p in invented)
+    assert store.folder(PROXY.group).exists()
+    with capture_logs() as logs:
+        pipeline.set_mesh(mesh(9083))  # rebuilds only the group that is left
+    assert [e["groups"] for e in logs if e["event"] == "mesh.accepted"] == [1]
+
+    cache.disconnect(PROXY)  # the last proxy leaves: its group goes after the TTL too
+    assert pipeline.expire_groups(60, now=time.monotonic() + 61) == [PROXY.group]
+    store.close()
+
+
+async def test_store_coalesces_writes_per_group_latest_wins(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, keep=100)
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache, store)
+    pipeline.set_mesh(mesh(9081))
+    gate = threading.Event()
+    store._pool.submit(gate.wait, 10)  # hold the writer while versions pile up
+    cache.connect(PROXY)
+    for port in range(9082, 9102):
+        pipeline.set_mesh(mesh(port))
+    assert store.pending() == 1  # one job for the group, not twenty
+    gate.set()
+    store.close()
+    files = sorted(store.folder(PROXY.group).glob("*.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text())["version"] == cache.get(PROXY.group).version
+
+
+def test_namespaces_without_services_share_one_route_table() -> None:
+    from controlplane.assembly import MeshBuild
+    from controlplane.translator import egress_route
+
+    shop = load_mesh_text(MESH % 9081 + "  - {name: cart, namespace: shop, port: 9080}\n")
+    build = MeshBuild(shop)
+    one, other = build.route("made-up-1"), build.route("made-up-2")
+    assert one is other  # shared, and right for both:
+    assert one.sotw_chunk == MeshBuild(shop).route("made-up-2").sotw_chunk
+    assert egress_route(shop, "made-up-1") == egress_route(shop, "made-up-2")
+    # A namespace with services of its own has its bare names, so its own table.
+    assert build.route("shop") is not one and build.route("default") is not one
+    assert "cart" in str(build.route("shop").message) and build.route("shop").version != \
+        one.version
+
+
+async def test_groups_with_the_same_snapshot_share_one_stored_file(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, keep=5)
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache, store)
+    pipeline.set_mesh(mesh(9081))
+    proxies = [ProxyIdentity(node_id=f"p{i}", service=f"app-{i}") for i in range(20)]
+    for proxy in proxies:
+        cache.connect(proxy)
+    pipeline.set_mesh(mesh(9082))  # 20 groups, one version: written once, linked 19 times
+    store.close()
+    assert len({cache.get(p.group).version for p in proxies}) == 1  # type: ignore[union-attr]
+    newest = [sorted(store.folder(p.group).glob("*.json"))[-1] for p in proxies]
+    assert len({f.stat().st_ino for f in newest}) == 1
+    assert store.links >= 19
+    body = json.loads(newest[0].read_text())
+    assert "group" not in body and body["version"] == cache.get(proxies[0].group).version  # type: ignore[union-attr]
