@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Chaos benchmark: what failures cost the data plane, and how fast it recovers.
 
-Runs the chaos suite's scenarios (tests/chaos/scenarios.py) against real processes:
+Runs the chaos suite's scenarios (tests/chaos/) against real processes:
 ``controlplane serve`` on a mesh file, Envoy sidecars from ``controlplane bootstrap``,
 HTTP backends on 127.0.0.1, and 20 requests/s through the sidecar. It prints, per
 scenario, what it simulated and its figures, and writes them as JSON:
@@ -64,17 +64,15 @@ if str(ROOT) not in sys.path:  # the scenarios and the process helpers live in t
 from common import Deadline, add_output_flags, results_path, write_results  # noqa: E402
 
 from tests.chaos.bad_inputs import BAD_INPUTS, SEQUENCES, bad_input  # noqa: E402
-from tests.chaos.harness import Stack  # noqa: E402
-from tests.chaos.kube import Kube, api_outage  # noqa: E402
-from tests.chaos.scenarios import (  # noqa: E402
+from tests.chaos.clients import (  # noqa: E402
     abusive_clients,
-    big_mesh,
-    debug_storm,
-    failover,
     invented_identities,
-    kill_and_restart,
     stalled_clients,
 )
+from tests.chaos.harness import Stack  # noqa: E402
+from tests.chaos.kube import Kube, api_outage  # noqa: E402
+from tests.chaos.load import big_mesh, debug_storm  # noqa: E402
+from tests.chaos.scenarios import failover, kill_and_restart  # noqa: E402
 
 BASELINE = "chaos.json"
 SCENARIOS = ("kill_restart", "rollout", "failover", "invented_identities", "abusive_clients",

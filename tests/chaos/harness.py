@@ -7,7 +7,6 @@ server broke its promise, so the tests assert on them and the benchmark prints t
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -187,6 +186,33 @@ def pid_of(server: ControlPlane) -> int:
     return server.proc.pid
 
 
-def env_with(**values: str) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if k.startswith("CONTROLPLANE_")},
-            **values}
+def errors_after(server: ControlPlane, offset: int) -> list[str]:
+    """Error lines (and tracebacks) the server logged after byte ``offset`` of its log."""
+    with open(server.log_path, "rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    return [line for line in text.splitlines()
+            if '"level": "error"' in line or '"level": "critical"' in line
+            or line.startswith("Traceback")]
+
+
+def push_seconds(stack: Stack, envoy: Envoy, backends: dict[str, Any], service: str,
+                  timeout: float) -> float:
+    """Move ``service`` to the 'moved' backend; seconds until the sidecar answers from it."""
+    mesh = yaml.safe_load(stack.mesh.read_text())
+    for entry in mesh["services"]:
+        if entry["name"] == service:
+            entry["endpoints"] = [{"address": "127.0.0.1", "port": backends["moved"].port}]
+    changed = time.monotonic()
+    write_atomic(stack.mesh, yaml.safe_dump(mesh))
+    wait_for(lambda: answered_by(envoy, service, "moved"), timeout=timeout, interval=0.02,
+             what=f"the change of {service} reaching the sidecar")
+    return time.monotonic() - changed
+
+
+def services_mesh(backend_ports: list[int], services: int) -> str:
+    """``services`` services svc-0 ..., each with an endpoint per port."""
+    return yaml.safe_dump({"services": [
+        {"name": f"svc-{i}", "port": 9080,
+         "endpoints": [{"address": "127.0.0.1", "port": port} for port in backend_ports]}
+        for i in range(services)]})

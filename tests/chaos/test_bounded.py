@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.chaos.clients import abusive_clients, invented_identities, stalled_clients
 from tests.chaos.harness import Stack
-from tests.chaos.scenarios import abusive_clients, invented_identities, stalled_clients
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.chaos.harness import Stack
-from tests.chaos.scenarios import big_mesh, debug_storm
+from tests.chaos.load import big_mesh, debug_storm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
