@@ -223,3 +223,24 @@ async def test_a_converter_bug_keeps_the_last_mesh_and_the_source_alive(
     mesh = await mesh_where(updates, lambda m: m.service("details") is not None)
     assert {s.name for s in mesh.services} == {"reviews", "ratings", "details"}
     await updates.aclose()
+
+
+async def test_a_server_behind_the_source_is_listed_again(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    """Moved to a replica restored from an etcd backup, the source's watches are from a
+    resourceVersion the server has not reached: silent (no events, no bookmarks), as the
+    real cacher is. The source lists again after the inactivity timeout rather than wait
+    forever, and serves what the server now holds."""
+    api.create(service("reviews").port(9080, name="http").build())
+    backup = api.backup()
+    api.create(service("ratings").port(9080, name="http").build())
+    updates = Feed(source(api, tmp_path, timing=WatchTiming(
+        server_timeout=30, inactivity=1.5, backoff_initial=0.1)).updates())
+    first = await next_mesh(updates)
+    assert {s.name for s in first.services} == {"reviews", "ratings"}
+    with capture_logs() as logs:
+        api.restore(backup, restart=False)  # the connections stay open
+        mesh = await mesh_where(updates, lambda m: m.service("ratings") is None)
+    assert {s.name for s in mesh.services} == {"reviews"}
+    assert any(e["event"] == "watch.silent" for e in logs)
+    await updates.aclose()

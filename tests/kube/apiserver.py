@@ -288,15 +288,19 @@ class ApiServerDouble:
             return {"version": self._store.version,
                     "objects": copy.deepcopy(self._store.objects)}
 
-    def restore(self, backup: Obj) -> None:
-        """Restart from an etcd backup: the objects and the counter go back in time, so a
-        client's newer resourceVersion is "too large" for this server."""
-        self.stop()
+    def restore(self, backup: Obj, *, restart: bool = True) -> None:
+        """Go back to an etcd backup: the objects and the counter go back in time, so a
+        client's newer resourceVersion is "too large" for this server, and its watches
+        from that version are silent. ``restart=False`` keeps the connections open (a
+        load balancer moving clients to a replica that lags behind)."""
+        if restart:
+            self.stop()
         with self._store.lock:
             self._store.objects = copy.deepcopy(backup["objects"])
             self._store.version = int(backup["version"])
             self._store.compact()
-        self.start()
+        if restart:
+            self.start()
 
     def __enter__(self) -> ApiServerDouble:
         return self.start()
@@ -709,9 +713,11 @@ class ApiServerDouble:
                 for type_, obj in events:
                     await response.write(_event_line(type_, _represent(watcher.kind, obj,
                                                                        watcher.output)))
-                if watcher.bookmarks and (watcher.bookmark_requested or now >= next_bookmark):
+                due = watcher.bookmark_requested or now >= next_bookmark
+                if watcher.bookmarks and due:
                     watcher.bookmark_requested = False
                     next_bookmark = now + self.bookmark_interval
+                if watcher.bookmarks and due and version >= watcher.since:
                     await response.write(_event_line("BOOKMARK", _represent(watcher.kind, {
                         "kind": watcher.kind.kind, "apiVersion": watcher.kind.api_version,
                         "metadata": {"resourceVersion": str(version)}}, watcher.output)))

@@ -91,6 +91,13 @@ class _Watcher:
     pending: deque[tuple[str, Obj]] = field(default_factory=deque)  # guarded by the store lock
     bookmark_requested: bool = False
     dropped: bool = False
+    since: int = 0  # the resourceVersion asked for: nothing at or below it is sent
+
+    def ahead(self, version: int) -> bool:
+        """Whether ``version`` is news to this watcher. A watch from a resourceVersion the
+        server has not reached (it was restored from a backup, or lags) gets nothing, not
+        even bookmarks, until the server passes it: the real cacher's silence."""
+        return version > self.since
 
     def matches(self, obj: Obj | None) -> bool:
         if obj is None:
@@ -327,7 +334,7 @@ class _Store:
         while len(self.history) > self.history_limit:
             self.compacted = self.history.popleft().version
         for watcher in self.watchers:
-            event = watcher.translate(change)
+            event = watcher.translate(change) if watcher.ahead(change.version) else None
             if event is not None:
                 watcher.pending.append(event)
                 watcher.wake()
@@ -352,6 +359,7 @@ class _Store:
                 version = _parse_version(since)
                 if version < self.compacted:
                     raise _too_old(version, self.compacted)
+                watcher.since = version
                 for change in self.history:
                     if change.version > version and (event := watcher.translate(change)):
                         watcher.pending.append(event)

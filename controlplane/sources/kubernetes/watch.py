@@ -3,10 +3,11 @@
 The official client is synchronous, so each watcher runs in a thread and hands what it
 sees to the event loop. The loop is kopf's: list and mark "listed"; watch from the
 resourceVersion with bookmarks (which keep it fresh); when a watch ends (the server's
-timeout, a dropped connection, a silent connection past the inactivity timeout) watch
-again from the last resourceVersion; on 410 Gone list again, which replaces what was
-known, so nothing stale and nothing duplicated survives; on errors back off with jitter,
-at most about a second, so every watch is back within a second of the API's return.
+timeout, a dropped connection) watch again from the last resourceVersion; when a watch
+is silent past the inactivity timeout (no bookmark either) or 410 Gone, list again, which
+replaces what was known, so nothing stale and nothing duplicated survives; on errors back
+off with jitter, at most about a second, so every watch is back within a second of the
+API's return.
 
 A 403 is not an outage: the server may not read this kind here (RBAC). The watcher says
 so once (``Forbidden``, with the rule to add) and keeps asking, slowly, so a fixed role
@@ -94,6 +95,12 @@ class Gone(Exception):
     """The resourceVersion we watch from is too old (410): list again."""
 
 
+class Silent(Exception):
+    """No byte, not even a bookmark, past the inactivity timeout: list again. A server
+    restored from a backup (or a lagging replica) is silent to a watch from a version it
+    has not reached, so watching again from the same version would wait forever."""
+
+
 class Watcher(threading.Thread):
     def __init__(self, kind: Kind, api: client.ApiClient, namespace: str | None,
                  emit: Callable[[Event], None], stop: threading.Event,
@@ -130,6 +137,13 @@ class Watcher(threading.Thread):
                 metrics.K8S_RELISTS.labels(self.kind.plural, "gone").inc()
                 log.info("watch.expired", kind=self.kind.kind, namespace=where,
                          action="listing again")
+            except Silent:
+                self._mark_stale()
+                metrics.K8S_RELISTS.labels(self.kind.plural, "silent").inc()
+                log.warning("watch.silent", kind=self.kind.kind, namespace=where,
+                            seconds=self.timing.inactivity, action="listing again",
+                            hint="the API server sent nothing, not even a bookmark; it may "
+                            "lag or have been restored from a backup")
             except ApiException as exc:
                 if exc.status == 403:
                     self._forbidden(exc)
@@ -222,10 +236,12 @@ class Watcher(threading.Thread):
                 if exc.status == 410:
                     raise Gone from exc
                 raise
-            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as exc:
-                # Dropped mid-stream, or silent past the inactivity timeout: watch again at
-                # once from where we were; if that version expired meanwhile, the server
-                # says 410. (A refused connection is not caught here: it backs off.)
+            except urllib3.exceptions.ReadTimeoutError as exc:
+                raise Silent from exc
+            except urllib3.exceptions.ProtocolError as exc:
+                # Dropped mid-stream: watch again at once from where we were; if that
+                # version expired meanwhile, the server says 410. (A refused connection is
+                # not caught here: it backs off.)
                 metrics.K8S_RELISTS.labels(self.kind.plural, "reconnect").inc()
                 log.info("watch.reconnecting", kind=self.kind.kind,
                          reason=type(exc).__name__, resource_version=version)
