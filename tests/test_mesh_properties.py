@@ -213,6 +213,8 @@ def meshes(draw: st.DrawFn) -> tuple[dict[str, Any], ProxyIdentity]:
     names = draw(st.lists(dns_label(), min_size=1, max_size=3, unique=True))
     mesh = {"services": [draw(services(name)) for name in names]}
     service = mesh["services"][0]
+    if "external_name" not in service and draw(st.booleans()):
+        _route_to_another_service(draw, mesh["services"], service)
     inbound = draw(st.booleans())
     proxy = ProxyIdentity(
         node_id="proxy-1", service=service["name"], namespace=service["namespace"],
@@ -221,6 +223,32 @@ def meshes(draw: st.DrawFn) -> tuple[dict[str, Any], ProxyIdentity]:
         zone=draw(st.sampled_from(["", "zone-a"])),
     )
     return mesh, proxy
+
+
+def _route_to_another_service(
+    draw: st.DrawFn, services: list[dict[str, Any]], service: dict[str, Any]
+) -> None:
+    """A twin of ``service`` (same ports, its own endpoints) that ``service`` splits,
+    matches or falls back to: the cross-service forms, redirect included."""
+    twin = {key: value for key, value in service.items() if key in ("namespace", "port",
+                                                                   "protocol", "ports")}
+    twin["name"] = "twin-" + service["name"][:50]
+    named = [p["name"] for p in service["ports"]] if "ports" in service else None
+    twin["endpoints"] = draw(st.lists(endpoints(named, False), max_size=2))
+    if any(t["name"] == twin["name"] for t in services):
+        return
+    services.append(twin)
+    policy = service["policy"]
+    http = [p["protocol"] for p in service.get("ports", [service])]
+    form = draw(st.sampled_from(["split", "match", "fallback"]))
+    if form == "split":
+        policy["split"] = [*policy.get("split", []),
+                           {"service": twin["name"], "weight": draw(st.integers(1, 100))}]
+    elif form == "match":
+        policy["match"] = [{"headers": {"x-twin": draw(header_value)}, "service": twin["name"]}]
+    elif any(protocol in ("http", "grpc") for protocol in http):
+        policy["fallback"] = {"service": f"{twin['name']}.{twin['namespace']}",
+                              "status": draw(st.integers(200, 599))}
 
 
 def _translations(cases: list[tuple[dict[str, Any], ProxyIdentity]]) -> list[Resources]:
