@@ -153,18 +153,20 @@ def _build(svc_key: Key, service: Obj, slices: list[Obj], policy: dict[str, Any]
                                "compare it with a Service the API server accepts",))
     if data is None:
         return _Outcome(None, (f"{where}: no TCP ports",))
+    dropped = ""
+    if policy is not None:
+        governed = {**data, "policy": policy}
+        try:
+            return _Outcome(Service.model_validate(governed), tuple(problems))
+        except ValidationError as exc:
+            why = "; ".join(describe_error(e, governed) for e in exc.errors())
+            dropped = f"with Service {svc_key[1]!r}: {why}"
     try:
         plain = Service.model_validate(data)
     except ValidationError as exc:
         why = "; ".join(describe_error(e, data) for e in exc.errors())
         return _Outcome(None, (*problems, f"{where}: {why}"))
-    if policy is None:
-        return _Outcome(plain, tuple(problems))
-    try:
-        return _Outcome(Service.model_validate({**data, "policy": policy}), tuple(problems))
-    except ValidationError as exc:
-        why = "; ".join(describe_error(e, {**data, "policy": policy}) for e in exc.errors())
-        return _Outcome(plain, tuple(problems), f"with Service {svc_key[1]!r}: {why}")
+    return _Outcome(plain, tuple(problems), dropped)
 
 
 def _mesh(built: list[Service], result: Conversion, policy_of: Mapping[Key, Key]) -> Mesh:
