@@ -17,7 +17,7 @@ lab: $(STAMP)
 
 # The tests run in parallel (pytest-xdist). They mostly wait on real Envoy processes, so
 # more workers than cores pays: on 2 cores the end-to-end and protocol tests took 180 s
-# serially, ~90 s with 2 workers, 88-124 s with 4 (a shared, loaded machine). The lab's
+XX
 # tests share one worker (`loadgroup`: they prefer the same ports).
 TEST_WORKERS ?= 4
 
