@@ -16,9 +16,10 @@ lab: $(STAMP)
 	$(BIN)/controlplane lab
 
 # The tests run in parallel (pytest-xdist). They mostly wait on real Envoy processes, so
-# more workers than cores pays: on 2 cores the end-to-end and protocol tests took 180 s
-XX
-# tests share one worker (`loadgroup`: they prefer the same ports).
+# more workers than cores pays: on 2 cores (shared with other load) the end-to-end and
+# protocol tests took 180 s serially, 92-96 s with 2 workers and 88-124 s with 4 (three
+# runs each; 6 workers: 121 s). The lab's tests share one worker (`loadgroup`: they
+# prefer the same ports). Override with `make test TEST_WORKERS=2`.
 TEST_WORKERS ?= 4
 
 test: $(STAMP)
