@@ -15,6 +15,7 @@ import structlog
 
 from controlplane.mesh.loader import load_mesh_text
 from controlplane.mesh.model import Mesh
+from controlplane.sources import file as file_source
 from controlplane.sources.file import FileSource
 
 POLL = 0.02
@@ -282,3 +283,16 @@ async def test_a_file_written_in_place_is_read_once_it_holds_still(tmp_path: Pat
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_huge_file_is_refused_without_being_read(
+    watch: Watch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert await watch.mesh() == ["a"]
+    monkeypatch.setattr(file_source, "MAX_FILE_BYTES", 1000)
+    write(watch.source.path, "services:\n" + "".join(
+        f"  - {{name: s{i}, port: 80}}\n" for i in range(100)))
+    event = await watch.event("mesh.invalid")
+    assert "a mesh file is at most" in event["problems"][0]
+    await watch.polls()
+    assert watch.meshes.empty()

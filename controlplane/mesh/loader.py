@@ -20,6 +20,14 @@ _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when
 # A mesh of 100,000 endpoints is ~1M values; YAML aliases could make a small file expand
 # into billions ("billion laughs"), which validation would walk for hours.
 MAX_VALUES: Final = 5_000_000
+MAX_FILE_BYTES: Final = 64 * 2**20  # a 100,000-endpoint mesh is ~10 MiB
+
+
+def too_big(size: int, origin: str) -> MeshError:
+    return MeshError(origin, [
+        f"the file is {size / 2**20:.0f} MiB; a mesh file is at most "
+        f"{MAX_FILE_BYTES // 2**20} MiB, split the mesh or check that this is the right file"
+    ])
 
 
 class _MeshYamlLoader(_BaseLoader):  # type: ignore[misc]
@@ -57,6 +65,9 @@ _MeshYamlLoader.add_implicit_resolver(
 def load_mesh_file(path: str | Path) -> Mesh:
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise too_big(size, str(path))
         data = path.read_bytes()
     except OSError as exc:
         raise MeshError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from exc
@@ -66,6 +77,8 @@ def load_mesh_file(path: str | Path) -> Mesh:
 def decode_mesh(data: bytes, origin: str = "<mesh>") -> str:
     """UTF-8 (a leading byte-order mark is allowed), or a MeshError naming the line and
     the byte that is not."""
+    if len(data) > MAX_FILE_BYTES:
+        raise too_big(len(data), origin)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -29,6 +29,7 @@ import structlog
 from controlplane import metrics
 from controlplane.errors import EmptyMeshError, MeshError
 from controlplane.mesh.incremental import MeshLoader
+from controlplane.mesh.loader import MAX_FILE_BYTES, too_big
 from controlplane.mesh.model import Mesh, empty_subsets
 
 log = structlog.get_logger("controlplane.source.file")
@@ -60,6 +61,8 @@ def read_mesh(path: Path, loader: MeshLoader, seen: str, served: str = "") -> _R
     the services whose text changed since its last load."""
     try:
         before = _signature(path)
+        if before[1] > MAX_FILE_BYTES:  # not read at all
+            return _Read(f"size:{before}", problem=too_big(before[1], str(path)))
         data = path.read_bytes()
         torn = _signature(path) != before
     except OSError as exc:
