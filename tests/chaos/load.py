@@ -16,6 +16,7 @@ import yaml
 from tests.chaos.harness import (
     Stack,
     answered_by,
+    errors_after,
     healthz,
     pid_of,
     push_seconds,
@@ -88,6 +89,7 @@ def debug_storm(stack: Stack, services: int, concurrency: int, bound_seconds: fl
     backends = {"moved": moved}
     quiet = [push_seconds(stack, envoy, backends, f"svc-{i}", 30) for i in range(changes)]
     healthz_worst = 0.0
+    offset = server.log_path.stat().st_size
     with Storm(server, "frontend-1", concurrency) as storm:
         stormy = []
         for i in range(changes, 2 * changes):
@@ -99,6 +101,8 @@ def debug_storm(stack: Stack, services: int, concurrency: int, bound_seconds: fl
         f"a change took {max(stormy):.2f}s to reach the sidecar during the storm " \
         f"(without: {max(quiet):.2f}s)"
     assert healthz_worst < bound_seconds, f"/healthz took {healthz_worst:.2f}s in the storm"
+    errors = errors_after(server, offset)
+    assert not errors, f"the storm made the server log errors: {errors[:2]}"
     return {"services": services, "concurrency": concurrency, "changes": changes,
             "push_seconds_quiet_median": round(statistics.median(quiet), 3),
             "push_seconds_storm_median": round(statistics.median(stormy), 3),
