@@ -293,3 +293,9 @@ services:
 """)
     proxy = ProxyIdentity(node_id="edge-1", service="a", inbound_port=15006, app_port=8080)
     assert rejected([translate(mesh, proxy)]) == {}
+
+
+def test_an_invalid_leg_is_not_also_reported_as_a_missing_service() -> None:
+    [found] = problems("services: [{name: a, port: 80, policy: {split: "
+                       "[{labels: {v: x}, service: ghost, weight: 1}]}}]")
+    assert found.startswith(f"{SVC}.policy.split[0]: give labels"), found

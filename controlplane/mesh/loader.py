@@ -9,12 +9,19 @@ from pathlib import Path
 from typing import Any, Final
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from controlplane.errors import EmptyMeshError, MeshError
 from controlplane.mesh.limits import UINT32_MAX
-from controlplane.mesh.model import Mesh, Service, reference_problems
+from controlplane.mesh.model import (
+    Fallback,
+    MatchRoute,
+    Mesh,
+    Service,
+    SplitTarget,
+    reference_problems,
+)
 
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x
 # A mesh of 100,000 endpoints is ~1M values; YAML aliases could make a small file expand
@@ -172,31 +179,37 @@ def _reference_problems(data: dict[str, Any]) -> list[str]:
 
 def _raw_references(index: int, item: dict[str, Any], keys: set[str]) -> list[InitErrorDetails]:
     """A service that failed its own validation may still split, match or fall back to a
-    service that does not exist: say so now, not after its other fields are fixed."""
+    service that does not exist: say so now, not after its other fields are fixed. Only
+    legs that are valid themselves are looked at (an invalid one has its own error)."""
     policy = item.get("policy")
     namespace = item.get("namespace", "default")
     if not isinstance(policy, dict) or not isinstance(namespace, str):
         return []
-    targets: list[tuple[tuple[str | int, ...], Any, Any]] = []
-    for field in ("split", "match"):
+    targets: list[tuple[tuple[str | int, ...], str, str]] = []
+    for field, model in (("split", SplitTarget), ("match", MatchRoute)):
         legs = policy.get(field)
         for at, leg in enumerate(legs if isinstance(legs, list) else []):
-            if isinstance(leg, dict):
-                targets.append(((field, at), leg.get("service"), leg.get("namespace")))
-    fallback = policy.get("fallback")
-    if isinstance(fallback, dict) and isinstance(fallback.get("service"), str):
-        name, _, other = fallback["service"].partition(".")
-        targets.append((("fallback",), name, other or None))
-    found = []
-    for where, name, other in targets:
-        target_namespace = namespace if other is None else other
-        if isinstance(name, str) and isinstance(target_namespace, str) \
-                and f"{name}.{target_namespace}" not in keys:
-            found.append(InitErrorDetails(
-                type=PydanticCustomError("value_error", "{message}", {
-                    "message": f"no service {name!r} in namespace {target_namespace!r}"}),
-                loc=("services", index, "policy", *where, "service"), input=name))
-    return found
+            parsed = _valid(model, leg)
+            if isinstance(parsed, SplitTarget | MatchRoute) and parsed.service is not None:
+                targets.append(((field, at), parsed.service, parsed.namespace or namespace))
+    fallback = _valid(Fallback, policy.get("fallback"))
+    target = fallback.target(namespace) if isinstance(fallback, Fallback) else None
+    if target is not None and f"{target[0]}.{target[1]}" != f"{item.get('name')}.{namespace}":
+        targets.append((("fallback",), *target))
+    return [
+        InitErrorDetails(
+            type=PydanticCustomError("value_error", "{message}", {
+                "message": f"no service {name!r} in namespace {other!r}"}),
+            loc=("services", index, "policy", *where, "service"), input=name)
+        for where, name, other in targets if f"{name}.{other}" not in keys
+    ]
+
+
+def _valid(model: type[BaseModel], value: Any) -> BaseModel | None:
+    try:
+        return model.model_validate(value)
+    except (ValidationError, RecursionError):
+        return None
 
 
 def count_values(data: Any) -> int:
