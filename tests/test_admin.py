@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -410,3 +412,21 @@ async def test_render_cache_is_bounded() -> None:
         assert renderer.renders == 6  # larger than the whole cache: never kept
     finally:
         renderer.close()
+
+
+async def test_healthz_answers_only_when_the_xds_loop_does(admin: Admin) -> None:
+    """The admin server has a loop of its own, but /healthz goes through the xDS loop
+    (here the test's): a stuck xDS loop fails the liveness probe."""
+    answered: list[float] = []
+
+    def probe() -> None:
+        with urllib.request.urlopen(admin.base + "/healthz", timeout=20) as response:
+            assert response.status == 200
+            answered.append(time.monotonic())
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    time.sleep(1.0)  # the xDS loop is stuck: this blocks it on purpose
+    unblocked = time.monotonic()
+    await asyncio.to_thread(thread.join, 20)
+    assert answered and answered[0] >= unblocked
