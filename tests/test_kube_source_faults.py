@@ -244,3 +244,29 @@ async def test_a_server_behind_the_source_is_listed_again(
     assert {s.name for s in mesh.services} == {"reviews"}
     assert any(e["event"] == "watch.silent" for e in logs)
     await updates.aclose()
+
+
+async def test_a_status_the_server_may_not_write_is_reported_once(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    """Without the trafficpolicies/status rule the policy still applies; the missing rule
+    is logged once and reported by problems(), not logged again with every change."""
+    api.rbac = Rbac([r for r in Rbac().rules if "trafficpolicies/status" not in r.resources])
+    api.create(service("reviews").port(9080, name="http").build())
+    api.create(traffic_policy("p", "reviews", {"timeout": "1s"}).build())
+    watched = source(api, tmp_path)
+    with capture_logs() as logs:
+        updates = Feed(watched.updates())
+        mesh = await next_mesh(updates)
+        assert mesh.services[0].policy.timeout is not None
+        deadline = time.monotonic() + 10
+        while not watched.problems():
+            assert time.monotonic() < deadline, "the missing rule was not reported"
+            await asyncio.sleep(0.05)
+        for port in (9081, 9082):  # more batches: each would try the write again
+            api.apply(service("reviews").port(9080, name="http").port(port, name="x").build())
+            await next_mesh(updates)
+    [problem] = watched.problems()
+    assert "resources: ['trafficpolicies/status'], verbs: [get, update, patch]" in problem
+    assert [e["event"] for e in logs].count("policy.status_forbidden") == 1
+    assert not [e for e in logs if e["event"] == "policy.status_failed"]
+    await updates.aclose()

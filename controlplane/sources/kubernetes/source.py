@@ -83,8 +83,11 @@ class KubernetesSource:
     def problems(self) -> list[str]:
         """What the source cannot see (for /readyz): each kind or namespace the server may
         not read, with the RBAC rule to add. Empty when it sees everything it watches."""
-        return [self._forbidden[k] for k in sorted(
+        found = [self._forbidden[k] for k in sorted(
             self._forbidden, key=lambda k: (k[0].plural, k[1] or ""))]
+        if self.status is not None:
+            found.extend(self.status.forbidden[ns] for ns in sorted(self.status.forbidden))
+        return found
 
     async def updates(self) -> AsyncIterator[Mesh]:
         loop = asyncio.get_running_loop()

@@ -87,9 +87,12 @@ def _find(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
 class StatusWriter:
     def __init__(self, api: client.ApiClient) -> None:
         self._custom = client.CustomObjectsApi(api)
+        # Namespaces where the server may not write status (403), with what to add.
+        self.forbidden: dict[str, str] = {}
 
     def write(self, policy: Key, verdict: Verdict, current: Mapping[str, Any] | None) -> bool:
-        """Blocking; run it off the event loop. Failures are logged, never raised."""
+        """Blocking; run it off the event loop. Failures are logged, never raised; a 403
+        is logged once per namespace and kept in ``forbidden`` until a write succeeds."""
         namespace, name = policy
         body = {"status": {"conditions": conditions(verdict, current)}}
         try:
@@ -99,14 +102,25 @@ class StatusWriter:
         except ApiException as exc:
             if exc.status == 404:
                 return True  # deleted meanwhile: nothing left to write
+            if exc.status == 403:
+                if namespace not in self.forbidden:
+                    self.forbidden[namespace] = (
+                        f"may not write TrafficPolicy status in namespace {namespace!r}; add "
+                        f"the rule {{apiGroups: [{TRAFFIC_POLICIES.group!r}], resources: "
+                        f"['{TRAFFIC_POLICIES.plural}/status'], verbs: [get, update, patch]}} "
+                        "to the ClusterRole (deploy/kubernetes/02-rbac.yaml); policies apply "
+                        "meanwhile, their status is not written")
+                    log.error("policy.status_forbidden", namespace=namespace,
+                              problem=self.forbidden[namespace])
+                return False
             log.warning("policy.status_failed", policy=f"{namespace}/{name}", status=exc.status,
-                        error=str(exc.reason), hint="check RBAC: the server needs patch on "
-                        "trafficpolicies/status (deploy/kubernetes/02-rbac.yaml)")
+                        error=str(exc.reason), hint="retried with the next change")
             return False
         except Exception as exc:
             log.warning("policy.status_failed", policy=f"{namespace}/{name}",
-                        error=f"{type(exc).__name__}: {exc}")
+                        error=f"{type(exc).__name__}: {exc}", hint="retried with the next change")
             return False
+        self.forbidden.pop(namespace, None)
         log.info("policy.status", policy=f"{namespace}/{name}", accepted=verdict.accepted,
                  reason=verdict.reason, message=verdict.message)
         return True
