@@ -181,3 +181,50 @@ def test_the_table_shows_the_mesh_problem_under_the_figures(tmp_path: Path) -> N
     assert "Mesh file rejected" in text and "protocl" in text and "last good mesh" in text
     path.write_text("services:\n  - {name: a, port: 80, protocol: http}\n")
     assert asyncio.run(watch.check()) == [] and watch.summary() == ""
+
+
+def test_a_sidecar_port_taken_meanwhile_is_one_clear_lab_error(tmp_path: Path) -> None:
+    """Another process takes a sidecar's egress port between the lab's pick and Envoy's
+    bind: the lab says so and what to do, instead of serving a sidecar with no egress."""
+    import asyncio
+    import socket
+
+    import aiohttp
+
+    from controlplane.lab.sidecars import Sidecar
+    from controlplane.lab.topology import Instance, LabError
+    from tests.support.procs import ControlPlane
+
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("services: []\n")
+    server = ControlPlane(mesh, tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        instance = Instance("loadgen", "v1", "loadgen", 0, 0, taken, _free())
+
+        async def run() -> str:
+            sidecar = Sidecar(instance, tmp_path, server.xds_port)
+            async with aiohttp.ClientSession() as session:
+                await sidecar.start()
+                try:
+                    await sidecar.wait_ready(session)
+                except LabError as exc:
+                    return str(exc)
+                finally:
+                    await sidecar.stop()
+            return "no error"
+
+        try:
+            server.start()
+            told = asyncio.run(run())
+        finally:
+            server.stop()
+    assert told == (f"sidecar loadgen: port 127.0.0.1:{taken} was taken by another process "
+                    "meanwhile; run the lab again"), told
+
+
+def _free() -> int:
+    from controlplane.lab.topology import free_port
+    return free_port()
