@@ -88,13 +88,15 @@ class Backend:
     def __init__(self, name: str, port: int | None = None) -> None:
         self.name = name
         self.hits = 0
+        lock = threading.Lock()  # handlers run on threads: count every hit
         backend = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
-                backend.hits += 1
+                with lock:
+                    backend.hits += 1
                 body = backend.name.encode()
                 self.send_response(200)
                 self.send_header("content-type", "text/plain")
