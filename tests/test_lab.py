@@ -71,12 +71,12 @@ def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
         shown = "\n".join(lines)
         assert len(children) == 5, f"expected 5 Envoy sidecars, saw {children}:\n{shown}"
         assert healthy, f"no line with every service at 100% ok:\n{shown}"
-        assert any(40 <= v2 <= 60 for _, v2 in mixes[:3]), mixes  # round robin at first
-        assert any(v2 <= 25 for _, v2 in mixes), mixes  # the 90/10 step showed
+        assert any(40 <= v2 <= 60 for _, v2 in mixes[:3]), f"{mixes}\n{shown}"  # round robin
+        assert any(v2 <= 25 for _, v2 in mixes), f"{mixes}\n{shown}"  # the 90/10 step showed
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, out
-        assert "controlplane lab: stopped" in out
+        assert proc.returncode == 0, f"{shown}\n{out}"
+        assert "controlplane lab: stopped" in out, f"{shown}\n{out}"
         for pid in children:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
                 f"/proc/{pid}/status").read_text().lower(), f"sidecar {pid} left running"
