@@ -228,3 +228,28 @@ def test_a_sidecar_port_taken_meanwhile_is_one_clear_lab_error(tmp_path: Path) -
 def _free() -> int:
     from controlplane.lab.topology import free_port
     return free_port()
+
+
+def test_a_second_lab_on_the_machine_takes_free_ports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Envoy shares a listener port with another Envoy (SO_REUSEPORT): two labs on the
+    mesh file's ports would split each other's traffic. One lab holds them at a time."""
+    import tempfile
+
+    from controlplane.lab.runner import _claim_preferred_ports
+    from controlplane.lab.topology import plan
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    first = _claim_preferred_ports()
+    assert first is not None
+    try:
+        assert _claim_preferred_ports() is None  # a second lab, meanwhile
+        work = tmp_path / "second"
+        work.mkdir()
+        layout = plan(work, prefer=False)
+        assert all(i.inbound_port not in (9170, 9180, 9182, 9190) for i in layout.instances)
+    finally:
+        first.close()
+    again = _claim_preferred_ports()
+    assert again is not None
+    again.close()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 import aiohttp
 import structlog
@@ -120,10 +121,27 @@ async def _start_server(layout: Plan, workdir: Path) -> Running:
         return await start(settings(0, 0))
 
 
+def _claim_preferred_ports() -> IO[bytes] | None:
+    """The lock that lets this lab use the mesh file's ports, or None when another lab on
+    this machine holds it. Envoy's listeners share a port with SO_REUSEPORT, so two labs
+    on the same ports would each get half of the other's traffic, silently."""
+    handle = open(Path(tempfile.gettempdir()) / "controlplane-lab-ports.lock", "ab")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 async def _lab(duration: float, mesh_template: str | None, rate: float, out: TextIO,
                headless: bool, scenario: str | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="controlplane-lab-"))
-    layout = plan(workdir, mesh_template)
+    claim = _claim_preferred_ports()
+    if claim is None:
+        print("controlplane lab: another lab runs on this machine; this one takes free "
+              "ports, not the mesh file's", file=out, flush=True)
+    layout = plan(workdir, mesh_template, prefer=claim is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -185,6 +203,8 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
         await session.close()
         if running is not None:
             await running.stop(grace=0.5)
+        if claim is not None:
+            claim.close()
         print("controlplane lab: stopped", file=out, flush=True)
 
 

@@ -89,8 +89,12 @@ def embedded_mesh_text() -> str:
     return resources.files("controlplane").joinpath("data/lab-mesh.yaml").read_text("utf-8")
 
 
-def plan(workdir: Path, template: str | None = None) -> Plan:
-    """Give every endpoint of the template free ports and write the mesh to ``workdir``."""
+def plan(workdir: Path, template: str | None = None, prefer: bool = True) -> Plan:
+    """Give every endpoint of the template free ports and write the mesh to ``workdir``.
+    ``prefer``: the mesh file's own ports where free (as the compose lab uses them)."""
+    def pick(port: int) -> int:
+        return free_port(port if prefer else 0)
+
     text = template if template is not None else embedded_mesh_text()
     mesh, _ = check_template(text, "lab mesh")
     data = parse_mesh_yaml(text)
@@ -99,15 +103,15 @@ def plan(workdir: Path, template: str | None = None) -> Plan:
         for index, endpoint in enumerate(service.endpoints):
             version = endpoint.labels.get("version", f"v{index + 1}")
             assert endpoint.port is not None  # check_template refused several ports
-            inbound = free_port(endpoint.port)
+            inbound = pick(endpoint.port)
             raw["endpoints"][index]["port"] = inbound
             raw["endpoints"][index]["address"] = "127.0.0.1"
             instances.append(Instance(
                 service=service.name, version=version,
-                node_id=f"{service.name}-{version}", app_port=free_port(endpoint.port + 1),
+                node_id=f"{service.name}-{version}", app_port=pick(endpoint.port + 1),
                 inbound_port=inbound, egress_port=free_port(), admin_port=free_port()))
     mesh_path = workdir / "mesh.yaml"
     header = "# The lab's live mesh: edit and save, the sidecars follow within a second.\n"
     mesh_path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, free_port(), free_port())
-    return Plan(mesh_path, tuple(instances), loadgen, free_port(18000), free_port(19000))
+    return Plan(mesh_path, tuple(instances), loadgen, pick(18000), pick(19000))
