@@ -59,6 +59,39 @@ def test_a_sidecar_whose_port_was_taken_starts_again_on_new_ports(
         backend.stop()
 
 
+@pytest.mark.e2e
+def test_a_sidecar_given_another_envoys_port_moves_off_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Envoy listeners set SO_REUSEPORT: a second Envoy on the same port binds it too and
+    takes half its connections. The helper sees two listening sockets and starts again."""
+    backend = Backend("ratings")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("services:\n  - name: ratings\n    port: 9080\n    endpoints: "
+                    f"[{{address: 127.0.0.1, port: {backend.port}}}]\n")
+    server = ControlPlane(mesh, tmp_path)
+    envoys: list[Envoy] = []
+    try:
+        server.start()
+        envoys.append(Envoy(tmp_path, "first-1", "frontend", server.xds_port).start())
+        shared = envoys[0].egress_port
+        assert procs.listening_sockets(shared) == 1
+        picks = iter([shared])
+        real = procs.free_port
+        monkeypatch.setattr(procs, "free_port", lambda: next(picks, None) or real())
+        envoys.append(Envoy(tmp_path, "second-1", "frontend", server.xds_port).start())
+        assert envoys[1].egress_port != shared
+        assert procs.listening_sockets(shared) == 1
+        for envoy in envoys:
+            def routed(envoy: Envoy = envoy) -> bool:
+                return envoy.request("ratings")[1] == "ratings"
+            wait_for(routed, what=f"a route through {envoy.node_id}")
+    finally:
+        for envoy in envoys:
+            envoy.stop()
+        server.stop()
+        backend.stop()
+
+
 def test_the_lab_server_moves_off_ports_taken_after_the_plan(
         tmp_path: Path, held: socket.socket) -> None:
     layout = plan(tmp_path)

@@ -217,6 +217,20 @@ class ControlPlane:
         self.proc = None
 
 
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on ``port`` here (/proc/net/tcp). Envoy's listeners set
+    SO_REUSEPORT, so a second Envoy given a port another already listens on binds it too,
+    and the two split its connections, silently: more than one means a shared port."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as handle:
+            for line in handle.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
 class PortTaken(Exception):
     """Envoy could not bind a port picked for it: another process took it first."""
 
@@ -307,6 +321,8 @@ class Envoy:
         for port in (self.egress_port, self.inbound_port):
             if port is not None and f"cannot bind '127.0.0.1:{port}'" in text:
                 raise PortTaken(port)
+            if port is not None and listening_sockets(port) > 1:
+                raise PortTaken(port)  # another Envoy on it too: SO_REUSEPORT shares it
 
     def admin(self, path: str) -> tuple[int, str, dict[str, str]]:
         if self.proc is not None and self.proc.poll() is not None:
