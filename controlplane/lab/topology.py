@@ -7,6 +7,7 @@ Ports are picked free at start, and the mesh is written with them to the work di
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import dataclass
 from importlib import resources
@@ -50,17 +51,41 @@ def check_template(text: str, origin: str) -> tuple[Mesh, list[str]]:
     return mesh, notes
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(preferred: int = 0) -> int:
     """``preferred`` when it is free on 127.0.0.1 (so the lab matches the compose file's
-    ports), else any free port."""
-    for port in (preferred, 0) if preferred else (0,):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise OSError("no free port on 127.0.0.1")
+    ports), else a free port for a process to bind later.
+
+    Picked at random below the kernel's ephemeral range (from 20000 up): every bind to
+    port 0 on this machine draws from that range, so a port picked there could be taken
+    by anyone before its process binds it; below it, only another picker can, rarely."""
+    if preferred and _bindable(preferred):
+        return preferred
+    low = _ephemeral_low()
+    if low > 21000:
+        for _ in range(64):
+            port = random.randrange(20000, low)
+            if _bindable(port):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

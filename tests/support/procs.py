@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -28,17 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.lab.envoy import envoy_command
+from controlplane.lab.topology import free_port as lab_free_port
 
 _serial = itertools.count(1)
 _START_ATTEMPTS = 5
 
 
 def free_port() -> int:
-    """A port free right now. Racy by nature (another process may take it before it is
-    bound): only for ports a process must be told up front; prefer binding port 0."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free right now, below the ephemeral range so that no port-0 bind can take
+    it before it is used (see controlplane.lab.topology.free_port). Still only for ports
+    a process must be told up front; prefer binding port 0."""
+    return lab_free_port()
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1,
