@@ -13,6 +13,7 @@ import contextlib
 import gc
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,18 @@ async def sweep(pipeline: Pipeline, ttl: float) -> None:
             log.exception("groups.sweep_failed", hint="retried at the next sweep")
 
 
+def readiness(pipeline: Pipeline, source: Source) -> Callable[[], tuple[bool, str]]:
+    """The pipeline's readiness, with what the source cannot see (a namespace the
+    server may not read, and the RBAC rule to add): reported, never blocking the rest."""
+    problems: Callable[[], list[str]] | None = getattr(source, "problems", None)
+
+    def check() -> tuple[bool, str]:
+        ready, detail = pipeline.readiness()
+        seen = problems() if problems is not None else []
+        return ready, detail + ("; cannot read: " + "; ".join(seen) if seen else "")
+    return check
+
+
 async def start(settings: ServeSettings, source: Source | None = None) -> Running:
     source = source or open_source(settings)
     admin_host, admin_port = split_address(settings.admin_address, "--admin-address")
@@ -145,7 +158,7 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     grpc_server, xds_port = await create_server(settings.xds_address, xds)
     try:
         runner, bound_admin = await start_admin(
-            AdminState(registry=registry, cache=cache, readiness=pipeline.readiness),
+            AdminState(registry=registry, cache=cache, readiness=readiness(pipeline, source)),
             admin_host, admin_port)
     except BaseException:  # e.g. the admin port is taken: release the xDS port too
         await grpc_server.stop(0)

@@ -29,6 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
             "pod_labels": False if args.no_pod_labels else None,
             "snapshot_dir": args.snapshot_dir,
             "snapshot_keep": args.snapshot_keep,
+            "group_ttl": args.group_ttl,
+            "shutdown_grace": args.shutdown_grace,
             "log_level": args.log_level,
             "log_format": args.log_format,
         }.items()
@@ -147,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--snapshot-dir", help="where published snapshots go (default snapshots/)")
     serve.add_argument("--snapshot-keep", type=int,
                        help="snapshots kept per group (default 10; 0 turns the store off)")
+    serve.add_argument("--group-ttl", type=float,
+                       help="seconds a proxy group is kept with no proxy connected (default 60)")
+    serve.add_argument("--shutdown-grace", type=float,
+                       help="seconds streams get to finish on SIGTERM (default 5)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["json", "console"])
     serve.set_defaults(run=_serve)

@@ -369,3 +369,6 @@ def test_a_namespace_without_rbac_leaves_the_others_served(
                         what="every kind in the forbidden namespace logged")
     services = next(p for p in problems if "services in namespace 'other'" in p)
     assert "{apiGroups: [''], resources: ['services'], verbs: [get, list, watch]}" in services
+    # /readyz stays 200 and names what it cannot read, with the rule to add.
+    status, text = server.get("/readyz")[:2]
+    assert status == 200 and "cannot read:" in text and "namespace 'other'" in text, text

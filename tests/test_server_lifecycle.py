@@ -106,8 +106,9 @@ def reconnect_seconds(server: ControlPlane, envoy: Envoy) -> float:
     ready = time.monotonic()
     wait_for(lambda: connected(envoy), timeout=30, interval=0.05, what="sidecar reconnected")
     elapsed = time.monotonic() - ready
-    proxies = server.json("/debug/proxies")
-    assert [p["node_id"] for p in proxies] == ["frontend-1"]
+    # The server registers the stream a moment after Envoy counts itself connected.
+    wait_for(lambda: [p["node_id"] for p in server.json("/debug/proxies")] == ["frontend-1"],
+             timeout=10, what="the sidecar in /debug/proxies")
     return elapsed
 
 
@@ -141,8 +142,8 @@ def test_a_restart_costs_the_data_plane_nothing(
     # Capped at 1 s, Envoy tries about twice a second (12-16 times in 6 s here); with its
     # default back-off (0.5 s doubling to 30 s) it tried 4 times, and took up to 2.4 s
     # to come back after the server did.
-    assert attempts >= 8
-    assert seconds < 3.0
+    assert attempts >= 5  # Envoy's default back-off makes at most 4 in that time
+    assert seconds < 5.0  # generous on a loaded machine; bench/chaos.py has the figure
     if how.startswith("SIGTERM"):
         assert code == 0
         assert stopped < 5.0  # the streams ended themselves; the grace was not needed

@@ -81,6 +81,13 @@ def end(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait()
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """socketserver's listen backlog is 5: a burst of callers on a loaded machine would
+    overflow it, and a dropped SYN becomes a connect failure the test did not ask for."""
+
+    request_queue_size = 128
+
+
 class Backend:
     """An HTTP app on 127.0.0.1 that answers with its own name."""
 
@@ -107,7 +114,7 @@ class Backend:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port or 0), Handler)
+        self.server = _Server(("127.0.0.1", port or 0), Handler)
         self.port = int(self.server.server_address[1])
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -33,6 +33,9 @@ def first(count: int, status: int) -> Behaviour:
 
 class _Quiet(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's listen backlog is 5: a burst of callers on a loaded machine would
+    # overflow it, and a dropped SYN turns into a connect failure that never counts a call.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Envoy hangs up on requests it gave up on; expected, not news."""
