@@ -125,3 +125,42 @@ def write_results(path: Path, text: str, baseline: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n", encoding="utf-8")
     print(f"wrote {path} (committed baseline: {RESULTS / baseline})", file=sys.stderr)
+
+
+class LoopStalls:
+    """The longest the event loop went without running a 5 ms ticker: how long a change
+    held up every stream. ``with`` (inside a running loop) or ``async with``; the async
+    form lets the ticker start before and settle after the measured block."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last - 0.005)
+            last = now
+
+    def __enter__(self) -> LoopStalls:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    async def __aenter__(self) -> LoopStalls:
+        self.__enter__()
+        await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.sleep(0.02)
+        self.__exit__()
+
+    @property
+    def ms(self) -> float:
+        return round(self.longest * 1000, 1)

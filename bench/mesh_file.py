@@ -28,7 +28,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import BenchError, Deadline, add_output_flags, results_path, write_results
+from common import (
+    BenchError,
+    Deadline,
+    LoopStalls,
+    add_output_flags,
+    results_path,
+    write_results,
+)
 
 from controlplane.mesh import Mesh, load_mesh_bytes
 from controlplane.sources.file import FileSource
@@ -51,30 +58,6 @@ def mesh_text(services: int, endpoints: int, port: int = 8080) -> str:
 def rss_mib() -> float:
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-
-
-class Stall:
-    """The longest the event loop went without running a 5 ms ticker."""
-
-    def __init__(self) -> None:
-        self.longest = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _tick(self) -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            self.longest = max(self.longest, now - last - 0.005)
-            last = now
-
-    def __enter__(self) -> Stall:
-        self._task = asyncio.get_running_loop().create_task(self._tick())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -103,7 +86,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         gc.collect()
         results["rss_before_mib"] = rss_mib()
         for name, text in (("first_load", big), ("one_endpoint_edit", edited)):
-            with Stall() as stall:
+            with LoopStalls() as stall:
                 started = time.perf_counter()
                 save(text)
                 mesh = await asyncio.wait_for(anext(updates), deadline.left())
@@ -114,7 +97,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 raise BenchError(f"{name}: {len(mesh.services)} services, not {args.services}")
             del mesh
         results["rss_with_big_mesh_mib"] = rss_mib()
-        with Stall() as stall:
+        with LoopStalls() as stall:
             save(edited)  # the same bytes: hashed, not parsed, nothing yielded
             await asyncio.sleep(0.5)
             results["identical_save_loop_stall_ms"] = round(stall.longest * 1000, 1)

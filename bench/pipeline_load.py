@@ -36,7 +36,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BenchError, Deadline, add_output_flags, results_path
+from bench.common import BenchError, Deadline, LoopStalls, add_output_flags, results_path
 from controlplane import app, resource
 from controlplane.cache import SnapshotCache
 from controlplane.mesh import Mesh, load_mesh_text
@@ -63,36 +63,6 @@ def rss_mib() -> float:
             if line.startswith("VmRSS"):
                 return round(int(line.split()[1]) / 1024, 1)
     return 0.0
-
-
-class Stalls:
-    """A task that wakes every 5 ms and keeps the longest delay past that."""
-
-    def __init__(self) -> None:
-        self.longest = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _tick(self) -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            self.longest = max(self.longest, now - last - 0.005)
-            last = now
-
-    async def __aenter__(self) -> Stalls:
-        self._task = asyncio.create_task(self._tick())
-        await asyncio.sleep(0.02)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.sleep(0.02)
-        assert self._task is not None
-        self._task.cancel()
-
-    @property
-    def ms(self) -> float:
-        return round(self.longest * 1000, 1)
 
 
 class QueueSource:
@@ -134,7 +104,7 @@ async def part_change(services: int) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         for label, new in (("endpoint_change", mesh(services, 9002)),
                            ("policy_change", mesh(services, 9002, "2s"))):
-            async with Stalls() as stalls:
+            async with LoopStalls() as stalls:
                 started = time.perf_counter()
                 if mode == "set_mesh":
                     pipeline.set_mesh(new)
@@ -157,7 +127,7 @@ async def part_invented(deadline: Deadline, services: int, count: int) -> dict[s
     try:
         await change(deadline, running, source, mesh(services, 9001))
         clients = [AdsClient(channel) for _ in range(count)]
-        async with Stalls() as stalls:
+        async with LoopStalls() as stalls:
             started = time.perf_counter()
             for i, client in enumerate(clients):
                 await client.send(node=node(f"x{i}", f"made-up-{i}", namespace=f"ns-{i}"),
