@@ -24,6 +24,9 @@ from controlplane import resource
 from controlplane.cache.references import References, dangling, references
 
 
+_NO_ALIASES: Mapping[str, str] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Resource:
     """One resource with its wire encodings prepared."""
@@ -48,6 +51,11 @@ class TypeSnapshot:
     type_url: str
     version: str
     resources: Mapping[str, Resource]
+    # The names a wildcard subscription gets (None: every resource); names asked for
+    # explicitly may be any of ``resources`` (on-demand groups serve the rest by name).
+    wildcard: frozenset[str] | None = None
+    # A requested name -> the resource that answers it (VHDS: ``egress/<host>``).
+    aliases: Mapping[str, str] = field(default_factory=lambda: _NO_ALIASES)
     _diffs: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
