@@ -12,7 +12,7 @@ a proxy that fails over from one to the other sees no change.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -21,10 +21,11 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from controlplane import resource
+from controlplane.cache.layers import Layer, diff, digest_version, member_hash
 from controlplane.cache.references import References, dangling, references
 
-
 _NO_ALIASES: Mapping[str, str] = MappingProxyType({})
+_NOTHING: Mapping[str, Resource] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,11 @@ class Resource:
     sotw_chunk: bytes
     delta_chunk: bytes
     refs: References
+    digest: int = -1  # its share of every set hash it is in (computed when not given)
+
+    def __post_init__(self) -> None:
+        if self.digest < 0:
+            object.__setattr__(self, "digest", member_hash(self.name, self.version))
 
     @property
     def size(self) -> int:
@@ -46,7 +52,12 @@ class Resource:
 
 @dataclass(frozen=True, slots=True)
 class TypeSnapshot:
-    """All resources of one type, and their version (a hash of names and contents)."""
+    """All resources of one type, and their version (a set hash of names and contents).
+
+    Built from shared layers plus the group's own layer (``layered``): ``resources`` is
+    then a read-only view over them, the version their digests' sum, and the diff
+    against the group's previous TypeSnapshot comes from the layers' recorded changes.
+    The plain form (``TypeSnapshot(type_url, version, resources)``) still works."""
 
     type_url: str
     version: str
@@ -56,16 +67,51 @@ class TypeSnapshot:
     wildcard: frozenset[str] | None = None
     # A requested name -> the resource that answers it (VHDS: ``egress/<host>``).
     aliases: Mapping[str, str] = field(default_factory=lambda: _NO_ALIASES)
+    layers: tuple[Layer, ...] = ()
+    own: Layer | None = None
     _diffs: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def layered(type_url: str, layers: Sequence[Layer], own: Layer | None = None,
+                wildcard: frozenset[str] | None = None,
+                aliases: Mapping[str, str] | None = None,
+                reuse: TypeSnapshot | None = None) -> TypeSnapshot:
+        """Shared ``layers`` plus the group's ``own`` (names must not repeat across
+        them); ``reuse`` itself when it is made of the same. O(own) besides that."""
+        shared = tuple(layers)
+        alias = _NO_ALIASES if aliases is None else aliases
+        if reuse is not None and _same(reuse, type_url, shared, own, wildcard, alias):
+            return reuse
+        parts = (*shared, own) if own is not None else shared
+        if len(parts) > 1:
+            _check_disjoint(type_url, parts)
+        resources: Mapping[str, Resource]
+        if not parts:
+            resources = _NOTHING
+        elif len(parts) == 1:
+            resources = parts[0].resources
+        else:
+            resources = _Chained(tuple(p.resources for p in parts))
+        version = digest_version(sum(p.digest for p in parts))
+        return TypeSnapshot(type_url, version, resources, wildcard, alias, shared, own)
+
+    @property
+    def parts(self) -> tuple[Layer, ...]:
+        """The layers then the own layer (empty for the plain form)."""
+        return (*self.layers, self.own) if self.own is not None else self.layers
 
     @property
     def size(self) -> int:
+        parts = self.parts
+        if parts:
+            return sum(p.size for p in parts)
         return sum(r.size for r in self.resources.values())
 
     def changed_since(self, old: TypeSnapshot | None) -> frozenset[str]:
         """Names added, changed or removed since ``old``. Every stream asks the same
         question after a change, so the answer is computed once and kept, by the old
-        version: a version hashes every name and resource version, so it says it all."""
+        version (a set hash of every name and resource version, so it says it all).
+        Layered on both sides: O(changed) from the layers' records."""
         if old is None:
             return frozenset(self.resources)
         if old.version == self.version:
@@ -73,15 +119,96 @@ class TypeSnapshot:
         cached = self._diffs.get(old.version)
         if cached is not None:
             return cached
-        mine, theirs = self.resources, old.resources
-        changed = {n for n, r in mine.items() if (o := theirs.get(n)) is None
-                   or o.version != r.version}
-        changed.update(n for n in theirs if n not in mine)
-        result = frozenset(changed)
+        by_parts = self._diff_parts(old)
+        result = frozenset(by_parts if by_parts is not None
+                           else diff(self.resources, old.resources))
         if len(self._diffs) >= 8:
             self._diffs.clear()
         self._diffs[old.version] = result
         return result
+
+    def _diff_parts(self, old: TypeSnapshot) -> set[str] | None:
+        """Part by part (a superset of the changes when a name moved between parts,
+        which is harmless: it is sent again as it is)."""
+        mine, theirs = self.parts, old.parts
+        if not mine or len(mine) != len(theirs):
+            return None
+        changed: set[str] = set()
+        for new, prev in zip(mine, theirs, strict=True):
+            if new is prev or new.version == prev.version:
+                continue
+            known = new.changed_since(prev.version)
+            changed.update(known if known is not None else diff(new.resources, prev.resources))
+        return changed
+
+
+def _same(typed: TypeSnapshot, type_url: str, layers: tuple[Layer, ...], own: Layer | None,
+          wildcard: frozenset[str] | None, aliases: Mapping[str, str]) -> bool:
+    if typed.type_url != type_url or len(typed.layers) != len(layers):
+        return False
+    if any(a is not b for a, b in zip(typed.layers, layers, strict=True)):
+        return False
+    if (typed.own.version if typed.own else None) != (own.version if own else None):
+        return False
+    if typed.wildcard is not wildcard and typed.wildcard != wildcard:
+        return False
+    return typed.aliases is aliases or (not typed.aliases and not aliases)
+
+
+def _check_disjoint(type_url: str, parts: tuple[Layer, ...]) -> None:
+    """ValueError when a name is in two parts; costs the sizes of all but the largest."""
+    largest = max(parts, key=len)
+    seen: set[str] = set()
+    for part in parts:
+        if part is largest:
+            continue
+        for name in part.resources:
+            if name in seen or name in largest.resources:
+                raise ValueError(f"duplicate {resource.short_name(type_url)} resource {name!r}")
+            seen.add(name)
+
+
+class _Chained(Mapping[str, Resource]):
+    """A read-only view over a few disjoint name maps, looked up in order."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: tuple[Mapping[str, Resource], ...]) -> None:
+        self._parts = parts
+
+    def __getitem__(self, name: str) -> Resource:
+        for part in self._parts:
+            found = part.get(name)
+            if found is not None:
+                return found
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return any(name in part for part in self._parts)
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._parts:
+            yield from part
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self._parts)
+
+    def values(self) -> ValuesView[Resource]:
+        return _ChainedValues(self, self._parts)
+
+
+class _ChainedValues(ValuesView[Resource]):
+    """Iterates the parts' own values (no lookup per name)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, chained: _Chained, parts: tuple[Mapping[str, Resource], ...]) -> None:
+        super().__init__(chained)
+        self._parts = parts
+
+    def __iter__(self) -> Iterator[Resource]:
+        for part in self._parts:
+            yield from part.values()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +217,18 @@ class Snapshot:
     version: str = field(default="")
     encoded_bytes: int = 0  # bytes serialized to build it (pre-encoded resources excluded)
     _problems: list[list[str]] = field(default_factory=list, compare=False, repr=False)
+
+    @staticmethod
+    def of(types: Mapping[str, TypeSnapshot], encoded_bytes: int = 0,
+           reuse: Snapshot | None = None) -> Snapshot:
+        """A snapshot of ``types`` (in the order given: ADS order); ``reuse`` itself when
+        each of its types is the same object."""
+        if (reuse is not None and reuse.types.keys() == types.keys()
+                and all(reuse.types[t] is typed for t, typed in types.items())):
+            return reuse
+        joined = "/".join(t.version for t in types.values())
+        overall = hashlib.sha256(joined.encode()).hexdigest()[:16]
+        return Snapshot(MappingProxyType(dict(types)), overall, encoded_bytes)
 
     def get(self, type_url: str) -> TypeSnapshot | None:
         return self.types.get(type_url)
@@ -100,17 +239,46 @@ class Snapshot:
     def problems(self) -> list[str]:
         """What makes this snapshot inconsistent (empty when it may be published): every
         listener's routes, every route's clusters, every EDS cluster's endpoints exist.
-        Computed once (the pipeline does it off the event loop) and kept."""
+        Computed once (the pipeline does it off the event loop) and kept. A shared
+        layer's references are checked once per set of target layers, not per group;
+        a group's own resources are checked one by one."""
         if self._problems:
             return list(self._problems[0])
-        present = {t: s.resources.keys() for t, s in self.types.items()}
+        found = self._problems_by_layer()
+        if found is None:
+            found = self._problems_each()
+        self._problems.append(found)
+        return list(found)
+
+    def _problems_by_layer(self) -> list[str] | None:
+        """None when a layer misses something (then every resource is looked at, to
+        name it) or a type is in the plain form."""
+        present = {t: s.resources for t, s in self.types.items()}
+        found: list[str] = []
+        for type_url, typed in self.types.items():
+            if not typed.parts and typed.resources:
+                return None
+            for layer in typed.layers:
+                for target in layer.wants():
+                    have = self.types.get(target)
+                    missing = layer.missing(target, have.layers if have is not None else ())
+                    own = have.own.resources if have is not None and have.own else _NOTHING
+                    if any(name not in own for name in missing):
+                        return None
+            if typed.own is not None:
+                for res in typed.own.resources.values():
+                    if res.refs:
+                        found += dangling(type_url, res.name, res.refs, present)
+        return found
+
+    def _problems_each(self) -> list[str]:
+        present = {t: s.resources for t, s in self.types.items()}
         found: list[str] = []
         for type_url, typed in self.types.items():
             for res in typed.resources.values():
                 if res.refs:
                     found += dangling(type_url, res.name, res.refs, present)
-        self._problems.append(found)
-        return list(found)
+        return found
 
 
 def encode_resource(
@@ -131,13 +299,8 @@ def encode_resource(
 
 
 def type_version(resources: Iterable[Resource]) -> str:
-    digest = hashlib.sha256()
-    for res in sorted(resources, key=lambda r: r.name):
-        digest.update(res.name.encode())
-        digest.update(b"\0")
-        digest.update(res.version.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    """The set hash of ``resources``: what a layered TypeSnapshot of them would say."""
+    return digest_version(sum(r.digest for r in resources))
 
 
 def build_snapshot(
@@ -165,10 +328,8 @@ def build_snapshot(
             old = previous.resources.get(name) if previous else None
             encoded[name] = fresh = encode_resource(type_url, name, item[1], reuse=old)
             encoded_bytes += fresh.size  # serialized to hash it, even when reused
-        version = type_version(encoded.values())
-        if previous is not None and previous.version == version:
-            types[type_url] = previous
-        else:
-            types[type_url] = TypeSnapshot(type_url, version, MappingProxyType(encoded))
-    overall = hashlib.sha256("/".join(t.version for t in types.values()).encode()).hexdigest()
-    return Snapshot(MappingProxyType(types), overall[:16], encoded_bytes)
+        typed = TypeSnapshot.layered(type_url, (), Layer.of(type_url, encoded.values()))
+        if previous is not None and previous.version == typed.version:
+            typed = previous
+        types[type_url] = typed
+    return Snapshot.of(types, encoded_bytes)
