@@ -58,6 +58,14 @@ class BootstrapOptions:
     """Incremental (delta) xDS instead of state-of-the-world."""
     zone: str | None = None
     """The proxy's zone (``node.locality.zone``): endpoints in it are preferred."""
+    on_demand: bool = False
+    """Start with only the sidecar's own config; fetch a service's routes and clusters
+    the first time the app calls it (``node.metadata.on_demand``). Implies ``delta``:
+    VHDS and on-demand CDS exist only in delta xDS."""
+
+    @property
+    def uses_delta(self) -> bool:
+        return self.delta or self.on_demand
 
 
 def parse_host_port(value: str, flag: str = "--xds-address") -> tuple[str, int]:
@@ -94,7 +102,7 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
         },
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "DELTA_GRPC" if options.delta else "GRPC",
+                "api_type": "DELTA_GRPC" if options.uses_delta else "GRPC",
                 "transport_api_version": "V3",
                 "grpc_services": [
                     {
@@ -133,6 +141,10 @@ def command_line(options: BootstrapOptions) -> str:
             parts.append(f"--{name.replace('_', '-')} {value}")
     if options.delta:
         parts.append("--delta")
+    if options.zone:
+        parts.append(f"--zone {options.zone}")
+    if options.on_demand:
+        parts.append("--on-demand")
     return " ".join(parts)
 
 
@@ -181,6 +193,8 @@ def _metadata(options: BootstrapOptions) -> dict[str, Any]:
         metadata["inbound_port"] = options.inbound_port
         metadata["app_port"] = options.app_port
         metadata["inbound_address"] = options.inbound_address
+    if options.on_demand:
+        metadata["on_demand"] = True
     return metadata
 
 

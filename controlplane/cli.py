@@ -83,7 +83,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
             xds_address=args.xds_address, admin_port=args.admin_port,
             admin_address=args.admin_address, egress_port=args.egress_port,
             inbound_port=args.inbound_port, app_port=args.app_port,
-            inbound_address=args.inbound_address, delta=args.delta, zone=args.zone))
+            inbound_address=args.inbound_address, delta=args.delta, zone=args.zone,
+            on_demand=args.on_demand))
     except ValueError as exc:
         print(f"controlplane bootstrap: {exc}", file=sys.stderr)
         return 2
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--inbound-address", default="0.0.0.0",
                       help="address the inbound listener binds (default 0.0.0.0)")
     boot.add_argument("--delta", action="store_true", help="incremental xDS instead of SotW")
+    boot.add_argument("--on-demand", action="store_true",
+                      help="fetch a service's routes and clusters on its first call "
+                      "(implies --delta)")
     boot.add_argument("--zone", help="the proxy's zone: endpoints in it are preferred, "
                       "others used when it has no healthy ones")
     boot.add_argument("-o", "--output", help="write to this file instead of stdout")

@@ -31,6 +31,9 @@ class ProxyIdentity:
     app_port: int | None = None
     inbound_address: str = DEFAULT_INBOUND_ADDRESS
     zone: str = ""  # node.locality.zone: endpoints in this zone are preferred
+    # node.metadata.on_demand: the sidecar starts with only its own config and fetches a
+    # service's routes and clusters the first time its app calls it (VHDS, on-demand CDS).
+    on_demand: bool = False
 
     @property
     def group(self) -> str:
@@ -40,11 +43,16 @@ class ProxyIdentity:
             key += f"~zone={self.zone}"
         if self.inbound_port is not None and self.app_port is not None:
             key += f"~inbound={self.inbound_address}:{self.inbound_port}->{self.app_port}"
+        if self.on_demand:
+            key += "~on-demand"
         return key
 
     @classmethod
-    def from_node(cls, node: base_pb2.Node) -> ProxyIdentity:
-        """Read identity from a Node; missing metadata falls back to the bootstrap defaults."""
+    def from_node(cls, node: base_pb2.Node, delta: bool = False) -> ProxyIdentity:
+        """Read identity from a Node; missing metadata falls back to the bootstrap defaults.
+        On-demand discovery needs delta xDS, so ``on_demand`` is read only for a node that
+        speaks it (``delta``): over state of the world, an on-demand sidecar is served
+        like any other, with its full config."""
         fields = node.metadata.fields
         namespace = _text(fields.get("namespace")) or DEFAULT_NAMESPACE
         inbound = _port(fields.get("inbound_port"))
@@ -60,6 +68,7 @@ class ProxyIdentity:
             app_port=app,
             inbound_address=_text(fields.get("inbound_address")) or DEFAULT_INBOUND_ADDRESS,
             zone=node.locality.zone,
+            on_demand=delta and _flag(fields.get("on_demand")),
         )
 
 
@@ -73,6 +82,15 @@ def _text(value: Any) -> str | None:
         number = value.number_value
         return str(int(number)) if math.isfinite(number) else None
     return None
+
+
+def _flag(value: Any) -> bool:
+    """``true`` (a bool) or ``"true"`` (any case, as a string metadata value)."""
+    if value is None:
+        return False
+    if value.WhichOneof("kind") == "bool_value":
+        return bool(value.bool_value)
+    return (_text(value) or "").lower() == "true"
 
 
 def _port(value: Any) -> int | None:

@@ -15,10 +15,14 @@ ENDPOINT: Final = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER: Final = _PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE: Final = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
 SECRET: Final = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+# VHDS: one virtual host of a route configuration, fetched by an on-demand sidecar the
+# first time its app calls the host (delta xDS only).
+VIRTUAL_HOST: Final = _PREFIX + "envoy.config.route.v3.VirtualHost"
 
 # Make-before-break: a cluster before its endpoints, a listener before its routes, and
-# clusters before the listeners and routes that point at them.
-PUSH_ORDER: Final[tuple[str, ...]] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+# clusters before the listeners and routes that point at them; virtual hosts after the
+# route configuration they belong to.
+PUSH_ORDER: Final[tuple[str, ...]] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, VIRTUAL_HOST, SECRET)
 
 # In state-of-the-world, a response of these types is the whole set: what is missing is
 # deleted. EDS, RDS and SDS responses may carry only some resources.
@@ -29,6 +33,7 @@ SHORT_NAMES: Final[dict[str, str]] = {
     ENDPOINT: "eds",
     LISTENER: "lds",
     ROUTE: "rds",
+    VIRTUAL_HOST: "vhds",
     SECRET: "sds",
 }
 

@@ -10,22 +10,41 @@ The rules (Envoy's xDS protocol document, and shared/XDS-PITFALLS.md):
 - A name subscribed again after an unsubscribe is sent even if unchanged.
 - An empty first subscription means wildcard (legacy); ``*`` subscribes to all
   explicitly and may be mixed with names.
+- The first request of a type from a client that holds nothing is answered, if need be
+  with an empty response (a reconnecting client that is up to date is not).
+- A name subscribed again while subscribed is answered again: that is how Envoy asks
+  on demand (a virtual host, a cluster) and it waits for the answer.
 - Clusters go before endpoints, listeners before routes; clusters are removed only at
   the end of a push, after the routes that used them, and an updated cluster gets its
   endpoints again (Envoy finishes warming it only on an EDS response).
+- A wildcard subscription gets ``TypeSnapshot.wildcard`` (every resource when None);
+  names asked for explicitly may be any resource. On-demand sidecars get only their own
+  clusters by wildcard and fetch the others by name.
+- Virtual hosts (VHDS) are asked for by alias, ``<route config>/<Host header>``; the
+  answer is the virtual host that serves that Host with the alias in its ``aliases``
+  (Envoy resumes the held request only when it sees the alias it asked for), or, for a
+  Host nobody serves, an entry with the alias and no resource: Envoy then answers 404
+  at once instead of waiting. A fetched virtual host stays subscribed: its updates and
+  its removal reach the sidecar.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot
+from controlplane.proxy import ProxyIdentity
 from controlplane.server.limits import MAX_ERROR_CHARS, Limits
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
+
+_NO_TARGETS: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -33,6 +52,9 @@ class DeltaTypeState(TypeState):
     client: dict[str, str] = field(default_factory=dict)  # what the client holds: name -> version
     told_absent: set[str] = field(default_factory=set)
     base: TypeSnapshot | None = None  # the snapshot the client was last brought up to date with
+    # Resources named through an alias the client subscribed to (VHDS), as of ``base``.
+    targets: frozenset[str] = _NO_TARGETS
+    owed: bool = False  # a first request from a client that holds nothing: answer it
 
 
 class DeltaStream(StreamBase):
@@ -45,6 +67,13 @@ class DeltaStream(StreamBase):
         super().__init__(stream_id, api, fixed_type, identifier, limits)
         self.types: dict[str, DeltaTypeState] = {}
 
+    def accept_node(self, node: base_pb2.Node | None, has_node: bool) -> bool:
+        """As for any stream, and a delta stream may be on demand (node metadata)."""
+        new = super().accept_node(node, has_node)
+        if new and node is not None:
+            self.proxy = ProxyIdentity.from_node(node, delta=True)
+        return new
+
     def type_states(self) -> dict[str, TypeState]:
         return dict(self.types)
 
@@ -56,7 +85,8 @@ class DeltaStream(StreamBase):
         first = state is None
         if state is None:
             state = self.types[type_url] = DeltaTypeState()
-            state.client = dict(request.initial_resource_versions)
+            state.client = {_intern(n): v for n, v in request.initial_resource_versions.items()}
+            state.owed = not state.client
             if not request.resource_names_subscribe:
                 state.wildcard = True  # legacy wildcard
 
@@ -73,14 +103,17 @@ class DeltaStream(StreamBase):
                 kind = "ack"
                 state.acked_version = state.sent_version
 
+        typed = self._typed(type_url) if self.snapshot is not None else None
         was_wildcard = state.wildcard
         for name in request.resource_names_subscribe:
             if name == "*":
                 state.wildcard = True
                 continue
-            if not first and name not in state.names:
-                state.client.pop(name, None)  # asked again: send it even if unchanged
-            state.names.add(name)
+            if not first:  # asked again, subscribed or not: answer it even if unchanged
+                state.client.pop(name, None)
+                if typed is not None and (target := typed.aliases.get(name)) is not None:
+                    state.client.pop(target, None)
+            state.names.add(_intern(name))
             state.told_absent.discard(name)
         for name in request.resource_names_unsubscribe:
             if name == "*":
@@ -93,18 +126,22 @@ class DeltaStream(StreamBase):
             state.client = {n: v for n, v in state.client.items() if n in state.names}
 
         handled = Handled(kind, type_url, error=error)
-        if self.snapshot is not None:
-            typed = self._typed(type_url)
+        if typed is not None:
             # Only the names this request touched can need an answer, unless the stream
             # is new to this snapshot or just turned to wildcard: then look at everything.
             everything = state.base is None or (state.wildcard and not was_wildcard)
             touched = {*request.resource_names_subscribe, *request.resource_names_unsubscribe}
             touched.discard("*")
-            if not everything and not touched:
+            if not everything and not touched and not state.owed:
                 return handled  # a plain ACK or NACK
-            updated, removed = self._changes(typed, state, None if everything else touched)
+            old_targets = state.targets
+            state.targets = _targets(typed, state.names)
+            if not everything:
+                touched |= state.targets ^ old_targets
+            updated, removed, unresolved = self._changes(
+                typed, state, None if everything else touched)
             state.base = typed
-            push = self._emit(type_url, state, typed, updated, removed)
+            push = self._emit(type_url, state, typed, updated, removed, unresolved)
             if push is not None:
                 handled.pushes.append(push)
         return handled
@@ -121,20 +158,24 @@ class DeltaStream(StreamBase):
                 continue
             typed = self._typed(type_url)
             candidates = None if state.base is None else set(typed.changed_since(state.base))
+            old_targets = state.targets
+            state.targets = _targets(typed, state.names)
+            if candidates is not None:
+                candidates |= state.targets ^ old_targets
             if type_url == resource.ENDPOINT and rewarm:
                 for name in rewarm:
                     state.client.pop(name, None)
                 if candidates is not None:
                     candidates |= rewarm
-            updated, removed = self._changes(typed, state, candidates)
+            updated, removed, unresolved = self._changes(typed, state, candidates)
             state.base = typed
             if had_config and type_url in (resource.CLUSTER, resource.ENDPOINT):
-                push = self._emit(type_url, state, typed, updated, [])
-                removal = self._emit(type_url, state, typed, [], removed)
+                push = self._emit(type_url, state, typed, updated, [], unresolved)
+                removal = self._emit(type_url, state, typed, [], removed, [])
                 if removal is not None:
                     tail.append(removal)
             else:
-                push = self._emit(type_url, state, typed, updated, removed)
+                push = self._emit(type_url, state, typed, updated, removed, unresolved)
             if push is not None:
                 pushes.append(push)
             if type_url == resource.CLUSTER:
@@ -147,43 +188,145 @@ class DeltaStream(StreamBase):
         return self.snapshot.get(type_url) or TypeSnapshot(type_url, "", {})
 
     @staticmethod
-    def _changes(typed: TypeSnapshot, state: DeltaTypeState,
-                 candidates: set[str] | None) -> tuple[list[Resource], list[str]]:
-        """What to send and what to remove, looking only at ``candidates`` (the names
-        changed since the stream's base) or, when None, at everything."""
+    def _changes(typed: TypeSnapshot, state: DeltaTypeState, candidates: set[str] | None
+                 ) -> tuple[list[Resource], list[str], list[str]]:
+        """What to send, what to remove, and which aliases nothing answers, looking only
+        at ``candidates`` (the names changed since the stream's base) or, when None, at
+        everything."""
         res = typed.resources
+        wildcard = typed.wildcard
         if candidates is None:
-            names = set(state.client) | state.names | (set(res) if state.wildcard else set())
+            names = set(state.client) | state.names | state.targets
+            if state.wildcard:
+                names |= set(res) if wildcard is None else wildcard
         else:
             names = candidates
 
         def in_scope(name: str) -> bool:
-            return name in res and (state.wildcard or name in state.names)
+            if name not in res:
+                return False
+            if name in state.names or name in state.targets:
+                return True
+            return state.wildcard and (wildcard is None or name in wildcard)
 
         ordered = sorted(names)
         updated = [res[n] for n in ordered if in_scope(n) and state.client.get(n) != res[n].version]
         removed = [n for n in ordered if n in state.client and not in_scope(n)]
-        removed += [n for n in ordered if n in state.names and n not in res
-                    and n not in state.client and n not in state.told_absent]
-        return updated, removed
+        absent = [n for n in ordered if n in state.names and n not in res
+                  and n not in state.client and n not in state.told_absent]
+        if typed.type_url != resource.VIRTUAL_HOST:
+            return updated, removed + absent, []
+        # A Host Envoy asked for: answered by its virtual host (sent above, with the alias)
+        # or, when nothing serves it, by the alias alone, so the held request gets a 404.
+        unresolved = [n for n in absent if n in typed.aliases or "/" in n]
+        return updated, removed + [n for n in absent if n not in unresolved], [
+            n for n in unresolved if n not in typed.aliases]
 
     def _emit(self, type_url: str, state: DeltaTypeState, typed: TypeSnapshot,
-              updated: list[Resource], removed: list[str]) -> Push | None:
-        if not updated and not removed:
+              updated: list[Resource], removed: list[str], unresolved: list[str]
+              ) -> Push | None:
+        """The response, or None when there is nothing to say, except that the first
+        request of a client that holds nothing is answered, even with nothing: Envoy
+        waits for that answer before it calls itself initialized (an on-demand sidecar
+        without an inbound port has no cluster of its own to be sent)."""
+        if not updated and not removed and not unresolved and not state.owed:
             return None
+        state.owed = False
         version = typed.version
         nonce = self.next_nonce()
         header = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version, type_url=type_url, nonce=nonce,
             removed_resources=removed, control_plane=self._control_plane,
         ).SerializeToString()
-        payload = header + b"".join(r.delta_chunk for r in updated)
+        if typed.aliases and state.names:
+            chunks = _with_aliases(updated, typed.aliases, state.names)
+        else:
+            chunks = [r.delta_chunk for r in updated]
+        if unresolved:
+            chunks.append(_unresolved(unresolved))
+        payload = header + b"".join(chunks)
         for r in updated:
             state.client[r.name] = r.version
-        for name in removed:
+        for name in [*removed, *unresolved]:
             state.client.pop(name, None)
             if name in state.names:
                 state.told_absent.add(name)
         state.nonce, state.sent_version = nonce, version
         state.pushes += 1
-        return Push(type_url, nonce, version, payload, [r.name for r in updated], removed)
+        return Push(type_url, nonce, version, payload, [r.name for r in updated],
+                    [*removed, *unresolved])
+
+
+def _intern(name: str) -> str:
+    """One string object per name across streams: a thousand sidecars subscribing to
+    the same thousand names would otherwise hold a thousand copies of each."""
+    return sys.intern(name)
+
+
+def _targets(typed: TypeSnapshot, names: Iterable[str]) -> frozenset[str]:
+    """The resources the subscribed aliases resolve to (none for types without aliases)."""
+    aliases = typed.aliases
+    if not aliases:
+        return _NO_TARGETS
+    return frozenset(target for n in names if (target := aliases.get(n)) is not None)
+
+
+# Field numbers (envoy/service/discovery/v3/discovery.proto): DeltaDiscoveryResponse
+# ``resources`` = 2, Resource ``aliases`` = 4.
+_RESOURCES_TAG = b"\x12"
+
+
+def _with_aliases(updated: list[Resource], aliases: Mapping[str, str],
+                  names: set[str]) -> list[bytes]:
+    """Each resource's prepared chunk, with the subscribed aliases that name it added to
+    its ``aliases`` (protobuf merges repeated fields, so appending them to the encoded
+    Resource is the same as encoding it with them)."""
+    wanted: dict[str, list[str]] = {}
+    for name in sorted(names):
+        target = aliases.get(name)
+        if target is not None:
+            wanted.setdefault(target, []).append(name)
+    chunks = []
+    for r in updated:
+        extra = wanted.get(r.name)
+        if not extra:
+            chunks.append(r.delta_chunk)
+            continue
+        body = _body(r.delta_chunk) + discovery_pb2.Resource(aliases=extra).SerializeToString()
+        chunks.append(_RESOURCES_TAG + _varint(len(body)) + body)
+    return chunks
+
+
+def _unresolved(aliases: list[str]) -> bytes:
+    """Entries for Hosts nothing serves: the alias as the name and the only alias, and no
+    resource (what Envoy's VHDS takes as "cannot resolve")."""
+    response = discovery_pb2.DeltaDiscoveryResponse(resources=[
+        discovery_pb2.Resource(name=alias, aliases=[alias]) for alias in aliases
+    ])
+    return bytes(response.SerializeToString())
+
+
+def _body(chunk: bytes) -> bytes:
+    """The encoded Resource inside a prepared ``resources`` field."""
+    assert chunk[:1] == _RESOURCES_TAG
+    position, shift, length = 1, 0, 0
+    while True:
+        byte = chunk[position]
+        length |= (byte & 0x7F) << shift
+        position += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    return chunk[position:position + length]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

@@ -17,6 +17,7 @@ from controlplane.mesh.model import Service
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
 from controlplane.translator.clusters import inbound_protocol
+from controlplane.translator.ondemand import on_demand_filter
 from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import ads, pack, socket_address
 from controlplane.translator.routes import inbound_route
@@ -32,14 +33,18 @@ _HCM = http_connection_manager_pb2.HttpConnectionManager
 def egress_listener(proxy: ProxyIdentity) -> listener_pb2.Listener:
     """On loopback only: the app calls out through it, nobody else should. Routes come
     by RDS, so a new service changes the route table, not the listener (which Envoy
-    would drain and rebuild)."""
+    would drain and rebuild). An on-demand sidecar's has the on-demand filter just
+    before the router: it fetches the virtual host and cluster a call needs."""
+    features = [f for feature in FEATURES for f in feature.http_filters()]
+    if proxy.on_demand:
+        features.append(on_demand_filter())
     manager = _HCM(
         stat_prefix="egress",
         codec_type=_HCM.CodecType.AUTO,
         rds=http_connection_manager_pb2.Rds(
             config_source=ads(), route_config_name=names.EGRESS_ROUTE
         ),
-        http_filters=[*(f for feature in FEATURES for f in feature.http_filters()), _router()],
+        http_filters=[*features, _router()],
         use_remote_address=wrappers_pb2.BoolValue(value=False),
     )
     return listener_pb2.Listener(
