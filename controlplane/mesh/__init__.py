@@ -9,6 +9,7 @@ from controlplane.mesh.loader import (
 )
 from controlplane.mesh.model import (
     CircuitBreaker,
+    Egress,
     Endpoint,
     Fault,
     LoadBalancer,
@@ -18,11 +19,14 @@ from controlplane.mesh.model import (
     RateLimit,
     Retries,
     Service,
+    Sidecar,
     SplitTarget,
+    WorkloadSelector,
 )
 
 __all__ = [
     "CircuitBreaker",
+    "Egress",
     "Endpoint",
     "Fault",
     "LoadBalancer",
@@ -33,7 +37,9 @@ __all__ = [
     "RateLimit",
     "Retries",
     "Service",
+    "Sidecar",
     "SplitTarget",
+    "WorkloadSelector",
     "load_mesh_bytes",
     "load_mesh_data",
     "load_mesh_file",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class _Model(BaseModel):
@@ -19,3 +20,10 @@ def longer_than_zero(value: timedelta | None) -> timedelta | None:
     if value is not None and value <= timedelta(0):
         raise ValueError("must be longer than 0, such as '100ms'")
     return value
+
+
+def problem(loc: tuple[str | int, ...], value: object, message: str) -> InitErrorDetails:
+    """A cross-object problem at ``loc``, reported as field errors are (by path)."""
+    return InitErrorDetails(
+        type=PydanticCustomError("value_error", "{message}", {"message": message}),
+        loc=loc, input=value)

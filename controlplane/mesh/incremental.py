@@ -1,7 +1,8 @@
 """Re-read a big mesh file by parsing only the services whose text changed.
 
 A mesh file of thousands of services is mostly one block list, ``services:`` at column 0
-and one ``- name: ...`` item per service. ``MeshLoader`` cuts the text at those items,
+and one ``- name: ...`` item per service (the ``sidecars`` entries around it are read
+again only when their text changes). ``MeshLoader`` cuts the text at those items,
 keeps each item's validated Service by its exact text, and on the next load parses and
 validates only items it has not seen: a one-endpoint edit of a 5 MB file re-parses one
 service, not 5 MB. Each item is a small call, so the thread doing it gives the event
@@ -25,10 +26,11 @@ from controlplane.mesh.loader import (
     load_mesh_text,
     parse_mesh_yaml,
 )
-from controlplane.mesh.model import Mesh, Service
+from controlplane.mesh.model import Mesh, Service, Sidecar
 
 _SERVICES: Final = re.compile(r"services:[ \t]*(#.*)?\r?\n?")
 _ITEM: Final = re.compile(r"( *)-( |\r?\n|$)")
+_TOP: Final = frozenset({"services", "sidecars"})
 
 
 def split_services(text: str) -> tuple[str, list[tuple[int, str]]] | None:
@@ -72,6 +74,7 @@ class MeshLoader:
 
     def __init__(self) -> None:
         self._known: dict[str, Service] = {}
+        self._rest: tuple[str, list[Sidecar]] | None = None
         self.parsed = 0
         """How many items the last load had to parse (0 when all were known)."""
 
@@ -82,7 +85,7 @@ class MeshLoader:
         except Exception:  # any surprise on the fast path: the full load has the answer
             mesh = None
         if mesh is None:
-            self._known = {}
+            self._known, self._rest = {}, None
             self.parsed = -1  # the whole text
             return load_mesh_text(text, origin)
         return mesh
@@ -92,8 +95,8 @@ class MeshLoader:
         if split is None:
             return None
         rest, items = split
-        top = parse_mesh_yaml(rest)
-        if not isinstance(top, dict) or top.get("services") != [] or len(top) != 1:
+        sidecars = self._sidecars(rest)
+        if sidecars is None:
             return None
         known: dict[str, Service] = {}
         services: list[Service] = []
@@ -110,9 +113,24 @@ class MeshLoader:
                     return None
             known[item] = service
             services.append(service)
-        mesh = Mesh(services=services)
+        mesh = Mesh(services=services, sidecars=sidecars)
         self._known, self.parsed = known, parsed
         return mesh
+
+    def _sidecars(self, rest: str) -> list[Sidecar] | None:
+        """The ``sidecars`` entries of the text around the services (validated again
+        only when that text changed), or None when it holds anything else."""
+        if self._rest is not None and self._rest[0] == rest:
+            return self._rest[1]
+        top = parse_mesh_yaml(rest)
+        if not isinstance(top, dict) or top.get("services") != [] or set(top) - _TOP:
+            return None
+        raw = top.get("sidecars", [])
+        if not isinstance(raw, list) or count_values(raw) > MAX_VALUES:
+            return None
+        sidecars = [Sidecar.model_validate(item) for item in raw]
+        self._rest = (rest, sidecars)
+        return sidecars
 
 
 def _service(item: str) -> tuple[Service | None, int]:

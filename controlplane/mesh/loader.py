@@ -19,9 +19,11 @@ from controlplane.mesh.model import (
     MatchRoute,
     Mesh,
     Service,
+    Sidecar,
     SplitTarget,
     reference_problems,
 )
+from controlplane.mesh.scope import sidecar_problems
 
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x
 # A mesh of 100,000 endpoints is ~1M values; YAML aliases could make a small file expand
@@ -144,10 +146,25 @@ def load_mesh_data(data: dict[str, Any], origin: str = "<mesh>") -> Mesh:
         problems = [describe_error(err, data) for err in exc.errors()]
     except RecursionError:
         raise MeshError(origin, ["nested too deeply to be a mesh"]) from None
-    for extra in _reference_problems(data):
+    for extra in [*_reference_problems(data), *_sidecar_problems(data)]:
         if extra not in problems:
             problems.append(extra)
     raise MeshError(origin, problems)
+
+
+def _sidecar_problems(data: dict[str, Any]) -> list[str]:
+    """Repeated ``sidecars`` entries among those that did validate, reported in the
+    same round as the mesh's other problems."""
+    items = data.get("sidecars")
+    if not isinstance(items, list):
+        return []
+    parsed = [(index, valid) for index, item in enumerate(items)
+              if isinstance(valid := _valid(Sidecar, item), Sidecar)]
+    found = sidecar_problems(parsed)
+    if not found:
+        return []
+    return [describe_error(err, data) for err in
+            ValidationError.from_exception_data("Mesh", found).errors()]
 
 
 def _reference_problems(data: dict[str, Any]) -> list[str]:
@@ -226,6 +243,9 @@ def count_values(data: Any) -> int:
     return count
 
 
+_NAMED: Final = (["services"], [".services"], ["sidecars"], [".sidecars"])
+
+
 def describe_error(error: Any, data: Any, root: str = "") -> str:
     """``services[1] (reviews.default).endpoints[0].port: Input should be ...``: the path,
     with the name of each named object on it, and a message that says what to do.
@@ -234,7 +254,7 @@ def describe_error(error: Any, data: Any, root: str = "") -> str:
     node: Any = data
     for item in error["loc"]:
         if isinstance(item, int):
-            in_services = parts[-1:] in (["services"], [".services"])  # name those only
+            in_services = parts[-1:] in _NAMED  # name those only
             parts.append(f"[{item}]")
             node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
             if in_services and isinstance(node, dict) and isinstance(node.get("name"), str):

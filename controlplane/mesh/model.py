@@ -10,12 +10,13 @@ every name, so ``controlplane.mesh.model`` stays the one import path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
-from controlplane.mesh.base import _Model, longer_than_zero
+from controlplane.mesh.base import _Model, longer_than_zero, problem
 from controlplane.mesh.endpoints import AddressType, Endpoint, Protocol, ServicePort
 from controlplane.mesh.limits import UINT32_MAX, Percent, Port
 from controlplane.mesh.policy import (
@@ -40,12 +41,21 @@ from controlplane.mesh.resilience import (
     RetryBudget,
     RetryOn,
 )
+from controlplane.mesh.scope import (
+    MAX_SIDECARS,
+    Egress,
+    ScopeIndex,
+    Sidecar,
+    WorkloadSelector,
+    sidecar_problems,
+)
 from controlplane.mesh.service import Service
 
 __all__ = [
     "UINT32_MAX",
     "AddressType",
     "CircuitBreaker",
+    "Egress",
     "Endpoint",
     "Fallback",
     "Fault",
@@ -67,9 +77,12 @@ __all__ = [
     "RetryBackoff",
     "RetryBudget",
     "RetryOn",
+    "ScopeIndex",
     "Service",
     "ServicePort",
+    "Sidecar",
     "SplitTarget",
+    "WorkloadSelector",
     "_Model",
     "empty_subsets",
     "longer_than_zero",
@@ -83,21 +96,51 @@ class Mesh(_Model):
     """The whole validated state that a source hands downstream."""
 
     services: list[Service] = Field(default_factory=list)
+    sidecars: list[Sidecar] = Field(default_factory=list, max_length=MAX_SIDECARS)
+    """What sidecars may reach (``scope.py``); none: every service exported to them."""
+
+    # Derived indexes, built on first use. Each remembers the list it was built from,
+    # so a model_copy with other services builds its own rather than trust a stale one.
+    _by_key: tuple[list[Service], Mapping[str, Service]] | None = PrivateAttr(None)
+    _scope: tuple[list[Service], list[Sidecar], ScopeIndex] | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _unique(self) -> Mesh:
         problems = reference_problems(enumerate(self.services))
+        problems += sidecar_problems(enumerate(self.sidecars))
         if problems:
             # Raised with each problem's own path, so the loader names it as it names
             # field errors: services[0] (reviews.default).policy.split[1].service: ...
             raise ValidationError.from_exception_data(type(self).__name__, problems)
         return self
 
+    def __eq__(self, other: object) -> bool:
+        """Equal content, whichever indexes either has built."""
+        if not isinstance(other, Mesh):
+            return NotImplemented
+        return self.services == other.services and self.sidecars == other.sidecars
+
+    __hash__ = None  # type: ignore[assignment]  # a list inside: never hashable
+
+    @property
+    def by_key(self) -> Mapping[str, Service]:
+        """Every service by ``name.namespace`` (read-only), built once per mesh."""
+        if self._by_key is None or self._by_key[0] is not self.services:
+            index = MappingProxyType({service.key: service for service in self.services})
+            self._by_key = (self.services, index)
+        return self._by_key[1]
+
     def service(self, name: str, namespace: str = "default") -> Service | None:
-        for service in self.services:
-            if service.name == name and service.namespace == namespace:
-                return service
-        return None
+        return self.by_key.get(f"{name}.{namespace}")
+
+    @property
+    def scope(self) -> ScopeIndex:
+        """The scoping rules (``sidecars``, ``exportTo``) indexed, built once per mesh."""
+        cached = self._scope
+        if cached is None or cached[0] is not self.services or cached[1] is not self.sidecars:
+            cached = (self.services, self.sidecars, ScopeIndex(self.by_key, self.sidecars))
+            self._scope = cached
+        return cached[2]
 
 
 def reference_problems(
@@ -114,7 +157,7 @@ def reference_problems(
     problems: list[InitErrorDetails] = []
     for index, service in indexed:
         if service.key in seen:
-            problems.append(_problem(
+            problems.append(problem(
                 ("services", index, "name"), service.name,
                 f"repeats service {service.name!r} in namespace "
                 f"{service.namespace!r} (first at services[{seen[service.key]}]); "
@@ -125,12 +168,6 @@ def reference_problems(
     for index, service in indexed:
         problems += _check_targets(index, service, by_key, unparsed)
     return problems
-
-
-def _problem(loc: tuple[str | int, ...], value: object, message: str) -> InitErrorDetails:
-    return InitErrorDetails(
-        type=PydanticCustomError("value_error", "{message}", {"message": message}),
-        loc=loc, input=value)
 
 
 def _check_targets(
@@ -146,12 +183,12 @@ def _check_targets(
     ]
     problems: list[InitErrorDetails] = []
 
-    def problem(field: str, where: tuple[str | int, ...], value: object, message: str) -> None:
-        problems.append(_problem(("services", index, "policy", *where, field), value, message))
+    def report(field: str, where: tuple[str | int, ...], value: object, message: str) -> None:
+        problems.append(problem(("services", index, "policy", *where, field), value, message))
 
     for kind, at, target in targets:
         if target.labels is not None and service.external_name is not None:
-            problem("labels", (kind, at), target.labels,
+            report("labels", (kind, at), target.labels,
                     "an external_name service has no endpoints to select by label; "
                     "route to a service instead")
         if target.service is None:
@@ -161,7 +198,7 @@ def _check_targets(
         found = by_key.get(key)
         if found is None:
             if key not in unparsed:
-                problem("service", (kind, at), target.service,
+                report("service", (kind, at), target.service,
                         f"no service {target.service!r} in namespace {namespace!r}")
             continue
         # A target is called on the port the request came for: it must have each.
@@ -169,7 +206,7 @@ def _check_targets(
         missing = [p.port for p in service.service_ports
                    if p.protocol in _ROUTED and p.port not in theirs]
         if missing:
-            problem("service", (kind, at), target.service,
+            report("service", (kind, at), target.service,
                     f"{key} has no HTTP or gRPC port "
                     f"{', '.join(map(str, missing))}; a split or match to another "
                     "service calls it on the same port number")
@@ -178,14 +215,14 @@ def _check_targets(
         where = f"{fallback[0]}.{fallback[1]}"
         other = by_key.get(where)
         if where == service.key:
-            problem("service", ("fallback",), where,
+            report("service", ("fallback",), where,
                     "a service cannot fall back to itself; name another service")
         elif other is None:
             if where not in unparsed:
-                problem("service", ("fallback",), where,
+                report("service", ("fallback",), where,
                         f"no service {fallback[0]!r} in namespace {fallback[1]!r}")
         elif not any(p.protocol in _ROUTED for p in other.service_ports):
-            problem("service", ("fallback",), where,
+            report("service", ("fallback",), where,
                     f"{where} has no HTTP or gRPC port to answer in this one's place")
     return problems
 

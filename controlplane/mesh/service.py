@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from typing import Annotated, Final
+
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from controlplane.mesh.base import _Model
 from controlplane.mesh.endpoints import Endpoint, Protocol, ServicePort
@@ -10,6 +12,38 @@ from controlplane.mesh.limits import Port, dns_label, hostname
 from controlplane.mesh.policy import Policy
 
 MAX_ENDPOINTS = 100_000
+MAX_EXPORTS = 1000
+ANY: Final = "*"  # exportTo and host patterns: every namespace (or name)
+OWN: Final = "."  # exportTo: the service's namespace; host patterns: the sidecar's
+
+
+def export_to(value: list[str] | None) -> list[str] | None:
+    """``exportTo`` as a whole: ``*`` alone, each namespace once."""
+    if value is None:
+        return None
+    if ANY in value and len(value) > 1:
+        raise ValueError("'*' exports to every namespace: give it alone, or list namespaces")
+    seen: dict[str, int] = {}
+    for index, namespace in enumerate(value):
+        if namespace in seen:
+            raise ValueError(f"{namespace!r} is listed twice (items {seen[namespace]} and "
+                             f"{index}); list it once")
+        seen[namespace] = index
+    return value
+
+
+def export_namespace(value: str) -> str:
+    """One ``exportTo`` item: ``*``, ``.`` or a namespace name."""
+    if value in (ANY, OWN):
+        return value
+    try:
+        return dns_label(value, "namespace")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or '.' (the service's own namespace) or '*' (every "
+                         "namespace)") from None
+
+
+ExportNamespace = Annotated[str, AfterValidator(export_namespace)]
 
 
 class Service(_Model):
@@ -31,6 +65,11 @@ class Service(_Model):
     external_name: str | None = None
     endpoints: list[Endpoint] = Field(default_factory=list, max_length=MAX_ENDPOINTS)
     policy: Policy = Field(default_factory=Policy)
+    export_to: list[ExportNamespace] | None = Field(
+        default=None, alias="exportTo", min_length=1, max_length=MAX_EXPORTS
+    )
+    """Where the service is visible (Istio's ``exportTo``): ``*`` every namespace (the
+    default), ``.`` its own, or namespace names. Sidecars elsewhere do not get it."""
 
     @field_validator("name")
     @classmethod
@@ -41,6 +80,11 @@ class Service(_Model):
     @classmethod
     def _namespace(cls, value: str) -> str:
         return dns_label(value, "namespace")
+
+    @field_validator("export_to")
+    @classmethod
+    def _export_to(cls, value: list[str] | None) -> list[str] | None:
+        return export_to(value)
 
     @field_validator("external_name")
     @classmethod
