@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
@@ -138,6 +139,7 @@ class DeltaStream(StreamBase):
             state.targets = _targets(typed, state.names)
             if not everything:
                 touched |= state.targets ^ old_targets
+                touched |= _targets(typed, touched)
             updated, removed, unresolved = self._changes(
                 typed, state, None if everything else touched)
             state.base = typed
@@ -187,6 +189,18 @@ class DeltaStream(StreamBase):
         assert self.snapshot is not None
         return self.snapshot.get(type_url) or TypeSnapshot(type_url, "", {})
 
+    def _vhds_namespaces(self) -> list[str]:
+        """``<route configuration>/`` for each route configuration sent that takes its
+        virtual hosts from VHDS. Envoy's VHDS holds its listener back until an answer
+        names something in that namespace (an answer with nothing is not delivered to
+        it), so a first answer with no virtual host removes this name, which is none."""
+        routes = self.snapshot.get(resource.ROUTE) if self.snapshot is not None else None
+        if routes is None:
+            return []
+        return sorted(f"{name}/" for name, res in routes.resources.items()
+                      if isinstance(res.message, route_pb2.RouteConfiguration)
+                      and res.message.HasField("vhds"))
+
     @staticmethod
     def _changes(typed: TypeSnapshot, state: DeltaTypeState, candidates: set[str] | None
                  ) -> tuple[list[Resource], list[str], list[str]]:
@@ -229,8 +243,11 @@ class DeltaStream(StreamBase):
         request of a client that holds nothing is answered, even with nothing: Envoy
         waits for that answer before it calls itself initialized (an on-demand sidecar
         without an inbound port has no cluster of its own to be sent)."""
-        if not updated and not removed and not unresolved and not state.owed:
-            return None
+        if not updated and not removed and not unresolved:
+            if not state.owed:
+                return None
+            if type_url == resource.VIRTUAL_HOST:
+                removed = self._vhds_namespaces()
         state.owed = False
         version = typed.version
         nonce = self.next_nonce()
