@@ -2,8 +2,10 @@
 
 Servicers stay thin. Each stream reads requests and waits for snapshots at once, hands
 both to the protocol logic (``SotwStream`` / ``DeltaStream``) and writes the prepared
-bytes it returns. Responses are already encoded, so the response serializer is the
-identity: a resource's bytes are shared by every stream that receives them.
+bytes it returns (``writes.py``: large writes take turns). Responses are already
+encoded, so the response serializer is the identity: a resource's bytes are shared by
+every stream that receives them. Between two events a stream keeps no request and no
+response alive: at a thousand streams those would be most of the server's memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from controlplane.server.limits import LimitError, Limits, LogBudget
 from controlplane.server.registry import StreamRegistry
 from controlplane.server.sotw import SotwStream
 from controlplane.server.stream import ProtocolError, Push, StreamBase
+from controlplane.server.writes import ClientGone, WriteTurns
 
 log = structlog.get_logger("controlplane.xds")
 
@@ -76,10 +79,6 @@ def _raw(message: Any) -> bytes:
     return message if isinstance(message, bytes) else bytes(message.SerializeToString())
 
 
-class _ClientGone(Exception):
-    """The client went away while we were writing to it: a normal end of a stream."""
-
-
 class XdsServer:
     """Serves snapshots from a ConfigWatcher over every xDS flavour."""
 
@@ -91,6 +90,7 @@ class XdsServer:
         self.identifier = identifier
         self.fetch_timeout = fetch_timeout
         self.limits = limits if limits is not None else Limits()
+        self.turns = WriteTurns(self.limits)
         self._closing = asyncio.Event()
 
     def shutdown(self) -> None:
@@ -158,7 +158,7 @@ class XdsServer:
             finally:
                 self.watcher.disconnect(stream.proxy)
             pushes = stream.on_snapshot(snapshot)
-            return pushes[0].payload if pushes else b""
+            return pushes[0].encode() if pushes else b""
         return handle
 
     async def _serve(self, stream: StreamBase, context: grpc.aio.ServicerContext) -> None:
@@ -177,6 +177,7 @@ class XdsServer:
                 if watching is not None:
                     waits.add(watching)
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                del waits
                 pushes: list[Push] = []
                 if reading in done:
                     request = reading.result()
@@ -185,6 +186,7 @@ class XdsServer:
                     if isinstance(request, _Malformed):
                         raise _MalformedRequest(request.message)
                     pushes += self._on_request(stream, request, budget)
+                    del request
                     reading = asyncio.ensure_future(context.read())
                     if watching is None and stream.proxy is not None:
                         connected = stream.proxy
@@ -197,10 +199,12 @@ class XdsServer:
                     assert stream.proxy is not None
                     watching = asyncio.ensure_future(
                         self.watcher.next_snapshot(stream.proxy, snapshot))
-                for push in pushes:
-                    await self._write(context, push.payload)
-                    self._sent(push)
-                if closing in done:
+                    del snapshot
+                closed = closing in done
+                del done  # it holds the request read: not kept while waiting
+                await self._write_all(context, pushes)
+                del pushes
+                if closed:
                     log.info("xds.stream_shutdown", hint="the client reconnects")
                     await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         except ProtocolError as exc:
@@ -212,7 +216,7 @@ class XdsServer:
             metrics.STREAMS_REFUSED.labels(exc.reason).inc()
             self._warn(budget, "xds.limit_exceeded", status=exc.status, error=str(exc))
             await context.abort(grpc.StatusCode[exc.status], str(exc))
-        except _ClientGone as exc:
+        except ClientGone as exc:
             log.info("xds.client_gone", error=str(exc)[:200],
                      hint="the client closed the stream during a write; it reconnects")
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -234,16 +238,12 @@ class XdsServer:
                                               if budget.suppressed else {}))
             structlog.contextvars.unbind_contextvars("stream_id", "node_id", "api", "protocol")
 
-    @staticmethod
-    async def _write(context: grpc.aio.ServicerContext, payload: bytes) -> None:
-        """A write fails only when the call is over: the client cancelled or the
-        connection broke (gRPC reports it as a failed batch, not as a cancellation)."""
-        try:
-            await context.write(payload)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            raise _ClientGone(f"{type(exc).__name__}: {exc}") from exc
+    async def _write_all(self, context: grpc.aio.ServicerContext, pushes: list[Push]) -> None:
+        """Write in order; each push is encoded when its turn comes and dropped after."""
+        while pushes:
+            push = pushes.pop(0)
+            await self.turns.write(context, push)
+            self._sent(push)
 
     @staticmethod
     def _warn(budget: LogBudget, event: str, **fields: Any) -> None:
@@ -278,9 +278,9 @@ class XdsServer:
     def _sent(self, push: Push) -> None:
         short = resource.short_name(push.type_url)
         metrics.PUSHES.labels(short).inc()
-        metrics.PUSH_BYTES.labels(short).inc(len(push.payload))
+        metrics.PUSH_BYTES.labels(short).inc(push.size)
         log.debug("xds.push", type=short, version=push.version, nonce=push.nonce,
-                  resources=len(push.names), removed=len(push.removed), bytes=len(push.payload))
+                  resources=len(push.names), removed=len(push.removed), bytes=push.size)
 
 
 async def create_server(address: str, xds: XdsServer) -> tuple[grpc.aio.Server, int]:

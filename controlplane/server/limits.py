@@ -3,12 +3,15 @@
 A client picks its node id, its metadata, the names it asks for and the type URLs it
 sends. Each of those ends up in memory, in logs or in a snapshot group, so each has a
 bound; past it the stream ends with a gRPC status that says which bound and what to do.
+It also picks how fast it reads: large writes take turns (``max_large_writes``), so a
+thousand sidecars syncing at once, or a few that do not read, cannot starve the others.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
@@ -39,6 +42,15 @@ class Limits:
     """Warnings one stream may cause per second; the rest are counted, not written."""
     max_request_bytes: int = 16 * 1024 * 1024
     """gRPC's receive limit for one request message."""
+    max_large_writes: int = 16
+    """Large responses being written at once, over every stream (0: no bound). More wait
+    their turn in arrival order; small ones (an endpoint change) never wait."""
+    large_write_bytes: int = 64 * 1024
+    """From this size on a response is large: an initial sync or a whole CDS or RDS of a
+    big mesh. It is encoded only when its turn comes."""
+    large_write_turn_seconds: float = 1.0
+    """How long a large write keeps its turn: a client that does not read then goes on
+    being written to without one, and the next waiting write starts."""
 
 
 class LimitError(Exception):
@@ -96,7 +108,7 @@ def check_versions(versions: dict[str, str], limits: Limits) -> None:
                 f"versions it sent", "INVALID_ARGUMENT", "names")
 
 
-def check_names(names: list[str], limits: Limits, what: str = "resource names") -> None:
+def check_names(names: Sequence[str], limits: Limits, what: str = "resource names") -> None:
     """Refuse a request that names too many resources, or too long a name."""
     if len(names) > limits.max_names_per_request:
         raise LimitError(

@@ -13,19 +13,68 @@ The rules (Envoy's xDS protocol document, and shared/XDS-PITFALLS.md):
 - Pushes follow the ADS order; a changed cluster's endpoints are sent again after it
   (Envoy ends cluster warming only on an EDS response after the CDS update); clusters
   that disappear stay until the listeners and routes that point at them are replaced.
+
+At a thousand streams (shared/XDS-PITFALLS.md 16, 17):
+- An ACK that repeats the names of the stream's last request is recognized by a
+  fingerprint of its encoding, so an EDS ACK naming a thousand clusters builds no set
+  and checks no name again.
+- Streams that subscribe to the same names share one frozenset (``NameSets``), and the
+  record of a full-state type last sent is the snapshot's own mapping when the whole
+  type went out.
+- A push holds the resources' prepared chunks; they are joined only when it is written.
 """
+
 
 from __future__ import annotations
 
 import time
+import weakref
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot, type_version
-from controlplane.server.limits import MAX_ERROR_CHARS, MAX_VERSION_CHARS, Limits
+from controlplane.server.limits import (
+    MAX_ERROR_CHARS,
+    MAX_VERSION_CHARS,
+    Limits,
+    check_names,
+)
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
+
+_NONE: frozenset[str] = frozenset()
+_STAR = frozenset({"*"})
+_NOTHING_SENT: Mapping[str, Resource] = MappingProxyType({})
+
+
+class NameSets:
+    """One frozenset per distinct subscription, shared by every stream that holds it: a
+    thousand sidecars asking for the same thousand endpoints keep one set between them.
+    A set no stream holds any more is dropped (weak references)."""
+
+    def __init__(self) -> None:
+        self._sets: weakref.WeakValueDictionary[int, frozenset[str]] = (
+            weakref.WeakValueDictionary())
+
+    def intern(self, names: frozenset[str]) -> frozenset[str]:
+        if not names:
+            return _NONE
+        key = hash(names)
+        held = self._sets.get(key)
+        if held is None:
+            self._sets[key] = names
+            return names
+        return held if held == names else names  # a hash collision: not shared
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+
+NAME_SETS = NameSets()
 
 
 @dataclass(slots=True)
@@ -33,7 +82,13 @@ class SotwTypeState(TypeState):
     requested: bool = False
     legacy_wildcard: bool = False
     base: TypeSnapshot | None = None  # what the client was last brought up to date with
-    sent: dict[str, str] = field(default_factory=dict)  # full-state types: the set last sent
+    subscribed: frozenset[str] = _NONE  # the names asked for, shared (NAME_SETS)
+    fingerprint: tuple[int, int] = (-1, 0)  # of the last request's names (_fingerprint)
+    # Full-state types: what was last sent (the snapshot's own mapping when it all went).
+    sent: Mapping[str, Resource] = field(default_factory=lambda: _NOTHING_SENT)
+
+    def subscription(self) -> Set[str]:
+        return self.subscribed
 
 
 class SotwStream(StreamBase):
@@ -50,7 +105,8 @@ class SotwStream(StreamBase):
         return dict(self.types)
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> Handled:
-        type_url = self.begin(request)
+        """Take a request (its version and nonce are cleared once read)."""
+        type_url = self.prepare(request)
         if type_url is None:
             return Handled("unknown_type", request.type_url)
         state = self.types.get(type_url)
@@ -69,8 +125,14 @@ class SotwStream(StreamBase):
             kind = "ack"
             state.acked_version = request.version_info[:MAX_VERSION_CHARS]
 
-        before = state.names  # rebound, never mutated, by _update_subscription
-        added = _update_subscription(state, list(request.resource_names), first)
+        before = state.subscribed
+        fingerprint = _fingerprint(request)
+        added = False  # the names of the last request again (every ACK): nothing to redo
+        if fingerprint != state.fingerprint:
+            names = list(request.resource_names)
+            check_names(names, self.limits)
+            added = _update_subscription(state, names, first)
+            state.fingerprint = fingerprint
         state.requested = True
         handled = Handled(kind, type_url, error=error)
         if self.snapshot is not None and (first or added):
@@ -78,13 +140,13 @@ class SotwStream(StreamBase):
             if first or type_url in resource.FULL_STATE or state.wildcard:
                 selected = self._scope(typed, state)
             else:
-                fresh = sorted(state.names - before)
+                fresh = sorted(state.subscribed - before)
                 selected = [typed.resources[n] for n in fresh if n in typed.resources]
             handled.pushes.append(self._emit(type_url, state, typed, selected))
         return handled
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Push]:
-        previous, self.snapshot = self.snapshot, snapshot
+        self.snapshot = snapshot
         pushes: list[Push] = []
         tail: list[Push] = []
         rewarm: set[str] = set()
@@ -104,7 +166,7 @@ class SotwStream(StreamBase):
                 selected = self._scope(typed, state)
                 if type_url == resource.CLUSTER:
                     rewarm = _endpoints_of(typed, changed)
-                    held = self._held_clusters(previous, state, selected)
+                    held = self._held_clusters(state, typed, selected)
                     if held:
                         union = selected + held
                         pushes.append(self._emit(type_url, state, typed, union,
@@ -113,9 +175,9 @@ class SotwStream(StreamBase):
                         continue
                 pushes.append(self._emit(type_url, state, typed, selected))
                 continue
-            wanted = changed if state.wildcard else changed & state.names
+            wanted = changed if state.wildcard else changed & state.subscribed
             if type_url == resource.ENDPOINT and rewarm:
-                wanted = wanted | (rewarm if state.wildcard else rewarm & state.names)
+                wanted = wanted | (rewarm if state.wildcard else rewarm & state.subscribed)
             state.base = typed
             selected = [typed.resources[n] for n in sorted(wanted) if n in typed.resources]
             if selected:
@@ -128,39 +190,43 @@ class SotwStream(StreamBase):
 
     @staticmethod
     def _scope(typed: TypeSnapshot, state: SotwTypeState) -> list[Resource]:
-        """Every resource the stream subscribes to that exists."""
+        """Every resource the stream subscribes to that exists. (A wildcard gets every
+        resource of the group: ``TypeSnapshot.wildcard`` narrows delta streams only, as
+        on-demand discovery needs delta.)"""
+        res = typed.resources
         if state.wildcard:
-            return list(typed.resources.values())
-        found = (typed.resources.get(name) for name in sorted(state.names))
+            return list(res.values())
+        found = (res.get(name) for name in state.subscribed)
         return [r for r in found if r is not None]
 
-    def _held_clusters(
-        self, previous: Snapshot | None, state: SotwTypeState, selected: list[Resource]
-    ) -> list[Resource]:
+    def _held_clusters(self, state: SotwTypeState, typed: TypeSnapshot,
+                       selected: list[Resource]) -> list[Resource]:
         """Clusters leaving the set that listeners or routes on this stream still use."""
-        if previous is None or not ({resource.LISTENER, resource.ROUTE} & self.types.keys()):
+        if not ({resource.LISTENER, resource.ROUTE} & self.types.keys()):
             return []
-        keep = {r.name for r in selected}
-        old = previous.get(resource.CLUSTER)
-        if old is None:
-            return []
-        gone = sorted(n for n in state.sent if n not in keep)
-        return [old.resources[n] for n in gone if n in old.resources]
+        keep: Mapping[str, Any] | set[str] = (
+            typed.resources if len(selected) == len(typed.resources)
+            else {r.name for r in selected})
+        gone = [r for name, r in state.sent.items() if name not in keep]
+        return sorted(gone, key=lambda r: r.name)
 
     def _emit(self, type_url: str, state: SotwTypeState, typed: TypeSnapshot,
               selected: list[Resource], version: str | None = None) -> Push:
+        # ``selected`` comes from ``typed`` without repeats unless a version is given.
+        whole = version is None and len(selected) == len(typed.resources)
         nonce = self.next_nonce()
         version = typed.version if version is None else version
         header = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=nonce,
             control_plane=self._control_plane,
         ).SerializeToString()
-        payload = header + b"".join(r.sotw_chunk for r in selected)
+        body = [r.sotw_chunk for r in selected]
         state.nonce, state.sent_version, state.base = nonce, version, typed
         if type_url in resource.FULL_STATE:
-            state.sent = {r.name: r.version for r in selected}
+            state.sent = typed.resources if whole else {r.name: r for r in selected}
         state.pushes += 1
-        return Push(type_url, nonce, version, payload, [r.name for r in selected])
+        return Push(type_url, nonce, version, header, [r.name for r in selected],
+                    body=body, body_bytes=sum(map(len, body)))
 
     def _defer(self, type_url: str, version: str, selected: list[Resource]) -> Push:
         """A placeholder for the final push of a make-before-break pair."""
@@ -171,6 +237,15 @@ class SotwStream(StreamBase):
         typed = self._typed(deferred.type_url)
         selected = [typed.resources[n] for n in deferred.names if n in typed.resources]
         return self._emit(deferred.type_url, state, typed, selected)
+
+
+def _fingerprint(request: discovery_pb2.DiscoveryRequest) -> tuple[int, int]:
+    """(count, hash of the encoding) of the request's names, type and node: equal for two
+    requests naming the same names in the same order. It makes no Python string per
+    name (an EDS ACK names every cluster). Clears the version and nonce it leaves out."""
+    request.version_info = ""
+    request.response_nonce = ""
+    return len(request.resource_names), hash(request.SerializeToString(deterministic=True))
 
 
 def _endpoints_of(clusters: TypeSnapshot, names: frozenset[str]) -> set[str]:
@@ -185,17 +260,18 @@ def _endpoints_of(clusters: TypeSnapshot, names: frozenset[str]) -> set[str]:
 
 def _update_subscription(state: SotwTypeState, names: list[str], first: bool) -> bool:
     """Apply the request's name list; True if something is newly requested."""
-    requested = set(names)
+    requested = frozenset(names)
     wildcard = "*" in requested
-    requested.discard("*")
+    if wildcard:
+        requested = requested - _STAR
     if first and not names:
         state.legacy_wildcard = True
     if state.legacy_wildcard and not names:
         wildcard = True
     elif names:
         state.legacy_wildcard = False
-    added = (wildcard and not state.wildcard) or bool(requested - state.names)
+    added = (wildcard and not state.wildcard) or not requested <= state.subscribed
     state.wildcard = wildcard
-    if requested != state.names:  # an ACK repeats the names: keep the set already held
-        state.names = requested
+    if requested != state.subscribed:
+        state.subscribed = NAME_SETS.intern(requested)
     return added

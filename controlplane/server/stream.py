@@ -7,7 +7,9 @@ Everything here dies with the stream (go-control-plane #597: state kept after di
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,11 @@ class ProtocolError(Exception):
 
 @dataclass(slots=True)
 class Push:
-    """One response, encoded, with what the logs and metrics want to know about it."""
+    """One response, with what the logs and metrics want to know about it.
+
+    ``payload`` is the encoded response, or only its header when ``body`` holds the
+    resources' prepared chunks: those are joined when the response is written, so a push
+    waiting for its turn holds references to shared bytes, not a copy of them."""
 
     type_url: str
     nonce: str
@@ -39,6 +45,19 @@ class Push:
     payload: bytes
     names: list[str]
     removed: list[str] = field(default_factory=list)
+    body: Sequence[bytes] = ()
+    body_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire (the gRPC frame aside)."""
+        return len(self.payload) + self.body_bytes
+
+    def encode(self) -> bytes:
+        """The whole response. Not kept: the caller writes it and lets it go."""
+        if not self.body:
+            return self.payload
+        return b"".join(itertools.chain((self.payload,), self.body))
 
 
 @dataclass(slots=True)
@@ -72,6 +91,10 @@ class TypeState:
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
 
+    def subscription(self) -> Set[str]:
+        """The names the client subscribes to (besides a wildcard)."""
+        return self.names
+
     def describe(self) -> dict[str, Any]:
         nack = self.last_nack
         return {
@@ -80,7 +103,7 @@ class TypeState:
             "nonce": self.nonce,
             "pushes": self.pushes,
             "wildcard": self.wildcard,
-            "subscribed": sorted(self.names),
+            "subscribed": sorted(self.subscription()),
             "last_nack": None
             if nack is None
             else {"error": nack.error, "version": nack.version, "at": nack.at},
@@ -121,8 +144,9 @@ class StreamBase:
         return True
 
     def begin(self, request: Any) -> str | None:
-        """Every request's first steps: keep the node, resolve the type (None: ignored)."""
-        self.accept_node(request.node, request.HasField("node"))
+        """Every request's first steps: keep the node, check the names, resolve the type
+        (None: ignored)."""
+        type_url = self.prepare(request)
         if request.DESCRIPTOR.name == "DeltaDiscoveryRequest":
             names = [*request.resource_names_subscribe, *request.resource_names_unsubscribe,
                      *request.initial_resource_versions]
@@ -130,6 +154,12 @@ class StreamBase:
         else:
             names = list(request.resource_names)
         check_names(names, self.limits)
+        return type_url
+
+    def prepare(self, request: Any) -> str | None:
+        """Keep the node, resolve the type: the steps that do not look at each name (a
+        state-of-the-world ACK repeats every name; it checks them only when they change)."""
+        self.accept_node(request.node, request.HasField("node"))
         check_names([request.type_url], self.limits, "type URLs")
         return self.resolve_type(request.type_url)
 
