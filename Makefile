@@ -34,6 +34,9 @@ lint: $(STAMP)
 # the committed baselines in bench/results/ change only with --update-baseline.
 bench: $(STAMP)
 	$(BIN)/python bench/xds_push.py
+	$(BIN)/python bench/xds_push.py --streams 1000 --services 1000 --scoped 10
+	$(BIN)/python bench/reconnect_storm.py
+	$(BIN)/python bench/envoy_memory.py
 	$(BIN)/python bench/k8s_sync.py
 	$(BIN)/python bench/mesh_file.py
 	$(BIN)/python bench/pipeline_load.py
