@@ -28,6 +28,10 @@ ROUTER: Final = "envoy.filters.http.router"
 EGRESS_ADDRESS: Final = "127.0.0.1"
 
 _HCM = http_connection_manager_pb2.HttpConnectionManager
+# Envoy sets SO_REUSEPORT by default: a second sidecar given a port another one holds
+# would bind it too and silently take half its connections. Off, it fails to bind, and
+# says so.
+_NO_REUSE_PORT = wrappers_pb2.BoolValue(value=False)
 
 
 def egress_listener(proxy: ProxyIdentity) -> listener_pb2.Listener:
@@ -52,6 +56,7 @@ def egress_listener(proxy: ProxyIdentity) -> listener_pb2.Listener:
         address=socket_address(EGRESS_ADDRESS, proxy.egress_port),
         traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
         filter_chains=[_chain(HTTP_CONNECTION_MANAGER, manager)],
+        enable_reuse_port=_NO_REUSE_PORT,
     )
 
 
@@ -80,6 +85,7 @@ def inbound_listener(
         address=socket_address(proxy.inbound_address, proxy.inbound_port),
         traffic_direction=base_pb2.TrafficDirection.INBOUND,
         filter_chains=[chain],
+        enable_reuse_port=_NO_REUSE_PORT,
     )
 
 
