@@ -34,7 +34,6 @@ from controlplane.translator import egress_route
 
 log = structlog.get_logger("controlplane.pipeline")
 
-_PROBE = ProxyIdentity(node_id="(probe)", service="(probe)")
 _ATTEMPTS = 3  # isolate route-table culprits at most this many times, then reject whole
 
 
@@ -52,8 +51,7 @@ def check_mesh(mesh: Mesh, previous: MeshBuild | None = None,
             build = MeshBuild(mesh, previous, culprits)
             for namespace in sorted({DEFAULT_NAMESPACE, *namespaces}):
                 build.route(namespace)
-            build.settle()
-            snapshot = build.snapshot(_PROBE)
+            snapshot = build.probe()
         except Exception as exc:  # a translator bug: find the services that cause it
             found = _route_culprits(mesh, {DEFAULT_NAMESPACE, *namespaces})
             if not found or found.keys() <= culprits.keys():
@@ -90,7 +88,8 @@ class _Prepared:
     """A mesh translated and assembled for every known group, ready to publish."""
 
     build: MeshBuild
-    snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)  # the groups that changed
+    unchanged: set[str] = field(default_factory=set)  # their snapshot stays as it is
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -180,11 +179,17 @@ class Pipeline:
         namespaces = {p.namespace for p in groups.values()}
         prepared = _Prepared(check_mesh(mesh, previous, namespaces, strict=False))
         for group, proxy in groups.items():
+            current = self.cache.get(group)
             try:
-                prepared.snapshots[group] = _assemble(prepared.build, proxy,
-                                                      self.cache.get(group))
+                snapshot = _assemble(prepared.build, proxy, current)
             except Exception as exc:
                 prepared.failures[group] = f"{type(exc).__name__}: {exc}"
+                continue
+            if snapshot is current:
+                prepared.unchanged.add(group)  # none of its layers changed: O(1) so far
+            else:
+                prepared.snapshots[group] = snapshot
+        prepared.build.settle()  # every layer in use is derived: the old build may go
         prepared.seconds = time.perf_counter() - started
         return prepared
 
@@ -223,7 +228,8 @@ class Pipeline:
     def _build_missing(self, prepared: _Prepared) -> None:
         """Groups that arrived while the mesh was being built got the old one."""
         for group, proxy in self.cache.groups().items():
-            if group not in prepared.snapshots and group not in prepared.failures:
+            if (group not in prepared.snapshots and group not in prepared.failures
+                    and group not in prepared.unchanged):
                 self.build(proxy)
 
     def _accepted_log(self, prepared: _Prepared) -> None:
@@ -231,6 +237,7 @@ class Pipeline:
         versions = {s.version for s in prepared.snapshots.values()}
         log.info("mesh.accepted", generation=self.generation,
                  services=len(build.mesh.services), groups=len(prepared.snapshots),
+                 unchanged_groups=len(prepared.unchanged),
                  versions=len(versions), rejected_services=len(build.rejected),
                  seconds=round(prepared.seconds, 4))
 
@@ -321,9 +328,7 @@ class Pipeline:
             if self.store is not None:
                 self.store.forget(group)
         if self.current is not None:
-            members = self.cache.groups().values()
-            self.current.forget({DEFAULT_NAMESPACE, *(p.namespace for p in members)},
-                                {p.zone for p in members if p.zone})
+            self.current.forget(self.cache.groups().values())
         log.info("groups.expired", count=len(gone), groups=sorted(gone)[:10],
                  remaining=len(self.cache.groups()), ttl=ttl)
         return gone

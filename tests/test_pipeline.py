@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from controlplane import assembly, resource
+from controlplane import resource
+from controlplane.assembly import build as assembly
+from controlplane.assembly import services as encoding
 from controlplane.cache import Snapshot, SnapshotCache
 from controlplane.cache.store import SnapshotStore
 from controlplane.mesh import CircuitBreaker, Mesh, Policy, load_mesh_text
@@ -65,14 +67,14 @@ async def test_a_translator_bug_in_one_service_keeps_its_last_good_version(
     pipeline = Pipeline(cache)
     assert pipeline.set_mesh(load_mesh_text(TWO % (9081, 9091)))
     await cache.next_snapshot(PROXY, None)
-    real = assembly.service_resources
+    real = encoding.service_resources
 
     def broken(service: Service) -> ServiceResources:
         if service.name == "reviews":
             raise RuntimeError("translator bug")
         return real(service)
 
-    monkeypatch.setattr(assembly, "service_resources", broken)
+    monkeypatch.setattr(encoding, "service_resources", broken)
     with capture_logs() as logs:
         assert pipeline.set_mesh(load_mesh_text(TWO % (9082, 9092))) is True
     snapshot = cache.get(PROXY.group)
@@ -90,14 +92,14 @@ async def test_a_new_service_that_cannot_be_translated_is_left_out(
 ) -> None:
     cache = SnapshotCache()
     pipeline = Pipeline(cache)
-    real = assembly.service_resources
+    real = encoding.service_resources
 
     def broken(service: Service) -> ServiceResources:
         if service.name == "reviews":
             raise RuntimeError("translator bug")
         return real(service)
 
-    monkeypatch.setattr(assembly, "service_resources", broken)
+    monkeypatch.setattr(encoding, "service_resources", broken)
     # Starting with it: the rest is served and the server is ready.
     assert pipeline.set_mesh(load_mesh_text(TWO % (9081, 9091)))
     snapshot = await cache.next_snapshot(PROXY, None)
@@ -148,7 +150,7 @@ async def test_set_mesh_never_raises_and_keeps_the_last_good_snapshot(
     def broken(*args: object, **kwargs: object) -> Snapshot:
         raise RuntimeError("assembly bug")
 
-    monkeypatch.setattr(assembly, "build_snapshot", broken)
+    monkeypatch.setattr(assembly.MeshBuild, "probe", broken)
     with capture_logs() as logs:
         assert pipeline.set_mesh(mesh(9082)) is False
         assert await pipeline.apply(mesh(9083)) is False
@@ -162,13 +164,13 @@ async def test_apply_translates_off_the_event_loop(monkeypatch: pytest.MonkeyPat
     cache = SnapshotCache()
     pipeline = Pipeline(cache)
     threads: list[str] = []
-    real = assembly.service_resources
+    real = encoding.service_resources
 
     def spy(service: Service) -> ServiceResources:
         threads.append(threading.current_thread().name)
         return real(service)
 
-    monkeypatch.setattr(assembly, "service_resources", spy)
+    monkeypatch.setattr(encoding, "service_resources", spy)
     waiting = asyncio.ensure_future(cache.next_snapshot(PROXY, None))
     assert await pipeline.apply(mesh(9081))
     snapshot = await asyncio.wait_for(waiting, 5)
@@ -213,8 +215,8 @@ async def test_unchanged_mesh_publishes_nothing_and_endpoint_change_reuses_the_r
                      + second.get(resource.ENDPOINT).resources[reviews].size)
     assert pipeline.current.encoded_bytes == service_bytes  # only the changed service
     assert pipeline.current.encoded_bytes < first_build.encoded_bytes
-    # The group serialized only its own listener, found it unchanged, and reused it.
-    assert second.encoded_bytes == second.get(resource.LISTENER).size
+    # The group serialized nothing of its own: its service did not change.
+    assert second.encoded_bytes == 0
 
 
 async def test_store_writes_each_published_version_and_keeps_the_newest(tmp_path: Path) -> None:
@@ -307,7 +309,7 @@ async def test_readiness_says_when_the_latest_change_was_rejected(
     def broken(*args: object, **kwargs: object) -> Snapshot:
         raise RuntimeError("assembly bug")
 
-    monkeypatch.setattr(assembly, "build_snapshot", broken)
+    monkeypatch.setattr(assembly.MeshBuild, "probe", broken)
     assert not pipeline.set_mesh(mesh(9082))
     ready, detail = pipeline.readiness()
     assert ready and "latest change was rejected" in detail and "assembly bug" in detail
@@ -320,14 +322,14 @@ def test_validate_is_strict_about_services_the_server_would_leave_out(
     from controlplane.errors import TranslationError
     from controlplane.pipeline import check_mesh
 
-    real = assembly.service_resources
+    real = encoding.service_resources
 
     def broken(service: Service) -> ServiceResources:
         if service.name == "reviews":
             raise RuntimeError("translator bug")
         return real(service)
 
-    monkeypatch.setattr(assembly, "service_resources", broken)
+    monkeypatch.setattr(encoding, "service_resources", broken)
     with pytest.raises(TranslationError, match=r"service reviews\.default: RuntimeError"):
         check_mesh(mesh(9081))
     assert check_mesh(mesh(9081), strict=False).rejected == {

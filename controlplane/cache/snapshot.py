@@ -24,6 +24,9 @@ from controlplane import resource
 from controlplane.cache.layers import Layer, diff, digest_version, member_hash
 from controlplane.cache.references import References, dangling, references
 
+# The types every snapshot has (an empty one says "none", which SotW needs to say).
+STANDARD: tuple[str, ...] = (resource.CLUSTER, resource.ENDPOINT, resource.LISTENER,
+                             resource.ROUTE, resource.SECRET)
 _NO_ALIASES: Mapping[str, str] = MappingProxyType({})
 _NOTHING: Mapping[str, Resource] = MappingProxyType({})
 
@@ -146,7 +149,10 @@ def _same(typed: TypeSnapshot, type_url: str, layers: tuple[Layer, ...], own: La
           wildcard: frozenset[str] | None, aliases: Mapping[str, str]) -> bool:
     if typed.type_url != type_url or len(typed.layers) != len(layers):
         return False
-    if any(a is not b for a, b in zip(typed.layers, layers, strict=True)):
+    if not typed.parts and typed.resources:  # the plain form: not made of layers
+        return False
+    if any(a is not b and a.version != b.version
+           for a, b in zip(typed.layers, layers, strict=True)):
         return False
     if (typed.own.version if typed.own else None) != (own.version if own else None):
         return False
@@ -316,6 +322,8 @@ def build_snapshot(
     types: dict[str, TypeSnapshot] = {}
     encoded_bytes = 0
     for type_url in resource.PUSH_ORDER:
+        if type_url not in STANDARD and type_url not in named:
+            continue  # an optional type (VHDS): only when given
         previous = reuse.get(type_url) if reuse else None
         encoded: dict[str, Resource] = {}
         for item in named.get(type_url, ()):
