@@ -41,6 +41,8 @@ CASES = {
         inbound_port=15006, app_port=9081, inbound_address="127.0.0.1", admin_port=0,
     ),
     "ipv6": BootstrapOptions(node_id="r", service="reviews", xds_address="[::1]:18000"),
+    "on-demand": BootstrapOptions(node_id="frontend-1", service="frontend", on_demand=True,
+                                  inbound_port=15006, app_port=9080),
 }
 
 
@@ -127,7 +129,7 @@ def test_node_reads_back_as_the_same_identity(case: str) -> None:
     """What the bootstrap writes is what the server's ProxyIdentity reads."""
     options = CASES[case]
     message = json_format.ParseDict(build_bootstrap(options), bootstrap_pb2.Bootstrap())
-    proxy = ProxyIdentity.from_node(message.node)
+    proxy = ProxyIdentity.from_node(message.node, delta=options.uses_delta)
     assert proxy == ProxyIdentity(
         node_id=options.node_id,
         service=options.service,
@@ -136,7 +138,41 @@ def test_node_reads_back_as_the_same_identity(case: str) -> None:
         inbound_port=options.inbound_port,
         app_port=options.app_port,
         inbound_address=options.inbound_address if options.inbound_port else "0.0.0.0",
+        on_demand=options.on_demand,
     )
+
+
+def test_on_demand_implies_delta_and_says_so_in_the_node() -> None:
+    options = CASES["on-demand"]
+    built = build_bootstrap(options)
+    assert built["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    assert built["node"]["metadata"]["on_demand"] is True
+    assert "--on-demand" in render_bootstrap(options).splitlines()[0]
+    message = json_format.ParseDict(built, bootstrap_pb2.Bootstrap())
+    proxy = ProxyIdentity.from_node(message.node, delta=True)
+    assert proxy.on_demand and proxy.group.endswith("~on-demand")
+    # Over state of the world there is no on-demand discovery: an ordinary sidecar.
+    plain = ProxyIdentity.from_node(message.node)
+    assert not plain.on_demand and "on-demand" not in plain.group
+    assert "on_demand" not in build_bootstrap(CASES["delta"])["node"]["metadata"]
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", True])
+def test_on_demand_metadata_reads_as_a_bool_or_the_string_true(value: object) -> None:
+    message = json_format.ParseDict(
+        {"id": "a", "cluster": "frontend", "metadata": {"on_demand": value}},
+        bootstrap_pb2.Bootstrap().node)
+    assert ProxyIdentity.from_node(message, delta=True).on_demand
+
+
+def test_cli_bootstrap_on_demand(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    subprocess.run([sys.executable, "-m", "controlplane", "bootstrap", "--node-id", "f-1",
+                    "--service", "frontend", "--on-demand", "-o", str(out)],
+                   check=True, timeout=60)
+    written = yaml.safe_load(out.read_text())
+    assert written["node"]["metadata"]["on_demand"] is True
+    assert written["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
 
 
 @pytest.mark.parametrize(
