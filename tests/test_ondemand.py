@@ -1,0 +1,189 @@
+"""On-demand sidecars over delta ADS, driven by a raw gRPC client: what a wildcard
+subscription gets, VHDS by alias (found, not found, asked again), clusters and endpoints
+by name, updates to what was fetched, and nothing else ever sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane import resource
+from controlplane.assembly import MeshBuild
+from controlplane.assembly.ondemand import ondemand_snapshot
+from controlplane.cache import Snapshot
+from controlplane.mesh.model import Mesh
+from controlplane.proxy import ProxyIdentity
+from controlplane.server.delta import _with_aliases
+from tests.conftest import Env
+from tests.support.xds_client import AdsClient, node
+
+PROXY = ProxyIdentity(node_id="fe-1", service="frontend", inbound_port=15006, app_port=9080,
+                      on_demand=True)
+ON_DEMAND_NODE: dict[str, Any] = {"on_demand": True, "inbound_port": 15006, "app_port": 9080}
+REVIEWS = "outbound|9080||reviews.default.svc.cluster.local"
+RATINGS = "outbound|9080||ratings.default.svc.cluster.local"
+INBOUND = "inbound|15006||frontend.default.svc.cluster.local"
+
+
+def mesh(reviews_port: int = 9081, reviews_timeout: str | None = None) -> Mesh:
+    reviews: dict[str, Any] = {"name": "reviews", "port": 9080,
+                               "endpoints": [{"address": "127.0.0.1", "port": reviews_port}]}
+    if reviews_timeout is not None:
+        reviews["policy"] = {"timeout": reviews_timeout}
+    return Mesh.model_validate({"services": [
+        reviews,
+        {"name": "ratings", "port": 9080, "endpoints": [{"address": "127.0.0.1", "port": 9082}]},
+        {"name": "frontend", "port": 9080, "endpoints": [{"address": "127.0.0.1", "port": 9080}]},
+    ]})
+
+
+def publish(env: Env, built: Mesh, reuse: Snapshot | None = None) -> Snapshot:
+    made = ondemand_snapshot(MeshBuild(built), PROXY, reuse)
+    env.cache.set_snapshot(PROXY.group, made)
+    return made
+
+
+def names(response: discovery_pb2.DeltaDiscoveryResponse) -> list[str]:
+    return sorted(r.name for r in response.resources)
+
+
+async def start(env: Env) -> AdsClient:
+    """An on-demand sidecar's first requests, as Envoy sends them: wildcard CDS and LDS,
+    then RDS for ``egress`` and a VHDS request with no names; each answered."""
+    client = env.client(delta=True)
+    await client.send(node=node("fe-1", **ON_DEMAND_NODE), type_url=resource.CLUSTER)
+    clusters = await client.recv()
+    assert clusters.type_url == resource.CLUSTER
+    assert names(clusters) == [INBOUND]  # its own cluster only, none of the mesh's
+    await client.ack(clusters)
+    await client.send(type_url=resource.LISTENER)
+    await client.ack(await client.recv())
+    await client.send(type_url=resource.ROUTE, resource_names_subscribe=["egress"])
+    routes = await client.recv()
+    config = route_pb2.RouteConfiguration()
+    routes.resources[0].resource.Unpack(config)
+    assert config.HasField("vhds") and not config.virtual_hosts
+    await client.ack(routes)
+    await client.send(type_url=resource.VIRTUAL_HOST)
+    first = await client.recv()
+    # Nothing to send, but Envoy's VHDS waits for an answer in its namespace.
+    assert names(first) == [] and list(first.removed_resources) == ["egress/"]
+    await client.ack(first)
+    return client
+
+
+async def test_a_new_sidecar_gets_only_its_own_config(env: Env) -> None:
+    publish(env, mesh())
+    client = await start(env)
+    await client.send(type_url=resource.ENDPOINT)  # a wildcard: answered, with nothing
+    endpoints = await client.recv()
+    assert names(endpoints) == [] and list(endpoints.removed_resources) == []
+    await client.ack(endpoints)
+    assert await client.nothing()
+    await client.close()
+
+
+async def test_a_host_is_answered_by_its_virtual_host_with_the_alias_asked(env: Env) -> None:
+    publish(env, mesh())
+    client = await start(env)
+    await client.send(type_url=resource.VIRTUAL_HOST,
+                      resource_names_subscribe=["egress/reviews:9080"])
+    response = await client.recv()
+    [found] = response.resources
+    assert found.name == "egress/reviews.default"
+    assert list(found.aliases) == ["egress/reviews:9080"]
+    vhost = route_components_pb2.VirtualHost()
+    found.resource.Unpack(vhost)
+    assert vhost.name == found.name  # Envoy keys what it holds by this name
+    assert "reviews:9080" in vhost.domains
+    assert vhost.routes[-1].route.cluster == REVIEWS
+    await client.ack(response)
+    assert await client.nothing()
+
+    # Its cluster and endpoints, by name.
+    await client.send(type_url=resource.CLUSTER, resource_names_subscribe=[REVIEWS])
+    assert names(await client.recv()) == [REVIEWS]
+    await client.send(type_url=resource.ENDPOINT, resource_names_subscribe=[REVIEWS])
+    assert names(await client.recv()) == [REVIEWS]
+    await client.close()
+
+
+async def test_an_unknown_host_is_answered_as_unresolved_each_time_it_is_asked(env: Env) -> None:
+    publish(env, mesh())
+    client = await start(env)
+    for _ in range(2):  # Envoy asks again on the next call: it waits for an answer each time
+        await client.send(type_url=resource.VIRTUAL_HOST,
+                          resource_names_subscribe=["egress/nowhere"])
+        response = await client.recv()
+        [entry] = response.resources
+        assert entry.name == "egress/nowhere" and list(entry.aliases) == ["egress/nowhere"]
+        assert not entry.HasField("resource")  # "cannot resolve": Envoy answers 404
+        assert list(response.removed_resources) == []
+        await client.ack(response)
+    await client.close()
+
+
+async def test_asked_again_a_host_is_sent_again(env: Env) -> None:
+    publish(env, mesh())
+    client = await start(env)
+    for _ in range(2):
+        await client.send(type_url=resource.VIRTUAL_HOST,
+                          resource_names_subscribe=["egress/reviews"])
+        response = await client.recv()
+        assert names(response) == ["egress/reviews.default"]
+        assert list(response.resources[0].aliases) == ["egress/reviews"]
+        await client.ack(response)
+    await client.close()
+
+
+async def test_what_was_fetched_is_updated_and_nothing_else_is_sent(env: Env) -> None:
+    before = publish(env, mesh())
+    client = await start(env)
+    await client.send(type_url=resource.VIRTUAL_HOST, resource_names_subscribe=["egress/reviews"])
+    await client.ack(await client.recv())
+    await client.send(type_url=resource.CLUSTER, resource_names_subscribe=[REVIEWS])
+    await client.ack(await client.recv())
+    await client.send(type_url=resource.ENDPOINT, resource_names_subscribe=[REVIEWS])
+    await client.ack(await client.recv())
+
+    # reviews' endpoint moves and its routes change; ratings was never fetched.
+    publish(env, mesh(reviews_port=9091, reviews_timeout="3s"), before)
+    seen: dict[str, list[str]] = {}
+    for _ in range(2):
+        response = await client.recv()
+        seen[response.type_url] = names(response)
+        await client.ack(response)
+    assert seen == {resource.ENDPOINT: [REVIEWS], resource.VIRTUAL_HOST: ["egress/reviews.default"]}
+    assert await client.nothing()
+    await client.close()
+
+
+async def test_a_state_of_the_world_stream_of_an_on_demand_sidecar_gets_everything(
+        env: Env) -> None:
+    """On demand needs delta; over SotW the sidecar is an ordinary one (its group has no
+    ``~on-demand``), so it is served the full config of that group."""
+    full = MeshBuild(mesh()).snapshot(ProxyIdentity("fe-1", "frontend", inbound_port=15006,
+                                                    app_port=9080))
+    env.cache.set_snapshot(ProxyIdentity("x", "frontend", inbound_port=15006,
+                                         app_port=9080).group, full)
+    client = env.client()
+    await client.send(node=node("fe-1", **ON_DEMAND_NODE), type_url=resource.CLUSTER)
+    response = await client.recv()
+    assert len(response.resources) == 4  # three services' clusters and the inbound one
+    await client.close()
+
+
+def test_aliases_added_to_a_prepared_resource_read_back_as_one_resource() -> None:
+    made = ondemand_snapshot(MeshBuild(mesh()), PROXY)
+    typed = made.types[resource.VIRTUAL_HOST]
+    res = typed.resources["egress/ratings.default"]
+    asked = {"egress/ratings", "egress/ratings.default.svc:9080", "egress/reviews"}
+    [chunk] = _with_aliases([res], typed.aliases, asked)
+    parsed = discovery_pb2.DeltaDiscoveryResponse.FromString(chunk)
+    [one] = parsed.resources
+    assert one.name == res.name and one.version == res.version
+    assert sorted(one.aliases) == ["egress/ratings", "egress/ratings.default.svc:9080"]
+    assert one.resource.value == discovery_pb2.DeltaDiscoveryResponse.FromString(
+        res.delta_chunk).resources[0].resource.value

@@ -1,0 +1,143 @@
+"""On-demand sidecars end to end: the real `controlplane serve`, a real Envoy from
+`controlplane bootstrap --on-demand`, real HTTP through its egress listener.
+
+The sidecar starts with nothing of the mesh; the first call to a service fetches its
+virtual host and cluster (VHDS, on-demand CDS) and succeeds; what the app never calls
+is never sent; what it fetched stays up to date."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+REVIEWS = "outbound|9080||reviews.default.svc.cluster.local"
+RATINGS = "outbound|9080||ratings.default.svc.cluster.local"
+DETAILS = "outbound|9080||details.default.svc.cluster.local"
+
+
+def write_mesh(path: Path, services: dict[str, Backend], extra: dict[str, Any] | None = None
+               ) -> None:
+    """Write atomically (as editors do), so the server never reads half a file."""
+    mesh: dict[str, Any] = {"services": [
+        {"name": name, "port": 9080,
+         "endpoints": [{"address": "127.0.0.1", "port": backend.port}]}
+        for name, backend in services.items()], **(extra or {})}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(mesh))
+    tmp.replace(path)
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.mesh = tmp / "mesh.yaml"
+        self.backends = {name: Backend(name) for name in ("reviews", "ratings", "details")}
+        self.server: ControlPlane | None = None
+        self.envoys: list[Envoy] = []
+
+    def start(self, extra: dict[str, Any] | None = None) -> tuple[ControlPlane, Envoy]:
+        write_mesh(self.mesh, {**self.backends, "frontend": self.backends["details"]}, extra)
+        self.server = ControlPlane(self.mesh, self.tmp).start()
+        envoy = Envoy(self.tmp, "frontend-1", "frontend", self.server.xds_port,
+                      extra=["--on-demand"]).start()
+        self.envoys.append(envoy)
+        return self.server, envoy
+
+    def close(self) -> None:
+        for envoy in self.envoys:
+            envoy.stop()
+        if self.server is not None:
+            self.server.stop()
+        for backend in self.backends.values():
+            backend.stop()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made = Rig(tmp_path)
+    yield made
+    made.close()
+
+
+def clusters(envoy: Envoy) -> set[str]:
+    """The clusters the sidecar holds (its admin API), the xDS server's own left out."""
+    _, body, _ = envoy.admin("/clusters?format=json")
+    return {c["name"] for c in json.loads(body)["cluster_statuses"]} - {"xds_cluster"}
+
+
+def virtual_hosts(envoy: Envoy) -> set[str]:
+    """The virtual hosts of the sidecar's egress route table (its config dump)."""
+    _, body, _ = envoy.admin("/config_dump?resource=dynamic_route_configs")
+    found = set()
+    for config in json.loads(body)["configs"]:
+        for host in config["route_config"].get("virtual_hosts", []):
+            found.add(host["name"])
+    return found
+
+
+def test_first_call_succeeds_and_only_then_is_its_config_in_the_sidecar(rig: Rig) -> None:
+    server, envoy = rig.start()
+    assert clusters(envoy) == set() and virtual_hosts(envoy) == set()
+
+    started = time.monotonic()
+    status, body, _ = envoy.request("reviews")
+    first_call = time.monotonic() - started
+    assert (status, body) == (200, "reviews")  # no 404 on first use
+    print(f"first call through the on-demand sidecar: {first_call * 1000:.0f} ms")
+    assert clusters(envoy) == {REVIEWS}
+    assert virtual_hosts(envoy) == {"egress/reviews.default"}
+
+    # Another name of another service: fetched in turn; details is never called.
+    assert envoy.request("ratings.default.svc.cluster.local:9080")[:2] == (200, "ratings")
+    assert envoy.request("reviews:9080")[:2] == (200, "reviews")  # known host, other alias
+    assert clusters(envoy) == {REVIEWS, RATINGS}
+    assert virtual_hosts(envoy) == {"egress/reviews.default", "egress/ratings.default"}
+
+    # The server sent nothing else: what the stream subscribed to, and only that.
+    [proxy] = [p for p in server.json("/debug/proxies") if p["node_id"] == "frontend-1"]
+    assert proxy["group"].endswith("~on-demand")
+    assert sorted(proxy["types"]["cds"]["subscribed"]) == sorted([REVIEWS, RATINGS])
+    assert sorted(proxy["types"]["eds"]["subscribed"]) == sorted([REVIEWS, RATINGS])
+    for kind in ("cds", "eds", "lds", "rds", "vhds"):
+        assert proxy["types"][kind]["last_nack"] is None, kind
+    assert DETAILS not in clusters(envoy)
+
+
+def test_a_host_nobody_serves_gets_404_at_once_every_time(rig: Rig) -> None:
+    _, envoy = rig.start()
+    for _ in range(3):  # asked again each time: never a hang (http_get gives up at 3 s)
+        started = time.monotonic()
+        assert envoy.request("nosuch.default")[0] == 404
+        print(f"404 for an unknown host in {(time.monotonic() - started) * 1000:.0f} ms")
+    assert envoy.request("reviews")[:2] == (200, "reviews")  # and the rest still works
+    assert clusters(envoy) == {REVIEWS}
+
+
+def test_a_fetched_service_follows_mesh_changes(rig: Rig) -> None:
+    _, envoy = rig.start()
+    assert envoy.request("reviews")[:2] == (200, "reviews")
+
+    moved = Backend("reviews-moved")
+    rig.backends["reviews-moved"] = moved
+    services = {"reviews": moved, "ratings": rig.backends["ratings"],
+                "details": rig.backends["details"], "frontend": rig.backends["details"]}
+    write_mesh(rig.mesh, services)
+    wait_for(lambda: envoy.request("reviews")[1] == "reviews-moved", timeout=20,
+             what="the fetched service's new endpoint in the sidecar")
+
+    # A service removed from the mesh goes from the sidecar too (its virtual host).
+    del services["reviews"]
+    write_mesh(rig.mesh, services)
+    wait_for(lambda: envoy.request("reviews")[0] == 404, timeout=20,
+             what="the removed service's virtual host gone")
+    assert "egress/reviews.default" not in virtual_hosts(envoy)
