@@ -66,7 +66,15 @@ class WorkloadSelector(_Model):
 class Egress(_Model):
     """The services reachable through the egress listener, as ``namespace/name``."""
 
-    hosts: list[HostPattern] = Field(min_length=1, max_length=MAX_HOSTS)
+    hosts: list[HostPattern] = Field(max_length=MAX_HOSTS)
+
+    @field_validator("hosts")
+    @classmethod
+    def _some(cls, hosts: list[str]) -> list[str]:
+        if not hosts:
+            raise ValueError("give at least one host, such as './*' (the sidecar's own "
+                             "namespace) or 'pay/payments'")
+        return hosts
 
 
 class Sidecar(_Model):
@@ -76,7 +84,7 @@ class Sidecar(_Model):
     name: str
     namespace: str = "default"
     workload_selector: WorkloadSelector | None = Field(default=None, alias="workloadSelector")
-    egress: list[Egress] = Field(min_length=1, max_length=MAX_EGRESS)
+    egress: list[Egress] = Field(max_length=MAX_EGRESS)
 
     model_config = ConfigDict(serialize_by_alias=True)
 
@@ -84,6 +92,13 @@ class Sidecar(_Model):
     @classmethod
     def _name(cls, value: str) -> str:
         return dns_label(value, "sidecar name")
+
+    @field_validator("egress")
+    @classmethod
+    def _some(cls, egress: list[Egress]) -> list[Egress]:
+        if not egress:
+            raise ValueError("give at least one entry, such as {hosts: ['./*']}")
+        return egress
 
     @field_validator("namespace")
     @classmethod

@@ -21,6 +21,9 @@ def export_to(value: list[str] | None) -> list[str] | None:
     """``exportTo`` as a whole: ``*`` alone, each namespace once."""
     if value is None:
         return None
+    if not value:
+        raise ValueError("give at least one namespace: '.' (its own), namespace names, or "
+                         "'*' (every namespace, the default)")
     if ANY in value and len(value) > 1:
         raise ValueError("'*' exports to every namespace: give it alone, or list namespaces")
     seen: dict[str, int] = {}
@@ -66,7 +69,7 @@ class Service(_Model):
     endpoints: list[Endpoint] = Field(default_factory=list, max_length=MAX_ENDPOINTS)
     policy: Policy = Field(default_factory=Policy)
     export_to: list[ExportNamespace] | None = Field(
-        default=None, alias="exportTo", min_length=1, max_length=MAX_EXPORTS
+        default=None, alias="exportTo", max_length=MAX_EXPORTS
     )
     """Where the service is visible (Istio's ``exportTo``): ``*`` every namespace (the
     default), ``.`` its own, or namespace names. Sidecars elsewhere do not get it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from datetime import timedelta
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -12,12 +13,20 @@ from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import duration
 
 
-def egress_route(mesh: Mesh, namespace: str) -> route_pb2.RouteConfiguration:
+def egress_route(
+    mesh: Mesh, namespace: str, visible: Collection[str] | None = None
+) -> route_pb2.RouteConfiguration:
     """One virtual host per HTTP or gRPC service port, the proxy's own service included
     (a service may call itself). TCP ports have no Host header to route on. Only the
     proxy's namespace matters (for bare service names), so proxies of a namespace share
-    it."""
-    hosts = [host for service in mesh.services for host in _virtual_hosts(service, namespace)]
+    it. ``visible`` (keys ``name.namespace``, from ``visible_services``) limits the table
+    to those services: a call to any other gets Envoy's 404, as for an unknown host."""
+    if visible is None:
+        services: Iterable[Service] = mesh.services
+    else:
+        by_key = mesh.by_key
+        services = (by_key[key] for key in visible if key in by_key)
+    hosts = [host for service in services for host in _virtual_hosts(service, namespace)]
     hosts.sort(key=lambda host: str(host.name))
     return route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
 

@@ -23,6 +23,7 @@ from controlplane.translator.endpoints import load_assignments
 from controlplane.translator.listeners import egress_listener, inbound_listener
 from controlplane.translator.locality import prefer_zone
 from controlplane.translator.routes import egress_route
+from controlplane.translator.visibility import visible_services
 
 Resources: TypeAlias = dict[str, list[Message]]
 
@@ -56,8 +57,11 @@ def proxy_resources(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
 
 def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
     """Every type URL present (an empty list means "none", which SotW needs to say),
-    each list sorted by resource name so that equal input gives equal output."""
-    shared = [service_resources(s) for s in mesh.services]
+    each list sorted by resource name so that equal input gives equal output. Only the
+    services the proxy sees (``visible_services``) are translated."""
+    visible = visible_services(mesh, proxy)
+    services = mesh.services if visible is None else [s for s in mesh.services if s.key in visible]
+    shared = [service_resources(s) for s in services]
     own = proxy_resources(mesh, proxy)
     return {
         resource.CLUSTER: _sorted(
@@ -66,7 +70,7 @@ def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
         resource.ENDPOINT: _sorted([prefer_zone(a, proxy.zone) or a
                                     for s in shared for a in s.load_assignments]),
         resource.LISTENER: own[resource.LISTENER],
-        resource.ROUTE: [egress_route(mesh, proxy.namespace)],
+        resource.ROUTE: [egress_route(mesh, proxy.namespace, visible)],
         resource.SECRET: [],
     }
 

@@ -12,6 +12,11 @@ from controlplane.proxy import ProxyIdentity
 
 def visible_services(mesh: Mesh, proxy: ProxyIdentity) -> frozenset[str] | None:
     """The keys (``name.namespace``) of the services ``proxy`` may reach, or None when it
-    sees every service. Being filled in (issue 9): until then every proxy sees all."""
-    del mesh, proxy
-    return None
+    sees every service (so groups that see everything share the full layers).
+
+    The most specific ``sidecars`` entry wins (the one selecting the proxy's service over
+    the one for its whole namespace); with none, every service exported to the proxy's
+    namespace. A proxy always sees its own service, and every service a visible one
+    routes to (split, match, fallback). Indexed once per mesh, so a call costs about the
+    size of its answer, and proxies under one entry get the same frozenset object."""
+    return mesh.scope.visible(proxy.service, proxy.namespace)
