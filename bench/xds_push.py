@@ -62,6 +62,7 @@ from serverproc import ServerProcess
 from xds_fleet import STREAMS_PER_CHANNEL, Fleet
 
 QUIET_S = 0.3  # no message for this long = the server has finished pushing
+LATE_JOINERS = 5
 
 # Issue 9's targets at 1000 streams x 1000 services x 1000 groups, on 2 cores.
 TARGETS: dict[str, tuple[str, float]] = {
@@ -71,6 +72,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "server_rss_after_initial_mib": ("<", 300e6 / 2**20),  # 300 MB = 286 MiB
     "server_peak_rss_mib": ("<", 300e6 / 2**20),
     "initial_configured_all_s": ("<", 3.0),
+    "new_sidecar_configured_s_median": ("<", 0.1),
 }
 
 
@@ -187,6 +189,12 @@ async def _measure(server: ServerProcess, mesh: Path, spec: MeshSpec,
                 result["profile"] = str(profiler.output)
         cpu_after, bench_cpu_after = server.cpu_seconds(), time.process_time()
         after = await server.metrics()
+
+        # Phase 3: new sidecars joining the loaded server, one at a time.
+        joins = [await _late_joiner(server, spec.services + k, opts.delta, deadline)
+                 for k in range(LATE_JOINERS)]
+        result["new_sidecar_configured_s_median"] = _round_s(statistics.median(joins))
+        result["new_sidecar_configured_s_max"] = _round_s(max(joins))
     finally:
         await fleet.close()
 
@@ -240,6 +248,23 @@ async def _one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: Mes
         "others": mark.others,
         "port_seen": verified is not None and port in verified,
     }
+
+
+async def _late_joiner(server: ServerProcess, service: int, delta: bool,
+                       deadline: Deadline) -> float:
+    """One new sidecar (of a service not in the mesh, so a new snapshot group) connects
+    while the S streams stay connected: seconds from opening its stream until it has
+    ACKed CDS, EDS, LDS and RDS (its own four request round trips included)."""
+    joiner = Fleet(f"127.0.0.1:{server.xds_port}", [(service, "")], delta,
+                   prefix=f"late-{service}")
+    try:
+        started = time.perf_counter()
+        joiner.open()
+        await deadline.wait("a new sidecar to be configured", joiner.configured.done.wait())
+        joiner.check()
+        return max(joiner.configured.times.values()) - started
+    finally:
+        await joiner.close()
 
 
 def _metric_figures(before: dict[str, float], after: dict[str, float],
@@ -358,6 +383,9 @@ def progress(r: dict[str, Any]) -> str:
                 f"server CPU {r['server_cpu_s_per_change']:.3f} s/change"),
         _figure(r, "encoded_bytes_per_change",
                 f"encoded {r['encoded_bytes_per_change']} B/change"),
+        _figure(r, "new_sidecar_configured_s_median",
+                f"a new sidecar configured in {r['new_sidecar_configured_s_median']:.3f} s "
+                f"(median of {LATE_JOINERS}, client side)"),
         _figure(r, "server_rss_after_initial_mib",
                 f"RSS after initial sync {r['server_rss_after_initial_mib']:.0f} MiB"),
         _figure(r, "server_peak_rss_mib", f"peak RSS {r['server_peak_rss_mib']:.0f} MiB"),
