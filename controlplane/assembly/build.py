@@ -277,8 +277,9 @@ class MeshBuild:
         them: their diffs are computed once for all those groups' streams."""
         key = (type_url, *(layer.version for layer in layers))
         found = self._typed.get(key)
-        if reuse is not None and found is not reuse and (reuse.parts or not reuse.resources) \
-                and TypeSnapshot.layered(type_url, layers, reuse=reuse) is reuse:
+        if (reuse is not None and found is not reuse
+                and (found is None or found.version == reuse.version)
+                and reuse.made_of(type_url, layers)):
             found = self._typed[key] = reuse  # the object groups have now: no change
         if found is None:
             found = self._typed[key] = TypeSnapshot.layered(type_url, layers)

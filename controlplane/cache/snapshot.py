@@ -98,6 +98,13 @@ class TypeSnapshot:
         version = digest_version(sum(p.digest for p in parts))
         return TypeSnapshot(type_url, version, resources, wildcard, alias, shared, own)
 
+    def made_of(self, type_url: str, layers: Sequence[Layer], own: Layer | None = None,
+                wildcard: frozenset[str] | None = None,
+                aliases: Mapping[str, str] | None = None) -> bool:
+        """Whether ``layered`` of these would give the same content (and flags)."""
+        alias = _NO_ALIASES if aliases is None else aliases
+        return _same(self, type_url, tuple(layers), own, wildcard, alias)
+
     @property
     def parts(self) -> tuple[Layer, ...]:
         """The layers then the own layer (empty for the plain form)."""
@@ -257,25 +264,27 @@ class Snapshot:
         return list(found)
 
     def _problems_by_layer(self) -> list[str] | None:
-        """None when a layer misses something (then every resource is looked at, to
-        name it) or a type is in the plain form."""
-        present = {t: s.resources for t, s in self.types.items()}
-        found: list[str] = []
-        for type_url, typed in self.types.items():
+        """[] when nothing is missing; None when a layer misses something (then every
+        resource is looked at, to name it) or a type is in the plain form. Own layers'
+        answers are remembered too (by the versions they were checked against), so a
+        change elsewhere costs a group a few lookups."""
+        for typed in self.types.values():
             if not typed.parts and typed.resources:
                 return None
-            for layer in typed.layers:
+            for layer in typed.parts:
                 for target in layer.wants():
                     have = self.types.get(target)
-                    missing = layer.missing(target, have.layers if have is not None else ())
-                    own = have.own.resources if have is not None and have.own else _NOTHING
+                    if have is None:
+                        return None
+                    if layer is typed.own:  # remembered on the group's own layer
+                        if layer.missing(target, have.parts):
+                            return None
+                        continue
+                    missing = layer.missing(target, have.layers)
+                    own = have.own.resources if have.own is not None else _NOTHING
                     if any(name not in own for name in missing):
                         return None
-            if typed.own is not None:
-                for res in typed.own.resources.values():
-                    if res.refs:
-                        found += dangling(type_url, res.name, res.refs, present)
-        return found
+        return []
 
     def _problems_each(self) -> list[str]:
         present = {t: s.resources for t, s in self.types.items()}
