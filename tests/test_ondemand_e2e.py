@@ -141,3 +141,38 @@ def test_a_fetched_service_follows_mesh_changes(rig: Rig) -> None:
     wait_for(lambda: envoy.request("reviews")[0] == 404, timeout=20,
              what="the removed service's virtual host gone")
     assert "egress/reviews.default" not in virtual_hosts(envoy)
+
+
+def test_it_fetches_only_what_it_may_see_and_splits_work_on_demand(rig: Rig) -> None:
+    """Scoping still applies (a ``sidecars`` entry lets frontend reach reviews only), and
+    a split service's subset clusters are fetched as the split picks them."""
+    v1, v2 = Backend("reviews-v1"), Backend("reviews-v2")
+    rig.backends.update({"reviews-v1": v1, "reviews-v2": v2})
+    rig.start()
+    assert rig.server is not None
+    mesh = yaml.safe_load(rig.mesh.read_text())
+    [reviews] = [s for s in mesh["services"] if s["name"] == "reviews"]
+    reviews["endpoints"] = [
+        {"address": "127.0.0.1", "port": v1.port, "labels": {"version": "v1"}},
+        {"address": "127.0.0.1", "port": v2.port, "labels": {"version": "v2"}}]
+    reviews["policy"] = {"split": [{"labels": {"version": "v1"}, "weight": 50},
+                                   {"labels": {"version": "v2"}, "weight": 50}]}
+    mesh["sidecars"] = [{"name": "frontend", "namespace": "default",
+                         "workloadSelector": {"service": "frontend"},
+                         "egress": [{"hosts": ["./reviews"]}]}]
+    tmp = rig.mesh.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(mesh))
+    tmp.replace(rig.mesh)
+    [envoy] = rig.envoys
+
+    def both() -> bool:
+        seen = {envoy.request("reviews")[1] for _ in range(20)}
+        return seen == {"reviews-v1", "reviews-v2"}
+
+    wait_for(both, timeout=20, what="reviews split over v1 and v2, fetched on demand")
+    held = clusters(envoy)
+    assert held >= {"outbound|9080|version=v1|reviews.default.svc.cluster.local",
+                    "outbound|9080|version=v2|reviews.default.svc.cluster.local"}
+    assert all("reviews.default" in name for name in held), held
+    assert envoy.request("ratings")[0] == 404  # not visible to frontend: never fetched
+    assert RATINGS not in clusters(envoy)
