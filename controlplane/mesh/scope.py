@@ -172,6 +172,8 @@ class ScopeIndex:
             key: namespaces for key, service in services.items()
             if (namespaces := exported_namespaces(service)) is not None
         }
+        self._routing = {key: found for key, service in services.items()
+                         if (found := targets(service))}
         self._by_namespace: dict[str, list[str]] = {}
         self._by_name: dict[str, list[str]] = {}
         for key, service in services.items():
@@ -192,7 +194,7 @@ class ScopeIndex:
         if seen is None or own in seen or own not in self._services:
             return seen
         if (namespace, service) not in self._with_own:  # its own service, always
-            self._with_own[namespace, service] = self._whole(self._closure(seen | {own}))
+            self._with_own[namespace, service] = self._whole(self._closure({own}) | seen)
         return self._with_own[namespace, service]
 
     def exported(self, namespace: str) -> frozenset[str] | None:
@@ -228,9 +230,9 @@ class ScopeIndex:
         targets, and theirs): a route to a cluster the sidecar lacks would fail. A
         target comes along even when not exported to the caller: its owner routes there."""
         found = set(keys)
-        todo = list(keys)
+        todo = [key for key in keys if key in self._routing]
         while todo:
-            for target in targets(self._services[todo.pop()]):
+            for target in self._routing[todo.pop()]:
                 if target not in found and target in self._services:
                     found.add(target)
                     todo.append(target)
