@@ -155,15 +155,24 @@ async def _measure(server: ServerProcess, mesh: Path, spec: MeshSpec,
     cpu_start, bench_cpu_start = server.cpu_seconds(), time.process_time()
     try:
         # Phase 1: initial convergence.
+        profiler = (Profiler(server.pid, opts.profile_dir / _profile_name(result, "initial"))
+                    if opts.profile_dir else None)
         started = time.perf_counter()
         fleet.open()
-        await deadline.wait("every stream to ACK EDS", fleet.eds_acked.done.wait(),
-                            lambda: f"{len(fleet.eds_acked.times)}/{streams} did")
-        fleet.check()
-        result["initial_eds_acked_all_s"] = _round_s(max(fleet.eds_acked.times.values()) - started)
-        await deadline.wait("every stream to ACK LDS and RDS", fleet.configured.done.wait(),
-                            lambda: f"{len(fleet.configured.times)}/{streams} did")
-        fleet.check()
+        try:
+            await deadline.wait("every stream to ACK EDS", fleet.eds_acked.done.wait(),
+                                lambda: f"{len(fleet.eds_acked.times)}/{streams} did")
+            fleet.check()
+            result["initial_eds_acked_all_s"] = _round_s(
+                max(fleet.eds_acked.times.values()) - started)
+            await deadline.wait("every stream to ACK LDS and RDS",
+                                fleet.configured.done.wait(),
+                                lambda: f"{len(fleet.configured.times)}/{streams} did")
+            fleet.check()
+        finally:
+            if profiler is not None:
+                profiler.stop()
+                result["profile_initial"] = str(profiler.output)
         result["initial_configured_all_s"] = _round_s(
             max(fleet.configured.times.values()) - started)
         await fleet.quiet(QUIET_S, deadline.left())
@@ -178,7 +187,7 @@ async def _measure(server: ServerProcess, mesh: Path, spec: MeshSpec,
         before = await server.metrics()
         result["server_groups"] = round(metric(before, "controlplane_proxy_groups"))
         cpu_before, bench_cpu_before = server.cpu_seconds(), time.process_time()
-        profiler = (Profiler(server.pid, opts.profile_dir / _profile_name(result))
+        profiler = (Profiler(server.pid, opts.profile_dir / _profile_name(result, "changes"))
                     if opts.profile_dir else None)
         try:
             rounds = [await _one_change(fleet, server, mesh, spec, affected, n, deadline)
@@ -291,9 +300,9 @@ def _metric_figures(before: dict[str, float], after: dict[str, float],
     }
 
 
-def _profile_name(result: dict[str, Any]) -> str:
+def _profile_name(result: dict[str, Any], phase: str) -> str:
     return (f"xds_push-{result['protocol']}-S{result['streams']}-M{result['services']}"
-            f"-G{result['groups']}.txt")
+            f"-G{result['groups']}-Z{result['zones']}-scoped{result['scoped']}-{phase}.txt")
 
 
 # --- command line ----------------------------------------------------------------------
@@ -336,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the server's file poll interval (CONTROLPLANE_POLL_INTERVAL; "
                              "default: the server's own, a fallback to notifications)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="record py-spy stacks of the server's change phase into DIR "
+                        help="record py-spy stacks of the server's initial and change "
+                             "phases into DIR "
                              "(needs py-spy in the venv)")
     return parser
 
