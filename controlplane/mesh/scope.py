@@ -232,7 +232,7 @@ class ScopeIndex:
         found = set(keys)
         todo = [key for key in keys if key in self._routing]
         while todo:
-            for target in self._routing[todo.pop()]:
+            for target in self._routing.get(todo.pop(), ()):
                 if target not in found and target in self._services:
                     found.add(target)
                     todo.append(target)
