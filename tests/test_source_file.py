@@ -268,6 +268,7 @@ async def test_a_file_written_in_place_is_read_once_it_holds_still(tmp_path: Pat
     path.write_text(A)
     watched = Watch(path)
     watched.source.poll_interval = 0.3
+    watched.source.settle = 0.3  # room for the test to write the second part
     with structlog.testing.capture_logs() as logs:
         watched.logs = logs
         task = asyncio.create_task(watched.consume())

@@ -1,18 +1,24 @@
 """The file source: a mesh YAML file, reloaded when it changes.
 
-Polls the file's stat (cheap) and reads it only when mtime, size or inode moved, so it
-follows editors that save by renaming a temporary file; then hashes the bytes and parses
-only content it has not seen, and of that only the services whose text changed
-(controlplane.mesh.incremental). Reading, parsing and validating run in a worker thread,
-so a big file never holds up the event loop (xDS pushes, health checks).
+Filesystem notifications on the file's directory (controlplane.sources.notify) wake it
+within about 10 ms of a save; it then compares the file's stat and reads the file only
+when mtime, size or inode moved, so it follows editors that save by renaming a
+temporary file and ConfigMap volumes that swap a symlink. Without notifications (none
+left, a file system inotify does not see, ``WATCHFILES_FORCE_POLLING``) it polls the
+stat every ``poll_interval``; with them, it still checks at a slow interval as a safety
+net. Then it hashes the bytes and parses only content it has not seen, and of that only
+the services whose text changed (controlplane.mesh.incremental). Reading, parsing and
+validating run in a worker thread, so a big file never holds up the event loop (xDS
+pushes, health checks).
 
 The last good mesh keeps being served through every kind of bad save, each logged once:
 an invalid mesh (an error listing every problem), an empty file or one without
 ``services`` (a warning: usually a save caught half-way; a mesh of no services says
 ``services: []``), a file that is gone or unreadable for a while (a warning). A file
 written in place (same inode: ``>`` redirects, some editors) is read once its stat holds
-still for one poll, since a half-written mesh file can be a valid, smaller mesh; a save
-by rename is read at once. A read that the file changed under is done again.
+still for ``settle`` seconds (one poll when polling), since a half-written mesh file can
+be a valid, smaller mesh; a save by rename is read at once. A read that the file changed
+under is done again.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from controlplane.errors import EmptyMeshError, MeshError
 from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.loader import MAX_FILE_BYTES, too_big
 from controlplane.mesh.model import Mesh, empty_subsets
+from controlplane.sources.notify import Wakeups
 
 log = structlog.get_logger("controlplane.source.file")
 
@@ -78,10 +85,21 @@ def read_mesh(path: Path, loader: MeshLoader, seen: str, served: str = "") -> _R
         return _Read(digest, problem=exc)
 
 
+SETTLE = 0.05
+"""With notifications, how long a file written in place must hold still before it is
+read: every write of the writer wakes the source, so a pause this long means done."""
+
+
 class FileSource:
-    def __init__(self, path: str | Path, poll_interval: float = 0.2) -> None:
+    def __init__(self, path: str | Path, poll_interval: float = 0.2, *,
+                 notify: bool = True, settle: float = SETTLE) -> None:
         self.path = Path(path)
         self.poll_interval = poll_interval
+        self.notify = notify
+        """Watch for filesystem notifications (else poll every ``poll_interval``)."""
+        self.settle = settle
+        self.wakeups: Wakeups | None = None
+        """While ``updates()`` runs: what wakes it, and whether notifications work."""
         self.name = f"file:{self.path}"
         self.loader = MeshLoader()
         self.problem: str | None = None
@@ -89,6 +107,16 @@ class FileSource:
         and readiness details; cleared by the next good save."""
 
     async def updates(self) -> AsyncIterator[Mesh]:
+        self.wakeups = wakeups = Wakeups(self.path, self.poll_interval, self.notify)
+        try:
+            async for mesh in self._reads(wakeups):
+                yield mesh
+                del mesh  # the pipeline holds the mesh it serves; nothing else here
+        finally:
+            wakeups.close()
+
+    async def _reads(self, wakeups: Wakeups) -> AsyncIterator[Mesh]:
+        """The source's loop: look, read what changed, yield what is new, wait."""
         signature: _Signature | None = None
         settling: _Signature | None = None
         seen = served = ""  # digests: the content last read, the content last yielded
@@ -99,15 +127,15 @@ class FileSource:
                 self._report("source.file_missing", f"cannot read {self.path}: {exc.strerror}",
                              hint=f"create the file or fix --source file:PATH; {_SERVED_HINT}")
                 signature = None
-                await asyncio.sleep(self.poll_interval)
+                await wakeups.next()
                 continue
             if current != signature:
                 if signature is not None and current[2] == signature[2] and current != settling:
                     # Written in place (same inode): maybe half-way, and half a mesh file
-                    # can be a valid, smaller mesh. Read it once it holds still for a poll.
+                    # can be a valid, smaller mesh. Read it once it holds still.
                     settling = current
                     log.info("source.file_settling", path=str(self.path))
-                    await asyncio.sleep(self.poll_interval)
+                    await asyncio.sleep(self.settle if wakeups.notifying else self.poll_interval)
                     continue
                 settling = None
                 found = await asyncio.to_thread(read_mesh, self.path, self.loader, seen, served)
@@ -118,7 +146,7 @@ class FileSource:
                     served = found.digest
                     yield mesh
                 del mesh, found  # keep nothing of a replaced mesh alive here
-            await asyncio.sleep(self.poll_interval)
+            await wakeups.next()
 
     def _outcome(self, found: _Read, served: str) -> Mesh | None:
         """Log what the read found; the mesh to yield, if any."""
