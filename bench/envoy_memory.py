@@ -154,6 +154,12 @@ def run_case(services: int, mode: str, sidecars: int, delta: bool,
             case["per_sidecar"] = [measure_sidecar(e, k, services, deadline)
                                    for k, e in enumerate(envoys)]
             server.check_alive()
+            failed = [f"{s['sidecar']}: statuses {s['first_call_statuses']} "
+                      f"{s['wrong_backend']}" for s in case["per_sidecar"]
+                      if s["calls_ok"] < s["calls"] or s["wrong_backend"]]
+            if failed:  # a sidecar that cannot reach its services proves nothing
+                raise BenchError("calls through the sidecar failed (0: refused or reset): "
+                                 + "; ".join(failed))
         except (BenchError, AssertionError, RuntimeError) as exc:
             case["error"] = str(exc)[:2000]
         finally:
@@ -173,10 +179,11 @@ def run_case(services: int, mode: str, sidecars: int, delta: bool,
 
 
 def compare(cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Issue 9's two memory targets, from the medians (MB = 10^6 bytes)."""
+    """Issue 9's two memory targets, from the medians (MB = 10^6 bytes); a case that
+    failed (its sidecars could not reach their services) is not compared."""
     def rss(services: int, mode: str) -> float | None:
         for case in cases:
-            if (case["services"], case["mode"]) == (services, mode):
+            if (case["services"], case["mode"]) == (services, mode) and "error" not in case:
                 value = case.get("rss_after_calls_mib_median")
                 return float(value) if value is not None else None
         return None
@@ -219,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 def progress(case: dict[str, Any]) -> str:
     head = f"N={case['services']} {case['mode']}:"
     if "error" in case:
-        return f"{head} FAILED: {case['error'][:500]}"
-    per = case["per_sidecar"]
+        head += f" FAILED: {case['error'][:500]}"
+    per = case.get("per_sidecar")
+    if not per:
+        return head
     return (f"{head} RSS idle {case['rss_idle_mib_median']:.1f} MiB, after calling "
             f"{per[0]['calls']} services {case['rss_after_calls_mib_median']:.1f} MiB "
             f"(median of {len(per)}); clusters idle/after "
