@@ -20,8 +20,16 @@ from hypothesis import strategies as st
 
 from controlplane import resource
 from controlplane.errors import MeshError
-from controlplane.mesh import Mesh, MeshLoader, Service, load_mesh_data, load_mesh_text
-from controlplane.mesh.scope import targets
+from controlplane.mesh import (
+    Mesh,
+    MeshLoader,
+    Service,
+    load_mesh_data,
+    load_mesh_file,
+    load_mesh_text,
+)
+from controlplane.mesh.scope import MAX_EGRESS, MAX_HOSTS, targets
+from controlplane.mesh.service import MAX_EXPORTS
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import translate
 from controlplane.translator.routes import egress_route
@@ -334,3 +342,29 @@ def test_the_bad_cases_exist() -> None:
     for case in cases:  # each holds what its name says: something the loader refuses
         data = yaml.safe_load((BAD / f"{case}.yaml").read_text(encoding="utf-8"))
         assert "sidecars" in data or any("exportTo" in s for s in data["services"])
+
+
+def test_the_scoped_example_does_what_its_comments_say() -> None:
+    m = load_mesh_file(Path(__file__).parent.parent / "examples" / "scoped-mesh.yaml")
+    assert seen(m, "frontend.shop") == {"frontend.shop", "cart.shop", "payments.pay",
+                                        "payments-canary.pay", "ratings.default"}
+    assert seen(m, "cart.shop") == {"frontend.shop", "cart.shop"}
+    assert seen(m, "ledger.pay") == set(m.by_key) - {"metrics.ops"}
+
+
+def test_scoping_is_bounded() -> None:
+    """Counts and lengths have limits, each an error naming the field."""
+    def problems(entry: dict[str, Any]) -> list[str]:
+        with pytest.raises(MeshError) as caught:
+            mesh([], [{"name": "s", **entry}])
+        return caught.value.problems
+
+    many = [f"ns/s{i}" for i in range(MAX_HOSTS + 1)]
+    assert problems({"egress": [{"hosts": many}]})[0].startswith(
+        "sidecars[0] (s.default).egress[0].hosts: List should have at most")
+    assert problems({"egress": [{"hosts": ["./*"]}] * (MAX_EGRESS + 1)})[0].startswith(
+        "sidecars[0] (s.default).egress: List should have at most")
+    long = "a" * 64
+    assert "must be namespace/name" in problems({"egress": [{"hosts": [f"{long}/x"]}]})[0]
+    with pytest.raises(MeshError, match=r"exportTo: List should have at most"):
+        mesh([svc("a.default", exportTo=[f"n{i}" for i in range(MAX_EXPORTS + 1)])])
