@@ -28,7 +28,7 @@ from controlplane.mesh import (
     load_mesh_file,
     load_mesh_text,
 )
-from controlplane.mesh.scope import MAX_EGRESS, MAX_HOSTS, targets
+from controlplane.mesh.scope import MAX_EGRESS, MAX_HOSTS, targets, unmatched_hosts
 from controlplane.mesh.service import MAX_EXPORTS
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import translate
@@ -368,3 +368,17 @@ def test_scoping_is_bounded() -> None:
     assert "must be namespace/name" in problems({"egress": [{"hosts": [f"{long}/x"]}]})[0]
     with pytest.raises(MeshError, match=r"exportTo: List should have at most"):
         mesh([svc("a.default", exportTo=[f"n{i}" for i in range(MAX_EXPORTS + 1)])])
+
+
+def test_hosts_that_match_nothing_are_listed_for_a_warning() -> None:
+    m = mesh(SHOP, [{"name": "s", "namespace": "shop", "egress": [
+        {"hosts": ["./*", "pay/paymnts", "*/ratings", "*/nothing", "nowhere/*", "*/*"]}]}])
+    assert unmatched_hosts(m.sidecars, m.by_key) == [
+        "sidecars[0] (s.shop).egress[0].hosts[1] (pay/paymnts)",
+        "sidecars[0] (s.shop).egress[0].hosts[3] (*/nothing)",
+        "sidecars[0] (s.shop).egress[0].hosts[4] (nowhere/*)",
+    ]
+    empty = mesh([svc("x.pay")], [{"name": "s", "namespace": "shop",
+                                   "egress": [{"hosts": ["./*", "*/*"]}]}])
+    assert unmatched_hosts(empty.sidecars, empty.by_key) == [
+        "sidecars[0] (s.shop).egress[0].hosts[0] (./*)"]

@@ -48,6 +48,7 @@ from controlplane.mesh.scope import (
     Sidecar,
     WorkloadSelector,
     sidecar_problems,
+    unmatched_hosts,
 )
 from controlplane.mesh.service import Service
 
@@ -87,6 +88,7 @@ __all__ = [
     "empty_subsets",
     "longer_than_zero",
     "reference_problems",
+    "unmatched_hosts",
 ]
 
 _ROUTED = ("http", "grpc")

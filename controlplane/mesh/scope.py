@@ -255,3 +255,29 @@ def targets(service: Service) -> list[str]:
     if fallback is not None:
         found.append(f"{fallback[0]}.{fallback[1]}")
     return found
+
+
+def unmatched_hosts(sidecars: list[Sidecar], services: Mapping[str, Service]) -> list[str]:
+    """The host patterns that match no service (``sidecars[0] (frontend.shop).egress[0]
+    .hosts[1] (pay/paymnts)``): valid, since services come and go, but a typo here cuts
+    the sidecar off from what it meant to call, so sources warn."""
+    namespaces = {service.namespace for service in services.values()}
+    names = {service.name for service in services.values()}
+    found = []
+    for index, sidecar in enumerate(sidecars):
+        for at, egress in enumerate(sidecar.egress):
+            for number, host in enumerate(egress.hosts):
+                namespace, _, name = host.partition("/")
+                namespace = sidecar.namespace if namespace == OWN else namespace
+                if namespace == ANY and name == ANY:
+                    hit = bool(services)
+                elif namespace == ANY:
+                    hit = name in names
+                elif name == ANY:
+                    hit = namespace in namespaces
+                else:
+                    hit = f"{name}.{namespace}" in services
+                if not hit:
+                    found.append(f"sidecars[{index}] ({sidecar.key}).egress[{at}]"
+                                 f".hosts[{number}] ({host})")
+    return found
