@@ -35,6 +35,7 @@ from controlplane.translator import egress_route
 log = structlog.get_logger("controlplane.pipeline")
 
 _ATTEMPTS = 3  # isolate route-table culprits at most this many times, then reject whole
+_BATCH = 32  # new groups built per trip to the worker
 
 
 def check_mesh(mesh: Mesh, previous: MeshBuild | None = None,
@@ -90,6 +91,7 @@ class _Prepared:
     build: MeshBuild
     snapshots: dict[str, Snapshot] = field(default_factory=dict)  # the groups that changed
     unchanged: set[str] = field(default_factory=set)  # their snapshot stays as it is
+    elapsed: dict[str, float] = field(default_factory=dict)  # seconds, by changed group
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -98,6 +100,23 @@ def _assemble(build: MeshBuild, proxy: ProxyIdentity, reuse: Snapshot | None) ->
     snapshot = build.snapshot(proxy, reuse)
     snapshot.problems()  # computed here, off the loop; the snapshot keeps the answer
     return snapshot
+
+
+_Built = tuple[str, Snapshot | str, float]  # group, its snapshot or the error, seconds
+
+
+def _assemble_all(build: MeshBuild, proxies: list[ProxyIdentity],
+                  reuse: dict[str, Snapshot | None]) -> list[_Built]:
+    """Several new groups in one trip to the worker."""
+    done: list[_Built] = []
+    for proxy in proxies:
+        started = time.perf_counter()
+        try:
+            made: Snapshot | str = _assemble(build, proxy, reuse.get(proxy.group))
+        except Exception as exc:
+            made = f"{type(exc).__name__}: {exc}"
+        done.append((proxy.group, made, time.perf_counter() - started))
+    return done
 
 
 class Pipeline:
@@ -111,6 +130,8 @@ class Pipeline:
         # One worker: builds run one at a time, in order, and never crowd out the loop.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._arrivals: dict[str, ProxyIdentity] = {}  # new groups waiting to be built
+        self._draining = False
         cache.on_new_group = self.on_new_group
 
     @property
@@ -180,6 +201,7 @@ class Pipeline:
         prepared = _Prepared(check_mesh(mesh, previous, namespaces, strict=False))
         for group, proxy in groups.items():
             current = self.cache.get(group)
+            began = time.perf_counter()
             try:
                 snapshot = _assemble(prepared.build, proxy, current)
             except Exception as exc:
@@ -189,6 +211,7 @@ class Pipeline:
                 prepared.unchanged.add(group)  # none of its layers changed: O(1) so far
             else:
                 prepared.snapshots[group] = snapshot
+                prepared.elapsed[group] = time.perf_counter() - began
         prepared.build.settle()  # every layer in use is derived: the old build may go
         prepared.seconds = time.perf_counter() - started
         return prepared
@@ -212,14 +235,14 @@ class Pipeline:
     def _publish(self, prepared: _Prepared) -> None:
         self._accept(prepared)
         for group, snapshot in prepared.snapshots.items():
-            self._publish_group(group, snapshot, prepared.seconds)
+            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0))
         self._build_missing(prepared)
         self._accepted_log(prepared)
 
     async def _publish_async(self, prepared: _Prepared) -> None:
         self._accept(prepared)
         for index, (group, snapshot) in enumerate(prepared.snapshots.items()):
-            self._publish_group(group, snapshot, prepared.seconds)
+            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0))
             if index % 50 == 49:
                 await asyncio.sleep(0)  # let streams write between slices of groups
         self._build_missing(prepared)
@@ -251,23 +274,37 @@ class Pipeline:
         except RuntimeError:
             self.build(proxy)
             return
-        task = loop.create_task(self._build_new(proxy))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._arrivals[proxy.group] = proxy
+        if not self._draining:
+            self._draining = True
+            task = loop.create_task(self._build_arrivals())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _build_new(self, proxy: ProxyIdentity) -> None:
-        build = self.current
-        assert build is not None
-        group = proxy.group
-        started = time.perf_counter()
+    async def _build_arrivals(self) -> None:
+        """New groups, up to ``_BATCH`` per trip to the worker: when a thousand sidecars
+        reconnect at once, the loop hands work over a few dozen times, not a thousand,
+        and each batch is published as soon as it is built."""
+        loop = asyncio.get_running_loop()
         try:
-            snapshot = await asyncio.get_running_loop().run_in_executor(
-                self._worker, _assemble, build, proxy, self.cache.get(group))
-        except Exception as exc:
-            self._group_failed(group, f"{type(exc).__name__}: {exc}")
-            return
-        if self.current is build:  # else the newer mesh's publish built this group
-            self._publish_group(group, snapshot, time.perf_counter() - started)
+            while self._arrivals:
+                build = self.current
+                assert build is not None
+                batch = list(self._arrivals.values())[:_BATCH]
+                for proxy in batch:
+                    del self._arrivals[proxy.group]
+                reuse = {p.group: self.cache.get(p.group) for p in batch}
+                done = await loop.run_in_executor(self._worker, _assemble_all, build, batch,
+                                                  reuse)
+                if self.current is not build:
+                    continue  # the newer mesh's publish built these groups
+                for group, made, seconds in done:
+                    if isinstance(made, str):
+                        self._group_failed(group, made)
+                    else:
+                        self._publish_group(group, made, seconds)
+        finally:
+            self._draining = False
 
     def close(self) -> None:
         """Stop the worker (pending builds are dropped)."""
@@ -295,6 +332,7 @@ class Pipeline:
     def _publish_group(self, group: str, snapshot: Snapshot, elapsed: float) -> None:
         if not self.cache.known(group):
             return  # expired while it was being built
+        before = self.cache.get(group)
         try:
             published = self.cache.set_snapshot(group, snapshot)
         except Exception as exc:
@@ -305,8 +343,10 @@ class Pipeline:
         metrics.PROXY_GROUPS.set(len(self.cache))
         if published:
             metrics.ENCODED_BYTES.inc(snapshot.encoded_bytes)
-            for type_url, typed in snapshot.types.items():
-                metrics.CONFIG_BYTES.labels(group, resource.short_name(type_url)).set(typed.size)
+            for type_url, typed in snapshot.types.items():  # sizes are kept per layer
+                if before is None or before.types.get(type_url) is not typed:
+                    metrics.CONFIG_BYTES.labels(group, resource.short_name(type_url)).set(
+                        typed.size)
             # debug: one line per group per change would let clients set the log volume
             log.debug("snapshot.published", group=group, version=snapshot.version,
                       versions=snapshot.versions(), seconds=round(elapsed, 4))

@@ -114,7 +114,7 @@ class Layer:
         limit = max(8, len(members) // 4)  # past that, a full diff is as cheap
         for version, names in list(self._history.items())[: _HISTORY - 1]:
             union = names | done
-            if len(union) <= limit:
+            if len(union) <= limit and version not in history:  # a version seen again
                 history[version] = union
         return Layer(self.type_url, members, digest, size, history)
 
