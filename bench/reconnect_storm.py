@@ -41,8 +41,8 @@ from typing import Any
 from common import BenchError, Deadline, add_output_flags, results_path, write_results
 from meshgen import CHANGED_PORTS, MeshSpec, mesh_yaml, write_atomically
 from serverproc import ServerProcess
+from xds_figures import percentile
 from xds_fleet import Fleet
-from xds_push import percentile
 
 STORM_TARGET_S = 5.0
 QUIET_S = 0.3

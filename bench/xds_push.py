@@ -59,22 +59,10 @@ from meshgen import (
     write_atomically,
 )
 from serverproc import ServerProcess
+from xds_figures import LATE_JOINERS, TARGETS, check_targets, metric_figures, percentile, progress
 from xds_fleet import STREAMS_PER_CHANNEL, Fleet
 
 QUIET_S = 0.3  # no message for this long = the server has finished pushing
-LATE_JOINERS = 5
-
-# Issue 9's targets at 1000 streams x 1000 services x 1000 groups, on 2 cores.
-TARGETS: dict[str, tuple[str, float]] = {
-    "converge_all_s_p99": ("<", 0.25),
-    "server_cpu_s_per_change": ("<", 0.2),
-    "encoded_bytes_per_change": ("<", 10_000),
-    "server_rss_after_initial_mib": ("<", 300e6 / 2**20),  # 300 MB = 286 MiB
-    "server_peak_rss_mib": ("<", 300e6 / 2**20),
-    "initial_configured_all_s": ("<", 3.0),
-    "new_sidecar_configured_s_median": ("<", 0.1),
-}
-
 
 @dataclass
 class Options:
@@ -88,21 +76,9 @@ class Options:
     scoped: int
 
 
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
-
-
 def _round_s(seconds: float) -> float:
     """Seconds, rounded to 0.1 ms."""
     return round(seconds, 4)
-
-
-def check_targets(result: dict[str, Any]) -> dict[str, bool]:
-    """Which of issue 9's targets this scenario met (only the figures it has)."""
-    return {key: (result[key] < limit) for key, (_, limit) in TARGETS.items()
-            if isinstance(result.get(key), int | float)}
 
 
 async def run_scenario(streams: int, services: int, opts: Options) -> dict[str, Any]:
@@ -226,7 +202,7 @@ async def _measure(server: ServerProcess, mesh: Path, spec: MeshSpec,
         "server_cpu_s_per_change": round((cpu_after - cpu_before) / opts.changes, 3),
         "bench_cpu_s": round(bench_cpu_after - bench_cpu_before, 3),
     })
-    result.update(_metric_figures(before, after, opts.changes))
+    result.update(metric_figures(before, after, opts.changes))
 
 
 async def _one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: MeshSpec,
@@ -274,30 +250,6 @@ async def _late_joiner(server: ServerProcess, service: int, delta: bool,
         return max(joiner.configured.times.values()) - started
     finally:
         await joiner.close()
-
-
-def _metric_figures(before: dict[str, float], after: dict[str, float],
-                    changes: int) -> dict[str, Any]:
-    """Server counters over the change phase, per push and per change."""
-    def delta(name: str, labels: str = "") -> float:
-        return metric(after, name, labels) - metric(before, name, labels)
-
-    pushes = delta("controlplane_xds_pushes_total")
-    push_bytes = delta("controlplane_xds_push_bytes_total")
-    eds_pushes = delta("controlplane_xds_pushes_total", 'type="eds"')
-    builds = delta("controlplane_snapshot_build_seconds_count")
-    return {
-        "pushes_per_change": round(pushes / changes, 1),
-        "eds_pushes_per_change": round(eds_pushes / changes, 1),
-        "push_bytes_per_push": round(push_bytes / pushes) if pushes else 0,
-        "push_bytes_per_change": round(push_bytes / changes),
-        "encoded_bytes_per_change": round(delta("controlplane_encoded_bytes_total") / changes),
-        "snapshot_builds_per_change": round(builds / changes, 1),
-        "snapshot_build_s_per_change": round(
-            delta("controlplane_snapshot_build_seconds_sum") / changes, 4),
-        "nacks": delta("controlplane_xds_nacks_total"),
-        "config_bytes_all_groups": round(metric(after, "controlplane_config_bytes")),
-    }
 
 
 def _profile_name(result: dict[str, Any], phase: str) -> str:
@@ -366,46 +318,6 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             results.append(result)
             print(progress(result), file=sys.stderr, flush=True)
     return results
-
-
-def _figure(r: dict[str, Any], key: str, text: str) -> str:
-    """``text`` and, for a figure issue 9 sets a target for, the target and a verdict."""
-    if key not in TARGETS:
-        return text
-    op, limit = TARGETS[key]
-    return f"{text} [target {op} {limit:.4g}: {'ok' if r['meets'].get(key) else 'MISSED'}]"
-
-
-def progress(r: dict[str, Any]) -> str:
-    head = (f"{r['protocol']} S={r['streams']} M={r['services']} groups={r['groups']}"
-            + (f" zones={r['zones']}" if r["zones"] else "")
-            + (f" scoped={r['scoped']} (affected streams {r['affected_streams']})"
-               if r["scoped"] else "") + ":")
-    if "error" in r:
-        return f"{head} FAILED: {r['error']}"
-    parts = [
-        _figure(r, "initial_configured_all_s",
-                f"initial convergence {r['initial_configured_all_s']:.3f} s"),
-        _figure(r, "converge_all_s_p99",
-                f"change reaches all: p99 {r['converge_all_s_p99']:.3f} s "
-                f"(median {r['converge_all_s_median']:.3f} s)"),
-        _figure(r, "server_cpu_s_per_change",
-                f"server CPU {r['server_cpu_s_per_change']:.3f} s/change"),
-        _figure(r, "encoded_bytes_per_change",
-                f"encoded {r['encoded_bytes_per_change']} B/change"),
-        _figure(r, "new_sidecar_configured_s_median",
-                f"a new sidecar configured in {r['new_sidecar_configured_s_median']:.3f} s "
-                f"(median of {LATE_JOINERS}, client side)"),
-        _figure(r, "server_rss_after_initial_mib",
-                f"RSS after initial sync {r['server_rss_after_initial_mib']:.0f} MiB"),
-        _figure(r, "server_peak_rss_mib", f"peak RSS {r['server_peak_rss_mib']:.0f} MiB"),
-        f"{r['clusters_per_stream_median']} clusters per stream (median), "
-        f"{r['push_bytes_per_push']} B/push, {r['pushes_per_change']} pushes/change "
-        f"({r['unaffected_eds_responses_per_change']} to unaffected streams)",
-    ]
-    if r["server_log_lines"]:
-        parts.append(f"{r['server_log_lines']} server log lines")
-    return head + "\n  " + "\n  ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
