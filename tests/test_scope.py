@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane import resource
+from controlplane.assembly import MeshBuild
 from controlplane.errors import MeshError
 from controlplane.mesh import (
     Mesh,
@@ -196,10 +197,18 @@ def meshes(draw: st.DrawFn) -> Case:
         if export is not None:
             extra["exportTo"] = export
         legs = draw(st.lists(st.sampled_from(keys), unique=True, max_size=2))
+        policy: dict[str, Any] = {}
         if legs:
-            extra["policy"] = {"split": [
-                {"service": k.split(".")[0], "namespace": k.split(".")[1], "weight": 1}
-                for k in legs]}
+            kind = draw(st.sampled_from(["split", "match"]))
+            policy[kind] = [
+                {"service": k.split(".")[0], "namespace": k.split(".")[1],
+                 **({"weight": 1} if kind == "split" else {"headers": {"x-leg": str(i)}})}
+                for i, k in enumerate(legs)]
+        fallback = draw(st.sampled_from([None, *[k for k in keys if k != key]]))
+        if fallback is not None:
+            policy["fallback"] = {"service": fallback}
+        if policy:
+            extra["policy"] = policy
         services.append(svc(key, **extra))
     patterns = st.sampled_from(["*/*", "./*", "a/*", "*/x", "b/y", "./z", "c/x"])
     sidecars = []
@@ -244,8 +253,10 @@ def reference(services: list[dict[str, Any]], sidecars: list[dict[str, Any]],
         found.add(f"{name}.{namespace}")
     grown = True
     while grown:
-        more = {f"{leg['service']}.{leg['namespace']}" for k in found
-                for leg in by_key[k].get("policy", {}).get("split", [])}
+        policies = [by_key[k].get("policy", {}) for k in found]
+        more = {f"{leg['service']}.{leg['namespace']}" for policy in policies
+                for leg in [*policy.get("split", []), *policy.get("match", [])]}
+        more |= {p["fallback"]["service"] for p in policies if "fallback" in p}
         grown = not more <= found
         found |= more
     return found
@@ -262,6 +273,26 @@ def test_visibility_follows_the_rules(case: Case) -> None:
             got = seen(m, f"{name}.{namespace}")
             assert (set(m.by_key) if got is None else got) == expected, (name, namespace)
             assert got is not None or len(expected) == len(m.by_key)
+
+
+@settings(max_examples=100, deadline=None)
+@given(meshes())
+def test_a_scoped_snapshot_is_consistent(case: Case) -> None:
+    """Whatever the entries and exports, what a sidecar gets names no cluster it lacks:
+    the translation's route targets resolve, and the assembly publishes it."""
+    m = mesh(*case)
+    build = MeshBuild(m)
+    for namespace in NAMESPACES:
+        for name in NAMES:
+            web = ProxyIdentity(node_id="n", service=name, namespace=namespace)
+            resources = translate(m, web)
+            clusters = {c.name for c in resources[resource.CLUSTER]}
+            [route] = resources[resource.ROUTE]
+            for host in route.virtual_hosts:
+                for r in host.routes:
+                    named = {r.route.cluster, *(w.name for w in r.route.weighted_clusters.clusters)}
+                    assert named - {""} <= clusters, (name, namespace, host.name)
+            assert build.snapshot(web).problems() == []
 
 
 # -- the model --------------------------------------------------------------------------
