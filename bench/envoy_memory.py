@@ -99,6 +99,17 @@ def cluster_known(envoy: Envoy, name: str) -> bool:
     return status == 200 and name in body
 
 
+def call(envoy: Envoy, target: int) -> tuple[int, str, float]:
+    """One HTTP GET through the sidecar's egress listener: status (0 when refused or
+    reset), body, milliseconds."""
+    started = time.perf_counter()
+    try:
+        status, body, _ = envoy.request(service_name(target))
+    except OSError as exc:
+        status, body = 0, str(exc)
+    return status, body, (time.perf_counter() - started) * 1000
+
+
 def measure_sidecar(envoy: Envoy, index: int, services: int,
                     deadline: Deadline) -> dict[str, Any]:
     """RSS idle, the calls, RSS after; and what the sidecar held before each call."""
@@ -107,21 +118,21 @@ def measure_sidecar(envoy: Envoy, index: int, services: int,
     figures["allocated_idle_mib"] = round(envoy.stat("server.memory_allocated") / 2**20, 1)
     figures["active_clusters_idle"] = envoy.stat("cluster_manager.active_clusters")
     targets = called(index, services)
-    statuses, wrong, known_before = [], [], []
+    statuses, wrong, known_before, first_ms = [], [], [], []
     for target in targets:
         deadline.check(f"calling {service_name(target)} through {service_name(index)}")
         known_before.append(cluster_known(envoy, cluster_name(target)))
-        try:
-            status, body, _ = envoy.request(service_name(target))
-        except OSError as exc:  # refused or reset: recorded as status 0
-            status, body = 0, str(exc)
+        status, body, took = call(envoy, target)
         statuses.append(status)
+        first_ms.append(took)
         if status == 200 and body != service_name(target):
             wrong.append(f"{service_name(target)} answered by {body[:40]!r}")
     figures.update({
         "calls": len(targets), "first_call_statuses": statuses,
         "calls_ok": sum(s == 200 for s in statuses), "wrong_backend": wrong,
         "called_clusters_held_before_call": sum(known_before),
+        "first_call_ms_median": round(statistics.median(first_ms), 1),
+        "first_call_ms_max": round(max(first_ms), 1),
     })
     figures["rss_after_calls_mib"] = steady_rss(envoy, deadline)
     figures["allocated_after_calls_mib"] = round(
@@ -234,7 +245,9 @@ def progress(case: dict[str, Any]) -> str:
             f"{per[0]['calls']} services {case['rss_after_calls_mib_median']:.1f} MiB "
             f"(median of {len(per)}); clusters idle/after "
             f"{per[0]['active_clusters_idle']}/{per[0]['active_clusters_after_calls']}; "
-            f"calls ok {sum(s['calls_ok'] for s in per)}/{sum(s['calls'] for s in per)}")
+            f"calls ok {sum(s['calls_ok'] for s in per)}/{sum(s['calls'] for s in per)}, "
+            f"first call {per[0]['first_call_ms_median']:.1f} ms (median; max "
+            f"{per[0]['first_call_ms_max']:.1f})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
