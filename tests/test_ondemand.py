@@ -15,7 +15,7 @@ from controlplane.assembly.ondemand import ondemand_snapshot
 from controlplane.cache import Snapshot
 from controlplane.mesh.model import Mesh
 from controlplane.proxy import ProxyIdentity
-from controlplane.server.delta import _with_aliases
+from controlplane.server.vhds import with_aliases
 from tests.conftest import Env
 from tests.support.xds_client import AdsClient, node
 
@@ -180,7 +180,7 @@ def test_aliases_added_to_a_prepared_resource_read_back_as_one_resource() -> Non
     typed = made.types[resource.VIRTUAL_HOST]
     res = typed.resources["egress/ratings.default"]
     asked = {"egress/ratings", "egress/ratings.default.svc:9080", "egress/reviews"}
-    [chunk] = _with_aliases([res], typed.aliases, asked)
+    [chunk] = with_aliases([res], typed.aliases, asked)
     parsed = discovery_pb2.DeltaDiscoveryResponse.FromString(chunk)
     [one] = parsed.resources
     assert one.name == res.name and one.version == res.version

@@ -258,3 +258,33 @@ def test_any_delta_request_sequence_is_handled_or_refused_cleanly(
 ) -> None:
     fixed_type = [None, resource.CLUSTER, resource.ENDPOINT, resource.ROUTE][fixed]
     _drive(DeltaStream(1, "ads", fixed_type, limits=_FUZZ_LIMITS), requests, _SNAPSHOTS)
+
+
+def test_a_synced_client_costs_no_copy_of_its_snapshot_and_equal_subscriptions_are_shared(
+) -> None:
+    """Memory at a thousand streams: a client holding exactly its snapshot's resources
+    keeps no name -> version entries of its own (the snapshot's mapping is its view),
+    also after a change; streams asking for the same names share one set."""
+    names = [f"c{i}" for i in range(50)]
+    first = snapshot({n: (i,) for i, n in enumerate(names)})
+    streams = []
+    for index in range(2):
+        stream = DeltaStream(index, "ads")
+        stream.on_request(discovery_pb2.DeltaDiscoveryRequest(node=node(),
+                                                              type_url=resource.CLUSTER))
+        stream.on_request(discovery_pb2.DeltaDiscoveryRequest(
+            type_url=resource.ENDPOINT, resource_names_subscribe=list(names)))
+        stream.on_snapshot(first)
+        streams.append(stream)
+    a, b = streams
+    for stream in streams:
+        for type_url in (resource.CLUSTER, resource.ENDPOINT):
+            assert stream.types[type_url].client.own_entries == 0, type_url
+    assert a.types[resource.ENDPOINT].subscribed is b.types[resource.ENDPOINT].subscribed
+
+    changed = snapshot({**{n: (i,) for i, n in enumerate(names)}, "c7": (99,)})
+    pushes = a.on_snapshot(changed)
+    assert {p.type_url: p.names for p in pushes} == {resource.ENDPOINT: ["c7"]}
+    assert a.types[resource.ENDPOINT].client.own_entries == 0
+    assert a.types[resource.ENDPOINT].client.get("c7") == changed.get(
+        resource.ENDPOINT).resources["c7"].version  # type: ignore[union-attr]

@@ -26,13 +26,16 @@ The rules (Envoy's xDS protocol document, and shared/XDS-PITFALLS.md):
   Host nobody serves, an entry with the alias and no resource: Envoy then answers 404
   at once instead of waiting. A fetched virtual host stays subscribed: its updates and
   its removal reach the sidecar.
+
+Memory at a thousand streams: what a client holds is a view over its snapshot's own
+mapping plus the few names that differ (``Held``), and equal subscriptions are one
+frozenset shared by every stream that has it (``NAME_SETS``).
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3 import base_pb2
@@ -42,20 +45,29 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot
 from controlplane.proxy import ProxyIdentity
+from controlplane.server.held import Held
 from controlplane.server.limits import MAX_ERROR_CHARS, Limits
+from controlplane.server.sotw import NAME_SETS
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
+from controlplane.server.vhds import unresolved as unresolved_entries
+from controlplane.server.vhds import with_aliases
 
-_NO_TARGETS: frozenset[str] = frozenset()
+_NONE: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
 class DeltaTypeState(TypeState):
-    client: dict[str, str] = field(default_factory=dict)  # what the client holds: name -> version
+    client: Held = field(default_factory=Held)  # what the client holds: name -> version
+    subscribed: frozenset[str] = _NONE  # the names asked for, shared (NAME_SETS)
     told_absent: set[str] = field(default_factory=set)
     base: TypeSnapshot | None = None  # the snapshot the client was last brought up to date with
+    synced: bool = False  # the client holds exactly ``base``'s resources
     # Resources named through an alias the client subscribed to (VHDS), as of ``base``.
-    targets: frozenset[str] = _NO_TARGETS
+    targets: frozenset[str] = _NONE
     owed: bool = False  # a first request from a client that holds nothing: answer it
+
+    def subscription(self) -> Set[str]:
+        return self.subscribed
 
 
 class DeltaStream(StreamBase):
@@ -86,8 +98,8 @@ class DeltaStream(StreamBase):
         first = state is None
         if state is None:
             state = self.types[type_url] = DeltaTypeState()
-            state.client = {_intern(n): v for n, v in request.initial_resource_versions.items()}
-            state.owed = not state.client
+            state.client = Held(request.initial_resource_versions)
+            state.owed = not request.initial_resource_versions
             if not request.resource_names_subscribe:
                 state.wildcard = True  # legacy wildcard
 
@@ -106,44 +118,45 @@ class DeltaStream(StreamBase):
 
         typed = self._typed(type_url) if self.snapshot is not None else None
         was_wildcard = state.wildcard
-        for name in request.resource_names_subscribe:
-            if name == "*":
-                state.wildcard = True
-                continue
+        added = set(request.resource_names_subscribe)
+        dropped = set(request.resource_names_unsubscribe)
+        if "*" in added:
+            state.wildcard = True
+        if "*" in dropped:
+            state.wildcard = False
+        added.discard("*")
+        dropped.discard("*")
+        for name in added:
             if not first:  # asked again, subscribed or not: answer it even if unchanged
-                state.client.pop(name, None)
+                state.client.discard(name)
                 if typed is not None and (target := typed.aliases.get(name)) is not None:
-                    state.client.pop(target, None)
-            state.names.add(_intern(name))
+                    state.client.discard(target)
             state.told_absent.discard(name)
-        for name in request.resource_names_unsubscribe:
-            if name == "*":
-                state.wildcard = False
-                continue
-            state.names.discard(name)
-            state.client.pop(name, None)
+        for name in dropped:
+            state.client.discard(name)
             state.told_absent.discard(name)
+        if added or dropped:
+            state.subscribed = NAME_SETS.intern((state.subscribed | added) - dropped)
         if was_wildcard and not state.wildcard:  # the client drops what it no longer wants
-            state.client = {n: v for n, v in state.client.items() if n in state.names}
+            state.client.keep_only(state.subscribed)
+            state.synced = False
+        # A name subscribed or dropped is forgotten above and looked at below: if the
+        # client held exactly its snapshot before, it does again after this answer.
 
         handled = Handled(kind, type_url, error=error)
         if typed is not None:
             # Only the names this request touched can need an answer, unless the stream
             # is new to this snapshot or just turned to wildcard: then look at everything.
             everything = state.base is None or (state.wildcard and not was_wildcard)
-            touched = {*request.resource_names_subscribe, *request.resource_names_unsubscribe}
-            touched.discard("*")
+            touched = added | dropped
             if not everything and not touched and not state.owed:
                 return handled  # a plain ACK or NACK
             old_targets = state.targets
-            state.targets = _targets(typed, state.names)
+            state.targets = _targets(typed, state.subscribed)
             if not everything:
                 touched |= state.targets ^ old_targets
                 touched |= _targets(typed, touched)
-            updated, removed, unresolved = self._changes(
-                typed, state, None if everything else touched)
-            state.base = typed
-            push = self._emit(type_url, state, typed, updated, removed, unresolved)
+            push = self._update(type_url, state, typed, None if everything else touched)
             if push is not None:
                 handled.pushes.append(push)
         return handled
@@ -161,33 +174,48 @@ class DeltaStream(StreamBase):
             typed = self._typed(type_url)
             candidates = None if state.base is None else set(typed.changed_since(state.base))
             old_targets = state.targets
-            state.targets = _targets(typed, state.names)
+            state.targets = _targets(typed, state.subscribed)
             if candidates is not None:
                 candidates |= state.targets ^ old_targets
             if type_url == resource.ENDPOINT and rewarm:
                 for name in rewarm:
-                    state.client.pop(name, None)
+                    state.client.discard(name)
+                state.synced = False
                 if candidates is not None:
                     candidates |= rewarm
-            updated, removed, unresolved = self._changes(typed, state, candidates)
-            state.base = typed
-            if had_config and type_url in (resource.CLUSTER, resource.ENDPOINT):
-                push = self._emit(type_url, state, typed, updated, [], unresolved)
-                removal = self._emit(type_url, state, typed, [], removed, [])
-                if removal is not None:
-                    tail.append(removal)
-            else:
-                push = self._emit(type_url, state, typed, updated, removed, unresolved)
+            split = had_config and type_url in (resource.CLUSTER, resource.ENDPOINT)
+            push = self._update(type_url, state, typed, candidates, tail if split else None)
             if push is not None:
                 pushes.append(push)
-            if type_url == resource.CLUSTER:
-                for cluster in updated:
-                    rewarm |= cluster.refs.get(resource.ENDPOINT, frozenset())
+            if type_url == resource.CLUSTER and push is not None:
+                for name in push.names:
+                    rewarm |= typed.resources[name].refs.get(resource.ENDPOINT, frozenset())
         return pushes + tail
 
     def _typed(self, type_url: str) -> TypeSnapshot:
         assert self.snapshot is not None
         return self.snapshot.get(type_url) or TypeSnapshot(type_url, "", {})
+
+    def _update(self, type_url: str, state: DeltaTypeState, typed: TypeSnapshot,
+                candidates: set[str] | None, removals: list[Push] | None = None
+                ) -> Push | None:
+        """Bring the client up to date with ``typed`` (looking only at ``candidates``,
+        the names changed since its base, or at everything when None). With
+        ``removals``, removals go there, to be sent after the rest of the push."""
+        updated, removed, unresolved, whole = self._changes(typed, state, candidates)
+        synced = whole and (candidates is None or state.synced)
+        state.base = typed
+        if removals is None:
+            push = self._emit(type_url, state, typed, updated, removed, unresolved)
+        else:
+            push = self._emit(type_url, state, typed, updated, [], unresolved)
+            removal = self._emit(type_url, state, typed, [], removed, [])
+            if removal is not None:
+                removals.append(removal)
+        state.synced = synced
+        if synced:  # it holds exactly the snapshot's resources: share that mapping
+            state.client.rebase(typed.resources)
+        return push
 
     def _vhds_namespaces(self) -> list[str]:
         """``<route configuration>/`` for each route configuration sent that takes its
@@ -203,38 +231,50 @@ class DeltaStream(StreamBase):
 
     @staticmethod
     def _changes(typed: TypeSnapshot, state: DeltaTypeState, candidates: set[str] | None
-                 ) -> tuple[list[Resource], list[str], list[str]]:
-        """What to send, what to remove, and which aliases nothing answers, looking only
-        at ``candidates`` (the names changed since the stream's base) or, when None, at
-        everything."""
+                 ) -> tuple[list[Resource], list[str], list[str], bool]:
+        """What to send, what to remove, which aliases nothing answers, and whether every
+        resource looked at is one the client wants (then, once this is sent, it holds
+        exactly the resources of ``typed`` it had been holding plus these)."""
         res = typed.resources
         wildcard = typed.wildcard
-        if candidates is None:
-            names = set(state.client) | state.names | state.targets
-            if state.wildcard:
-                names |= set(res) if wildcard is None else wildcard
-        else:
-            names = candidates
+        subscribed, targets, client, told = (state.subscribed, state.targets, state.client,
+                                             state.told_absent)
 
-        def in_scope(name: str) -> bool:
-            if name not in res:
-                return False
-            if name in state.names or name in state.targets:
+        def wanted(name: str) -> bool:
+            if name in subscribed or name in targets:
                 return True
             return state.wildcard and (wildcard is None or name in wildcard)
 
-        ordered = sorted(names)
-        updated = [res[n] for n in ordered if in_scope(n) and state.client.get(n) != res[n].version]
-        removed = [n for n in ordered if n in state.client and not in_scope(n)]
-        absent = [n for n in ordered if n in state.names and n not in res
-                  and n not in state.client and n not in state.told_absent]
+        if candidates is None:
+            names = client.names() | subscribed | targets
+            if state.wildcard:
+                names |= set(res) if wildcard is None else wildcard
+            whole = (state.wildcard and wildcard is None) or all(wanted(n) for n in res)
+        else:
+            names, whole = candidates, True
+        updated: list[Resource] = []
+        removed: list[str] = []
+        absent: list[str] = []
+        get = res.get  # one lookup per name: the snapshot's view is over several layers
+        for name in sorted(names):
+            found, held = get(name), client.get(name)
+            if found is not None and wanted(name):
+                if held != found.version:
+                    updated.append(found)
+                continue
+            if found is not None and candidates is not None:
+                whole = False  # a changed resource the client does not want
+            if held is not None:
+                removed.append(name)
+            elif found is None and name in subscribed and name not in told:
+                absent.append(name)
         if typed.type_url != resource.VIRTUAL_HOST:
-            return updated, removed + absent, []
+            return updated, removed + absent, [], whole
         # A Host Envoy asked for: answered by its virtual host (sent above, with the alias)
         # or, when nothing serves it, by the alias alone, so the held request gets a 404.
         unresolved = [n for n in absent if n in typed.aliases or "/" in n]
         return updated, removed + [n for n in absent if n not in unresolved], [
-            n for n in unresolved if n not in typed.aliases]
+            n for n in unresolved if n not in typed.aliases], whole
 
     def _emit(self, type_url: str, state: DeltaTypeState, typed: TypeSnapshot,
               updated: list[Resource], removed: list[str], unresolved: list[str]
@@ -255,95 +295,28 @@ class DeltaStream(StreamBase):
             system_version_info=version, type_url=type_url, nonce=nonce,
             removed_resources=removed, control_plane=self._control_plane,
         ).SerializeToString()
-        if typed.aliases and state.names:
-            chunks = _with_aliases(updated, typed.aliases, state.names)
+        if typed.aliases and state.subscribed:
+            chunks = with_aliases(updated, typed.aliases, state.subscribed)
         else:
             chunks = [r.delta_chunk for r in updated]
         if unresolved:
-            chunks.append(_unresolved(unresolved))
-        payload = header + b"".join(chunks)
+            chunks.append(unresolved_entries(unresolved))
         for r in updated:
-            state.client[r.name] = r.version
+            state.client.hold(r.name, r.version)
         for name in [*removed, *unresolved]:
-            state.client.pop(name, None)
-            if name in state.names:
+            state.client.discard(name)
+            if name in state.subscribed:
                 state.told_absent.add(name)
         state.nonce, state.sent_version = nonce, version
         state.pushes += 1
-        return Push(type_url, nonce, version, payload, [r.name for r in updated],
-                    [*removed, *unresolved])
-
-
-def _intern(name: str) -> str:
-    """One string object per name across streams: a thousand sidecars subscribing to
-    the same thousand names would otherwise hold a thousand copies of each."""
-    return sys.intern(name)
+        return Push(type_url, nonce, version, header, [r.name for r in updated],
+                    [*removed, *unresolved], body=chunks,
+                    body_bytes=sum(len(chunk) for chunk in chunks))
 
 
 def _targets(typed: TypeSnapshot, names: Iterable[str]) -> frozenset[str]:
     """The resources the subscribed aliases resolve to (none for types without aliases)."""
     aliases = typed.aliases
     if not aliases:
-        return _NO_TARGETS
+        return _NONE
     return frozenset(target for n in names if (target := aliases.get(n)) is not None)
-
-
-# Field numbers (envoy/service/discovery/v3/discovery.proto): DeltaDiscoveryResponse
-# ``resources`` = 2, Resource ``aliases`` = 4.
-_RESOURCES_TAG = b"\x12"
-
-
-def _with_aliases(updated: list[Resource], aliases: Mapping[str, str],
-                  names: set[str]) -> list[bytes]:
-    """Each resource's prepared chunk, with the subscribed aliases that name it added to
-    its ``aliases`` (protobuf merges repeated fields, so appending them to the encoded
-    Resource is the same as encoding it with them)."""
-    wanted: dict[str, list[str]] = {}
-    for name in sorted(names):
-        target = aliases.get(name)
-        if target is not None:
-            wanted.setdefault(target, []).append(name)
-    chunks = []
-    for r in updated:
-        extra = wanted.get(r.name)
-        if not extra:
-            chunks.append(r.delta_chunk)
-            continue
-        body = _body(r.delta_chunk) + discovery_pb2.Resource(aliases=extra).SerializeToString()
-        chunks.append(_RESOURCES_TAG + _varint(len(body)) + body)
-    return chunks
-
-
-def _unresolved(aliases: list[str]) -> bytes:
-    """Entries for Hosts nothing serves: the alias as the name and the only alias, and no
-    resource (what Envoy's VHDS takes as "cannot resolve")."""
-    response = discovery_pb2.DeltaDiscoveryResponse(resources=[
-        discovery_pb2.Resource(name=alias, aliases=[alias]) for alias in aliases
-    ])
-    return bytes(response.SerializeToString())
-
-
-def _body(chunk: bytes) -> bytes:
-    """The encoded Resource inside a prepared ``resources`` field."""
-    assert chunk[:1] == _RESOURCES_TAG
-    position, shift, length = 1, 0, 0
-    while True:
-        byte = chunk[position]
-        length |= (byte & 0x7F) << shift
-        position += 1
-        if not byte & 0x80:
-            break
-        shift += 7
-    return chunk[position:position + length]
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
