@@ -8,6 +8,7 @@ validate`` prints; regenerate with ``pytest --update-golden``).
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -307,6 +308,10 @@ def test_service_lookup_is_by_key_and_never_stale() -> None:
     assert other.service("ratings") is None and other.service("new") is not None
     assert m.service("ratings") is not None
     assert mesh(SHOP) == m  # the index built in one is not part of equality
+    deep = m.model_copy(deep=True)
+    assert deep == m and deep.service("ratings", "ops") is deep.services[5]
+    restored = pickle.loads(pickle.dumps(m))
+    assert restored == m and restored.service("web", "shop") is restored.services[0]
 
 
 def test_the_file_keeps_its_keys() -> None:

@@ -11,7 +11,6 @@ every name, so ``controlplane.mesh.model`` stays the one import path.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from types import MappingProxyType
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails
@@ -128,8 +127,8 @@ class Mesh(_Model):
     def by_key(self) -> Mapping[str, Service]:
         """Every service by ``name.namespace`` (read-only), built once per mesh."""
         if self._by_key is None or self._by_key[0] is not self.services:
-            index = MappingProxyType({service.key: service for service in self.services})
-            self._by_key = (self.services, index)
+            # A plain dict (deep copies and pickles of the mesh copy it), read-only by type.
+            self._by_key = (self.services, {service.key: service for service in self.services})
         return self._by_key[1]
 
     def service(self, name: str, namespace: str = "default") -> Service | None:
