@@ -108,6 +108,7 @@ class FileSource:
 
     async def updates(self) -> AsyncIterator[Mesh]:
         self.wakeups = wakeups = Wakeups(self.path, self.poll_interval, self.notify)
+        wakeups.start()
         try:
             async for mesh in self._reads(wakeups):
                 yield mesh

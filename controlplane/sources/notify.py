@@ -31,8 +31,9 @@ log = structlog.get_logger("controlplane.source.file")
 STEP_MS = 10
 """How often the watch thread looks for queued events: the wake-up latency (one or two
 steps) against the idle cost (about 0.6 % of a core at 10 ms, measured here)."""
-DEBOUNCE_MS = 50
-"""A stream of events (a slow writer) is handed over at least this often."""
+DEBOUNCE_MS = STEP_MS
+"""Events are handed over as soon as a step finds them: the source settles in-place
+writes itself (by stat), so grouping them here would only add latency."""
 TIMEOUT_MS = 1000
 
 
@@ -180,11 +181,18 @@ class Wakeups:
             self._retry_at = 0.0
         if self.watch is None and self.enabled and loop.time() >= self._retry_at:
             self._start(loop)
+            if self.watch is not None:
+                return True  # a change since the last look may have had no watch to see it
         if self.watch is None:
             retry = self._retry_at - loop.time() if self.enabled else self.poll_interval
             await asyncio.sleep(max(0.0, min(self.poll_interval, retry)))
             return False
         return await self.watch.wait(max(self.poll_interval, SAFETY_NET))
+
+    def start(self) -> None:
+        """Watch from now on (before the first look, so no save falls between)."""
+        if self.enabled:
+            self._start(asyncio.get_running_loop())
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
