@@ -154,6 +154,7 @@ def test_the_required_cases_exist() -> None:
         "traffic_split", "traffic_multiport",
         "edge",
         "dns_endpoints",
+        "scoped", "exported",
     }
     assert required <= set(CASES)
 
