@@ -28,7 +28,7 @@ from typing import Any, TypeAlias
 from google.protobuf.message import Message
 
 from controlplane import resource
-from controlplane.assembly.services import EncodedService, encode_service
+from controlplane.assembly.services import EncodedService, encode_services
 from controlplane.cache.layers import Layer
 from controlplane.cache.snapshot import (
     STANDARD,
@@ -58,36 +58,11 @@ class MeshBuild:
         """``replace``: services (by key) already known to break the route tables, with
         the error; they are treated like services whose translation failed."""
         before = previous._services if previous is not None else {}
-        self._services: dict[str, EncodedService] = {}
         self.rejected: dict[str, str] = dict(replace or {})
-        self.encoded_bytes = 0
-        served = []
-        rerouted: set[str] = set()
-        for service in mesh.services:
-            key = service.key
-            old = before.get(key)
-            if old is not None and (old.service is service or old.service == service):
-                self._services[key] = old
-                served.append(old.service)
-                continue
-            try:
-                if key in self.rejected:
-                    raise _Replaced(self.rejected[key])
-                encoded = encode_service(service, old)
-            except Exception as exc:
-                if not isinstance(exc, _Replaced):
-                    self.rejected[key] = f"{type(exc).__name__}: {exc}"
-                if old is not None:  # its last good version stays
-                    self._services[key] = old
-                    served.append(old.service)
-                continue
-            if old is None or old.routing != encoded.routing:
-                rerouted.add(key)
-            # all serialized, even those that come out equal to the old ones
-            self.encoded_bytes += encoded.size
-            self._services[key] = encoded
-            served.append(service)
-        rerouted.update(k for k in before if k not in self._services)
+        encoded = encode_services(mesh, before, self.rejected)
+        self._services: dict[str, EncodedService] = encoded.services
+        self.encoded_bytes = encoded.encoded_bytes
+        served, rerouted = encoded.served, encoded.rerouted
         # What is served: the mesh with each rejected service at its last good version.
         self.mesh = mesh if not self.rejected else mesh.model_copy(update={"services": served})
         self._frame = _frame(self.mesh)
@@ -168,7 +143,7 @@ class MeshBuild:
             if old is not None and not self._rerouted(visible):
                 found = old
             else:
-                config = egress_route(self._mesh_of(visible), namespace)
+                config = egress_route(self.mesh, namespace, visible)
                 name = resource_name(config)
                 prior = old.resources.get(name) if old is not None else None
                 made = encode_resource(resource.ROUTE, name, config, prior)
@@ -395,9 +370,5 @@ def _ondemand() -> Any:
 
 
 _ONDEMAND: Any = None
-
-
-class _Replaced(Exception):
-    """A service already found to break the route tables."""
 
 

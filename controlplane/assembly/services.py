@@ -7,7 +7,7 @@ from the previous ones by replacing only those.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, encode_resource
-from controlplane.mesh.model import Service
+from controlplane.mesh.model import Mesh, Service
 from controlplane.translator import resource_name, service_resources
 from controlplane.translator.locality import prefer_zone
 
@@ -41,6 +41,54 @@ class EncodedService:
         if variant is None:
             variant = self.zoned[zone] = tuple(_zoned(a, zone) for a in self.load_assignments)
         return variant
+
+
+@dataclass(slots=True)
+class Encoded:
+    """A mesh's services, encoded against the previous build's."""
+
+    services: dict[str, EncodedService] = field(default_factory=dict)
+    served: list[Service] = field(default_factory=list)  # rejected ones at last good
+    rerouted: set[str] = field(default_factory=set)  # routing changed, added or removed
+    encoded_bytes: int = 0
+
+
+def encode_services(mesh: Mesh, before: Mapping[str, EncodedService],
+                    rejected: dict[str, str]) -> Encoded:
+    """Every service of ``mesh``, reusing ``before``'s for those unchanged. A service
+    whose translation fails is added to ``rejected`` (which may already name services
+    known to break the route tables) and kept at its old version, if any."""
+    done = Encoded()
+    for service in mesh.services:
+        key = service.key
+        old = before.get(key)
+        if old is not None and (old.service is service or old.service == service):
+            done.services[key] = old
+            done.served.append(old.service)
+            continue
+        try:
+            if key in rejected:
+                raise _Replaced(rejected[key])
+            encoded = encode_service(service, old)
+        except Exception as exc:
+            if not isinstance(exc, _Replaced):
+                rejected[key] = f"{type(exc).__name__}: {exc}"
+            if old is not None:  # its last good version stays
+                done.services[key] = old
+                done.served.append(old.service)
+            continue
+        if old is None or old.routing != encoded.routing:
+            done.rerouted.add(key)
+        # all serialized, even those that come out equal to the old ones
+        done.encoded_bytes += encoded.size
+        done.services[key] = encoded
+        done.served.append(service)
+    done.rerouted.update(k for k in before if k not in done.services)
+    return done
+
+
+class _Replaced(Exception):
+    """A service already found to break the route tables."""
 
 
 def encode_service(service: Service, old: EncodedService | None) -> EncodedService:
