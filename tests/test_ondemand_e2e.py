@@ -7,7 +7,10 @@ is never sent; what it fetched stays up to date."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +28,14 @@ RATINGS = "outbound|9080||ratings.default.svc.cluster.local"
 DETAILS = "outbound|9080||details.default.svc.cluster.local"
 
 
-def write_mesh(path: Path, services: dict[str, Backend], extra: dict[str, Any] | None = None
+class _At:
+    """A service endpoint that is not a Backend (any object with a ``port``)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+
+def write_mesh(path: Path, services: dict[str, Any], extra: dict[str, Any] | None = None
                ) -> None:
     """Write atomically (as editors do), so the server never reads half a file."""
     mesh: dict[str, Any] = {"services": [
@@ -45,8 +55,13 @@ class Rig:
         self.server: ControlPlane | None = None
         self.envoys: list[Envoy] = []
 
-    def start(self, extra: dict[str, Any] | None = None) -> tuple[ControlPlane, Envoy]:
-        write_mesh(self.mesh, {**self.backends, "frontend": self.backends["details"]}, extra)
+    def start(self, extra: dict[str, Any] | None = None,
+              ports: dict[str, int] | None = None) -> tuple[ControlPlane, Envoy]:
+        """``ports``: services whose endpoint is some other server of the test's."""
+        backends: dict[str, Any] = {**self.backends, "frontend": self.backends["details"]}
+        for name, port in (ports or {}).items():
+            backends[name] = _At(port)
+        write_mesh(self.mesh, backends, extra)
         self.server = ControlPlane(self.mesh, self.tmp).start()
         envoy = Envoy(self.tmp, "frontend-1", "frontend", self.server.xds_port,
                       extra=["--on-demand"]).start()
@@ -176,3 +191,48 @@ def test_it_fetches_only_what_it_may_see_and_splits_work_on_demand(rig: Rig) -> 
     assert all("reviews.default" in name for name in held), held
     assert envoy.request("ratings")[0] == 404  # not visible to frontend: never fetched
     assert RATINGS not in clusters(envoy)
+
+
+class _EchoPost(http.server.ThreadingHTTPServer):
+    """Answers a POST with the length of the body it received."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                size = len(self.rfile.read(int(self.headers.get("content-length", "0"))))
+                body = f"got {size}".encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_first_call_with_a_body_is_held_and_delivered_whole(rig: Rig) -> None:
+    """The request's headers and body in one packet: Envoy holds both while it fetches
+    the virtual host and the cluster, then delivers them."""
+    echo = _EchoPost()
+    try:
+        _, envoy = rig.start(ports={"reviews": int(echo.server_address[1])})
+        body = b"x" * 3000
+        with socket.create_connection(("127.0.0.1", envoy.egress_port), timeout=5) as conn:
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n"
+                         b"Content-Length: 3000\r\n\r\n" + body)
+            answer = b""
+            while chunk := conn.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert answer.endswith(b"got 3000")
+        assert clusters(envoy) == {REVIEWS}
+    finally:
+        echo.shutdown()
+        echo.server_close()
