@@ -18,20 +18,71 @@ import json
 import os
 import re
 import shutil
+import textwrap
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import structlog
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from controlplane import resource
+from controlplane.cache.layers import Layer
 from controlplane.cache.snapshot import Snapshot
 
 log = structlog.get_logger("controlplane.store")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+class _Rendered:
+    """Resources as JSON text, rendered once per shared layer version: groups share
+    layers, so at a thousand groups a change renders the few layers that changed and
+    each group's own resources, not every group's thousands of resources again."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self._layers: dict[tuple[str, str], str] = {}
+        self._limit = limit
+
+    def layer(self, layer: Layer) -> str:
+        key = (layer.type_url, layer.version)
+        found = self._layers.get(key)
+        if found is None:
+            found = _items(layer.resources[n].message for n in sorted(layer.resources))
+            if len(self._layers) >= self._limit:
+                self._layers.clear()
+            self._layers[key] = found
+        return found
+
+    def snapshot(self, snapshot: Snapshot) -> str:
+        """The same document as ``json.dumps(snapshot_to_dict(snapshot), indent=2)``
+        (resources by layer, each layer sorted by name)."""
+        types = []
+        for type_url, typed in snapshot.types.items():
+            parts = [self.layer(p) for p in typed.layers]
+            if typed.own is not None:
+                parts.append(_items(typed.own.resources[n].message
+                                    for n in sorted(typed.own.resources)))
+            elif not typed.parts:
+                parts.append(_items(typed.resources[n].message for n in sorted(typed.resources)))
+            body = ",\n".join(p for p in parts if p)
+            short = json.dumps(resource.short_name(type_url))
+            types.append(f"    {short}: [\n{body}\n    ]" if body else f"    {short}: []")
+        head = json.dumps({"version": snapshot.version, "versions": snapshot.versions()},
+                          indent=2)
+        joined = ",\n".join(types)
+        return head[:-2] + ',\n  "resources": {\n' + joined + "\n  }\n}\n"
+
+
+def _items(messages: Iterable[Message]) -> str:
+    """Each message as an indented JSON object, for a list three levels deep."""
+    return ",\n".join(
+        textwrap.indent(json.dumps(MessageToDict(m, preserving_proto_field_name=True),
+                                   indent=2), "      ")
+        for m in messages)
 
 
 def snapshot_to_dict(snapshot: Snapshot) -> dict[str, Any]:
@@ -58,6 +109,7 @@ class SnapshotStore:
         self._pending: dict[str, tuple[Snapshot, int] | None] = {}  # None: remove the folder
         self._files: dict[str, Path] = {}  # version -> a file holding it (writer thread only)
         self.links = 0  # files hard-linked rather than written
+        self._rendered = _Rendered()  # writer thread only
 
     def save(self, group: str, snapshot: Snapshot) -> None:
         if self.keep <= 0:
@@ -118,7 +170,7 @@ class SnapshotStore:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             path = folder / f"{stamp}-{seq:06d}-{snapshot.version}.json"
             if not self._link(snapshot.version, path):
-                path.write_text(json.dumps(snapshot_to_dict(snapshot), indent=2) + "\n")
+                path.write_text(self._rendered.snapshot(snapshot))
                 if len(self._files) >= 1024:
                     self._files.clear()
                 self._files[snapshot.version] = path
