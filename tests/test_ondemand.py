@@ -8,6 +8,8 @@ from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane import resource
 from controlplane.assembly import MeshBuild
@@ -15,6 +17,7 @@ from controlplane.assembly.ondemand import ondemand_snapshot
 from controlplane.cache import Snapshot
 from controlplane.mesh.model import Mesh
 from controlplane.proxy import ProxyIdentity
+from controlplane.server.delta import DeltaStream
 from controlplane.server.vhds import with_aliases
 from tests.conftest import Env
 from tests.support.xds_client import AdsClient, node
@@ -187,3 +190,78 @@ def test_aliases_added_to_a_prepared_resource_read_back_as_one_resource() -> Non
     assert sorted(one.aliases) == ["egress/ratings", "egress/ratings.default.svc:9080"]
     assert one.resource.value == discovery_pb2.DeltaDiscoveryResponse.FromString(
         res.delta_chunk).resources[0].resource.value
+
+
+_OD_NAMES = st.lists(st.sampled_from([
+    "*", "egress/reviews", "egress/reviews.default:9080", "egress/ratings", "egress/nowhere",
+    REVIEWS, RATINGS, INBOUND, "ghost"]), max_size=6)
+_OD_TYPES = st.sampled_from([resource.CLUSTER, resource.ENDPOINT, resource.VIRTUAL_HOST])
+
+
+@st.composite
+def _od_steps(draw: st.DrawFn) -> list[tuple[discovery_pb2.DeltaDiscoveryRequest, int | None]]:
+    steps = []
+    for _ in range(draw(st.integers(1, 10))):
+        request = discovery_pb2.DeltaDiscoveryRequest(
+            type_url=draw(_OD_TYPES), resource_names_subscribe=draw(_OD_NAMES),
+            resource_names_unsubscribe=draw(_OD_NAMES))
+        steps.append((request, draw(st.one_of(st.none(), st.integers(0, 2)))))
+    return steps
+
+
+_OD_SNAPSHOTS = [ondemand_snapshot(MeshBuild(mesh()), PROXY),
+                 ondemand_snapshot(MeshBuild(mesh(reviews_port=9091, reviews_timeout="2s")),
+                                   PROXY),
+                 ondemand_snapshot(MeshBuild(Mesh.model_validate({"services": [
+                     {"name": "frontend", "port": 9080, "endpoints": []}]})), PROXY)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(_od_steps())
+def test_what_the_stream_thinks_the_client_holds_is_what_it_sent(
+        steps: list[tuple[discovery_pb2.DeltaDiscoveryRequest, int | None]]) -> None:
+    """Any subscription sequence over on-demand snapshots: applying every response the
+    way Envoy does gives exactly the holdings the stream keeps (its view over the
+    snapshot included), no response names a resource twice, and every resource held is
+    one the client subscribed to, by name, alias or wildcard."""
+    stream = DeltaStream(1, "ads")
+    stream.on_snapshot(_OD_SNAPSHOTS[0])
+    held: dict[str, dict[str, str]] = {}
+    first = True
+    for request, publish_index in steps:
+        if first:
+            request.node.CopyFrom(node("fe-1", **ON_DEMAND_NODE))
+            first = False
+        before = stream.types.get(request.type_url)
+        was_wildcard = before is not None and before.wildcard
+        pushes = stream.on_request(request).pushes
+        # The client forgets what it unsubscribes from (no removal is sent for it), and
+        # what it had by wildcard only when it drops the wildcard (an unsubscribe wins).
+        mine = held.setdefault(request.type_url, {})
+        for name in request.resource_names_unsubscribe:
+            mine.pop(name, None)
+        if was_wildcard and "*" in request.resource_names_unsubscribe:
+            state = stream.types[request.type_url]
+            kept = state.subscribed | state.targets
+            held[request.type_url] = {n: v for n, v in mine.items() if n in kept}
+        if publish_index is not None:
+            pushes += stream.on_snapshot(_OD_SNAPSHOTS[publish_index])
+        for push in pushes:
+            response = discovery_pb2.DeltaDiscoveryResponse.FromString(push.encode())
+            names_sent = [r.name for r in response.resources]
+            assert len(set(names_sent) | set(response.removed_resources)) == len(
+                names_sent) + len(response.removed_resources)
+            mine = held.setdefault(response.type_url, {})
+            for name in response.removed_resources:
+                mine.pop(name, None)
+            for entry in response.resources:
+                if entry.HasField("resource"):
+                    mine[entry.name] = entry.version
+        for type_url, state in stream.types.items():
+            assert dict(state.client.items()) == held.get(type_url, {}), type_url
+            typed = stream.snapshot.get(type_url) if stream.snapshot else None
+            for name in held.get(type_url, {}):
+                assert typed is not None and name in typed.resources
+                by_wildcard = state.wildcard and (typed.wildcard is None
+                                                  or name in typed.wildcard)
+                assert (name in state.subscribed or name in state.targets or by_wildcard), name

@@ -126,7 +126,7 @@ class DeltaStream(StreamBase):
             state.wildcard = False
         added.discard("*")
         dropped.discard("*")
-        for name in added:
+        for name in added - dropped:
             if not first:  # asked again, subscribed or not: answer it even if unchanged
                 state.client.discard(name)
                 if typed is not None and (target := typed.aliases.get(name)) is not None:
@@ -138,7 +138,7 @@ class DeltaStream(StreamBase):
         if added or dropped:
             state.subscribed = NAME_SETS.intern((state.subscribed | added) - dropped)
         if was_wildcard and not state.wildcard:  # the client drops what it no longer wants
-            state.client.keep_only(state.subscribed)
+            state.client.keep_only(state.subscribed | state.targets)
             state.synced = False
         # A name subscribed or dropped is forgotten above and looked at below: if the
         # client held exactly its snapshot before, it does again after this answer.
