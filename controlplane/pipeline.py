@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
+from prometheus_client import Gauge
 
 from controlplane import metrics, resource
 from controlplane.assembly import MeshBuild
@@ -36,6 +37,8 @@ log = structlog.get_logger("controlplane.pipeline")
 
 _ATTEMPTS = 3  # isolate route-table culprits at most this many times, then reject whole
 _BATCH = 32  # new groups built per trip to the worker
+_PUBLISHED = metrics.SNAPSHOT_BUILDS.labels("published")
+_UNCHANGED = metrics.SNAPSHOT_BUILDS.labels("unchanged")
 
 
 def check_mesh(mesh: Mesh, previous: MeshBuild | None = None,
@@ -132,6 +135,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task[None]] = set()
         self._arrivals: dict[str, ProxyIdentity] = {}  # new groups waiting to be built
         self._draining = False
+        self._gauges: dict[str, dict[str, Gauge]] = {}  # group -> type -> its size gauge
         cache.on_new_group = self.on_new_group
 
     @property
@@ -339,19 +343,27 @@ class Pipeline:
             self._group_failed(group, str(exc))
             return
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
-        metrics.SNAPSHOT_BUILDS.labels("published" if published else "unchanged").inc()
+        (_PUBLISHED if published else _UNCHANGED).inc()
         metrics.PROXY_GROUPS.set(len(self.cache))
         if published:
             metrics.ENCODED_BYTES.inc(snapshot.encoded_bytes)
             for type_url, typed in snapshot.types.items():  # sizes are kept per layer
                 if before is None or before.types.get(type_url) is not typed:
-                    metrics.CONFIG_BYTES.labels(group, resource.short_name(type_url)).set(
-                        typed.size)
+                    self._config_bytes(group, type_url).set(typed.size)
             # debug: one line per group per change would let clients set the log volume
             log.debug("snapshot.published", group=group, version=snapshot.version,
-                      versions=snapshot.versions(), seconds=round(elapsed, 4))
+                      seconds=round(elapsed, 4))
             if self.store is not None:
                 self.store.save(group, snapshot)
+
+    def _config_bytes(self, group: str, type_url: str) -> Gauge:
+        """The group's size gauge of a type (labels() looked up once, not per change)."""
+        mine = self._gauges.setdefault(group, {})
+        short = resource.short_name(type_url)
+        found = mine.get(short)
+        if found is None:
+            found = mine[short] = metrics.CONFIG_BYTES.labels(group, short)
+        return found
 
     def expire_groups(self, ttl: float, now: float | None = None) -> list[str]:
         """Forget groups with no proxy connected for ``ttl`` seconds: their snapshot, their
@@ -363,7 +375,7 @@ class Pipeline:
             return gone
         metrics.GROUPS_EXPIRED.inc(len(gone))
         for group in gone:
-            for short in resource.SHORT_NAMES.values():
+            for short in {*resource.SHORT_NAMES.values(), *self._gauges.pop(group, {})}:
                 metrics.CONFIG_BYTES.remove(group, short)
             if self.store is not None:
                 self.store.forget(group)
