@@ -236,3 +236,31 @@ def test_a_first_call_with_a_body_is_held_and_delivered_whole(rig: Rig) -> None:
     finally:
         echo.shutdown()
         echo.server_close()
+
+
+def test_after_a_server_restart_what_was_fetched_stays_current_and_fetching_works(
+        rig: Rig) -> None:
+    """The sidecar reconnects saying what it holds (virtual hosts, clusters, the aliases
+    it asked for): nothing of it is lost, and updates and new fetches work as before."""
+    server, envoy = rig.start()
+    assert envoy.request("reviews")[:2] == (200, "reviews")
+    assert envoy.request("nowhere")[0] == 404
+    server.stop()
+    server.start()
+    wait_for(lambda: any(p["node_id"] == "frontend-1" for p in server.json("/debug/proxies")),
+             timeout=20, what="the sidecar back on the restarted server")
+    assert envoy.request("reviews")[:2] == (200, "reviews")
+    assert envoy.request("ratings")[:2] == (200, "ratings")  # a first fetch after it
+    assert envoy.request("nowhere")[0] == 404
+
+    moved = Backend("reviews-moved")
+    rig.backends["reviews-moved"] = moved
+    write_mesh(rig.mesh, {"reviews": moved, "ratings": rig.backends["ratings"],
+                          "details": rig.backends["details"],
+                          "frontend": rig.backends["details"]})
+    wait_for(lambda: envoy.request("reviews")[1] == "reviews-moved", timeout=20,
+             what="an update of what was fetched before the restart")
+    assert clusters(envoy) == {REVIEWS, RATINGS}
+    [proxy] = [p for p in server.json("/debug/proxies") if p["node_id"] == "frontend-1"]
+    for kind in ("cds", "eds", "lds", "rds", "vhds"):
+        assert proxy["types"][kind]["last_nack"] is None, kind
