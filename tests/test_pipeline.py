@@ -484,3 +484,38 @@ async def test_a_new_group_costs_its_own_resources_and_shares_the_rest() -> None
     # What the second group serialized: its own listeners and inbound cluster, no more.
     own = two.get(resource.LISTENER).size + two.get(resource.CLUSTER).own.size  # type: ignore[union-attr]
     assert two.encoded_bytes == own
+
+
+ZONED = """services:
+  - {name: reviews, port: 9080, endpoints: [{address: 10.0.0.1, port: %d, zone: zone-a},
+                                            {address: 10.0.0.2, port: 8080, zone: zone-b}]}
+  - {name: ratings, port: 9080, endpoints: [{address: 10.0.0.3, port: 8080, zone: zone-a},
+                                            {address: 10.0.0.4, port: 8080, zone: zone-b}]}
+"""
+
+
+async def test_an_endpoint_change_is_encoded_once_per_zone_that_has_proxies() -> None:
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    assert pipeline.set_mesh(load_mesh_text(ZONED % 8080))
+    proxies = [ProxyIdentity(node_id=f"{zone}-{i}", service=f"app-{i}", zone=zone)
+               for zone in ("zone-a", "zone-b") for i in range(3)]
+    await _connect(cache, proxies)
+    assert pipeline.set_mesh(load_mesh_text(ZONED % 8081))
+    build = pipeline.current
+    assert build is not None
+    reviews = "outbound|9080||reviews.default.svc.cluster.local"
+    by_zone = {p.zone: cache.get(p.group) for p in proxies}
+    plain = build.endpoint_layer(None).resources[reviews]
+    variants = {z: s.get(resource.ENDPOINT).resources[reviews]  # type: ignore[union-attr]
+                for z, s in by_zone.items()}
+    assert len({id(v) for v in variants.values()} | {id(plain)}) == 3
+    cluster = build.cluster_layer(None).resources[reviews]
+    # The service (its cluster, its plain assignment) once, then one variant per zone.
+    assert build.encoded_bytes == cluster.size + plain.size + sum(
+        v.size for v in variants.values())
+    # Groups of one zone share one endpoints snapshot.
+    for zone in ("zone-a", "zone-b"):
+        shared = {id(cache.get(p.group).get(resource.ENDPOINT))  # type: ignore[union-attr]
+                  for p in proxies if p.zone == zone}
+        assert len(shared) == 1

@@ -128,7 +128,7 @@ class MeshBuild:
         if found is None:
             old = self._old._endpoints.get(key) if self._old is not None else None
             found = self._derive(resource.ENDPOINT, old, visible,
-                                 lambda e: e.assignments(zone), _assignments)
+                                 lambda e: self._variant(e, zone), _assignments)
             self._endpoints[key] = found
         return found
 
@@ -323,6 +323,16 @@ class MeshBuild:
                   for r in named(e)]
         add = [r for k in touched if (e := self._services.get(k)) is not None for r in pick(e)]
         return old.replace(remove, add)
+
+    def _variant(self, encoded: EncodedService, zone: str) -> tuple[Resource, ...]:
+        """``encoded``'s assignments for ``zone``; a variant serialized now is counted
+        in ``encoded_bytes`` (once per service and zone that has proxies)."""
+        fresh = bool(zone) and zone not in encoded.zoned
+        variant = encoded.assignments(zone)
+        if fresh:
+            self.encoded_bytes += sum(v.size for v, a in zip(
+                variant, encoded.load_assignments, strict=True) if v is not a)
+        return variant
 
     def _rerouted(self, visible: Visible) -> bool:
         """Whether a service the route table of ``visible`` shows changed its routing."""
