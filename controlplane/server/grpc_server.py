@@ -21,18 +21,18 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import metrics, resource
 from controlplane.cache.cache import ConfigWatcher
-from controlplane.cache.snapshot import Snapshot
-from controlplane.proxy import ProxyIdentity
 from controlplane.server.delta import DeltaStream
 from controlplane.server.limits import LimitError, Limits, LogBudget
 from controlplane.server.registry import StreamRegistry
+from controlplane.server.session import Malformed, MalformedRequest, StreamRun, warn
 from controlplane.server.sotw import SotwStream
-from controlplane.server.stream import ProtocolError, Push, StreamBase
-from controlplane.server.writes import ClientGone, WriteTurns
+from controlplane.server.stream import ProtocolError, StreamBase
+from controlplane.server.writes import ClientGone, WriteTurns, end_call
 
 log = structlog.get_logger("controlplane.xds")
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MB default is too small for big meshes
+_GONE = "the client closed the stream during a write; it reconnects"
 _SHUTTING_DOWN = "the control plane is shutting down; reconnect (Envoy does so by itself)"
 
 # service -> (per-type URL or None for ADS, SotW method, delta method, fetch method)
@@ -52,26 +52,14 @@ SERVICES: dict[str, tuple[str | None, str, str, str | None]] = {
 }
 
 
-class _Malformed:
-    """A request that did not parse; the stream ends with INVALID_ARGUMENT."""
-
-    def __init__(self, kind: str, error: str) -> None:
-        self.message = (f"the request is not a valid {kind} ({error}); send "
-                        "envoy.service.discovery.v3 messages")
-
-
-class _MalformedRequest(ProtocolError):
-    """The stream's request did not parse."""
-
-
 def _parser(cls: Any) -> Callable[[bytes], Any]:
-    """Parse a request, or hand the stream a _Malformed (gRPC would log a traceback
+    """Parse a request, or hand the stream a Malformed (gRPC would log a traceback
     and answer UNKNOWN for an exception raised here)."""
     def parse(data: bytes) -> Any:
         try:
             return cls.FromString(data)
         except Exception as exc:
-            return _Malformed(cls.DESCRIPTOR.name, str(exc)[:200])
+            return Malformed(cls.DESCRIPTOR.name, str(exc)[:200])
     return parse
 
 
@@ -139,7 +127,7 @@ class XdsServer:
         async def handle(request: discovery_pb2.DiscoveryRequest,
                          context: grpc.aio.ServicerContext) -> bytes:
             stream = SotwStream(0, api, type_url, self.identifier, self.limits)
-            if isinstance(request, _Malformed):
+            if isinstance(request, Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             try:
                 stream.on_request(request)
@@ -167,120 +155,50 @@ class XdsServer:
         structlog.contextvars.bind_contextvars(stream_id=stream.stream_id, api=stream.api,
                                                protocol=stream.protocol)
         budget = LogBudget(self.limits.log_lines_per_second)
-        reading: asyncio.Future[Any] = asyncio.ensure_future(context.read())
+        run = StreamRun(stream, context, self.watcher, self.turns, budget)
         closing = asyncio.ensure_future(self._closing.wait())
-        watching: asyncio.Task[Snapshot] | None = None
-        connected: ProxyIdentity | None = None
+        run.start()
         try:
-            while True:
-                waits: set[asyncio.Future[Any]] = {reading, closing}
-                if watching is not None:
-                    waits.add(watching)
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                del waits
-                pushes: list[Push] = []
-                if reading in done:
-                    request = reading.result()
-                    if request is grpc.aio.EOF:
-                        break
-                    if isinstance(request, _Malformed):
-                        raise _MalformedRequest(request.message)
-                    pushes += self._on_request(stream, request, budget)
-                    del request
-                    reading = asyncio.ensure_future(context.read())
-                    if watching is None and stream.proxy is not None:
-                        connected = stream.proxy
-                        self.watcher.connect(connected)
-                        watching = asyncio.ensure_future(
-                            self.watcher.next_snapshot(stream.proxy, None))
-                if watching is not None and watching in done:
-                    snapshot = watching.result()
-                    pushes += stream.on_snapshot(snapshot)
-                    assert stream.proxy is not None
-                    watching = asyncio.ensure_future(
-                        self.watcher.next_snapshot(stream.proxy, snapshot))
-                    del snapshot
-                closed = closing in done
-                del done  # it holds the request read: not kept while waiting
-                await self._write_all(context, pushes)
-                del pushes
-                if closed:
+            waits: set[asyncio.Future[Any]] = {run.ended, closing}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if run.ended.done():
+                run.ended.result()  # the client's EOF, or what ended the stream
+            else:
+                async with run.lock:  # the writes under way finish first
                     log.info("xds.stream_shutdown", hint="the client reconnects")
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+                    await end_call(context, grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         except ProtocolError as exc:
-            malformed = isinstance(exc, _MalformedRequest)
+            malformed = isinstance(exc, MalformedRequest)
             metrics.STREAMS_REFUSED.labels("malformed" if malformed else "protocol").inc()
-            self._warn(budget, "xds.protocol_error", error=str(exc))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            warn(budget, "xds.protocol_error", error=str(exc))
+            with contextlib.suppress(ClientGone):
+                await end_call(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LimitError as exc:
             metrics.STREAMS_REFUSED.labels(exc.reason).inc()
-            self._warn(budget, "xds.limit_exceeded", status=exc.status, error=str(exc))
-            await context.abort(grpc.StatusCode[exc.status], str(exc))
+            warn(budget, "xds.limit_exceeded", status=exc.status, error=str(exc))
+            with contextlib.suppress(ClientGone):
+                await end_call(context, grpc.StatusCode[exc.status], str(exc))
         except ClientGone as exc:
-            log.info("xds.client_gone", error=str(exc)[:200],
-                     hint="the client closed the stream during a write; it reconnects")
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            log.info("xds.client_gone", error=str(exc)[:200], hint=_GONE)
+        except asyncio.CancelledError:  # gRPC ends the handler of a call the client left
+            if run.left_mid_write():
+                log.info("xds.client_gone", error="cancelled during a write", hint=_GONE)
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception:
             log.exception("xds.stream_failed")
             raise
         finally:
-            for task in (reading, watching, closing):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
-            if connected is not None:
-                self.watcher.disconnect(connected)
+            closing.cancel()
+            await run.stop()
             self.registry.remove(stream)
             metrics.CONNECTED_PROXIES.labels(stream.protocol).dec()
+            if stream.proxy is not None:  # bound by the reader, in its own context
+                structlog.contextvars.bind_contextvars(node_id=stream.proxy.node_id)
             log.info("xds.stream_closed", **({"suppressed_logs": budget.suppressed}
                                               if budget.suppressed else {}))
             structlog.contextvars.unbind_contextvars("stream_id", "node_id", "api", "protocol")
-
-    async def _write_all(self, context: grpc.aio.ServicerContext, pushes: list[Push]) -> None:
-        """Write in order; each push is encoded when its turn comes and dropped after."""
-        while pushes:
-            push = pushes.pop(0)
-            await self.turns.write(context, push)
-            self._sent(push)
-
-    @staticmethod
-    def _warn(budget: LogBudget, event: str, **fields: Any) -> None:
-        """A warning the client caused, within its stream's budget of log lines."""
-        dropped = budget.take()
-        if dropped is None:
-            return
-        if dropped:
-            fields["suppressed_before"] = dropped
-        log.warning(event, **fields)
-
-    def _on_request(self, stream: StreamBase, request: Any, budget: LogBudget) -> list[Push]:
-        is_new = stream.node is None
-        handled = stream.on_request(request)
-        if is_new and stream.proxy is not None:
-            structlog.contextvars.bind_contextvars(node_id=stream.proxy.node_id)
-            log.info("xds.stream_opened", group=stream.proxy.group)
-        # A type URL the client made up is not a label: the series would be the client's.
-        short = "unknown" if handled.kind == "unknown_type" \
-            else resource.short_name(handled.type_url)
-        metrics.REQUESTS.labels(short, handled.kind).inc()
-        if handled.kind == "nack":
-            metrics.NACKS.labels(short).inc()
-            self._warn(budget, "xds.nack", type=short, error=handled.error[:2048],
-                       version=stream.type_states()[handled.type_url].nacked_version)
-        elif handled.kind == "unknown_type":
-            self._warn(budget, "xds.unknown_type", type=handled.type_url,
-                       hint="this server serves clusters, endpoints, listeners, routes, "
-                       "secrets")
-        return handled.pushes
-
-    def _sent(self, push: Push) -> None:
-        short = resource.short_name(push.type_url)
-        metrics.PUSHES.labels(short).inc()
-        metrics.PUSH_BYTES.labels(short).inc(push.size)
-        log.debug("xds.push", type=short, version=push.version, nonce=push.nonce,
-                  resources=len(push.names), removed=len(push.removed), bytes=push.size)
 
 
 async def create_server(address: str, xds: XdsServer) -> tuple[grpc.aio.Server, int]:

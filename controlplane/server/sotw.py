@@ -241,11 +241,12 @@ class SotwStream(StreamBase):
 
 def _fingerprint(request: discovery_pb2.DiscoveryRequest) -> tuple[int, int]:
     """(count, hash of the encoding) of the request's names, type and node: equal for two
-    requests naming the same names in the same order. It makes no Python string per
-    name (an EDS ACK names every cluster). Clears the version and nonce it leaves out."""
+    requests naming the same names in the same order (not always for equal node
+    metadata, a map: that only costs the slow path). It makes no Python string per name
+    (an EDS ACK names every cluster). Clears the version and nonce it leaves out."""
     request.version_info = ""
     request.response_nonce = ""
-    return len(request.resource_names), hash(request.SerializeToString(deterministic=True))
+    return len(request.resource_names), hash(request.SerializeToString())
 
 
 def _endpoints_of(clusters: TypeSnapshot, names: frozenset[str]) -> set[str]:

@@ -1,0 +1,178 @@
+"""One stream's life: a reader loop and a snapshot loop, writing under one lock.
+
+Each loop awaits one thing (the next request, the group's next snapshot) and hands it
+to the protocol logic; what that returns is written before the lock is let go, so
+responses go out in the order of the events that caused them. No event waits on a set
+of futures and no task is made per event: at a thousand streams that overhead was a
+good part of the server's CPU per change.
+
+A slow reader holds its own lock while its write waits, and its snapshot loop then
+takes the group's *latest* snapshot: it skips versions it never got to, it does not
+queue them. Between two events the loops keep no request and no encoded response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import grpc
+import structlog
+
+from controlplane import metrics, resource
+from controlplane.cache.cache import ConfigWatcher
+from controlplane.cache.snapshot import Snapshot
+from controlplane.proxy import ProxyIdentity
+from controlplane.server.limits import LogBudget
+from controlplane.server.stream import ProtocolError, Push, StreamBase
+from controlplane.server.writes import ClientGone, WriteTurns
+
+log = structlog.get_logger("controlplane.xds")
+
+
+class Malformed:
+    """A request that did not parse; the stream ends with INVALID_ARGUMENT."""
+
+    def __init__(self, kind: str, error: str) -> None:
+        self.message = (f"the request is not a valid {kind} ({error}); send "
+                        "envoy.service.discovery.v3 messages")
+
+
+class MalformedRequest(ProtocolError):
+    """The stream's request did not parse."""
+
+
+def warn(budget: LogBudget, event: str, **fields: Any) -> None:
+    """A warning the client caused, within its stream's budget of log lines."""
+    dropped = budget.take()
+    if dropped is None:
+        return
+    if dropped:
+        fields["suppressed_before"] = dropped
+    log.warning(event, **fields)
+
+
+class StreamRun:
+    """The two loops of one stream and what they share. ``ended`` completes when the
+    client ends the stream (EOF), or holds the exception that ended it."""
+
+    def __init__(self, stream: StreamBase, context: grpc.aio.ServicerContext,
+                 watcher: ConfigWatcher, turns: WriteTurns, budget: LogBudget) -> None:
+        self.stream = stream
+        self.context = context
+        self.watcher = watcher
+        self.turns = turns
+        self.budget = budget
+        self.lock = asyncio.Lock()
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.connected: ProxyIdentity | None = None
+        self.writing = False  # a write is under way
+        self._reader: asyncio.Task[None] | None = None
+        self._snapshots: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.ensure_future(self._read())
+
+    def left_mid_write(self) -> bool:
+        """Whether the stream ended, or is being ended, because the client left during a
+        write (gRPC may cancel the handler before the failed write says so)."""
+        if self.ended.done() and not self.ended.cancelled():
+            return isinstance(self.ended.exception(), ClientGone)
+        return self.writing
+
+    async def stop(self) -> None:
+        """End both loops and leave the group."""
+        for task in (self._reader, self._snapshots):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self.connected is not None:
+            self.watcher.disconnect(self.connected)
+            self.connected = None
+        if self.ended.done() and not self.ended.cancelled():
+            self.ended.exception()  # retrieved: asyncio would warn of it otherwise
+
+    def _end(self, error: BaseException | None) -> None:
+        if self.ended.done():
+            return
+        if error is None:
+            self.ended.set_result(None)
+        else:
+            self.ended.set_exception(error)
+
+    async def _read(self) -> None:
+        stream = self.stream
+        try:
+            while True:
+                request = await self.context.read()
+                if request is grpc.aio.EOF:
+                    self._end(None)
+                    return
+                if isinstance(request, Malformed):
+                    raise MalformedRequest(request.message)
+                async with self.lock:
+                    pushes = self._on_request(request)
+                    del request
+                    await self._write_all(pushes)
+                if self._snapshots is None and stream.proxy is not None:
+                    self.connected = stream.proxy
+                    self.watcher.connect(self.connected)
+                    self._snapshots = asyncio.ensure_future(self._follow(stream.proxy))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._end(exc)
+
+    async def _follow(self, proxy: ProxyIdentity) -> None:
+        snapshot: Snapshot | None = None
+        try:
+            while True:
+                snapshot = await self.watcher.next_snapshot(proxy, snapshot)
+                async with self.lock:
+                    # The latest: a stream that was busy writing skips what it missed.
+                    snapshot = self.watcher.current(proxy) or snapshot
+                    await self._write_all(self.stream.on_snapshot(snapshot))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._end(exc)
+
+    async def _write_all(self, pushes: list[Push]) -> None:
+        """Write in order; each push is encoded when its turn comes and dropped after."""
+        pushes.reverse()
+        while pushes:
+            push = pushes.pop()
+            self.writing = True
+            await self.turns.write(self.context, push)
+            self.writing = False
+            _sent(push)
+
+    def _on_request(self, request: Any) -> list[Push]:
+        stream = self.stream
+        is_new = stream.node is None
+        handled = stream.on_request(request)
+        if is_new and stream.proxy is not None:
+            structlog.contextvars.bind_contextvars(node_id=stream.proxy.node_id)
+            log.info("xds.stream_opened", group=stream.proxy.group)
+        # A type URL the client made up is not a label: the series would be the client's.
+        short = "unknown" if handled.kind == "unknown_type" \
+            else resource.short_name(handled.type_url)
+        metrics.REQUESTS.labels(short, handled.kind).inc()
+        if handled.kind == "nack":
+            metrics.NACKS.labels(short).inc()
+            warn(self.budget, "xds.nack", type=short, error=handled.error[:2048],
+                 version=stream.type_states()[handled.type_url].nacked_version)
+        elif handled.kind == "unknown_type":
+            warn(self.budget, "xds.unknown_type", type=handled.type_url,
+                 hint="this server serves clusters, endpoints, listeners, routes, secrets")
+        return handled.pushes
+
+
+def _sent(push: Push) -> None:
+    short = resource.short_name(push.type_url)
+    metrics.PUSHES.labels(short).inc()
+    metrics.PUSH_BYTES.labels(short).inc(push.size)
+    log.debug("xds.push", type=short, version=push.version, nonce=push.nonce,
+              resources=len(push.names), removed=len(push.removed), bytes=push.size)
