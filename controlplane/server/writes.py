@@ -39,6 +39,18 @@ async def write_now(context: grpc.aio.ServicerContext, payload: bytes) -> None:
         raise ClientGone(f"{type(exc).__name__}: {exc}") from exc
 
 
+async def end_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                   details: str) -> None:
+    """End the call with ``code`` (raises AbortError, as ``context.abort`` does). A call
+    that is over already (the client left, the server is stopping) raises ClientGone."""
+    try:
+        await context.abort(code, details)
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception as exc:
+        raise ClientGone(f"{type(exc).__name__}: {exc}") from exc
+
+
 class WriteTurns:
     """Turns for large writes, shared by every stream of one server."""
 
