@@ -15,7 +15,7 @@ from typing import Any, Final
 import yaml
 
 from controlplane import generated
-from controlplane.sources.kubernetes.crd import traffic_policy_crd
+from controlplane.sources.kubernetes.crd import sidecar_crd, traffic_policy_crd
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
     PODS,
@@ -24,6 +24,8 @@ from controlplane.sources.kubernetes.kinds import (
     POLICY_PLURAL,
     POLICY_VERSION,
     SERVICES,
+    SIDECAR_KIND,
+    SIDECARS,
     TRAFFIC_POLICIES,
 )
 
@@ -62,7 +64,8 @@ def namespace() -> dict[str, Any]:
 
 
 def cluster_role_rules() -> list[dict[str, Any]]:
-    """Least privilege: read what the source watches, write only TrafficPolicy status."""
+    """Least privilege: read what the source watches, write only the status of our own
+    kinds (TrafficPolicy, Sidecar)."""
     return [
         {"apiGroups": [SERVICES.group], "resources": [SERVICES.plural], "verbs": _WATCH},
         {"apiGroups": [ENDPOINT_SLICES.group], "resources": [ENDPOINT_SLICES.plural],
@@ -73,6 +76,9 @@ def cluster_role_rules() -> list[dict[str, Any]]:
         {"apiGroups": [PODS.group], "resources": [PODS.plural], "verbs": _WATCH},
         {"apiGroups": [TRAFFIC_POLICIES.group],
          "resources": [f"{TRAFFIC_POLICIES.plural}/status"],
+         "verbs": ["get", "update", "patch"]},
+        {"apiGroups": [SIDECARS.group], "resources": [SIDECARS.plural], "verbs": _WATCH},
+        {"apiGroups": [SIDECARS.group], "resources": [f"{SIDECARS.plural}/status"],
          "verbs": ["get", "update", "patch"]},
     ]
 
@@ -213,6 +219,20 @@ def example_traffic_policy() -> dict[str, Any]:
     }
 
 
+def example_sidecar() -> dict[str, Any]:
+    """A Sidecar for the ``frontend`` sidecars of ``default``: their own namespace and
+    ``ratings`` wherever it runs; nothing else of the mesh is sent to them."""
+    return {
+        "apiVersion": f"{POLICY_GROUP}/{POLICY_VERSION}",
+        "kind": SIDECAR_KIND,
+        "metadata": {"name": "frontend", "namespace": "default"},
+        "spec": {
+            "workloadSelector": {"service": "frontend"},
+            "egress": [{"hosts": ["./*", "*/ratings"]}],
+        },
+    }
+
+
 class _Dumper(yaml.SafeDumper):
     """Writes shared objects out in full: no ``&id001`` anchors in a manifest."""
 
@@ -235,12 +255,16 @@ def rendered() -> dict[Path, str]:
     return {
         DIR / "00-namespace.yaml": _dump(namespace()),
         DIR / "01-crd.yaml": _dump(traffic_policy_crd()),
+        DIR / "01-crd-sidecar.yaml": _dump(sidecar_crd()),
         DIR / "02-rbac.yaml": _dump(*rbac()),
         DIR / "03-deployment.yaml": _dump(deployment()),
         DIR / "04-service.yaml": _dump(service()),
         DIR / "05-poddisruptionbudget.yaml": _dump(pod_disruption_budget()),
         DIR / "examples" / "trafficpolicy.yaml": _dump(example_traffic_policy(),
                                                        header=example_header),
+        DIR / "examples" / "sidecar.yaml": _dump(example_sidecar(), header=(
+            f"# kubectl apply -f {DIR}/examples/sidecar.yaml; then\n"
+            f"# `kubectl get {SIDECARS.plural} -o wide` shows whether every host matched.\n")),
     }
 
 

@@ -39,8 +39,12 @@ def by_kind() -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for path in sorted((ROOT / deploy.DIR).glob("*.yaml")):
         for document in documents(path):
-            assert document["kind"] not in found, f"two {document['kind']} objects"
-            found[document["kind"]] = document
+            name = document["kind"]
+            if name == "CustomResourceDefinition" and document["metadata"]["name"] != \
+                    crd.CRD_NAME:  # the TrafficPolicy CRD is "the" CRD; others by name
+                name = f"{name}/{document['metadata']['name']}"
+            assert name not in found, f"two {name} objects"
+            found[name] = document
     return found
 
 
@@ -278,6 +282,9 @@ def test_cluster_role_is_least_privilege() -> None:
     expected |= {(kinds.POLICY_GROUP, kinds.POLICY_PLURAL, v) for v in read}
     expected |= {("", "pods", v) for v in read}  # read as metadata, for label subsets
     expected |= {(kinds.POLICY_GROUP, f"{kinds.POLICY_PLURAL}/status", v)
+                 for v in ("get", "update", "patch")}
+    expected |= {(kinds.POLICY_GROUP, kinds.SIDECAR_PLURAL, v) for v in read}
+    expected |= {(kinds.POLICY_GROUP, f"{kinds.SIDECAR_PLURAL}/status", v)
                  for v in ("get", "update", "patch")}
     assert granted == expected
     assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])

@@ -70,13 +70,13 @@ async def test_a_namespace_it_may_not_read_is_reported_and_the_others_served(
         mesh = await next_mesh(updates)
     assert [(s.namespace, s.name) for s in mesh.services] == [("a", "reviews")]
     problems = watched.problems()
-    assert len(problems) == 4  # every kind in b
+    assert len(problems) == 5  # every kind in b
     services = next(p for p in problems if "services in namespace 'b'" in p)
     assert "cannot list resource \"services\" in API group \"\" in the namespace \"b\"" in (
         services)
     assert "{apiGroups: [''], resources: ['services'], verbs: [get, list, watch]}" in services
     assert "RoleBinding in namespace 'b'" in services
-    assert sum(1 for e in logs if e["event"] == "watch.forbidden") == 4
+    assert sum(1 for e in logs if e["event"] == "watch.forbidden") == 5
     await updates.aclose()
 
 

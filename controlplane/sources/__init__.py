@@ -31,8 +31,8 @@ def open_source(settings: ServeSettings) -> Source:
         )
 
         return KubernetesSource(
-            # A connection per watch (four kinds per namespace), and some for status writes.
-            api_client(settings.kubeconfig, pool_size=8 + 4 * max(1, len(settings.namespace))),
+            # A connection per watch (five kinds per namespace), and some for status writes.
+            api_client(settings.kubeconfig, pool_size=8 + 5 * max(1, len(settings.namespace))),
             namespaces=settings.namespace,
             timing=WatchTiming(server_timeout=settings.watch_timeout,
                                inactivity=settings.watch_inactivity),

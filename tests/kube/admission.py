@@ -313,6 +313,13 @@ def traffic_policy_schema() -> Obj:
     return dict(traffic_policy_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 
 
+def sidecar_schema() -> Obj:
+    """The openAPIV3Schema of the Sidecar CRD the project ships."""
+    from controlplane.sources.kubernetes.crd import sidecar_crd
+
+    return dict(sidecar_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
 _JSON_TYPES: Final = {"object": dict, "array": list, "string": str, "boolean": bool}
 
 

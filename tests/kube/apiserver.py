@@ -80,9 +80,12 @@ import threading
 from pathlib import Path
 
 from controlplane.sources.kubernetes.kinds import (
+    SIDECARS,
+    TRAFFIC_POLICIES,
     Kind,
 )
 from tests.kube.admission import (
+    sidecar_schema,
     traffic_policy_schema,
 )
 from tests.kube.constants import (
@@ -116,8 +119,9 @@ class ApiServerDouble(_Handlers):
                  bookmark_interval: float = 60.0, crd_installed: bool = True,
                  crd_schema: Obj | None = None, rbac: Rbac | bool = True,
                  too_large_wait: float = 3.0) -> None:
-        """``crd_installed=False`` makes TrafficPolicy paths 404 until ``install_crd()``;
-        ``crd_schema`` defaults to the schema of the CRD the project ships; ``rbac``:
+        """``crd_installed=False`` makes TrafficPolicy and Sidecar paths 404 until
+        ``install_crd()``; ``crd_schema`` (TrafficPolicy's) defaults to the schema of the
+        CRD the project ships, as Sidecar's always does; ``rbac``:
         True authorizes the service account with the shipped ClusterRole, False allows
         it everything, an ``Rbac`` is that policy (``self.rbac`` may change at any time)."""
         self.port = port
@@ -125,7 +129,9 @@ class ApiServerDouble(_Handlers):
         self.rbac: Rbac | None = Rbac() if rbac is True else (rbac or None)
         self.too_large_wait = too_large_wait
         self.crd_installed = crd_installed
-        self._store = _Store(history_limit, crd_schema or traffic_policy_schema())
+        self._store = _Store(history_limit, {
+            TRAFFIC_POLICIES: crd_schema or traffic_policy_schema(),
+            SIDECARS: sidecar_schema()})
         self._failures: list[_Failure] = []
         self._requests: list[RecordedRequest] = []
         self.server_errors: list[BaseException] = []  # handler crashes: a bug in the double
@@ -278,7 +284,7 @@ class ApiServerDouble(_Handlers):
             return [copy.deepcopy(current[k]) for k in sorted(current)]
 
     def install_crd(self) -> None:
-        """Serve TrafficPolicies (after ``crd_installed=False``)."""
+        """Serve TrafficPolicies and Sidecars (after ``crd_installed=False``)."""
         self.crd_installed = True
 
     # -- faults

@@ -8,6 +8,7 @@ from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
     PODS,
     SERVICES,
+    SIDECARS,
     TRAFFIC_POLICIES,
 )
 
@@ -16,7 +17,7 @@ Obj = dict[str, Any]
 TOKEN: Final = "apiserver-double-token"  # the control plane's service account (RBAC applies)
 ADMIN_TOKEN: Final = "apiserver-double-admin"  # a cluster admin: what tests write with
 _BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS})  # list items: no kind/apiVersion
-_STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, PODS})
+_STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, SIDECARS, PODS})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 

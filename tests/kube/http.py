@@ -19,8 +19,8 @@ from typing import Any, Final
 from aiohttp import web
 
 from controlplane.sources.kubernetes.kinds import (
+    CUSTOM,
     ENDPOINT_SLICES,
-    TRAFFIC_POLICIES,
 )
 from tests.kube.constants import (
     _BUILTIN,
@@ -156,7 +156,7 @@ class _Handlers(_Writes):
         if request.path == "/version":
             return web.json_response({"major": "1", "minor": "33", "gitVersion": "v1.33.0"})
         target = _route(request.path)
-        if target is None or (target.kind == TRAFFIC_POLICIES and not self.crd_installed):
+        if target is None or (target.kind in CUSTOM and not self.crd_installed):
             raise _resource_not_found()
         method = request.method
         watch = (method == "GET" and target.name is None

@@ -24,6 +24,7 @@ from controlplane.sources.kubernetes.kinds import (
     PODS,
     SERVICE_NAME_LABEL,
     SERVICES,
+    SIDECARS,
     TRAFFIC_POLICIES,
 )
 
@@ -145,6 +146,20 @@ class TrafficPolicyBuilder(_Builder):
         return self
 
 
+class SidecarBuilder(_Builder):
+    def __init__(self, name: str, namespace: str, hosts: list[str],
+                 service: str | None) -> None:
+        super().__init__(SIDECARS.api_version, SIDECARS.kind, name, namespace)
+        self._obj["spec"] = {"egress": [{"hosts": list(hosts)}]}
+        if service is not None:
+            self._obj["spec"]["workloadSelector"] = {"service": service}
+
+    def spec(self, spec: Obj) -> Self:
+        """The whole spec, as given (for invalid ones)."""
+        self._obj["spec"] = copy.deepcopy(spec)
+        return self
+
+
 class PodBuilder(_Builder):
     def __init__(self, name: str, namespace: str) -> None:
         super().__init__(PODS.api_version, PODS.kind, name, namespace)
@@ -180,6 +195,13 @@ def traffic_policy(name: str, target: str, spec: Obj | None = None,
     """A TrafficPolicy whose ``spec.targetRef`` names the Service ``target``; ``spec``
     holds the policy fields (the mesh file's ``policy`` block)."""
     return TrafficPolicyBuilder(name, namespace, target, spec)
+
+
+def sidecar(name: str, hosts: list[str], service: str | None = None,
+            namespace: str = "default") -> SidecarBuilder:
+    """A Sidecar: the sidecars of ``namespace`` (of ``service`` there, if given) may
+    reach ``hosts`` (``namespace/name`` patterns)."""
+    return SidecarBuilder(name, namespace, hosts, service)
 
 
 def pod(name: str, namespace: str = "default") -> PodBuilder:

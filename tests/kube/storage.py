@@ -169,7 +169,7 @@ class _Store:
     """The objects and their history; every method holds one lock, so Python callers and
     HTTP handlers see one order of writes."""
 
-    def __init__(self, history_limit: int, crd_schema: Obj | None) -> None:
+    def __init__(self, history_limit: int, crd_schemas: dict[Kind, Obj]) -> None:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.version = 1  # etcd starts above 0; "0" means "any" to the API
@@ -180,7 +180,7 @@ class _Store:
         self.watchers: set[_Watcher] = set()
         self.paused = False
         self.closing = False  # a graceful shutdown: every watch ends, new ones at once
-        self.crd_schema = crd_schema
+        self.crd_schemas = crd_schemas  # per custom kind: its CRD's openAPIV3Schema
         self._ips = _ServiceIPs()
 
     # -- reads
@@ -306,17 +306,17 @@ class _Store:
                 obj["status"] = {"phase": "Pending", "qosClass": _qos_class(obj["spec"])}
             _sync_pod_ips(obj.setdefault("status", {}))
             errors += _validate_pod(obj, old)
-        elif self.crd_schema is not None:
+        elif (schema := self.crd_schemas.get(kind)) is not None:
             pruned: list[str] = []
             meta = obj["metadata"]
             body = _prune({k: v for k, v in obj.items() if k != "metadata"},
-                          self.crd_schema, "", pruned)
+                          schema, "", pruned)
             obj.clear()
             obj.update({"apiVersion": kind.api_version, "kind": kind.kind, "metadata": meta})
             obj.update(body)
             warnings = [f'unknown field "{path}"' for path in pruned]
             errors += _validate_schema({k: v for k, v in obj.items() if k != "metadata"},
-                                       self.crd_schema, "")
+                                       schema, "")
         if errors:
             raise _invalid_object(kind, obj["metadata"].get("name", ""), errors)
         return warnings

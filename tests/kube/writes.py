@@ -10,9 +10,6 @@ from typing import Any
 
 from aiohttp import web
 
-from controlplane.sources.kubernetes.kinds import (
-    TRAFFIC_POLICIES,
-)
 from tests.kube.admission import (
     _prune,
 )
@@ -115,12 +112,11 @@ class _Writes:
 
     def _field_validation(self, request: web.Request, body: Obj, target: _Target) -> Obj:
         """fieldValidation=Strict turns pruned fields into a 400, as the real server does."""
-        if request.query.get("fieldValidation") != "Strict" or self._store.crd_schema is None:
-            return body
-        if target.kind != TRAFFIC_POLICIES:
+        schema = self._store.crd_schemas.get(target.kind)
+        if request.query.get("fieldValidation") != "Strict" or schema is None:
             return body
         pruned: list[str] = []
-        _prune({k: v for k, v in body.items() if k != "metadata"}, self._store.crd_schema, "",
+        _prune({k: v for k, v in body.items() if k != "metadata"}, schema, "",
                pruned)
         if pruned:
             raise _error(400, "strict decoding error: " + ", ".join(

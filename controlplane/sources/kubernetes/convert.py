@@ -15,6 +15,9 @@ dicts), so they are tested without a cluster and nothing downstream knows the so
   (``pod-template-hash``) changes nothing else.
 - A TrafficPolicy's spec (minus ``targetRef``) is the service's policy; it is validated
   here, and a policy that fails is left out (the service still serves) and reported.
+- A Sidecar becomes a ``sidecars`` entry (what the sidecars it selects may reach; see
+  ``sidecars.py``); the Service annotation ``mesh.controlplane.io/export-to`` becomes the
+  service's ``exportTo`` (where it is visible).
 
 One object's fault stays with that object: a Service that cannot be converted is left
 out, an EndpointSlice that cannot be read is left out of its Service, a policy the model
@@ -33,6 +36,7 @@ from pydantic import ValidationError
 
 from controlplane.mesh.loader import describe_error
 from controlplane.mesh.model import Mesh, Policy, Service
+from controlplane.mesh.scope import Sidecar
 from controlplane.sources.kubernetes.kinds import SERVICE_NAME_LABEL
 from controlplane.sources.kubernetes.policies import (
     Verdict,
@@ -51,6 +55,7 @@ from controlplane.sources.kubernetes.services import (
     protocol_of,
     service_data,
 )
+from controlplane.sources.kubernetes.sidecars import choose_sidecars, unresolved_hosts
 
 __all__ = ["Conversion", "Converter", "Key", "Obj", "Verdict", "convert", "key",
            "protocol_of", "service_data"]
@@ -59,8 +64,9 @@ __all__ = ["Conversion", "Converter", "Key", "Obj", "Verdict", "convert", "key",
 @dataclass
 class Conversion:
     mesh: Mesh
-    verdicts: dict[Key, Verdict] = field(default_factory=dict)
+    verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per TrafficPolicy
     skipped: list[str] = field(default_factory=list)  # objects left out, and why
+    sidecar_verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per Sidecar
 
 
 @dataclass(frozen=True)
@@ -74,10 +80,10 @@ class _Outcome:
 
 
 def convert(services: Iterable[Obj], slices: Iterable[Obj], policies: Iterable[Obj],
-            pods: Mapping[Key, Obj] | None = None) -> Conversion:
+            pods: Mapping[Key, Obj] | None = None, sidecars: Iterable[Obj] = ()) -> Conversion:
     """One conversion, from nothing (``Converter`` remembers between batches). ``pods``:
     Pod metadata by (namespace, name), or None when Pods are not watched."""
-    return Converter().convert(services, slices, policies, pods)
+    return Converter().convert(services, slices, policies, pods, sidecars)
 
 
 class Converter:
@@ -92,7 +98,8 @@ class Converter:
         self._memo: dict[Key, tuple[tuple[Obj, ...], _Outcome]] = {}
 
     def convert(self, services: Iterable[Obj], slices: Iterable[Obj],
-                policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None) -> Conversion:
+                policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None,
+                sidecars: Iterable[Obj] = ()) -> Conversion:
         by_service: dict[Key, list[Obj]] = {}
         for slice_ in slices:
             labels = meta(slice_).get("labels")
@@ -127,7 +134,9 @@ class Converter:
             if outcome.service is not None:
                 built.append(outcome.service)
         self._memo = memo
-        result.mesh = _mesh(built, result, {k: key(p[0]) for k, p in chosen.items()})
+        scoped, result.sidecar_verdicts = choose_sidecars(sidecars)
+        result.mesh = _mesh(built, result, {k: key(p[0]) for k, p in chosen.items()}, scoped)
+        _resolve_sidecars(result)
         for service in result.mesh.services:
             applied = chosen.get((service.namespace, service.name))
             policy_key = key(applied[0]) if applied is not None else None
@@ -169,7 +178,19 @@ def _build(svc_key: Key, service: Obj, slices: list[Obj], policy: dict[str, Any]
     return _Outcome(plain, tuple(problems), dropped)
 
 
-def _mesh(built: list[Service], result: Conversion, policy_of: Mapping[Key, Key]) -> Mesh:
+def _resolve_sidecars(result: Conversion) -> None:
+    """An applied Sidecar whose host patterns match no Service says so (ResolvedRefs)."""
+    services = result.mesh.by_key
+    for sidecar in result.mesh.sidecars:
+        sidecar_key = (sidecar.namespace, sidecar.name)
+        verdict = result.sidecar_verdicts.get(sidecar_key)
+        if verdict is not None and verdict.accepted:
+            result.sidecar_verdicts[sidecar_key] = dataclasses.replace(
+                verdict, unresolved=unresolved_hosts(sidecar, services))
+
+
+def _mesh(built: list[Service], result: Conversion, policy_of: Mapping[Key, Key],
+          sidecars: list[Sidecar]) -> Mesh:
     """A policy may split to a service that is not there (deleted, or not yet created):
     that policy is dropped (``Accepted: False``) and its service served without it; a
     service that fails on its own account is left out. Dropping one may strand another's
@@ -177,7 +198,7 @@ def _mesh(built: list[Service], result: Conversion, policy_of: Mapping[Key, Key]
     services = list(built)
     for _ in range(2 * len(built) + 1):
         try:
-            return Mesh(services=services)
+            return Mesh(services=services, sidecars=sidecars)
         except ValidationError as exc:
             names = {"services": [{"name": s.name, "namespace": s.namespace} for s in services]}
             by_index: dict[int, list[str]] = {}
@@ -186,7 +207,7 @@ def _mesh(built: list[Service], result: Conversion, policy_of: Mapping[Key, Key]
                 loc = error["loc"]
                 if len(loc) < 2 or loc[0] != "services" or not isinstance(loc[1], int) \
                         or not 0 <= loc[1] < len(services):
-                    return _mesh_one_by_one(services, result)
+                    return _mesh_one_by_one(services, result, sidecars)
                 by_index.setdefault(loc[1], []).append(describe_error(error, names))
                 if len(loc) > 2 and loc[2] == "policy":
                     in_policy.add(loc[1])
@@ -204,19 +225,20 @@ def _mesh(built: list[Service], result: Conversion, policy_of: Mapping[Key, Key]
                 else:
                     result.skipped.append(f"service {service.namespace}/{service.name}: {why}")
             services = kept
-    return _mesh_one_by_one(services, result)
+    return _mesh_one_by_one(services, result, sidecars)
 
 
-def _mesh_one_by_one(services: list[Service], result: Conversion) -> Mesh:
+def _mesh_one_by_one(services: list[Service], result: Conversion,
+                     sidecars: list[Sidecar]) -> Mesh:
     """The mesh refused for a reason no single service carries: add services one at a
     time, leaving out each that the mesh refuses. Slow, and only ever a fallback."""
     kept: list[Service] = []
     for service in services:
         try:
-            Mesh(services=[*kept, service])
+            Mesh(services=[*kept, service], sidecars=sidecars)
         except ValidationError as exc:
             why = "; ".join(str(e["msg"]) for e in exc.errors())
             result.skipped.append(f"service {service.namespace}/{service.name}: {why}")
             continue
         kept.append(service)
-    return Mesh(services=kept)
+    return Mesh(services=kept, sidecars=sidecars)

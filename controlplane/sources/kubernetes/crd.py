@@ -1,4 +1,5 @@
-"""The TrafficPolicy CustomResourceDefinition, generated from the pydantic ``Policy`` model.
+"""The TrafficPolicy and Sidecar CustomResourceDefinitions, generated from the pydantic
+``Policy`` and ``Sidecar`` models.
 
 The CRD's schema is derived, never written by hand, so the API server and the mesh model
 cannot disagree about what a policy is. ``Policy.model_json_schema()`` is JSON Schema
@@ -24,6 +25,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from controlplane.mesh.model import Policy
+from controlplane.mesh.scope import Sidecar
 from controlplane.sources.kubernetes.kinds import (
     ACCEPTED,
     POLICY_GROUP,
@@ -32,10 +34,15 @@ from controlplane.sources.kubernetes.kinds import (
     POLICY_SHORT_NAMES,
     POLICY_SINGULAR,
     POLICY_VERSION,
+    RESOLVED_REFS,
     SERVICES,
+    SIDECAR_KIND,
+    SIDECAR_PLURAL,
+    SIDECAR_SINGULAR,
 )
 
 CRD_NAME: Final = f"{POLICY_PLURAL}.{POLICY_GROUP}"
+SIDECAR_CRD_NAME: Final = f"{SIDECAR_PLURAL}.{POLICY_GROUP}"
 
 # What controlplane.mesh.duration.parse_duration accepts as a string: one or more
 # <number><unit> parts, no sign (negative durations are errors). [0-9], not \d: the API
@@ -44,6 +51,9 @@ DURATION_PATTERN: Final = r"^\s*([0-9]+(\.[0-9]+)?(ms|us|s|m|h))+\s*$"
 _DURATION_HELP: Final = "A duration such as 500ms, 2s or 1m30s (units: h, m, s, ms, us)."
 # A Service name: a DNS label, as the model requires of service names.
 _DNS_LABEL_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_LABEL: Final = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+# A Sidecar host: namespace/name, the namespace "." (the sidecar's own) or "*", the name "*".
+HOST_PATTERN: Final = rf"^(\*|\.|{_LABEL})/(\*|{_LABEL})$"
 
 # Keywords copied as they are: each means the same in JSON Schema and in Kubernetes.
 _COPIED: Final = frozenset({
@@ -206,49 +216,107 @@ def spec_schema() -> dict[str, Any]:
     }
 
 
-def traffic_policy_crd() -> dict[str, Any]:
-    """The whole CustomResourceDefinition, ready to dump as YAML."""
+def _crd(plural: str, singular: str, kind: str, short_names: list[str],
+         columns: list[dict[str, Any]], description: str,
+         spec: dict[str, Any]) -> dict[str, Any]:
+    """A namespaced CRD of our group, one version, with the status subresource."""
     accepted = f'.status.conditions[?(@.type=="{ACCEPTED}")]'
+    names: dict[str, Any] = {"kind": kind, "listKind": f"{kind}List", "plural": plural,
+                             "singular": singular}
+    if short_names:
+        names["shortNames"] = short_names
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "controlplane"}},
+        "metadata": {"name": f"{plural}.{POLICY_GROUP}",
+                     "labels": {"app.kubernetes.io/name": "controlplane"}},
         "spec": {
             "group": POLICY_GROUP,
             "scope": "Namespaced",
-            "names": {
-                "kind": POLICY_KIND,
-                "listKind": f"{POLICY_KIND}List",
-                "plural": POLICY_PLURAL,
-                "singular": POLICY_SINGULAR,
-                "shortNames": list(POLICY_SHORT_NAMES),
-            },
+            "names": names,
             "versions": [{
                 "name": POLICY_VERSION,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": [
-                    {"name": "Target", "type": "string", "jsonPath": ".spec.targetRef.name"},
+                    *columns,
                     {"name": ACCEPTED, "type": "string", "jsonPath": f"{accepted}.status"},
                     {"name": "Reason", "type": "string", "jsonPath": f"{accepted}.reason",
                      "priority": 1},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
                 "schema": {"openAPIV3Schema": {
-                    "description": f"{POLICY_KIND}: timeouts, retries, circuit breaking, "
-                                   "outlier detection, load balancing, traffic splitting, fault "
-                                   "injection and rate limiting for one Service.",
+                    "description": description,
                     "type": "object",
                     "required": ["spec"],
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},
                         "metadata": {"type": "object"},
-                        "spec": spec_schema(),
+                        "spec": spec,
                         "status": _status(),
                     },
                 }},
             }],
         },
     }
+
+
+def traffic_policy_crd() -> dict[str, Any]:
+    """The whole CustomResourceDefinition, ready to dump as YAML."""
+    return _crd(POLICY_PLURAL, POLICY_SINGULAR, POLICY_KIND, list(POLICY_SHORT_NAMES),
+                [{"name": "Target", "type": "string", "jsonPath": ".spec.targetRef.name"}],
+                f"{POLICY_KIND}: timeouts, retries, circuit breaking, outlier detection, load "
+                "balancing, traffic splitting, fault injection and rate limiting for one "
+                "Service.", spec_schema())
+
+
+def sidecar_spec_schema() -> dict[str, Any]:
+    """The ``Sidecar`` model minus name and namespace (the object's metadata), with the
+    checks its validators make that a schema can say: host patterns, non-empty lists."""
+    raw = Sidecar.model_json_schema(schema_generator=_KubernetesJsonSchema)
+    defs = raw.pop("$defs", {})
+    for field in ("name", "namespace"):
+        raw["properties"].pop(field)
+    raw["required"] = [r for r in raw["required"] if r not in ("name", "namespace")]
+    spec = structural(raw, defs)
+    spec["description"] = (
+        "What the sidecars of this namespace (or, with workloadSelector, of one service "
+        "there) may reach; the mesh file's sidecars entry minus name and namespace. "
+        "Sidecars no Sidecar selects reach every service exported to their namespace.")
+    selector = spec["properties"]["workloadSelector"]
+    selector["description"] = ("The sidecars this applies to: those of one service (the "
+                               "sidecar's node.cluster). Omitted: every sidecar of the "
+                               "namespace.")
+    selector["properties"]["service"].update(pattern=_DNS_LABEL_PATTERN, maxLength=63)
+    egress = spec["properties"]["egress"]
+    egress["minItems"] = 1
+    hosts = egress["items"]["properties"]["hosts"]
+    hosts.update(minItems=1, description=(
+        "namespace/name of each service reachable: 'pay/payments', 'pay/*' (every service "
+        "of pay), '*/ratings', './*' (the sidecar's own namespace)."))
+    hosts["items"].update(pattern=HOST_PATTERN, maxLength=127)
+    return _ordered(spec)
+
+
+def _ordered(node: dict[str, Any]) -> dict[str, Any]:
+    """Keywords in ``_ORDER`` again, at every level, after edits."""
+    out = {key: node[key] for key in sorted(node, key=_ORDER.index)}
+    if "properties" in out:
+        out["properties"] = {k: _ordered(v) for k, v in out["properties"].items()}
+    if "items" in out:
+        out["items"] = _ordered(out["items"])
+    return out
+
+
+def sidecar_crd() -> dict[str, Any]:
+    """The Sidecar CustomResourceDefinition (Istio's Sidecar egress hosts, in our group)."""
+    return _crd(SIDECAR_PLURAL, SIDECAR_SINGULAR, SIDECAR_KIND, [],
+                [{"name": "Service", "type": "string",
+                  "jsonPath": ".spec.workloadSelector.service"},
+                 {"name": RESOLVED_REFS, "type": "string", "priority": 1,
+                  "jsonPath": f'.status.conditions[?(@.type=="{RESOLVED_REFS}")].status'}],
+                f"{SIDECAR_KIND}: which services the sidecars of a namespace (or of one "
+                "service) may reach; they get the configuration of those only.",
+                sidecar_spec_schema())

@@ -15,8 +15,15 @@ POLICY_KIND: Final = "TrafficPolicy"
 POLICY_PLURAL: Final = "trafficpolicies"
 POLICY_SINGULAR: Final = "trafficpolicy"
 POLICY_SHORT_NAMES: Final = ("tp",)
+SIDECAR_KIND: Final = "Sidecar"  # same group and version as TrafficPolicy
+SIDECAR_PLURAL: Final = "sidecars"
+SIDECAR_SINGULAR: Final = "sidecar"
+# On a Service: where it is visible (the mesh file's exportTo), a comma list of "*", "."
+# (its own namespace) or namespace names.
+EXPORT_TO_ANNOTATION: Final = f"{POLICY_GROUP}/export-to"
 ACCEPTED: Final = "Accepted"  # the status condition type set on every TrafficPolicy
 RESOLVED_REFS: Final = "ResolvedRefs"  # on accepted ones: does every subset select endpoints
+# (TrafficPolicy), does every host pattern match a Service (Sidecar)
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,12 @@ class Kind:
 SERVICES: Final = Kind("", "v1", "services", "Service")
 ENDPOINT_SLICES: Final = Kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
 TRAFFIC_POLICIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, POLICY_PLURAL, POLICY_KIND)
+SIDECARS: Final = Kind(POLICY_GROUP, POLICY_VERSION, SIDECAR_PLURAL, SIDECAR_KIND)
 # Pods are watched as metadata only (PartialObjectMetadata): their labels are what label
 # subsets select, and nothing else of a Pod matters to routing.
 PODS: Final = Kind("", "v1", "pods", "Pod")
-WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, PODS)
+WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, SIDECARS, PODS)
+CUSTOM: Final = (TRAFFIC_POLICIES, SIDECARS)  # ours: a CRD each, status written by us
 
 # The Accept headers of client-go's metadata client, JSON only: the server sends
 # PartialObjectMetadata(List), or whole objects if it cannot (the plain fallback).

@@ -15,12 +15,13 @@ from pydantic import ValidationError
 
 from controlplane.mesh.loader import describe_error
 from controlplane.mesh.model import Policy, Service
+from controlplane.sources.kubernetes.kinds import POLICY_KIND
 from controlplane.sources.kubernetes.services import Key, Obj, key, meta
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """What becomes a TrafficPolicy's status conditions."""
+    """What becomes a TrafficPolicy's (or a Sidecar's) status conditions."""
 
     accepted: bool
     reason: str  # Accepted | Invalid | TargetNotFound | Conflicted | Unsupported
@@ -28,6 +29,7 @@ class Verdict:
     generation: int = 0
     uid: str = ""  # a policy deleted and created again is another object: write again
     unresolved: str = ""  # accepted, but a subset selects no endpoint: why, else ""
+    kind: str = POLICY_KIND  # whose verdict: TrafficPolicy or Sidecar (status goes there)
 
 
 def generation_of(policy: Obj) -> int:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from controlplane.mesh.service import OWN, export_namespace, export_to
+from controlplane.sources.kubernetes.kinds import EXPORT_TO_ANNOTATION
+
 Obj = Mapping[str, Any]
 Key = tuple[str, str]  # (namespace, name)
 
@@ -111,6 +114,25 @@ class PodLabels:
                 if k in self._keys}
 
 
+def export_to_of(service: Obj, problems: list[str]) -> list[str] | None:
+    """The ``mesh.controlplane.io/export-to`` annotation as ``exportTo`` (None: absent,
+    visible everywhere). One the model refuses keeps the Service to its own namespace
+    (closed rather than open: it was meant to narrow who sees it) and is reported."""
+    annotations = meta(service).get("annotations")
+    raw = annotations.get(EXPORT_TO_ANNOTATION) if isinstance(annotations, Mapping) else None
+    if raw is None:
+        return None
+    items = [item.strip() for item in str(raw).split(",") if item.strip()]
+    try:
+        return export_to([export_namespace(item) for item in items])
+    except ValueError as exc:
+        namespace, name = key(service)
+        problems.append(f"service {namespace}/{name}: annotation {EXPORT_TO_ANNOTATION} "
+                        f"{str(raw)[:200]!r}: {exc}; the Service is visible in its own "
+                        "namespace only until the annotation is fixed")
+        return [OWN]
+
+
 def service_data(service: Obj, slices: list[Obj], labels: PodLabels | None = None,
                  problems: list[str] | None = None) -> dict[str, Any] | None:
     """The mesh-file form of one Service (see the README's mesh file reference), or None
@@ -127,6 +149,9 @@ def service_data(service: Obj, slices: list[Obj], labels: PodLabels | None = Non
     if not ports:
         return None
     data: dict[str, Any] = {"name": name, "namespace": namespace}
+    exported = export_to_of(service, problems if problems is not None else [])
+    if exported is not None:
+        data["exportTo"] = exported
     single = len(ports) == 1
     if single:
         data["port"] = ports[0]["port"]

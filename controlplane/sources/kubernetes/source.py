@@ -1,5 +1,5 @@
-"""``--source kubernetes``: Services, EndpointSlices, TrafficPolicies and Pod metadata in,
-meshes out.
+"""``--source kubernetes``: Services, EndpointSlices, TrafficPolicies, Sidecars and Pod
+metadata in, meshes out.
 
 Watchers (one thread per kind and namespace) feed one queue. Changes are batched: a
 batch is converted once the stream has been quiet for ``quiet`` seconds, or ``max_delay``
@@ -34,6 +34,7 @@ from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
     PODS,
     SERVICES,
+    SIDECARS,
     TRAFFIC_POLICIES,
     WATCHED,
     Kind,
@@ -73,10 +74,12 @@ class KubernetesSource:
         self.stores: dict[Kind, ObjectStore] = {
             SERVICES: ObjectStore(), ENDPOINT_SLICES: ObjectStore(),
             TRAFFIC_POLICIES: ObjectStore(keep_status=True),
+            SIDECARS: ObjectStore(keep_status=True),
             PODS: ObjectStore(reduce=labels_only)}
-        self.verdicts: dict[Key, Verdict] = {}
+        self.verdicts: dict[tuple[Kind, Key], Verdict] = {}
         self.converter = Converter()
-        self._writing: dict[Key, Verdict] = {}  # status writes sent, not yet seen back
+        # Status writes sent, not yet seen back, per (TrafficPolicy or Sidecar, object).
+        self._writing: dict[tuple[Kind, Key], Verdict] = {}
         self._forbidden: dict[tuple[Kind, str | None], str] = {}
         self._logged: set[str] = set()  # problems already logged: each is logged once
 
@@ -86,7 +89,7 @@ class KubernetesSource:
         found = [self._forbidden[k] for k in sorted(
             self._forbidden, key=lambda k: (k[0].plural, k[1] or ""))]
         if self.status is not None:
-            found.extend(self.status.forbidden[ns] for ns in sorted(self.status.forbidden))
+            found.extend(self.status.forbidden[k] for k in sorted(self.status.forbidden))
         return found
 
     async def updates(self) -> AsyncIterator[Mesh]:
@@ -179,44 +182,48 @@ class KubernetesSource:
             return True  # a (re)list always ends in a batch: the first one makes us ready
         return store.apply(item.type, item.obj)
 
-    async def _write(self, policy: Key, verdict: Verdict,
+    async def _write(self, target: tuple[Kind, Key], verdict: Verdict,
                      current: Mapping[str, Any] | None) -> None:
         assert self.status is not None
-        if not await asyncio.to_thread(self.status.write, policy, verdict, current):
-            self._writing.pop(policy, None)  # failed: try again with the next batch
+        if not await asyncio.to_thread(self.status.write, target[1], verdict, current):
+            self._writing.pop(target, None)  # failed: try again with the next batch
 
     def _convert(self, tasks: set[asyncio.Task[None]]) -> Mesh:
-        policies = self.stores[TRAFFIC_POLICIES]
         pods = self.stores[PODS].objects if PODS in self.kinds else None
-        result = self.converter.convert(self.stores[SERVICES].values(),
-                                        self.stores[ENDPOINT_SLICES].values(), policies.values(),
-                                        pods)
+        result = self.converter.convert(
+            self.stores[SERVICES].values(), self.stores[ENDPOINT_SLICES].values(),
+            self.stores[TRAFFIC_POLICIES].values(), pods, self.stores[SIDECARS].values())
         problems = set(result.skipped)
         for problem in result.skipped:
             if problem not in self._logged:
                 log.warning("source.object_skipped", problem=problem,
                             hint="fix the object; the other services are served as usual")
-        for policy, verdict in result.verdicts.items():
-            previous = self.verdicts.get(policy)
+        verdicts = {**{(TRAFFIC_POLICIES, k): v for k, v in result.verdicts.items()},
+                    **{(SIDECARS, k): v for k, v in result.sidecar_verdicts.items()}}
+        for target, verdict in verdicts.items():
+            kind, (namespace, name) = target
+            previous = self.verdicts.get(target)
+            event = "policy" if kind == TRAFFIC_POLICIES else "sidecar"
             if not verdict.accepted and previous != verdict:
-                log.warning("policy.rejected", policy=f"{policy[0]}/{policy[1]}",
+                log.warning(f"{event}.rejected", **{event: f"{namespace}/{name}"},
                             reason=verdict.reason, message=verdict.message)
             if verdict.unresolved:
                 problems.add(verdict.unresolved)
                 if verdict.unresolved not in self._logged:
-                    log.warning("policy.no_matching_endpoints",
-                                policy=f"{policy[0]}/{policy[1]}", message=verdict.unresolved)
-            current = policies.status.get(policy)
+                    log.warning("policy.no_matching_endpoints" if kind == TRAFFIC_POLICIES
+                                else "sidecar.no_matching_services",
+                                **{event: f"{namespace}/{name}"}, message=verdict.unresolved)
+            current = self.stores[kind].status.get(target[1])
             if self.status is None or not needs_write(verdict, current):
-                self._writing.pop(policy, None)
+                self._writing.pop(target, None)
                 continue
-            if self._writing.get(policy) == verdict:
+            if self._writing.get(target) == verdict:
                 continue  # already on its way
-            self._writing[policy] = verdict
-            task = asyncio.create_task(self._write(policy, verdict, current))
+            self._writing[target] = verdict
+            task = asyncio.create_task(self._write(target, verdict, current))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         self._logged = problems
-        self._writing = {k: v for k, v in self._writing.items() if k in result.verdicts}
-        self.verdicts = result.verdicts
+        self._writing = {k: v for k, v in self._writing.items() if k in verdicts}
+        self.verdicts = verdicts
         return result.mesh

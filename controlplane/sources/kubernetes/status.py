@@ -1,7 +1,8 @@
-"""TrafficPolicy status: an ``Accepted`` condition that says whether the policy applies,
-and if not, which field is wrong; for an accepted policy with label subsets, a
-``ResolvedRefs`` condition that says whether every subset selects an endpoint (reason
-``NoMatchingEndpoints`` when one selects none: its traffic share answers 503). Written
+"""TrafficPolicy and Sidecar status: an ``Accepted`` condition that says whether the object
+applies, and if not, which field is wrong; for an accepted one, a ``ResolvedRefs``
+condition that says whether every subset selects an endpoint (a TrafficPolicy: reason
+``NoMatchingEndpoints`` when one selects none, its traffic share answers 503) or every
+host pattern matches a Service (a Sidecar: ``NoMatchingServices``, a likely typo). Written
 only when it differs from what is there, so two replicas agree and our own writes do not
 echo back as changes."""
 
@@ -15,13 +16,26 @@ import structlog
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controlplane.sources.kubernetes.kinds import ACCEPTED, RESOLVED_REFS, TRAFFIC_POLICIES
+from controlplane.sources.kubernetes.kinds import (
+    ACCEPTED,
+    CUSTOM,
+    POLICY_KIND,
+    RESOLVED_REFS,
+    SIDECAR_KIND,
+    Kind,
+)
 from controlplane.sources.kubernetes.policies import Verdict
 from controlplane.sources.kubernetes.services import Key
 
 log = structlog.get_logger("controlplane.source.kubernetes")
 
 _COMPARED = ("status", "reason", "message", "observedGeneration")
+# ResolvedRefs per kind: the reason when something is unresolved, the message when not.
+_RESOLVED = {
+    POLICY_KIND: ("NoMatchingEndpoints", "every target selects at least one endpoint"),
+    SIDECAR_KIND: ("NoMatchingServices", "every host matches at least one Service"),
+}
+_KINDS: dict[str, Kind] = {kind.kind: kind for kind in CUSTOM}
 # metav1.Condition's bound on a message; a longer one makes the API server refuse the write.
 MAX_MESSAGE = 32768
 
@@ -57,12 +71,12 @@ def conditions(verdict: Verdict, current: Mapping[str, Any] | None) -> list[dict
     """Every condition the verdict makes: ``Accepted``, and ``ResolvedRefs`` when accepted."""
     made = [condition(verdict, current)]
     if verdict.accepted:
+        unresolved, resolved = _RESOLVED[verdict.kind]
         if verdict.unresolved:
-            made.append(_condition(RESOLVED_REFS, "False", "NoMatchingEndpoints",
+            made.append(_condition(RESOLVED_REFS, "False", unresolved,
                                    verdict.unresolved, verdict.generation, current))
         else:
-            made.append(_condition(RESOLVED_REFS, "True", "ResolvedRefs",
-                                   "every target selects at least one endpoint",
+            made.append(_condition(RESOLVED_REFS, "True", "ResolvedRefs", resolved,
                                    verdict.generation, current))
     return made
 
@@ -87,40 +101,44 @@ def _find(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
 class StatusWriter:
     def __init__(self, api: client.ApiClient) -> None:
         self._custom = client.CustomObjectsApi(api)
-        # Namespaces where the server may not write status (403), with what to add.
-        self.forbidden: dict[str, str] = {}
+        # (plural, namespace) where the server may not write status (403): what to add.
+        self.forbidden: dict[tuple[str, str], str] = {}
 
     def write(self, policy: Key, verdict: Verdict, current: Mapping[str, Any] | None) -> bool:
-        """Blocking; run it off the event loop. Failures are logged, never raised; a 403
-        is logged once per namespace and kept in ``forbidden`` until a write succeeds."""
+        """Blocking; run it off the event loop. Writes to the object of ``verdict.kind``
+        (a TrafficPolicy or a Sidecar). Failures are logged, never raised; a 403 is logged
+        once per kind and namespace and kept in ``forbidden`` until a write succeeds."""
         namespace, name = policy
+        kind = _KINDS[verdict.kind]
+        where = (kind.plural, namespace)
         body = {"status": {"conditions": conditions(verdict, current)}}
         try:
             self._custom.patch_namespaced_custom_object_status(
-                TRAFFIC_POLICIES.group, TRAFFIC_POLICIES.version, namespace,
-                TRAFFIC_POLICIES.plural, name, body, _request_timeout=(5, 10))
+                kind.group, kind.version, namespace, kind.plural, name, body,
+                _request_timeout=(5, 10))
         except ApiException as exc:
             if exc.status == 404:
                 return True  # deleted meanwhile: nothing left to write
             if exc.status == 403:
-                if namespace not in self.forbidden:
-                    self.forbidden[namespace] = (
-                        f"may not write TrafficPolicy status in namespace {namespace!r}; add "
-                        f"the rule {{apiGroups: [{TRAFFIC_POLICIES.group!r}], resources: "
-                        f"['{TRAFFIC_POLICIES.plural}/status'], verbs: [get, update, patch]}} "
-                        "to the ClusterRole (deploy/kubernetes/02-rbac.yaml); policies apply "
+                if where not in self.forbidden:
+                    self.forbidden[where] = (
+                        f"may not write {kind.kind} status in namespace {namespace!r}; add "
+                        f"the rule {{apiGroups: [{kind.group!r}], resources: "
+                        f"['{kind.plural}/status'], verbs: [get, update, patch]}} "
+                        "to the ClusterRole (deploy/kubernetes/02-rbac.yaml); they apply "
                         "meanwhile, their status is not written")
-                    log.error("policy.status_forbidden", namespace=namespace,
-                              problem=self.forbidden[namespace])
+                    log.error("policy.status_forbidden", namespace=namespace, kind=kind.kind,
+                              problem=self.forbidden[where])
                 return False
-            log.warning("policy.status_failed", policy=f"{namespace}/{name}", status=exc.status,
-                        error=str(exc.reason), hint="retried with the next change")
+            log.warning("policy.status_failed", policy=f"{namespace}/{name}", kind=kind.kind,
+                        status=exc.status, error=str(exc.reason),
+                        hint="retried with the next change")
             return False
         except Exception as exc:
-            log.warning("policy.status_failed", policy=f"{namespace}/{name}",
+            log.warning("policy.status_failed", policy=f"{namespace}/{name}", kind=kind.kind,
                         error=f"{type(exc).__name__}: {exc}", hint="retried with the next change")
             return False
-        self.forbidden.pop(namespace, None)
-        log.info("policy.status", policy=f"{namespace}/{name}", accepted=verdict.accepted,
-                 reason=verdict.reason, message=verdict.message)
+        self.forbidden.pop(where, None)
+        log.info("policy.status", policy=f"{namespace}/{name}", kind=kind.kind,
+                 accepted=verdict.accepted, reason=verdict.reason, message=verdict.message)
         return True

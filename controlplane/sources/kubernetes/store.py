@@ -9,16 +9,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from controlplane.sources.kubernetes.kinds import EXPORT_TO_ANNOTATION
 from controlplane.sources.kubernetes.services import Key, key, meta
 
 _KEPT_METADATA = ("name", "namespace", "labels", "creationTimestamp", "generation", "uid")
 _DROPPED_TOP = ("metadata", "status", "kind", "apiVersion")
+_KEPT_ANNOTATIONS = (EXPORT_TO_ANNOTATION,)
 
 
 def relevant(obj: Mapping[str, Any]) -> dict[str, Any]:
     found = meta(obj)
     reduced: dict[str, Any] = {k: v for k, v in obj.items() if k not in _DROPPED_TOP}
     reduced["metadata"] = {k: found[k] for k in _KEPT_METADATA if k in found}
+    annotations = found.get("annotations")
+    if isinstance(annotations, Mapping):  # only ours: kubectl's own change nothing
+        kept = {k: annotations[k] for k in _KEPT_ANNOTATIONS if k in annotations}
+        if kept:
+            reduced["metadata"]["annotations"] = kept
     return reduced
 
 

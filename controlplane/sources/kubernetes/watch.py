@@ -152,8 +152,9 @@ class Watcher(threading.Thread):
                     self.emit(Listed(self.kind, self.namespace, []))
                     level = log.debug if self._missing_logged else log.error
                     level("watch.kind_missing", kind=self.kind.kind,
-                          hint="apply deploy/kubernetes/01-crd.yaml; services are served "
-                          "without TrafficPolicies meanwhile")
+                          hint=f"apply its CustomResourceDefinition (deploy/kubernetes/"
+                          f"01-crd*.yaml); services are served without {self.kind.kind}s "
+                          "meanwhile")
                     self._missing_logged = True
                     self._back_off()
                 else:
