@@ -60,6 +60,7 @@ class WriteTurns:
         self._turns = (asyncio.Semaphore(limits.max_large_writes)
                        if limits.max_large_writes > 0 else None)
         self.waiting = 0  # large writes waiting for a turn now
+        self.held = 0  # turns held now
         self.large_writes = 0  # large writes started since the server began
         self.turns_timed_out = 0  # of those, how many outlasted their turn
 
@@ -74,6 +75,7 @@ class WriteTurns:
         finally:
             self.waiting -= 1
         self.large_writes += 1
+        self.held += 1
         turns = self._turns
         held = True
 
@@ -81,6 +83,7 @@ class WriteTurns:
             nonlocal held
             if held:
                 held = False
+                self.held -= 1
                 turns.release()
 
         def turn_over() -> None:
