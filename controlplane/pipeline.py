@@ -201,7 +201,10 @@ class Pipeline:
                  groups: dict[str, ProxyIdentity]) -> _Prepared:
         """Pure work (no publishing), safe on a worker thread."""
         started = time.perf_counter()
-        namespaces = {p.namespace for p in groups.values()}
+        # The whole-mesh route table of each namespace whose groups see everything (by
+        # the last view): built first, so a service that breaks one is isolated.
+        namespaces = {p.namespace for p in groups.values()
+                      if previous is None or previous.sees_all(p)}
         prepared = _Prepared(check_mesh(mesh, previous, namespaces, strict=False))
         for group, proxy in groups.items():
             current = self.cache.get(group)

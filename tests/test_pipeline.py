@@ -519,3 +519,33 @@ async def test_an_endpoint_change_is_encoded_once_per_zone_that_has_proxies() ->
         shared = {id(cache.get(p.group).get(resource.ENDPOINT))  # type: ignore[union-attr]
                   for p in proxies if p.zone == zone}
         assert len(shared) == 1
+
+
+SPLIT = """services:
+  - {name: a1, namespace: ns-a, port: 9080, %s endpoints: [{address: 10.0.0.1, port: 80}]}
+  - {name: b1, namespace: ns-b, port: 9080, endpoints: [{address: 10.0.0.2, port: 80}]}
+sidecars:
+  - {name: own, namespace: ns-a, egress: [{hosts: ["./*"]}]}
+  - {name: own, namespace: ns-b, egress: [{hosts: ["./*"]}]}
+"""
+
+
+async def test_scoped_namespaces_get_no_whole_mesh_route_table() -> None:
+    """A route table holds every service its namespace sees: built for the visible set
+    of the groups there, not also for the whole mesh (which nobody there is served)."""
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    assert pipeline.set_mesh(load_mesh_text(SPLIT % ""))
+    proxies = [ProxyIdentity(node_id="a", service="a1", namespace="ns-a"),
+               ProxyIdentity(node_id="b", service="b1", namespace="ns-b")]
+    await _connect(cache, proxies)
+    assert pipeline.set_mesh(load_mesh_text(SPLIT % "policy: {timeout: 1s},"))
+    build = pipeline.current
+    assert build is not None
+    tables = {(namespace, visible) for namespace, visible in build._routes}
+    assert {v for n, v in tables if n in ("ns-a", "ns-b")} == {
+        frozenset({"a1.ns-a"}), frozenset({"b1.ns-b"})}
+    a = cache.get(proxies[0].group)
+    assert a is not None
+    [table] = a.get(resource.ROUTE).resources.values()  # type: ignore[union-attr]
+    assert [h.name for h in table.message.virtual_hosts] == ["a1.ns-a"]

@@ -105,6 +105,19 @@ class MeshBuild:
         self._visible[key] = found
         return found
 
+    def sees_all(self, proxy: ProxyIdentity) -> bool:
+        """Whether ``proxy`` sees every service (False when its scope cannot be read)."""
+        try:
+            return self.visible(proxy) is None
+        except Exception:
+            return False
+
+    def _visible_or_all(self, proxy: ProxyIdentity) -> Visible:
+        try:
+            return self.visible(proxy)
+        except Exception:  # a scoping bug: that group fails on its own build, not here
+            return None
+
     def last_good(self, key: str) -> Service | None:
         """The service ``key`` as this build serves it (None when it is not served)."""
         found = self._services.get(key)
@@ -277,11 +290,12 @@ class MeshBuild:
                 for p in members}
         # list() first: a worker thread may be adding entries (list() of a dict is atomic).
         self._visible = {k: v for k, v in list(self._visible.items()) if k in seen}
-        views = {p: self.visible(p) for p in members}
+        views = {p: self._visible_or_all(p) for p in members}
         visible = {*views.values(), None}
         zones = {(v, p.zone) for p, v in views.items()} | {(None, "")}
         routes = {(self._namespace_key(p.namespace), v) for p, v in views.items()}
-        routes |= {(self._namespace_key(p.namespace), None) for p in members}
+        routes |= {(self._namespace_key(p.namespace), None) for p in members
+                   if views[p] is None}
         routes |= {(self._namespace_key(DEFAULT_NAMESPACE), None), (_FOREIGN, None)}
         groups = {p.group for p in members}
         self._clusters = {k: v for k, v in list(self._clusters.items()) if k in visible}
