@@ -14,9 +14,14 @@ from typing import Any
 
 import pytest
 
-from controlplane.sources.kubernetes.kinds import ACCEPTED, ENDPOINT_SLICES, TRAFFIC_POLICIES
+from controlplane.sources.kubernetes.kinds import (
+    ACCEPTED,
+    ENDPOINT_SLICES,
+    SIDECARS,
+    TRAFFIC_POLICIES,
+)
 from tests.kube.apiserver import ApiServerDouble
-from tests.kube.objects import endpoint_slice, pod, service, traffic_policy
+from tests.kube.objects import endpoint_slice, pod, service, sidecar, traffic_policy
 from tests.kube.rbac import Rbac
 from tests.support import netns
 from tests.support.netns import NetnsHost
@@ -372,3 +377,36 @@ def test_a_namespace_without_rbac_leaves_the_others_served(
     # /readyz stays 200 and names what it cannot read, with the rule to add.
     status, text = server.get("/readyz")[:2]
     assert status == 200 and "cannot read:" in text and "namespace 'other'" in text, text
+
+
+def test_a_sidecar_object_scopes_a_real_envoy(cluster: Cluster, hosts: list[NetnsHost]) -> None:
+    """A Sidecar in the API server narrows what the frontend's Envoy holds and reaches:
+    ratings answers 404 and its cluster is gone from Envoy; deleting the Sidecar brings
+    it back. Delta xDS, so the cluster really leaves (SotW would too)."""
+    one, _, three = hosts
+    cluster.api.create(service("reviews").port(9080, name="http", target="http").build())
+    cluster.api.create(service("ratings").port(9080, name="http", target="http").build())
+    cluster.reviews((one, {}))
+    cluster.api.apply(endpoint_slice("ratings-abc", service="ratings").port(8080, name="http")
+                      .endpoint(three.address).build())
+    cluster.serve()
+    envoy = cluster.envoy(delta=True)
+    ratings = "outbound|9080||ratings.default.svc.cluster.local"
+
+    def held() -> str:
+        return envoy.admin("/clusters")[1]
+
+    wait_for(lambda: envoy.request("ratings")[0] == 200, what="ratings reachable unscoped")
+    cluster.api.create(sidecar("frontend", ["./reviews"], service="frontend").build())
+    wait_for(lambda: envoy.request("ratings")[0] == 404, what="ratings out of scope: 404")
+    assert answers(envoy) == {"reviews-1"}
+    wait_for(lambda: ratings not in held(), what="the ratings cluster gone from Envoy")
+    assert REVIEWS in held()
+    conditions = wait_for(lambda: (cluster.api.get(SIDECARS, "default", "frontend")
+                                   .get("status") or {}).get("conditions"),
+                          what="the Sidecar's status")
+    assert conditions[0]["type"] == ACCEPTED and conditions[0]["status"] == "True"
+
+    cluster.api.delete(SIDECARS, "default", "frontend")
+    wait_for(lambda: envoy.request("ratings")[0] == 200, what="ratings back once unscoped")
+    assert ratings in held()
