@@ -13,6 +13,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controlplane import deploy
 from controlplane.mesh.model import Mesh
@@ -306,3 +308,39 @@ async def test_the_api_server_double_applies_the_shipped_sidecar_schema(
     assert "spec.egress[0].hosts[0]" in str(refused.value)
     api.create(sidecar("good", ["./*"]).build())
     assert api.get(SIDECARS, "default", "good")["spec"] == {"egress": [{"hosts": ["./*"]}]}
+
+
+# --- any shape ---------------------------------------------------------------------------
+
+_NAMES = st.sampled_from(["shop", "pay", "default", "frontend", "cart", "x", "", "A_b"])
+_HOSTS = st.lists(st.sampled_from(["./*", "*/*", "pay/payments", "*/ratings", "shop/*",
+                                   "payments", "", "pay/", "/x", "a/b/c"]) | st.text(max_size=8),
+                  max_size=4)
+_SPECS = st.one_of(
+    st.fixed_dictionaries({"egress": st.lists(st.fixed_dictionaries({"hosts": _HOSTS}),
+                                              max_size=3)},
+                          optional={"workloadSelector": st.fixed_dictionaries(
+                              {"service": _NAMES}) | st.none() | st.integers()}),
+    st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(st.fixed_dictionaries({
+    "metadata": st.fixed_dictionaries({"name": _NAMES, "namespace": _NAMES},
+                                      optional={"creationTimestamp": st.text(max_size=4)}),
+    "spec": _SPECS}), max_size=4),
+    st.dictionaries(st.sampled_from(MESH), st.sampled_from(
+        [".", "*", "shop", "pay,shop", "*,x", "", ",", "Bad", ". , pay"]), max_size=3))
+def test_any_sidecars_and_annotations_convert_to_a_result(sidecars: list[Obj],
+                                                          export: dict[str, str]) -> None:
+    """Every object gets a verdict, nothing raises, and every sidecar's visible set is
+    made of services of the mesh (its own always among them)."""
+    result = convert(services(*MESH, export=export), [], [], sidecars=sidecars)
+    assert {(o["metadata"]["namespace"] or "default", o["metadata"]["name"])
+            for o in sidecars} == set(result.sidecar_verdicts)
+    assert len(result.mesh.services) == len(MESH)
+    for service_key in MESH:
+        name, namespace = service_key.split(".")
+        visible = result.mesh.scope.visible(name, namespace)
+        assert visible is None or (service_key in visible and visible <= set(MESH))
