@@ -12,6 +12,7 @@ a proxy that fails over from one to the other sees no change.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -31,7 +32,7 @@ _NO_ALIASES: Mapping[str, str] = MappingProxyType({})
 _NOTHING: Mapping[str, Resource] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Resource:
     """One resource with its wire encodings prepared."""
 
@@ -299,18 +300,31 @@ class Snapshot:
 def encode_resource(
     type_url: str, name: str, message: Message, reuse: Resource | None = None
 ) -> Resource:
-    """Serialize once; hand back ``reuse`` instead when the bytes did not change."""
+    """Serialize once; hand back ``reuse`` instead when the bytes did not change, or
+    the Resource already made of the same bytes while that one is alive (sidecars'
+    egress listeners are alike: one object, its chunks and references, for all)."""
     value = message.SerializeToString(deterministic=True)
     version = hashlib.sha256(value).hexdigest()[:16]
     if reuse is not None and reuse.version == version and reuse.name == name:
         return reuse
+    key = (type_url, name, version)
+    alive = _ALIVE.get(key)
+    if alive is not None:
+        return alive
     packed = any_pb2.Any(type_url=type_url, value=value)
     sotw = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
     delta = discovery_pb2.DeltaDiscoveryResponse(
         resources=[discovery_pb2.Resource(name=name, version=version, resource=packed)]
     ).SerializeToString()
-    return Resource(name, type_url, message, version, sotw, delta,
+    made = Resource(name, type_url, message, version, sotw, delta,
                     references(type_url, message))
+    _ALIVE[key] = made
+    return made
+
+
+# Every Resource some snapshot, layer or build still holds, by (type, name, version).
+_ALIVE: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
+    weakref.WeakValueDictionary())
 
 
 def type_version(resources: Iterable[Resource]) -> str:
