@@ -288,3 +288,36 @@ def test_a_synced_client_costs_no_copy_of_its_snapshot_and_equal_subscriptions_a
     assert a.types[resource.ENDPOINT].client.own_entries == 0
     assert a.types[resource.ENDPOINT].client.get("c7") == changed.get(
         resource.ENDPOINT).resources["c7"].version  # type: ignore[union-attr]
+
+
+async def test_on_reconnect_a_cluster_that_changed_gets_its_unchanged_endpoints_again(
+        env: Env) -> None:
+    """Envoy finishes warming an updated cluster only on an EDS response: a sidecar that
+    reconnects holding the old cluster and the current endpoints gets both."""
+    from controlplane.cache.snapshot import build_snapshot
+    from tests.support.snapshots import cluster as make_cluster
+
+    first = snapshot({"a": (1,)})
+    tweaked = make_cluster("a")
+    tweaked.connect_timeout.seconds = 3
+    named = {t: [(n, r.message) for n, r in s.resources.items()] for t, s in first.types.items()}
+    named[resource.CLUSTER] = [("a", tweaked)]
+    env.cache.set_snapshot(GROUP, build_snapshot(named, reuse=first))
+
+    def held(type_url: str) -> dict[str, str]:
+        typed = first.get(type_url)
+        assert typed is not None
+        return {n: r.version for n, r in typed.resources.items()}
+
+    client = env.client(delta=True)
+    await client.send(node=node(), type_url=resource.CLUSTER,
+                      initial_resource_versions=held(resource.CLUSTER))
+    await client.send(type_url=resource.ENDPOINT, resource_names_subscribe=["a"],
+                      initial_resource_versions=held(resource.ENDPOINT))
+    got = {}
+    for _ in range(2):
+        response = await client.recv()
+        got[response.type_url] = sent(response)
+        await client.ack(response)
+    assert got == {resource.CLUSTER: ["a"], resource.ENDPOINT: ["a"]}
+    await client.close()

@@ -79,6 +79,9 @@ class DeltaStream(StreamBase):
     ) -> None:
         super().__init__(stream_id, api, fixed_type, identifier, limits)
         self.types: dict[str, DeltaTypeState] = {}
+        # Load assignments of clusters sent since the last EDS answer: sent again even if
+        # the client holds them (Envoy warms an updated cluster only on an EDS response).
+        self._rewarm: set[str] = set()
 
     def accept_node(self, node: base_pb2.Node | None, has_node: bool) -> bool:
         """As for any stream, and a delta stream may be on demand (node metadata)."""
@@ -126,12 +129,12 @@ class DeltaStream(StreamBase):
             state.wildcard = False
         added.discard("*")
         dropped.discard("*")
-        for name in added - dropped:
-            if not first:  # asked again, subscribed or not: answer it even if unchanged
+        if not first:  # asked again, subscribed or not: answer it even if unchanged
+            for name in added - dropped:
                 state.client.discard(name)
                 if typed is not None and (target := typed.aliases.get(name)) is not None:
                     state.client.discard(target)
-            state.told_absent.discard(name)
+                state.told_absent.discard(name)
         for name in dropped:
             state.client.discard(name)
             state.told_absent.discard(name)
@@ -156,6 +159,8 @@ class DeltaStream(StreamBase):
             if not everything:
                 touched |= state.targets ^ old_targets
                 touched |= _targets(typed, touched)
+            if type_url == resource.ENDPOINT and self._rewarm:
+                touched |= self._take_rewarm(state)
             push = self._update(type_url, state, typed, None if everything else touched)
             if push is not None:
                 handled.pushes.append(push)
@@ -166,7 +171,6 @@ class DeltaStream(StreamBase):
         self.snapshot = snapshot
         pushes: list[Push] = []
         tail: list[Push] = []
-        rewarm: set[str] = set()
         for type_url in resource.PUSH_ORDER:
             state = self.types.get(type_url)
             if state is None:
@@ -177,20 +181,23 @@ class DeltaStream(StreamBase):
             state.targets = _targets(typed, state.subscribed)
             if candidates is not None:
                 candidates |= state.targets ^ old_targets
-            if type_url == resource.ENDPOINT and rewarm:
-                for name in rewarm:
-                    state.client.discard(name)
-                state.synced = False
+            if type_url == resource.ENDPOINT and self._rewarm:
+                rewarm = self._take_rewarm(state)
                 if candidates is not None:
                     candidates |= rewarm
             split = had_config and type_url in (resource.CLUSTER, resource.ENDPOINT)
             push = self._update(type_url, state, typed, candidates, tail if split else None)
             if push is not None:
                 pushes.append(push)
-            if type_url == resource.CLUSTER and push is not None:
-                for name in push.names:
-                    rewarm |= typed.resources[name].refs.get(resource.ENDPOINT, frozenset())
         return pushes + tail
+
+    def _take_rewarm(self, state: DeltaTypeState) -> set[str]:
+        """The load assignments to send again: forgotten as held, to be looked at."""
+        rewarm, self._rewarm = self._rewarm, set()
+        for name in rewarm:
+            state.client.discard(name)
+        state.synced = False
+        return rewarm
 
     def _typed(self, type_url: str) -> TypeSnapshot:
         assert self.snapshot is not None
@@ -203,12 +210,20 @@ class DeltaStream(StreamBase):
         the names changed since its base, or at everything when None). With
         ``removals``, removals go there, to be sent after the rest of the push."""
         updated, removed, unresolved, whole = self._changes(typed, state, candidates)
+        if type_url == resource.CLUSTER and updated and self.fixed_type is None:
+            # EDS not asked for yet may come holding these (a reconnect); EDS asked for
+            # but never answered will get everything anyway.
+            endpoints = self.types.get(resource.ENDPOINT)
+            if endpoints is None or endpoints.base is not None or not endpoints.client.empty():
+                for cluster in updated:
+                    self._rewarm.update(cluster.refs.get(resource.ENDPOINT, ()))
         synced = whole and (candidates is None or state.synced)
         state.base = typed
+        track = not synced  # when synced, the snapshot's mapping replaces it all below
         if removals is None:
-            push = self._emit(type_url, state, typed, updated, removed, unresolved)
+            push = self._emit(type_url, state, typed, updated, removed, unresolved, track)
         else:
-            push = self._emit(type_url, state, typed, updated, [], unresolved)
+            push = self._emit(type_url, state, typed, updated, [], unresolved, track)
             removal = self._emit(type_url, state, typed, [], removed, [])
             if removal is not None:
                 removals.append(removal)
@@ -245,29 +260,48 @@ class DeltaStream(StreamBase):
                 return True
             return state.wildcard and (wildcard is None or name in wildcard)
 
-        if candidates is None:
-            names = client.names() | subscribed | targets
-            if state.wildcard:
-                names |= set(res) if wildcard is None else wildcard
-            whole = (state.wildcard and wildcard is None) or all(wanted(n) for n in res)
-        else:
-            names, whole = candidates, True
         updated: list[Resource] = []
         removed: list[str] = []
         absent: list[str] = []
-        get = res.get  # one lookup per name: the snapshot's view is over several layers
-        for name in sorted(names):
-            found, held = get(name), client.get(name)
-            if found is not None and wanted(name):
-                if held != found.version:
-                    updated.append(found)
-                continue
-            if found is not None and candidates is not None:
-                whole = False  # a changed resource the client does not want
-            if held is not None:
-                removed.append(name)
-            elif found is None and name in subscribed and name not in told:
-                absent.append(name)
+        if candidates is None:  # everything: walk the snapshot once, no lookup per name
+            fresh = client.empty()
+            every = state.wildcard and wildcard is None
+            whole = True
+            present: set[str] = set()
+            for found in res.values():
+                name = found.name
+                present.add(name)
+                held = None if fresh else client.get(name)
+                if every or wanted(name):
+                    if held != found.version:
+                        updated.append(found)
+                    continue
+                whole = False
+                if held is not None:
+                    removed.append(name)
+            gone = (subscribed | targets) if fresh else (client.names() | subscribed | targets)
+            for name in sorted(gone - present):
+                if name in client:
+                    removed.append(name)
+                elif name in subscribed and name not in told:
+                    absent.append(name)
+            updated.sort(key=_name)
+            removed.sort()
+        else:
+            whole = True
+            get = res.get
+            for name in sorted(candidates):
+                changed, held = get(name), client.get(name)
+                if changed is not None and wanted(name):
+                    if held != changed.version:
+                        updated.append(changed)
+                    continue
+                if changed is not None:
+                    whole = False  # a changed resource the client does not want
+                if held is not None:
+                    removed.append(name)
+                elif changed is None and name in subscribed and name not in told:
+                    absent.append(name)
         if typed.type_url != resource.VIRTUAL_HOST:
             return updated, removed + absent, [], whole
         # A Host Envoy asked for: answered by its virtual host (sent above, with the alias)
@@ -277,8 +311,8 @@ class DeltaStream(StreamBase):
             n for n in unresolved if n not in typed.aliases], whole
 
     def _emit(self, type_url: str, state: DeltaTypeState, typed: TypeSnapshot,
-              updated: list[Resource], removed: list[str], unresolved: list[str]
-              ) -> Push | None:
+              updated: list[Resource], removed: list[str], unresolved: list[str],
+              track: bool = True) -> Push | None:
         """The response, or None when there is nothing to say, except that the first
         request of a client that holds nothing is answered, even with nothing: Envoy
         waits for that answer before it calls itself initialized (an on-demand sidecar
@@ -301,8 +335,9 @@ class DeltaStream(StreamBase):
             chunks = [r.delta_chunk for r in updated]
         if unresolved:
             chunks.append(unresolved_entries(unresolved))
-        for r in updated:
-            state.client.hold(r.name, r.version)
+        if track:
+            for r in updated:
+                state.client.hold(r.name, r.version)
         for name in [*removed, *unresolved]:
             state.client.discard(name)
             if name in state.subscribed:
@@ -311,7 +346,11 @@ class DeltaStream(StreamBase):
         state.pushes += 1
         return Push(type_url, nonce, version, header, [r.name for r in updated],
                     [*removed, *unresolved], body=chunks,
-                    body_bytes=sum(len(chunk) for chunk in chunks))
+                    body_bytes=sum(map(len, chunks)))
+
+
+def _name(found: Resource) -> str:
+    return found.name
 
 
 def _targets(typed: TypeSnapshot, names: Iterable[str]) -> frozenset[str]:

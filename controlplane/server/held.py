@@ -38,6 +38,10 @@ class Held:
         return any(v is not None for v in self._diff.values()) or any(
             n not in self._diff for n in self._base)
 
+    def empty(self) -> bool:
+        """True when nothing was ever held (a cheap check, for a client's first answer)."""
+        return not self._diff and not self._base
+
     def hold(self, name: str, version: str) -> None:
         found = self._base.get(name)
         if found is not None and found.version == version:
