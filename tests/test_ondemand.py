@@ -128,6 +128,19 @@ async def test_an_unknown_host_is_answered_as_unresolved_each_time_it_is_asked(e
     await client.close()
 
 
+async def test_a_host_in_capitals_finds_its_virtual_host(env: Env) -> None:
+    """Envoy asks with the Host as sent and matches domains regardless of case."""
+    publish(env, mesh())
+    client = await start(env)
+    await client.send(type_url=resource.VIRTUAL_HOST,
+                      resource_names_subscribe=["egress/Reviews.Default:9080"])
+    response = await client.recv()
+    [found] = response.resources
+    assert found.name == "egress/reviews.default"
+    assert list(found.aliases) == ["egress/Reviews.Default:9080"]
+    await client.close()
+
+
 async def test_asked_again_a_host_is_sent_again(env: Env) -> None:
     publish(env, mesh())
     client = await start(env)

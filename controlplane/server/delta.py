@@ -49,8 +49,8 @@ from controlplane.server.held import Held
 from controlplane.server.limits import MAX_ERROR_CHARS, Limits
 from controlplane.server.sotw import NAME_SETS
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
+from controlplane.server.vhds import resolve, with_aliases
 from controlplane.server.vhds import unresolved as unresolved_entries
-from controlplane.server.vhds import with_aliases
 
 _NONE: frozenset[str] = frozenset()
 
@@ -132,7 +132,7 @@ class DeltaStream(StreamBase):
         if not first:  # asked again, subscribed or not: answer it even if unchanged
             for name in added - dropped:
                 state.client.discard(name)
-                if typed is not None and (target := typed.aliases.get(name)) is not None:
+                if typed is not None and (target := resolve(typed.aliases, name)):
                     state.client.discard(target)
                 state.told_absent.discard(name)
         for name in dropped:
@@ -306,9 +306,9 @@ class DeltaStream(StreamBase):
             return updated, removed + absent, [], whole
         # A Host Envoy asked for: answered by its virtual host (sent above, with the alias)
         # or, when nothing serves it, by the alias alone, so the held request gets a 404.
-        unresolved = [n for n in absent if n in typed.aliases or "/" in n]
-        return updated, removed + [n for n in absent if n not in unresolved], [
-            n for n in unresolved if n not in typed.aliases], whole
+        unresolved = [n for n in absent if "/" in n]
+        return updated, [*removed, *(n for n in absent if "/" not in n)], [
+            n for n in unresolved if resolve(typed.aliases, n) is None], whole
 
     def _emit(self, type_url: str, state: DeltaTypeState, typed: TypeSnapshot,
               updated: list[Resource], removed: list[str], unresolved: list[str],
@@ -358,4 +358,4 @@ def _targets(typed: TypeSnapshot, names: Iterable[str]) -> frozenset[str]:
     aliases = typed.aliases
     if not aliases:
         return _NONE
-    return frozenset(target for n in names if (target := aliases.get(n)) is not None)
+    return frozenset(target for n in names if (target := resolve(aliases, n)) is not None)

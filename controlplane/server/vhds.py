@@ -16,6 +16,16 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.cache.snapshot import Resource
 
+
+def resolve(aliases: Mapping[str, str], name: str) -> str | None:
+    """The resource an alias names. Envoy asks with the Host as the client sent it and
+    matches domains without regard to case, so a Host in capitals finds its host too."""
+    found = aliases.get(name)
+    if found is None and not name.islower():
+        found = aliases.get(name.lower())
+    return found
+
+
 # Field numbers (envoy/service/discovery/v3/discovery.proto): DeltaDiscoveryResponse
 # ``resources`` = 2, Resource ``aliases`` = 4.
 _RESOURCES_TAG = b"\x12"
@@ -28,7 +38,7 @@ def with_aliases(updated: list[Resource], aliases: Mapping[str, str],
     Resource is the same as encoding it with them)."""
     wanted: dict[str, list[str]] = {}
     for name in sorted(names):
-        target = aliases.get(name)
+        target = resolve(aliases, name)
         if target is not None:
             wanted.setdefault(target, []).append(name)
     chunks = []
