@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
+from tests.support.procs import Backend, ControlPlane, Envoy, http_get, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -264,3 +264,31 @@ def test_after_a_server_restart_what_was_fetched_stays_current_and_fetching_work
     [proxy] = [p for p in server.json("/debug/proxies") if p["node_id"] == "frontend-1"]
     for kind in ("cds", "eds", "lds", "rds", "vhds"):
         assert proxy["types"][kind]["last_nack"] is None, kind
+
+
+def test_a_first_call_during_a_server_outage_waits_for_the_server_and_then_succeeds(
+        rig: Rig) -> None:
+    """What was fetched keeps working while the server is down; a first call to a new
+    service is held (Envoy's VHDS has no fetch timeout) until the server is back, then
+    answered. Why on demand is not the default: see the README."""
+    server, envoy = rig.start()
+    assert envoy.request("reviews")[:2] == (200, "reviews")
+    server.stop()
+    assert envoy.request("reviews")[:2] == (200, "reviews")  # held config still serves
+
+    result: list[Any] = []
+
+    def call() -> None:
+        try:
+            result.append(http_get(f"http://127.0.0.1:{envoy.egress_port}/", host="ratings",
+                                   timeout=60)[:2])
+        except Exception as exc:  # reported below
+            result.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    time.sleep(2)
+    assert not result, result  # still held: nothing to fetch it from
+    server.start()
+    caller.join(60)
+    assert result == [(200, "ratings")]
