@@ -162,3 +162,17 @@ async def test_streams_end_quietly_when_the_server_stops() -> None:
     for client in clients:
         await client.close()
     await channel.close()
+
+
+@pytest.mark.parametrize("version", ["", "v", "0123456789abcdef", "x" * 300])
+def test_the_hand_encoded_response_header_is_what_protobuf_encodes(version: str) -> None:
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    sotw_stream = SotwStream(1, "ads", identifier="controlplane-" + "y" * 200)
+    for nonce in ("1", "1" * 130):
+        header = sotw_stream._header(version, resource.ENDPOINT, nonce)
+        assert header == discovery_pb2.DiscoveryResponse(
+            version_info=version, type_url=resource.ENDPOINT, nonce=nonce,
+            control_plane=base_pb2.ControlPlane(identifier="controlplane-" + "y" * 200),
+        ).SerializeToString()

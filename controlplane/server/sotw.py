@@ -100,6 +100,7 @@ class SotwStream(StreamBase):
     ) -> None:
         super().__init__(stream_id, api, fixed_type, identifier, limits)
         self.types: dict[str, SotwTypeState] = {}
+        self._trailer: bytes | None = None  # the encoded control_plane field
 
     def type_states(self) -> dict[str, TypeState]:
         return dict(self.types)
@@ -216,10 +217,7 @@ class SotwStream(StreamBase):
         whole = version is None and len(selected) == len(typed.resources)
         nonce = self.next_nonce()
         version = typed.version if version is None else version
-        header = discovery_pb2.DiscoveryResponse(
-            version_info=version, type_url=type_url, nonce=nonce,
-            control_plane=self._control_plane,
-        ).SerializeToString()
+        header = self._header(version, type_url, nonce)
         body = [r.sotw_chunk for r in selected]
         state.nonce, state.sent_version, state.base = nonce, version, typed
         if type_url in resource.FULL_STATE:
@@ -227,6 +225,15 @@ class SotwStream(StreamBase):
         state.pushes += 1
         return Push(type_url, nonce, version, header, [r.name for r in selected],
                     body=body, body_bytes=sum(map(len, body)))
+
+    def _header(self, version: str, type_url: str, nonce: str) -> bytes:
+        """The DiscoveryResponse around the resources, encoded by hand (a message made
+        and serialized per push was a tenth of the server's CPU per change): fields 1
+        (version_info), 4 (type_url), 5 (nonce) and 6 (control_plane)."""
+        if self._trailer is None:
+            self._trailer = _field(6, self._control_plane.SerializeToString())
+        return b"".join((_field(1, version.encode()), _field(4, type_url.encode()),
+                         _field(5, nonce.encode()), self._trailer))
 
     def _defer(self, type_url: str, version: str, selected: list[Resource]) -> Push:
         """A placeholder for the final push of a make-before-break pair."""
@@ -237,6 +244,19 @@ class SotwStream(StreamBase):
         typed = self._typed(deferred.type_url)
         selected = [typed.resources[n] for n in deferred.names if n in typed.resources]
         return self._emit(deferred.type_url, state, typed, selected)
+
+
+def _field(number: int, value: bytes) -> bytes:
+    """A length-delimited protobuf field (empty: left out, as protobuf does)."""
+    if not value:
+        return b""
+    size = len(value)
+    prefix = bytearray((number << 3 | 2,))
+    while size > 0x7F:
+        prefix.append(size & 0x7F | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + value
 
 
 def _fingerprint(request: discovery_pb2.DiscoveryRequest) -> tuple[int, int]:

@@ -159,9 +159,12 @@ class StreamBase:
     def prepare(self, request: Any) -> str | None:
         """Keep the node, resolve the type: the steps that do not look at each name (a
         state-of-the-world ACK repeats every name; it checks them only when they change)."""
-        self.accept_node(request.node, request.HasField("node"))
-        check_names([request.type_url], self.limits, "type URLs")
-        return self.resolve_type(request.type_url)
+        if self.node is None or request.HasField("node"):
+            self.accept_node(request.node, request.HasField("node"))
+        type_url: str = request.type_url
+        if len(type_url) > self.limits.max_name_bytes:
+            check_names([type_url], self.limits, "type URLs")
+        return self.resolve_type(type_url)
 
     def resolve_type(self, type_url: str) -> str | None:
         """The request's type, or None for a type this server does not serve (ignored)."""
