@@ -14,6 +14,7 @@ services in one namespace get the same config), and clients can invent groups at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import shutil
 import textwrap
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ from controlplane.cache.layers import Layer
 from controlplane.cache.snapshot import Snapshot
 
 log = structlog.get_logger("controlplane.store")
+INLINE = 64 * 1024  # a shared layer this big or bigger gets a file of its own
+LAYERS = "layers"  # the folder of those files (no group's folder has this name)
+_LAYERS_LINE = re.compile(r'^  "layers": (\{.*\}),$', re.MULTILINE)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
 
@@ -57,12 +61,20 @@ class _Rendered:
             self._layers[key] = found
         return found
 
-    def snapshot(self, snapshot: Snapshot) -> str:
+    def snapshot(self, snapshot: Snapshot, refer: Callable[[Layer], str] | None = None) -> str:
         """The same document as ``json.dumps(snapshot_to_dict(snapshot), indent=2)``
-        (resources by layer, each layer sorted by name)."""
+        (resources by layer, each layer sorted by name); with ``refer``, shared layers
+        of ``INLINE`` bytes or more are not written out but named under ``"layers"``
+        (``refer`` writes them once and gives their file name)."""
         types = []
+        referred: dict[str, list[str]] = {}
         for type_url, typed in snapshot.types.items():
-            parts = [self.layer(p) for p in typed.layers]
+            parts = []
+            for layer in typed.layers:
+                if refer is not None and layer.size >= INLINE:
+                    referred.setdefault(resource.short_name(type_url), []).append(refer(layer))
+                else:
+                    parts.append(self.layer(layer))
             if typed.own is not None:
                 parts.append(_items(typed.own.resources[n].message
                                     for n in sorted(typed.own.resources)))
@@ -73,8 +85,17 @@ class _Rendered:
             types.append(f"    {short}: [\n{body}\n    ]" if body else f"    {short}: []")
         head = json.dumps({"version": snapshot.version, "versions": snapshot.versions()},
                           indent=2)
+        if referred:  # one line, read back by ``_layers_of``
+            head = head[:-2] + ',\n  "layers": ' + json.dumps(referred) + "\n}"
         joined = ",\n".join(types)
         return head[:-2] + ',\n  "resources": {\n' + joined + "\n  }\n}\n"
+
+    def layer_file(self, layer: Layer) -> str:
+        """A shared layer on its own: its version, type and resources."""
+        head = json.dumps({"type": resource.short_name(layer.type_url),
+                           "version": layer.version}, indent=2)
+        body = self.layer(layer).replace("\n      ", "\n    ").removeprefix("  ")
+        return head[:-2] + ',\n  "resources": [\n' + body + "\n  ]\n}\n"
 
 
 def _items(messages: Iterable[Message]) -> str:
@@ -110,6 +131,7 @@ class SnapshotStore:
         self._files: dict[str, Path] = {}  # version -> a file holding it (writer thread only)
         self.links = 0  # files hard-linked rather than written
         self._rendered = _Rendered()  # writer thread only
+        self._users: dict[str, int] | None = None  # layer file -> group files naming it
 
     def save(self, group: str, snapshot: Snapshot) -> None:
         if self.keep <= 0:
@@ -139,7 +161,10 @@ class SnapshotStore:
                 return
             job = self._pending.pop(group)
         if job is None:
-            shutil.rmtree(self.folder(group), ignore_errors=True)
+            folder = self.folder(group)
+            for path in folder.glob("*.json"):
+                self._release(path)
+            shutil.rmtree(folder, ignore_errors=True)
         else:
             self._write(group, *job)
 
@@ -170,13 +195,79 @@ class SnapshotStore:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             path = folder / f"{stamp}-{seq:06d}-{snapshot.version}.json"
             if not self._link(snapshot.version, path):
-                path.write_text(self._rendered.snapshot(snapshot))
+                path.write_text(self._rendered.snapshot(snapshot, self._layer_file))
                 if len(self._files) >= 1024:
                     self._files.clear()
                 self._files[snapshot.version] = path
+            self._hold(path)
             for old in sorted(folder.glob("*.json"))[: -self.keep]:
+                self._release(old)
                 old.unlink(missing_ok=True)
         except OSError as exc:
             log.error("store.write_failed", group=group, directory=str(self.directory),
                       error=str(exc), hint="check that the snapshot directory is writable, "
                       "or pass --snapshot-keep 0 to turn the store off")
+
+    # -- shared layers, one file each, kept while a group file names them -----------------
+
+    def _counts(self) -> dict[str, int]:
+        """How many group files name each layer file; counted from the files on disk
+        the first time (a restart finds the last run's), and orphans removed then."""
+        if self._users is None:
+            self._users = {}
+            for path in self.directory.glob("*/*.json"):
+                if path.parent.name != LAYERS:
+                    for name in _layers_of(path):
+                        self._users[name] = self._users.get(name, 0) + 1
+            for path in (self.directory / LAYERS).glob("*.json"):
+                if path.name not in self._users:
+                    path.unlink(missing_ok=True)
+        return self._users
+
+    def _layer_file(self, layer: Layer) -> str:
+        """Write ``layer``'s file unless it is there; its name."""
+        name = f"{resource.short_name(layer.type_url)}-{layer.version}.json"
+        path = self.directory / LAYERS / name
+        if name not in self._counts() or not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self._rendered.layer_file(layer))
+        return name
+
+    def _hold(self, path: Path) -> None:
+        counts = self._counts()
+        for name in _layers_of(path):
+            counts[name] = counts.get(name, 0) + 1
+
+    def _release(self, path: Path) -> None:
+        """``path`` is about to go: the layer files only it named go too."""
+        counts = self._counts()
+        removed = False
+        for name in _layers_of(path):
+            left = counts.get(name, 0) - 1
+            if left > 0:
+                counts[name] = left
+                continue
+            counts.pop(name, None)
+            (self.directory / LAYERS / name).unlink(missing_ok=True)
+            removed = True
+        if removed:
+            with contextlib.suppress(OSError):  # only when empty
+                (self.directory / LAYERS).rmdir()
+
+
+def _layers_of(path: Path) -> list[str]:
+    """The layer files a stored group file names (none for small meshes)."""
+    try:
+        with path.open(encoding="utf-8") as stream:
+            head = stream.read(16384)
+    except OSError:
+        return []
+    found = _LAYERS_LINE.search(head)
+    if found is None:
+        return []
+    try:
+        named = json.loads(found.group(1))
+    except ValueError:
+        return []
+    return [n for names in named.values() for n in names if isinstance(n, str)
+            and "/" not in n and n.endswith(".json")]
