@@ -192,11 +192,11 @@ class DeltaStream(StreamBase):
         return pushes + tail
 
     def _take_rewarm(self, state: DeltaTypeState) -> set[str]:
-        """The load assignments to send again: forgotten as held, to be looked at."""
+        """The load assignments to send again: forgotten as held, to be looked at (so a
+        client that held exactly its snapshot does again once they are sent)."""
         rewarm, self._rewarm = self._rewarm, set()
         for name in rewarm:
             state.client.discard(name)
-        state.synced = False
         return rewarm
 
     def _typed(self, type_url: str) -> TypeSnapshot:
