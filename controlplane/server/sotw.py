@@ -16,8 +16,9 @@ The rules (Envoy's xDS protocol document, and shared/XDS-PITFALLS.md):
 
 At a thousand streams (shared/XDS-PITFALLS.md 16, 17):
 - An ACK that repeats the names of the stream's last request is recognized by a
-  fingerprint of its encoding, so an EDS ACK naming a thousand clusters builds no set
-  and checks no name again.
+  hash of their encoding (requests.py reads requests without parsing the names), so
+  an EDS ACK naming a thousand clusters makes no string, builds no set and checks no
+  name again.
 - Streams that subscribe to the same names share one frozenset (``NameSets``), and the
   record of a full-state type last sent is the snapshot's own mapping when the whole
   type went out.
@@ -34,8 +35,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from envoy.service.discovery.v3 import discovery_pb2
-
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot, type_version
 from controlplane.server.limits import (
@@ -44,6 +43,7 @@ from controlplane.server.limits import (
     Limits,
     check_names,
 )
+from controlplane.server.requests import names_key, names_of
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
 
 _NONE: frozenset[str] = frozenset()
@@ -83,7 +83,7 @@ class SotwTypeState(TypeState):
     legacy_wildcard: bool = False
     base: TypeSnapshot | None = None  # what the client was last brought up to date with
     subscribed: frozenset[str] = _NONE  # the names asked for, shared (NAME_SETS)
-    fingerprint: tuple[int, int] = (-1, 0)  # of the last request's names (_fingerprint)
+    fingerprint: tuple[int, int] = (-1, 0)  # size and hash of the last names_key
     # Full-state types: what was last sent (the snapshot's own mapping when it all went).
     sent: Mapping[str, Resource] = field(default_factory=lambda: _NOTHING_SENT)
 
@@ -105,8 +105,9 @@ class SotwStream(StreamBase):
     def type_states(self) -> dict[str, TypeState]:
         return dict(self.types)
 
-    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> Handled:
-        """Take a request (its version and nonce are cleared once read)."""
+    def on_request(self, request: Any) -> Handled:
+        """Take a request, a DiscoveryRequest or a SotwRequest (requests.py); its version,
+        nonce and node are cleared once read."""
         type_url = self.prepare(request)
         if type_url is None:
             return Handled("unknown_type", request.type_url)
@@ -127,10 +128,11 @@ class SotwStream(StreamBase):
             state.acked_version = request.version_info[:MAX_VERSION_CHARS]
 
         before = state.subscribed
-        fingerprint = _fingerprint(request)
+        key = names_key(request)
+        fingerprint = (len(key), hash(key))
         added = False  # the names of the last request again (every ACK): nothing to redo
         if fingerprint != state.fingerprint:
-            names = list(request.resource_names)
+            names = names_of(key)
             check_names(names, self.limits)
             added = _update_subscription(state, names, first)
             state.fingerprint = fingerprint
@@ -257,16 +259,6 @@ def _field(number: int, value: bytes) -> bytes:
         size >>= 7
     prefix.append(size)
     return bytes(prefix) + value
-
-
-def _fingerprint(request: discovery_pb2.DiscoveryRequest) -> tuple[int, int]:
-    """(count, hash of the encoding) of the request's names, type and node: equal for two
-    requests naming the same names in the same order (not always for equal node
-    metadata, a map: that only costs the slow path). It makes no Python string per name
-    (an EDS ACK names every cluster). Clears the version and nonce it leaves out."""
-    request.version_info = ""
-    request.response_nonce = ""
-    return len(request.resource_names), hash(request.SerializeToString())
 
 
 def _endpoints_of(clusters: TypeSnapshot, names: frozenset[str]) -> set[str]:

@@ -1,0 +1,57 @@
+"""State-of-the-world requests, read without their names.
+
+Envoy's ACK repeats every name it subscribes to: at 1,000 services an EDS ACK carries
+1,000 cluster names (about 50 KB), and each stream sends one per change. Parsing those
+into strings only to find them unchanged was most of the cost of an ACK. So the
+streams parse requests as ``SotwRequest``: the same message without its
+``resource_names`` field, which protobuf then keeps as raw bytes (unknown fields).
+``names_key`` gives those bytes (and the type) in one piece to compare; the names
+themselves are parsed only when the key differs from the stream's last one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+
+def _light_class() -> Any:
+    full = discovery_pb2.DiscoveryRequest.DESCRIPTOR
+    source = descriptor_pb2.FileDescriptorProto()
+    full.file.CopyToProto(source)
+    message = descriptor_pb2.DescriptorProto()
+    full.CopyToProto(message)
+    kept = [f for f in message.field if f.name != "resource_names"]
+    del message.field[:]
+    message.field.extend(kept)
+    message.name = "SotwRequest"
+    light = descriptor_pb2.FileDescriptorProto(
+        name="controlplane/server/sotw_request.proto", package="controlplane.internal",
+        syntax=source.syntax, dependency=list(source.dependency), message_type=[message])
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(light.name)
+    except KeyError:
+        pool.Add(light)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("controlplane.internal.SotwRequest"))
+
+
+SotwRequest: Any = _light_class()
+
+
+def names_key(request: Any) -> bytes:
+    """The request's names, type and error as bytes: equal for two requests that name the
+    same names in the same order. Clears the version, nonce and node, once read."""
+    request.version_info = ""
+    request.response_nonce = ""
+    if request.HasField("node"):
+        request.ClearField("node")
+    return bytes(request.SerializeToString())
+
+
+def names_of(key: bytes) -> list[str]:
+    """The names in a key (from either request class)."""
+    return list(discovery_pb2.DiscoveryRequest.FromString(key).resource_names)
