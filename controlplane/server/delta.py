@@ -160,7 +160,7 @@ class DeltaStream(StreamBase):
                 touched |= state.targets ^ old_targets
                 touched |= _targets(typed, touched)
             if type_url == resource.ENDPOINT and self._rewarm:
-                touched |= self._take_rewarm(state)
+                touched |= self._take_rewarm(state, typed)
             push = self._update(type_url, state, typed, None if everything else touched)
             if push is not None:
                 handled.pushes.append(push)
@@ -182,7 +182,7 @@ class DeltaStream(StreamBase):
             if candidates is not None:
                 candidates |= state.targets ^ old_targets
             if type_url == resource.ENDPOINT and self._rewarm:
-                rewarm = self._take_rewarm(state)
+                rewarm = self._take_rewarm(state, typed)
                 if candidates is not None:
                     candidates |= rewarm
             split = had_config and type_url in (resource.CLUSTER, resource.ENDPOINT)
@@ -191,12 +191,17 @@ class DeltaStream(StreamBase):
                 pushes.append(push)
         return pushes + tail
 
-    def _take_rewarm(self, state: DeltaTypeState) -> set[str]:
+    def _take_rewarm(self, state: DeltaTypeState, typed: TypeSnapshot) -> set[str]:
         """The load assignments to send again: forgotten as held, to be looked at (so a
-        client that held exactly its snapshot does again once they are sent)."""
+        client that held exactly its snapshot does again once they are sent). One that
+        is gone stays held: its removal is what the client gets."""
         rewarm, self._rewarm = self._rewarm, set()
+        if state.client.empty():
+            return rewarm
+        present, held = typed.resources, state.client
         for name in rewarm:
-            state.client.discard(name)
+            if name in held and name in present:
+                held.discard(name)
         return rewarm
 
     def _typed(self, type_url: str) -> TypeSnapshot:
