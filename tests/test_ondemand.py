@@ -30,11 +30,14 @@ RATINGS = "outbound|9080||ratings.default.svc.cluster.local"
 INBOUND = "inbound|15006||frontend.default.svc.cluster.local"
 
 
-def mesh(reviews_port: int = 9081, reviews_timeout: str | None = None) -> Mesh:
+def mesh(reviews_port: int = 9081, reviews_timeout: str | None = None,
+         reviews_limit: int | None = None) -> Mesh:
     reviews: dict[str, Any] = {"name": "reviews", "port": 9080,
                                "endpoints": [{"address": "127.0.0.1", "port": reviews_port}]}
     if reviews_timeout is not None:
         reviews["policy"] = {"timeout": reviews_timeout}
+    if reviews_limit is not None:  # a change of the cluster itself
+        reviews["policy"] = {"circuit_breaker": {"max_connections": reviews_limit}}
     return Mesh.model_validate({"services": [
         reviews,
         {"name": "ratings", "port": 9080, "endpoints": [{"address": "127.0.0.1", "port": 9082}]},
@@ -218,7 +221,12 @@ def _od_steps(draw: st.DrawFn) -> list[tuple[discovery_pb2.DeltaDiscoveryRequest
         request = discovery_pb2.DeltaDiscoveryRequest(
             type_url=draw(_OD_TYPES), resource_names_subscribe=draw(_OD_NAMES),
             resource_names_unsubscribe=draw(_OD_NAMES))
-        steps.append((request, draw(st.one_of(st.none(), st.integers(0, 2)))))
+        steps.append((request, draw(st.one_of(st.none(), st.integers(0, 3)))))
+    # A reconnect: the first request may say what the client holds (real or stale).
+    held = draw(st.dictionaries(st.sampled_from([REVIEWS, RATINGS, INBOUND, "ghost",
+                                                 "egress/reviews.default"]),
+                                st.sampled_from(["old", *_VERSIONS]), max_size=3))
+    steps[0][0].initial_resource_versions.update(held)
     return steps
 
 
@@ -226,7 +234,10 @@ _OD_SNAPSHOTS = [ondemand_snapshot(MeshBuild(mesh()), PROXY),
                  ondemand_snapshot(MeshBuild(mesh(reviews_port=9091, reviews_timeout="2s")),
                                    PROXY),
                  ondemand_snapshot(MeshBuild(Mesh.model_validate({"services": [
-                     {"name": "frontend", "port": 9080, "endpoints": []}]})), PROXY)]
+                     {"name": "frontend", "port": 9080, "endpoints": []}]})), PROXY),
+                 ondemand_snapshot(MeshBuild(mesh(reviews_limit=7)), PROXY)]
+_VERSIONS = sorted({r.version for snap in _OD_SNAPSHOTS for typed in snap.types.values()
+                    for r in typed.resources.values()})[:6]
 
 
 @settings(max_examples=200, deadline=None)
@@ -239,7 +250,9 @@ def test_what_the_stream_thinks_the_client_holds_is_what_it_sent(
     one the client subscribed to, by name, alias or wildcard."""
     stream = DeltaStream(1, "ads")
     stream.on_snapshot(_OD_SNAPSHOTS[0])
-    held: dict[str, dict[str, str]] = {}
+    first_request = steps[0][0]
+    held: dict[str, dict[str, str]] = {
+        first_request.type_url: dict(first_request.initial_resource_versions)}
     first = True
     for request, publish_index in steps:
         if first:

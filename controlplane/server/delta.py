@@ -120,7 +120,7 @@ class DeltaStream(StreamBase):
                 state.acked_version = state.sent_version
 
         typed = self._typed(type_url) if self.snapshot is not None else None
-        was_wildcard = state.wildcard
+        was_wildcard = state.wildcard and not first  # (a first request holds by no rule)
         added = set(request.resource_names_subscribe)
         dropped = set(request.resource_names_unsubscribe)
         if "*" in added:
