@@ -8,6 +8,7 @@ import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import resource
 from controlplane.cache import SnapshotCache
@@ -298,3 +299,17 @@ def test_inconsistent_snapshot_is_refused() -> None:
     with pytest.raises(TranslationError, match="missing cluster 'missing'"):
         cache.set_snapshot(GROUP, broken)
     assert cache.get(GROUP) is None
+
+
+async def test_names_that_are_not_utf8_end_the_stream_with_invalid_argument(env: Env) -> None:
+    """Requests are read without their names (an ACK repeats them all); names that do
+    not parse are still refused, when they are read."""
+    call = env.channel.stream_stream(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+        request_serializer=None, response_deserializer=None)()
+    first = discovery_pb2.DiscoveryRequest(node=node(), type_url=resource.ENDPOINT)
+    await call.write(first.SerializeToString() + b"\x1a\x02\xff\xfe")  # resource_names: 2 bad bytes
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call.read()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resource_names" in (info.value.details() or "")

@@ -15,6 +15,9 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+
+from controlplane.server.stream import ProtocolError
 
 
 def _light_class() -> Any:
@@ -54,4 +57,9 @@ def names_key(request: Any) -> bytes:
 
 def names_of(key: bytes) -> list[str]:
     """The names in a key (from either request class)."""
-    return list(discovery_pb2.DiscoveryRequest.FromString(key).resource_names)
+    try:
+        return list(discovery_pb2.DiscoveryRequest.FromString(key).resource_names)
+    except DecodeError as exc:
+        raise ProtocolError(
+            f"the request's resource_names do not parse ({str(exc)[:200]}); each must be "
+            "a UTF-8 string") from exc
