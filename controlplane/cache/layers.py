@@ -46,6 +46,7 @@ class Layer:
     __slots__ = (
         "_checked",
         "_history",
+        "_members",
         "_wants",
         "digest",
         "resources",
@@ -57,6 +58,7 @@ class Layer:
     def __init__(self, type_url: str, resources: dict[str, Resource], digest: int, size: int,
                  history: dict[str, frozenset[str]] | None = None) -> None:
         self.type_url = type_url
+        self._members = resources  # never changed: derived layers copy it
         self.resources: Mapping[str, Resource] = MappingProxyType(resources)
         self.digest = digest % MODULUS
         self.version = digest_version(self.digest)
@@ -89,7 +91,7 @@ class Layer:
         Costs a copy of the name map (C speed) plus O(changed); ``self`` when nothing
         changes, so groups that share it see no change either."""
         incoming = {r.name: r for r in add}
-        members = dict(self.resources)
+        members = dict(self._members)
         changed: set[str] = set()
         digest, size = self.digest, self.size
         for name in {*remove, *incoming}:
