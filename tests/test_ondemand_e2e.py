@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
 from tests.support.procs import Backend, ControlPlane, Envoy, http_get, wait_for
+from tests.support.promise_servers import ECHO_UNARY, GrpcEcho
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -292,3 +294,31 @@ def test_a_first_call_during_a_server_outage_waits_for_the_server_and_then_succe
     server.start()
     caller.join(60)
     assert result == [(200, "ratings")]
+
+
+def test_grpc_and_named_ports_are_fetched_on_demand_too(rig: Rig) -> None:
+    """HTTP/2 (gRPC, by ``:authority``) and a service with named ports: each port's
+    virtual host and cluster is fetched on its first call, and succeeds."""
+    rpc = GrpcEcho("rpc")
+    try:
+        write_mesh(rig.mesh, {})
+        mesh = {"services": [
+            {"name": "api", "ports": [{"name": "http", "port": 80, "protocol": "http"},
+                                      {"name": "rpc", "port": 9090, "protocol": "grpc"}],
+             "endpoints": [{"address": "127.0.0.1",
+                            "ports": {"http": rig.backends["reviews"].port,
+                                      "rpc": rpc.port}}]},
+            {"name": "frontend", "port": 9080, "endpoints": []}]}
+        rig.mesh.write_text(yaml.safe_dump(mesh))
+        rig.server = ControlPlane(rig.mesh, rig.tmp).start()
+        envoy = Envoy(rig.tmp, "frontend-1", "frontend", rig.server.xds_port,
+                      extra=["--on-demand"]).start()
+        rig.envoys.append(envoy)
+        with grpc.insecure_channel(f"127.0.0.1:{envoy.egress_port}",
+                                   options=[("grpc.default_authority", "api:9090")]) as channel:
+            assert channel.unary_unary(ECHO_UNARY)(b"hi", timeout=10) == b"rpc:hi"
+        assert clusters(envoy) == {"outbound|9090||api.default.svc.cluster.local"}
+        assert envoy.request("api")[:2] == (200, "reviews")  # the first port, bare name
+        assert virtual_hosts(envoy) == {"egress/api.default:9090", "egress/api.default:80"}
+    finally:
+        rpc.stop()
