@@ -301,7 +301,6 @@ def test_grpc_and_named_ports_are_fetched_on_demand_too(rig: Rig) -> None:
     virtual host and cluster is fetched on its first call, and succeeds."""
     rpc = GrpcEcho("rpc")
     try:
-        write_mesh(rig.mesh, {})
         mesh = {"services": [
             {"name": "api", "ports": [{"name": "http", "port": 80, "protocol": "http"},
                                       {"name": "rpc", "port": 9090, "protocol": "grpc"}],
