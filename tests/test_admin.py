@@ -180,7 +180,8 @@ async def test_config_dump_of_a_stream(admin: Admin) -> None:
     assert body["group"] == admin.group
     assert body["version"] == admin.snapshot.version
     resources = body["resources"]
-    assert set(resources) == {"clusters", "endpoints", "listeners", "routes", "secrets"}
+    assert set(resources) == {"clusters", "endpoints", "listeners", "routes", "secrets",
+                              "virtual_hosts"}
     (cluster,) = resources["clusters"]
     assert cluster["name"] == "reviews.default"
     assert cluster["type"] == "EDS"
@@ -211,7 +212,7 @@ async def test_config_dump_without_any_snapshot(admin: Admin) -> None:
         "group": group,
         "version": None,
         "resources": {"clusters": [], "endpoints": [], "listeners": [], "routes": [],
-                      "secrets": []},
+                      "secrets": [], "virtual_hosts": []},
     }
 
 
@@ -253,7 +254,7 @@ async def test_config_dump_of_some_types(admin: Admin) -> None:
     body = await admin.get_json(f"/debug/config_dump?node={NODE_ID}&type=clusters,bogus",
                                 status=400)
     assert "unknown type bogus" in body["error"]
-    assert "clusters, endpoints, listeners, routes, secrets" in body["error"]
+    assert "clusters, endpoints, listeners, routes, secrets, virtual_hosts" in body["error"]
 
 
 async def test_identical_dumps_are_rendered_once(admin: Admin) -> None:

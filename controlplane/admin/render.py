@@ -31,6 +31,7 @@ DUMP_KEYS: dict[str, str] = {
     resource.LISTENER: "listeners",
     resource.ROUTE: "routes",
     resource.SECRET: "secrets",
+    resource.VIRTUAL_HOST: "virtual_hosts",  # on-demand sidecars: the hosts they may fetch
 }
 _BY_NAME: dict[str, str] = {
     **{key: key for key in DUMP_KEYS.values()},
