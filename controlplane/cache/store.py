@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 
 from controlplane import resource
 from controlplane.cache.layers import Layer
-from controlplane.cache.snapshot import Snapshot
+from controlplane.cache.snapshot import Resource, Snapshot
 
 log = structlog.get_logger("controlplane.store")
 INLINE = 64 * 1024  # a shared layer this big or bigger gets a file of its own
@@ -47,18 +47,31 @@ class _Rendered:
     layers, so at a thousand groups a change renders the few layers that changed and
     each group's own resources, not every group's thousands of resources again."""
 
-    def __init__(self, limit: int = 256) -> None:
+    def __init__(self, limit: int = 256, items: int = 50_000) -> None:
         self._layers: dict[tuple[str, str], str] = {}
-        self._limit = limit
+        self._items: dict[tuple[str, str, str], str] = {}  # by (type, name, version)
+        self._limit, self._item_limit = limit, items
 
     def layer(self, layer: Layer) -> str:
+        """A layer's resources, sorted by name; a new version of a layer renders only
+        the resources it changed (the others' text is kept by resource version)."""
         key = (layer.type_url, layer.version)
         found = self._layers.get(key)
         if found is None:
-            found = _items(layer.resources[n].message for n in sorted(layer.resources))
+            found = ",\n".join(self.item(layer.resources[n]) for n in sorted(layer.resources))
             if len(self._layers) >= self._limit:
                 self._layers.clear()
             self._layers[key] = found
+        return found
+
+    def item(self, res: Resource) -> str:
+        key = (res.type_url, res.name, res.version)
+        found = self._items.get(key)
+        if found is None:
+            found = _items([res.message])
+            if len(self._items) >= self._item_limit:
+                self._items.clear()
+            self._items[key] = found
         return found
 
     def snapshot(self, snapshot: Snapshot, refer: Callable[[Layer], str] | None = None) -> str:
