@@ -198,3 +198,16 @@ def test_the_plain_form_and_build_snapshot_still_work() -> None:
     assert again.get(resource.ENDPOINT).changed_since(built.get(resource.ENDPOINT)) == {"a"}
     plain = TypeSnapshot(resource.CLUSTER, "", {})
     assert plain.size == 0 and plain.wildcard is None and not plain.aliases
+
+
+def test_a_virtual_host_served_alone_points_at_its_clusters() -> None:
+    """VHDS: each virtual host is a resource; its clusters must be there too."""
+    [vhost] = routes("egress", "a").virtual_hosts
+    served = encode_resource(resource.VIRTUAL_HOST, "egress/a", vhost)
+    assert served.refs == {resource.CLUSTER: frozenset({"a"})}
+    missing = Snapshot.of({
+        resource.CLUSTER: _typed(resource.CLUSTER, [_cluster("b")], []),
+        resource.ENDPOINT: _typed(resource.ENDPOINT, [_cla("b", 1)], []),
+        resource.VIRTUAL_HOST: _typed(resource.VIRTUAL_HOST, [served], []),
+    })
+    assert missing.problems() == ["virtual host 'egress/a' points at missing cluster 'a'"]

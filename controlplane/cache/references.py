@@ -10,7 +10,7 @@ from collections.abc import Collection, Mapping
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -26,14 +26,21 @@ _TCP = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
 def route_clusters(config: route_pb2.RouteConfiguration) -> set[str]:
     names: set[str] = set()
     for vhost in config.virtual_hosts:
-        for route in vhost.routes:
-            if not route.HasField("route"):
-                continue
-            action = route.route
-            if action.cluster:
-                names.add(action.cluster)
-            names.update(w.name for w in action.weighted_clusters.clusters)
-            names.update(p.cluster for p in action.request_mirror_policies if p.cluster)
+        names |= vhost_clusters(vhost)
+    return names
+
+
+def vhost_clusters(vhost: route_components_pb2.VirtualHost) -> set[str]:
+    """The clusters a virtual host's routes send to (VHDS serves them on their own)."""
+    names: set[str] = set()
+    for route in vhost.routes:
+        if not route.HasField("route"):
+            continue
+        action = route.route
+        if action.cluster:
+            names.add(action.cluster)
+        names.update(w.name for w in action.weighted_clusters.clusters)
+        names.update(p.cluster for p in action.request_mirror_policies if p.cluster)
     return names
 
 
@@ -81,6 +88,8 @@ def references(type_url: str, message: Message) -> References:
         found = {resource.ROUTE: routes, resource.CLUSTER: clusters}
     elif isinstance(message, route_pb2.RouteConfiguration):
         found = {resource.CLUSTER: route_clusters(message)}
+    elif isinstance(message, route_components_pb2.VirtualHost):
+        found = {resource.CLUSTER: vhost_clusters(message)}
     elif isinstance(message, cluster_pb2.Cluster):
         wanted = eds_name(message)
         found = {resource.ENDPOINT: {wanted}} if wanted is not None else {}
@@ -90,6 +99,7 @@ def references(type_url: str, message: Message) -> References:
 _KINDS = {
     resource.LISTENER: "listener",
     resource.ROUTE: "route configuration",
+    resource.VIRTUAL_HOST: "virtual host",
     resource.CLUSTER: "cluster",
     resource.ENDPOINT: "endpoints",
     resource.SECRET: "secret",
