@@ -211,3 +211,33 @@ def test_a_virtual_host_served_alone_points_at_its_clusters() -> None:
         resource.VIRTUAL_HOST: _typed(resource.VIRTUAL_HOST, [served], []),
     })
     assert missing.problems() == ["virtual host 'egress/a' points at missing cluster 'a'"]
+
+
+def test_a_change_from_a_consistent_snapshot_is_checked_where_it_changed() -> None:
+    """After a consistent snapshot only references into or out of changed types are
+    looked at again: what a change breaks is still found, whichever end it is on."""
+    lds = encode_resource(resource.LISTENER, "egress", listener("egress", "egress"))
+    route = _typed(resource.ROUTE, [encode_resource(resource.ROUTE, "egress",
+                                                    routes("egress", "a", "b"))], [])
+    listeners = _typed(resource.LISTENER, [], [lds])
+    clusters = _typed(resource.CLUSTER, [_cluster("a"), _cluster("b")], [])
+    claims = _typed(resource.ENDPOINT, [_cla("a", 1), _cla("b", 2)], [])
+    good = Snapshot.of({resource.CLUSTER: clusters, resource.ENDPOINT: claims,
+                        resource.LISTENER: listeners, resource.ROUTE: route})
+    assert good.problems() == []
+    fewer_claims = Snapshot.of({resource.CLUSTER: clusters,
+                                resource.ENDPOINT: _typed(resource.ENDPOINT, [_cla("a", 1)], []),
+                                resource.LISTENER: listeners, resource.ROUTE: route},
+                               reuse=good)
+    assert fewer_claims.problems() == ["cluster 'b' points at missing endpoints 'b'"]
+    fewer_clusters = Snapshot.of({
+        resource.CLUSTER: _typed(resource.CLUSTER, [_cluster("a")], []),
+        resource.ENDPOINT: claims, resource.LISTENER: listeners, resource.ROUTE: route},
+        reuse=good)
+    assert fewer_clusters.problems() == [
+        "route configuration 'egress' points at missing cluster 'b'"]
+    no_route = Snapshot.of({resource.CLUSTER: clusters, resource.ENDPOINT: claims,
+                            resource.LISTENER: listeners,
+                            resource.ROUTE: _typed(resource.ROUTE, [], [])}, reuse=good)
+    assert no_route.problems() == [
+        "listener 'egress' points at missing route configuration 'egress'"]

@@ -231,6 +231,8 @@ class Snapshot:
     version: str = field(default="")
     encoded_bytes: int = 0  # bytes serialized to build it (pre-encoded resources excluded)
     _problems: list[list[str]] = field(default_factory=list, compare=False, repr=False)
+    # The group's previous snapshot, until problems() has used it (see there).
+    _base: list[Snapshot] = field(default_factory=list, compare=False, repr=False)
 
     @staticmethod
     def of(types: Mapping[str, TypeSnapshot], encoded_bytes: int = 0,
@@ -242,7 +244,11 @@ class Snapshot:
             return reuse
         joined = "/".join(t.version for t in types.values())
         overall = hashlib.sha256(joined.encode()).hexdigest()[:16]
-        return Snapshot(MappingProxyType(dict(types)), overall, encoded_bytes)
+        made = Snapshot(MappingProxyType(dict(types)), overall, encoded_bytes)
+        if reuse is not None:
+            reuse._base.clear()  # no chain of old snapshots
+            made._base.append(reuse)
+        return made
 
     def get(self, type_url: str) -> TypeSnapshot | None:
         return self.types.get(type_url)
@@ -255,25 +261,36 @@ class Snapshot:
         listener's routes, every route's clusters, every EDS cluster's endpoints exist.
         Computed once (the pipeline does it off the event loop) and kept. A shared
         layer's references are checked once per set of target layers, not per group;
-        a group's own resources are checked one by one."""
+        a group's own resources are checked one by one; and when the group's previous
+        snapshot was consistent, only the references into or out of the types that
+        changed since are looked at."""
         if self._problems:
             return list(self._problems[0])
-        found = self._problems_by_layer()
+        base = self._base.pop() if self._base else None
+        changed: set[str] | None = None
+        if (base is not None and base._problems and not base._problems[0]
+                and base.types.keys() == self.types.keys()):
+            changed = {t for t, typed in self.types.items() if base.types[t] is not typed}
+        found = self._problems_by_layer(changed)
         if found is None:
             found = self._problems_each()
         self._problems.append(found)
         return list(found)
 
-    def _problems_by_layer(self) -> list[str] | None:
+    def _problems_by_layer(self, changed: set[str] | None = None) -> list[str] | None:
         """[] when nothing is missing; None when a layer misses something (then every
         resource is looked at, to name it) or a type is in the plain form. Own layers'
         answers are remembered too (by the versions they were checked against), so a
-        change elsewhere costs a group a few lookups."""
-        for typed in self.types.values():
+        change elsewhere costs a group a few lookups. ``changed``: the types that differ
+        from a consistent previous snapshot (None: check every reference)."""
+        before = self.types.keys() - changed if changed is not None else set()
+        for type_url, typed in self.types.items():
             if not typed.parts and typed.resources:
                 return None
             for layer in typed.parts:
                 for target in layer.wants():
+                    if type_url in before and target in before:
+                        continue  # neither end changed: it was there before
                     have = self.types.get(target)
                     if have is None:
                         return None
