@@ -159,8 +159,8 @@ def _same(typed: TypeSnapshot, type_url: str, layers: tuple[Layer, ...], own: La
         return False
     if not typed.parts and typed.resources:  # the plain form: not made of layers
         return False
-    if any(a is not b and a.version != b.version
-           for a, b in zip(typed.layers, layers, strict=True)):
+    if typed.layers != layers and any(a.version != b.version  # (== is identity first)
+                                      for a, b in zip(typed.layers, layers, strict=True)):
         return False
     if (typed.own.version if typed.own else None) != (own.version if own else None):
         return False
