@@ -199,7 +199,10 @@ class SotwStream(StreamBase):
         res = typed.resources
         if state.wildcard:
             return list(res.values())
-        found = (res.get(name) for name in state.subscribed)
+        names = state.subscribed
+        if 2 * len(names) >= len(res):  # most of them (EDS): one pass, no lookup per name
+            return [r for r in res.values() if r.name in names]
+        found = (res.get(name) for name in names)
         return [r for r in found if r is not None]
 
     def _held_clusters(self, state: SotwTypeState, typed: TypeSnapshot,
