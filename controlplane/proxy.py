@@ -8,7 +8,7 @@ agree on everything but their id get the same config, so they share one snapshot
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -35,9 +35,11 @@ class ProxyIdentity:
     # service's routes and clusters the first time its app calls it (VHDS, on-demand CDS).
     on_demand: bool = False
 
-    @property
-    def group(self) -> str:
-        """The snapshot group key: readable, stable, and free of the node id."""
+    group: str = field(init=False, compare=False, repr=False)
+    """The snapshot group key: readable, stable, and free of the node id. Made once: the
+    server and the cache ask for it several times per stream per change."""
+
+    def __post_init__(self) -> None:
         key = f"{self.service}.{self.namespace}~egress={self.egress_port}"
         if self.zone:
             key += f"~zone={self.zone}"
@@ -45,7 +47,7 @@ class ProxyIdentity:
             key += f"~inbound={self.inbound_address}:{self.inbound_port}->{self.app_port}"
         if self.on_demand:
             key += "~on-demand"
-        return key
+        object.__setattr__(self, "group", key)
 
     @classmethod
     def from_node(cls, node: base_pb2.Node, delta: bool = False) -> ProxyIdentity:
