@@ -20,6 +20,7 @@ import grpc
 import pytest
 import yaml
 
+from tests.support.files import write_atomic
 from tests.support.procs import Backend, ControlPlane, Envoy, http_get, wait_for
 from tests.support.promise_servers import ECHO_UNARY, GrpcEcho
 
@@ -44,9 +45,7 @@ def write_mesh(path: Path, services: dict[str, Any], extra: dict[str, Any] | Non
         {"name": name, "port": 9080,
          "endpoints": [{"address": "127.0.0.1", "port": backend.port}]}
         for name, backend in services.items()], **(extra or {})}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(mesh))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(mesh))
 
 
 class Rig:
@@ -177,9 +176,7 @@ def test_it_fetches_only_what_it_may_see_and_splits_work_on_demand(rig: Rig) -> 
     mesh["sidecars"] = [{"name": "frontend", "namespace": "default",
                          "workloadSelector": {"service": "frontend"},
                          "egress": [{"hosts": ["./reviews"]}]}]
-    tmp = rig.mesh.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(mesh))
-    tmp.replace(rig.mesh)
+    write_atomic(rig.mesh, yaml.safe_dump(mesh))
     [envoy] = rig.envoys
 
     def both() -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.files import write_atomic
 from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -44,9 +45,7 @@ class Rig:
             if key == "internal.ops":
                 service["exportTo"] = ["."]
             services.append(service)
-        tmp = self.mesh.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump({"services": services, "sidecars": sidecars}))
-        tmp.replace(self.mesh)
+        write_atomic(self.mesh, yaml.safe_dump({"services": services, "sidecars": sidecars}))
 
     def envoy(self, key: str, delta: bool) -> Envoy:
         assert self.server is not None

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from tests.support.files import write_atomic
 from tests.support.procs import Backend, ControlPlane, Envoy, http_get, wait_for
 
 
@@ -27,13 +28,6 @@ def mesh_text(services: dict[str, list[Backend]], policy: dict[str, Any] | None 
          **({"policy": policy} if policy else {})}
         for name, backends in services.items()]}
     return yaml.safe_dump(mesh, sort_keys=False)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Save as careful editors do (a temporary file renamed over the old one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    tmp.replace(path)
 
 
 def big_mesh_text(backend: Backend, count: int) -> str:
