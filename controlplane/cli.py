@@ -1,4 +1,4 @@
-"""The ``controlplane`` command: serve, bootstrap, validate, lab."""
+"""The ``controlplane`` command: serve, bootstrap, validate, lab, capture, inject."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from controlplane import logs
 from controlplane.errors import ControlPlaneError, MeshError
+from controlplane.inject import capture_cmd
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--log-level", default="warning",
                      choices=["debug", "info", "warning", "error"])
     lab.set_defaults(run=_lab)
+
+    capture_cmd.add_parser(commands)
     return parser
 
 
