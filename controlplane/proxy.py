@@ -16,6 +16,7 @@ from envoy.config.core.v3 import base_pb2
 DEFAULT_NAMESPACE = "default"
 DEFAULT_EGRESS_PORT = 15001
 DEFAULT_INBOUND_ADDRESS = "0.0.0.0"
+CAPTURE_INBOUND_PORT = 15006  # where capture sends inbound connections (DESIGN.md §5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +35,18 @@ class ProxyIdentity:
     # node.metadata.on_demand: the sidecar starts with only its own config and fetches a
     # service's routes and clusters the first time its app calls it (VHDS, on-demand CDS).
     on_demand: bool = False
+    # node.metadata.capture: iptables send the pod's traffic to the sidecar (``controlplane
+    # capture``), so its listeners follow each connection's original destination.
+    capture: bool = False
 
     group: str = field(init=False, compare=False, repr=False)
     """The snapshot group key: readable, stable, and free of the node id. Made once: the
     server and the cache ask for it several times per stream per change."""
 
     def __post_init__(self) -> None:
+        if self.capture:  # no app port: the inbound listener follows the original destination
+            object.__setattr__(self, "inbound_port", self.inbound_port or CAPTURE_INBOUND_PORT)
+            object.__setattr__(self, "app_port", None)
         key = f"{self.service}.{self.namespace}~egress={self.egress_port}"
         if self.zone:
             key += f"~zone={self.zone}"
@@ -47,6 +54,11 @@ class ProxyIdentity:
             key += f"~inbound={self.inbound_address}:{self.inbound_port}->{self.app_port}"
         if self.on_demand:
             key += "~on-demand"
+        if self.capture:
+            key += "~capture"
+            if (self.inbound_address, self.inbound_port) != (DEFAULT_INBOUND_ADDRESS,
+                                                             CAPTURE_INBOUND_PORT):
+                key += f"~inbound={self.inbound_address}:{self.inbound_port}"
         object.__setattr__(self, "group", key)
 
     @classmethod
@@ -54,12 +66,15 @@ class ProxyIdentity:
         """Read identity from a Node; missing metadata falls back to the bootstrap defaults.
         On-demand discovery needs delta xDS, so ``on_demand`` is read only for a node that
         speaks it (``delta``): over state of the world, an on-demand sidecar is served
-        like any other, with its full config."""
+        like any other, with its full config. A captured sidecar (``capture: "true"``)
+        has no app port: its inbound listener (15006 unless given) forwards each
+        connection to where it was going."""
         fields = node.metadata.fields
         namespace = _text(fields.get("namespace")) or DEFAULT_NAMESPACE
+        capture = _flag(fields.get("capture"))
         inbound = _port(fields.get("inbound_port"))
         app = _port(fields.get("app_port"))
-        if inbound is None or app is None:
+        if not capture and (inbound is None or app is None):
             inbound = app = None
         return cls(
             node_id=node.id,
@@ -71,6 +86,7 @@ class ProxyIdentity:
             inbound_address=_text(fields.get("inbound_address")) or DEFAULT_INBOUND_ADDRESS,
             zone=node.locality.zone,
             on_demand=delta and _flag(fields.get("on_demand")),
+            capture=capture,
         )
 
 

@@ -28,9 +28,11 @@ from controlplane.mesh.loader import (
 )
 from controlplane.mesh.model import Mesh, Service, Sidecar
 
+_Frame = tuple[list[Sidecar], Any]  # the sidecars, the outbound traffic policy (raw)
+
 _SERVICES: Final = re.compile(r"services:[ \t]*(#.*)?\r?\n?")
 _ITEM: Final = re.compile(r"( *)-( |\r?\n|$)")
-_TOP: Final = frozenset({"services", "sidecars"})
+_TOP: Final = frozenset({"services", "sidecars", "outbound_traffic_policy"})
 
 
 def split_services(text: str) -> tuple[str, list[tuple[int, str]]] | None:
@@ -74,7 +76,7 @@ class MeshLoader:
 
     def __init__(self) -> None:
         self._known: dict[str, Service] = {}
-        self._rest: tuple[str, list[Sidecar]] | None = None
+        self._rest: tuple[str, _Frame] | None = None
         self.parsed = 0
         """How many items the last load had to parse (0 when all were known)."""
 
@@ -95,9 +97,10 @@ class MeshLoader:
         if split is None:
             return None
         rest, items = split
-        sidecars = self._sidecars(rest)
-        if sidecars is None:
+        frame = self._frame(rest)
+        if frame is None:
             return None
+        sidecars, policy = frame
         known: dict[str, Service] = {}
         services: list[Service] = []
         values, parsed = 0, 0
@@ -113,13 +116,15 @@ class MeshLoader:
                     return None
             known[item] = service
             services.append(service)
-        mesh = Mesh(services=services, sidecars=sidecars)
+        mesh = (Mesh(services=services, sidecars=sidecars) if policy is None else
+                Mesh(services=services, sidecars=sidecars, outbound_traffic_policy=policy))
         self._known, self.parsed = known, parsed
         return mesh
 
-    def _sidecars(self, rest: str) -> list[Sidecar] | None:
-        """The ``sidecars`` entries of the text around the services (validated again
-        only when that text changed), or None when it holds anything else."""
+    def _frame(self, rest: str) -> _Frame | None:
+        """The ``sidecars`` entries and the ``outbound_traffic_policy`` of the text around
+        the services (validated again only when that text changed), or None when it
+        holds anything else."""
         if self._rest is not None and self._rest[0] == rest:
             return self._rest[1]
         top = parse_mesh_yaml(rest)
@@ -129,8 +134,8 @@ class MeshLoader:
         if not isinstance(raw, list) or count_values(raw) > MAX_VALUES:
             return None
         sidecars = [Sidecar.model_validate(item) for item in raw]
-        self._rest = (rest, sidecars)
-        return sidecars
+        self._rest = (rest, (sidecars, top.get("outbound_traffic_policy")))
+        return self._rest[1]
 
 
 def _service(item: str) -> tuple[Service | None, int]:

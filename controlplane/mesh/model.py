@@ -11,6 +11,7 @@ every name, so ``controlplane.mesh.model`` stays the one import path.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails
@@ -66,6 +67,7 @@ __all__ = [
     "LoadBalancer",
     "MatchRoute",
     "Mesh",
+    "OutboundTrafficPolicy",
     "OutlierDetection",
     "PathMatch",
     "Percent",
@@ -92,6 +94,11 @@ __all__ = [
 
 _ROUTED = ("http", "grpc")
 
+OutboundTrafficPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
+"""What a captured sidecar does with a connection to a destination outside the mesh
+(Istio's names): pass it through to where it was going, or refuse it (HTTP gets a 502
+that says why, other TCP is closed)."""
+
 
 class Mesh(_Model):
     """The whole validated state that a source hands downstream."""
@@ -99,6 +106,8 @@ class Mesh(_Model):
     services: list[Service] = Field(default_factory=list)
     sidecars: list[Sidecar] = Field(default_factory=list, max_length=MAX_SIDECARS)
     """What sidecars may reach (``scope.py``); none: every service exported to them."""
+    outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY"
+    """Captured sidecars: where calls to destinations outside the mesh go."""
 
     # Derived indexes, built on first use. Each remembers the list it was built from,
     # so a model_copy with other services builds its own rather than trust a stale one.
@@ -119,7 +128,8 @@ class Mesh(_Model):
         """Equal content, whichever indexes either has built."""
         if not isinstance(other, Mesh):
             return NotImplemented
-        return self.services == other.services and self.sidecars == other.sidecars
+        return (self.services == other.services and self.sidecars == other.sidecars
+                and self.outbound_traffic_policy == other.outbound_traffic_policy)
 
     __hash__ = None  # type: ignore[assignment]  # a list inside: never hashable
 
@@ -147,8 +157,9 @@ class Mesh(_Model):
 def reference_problems(
     services: Iterable[tuple[int, Service]], unparsed: frozenset[str] = frozenset()
 ) -> list[InitErrorDetails]:
-    """Problems between services: a name repeated, a split, match or fallback to a
-    service that is not there (or does not speak HTTP on that port). ``services`` are
+    """Problems between services: a name repeated, a cluster IP two services claim, a
+    split, match or fallback to a service that is not there (or does not speak HTTP on
+    that port). ``services`` are
     (index in the file, service); ``unparsed`` holds the keys (``name.namespace``) of
     services that failed their own validation: a reference to one of those is not
     reported again, so ``controlplane validate`` lists both kinds of problem at once."""
@@ -166,8 +177,27 @@ def reference_problems(
             continue
         seen[service.key] = index
         by_key[service.key] = service
+    problems += _cluster_ip_problems(indexed, seen)
     for index, service in indexed:
         problems += _check_targets(index, service, by_key, unparsed)
+    return problems
+
+
+def _cluster_ip_problems(indexed: list[tuple[int, Service]],
+                         first: Mapping[str, int]) -> list[InitErrorDetails]:
+    """A cluster IP says which service a captured connection is for: one service each."""
+    owners: dict[str, tuple[int, Service]] = {}
+    problems: list[InitErrorDetails] = []
+    for index, service in indexed:
+        if first.get(service.key) != index:  # a repeated service: reported already
+            continue
+        for at, ip in enumerate(service.cluster_ips or ()):
+            owner = owners.setdefault(ip, (index, service))
+            if owner[0] != index:
+                problems.append(problem(
+                    ("services", index, "cluster_ips", at), ip,
+                    f"{ip} is also the cluster IP of {owner[1].key} (services[{owner[0]}]); "
+                    "a cluster IP belongs to one service, give each its own"))
     return problems
 
 

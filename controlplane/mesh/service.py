@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Final
 
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from controlplane.mesh.base import _Model
 from controlplane.mesh.endpoints import Endpoint, Protocol, ServicePort
-from controlplane.mesh.limits import Port, dns_label, hostname
+from controlplane.mesh.limits import Port, dns_label, hostname, ip_address
 from controlplane.mesh.policy import Policy
 
 MAX_ENDPOINTS = 100_000
 MAX_EXPORTS = 1000
+MAX_CLUSTER_IPS = 16  # Kubernetes gives at most 2 (dual stack); a mesh file a few VIPs
 ANY: Final = "*"  # exportTo and host patterns: every namespace (or name)
 OWN: Final = "."  # exportTo: the service's namespace; host patterns: the sidecar's
 
@@ -49,6 +51,22 @@ def export_namespace(value: str) -> str:
 ExportNamespace = Annotated[str, AfterValidator(export_namespace)]
 
 
+def cluster_ip(value: str) -> str:
+    """A virtual IP a sidecar can catch: an IP address that is neither loopback (never
+    captured: calls to it stay on the host), nor unspecified, nor multicast."""
+    ip_address(value)
+    parsed = ipaddress.ip_address(value)
+    if parsed.is_loopback or parsed.is_unspecified or parsed.is_multicast:
+        raise ValueError(
+            f"cluster IP {value!r} is a loopback, unspecified or multicast address, which "
+            "capture never sees; give the service's virtual IP, such as 10.96.0.10"
+        )
+    return str(parsed) if parsed.version == 6 else value
+
+
+ClusterIP = Annotated[str, AfterValidator(cluster_ip)]
+
+
 class Service(_Model):
     """A service, in one of two forms: ``port`` + ``protocol`` (one port), or ``ports``
     (named ports, as a Kubernetes Service with several). With ``external_name`` it is a
@@ -73,6 +91,11 @@ class Service(_Model):
     )
     """Where the service is visible (Istio's ``exportTo``): ``*`` every namespace (the
     default), ``.`` its own, or namespace names. Sidecars elsewhere do not get it."""
+    cluster_ips: list[ClusterIP] | None = Field(default=None, min_length=1,
+                                                max_length=MAX_CLUSTER_IPS)
+    """The service's virtual IPs (Kubernetes ``spec.clusterIPs``): a captured sidecar
+    sends a connection to one of them, on a service port, to this service. None: no
+    virtual IP (headless: callers reach the endpoints' addresses directly)."""
 
     @field_validator("name")
     @classmethod
@@ -88,6 +111,18 @@ class Service(_Model):
     @classmethod
     def _export_to(cls, value: list[str] | None) -> list[str] | None:
         return export_to(value)
+
+    @field_validator("cluster_ips")
+    @classmethod
+    def _cluster_ips(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            seen: dict[str, int] = {}
+            for index, ip in enumerate(value):
+                if ip in seen:
+                    raise ValueError(f"{ip} is listed twice (items {seen[ip]} and {index}); "
+                                     "list it once")
+                seen[ip] = index
+        return value
 
     @field_validator("external_name")
     @classmethod
@@ -113,6 +148,11 @@ class Service(_Model):
             if self.single_protocol is not None:
                 raise ValueError("protocol: with ports, each port names its own protocol")
             _unique_ports(self.ports)
+        if self.external_name is not None and self.cluster_ips is not None:
+            raise ValueError(
+                "cluster_ips: a service with external_name has none (Kubernetes gives an "
+                "ExternalName Service no cluster IP); remove one of the two"
+            )
         if self.external_name is not None and self.endpoints:
             raise ValueError(
                 "endpoints: a service with external_name has none; its DNS name is the backend"
@@ -150,6 +190,12 @@ class Service(_Model):
     def key(self) -> str:
         """``name.namespace``: how the mesh and the translator refer to a service."""
         return f"{self.name}.{self.namespace}"
+
+    @property
+    def headless(self) -> bool:
+        """No virtual IP but endpoints with IP addresses: callers connect to those."""
+        return (self.cluster_ips is None and self.external_name is None
+                and not self.resolves_dns and bool(self.endpoints))
 
     @property
     def named_ports(self) -> bool:
