@@ -84,6 +84,10 @@ class BootstrapOptions:
     """A listener on 0.0.0.0 serving the admin's ``/stats/prometheus`` (and nothing else)."""
     health_port: int | None = None
     """A listener on 0.0.0.0 answering ``/healthz/ready`` from the admin's ``/ready``."""
+    service_account: str | None = None
+    """The pod's ServiceAccount (``node.metadata.service_account``), for identity."""
+    instance_ip: str | None = None
+    """The pod's IP (``node.metadata.instance_ip``); injection passes ``$(INSTANCE_IP)``."""
 
     @property
     def uses_delta(self) -> bool:
@@ -179,6 +183,10 @@ def command_line(options: BootstrapOptions) -> str:
         parts.append(f"--zone {options.zone}")
     if options.on_demand:
         parts.append("--on-demand")
+    if options.service_account:
+        parts.append(f"--service-account {options.service_account}")
+    if options.instance_ip:
+        parts.append(f"--instance-ip {options.instance_ip}")
     if options.capture:
         parts.append("--capture")
     return " ".join(parts)
@@ -259,6 +267,10 @@ def _metadata(options: BootstrapOptions) -> dict[str, Any]:
         metadata["inbound_port"] = options.inbound_port
     if options.on_demand:
         metadata["on_demand"] = True
+    if options.service_account:
+        metadata["service_account"] = options.service_account
+    if options.instance_ip:
+        metadata["instance_ip"] = options.instance_ip
     return metadata
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from controlplane import logs
 from controlplane.errors import ControlPlaneError, MeshError
-from controlplane.inject import capture_cmd
+from controlplane.inject import capture_cmd, inject_cmd
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -93,6 +93,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
             app_port=args.app_port,
             inbound_address=args.inbound_address, delta=args.delta, zone=args.zone,
             on_demand=args.on_demand, capture=capture,
+            service_account=args.service_account, instance_ip=args.instance_ip,
             stats_port=pick(args.stats_port, boot.CAPTURE_STATS_PORT, None),
             health_port=pick(args.health_port, boot.CAPTURE_HEALTH_PORT, None)))
     except ValueError as exc:
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--health-port", type=int,
                       help="answer /healthz/ready (the admin's /ready) on this port "
                       "(default 15021 with --capture, else none)")
+    boot.add_argument("--service-account", help="the pod's ServiceAccount (node metadata)")
+    boot.add_argument("--instance-ip", help="the pod's IP (node metadata)")
     boot.add_argument("-o", "--output", help="write to this file instead of stdout")
     boot.set_defaults(run=_bootstrap)
 
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.set_defaults(run=_lab)
 
     capture_cmd.add_parser(commands)
+    inject_cmd.add_parser(commands)
     return parser
 
 
