@@ -80,7 +80,8 @@ def test_golden_outputs_hold_the_sidecar_where_expected() -> None:
             return [(name, doc["spec"]["template"])]
         return []
 
-    injected, left = [], []
+    injected: list[str] = []
+    left: list[str] = []
     for case in CASES:
         for doc in yaml.safe_load_all((DATA / f"{case}.out.yaml").read_text()):
             for name, pod in templates(doc):
