@@ -1,17 +1,147 @@
-"""``controlplane capture``: install (or ``--clean``) the pod's traffic capture rules."""
+"""``controlplane capture``: install (or ``--clean``) the pod's traffic capture rules.
+
+What an injected pod's init container runs, with the pod's annotations as flags; also
+usable by hand in any network namespace (``ip netns exec NS controlplane capture``).
+Flags become a ``CaptureConfig`` (names resolved here, the one place with I/O besides
+iptables itself), ``capture.plan`` makes the rules, ``iptables.install`` applies them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import socket
 import sys
 from typing import Any
 
+from controlplane import logs
+from controlplane.inject import iptables
+from controlplane.inject.capture import (
+    CaptureConfig,
+    CaptureError,
+    parse_list,
+    parse_ports,
+    plan,
+    render,
+    split_address,
+)
+
+_log = logs.get_logger("controlplane.capture")
+
 
 def add_parser(commands: Any) -> None:
-    capture = commands.add_parser("capture", help="install the pod's traffic capture rules")
+    capture = commands.add_parser(
+        "capture", help="install the pod's traffic capture rules (iptables)",
+        description="Redirect the pod's TCP to its sidecar with iptables (nat table, chains "
+        "CONTROLPLANE_*): outbound to --outbound-port, inbound to --inbound-port; the "
+        "proxy's own traffic (--proxy-uid), loopback and the exclusions are left alone. "
+        "Safe to re-run; --clean removes exactly what it added. Needs NET_ADMIN.")
+    capture.add_argument("--proxy-uid", type=int, default=1337,
+                         help="the sidecar's UID, whose traffic is not captured (default 1337)")
+    capture.add_argument("--proxy-gid", type=int,
+                         help="the sidecar's GID, likewise (default: the same as --proxy-uid)")
+    capture.add_argument("--outbound-port", type=int, default=15001,
+                         help="where outbound TCP goes (default 15001)")
+    capture.add_argument("--inbound-port", type=int, default=15006,
+                         help="where inbound TCP goes (default 15006)")
+    capture.add_argument("--include-inbound-ports", default="*", metavar="PORTS",
+                         help="inbound ports captured: * (default) every port, a comma list, "
+                         "or '' for none")
+    capture.add_argument("--exclude-inbound-ports", default="", metavar="PORTS",
+                         help="inbound ports left alone (comma list); 15000, 15001, 15006, "
+                         "15021 and 15090 always are")
+    capture.add_argument("--exclude-outbound-ports", default="", metavar="PORTS",
+                         help="destination ports left alone (comma list)")
+    capture.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDRS",
+                         help="destination networks left alone (comma list)")
+    capture.add_argument("--include-outbound-cidrs", default="*", metavar="CIDRS",
+                         help="destinations captured: * (default) all, a comma list of "
+                         "CIDRs, or '' for none")
+    capture.add_argument("--exclude-address", action="append", default=[],
+                         metavar="HOST:PORT", help="a destination left alone, e.g. the "
+                         "control plane's xDS address (repeatable; names are resolved now)")
+    capture.add_argument("--ipv6", action="store_true", help="program ip6tables too")
+    capture.add_argument("--clean", action="store_true",
+                         help="remove the rules and chains capture added, and nothing else")
+    capture.add_argument("--dry-run", action="store_true",
+                         help="print the rules it would install; change nothing")
+    capture.add_argument("--log-level", default="info",
+                         choices=["debug", "info", "warning", "error"])
+    capture.add_argument("--log-format", default="json", choices=["json", "console"])
     capture.set_defaults(run=_run)
 
 
+def resolve_addresses(addresses: list[str]) -> tuple[str, ...]:
+    """``HOST:PORT`` -> ``IP:PORT`` for every address of HOST. A name that does not
+    resolve is skipped with a warning, not an error: the sidecar's own xDS stream is
+    left alone by its UID anyway, and an init container that fails on a DNS hiccup
+    would keep the whole pod from starting."""
+    resolved: list[str] = []
+    for text in addresses:
+        try:
+            host, port = split_address(text)
+        except ValueError as exc:
+            raise CaptureError([f"--exclude-address: {exc}; give HOST:PORT, e.g. "
+                                "controlplane.controlplane.svc:18000"]) from exc
+        try:
+            ips = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                _log.warning("capture.exclude_address_unresolved", address=text,
+                             error=str(exc), hint="the sidecar's UID still keeps its own "
+                             "xDS stream out of capture; other processes' calls to it are "
+                             "captured")
+                continue
+            ips = sorted({str(info[4][0]) for info in infos})
+        for ip in ips:
+            entry = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            if entry not in resolved:
+                resolved.append(entry)
+    return tuple(resolved)
+
+
+def config_from_args(args: argparse.Namespace) -> CaptureConfig:
+    return CaptureConfig(
+        proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid,
+        outbound_port=args.outbound_port, inbound_port=args.inbound_port,
+        include_inbound_ports=args.include_inbound_ports,
+        exclude_inbound_ports=parse_ports(args.exclude_inbound_ports,
+                                          "--exclude-inbound-ports"),
+        exclude_outbound_ports=parse_ports(args.exclude_outbound_ports,
+                                           "--exclude-outbound-ports"),
+        exclude_outbound_cidrs=parse_list(args.exclude_outbound_cidrs),
+        include_outbound_cidrs=args.include_outbound_cidrs,
+        exclude_addresses=resolve_addresses(args.exclude_address),
+        ipv6=args.ipv6)
+
+
 def _run(args: argparse.Namespace) -> int:
-    print("controlplane capture: not built yet", file=sys.stderr)
-    return 2
+    logs.configure(args.log_level, args.log_format)
+    try:
+        if args.clean:
+            for outcome in iptables.clean(ipv6=args.ipv6):
+                _log.info("capture.cleaned", iptables=outcome.binary,
+                          removed=outcome.script is not None)
+            return 0
+        config = config_from_args(args)
+        if args.dry_run:
+            families = [4, 6] if config.ipv6 else [4]
+            sys.stdout.write("".join(render(plan(config, f), f) for f in families))
+            return 0
+        for outcome in iptables.install(config):
+            _log.info("capture.installed", iptables=outcome.binary, rules=outcome.rules,
+                      outbound_port=config.outbound_port, inbound_port=config.inbound_port,
+                      proxy_uid=config.proxy_uid,
+                      include_inbound_ports=config.include_inbound_ports,
+                      exclude_inbound_ports=list(config.exclude_inbound_ports),
+                      exclude_outbound_ports=list(config.exclude_outbound_ports),
+                      exclude_outbound_cidrs=list(config.exclude_outbound_cidrs),
+                      include_outbound_cidrs=config.include_outbound_cidrs,
+                      exclude_addresses=list(config.exclude_addresses))
+    except CaptureError as exc:
+        for problem in exc.problems:
+            print(f"controlplane capture: {problem}", file=sys.stderr)
+        return 1
+    return 0
