@@ -1,4 +1,5 @@
-"""A TCP server for capture tests: ``tcp_echo.py ADDRESS PORT [NAME]``.
+"""A TCP server for capture tests: ``tcp_echo.py ADDRESS PORT [NAME]``; and its client,
+``tcp_echo.py connect HOST PORT [--bind SOURCE] [--send TEXT]``.
 
 Without NAME, a plain echo: every byte received is sent back. With NAME, each connection
 first gets one line ``NAME <original destination> <local address>\\n`` and then the echo.
@@ -6,6 +7,10 @@ The original destination is the address the client dialled before an iptables RE
 (``SO_ORIGINAL_DST``), or ``-`` when the connection was not redirected: a listener on
 15001 or 15006 in a captured pod reports where the app's traffic was really going.
 Run inside a test pod (tests/support/pods.py).
+
+The client connects (from SOURCE when given), sends TEXT when given, and prints the
+first line it gets back (exit 1 with the error when it cannot connect or nothing comes
+back within 5 s).
 """
 
 import socket
@@ -34,7 +39,30 @@ def serve(conn: socket.socket, name: str | None) -> None:
             conn.sendall(data)
 
 
+def connect(argv: list[str]) -> int:
+    host, port = argv[0], int(argv[1])
+    options = dict(zip(argv[2::2], argv[3::2], strict=True))
+    source = (options["--bind"], 0) if "--bind" in options else None
+    try:
+        with socket.create_connection((host, port), timeout=5, source_address=source) as conn:
+            if "--send" in options:
+                conn.sendall(options["--send"].encode() + b"\n")
+            received = b""
+            while not received.endswith(b"\n") and (chunk := conn.recv(4096)):
+                received += chunk
+    except OSError as exc:
+        print(f"connect {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    if not received:
+        print(f"connect {host}:{port}: closed with no reply", file=sys.stderr)
+        return 1
+    print(received.decode().strip())
+    return 0
+
+
 def main() -> None:
+    if sys.argv[1] == "connect":
+        sys.exit(connect(sys.argv[2:]))
     address, port = sys.argv[1], int(sys.argv[2])
     name = sys.argv[3] if len(sys.argv) > 3 else None
     listener = socket.create_server((address, port), backlog=128, reuse_port=False)
