@@ -47,6 +47,9 @@ class ProxyIdentity:
         if self.capture:  # no app port: the inbound listener follows the original destination
             object.__setattr__(self, "inbound_port", self.inbound_port or CAPTURE_INBOUND_PORT)
             object.__setattr__(self, "app_port", None)
+            # Captured calls carry no Host to fetch by before they are routed: a captured
+            # sidecar gets its full (or scoped) config.
+            object.__setattr__(self, "on_demand", False)
         key = f"{self.service}.{self.namespace}~egress={self.egress_port}"
         if self.zone:
             key += f"~zone={self.zone}"

@@ -155,6 +155,7 @@ def test_the_required_cases_exist() -> None:
         "edge",
         "dns_endpoints",
         "scoped", "exported",
+        "capture", "capture_registry_only",
     }
     assert required <= set(CASES)
 

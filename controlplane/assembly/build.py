@@ -4,6 +4,7 @@ A group's snapshot is a few shared layers plus its own resources:
 - clusters of every service it sees, one layer per visible set;
 - their load assignments, one layer per (visible set, zone);
 - the egress route table, one per (namespace, visible set);
+- a captured sidecar's egress listener, one per (visible set, egress port) (``capture``);
 - its own listeners and inbound cluster (per group, kept while its service is unchanged).
 The visible set comes from the scoping rules (``visible_services``), once per (service,
 namespace, on_demand) and mesh; groups with equal sets share every layer.
@@ -21,13 +22,13 @@ is listed in ``rejected`` with the error. The rest of the mesh is built as usual
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 from google.protobuf.message import Message
 
 from controlplane import resource
+from controlplane.assembly.capture import CaptureLayers
 from controlplane.assembly.services import EncodedService, encode_services
 from controlplane.cache.layers import Layer
 from controlplane.cache.snapshot import (
@@ -72,6 +73,8 @@ class MeshBuild:
                                  if before.get(k) is not self._services.get(k))
         # Those whose route-table part did; None: anything may have (the frame changed).
         self.rerouted: frozenset[str] | None = frozenset(rerouted) if same_frame else None
+        # Those whose captured listener chains did (ports, cluster IPs, headless addresses).
+        self.relistened = frozenset(encoded.relistened) if same_frame else None
         self._namespaces = frozenset(s.namespace for s in self.mesh.services)
         carry = previous is not None and same_frame and not rerouted
         self._visible: dict[tuple[str, str, bool], Visible] = (
@@ -83,6 +86,8 @@ class MeshBuild:
         self._routes: dict[tuple[str, Visible], Layer] = {}
         self._shared: dict[tuple[str, str, Visible, Make], tuple[Layer, Mapping[str, str]]] = {}
         self._own: dict[str, tuple[EncodedService | None, dict[str, Layer]]] = {}
+        self._capture: CaptureLayers = CaptureLayers(
+            previous._capture if previous is not None else None)
         self._typed: dict[tuple[str, ...], TypeSnapshot] = {}
         # The previous build's layers, to derive ours from, until ``settle``.
         self._before = before
@@ -229,11 +234,9 @@ class MeshBuild:
 
     def snapshot(self, proxy: ProxyIdentity, reuse: Snapshot | None = None) -> Snapshot:
         """The group's snapshot; ``reuse`` itself when nothing of the group changed."""
-        if getattr(proxy, "on_demand", False):
-            ondemand = _ondemand()
-            if ondemand is not None:
-                made: Snapshot = ondemand.ondemand_snapshot(self, proxy, reuse)
-                return made
+        if proxy.on_demand:
+            from controlplane.assembly.ondemand import ondemand_snapshot  # imports this one
+            return ondemand_snapshot(self, proxy, reuse)
         return self.assemble(proxy, self.visible(proxy), reuse)
 
     def probe(self) -> Snapshot:
@@ -248,6 +251,8 @@ class MeshBuild:
             resource.ENDPOINT: (self.endpoint_layer(visible, proxy.zone),),
             resource.ROUTE: (self.route_layer(proxy.namespace, visible),),
         }
+        if proxy.capture:
+            shared[resource.LISTENER] = (self._capture.layer(self, visible, proxy.egress_port),)
         old = reuse.types if reuse is not None else {}
         types: dict[str, TypeSnapshot] = {}
         for type_url in STANDARD:
@@ -280,6 +285,7 @@ class MeshBuild:
         every known group has been assembled."""
         self._old = None
         self._before = {}
+        self._capture.settle()
 
     def forget(self, proxies: Iterable[ProxyIdentity]) -> None:
         """Drop layers, route tables and zone variants no group uses any more: proxies
@@ -303,6 +309,7 @@ class MeshBuild:
         self._routes = {k: v for k, v in list(self._routes.items()) if k in routes}
         self._shared = {k: v for k, v in list(self._shared.items()) if k[1:3] in routes}
         self._own = {k: v for k, v in list(self._own.items()) if k in groups}
+        self._capture.keep({(views[p], p.egress_port) for p in members if p.capture})
         self._typed = {}
         self._interned = {v: v for v in visible if v is not None}
         used = {p.zone for p in members if p.zone}
@@ -380,19 +387,3 @@ def _assignments(encoded: EncodedService) -> Iterable[Resource]:
 def _frame(mesh: Mesh) -> dict[str, Any]:
     """Everything in the mesh but its services (the scoping rules, say)."""
     return {name: getattr(mesh, name) for name in type(mesh).model_fields if name != "services"}
-
-
-def _ondemand() -> Any:
-    """The on-demand assembly, once its module exists (looked for again until then)."""
-    global _ONDEMAND
-    if _ONDEMAND is None:
-        try:
-            _ONDEMAND = importlib.import_module("controlplane.assembly.ondemand")
-        except ModuleNotFoundError:
-            return None
-    return _ONDEMAND
-
-
-_ONDEMAND: Any = None
-
-

@@ -17,6 +17,7 @@ from controlplane import resource
 from controlplane.cache.snapshot import Resource, encode_resource
 from controlplane.mesh.model import Mesh, Service
 from controlplane.translator import resource_name, service_resources
+from controlplane.translator.capture import headless_targets
 from controlplane.translator.locality import prefer_zone
 
 
@@ -26,6 +27,7 @@ class EncodedService:
     clusters: tuple[Resource, ...]  # one per service port
     load_assignments: tuple[Resource, ...]  # one per EDS cluster
     routing: dict[str, Any]  # what the route tables see of it: all but its endpoints
+    listening: Any = ()  # what captured listeners see of its endpoints (headless addresses)
     zoned: dict[str, tuple[Resource, ...]] = field(default_factory=dict)  # by proxy zone
 
     @property
@@ -50,6 +52,7 @@ class Encoded:
     services: dict[str, EncodedService] = field(default_factory=dict)
     served: list[Service] = field(default_factory=list)  # rejected ones at last good
     rerouted: set[str] = field(default_factory=set)  # routing changed, added or removed
+    relistened: set[str] = field(default_factory=set)  # so did its captured chains
     encoded_bytes: int = 0
 
 
@@ -79,11 +82,15 @@ def encode_services(mesh: Mesh, before: Mapping[str, EncodedService],
             continue
         if old is None or old.routing != encoded.routing:
             done.rerouted.add(key)
+            done.relistened.add(key)
+        elif old.listening != encoded.listening:
+            done.relistened.add(key)
         # all serialized, even those that come out equal to the old ones
         done.encoded_bytes += encoded.size
         done.services[key] = encoded
         done.served.append(service)
     done.rerouted.update(k for k in before if k not in done.services)
+    done.relistened.update(k for k in before if k not in done.services)
     return done
 
 
@@ -98,7 +105,8 @@ def encode_service(service: Service, old: EncodedService | None) -> EncodedServi
     clusters = _encode(resource.CLUSTER, made.clusters, old.clusters if old else ())
     assignments = _encode(resource.ENDPOINT, made.load_assignments,
                           old.load_assignments if old else ())
-    return EncodedService(service, clusters, assignments, routing(service))
+    return EncodedService(service, clusters, assignments, routing(service),
+                          headless_targets(service))
 
 
 def routing(service: Service) -> dict[str, Any]:

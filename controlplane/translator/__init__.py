@@ -5,6 +5,7 @@ from controlplane.translator.routes import egress_route
 from controlplane.translator.translate import (
     Resources,
     ServiceResources,
+    captured_egress,
     proxy_resources,
     resource_name,
     service_resources,
@@ -14,6 +15,7 @@ from controlplane.translator.translate import (
 __all__ = [
     "Resources",
     "ServiceResources",
+    "captured_egress",
     "egress_route",
     "proxy_resources",
     "resource_name",

@@ -67,7 +67,7 @@ def outbound_cluster(
             _Cluster.EdsClusterConfig(eds_config=ads(), service_name=name)
         )
     if port.protocol == "grpc":
-        _use_http2(cluster)
+        use_http2(cluster)
     for feature in FEATURES:
         feature.cluster(service, port, cluster)
     return cluster
@@ -86,7 +86,7 @@ def inbound_cluster(proxy: ProxyIdentity, own: Service | None) -> cluster_pb2.Cl
         load_assignment=static_assignment(name, LOCALHOST, proxy.app_port),
     )
     if inbound_protocol(own, proxy.inbound_port) == "grpc":
-        _use_http2(cluster)
+        use_http2(cluster)
     return cluster
 
 
@@ -102,7 +102,7 @@ def inbound_protocol(own: Service | None, inbound_port: int) -> Protocol:
     return own.protocol
 
 
-def _use_http2(cluster: cluster_pb2.Cluster) -> None:
+def use_http2(cluster: cluster_pb2.Cluster) -> None:
     """gRPC needs HTTP/2 upstream; plain HTTP keeps Envoy's HTTP/1.1 default."""
     options = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(

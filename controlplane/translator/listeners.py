@@ -31,7 +31,7 @@ _HCM = http_connection_manager_pb2.HttpConnectionManager
 # Envoy sets SO_REUSEPORT by default: a second sidecar given a port another one holds
 # would bind it too and silently take half its connections. Off, it fails to bind, and
 # says so.
-_NO_REUSE_PORT = wrappers_pb2.BoolValue(value=False)
+NO_REUSE_PORT = wrappers_pb2.BoolValue(value=False)
 
 
 def egress_listener(proxy: ProxyIdentity) -> listener_pb2.Listener:
@@ -39,24 +39,41 @@ def egress_listener(proxy: ProxyIdentity) -> listener_pb2.Listener:
     by RDS, so a new service changes the route table, not the listener (which Envoy
     would drain and rebuild). An on-demand sidecar's has the on-demand filter just
     before the router: it fetches the virtual host and cluster a call needs."""
+    return listener_pb2.Listener(
+        name=names.EGRESS_LISTENER,
+        address=socket_address(EGRESS_ADDRESS, proxy.egress_port),
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+        filter_chains=[chain(HTTP_CONNECTION_MANAGER, egress_manager(proxy.on_demand))],
+        enable_reuse_port=NO_REUSE_PORT,
+    )
+
+
+def egress_manager(on_demand: bool = False) -> http_connection_manager_pb2.HttpConnectionManager:
+    """The egress HTTP connection manager: the governance features' filters, then the
+    router, over the ``egress`` route table (RDS). A captured sidecar's HTTP chains use
+    the same one."""
     features = [f for feature in FEATURES for f in feature.http_filters()]
-    if proxy.on_demand:
+    if on_demand:
         features.append(on_demand_filter())
-    manager = _HCM(
+    return _HCM(
         stat_prefix="egress",
         codec_type=_HCM.CodecType.AUTO,
         rds=http_connection_manager_pb2.Rds(
             config_source=ads(), route_config_name=names.EGRESS_ROUTE
         ),
-        http_filters=[*features, _router()],
+        http_filters=[*features, router()],
         use_remote_address=wrappers_pb2.BoolValue(value=False),
     )
-    return listener_pb2.Listener(
-        name=names.EGRESS_LISTENER,
-        address=socket_address(EGRESS_ADDRESS, proxy.egress_port),
-        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
-        filter_chains=[_chain(HTTP_CONNECTION_MANAGER, manager)],
-        enable_reuse_port=_NO_REUSE_PORT,
+
+
+def inbound_manager(cluster_name: str) -> http_connection_manager_pb2.HttpConnectionManager:
+    """In front of the app: everything to ``cluster_name`` (the inbound route)."""
+    return _HCM(
+        stat_prefix="inbound",
+        codec_type=_HCM.CodecType.AUTO,
+        route_config=inbound_route(cluster_name),
+        http_filters=[router()],
+        use_remote_address=wrappers_pb2.BoolValue(value=False),
     )
 
 
@@ -68,34 +85,27 @@ def inbound_listener(
     if proxy.inbound_port is None or proxy.app_port is None:
         return None
     if inbound_protocol(own, proxy.inbound_port) == "tcp":
-        chain = _chain(
+        only = chain(
             TCP_PROXY, tcp_proxy_pb2.TcpProxy(stat_prefix="inbound", cluster=cluster_name)
         )
     else:
-        manager = _HCM(
-            stat_prefix="inbound",
-            codec_type=_HCM.CodecType.AUTO,
-            route_config=inbound_route(cluster_name),
-            http_filters=[_router()],
-            use_remote_address=wrappers_pb2.BoolValue(value=False),
-        )
-        chain = _chain(HTTP_CONNECTION_MANAGER, manager)
+        only = chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster_name))
     return listener_pb2.Listener(
         name=names.INBOUND_LISTENER,
         address=socket_address(proxy.inbound_address, proxy.inbound_port),
         traffic_direction=base_pb2.TrafficDirection.INBOUND,
-        filter_chains=[chain],
-        enable_reuse_port=_NO_REUSE_PORT,
+        filter_chains=[only],
+        enable_reuse_port=NO_REUSE_PORT,
     )
 
 
-def _router() -> http_connection_manager_pb2.HttpFilter:
+def router() -> http_connection_manager_pb2.HttpFilter:
     return http_connection_manager_pb2.HttpFilter(
         name=ROUTER, typed_config=pack(router_pb2.Router())
     )
 
 
-def _chain(
+def chain(
     name: str, config: http_connection_manager_pb2.HttpConnectionManager | tcp_proxy_pb2.TcpProxy
 ) -> listener_components_pb2.FilterChain:
     return listener_components_pb2.FilterChain(

@@ -9,6 +9,9 @@ EGRESS_LISTENER = "egress"
 EGRESS_ROUTE = "egress"
 INBOUND_LISTENER = "inbound"
 INBOUND_ROUTE = "inbound"
+PASSTHROUGH_CLUSTER = "passthrough"  # a captured connection's original destination
+BLACKHOLE_CLUSTER = "blackhole"  # no hosts: a connection sent here is closed
+INBOUND_PASSTHROUGH_CLUSTER = "inbound-passthrough"  # inbound, to a port no service names
 CLUSTER_DOMAIN = "cluster.local"
 
 
@@ -36,11 +39,13 @@ def domains(service: Service, proxy_namespace: str, port: int, bare: bool = True
     FQDN, each with ``:port`` and, when ``bare``, without (only one port of a service
     may take the bare forms: Envoy rejects a route configuration in which two virtual
     hosts share a domain). The plain ``svc`` only for the proxy's own namespace, as in
-    Kubernetes DNS: two namespaces may both have a ``reviews``."""
+    Kubernetes DNS: two namespaces may both have a ``reviews``. Then the service's
+    cluster IPs (``[v6]`` bracketed), as an app that calls one by address sends it."""
     hosts = [service.name] if service.namespace == proxy_namespace else []
     hosts += [
         f"{service.name}.{service.namespace}",
         f"{service.name}.{service.namespace}.svc",
         fqdn(service),
+        *(f"[{ip}]" if ":" in ip else ip for ip in service.cluster_ips or ()),
     ]
     return [*(hosts if bare else []), *(f"{h}:{port}" for h in hosts)]

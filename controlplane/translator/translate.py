@@ -2,12 +2,14 @@
 
 Split by what the output depends on, so the pipeline can share work between proxies:
 a service's clusters and endpoints depend on that service alone, the egress route table
-on the mesh and the proxy's namespace, and the listeners and inbound cluster on the
-proxy. ``translate`` puts the three together.
+on the mesh and the proxy's namespace, a captured sidecar's egress listener on the
+services it sees and its port, and the other listeners and inbound clusters on the
+proxy. ``translate`` puts them together.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -18,6 +20,11 @@ from google.protobuf.message import Message
 from controlplane import resource
 from controlplane.mesh.model import Mesh, Service
 from controlplane.proxy import ProxyIdentity
+from controlplane.translator.capture import (
+    capture_clusters,
+    captured_egress_listener,
+    captured_inbound_listener,
+)
 from controlplane.translator.clusters import inbound_cluster, outbound_clusters
 from controlplane.translator.endpoints import load_assignments
 from controlplane.translator.listeners import egress_listener, inbound_listener
@@ -42,8 +49,13 @@ def service_resources(service: Service) -> ServiceResources:
 
 
 def proxy_resources(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
-    """What depends on the proxy itself: its listeners and the cluster to its own app."""
+    """What depends on the proxy itself: its listeners and the cluster to its own app.
+    A captured sidecar's egress listener is not among them (``captured_egress``)."""
     own = mesh.service(proxy.service, proxy.namespace)
+    if proxy.capture:
+        inbound_listener_ = captured_inbound_listener(proxy, own)
+        return {resource.CLUSTER: _sorted(list(capture_clusters(proxy, own))),
+                resource.LISTENER: [inbound_listener_] if inbound_listener_ else []}
     clusters: list[Message] = []
     listeners: list[Message] = [egress_listener(proxy)]
     inbound = inbound_cluster(proxy, own)
@@ -63,16 +75,29 @@ def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
     services = mesh.services if visible is None else [s for s in mesh.services if s.key in visible]
     shared = [service_resources(s) for s in services]
     own = proxy_resources(mesh, proxy)
+    listeners = own[resource.LISTENER]
+    if proxy.capture:
+        listeners = _sorted([captured_egress(mesh, visible, proxy.egress_port), *listeners])
     return {
         resource.CLUSTER: _sorted(
             [*(c for s in shared for c in s.clusters), *own[resource.CLUSTER]]
         ),
         resource.ENDPOINT: _sorted([prefer_zone(a, proxy.zone) or a
                                     for s in shared for a in s.load_assignments]),
-        resource.LISTENER: own[resource.LISTENER],
+        resource.LISTENER: listeners,
         resource.ROUTE: [egress_route(mesh, proxy.namespace, visible)],
         resource.SECRET: [],
     }
+
+
+def captured_egress(mesh: Mesh, visible: Collection[str] | None,
+                    egress_port: int) -> Message:
+    """The egress listener of captured sidecars that see ``visible`` (None: every
+    service) on ``egress_port``: the same for all of them."""
+    by_key = mesh.by_key
+    services = mesh.services if visible is None else [by_key[k] for k in visible
+                                                       if k in by_key]
+    return captured_egress_listener(services, egress_port, mesh.outbound_traffic_policy)
 
 
 def resource_name(message: Message) -> str:

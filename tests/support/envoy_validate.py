@@ -25,6 +25,7 @@ from controlplane.lab.envoy import find_envoy
 from controlplane.translator import Resources, resource_name
 
 _FIRST_PORT = 20000
+_CAPTURE_CLUSTERS = frozenset({"passthrough", "blackhole", "inbound-passthrough"})
 
 
 def _json(message: Message) -> dict[str, Any]:
@@ -33,12 +34,14 @@ def _json(message: Message) -> dict[str, Any]:
 
 
 def _rename(data: Any, prefix: str) -> Any:
-    """Every cluster name (``outbound|...``, ``inbound|...``) gets ``prefix``."""
+    """Every cluster name (``outbound|...``, ``inbound|...``, a captured sidecar's
+    ``passthrough`` and the like) gets ``prefix``."""
     if isinstance(data, dict):
         return {key: _rename(value, prefix) for key, value in data.items()}
     if isinstance(data, list):
         return [_rename(item, prefix) for item in data]
-    if isinstance(data, str) and data.startswith(("outbound|", "inbound|")):
+    if isinstance(data, str) and (data.startswith(("outbound|", "inbound|"))
+                                  or data in _CAPTURE_CLUSTERS):
         return prefix + data
     return data
 

@@ -1,0 +1,330 @@
+"""A captured sidecar's listeners and clusters: it follows each connection's original
+destination, as Istio's virtualOutbound and virtualInbound listeners do.
+
+``controlplane capture`` (iptables) sends every outbound TCP connection of the pod to
+15001 and every inbound one to 15006; the ``original_dst`` listener filter restores the
+address the connection was for, and the filter chain whose destination port and prefix
+match it takes the connection:
+
+- egress, on 0.0.0.0:15001: a chain per service port on the service's cluster IPs (a
+  headless service: its endpoints' addresses, up to ``MAX_HEADLESS_ADDRESSES`` per
+  port); HTTP and gRPC through the ``egress`` route table (by Host, every policy
+  applied), TCP through a TCP proxy to the service's cluster. An app that calls
+  127.0.0.1:15001 with a Host header still gets the route table. Anything else: the
+  original destination (``ALLOW_ANY``), or, with ``REGISTRY_ONLY``, a 502 saying why
+  for HTTP and a closed connection for the rest.
+- inbound, on 0.0.0.0:15006: a chain per target port of the sidecar's own service
+  (HTTP through an HTTP connection manager, so inbound HTTP filters apply), other ports
+  passed through; a connection for 15006 itself is closed (it would loop).
+
+The egress listener depends on the services a sidecar sees and its port only, so the
+assembly builds it once per (visible set, egress port). Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Final, TypeAlias
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.type.v3 import range_pb2
+from google.protobuf import wrappers_pb2
+
+from controlplane.mesh.model import OutboundTrafficPolicy, Protocol, Service, ServicePort
+from controlplane.proxy import ProxyIdentity
+from controlplane.translator import names
+from controlplane.translator.clusters import CONNECT_TIMEOUT, use_http2
+from controlplane.translator.listeners import (
+    HTTP_CONNECTION_MANAGER,
+    NO_REUSE_PORT,
+    TCP_PROXY,
+    chain,
+    egress_manager,
+    inbound_manager,
+    router,
+)
+from controlplane.translator.protoutil import duration, pack, socket_address
+
+ORIGINAL_DST: Final = "envoy.filters.listener.original_dst"
+HTTP_INSPECTOR: Final = "envoy.filters.listener.http_inspector"
+ANY_ADDRESS: Final = "0.0.0.0"
+LOOPBACK: Final = "127.0.0.1"
+# The inbound side connects to the app from this address: capture leaves connections
+# from it alone (``-s 127.0.0.6/32 -o lo -j RETURN``), where the proxy's own connection
+# to its pod's IP over lo would otherwise be sent back to 15006 (Istio's address).
+INBOUND_SOURCE: Final = "127.0.0.6"
+MAX_HEADLESS_ADDRESSES: Final = 256  # per headless service port: the rest pass through
+IDLE_TIMEOUT: Final = timedelta(hours=1)  # a TCP connection with no bytes either way
+HTTP_PROTOCOLS: Final = ("http/1.0", "http/1.1", "h2c")  # what http_inspector reports
+REGISTRY_ONLY_BODY: Final = (
+    "controlplane: this destination is not a service of the mesh, and the mesh's "
+    "outbound_traffic_policy is REGISTRY_ONLY. Add the service to the mesh (with its "
+    "cluster_ips), or set outbound_traffic_policy: ALLOW_ANY.\n"
+)
+
+_Chain: TypeAlias = listener_components_pb2.FilterChain
+_Match: TypeAlias = listener_components_pb2.FilterChainMatch
+_Cluster: TypeAlias = cluster_pb2.Cluster
+
+
+# -- egress --------------------------------------------------------------------------
+
+
+def captured_egress_listener(services: Iterable[Service], egress_port: int,
+                             policy: OutboundTrafficPolicy) -> listener_pb2.Listener:
+    """The egress listener of every captured sidecar that sees ``services``."""
+    chains, tcp_ports = _service_chains(services, egress_port)
+    filters = [_listener_filter(ORIGINAL_DST, original_dst_pb2.OriginalDst())]
+    if policy == "REGISTRY_ONLY":
+        chains += _registry_only_chains({c.filter_chain_match.destination_port.value
+                                         for c in chains} - tcp_ports)
+        inspector = _listener_filter(HTTP_INSPECTOR, http_inspector_pb2.HttpInspector())
+        if tcp_ports:  # server-first TCP protocols must not wait for an HTTP sniff
+            inspector.filter_disabled.CopyFrom(_on_ports(sorted(tcp_ports)))
+        filters.append(inspector)
+        default = _tcp_chain(names.BLACKHOLE_CLUSTER, names.BLACKHOLE_CLUSTER)
+    else:
+        default = _tcp_chain(names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER)
+    return listener_pb2.Listener(
+        name=names.EGRESS_LISTENER,
+        address=socket_address(ANY_ADDRESS, egress_port),
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+        listener_filters=filters,
+        filter_chains=chains,
+        default_filter_chain=default,
+        enable_reuse_port=NO_REUSE_PORT,
+    )
+
+
+def _service_chains(services: Iterable[Service],
+                    egress_port: int) -> tuple[list[_Chain], set[int]]:
+    """The explicit chain (127.0.0.1:egress port, by Host header); one HTTP chain per
+    destination port, over every HTTP/gRPC service's addresses on it (they share the
+    route table, which routes by Host: one chain keeps a 1,000-service listener small);
+    one TCP chain per TCP service port. Also the destination ports of TCP chains.
+    Services by key; cluster IPs before headless addresses; an (address, port) is taken
+    by the first service that claims it (Envoy refuses two chains with one match)."""
+    explicit = _named(chain(HTTP_CONNECTION_MANAGER, egress_manager()), names.EGRESS_LISTENER)
+    explicit.filter_chain_match.CopyFrom(_match(egress_port, [LOOPBACK]))
+    claimed = {(LOOPBACK, egress_port)}
+    http: dict[int, list[str]] = {}
+    tcp: list[_Chain] = []
+    ordered = sorted(services, key=lambda s: s.key)
+    targets = [*((s, p, p.port, s.cluster_ips) for s in ordered if s.cluster_ips
+                 for p in s.service_ports),
+               *((s, p, d, ips) for s in ordered if s.headless
+                 for p in s.service_ports for d, ips in _headless(s, p))]
+    for service, port, destination, addresses in targets:
+        free = [ip for ip in addresses if (ip, destination) not in claimed]
+        if not free:
+            continue
+        claimed.update((ip, destination) for ip in free)
+        if port.protocol != "tcp":
+            http.setdefault(destination, []).extend(free)
+            continue
+        cluster = names.outbound_cluster(service, port.port)
+        # A headless service's caller chose its pod (a StatefulSet member, say): the
+        # connection goes to that address, not to a balanced pick.
+        upstream = names.PASSTHROUGH_CLUSTER if service.headless else cluster
+        name = cluster if destination == port.port else f"{cluster}~{destination}"
+        made = _tcp_chain(name, upstream, stat_prefix=cluster)
+        made.filter_chain_match.CopyFrom(_match(destination, free))
+        tcp.append(made)
+    chains = [explicit]
+    for destination, addresses in sorted(http.items()):
+        made = _named(chain(HTTP_CONNECTION_MANAGER, egress_manager()), f"http~{destination}")
+        made.filter_chain_match.CopyFrom(_match(destination, sorted(addresses, key=_ip_order)))
+        chains.append(made)
+    return [*chains, *tcp], {c.filter_chain_match.destination_port.value for c in tcp}
+
+
+def _headless(service: Service, port: ServicePort) -> list[tuple[int, list[str]]]:
+    """(target port, endpoint addresses) of a headless service's port: where its
+    callers connect. Every endpoint, ready or not (readiness flaps must not change the
+    listener), loopback left out (never captured), at most MAX_HEADLESS_ADDRESSES."""
+    by_target: dict[int, set[str]] = {}
+    for endpoint in service.endpoints:
+        target = endpoint.port_for(port)
+        if target is not None and not ipaddress.ip_address(endpoint.address).is_loopback:
+            by_target.setdefault(target, set()).add(endpoint.address)
+    return [(target, sorted(found, key=_ip_order)[:MAX_HEADLESS_ADDRESSES])
+            for target, found in sorted(by_target.items())]
+
+
+def headless_targets(service: Service) -> tuple[tuple[int, int, tuple[str, ...]], ...]:
+    """What a captured listener's chains hold of ``service``'s endpoints: (port, target
+    port, addresses) of a headless service, nothing for another."""
+    if not service.headless:
+        return ()
+    return tuple((port.port, target, tuple(found)) for port in service.service_ports
+                 for target, found in _headless(service, port))
+
+
+def _registry_only_chains(ports: set[int]) -> list[_Chain]:
+    """HTTP to an unknown destination gets a 502 that says what to do: one chain for
+    each destination port that has chains (Envoy does not fall back from a port's
+    chains to port-less ones) and one for every other port."""
+    made = []
+    for port in [*sorted(ports), None]:
+        found = _named(chain(HTTP_CONNECTION_MANAGER, _refusal()),
+                       "registry-only" if port is None else f"registry-only~{port}")
+        match = found.filter_chain_match
+        if port is not None:
+            match.destination_port.value = port
+        match.application_protocols.extend(HTTP_PROTOCOLS)
+        made.append(found)
+    return made
+
+
+def _refusal() -> http_connection_manager_pb2.HttpConnectionManager:
+    route = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=502, body=base_pb2.DataSource(inline_string=REGISTRY_ONLY_BODY)),
+    )
+    table = route_pb2.RouteConfiguration(name="registry-only", virtual_hosts=[
+        route_components_pb2.VirtualHost(name="registry-only", domains=["*"], routes=[route])])
+    manager = http_connection_manager_pb2.HttpConnectionManager
+    return manager(stat_prefix="registry_only", codec_type=manager.CodecType.AUTO,
+                   route_config=table, http_filters=[router()],
+                   use_remote_address=wrappers_pb2.BoolValue(value=False))
+
+
+# -- inbound -------------------------------------------------------------------------
+
+
+def captured_inbound_listener(proxy: ProxyIdentity,
+                              own: Service | None) -> listener_pb2.Listener | None:
+    """In front of the pod's apps: a chain per target port of the sidecar's own
+    service, the rest passed through to where it was going."""
+    if not proxy.capture or proxy.inbound_port is None:
+        return None
+    loop = _tcp_chain("inbound-loop", names.BLACKHOLE_CLUSTER)
+    loop.filter_chain_match.destination_port.value = proxy.inbound_port
+    chains = [loop]
+    for target, protocol in inbound_ports(own):
+        if target == proxy.inbound_port:
+            continue
+        cluster = _inbound_name(proxy, target)
+        if protocol == "tcp":
+            made = _tcp_chain(cluster, cluster)
+        else:
+            made = _named(chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster)), cluster)
+        made.filter_chain_match.destination_port.value = target
+        chains.append(made)
+    return listener_pb2.Listener(
+        name=names.INBOUND_LISTENER,
+        address=socket_address(proxy.inbound_address, proxy.inbound_port),
+        traffic_direction=base_pb2.TrafficDirection.INBOUND,
+        listener_filters=[_listener_filter(ORIGINAL_DST, original_dst_pb2.OriginalDst())],
+        filter_chains=chains,
+        default_filter_chain=_tcp_chain(names.INBOUND_PASSTHROUGH_CLUSTER,
+                                        names.INBOUND_PASSTHROUGH_CLUSTER),
+        enable_reuse_port=NO_REUSE_PORT,
+    )
+
+
+def inbound_ports(own: Service | None) -> list[tuple[int, Protocol]]:
+    """(target port, protocol) of the sidecar's own service: the ports its endpoints
+    serve each service port on (the service port itself when no endpoint says),
+    first port first when two share a target."""
+    found: dict[int, Protocol] = {}
+    for port in own.service_ports if own is not None else []:
+        targets = {t for e in own.endpoints if (t := e.port_for(port)) is not None} \
+            if own is not None else set()
+        for target in sorted(targets or {port.port}):
+            found.setdefault(target, port.protocol)
+    return sorted(found.items())
+
+
+# -- clusters ------------------------------------------------------------------------
+
+
+def capture_clusters(proxy: ProxyIdentity, own: Service | None) -> list[_Cluster]:
+    """The clusters a captured sidecar's listeners use beside the services': the
+    original destination (out and in), the black hole, and one per inbound port."""
+    if not proxy.capture:
+        return []
+    clusters = [
+        _original_dst(names.PASSTHROUGH_CLUSTER),
+        _Cluster(name=names.BLACKHOLE_CLUSTER, type=_Cluster.DiscoveryType.STATIC,
+                 connect_timeout=duration(CONNECT_TIMEOUT)),
+        _original_dst(names.INBOUND_PASSTHROUGH_CLUSTER, INBOUND_SOURCE),
+    ]
+    for target, protocol in inbound_ports(own):
+        if target == proxy.inbound_port:
+            continue
+        cluster = _original_dst(_inbound_name(proxy, target), INBOUND_SOURCE)
+        if protocol == "grpc":
+            use_http2(cluster)
+        clusters.append(cluster)
+    return clusters
+
+
+def _original_dst(name: str, source: str | None = None) -> _Cluster:
+    cluster = _Cluster(name=name, type=_Cluster.DiscoveryType.ORIGINAL_DST,
+                       lb_policy=_Cluster.LbPolicy.CLUSTER_PROVIDED,
+                       connect_timeout=duration(CONNECT_TIMEOUT))
+    if source is not None:
+        cluster.upstream_bind_config.CopyFrom(address_pb2.BindConfig(
+            source_address=address_pb2.SocketAddress(address=source, port_value=0)))
+    return cluster
+
+
+def _inbound_name(proxy: ProxyIdentity, port: int) -> str:
+    return names.inbound_cluster(proxy.service, proxy.namespace, port)
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _tcp_chain(name: str, cluster: str, stat_prefix: str | None = None) -> _Chain:
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or name, cluster=cluster,
+                                   idle_timeout=duration(IDLE_TIMEOUT))
+    return _named(chain(TCP_PROXY, proxy), name)
+
+
+def _named(found: _Chain, name: str) -> _Chain:
+    found.name = name
+    return found
+
+
+def _match(port: int, addresses: Iterable[str]) -> _Match:
+    return _Match(destination_port=wrappers_pb2.UInt32Value(value=port), prefix_ranges=[
+        address_pb2.CidrRange(address_prefix=ip,
+                              prefix_len=wrappers_pb2.UInt32Value(value=128 if ":" in ip else 32))
+        for ip in addresses])
+
+
+def _listener_filter(name: str, config: original_dst_pb2.OriginalDst
+                     | http_inspector_pb2.HttpInspector) -> listener_components_pb2.ListenerFilter:
+    return listener_components_pb2.ListenerFilter(name=name, typed_config=pack(config))
+
+
+def _on_ports(ports: list[int]) -> listener_components_pb2.ListenerFilterChainMatchPredicate:
+    """A predicate true for connections to any of ``ports``."""
+    predicate = listener_components_pb2.ListenerFilterChainMatchPredicate
+    rules = [predicate(destination_port_range=_range(port)) for port in ports]
+    if len(rules) == 1:
+        return rules[0]
+    return predicate(or_match=predicate.MatchSet(rules=rules))
+
+
+def _range(port: int) -> range_pb2.Int32Range:
+    return range_pb2.Int32Range(start=port, end=port + 1)
+
+
+def _ip_order(ip: str) -> tuple[int, int]:
+    parsed = ipaddress.ip_address(ip)
+    return parsed.version, int(parsed)
