@@ -23,7 +23,6 @@ import pytest
 
 from controlplane.inject.capture import CaptureConfig, plan, render
 from tests.support import pods
-from tests.support.procs import wait_for
 
 pytestmark = [
     pytest.mark.skipif(pods.available() is not None, reason=f"test pods: {pods.available()}"),
@@ -31,27 +30,8 @@ pytestmark = [
                        .returncode != 0, reason="needs iptables (apt-get install iptables)"),
 ]
 
-ECHO = str(Path(__file__).parent / "support" / "tcp_echo.py")
 CONTROLPLANE = [sys.executable, "-m", "controlplane"]
 APP_UID = 1000  # any UID but the proxy's
-
-
-def connect(pod: pods.Pod, host: str, port: int, uid: int | None = None,
-            bind: str | None = None) -> str:
-    """The first line a TCP connection from ``pod`` to host:port gets back: a listener's
-    ``NAME ORIGINAL_DST LOCAL`` banner, or ``error: ...``."""
-    argv = [sys.executable, ECHO, "connect", host, str(port)]
-    argv += ["--bind", bind] if bind else []
-    result = pod.call(argv, uid=uid)
-    return result.stdout.strip() if result.returncode == 0 else f"error: {result.stderr.strip()}"
-
-
-def listen(pod: pods.Pod, address: str, port: int, name: str) -> None:
-    pod.run([sys.executable, ECHO, address, str(port), name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = pod.address if address == "0.0.0.0" else address
-    wait_for(lambda: connect(pod, target, port).startswith(f"{name} "),
-             what=f"{name} on {pod.name} {address}:{port}")
 
 
 class _Banner(socketserver.BaseRequestHandler):
@@ -88,11 +68,11 @@ def mesh() -> Iterator[Mesh]:
         try:
             for port, name in ((15001, "outbound"), (15006, "inbound"), (8080, "app8080"),
                                (8081, "app8081"), (15000, "admin")):
-                listen(app, "0.0.0.0", port, name)
-            listen(app, "127.0.0.1", 7000, "local")
-            listen(other, other.address, 9000, "other9000")
-            listen(other, other.address, 9090, "other9090")
-            listen(far, far.address, 9000, "far9000")
+                app.serve_tcp(port, name)
+            app.serve_tcp(7000, "local", "127.0.0.1")
+            other.serve_tcp(9000, "other9000", other.address)
+            other.serve_tcp(9090, "other9090", other.address)
+            far.serve_tcp(9000, "far9000", far.address)
             app.capture("--exclude-outbound-ports", "9090",
                         "--exclude-outbound-cidrs", f"{far.address}/32",
                         "--exclude-inbound-ports", "8081",
@@ -106,46 +86,46 @@ def mesh() -> Iterator[Mesh]:
 
 def test_outbound_from_the_app_lands_on_15001_with_its_original_destination(mesh: Mesh) -> None:
     dst = f"{mesh.other.address}:9000"
-    assert connect(mesh.app, mesh.other.address, 9000).startswith(f"outbound {dst} ")
-    assert connect(mesh.app, mesh.other.address, 9000, uid=APP_UID).startswith(
+    assert mesh.app.tcp_connect(mesh.other.address, 9000).startswith(f"outbound {dst} ")
+    assert mesh.app.tcp_connect(mesh.other.address, 9000, uid=APP_UID).startswith(
         f"outbound {dst} ")
     # an address no process owns (a ClusterIP) is captured all the same
-    assert connect(mesh.app, "10.96.0.10", 80, uid=APP_UID).startswith(
+    assert mesh.app.tcp_connect("10.96.0.10", 80, uid=APP_UID).startswith(
         "outbound 10.96.0.10:80 ")
 
 
 def test_the_proxys_own_connections_are_not_captured(mesh: Mesh) -> None:
     """No loop: the sidecar's upstream connections reach their destination."""
-    assert connect(mesh.app, mesh.other.address, 9000, uid=pods.PROXY_UID).startswith(
+    assert mesh.app.tcp_connect(mesh.other.address, 9000, uid=pods.PROXY_UID).startswith(
         "other9000 ")
 
 
 def test_loopback_is_left_alone(mesh: Mesh) -> None:
-    assert connect(mesh.app, "127.0.0.1", 7000).startswith("local ")
-    assert connect(mesh.app, "127.0.0.1", 7000, uid=pods.PROXY_UID).startswith("local ")
+    assert mesh.app.tcp_connect("127.0.0.1", 7000).startswith("local ")
+    assert mesh.app.tcp_connect("127.0.0.1", 7000, uid=pods.PROXY_UID).startswith("local ")
     # the app calling its own pod IP goes straight to itself, as in Istio
-    assert connect(mesh.app, mesh.app.address, 8080, uid=APP_UID).startswith("app8080 ")
+    assert mesh.app.tcp_connect(mesh.app.address, 8080, uid=APP_UID).startswith("app8080 ")
 
 
 def test_excluded_port_cidr_and_xds_address_are_left_alone(mesh: Mesh) -> None:
-    assert connect(mesh.app, mesh.other.address, 9090).startswith("other9090 ")
-    assert connect(mesh.app, mesh.far.address, 9000).startswith("far9000 ")
-    assert connect(mesh.app, mesh.network.gateway, mesh.xds_port).startswith("xds ")
+    assert mesh.app.tcp_connect(mesh.other.address, 9090).startswith("other9090 ")
+    assert mesh.app.tcp_connect(mesh.far.address, 9000).startswith("far9000 ")
+    assert mesh.app.tcp_connect(mesh.network.gateway, mesh.xds_port).startswith("xds ")
     # the gateway's other ports are captured: the exclusion is that address alone
     gateway = f"{mesh.network.gateway}:{mesh.gateway_port}"
-    assert connect(mesh.app, mesh.network.gateway, mesh.gateway_port).startswith(
+    assert mesh.app.tcp_connect(mesh.network.gateway, mesh.gateway_port).startswith(
         f"outbound {gateway} ")
 
 
 def test_inbound_to_an_app_port_lands_on_15006_with_its_original_destination(
         mesh: Mesh) -> None:
     dst = f"{mesh.app.address}:8080"
-    assert connect(mesh.other, mesh.app.address, 8080).startswith(f"inbound {dst} ")
+    assert mesh.other.tcp_connect(mesh.app.address, 8080).startswith(f"inbound {dst} ")
 
 
 def test_excluded_and_sidecar_inbound_ports_reach_the_app_directly(mesh: Mesh) -> None:
-    assert connect(mesh.other, mesh.app.address, 8081).startswith("app8081 ")
-    assert connect(mesh.other, mesh.app.address, 15000).startswith("admin ")  # Envoy's admin
+    assert mesh.other.tcp_connect(mesh.app.address, 8081).startswith("app8081 ")
+    assert mesh.other.tcp_connect(mesh.app.address, 15000).startswith("admin ")  # Envoy admin
 
 
 def test_the_proxy_calling_its_own_pod_goes_inbound_but_its_passthrough_does_not(
@@ -154,10 +134,10 @@ def test_the_proxy_calling_its_own_pod_goes_inbound_but_its_passthrough_does_not
     that connection (UID 1337 over lo) goes to the inbound listener; the inbound
     listener's forward to the app (from 127.0.0.6, as Istio's) reaches the app."""
     dst = f"{mesh.app.address}:8080"
-    assert connect(mesh.app, mesh.app.address, 8080, uid=pods.PROXY_UID).startswith(
+    assert mesh.app.tcp_connect(mesh.app.address, 8080, uid=pods.PROXY_UID).startswith(
         f"inbound {dst} ")
-    assert connect(mesh.app, mesh.app.address, 8080, uid=pods.PROXY_UID,
-                   bind="127.0.0.6").startswith("app8080 ")
+    assert mesh.app.tcp_connect(mesh.app.address, 8080, uid=pods.PROXY_UID,
+                                 bind="127.0.0.6").startswith("app8080 ")
 
 
 # -- install, re-run, clean, dry run, errors: each in a fresh pod -----------------------
@@ -265,9 +245,9 @@ def test_missing_iptables_says_to_install_it(pod: pods.Pod, tmp_path: Path) -> N
 
 def test_the_test_listener_sees_unredirected_connections_as_such(pod: pods.Pod) -> None:
     """The check the other tests stand on: without capture, nothing reaches 15001."""
-    listen(pod, "0.0.0.0", 15001, "outbound")
-    listen(pod, "0.0.0.0", 8080, "app8080")
-    assert connect(pod, pod.address, 8080).startswith("app8080 ")
+    pod.serve_tcp(15001, "outbound")
+    pod.serve_tcp(8080, "app8080")
+    assert pod.tcp_connect(pod.address, 8080).startswith("app8080 ")
     with socket.socket() as probe:  # and the host reaches the pod directly
         probe.settimeout(5)
         probe.connect((pod.address, 8080))

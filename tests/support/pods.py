@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from controlplane.lab.envoy import find_envoy
+from tests.support.procs import wait_for
 
 _NETWORKS = 256  # 10.232.N.0/24
 _PODS = 250  # 10.232.N.2 .. 10.232.N.251
 _PREFIX = "cpp"  # namespaces cpp-N-i, bridges cppNbr, host-side veths cppNvI: ours alone
 _NETNS_ETC = Path("/etc/netns")
 PROXY_UID = 1337
+_ECHO = Path(__file__).with_name("tcp_echo.py")
 
 
 def available() -> str | None:
@@ -202,6 +204,30 @@ class Pod:
                              "--concurrency", "1", "--log-level", log_level,
                              "--drain-time-s", "1"],
                             uid=PROXY_UID, stdout=log, stderr=subprocess.STDOUT)
+
+    def serve_tcp(self, port: int, name: str | None = None,
+                  address: str = "0.0.0.0") -> subprocess.Popen[bytes]:
+        """A TCP echo in the pod (tests/support/tcp_echo.py), ready when this returns.
+        With ``name``, each connection first gets ``NAME ORIGINAL_DST LOCAL PEER``."""
+        proc = self.run([sys.executable, str(_ECHO), address, str(port), *([name] if name else [])],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = self.address if address == "0.0.0.0" else address  # root: never captured
+        wait_for(lambda: self.tcp_connect(target, port, send="ping").startswith(
+            f"{name} " if name else "ping"), what=f"TCP {name or 'echo'} on {self.name} "
+                 f"{address}:{port}")
+        return proc
+
+    def tcp_connect(self, host: str, port: int, uid: int | None = None, bind: str | None = None,
+                    send: str | None = None) -> str:
+        """The first line a TCP connection from this pod gets back (a named echo's banner,
+        or the echo of ``send``), or ``error: ...`` when none comes."""
+        argv = [sys.executable, str(_ECHO), "connect", host, str(port)]
+        argv += ["--bind", bind] if bind else []
+        argv += ["--send", send] if send is not None else []
+        result = self.call(argv, uid=uid)
+        if result.returncode != 0:
+            return f"error: {result.stderr.strip()}"
+        return result.stdout.strip()
 
     def http_get(self, url: str, headers: Mapping[str, str] | None = None, timeout: float = 5,
                  uid: int | None = None) -> tuple[int, str]:

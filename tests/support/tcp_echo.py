@@ -2,10 +2,12 @@
 ``tcp_echo.py connect HOST PORT [--bind SOURCE] [--send TEXT]``.
 
 Without NAME, a plain echo: every byte received is sent back. With NAME, each connection
-first gets one line ``NAME <original destination> <local address>\\n`` and then the echo.
-The original destination is the address the client dialled before an iptables REDIRECT
-(``SO_ORIGINAL_DST``), or ``-`` when the connection was not redirected: a listener on
-15001 or 15006 in a captured pod reports where the app's traffic was really going.
+first gets one line ``NAME <original destination> <local address> <peer address>\\n``
+and then the echo.
+The original destination (``SO_ORIGINAL_DST``) is, for a connection an iptables REDIRECT
+sent here, the address the client dialled (else the local address itself, or ``-``
+without connection tracking): a listener on 15001 or 15006 in a captured pod reports
+where the app's traffic was really going.
 Run inside a test pod (tests/support/pods.py).
 
 The client connects (from SOURCE when given), sends TEXT when given, and prints the
@@ -34,7 +36,8 @@ def serve(conn: socket.socket, name: str | None) -> None:
     with conn:
         if name is not None:
             local = "{}:{}".format(*conn.getsockname())
-            conn.sendall(f"{name} {original_dst(conn)} {local}\n".encode())
+            peer = "{}:{}".format(*conn.getpeername())
+            conn.sendall(f"{name} {original_dst(conn)} {local} {peer}\n".encode())
         while data := conn.recv(65536):
             conn.sendall(data)
 
