@@ -223,6 +223,10 @@ def _with(changes: dict[str, Any]) -> dict[str, Any]:
      f'metadata.annotations["{names.PROXY_LOG_LEVEL}"]', "not a log level"),
     ({"metadata.labels": {"app": 3}}, "metadata.labels", "quote values"),
     ({"spec.hostNetwork": True}, "spec.hostNetwork", "never injected"),
+    ({"spec.securityContext": {"runAsUser": 1337}}, "spec.securityContext.runAsUser",
+     "would bypass the sidecar"),
+    ({"spec.containers.0.securityContext": {"runAsUser": 1337}},
+     "spec.containers[0].securityContext.runAsUser", "run the app as another user"),
     ({"metadata": {}}, "metadata", "no service name"),
 ])
 def test_a_pod_it_cannot_understand_names_the_field(changes: dict[str, Any], field: str,

@@ -86,8 +86,9 @@ def inject_template(pod: Mapping[str, Any], namespace: str, config: InjectConfig
     if spec.get("hostNetwork") is True:
         raise InjectError("spec.hostNetwork", "a host-network pod shares the node's "
                           "network, which capture must not touch; it is never injected")
-    _containers(spec, "containers", required=True)
+    containers = _containers(spec, "containers", required=True)
     init_containers = _containers(spec, "initContainers", required=False)
+    _check_users(spec, containers, init_containers, config.proxy_uid)
     service = service_name(metadata, fallback_service)
     ours = [template.init_container(annotations, config),
             template.proxy_container(service, annotations, config)]
@@ -175,6 +176,26 @@ def _containers(spec: dict[str, Any], key: str, required: bool) -> list[dict[str
                     "); move the app to another port, or opt the pod out with the label "
                     f"{names.INJECT_LABEL}: \"false\"")
     return value
+
+
+def _check_users(spec: Mapping[str, Any], containers: list[dict[str, Any]],
+                 init_containers: list[dict[str, Any]], proxy_uid: int) -> None:
+    """An app running as the proxy's user would bypass capture without a word: refuse."""
+    pod_context = spec.get("securityContext")
+    pod_uid = pod_context.get("runAsUser") if isinstance(pod_context, Mapping) else None
+    if pod_uid == proxy_uid:
+        raise InjectError("spec.securityContext.runAsUser", _same_user(proxy_uid))
+    for key, listed in (("containers", containers), ("initContainers", init_containers)):
+        for index, container in enumerate(listed):
+            context = container.get("securityContext")
+            if isinstance(context, Mapping) and context.get("runAsUser") == proxy_uid:
+                raise InjectError(f"spec.{key}[{index}].securityContext.runAsUser",
+                                  _same_user(proxy_uid))
+
+
+def _same_user(uid: int) -> str:
+    return (f"{uid} is the sidecar's user, whose traffic capture leaves alone: this app's "
+            "calls would bypass the sidecar; run the app as another user")
 
 
 def _scrape_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
