@@ -252,3 +252,21 @@ def test_the_test_listener_sees_unredirected_connections_as_such(pod: pods.Pod) 
         probe.settimeout(5)
         probe.connect((pod.address, 8080))
         assert probe.recv(100).startswith(b"app8080 ")
+
+
+def test_net_admin_and_net_raw_are_all_it_needs(pod: pods.Pod) -> None:
+    """What the injected init container holds: root with NET_ADMIN and NET_RAW only."""
+    only = ["setpriv", "--bounding-set", "-all,+net_admin,+net_raw", "--inh-caps", "-all", "--"]
+    result = pod.call([*only, *CONTROLPLANE, "capture"])
+    assert result.returncode == 0, result.stderr
+    assert by_chain(ours(nat(pod))) == by_chain(planned(CaptureConfig()))
+    assert pod.call([*only, *CONTROLPLANE, "capture", "--clean"]).returncode == 0
+    assert ours(nat(pod)) == []
+
+
+def test_root_without_net_admin_is_told_to_add_it(pod: pods.Pod) -> None:
+    without = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-all", "--"]
+    result = pod.call([*without, *CONTROLPLANE, "capture"])
+    assert result.returncode == 1
+    assert "capabilities.add [NET_ADMIN, NET_RAW]" in result.stderr
+    assert ours(nat(pod)) == []
