@@ -20,6 +20,7 @@ from controlplane.inject import config as names
 from controlplane.inject.config import InjectConfig, InjectError
 from controlplane.inject.patch import json_patch, pointer
 from controlplane.inject.pod import inject_pod, service_name, wants_injection
+from controlplane.inject.workloads import inject_object
 
 CONFIG = InjectConfig()
 
@@ -361,3 +362,24 @@ def test_envoy_accepts_the_sidecars_args_once_kubernetes_expands_them() -> None:
     node = yaml.safe_load(args[1])["node"]
     assert node["id"] == "reviews-1.shop"
     assert node["metadata"]["namespace"] == "shop"
+
+
+def test_offline_and_webhook_inject_a_deployments_pods_alike() -> None:
+    """``controlplane inject`` injects the template; the webhook gets each pod made from
+    the plain template (generateName, pod-template-hash label, no name yet). Both must
+    give the pod the same containers, the same service included (the Deployment's name)."""
+    template = {"metadata": {"labels": {"tier": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "example/web:1"}]}}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment",
+                  "metadata": {"name": "web-v2", "namespace": "shop"},
+                  "spec": {"selector": {}, "template": template}}
+    offline, _ = inject_object(deployment, "shop", CONFIG)
+    made = copy.deepcopy(template)
+    made["metadata"] = {"generateName": "web-v2-5c8f9d7b6-", "namespace": "shop",
+                        "labels": {"tier": "web", "pod-template-hash": "5c8f9d7b6"}}
+    webhook = inject_pod(made, "shop", CONFIG)
+    assert webhook["spec"] == offline["spec"]["template"]["spec"]
+    assert yaml.safe_load(webhook["spec"]["initContainers"][1]["args"][1])["node"][
+        "cluster"] == "web-v2"
+    assert webhook["metadata"]["annotations"] == offline["spec"]["template"]["metadata"][
+        "annotations"]
