@@ -10,6 +10,7 @@ reaching its real destination.
 
 from __future__ import annotations
 
+import json
 import socket
 import socketserver
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.inject.capture import CaptureConfig, plan, render
+from controlplane.inject.capture import CaptureConfig, clean_plan, plan, render
 from tests.support import pods
 
 pytestmark = [
@@ -218,13 +219,28 @@ def test_dry_run_changes_nothing_and_prints_the_plan(pod: pods.Pod) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == render(plan(CaptureConfig(exclude_outbound_ports=(9090,))))
     assert nat(pod) == before
+    pod.capture()
+    installed = nat(pod)
+    result = pod.call([*CONTROLPLANE, "capture", "--clean", "--dry-run"])
+    assert result.returncode == 0 and result.stdout == render(clean_plan())
+    assert nat(pod) == installed
+
+
+def test_what_was_installed_is_logged(pod: pods.Pod) -> None:
+    result = pod.call([*CONTROLPLANE, "capture", "--exclude-outbound-ports", "9090"])
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [e["event"] for e in events] == ["capture.installed"]
+    assert events[0]["rules"] == sum(1 for r in plan(CaptureConfig(
+        exclude_outbound_ports=(9090,))) if r[2] == "-A")
+    assert events[0]["exclude_outbound_ports"] == [9090] and events[0]["proxy_uid"] == 1337
 
 
 def test_ipv6_installs_and_cleans_ip6tables_too(pod: pods.Pod) -> None:
     pod.capture("--ipv6")
     assert by_chain(ours(nat(pod, "ip6tables"))) == by_chain(planned(CaptureConfig(), 6))
     assert ours(nat(pod))
-    pod.capture("--clean", "--ipv6")
+    pod.capture("--clean")  # without --ipv6: what it added is removed all the same
     assert ours(nat(pod, "ip6tables")) == [] and ours(nat(pod)) == []
 
 

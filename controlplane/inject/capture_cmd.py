@@ -19,6 +19,7 @@ from controlplane.inject import iptables
 from controlplane.inject.capture import (
     CaptureConfig,
     CaptureError,
+    clean_plan,
     parse_list,
     parse_ports,
     plan,
@@ -64,7 +65,8 @@ def add_parser(commands: Any) -> None:
     capture.add_argument("--clean", action="store_true",
                          help="remove the rules and chains capture added, and nothing else")
     capture.add_argument("--dry-run", action="store_true",
-                         help="print the rules it would install; change nothing")
+                         help="print the rules it would install (or, with --clean, remove); "
+                         "change nothing")
     capture.add_argument("--log-level", default="info",
                          choices=["debug", "info", "warning", "error"])
     capture.add_argument("--log-format", default="json", choices=["json", "console"])
@@ -120,6 +122,9 @@ def config_from_args(args: argparse.Namespace) -> CaptureConfig:
 def _run(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, args.log_format)
     try:
+        if args.clean and args.dry_run:
+            sys.stdout.write(render(clean_plan()))
+            return 0
         if args.clean:
             for outcome in iptables.clean(ipv6=args.ipv6):
                 _log.info("capture.cleaned", iptables=outcome.binary,

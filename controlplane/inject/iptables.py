@@ -36,9 +36,7 @@ class Outcome:
     rules: int
 
 
-def _families(config: CaptureConfig | None, ipv6: bool) -> list[tuple[int, str]]:
-    wants_v6 = config.ipv6 if config is not None else ipv6
-    return [(4, "iptables"), *([(6, "ip6tables")] if wants_v6 else [])]
+_BINARIES = {4: "iptables", 6: "ip6tables"}
 
 
 def _tool(binary: str) -> str:
@@ -82,7 +80,8 @@ def _restore(binary: str, script: str) -> None:
 def install(config: CaptureConfig) -> list[Outcome]:
     """Make the nat table(s) hold exactly ``plan(config)`` in our chains. Planned for
     every family first, so a bad config changes nothing."""
-    planned = [(binary, plan(config, family)) for family, binary in _families(config, False)]
+    families = [4, 6] if config.ipv6 else [4]
+    planned = [(_BINARIES[family], plan(config, family)) for family in families]
     outcomes = []
     for binary, rules in planned:
         _tool(binary)
@@ -93,11 +92,20 @@ def install(config: CaptureConfig) -> list[Outcome]:
 
 
 def clean(ipv6: bool = False) -> list[Outcome]:
-    """Remove our jumps and chains (and nothing else); a no-op where none are."""
+    """Remove our jumps and chains (and nothing else); a no-op where none are. IPv6 is
+    cleaned too wherever ip6tables is installed, so a ``--clean`` without ``--ipv6``
+    still undoes a capture made with it; its errors count only when ``ipv6`` was asked."""
     outcomes = []
-    for _, binary in _families(None, ipv6):
-        script = clean_script(saved_nat(binary))
-        if script is not None:
-            _restore(binary, script)
+    for family, binary in _BINARIES.items():
+        if family == 6 and not ipv6 and shutil.which("ip6tables-save") is None:
+            continue
+        try:
+            script = clean_script(saved_nat(binary))
+            if script is not None:
+                _restore(binary, script)
+        except CaptureError:
+            if family == 4 or ipv6:
+                raise
+            continue  # no IPv6 nat here: nothing of ours can be in it
         outcomes.append(Outcome(binary, script, 0))
     return outcomes
