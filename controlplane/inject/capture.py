@@ -13,7 +13,7 @@ ours alone:
      left alone, for every UID.
   3. the proxy (UID or GID 1337) over ``lo`` to a non-loopback address: the proxy calling
      its own pod IP, which is how an app calling its own Service comes back in, so it goes
-     to the inbound port (only when inbound capture is on: else nothing listens there).
+     to the inbound port (only when inbound capture is on).
   4. anything else over ``lo`` (the app calling localhost or its own pod IP): left alone.
   5. anything else from the proxy's UID or GID: left alone (its upstream connections
      and its xDS stream are never captured: no loop).
@@ -25,10 +25,12 @@ ours alone:
 - ``CONTROLPLANE_REDIRECT`` / ``CONTROLPLANE_IN_REDIRECT``: the two REDIRECTs.
 
 Where we differ from Istio: "loopback" is all of 127.0.0.0/8 (Istio: 127.0.0.1 only, so
-its proxy's calls to 127.0.0.2 go inbound); no DNS or UDP capture (the sidecar has no DNS
-proxy); no 15008 (no HBONE); ``HOST:PORT`` exclusions, which Istio has not (its proxy's
-UID covers its own xDS stream; ours lets any process of the pod reach the control plane
-directly, e.g. a debugging client).
+its proxy's calls to 127.0.0.2 go inbound); rule 3 only with inbound capture on (Istio
+keeps it, so with inbound capture off a pod calling itself through its Service still
+goes through the inbound listener; for us off means off, both ways); no DNS or UDP
+capture (the sidecar has no DNS proxy); no 15008 (no HBONE); ``HOST:PORT`` exclusions,
+which Istio has not (its proxy's UID covers its own xDS stream; ours lets any process of
+the pod reach the control plane directly, e.g. a debugging client).
 """
 
 from __future__ import annotations
