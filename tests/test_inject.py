@@ -383,3 +383,10 @@ def test_offline_and_webhook_inject_a_deployments_pods_alike() -> None:
         "cluster"] == "web-v2"
     assert webhook["metadata"]["annotations"] == offline["spec"]["template"]["metadata"][
         "annotations"]
+
+
+def test_default_xds_address_is_the_shipped_service() -> None:
+    """Offline injection's default dials the Service deploy/kubernetes/ creates."""
+    from controlplane import deploy
+
+    assert InjectConfig().xds_address == deploy.SERVICE_ADDRESS

@@ -64,7 +64,8 @@ class InjectConfig:
     proxy_image: str = "envoyproxy/envoy:v1.40-latest"
     init_image: str = "controlplane:latest"
     """The control plane's own image: its init container runs ``controlplane capture``."""
-    xds_address: str = "controlplane.controlplane.svc:18000"
+    xds_address: str = "controlplane.controlplane-system.svc:18000"
+    """The Service of deploy/kubernetes/ (controlplane.deploy.SERVICE_ADDRESS)."""
     proxy_uid: int = 1337
     proxy_cpu: str = "100m"
     proxy_memory: str = "128Mi"
