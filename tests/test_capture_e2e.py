@@ -1,0 +1,303 @@
+"""Transparent capture end to end (issue 10, "How it is shown", first bullet): pods are
+network namespaces on a bridge (tests/support/pods.py), each with a real app and a real
+Envoy as UID 1337 whose traffic ``controlplane capture`` sends to it; the control plane
+serves them from a mesh file on the bridge's gateway address.
+
+Pod ``productpage`` calls ``http://reviews:9080/``: a name its hosts file resolves to a
+cluster IP no process owns. Its sidecar catches the connection, routes it by Host (every
+policy of reviews applied) to a pod behind reviews, whose sidecar catches it inbound and
+hands it to the app from 127.0.0.6. So the app's answer names the caller it saw (the
+sidecar's 127.0.0.6), and each sidecar's stats count the call.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.bootstrap import capture_options, render_bootstrap
+from tests.support import pods
+from tests.support.files import write_atomic
+from tests.support.procs import ControlPlane, end, http_get, wait_for
+
+pytestmark = [
+    pytest.mark.skipif(pods.available() is not None, reason=str(pods.available())),
+    pytest.mark.xdist_group("capture_e2e"),  # one set of pods for the module's tests
+]
+
+REVIEWS_IP = "10.233.0.10"
+ECHO_IP = "10.233.0.20"
+PRODUCTPAGE_IP = "10.233.0.5"  # productpage's own service: its sidecar's inbound ports
+REVIEWS = "outbound|9080||reviews.default.svc.cluster.local"
+ECHO = "outbound|7000||echo.default.svc.cluster.local"
+TCP_ECHO = str(Path(__file__).parent / "support" / "tcp_echo.py")
+
+# The app behind reviews: answers "<name> <caller address>"; /flaky answers 503 to every
+# other request it gets, /slow takes 1.5 s.
+APP = """
+import http.server, sys, threading, time
+address, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+lock, count = threading.Lock(), [0]
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        status = 200
+        if self.path.startswith("/flaky"):
+            with lock:
+                count[0] += 1
+                status = 503 if count[0] % 2 else 200
+        elif self.path.startswith("/slow"):
+            time.sleep(1.5)
+        body = f"{name} {self.client_address[0]}".encode()
+        self.send_response(status)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer((address, port), Handler).serve_forever()
+"""
+
+# The app in pod productpage: N GETs of a URL, each on its own connection, no proxy
+# from the environment; prints [[status, body, seconds], ...].
+CLIENT = """
+import json, sys, time, urllib.error, urllib.request
+url, count = sys.argv[1], int(sys.argv[2])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+found = []
+for _ in range(count):
+    started = time.monotonic()
+    try:
+        with opener.open(url, timeout=10) as response:
+            found.append([response.status, response.read().decode()])
+    except urllib.error.HTTPError as exc:
+        found.append([exc.code, exc.read().decode()])
+    except OSError as exc:
+        found.append([0, str(exc)])
+    found[-1].append(round(time.monotonic() - started, 3))
+print(json.dumps(found))
+"""
+
+
+@dataclass
+class Mesh:
+    """The pods, their sidecars and the control plane, for the module's tests."""
+
+    network: pods.PodNetwork
+    control: ControlPlane
+    path: Path
+    productpage: pods.Pod
+    reviews: list[pods.Pod]
+    echo: pods.Pod
+    outside: pods.Pod
+    envoys: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def write(self, policy: str = "ALLOW_ANY", reviews_policy: str = "{}") -> None:
+        v1, v2 = self.reviews
+        write_atomic(self.path, f"""outbound_traffic_policy: {policy}
+services:
+  - name: productpage
+    port: 9080
+    cluster_ips: [{PRODUCTPAGE_IP}]
+    endpoints: [{{address: {self.productpage.address}, port: 9080}}]
+  - name: reviews
+    port: 9080
+    cluster_ips: [{REVIEWS_IP}]
+    endpoints:
+      - {{address: {v1.address}, port: 9080, labels: {{version: v1}}}}
+      - {{address: {v2.address}, port: 9080, labels: {{version: v2}}}}
+    policy: {reviews_policy}
+  - name: echo
+    port: 7000
+    protocol: tcp
+    cluster_ips: [{ECHO_IP}]
+    endpoints: [{{address: {self.echo.address}, port: 7000}}]
+""")
+
+    def sidecar(self, pod: pods.Pod, service: str) -> None:
+        """A captured Envoy in ``pod``, its admin on the pod's address (port 15000, which
+        capture leaves alone) so the test reads it from here; ready once it has its
+        listeners from the control plane."""
+        options = capture_options(f"{pod.name}.default", service, admin_address=pod.address,
+                                  xds_address=f"{self.network.gateway}:{self.control.xds_port}")
+        self.envoys[pod.name] = pod.envoy(render_bootstrap(options))
+        wait_for(lambda: '"egress"' in admin(pod, "/listeners?format=json"), timeout=30,
+                 what=f"listeners of {pod.name}'s sidecar (log: {pod.envoy_log})")
+
+    def calls(self, url: str, count: int = 1) -> list[tuple[int, str, float]]:
+        """``count`` GETs from the app in pod productpage."""
+        run = self.productpage.call([sys.executable, "-c", CLIENT, url, str(count)],
+                                    timeout=30 + 12 * count)
+        assert run.returncode == 0, run.stderr
+        return [(int(s), str(b), float(t)) for s, b, t in json.loads(run.stdout)]
+
+    def call(self, url: str) -> tuple[int, str]:
+        [(status, body, _)] = self.calls(url)
+        return status, body
+
+
+def admin(pod: pods.Pod, path: str) -> str:
+    status, body, _ = http_get(f"http://{pod.address}:15000{path}", timeout=5)
+    assert status == 200, body
+    return body
+
+
+def stat(pod: pods.Pod, name: str) -> int:
+    """A counter of the pod's sidecar (0 while it does not exist)."""
+    found: dict[str, Any] = json.loads(admin(pod, f"/stats?format=json&filter=^{_escape(name)}$"))
+    values = [s.get("value", 0) for s in found.get("stats", []) if s.get("name") == name]
+    return int(values[0]) if values else 0
+
+
+def _escape(name: str) -> str:
+    return "".join("\\" + c if c in ".|[]()" else c for c in name)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    workdir = tmp_path_factory.mktemp("capture-e2e")
+    with pods.PodNetwork() as network:
+        outside = network.pod("outside")  # not in the mesh, no sidecar
+        productpage = network.pod("productpage", hosts={
+            "reviews": REVIEWS_IP, "echo": ECHO_IP, "outside": outside.address})
+        reviews = [network.pod("reviews-v1"), network.pod("reviews-v2")]
+        echo = network.pod("echo")
+        path = workdir / "mesh.yaml"
+        control = ControlPlane(path, workdir, extra=["--xds-address", f"{network.gateway}:0"])
+        found = Mesh(network, control, path, productpage, reviews, echo, outside)
+        found.write()
+        control.start()
+        try:
+            for pod in reviews:
+                pod.run([sys.executable, "-c", APP, "0.0.0.0", "9080", pod.name])
+            echo.run([sys.executable, TCP_ECHO, "0.0.0.0", "7000", "echo"])
+            outside.run([sys.executable, "-c", APP, "0.0.0.0", "8080", "outside"])
+            outside.run([sys.executable, TCP_ECHO, "0.0.0.0", "7000", "outside"])
+            for pod, service in [(productpage, "productpage"), (reviews[0], "reviews"),
+                                 (reviews[1], "reviews"), (echo, "echo")]:
+                pod.capture()
+                found.sidecar(pod, service)
+            wait_for(lambda: found.call("http://reviews:9080/")[0] == 200, timeout=30,
+                     what="a first call from productpage to reviews")
+            yield found
+        finally:
+            control.stop()
+
+
+def test_a_call_by_name_reaches_reviews_through_both_sidecars(mesh: Mesh) -> None:
+    before = stat(mesh.productpage, f"cluster.{REVIEWS}.upstream_rq_200")
+    inbound = [stat(p, "http.inbound.downstream_rq_2xx") for p in mesh.reviews]
+    status, body = mesh.call("http://reviews:9080/")
+    assert status == 200, body
+    name, caller = body.split()
+    assert name in ("reviews-v1", "reviews-v2")
+    assert caller == "127.0.0.6"  # the app was called by its own sidecar, inbound
+    assert stat(mesh.productpage, f"cluster.{REVIEWS}.upstream_rq_200") == before + 1
+    after = [stat(p, "http.inbound.downstream_rq_2xx") for p in mesh.reviews]
+    assert sum(after) == sum(inbound) + 1
+    # The cluster IP itself, as an app that has the address rather than the name
+    assert mesh.call(f"http://{REVIEWS_IP}:9080/")[0] == 200
+
+
+def test_an_app_calling_15001_with_a_host_header_still_works(mesh: Mesh) -> None:
+    script = ("import urllib.request as u; o = u.build_opener(u.ProxyHandler({}));"
+              "r = u.Request('http://127.0.0.1:15001/', headers={'Host': 'reviews'});"
+              "print(o.open(r, timeout=5).read().decode())")
+    run = mesh.productpage.call([sys.executable, "-c", script])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] in ("reviews-v1", "reviews-v2")
+
+
+def test_retries_a_timeout_and_a_split_apply_to_captured_calls(mesh: Mesh) -> None:
+    flaky = [s for s, _, _ in mesh.calls("http://reviews:9080/flaky", 6)]
+    assert 503 in flaky  # without a policy, every other answer of each pod fails
+    retried = stat(mesh.productpage, f"cluster.{REVIEWS}.upstream_rq_retry")
+    mesh.write(reviews_policy="{retries: {attempts: 3, on: [5xx]}, timeout: 500ms}")
+    wait_for(lambda: mesh.calls("http://reviews:9080/slow")[0][0] == 504, timeout=20,
+             what="the timeout policy at productpage's sidecar")
+    [(status, body, seconds)] = mesh.calls("http://reviews:9080/slow")
+    assert status == 504 and "upstream request timeout" in body and seconds < 1.4
+    answers = mesh.calls("http://reviews:9080/flaky", 10)
+    assert [s for s, _, _ in answers] == [200] * 10
+    assert stat(mesh.productpage, f"cluster.{REVIEWS}.upstream_rq_retry") > retried
+
+    mesh.write(reviews_policy="{split: [{labels: {version: v1}, weight: 90}, "
+                              "{labels: {version: v2}, weight: 10}]}")
+    wait_for(lambda: "weighted_clusters" in admin(mesh.productpage, "/config_dump"),
+             timeout=20, what="the split at productpage's sidecar")
+    names = Counter(body.split()[0] for _, body, _ in mesh.calls("http://reviews:9080/", 200))
+    assert names["reviews-v1"] + names["reviews-v2"] == 200
+    assert 150 <= names["reviews-v1"] <= 197, names  # 90/10: v2 gets some, v1 most
+    mesh.write()
+
+
+def test_a_tcp_service_works_through_its_cluster_ip(mesh: Mesh) -> None:
+    before = stat(mesh.productpage, f"cluster.{ECHO}.upstream_cx_total")
+    run = mesh.productpage.call([sys.executable, TCP_ECHO, "connect", "echo", "7000",
+                                 "--send", "hello"])
+    assert run.returncode == 0, run.stderr
+    name, _original, local, peer = run.stdout.splitlines()[0].split()
+    assert name == "echo" and local == f"{mesh.echo.address}:7000"
+    assert peer.startswith("127.0.0.6:")  # handed over by echo's own sidecar
+    assert stat(mesh.productpage, f"cluster.{ECHO}.upstream_cx_total") == before + 1
+    assert stat(mesh.echo, "cluster.inbound|7000||echo.default.svc.cluster.local"
+                           ".upstream_cx_total") >= 1
+
+
+def test_outside_the_mesh_passes_under_allow_any_and_is_refused_under_registry_only(
+        mesh: Mesh) -> None:
+    passed = stat(mesh.productpage, "cluster.passthrough.upstream_cx_total")
+    status, body = mesh.call("http://outside:8080/")
+    assert (status, body.split()[0]) == (200, "outside")
+    assert body.split()[1] == mesh.productpage.address  # untouched: from the pod itself
+    assert stat(mesh.productpage, "cluster.passthrough.upstream_cx_total") == passed + 1
+    tcp = [sys.executable, TCP_ECHO, "connect", "outside", "7000", "--send", "hi"]
+    assert mesh.productpage.call(tcp).stdout.startswith("outside ")
+
+    mesh.write(policy="REGISTRY_ONLY")
+    try:
+        wait_for(lambda: mesh.call("http://outside:8080/")[0] == 502, timeout=20,
+                 what="REGISTRY_ONLY at productpage's sidecar")
+        status, body = mesh.call("http://outside:8080/")
+        assert status == 502 and "REGISTRY_ONLY" in body and "ALLOW_ANY" in body
+        refused = mesh.productpage.call(tcp)
+        assert refused.returncode == 1 and refused.stdout == ""  # closed: no echo, no banner
+        assert "closed with no reply" in refused.stderr or "reset" in refused.stderr
+        assert mesh.call("http://reviews:9080/")[0] == 200  # the mesh's services still work
+    finally:
+        mesh.write()
+    wait_for(lambda: mesh.call("http://outside:8080/")[0] == 200, timeout=20,
+             what="ALLOW_ANY again")
+
+
+def test_the_sidecars_own_connections_are_not_captured(mesh: Mesh) -> None:
+    """Were productpage's Envoy (UID 1337) captured, its upstream connection would come
+    back to its own 15001 (a loop, growing until the call times out): five calls are
+    five connections to the listener, each answered at once."""
+    accepted = "listener.0.0.0.0_15001.downstream_cx_total"
+    before = stat(mesh.productpage, accepted)
+    answers = mesh.calls("http://outside:8080/", 5)
+    assert [s for s, _, _ in answers] == [200] * 5
+    assert all(seconds < 2 for _, _, seconds in answers)
+    assert stat(mesh.productpage, accepted) == before + 5
+
+
+def test_with_the_sidecar_stopped_the_same_call_fails(mesh: Mesh) -> None:
+    """Capture is real: nothing but the sidecar can reach a cluster IP."""
+    pod = mesh.productpage
+    end(mesh.envoys.pop(pod.name))
+    try:
+        status, error = mesh.call("http://reviews:9080/")
+        assert status == 0 and "refused" in error.lower(), error
+    finally:
+        mesh.sidecar(pod, "productpage")
+    wait_for(lambda: mesh.call("http://reviews:9080/")[0] == 200, timeout=30,
+             what="productpage's new sidecar")
