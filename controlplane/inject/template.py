@@ -125,6 +125,7 @@ def proxy_container(service: str, annotations: Mapping[str, str],
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
 
