@@ -188,3 +188,29 @@ def test_opt_out_label_is_honoured_in_a_workload() -> None:
     assert [o.injected for o in outcomes] == [False]
     assert "opts out" in outcomes[0].reason
     assert list(yaml.safe_load_all(out)) == list(yaml.safe_load_all(text))
+
+
+def test_init_container_args_are_what_controlplane_capture_takes() -> None:
+    """Each golden's init container, run as ``controlplane capture --dry-run``: the flags
+    injection writes are the capture command's, and the pod's exclusions reach the rules."""
+    checked = 0
+    for case in CASES:
+        for doc in yaml.safe_load_all((DATA / f"{case}.out.yaml").read_text()):
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            inits = [c for c in spec.get("initContainers", [])
+                     if c["name"] == "controlplane-init"]
+            for init in inits:
+                assert init["command"] == ["controlplane", "capture"]
+                result = subprocess.run(
+                    [sys.executable, "-m", "controlplane", "capture", "--dry-run",
+                     "--log-level", "error", *init["args"]],
+                    capture_output=True, text=True, timeout=60, check=False)
+                assert result.returncode == 0, f"{case}: {result.stderr}"
+                assert "REDIRECT --to-ports 15001" in result.stdout
+                if case == "deployment":
+                    assert "--dports 5432,6379 -j RETURN" in result.stdout
+                    assert "-d 169.254.169.254/32 -j RETURN" in result.stdout
+                if case == "statefulset":
+                    assert "--dport 5432 -j CONTROLPLANE_IN_REDIRECT" in result.stdout
+                checked += 1
+    assert checked >= 5
