@@ -68,7 +68,9 @@ def wants_injection(pod: Mapping[str, Any],
 def inject_pod(pod: Mapping[str, Any], namespace: str,
                config: InjectConfig) -> dict[str, Any]:
     """A new pod with the sidecar; an already injected pod comes back equal. Raises
-    InjectError (its field says where) for a pod it cannot understand."""
+    InjectError (its field says where) for a pod it cannot understand. ``namespace`` is
+    the pod's (the AdmissionRequest's); the sidecar reads its own from the downward API,
+    so a manifest injected offline works in whichever namespace it is applied to."""
     metadata = _mapping(pod.get("metadata", {}), "metadata")
     return inject_template(pod, namespace, config, fallback_service=_name_base(metadata))
 
