@@ -14,8 +14,8 @@ import pytest
 from tests.support import pods
 from tests.support.procs import end, http_get, wait_for
 
-pytestmark = pytest.mark.skipif(pods.available() is not None,
-                                reason=f"test pods: {pods.available()}")
+pytestmark = pytest.mark.skipif(pods.capture_available() is not None,
+                                reason=f"capture in test pods: {pods.capture_available()}")
 
 _ORIGINAL_DST = ("- name: envoy.filters.listener.original_dst\n"
                  "      typed_config: {'@type': type.googleapis.com/envoy.extensions.filters."

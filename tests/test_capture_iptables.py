@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import socket
 import socketserver
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -25,11 +24,8 @@ import pytest
 from controlplane.inject.capture import CaptureConfig, clean_plan, plan, render
 from tests.support import pods
 
-pytestmark = [
-    pytest.mark.skipif(pods.available() is not None, reason=f"test pods: {pods.available()}"),
-    pytest.mark.skipif(subprocess.run(["which", "iptables-restore"], capture_output=True)
-                       .returncode != 0, reason="needs iptables (apt-get install iptables)"),
-]
+pytestmark = pytest.mark.skipif(pods.capture_available() is not None,
+                                reason=f"capture in test pods: {pods.capture_available()}")
 
 CONTROLPLANE = [sys.executable, "-m", "controlplane"]
 APP_UID = 1000  # any UID but the proxy's

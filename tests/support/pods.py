@@ -53,6 +53,14 @@ def available() -> str | None:
     return None
 
 
+def capture_available() -> str | None:
+    """None when ``controlplane capture`` can run in pods here, else the reason not."""
+    reason = available()
+    if reason is None and shutil.which("iptables-restore") is None:
+        reason = "needs iptables (apt-get install iptables)"
+    return reason
+
+
 def _lease_dir() -> Path:
     for base in ("/run", "/tmp"):
         if os.access(base, os.W_OK):
