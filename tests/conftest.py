@@ -1,5 +1,5 @@
 """Shared fixtures: the golden-file switch, and an in-process xDS server for protocol tests;
-at start, test hosts that a crashed run left behind are deleted."""
+at start, test hosts and pods that a crashed run left behind are deleted."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from controlplane.cache import SnapshotCache
 from controlplane.server import StreamRegistry, XdsServer, create_server
-from tests.support import netns
+from tests.support import netns, pods
 from tests.support.xds_client import AdsClient
 
 
@@ -26,8 +26,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Each worker sweeps; only hosts no live process holds go, so this is safe in
-    parallel and beside a concurrent run."""
+    parallel and beside a concurrent run. Test pods (network namespaces on a bridge) the
+    same way."""
     netns.sweep()
+    pods.sweep()
 
 
 @dataclass
