@@ -100,7 +100,8 @@ class Mesh:
     outside: pods.Pod
     envoys: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def write(self, policy: str = "ALLOW_ANY", reviews_policy: str = "{}") -> None:
+    def write(self, policy: str = "ALLOW_ANY", reviews_policy: str = "{}",
+              extra: str = "") -> None:
         v1, v2 = self.reviews
         write_atomic(self.path, f"""outbound_traffic_policy: {policy}
 services:
@@ -120,7 +121,7 @@ services:
     protocol: tcp
     cluster_ips: [{ECHO_IP}]
     endpoints: [{{address: {self.echo.address}, port: 7000}}]
-""")
+{extra}""")
 
     def sidecar(self, pod: pods.Pod, service: str) -> None:
         """A captured Envoy in ``pod``, its admin on the pod's address (port 15000, which
@@ -262,12 +263,17 @@ def test_outside_the_mesh_passes_under_allow_any_and_is_refused_under_registry_o
     tcp = [sys.executable, TCP_ECHO, "connect", "outside", "7000", "--send", "hi"]
     assert mesh.productpage.call(tcp).stdout.startswith("outside ")
 
-    mesh.write(policy="REGISTRY_ONLY")
+    # An ExternalName service (here the outside pod by its host name) is in the mesh:
+    # under REGISTRY_ONLY, HTTP to it is told apart by its Host and let through.
+    mesh.write(policy="REGISTRY_ONLY", extra="  - {name: weather, port: 8080, "
+                                             "external_name: outside}\n")
     try:
-        wait_for(lambda: mesh.call("http://outside:8080/")[0] == 502, timeout=20,
-                 what="REGISTRY_ONLY at productpage's sidecar")
-        status, body = mesh.call("http://outside:8080/")
+        wait_for(lambda: mesh.call(f"http://{mesh.outside.address}:8080/")[0] == 502,
+                 timeout=20, what="REGISTRY_ONLY at productpage's sidecar")
+        status, body = mesh.call(f"http://{mesh.outside.address}:8080/")
         assert status == 502 and "REGISTRY_ONLY" in body and "ALLOW_ANY" in body
+        status, body = mesh.call("http://outside:8080/")  # weather's external host
+        assert (status, body.split()[0]) == (200, "outside")
         refused = mesh.productpage.call(tcp)
         assert refused.returncode == 1 and refused.stdout == ""  # closed: no echo, no banner
         assert "closed with no reply" in refused.stderr or "reset" in refused.stderr

@@ -11,8 +11,8 @@ match it takes the connection:
   port); HTTP and gRPC through the ``egress`` route table (by Host, every policy
   applied), TCP through a TCP proxy to the service's cluster. An app that calls
   127.0.0.1:15001 with a Host header still gets the route table. Anything else: the
-  original destination (``ALLOW_ANY``), or, with ``REGISTRY_ONLY``, a 502 saying why
-  for HTTP and a closed connection for the rest.
+  original destination (``ALLOW_ANY``), or, with ``REGISTRY_ONLY`` (registry_only.py),
+  a 502 saying why for HTTP and a closed connection for the rest.
 - inbound, on 0.0.0.0:15006: a chain per target port of the sidecar's own service
   (HTTP through an HTTP connection manager, so inbound HTTP filters apply), other ports
   passed through; a connection for 15006 itself is closed (it would loop).
@@ -25,20 +25,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from datetime import timedelta
 from typing import Final, TypeAlias
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2,
-)
-from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.type.v3 import range_pb2
 from google.protobuf import wrappers_pb2
 
 from controlplane.mesh.model import OutboundTrafficPolicy, Protocol, Service, ServicePort
@@ -48,16 +40,15 @@ from controlplane.translator.clusters import CONNECT_TIMEOUT, use_http2
 from controlplane.translator.listeners import (
     HTTP_CONNECTION_MANAGER,
     NO_REUSE_PORT,
-    TCP_PROXY,
     chain,
     egress_manager,
     inbound_manager,
-    router,
+    tcp_chain,
 )
 from controlplane.translator.protoutil import duration, pack, socket_address
+from controlplane.translator.registry_only import registry_only
 
 ORIGINAL_DST: Final = "envoy.filters.listener.original_dst"
-HTTP_INSPECTOR: Final = "envoy.filters.listener.http_inspector"
 ANY_ADDRESS: Final = "0.0.0.0"
 LOOPBACK: Final = "127.0.0.1"
 # The inbound side connects to the app from this address: capture leaves connections
@@ -65,13 +56,6 @@ LOOPBACK: Final = "127.0.0.1"
 # to its pod's IP over lo would otherwise be sent back to 15006 (Istio's address).
 INBOUND_SOURCE: Final = "127.0.0.6"
 MAX_HEADLESS_ADDRESSES: Final = 256  # per headless service port: the rest pass through
-IDLE_TIMEOUT: Final = timedelta(hours=1)  # a TCP connection with no bytes either way
-HTTP_PROTOCOLS: Final = ("http/1.0", "http/1.1", "h2c")  # what http_inspector reports
-REGISTRY_ONLY_BODY: Final = (
-    "controlplane: this destination is not a service of the mesh, and the mesh's "
-    "outbound_traffic_policy is REGISTRY_ONLY. Add the service to the mesh (with its "
-    "cluster_ips), or set outbound_traffic_policy: ALLOW_ANY.\n"
-)
 
 _Chain: TypeAlias = listener_components_pb2.FilterChain
 _Match: TypeAlias = listener_components_pb2.FilterChainMatch
@@ -85,17 +69,15 @@ def captured_egress_listener(services: Iterable[Service], egress_port: int,
                              policy: OutboundTrafficPolicy) -> listener_pb2.Listener:
     """The egress listener of every captured sidecar that sees ``services``."""
     chains, tcp_ports = _service_chains(services, egress_port)
-    filters = [_listener_filter(ORIGINAL_DST, original_dst_pb2.OriginalDst())]
+    filters = [_original_dst_filter()]
     if policy == "REGISTRY_ONLY":
-        chains += _registry_only_chains({c.filter_chain_match.destination_port.value
-                                         for c in chains} - tcp_ports)
-        inspector = _listener_filter(HTTP_INSPECTOR, http_inspector_pb2.HttpInspector())
-        if tcp_ports:  # server-first TCP protocols must not wait for an HTTP sniff
-            inspector.filter_disabled.CopyFrom(_on_ports(sorted(tcp_ports)))
-        filters.append(inspector)
-        default = _tcp_chain(names.BLACKHOLE_CLUSTER, names.BLACKHOLE_CLUSTER)
+        ports = {c.filter_chain_match.destination_port.value for c in chains}
+        more, inspectors = registry_only(services, ports, tcp_ports)
+        chains += more
+        filters += inspectors
+        default = tcp_chain(names.BLACKHOLE_CLUSTER, names.BLACKHOLE_CLUSTER)
     else:
-        default = _tcp_chain(names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER)
+        default = tcp_chain(names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER)
     return listener_pb2.Listener(
         name=names.EGRESS_LISTENER,
         address=socket_address(ANY_ADDRESS, egress_port),
@@ -138,7 +120,7 @@ def _service_chains(services: Iterable[Service],
         # connection goes to that address, not to a balanced pick.
         upstream = names.PASSTHROUGH_CLUSTER if service.headless else cluster
         name = cluster if destination == port.port else f"{cluster}~{destination}"
-        made = _tcp_chain(name, upstream, stat_prefix=cluster)
+        made = tcp_chain(name, upstream, stat_prefix=cluster)
         made.filter_chain_match.CopyFrom(_match(destination, free))
         tcp.append(made)
     chains = [explicit]
@@ -171,36 +153,6 @@ def headless_targets(service: Service) -> tuple[tuple[int, int, tuple[str, ...]]
                  for target, found in _headless(service, port))
 
 
-def _registry_only_chains(ports: set[int]) -> list[_Chain]:
-    """HTTP to an unknown destination gets a 502 that says what to do: one chain for
-    each destination port that has chains (Envoy does not fall back from a port's
-    chains to port-less ones) and one for every other port."""
-    made = []
-    for port in [*sorted(ports), None]:
-        found = _named(chain(HTTP_CONNECTION_MANAGER, _refusal()),
-                       "registry-only" if port is None else f"registry-only~{port}")
-        match = found.filter_chain_match
-        if port is not None:
-            match.destination_port.value = port
-        match.application_protocols.extend(HTTP_PROTOCOLS)
-        made.append(found)
-    return made
-
-
-def _refusal() -> http_connection_manager_pb2.HttpConnectionManager:
-    route = route_components_pb2.Route(
-        match=route_components_pb2.RouteMatch(prefix="/"),
-        direct_response=route_components_pb2.DirectResponseAction(
-            status=502, body=base_pb2.DataSource(inline_string=REGISTRY_ONLY_BODY)),
-    )
-    table = route_pb2.RouteConfiguration(name="registry-only", virtual_hosts=[
-        route_components_pb2.VirtualHost(name="registry-only", domains=["*"], routes=[route])])
-    manager = http_connection_manager_pb2.HttpConnectionManager
-    return manager(stat_prefix="registry_only", codec_type=manager.CodecType.AUTO,
-                   route_config=table, http_filters=[router()],
-                   use_remote_address=wrappers_pb2.BoolValue(value=False))
-
-
 # -- inbound -------------------------------------------------------------------------
 
 
@@ -210,7 +162,7 @@ def captured_inbound_listener(proxy: ProxyIdentity,
     service, the rest passed through to where it was going."""
     if not proxy.capture or proxy.inbound_port is None:
         return None
-    loop = _tcp_chain("inbound-loop", names.BLACKHOLE_CLUSTER)
+    loop = tcp_chain("inbound-loop", names.BLACKHOLE_CLUSTER)
     loop.filter_chain_match.destination_port.value = proxy.inbound_port
     chains = [loop]
     for target, protocol in inbound_ports(own):
@@ -218,7 +170,7 @@ def captured_inbound_listener(proxy: ProxyIdentity,
             continue
         cluster = _inbound_name(proxy, target)
         if protocol == "tcp":
-            made = _tcp_chain(cluster, cluster)
+            made = tcp_chain(cluster, cluster)
         else:
             made = _named(chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster)), cluster)
         made.filter_chain_match.destination_port.value = target
@@ -227,9 +179,9 @@ def captured_inbound_listener(proxy: ProxyIdentity,
         name=names.INBOUND_LISTENER,
         address=socket_address(proxy.inbound_address, proxy.inbound_port),
         traffic_direction=base_pb2.TrafficDirection.INBOUND,
-        listener_filters=[_listener_filter(ORIGINAL_DST, original_dst_pb2.OriginalDst())],
+        listener_filters=[_original_dst_filter()],
         filter_chains=chains,
-        default_filter_chain=_tcp_chain(names.INBOUND_PASSTHROUGH_CLUSTER,
+        default_filter_chain=tcp_chain(names.INBOUND_PASSTHROUGH_CLUSTER,
                                         names.INBOUND_PASSTHROUGH_CLUSTER),
         enable_reuse_port=NO_REUSE_PORT,
     )
@@ -289,12 +241,6 @@ def _inbound_name(proxy: ProxyIdentity, port: int) -> str:
 # -- helpers -------------------------------------------------------------------------
 
 
-def _tcp_chain(name: str, cluster: str, stat_prefix: str | None = None) -> _Chain:
-    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or name, cluster=cluster,
-                                   idle_timeout=duration(IDLE_TIMEOUT))
-    return _named(chain(TCP_PROXY, proxy), name)
-
-
 def _named(found: _Chain, name: str) -> _Chain:
     found.name = name
     return found
@@ -307,22 +253,10 @@ def _match(port: int, addresses: Iterable[str]) -> _Match:
         for ip in addresses])
 
 
-def _listener_filter(name: str, config: original_dst_pb2.OriginalDst
-                     | http_inspector_pb2.HttpInspector) -> listener_components_pb2.ListenerFilter:
-    return listener_components_pb2.ListenerFilter(name=name, typed_config=pack(config))
-
-
-def _on_ports(ports: list[int]) -> listener_components_pb2.ListenerFilterChainMatchPredicate:
-    """A predicate true for connections to any of ``ports``."""
-    predicate = listener_components_pb2.ListenerFilterChainMatchPredicate
-    rules = [predicate(destination_port_range=_range(port)) for port in ports]
-    if len(rules) == 1:
-        return rules[0]
-    return predicate(or_match=predicate.MatchSet(rules=rules))
-
-
-def _range(port: int) -> range_pb2.Int32Range:
-    return range_pb2.Int32Range(start=port, end=port + 1)
+def _original_dst_filter() -> listener_components_pb2.ListenerFilter:
+    """Restores the address a redirected connection was for: chains match on it."""
+    return listener_components_pb2.ListenerFilter(
+        name=ORIGINAL_DST, typed_config=pack(original_dst_pb2.OriginalDst()))
 
 
 def _ip_order(ip: str) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Final
 
 from envoy.config.core.v3 import base_pb2
@@ -19,13 +20,14 @@ from controlplane.translator import names
 from controlplane.translator.clusters import inbound_protocol
 from controlplane.translator.ondemand import on_demand_filter
 from controlplane.translator.policies import FEATURES
-from controlplane.translator.protoutil import ads, pack, socket_address
+from controlplane.translator.protoutil import ads, duration, pack, socket_address
 from controlplane.translator.routes import inbound_route
 
 HTTP_CONNECTION_MANAGER: Final = "envoy.filters.network.http_connection_manager"
 TCP_PROXY: Final = "envoy.filters.network.tcp_proxy"
 ROUTER: Final = "envoy.filters.http.router"
 EGRESS_ADDRESS: Final = "127.0.0.1"
+IDLE_TIMEOUT: Final = timedelta(hours=1)  # a captured TCP connection with no bytes either way
 
 _HCM = http_connection_manager_pb2.HttpConnectionManager
 # Envoy sets SO_REUSEPORT by default: a second sidecar given a port another one holds
@@ -111,3 +113,13 @@ def chain(
     return listener_components_pb2.FilterChain(
         filters=[listener_components_pb2.Filter(name=name, typed_config=pack(config))]
     )
+
+
+def tcp_chain(name: str, cluster: str,
+              stat_prefix: str | None = None) -> listener_components_pb2.FilterChain:
+    """A named chain that proxies TCP to ``cluster``, closed after ``IDLE_TIMEOUT``."""
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or name, cluster=cluster,
+                                   idle_timeout=duration(IDLE_TIMEOUT))
+    made = chain(TCP_PROXY, proxy)
+    made.name = name
+    return made

@@ -26,7 +26,7 @@ def egress_route(
     else:
         by_key = mesh.by_key
         services = (by_key[key] for key in visible if key in by_key)
-    hosts = [host for service in services for host in _virtual_hosts(service, namespace)]
+    hosts = [host for service in services for host in virtual_hosts(service, namespace)]
     hosts.sort(key=lambda host: str(host.name))
     return route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
 
@@ -55,7 +55,7 @@ def inbound_route(cluster_name: str) -> route_pb2.RouteConfiguration:
     )
 
 
-def _virtual_hosts(
+def virtual_hosts(
     service: Service, proxy_namespace: str
 ) -> list[route_components_pb2.VirtualHost]:
     """The first HTTP/gRPC port also takes the port-less Host forms (a client calling

@@ -1,0 +1,154 @@
+"""``outbound_traffic_policy: REGISTRY_ONLY`` on a captured sidecar's egress listener:
+only the mesh's destinations are reached; the rest is refused in a way that says why.
+
+What the egress listener gains (capture.py builds the rest):
+- HTTP to an unknown destination gets a 502 whose body says what to do. Envoy's
+  http_inspector tells HTTP apart (not on TCP service ports: a server-first protocol
+  there must not wait for a sniff), and since Envoy never falls back from a
+  destination port's chains to port-less ones, there is one such chain per port that
+  has chains, and one for every other port.
+- A service with ``external_name`` has no address to match, so it is matched by what
+  the call says: HTTP by Host (its port's refusal chain routes the service's names and
+  the external host to its cluster before refusing the rest), TLS by SNI (tls_inspector,
+  only on those services' TCP ports) straight to its cluster, untouched.
+Anything else is closed (the default chain, to the black hole).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, TypeAlias
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from envoy.type.v3 import range_pb2
+from google.protobuf import wrappers_pb2
+from google.protobuf.message import Message
+
+from controlplane.mesh.model import Service
+from controlplane.translator import names
+from controlplane.translator.listeners import (
+    HTTP_CONNECTION_MANAGER,
+    chain,
+    egress_manager,
+    router,
+    tcp_chain,
+)
+from controlplane.translator.protoutil import pack
+from controlplane.translator.routes import virtual_hosts
+
+HTTP_INSPECTOR: Final = "envoy.filters.listener.http_inspector"
+TLS_INSPECTOR: Final = "envoy.filters.listener.tls_inspector"
+HTTP_PROTOCOLS: Final = ("http/1.0", "http/1.1", "h2c")  # what http_inspector reports
+REFUSED: Final = "registry-only"
+BODY: Final = (
+    "controlplane: this destination is not a service of the mesh, and the mesh's "
+    "outbound_traffic_policy is REGISTRY_ONLY. Add the service to the mesh (with its "
+    "cluster_ips), or set outbound_traffic_policy: ALLOW_ANY.\n"
+)
+
+_Chain: TypeAlias = listener_components_pb2.FilterChain
+_ListenerFilter: TypeAlias = listener_components_pb2.ListenerFilter
+_Predicate: TypeAlias = listener_components_pb2.ListenerFilterChainMatchPredicate
+_HCM: TypeAlias = http_connection_manager_pb2.HttpConnectionManager
+
+
+def registry_only(services: Iterable[Service], chain_ports: set[int],
+                  tcp_ports: set[int]) -> tuple[list[_Chain], list[_ListenerFilter]]:
+    """The chains and listener filters REGISTRY_ONLY adds, given the destination ports
+    that have chains already and those of them that carry TCP services."""
+    external = sorted((s for s in services if s.external_name is not None),
+                      key=lambda s: s.key)
+    by_port = _external_hosts(external)
+    sni = _sni_chains(external)
+    ports: list[int | None] = [*sorted((chain_ports | by_port.keys()) - tcp_ports), None]
+    refusals = [_refusal_chain(port, by_port.get(port, []) if port is not None else [])
+                for port in ports]
+    inspector = _filter(HTTP_INSPECTOR, http_inspector_pb2.HttpInspector())
+    if tcp_ports:
+        inspector.filter_disabled.CopyFrom(on_ports(sorted(tcp_ports)))
+    filters = [inspector]
+    if sni:
+        tls = _filter(TLS_INSPECTOR, tls_inspector_pb2.TlsInspector())
+        tls_ports = sorted({c.filter_chain_match.destination_port.value for c in sni})
+        tls.filter_disabled.CopyFrom(_Predicate(not_match=on_ports(tls_ports)))
+        filters.append(tls)
+    return [*refusals, *sni], filters
+
+
+def _external_hosts(external: list[Service]) -> dict[int, list[route_components_pb2.VirtualHost]]:
+    """Per port, the virtual hosts of the external services' HTTP ports: their
+    namespace-qualified names and the external host (each domain once)."""
+    found: dict[int, list[route_components_pb2.VirtualHost]] = {}
+    taken: set[str] = set()
+    for service in external:
+        routed = [p for p in service.service_ports if p.protocol in ("http", "grpc")]
+        for index, (port, host) in enumerate(zip(routed, virtual_hosts(service, ""),
+                                                 strict=True)):
+            extra = [service.external_name or ""] if index == 0 else []
+            extra.append(f"{service.external_name}:{port.port}")
+            host.domains.extend(d for d in extra if d not in taken)
+            taken.update(host.domains)
+            found.setdefault(port.port, []).append(host)
+    return found
+
+
+def _sni_chains(external: list[Service]) -> list[_Chain]:
+    """TLS to an external service's TCP port, told by its server name."""
+    made: list[_Chain] = []
+    taken: set[tuple[str, int]] = set()
+    for service in external:
+        for port in service.service_ports:
+            host = service.external_name or ""
+            if port.protocol != "tcp" or (host, port.port) in taken:
+                continue
+            taken.add((host, port.port))
+            cluster = names.outbound_cluster(service, port.port)
+            found = tcp_chain(f"{cluster}~sni", cluster, stat_prefix=cluster)
+            found.filter_chain_match.destination_port.value = port.port
+            found.filter_chain_match.server_names.append(host)
+            made.append(found)
+    return made
+
+
+def _refusal_chain(port: int | None, hosts: list[route_components_pb2.VirtualHost]) -> _Chain:
+    """HTTP on ``port`` (None: any other): the external services' hosts, else a 502."""
+    refuse = route_components_pb2.VirtualHost(name=REFUSED, domains=["*"], routes=[
+        route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            direct_response=route_components_pb2.DirectResponseAction(
+                status=502, body=base_pb2.DataSource(inline_string=BODY)))])
+    table = route_pb2.RouteConfiguration(name=REFUSED, virtual_hosts=[*hosts, refuse])
+    manager: _HCM
+    if hosts:  # the egress filters (fault, rate limit...) for the services' routes
+        manager = egress_manager()
+        manager.ClearField("rds")
+        manager.route_config.CopyFrom(table)
+        manager.stat_prefix = "registry_only"
+    else:
+        manager = _HCM(stat_prefix="registry_only", codec_type=_HCM.CodecType.AUTO,
+                       route_config=table, http_filters=[router()],
+                       use_remote_address=wrappers_pb2.BoolValue(value=False))
+    found = chain(HTTP_CONNECTION_MANAGER, manager)
+    found.name = REFUSED if port is None else f"{REFUSED}~{port}"
+    if port is not None:
+        found.filter_chain_match.destination_port.value = port
+    found.filter_chain_match.application_protocols.extend(HTTP_PROTOCOLS)
+    return found
+
+
+def on_ports(ports: list[int]) -> _Predicate:
+    """A predicate true for connections to any of ``ports``."""
+    rules = [_Predicate(destination_port_range=range_pb2.Int32Range(start=p, end=p + 1))
+             for p in ports]
+    return rules[0] if len(rules) == 1 else _Predicate(or_match=_Predicate.MatchSet(rules=rules))
+
+
+def _filter(name: str, config: Message) -> _ListenerFilter:
+    return _ListenerFilter(name=name, typed_config=pack(config))
