@@ -69,7 +69,7 @@ class Profiler:
     """``py-spy record`` of the server (optional), with threads, as collapsed stacks: one
     ``frame;frame;... count`` line per stack, for speedscope or flamegraph.pl."""
 
-    def __init__(self, pid: int, output: Path) -> None:
+    def __init__(self, pid: int, output: Path, native: bool = False) -> None:
         self.output = output
         output.parent.mkdir(parents=True, exist_ok=True)
         binary = Path(sys.executable).parent / "py-spy"
@@ -77,8 +77,9 @@ class Profiler:
             raise BenchError(f"--profile needs py-spy: {sys.executable} -m pip install py-spy")
         with open(output.with_suffix(".log"), "wb") as log:
             self.proc = subprocess.Popen(
-                [str(binary), "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
-                 "--threads", "--format", "raw", "--output", str(output)],
+                [str(binary), "record", "--pid", str(pid), "--rate", "250", "--threads",
+                 *(["--native"] if native else ["--nonblocking"]), "--format", "raw",
+                 "--output", str(output)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def stop(self) -> None:

@@ -94,6 +94,22 @@ class ServerProcess:
         ticks = int(fields[11]) + int(fields[12])  # #14 utime, #15 stime
         return ticks / os.sysconf("SC_CLK_TCK")
 
+    def thread_cpu_seconds(self) -> dict[str, float]:
+        """utime + stime per thread, keyed ``main`` (the event loop: streams,
+        publishing) or the thread's name and id (Python's workers are all ``python``;
+        gRPC names its own)."""
+        found: dict[str, float] = {}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue  # the thread ended
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            key = "main" if task.name == str(self.pid) else f"{name}/{task.name}"
+            found[key] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return found
+
     async def idle(self, timeout: float, window: float = 0.25, busy: float = 0.1) -> None:
         """Wait until the server uses less than ``busy`` of a CPU over ``window`` seconds:
         it may still be reading ACKs after the last stream got its push."""

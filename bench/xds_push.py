@@ -71,6 +71,7 @@ class Options:
     deadline_s: float
     poll_interval_s: float | None
     profile_dir: Path | None
+    profile_native: bool
     groups: int | None  # None: one per stream
     zones: int
     scoped: int
@@ -131,7 +132,8 @@ async def _measure(server: ServerProcess, mesh: Path, spec: MeshSpec,
     cpu_start, bench_cpu_start = server.cpu_seconds(), time.process_time()
     try:
         # Phase 1: initial convergence.
-        profiler = (Profiler(server.pid, opts.profile_dir / _profile_name(result, "initial"))
+        profiler = (Profiler(server.pid, opts.profile_dir / _profile_name(result, "initial"),
+                             opts.profile_native)
                     if opts.profile_dir else None)
         started = time.perf_counter()
         fleet.open()
@@ -163,7 +165,9 @@ async def _measure(server: ServerProcess, mesh: Path, spec: MeshSpec,
         before = await server.metrics()
         result["server_groups"] = round(metric(before, "controlplane_proxy_groups"))
         cpu_before, bench_cpu_before = server.cpu_seconds(), time.process_time()
-        profiler = (Profiler(server.pid, opts.profile_dir / _profile_name(result, "changes"))
+        threads_before = server.thread_cpu_seconds()
+        profiler = (Profiler(server.pid, opts.profile_dir / _profile_name(result, "changes"),
+                             opts.profile_native)
                     if opts.profile_dir else None)
         try:
             rounds = [await _one_change(fleet, server, mesh, spec, affected, n, deadline)
@@ -173,6 +177,8 @@ async def _measure(server: ServerProcess, mesh: Path, spec: MeshSpec,
                 profiler.stop()
                 result["profile"] = str(profiler.output)
         cpu_after, bench_cpu_after = server.cpu_seconds(), time.process_time()
+        threads = {name: cpu - threads_before.get(name, 0.0)
+                   for name, cpu in server.thread_cpu_seconds().items()}
         after = await server.metrics()
 
         # Phase 3: new sidecars joining the loaded server, one at a time.
@@ -200,6 +206,11 @@ async def _measure(server: ServerProcess, mesh: Path, spec: MeshSpec,
         "new_port_seen": all(r["port_seen"] for r in rounds),
         "server_cpu_s": round(cpu_after - cpu_before, 3),
         "server_cpu_s_per_change": round((cpu_after - cpu_before) / opts.changes, 3),
+        "server_main_thread_cpu_s_per_change": round(threads.get("main", 0.0) / opts.changes,
+                                                     3),
+        "server_thread_cpu_s_per_change": {
+            name: round(cpu / opts.changes, 3)
+            for name, cpu in sorted(threads.items(), key=lambda t: -t[1]) if cpu > 0},
         "bench_cpu_s": round(bench_cpu_after - bench_cpu_before, 3),
     })
     result.update(metric_figures(before, after, opts.changes))
@@ -300,13 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="record py-spy stacks of the server's initial and change "
                              "phases into DIR "
                              "(needs py-spy in the venv)")
+    parser.add_argument("--profile-native", action="store_true",
+                        help="with --profile: native frames too (gRPC's C core, the "
+                             "interpreter, the garbage collector)")
     return parser
 
 
 def options(args: argparse.Namespace) -> Options:
     return Options(changes=args.changes, delta=args.delta, deadline_s=args.deadline,
                    poll_interval_s=args.poll_interval, profile_dir=args.profile,
-                   groups=args.groups, zones=args.zones, scoped=args.scoped)
+                   profile_native=args.profile_native, groups=args.groups,
+                   zones=args.zones, scoped=args.scoped)
 
 
 async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:

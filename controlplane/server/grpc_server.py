@@ -24,10 +24,9 @@ from controlplane.cache.cache import ConfigWatcher
 from controlplane.server.delta import DeltaStream
 from controlplane.server.limits import LimitError, Limits, LogBudget
 from controlplane.server.registry import StreamRegistry
-from controlplane.server.requests import SotwRequest
-from controlplane.server.session import Malformed, MalformedRequest, StreamRun, warn
+from controlplane.server.session import Malformed, StreamRun, warn
 from controlplane.server.sotw import SotwStream
-from controlplane.server.stream import ProtocolError, StreamBase
+from controlplane.server.stream import MalformedRequest, ProtocolError, StreamBase
 from controlplane.server.writes import ClientGone, WriteTurns, end_call
 
 log = structlog.get_logger("controlplane.xds")
@@ -94,7 +93,7 @@ class XdsServer:
             methods: dict[str, grpc.RpcMethodHandler] = {
                 sotw: grpc.stream_stream_rpc_method_handler(
                     self._stream_handler(SotwStream, api, type_url),
-                    request_deserializer=_parser(SotwRequest),
+                    request_deserializer=None,  # bytes: most ACKs need no parsing (sotw.py)
                     response_serializer=_raw),
                 delta: grpc.stream_stream_rpc_method_handler(
                     self._stream_handler(DeltaStream, api, type_url),

@@ -7,17 +7,30 @@ streams parse requests as ``SotwRequest``: the same message without its
 ``resource_names`` field, which protobuf then keeps as raw bytes (unknown fields).
 ``names_key`` gives those bytes (and the type) in one piece to compare; the names
 themselves are parsed only when the key differs from the stream's last one.
+
+The comparison is a byte comparison with the stream's last key, which ``NAME_KEYS``
+shares between the streams that send the same one: comparing 50 KB takes about 1 us,
+hashing it 15 us (a tenth of an ACK's cost at 1,000 streams).
+
+Most requests are not parsed at all: the streams receive the bytes, and an ACK of the
+last push whose names are those of the client's last request is, byte for byte, the
+encoding of fields 1 (the version sent), 3 (those names, ``names_block``), 4 (the
+type) and 5 (the nonce sent), in that order, as Envoy writes it. ``SotwStream`` compares
+the bytes with those pieces (no copy, no parse); anything else is parsed
+(``read_request``). Equal bytes are the same message, so nothing is assumed about a
+client that encodes differently: its requests take the longer way.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from controlplane.server.stream import ProtocolError
+from controlplane.server.stream import MalformedRequest, ProtocolError
 
 
 def _light_class() -> Any:
@@ -45,6 +58,19 @@ def _light_class() -> Any:
 SotwRequest: Any = _light_class()
 
 
+def read_request(data: bytes) -> Any:
+    """A SotwRequest from the bytes a stream received."""
+    try:
+        return SotwRequest.FromString(data)
+    except Exception as exc:
+        raise MalformedRequest.of("DiscoveryRequest", str(exc)) from exc
+
+
+def names_block(names: list[str]) -> bytes:
+    """The names as a DiscoveryRequest's field 3, encoded as protobuf (and Envoy) does."""
+    return bytes(discovery_pb2.DiscoveryRequest(resource_names=names).SerializeToString())
+
+
 def names_key(request: Any) -> bytes:
     """The request's names, type and error as bytes: equal for two requests that name the
     same names in the same order. Clears the version, nonce and node, once read."""
@@ -53,6 +79,36 @@ def names_key(request: Any) -> bytes:
     if request.HasField("node"):
         request.ClearField("node")
     return bytes(request.SerializeToString())
+
+
+class NamesKey:
+    """One request key, held by every stream whose last request had it."""
+
+    __slots__ = ("__weakref__", "key")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+
+class NameKeys:
+    """Interns request keys: a thousand streams naming the same thousand clusters keep one
+    copy (a key no stream holds any more is dropped, by weak reference)."""
+
+    def __init__(self) -> None:
+        self._keys: weakref.WeakValueDictionary[bytes, NamesKey] = (
+            weakref.WeakValueDictionary())
+
+    def intern(self, key: bytes) -> NamesKey:
+        held = self._keys.get(key)
+        if held is None:
+            held = self._keys[key] = NamesKey(key)
+        return held
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+NAME_KEYS = NameKeys()
 
 
 def names_of(key: bytes) -> list[str]:

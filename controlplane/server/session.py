@@ -25,7 +25,7 @@ from controlplane.cache.cache import ConfigWatcher
 from controlplane.cache.snapshot import Snapshot
 from controlplane.proxy import ProxyIdentity
 from controlplane.server.limits import LogBudget
-from controlplane.server.stream import ProtocolError, Push, StreamBase
+from controlplane.server.stream import MalformedRequest, Push, StreamBase
 from controlplane.server.writes import ClientGone, WriteTurns
 
 log = structlog.get_logger("controlplane.xds")
@@ -38,12 +38,7 @@ class Malformed:
     """A request that did not parse; the stream ends with INVALID_ARGUMENT."""
 
     def __init__(self, kind: str, error: str) -> None:
-        self.message = (f"the request is not a valid {kind} ({error}); send "
-                        "envoy.service.discovery.v3 messages")
-
-
-class MalformedRequest(ProtocolError):
-    """The stream's request did not parse."""
+        self.message = MalformedRequest.of(kind, error).args[0]
 
 
 def warn(budget: LogBudget, event: str, **fields: Any) -> None:

@@ -15,10 +15,11 @@ The rules (Envoy's xDS protocol document, and shared/XDS-PITFALLS.md):
   that disappear stay until the listeners and routes that point at them are replaced.
 
 At a thousand streams (shared/XDS-PITFALLS.md 16, 17):
-- An ACK that repeats the names of the stream's last request is recognized by a
-  hash of their encoding (requests.py reads requests without parsing the names), so
-  an EDS ACK naming a thousand clusters makes no string, builds no set and checks no
-  name again.
+- An ACK of the last push that repeats the names of the stream's last request is
+  recognized from its bytes, without parsing it (``_quick_ack``); other requests are
+  read without parsing their names, which are compared as bytes with the last
+  request's (requests.py). So an EDS ACK naming a thousand clusters makes no string,
+  builds no set, hashes nothing and checks no name again.
 - Streams that subscribe to the same names share one frozenset (``NameSets``), and the
   record of a full-state type last sent is the snapshot's own mapping when the whole
   type went out.
@@ -43,7 +44,14 @@ from controlplane.server.limits import (
     Limits,
     check_names,
 )
-from controlplane.server.requests import names_key, names_of
+from controlplane.server.requests import (
+    NAME_KEYS,
+    NamesKey,
+    names_block,
+    names_key,
+    names_of,
+    read_request,
+)
 from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
 
 _NONE: frozenset[str] = frozenset()
@@ -83,7 +91,10 @@ class SotwTypeState(TypeState):
     legacy_wildcard: bool = False
     base: TypeSnapshot | None = None  # what the client was last brought up to date with
     subscribed: frozenset[str] = _NONE  # the names asked for, shared (NAME_SETS)
-    fingerprint: tuple[int, int] = (-1, 0)  # size and hash of the last names_key
+    last_key: NamesKey | None = None  # the last request's names_key, shared (NAME_KEYS)
+    asked: NamesKey | None = None  # the last request's names_block, shared (NAME_KEYS)
+    ack_head: bytes = b""  # an ACK of the last push: field 1 (the version sent) ...
+    ack_tail: bytes = b""  # ... the names, then fields 4 (type) and 5 (the nonce sent)
     # Full-state types: what was last sent (the snapshot's own mapping when it all went).
     sent: Mapping[str, Resource] = field(default_factory=lambda: _NOTHING_SENT)
 
@@ -106,8 +117,13 @@ class SotwStream(StreamBase):
         return dict(self.types)
 
     def on_request(self, request: Any) -> Handled:
-        """Take a request, a DiscoveryRequest or a SotwRequest (requests.py); its version,
-        nonce and node are cleared once read."""
+        """Take a request: its bytes as received, a DiscoveryRequest or a SotwRequest
+        (requests.py); a message's version, nonce and node are cleared once read."""
+        if isinstance(request, bytes):
+            quick = self._quick_ack(request)
+            if quick is not None:
+                return quick
+            request = read_request(request)
         type_url = self.prepare(request)
         if type_url is None:
             return Handled("unknown_type", request.type_url)
@@ -129,13 +145,14 @@ class SotwStream(StreamBase):
 
         before = state.subscribed
         key = names_key(request)
-        fingerprint = (len(key), hash(key))
+        last = state.last_key
         added = False  # the names of the last request again (every ACK): nothing to redo
-        if fingerprint != state.fingerprint:
+        if last is None or key != last.key:
             names = names_of(key)
             check_names(names, self.limits)
             added = _update_subscription(state, names, first)
-            state.fingerprint = fingerprint
+            state.last_key = NAME_KEYS.intern(key)
+            state.asked = NAME_KEYS.intern(names_block(names))
         state.requested = True
         handled = Handled(kind, type_url, error=error)
         if self.snapshot is not None and (first or added):
@@ -147,6 +164,24 @@ class SotwStream(StreamBase):
                 selected = [typed.resources[n] for n in fresh if n in typed.resources]
             handled.pushes.append(self._emit(type_url, state, typed, selected))
         return handled
+
+    def _quick_ack(self, data: bytes) -> Handled | None:
+        """The request if it is, byte for byte, an ACK of the last push of its type with
+        the names of the last request (nothing to answer); None for anything else."""
+        if self.node is None:
+            return None
+        for type_url, state in self.types.items():
+            tail = state.ack_tail
+            if not tail or not data.endswith(tail):
+                continue
+            asked, head = state.asked, state.ack_head
+            if (asked is not None
+                    and len(data) == len(head) + len(asked.key) + len(tail)
+                    and data.startswith(head) and data.startswith(asked.key, len(head))):
+                state.acked_version = state.sent_version
+                return Handled("ack", type_url)
+            return None
+        return None
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Push]:
         self.snapshot = snapshot
@@ -222,9 +257,10 @@ class SotwStream(StreamBase):
         whole = version is None and len(selected) == len(typed.resources)
         nonce = self.next_nonce()
         version = typed.version if version is None else version
-        header = self._header(version, type_url, nonce)
+        head, tail, header = self._header_parts(version, type_url, nonce)
         body = [r.sotw_chunk for r in selected]
         state.nonce, state.sent_version, state.base = nonce, version, typed
+        state.ack_head, state.ack_tail = head, tail
         if type_url in resource.FULL_STATE:
             state.sent = typed.resources if whole else {r.name: r for r in selected}
         state.pushes += 1
@@ -232,13 +268,19 @@ class SotwStream(StreamBase):
                     body=body, body_bytes=sum(map(len, body)))
 
     def _header(self, version: str, type_url: str, nonce: str) -> bytes:
+        return self._header_parts(version, type_url, nonce)[2]
+
+    def _header_parts(self, version: str, type_url: str,
+                      nonce: str) -> tuple[bytes, bytes, bytes]:
         """The DiscoveryResponse around the resources, encoded by hand (a message made
         and serialized per push was a tenth of the server's CPU per change): fields 1
-        (version_info), 4 (type_url), 5 (nonce) and 6 (control_plane)."""
+        (version_info), 4 (type_url), 5 (nonce) and 6 (control_plane). Returns what an
+        ACK of it starts with (field 1) and ends with (4 and 5), and the header."""
         if self._trailer is None:
             self._trailer = _field(6, self._control_plane.SerializeToString())
-        return b"".join((_field(1, version.encode()), _field(4, type_url.encode()),
-                         _field(5, nonce.encode()), self._trailer))
+        head = _field(1, version.encode())
+        tail = _field(4, type_url.encode()) + _field(5, nonce.encode())
+        return head, tail, head + tail + self._trailer
 
     def _defer(self, type_url: str, version: str, selected: list[Resource]) -> Push:
         """A placeholder for the final push of a make-before-break pair."""

@@ -31,6 +31,15 @@ class ProtocolError(Exception):
     """The client broke the protocol; the stream ends with INVALID_ARGUMENT and this text."""
 
 
+class MalformedRequest(ProtocolError):
+    """The stream's request did not parse."""
+
+    @classmethod
+    def of(cls, kind: str, error: str) -> MalformedRequest:
+        return cls(f"the request is not a valid {kind} ({error[:200]}); send "
+                   "envoy.service.discovery.v3 messages")
+
+
 @dataclass(slots=True)
 class Push:
     """One response, with what the logs and metrics want to know about it.
