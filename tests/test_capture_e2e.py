@@ -133,10 +133,11 @@ services:
         wait_for(lambda: '"egress"' in admin(pod, "/listeners?format=json"), timeout=30,
                  what=f"listeners of {pod.name}'s sidecar (log: {pod.envoy_log})")
 
-    def calls(self, url: str, count: int = 1) -> list[tuple[int, str, float]]:
-        """``count`` GETs from the app in pod productpage."""
-        run = self.productpage.call([sys.executable, "-c", CLIENT, url, str(count)],
-                                    timeout=30 + 12 * count)
+    def calls(self, url: str, count: int = 1,
+              pod: pods.Pod | None = None) -> list[tuple[int, str, float]]:
+        """``count`` GETs from the app in pod productpage (or ``pod``)."""
+        run = (pod or self.productpage).call([sys.executable, "-c", CLIENT, url, str(count)],
+                                             timeout=30 + 12 * count)
         assert run.returncode == 0, run.stderr
         return [(int(s), str(b), float(t)) for s, b, t in json.loads(run.stdout)]
 
@@ -238,6 +239,22 @@ def test_retries_a_timeout_and_a_split_apply_to_captured_calls(mesh: Mesh) -> No
     assert names["reviews-v1"] + names["reviews-v2"] == 200
     assert 150 <= names["reviews-v1"] <= 197, names  # 90/10: v2 gets some, v1 most
     mesh.write()
+
+
+def test_inbound_policies_apply_to_callers_outside_the_mesh(mesh: Mesh) -> None:
+    """The pod outside the mesh has no sidecar and calls a reviews pod by its address:
+    the call still enters through that pod's sidecar, whose own bucket limits it."""
+    v1 = mesh.reviews[0]
+    url = f"http://{v1.address}:9080/"
+    [(status, body, _)] = mesh.calls(url, pod=mesh.outside)
+    assert (status, body.split()[1]) == (200, "127.0.0.6")  # through v1's sidecar
+    mesh.write(reviews_policy="{rate_limit: {requests_per_second: 0.5, burst: 2}}")
+    try:
+        wait_for(lambda: 429 in [s for s, _, _ in mesh.calls(url, 4, pod=mesh.outside)],
+                 timeout=20, what="the rate limit at reviews-v1's inbound")
+        assert stat(v1, "inbound_rate_limit.http_local_rate_limit.rate_limited") > 0
+    finally:
+        mesh.write()
 
 
 def test_a_tcp_service_works_through_its_cluster_ip(mesh: Mesh) -> None:

@@ -15,7 +15,8 @@ match it takes the connection:
   a 502 saying why for HTTP and a closed connection for the rest.
 - inbound, on 0.0.0.0:15006: a chain per target port of the sidecar's own service
   (HTTP through an HTTP connection manager, so inbound HTTP filters apply), other ports
-  passed through; a connection for 15006 itself is closed (it would loop).
+  passed through; a connection for 15006 itself is closed (it would loop). Its HTTP
+  chains carry the features' inbound filters (the rate limit: each pod its own bucket).
 
 The egress listener depends on the services a sidecar sees and its port only, so the
 assembly builds it once per (visible set, egress port). Pure functions, no I/O.
@@ -33,7 +34,7 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from google.protobuf import wrappers_pb2
 
-from controlplane.mesh.model import OutboundTrafficPolicy, Protocol, Service, ServicePort
+from controlplane.mesh.model import OutboundTrafficPolicy, Service, ServicePort
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
 from controlplane.translator.clusters import CONNECT_TIMEOUT, use_http2
@@ -45,6 +46,7 @@ from controlplane.translator.listeners import (
     inbound_manager,
     tcp_chain,
 )
+from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import duration, pack, socket_address
 from controlplane.translator.registry_only import registry_only
 
@@ -165,14 +167,17 @@ def captured_inbound_listener(proxy: ProxyIdentity,
     loop = tcp_chain("inbound-loop", names.BLACKHOLE_CLUSTER)
     loop.filter_chain_match.destination_port.value = proxy.inbound_port
     chains = [loop]
-    for target, protocol in inbound_ports(own):
+    for target, port in _inbound_ports(own):
         if target == proxy.inbound_port:
             continue
         cluster = _inbound_name(proxy, target)
-        if protocol == "tcp":
+        if port.protocol == "tcp":
             made = tcp_chain(cluster, cluster)
         else:
-            made = _named(chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster)), cluster)
+            assert own is not None  # ports come from it
+            filters = [f for feature in FEATURES for f in feature.inbound_http_filters(own, port)]
+            made = _named(chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster, filters)),
+                          cluster)
         made.filter_chain_match.destination_port.value = target
         chains.append(made)
     return listener_pb2.Listener(
@@ -187,16 +192,16 @@ def captured_inbound_listener(proxy: ProxyIdentity,
     )
 
 
-def inbound_ports(own: Service | None) -> list[tuple[int, Protocol]]:
-    """(target port, protocol) of the sidecar's own service: the ports its endpoints
-    serve each service port on (the service port itself when no endpoint says),
-    first port first when two share a target."""
-    found: dict[int, Protocol] = {}
+def _inbound_ports(own: Service | None) -> list[tuple[int, ServicePort]]:
+    """(target port, service port) of the sidecar's own service: the ports its
+    endpoints serve each service port on (the service port itself when no endpoint
+    says), first port first when two share a target."""
+    found: dict[int, ServicePort] = {}
     for port in own.service_ports if own is not None else []:
         targets = {t for e in own.endpoints if (t := e.port_for(port)) is not None} \
             if own is not None else set()
         for target in sorted(targets or {port.port}):
-            found.setdefault(target, port.protocol)
+            found.setdefault(target, port)
     return sorted(found.items())
 
 
@@ -214,11 +219,11 @@ def capture_clusters(proxy: ProxyIdentity, own: Service | None) -> list[_Cluster
                  connect_timeout=duration(CONNECT_TIMEOUT)),
         _original_dst(names.INBOUND_PASSTHROUGH_CLUSTER, INBOUND_SOURCE),
     ]
-    for target, protocol in inbound_ports(own):
+    for target, port in _inbound_ports(own):
         if target == proxy.inbound_port:
             continue
         cluster = _original_dst(_inbound_name(proxy, target), INBOUND_SOURCE)
-        if protocol == "grpc":
+        if port.protocol == "grpc":
             use_http2(cluster)
         clusters.append(cluster)
     return clusters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Final
 
@@ -68,13 +69,14 @@ def egress_manager(on_demand: bool = False) -> http_connection_manager_pb2.HttpC
     )
 
 
-def inbound_manager(cluster_name: str) -> http_connection_manager_pb2.HttpConnectionManager:
-    """In front of the app: everything to ``cluster_name`` (the inbound route)."""
+def inbound_manager(cluster_name: str, filters: Sequence[http_connection_manager_pb2.HttpFilter]
+                    = ()) -> http_connection_manager_pb2.HttpConnectionManager:
+    """In front of the app: ``filters``, then everything to ``cluster_name``."""
     return _HCM(
         stat_prefix="inbound",
         codec_type=_HCM.CodecType.AUTO,
         route_config=inbound_route(cluster_name),
-        http_filters=[router()],
+        http_filters=[*filters, router()],
         use_remote_address=wrappers_pb2.BoolValue(value=False),
     )
 

@@ -35,3 +35,10 @@ class Feature:
         """HTTP filters this feature needs on the egress listener, before the router.
         They should do nothing unless a route turns them on (typed_per_filter_config)."""
         return []
+
+    def inbound_http_filters(self, service: Service,
+                             port: ServicePort) -> list[hcm_pb2.HttpFilter]:
+        """HTTP filters a captured sidecar puts in front of its own app's ``port``
+        (``service`` is the sidecar's own), before the router: policies the receiving
+        side enforces, whoever calls (a caller without a sidecar too)."""
+        return []

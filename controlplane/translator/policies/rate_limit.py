@@ -2,7 +2,8 @@
 
 The egress listener carries Envoy's local rate limit filter without a bucket, which
 limits nothing; each route to a rate-limited service brings its own bucket (shared by
-the sidecar's workers), so one service's limit never counts another's calls."""
+the sidecar's workers), so one service's limit never counts another's calls. A captured
+sidecar also limits what its own app receives, with a bucket of its own (inbound)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from controlplane.translator.protoutil import duration, pack, u32
 
 RATE_LIMIT_FILTER: Final = "envoy.filters.http.local_ratelimit"
 STAT_PREFIX: Final = "egress_rate_limit"
+INBOUND_STAT_PREFIX: Final = "inbound_rate_limit"
 LIMITED_HEADER: Final = "x-local-rate-limit"
 _MIN_FILL: Final = Fraction(1, 20)  # Envoy refuses a fill_interval under 50ms
 _MICROS: Final = 10**6
@@ -36,6 +38,16 @@ class RateLimit(Feature):
 
     def http_filters(self) -> list[hcm_pb2.HttpFilter]:
         config = local_rate_limit_pb2.LocalRateLimit(stat_prefix=STAT_PREFIX)
+        return [hcm_pb2.HttpFilter(name=RATE_LIMIT_FILTER, typed_config=pack(config))]
+
+    def inbound_http_filters(self, service: Service,
+                             port: ServicePort) -> list[hcm_pb2.HttpFilter]:
+        """A captured pod takes at most ``requests_per_second`` itself (its own bucket),
+        so callers outside the mesh, or past the callers' own buckets, are limited too."""
+        if service.policy.rate_limit is None:
+            return []
+        config = local_rate_limit(service.policy.rate_limit)
+        config.stat_prefix = INBOUND_STAT_PREFIX
         return [hcm_pb2.HttpFilter(name=RATE_LIMIT_FILTER, typed_config=pack(config))]
 
     def route(self, service: Service, port: ServicePort,
