@@ -4,6 +4,8 @@ proxy's ``capture`` flag read from its node metadata."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from envoy.config.core.v3 import base_pb2
 
@@ -94,3 +96,16 @@ def test_capture_comes_from_node_metadata() -> None:
     assert ProxyIdentity.from_node(_node(capture="true", app_port="9080")).inbound_port == 15006
     plain = ProxyIdentity.from_node(_node(capture="false", inbound_port="15006", app_port="9080"))
     assert not plain.capture and plain.app_port == 9080 and "~capture" not in plain.group
+
+
+def test_the_captured_example_is_valid_and_a_real_envoy_accepts_its_sidecar() -> None:
+    from controlplane.mesh import load_mesh_file
+    from controlplane.translator import translate
+    from tests.support.envoy_validate import rejected
+
+    example = Path(__file__).parent.parent / "examples" / "captured-mesh.yaml"
+    mesh = load_mesh_file(example)
+    assert mesh.outbound_traffic_policy == "REGISTRY_ONLY"
+    proxies = [ProxyIdentity(node_id=f"{s.name}-0.default", service=s.name, capture=True)
+               for s in mesh.services[:2]]
+    assert not rejected([translate(mesh, proxy) for proxy in proxies])
