@@ -142,8 +142,8 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
                 # The server keeps the node of a stream's first request (stream.py).
                 "set_node_on_first_message_only": True,
             },
-            "cds_config": {"ads": {}, "resource_api_version": "V3"},
-            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": _ads_source(options),
+            "lds_config": _ads_source(options),
         },
         "static_resources": _static_resources(options, host, port),
     }
@@ -272,6 +272,16 @@ def _metadata(options: BootstrapOptions) -> dict[str, Any]:
     if options.instance_ip:
         metadata["instance_ip"] = options.instance_ip
     return metadata
+
+
+def _ads_source(options: BootstrapOptions) -> dict[str, Any]:
+    """Clusters and listeners over ADS. A captured sidecar waits for them however long it
+    takes (Envoy's default gives up after 15 s and reports ready with no config): its
+    readiness gates the app, whose every call the empty proxy would refuse."""
+    source: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+    if options.capture:
+        source["initial_fetch_timeout"] = "0s"
+    return source
 
 
 def _static_resources(options: BootstrapOptions, host: str, port: int) -> dict[str, Any]:

