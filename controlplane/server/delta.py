@@ -82,6 +82,10 @@ class DeltaStream(StreamBase):
         # Load assignments of clusters sent since the last EDS answer: sent again even if
         # the client holds them (Envoy warms an updated cluster only on an EDS response).
         self._rewarm: set[str] = set()
+        # Clusters sent before EDS was asked for, their load assignments not yet listed:
+        # only a client that comes to EDS holding some needs them (a thousand set updates
+        # per new stream otherwise, a sixteenth of the initial sync's CPU).
+        self._rewarm_from: list[list[Resource]] = []
 
     def accept_node(self, node: base_pb2.Node | None, has_node: bool) -> bool:
         """As for any stream, and a delta stream may be on demand (node metadata)."""
@@ -159,7 +163,7 @@ class DeltaStream(StreamBase):
             if not everything:
                 touched |= state.targets ^ old_targets
                 touched |= _targets(typed, touched)
-            if type_url == resource.ENDPOINT and self._rewarm:
+            if type_url == resource.ENDPOINT and (self._rewarm or self._rewarm_from):
                 touched |= self._take_rewarm(state, typed)
             push = self._update(type_url, state, typed, None if everything else touched)
             if push is not None:
@@ -181,7 +185,7 @@ class DeltaStream(StreamBase):
             state.targets = _targets(typed, state.subscribed)
             if candidates is not None:
                 candidates |= state.targets ^ old_targets
-            if type_url == resource.ENDPOINT and self._rewarm:
+            if type_url == resource.ENDPOINT and (self._rewarm or self._rewarm_from):
                 rewarm = self._take_rewarm(state, typed)
                 if candidates is not None:
                     candidates |= rewarm
@@ -195,7 +199,12 @@ class DeltaStream(StreamBase):
         """The load assignments to send again: forgotten as held, to be looked at (so a
         client that held exactly its snapshot does again once they are sent). One that
         is gone stays held: its removal is what the client gets."""
-        rewarm, self._rewarm = self._rewarm, set()
+        rewarm, pending = self._rewarm, self._rewarm_from
+        self._rewarm, self._rewarm_from = set(), []
+        if pending and (state.base is not None or not state.client.empty()):
+            for clusters in pending:  # (a client that holds nothing gets them all anyway)
+                for cluster in clusters:
+                    rewarm.update(cluster.refs.get(resource.ENDPOINT, ()))
         if state.client.empty():
             return rewarm
         present, held = typed.resources, state.client
@@ -219,7 +228,9 @@ class DeltaStream(StreamBase):
             # EDS not asked for yet may come holding these (a reconnect); EDS asked for
             # but never answered will get everything anyway.
             endpoints = self.types.get(resource.ENDPOINT)
-            if endpoints is None or endpoints.base is not None or not endpoints.client.empty():
+            if endpoints is None:
+                self._rewarm_from.append(updated)
+            elif endpoints.base is not None or not endpoints.client.empty():
                 for cluster in updated:
                     self._rewarm.update(cluster.refs.get(resource.ENDPOINT, ()))
         synced = whole and (candidates is None or state.synced)
