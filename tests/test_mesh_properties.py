@@ -215,12 +215,18 @@ def meshes(draw: st.DrawFn) -> tuple[dict[str, Any], ProxyIdentity]:
     service = mesh["services"][0]
     if "external_name" not in service and draw(st.booleans()):
         _route_to_another_service(draw, mesh["services"], service)
+    for index, each in enumerate(mesh["services"]):  # virtual IPs, one service each
+        if "external_name" not in each and draw(st.booleans()):
+            each["cluster_ips"] = [f"10.96.{index}.{draw(st.integers(1, 254))}",
+                                   *([f"fd00::{index + 1:x}"] if draw(st.booleans()) else [])]
+    mesh["outbound_traffic_policy"] = draw(st.sampled_from(["ALLOW_ANY", "REGISTRY_ONLY"]))
     inbound = draw(st.booleans())
     proxy = ProxyIdentity(
         node_id="proxy-1", service=service["name"], namespace=service["namespace"],
         egress_port=15001, inbound_port=15006 if inbound else None,
         app_port=draw(st.integers(1, 65535)) if inbound else None,
         zone=draw(st.sampled_from(["", "zone-a"])),
+        capture=draw(st.booleans()),  # a captured sidecar: chains by address, port 15006
     )
     return mesh, proxy
 
