@@ -140,12 +140,13 @@ def policies(draw: st.DrawFn, subsets: list[dict[str, str]]) -> dict[str, Any]:
         policy["load_balancer"] = {"policy": lb, "hash": on}
     else:
         policy["load_balancer"] = {"policy": lb}
-    if subsets and draw(st.booleans()):
-        split = [{"labels": s, "weight": draw(st.integers(0, 10000))} for s in subsets]
+    if subsets and bool(draw(st.booleans())):
+        split: list[dict[str, Any]] = [{"labels": s, "weight": draw(st.integers(0, 10000))}
+                                       for s in subsets]
         if sum(leg["weight"] for leg in split) == 0:
             split[0]["weight"] = 10000
         policy["split"] = split
-    if subsets and draw(st.booleans()):
+    if subsets and bool(draw(st.booleans())):
         match: dict[str, Any] = {"labels": draw(st.sampled_from(subsets))}
         if draw(st.booleans()):
             match["headers"] = draw(st.dictionaries(header_name, header_value, min_size=1,
