@@ -23,6 +23,14 @@ import structlog
 from controlplane.admin import AdminState, start_admin
 from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.store import SnapshotStore
+from controlplane.inject.certs import (
+    CertificateSource,
+    DirectoryStore,
+    FileCertificates,
+    dns_names,
+)
+from controlplane.inject.config import InjectConfig
+from controlplane.inject.webhook import Webhook, WebhookState
 from controlplane.pipeline import Pipeline
 from controlplane.server import StreamRegistry, XdsServer, create_server
 from controlplane.server.limits import Limits
@@ -48,6 +56,7 @@ class Running:
     store: SnapshotStore | None
     xds: XdsServer | None = None
     sweeper: asyncio.Task[None] | None = None
+    webhook: Webhook | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop taking new streams, end the open ones once their writes are done (they
@@ -62,6 +71,8 @@ class Running:
             self.xds.shutdown()
         await stopping
         self.pipeline.close()
+        if self.webhook is not None:
+            await self.webhook.stop()
         await self.admin_runner.cleanup()
         if self.store is not None:
             self.store.close()
@@ -133,6 +144,61 @@ async def sweep(pipeline: Pipeline, ttl: float) -> None:
             log.exception("groups.sweep_failed", hint="retried at the next sweep")
 
 
+def inject_config(settings: ServeSettings) -> InjectConfig:
+    """What the webhook injects, from the ``inject_*`` settings (checked: a bad value is
+    an error at start naming the setting)."""
+    config = InjectConfig(
+        proxy_image=settings.inject_proxy_image, init_image=settings.inject_init_image,
+        xds_address=settings.inject_xds_address, proxy_uid=settings.inject_proxy_uid,
+        proxy_cpu=settings.inject_proxy_cpu, proxy_memory=settings.inject_proxy_memory,
+        proxy_memory_limit=settings.inject_proxy_memory_limit, delta=settings.inject_delta,
+        log_level=settings.inject_log_level)
+    try:
+        return config.check()
+    except ValueError as exc:  # it names `controlplane inject`'s flag: say where it was set
+        raise ValueError(f"injection setting (--inject-* or CONTROLPLANE_INJECT_*): {exc}"
+                         ) from None
+
+
+def certificates(settings: ServeSettings) -> CertificateSource:
+    """Files when given; else in a cluster the shared Secret (and its CA in caBundle);
+    else a directory of our own."""
+    local: CertificateSource | None = None
+    if settings.webhook_cert is not None or settings.webhook_key is not None:
+        if settings.webhook_cert is None or settings.webhook_key is None:
+            raise ValueError("--webhook-cert and --webhook-key go together: give both, or "
+                             "neither (a certificate is then made and kept)")
+        local = FileCertificates(settings.webhook_cert, settings.webhook_key,
+                                 settings.webhook_ca)
+    if settings.source != "kubernetes":
+        return local or DirectoryStore(settings.webhook_cert_dir)
+    from controlplane.inject.webhook_kube import KubernetesCertificates, SecretCertificates
+    from controlplane.sources.kubernetes import api_client
+    from controlplane.sources.kubernetes.kinds import WEBHOOK_SECRET
+
+    api = api_client(settings.kubeconfig, pool_size=2)
+    return KubernetesCertificates(
+        api, settings.webhook_configuration,
+        local or SecretCertificates(api, settings.webhook_namespace, WEBHOOK_SECRET))
+
+
+async def start_webhook(settings: ServeSettings) -> Webhook | None:
+    """The injection webhook, when it runs (``webhook_listen``); bound now, its
+    certificate fetched in the background (readiness does not wait for it)."""
+    address = settings.webhook_listen()
+    if address is None:
+        return None
+    host, port = split_address(address, "--webhook-address")
+    state = WebhookState(inject_config(settings),
+                         fail_closed=settings.inject_failure_policy == "closed")
+    webhook = Webhook(state, certificates(settings),
+                      dns_names(settings.webhook_service, settings.webhook_namespace))
+    bound = await webhook.start(host, port)
+    log.info("webhook.started", address=f"{host}:{bound}",
+             failure_policy=settings.inject_failure_policy)
+    return webhook
+
+
 def readiness(pipeline: Pipeline, source: Source) -> Callable[[], tuple[bool, str]]:
     """The pipeline's readiness, with what the source cannot see (a namespace the
     server may not read, and the RBAC rule to add): reported, never blocking the rest."""
@@ -163,6 +229,12 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     except BaseException:  # e.g. the admin port is taken: release the xDS port too
         await grpc_server.stop(0)
         raise
+    try:
+        webhook = await start_webhook(settings)
+    except BaseException:  # its port is taken, a bad setting: release the others
+        await grpc_server.stop(0)
+        await runner.cleanup()
+        raise
 
     task = asyncio.create_task(follow(source, pipeline), name="source")
     sweeper = asyncio.create_task(sweep(pipeline, settings.group_ttl), name="group-sweeper")
@@ -170,7 +242,7 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     log.info("serve.started", source=source.name, xds=f"{host}:{xds_port}",
              admin=f"http://{admin_host}:{bound_admin}/", snapshot_dir=str(settings.snapshot_dir))
     return Running(settings, pipeline, cache, registry, grpc_server, xds_port, runner,
-                   bound_admin, task, store, xds, sweeper)
+                   bound_admin, task, store, xds, sweeper, webhook)
 
 
 async def serve(settings: ServeSettings) -> None:

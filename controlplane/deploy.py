@@ -18,15 +18,19 @@ from controlplane import generated
 from controlplane.sources.kubernetes.crd import sidecar_crd, traffic_policy_crd
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    MUTATING_WEBHOOKS,
     PODS,
     POLICY_GROUP,
     POLICY_KIND,
     POLICY_PLURAL,
     POLICY_VERSION,
+    SECRETS,
     SERVICES,
     SIDECAR_KIND,
     SIDECARS,
     TRAFFIC_POLICIES,
+    WEBHOOK_CONFIGURATION,
+    WEBHOOK_SECRET,
 )
 
 NAME: Final = "controlplane"
@@ -34,6 +38,12 @@ NAMESPACE: Final = "controlplane-system"
 IMAGE: Final = "controlplane:latest"
 XDS_PORT: Final = 18000
 ADMIN_PORT: Final = 19000
+WEBHOOK_PORT: Final = 15017
+WEBHOOK_PATH: Final = "/inject"
+INJECT_LABEL: Final = f"{POLICY_GROUP}/inject"  # DESIGN.md section 5
+# Never injected, whatever their labels: the cluster's own, and ours (with a failure
+# policy of Fail, injecting the control plane would need the control plane to start).
+NEVER_INJECTED: Final = ("kube-system", "kube-public", "kube-node-lease", NAMESPACE)
 REPLICAS: Final = 2
 USER_ID: Final = 10001  # the image's user (Dockerfile)
 DIR: Final = Path("deploy/kubernetes")
@@ -80,6 +90,20 @@ def cluster_role_rules() -> list[dict[str, Any]]:
         {"apiGroups": [SIDECARS.group], "resources": [SIDECARS.plural], "verbs": _WATCH},
         {"apiGroups": [SIDECARS.group], "resources": [f"{SIDECARS.plural}/status"],
          "verbs": ["get", "update", "patch"]},
+        # The injection webhook writes its CA into its own configuration, and no other.
+        {"apiGroups": [MUTATING_WEBHOOKS.group], "resources": [MUTATING_WEBHOOKS.plural],
+         "resourceNames": [WEBHOOK_CONFIGURATION], "verbs": ["get", "patch"]},
+    ]
+
+
+def webhook_role_rules() -> list[dict[str, Any]]:
+    """In the control plane's namespace only: the webhook's serving certificate, one
+    Secret. RBAC cannot name an object that does not exist yet, so ``create`` is for any
+    Secret of this namespace; reading and replacing are for that one."""
+    return [
+        {"apiGroups": [SECRETS.group], "resources": [SECRETS.plural], "verbs": ["create"]},
+        {"apiGroups": [SECRETS.group], "resources": [SECRETS.plural],
+         "resourceNames": [WEBHOOK_SECRET], "verbs": ["get", "update"]},
     ]
 
 
@@ -93,6 +117,13 @@ def rbac() -> list[dict[str, Any]]:
          "metadata": _meta(NAME, namespaced=False),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                      "name": NAME},
+         "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _meta(f"{NAME}-webhook"), "rules": webhook_role_rules()},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(f"{NAME}-webhook"),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": f"{NAME}-webhook"},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]},
     ]
 
@@ -121,6 +152,15 @@ def deployment() -> dict[str, Any]:
         "ports": [
             {"name": "grpc-xds", "containerPort": XDS_PORT, "protocol": "TCP"},
             {"name": "http-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            {"name": "https-webhook", "containerPort": WEBHOOK_PORT, "protocol": "TCP"},
+        ],
+        # The webhook keeps its certificate in a Secret of its own namespace, and injected
+        # sidecars dial this Service for xDS.
+        "env": [
+            {"name": "CONTROLPLANE_WEBHOOK_NAMESPACE",
+             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "CONTROLPLANE_WEBHOOK_ADDRESS", "value": f"0.0.0.0:{WEBHOOK_PORT}"},
+            {"name": "CONTROLPLANE_INJECT_XDS_ADDRESS", "value": SERVICE_ADDRESS},
         ],
         # Alive as long as the admin server answers; ready once the source has synced and
         # the first snapshot is built, so a new replica takes no streams before that.
@@ -179,8 +219,58 @@ def service() -> dict[str, Any]:
                  "protocol": "TCP", "appProtocol": "grpc"},
                 {"name": "http-admin", "port": ADMIN_PORT, "targetPort": "http-admin",
                  "protocol": "TCP", "appProtocol": "http"},
+                {"name": "https-webhook", "port": WEBHOOK_PORT, "targetPort": "https-webhook",
+                 "protocol": "TCP", "appProtocol": "https"},
             ],
         },
+    }
+
+
+def _webhook(name: str, namespaces: dict[str, Any], objects: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        # Open: while the control plane is down, pods start without a sidecar rather than
+        # not at all (`CONTROLPLANE_INJECT_FAILURE_POLICY` is the webhook's own choice for
+        # pods it cannot understand).
+        "failurePolicy": "Ignore",
+        "timeoutSeconds": 10,
+        "matchPolicy": "Equivalent",
+        "reinvocationPolicy": "Never",
+        # caBundle is written by the control plane at start (its own CA, or yours).
+        "clientConfig": {"service": {"name": NAME, "namespace": NAMESPACE,
+                                     "path": WEBHOOK_PATH, "port": WEBHOOK_PORT}},
+        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods"], "scope": "Namespaced"}],
+        "namespaceSelector": namespaces,
+        "objectSelector": objects,
+    }
+
+
+def mutating_webhook_configuration() -> dict[str, Any]:
+    """Two webhooks, as Istio's injector: pods in a namespace labelled ``inject=enabled``
+    unless the pod says ``"false"``; pods labelled ``"true"`` in a namespace without the
+    label. Pods CREATE only; never the cluster's own namespaces or ours."""
+    spared = {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+              "values": list(NEVER_INJECTED)}
+    return {
+        "apiVersion": f"{MUTATING_WEBHOOKS.group}/{MUTATING_WEBHOOKS.version}",
+        "kind": MUTATING_WEBHOOKS.kind,
+        "metadata": _meta(WEBHOOK_CONFIGURATION, namespaced=False),
+        "webhooks": [
+            _webhook(f"namespace.inject.{POLICY_GROUP}",
+                     {"matchExpressions": [
+                         {"key": INJECT_LABEL, "operator": "In", "values": ["enabled"]},
+                         spared]},
+                     {"matchExpressions": [
+                         {"key": INJECT_LABEL, "operator": "NotIn", "values": ["false"]}]}),
+            _webhook(f"object.inject.{POLICY_GROUP}",
+                     {"matchExpressions": [
+                         {"key": INJECT_LABEL, "operator": "DoesNotExist"}, spared]},
+                     {"matchExpressions": [
+                         {"key": INJECT_LABEL, "operator": "In", "values": ["true"]}]}),
+        ],
     }
 
 
@@ -260,6 +350,7 @@ def rendered() -> dict[Path, str]:
         DIR / "03-deployment.yaml": _dump(deployment()),
         DIR / "04-service.yaml": _dump(service()),
         DIR / "05-poddisruptionbudget.yaml": _dump(pod_disruption_budget()),
+        DIR / "06-mutatingwebhookconfiguration.yaml": _dump(mutating_webhook_configuration()),
         DIR / "examples" / "trafficpolicy.yaml": _dump(example_traffic_policy(),
                                                        header=example_header),
         DIR / "examples" / "sidecar.yaml": _dump(example_sidecar(), header=(

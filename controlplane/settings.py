@@ -102,6 +102,79 @@ class ServeSettings(BaseSettings):
         default=5.0, gt=0, description="Warnings one stream may cause per second (NACKs, "
         "unknown types, protocol errors); the rest are counted and the count logged."
     )
+    outbound_traffic_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = Field(
+        default="ALLOW_ANY", description="Kubernetes: where captured sidecars send calls to "
+        "destinations outside the mesh: through to the original destination (ALLOW_ANY), "
+        "or nowhere, with a 502 that says so (REGISTRY_ONLY). A mesh file says it itself."
+    )
+    # -- the injection webhook (DESIGN.md section 5; deploy/kubernetes sets these)
+    webhook_address: str | None = Field(
+        default=None, description="HTTPS HOST:PORT of the sidecar injection webhook. Default: "
+        "0.0.0.0:15017 with --source kubernetes, off with a mesh file; `off` turns it off."
+    )
+    webhook_cert: Path | None = Field(
+        default=None, description="PEM serving certificate for the webhook (with "
+        "webhook_key; e.g. cert-manager's Secret, mounted). Without them the control plane "
+        "makes its own CA and certificate."
+    )
+    webhook_key: Path | None = Field(default=None, description="PEM key of webhook_cert.")
+    webhook_ca: Path | None = Field(
+        default=None, description="PEM CA of webhook_cert, written into the webhook "
+        "configuration's caBundle (Kubernetes); default: none written (cert-manager's "
+        "CA injector, or you, fill it)."
+    )
+    webhook_namespace: str = Field(
+        default="controlplane-system", description="Kubernetes: the control plane's own "
+        "namespace (the manifests set it from the downward API): where its certificate's "
+        "Secret is kept, and the Service name its certificate is for."
+    )
+    webhook_service: str = Field(
+        default="controlplane", description="The Service the API server calls the webhook "
+        "through: the certificate is for <service>.<namespace>.svc."
+    )
+    webhook_configuration: str = Field(
+        default="controlplane-injector", description="Kubernetes: the "
+        "MutatingWebhookConfiguration whose caBundle the control plane keeps current."
+    )
+    webhook_cert_dir: Path = Field(
+        default=Path("webhook-certs"), description="Mesh file mode: where a self-made CA "
+        "and certificate are kept between runs (in Kubernetes: a Secret)."
+    )
+    inject_failure_policy: Literal["open", "closed"] = Field(
+        default="open", description="A pod the webhook cannot understand: admitted without "
+        "a sidecar and a warning (open), or refused with the reason (closed)."
+    )
+    inject_proxy_image: str = Field(
+        default="envoyproxy/envoy:v1.40-latest", description="Image of injected sidecars."
+    )
+    inject_init_image: str = Field(
+        default="controlplane:latest", description="Image of the init container that "
+        "installs traffic capture (`controlplane capture`)."
+    )
+    inject_xds_address: str = Field(
+        # deploy.SERVICE_ADDRESS; tests/test_deploy.py keeps the two equal.
+        default="controlplane.controlplane-system.svc:18000",
+        description="HOST:PORT injected sidecars dial for xDS."
+    )
+    inject_proxy_uid: int = Field(
+        default=1337, ge=1, description="UID (and GID) of injected sidecars, which capture "
+        "leaves alone."
+    )
+    inject_proxy_cpu: str = Field(default="100m", description="Sidecar CPU request.")
+    inject_proxy_memory: str = Field(default="128Mi", description="Sidecar memory request.")
+    inject_proxy_memory_limit: str = Field(default="512Mi",
+                                           description="Sidecar memory limit.")
+    inject_delta: bool = Field(default=False,
+                               description="Injected sidecars use delta xDS instead of SotW.")
+    inject_log_level: str = Field(default="warning", description="Injected Envoys' log level.")
+
+    def webhook_listen(self) -> str | None:
+        """The webhook's address, or None when it does not run."""
+        if self.webhook_address == "off":
+            return None
+        if self.webhook_address:
+            return self.webhook_address
+        return "0.0.0.0:15017" if self.source == "kubernetes" else None
 
 
 def split_address(address: str, flag: str) -> tuple[str, int]:

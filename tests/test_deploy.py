@@ -273,7 +273,7 @@ def test_target_ref_is_required_and_names_a_service() -> None:
 
 def test_cluster_role_is_least_privilege() -> None:
     role = by_kind()["ClusterRole"]
-    granted = {(group, resource, verb)
+    granted = {(group, resource, verb, *rule.get("resourceNames", []))
                for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     read = {"get", "list", "watch"}
@@ -286,8 +286,12 @@ def test_cluster_role_is_least_privilege() -> None:
     expected |= {(kinds.POLICY_GROUP, kinds.SIDECAR_PLURAL, v) for v in read}
     expected |= {(kinds.POLICY_GROUP, f"{kinds.SIDECAR_PLURAL}/status", v)
                  for v in ("get", "update", "patch")}
+    # The webhook's CA goes into its own configuration only.
+    expected |= {("admissionregistration.k8s.io", "mutatingwebhookconfigurations", v,
+                  kinds.WEBHOOK_CONFIGURATION) for v in ("get", "patch")}
     assert granted == expected
-    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])
+    assert all(set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}
+               for rule in role["rules"])
     binding = by_kind()["ClusterRoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     account = by_kind()["ServiceAccount"]
@@ -305,7 +309,7 @@ def test_deployment_is_replicated_probed_and_unprivileged() -> None:
     assert container["imagePullPolicy"] == "IfNotPresent"
     assert container["args"][:3] == ["serve", "--source", "kubernetes"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc-xds": 18000, "http-admin": 19000}
+    assert ports == {"grpc-xds": 18000, "http-admin": 19000, "https-webhook": 15017}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-admin"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-admin"}
     assert f"0.0.0.0:{ports['http-admin']}" in container["args"]
@@ -335,11 +339,86 @@ def test_service_and_budget_select_the_pods() -> None:
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["selector"].items() <= pod_labels.items()
     ports = {p["name"]: (p["port"], p.get("appProtocol")) for p in service["spec"]["ports"]}
-    assert ports == {"grpc-xds": (18000, "grpc"), "http-admin": (19000, "http")}
+    assert ports == {"grpc-xds": (18000, "grpc"), "http-admin": (19000, "http"),
+                     "https-webhook": (15017, "https")}
     budget = found["PodDisruptionBudget"]
     assert budget["spec"]["minAvailable"] == 1
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     namespaced = [d for d in found.values() if d["kind"] not in
-                  {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}]
+                  {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                   "MutatingWebhookConfiguration"}]
     assert {d["metadata"]["namespace"] for d in namespaced} == {deploy.NAMESPACE}
     assert deploy.SERVICE_ADDRESS == "controlplane.controlplane-system.svc:18000"
+
+
+# --- the injection webhook ---------------------------------------------------------------
+
+
+def test_webhook_role_is_one_secret_in_our_namespace() -> None:
+    """Secrets only in the control plane's namespace (a Role, not the ClusterRole), and
+    only the webhook's own one but for create, which RBAC cannot restrict by name."""
+    found = by_kind()
+    role, binding = found["Role"], found["RoleBinding"]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == deploy.NAMESPACE
+    granted = {(group, resource, verb, tuple(rule.get("resourceNames", [])))
+               for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == {("", "secrets", "create", ()),
+                       ("", "secrets", "get", (kinds.WEBHOOK_SECRET,)),
+                       ("", "secrets", "update", (kinds.WEBHOOK_SECRET,))}
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == found["ClusterRoleBinding"]["subjects"]
+    cluster_resources = {r for rule in found["ClusterRole"]["rules"] for r in rule["resources"]}
+    assert "secrets" not in cluster_resources
+
+
+def test_webhook_configuration_targets_only_what_it_must() -> None:
+    config = by_kind()["MutatingWebhookConfiguration"]
+    assert config["metadata"]["name"] == kinds.WEBHOOK_CONFIGURATION
+    assert "namespace" not in config["metadata"]
+    hooks = {h["name"]: h for h in config["webhooks"]}
+    assert set(hooks) == {"namespace.inject.mesh.controlplane.io",
+                          "object.inject.mesh.controlplane.io"}
+    label = "mesh.controlplane.io/inject"
+    spared = {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+              "values": ["kube-system", "kube-public", "kube-node-lease", deploy.NAMESPACE]}
+    for hook in hooks.values():
+        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""],
+                                  "apiVersions": ["v1"], "resources": ["pods"],
+                                  "scope": "Namespaced"}]
+        assert hook["sideEffects"] == "None"
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["failurePolicy"] == "Ignore"  # a control plane outage never stops pods
+        assert 1 <= hook["timeoutSeconds"] <= 10
+        assert hook["reinvocationPolicy"] == "Never"
+        assert hook["clientConfig"] == {"service": {
+            "name": "controlplane", "namespace": deploy.NAMESPACE, "path": "/inject",
+            "port": 15017}}
+        assert spared in hook["namespaceSelector"]["matchExpressions"]
+    namespaced = hooks["namespace.inject.mesh.controlplane.io"]
+    assert {"key": label, "operator": "In", "values": ["enabled"]} in \
+        namespaced["namespaceSelector"]["matchExpressions"]
+    assert namespaced["objectSelector"] == {"matchExpressions": [
+        {"key": label, "operator": "NotIn", "values": ["false"]}]}
+    opted_in = hooks["object.inject.mesh.controlplane.io"]
+    assert {"key": label, "operator": "DoesNotExist"} in \
+        opted_in["namespaceSelector"]["matchExpressions"]
+    assert opted_in["objectSelector"] == {"matchExpressions": [
+        {"key": label, "operator": "In", "values": ["true"]}]}
+
+
+def test_webhook_is_served_where_the_configuration_points() -> None:
+    found = by_kind()
+    (container,) = found["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CONTROLPLANE_WEBHOOK_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["CONTROLPLANE_WEBHOOK_ADDRESS"]["value"] == "0.0.0.0:15017"
+    assert env["CONTROLPLANE_INJECT_XDS_ADDRESS"]["value"] == deploy.SERVICE_ADDRESS
+    from controlplane.settings import ServeSettings
+    assert ServeSettings.model_fields["inject_xds_address"].default == deploy.SERVICE_ADDRESS
+    port = {p["name"]: p for p in found["Service"]["spec"]["ports"]}["https-webhook"]
+    (hook, _) = found["MutatingWebhookConfiguration"]["webhooks"]
+    assert hook["clientConfig"]["service"]["port"] == port["port"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}

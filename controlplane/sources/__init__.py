@@ -39,5 +39,6 @@ def open_source(settings: ServeSettings) -> Source:
             debounce=Debounce(settings.debounce_quiet, settings.debounce_max),
             write_status=settings.write_status,
             pod_labels=settings.pod_labels,
+            outbound_traffic_policy=settings.outbound_traffic_policy,
         )
     raise SourceError(f"unknown source {spec!r}; use file:PATH or kubernetes")

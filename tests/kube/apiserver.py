@@ -3,7 +3,9 @@
 Why: no cluster is reachable in CI, and a mock of the client would test nothing. This is
 an HTTP server on 127.0.0.1 that the *official* ``kubernetes`` client talks to unchanged
 (``kubeconfig()`` writes the file it loads), so the code under test is the code that
-runs against a real cluster. It serves the kinds in ``kinds.WATCHED`` and behaves like
+runs against a real cluster. It serves the kinds in ``kinds.WATCHED``, and the Secrets
+and MutatingWebhookConfigurations (cluster-scoped) the injection webhook writes, and
+behaves like
 kube-apiserver where the source can tell the difference:
 
 - one global resourceVersion counter (etcd's revision), as a string on every object
@@ -261,7 +263,8 @@ class ApiServerDouble(_Handlers):
         kind = _kind_of(obj)
         meta = obj.get("metadata", {})
         with self._store.lock:
-            exists = (meta.get("namespace") or "default", meta.get("name", "")) in (
+            namespace = (meta.get("namespace") or "default") if kind.namespaced else ""
+            exists = (namespace, meta.get("name", "")) in (
                 self._store.objects[kind])
             if exists:
                 return self._store.update(obj, unconditional=True)[0]

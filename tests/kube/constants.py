@@ -6,17 +6,23 @@ from typing import Any, Final
 
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    MUTATING_WEBHOOKS,
     PODS,
+    SECRETS,
     SERVICES,
     SIDECARS,
     TRAFFIC_POLICIES,
+    WATCHED,
 )
 
 Obj = dict[str, Any]
 
 TOKEN: Final = "apiserver-double-token"  # the control plane's service account (RBAC applies)
 ADMIN_TOKEN: Final = "apiserver-double-admin"  # a cluster admin: what tests write with
-_BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS})  # list items: no kind/apiVersion
+# What the double serves: what the source watches, and what the webhook writes.
+SERVED: Final = (*WATCHED, SECRETS, MUTATING_WEBHOOKS)
+_BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS, SECRETS,
+                             MUTATING_WEBHOOKS})  # list items: no kind/apiVersion
 _STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, SIDECARS, PODS})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})

@@ -136,7 +136,8 @@ class _Handlers(_Writes):
         rbac = self.rbac
         if rbac is None or target is None:
             return  # discovery, /version and health are open to every authenticated user
-        if not rbac.allows(verb, target.kind, target.namespace, target.subresource):
+        if not rbac.allows(verb, target.kind, target.namespace, target.subresource,
+                           target.name):
             raise StatusError(rbac.forbidden(verb, target.kind, target.namespace, target.name,
                                              target.subresource))
 
@@ -169,17 +170,18 @@ class _Handlers(_Writes):
                 await self._fresh_enough(request.query.get("resourceVersion", ""),
                                          request.query.get("resourceVersionMatch", ""))
                 return self._list(request, target, output)
-            if method == "POST" and target.namespace is not None:
+            if method == "POST" and (target.namespace is not None
+                                     or not target.kind.namespaced):
                 return await self._create(request, target, output)
         else:
-            assert target.namespace is not None
+            namespace = target.namespace or ""  # "": a cluster-scoped object
             if method == "GET":
                 return web.json_response(_represent(target.kind, self._store.get(
-                    target.kind, target.namespace, target.name), output))
+                    target.kind, namespace, target.name), output))
             if method in ("PUT", "PATCH"):
                 return await self._write(request, target, output)
             if method == "DELETE" and target.subresource is None:
-                gone = self._store.delete(target.kind, target.namespace, target.name)
+                gone = self._store.delete(target.kind, namespace, target.name)
                 if target.kind == ENDPOINT_SLICES:  # its REST storage returns a Status
                     return web.json_response({
                         "kind": "Status", "apiVersion": "v1", "metadata": {},

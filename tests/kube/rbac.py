@@ -4,7 +4,10 @@ Why: a request the manifests do not allow works against the double but is a 403 
 real cluster, which a test would never notice. With this, the double authorizes the
 control plane's service account with the rules of deploy/kubernetes/*.yaml (read, not
 copied), bound cluster-wide as the manifests bind it, or only in the namespaces a test
-names (as RoleBindings would). The 403 is the real server's Status, message included.
+names (as RoleBindings would), plus the manifests' Roles bound to it (the webhook's Secret
+in the control plane's own namespace). ``resourceNames`` restrict a rule to those objects,
+as in the real authorizer: such a rule never allows list, watch or create. The 403 is the
+real server's Status, message included.
 """
 
 from __future__ import annotations
@@ -27,24 +30,50 @@ class Rule:
     groups: frozenset[str]
     resources: frozenset[str]
     verbs: frozenset[str]
+    names: frozenset[str] = frozenset()  # resourceNames: empty is every object
 
-    def allows(self, verb: str, group: str, resource: str) -> bool:
+    def allows(self, verb: str, group: str, resource: str, name: str | None = None) -> bool:
         return ((verb in self.verbs or "*" in self.verbs)
                 and (group in self.groups or "*" in self.groups)
-                and (resource in self.resources or "*" in self.resources))
+                and (resource in self.resources or "*" in self.resources)
+                and (not self.names or name in self.names))
+
+
+def _rule(raw: Mapping[str, Any]) -> Rule:
+    return Rule(frozenset(raw.get("apiGroups") or []), frozenset(raw.get("resources") or []),
+                frozenset(raw.get("verbs") or []), frozenset(raw.get("resourceNames") or []))
+
+
+def _documents(directory: Path) -> list[Mapping[str, Any]]:
+    return [doc for path in sorted(directory.glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if isinstance(doc, Mapping)]
+
+
+def shipped_roles(directory: Path = MANIFESTS,
+                  account: str = SERVICE_ACCOUNT) -> dict[str, list[Rule]]:
+    """Per namespace, the rules of the manifests' Roles that a RoleBinding there grants
+    to ``account`` (``system:serviceaccount:NS:NAME``)."""
+    docs = _documents(directory)
+    roles = {(d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs
+             if d.get("kind") == "Role"}
+    _, _, namespace_name = account.partition("system:serviceaccount:")
+    found: dict[str, list[Rule]] = {}
+    for binding in (d for d in docs if d.get("kind") == "RoleBinding"):
+        namespace = binding["metadata"].get("namespace")
+        subjects = {f"{s.get('namespace')}:{s.get('name')}"
+                    for s in binding.get("subjects") or [] if s.get("kind") == "ServiceAccount"}
+        role = roles.get((namespace, binding.get("roleRef", {}).get("name")))
+        if role is not None and namespace_name in subjects:
+            found.setdefault(namespace, []).extend(_rule(r) for r in role.get("rules") or [])
+    return found
 
 
 def shipped_rules(directory: Path = MANIFESTS, role: str = "controlplane") -> list[Rule]:
     """The rules of the ClusterRole ``role`` in the manifests."""
     rules: list[Rule] = []
-    for path in sorted(directory.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if (isinstance(doc, Mapping) and doc.get("kind") == "ClusterRole"
-                    and doc.get("metadata", {}).get("name") == role):
-                rules.extend(Rule(frozenset(r.get("apiGroups") or []),
-                                  frozenset(r.get("resources") or []),
-                                  frozenset(r.get("verbs") or []))
-                             for r in doc.get("rules") or [])
+    for doc in _documents(directory):
+        if doc.get("kind") == "ClusterRole" and doc.get("metadata", {}).get("name") == role:
+            rules.extend(_rule(r) for r in doc.get("rules") or [])
     if not rules:
         raise ValueError(f"no ClusterRole {role!r} with rules in {directory}")
     return rules
@@ -55,18 +84,27 @@ class Rbac:
     or only in ``namespaces`` (RoleBindings: nothing at the cluster scope)."""
 
     def __init__(self, rules: Iterable[Rule] | None = None,
-                 namespaces: Iterable[str] | None = None, user: str = SERVICE_ACCOUNT) -> None:
+                 namespaces: Iterable[str] | None = None, user: str = SERVICE_ACCOUNT,
+                 roles: Mapping[str, Iterable[Rule]] | None = None) -> None:
+        """``roles``: per namespace, rules granted there only (default: the shipped
+        Roles when the shipped ClusterRole is used, else none)."""
         self.rules = list(rules) if rules is not None else shipped_rules()
         self.namespaces = frozenset(namespaces) if namespaces is not None else None
         self.user = user
+        if roles is None:
+            roles = shipped_roles() if rules is None else {}
+        self.roles = {ns: list(found) for ns, found in roles.items()}
 
     def allows(self, verb: str, kind: Kind, namespace: str | None,
-               subresource: str | None = None) -> bool:
+               subresource: str | None = None, name: str | None = None) -> bool:
+        resource = f"{kind.plural}/{subresource}" if subresource else kind.plural
+        if namespace is not None and any(rule.allows(verb, kind.group, resource, name)
+                                         for rule in self.roles.get(namespace, [])):
+            return True
         if self.namespaces is not None and (namespace is None
                                             or namespace not in self.namespaces):
             return False
-        resource = f"{kind.plural}/{subresource}" if subresource else kind.plural
-        return any(rule.allows(verb, kind.group, resource) for rule in self.rules)
+        return any(rule.allows(verb, kind.group, resource, name) for rule in self.rules)
 
     def forbidden(self, verb: str, kind: Kind, namespace: str | None, name: str | None,
                   subresource: str | None = None) -> dict[str, Any]:

@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from controlplane.sources.kubernetes.kinds import (
-    WATCHED,
     Kind,
 )
 from tests.kube.constants import (
     _STATUS_SUBRESOURCE,
     _TRUE,
+    SERVED,
 )
 
 # --- HTTP -------------------------------------------------------------------------------
@@ -65,13 +65,15 @@ def _route(path: str) -> _Target | None:
         namespace, rest = rest[1], rest[2:]
     if not rest or len(rest) > 3:
         return None
-    kind = next((k for k in WATCHED if (k.group, k.version, k.plural) == (group, version,
+    kind = next((k for k in SERVED if (k.group, k.version, k.plural) == (group, version,
                                                                           rest[0])), None)
     if kind is None:
         return None
     name = rest[1] if len(rest) >= 2 else None
     subresource = rest[2] if len(rest) == 3 else None
-    if name is not None and namespace is None:
+    if namespace is not None and not kind.namespaced:
+        return None  # a cluster-scoped kind has no namespaced path
+    if name is not None and namespace is None and kind.namespaced:
         return None  # namespaced objects are only addressable in their namespace
     if subresource is not None and (subresource != "status" or kind not in _STATUS_SUBRESOURCE):
         return None

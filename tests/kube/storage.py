@@ -19,9 +19,10 @@ from typing import Any
 
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    MUTATING_WEBHOOKS,
     PODS,
+    SECRETS,
     SERVICES,
-    WATCHED,
     Kind,
 )
 from tests.kube.admission import (
@@ -38,10 +39,17 @@ from tests.kube.admission import (
     _validate_schema,
     _validate_service,
 )
+from tests.kube.admission_config import (
+    _default_secret,
+    _default_webhooks,
+    _validate_secret,
+    _validate_webhooks,
+)
 from tests.kube.constants import (
     _FALSE,
     _STATUS_SUBRESOURCE,
     _TRUE,
+    SERVED,
     Obj,
 )
 from tests.kube.errors import (
@@ -139,8 +147,17 @@ def _key(obj: Obj) -> tuple[str, str]:
     return meta.get("namespace", ""), meta.get("name", "")
 
 
+def _scope(kind: Kind, meta: Obj, namespace: str | None) -> None:
+    """A namespaced object's namespace (``default`` when none is given); a cluster-scoped
+    one has none, whatever was sent (the real server clears it)."""
+    if kind.namespaced:
+        meta["namespace"] = namespace or meta.get("namespace") or "default"
+    else:
+        meta.pop("namespace", None)
+
+
 def _kind_of(obj: Obj) -> Kind:
-    for kind in WATCHED:
+    for kind in SERVED:
         if obj.get("apiVersion") == kind.api_version and obj.get("kind") == kind.kind:
             return kind
     raise ValueError(f"not a served kind: apiVersion={obj.get('apiVersion')!r} "
@@ -150,7 +167,7 @@ def _kind_of(obj: Obj) -> Kind:
 def _kind_named(name: Kind | str) -> Kind:
     if isinstance(name, Kind):
         return name
-    for kind in WATCHED:
+    for kind in SERVED:
         if name in (kind.plural, kind.kind, kind.kind.lower()):
             return kind
     raise ValueError(f"not a served kind: {name!r}")
@@ -174,7 +191,7 @@ class _Store:
         self.changed = threading.Condition(self.lock)
         self.version = 1  # etcd starts above 0; "0" means "any" to the API
         self.compacted = 1  # watches from an older version get 410
-        self.objects: dict[Kind, dict[tuple[str, str], Obj]] = {k: {} for k in WATCHED}
+        self.objects: dict[Kind, dict[tuple[str, str], Obj]] = {k: {} for k in SERVED}
         self.history: deque[_Change] = deque()
         self.history_limit = history_limit
         self.watchers: set[_Watcher] = set()
@@ -218,7 +235,7 @@ class _Store:
         with self.lock:
             new = copy.deepcopy(obj)
             meta = new.setdefault("metadata", {})
-            meta["namespace"] = namespace or meta.get("namespace") or "default"
+            _scope(kind, meta, namespace)
             if meta.get("resourceVersion"):
                 raise _error(500, "resourceVersion should not be set on objects to be created")
             if not meta.get("name") and meta.get("generateName"):
@@ -235,7 +252,7 @@ class _Store:
             warnings = self._admit(kind, new, None)
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = _now()
-            if kind != SERVICES:
+            if kind not in (SERVICES, SECRETS):  # neither has a generation
                 meta["generation"] = 1
             self._commit(kind, "ADDED", new, None)
             return copy.deepcopy(new), warnings
@@ -247,7 +264,7 @@ class _Store:
         with self.lock:
             new = copy.deepcopy(obj)
             meta = new.setdefault("metadata", {})
-            meta.setdefault("namespace", "default")
+            _scope(kind, meta, None)
             key = _key(new)
             old = self.objects[kind].get(key)
             if old is None:
@@ -306,6 +323,12 @@ class _Store:
                 obj["status"] = {"phase": "Pending", "qosClass": _qos_class(obj["spec"])}
             _sync_pod_ips(obj.setdefault("status", {}))
             errors += _validate_pod(obj, old)
+        elif kind == SECRETS:
+            _default_secret(obj)
+            errors += _validate_secret(obj, old)
+        elif kind == MUTATING_WEBHOOKS:
+            _default_webhooks(obj)
+            errors += _validate_webhooks(obj)
         elif (schema := self.crd_schemas.get(kind)) is not None:
             pruned: list[str] = []
             meta = obj["metadata"]

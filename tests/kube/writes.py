@@ -57,10 +57,13 @@ class _Writes:
             raise _error(400, f"the kind in the data ({body['kind']}) does not match the "
                          f"expected kind ({kind.kind})")
         meta = body.setdefault("metadata", {})
-        if meta.get("namespace", target.namespace) != target.namespace:
+        if not kind.namespaced:
+            meta.pop("namespace", None)  # the real server clears it on cluster-scoped kinds
+        elif meta.get("namespace", target.namespace) != target.namespace:
             raise _error(400, "the namespace of the provided object does not match the "
                          "namespace sent on the request")
-        meta["namespace"] = target.namespace
+        else:
+            meta["namespace"] = target.namespace
         if target.name is not None and meta.get("name", target.name) != target.name:
             raise _error(400, f"the name of the object ({meta['name']}) does not match the "
                          f"name on the URL ({target.name})")
@@ -78,13 +81,14 @@ class _Writes:
 
     async def _write(self, request: web.Request, target: _Target,
                      output: _Output) -> web.Response:
-        assert target.namespace is not None and target.name is not None
+        assert target.name is not None
         if request.method == "PUT":
             body = self._check_body(await self._body(request), target)
         else:
             body = self._check_body(
                 self._patched(request, await self._body(request),
-                              self._store.get(target.kind, target.namespace, target.name)),
+                              self._store.get(target.kind, target.namespace or "",
+                                              target.name)),
                 target)
         body = self._field_validation(request, body, target)
         obj, warnings = self._store.update(body, subresource=target.subresource)

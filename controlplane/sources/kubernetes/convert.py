@@ -35,7 +35,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from controlplane.mesh.loader import describe_error
-from controlplane.mesh.model import Mesh, Policy, Service
+from controlplane.mesh.model import Mesh, OutboundTrafficPolicy, Policy, Service
 from controlplane.mesh.scope import Sidecar
 from controlplane.sources.kubernetes.kinds import SERVICE_NAME_LABEL
 from controlplane.sources.kubernetes.policies import (
@@ -80,10 +80,14 @@ class _Outcome:
 
 
 def convert(services: Iterable[Obj], slices: Iterable[Obj], policies: Iterable[Obj],
-            pods: Mapping[Key, Obj] | None = None, sidecars: Iterable[Obj] = ()) -> Conversion:
+            pods: Mapping[Key, Obj] | None = None, sidecars: Iterable[Obj] = (), *,
+            outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY") -> Conversion:
     """One conversion, from nothing (``Converter`` remembers between batches). ``pods``:
-    Pod metadata by (namespace, name), or None when Pods are not watched."""
-    return Converter().convert(services, slices, policies, pods, sidecars)
+    Pod metadata by (namespace, name), or None when Pods are not watched;
+    ``outbound_traffic_policy``: the mesh's (a serve setting: a cluster has no object
+    that says it)."""
+    return Converter(outbound_traffic_policy).convert(services, slices, policies, pods,
+                                                      sidecars)
 
 
 class Converter:
@@ -94,8 +98,9 @@ class Converter:
     to the same mesh service. The memo holds those dicts, so their ids cannot be reused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY") -> None:
         self._memo: dict[Key, tuple[tuple[Obj, ...], _Outcome]] = {}
+        self.outbound_traffic_policy: OutboundTrafficPolicy = outbound_traffic_policy
 
     def convert(self, services: Iterable[Obj], slices: Iterable[Obj],
                 policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None,
@@ -136,6 +141,9 @@ class Converter:
         self._memo = memo
         scoped, result.sidecar_verdicts = choose_sidecars(sidecars)
         result.mesh = _mesh(built, result, {k: key(p[0]) for k, p in chosen.items()}, scoped)
+        if self.outbound_traffic_policy != result.mesh.outbound_traffic_policy:
+            result.mesh = result.mesh.model_copy(
+                update={"outbound_traffic_policy": self.outbound_traffic_policy})
         _resolve_sidecars(result)
         for service in result.mesh.services:
             applied = chosen.get((service.namespace, service.name))

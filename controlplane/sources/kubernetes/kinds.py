@@ -34,6 +34,7 @@ class Kind:
     version: str
     plural: str
     kind: str
+    namespaced: bool = True  # False: cluster-scoped (no namespace in its paths or keys)
 
     @property
     def api_version(self) -> str:
@@ -42,7 +43,7 @@ class Kind:
     def path(self, namespace: str | None = None) -> str:
         """The collection's URL path, cluster-wide or in one namespace."""
         root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        if namespace is None:
+        if namespace is None or not self.namespaced:
             return f"{root}/{self.plural}"
         return f"{root}/namespaces/{namespace}/{self.plural}"
 
@@ -56,6 +57,14 @@ SIDECARS: Final = Kind(POLICY_GROUP, POLICY_VERSION, SIDECAR_PLURAL, SIDECAR_KIN
 PODS: Final = Kind("", "v1", "pods", "Pod")
 WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, SIDECARS, PODS)
 CUSTOM: Final = (TRAFFIC_POLICIES, SIDECARS)  # ours: a CRD each, status written by us
+# Written, never watched, by the injection webhook: its serving certificate (a Secret in
+# the control plane's namespace) and the caBundle of its MutatingWebhookConfiguration.
+SECRETS: Final = Kind("", "v1", "secrets", "Secret")
+MUTATING_WEBHOOKS: Final = Kind("admissionregistration.k8s.io", "v1",
+                                "mutatingwebhookconfigurations",
+                                "MutatingWebhookConfiguration", namespaced=False)
+WEBHOOK_CONFIGURATION: Final = "controlplane-injector"  # its name (deploy/kubernetes)
+WEBHOOK_SECRET: Final = "controlplane-webhook-tls"  # its Secret's name
 
 # The Accept headers of client-go's metadata client, JSON only: the server sends
 # PartialObjectMetadata(List), or whole objects if it cannot (the plain fallback).

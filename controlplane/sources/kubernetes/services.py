@@ -133,6 +133,22 @@ def export_to_of(service: Obj, problems: list[str]) -> list[str] | None:
         return [OWN]
 
 
+def cluster_ips_of(spec: Mapping[str, Any]) -> list[str] | None:
+    """``spec.clusterIPs`` (else ``spec.clusterIP``): the virtual IPs captured sidecars
+    route by. None for a headless Service (``None``), an ExternalName one, or none set."""
+    if spec.get("type") == "ExternalName":
+        return None
+    raw = spec.get("clusterIPs")
+    if raw is None:
+        raw = [spec["clusterIP"]] if spec.get("clusterIP") is not None else []
+    ips = sequence(raw, "spec.clusterIPs")
+    for index, ip in enumerate(ips):
+        if not isinstance(ip, str):
+            raise Malformed(f"spec.clusterIPs[{index}]: {ip!r} is not an address")
+    found = [ip for ip in ips if ip and ip != "None"]
+    return found or None
+
+
 def service_data(service: Obj, slices: list[Obj], labels: PodLabels | None = None,
                  problems: list[str] | None = None) -> dict[str, Any] | None:
     """The mesh-file form of one Service (see the README's mesh file reference), or None
@@ -152,6 +168,9 @@ def service_data(service: Obj, slices: list[Obj], labels: PodLabels | None = Non
     exported = export_to_of(service, problems if problems is not None else [])
     if exported is not None:
         data["exportTo"] = exported
+    ips = cluster_ips_of(spec)
+    if ips is not None:
+        data["cluster_ips"] = ips
     single = len(ports) == 1
     if single:
         data["port"] = ports[0]["port"]

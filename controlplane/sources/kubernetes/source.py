@@ -28,7 +28,7 @@ import structlog
 from kubernetes import client
 
 from controlplane import metrics
-from controlplane.mesh.model import Mesh
+from controlplane.mesh.model import Mesh, OutboundTrafficPolicy
 from controlplane.sources.kubernetes.convert import Converter, Key, Verdict
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
@@ -64,7 +64,8 @@ class KubernetesSource:
 
     def __init__(self, api: client.ApiClient, namespaces: list[str] | None = None,
                  timing: WatchTiming | None = None, debounce: Debounce | None = None,
-                 write_status: bool = True, pod_labels: bool = True) -> None:
+                 write_status: bool = True, pod_labels: bool = True,
+                 outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY") -> None:
         self.api = api
         self.kinds = [kind for kind in WATCHED if pod_labels or kind != PODS]
         self.namespaces: list[str | None] = list(namespaces) if namespaces else [None]
@@ -77,7 +78,8 @@ class KubernetesSource:
             SIDECARS: ObjectStore(keep_status=True),
             PODS: ObjectStore(reduce=labels_only)}
         self.verdicts: dict[tuple[Kind, Key], Verdict] = {}
-        self.converter = Converter()
+        self.outbound_traffic_policy: OutboundTrafficPolicy = outbound_traffic_policy
+        self.converter = Converter(outbound_traffic_policy)
         # Status writes sent, not yet seen back, per (TrafficPolicy or Sidecar, object).
         self._writing: dict[tuple[Kind, Key], Verdict] = {}
         self._forbidden: dict[tuple[Kind, str | None], str] = {}
@@ -153,7 +155,7 @@ class KubernetesSource:
                 except Exception:  # a bug, not an input: keep serving the last good mesh
                     log.exception("source.convert_failed", hint="the last good mesh is "
                                   "served; the next change tries again; please report this")
-                    self.converter = Converter()  # start the memo afresh
+                    self.converter = Converter(self.outbound_traffic_policy)  # memo afresh
                     continue
                 if mesh == served:
                     metrics.K8S_REBUILDS.labels("unchanged").inc()

@@ -1,0 +1,176 @@
+"""The sidecar injection webhook: HTTPS on ``webhook_address`` (15017), ``POST /inject``
+with an AdmissionReview v1, ``GET /healthz`` for probes.
+
+The listener is bound at start (a taken port is an error then, not later) with a TLS
+context that has no certificate yet; the certificate is fetched in the background (a
+Secret, files, a directory) and loaded into the live context, then checked again every
+``check_interval`` and reloaded when it changed (renewed by us, by another replica, or
+by cert-manager). Until the first one is loaded, handshakes fail, which the API server
+treats as the webhook being down (``failurePolicy: Ignore``: pods start uninjected), and
+the control plane's own readiness never waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from controlplane.inject.certs import CertificateSource, ServingCert
+from controlplane.inject.config import InjectConfig
+from controlplane.inject.webhook_review import BadReview, Decision, review
+
+log = structlog.get_logger("controlplane.webhook")
+
+INJECTIONS = Counter(
+    "controlplane_injections_total",
+    "AdmissionReviews the injection webhook answered, by result (injected; skipped: not "
+    "wanted or already injected; error: admitted unchanged, fail open; denied: fail "
+    "closed; invalid: not an AdmissionReview).",
+    ["result"],
+)
+INJECTION_SECONDS = Histogram(
+    "controlplane_injection_seconds",
+    "Time to decide and build one injection patch (the request read and parsed, the "
+    "answer encoded).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+# etcd stores objects of at most 1.5 MiB, and an AdmissionReview of a CREATE carries one
+# object (an UPDATE two); 4 MiB holds any of them with their envelope, and bounds what a
+# client that is not the API server can make us parse. (aiohttp's default, 1 MiB, would
+# refuse large but legal pods.)
+MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
+
+
+@dataclass
+class WebhookState:
+    """What the handlers need; the certificate part is kept current by ``Webhook``."""
+
+    config: InjectConfig
+    fail_closed: bool = False
+    cert: ServingCert | None = None
+    decisions: int = 0
+    last_error: str = field(default="")
+
+
+def make_app(state: WebhookState) -> web.Application:
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+
+    async def inject(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            body = json.loads(await request.read())
+            decision = review(body, state.config, state.fail_closed)
+        except (ValueError, BadReview) as exc:  # JSONDecodeError is a ValueError
+            INJECTIONS.labels("invalid").inc()
+            log.warning("webhook.bad_request", error=str(exc)[:300],
+                        hint="only the API server should call this, with an "
+                        "AdmissionReview v1")
+            return web.json_response({"error": str(exc)[:1000]}, status=400)
+        text = json.dumps(decision.response, separators=(",", ":"))
+        INJECTION_SECONDS.observe(time.perf_counter() - started)
+        INJECTIONS.labels(decision.result).inc()
+        state.decisions += 1
+        _log(decision)
+        return web.Response(text=text, content_type="application/json")
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok" if state.cert is not None else "no certificate yet",
+                            status=200 if state.cert is not None else 503)
+
+    app.router.add_post("/inject", inject)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def _log(decision: Decision) -> None:
+    fields = {"pod": decision.name, "namespace": decision.namespace, "kind": decision.kind,
+              "result": decision.result, "reason": decision.reason}
+    if decision.result in ("error", "denied"):
+        log.warning("webhook.not_injected", **fields,
+                    hint="fix the pod (the reason names the field), or opt it out with "
+                    "the label mesh.controlplane.io/inject: \"false\"")
+    else:
+        log.info("webhook.decision", **fields)
+
+
+class Webhook:
+    """A running webhook: its listener, and the task that keeps its certificate."""
+
+    def __init__(self, state: WebhookState, source: CertificateSource, names: Sequence[str],
+                 check_interval: float = 3600.0) -> None:
+        self.state = state
+        self.source = source
+        self.names = list(names)
+        self.check_interval = check_interval
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.port = 0
+        self.has_certificate = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind now (errors now), fetch the certificate in the background; the port."""
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
+                                    else socket.AF_INET)
+        self.port = sock.getsockname()[1]
+        try:
+            self._runner = web.AppRunner(make_app(self.state), handle_signals=False,
+                                         access_log=None, shutdown_timeout=2)
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock, ssl_context=self.context).start()
+        except BaseException:
+            sock.close()
+            raise
+        self._task = asyncio.create_task(self._keep_certificate(), name="webhook-certificate")
+        return self.port
+
+    async def refresh(self) -> bool:
+        """Ask the source once; load what it gives when it changed. True on success."""
+        now = datetime.datetime.now(datetime.UTC)
+        cert = await asyncio.to_thread(self.source.ensure, self.names, now)
+        if cert != self.state.cert:
+            await asyncio.to_thread(cert.load_into, self.context)
+            log.info("webhook.certificate_loaded", **cert.describe())
+            self.state.cert = cert
+        self.has_certificate.set()
+        return True
+
+    async def _keep_certificate(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.refresh()
+                delay = 1.0
+                await asyncio.sleep(self.check_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.state.last_error = str(exc)
+                log.error("webhook.certificate_failed", error=f"{type(exc).__name__}: {exc}",
+                          retry_in=delay, serving=self.state.cert is not None,
+                          hint="the webhook keeps its current certificate (none: the API "
+                          "server cannot call it, pods start without a sidecar)")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
