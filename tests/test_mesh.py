@@ -6,6 +6,7 @@ import asyncio
 import re
 import subprocess
 import sys
+from collections.abc import AsyncGenerator
 from datetime import timedelta
 from pathlib import Path
 
@@ -238,6 +239,7 @@ async def test_file_source_reloads_and_skips_bad_saves(tmp_path: Path) -> None:
     tmp.write_text("services: [{name: c, port: 82}]")
     tmp.replace(path)  # an editor's atomic save
     assert await next_mesh() == ["c"]
+    assert isinstance(updates, AsyncGenerator)  # so it can be closed here
     await updates.aclose()
 
 
