@@ -321,3 +321,33 @@ async def test_on_reconnect_a_cluster_that_changed_gets_its_unchanged_endpoints_
         await client.ack(response)
     assert got == {resource.CLUSTER: ["a"], resource.ENDPOINT: ["a"]}
     await client.close()
+
+
+_NAMES = ["a", "b", "c", "d", "e"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.sampled_from(_NAMES)), st.sets(st.sampled_from(_NAMES)),
+       st.sets(st.sampled_from(_NAMES)), st.sets(st.sampled_from(_NAMES)),
+       st.one_of(st.none(), st.frozensets(st.sampled_from(_NAMES))), st.booleans())
+def test_a_first_answer_is_what_the_look_at_each_name_gives(
+    present: set[str], subscribed: set[str], targets: set[str], told: set[str],
+    wildcard: frozenset[str] | None, is_wildcard: bool,
+) -> None:
+    """The set-based answer to a client that holds nothing (delta._first_answer) against
+    the general walk, made to run by holding one unrelated name (then removed)."""
+    from controlplane.server.delta import DeltaTypeState
+    from controlplane.server.held import Held
+
+    typed = snapshot({n: (1,) for n in sorted(present)}).types[resource.CLUSTER]
+    typed = type(typed)(typed.type_url, typed.version, typed.resources, wildcard)
+    fresh = DeltaTypeState(subscribed=frozenset(subscribed), targets=frozenset(targets),
+                           told_absent=set(told), wildcard=is_wildcard)
+    general = DeltaTypeState(subscribed=frozenset(subscribed), targets=frozenset(targets),
+                             told_absent=set(told), wildcard=is_wildcard,
+                             client=Held({"zz-unrelated": "v"}))
+    updated, removed, unresolved, whole = DeltaStream._changes(typed, fresh, None)
+    g_updated, g_removed, g_unresolved, g_whole = DeltaStream._changes(typed, general, None)
+    assert [r.name for r in updated] == [r.name for r in g_updated]
+    assert removed == [n for n in g_removed if n != "zz-unrelated"]
+    assert (unresolved, whole) == (g_unresolved, g_whole)

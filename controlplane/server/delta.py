@@ -34,8 +34,9 @@ frozenset shared by every stream that has it (``NAME_SETS``).
 
 from __future__ import annotations
 
+import operator
 import time
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3 import base_pb2
@@ -279,7 +280,9 @@ class DeltaStream(StreamBase):
         updated: list[Resource] = []
         removed: list[str] = []
         absent: list[str] = []
-        if candidates is None:  # everything: walk the snapshot once, no lookup per name
+        if candidates is None and client.empty():
+            updated, absent, whole = _first_answer(res, state, wildcard)
+        elif candidates is None:  # everything: walk the snapshot once, no lookup per name
             fresh = client.empty()
             every = state.wildcard and wildcard is None
             whole = True
@@ -365,8 +368,30 @@ class DeltaStream(StreamBase):
                     body_bytes=sum(map(len, chunks)))
 
 
-def _name(found: Resource) -> str:
-    return found.name
+_name = operator.attrgetter("name")
+
+
+def _first_answer(res: Mapping[str, Resource], state: DeltaTypeState,
+                  wildcard: frozenset[str] | None) -> tuple[list[Resource], list[str], bool]:
+    """``_changes`` for a client that holds nothing, in set operations rather than a look
+    at each name (a thousand new streams each get a thousand clusters and endpoints):
+    what to send, the names asked for that do not exist, and whether every resource is
+    wanted."""
+    subscribed = state.subscribed
+    if state.wildcard and wildcard is None:
+        picked = list(res.values())
+    else:
+        want = subscribed | state.targets if state.targets else subscribed
+        if state.wildcard and wildcard:
+            want = want | wildcard
+        if len(want) >= len(res) and want.issuperset(res):
+            picked = list(res.values())
+        else:
+            picked = [r for r in res.values() if r.name in want]
+    picked.sort(key=_name)
+    missing = subscribed.difference(res) if subscribed else _NONE
+    absent = sorted(missing - state.told_absent) if missing else []
+    return picked, absent, len(picked) == len(res)
 
 
 def _targets(typed: TypeSnapshot, names: Iterable[str]) -> frozenset[str]:
