@@ -86,6 +86,61 @@ for _ in range(count):
 print(json.dumps(found))
 """
 
+# A TLS server (outside the mesh) that greets each client, and a client that sends a
+# server name (SNI) and prints the greeting: only the real server's key can produce it.
+TLS_SERVER = """
+import socket, ssl, sys, threading
+cert, key, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+listener = socket.create_server(("0.0.0.0", port))
+def greet(conn):
+    try:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"secure hello\\n")
+    except OSError:
+        pass
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=greet, args=(conn,), daemon=True).start()
+"""
+TLS_CLIENT = """
+import socket, ssl, sys
+host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+with socket.create_connection((host, port), timeout=5) as raw:
+    with context.wrap_socket(raw, server_hostname=name) as tls:
+        print(tls.recv(100).decode().strip())
+"""
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for secure.example (the outside TLS server's)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "secure.example")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("secure.example")]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "secure.crt", directory / "secure.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
 
 @dataclass
 class Mesh:
@@ -169,7 +224,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     with pods.PodNetwork() as network:
         outside = network.pod("outside")  # not in the mesh, no sidecar
         productpage = network.pod("productpage", hosts={
-            "reviews": REVIEWS_IP, "echo": ECHO_IP, "outside": outside.address})
+            "reviews": REVIEWS_IP, "echo": ECHO_IP, "outside": outside.address,
+            "secure.example": outside.address})
         reviews = [network.pod("reviews-v1"), network.pod("reviews-v2")]
         echo = network.pod("echo")
         path = workdir / "mesh.yaml"
@@ -183,6 +239,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             echo.run([sys.executable, TCP_ECHO, "0.0.0.0", "7000", "echo"])
             outside.run([sys.executable, "-c", APP, "0.0.0.0", "8080", "outside"])
             outside.run([sys.executable, TCP_ECHO, "0.0.0.0", "7000", "outside"])
+            cert, key = _certificate(network.workdir)
+            outside.run([sys.executable, "-c", TLS_SERVER, str(cert), str(key), "8443"])
             for pod, service in [(productpage, "productpage"), (reviews[0], "reviews"),
                                  (reviews[1], "reviews"), (echo, "echo")]:
                 pod.capture()
@@ -299,6 +357,31 @@ def test_outside_the_mesh_passes_under_allow_any_and_is_refused_under_registry_o
         mesh.write()
     wait_for(lambda: mesh.call("http://outside:8080/")[0] == 200, timeout=20,
              what="ALLOW_ANY again")
+
+
+def test_tls_to_an_outside_host_passes_untouched_and_registry_only_lets_its_sni_through(
+        mesh: Mesh) -> None:
+    """HTTPS outside the mesh: the sidecar never terminates it (it has no key: the
+    greeting can only come from the server itself). Under REGISTRY_ONLY, an ExternalName
+    service for that host lets TLS with its server name through, and nothing else."""
+    def hello(name: str) -> str:
+        run = mesh.productpage.call([sys.executable, "-c", TLS_CLIENT, "secure.example",
+                                     "8443", name])
+        return run.stdout.strip() if run.returncode == 0 else f"failed: {run.stderr[-200:]}"
+
+    passed = stat(mesh.productpage, "cluster.passthrough.upstream_cx_total")
+    assert hello("secure.example") == "secure hello"
+    assert stat(mesh.productpage, "cluster.passthrough.upstream_cx_total") == passed + 1
+    mesh.write(policy="REGISTRY_ONLY", extra="  - {name: secure, port: 8443, protocol: tcp, "
+                                             "external_name: secure.example}\n")
+    try:
+        wait_for(lambda: hello("other.example").startswith("failed"), timeout=20,
+                 what="REGISTRY_ONLY at productpage's sidecar")
+        assert hello("secure.example") == "secure hello"  # its SNI is in the mesh
+        assert stat(mesh.productpage, "cluster.outbound|8443||secure.default.svc.cluster.local"
+                                      ".upstream_cx_total") >= 1
+    finally:
+        mesh.write()
 
 
 def test_the_sidecars_own_connections_are_not_captured(mesh: Mesh) -> None:
