@@ -4,7 +4,9 @@ LDS, RDS ``egress``) and ACKing every response, and the marks a bench waits on.
 
 Streams read only the header of each response (version, type, nonce), so the bench's
 own CPU stays small; cluster names are read with a names-only message (the field
-number of ``Cluster.name``), once per CDS version; stream 0 (a sidecar of the changed
+number of ``Cluster.name``), once per CDS version (delta: a stream's first CDS answer,
+which holds every cluster of its version, once per version; later ones each time);
+stream 0 (a sidecar of the changed
 service, svc-0000) decodes its endpoints to check the new port really arrived.
 """
 
@@ -243,11 +245,14 @@ class DeltaProxy(Proxy):
     async def on_response(self, type_url: str, version: str, nonce: str, raw: bytes,
                           now: float) -> None:
         if type_url == CDS:
-            response = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
             await self.send(CDS, nonce=nonce)
             known = set(self.clusters)
-            added = sorted({r.name for r in response.resources} - known)
-            removed = sorted(known & set(response.removed_resources))
+            if not known:  # the first answer: every cluster of that version, as in SotW
+                added, removed = self.fleet.cluster_names(version, raw, delta=True), []
+            else:
+                response = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
+                added = sorted({r.name for r in response.resources} - known)
+                removed = sorted(known & set(response.removed_resources))
             self.clusters = sorted((known | set(added)) - set(removed))
             if added or removed:
                 await self.send(EDS, subscribe=added, unsubscribe=removed)
@@ -324,13 +329,18 @@ class Fleet:
         for channel in self.channels:
             await channel.close()
 
-    def cluster_names(self, version: str, raw: bytes) -> list[str]:
-        """The cluster names of a SotW CDS response, decoded once per version (groups
-        with equal clusters share it: a type version is a hash of the content)."""
+    def cluster_names(self, version: str, raw: bytes, delta: bool = False) -> list[str]:
+        """The cluster names of a SotW CDS response, or of a delta stream's first one
+        (which holds every cluster of its version), decoded once per version: groups
+        with equal clusters share it, as a type version is a hash of the content."""
         names = self._cds_names.get(version)
         if names is None:
-            packed: Any = Packed.FromString(raw)
-            names = sorted(Named.FromString(r.value).name for r in packed.resources)
+            if delta:
+                response = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
+                names = sorted(r.name for r in response.resources)
+            else:
+                packed: Any = Packed.FromString(raw)
+                names = sorted(Named.FromString(r.value).name for r in packed.resources)
             self._cds_names[version] = names
         return names
 
