@@ -384,6 +384,28 @@ def test_tls_to_an_outside_host_passes_untouched_and_registry_only_lets_its_sni_
         mesh.write()
 
 
+def test_a_headless_service_reaches_the_pod_its_caller_chose(mesh: Mesh) -> None:
+    """No cluster IP: callers dial a pod's own address (a StatefulSet member, say). The
+    sidecar knows the address as the service's, so REGISTRY_ONLY lets it through, to
+    that very pod (through the pod's own sidecar)."""
+    mesh.write(policy="REGISTRY_ONLY", extra=f"  - {{name: db, port: 7000, protocol: tcp, "
+               f"endpoints: [{{address: {mesh.echo.address}, port: 7000}}]}}\n")
+    try:
+        outside = [sys.executable, TCP_ECHO, "connect", "outside", "7000", "--send", "hi"]
+        wait_for(lambda: mesh.productpage.call(outside).returncode == 1, timeout=20,
+                 what="REGISTRY_ONLY at productpage's sidecar")
+        run = mesh.productpage.call([sys.executable, TCP_ECHO, "connect", mesh.echo.address,
+                                     "7000", "--send", "hi"])
+        assert run.returncode == 0, run.stderr
+        name, _original, local, peer = run.stdout.splitlines()[0].split()
+        assert (name, local) == ("echo", f"{mesh.echo.address}:7000")
+        assert peer.startswith("127.0.0.6:")
+        assert stat(mesh.productpage, "tcp.outbound|7000||db.default.svc.cluster.local"
+                                      ".downstream_cx_total") == 1
+    finally:
+        mesh.write()
+
+
 def test_the_sidecars_own_connections_are_not_captured(mesh: Mesh) -> None:
     """Were productpage's Envoy (UID 1337) captured, its upstream connection would come
     back to its own 15001 (a loop, growing until the call times out): five calls are
