@@ -199,15 +199,21 @@ async def start_webhook(settings: ServeSettings) -> Webhook | None:
     return webhook
 
 
-def readiness(pipeline: Pipeline, source: Source) -> Callable[[], tuple[bool, str]]:
+def readiness(pipeline: Pipeline, source: Source,
+              webhook: Webhook | None = None) -> Callable[[], tuple[bool, str]]:
     """The pipeline's readiness, with what the source cannot see (a namespace the
-    server may not read, and the RBAC rule to add): reported, never blocking the rest."""
+    server may not read, and the RBAC rule to add) and a webhook still without its
+    certificate: reported, never blocking the rest (xDS does not need the webhook)."""
     problems: Callable[[], list[str]] | None = getattr(source, "problems", None)
 
     def check() -> tuple[bool, str]:
         ready, detail = pipeline.readiness()
         seen = problems() if problems is not None else []
-        return ready, detail + ("; cannot read: " + "; ".join(seen) if seen else "")
+        detail += "; cannot read: " + "; ".join(seen) if seen else ""
+        if webhook is not None and webhook.state.cert is None:
+            why = webhook.state.last_error or "being fetched"
+            detail += f"; injection webhook has no certificate yet ({why})"
+        return ready, detail
     return check
 
 
@@ -222,18 +228,17 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     registry = StreamRegistry()
     xds = XdsServer(cache, registry, settings.identifier, limits=limits(settings))
     grpc_server, xds_port = await create_server(settings.xds_address, xds)
+    webhook: Webhook | None = None
     try:
+        webhook = await start_webhook(settings)  # its port is taken, a bad setting: fail
         runner, bound_admin = await start_admin(
-            AdminState(registry=registry, cache=cache, readiness=readiness(pipeline, source)),
+            AdminState(registry=registry, cache=cache,
+                       readiness=readiness(pipeline, source, webhook)),
             admin_host, admin_port)
-    except BaseException:  # e.g. the admin port is taken: release the xDS port too
+    except BaseException:  # e.g. the admin port is taken: release the other ports too
         await grpc_server.stop(0)
-        raise
-    try:
-        webhook = await start_webhook(settings)
-    except BaseException:  # its port is taken, a bad setting: release the others
-        await grpc_server.stop(0)
-        await runner.cleanup()
+        if webhook is not None:
+            await webhook.stop()
         raise
 
     task = asyncio.create_task(follow(source, pipeline), name="source")

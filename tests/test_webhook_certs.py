@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from cryptography import x509
 
@@ -308,3 +309,29 @@ def test_bad_injection_settings_are_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="go together"):
         asyncio.run(start_webhook(ServeSettings(source="file:x", webhook_address="127.0.0.1:0",
                                                 webhook_cert=tmp_path / "c")))
+
+
+async def test_readiness_reports_a_webhook_without_certificate_but_never_waits(
+        tmp_path: Path) -> None:
+    """xDS does not need the webhook: /readyz turns ready with the mesh, and says why
+    the webhook cannot serve yet (files that are not there, here)."""
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("services: []\n")
+    running = await start(ServeSettings(
+        source=f"file:{mesh}", xds_address="127.0.0.1:0", admin_address="127.0.0.1:0",
+        snapshot_keep=0, webhook_address="127.0.0.1:0", webhook_cert=tmp_path / "no.crt",
+        webhook_key=tmp_path / "no.key"))
+    try:
+        assert running.webhook is not None
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                async with session.get(
+                        f"http://127.0.0.1:{running.admin_port}/readyz") as answer:
+                    text = await answer.text()
+                    if answer.status == 200 and "no.crt" in text:
+                        break
+                await asyncio.sleep(0.1)
+        assert answer.status == 200, text
+        assert "injection webhook has no certificate yet" in text and "no.crt" in text
+    finally:
+        await running.stop()
