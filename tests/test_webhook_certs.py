@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 
 from controlplane import deploy
-from controlplane.app import start, start_webhook
+from controlplane.app import certificates, inject_config, start, start_webhook
 from controlplane.inject.certs import (
     CertificateError,
     DirectoryStore,
@@ -28,6 +28,7 @@ from controlplane.inject.certs import (
     renewed,
     self_made,
 )
+from controlplane.inject.webhook import Webhook, WebhookState
 from controlplane.inject.webhook_kube import (
     KubernetesCertificates,
     SecretCertificates,
@@ -233,11 +234,29 @@ def test_a_conflict_while_writing_the_bundle_is_read_again(
     assert api.count("patch", MUTATING_WEBHOOKS) == 2
 
 
-def test_no_configuration_yet_is_reported_not_fatal(api: ApiServerDouble,
-                                                    tmp_path: Path) -> None:
+async def test_a_configuration_applied_after_the_server_gets_its_ca_in_seconds(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    """``kubectl apply -f deploy/kubernetes/`` creates the Deployment before the webhook
+    configuration: the CA goes in once it exists, not at the next hourly check."""
     api.delete(MUTATING_WEBHOOKS, "", WEBHOOK_CONFIGURATION)
-    client = api_client(api.kubeconfig(tmp_path / "kubeconfig"))
-    assert write_ca_bundle(client, WEBHOOK_CONFIGURATION, b"x") is False
+    settings = ServeSettings(source="kubernetes",
+                             kubeconfig=api.kubeconfig(tmp_path / "kubeconfig"),
+                             webhook_address="127.0.0.1:0", webhook_namespace=deploy.NAMESPACE)
+    webhook = Webhook(WebhookState(inject_config(settings)), certificates(settings), NAMES,
+                      retry_interval=0.1)
+    await webhook.start("127.0.0.1", 0)
+    try:
+        await asyncio.wait_for(webhook.has_certificate.wait(), 10)
+        assert webhook.state.cert is not None  # served already, though nobody trusts it
+        api.create(deploy.mutating_webhook_configuration())
+        for _ in range(100):
+            hooks = api.get(MUTATING_WEBHOOKS, "", WEBHOOK_CONFIGURATION)["webhooks"]
+            if all("caBundle" in h["clientConfig"] for h in hooks):
+                break
+            await asyncio.sleep(0.1)
+        assert ca_bundle(api) == webhook.state.cert.ca_pem
+    finally:
+        await webhook.stop()
 
 
 def test_without_the_rbac_the_error_names_the_rule(tmp_path: Path) -> None:
@@ -276,7 +295,9 @@ def test_given_files_still_fill_the_ca_bundle(api: ApiServerDouble, tmp_path: Pa
     client = api_client(api.kubeconfig(tmp_path / "kubeconfig"))
     source = KubernetesCertificates(client, WEBHOOK_CONFIGURATION, FileCertificates(
         tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"))
-    assert source.ensure(NAMES, NOW).cert_pem == cert.cert_pem
+    found = source.ensure(NAMES, NOW)
+    assert found.cert_pem == cert.cert_pem
+    assert source.publish(found)
     assert ca_bundle(api) == cert.ca_pem
     assert api.objects(SECRETS) == []  # the Secret is for self-made ones only
 

@@ -109,11 +109,12 @@ class Webhook:
     """A running webhook: its listener, and the task that keeps its certificate."""
 
     def __init__(self, state: WebhookState, source: CertificateSource, names: Sequence[str],
-                 check_interval: float = 3600.0) -> None:
+                 check_interval: float = 3600.0, retry_interval: float = 5.0) -> None:
         self.state = state
         self.source = source
         self.names = list(names)
         self.check_interval = check_interval
+        self.retry_interval = retry_interval  # while the CA cannot be published yet
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.port = 0
@@ -138,23 +139,27 @@ class Webhook:
         return self.port
 
     async def refresh(self) -> bool:
-        """Ask the source once; load what it gives when it changed. True on success."""
+        """Ask the source once; load what it gives when it changed; publish its CA where
+        the source does that (a cluster's caBundle). False: not published yet."""
         now = datetime.datetime.now(datetime.UTC)
         cert = await asyncio.to_thread(self.source.ensure, self.names, now)
         if cert != self.state.cert:
             await asyncio.to_thread(cert.load_into, self.context)
             log.info("webhook.certificate_loaded", **cert.describe())
             self.state.cert = cert
+        publish = getattr(self.source, "publish", None)
+        published = bool(await asyncio.to_thread(publish, cert)) if publish else True
         self.has_certificate.set()
-        return True
+        return published
 
     async def _keep_certificate(self) -> None:
         delay = 1.0
         while True:
             try:
-                await self.refresh()
+                published = await self.refresh()
                 delay = 1.0
-                await asyncio.sleep(self.check_interval)
+                await asyncio.sleep(self.check_interval if published
+                                    else min(self.check_interval, self.retry_interval))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

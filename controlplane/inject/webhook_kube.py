@@ -126,8 +126,8 @@ class SecretCertificates:
 
 def write_ca_bundle(api: client.ApiClient, configuration: str, ca_pem: bytes) -> bool:
     """Set ``caBundle`` of every webhook of the MutatingWebhookConfiguration to ``ca_pem``.
-    False when the configuration does not exist (logged: apply deploy/kubernetes/);
-    nothing is written when it is already current."""
+    False when the configuration does not exist (yet: ``kubectl apply`` creates the
+    Deployment before it); nothing is written when it is already current."""
     admission = client.AdmissionregistrationV1Api(api)
     encoded = base64.b64encode(ca_pem).decode()
     rule = (f"mutatingwebhookconfigurations get/patch on {configuration} "
@@ -137,9 +137,6 @@ def write_ca_bundle(api: client.ApiClient, configuration: str, ca_pem: bytes) ->
             raw = _raw(admission.read_mutating_webhook_configuration, configuration)
         except ApiException as exc:
             if exc.status == 404:
-                log.warning("webhook.configuration_missing", configuration=configuration,
-                            hint="kubectl apply -f deploy/kubernetes/; until then the API "
-                            "server does not call the webhook")
                 return False
             raise _api_error(exc, f"read MutatingWebhookConfiguration {configuration}",
                              rule) from exc
@@ -174,9 +171,23 @@ class KubernetesCertificates:
         self.api = api
         self.configuration = configuration
         self.source = source
+        self._missing_logged = False
 
     def ensure(self, names: Sequence[str], now: datetime.datetime) -> ServingCert:
-        cert = self.source.ensure(names, now)
-        if cert.ca_pem:
-            write_ca_bundle(self.api, self.configuration, cert.ca_pem)
-        return cert
+        return self.source.ensure(names, now)
+
+    def publish(self, cert: ServingCert) -> bool:
+        """Write the CA into ``caBundle``; False while the configuration does not exist
+        (the webhook then asks again in seconds, not in an hour)."""
+        if not cert.ca_pem:
+            return True  # given files without a CA: someone else fills caBundle
+        if write_ca_bundle(self.api, self.configuration, cert.ca_pem):
+            self._missing_logged = False
+            return True
+        if not self._missing_logged:
+            self._missing_logged = True
+            log.warning("webhook.configuration_missing", configuration=self.configuration,
+                        hint="kubectl apply -f deploy/kubernetes/ creates it; until its "
+                        "caBundle is written the API server cannot call the webhook "
+                        "(pods start without a sidecar); retried every few seconds")
+        return False
