@@ -1,0 +1,107 @@
+"""``controlplane serve --source kubernetes`` as the Deployment runs it (a process, its
+webhook settings from the environment as deploy/kubernetes sets them), against the API
+server double: it keeps its certificate in the Secret, writes the CA into the webhook
+configuration, injects a pod over HTTPS, counts it on /metrics, and stops on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane import deploy
+from controlplane.sources.kubernetes.kinds import SECRETS, WEBHOOK_SECRET
+from tests.kube.apiserver import ApiServerDouble
+from tests.support.admission import (
+    app_pod,
+    ca_bundle,
+    client_context,
+    patched,
+    review_request,
+    send,
+)
+from tests.support.procs import free_port, wait_for
+
+
+@pytest.fixture
+def api() -> Iterator[ApiServerDouble]:
+    double = ApiServerDouble(crd_installed=False).start()
+    double.create(deploy.mutating_webhook_configuration())
+    yield double
+    double.stop()
+
+
+def environment(deployed: dict[str, str], **more: str) -> dict[str, str]:
+    """The Deployment's env (its fieldRef resolved as the kubelet would), and ``more``."""
+    (container,) = deploy.deployment()["spec"]["template"]["spec"]["containers"]
+    env = {**os.environ}
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            assert entry["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+            env[entry["name"]] = deploy.NAMESPACE
+    env.update(deployed)
+    env.update(more)
+    return env
+
+
+async def test_serve_in_a_cluster_injects_pods(api: ApiServerDouble, tmp_path: Path) -> None:
+    webhook_port, admin_port = free_port(), free_port()
+    env = environment({"CONTROLPLANE_WEBHOOK_ADDRESS": f"127.0.0.1:{webhook_port}"},
+                      CONTROLPLANE_LOG_FORMAT="json")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "controlplane", "serve", "--source", "kubernetes",
+             "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig")),
+             "--xds-address", "127.0.0.1:0", "--admin-address", f"127.0.0.1:{admin_port}",
+             "--snapshot-keep", "0"],
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=tmp_path)
+    try:
+        wait_for(lambda: api.objects(SECRETS) and ca_bundle(api), timeout=30,
+                 what="the Secret and the caBundle")
+        assert api.objects(SECRETS)[0]["metadata"]["name"] == WEBHOOK_SECRET
+        pod = app_pod("reviews")
+        async with aiohttp.ClientSession() as session:
+            response: dict[str, Any] | None = None
+            last: Exception | None = None
+            for _ in range(50):  # the certificate is loaded right after it is written
+                try:
+                    response = await send(session, webhook_port, review_request(pod),
+                                          client_context(ca_bundle(api)))
+                    break
+                except aiohttp.ClientError as exc:
+                    last = exc
+                    await asyncio.sleep(0.1)
+            assert response is not None, last
+        injected = patched(pod, response)
+        proxy = next(c for c in injected["spec"]["initContainers"]
+                     if c["name"] == "controlplane-proxy")
+        # The sidecars dial the Service the manifests define, as the Deployment's env says.
+        assert deploy.SERVICE_ADDRESS.split(":")[0] in json.dumps(proxy)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics",
+                                    timeout=5) as answer:
+            metrics = answer.read().decode()
+        assert 'controlplane_injections_total{result="injected"} 1.0' in metrics
+        assert "controlplane_injection_seconds_count 1.0" in metrics
+    finally:
+        server.terminate()
+        code = server.wait(20)
+    lines = [json.loads(line) for line in log.read_text().splitlines()
+             if line.startswith("{")]
+    events = {line["event"] for line in lines}
+    assert {"webhook.started", "webhook.certificate_made", "webhook.ca_bundle_written",
+            "webhook.decision", "serve.stopped"} <= events, events
+    assert code == 0
+    assert "PRIVATE KEY" not in log.read_text()
