@@ -131,7 +131,8 @@ def _lab(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, "console")
     try:
         return int(run_lab(duration=args.duration, mesh_path=args.mesh,
-                           headless=True if args.headless else None, scenario=args.scenario))
+                           headless=True if args.headless else None, scenario=args.scenario,
+                           explicit=args.explicit))
     except (ValueError, LabError, ControlPlaneError) as exc:
         print(f"controlplane lab: {exc}", file=sys.stderr)
         return 2
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--scenario", choices=["canary", "fault", "circuit-breaker",
                                             "endpoint-gone"],
                      help="run a scenario against the live lab (it edits the lab's mesh file)")
+    lab.add_argument("--explicit", action="store_true",
+                     help="no network namespaces or capture: apps on loopback call their "
+                     "sidecar's egress port with a Host header (the mode without root)")
     lab.add_argument("--log-level", default="warning",
                      choices=["debug", "info", "warning", "error"])
     lab.set_defaults(run=_lab)

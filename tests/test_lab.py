@@ -36,10 +36,11 @@ def _children_of(pid: int) -> list[int]:
 
 @one_lab_at_a_time
 def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
-    """Headless lab, every service answering through its sidecar, the canary scenario
-    moving reviews from v1+v2 to v2 alone, then SIGINT: no process left behind."""
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab", "--headless",
-                             "--scenario", "canary"],
+    """Headless explicit lab (no namespaces), every service answering through its
+    sidecar, the canary scenario moving reviews from v1+v2 to v2 alone, then SIGINT: no
+    process left behind. (tests/test_lab_capture.py runs the captured lab.)"""
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab", "--explicit",
+                             "--headless", "--scenario", "canary"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True)
     lines: list[str] = []
@@ -91,6 +92,18 @@ def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_the_first_line_says_the_mode_and_why() -> None:
+    from controlplane.lab.runner import choose_mode
+
+    captured, line = choose_mode(explicit=True)
+    assert not captured and line.startswith("explicit mode (--explicit)"), line
+    captured, line = choose_mode(explicit=False)
+    if os.geteuid() != 0:
+        assert not captured and "not root" in line and "as root" in line, line
+    elif captured:
+        assert line.startswith("capture mode:") and "--explicit" in line, line
+
+
 def test_live_table_and_line_show_the_same_figures() -> None:
     import io
 
@@ -114,7 +127,8 @@ def test_live_table_and_line_show_the_same_figures() -> None:
 def test_a_rejected_save_stays_in_the_view_until_fixed() -> None:
     """A bad save is shown on every line (and the table) until the file is fixed, while
     the sidecars keep answering from the last good mesh; the fix clears it."""
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab", "--headless"],
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab", "--explicit",
+                             "--headless"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True)
     lines: list[str] = []

@@ -1,8 +1,14 @@
-"""``controlplane lab``: the whole mesh on loopback, in one command, no Docker needed.
+"""``controlplane lab``: the whole mesh in one command, no Docker needed.
 
 Starts the control plane on the lab's mesh file, the demo apps, one real Envoy sidecar
 per app, and a traffic generator; prints once a second what the sidecars see. Ctrl-C or
 SIGTERM stops everything it started.
+
+Two modes, said in the first line. Captured (root, with ``ip`` and ``iptables``): each
+app in a network namespace of its own whose traffic ``controlplane capture`` sends to
+its sidecar, calling the next service by name (captured.py). Explicit (elsewhere, or
+``--explicit``): everything on loopback, each app calling its sidecar's egress port
+with a Host header.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from rich.live import Live
 
 from controlplane.app import Running, start
 from controlplane.lab.apps import start_app
+from controlplane.lab.captured import CapturedLab, RemoteTraffic
+from controlplane.lab.pods import unavailable
 from controlplane.lab.scenarios import scenarios
 from controlplane.lab.sidecars import Sidecar
 from controlplane.lab.topology import LabError, Plan, check_template, plan
@@ -38,7 +46,7 @@ log = structlog.get_logger("controlplane.lab")
 _INBOUND = r"^http\.inbound\.downstream_rq_(completed|2xx)$"
 
 
-async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic,
+async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic | RemoteTraffic,
                 session: aiohttp.ClientSession, out: TextIO, headless: bool,
                 status: list[str]) -> None:
     """Once a second, what the sidecars saw: a live table, or a line when headless; and
@@ -87,7 +95,7 @@ def _tell(problems: list[str], out: TextIO | None) -> None:
     out.flush()
 
 
-async def _scenario(name: str, path: Path, traffic: Traffic, out: TextIO,
+async def _scenario(name: str, path: Path, traffic: Traffic | RemoteTraffic, out: TextIO,
                     status: list[str]) -> None:
     """Edit the lab's mesh file step by step, as a person would."""
     scenario = scenarios()[name]
@@ -107,12 +115,12 @@ async def _scenario(name: str, path: Path, traffic: Traffic, out: TextIO,
     print(status[-1], file=out, flush=True)
 
 
-async def _start_server(layout: Plan, workdir: Path) -> Running:
+async def _start_server(layout: Plan, workdir: Path, xds_host: str) -> Running:
     """The control plane on the plan's ports, or on free ones when another process took
     them between the plan and now."""
     def settings(xds: int, admin: int) -> ServeSettings:
         return ServeSettings(
-            source=f"file:{layout.mesh_path}", xds_address=f"127.0.0.1:{xds}",
+            source=f"file:{layout.mesh_path}", xds_address=f"{xds_host}:{xds}",
             admin_address=f"127.0.0.1:{admin}", snapshot_dir=workdir / "snapshots",
             poll_interval=0.1)
     try:
@@ -134,52 +142,81 @@ def _claim_preferred_ports() -> IO[bytes] | None:
     return handle
 
 
+def choose_mode(explicit: bool) -> tuple[bool, str]:
+    """(captured, the first line saying which mode and why)."""
+    if explicit:
+        return False, ("explicit mode (--explicit): apps on loopback call their sidecar's "
+                       "egress port with a Host header")
+    reason = unavailable()
+    if reason is not None:
+        return False, (f"explicit mode ({reason}): apps on loopback call their sidecar's "
+                       "egress port with a Host header; as root with iptables the lab "
+                       "captures their traffic instead")
+    return True, ("capture mode: each app in its own network namespace calls the next "
+                  "service by name, and iptables (controlplane capture) sends its traffic "
+                  "through its Envoy; --explicit runs without namespaces")
+
+
 async def _lab(duration: float, mesh_template: str | None, rate: float, out: TextIO,
-               headless: bool, scenario: str | None) -> int:
+               headless: bool, scenario: str | None, explicit: bool = False) -> int:
+    captured, mode = choose_mode(explicit)
+    print(f"controlplane lab: {mode}", file=out, flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="controlplane-lab-"))
     claim = _claim_preferred_ports()
     if claim is None:
         print("controlplane lab: another lab runs on this machine; this one takes free "
               "ports, not the mesh file's", file=out, flush=True)
-    layout = plan(workdir, mesh_template, prefer=claim is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    pods = CapturedLab(workdir) if captured else None
     running: Running | None = None
     sidecars: list[Sidecar] = []
     runners = []
     tasks: list[asyncio.Task[None]] = []
-    session = aiohttp.ClientSession()
+    session = aiohttp.ClientSession(trust_env=False)
     try:
         print(f"controlplane lab: starting in {workdir}", file=out, flush=True)
-        running = await _start_server(layout, workdir)
-        instances = []
-        for instance in layout.instances:
-            runner, instance = await start_app(instance, session)
-            runners.append(runner)
-            instances.append(instance)
-        layout = dataclasses.replace(layout, instances=tuple(instances),
-                                     xds_port=running.xds_port, admin_port=running.admin_port)
-        sidecars = [Sidecar(i, workdir, layout.xds_port)
-                    for i in (*layout.instances, layout.loadgen)]
+        if pods is not None:
+            layout, swept = pods.open(mesh_template, prefer=claim is not None)
+            if swept:
+                print(f"controlplane lab: removed what a stopped lab left behind "
+                      f"(networks {swept})", file=out, flush=True)
+            running = await _start_server(layout, workdir, pods.network.gateway)
+            sidecars = await pods.start(layout, running.xds_port)
+        else:
+            layout = plan(workdir, mesh_template, prefer=claim is not None)
+            running = await _start_server(layout, workdir, "127.0.0.1")
+            instances = []
+            for instance in layout.instances:
+                runner, instance = await start_app(instance, session)
+                runners.append(runner)
+                instances.append(instance)
+            layout = dataclasses.replace(layout, instances=tuple(instances))
+            sidecars = [Sidecar(i, workdir, running.xds_port)
+                        for i in (*layout.instances, layout.loadgen)]
+        layout = dataclasses.replace(layout, xds_port=running.xds_port,
+                                     admin_port=running.admin_port)
         for sidecar in sidecars:
             await sidecar.start()
         await asyncio.gather(*(s.wait_ready(session) for s in sidecars))
+        xds_host = pods.network.gateway if pods is not None else "127.0.0.1"
         print(f"  mesh file (edit it live): {layout.mesh_path}", file=out)
         print(f"  control plane admin:      http://127.0.0.1:{layout.admin_port}/  "
-              f"(xDS on 127.0.0.1:{layout.xds_port})", file=out)
-        for sidecar in sidecars:
-            i = sidecar.instance
-            where = f"inbound 127.0.0.1:{i.inbound_port}, " if i.inbound_port else ""
-            print(f"  sidecar {i.node_id:14s} {where}egress 127.0.0.1:{i.egress_port}, "
-                  f"admin {sidecar.admin_url}/", file=out)
-        print(f"  try: curl -H 'Host: frontend' http://127.0.0.1:{layout.loadgen.egress_port}/",
-              file=out)
+              f"(xDS on {xds_host}:{layout.xds_port})", file=out)
+        if pods is not None:
+            _tell_captured(layout, pods, sidecars, out)
+        else:
+            _tell_explicit(layout, sidecars, out)
         print("  Ctrl-C stops everything.", file=out, flush=True)
 
-        traffic = Traffic(session, layout.loadgen.egress_port, rate)
+        traffic: Traffic | RemoteTraffic
+        if pods is not None:
+            traffic = await pods.traffic(layout, rate)
+        else:
+            traffic = Traffic(session, layout.loadgen.egress_port, rate)
         status: list[str] = []
         tasks = [asyncio.create_task(traffic.run()),
                  asyncio.create_task(_view(layout, sidecars, traffic, session, out, headless,
@@ -200,12 +237,41 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
         await asyncio.gather(*(s.stop() for s in sidecars), return_exceptions=True)
         for runner in runners:
             await runner.cleanup()
+        if pods is not None:
+            await pods.close()
         await session.close()
         if running is not None:
             await running.stop(grace=0.5)
         if claim is not None:
             claim.close()
         print("controlplane lab: stopped", file=out, flush=True)
+
+
+def _tell_explicit(layout: Plan, sidecars: list[Sidecar], out: TextIO) -> None:
+    for sidecar in sidecars:
+        i = sidecar.instance
+        where = f"inbound 127.0.0.1:{i.inbound_port}, " if i.inbound_port else ""
+        print(f"  sidecar {i.node_id:14s} {where}egress 127.0.0.1:{i.egress_port}, "
+              f"admin {sidecar.admin_url}/", file=out)
+    print(f"  try: curl -H 'Host: frontend' http://127.0.0.1:{layout.loadgen.egress_port}/",
+          file=out)
+
+
+def _tell_captured(layout: Plan, pods: CapturedLab, sidecars: list[Sidecar],
+                   out: TextIO) -> None:
+    network = pods.network
+    print(f"  pods on bridge {network.bridge} ({network.subnet}); services by name: "
+          + ", ".join(f"{name} {ip}:{layout.service_ports.get(name, 80)}"
+                      for name, ip in layout.virtual_ips.items()), file=out)
+    for sidecar in sidecars:
+        i = sidecar.instance
+        pod = pods.pods[i.node_id]
+        app = f"app :{i.app_port}, " if i.app_port else "traffic generator, "
+        print(f"  pod {i.node_id:14s} {i.address:13s} {app}sidecar admin "
+              f"{sidecar.admin_url}/  (ip netns exec {pod.ns} ...)", file=out)
+    loadgen = pods.pods[layout.loadgen.node_id]
+    frontend = layout.service_ports.get("frontend", 80)
+    print(f"  try: ip netns exec {loadgen.ns} curl http://frontend:{frontend}/", file=out)
 
 
 def read_template(mesh_path: str) -> tuple[str, list[str]]:
@@ -224,8 +290,10 @@ def read_template(mesh_path: str) -> tuple[str, list[str]]:
 
 
 def run_lab(duration: float = 0.0, mesh_path: str | None = None, rate: float = 20.0,
-            headless: bool | None = None, scenario: str | None = None) -> int:
-    """``headless`` None: a live table on a terminal, lines otherwise."""
+            headless: bool | None = None, scenario: str | None = None,
+            explicit: bool = False) -> int:
+    """``headless`` None: a live table on a terminal, lines otherwise. ``explicit``: no
+    capture even where the machine allows it."""
     if scenario is not None and scenario not in scenarios():
         raise ValueError(f"no scenario {scenario!r}; choose one of {', '.join(scenarios())}")
     template = None
@@ -235,4 +303,5 @@ def run_lab(duration: float = 0.0, mesh_path: str | None = None, rate: float = 2
             print(f"controlplane lab: note: {note}", file=sys.stderr)
     if headless is None:
         headless = not sys.stdout.isatty()
-    return asyncio.run(_lab(duration, template, rate, sys.stdout, headless, scenario))
+    return asyncio.run(_lab(duration, template, rate, sys.stdout, headless, scenario,
+                            explicit))

@@ -1,4 +1,9 @@
-"""Real Envoy sidecars for the lab, one process each, configured by our own bootstrap."""
+"""Real Envoy sidecars for the lab, one process each, configured by our own bootstrap.
+
+Explicit: on loopback, an inbound port in front of the app and an egress port the app
+calls. Captured (``pod`` given): in the pod's namespace as UID 1337 (which capture leaves
+alone), on the well-known capture ports, its admin on the pod's address (port 15000,
+never captured) so the lab's view reads it from the host."""
 
 from __future__ import annotations
 
@@ -10,37 +15,54 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from controlplane.bootstrap import BootstrapOptions, build_bootstrap
-from controlplane.lab.envoy import envoy_command
+from controlplane.bootstrap import BootstrapOptions, build_bootstrap, capture_options
+from controlplane.lab.envoy import envoy_command, find_envoy
+from controlplane.lab.pods import PROXY_UID, Pod
 from controlplane.lab.topology import Instance, LabError
 
 
 class Sidecar:
-    def __init__(self, instance: Instance, workdir: Path, xds_port: int) -> None:
+    def __init__(self, instance: Instance, workdir: Path, xds_port: int,
+                 pod: Pod | None = None, xds_host: str = "127.0.0.1") -> None:
         self.instance = instance
+        self.pod = pod
         self.config = workdir / f"envoy-{instance.node_id}.yaml"
         self.log_path = workdir / f"envoy-{instance.node_id}.log"
         inbound = instance.inbound_port or None
-        options = BootstrapOptions(
-            node_id=instance.node_id, service=instance.service,
-            xds_address=f"127.0.0.1:{xds_port}", admin_port=instance.admin_port,
-            egress_port=instance.egress_port, inbound_port=inbound,
-            app_port=instance.app_port if inbound else None, inbound_address="127.0.0.1")
+        if pod is not None:
+            options = capture_options(
+                instance.node_id, instance.service, xds_address=f"{xds_host}:{xds_port}",
+                admin_address=instance.address, admin_port=instance.admin_port,
+                egress_port=instance.egress_port, instance_ip=instance.address)
+        else:
+            options = BootstrapOptions(
+                node_id=instance.node_id, service=instance.service,
+                xds_address=f"{xds_host}:{xds_port}", admin_port=instance.admin_port,
+                egress_port=instance.egress_port, inbound_port=inbound,
+                app_port=instance.app_port if inbound else None, inbound_address="127.0.0.1")
         bootstrap = build_bootstrap(options)
         # Latency quantiles per flush interval: one a second, as the lab's view refreshes.
         bootstrap["stats_flush_interval"] = "1s"
         self.config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        self.config.chmod(0o644)  # read by Envoy as UID 1337 when captured
         self.process: asyncio.subprocess.Process | None = None
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.instance.admin_port}"
+        return f"http://{self.instance.address}:{self.instance.admin_port}"
+
+    def command(self) -> list[str]:
+        if self.pod is None:
+            return envoy_command(self.config)
+        # Its own network namespace: no hot restart to share, no base id to pick.
+        return self.pod.argv([find_envoy(), "-c", str(self.config), "--disable-hot-restart",
+                              "--concurrency", "1", "--log-level", "warning",
+                              "--drain-time-s", "1"], uid=PROXY_UID)
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                *envoy_command(self.config), stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log)
+                *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -63,6 +85,8 @@ class Sidecar:
         """LabError when Envoy could not bind a listener port: another process took it
         between the lab's pick and Envoy's bind."""
         text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        if self.pod is not None:
+            return  # a namespace of its own: nothing else there binds ports
         for port in (self.instance.inbound_port, self.instance.egress_port,
                      self.instance.admin_port):
             if port and f"cannot bind '127.0.0.1:{port}'" in text:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import random
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -99,6 +101,8 @@ class Instance:
     inbound_port: int
     egress_port: int
     admin_port: int
+    address: str = "127.0.0.1"
+    """Where its app and sidecar admin are: loopback, or its pod's address (captured)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class Plan:
     loadgen: Instance  # the traffic generator's sidecar (no app, no inbound)
     xds_port: int
     admin_port: int
+    virtual_ips: dict[str, str] = field(default_factory=dict)
+    """Captured: each service's virtual IP (its first cluster IP), by name."""
+    service_ports: dict[str, int] = field(default_factory=dict)
+    """Each service's port, by name: where callers connect (captured: by name)."""
 
 
 def embedded_mesh_text() -> str:
@@ -135,8 +143,55 @@ def plan(workdir: Path, template: str | None = None, prefer: bool = True) -> Pla
                 service=service.name, version=version,
                 node_id=f"{service.name}-{version}", app_port=pick(endpoint.port + 1),
                 inbound_port=inbound, egress_port=free_port(), admin_port=free_port()))
+    mesh_path = _write(workdir, data)
+    loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, free_port(), free_port())
+    return Plan(mesh_path, tuple(instances), loadgen, pick(18000), pick(19000))
+
+
+VIRTUAL_NETWORK = "10.96.0"  # where the lab gives a virtual IP to a service without one
+CAPTURE_PORTS = {"egress": 15001, "inbound": 15006, "admin": 15000}
+
+
+def plan_captured(workdir: Path, address: Callable[[int], str], template: str | None = None,
+                  prefer: bool = True) -> Plan:
+    """The captured lab: each endpoint's app in a pod of its own at ``address(i)``
+    (the traffic generator's pod last), on the endpoint's own port, behind a sidecar on
+    the well-known capture ports; each service with a virtual IP (its ``cluster_ips``,
+    or one the lab gives it in its copy of the mesh)."""
+    text = template if template is not None else embedded_mesh_text()
+    mesh, _ = check_template(text, "lab mesh")
+    data = parse_mesh_yaml(text)
+    taken = {ip for s in mesh.services for ip in s.cluster_ips or ()}
+    spare = (f"{VIRTUAL_NETWORK}.{n}" for n in range(10, 255)
+             if f"{VIRTUAL_NETWORK}.{n}" not in taken)
+    virtual_ips: dict[str, str] = {}
+    instances: list[Instance] = []
+    for service, raw in zip(mesh.services, data["services"], strict=True):
+        if not service.cluster_ips and service.external_name is None:
+            raw["cluster_ips"] = [next(spare)]
+        if raw.get("cluster_ips"):
+            virtual_ips[service.name] = str(raw["cluster_ips"][0])
+        for index, endpoint in enumerate(service.endpoints):
+            version = endpoint.labels.get("version", f"v{index + 1}")
+            assert endpoint.port is not None  # check_template refused several ports
+            at = address(len(instances))
+            raw["endpoints"][index]["address"] = at
+            instances.append(Instance(
+                service=service.name, version=version, node_id=f"{service.name}-{version}",
+                app_port=endpoint.port, inbound_port=CAPTURE_PORTS["inbound"],
+                egress_port=CAPTURE_PORTS["egress"], admin_port=CAPTURE_PORTS["admin"],
+                address=at))
+    mesh_path = _write(workdir, data)
+    loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, CAPTURE_PORTS["egress"],
+                       CAPTURE_PORTS["admin"], address(len(instances)))
+    ports = {s.name: s.service_ports[0].port for s in mesh.services if s.service_ports}
+    return Plan(mesh_path, tuple(instances), loadgen,
+                free_port(18000 if prefer else 0), free_port(19000 if prefer else 0),
+                virtual_ips, ports)
+
+
+def _write(workdir: Path, data: dict[str, Any]) -> Path:
     mesh_path = workdir / "mesh.yaml"
     header = "# The lab's live mesh: edit and save, the sidecars follow within a second.\n"
     mesh_path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, free_port(), free_port())
-    return Plan(mesh_path, tuple(instances), loadgen, pick(18000), pick(19000))
+    return mesh_path

@@ -54,7 +54,7 @@ class Stats:
     """Turns the sidecars' cumulative counters into per-interval figures."""
 
     def __init__(self, sidecars: list[Sidecar]) -> None:
-        self.sidecars = [s for s in sidecars if s.instance.inbound_port]
+        self.sidecars = [s for s in sidecars if s.instance.app_port]
         self._before: dict[str, dict[str, int]] = {}
 
     async def sample(self, session: aiohttp.ClientSession) -> dict[str, ServiceStats]:

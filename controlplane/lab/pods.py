@@ -1,0 +1,217 @@
+"""The captured lab's pods: one network namespace per demo app on a bridge of the lab's own.
+
+A lab run leases a network number N (an exclusive ``flock`` on
+``/run/controlplane-lab/N.lock``, held for the run) and makes the bridge ``cplab<N>br``
+holding 10.240.N.1/24 (the host's side: the control plane's xDS listens there) and, per
+pod, the namespace ``cplab-<N>-<pod>`` whose ``eth0`` (10.240.N.<i+2>/24, a veth into
+the bridge, default route via the bridge) is all it has besides loopback. The pod's
+``/etc/netns/<ns>/hosts`` maps the mesh's service names to their virtual IPs, which
+``ip netns exec`` mounts over ``/etc/hosts``: that is how ``http://reviews:9080/``
+resolves inside a pod to an address no process owns. The iptables rules that
+``controlplane capture`` installs live in the pod's namespace and go with it.
+
+Why not tests/support/pods.py: that one serves tests (numbers leased per pytest worker,
+pods by index, helpers to call and assert); the lab is product code that cannot import
+tests/, needs names a person can type (``ip netns exec cplab-0-reviews-v1 ...``), a
+range of its own (10.240/16, never the tests' 10.231 and 10.232), and an asyncio run.
+Both follow the same recipe, which is short; sharing it would tie a test helper's
+shape to the product's.
+
+Everything is removed when the lab stops (Ctrl-C and SIGTERM included); what a lab
+killed outright left behind is removed at the next lab's start (``sweep``), never a
+network whose lease a live lab holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+PREFIX = "cplab"  # namespaces cplab-N-<pod>, bridge cplabNbr, host veths cplabNvI
+NETWORKS = 256  # 10.240.N.0/24
+MAX_PODS = 250
+PROXY_UID = 1337
+NETNS_ETC = Path("/etc/netns")
+LEASES = Path("/run/controlplane-lab")
+
+
+def unavailable() -> str | None:
+    """None when the lab can make captured pods here, else why not (for its first line)."""
+    if os.geteuid() != 0:
+        return "not root: network namespaces and iptables need root"
+    for tool, package in (("ip", "iproute2"), ("setpriv", "util-linux"),
+                          ("iptables-restore", "iptables")):
+        if shutil.which(tool) is None:
+            return f"no `{tool}` on PATH (apt-get install {package})"
+    return None
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=15, check=False)
+
+
+def _ip(*args: str) -> None:
+    result = _run("ip", *args)
+    if result.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+def _lock(number: int) -> IO[bytes] | None:
+    LEASES.mkdir(parents=True, exist_ok=True)
+    handle = open(LEASES / f"{number}.lock", "ab")  # noqa: SIM115 (held by the network)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _namespaces(number: int | None = None) -> list[str]:
+    """The lab's namespaces, all or one network's (``ip netns list``: ``name (id: 3)``)."""
+    pattern = re.compile(rf"^{PREFIX}-(\d+)-\S+$")
+    found = []
+    for line in _run("ip", "netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        match = pattern.match(name)
+        if match and (number is None or int(match.group(1)) == number):
+            found.append(name)
+    return found
+
+
+def _links(number: int | None = None) -> list[str]:
+    which = str(number) if number is not None else r"\d+"
+    text = _run("ip", "-o", "link", "show").stdout
+    return re.findall(rf"^\d+: ({PREFIX}{which}(?:br|v\d+))[@:]", text, re.MULTILINE)
+
+
+def remove(number: int) -> None:
+    """Everything of one network: processes in its pods (a namespace with a live process
+    outlives ``ip netns del``), the pods, their hosts files, the veths and the bridge."""
+    for ns in _namespaces(number):
+        for pid in _run("ip", "netns", "pids", ns).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _run("ip", "netns", "del", ns)
+    for path in NETNS_ETC.glob(f"{PREFIX}-{number}-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for link in _links(number):
+        _run("ip", "link", "del", link)
+
+
+def sweep() -> list[int]:
+    """Remove what labs that died without cleaning up left behind; a network whose lease a
+    live lab holds is left alone. Returns the numbers removed."""
+    numbers = {int(ns.split("-")[1]) for ns in _namespaces()}
+    numbers |= {int(re.sub(r"\D.*", "", link[len(PREFIX):])) for link in _links()}
+    numbers |= {int(p.name.split("-")[1]) for p in NETNS_ETC.glob(f"{PREFIX}-*-*")
+                if p.name.split("-")[1].isdigit()}
+    removed = []
+    for number in sorted(numbers):
+        handle = _lock(number)
+        if handle is None:
+            continue
+        try:
+            remove(number)
+            removed.append(number)
+        finally:
+            handle.close()
+    return removed
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    ns: str
+    address: str
+
+    def argv(self, command: list[str], uid: int | None = None) -> list[str]:
+        """``command`` run in the pod (as ``uid``, groups cleared, when given). ``ip netns
+        exec`` and ``setpriv`` exec in place: the child's PID is the command's own."""
+        prefix = ["ip", "netns", "exec", self.ns]
+        if uid is not None:
+            prefix += ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+                       "--"]
+        return [*prefix, *command]
+
+
+class Network:
+    """The lab's bridge and pods. ``open()`` sweeps leftovers, leases a number and makes
+    the bridge; ``close()`` removes everything (safe to call twice, or after a failed
+    ``open``)."""
+
+    def __init__(self) -> None:
+        self.number = -1
+        self.pods: list[Pod] = []
+        self._lease: IO[bytes] | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"10.240.{self.number}.1"
+
+    @property
+    def bridge(self) -> str:
+        return f"{PREFIX}{self.number}br"
+
+    @property
+    def subnet(self) -> str:
+        return f"10.240.{self.number}.0/24"
+
+    def open(self) -> list[int]:
+        """Make the bridge; returns the numbers of crashed labs' networks it removed."""
+        swept = sweep()
+        for number in range(NETWORKS):
+            self._lease = _lock(number)
+            if self._lease is not None:
+                self.number = number
+                break
+        else:
+            raise OSError(f"all {NETWORKS} lab networks (10.240.0.0/16) are in use by "
+                          "other labs; stop one, or run `controlplane lab --explicit`")
+        remove(self.number)
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        return swept
+
+    def pod(self, name: str, hosts: Mapping[str, str]) -> Pod:
+        """A new pod on the bridge; ``hosts`` (name -> IP) resolve in it, as does its name."""
+        index = len(self.pods)
+        if index >= MAX_PODS:
+            raise OSError(f"a lab network holds at most {MAX_PODS} pods")
+        pod = Pod(name, f"{PREFIX}-{self.number}-{name}", f"10.240.{self.number}.{index + 2}")
+        self.pods.append(pod)
+        etc = NETNS_ETC / pod.ns
+        etc.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost", f"{pod.address} {name}"]
+        lines += [f"{ip} {host}" for host, ip in hosts.items()]
+        (etc / "hosts").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # No DNS server in a pod: a name not in its hosts file fails at once.
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+                                         encoding="utf-8")
+        veth = f"{PREFIX}{self.number}v{index}"
+        _ip("netns", "add", pod.ns)
+        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod.ns)
+        _ip("link", "set", veth, "master", self.bridge, "up")
+        _ip("-n", pod.ns, "addr", "add", f"{pod.address}/24", "dev", "eth0")
+        _ip("-n", pod.ns, "link", "set", "eth0", "up")
+        _ip("-n", pod.ns, "link", "set", "lo", "up")
+        _ip("-n", pod.ns, "route", "add", "default", "via", self.gateway)
+        return pod
+
+    def close(self) -> None:
+        if self._lease is None:
+            return
+        remove(self.number)
+        self._lease.close()
+        self._lease = None
+        self.pods.clear()
