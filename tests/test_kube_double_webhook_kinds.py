@@ -112,6 +112,7 @@ def test_webhook_configurations_are_cluster_scoped_and_defaulted(
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     with pytest.raises(urllib.error.HTTPError) as namespaced:
         urllib.request.urlopen(request, timeout=5)
+    namespaced.value.close()
     assert namespaced.value.code == 404
 
 
