@@ -178,6 +178,17 @@ services:
     endpoints: [{{address: {self.echo.address}, port: 7000}}]
 {extra}""")
 
+    def listeners(self) -> str:
+        """productpage's sidecar's listeners, as its admin dumps them."""
+        return admin(self.productpage, "/config_dump?resource=dynamic_listeners")
+
+    def reset(self) -> None:
+        """Back to the first mesh (ALLOW_ANY, no policies), once productpage's sidecar
+        has it: the next test starts from there."""
+        self.write()
+        wait_for(lambda: "registry-only" not in self.listeners(), timeout=20,
+                 what="ALLOW_ANY again at productpage's sidecar")
+
     def sidecar(self, pod: pods.Pod, service: str) -> None:
         """A captured Envoy in ``pod``, its admin on the pod's address (port 15000, which
         capture leaves alone) so the test reads it from here; ready once it has its
@@ -354,9 +365,8 @@ def test_outside_the_mesh_passes_under_allow_any_and_is_refused_under_registry_o
         assert "closed with no reply" in refused.stderr or "reset" in refused.stderr
         assert mesh.call("http://reviews:9080/")[0] == 200  # the mesh's services still work
     finally:
-        mesh.write()
-    wait_for(lambda: mesh.call("http://outside:8080/")[0] == 200, timeout=20,
-             what="ALLOW_ANY again")
+        mesh.reset()
+    assert mesh.call("http://outside:8080/")[0] == 200
 
 
 def test_tls_to_an_outside_host_passes_untouched_and_registry_only_lets_its_sni_through(
@@ -381,7 +391,7 @@ def test_tls_to_an_outside_host_passes_untouched_and_registry_only_lets_its_sni_
         assert stat(mesh.productpage, "cluster.outbound|8443||secure.default.svc.cluster.local"
                                       ".upstream_cx_total") >= 1
     finally:
-        mesh.write()
+        mesh.reset()
 
 
 def test_a_headless_service_reaches_the_pod_its_caller_chose(mesh: Mesh) -> None:
@@ -391,9 +401,10 @@ def test_a_headless_service_reaches_the_pod_its_caller_chose(mesh: Mesh) -> None
     mesh.write(policy="REGISTRY_ONLY", extra=f"  - {{name: db, port: 7000, protocol: tcp, "
                f"endpoints: [{{address: {mesh.echo.address}, port: 7000}}]}}\n")
     try:
+        wait_for(lambda: "db.default.svc.cluster.local" in mesh.listeners(), timeout=20,
+                 what="db's chain at productpage's sidecar")
         outside = [sys.executable, TCP_ECHO, "connect", "outside", "7000", "--send", "hi"]
-        wait_for(lambda: mesh.productpage.call(outside).returncode == 1, timeout=20,
-                 what="REGISTRY_ONLY at productpage's sidecar")
+        assert mesh.productpage.call(outside).returncode == 1  # REGISTRY_ONLY
         run = mesh.productpage.call([sys.executable, TCP_ECHO, "connect", mesh.echo.address,
                                      "7000", "--send", "hi"])
         assert run.returncode == 0, run.stderr
@@ -403,7 +414,7 @@ def test_a_headless_service_reaches_the_pod_its_caller_chose(mesh: Mesh) -> None
         assert stat(mesh.productpage, "tcp.outbound|7000||db.default.svc.cluster.local"
                                       ".downstream_cx_total") == 1
     finally:
-        mesh.write()
+        mesh.reset()
 
 
 def test_the_sidecars_own_connections_are_not_captured(mesh: Mesh) -> None:
