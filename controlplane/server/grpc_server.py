@@ -25,6 +25,7 @@ from controlplane.server.delta import DeltaStream
 from controlplane.server.limits import LimitError, Limits, LogBudget
 from controlplane.server.registry import StreamRegistry
 from controlplane.server.session import Malformed, StreamRun, warn
+from controlplane.server.settle import FreezeWhenSettled
 from controlplane.server.sotw import SotwStream
 from controlplane.server.stream import MalformedRequest, ProtocolError, StreamBase
 from controlplane.server.writes import ClientGone, WriteTurns, end_call
@@ -79,6 +80,7 @@ class XdsServer:
         self.fetch_timeout = fetch_timeout
         self.limits = limits if limits is not None else Limits()
         self.turns = WriteTurns(self.limits)
+        self.settle = FreezeWhenSettled(lambda: len(self.registry))
         self._closing = asyncio.Event()
 
     def shutdown(self) -> None:
@@ -151,6 +153,7 @@ class XdsServer:
 
     async def _serve(self, stream: StreamBase, context: grpc.aio.ServicerContext) -> None:
         self.registry.add(stream)
+        self.settle.opened(stream.stream_id)
         metrics.CONNECTED_PROXIES.labels(stream.protocol).inc()
         structlog.contextvars.bind_contextvars(stream_id=stream.stream_id, api=stream.api,
                                                protocol=stream.protocol)
@@ -193,6 +196,7 @@ class XdsServer:
             closing.cancel()
             await run.stop()
             self.registry.remove(stream)
+            self.settle.closed(stream.stream_id)
             metrics.CONNECTED_PROXIES.labels(stream.protocol).dec()
             if stream.proxy is not None:  # bound by the reader, in its own context
                 structlog.contextvars.bind_contextvars(node_id=stream.proxy.node_id)
