@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,9 @@ async def test_serve_in_a_cluster_injects_pods(api: ApiServerDouble, tmp_path: P
             metrics = answer.read().decode()
         assert 'controlplane_injections_total{result="injected"} 1.0' in metrics
         assert "controlplane_injection_seconds_count 1.0" in metrics
+        expiry = next(line for line in metrics.splitlines() if line.startswith(
+            "controlplane_webhook_certificate_expiry_timestamp_seconds "))
+        assert float(expiry.split()[1]) > time.time() + 300 * 86400
     finally:
         server.terminate()
         code = server.wait(20)

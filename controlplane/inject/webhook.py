@@ -20,12 +20,13 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
 from aiohttp import web
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from controlplane.inject.certs import CertificateSource, ServingCert
 from controlplane.inject.config import InjectConfig
@@ -46,6 +47,11 @@ INJECTION_SECONDS = Histogram(
     "answer encoded).",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+CERTIFICATE_EXPIRY = Gauge(
+    "controlplane_webhook_certificate_expiry_timestamp_seconds",
+    "When the webhook's serving certificate expires (Unix time); renewed a third of its "
+    "life before.",
+)
 # etcd stores objects of at most 1.5 MiB, and an AdmissionReview of a CREATE carries one
 # object (an UPDATE two); 4 MiB holds any of them with their envelope, and bounds what a
 # client that is not the API server can make us parse. (aiohttp's default, 1 MiB, would
@@ -64,21 +70,30 @@ class WebhookState:
     last_error: str = field(default="")
 
 
-def make_app(state: WebhookState) -> web.Application:
+def _decide(raw: bytes, state: WebhookState) -> tuple[Decision, str]:
+    """Parse, decide, encode: the CPU-bound part, run off the event loop."""
+    decision = review(json.loads(raw), state.config, state.fail_closed)
+    return decision, json.dumps(decision.response, separators=(",", ":"))
+
+
+def make_app(state: WebhookState, executor: ThreadPoolExecutor | None = None
+             ) -> web.Application:
+    """``executor``: where decisions are made. The webhook shares its event loop with the
+    xDS streams; a rollout's burst of pods (milliseconds each) must not stall them."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
 
     async def inject(request: web.Request) -> web.Response:
         started = time.perf_counter()
+        raw = await request.read()
         try:
-            body = json.loads(await request.read())
-            decision = review(body, state.config, state.fail_closed)
+            decision, text = await asyncio.get_running_loop().run_in_executor(
+                executor, _decide, raw, state)
         except (ValueError, BadReview) as exc:  # JSONDecodeError is a ValueError
             INJECTIONS.labels("invalid").inc()
             log.warning("webhook.bad_request", error=str(exc)[:300],
                         hint="only the API server should call this, with an "
                         "AdmissionReview v1")
             return web.json_response({"error": str(exc)[:1000]}, status=400)
-        text = json.dumps(decision.response, separators=(",", ":"))
         INJECTION_SECONDS.observe(time.perf_counter() - started)
         INJECTIONS.labels(decision.result).inc()
         state.decisions += 1
@@ -121,6 +136,8 @@ class Webhook:
         self.has_certificate = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task[None] | None = None
+        # One thread: decisions in order, off the loop, never more than a core's worth.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="webhook")
 
     async def start(self, host: str, port: int) -> int:
         """Bind now (errors now), fetch the certificate in the background; the port."""
@@ -128,7 +145,8 @@ class Webhook:
                                     else socket.AF_INET)
         self.port = sock.getsockname()[1]
         try:
-            self._runner = web.AppRunner(make_app(self.state), handle_signals=False,
+            self._runner = web.AppRunner(make_app(self.state, self._executor),
+                                         handle_signals=False,
                                          access_log=None, shutdown_timeout=2)
             await self._runner.setup()
             await web.SockSite(self._runner, sock, ssl_context=self.context).start()
@@ -147,6 +165,7 @@ class Webhook:
             await asyncio.to_thread(cert.load_into, self.context)
             log.info("webhook.certificate_loaded", **cert.describe())
             self.state.cert = cert
+            CERTIFICATE_EXPIRY.set(cert.certificate.not_valid_after_utc.timestamp())
         publish = getattr(self.source, "publish", None)
         published = bool(await asyncio.to_thread(publish, cert)) if publish else True
         self.has_certificate.set()
@@ -179,3 +198,4 @@ class Webhook:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
