@@ -5,7 +5,9 @@ controller sent, and the patched Pod accepted by the double's Pod validation."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import datetime
 import io
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -14,11 +16,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from controlplane import deploy
 from controlplane.app import start_webhook
+from controlplane.inject.certs import renewed as renew
+from controlplane.inject.certs import secret_data
 from controlplane.inject.config import INIT_NAME, PROXY_NAME, STATUS_ANNOTATION, InjectConfig
 from controlplane.inject.pod import inject_pod, inject_template
 from controlplane.inject.webhook import Webhook
@@ -319,3 +325,31 @@ async def test_the_key_is_never_logged(api: ApiServerDouble, tmp_path: Path) -> 
     assert any(e["event"] == "webhook.certificate_made" for e in logs)
     assert "PRIVATE KEY" not in text and body[:40] not in text
     assert ca_key.splitlines()[1] not in text
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    """Another replica renewed the Secret: at its next check this one loads it into the
+    live TLS context, and new connections get it (same CA: caBundle unchanged)."""
+    first = await started(api, tmp_path)
+    try:
+        old = first.state.cert
+        assert old is not None
+        # What another replica's renewal leaves in the Secret: a new leaf, the same CA.
+        renewed = renew(old, first.names, datetime.datetime.now(datetime.UTC))
+        stored = api.get(SECRETS, NAMESPACE, WEBHOOK_SECRET)
+        api.update({**stored, "data": secret_data(renewed)})
+        assert renewed.cert_pem != old.cert_pem and renewed.ca_pem == old.ca_pem
+        await first.refresh()
+        assert first.state.cert == renewed
+        context = client_context(ca_bundle(api))
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", first.port, ssl=context,
+            server_hostname="controlplane.controlplane-system.svc")
+        served = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        await writer.wait_closed()
+        assert served == x509.load_pem_x509_certificate(renewed.cert_pem).public_bytes(
+            serialization.Encoding.DER)
+    finally:
+        await first.stop()
