@@ -200,3 +200,34 @@ async def test_an_endpoint_change_costs_a_captured_group_nothing_of_its_own(
         assert snapshot is not None and old is not None
         assert snapshot.get(resource.LISTENER).changed_since(  # type: ignore[union-attr]
             old.get(resource.LISTENER)) == {"egress"}
+
+
+async def test_captured_listener_layers_go_with_their_groups() -> None:
+    """Scoped captured groups each have their egress listener layer; one whose groups
+    are all gone is dropped (the listeners of a big mesh are not kept for nobody)."""
+    text = "services:\n" + "".join(
+        f"  - {{name: s{i}, port: 80, cluster_ips: [10.96.0.{i + 1}]}}\n" for i in range(3)
+    ) + "sidecars:\n" + "".join(
+        f"  - {{name: s{i}, namespace: default, workloadSelector: {{service: s{i}}}, "
+        f"egress: [{{hosts: ['./s{(i + 1) % 3}']}}]}}\n" for i in range(3))
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    assert pipeline.set_mesh(load_mesh_text(text))
+    keep, *gone = [ProxyIdentity(node_id=f"s{i}-0.default", service=f"s{i}", capture=True)
+                   for i in range(3)]
+    for proxy in (keep, *gone):
+        cache.connect(proxy)
+    await asyncio.wait_for(asyncio.gather(*(cache.next_snapshot(p, None)
+                                            for p in (keep, *gone))), 10)
+    build = pipeline.current
+    assert build is not None
+    assert len(build._capture._made) == 3  # one listener per visible set
+    snapshot = cache.get(keep.group)
+    listener = snapshot.get(resource.LISTENER) if snapshot is not None else None
+    assert listener is not None
+    [egress] = [r.message for n, r in listener.resources.items() if n == "egress"]
+    assert [c.name for c in egress.filter_chains] == ["egress", "http~80"]
+    for proxy in gone:
+        cache.disconnect(proxy)
+    pipeline.expire_groups(0.0, now=float("inf"))
+    assert list(build._capture._made) == [(build.visible(keep), 15001)]
