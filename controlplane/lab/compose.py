@@ -1,10 +1,17 @@
 """The lab as containers: docker-compose.yml, its mesh file and its sidecar bootstraps,
 all derived from the same embedded mesh as ``controlplane lab``, so they cannot drift.
 
-Each demo app runs in its own container with a fixed address (EDS endpoints must be IP
-addresses) and an Envoy v1.40 container sharing its network namespace, the way a pod
-holds an app and its sidecar. Regenerate the checked-in files with
-``python -m controlplane.lab.compose`` (a test fails when they are stale).
+The captured lab as containers, shaped like an injected pod. Per demo app: the app's
+container holds the pod's network namespace (a fixed address on the ``mesh`` network,
+since EDS endpoints are IP addresses, and ``extra_hosts`` mapping each service name to
+its virtual IP, which no container owns); ``<app>-init`` joins it and runs
+``controlplane capture`` as root with NET_ADMIN and NET_RAW; ``<app>-envoy`` joins it
+and runs Envoy v1.40 as UID 1337 with a captured bootstrap. The apps call
+``http://reviews:9080/`` and never learn that a sidecar is there. Compose starts the
+namespace's holder first, so an app's first calls may beat its capture rules by a
+moment; the traffic generator's failed first requests show that, then stop.
+Regenerate the checked-in files with ``python -m controlplane.lab.compose`` (a test
+fails when they are stale).
 """
 
 from __future__ import annotations
@@ -16,54 +23,72 @@ from typing import Any
 import yaml
 
 from controlplane import generated
-from controlplane.bootstrap import BootstrapOptions, render_bootstrap
-from controlplane.lab.topology import embedded_mesh_text
+from controlplane.bootstrap import CAPTURE_ADMIN_PORT, capture_options, render_bootstrap
+from controlplane.lab.topology import CALLS, embedded_mesh_text
 from controlplane.mesh.loader import load_mesh_text, parse_mesh_yaml
+from controlplane.mesh.model import Mesh
 
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40-latest"
 SUBNET = "172.30.0.0/24"
 CONTROLPLANE_IP = "172.30.0.2"
 XDS_PORT, ADMIN_PORT = 18000, 19000
-EGRESS_PORT, ENVOY_ADMIN_PORT = 15001, 9901
+HOST_ADMIN_PORT = 9901  # each sidecar's admin (15000) on the host, from this port up
+PROXY_UID = 1337
 MESH_FILE = Path("deploy/compose/mesh.yaml")
 ENVOY_DIR = Path("deploy/compose/envoy")
 
 
 @dataclass(frozen=True)
 class Box:
-    """One app container and its sidecar: the pod of the compose lab."""
+    """One app container and its init and sidecar containers: the compose lab's pod."""
 
     name: str
     service: str
     version: str
     address: str
-    inbound_port: int | None
-    app_port: int | None
+    app_port: int | None  # the endpoint's port, where the app listens; None: loadgen
     host_admin_port: int
+
+
+def _mesh() -> Mesh:
+    return load_mesh_text(embedded_mesh_text(), origin="lab mesh")
 
 
 def boxes() -> list[Box]:
     """Every endpoint of the lab mesh, plus the traffic generator, with fixed addresses."""
-    mesh = load_mesh_text(embedded_mesh_text(), origin="lab mesh")
     result: list[Box] = []
-    for service in mesh.services:
+    for service in _mesh().services:
         for index, endpoint in enumerate(service.endpoints):
             version = endpoint.labels.get("version", f"v{index + 1}")
             if endpoint.port is None:
                 raise ValueError(f"{service.key}: the lab runs single-port services only")
             number = len(result)
             result.append(Box(f"{service.name}-{version}", service.name, version,
-                              f"172.30.0.{11 + number}", endpoint.port, endpoint.port + 1,
-                              ENVOY_ADMIN_PORT + number))
-    result.append(Box("loadgen", "loadgen", "v1", "172.30.0.30", None, None,
-                      ENVOY_ADMIN_PORT + len(result)))
+                              f"172.30.0.{11 + number}", endpoint.port,
+                              HOST_ADMIN_PORT + number))
+    result.append(Box("loadgen", "loadgen", "v1", "172.30.0.30", None,
+                      HOST_ADMIN_PORT + len(result)))
     return result
+
+
+def virtual_hosts() -> list[str]:
+    """``extra_hosts`` of every pod: each service's name at its virtual IP."""
+    return [f"{s.name}:{s.cluster_ips[0]}" for s in _mesh().services if s.cluster_ips]
+
+
+def call_url(service: str) -> str | None:
+    """The plain URL a demo app calls (the next service by name, on its port)."""
+    ports = {s.name: s.port for s in _mesh().services}
+    downstream = CALLS.get(service) if service != "loadgen" else "frontend"
+    if downstream is None:
+        return None
+    return f"http://{downstream}:{ports.get(downstream, 80)}/"
 
 
 def render_mesh() -> str:
     """The lab mesh with each endpoint at its container's address (ports unchanged)."""
     data = parse_mesh_yaml(embedded_mesh_text())
-    by_endpoint = iter(b for b in boxes() if b.inbound_port is not None)
+    by_endpoint = iter(b for b in boxes() if b.app_port is not None)
     for service in data["services"]:
         for endpoint in service.get("endpoints", []):
             endpoint["address"] = next(by_endpoint).address
@@ -73,11 +98,12 @@ def render_mesh() -> str:
 
 
 def render_bootstraps() -> dict[str, str]:
+    """Captured sidecars; the admin on 0.0.0.0 (capture never takes port 15000) so the
+    host reaches it through the app container's published port."""
     return {
-        box.name: render_bootstrap(BootstrapOptions(
-            node_id=box.name, service=box.service, xds_address=f"controlplane:{XDS_PORT}",
-            admin_address="0.0.0.0", admin_port=ENVOY_ADMIN_PORT, egress_port=EGRESS_PORT,
-            inbound_port=box.inbound_port, app_port=box.app_port, inbound_address="0.0.0.0"))
+        box.name: render_bootstrap(capture_options(
+            box.name, box.service, xds_address=f"controlplane:{XDS_PORT}",
+            admin_address="0.0.0.0", instance_ip=box.address))
         for box in boxes()
     }
 
@@ -96,35 +122,49 @@ def render_compose() -> str:
             "networks": {"mesh": {"ipv4_address": CONTROLPLANE_IP}},
         },
     }
+    hosts = virtual_hosts()
     for box in boxes():
+        call = call_url(box.service)
         if box.app_port is not None:
-            app_command = ["python", "-m", "controlplane.lab.apps", "--service", box.service,
-                           "--version", box.version, "--port", str(box.app_port),
-                           "--egress-port", str(EGRESS_PORT)]
+            command = ["python", "-m", "controlplane.lab.apps", "--service", box.service,
+                       "--version", box.version, "--port", str(box.app_port),
+                       "--host", "0.0.0.0", *(["--call", call] if call else [])]
         else:
-            app_command = ["python", "-m", "controlplane.lab.traffic",
-                           "--egress-port", str(EGRESS_PORT)]
+            command = ["python", "-m", "controlplane.lab.traffic", "--url", str(call)]
         services[box.name] = {
             "image": "controlplane:lab",
-            "entrypoint": app_command,
+            "entrypoint": command,
             "depends_on": ["controlplane"],
-            "ports": [f"{box.host_admin_port}:{ENVOY_ADMIN_PORT}"],
+            "ports": [f"{box.host_admin_port}:{CAPTURE_ADMIN_PORT}"],
+            "extra_hosts": list(hosts),
             "networks": {"mesh": {"ipv4_address": box.address}},
+        }
+        services[f"{box.name}-init"] = {
+            "image": "controlplane:lab",
+            "command": ["capture", "--proxy-uid", str(PROXY_UID), "--log-format", "console"],
+            "user": "0",
+            "cap_add": ["NET_ADMIN", "NET_RAW"],
+            "network_mode": f"service:{box.name}",
+            "depends_on": [box.name],
+            "restart": "no",
         }
         services[f"{box.name}-envoy"] = {
             "image": ENVOY_IMAGE,
             "command": ["-c", "/etc/envoy/envoy.yaml", "--concurrency", "1"],
+            "user": f"{PROXY_UID}:{PROXY_UID}",
             "network_mode": f"service:{box.name}",
             "volumes": [f"./{ENVOY_DIR}/{box.name}.yaml:/etc/envoy/envoy.yaml:ro"],
-            "depends_on": [box.name, "controlplane"],
+            "depends_on": [f"{box.name}-init", "controlplane"],
         }
     document = {
         "version": "3.8",  # docker-compose 1.x needs it; Compose v2 ignores it
         "services": services,
         "networks": {"mesh": {"ipam": {"config": [{"subnet": SUBNET}]}}},
     }
-    header = ("# The lab as containers: `docker compose up --build`, then watch\n"
+    header = ("# The captured lab as containers: `docker compose up --build`, then watch\n"
               "# `docker compose logs -f loadgen` and http://127.0.0.1:19000/debug/proxies.\n"
+              "# Per app: the app (holding the pod's network), <app>-init (controlplane\n"
+              "# capture) and <app>-envoy (UID 1337); apps call http://reviews:9080/ by name.\n"
               "# Generated by `python -m controlplane.lab.compose`; edit that, not this.\n")
     return header + yaml.safe_dump(document, sort_keys=False)
 
