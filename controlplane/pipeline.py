@@ -136,6 +136,7 @@ class Pipeline:
         self._arrivals: dict[str, ProxyIdentity] = {}  # new groups waiting to be built
         self._draining = False
         self._gauges: dict[str, dict[str, Gauge]] = {}  # group -> type -> its size gauge
+        self._groups_shown = -1  # the proxy-groups gauge as last set by this pipeline
         cache.on_new_group = self.on_new_group
 
     @property
@@ -347,7 +348,10 @@ class Pipeline:
             return
         metrics.SNAPSHOT_BUILD_SECONDS.observe(elapsed)
         (_PUBLISHED if published else _UNCHANGED).inc()
-        metrics.PROXY_GROUPS.set(len(self.cache))
+        groups = len(self.cache)
+        if groups != self._groups_shown:  # (not a gauge write per group per change)
+            self._groups_shown = groups
+            metrics.PROXY_GROUPS.set(groups)
         if published:
             metrics.ENCODED_BYTES.inc(snapshot.encoded_bytes)
             for type_url, typed in snapshot.types.items():  # sizes are kept per layer
@@ -373,7 +377,8 @@ class Pipeline:
         metric series, their stored snapshots, and the route tables and zone variants
         only they used."""
         gone = self.cache.expire(ttl, now)
-        metrics.PROXY_GROUPS.set(len(self.cache))
+        self._groups_shown = len(self.cache)
+        metrics.PROXY_GROUPS.set(self._groups_shown)
         if not gone:
             return gone
         metrics.GROUPS_EXPIRED.inc(len(gone))

@@ -44,6 +44,7 @@ class FreezeWhenSettled:
         self._frozen_upto = 0  # streams with an id up to this one were open at the freeze
         self._frozen_streams = 0
         self._last = 0.0
+        self._process_freezes = False
         self._timer: asyncio.TimerHandle | None = None
 
     def opened(self, stream_id: int) -> None:
@@ -70,9 +71,11 @@ class FreezeWhenSettled:
             return
         if self._churn < max(self.min_churn, self._frozen_streams // 10):
             return
-        if not gc.get_freeze_count():  # (it walks what is frozen: not once per stream)
+        # (get_freeze_count walks what is frozen: asked once per settle, until it says yes)
+        if not self._process_freezes and not gc.get_freeze_count():
             self._churn = 0
             return  # this process does not freeze (see the module's docstring)
+        self._process_freezes = True
         self.freeze()
 
     def freeze(self) -> None:
