@@ -104,6 +104,51 @@ def test_the_first_line_says_the_mode_and_why() -> None:
         assert line.startswith("capture mode:") and "--explicit" in line, line
 
 
+def test_without_root_the_lab_runs_explicit_and_says_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from controlplane.lab.runner import choose_mode
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    captured, line = choose_mode(explicit=False)
+    assert not captured, line
+    assert line.startswith("explicit mode (not root: network namespaces and iptables need "
+                           "root)"), line
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "iptables-restore"
+                        else f"/usr/sbin/{tool}")
+    captured, line = choose_mode(explicit=False)
+    assert not captured and "apt-get install iptables" in line, line
+
+
+def test_the_captured_plan_gives_every_service_a_virtual_ip(tmp_path: Path) -> None:
+    """A --mesh without cluster_ips still runs captured: the lab's copy gets them."""
+    from controlplane.lab.topology import plan_captured
+    from controlplane.mesh.loader import load_mesh_file
+
+    template = """services:
+  - name: frontend
+    port: 8000
+    endpoints: [{address: 127.0.0.1, port: 8000}]
+  - name: reviews
+    port: 9080
+    cluster_ips: [10.96.0.10]
+    endpoints: [{address: 127.0.0.1, port: 9080}, {address: 127.0.0.1, port: 9080}]
+"""
+    layout = plan_captured(tmp_path, lambda i: f"10.240.7.{i + 2}", template, prefer=False)
+    assert layout.virtual_ips == {"frontend": "10.96.0.11", "reviews": "10.96.0.10"}
+    assert layout.service_ports == {"frontend": 8000, "reviews": 9080}
+    assert [(i.node_id, i.address, i.app_port) for i in layout.instances] == [
+        ("frontend-v1", "10.240.7.2", 8000), ("reviews-v1", "10.240.7.3", 9080),
+        ("reviews-v2", "10.240.7.4", 9080)]
+    assert layout.loadgen.address == "10.240.7.5"
+    mesh = load_mesh_file(layout.mesh_path)
+    assert [e.address for s in mesh.services for e in s.endpoints] == [
+        "10.240.7.2", "10.240.7.3", "10.240.7.4"]
+    assert mesh.services[0].cluster_ips == ["10.96.0.11"]
+
+
 def test_live_table_and_line_show_the_same_figures() -> None:
     import io
 

@@ -133,7 +133,12 @@ def _claim_preferred_ports() -> IO[bytes] | None:
     """The lock that lets this lab use the mesh file's ports, or None when another lab on
     this machine holds it. Envoy's listeners share a port with SO_REUSEPORT, so two labs
     on the same ports would each get half of the other's traffic, silently."""
-    handle = open(Path(tempfile.gettempdir()) / "controlplane-lab-ports.lock", "ab")  # noqa: SIM115
+    path = Path(tempfile.gettempdir()) / "controlplane-lab-ports.lock"
+    handle: IO[bytes]
+    try:
+        handle = open(path, "ab")  # noqa: SIM115 (held while the lab runs)
+    except PermissionError:  # another user's lab made it: a read-only handle locks too
+        handle = open(path, "rb")  # noqa: SIM115
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -168,7 +173,7 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
               "ports, not the mesh file's", file=out, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: its terminal closed
         loop.add_signal_handler(sig, stop.set)
 
     pods = CapturedLab(workdir) if captured else None
