@@ -6,10 +6,11 @@ destination, as Istio's virtualOutbound and virtualInbound listeners do.
 address the connection was for, and the filter chain whose destination port and prefix
 match it takes the connection:
 
-- egress, on 0.0.0.0:15001: a chain per service port on the service's cluster IPs (a
+- egress, on 0.0.0.0:15001: chains matching the services' cluster IPs and ports (a
   headless service: its endpoints' addresses, up to ``MAX_HEADLESS_ADDRESSES`` per
-  port); HTTP and gRPC through the ``egress`` route table (by Host, every policy
-  applied), TCP through a TCP proxy to the service's cluster. An app that calls
+  port); HTTP and gRPC (one chain per port) through the ``egress`` route table (by
+  Host, every policy applied), TCP (one chain per service port) through a TCP proxy to
+  the service's cluster (a headless one: to the pod the caller dialled). An app that calls
   127.0.0.1:15001 with a Host header still gets the route table. Anything else: the
   original destination (``ALLOW_ANY``), or, with ``REGISTRY_ONLY`` (registry_only.py),
   a 502 saying why for HTTP and a closed connection for the rest.
@@ -70,6 +71,7 @@ _Cluster: TypeAlias = cluster_pb2.Cluster
 def captured_egress_listener(services: Iterable[Service], egress_port: int,
                              policy: OutboundTrafficPolicy) -> listener_pb2.Listener:
     """The egress listener of every captured sidecar that sees ``services``."""
+    services = list(services)
     chains, tcp_ports = _service_chains(services, egress_port)
     filters = [_original_dst_filter()]
     if policy == "REGISTRY_ONLY":
@@ -167,19 +169,9 @@ def captured_inbound_listener(proxy: ProxyIdentity,
     loop = tcp_chain("inbound-loop", names.BLACKHOLE_CLUSTER)
     loop.filter_chain_match.destination_port.value = proxy.inbound_port
     chains = [loop]
-    for target, port in _inbound_ports(own):
-        if target == proxy.inbound_port:
-            continue
-        cluster = _inbound_name(proxy, target)
-        if port.protocol == "tcp":
-            made = tcp_chain(cluster, cluster)
-        else:
-            assert own is not None  # ports come from it
-            filters = [f for feature in FEATURES for f in feature.inbound_http_filters(own, port)]
-            made = _named(chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster, filters)),
-                          cluster)
-        made.filter_chain_match.destination_port.value = target
-        chains.append(made)
+    if own is not None:
+        chains += [_inbound_chain(proxy, own, target, port)
+                   for target, port in _inbound_ports(own) if target != proxy.inbound_port]
     return listener_pb2.Listener(
         name=names.INBOUND_LISTENER,
         address=socket_address(proxy.inbound_address, proxy.inbound_port),
@@ -192,14 +184,27 @@ def captured_inbound_listener(proxy: ProxyIdentity,
     )
 
 
-def _inbound_ports(own: Service | None) -> list[tuple[int, ServicePort]]:
+def _inbound_chain(proxy: ProxyIdentity, own: Service, target: int,
+                   port: ServicePort) -> _Chain:
+    """Connections for ``target``: HTTP through the features' inbound filters."""
+    cluster = _inbound_name(proxy, target)
+    if port.protocol == "tcp":
+        made = tcp_chain(cluster, cluster)
+    else:
+        filters = [f for feature in FEATURES for f in feature.inbound_http_filters(own, port)]
+        made = _named(chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster, filters)),
+                      cluster)
+    made.filter_chain_match.destination_port.value = target
+    return made
+
+
+def _inbound_ports(own: Service) -> list[tuple[int, ServicePort]]:
     """(target port, service port) of the sidecar's own service: the ports its
     endpoints serve each service port on (the service port itself when no endpoint
     says), first port first when two share a target."""
     found: dict[int, ServicePort] = {}
-    for port in own.service_ports if own is not None else []:
-        targets = {t for e in own.endpoints if (t := e.port_for(port)) is not None} \
-            if own is not None else set()
+    for port in own.service_ports:
+        targets = {t for e in own.endpoints if (t := e.port_for(port)) is not None}
         for target in sorted(targets or {port.port}):
             found.setdefault(target, port)
     return sorted(found.items())
@@ -219,7 +224,7 @@ def capture_clusters(proxy: ProxyIdentity, own: Service | None) -> list[_Cluster
                  connect_timeout=duration(CONNECT_TIMEOUT)),
         _original_dst(names.INBOUND_PASSTHROUGH_CLUSTER, INBOUND_SOURCE),
     ]
-    for target, port in _inbound_ports(own):
+    for target, port in _inbound_ports(own) if own is not None else []:
         if target == proxy.inbound_port:
             continue
         cluster = _original_dst(_inbound_name(proxy, target), INBOUND_SOURCE)
