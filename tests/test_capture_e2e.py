@@ -236,7 +236,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         outside = network.pod("outside")  # not in the mesh, no sidecar
         productpage = network.pod("productpage", hosts={
             "reviews": REVIEWS_IP, "echo": ECHO_IP, "outside": outside.address,
-            "secure.example": outside.address})
+            "secure.example": outside.address,
+            "weather": outside.address})  # an ExternalName's name: a CNAME in a cluster
         reviews = [network.pod("reviews-v1"), network.pod("reviews-v2")]
         echo = network.pod("echo")
         path = workdir / "mesh.yaml"
@@ -358,8 +359,9 @@ def test_outside_the_mesh_passes_under_allow_any_and_is_refused_under_registry_o
                  timeout=20, what="REGISTRY_ONLY at productpage's sidecar")
         status, body = mesh.call(f"http://{mesh.outside.address}:8080/")
         assert status == 502 and "REGISTRY_ONLY" in body and "ALLOW_ANY" in body
-        status, body = mesh.call("http://outside:8080/")  # weather's external host
-        assert (status, body.split()[0]) == (200, "outside")
+        for url in ("http://outside:8080/", "http://weather:8080/"):  # its host, its name
+            status, body = mesh.call(url)
+            assert (status, body.split()[0]) == (200, "outside"), url
         refused = mesh.productpage.call(tcp)
         assert refused.returncode == 1 and refused.stdout == ""  # closed: no echo, no banner
         assert "closed with no reply" in refused.stderr or "reset" in refused.stderr

@@ -16,6 +16,7 @@ Anything else is closed (the default chain, to the black hole).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Final, TypeAlias
 
@@ -83,16 +84,20 @@ def registry_only(services: Iterable[Service], chain_ports: set[int],
 
 
 def _external_hosts(external: list[Service]) -> dict[int, list[route_components_pb2.VirtualHost]]:
-    """Per port, the virtual hosts of the external services' HTTP ports: their
-    namespace-qualified names and the external host (each domain once)."""
+    """Per port, the virtual hosts of the external services' HTTP ports: their names
+    (the short one when unambiguous) and the external host, each domain once."""
     found: dict[int, list[route_components_pb2.VirtualHost]] = {}
     taken: set[str] = set()
+    named = Counter(s.name for s in external)
     for service in external:
         routed = [p for p in service.service_ports if p.protocol in ("http", "grpc")]
+        # The short name too, when no other external service has it: the listener is
+        # the same in every namespace, so it cannot tell two apart.
+        short = [service.name] if named[service.name] == 1 else []
         for index, (port, host) in enumerate(zip(routed, virtual_hosts(service, ""),
                                                  strict=True)):
-            extra = [service.external_name or ""] if index == 0 else []
-            extra.append(f"{service.external_name}:{port.port}")
+            bare = [*short, service.external_name or ""] if index == 0 else []
+            extra = [*bare, *(f"{h}:{port.port}" for h in [*short, service.external_name])]
             host.domains.extend(d for d in extra if d not in taken)
             taken.update(host.domains)
             found.setdefault(port.port, []).append(host)
