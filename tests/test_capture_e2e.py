@@ -189,12 +189,13 @@ services:
         wait_for(lambda: "registry-only" not in self.listeners(), timeout=20,
                  what="ALLOW_ANY again at productpage's sidecar")
 
-    def sidecar(self, pod: pods.Pod, service: str) -> None:
+    def sidecar(self, pod: pods.Pod, service: str, delta: bool = False) -> None:
         """A captured Envoy in ``pod``, its admin on the pod's address (port 15000, which
         capture leaves alone) so the test reads it from here; ready once it has its
         listeners from the control plane."""
         options = capture_options(f"{pod.name}.default", service, admin_address=pod.address,
-                                  xds_address=f"{self.network.gateway}:{self.control.xds_port}")
+                                  xds_address=f"{self.network.gateway}:{self.control.xds_port}",
+                                  delta=delta)
         self.envoys[pod.name] = pod.envoy(render_bootstrap(options))
         wait_for(lambda: '"egress"' in admin(pod, "/listeners?format=json"), timeout=30,
                  what=f"listeners of {pod.name}'s sidecar (log: {pod.envoy_log})")
@@ -277,6 +278,15 @@ def test_a_call_by_name_reaches_reviews_through_both_sidecars(mesh: Mesh) -> Non
     assert sum(after) == sum(inbound) + 1
     # The cluster IP itself, as an app that has the address rather than the name
     assert mesh.call(f"http://{REVIEWS_IP}:9080/")[0] == 200
+
+
+def test_a_sidecar_speaking_delta_xds_is_captured_alike(mesh: Mesh) -> None:
+    pod = mesh.network.pod("productpage-delta", hosts={"reviews": REVIEWS_IP})
+    pod.capture()
+    mesh.sidecar(pod, "productpage", delta=True)
+    [(status, body, _)] = mesh.calls("http://reviews:9080/", pod=pod)
+    assert status == 200 and body.split()[1] == "127.0.0.6", body
+    assert stat(pod, f"cluster.{REVIEWS}.upstream_rq_200") == 1
 
 
 def test_an_app_calling_15001_with_a_host_header_still_works(mesh: Mesh) -> None:
