@@ -80,6 +80,14 @@ def test_the_incremental_loader_reads_the_policy_and_sees_it_change() -> None:
     assert second.outbound_traffic_policy == "ALLOW_ANY" and second != first
 
 
+def test_the_incremental_loader_refuses_a_null_policy_as_the_full_load_does() -> None:
+    text = b"outbound_traffic_policy: null\nservices:\n  - {name: a, port: 80}\n"
+    with pytest.raises(MeshError) as caught:
+        MeshLoader().load(text)
+    assert caught.value.problems == ["outbound_traffic_policy: Input should be 'ALLOW_ANY' "
+                                     "or 'REGISTRY_ONLY'"]
+
+
 def _node(**metadata: str) -> base_pb2.Node:
     node = base_pb2.Node(id="reviews-1.default", cluster="reviews")
     for key, value in metadata.items():

@@ -28,7 +28,8 @@ from controlplane.mesh.loader import (
 )
 from controlplane.mesh.model import Mesh, Service, Sidecar
 
-_Frame = tuple[list[Sidecar], Any]  # the sidecars, the outbound traffic policy (raw)
+# The sidecars, and the other top-level keys as written (validated with the mesh).
+_Frame = tuple[list[Sidecar], dict[str, Any]]
 
 _SERVICES: Final = re.compile(r"services:[ \t]*(#.*)?\r?\n?")
 _ITEM: Final = re.compile(r"( *)-( |\r?\n|$)")
@@ -100,7 +101,7 @@ class MeshLoader:
         frame = self._frame(rest)
         if frame is None:
             return None
-        sidecars, policy = frame
+        sidecars, others = frame
         known: dict[str, Service] = {}
         services: list[Service] = []
         values, parsed = 0, 0
@@ -116,8 +117,7 @@ class MeshLoader:
                     return None
             known[item] = service
             services.append(service)
-        mesh = (Mesh(services=services, sidecars=sidecars) if policy is None else
-                Mesh(services=services, sidecars=sidecars, outbound_traffic_policy=policy))
+        mesh = Mesh(services=services, sidecars=sidecars, **others)
         self._known, self.parsed = known, parsed
         return mesh
 
@@ -134,7 +134,8 @@ class MeshLoader:
         if not isinstance(raw, list) or count_values(raw) > MAX_VALUES:
             return None
         sidecars = [Sidecar.model_validate(item) for item in raw]
-        self._rest = (rest, (sidecars, top.get("outbound_traffic_policy")))
+        others = {k: v for k, v in top.items() if k not in ("services", "sidecars")}
+        self._rest = (rest, (sidecars, others))
         return self._rest[1]
 
 
