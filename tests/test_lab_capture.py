@@ -200,3 +200,43 @@ def test_a_killed_labs_leftovers_are_removed_by_the_next_lab(lab_rules: list[str
             f"/proc/{pid}/status").read_text().lower(), f"{pid} left running"
     if os.path.exists(f"/proc/{crashed.proc.pid}"):
         pytest.fail("the killed lab is still running")
+
+
+def test_a_host_that_drops_forwarded_traffic_still_runs_the_lab() -> None:
+    """As on a Docker host: bridged traffic goes through the host's FORWARD chain
+    (br_netfilter) whose policy is DROP. The lab lets its own bridge's traffic pass with
+    one rule, and takes it away on exit. Run in a network namespace of the test's own,
+    so this machine's firewall is not touched."""
+    script = ("ip link set lo up && iptables -P FORWARD DROP && "
+              f"{sys.executable} -m controlplane lab --headless --duration 15; "
+              "echo RULES; iptables -S FORWARD")
+    result = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True,
+                            text=True, timeout=120, check=False)
+    out = result.stdout
+    lines = out.splitlines()
+    assert any(HEALTHY.search(line) for line in lines), out[-3000:] + result.stderr[-2000:]
+    rules = out.split("RULES", 1)[1]
+    assert rules.split() == ["-P", "FORWARD", "DROP"], rules
+
+
+def test_two_captured_labs_run_side_by_side() -> None:
+    """A second lab takes the next network and free control plane ports; each runs its
+    own pods, and neither removes the other's."""
+    first = Lab()
+    second: Lab | None = None
+    try:
+        first.until(r"Ctrl-C stops everything")
+        second = Lab("--duration", "10")
+        second.until(r"Ctrl-C stops everything")
+        assert second.number != first.number and second.number >= 0, second.shown()
+        assert any("another lab runs on this machine" in line for line in second.lines)
+        second.until(HEALTHY.pattern)
+        second.until(r"controlplane lab: stopped")
+        first.until(HEALTHY.pattern)  # still whole after the second's start and stop
+        assert _leftovers(first.number), "the second lab removed the first one's pods"
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
+    assert _leftovers(first.number) == [] and second is not None
+    assert _leftovers(second.number) == []

@@ -94,9 +94,40 @@ def _links(number: int | None = None) -> list[str]:
     return re.findall(rf"^\d+: ({PREFIX}{which}(?:br|v\d+))[@:]", text, re.MULTILINE)
 
 
+def _forward_rule(number: int) -> list[str]:
+    bridge = f"{PREFIX}{number}br"
+    return ["FORWARD", "-i", bridge, "-o", bridge, "-m", "comment", "--comment",
+            f"controlplane lab {number}: pod to pod on its bridge", "-j", "ACCEPT"]
+
+
+def forwarding_blocked() -> bool:
+    """Bridged traffic passes the host's FORWARD chain (br_netfilter) and its policy is
+    not ACCEPT (as on a Docker host): pod to pod calls would be dropped."""
+    try:
+        calls = Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip()
+    except OSError:
+        return False
+    if shutil.which("iptables") is None:
+        return False
+    policy = _run("iptables", "-S", "FORWARD").stdout.splitlines()[:1]
+    return calls == "1" and policy != ["-P FORWARD ACCEPT"]
+
+
+def allow_bridged(number: int) -> None:
+    """One host rule letting the lab's pods reach each other; ``remove`` takes it away."""
+    result = _run("iptables", "-I", *_forward_rule(number))
+    if result.returncode != 0:
+        raise OSError(f"iptables -I {' '.join(_forward_rule(number))}: "
+                      f"{result.stderr.strip()}; run `controlplane lab --explicit`")
+
+
 def remove(number: int) -> None:
     """Everything of one network: processes in its pods (a namespace with a live process
-    outlives ``ip netns del``), the pods, their hosts files, the veths and the bridge."""
+    outlives ``ip netns del``), the pods, their hosts files, the veths, the bridge and
+    its host FORWARD rule."""
+    for _ in range(8 if shutil.which("iptables") else 0):  # one a run; more after crashes
+        if _run("iptables", "-D", *_forward_rule(number)).returncode != 0:
+            break
     for ns in _namespaces(number):
         for pid in _run("ip", "netns", "pids", ns).stdout.split():
             with contextlib.suppress(ProcessLookupError, ValueError):
@@ -115,6 +146,9 @@ def sweep() -> list[int]:
     numbers |= {int(re.sub(r"\D.*", "", link[len(PREFIX):])) for link in _links()}
     numbers |= {int(p.name.split("-")[1]) for p in NETNS_ETC.glob(f"{PREFIX}-*-*")
                 if p.name.split("-")[1].isdigit()}
+    if shutil.which("iptables") is not None:
+        rules = _run("iptables", "-S", "FORWARD").stdout
+        numbers |= {int(n) for n in re.findall(r'"controlplane lab (\d+):', rules)}
     removed = []
     for number in sorted(numbers):
         handle = _lock(number)
@@ -181,6 +215,8 @@ class Network:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        if forwarding_blocked():
+            allow_bridged(self.number)
         return swept
 
     def pod(self, name: str, hosts: Mapping[str, str]) -> Pod:
