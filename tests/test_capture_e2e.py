@@ -35,6 +35,7 @@ pytestmark = [
 
 REVIEWS_IP = "10.233.0.10"
 ECHO_IP = "10.233.0.20"
+GREETER_IP = "10.233.0.30"
 PRODUCTPAGE_IP = "10.233.0.5"  # productpage's own service: its sidecar's inbound ports
 REVIEWS = "outbound|9080||reviews.default.svc.cluster.local"
 ECHO = "outbound|7000||echo.default.svc.cluster.local"
@@ -114,6 +115,27 @@ with socket.create_connection((host, port), timeout=5) as raw:
         print(tls.recv(100).decode().strip())
 """
 
+# A gRPC server answering "<name> <caller>" (raw bytes, no protobuf), and its client.
+GRPC_SERVER = """
+import sys, grpc
+from concurrent import futures
+name = sys.argv[1]
+def say(request, context):
+    return f"{name} {context.peer()}".encode()
+handler = grpc.method_handlers_generic_handler(
+    "e2e.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port("0.0.0.0:50051")
+server.start()
+server.wait_for_termination()
+"""
+GRPC_CLIENT = """
+import sys, grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    print(channel.unary_unary("/e2e.Echo/Say")(b"hi", timeout=5).decode())
+"""
+
 
 def _certificate(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for secure.example (the outside TLS server's)."""
@@ -152,6 +174,7 @@ class Mesh:
     productpage: pods.Pod
     reviews: list[pods.Pod]
     echo: pods.Pod
+    greeter: pods.Pod
     outside: pods.Pod
     envoys: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -176,6 +199,11 @@ services:
     protocol: tcp
     cluster_ips: [{ECHO_IP}]
     endpoints: [{{address: {self.echo.address}, port: 7000}}]
+  - name: greeter
+    port: 50051
+    protocol: grpc
+    cluster_ips: [{GREETER_IP}]
+    endpoints: [{{address: {self.greeter.address}, port: 50051}}]
 {extra}""")
 
     def listeners(self) -> str:
@@ -238,24 +266,28 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         productpage = network.pod("productpage", hosts={
             "reviews": REVIEWS_IP, "echo": ECHO_IP, "outside": outside.address,
             "secure.example": outside.address,
-            "weather": outside.address})  # an ExternalName's name: a CNAME in a cluster
+            "weather": outside.address,  # an ExternalName's name: a CNAME in a cluster
+            "greeter": GREETER_IP})
         reviews = [network.pod("reviews-v1"), network.pod("reviews-v2")]
         echo = network.pod("echo")
+        greeter = network.pod("greeter")
         path = workdir / "mesh.yaml"
         control = ControlPlane(path, workdir, extra=["--xds-address", f"{network.gateway}:0"])
-        found = Mesh(network, control, path, productpage, reviews, echo, outside)
+        found = Mesh(network, control, path, productpage, reviews, echo, greeter, outside)
         found.write()
         control.start()
         try:
             for pod in reviews:
                 pod.run([sys.executable, "-c", APP, "0.0.0.0", "9080", pod.name])
             echo.run([sys.executable, TCP_ECHO, "0.0.0.0", "7000", "echo"])
+            greeter.run([sys.executable, "-c", GRPC_SERVER, "greeter"])
             outside.run([sys.executable, "-c", APP, "0.0.0.0", "8080", "outside"])
             outside.run([sys.executable, TCP_ECHO, "0.0.0.0", "7000", "outside"])
             cert, key = _certificate(network.workdir)
             outside.run([sys.executable, "-c", TLS_SERVER, str(cert), str(key), "8443"])
             for pod, service in [(productpage, "productpage"), (reviews[0], "reviews"),
-                                 (reviews[1], "reviews"), (echo, "echo")]:
+                                 (reviews[1], "reviews"), (echo, "echo"),
+                                 (greeter, "greeter")]:
                 pod.capture()
                 found.sidecar(pod, service)
             wait_for(lambda: found.call("http://reviews:9080/")[0] == 200, timeout=30,
@@ -335,6 +367,19 @@ def test_inbound_policies_apply_to_callers_outside_the_mesh(mesh: Mesh) -> None:
         assert stat(v1, "inbound_rate_limit.http_local_rate_limit.rate_limited") > 0
     finally:
         mesh.write()
+
+
+def test_grpc_by_name_goes_through_both_sidecars_over_http2(mesh: Mesh) -> None:
+    before = stat(mesh.greeter, "http.inbound.downstream_rq_2xx")
+    # gRPC's own resolver reads no hosts file; the system's does, as in a cluster's DNS
+    run = mesh.productpage.call(["env", "GRPC_DNS_RESOLVER=native", sys.executable, "-c",
+                                 GRPC_CLIENT, "greeter:50051"])
+    assert run.returncode == 0, run.stderr
+    name, peer = run.stdout.split()
+    assert name == "greeter" and peer.startswith("ipv4:127.0.0.6:")  # its own sidecar's
+    assert stat(mesh.productpage, "cluster.outbound|50051||greeter.default.svc.cluster.local"
+                                  ".upstream_rq_200") >= 1
+    assert stat(mesh.greeter, "http.inbound.downstream_rq_2xx") == before + 1
 
 
 def test_a_tcp_service_works_through_its_cluster_ip(mesh: Mesh) -> None:
