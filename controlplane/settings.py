@@ -3,6 +3,7 @@ environment as ``CONTROLPLANE_<FIELD>`` (a flag given on the command line wins).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -110,7 +111,8 @@ class ServeSettings(BaseSettings):
     # -- the injection webhook (DESIGN.md section 5; deploy/kubernetes sets these)
     webhook_address: str | None = Field(
         default=None, description="HTTPS HOST:PORT of the sidecar injection webhook. Default: "
-        "0.0.0.0:15017 with --source kubernetes, off with a mesh file; `off` turns it off."
+        "0.0.0.0:15017 with --source kubernetes inside a pod (where the API server can "
+        "call it), else off; `off` turns it off."
     )
     webhook_cert: Path | None = Field(
         default=None, description="PEM serving certificate for the webhook (with "
@@ -169,12 +171,15 @@ class ServeSettings(BaseSettings):
     inject_log_level: str = Field(default="warning", description="Injected Envoys' log level.")
 
     def webhook_listen(self) -> str | None:
-        """The webhook's address, or None when it does not run."""
+        """The webhook's address, or None when it does not run. Unset, it runs only in a
+        cluster's pod (the API server calls it through a Service): a ``serve --source
+        kubernetes --kubeconfig`` on a laptop or in tests binds no 0.0.0.0:15017."""
         if self.webhook_address == "off":
             return None
         if self.webhook_address:
             return self.webhook_address
-        return "0.0.0.0:15017" if self.source == "kubernetes" else None
+        in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        return "0.0.0.0:15017" if self.source == "kubernetes" and in_pod else None
 
 
 def split_address(address: str, flag: str) -> tuple[str, int]:

@@ -356,3 +356,25 @@ async def test_readiness_reports_a_webhook_without_certificate_but_never_waits(
         assert "injection webhook has no certificate yet" in text and "no.crt" in text
     finally:
         await running.stop()
+
+
+def test_the_webhook_runs_by_default_only_in_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert ServeSettings(source="kubernetes").webhook_listen() is None
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    assert ServeSettings(source="kubernetes").webhook_listen() == "0.0.0.0:15017"
+    assert ServeSettings(source="kubernetes", webhook_address="off").webhook_listen() is None
+    assert ServeSettings(source="file:m.yaml").webhook_listen() is None
+    assert ServeSettings(source="file:m.yaml",
+                         webhook_address="127.0.0.1:1").webhook_listen() == "127.0.0.1:1"
+
+
+async def test_a_taken_webhook_port_names_the_setting(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        settings = ServeSettings(source="file:x", webhook_address=f"127.0.0.1:{port}",
+                                 webhook_cert_dir=tmp_path / "c")
+        with pytest.raises(ValueError, match="--webhook-address"):
+            await start_webhook(settings)

@@ -141,8 +141,14 @@ class Webhook:
 
     async def start(self, host: str, port: int) -> int:
         """Bind now (errors now), fetch the certificate in the background; the port."""
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
-                                    else socket.AF_INET)
+        try:
+            sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
+                                        else socket.AF_INET)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot listen on {host}:{port} (--webhook-address): {exc.strerror or exc}; "
+                "stop what uses it, choose another with --webhook-address "
+                "(CONTROLPLANE_WEBHOOK_ADDRESS), or `off`") from exc
         self.port = sock.getsockname()[1]
         try:
             self._runner = web.AppRunner(make_app(self.state, self._executor),
