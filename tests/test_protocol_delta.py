@@ -353,3 +353,19 @@ def test_a_first_answer_is_what_the_look_at_each_name_gives(
     assert [r.name for r in updated] == [r.name for r in g_updated]
     assert removed == [n for n in g_removed if n != "zz-unrelated"]
     assert (unresolved, whole) == (g_unresolved, g_whole)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=300), st.lists(st.text(max_size=200), max_size=4),
+       st.sampled_from(["1", "7" * 130]))
+def test_the_hand_encoded_delta_header_is_what_protobuf_encodes(
+        version: str, removed: list[str], nonce: str) -> None:
+    from envoy.config.core.v3 import base_pb2
+
+    stream = DeltaStream(1, "ads", identifier="controlplane-" + "y" * 200)
+    assert stream._header(version, resource.ENDPOINT, nonce, removed) == (
+        discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version, type_url=resource.ENDPOINT, nonce=nonce,
+            removed_resources=removed,
+            control_plane=base_pb2.ControlPlane(identifier="controlplane-" + "y" * 200),
+        ).SerializeToString())

@@ -34,9 +34,8 @@ frozenset shared by every stream that has it (``NAME_SETS``).
 
 from __future__ import annotations
 
-import operator
 import time
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3 import base_pb2
@@ -46,10 +45,17 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane import resource
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot
 from controlplane.proxy import ProxyIdentity
-from controlplane.server.held import Held
+from controlplane.server.held import Held, first_answer, resource_name
 from controlplane.server.limits import MAX_ERROR_CHARS, Limits
 from controlplane.server.sotw import NAME_SETS
-from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
+from controlplane.server.stream import (
+    Handled,
+    Nack,
+    Push,
+    StreamBase,
+    TypeState,
+    length_delimited,
+)
 from controlplane.server.vhds import resolve, with_aliases
 from controlplane.server.vhds import unresolved as unresolved_entries
 
@@ -87,6 +93,7 @@ class DeltaStream(StreamBase):
         # only a client that comes to EDS holding some needs them (a thousand set updates
         # per new stream otherwise, a sixteenth of the initial sync's CPU).
         self._rewarm_from: list[list[Resource]] = []
+        self._trailer: bytes | None = None  # the encoded control_plane field
 
     def accept_node(self, node: base_pb2.Node | None, has_node: bool) -> bool:
         """As for any stream, and a delta stream may be on demand (node metadata)."""
@@ -249,6 +256,17 @@ class DeltaStream(StreamBase):
             state.client.rebase(typed.resources)
         return push
 
+    def _header(self, version: str, type_url: str, nonce: str, removed: list[str]) -> bytes:
+        """The DeltaDiscoveryResponse around the resources (field 2, the body), encoded by
+        hand as SotW's is: fields 1, 4, 5, each removed name as 6, and 7."""
+        if self._trailer is None:
+            self._trailer = length_delimited(7, self._control_plane.SerializeToString())
+        return b"".join((length_delimited(1, version.encode()),
+                         length_delimited(4, type_url.encode()),
+                         length_delimited(5, nonce.encode()),
+                         *(length_delimited(6, name.encode(), repeated=True)
+                           for name in removed), self._trailer))
+
     def _vhds_namespaces(self) -> list[str]:
         """``<route configuration>/`` for each route configuration sent that takes its
         virtual hosts from VHDS. Envoy's VHDS holds its listener back until an answer
@@ -281,7 +299,9 @@ class DeltaStream(StreamBase):
         removed: list[str] = []
         absent: list[str] = []
         if candidates is None and client.empty():
-            updated, absent, whole = _first_answer(res, state, wildcard)
+            updated, absent, whole = first_answer(
+                res, state.subscribed, state.targets, state.told_absent, state.wildcard,
+                wildcard)
         elif candidates is None:  # everything: walk the snapshot once, no lookup per name
             fresh = client.empty()
             every = state.wildcard and wildcard is None
@@ -304,7 +324,7 @@ class DeltaStream(StreamBase):
                     removed.append(name)
                 elif name in subscribed and name not in told:
                     absent.append(name)
-            updated.sort(key=_name)
+            updated.sort(key=resource_name)
             removed.sort()
         else:
             whole = True
@@ -344,10 +364,7 @@ class DeltaStream(StreamBase):
         state.owed = False
         version = typed.version
         nonce = self.next_nonce()
-        header = discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=version, type_url=type_url, nonce=nonce,
-            removed_resources=removed, control_plane=self._control_plane,
-        ).SerializeToString()
+        header = self._header(version, type_url, nonce, removed)
         if typed.aliases and state.subscribed:
             chunks = with_aliases(updated, typed.aliases, state.subscribed)
         else:
@@ -366,32 +383,6 @@ class DeltaStream(StreamBase):
         return Push(type_url, nonce, version, header, [r.name for r in updated],
                     [*removed, *unresolved], body=chunks,
                     body_bytes=sum(map(len, chunks)))
-
-
-_name = operator.attrgetter("name")
-
-
-def _first_answer(res: Mapping[str, Resource], state: DeltaTypeState,
-                  wildcard: frozenset[str] | None) -> tuple[list[Resource], list[str], bool]:
-    """``_changes`` for a client that holds nothing, in set operations rather than a look
-    at each name (a thousand new streams each get a thousand clusters and endpoints):
-    what to send, the names asked for that do not exist, and whether every resource is
-    wanted."""
-    subscribed = state.subscribed
-    if state.wildcard and wildcard is None:
-        picked = list(res.values())
-    else:
-        want = subscribed | state.targets if state.targets else subscribed
-        if state.wildcard and wildcard:
-            want = want | wildcard
-        if len(want) >= len(res) and want.issuperset(res):
-            picked = list(res.values())
-        else:
-            picked = [r for r in res.values() if r.name in want]
-    picked.sort(key=_name)
-    missing = subscribed.difference(res) if subscribed else _NONE
-    absent = sorted(missing - state.told_absent) if missing else []
-    return picked, absent, len(picked) == len(res)
 
 
 def _targets(typed: TypeSnapshot, names: Iterable[str]) -> frozenset[str]:

@@ -5,10 +5,13 @@ thousand dicts of a thousand entries. Mostly, a client holds exactly the resourc
 the snapshot it was last brought up to date with: then the view is that snapshot's own
 mapping, shared with every stream of the group, and only the names that differ from it
 (a removal, an update not sent, a name the client announced on reconnect) are kept.
+
+And what a client that holds nothing is sent first (``first_answer``).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Set
 from types import MappingProxyType
 
@@ -80,3 +83,29 @@ class Held:
     def own_entries(self) -> int:
         """Entries this view keeps for itself (not shared): a measure of its memory."""
         return len(self._diff)
+
+
+resource_name = operator.attrgetter("name")
+
+
+def first_answer(res: Mapping[str, Resource], subscribed: frozenset[str],
+                 targets: frozenset[str], told_absent: Set[str], is_wildcard: bool,
+                 wildcard: frozenset[str] | None) -> tuple[list[Resource], list[str], bool]:
+    """``DeltaStream._changes`` for a client that holds nothing, in set operations
+    rather than a look at each name (a thousand new streams each get a thousand clusters
+    and endpoints): what to send, the names asked for that do not exist, and whether
+    every resource is wanted."""
+    if is_wildcard and wildcard is None:
+        picked = list(res.values())
+    else:
+        want = subscribed | targets if targets else subscribed
+        if is_wildcard and wildcard:
+            want = want | wildcard
+        if len(want) >= len(res) and want.issuperset(res):
+            picked = list(res.values())
+        else:
+            picked = [r for r in res.values() if r.name in want]
+    picked.sort(key=resource_name)
+    missing = subscribed.difference(res) if subscribed else frozenset()
+    absent = sorted(missing - told_absent) if missing else []
+    return picked, absent, len(picked) == len(res)

@@ -52,7 +52,14 @@ from controlplane.server.requests import (
     names_of,
     read_request,
 )
-from controlplane.server.stream import Handled, Nack, Push, StreamBase, TypeState
+from controlplane.server.stream import (
+    Handled,
+    Nack,
+    Push,
+    StreamBase,
+    TypeState,
+    length_delimited,
+)
 
 _NONE: frozenset[str] = frozenset()
 _STAR = frozenset({"*"})
@@ -277,9 +284,9 @@ class SotwStream(StreamBase):
         (version_info), 4 (type_url), 5 (nonce) and 6 (control_plane). Returns what an
         ACK of it starts with (field 1) and ends with (4 and 5), and the header."""
         if self._trailer is None:
-            self._trailer = _field(6, self._control_plane.SerializeToString())
-        head = _field(1, version.encode())
-        tail = _field(4, type_url.encode()) + _field(5, nonce.encode())
+            self._trailer = length_delimited(6, self._control_plane.SerializeToString())
+        head = length_delimited(1, version.encode())
+        tail = length_delimited(4, type_url.encode()) + length_delimited(5, nonce.encode())
         return head, tail, head + tail + self._trailer
 
     def _defer(self, type_url: str, version: str, selected: list[Resource]) -> Push:
@@ -291,19 +298,6 @@ class SotwStream(StreamBase):
         typed = self._typed(deferred.type_url)
         selected = [typed.resources[n] for n in deferred.names if n in typed.resources]
         return self._emit(deferred.type_url, state, typed, selected)
-
-
-def _field(number: int, value: bytes) -> bytes:
-    """A length-delimited protobuf field (empty: left out, as protobuf does)."""
-    if not value:
-        return b""
-    size = len(value)
-    prefix = bytearray((number << 3 | 2,))
-    while size > 0x7F:
-        prefix.append(size & 0x7F | 0x80)
-        size >>= 7
-    prefix.append(size)
-    return bytes(prefix) + value
 
 
 def _endpoints_of(clusters: TypeSnapshot, names: frozenset[str]) -> set[str]:

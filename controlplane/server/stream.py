@@ -231,3 +231,17 @@ class StreamBase:
             "types": {resource.short_name(t): s.describe() for t, s in self.type_states().items()},
             "unknown_types": sorted(self.unknown_types),
         }
+
+
+def length_delimited(number: int, value: bytes, repeated: bool = False) -> bytes:
+    """A length-delimited protobuf field, as protobuf encodes it: an empty one is left
+    out, unless it is an element of a repeated field."""
+    if not value and not repeated:
+        return b""
+    size = len(value)
+    prefix = bytearray((number << 3 | 2,))
+    while size > 0x7F:
+        prefix.append(size & 0x7F | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + value
