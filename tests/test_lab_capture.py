@@ -240,3 +240,20 @@ def test_two_captured_labs_run_side_by_side() -> None:
         first.stop()
     assert _leftovers(first.number) == [] and second is not None
     assert _leftovers(second.number) == []
+
+
+def test_the_circuit_breaker_scenario_sheds_captured_traffic() -> None:
+    """The scenario raises the traffic generator's rate in its pod (over its stdin), the
+    breaker on reviews sheds the excess, and lifting it brings every call back."""
+    lab = Lab("--scenario", "circuit-breaker")
+    try:
+        lab.until(HEALTHY.pattern)
+        lab.until(r"scenario circuit-breaker: slow ratings")
+        shed = lab.until(r"frontend\s+(?:[6-9]\d|1\d\d)\.\d rps\s+\d+\.\d% ok.*client errors")
+        assert "100.0% ok" not in shed.split("|")[0], shed
+        lab.until(r"scenario circuit-breaker: done")
+        lab.until(r"^(?!.*client errors)\[.*frontend\s+(?:1\d|2\d)\.\d rps 100\.0% ok.*"
+                  r"ratings\s+[1-9][\d.]* rps 100\.0% ok")
+    finally:
+        out = lab.stop()
+    assert lab.proc.returncode == 0 and "controlplane lab: stopped" in out, out
