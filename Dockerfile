@@ -14,6 +14,6 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001
 WORKDIR /tmp
-EXPOSE 18000 19000
+EXPOSE 18000 19000 15017
 ENTRYPOINT ["controlplane"]
 CMD ["serve", "--source", "file:/etc/controlplane/mesh.yaml", "--snapshot-dir", "/tmp/snapshots"]

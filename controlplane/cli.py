@@ -34,6 +34,16 @@ def _serve(args: argparse.Namespace) -> int:
             "shutdown_grace": args.shutdown_grace,
             "log_level": args.log_level,
             "log_format": args.log_format,
+            "outbound_traffic_policy": args.outbound_traffic_policy,
+            "webhook_address": args.webhook_address,
+            "webhook_cert": args.webhook_cert,
+            "webhook_key": args.webhook_key,
+            "webhook_ca": args.webhook_ca,
+            "webhook_namespace": args.webhook_namespace,
+            "inject_failure_policy": args.inject_failure_policy,
+            "inject_proxy_image": args.inject_proxy_image,
+            "inject_init_image": args.inject_init_image,
+            "inject_xds_address": args.inject_xds_address,
         }.items()
         if value is not None
     }
@@ -168,6 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds streams get to finish on SIGTERM (default 5)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["json", "console"])
+    serve.add_argument("--outbound-traffic-policy", choices=["ALLOW_ANY", "REGISTRY_ONLY"],
+                       help="Kubernetes: what captured sidecars do with a destination outside "
+                       "the mesh: pass it through (default) or refuse it")
+    hook = serve.add_argument_group("sidecar injection webhook (env CONTROLPLANE_WEBHOOK_*, "
+                                    "CONTROLPLANE_INJECT_*)")
+    hook.add_argument("--webhook-address", metavar="HOST:PORT|off",
+                      help="HTTPS address of the injection webhook (default 0.0.0.0:15017 "
+                      "when running in a pod with --source kubernetes, else off)")
+    hook.add_argument("--webhook-cert", help="PEM serving certificate (e.g. cert-manager's); "
+                      "without it the control plane makes and keeps its own")
+    hook.add_argument("--webhook-key", help="PEM key of --webhook-cert")
+    hook.add_argument("--webhook-ca", help="PEM CA of --webhook-cert, written into caBundle")
+    hook.add_argument("--webhook-namespace",
+                      help="the control plane's namespace (its Secret and Service live there)")
+    hook.add_argument("--inject-failure-policy", choices=["open", "closed"],
+                      help="a pod the webhook cannot understand: admitted without a sidecar "
+                      "(open, the default) or refused with the reason (closed)")
+    hook.add_argument("--inject-proxy-image", help="the sidecar's Envoy image")
+    hook.add_argument("--inject-init-image",
+                      help="the image whose `controlplane capture` programs the pod's capture")
+    hook.add_argument("--inject-xds-address", help="HOST:PORT injected sidecars dial")
     serve.set_defaults(run=_serve)
 
     boot = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a sidecar")
