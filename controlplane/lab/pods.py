@@ -62,7 +62,8 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 def _ip(*args: str) -> None:
     result = _run("ip", *args)
     if result.returncode != 0:
-        raise OSError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+        raise OSError(f"ip {' '.join(args)}: {result.stderr.strip()}; `controlplane lab "
+                      "--explicit` runs without network namespaces")
 
 
 def _lock(number: int) -> IO[bytes] | None:
