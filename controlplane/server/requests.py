@@ -13,12 +13,13 @@ shares between the streams that send the same one: comparing 50 KB takes about 1
 hashing it 15 us (a tenth of an ACK's cost at 1,000 streams).
 
 Most requests are not parsed at all: the streams receive the bytes, and an ACK of the
-last push whose names are those of the client's last request is, byte for byte, the
-encoding of fields 1 (the version sent), 3 (those names, ``names_block``), 4 (the
-type) and 5 (the nonce sent), in that order, as Envoy writes it. ``SotwStream`` compares
-the bytes with those pieces (no copy, no parse); anything else is parsed
-(``read_request``). Equal bytes are the same message, so nothing is assumed about a
-client that encodes differently: its requests take the longer way.
+last push whose names are those of the client's last request is, byte for byte, field 1
+(the version sent), the names as the client encoded them last time (the end of its
+``names_key``), fields 4 (the type) and 5 (the nonce sent), in that order, as Envoy
+writes it. ``SotwStream`` compares the bytes with those pieces (no copy, no parse);
+anything else is parsed (``read_request``). Equal bytes say the same as the last
+request did, so nothing is assumed about a client that encodes differently: its
+requests take the longer way.
 """
 
 from __future__ import annotations
@@ -64,11 +65,6 @@ def read_request(data: bytes) -> Any:
         return SotwRequest.FromString(data)
     except Exception as exc:
         raise MalformedRequest.of("DiscoveryRequest", str(exc)) from exc
-
-
-def names_block(names: list[str]) -> bytes:
-    """The names as a DiscoveryRequest's field 3, encoded as protobuf (and Envoy) does."""
-    return bytes(discovery_pb2.DiscoveryRequest(resource_names=names).SerializeToString())
 
 
 def names_key(request: Any) -> bytes:

@@ -47,7 +47,6 @@ from controlplane.server.limits import (
 from controlplane.server.requests import (
     NAME_KEYS,
     NamesKey,
-    names_block,
     names_key,
     names_of,
     read_request,
@@ -99,7 +98,7 @@ class SotwTypeState(TypeState):
     base: TypeSnapshot | None = None  # what the client was last brought up to date with
     subscribed: frozenset[str] = _NONE  # the names asked for, shared (NAME_SETS)
     last_key: NamesKey | None = None  # the last request's names_key, shared (NAME_KEYS)
-    asked: NamesKey | None = None  # the last request's names_block, shared (NAME_KEYS)
+    names_at: int = -1  # where the names start in ``last_key`` (-1: not known)
     ack_head: bytes = b""  # an ACK of the last push: field 1 (the version sent) ...
     ack_tail: bytes = b""  # ... the names, then fields 4 (type) and 5 (the nonce sent)
     # Full-state types: what was last sent (the snapshot's own mapping when it all went).
@@ -159,7 +158,11 @@ class SotwStream(StreamBase):
             check_names(names, self.limits)
             added = _update_subscription(state, names, first)
             state.last_key = NAME_KEYS.intern(key)
-            state.asked = NAME_KEYS.intern(names_block(names))
+            # The key is the type (field 4), then the names as the client encoded them
+            # (unknown fields come last), unless the request said more (an error).
+            typed_field = length_delimited(4, request.type_url.encode())
+            state.names_at = (len(typed_field) if not request.HasField("error_detail")
+                              and key.startswith(typed_field) else -1)
         state.requested = True
         handled = Handled(kind, type_url, error=error)
         if self.snapshot is not None and (first or added):
@@ -181,10 +184,11 @@ class SotwStream(StreamBase):
             tail = state.ack_tail
             if not tail or not data.endswith(tail):
                 continue
-            asked, head = state.asked, state.ack_head
-            if (asked is not None
-                    and len(data) == len(head) + len(asked.key) + len(tail)
-                    and data.startswith(head) and data.startswith(asked.key, len(head))):
+            last, start, head = state.last_key, state.names_at, state.ack_head
+            if (last is not None and start >= 0
+                    and len(data) == len(head) + len(last.key) - start + len(tail)
+                    and data.startswith(head)
+                    and data.startswith(memoryview(last.key)[start:], len(head))):
                 state.acked_version = state.sent_version
                 return Handled("ack", type_url)
             return None
