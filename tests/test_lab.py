@@ -172,8 +172,8 @@ def test_live_table_and_line_show_the_same_figures() -> None:
 def test_a_rejected_save_stays_in_the_view_until_fixed() -> None:
     """A bad save is shown on every line (and the table) until the file is fixed, while
     the sidecars keep answering from the last good mesh; the fix clears it."""
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab", "--explicit",
-                             "--headless"],
+    # The lab's default mode: captured as root (as in CI), explicit elsewhere.
+    proc = subprocess.Popen([sys.executable, "-m", "controlplane", "lab", "--headless"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True)
     lines: list[str] = []
