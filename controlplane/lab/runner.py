@@ -115,7 +115,7 @@ async def _scenario(name: str, path: Path, traffic: Traffic | RemoteTraffic, out
     print(status[-1], file=out, flush=True)
 
 
-async def _start_server(layout: Plan, workdir: Path, xds_host: str) -> Running:
+async def _start_server(layout: Plan, workdir: Path, xds_host: str = "127.0.0.1") -> Running:
     """The control plane on the plan's ports, or on free ones when another process took
     them between the plan and now."""
     def settings(xds: int, admin: int) -> ServeSettings:
