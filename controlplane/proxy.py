@@ -7,11 +7,15 @@ agree on everything but their id get the same config, so they share one snapshot
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
+
+from controlplane.mesh.workloads import WorkloadIndex
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_EGRESS_PORT = 15001
@@ -91,6 +95,30 @@ class ProxyIdentity:
             on_demand=delta and _flag(fields.get("on_demand")),
             capture=capture,
         )
+
+
+def resolve(proxy: ProxyIdentity, workloads: WorkloadIndex,
+            services: Container[str]) -> ProxyIdentity:
+    """``proxy`` completed by what the mesh knows of its pod (``mesh/workloads.py``).
+
+    Only a proxy whose node id is ``<pod>.<namespace>`` of its own namespace and whose pod
+    an endpoint names is resolved; any other comes back as it is. Its bootstrap wins: the
+    pod's zone fills in only a missing zone, and the pod's service replaces
+    ``node.cluster`` only when that is no service of the mesh in its namespace. A pod
+    behind several services takes the first of them by name (``services`` sorted), the
+    same on every replica."""
+    if not proxy.node_id.endswith("." + proxy.namespace):
+        return proxy
+    found = workloads.get(proxy.node_id)
+    if found is None:
+        return proxy
+    zone = proxy.zone or found.zone
+    service = proxy.service
+    if f"{service}.{proxy.namespace}" not in services and found.services:
+        service = found.services[0].rpartition(".")[0]
+    if (zone, service) == (proxy.zone, proxy.service):
+        return proxy
+    return dataclasses.replace(proxy, zone=zone, service=service)
 
 
 def _text(value: Any) -> str | None:

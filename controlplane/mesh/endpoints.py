@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -11,6 +12,7 @@ from controlplane.mesh.limits import Labels, LabelValue, Port, dns_label, hostna
 
 Protocol = Literal["http", "grpc", "tcp"]
 AddressType = Literal["ip", "dns"]
+_POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class Endpoint(_Model):
@@ -30,6 +32,7 @@ class Endpoint(_Model):
     port: Port | None = None
     ports: dict[str, Port] | None = Field(default=None, min_length=1)
     zone: LabelValue | None = None
+    pod: str | None = Field(default=None, min_length=1, max_length=253)
     labels: Labels = Field(default_factory=dict)
     ready: bool = True
     serving: bool | None = None
@@ -50,6 +53,14 @@ class Endpoint(_Model):
         if kind is None:  # itself invalid, and reported: no second error for the address
             return value
         return hostname(value) if kind == "dns" else ip_address(value)
+
+    @field_validator("pod")
+    @classmethod
+    def _pod(cls, value: str | None) -> str | None:
+        if value is not None and not _POD_NAME.fullmatch(value):
+            raise ValueError(f"pod {value[:80]!r} must be a Pod's name, a lower-case DNS "
+                             "name such as 'reviews-7d4f9-x2x8k'")
+        return value
 
     @property
     def is_serving(self) -> bool:

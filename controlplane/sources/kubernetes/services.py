@@ -252,7 +252,22 @@ def _merge_slice(slice_: Obj, wanted: set[str], labels: PodLabels | None,
         zone = endpoint.get("zone")
         if zone:
             entry["zone"] = str(zone)
+        pod = _pod_name(endpoint, key(slice_)[0])
+        if pod is not None:  # which sidecar this endpoint is (mesh/workloads.py)
+            entry["pod"] = pod
         if labels is not None and "labels" not in entry:
             pod_labels = labels.of(endpoint, key(slice_)[0])
             if pod_labels:
                 entry["labels"] = pod_labels
+
+
+def _pod_name(endpoint: Obj, namespace: str) -> str | None:
+    """The name of the Pod an endpoint is: its ``targetRef`` when that is a Pod of the
+    slice's own namespace (a Service's pods are in its namespace)."""
+    ref = endpoint.get("targetRef")
+    if not isinstance(ref, Mapping) or ref.get("kind") != "Pod":
+        return None
+    name = ref.get("name")
+    if not isinstance(name, str) or not name or (ref.get("namespace") or namespace) != namespace:
+        return None
+    return name
