@@ -60,6 +60,18 @@ def _whole(line: str) -> bool:
             and "'v1'" in line and "'v2'" in line)
 
 
+def _diagnose(namespaces: list[str], apps: list[str]) -> dict[str, str]:
+    """What each sidecar's admin says of its upstreams, for a failure's message."""
+    found = {}
+    for ns, name in zip(namespaces, apps, strict=False):
+        got = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "--max-time", "2",
+                              "http://127.0.0.1:15000/clusters"], capture_output=True,
+                             text=True, timeout=10, check=False).stdout
+        found[name] = "\n".join(line for line in got.splitlines()
+                                if "::health_flags::" in line or "::rq_total::" in line)
+    return found
+
+
 def _inner(workdir: Path, seconds: float) -> dict[str, Any]:
     """Runs inside the test's network namespace: the compose file's services, then what
     the traffic generator printed."""
@@ -73,7 +85,9 @@ def _inner(workdir: Path, seconds: float) -> dict[str, Any]:
 
     try:
         ip("link", "set", "lo", "up")
-        ip("link", "add", "mesh", "type", "bridge")
+        # A fixed MAC, as Docker gives its bridges: one taken from the lowest port would
+        # change as pods join, under the pods that already resolved the control plane.
+        ip("link", "add", "mesh", "address", "02:42:ac:1e:00:02", "type", "bridge")
         ip("addr", "add", f"{GATEWAY}/24", "dev", "mesh")
         ip("link", "set", "mesh", "up")
         control = services["controlplane"]
@@ -128,7 +142,7 @@ def _inner(workdir: Path, seconds: float) -> dict[str, Any]:
             lines.append(line)
             if len([x for x in lines if _whole(x)]) >= 3:
                 break
-        return {"lines": lines}
+        return {"lines": lines, "sidecars": _diagnose(namespaces, apps)}
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -152,7 +166,8 @@ def test_the_compose_lab_calls_by_name_through_captured_sidecars(tmp_path: Path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = json.loads(result.stdout)["lines"]
     logs = {p.name: p.read_text()[-1500:] for p in tmp_path.glob("*-envoy.log")}
-    shown = "\n".join(lines) + json.dumps(logs, indent=1)
+    shown = "\n".join(lines) + json.dumps(logs, indent=1) + json.dumps(
+        json.loads(result.stdout)["sidecars"], indent=1)
     assert len([line for line in lines if _whole(line)]) >= 3, shown
 
 

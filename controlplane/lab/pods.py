@@ -213,7 +213,11 @@ class Network:
             raise OSError(f"all {NETWORKS} lab networks (10.240.0.0/16) are in use by "
                           "other labs; stop one, or run `controlplane lab --explicit`")
         remove(self.number)
-        _ip("link", "add", self.bridge, "type", "bridge")
+        # A fixed MAC: a bridge otherwise takes its lowest port's, so every new pod could
+        # change it under the pods that already resolved the gateway (stale ARP: their
+        # packets to the control plane vanish until the entry expires).
+        _ip("link", "add", self.bridge, "address", f"02:00:0a:f0:{self.number:02x}:01",
+            "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         if forwarding_blocked():
