@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from controlplane.mesh.model import Mesh
+from controlplane.mesh.model import Mesh, Service
 from controlplane.mesh.workloads import Workload, WorkloadIndex
 from controlplane.proxy import ProxyIdentity, resolve
 from controlplane.sources.kubernetes.convert import convert
@@ -143,3 +143,32 @@ def test_an_endpoint_slice_target_ref_becomes_the_endpoints_pod() -> None:
         ("10.0.0.3", None, None)]
     index = WorkloadIndex.build([reviews])
     assert index.get("reviews-7d4f9-x2x8k.shop") == Workload("zone-b", ("reviews.shop",))
+
+
+pod_names = st.sampled_from(["p1", "p2", "p3", "p4"])
+one_service = st.lists(st.tuples(pod_names, st.sampled_from(["", "zone-a", "zone-b"])),
+                       max_size=3, unique_by=lambda p: p[0])
+meshes = st.dictionaries(st.sampled_from(["reviews", "ratings", "cart"]), one_service,
+                         max_size=3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(meshes, min_size=1, max_size=4))
+def test_the_derived_index_equals_one_built_afresh_and_names_every_changed_pod(
+        steps: list[dict[str, list[tuple[str, str]]]]) -> None:
+    index = WorkloadIndex()
+    kept: dict[str, Service] = {}
+    for step in steps:
+        m = mesh(*(service(name, *({"address": f"10.0.0.{i + 1}", "pod": p,
+                                    **({"zone": z} if z else {})}
+                                   for i, (p, z) in enumerate(pods)))
+                   for name, pods in step.items()))
+        # Services whose content is the same are handed over as the same objects.
+        by_key = {k: kept[k] if kept.get(k) == s else s for k, s in m.by_key.items()}
+        before = dict(index.items())
+        index, changed = index.update(by_key)
+        fresh = dict(WorkloadIndex.build(by_key.values()).items())
+        assert dict(index.items()) == fresh
+        assert changed == {p for p in before.keys() | fresh.keys()
+                           if before.get(p) != fresh.get(p)}
+        kept = by_key

@@ -94,6 +94,9 @@ class WorkloadIndex:
                 for pod in pods:
                     backs.setdefault(pod, set()).add(key)
         touched.update(backs)
+        if not touched:  # services without pods changed: share the maps
+            new._by_service, new._pods = by_service, self._pods
+            return new, frozenset()
         pods_now = dict(self._pods)
         moved: set[str] = set()
         for pod in touched:
