@@ -266,7 +266,11 @@ class PodNetwork:
     def __enter__(self) -> PodNetwork:
         try:
             _remove(self.number)  # left by a run that crashed while it held this number
-            _ip("link", "add", self.bridge, "type", "bridge")
+            # A fixed MAC: a bridge otherwise takes its lowest port's, which changes as pods
+            # join, and a pod that already knew the gateway keeps a stale ARP entry (its
+            # packets time out for about 30 s).
+            _ip("link", "add", self.bridge, "address",
+                f"02:00:0a:e8:{self.number:02x}:01", "type", "bridge")
             _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
         except BaseException:
