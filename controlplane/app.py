@@ -87,6 +87,9 @@ def limits(settings: ServeSettings) -> Limits:
         max_unknown_types=settings.max_unknown_types,
         max_streams=settings.max_streams,
         log_lines_per_second=settings.stream_log_rate,
+        max_large_writes=settings.max_large_writes,
+        large_write_bytes=settings.large_write_bytes,
+        large_write_turn_seconds=settings.large_write_turn_seconds,
     )
 
 

@@ -34,6 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
             "shutdown_grace": args.shutdown_grace,
             "log_level": args.log_level,
             "log_format": args.log_format,
+            "max_large_writes": args.max_large_writes,
+            "large_write_bytes": args.large_write_bytes,
+            "large_write_turn_seconds": args.large_write_turn_seconds,
             "outbound_traffic_policy": args.outbound_traffic_policy,
             "webhook_address": args.webhook_address,
             "webhook_cert": args.webhook_cert,
@@ -178,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds streams get to finish on SIGTERM (default 5)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["json", "console"])
+    serve.add_argument("--max-large-writes", type=int, help="large xDS responses written at "
+                       "once over every stream (default 16; 0: no bound); small updates "
+                       "never wait")
+    serve.add_argument("--large-write-bytes", type=int,
+                       help="from this size on a response is large (default 65536)")
+    serve.add_argument("--large-write-turn-seconds", type=float,
+                       help="how long a large write keeps its turn (default 1)")
     serve.add_argument("--outbound-traffic-policy", choices=["ALLOW_ANY", "REGISTRY_ONLY"],
                        help="Kubernetes: what captured sidecars do with a destination outside "
                        "the mesh: pass it through (default) or refuse it")

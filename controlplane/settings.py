@@ -103,6 +103,18 @@ class ServeSettings(BaseSettings):
         default=5.0, gt=0, description="Warnings one stream may cause per second (NACKs, "
         "unknown types, protocol errors); the rest are counted and the count logged."
     )
+    max_large_writes: int = Field(
+        default=16, ge=0, description="Large xDS responses (initial syncs, a big mesh's "
+        "whole CDS or RDS) written at once over every stream (0: no bound); more wait their "
+        "turn, small updates never wait."
+    )
+    large_write_bytes: int = Field(
+        default=64 * 1024, ge=1, description="From this size on a response is large."
+    )
+    large_write_turn_seconds: float = Field(
+        default=1.0, gt=0, description="How long a large write keeps its turn before the "
+        "next waiting one starts (a client that does not read stops holding others up)."
+    )
     outbound_traffic_policy: Literal["ALLOW_ANY", "REGISTRY_ONLY"] = Field(
         default="ALLOW_ANY", description="Kubernetes: where captured sidecars send calls to "
         "destinations outside the mesh: through to the original destination (ALLOW_ANY), "

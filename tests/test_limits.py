@@ -339,3 +339,19 @@ async def test_what_a_client_reports_is_kept_bounded(limited: Limited) -> None:
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "send back the versions it sent" in (error.details() or "")
     await delta.close()
+
+
+def test_the_write_turn_settings_reach_the_server_limits() -> None:
+    from controlplane.app import limits
+    from controlplane.cli import build_parser
+    from controlplane.settings import ServeSettings
+
+    args = build_parser().parse_args(["serve", "--max-large-writes", "3",
+                                      "--large-write-bytes", "1000",
+                                      "--large-write-turn-seconds", "0.5"])
+    settings = ServeSettings(source="file:x.yaml", max_large_writes=args.max_large_writes,
+                             large_write_bytes=args.large_write_bytes,
+                             large_write_turn_seconds=args.large_write_turn_seconds)
+    bounds = limits(settings)
+    assert (bounds.max_large_writes, bounds.large_write_bytes,
+            bounds.large_write_turn_seconds) == (3, 1000, 0.5)
