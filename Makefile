@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/mesh_file.py
 	$(BIN)/python bench/pipeline_load.py
 	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/inject.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
