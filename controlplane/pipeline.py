@@ -30,6 +30,7 @@ from controlplane.cache.snapshot import Snapshot
 from controlplane.cache.store import SnapshotStore
 from controlplane.errors import TranslationError
 from controlplane.mesh.model import Mesh
+from controlplane.mesh.workloads import WorkloadIndex
 from controlplane.proxy import DEFAULT_NAMESPACE, ProxyIdentity
 from controlplane.translator import egress_route
 
@@ -97,6 +98,7 @@ class _Prepared:
     elapsed: dict[str, float] = field(default_factory=dict)  # seconds, by changed group
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    workloads: tuple[WorkloadIndex, frozenset[str]] | None = None  # and the pods changed
 
 
 def _assemble(build: MeshBuild, proxy: ProxyIdentity, reuse: Snapshot | None) -> Snapshot:
@@ -207,6 +209,7 @@ class Pipeline:
         namespaces = {p.namespace for p in groups.values()
                       if previous is None or previous.sees_all(p)}
         prepared = _Prepared(check_mesh(mesh, previous, namespaces, strict=False))
+        prepared.workloads = self.cache.identities.index.update(mesh.by_key)
         for group, proxy in groups.items():
             current = self.cache.get(group)
             began = time.perf_counter()
@@ -239,6 +242,8 @@ class Pipeline:
                             "it is left out") + "; fix its definition and save again")
         for group, error in prepared.failures.items():
             self._group_failed(group, error)
+        if prepared.workloads is not None:  # streams of changed pods resolve again
+            self.cache.identities.update(*prepared.workloads, build.mesh.by_key)
 
     def _publish(self, prepared: _Prepared) -> None:
         self._accept(prepared)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from controlplane.cache.identities import Identities
 from controlplane.cache.snapshot import Snapshot
 from controlplane.errors import TranslationError
 from controlplane.proxy import ProxyIdentity
@@ -21,6 +22,9 @@ from controlplane.proxy import ProxyIdentity
 
 class ConfigWatcher(Protocol):
     """What the xDS server needs from a cache."""
+
+    identities: Identities
+    """Resolves a stream's identity by the mesh, and says when it changes."""
 
     async def next_snapshot(self, proxy: ProxyIdentity, after: Snapshot | None) -> Snapshot:
         """The group's snapshot once it differs from ``after`` (at once if it does already)."""
@@ -47,6 +51,7 @@ class SnapshotCache:
         self._connected: dict[str, int] = {}  # group -> streams open now
         self._idle_since: dict[str, float] = {}  # group -> monotonic time it became idle
         self.on_new_group = on_new_group
+        self.identities = Identities()  # filled by the pipeline, read by the server
 
     def _register(self, proxy: ProxyIdentity) -> None:
         group = proxy.group

@@ -138,6 +138,7 @@ class XdsServer:
             except LimitError as exc:
                 await context.abort(grpc.StatusCode[exc.status], str(exc))
             assert stream.proxy is not None
+            stream.proxy = self.watcher.identities.resolve(stream.proxy)
             self.watcher.connect(stream.proxy)
             try:
                 snapshot = await asyncio.wait_for(

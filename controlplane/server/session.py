@@ -65,6 +65,10 @@ class StreamRun:
         self.lock = asyncio.Lock()
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.connected: ProxyIdentity | None = None
+        self.identities = watcher.identities
+        self._loop = asyncio.get_running_loop()
+        self._moves: asyncio.Task[None] | None = None  # re-resolving after a pod changed
+        self._again = False
         self.writing = False  # a write is under way
         self._reader: asyncio.Task[None] | None = None
         self._snapshots: asyncio.Task[None] | None = None
@@ -81,7 +85,10 @@ class StreamRun:
 
     async def stop(self) -> None:
         """End both loops and leave the group."""
-        for task in (self._reader, self._snapshots):
+        stream = self.stream
+        if stream.declared is not None:
+            self.identities.unfollow(stream.declared.node_id, stream.stream_id)
+        for task in (self._reader, self._moves, self._snapshots):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -115,13 +122,64 @@ class StreamRun:
                     del request
                     await self._write_all(pushes)
                 if self._snapshots is None and stream.proxy is not None:
-                    self.connected = stream.proxy
-                    self.watcher.connect(self.connected)
-                    self._snapshots = asyncio.ensure_future(self._follow(stream.proxy))
+                    self._join(stream.proxy)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             self._end(exc)
+
+    def _join(self, declared: ProxyIdentity) -> None:
+        """Join the group of ``declared`` as the mesh resolves it (its pod's zone and
+        service: cache/identities.py), and follow its pod for changes."""
+        stream = self.stream
+        stream.declared = declared
+        self.identities.follow(declared.node_id, stream.stream_id, self._pod_changed)
+        proxy = stream.proxy = self.identities.resolve(declared)
+        if proxy is not declared:
+            log.info("xds.identity_resolved", group=proxy.group, zone=proxy.zone,
+                     service=proxy.service)
+        self.connected = proxy
+        self.watcher.connect(proxy)
+        self._snapshots = asyncio.ensure_future(self._follow(proxy))
+
+    def _pod_changed(self) -> None:
+        """The index changed this stream's pod (called by the pipeline, on any thread)."""
+        self._loop.call_soon_threadsafe(self._schedule_move)
+
+    def _schedule_move(self) -> None:
+        self._again = True
+        if self._moves is None or self._moves.done():
+            self._moves = asyncio.ensure_future(self._move())
+
+    async def _move(self) -> None:
+        """Resolve again; a stream whose group changed leaves the old one and follows the
+        new one, whose snapshot it is then sent as a change (SotW: the types that differ;
+        delta: the diff against what the client holds). The stream stays open."""
+        try:
+            while self._again:
+                self._again = False
+                async with self.lock:
+                    self._rejoin()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._end(exc)
+
+    def _rejoin(self) -> None:
+        stream, old = self.stream, self.connected
+        if old is None or stream.declared is None or self.ended.done():
+            return
+        proxy = self.identities.resolve(stream.declared)
+        if proxy.group == old.group:
+            return
+        if self._snapshots is not None:
+            self._snapshots.cancel()  # it waits for the old group's snapshot, or our lock
+        stream.proxy = self.connected = proxy
+        self.watcher.connect(proxy)
+        self.watcher.disconnect(old)
+        self._snapshots = asyncio.ensure_future(self._follow(proxy))
+        log.info("xds.identity_moved", group=proxy.group, previous=old.group,
+                 zone=proxy.zone, service=proxy.service)
 
     async def _follow(self, proxy: ProxyIdentity) -> None:
         snapshot: Snapshot | None = None

@@ -131,7 +131,8 @@ class StreamBase:
         self.api = api
         self.fixed_type = fixed_type
         self.node: base_pb2.Node | None = None
-        self.proxy: ProxyIdentity | None = None
+        self.proxy: ProxyIdentity | None = None  # as resolved by the mesh (session.py)
+        self.declared: ProxyIdentity | None = None  # as its node said, once it joined
         self.snapshot: Snapshot | None = None
         self.connected_at = time.time()
         self.unknown_types: set[str] = set()
@@ -217,13 +218,17 @@ class StreamBase:
 
     def describe(self) -> dict[str, Any]:
         """The stream as /debug/proxies shows it."""
-        proxy = self.proxy
+        proxy, declared = self.proxy, self.declared
         return {
             "stream_id": self.stream_id,
             "node_id": proxy.node_id if proxy else None,
             "service": proxy.service if proxy else None,
             "namespace": proxy.namespace if proxy else None,
+            "zone": proxy.zone if proxy else None,
             "group": proxy.group if proxy else None,
+            # What its bootstrap said, when the mesh filled in its zone or service.
+            "bootstrap": None if declared is None or declared is proxy else {
+                "service": declared.service, "zone": declared.zone},
             "protocol": self.protocol,
             "api": self.api,
             "connected_at": self.connected_at,
