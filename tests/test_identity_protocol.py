@@ -133,6 +133,12 @@ async def test_a_sidecar_without_a_zone_moves_to_its_pods_zone(world: World,
             await late.close()
     finally:
         await client.close()
+    # Closed streams are followed no more (nothing kept per stream after it ends).
+    for _ in range(100):
+        if not world.registry.describe() and len(world.pipeline.cache.identities) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert len(world.pipeline.cache.identities) == 0
 
 
 def test_only_the_streams_of_changed_pods_are_told() -> None:
