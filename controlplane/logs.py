@@ -29,9 +29,24 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )
+
+
+class _StderrLogger:
+    """Writes each line to ``sys.stderr`` as it is when the line is written, not as it was
+    when logging was configured: a command run in-process (tests call ``cli.main``) may
+    configure logging while stderr is a capture that is closed afterwards."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*_: Any) -> _StderrLogger:
+    return _StderrLogger()
 
 
 def get_logger(name: str) -> Any:
