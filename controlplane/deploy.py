@@ -295,6 +295,8 @@ def example_traffic_policy() -> dict[str, Any]:
         "spec": {
             "targetRef": {"kind": "Service", "name": "reviews"},
             "timeout": "2s",
+            "connect_timeout": "500ms",
+            "idle_timeout": "1h",
             "retries": {"attempts": 3, "per_try_timeout": "500ms",
                         "on": ["5xx", "reset", "connect-failure"]},
             "circuit_breaker": {"max_connections": 100, "max_pending_requests": 10,

@@ -3,7 +3,8 @@ policies of ``resilience.py``. Every field is optional (DESIGN.md section 3)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import timedelta
+from typing import Annotated, Final
 
 from pydantic import Field, field_validator, model_validator
 
@@ -28,6 +29,9 @@ from controlplane.mesh.resilience import (
 )
 
 MAX_ROUTES = 100  # split legs, match routes: far more than a policy needs, and bounded
+# Envoy keeps connect and idle timeouts in whole milliseconds: 500us would become 0,
+# an instant connect failure or (idle) no timeout at all.
+MIN_CONNECTION_TIMEOUT: Final = timedelta(milliseconds=1)
 
 
 class SplitTarget(_Model):
@@ -174,6 +178,12 @@ class Policy(_Model):
     """Service governance for one service; every field optional (DESIGN.md section 3)."""
 
     timeout: Duration | None = None
+    connect_timeout: Duration | None = Field(default=None, description=(
+        "How long a new connection to one of its endpoints may take, such as 250ms "
+        "(default 1s)."))
+    idle_timeout: Duration | None = Field(default=None, description=(
+        "A TCP connection to it through a captured sidecar is closed after this long "
+        "without a byte either way (default 1h; 0s: never). HTTP ports are not affected."))
     retries: Retries | None = None
     circuit_breaker: CircuitBreaker | None = None
     outlier_detection: OutlierDetection | None = None
@@ -183,6 +193,28 @@ class Policy(_Model):
     fault: Fault | None = None
     rate_limit: RateLimit | None = None
     fallback: Fallback | None = None
+
+    @field_validator("connect_timeout")
+    @classmethod
+    def _connect_timeout(cls, value: timedelta | None) -> timedelta | None:
+        """Istio's connectionPool.tcp.connectTimeout: Envoy refuses 0."""
+        if value is not None and value < MIN_CONNECTION_TIMEOUT:
+            raise ValueError(
+                "must be at least 1ms, such as '250ms' (how long a new connection to an "
+                "endpoint may take); leave it out for the default, 1s"
+            )
+        return value
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _idle_timeout(cls, value: timedelta | None) -> timedelta | None:
+        """Istio's connectionPool.tcp.idleTimeout; 0 means never, as in Envoy."""
+        if value is not None and timedelta(0) < value < MIN_CONNECTION_TIMEOUT:
+            raise ValueError(
+                "must be 0 (never close an idle connection) or at least 1ms, such as "
+                "'30s'; leave it out for the default, 1h"
+            )
+        return value
 
     @field_validator("split")
     @classmethod

@@ -10,7 +10,8 @@ match it takes the connection:
   headless service: its endpoints' addresses, up to ``MAX_HEADLESS_ADDRESSES`` per
   port); HTTP and gRPC (one chain per port) through the ``egress`` route table (by
   Host, every policy applied), TCP (one chain per service port) through a TCP proxy to
-  the service's cluster (a headless one: to the pod the caller dialled). An app that calls
+  the service's cluster (a headless one: to the pod the caller dialled), closed when idle
+  for the service's ``policy.idle_timeout`` (default 1h). An app that calls
   127.0.0.1:15001 with a Host header still gets the route table. Anything else: the
   original destination (``ALLOW_ANY``), or, with ``REGISTRY_ONLY`` (registry_only.py),
   a 502 saying why for HTTP and a closed connection for the rest.
@@ -124,7 +125,8 @@ def _service_chains(services: Iterable[Service],
         # connection goes to that address, not to a balanced pick.
         upstream = names.PASSTHROUGH_CLUSTER if service.headless else cluster
         name = cluster if destination == port.port else f"{cluster}~{destination}"
-        made = tcp_chain(name, upstream, stat_prefix=cluster)
+        made = tcp_chain(name, upstream, stat_prefix=cluster,
+                         idle_timeout=service.policy.idle_timeout)
         made.filter_chain_match.CopyFrom(_match(destination, free))
         tcp.append(made)
     chains = [explicit]

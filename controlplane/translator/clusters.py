@@ -49,10 +49,12 @@ def outbound_cluster(
     cluster. An external service has no endpoints to send: Envoy resolves its DNS name
     itself (STRICT_DNS, every address it returns is a host); so does a service whose
     endpoints are DNS names (``address_type: dns``), whose assignment, with zones,
-    labels and health, is then inline. A subset cluster is built as the port's own,
+    labels and health, is then inline. ``policy.connect_timeout`` bounds each new
+    connection (``CONNECT_TIMEOUT`` otherwise). A subset cluster is built as the port's own,
     every feature included; only its name and endpoints differ."""
     name = names.outbound_cluster(service, port.port, subset_name(subset) if subset else "")
-    cluster = _Cluster(name=name, connect_timeout=duration(CONNECT_TIMEOUT))
+    connect_timeout = service.policy.connect_timeout or CONNECT_TIMEOUT
+    cluster = _Cluster(name=name, connect_timeout=duration(connect_timeout))
     if service.external_name is not None:
         cluster.type = _Cluster.DiscoveryType.STRICT_DNS
         cluster.dns_lookup_family = _Cluster.DnsLookupFamily.V4_PREFERRED

@@ -117,11 +117,13 @@ def chain(
     )
 
 
-def tcp_chain(name: str, cluster: str,
-              stat_prefix: str | None = None) -> listener_components_pb2.FilterChain:
-    """A named chain that proxies TCP to ``cluster``, closed after ``IDLE_TIMEOUT``."""
+def tcp_chain(name: str, cluster: str, stat_prefix: str | None = None,
+              idle_timeout: timedelta | None = None) -> listener_components_pb2.FilterChain:
+    """A named chain that proxies TCP to ``cluster``, closed after ``idle_timeout``
+    without a byte either way (``IDLE_TIMEOUT`` when None; 0s: never, as in Envoy)."""
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or name, cluster=cluster,
-                                   idle_timeout=duration(IDLE_TIMEOUT))
+                                   idle_timeout=duration(idle_timeout if idle_timeout
+                                                         is not None else IDLE_TIMEOUT))
     made = chain(TCP_PROXY, proxy)
     made.name = name
     return made

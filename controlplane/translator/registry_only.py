@@ -115,7 +115,8 @@ def _sni_chains(external: list[Service]) -> list[_Chain]:
                 continue
             taken.add((host, port.port))
             cluster = names.outbound_cluster(service, port.port)
-            found = tcp_chain(f"{cluster}~sni", cluster, stat_prefix=cluster)
+            found = tcp_chain(f"{cluster}~sni", cluster, stat_prefix=cluster,
+                              idle_timeout=service.policy.idle_timeout)
             found.filter_chain_match.destination_port.value = port.port
             found.filter_chain_match.server_names.append(host)
             made.append(found)
