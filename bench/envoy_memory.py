@@ -12,7 +12,13 @@ other services' endpoints point at ports nothing listens on. Modes:
 - ``full``: no scoping, every sidecar gets every service;
 - ``scoped``: a ``sidecars:`` entry per service gives its sidecar its 10 services;
 - ``on-demand``: no scoping, ``controlplane bootstrap --on-demand`` (delta xDS, VHDS and
-  on-demand CDS): the sidecar fetches a service's routes and cluster on first use.
+  on-demand CDS): the sidecar fetches a service's routes and cluster on first use;
+- ``captured`` (issue 10): no scoping, each service with a cluster IP (10.96.x.y); each
+  sidecar is ``controlplane bootstrap --capture`` in its own network-namespace pod after
+  ``controlplane capture`` (tests/support/pods.py), the server on the pod network's
+  gateway, the backends there too; the pod's app (curl) calls ``http://svc-NNNN:9080/``, a
+  name its hosts file maps to the cluster IP, and iptables hands the call to the sidecar.
+  Needs root and iptables: otherwise the case is skipped, the reason printed.
 
 Per sidecar: VmRSS (/proc/PID/status) and Envoy's ``server.memory_allocated`` once the
 config is loaded and Envoy is idle (RSS steady), then a real HTTP call through its egress
@@ -22,7 +28,7 @@ clusters before and after. Targets (issue 9): scoped in the 1000-service mesh wi
 5 MB of the full 10-service mesh; on demand within a few MB of scoped after the calls.
 
     .venv/bin/python bench/envoy_memory.py [--services 10,1000] [--sidecars 3]
-        [--modes full,scoped,on-demand]
+        [--modes full,scoped,on-demand,captured]
 """
 
 from __future__ import annotations
@@ -32,18 +38,20 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the process helpers (Envoy, Backend) live in tests/
     sys.path.insert(0, str(ROOT))
 
+import captured  # noqa: E402
 from common import (  # noqa: E402 (bench/ is the script folder)
     BenchError,
     Deadline,
@@ -54,12 +62,25 @@ from common import (  # noqa: E402 (bench/ is the script folder)
 from meshgen import MeshSpec, cluster_name, mesh_yaml, service_name, write_atomically  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
 
+from tests.support import pods  # noqa: E402
 from tests.support.procs import Backend, Envoy  # noqa: E402
 
-MODES = ("full", "scoped", "on-demand")
+MODES = ("full", "scoped", "on-demand", "captured")
 CALLS = 10
 SCOPED_MB = 5.0  # scoped at N=1000 vs full at N=10
 ON_DEMAND_MB = 3.0  # "within a few MB" of scoped
+
+
+class Sidecar(Protocol):
+    """What the figures are read through: a local ``Envoy`` or a ``captured.PodSidecar``."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    def admin(self, path: str) -> tuple[int, str, dict[str, str]]: ...
+
+    def stat(self, name: str) -> int: ...
+
+    def request(self, host: str) -> tuple[int, str, dict[str, str]]: ...
 
 
 def called(index: int, services: int) -> list[int]:
@@ -75,7 +96,7 @@ def rss_mib(pid: int) -> float:
     raise BenchError(f"VmRSS not in /proc/{pid}/status")
 
 
-def steady_rss(envoy: Envoy, deadline: Deadline, window: float = 0.5, rounds: int = 4,
+def steady_rss(envoy: Sidecar, deadline: Deadline, window: float = 0.5, rounds: int = 4,
                cap: float = 20.0) -> float:
     """VmRSS once it has moved less than 0.25 MiB over ``rounds`` readings ``window`` apart
     (config applied, Envoy idle), or after ``cap`` seconds."""
@@ -91,7 +112,7 @@ def steady_rss(envoy: Envoy, deadline: Deadline, window: float = 0.5, rounds: in
     return round(readings[-1], 1)
 
 
-def cluster_known(envoy: Envoy, name: str) -> bool:
+def cluster_known(envoy: Sidecar, name: str) -> bool:
     """Whether the sidecar holds the cluster ``name`` (warming or active)."""
     query = urllib.parse.urlencode({"resource": "dynamic_active_clusters",
                                     "name_regex": "^" + re.escape(name) + "$"})
@@ -99,9 +120,20 @@ def cluster_known(envoy: Envoy, name: str) -> bool:
     return status == 200 and name in body
 
 
-def call(envoy: Envoy, target: int) -> tuple[int, str, float]:
-    """One HTTP GET through the sidecar's egress listener: status (0 when refused or
-    reset), body, milliseconds."""
+def counter(envoy: Sidecar, name: str) -> int:
+    """One stat of the sidecar by its exact name (cluster names hold regex characters)."""
+    query = urllib.parse.urlencode({"filter": "^" + re.escape(name) + "$"})
+    _, body, _ = envoy.admin(f"/stats?{query}")
+    for line in body.splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return 0
+
+
+def call(envoy: Sidecar, target: int) -> tuple[int, str, float]:
+    """One HTTP GET through the sidecar's egress listener (captured: from the pod's app,
+    by name): status (0 when refused or reset), body, milliseconds."""
     started = time.perf_counter()
     try:
         status, body, _ = envoy.request(service_name(target))
@@ -110,7 +142,7 @@ def call(envoy: Envoy, target: int) -> tuple[int, str, float]:
     return status, body, (time.perf_counter() - started) * 1000
 
 
-def measure_sidecar(envoy: Envoy, index: int, services: int,
+def measure_sidecar(envoy: Sidecar, index: int, services: int,
                     deadline: Deadline) -> dict[str, Any]:
     """RSS idle, the calls, RSS after; and what the sidecar held before each call."""
     figures: dict[str, Any] = {"sidecar": service_name(index)}
@@ -134,6 +166,9 @@ def measure_sidecar(envoy: Envoy, index: int, services: int,
         "first_call_ms_median": round(statistics.median(first_ms), 1),
         "first_call_ms_max": round(max(first_ms), 1),
     })
+    # The calls went through this sidecar's clusters (captured: iptables handed them over)
+    figures["called_clusters_upstream_rq"] = sum(
+        counter(envoy, f"cluster.{cluster_name(t)}.upstream_rq_total") for t in targets)
     figures["rss_after_calls_mib"] = steady_rss(envoy, deadline)
     figures["allocated_after_calls_mib"] = round(
         envoy.stat("server.memory_allocated") / 2**20, 1)
@@ -144,6 +179,8 @@ def measure_sidecar(envoy: Envoy, index: int, services: int,
 def run_case(services: int, mode: str, sidecars: int, delta: bool,
              deadline: Deadline) -> dict[str, Any]:
     """One server and K sidecars for (N, mode); everything started is stopped here."""
+    if mode == "captured":
+        return run_captured_case(services, sidecars, deadline)
     case: dict[str, Any] = {"services": services, "mode": mode, "sidecars": sidecars}
     wanted = sorted({t for k in range(sidecars) for t in called(k, services)})
     backends = {t: Backend(service_name(t)) for t in wanted}
@@ -165,12 +202,7 @@ def run_case(services: int, mode: str, sidecars: int, delta: bool,
             case["per_sidecar"] = [measure_sidecar(e, k, services, deadline)
                                    for k, e in enumerate(envoys)]
             server.check_alive()
-            failed = [f"{s['sidecar']}: statuses {s['first_call_statuses']} "
-                      f"{s['wrong_backend']}" for s in case["per_sidecar"]
-                      if s["calls_ok"] < s["calls"] or s["wrong_backend"]]
-            if failed:  # a sidecar that cannot reach its services proves nothing
-                raise BenchError("calls through the sidecar failed (0: refused or reset): "
-                                 + "; ".join(failed))
+            check_calls(case)
         except (BenchError, AssertionError, RuntimeError) as exc:
             case["error"] = str(exc)[:2000]
         finally:
@@ -181,6 +213,66 @@ def run_case(services: int, mode: str, sidecars: int, delta: bool,
                 backend.stop()
             case["server_log_lines"] = len(server.log_problems())
             case["server_log_sample"] = server.log_sample()
+    return add_medians(case)
+
+
+def run_captured_case(services: int, sidecars: int, deadline: Deadline) -> dict[str, Any]:
+    """The full mesh with cluster IPs, K captured sidecars each in its own pod, the
+    server and the backends on the pod network's gateway; all of it ended here."""
+    case: dict[str, Any] = {"services": services, "mode": "captured", "sidecars": sidecars}
+    reason = captured.unavailable()
+    if reason is not None:
+        case["skipped"] = reason
+        return case
+    wanted = sorted({t for k in range(sidecars) for t in called(k, services)})
+    backends: dict[int, captured.GatewayBackend] = {}
+    with tempfile.TemporaryDirectory(prefix="envoy-memory-") as tmp, \
+            pods.PodNetwork() as network:
+        server = ServerProcess(Path(tmp) / "mesh.yaml", Path(tmp), xds_host=network.gateway)
+        try:
+            for t in wanted:
+                backends[t] = captured.GatewayBackend(service_name(t), network.gateway)
+            spec = MeshSpec(services=services,
+                            backends=tuple((t, b.port) for t, b in backends.items()))
+            write_atomically(server.mesh, captured.captured_mesh(mesh_yaml(spec),
+                                                                 network.gateway))
+            server.start()
+            server.wait_ready(min(60.0, deadline.left()))
+            envoys = []
+            for k in range(sidecars):
+                deadline.check(f"starting captured sidecar {k} (N={services})")
+                envoys.append(captured.PodSidecar(network, k, called(k, services),
+                                                  server.xds_port, Path(tmp)))
+            for envoy in envoys:
+                envoy.wait_configured(services, min(120.0, deadline.left()))
+            case["per_sidecar"] = [measure_sidecar(e, k, services, deadline)
+                                   for k, e in enumerate(envoys)]
+            server.check_alive()
+            check_calls(case)
+        except (BenchError, AssertionError, RuntimeError, subprocess.SubprocessError) as exc:
+            case["error"] = str(exc)[:2000]
+        finally:
+            server.stop()  # the pods' Envoys end with the network
+            for backend in backends.values():
+                backend.stop()
+            case["server_log_lines"] = len(server.log_problems())
+            case["server_log_sample"] = server.log_sample()
+    return add_medians(case)
+
+
+def check_calls(case: dict[str, Any]) -> None:
+    """BenchError unless every sidecar reached each of its services at its backend,
+    through its own clusters: a sidecar that cannot proves nothing."""
+    failed = [f"{s['sidecar']}: statuses {s['first_call_statuses']} {s['wrong_backend']}, "
+              f"{s['called_clusters_upstream_rq']} requests through its clusters"
+              for s in case["per_sidecar"] if s["calls_ok"] < s["calls"] or s["wrong_backend"]
+              or s["called_clusters_upstream_rq"] < s["calls"]]
+    if failed:
+        raise BenchError("calls through the sidecar failed (0: refused or reset): "
+                         + "; ".join(failed))
+
+
+def add_medians(case: dict[str, Any]) -> dict[str, Any]:
     for key in ("rss_idle_mib", "rss_after_calls_mib", "allocated_idle_mib",
                 "allocated_after_calls_mib"):
         values = [s[key] for s in case.get("per_sidecar", [])]
@@ -192,10 +284,10 @@ def run_case(services: int, mode: str, sidecars: int, delta: bool,
 def compare(cases: list[dict[str, Any]]) -> dict[str, Any]:
     """Issue 9's two memory targets, from the medians (MB = 10^6 bytes); a case that
     failed (its sidecars could not reach their services) is not compared."""
-    def rss(services: int, mode: str) -> float | None:
+    def rss(services: int, mode: str, when: str = "after_calls") -> float | None:
         for case in cases:
             if (case["services"], case["mode"]) == (services, mode) and "error" not in case:
-                value = case.get("rss_after_calls_mib_median")
+                value = case.get(f"rss_{when}_mib_median")
                 return float(value) if value is not None else None
         return None
 
@@ -211,6 +303,12 @@ def compare(cases: list[dict[str, Any]]) -> dict[str, Any]:
         out["on_demand_minus_scoped_1000_mb"] = round(diff, 1)
         out["on_demand_target"] = f"within {ON_DEMAND_MB:g} MB"
         out["on_demand_meets_target"] = abs(diff) <= ON_DEMAND_MB
+    for services in sorted({case["services"] for case in cases}):
+        for when in ("idle", "after_calls"):  # what capture adds: a filter chain per IP
+            full, capture = rss(services, "full", when), rss(services, "captured", when)
+            if full is not None and capture is not None:
+                out[f"captured_minus_full_{services}_{when}_mb"] = round(
+                    (capture - full) * 2**20 / 1e6, 1)
     return out
 
 
@@ -220,12 +318,14 @@ def _list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="RSS of real Envoy sidecars: full mesh, scoped, on demand (prints JSON).")
+        description="RSS of real Envoy sidecars: full mesh, scoped, on demand, captured "
+                    "in a pod (prints JSON).")
     parser.add_argument("--services", type=lambda t: [int(v) for v in _list(t)],
                         default=[10, 1000], help="mesh sizes N (default 10,1000)")
     parser.add_argument("--sidecars", type=int, default=3, help="real Envoys K per case (3)")
     parser.add_argument("--modes", type=_list, default=list(MODES),
-                        help="full,scoped,on-demand (default all three)")
+                        help="full,scoped,on-demand,captured (default all four; captured "
+                        "needs root and iptables)")
     parser.add_argument("--delta", action="store_true",
                         help="delta xDS for full and scoped too (on-demand always is)")
     add_output_flags(parser, "envoy_memory.json")
@@ -236,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def progress(case: dict[str, Any]) -> str:
     head = f"N={case['services']} {case['mode']}:"
+    if "skipped" in case:
+        return f"{head} skipped: {case['skipped']}"
     if "error" in case:
         head += f" FAILED: {case['error'][:500]}"
     per = case.get("per_sidecar")

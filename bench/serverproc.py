@@ -18,9 +18,9 @@ from pathlib import Path
 from common import BenchError, parse_metrics
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -28,12 +28,13 @@ class ServerProcess:
     """``controlplane serve`` on free 127.0.0.1 ports, ended by its own PID."""
 
     def __init__(self, mesh: Path, workdir: Path, poll_interval: float | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, xds_host: str = "127.0.0.1") -> None:
         self.mesh = mesh
         self.workdir = workdir
         self.poll_interval = poll_interval  # None: the server's default
         self.env = env or {}
-        self.xds_port = free_port()
+        self.xds_host = xds_host  # e.g. a pod network's gateway, for sidecars in pods
+        self.xds_port = free_port(xds_host)
         self.admin_port = free_port()
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -52,7 +53,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "controlplane", "serve",
                  "--source", f"file:{self.mesh}",
-                 "--xds-address", f"127.0.0.1:{self.xds_port}",
+                 "--xds-address", f"{self.xds_host}:{self.xds_port}",
                  "--admin-address", f"127.0.0.1:{self.admin_port}",
                  "--snapshot-keep", "0", "--log-level", "warning"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
