@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.support import pods
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -82,3 +84,20 @@ def test_envoy_memory_on_demand_fetches_on_first_use(tmp_path: Path) -> None:
         assert case["rss_after_calls_mib_median"] > 0
     assert scoped["per_sidecar"][0]["called_clusters_held_before_call"] == 10
     assert on_demand["per_sidecar"][0]["called_clusters_held_before_call"] == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(pods.capture_available() is not None, reason=str(pods.capture_available()))
+def test_envoy_memory_captured_sidecar_is_called_through_the_capture(tmp_path: Path) -> None:
+    result = run_bench("envoy_memory.py", tmp_path, "--services", "12", "--sidecars", "1",
+                       "--modes", "full,captured", timeout=180)
+    full, captured = result["cases"]
+    assert captured["mode"] == "captured" and "skipped" not in captured
+    [sidecar] = captured["per_sidecar"]
+    # Each call by name went to a cluster IP nobody owns: only the capture reaches it
+    assert sidecar["calls"] == 10 and sidecar["calls_ok"] == 10, sidecar
+    assert not sidecar["wrong_backend"] and sidecar["called_clusters_upstream_rq"] == 10
+    assert sidecar["active_clusters_idle"] > 12  # the whole mesh, as in full
+    assert captured["rss_after_calls_mib_median"] > 0 and full["rss_after_calls_mib_median"] > 0
+    assert "captured_minus_full_12_after_calls_mb" in result["targets"]
