@@ -7,20 +7,26 @@ tests/test_tcp_policy_e2e.py sends real traffic through a real captured sidecar.
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from pydantic import ValidationError
 
 from controlplane import resource
 from controlplane.errors import MeshError
 from controlplane.mesh import Mesh, load_mesh_text
+from controlplane.mesh.policy import Policy
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import translate
 
 CAPTURED = ProxyIdentity(node_id="a-1.default", service="a", capture=True)
 PLAIN = ProxyIdentity(node_id="a-1.default", service="a")
 ECHO = "outbound|7000||echo.default.svc.cluster.local"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _mesh(policy: str, extra: str = "", top: str = "") -> Mesh:
@@ -141,3 +147,22 @@ def test_without_the_fields_the_output_is_what_it_was() -> None:
     for type_url in plain:
         assert [m.SerializeToString(deterministic=True) for m in plain[type_url]] == [
             m.SerializeToString(deterministic=True) for m in defaults[type_url]], type_url
+
+
+def test_a_traffic_policy_in_kubernetes_takes_both_fields() -> None:
+    """The CRD (deploy/kubernetes/01-crd.yaml, generated from the Policy model) takes the
+    fields as durations and refuses what is not one; bounds it cannot express (at least
+    1ms) the model checks when the source reads the TrafficPolicy."""
+    crd = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "01-crd.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    validator = jsonschema.Draft4Validator(spec)
+    good = {"targetRef": {"kind": "Service", "name": "echo"},
+            "connect_timeout": "250ms", "idle_timeout": "0s"}
+    assert list(validator.iter_errors(good)) == []
+    read = Policy.model_validate({k: v for k, v in good.items() if k != "targetRef"})
+    assert read.idle_timeout == timedelta(0)  # as the source reads the spec
+    for bad in ({"idle_timeout": "-1s"}, {"connect_timeout": 5}, {"idle_timeout": "soon"}):
+        assert list(validator.iter_errors(good | bad)), bad
+    with pytest.raises(ValidationError, match="connect_timeout"):
+        Policy.model_validate({"connect_timeout": "0s"})
