@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 
 from controlplane import resource
 from controlplane.assembly.capture import CaptureLayers
+from controlplane.assembly.reuse import one_resource_layer
 from controlplane.assembly.services import EncodedService, encode_services
 from controlplane.cache.layers import Layer
 from controlplane.cache.snapshot import (
@@ -161,12 +162,8 @@ class MeshBuild:
             if old is not None and not self._rerouted(visible):
                 found = old
             else:
-                config = egress_route(self.mesh, namespace, visible)
-                name = resource_name(config)
-                prior = old.resources.get(name) if old is not None else None
-                made = encode_resource(resource.ROUTE, name, config, prior)
-                found = old if old is not None and made is prior else Layer.of(
-                    resource.ROUTE, [made])
+                found = one_resource_layer(
+                    resource.ROUTE, egress_route(self.mesh, namespace, visible), old)
             self._routes[key] = found
         return found
 

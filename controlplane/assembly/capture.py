@@ -13,9 +13,9 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, TypeAlias
 
 from controlplane import resource
+from controlplane.assembly.reuse import one_resource_layer
 from controlplane.cache.layers import Layer
-from controlplane.cache.snapshot import encode_resource
-from controlplane.translator import captured_egress, resource_name
+from controlplane.translator import captured_egress
 
 if TYPE_CHECKING:
     from controlplane.assembly.build import MeshBuild
@@ -39,12 +39,8 @@ class CaptureLayers:
             if old is not None and not _relistened(build.relistened, visible):
                 found = old
             else:
-                message = captured_egress(build.mesh, visible, egress_port)
-                name = resource_name(message)
-                prior = old.resources.get(name) if old is not None else None
-                made = encode_resource(resource.LISTENER, name, message, prior)
-                found = old if old is not None and made is prior else Layer.of(
-                    resource.LISTENER, [made])
+                found = one_resource_layer(
+                    resource.LISTENER, captured_egress(build.mesh, visible, egress_port), old)
             self._made[key] = found
         return found
 

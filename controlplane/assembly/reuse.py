@@ -1,0 +1,21 @@
+"""One-resource layers (a namespace's route table, a captured egress listener) made again
+only as new objects when their bytes changed."""
+
+from __future__ import annotations
+
+from google.protobuf.message import Message
+
+from controlplane.cache.layers import Layer
+from controlplane.cache.snapshot import encode_resource
+from controlplane.translator import resource_name
+
+
+def one_resource_layer(type_url: str, message: Message, old: Layer | None) -> Layer:
+    """A layer holding ``message`` alone; ``old`` itself when ``message`` encodes to the
+    bytes ``old`` already holds, so its version stays and no group holding it is pushed."""
+    name = resource_name(message)
+    prior = old.resources.get(name) if old is not None else None
+    made = encode_resource(type_url, name, message, prior)
+    if old is not None and made is prior:
+        return old
+    return Layer.of(type_url, [made])
