@@ -9,8 +9,9 @@ over ``/etc/hosts``, so a test can map ``reviews`` to a ClusterIP that no proces
 (there is no DNS server: ``resolv.conf`` points at the pod's own loopback, so an unknown
 name fails at once).
 
-Network numbers are leased like tests/support/netns.py (an exclusive ``flock`` per number,
-held while the network lives), from a range and a name prefix of their own, so parallel
+The recipe (leases, bridge, pod plumbing, removal) is controlplane/lab/pods.py's ``Layout``
+with the tests' own prefix, range and lease directory. Network numbers are leased by an
+exclusive ``flock`` per number, held while the network lives, so parallel
 workers (``-n 4``) and concurrent runs never share one. Whatever a crashed run left under
 a number (processes in its namespaces, the namespaces, the bridge, the hosts files) is
 removed when that number is leased again, or by ``sweep()``. Needs root and iproute2:
@@ -19,12 +20,8 @@ removed when that number is leased again, or by ``sweep()``. Needs root and ipro
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,15 +29,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from controlplane.lab import pods as lab_pods
 from controlplane.lab.envoy import find_envoy
 from tests.support.procs import wait_for
 
-_NETWORKS = 256  # 10.232.N.0/24
 _PODS = 250  # 10.232.N.2 .. 10.232.N.251
 _PREFIX = "cpp"  # namespaces cpp-N-i, bridges cppNbr, host-side veths cppNvI: ours alone
-_NETNS_ETC = Path("/etc/netns")
 PROXY_UID = 1337
 _ECHO = Path(__file__).with_name("tcp_echo.py")
+_LEASES = Path("/run" if os.access("/run", os.W_OK) else "/tmp") / "controlplane-test-pods"
+_LAYOUT = lab_pods.Layout(_PREFIX, "10.232", _LEASES, "test pods need root and iproute2")
 
 
 def available() -> str | None:
@@ -61,77 +59,12 @@ def capture_available() -> str | None:
     return reason
 
 
-def _lease_dir() -> Path:
-    for base in ("/run", "/tmp"):
-        if os.access(base, os.W_OK):
-            path = Path(base) / "controlplane-test-pods"
-            path.mkdir(exist_ok=True)
-            return path
-    raise RuntimeError("no writable /run or /tmp for test pod network leases")
-
-
-def _try_lock(number: int) -> IO[bytes] | None:
-    handle = open(_lease_dir() / f"{number}.lock", "ab")  # noqa: SIM115 (held by caller)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
 def lease() -> tuple[int, IO[bytes]]:
     """A network number no other process holds, and the open file whose lock holds it."""
-    start = (os.getpid() * 97) % _NETWORKS
-    for step in range(_NETWORKS):
-        number = (start + step) % _NETWORKS
-        handle = _try_lock(number)
-        if handle is not None:
-            return number, handle
-    raise RuntimeError(f"all {_NETWORKS} test pod networks are in use")
-
-
-def _run(*argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=10)
-
-
-def _ip(*args: str) -> None:
-    result = _run("ip", *args)
-    if result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-
-
-def _our_namespaces(number: int | None = None) -> list[str]:
-    """Our namespaces, all or one network's (``ip netns list`` prints ``name (id: 3)``)."""
-    pattern = re.compile(rf"^{_PREFIX}-(\d+)-\d+$")
-    names = []
-    for line in _run("ip", "netns", "list").stdout.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        found = pattern.match(name)
-        if found and (number is None or int(found.group(1)) == number):
-            names.append(name)
-    return names
-
-
-def _kill_namespace_processes(ns: str) -> None:
-    """End, by PID, what still runs in one of our pods (only our tests start processes
-    there): a namespace with a live process outlives ``ip netns del``."""
-    pids = [int(pid) for pid in _run("ip", "netns", "pids", ns).stdout.split() if pid.isdigit()]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _remove(number: int) -> None:
-    """Everything under one network number: processes, namespaces, hosts files, bridge."""
-    for ns in _our_namespaces(number):
-        _kill_namespace_processes(ns)
-        _run("ip", "netns", "del", ns)
-    for path in _NETNS_ETC.glob(f"{_PREFIX}-{number}-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    links = _run("ip", "-o", "link", "show").stdout
-    for name in re.findall(rf"^\d+: ({_PREFIX}{number}(?:br|v\d+))[@:]", links, re.MULTILINE):
-        _run("ip", "link", "del", name)
+    leased = _LAYOUT.lease(start=(os.getpid() * 97) % lab_pods.NETWORKS)
+    if leased is None:
+        raise RuntimeError(f"all {lab_pods.NETWORKS} test pod networks are in use")
+    return leased
 
 
 def sweep() -> list[int]:
@@ -139,16 +72,13 @@ def sweep() -> list[int]:
     concurrent run keeps its own. Returns the network numbers cleaned."""
     if available() is not None:
         return []
-    numbers = {int(name.split("-")[1]) for name in _our_namespaces()}
-    links = _run("ip", "-o", "link", "show").stdout
-    numbers |= {int(n) for n in re.findall(rf"^\d+: {_PREFIX}(\d+)br[@:]", links, re.MULTILINE)}
     cleaned = []
-    for number in sorted(numbers):
-        handle = _try_lock(number)
+    for number in sorted(_LAYOUT.numbers()):
+        handle = _LAYOUT.lock(number)
         if handle is None:
             continue  # a live network
         try:
-            _remove(number)
+            _LAYOUT.remove(number)
             cleaned.append(number)
         finally:
             handle.close()
@@ -265,14 +195,8 @@ class PodNetwork:
 
     def __enter__(self) -> PodNetwork:
         try:
-            _remove(self.number)  # left by a run that crashed while it held this number
-            # A fixed MAC: a bridge otherwise takes its lowest port's, which changes as pods
-            # join, and a pod that already knew the gateway keeps a stale ARP entry (its
-            # packets time out for about 30 s).
-            _ip("link", "add", self.bridge, "address",
-                f"02:00:0a:e8:{self.number:02x}:01", "type", "bridge")
-            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-            _ip("link", "set", self.bridge, "up")
+            _LAYOUT.remove(self.number)  # left by a run that crashed holding this number
+            _LAYOUT.make_bridge(self.number)  # with a fixed MAC (see Layout.make_bridge)
         except BaseException:
             self.close()
             raise
@@ -288,24 +212,9 @@ class PodNetwork:
         if index >= _PODS:
             raise RuntimeError(f"a test pod network holds at most {_PODS} pods")
         ns = f"{_PREFIX}-{self.number}-{index}"
-        veth = f"{_PREFIX}{self.number}v{index}"
-        address = f"10.232.{self.number}.{index + 2}"
-        pod = Pod(self, name, ns, address)
+        pod = Pod(self, name, ns, _LAYOUT.address(self.number, index))
         self.pods.append(pod)  # before creating, so close() removes a half-made pod
-        etc = _NETNS_ETC / ns
-        etc.mkdir(parents=True, exist_ok=True)
-        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost", f"{address} {name}"]
-        lines += [f"{ip} {host}" for host, ip in (hosts or {}).items()]
-        (etc / "hosts").write_text("\n".join(lines) + "\n")
-        # no DNS server in a pod: an unknown name fails at once instead of timing out
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-        _ip("netns", "add", ns)
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _ip("link", "set", veth, "master", self.bridge, "up")
-        _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-        _ip("-n", ns, "link", "set", "eth0", "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", ns, "route", "add", "default", "via", self.gateway)
+        _LAYOUT.make_pod(self.number, index, ns, name, hosts or {})
         return pod
 
     def close(self) -> None:
@@ -319,7 +228,7 @@ class PodNetwork:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
-        _remove(self.number)
+        _LAYOUT.remove(self.number)
         shutil.rmtree(self.workdir, ignore_errors=True)
         if not self._lease.closed:
             self._lease.close()
