@@ -8,10 +8,8 @@ iptables needed), exactly as the capture end-to-end tests make them."""
 
 from __future__ import annotations
 
-import http.server
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import yaml
 from meshgen import NAMESPACE, SERVICE_PORT, service_name
 
 from tests.support import pods
-from tests.support.procs import http_get, wait_for
+from tests.support.procs import Backend, http_get, wait_for
 
 ADMIN_PORT = 15000  # capture_options' admin port: capture leaves it alone
 
@@ -47,33 +45,11 @@ def captured_mesh(mesh_text: str, endpoint_address: str) -> str:
     return yaml.safe_dump(mesh, sort_keys=False)
 
 
-class GatewayBackend:
-    """An HTTP app on ``host`` (a pod network's gateway) answering with its own name."""
+class GatewayBackend(Backend):
+    """procs' HTTP app answering with its own name, on ``host`` (a pod network's gateway)."""
 
     def __init__(self, name: str, host: str) -> None:
-        body = name.encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(name, host=host)
 
 
 class PodSidecar:

@@ -89,9 +89,9 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class Backend:
-    """An HTTP app on 127.0.0.1 that answers with its own name."""
+    """An HTTP app on ``host`` (127.0.0.1 unless given) that answers with its own name."""
 
-    def __init__(self, name: str, port: int | None = None) -> None:
+    def __init__(self, name: str, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.name = name
         self.hits = 0
         lock = threading.Lock()  # handlers run on threads: count every hit
@@ -114,7 +114,7 @@ class Backend:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = _Server(("127.0.0.1", port or 0), Handler)
+        self.server = _Server((host, port or 0), Handler)
         self.port = int(self.server.server_address[1])
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
