@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any
 
 import structlog
@@ -34,13 +35,18 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     )
 
 
+_WRITE = threading.Lock()
+
+
 class _StderrLogger:
     """Writes each line to ``sys.stderr`` as it is when the line is written, not as it was
     when logging was configured: a command run in-process (tests call ``cli.main``) may
     configure logging while stderr is a capture that is closed afterwards."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        with _WRITE:  # one line at a time: the webhook's worker thread logs too
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
