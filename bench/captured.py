@@ -17,7 +17,7 @@ import yaml
 from meshgen import NAMESPACE, SERVICE_PORT, service_name
 
 from tests.support import pods
-from tests.support.procs import Backend, http_get, wait_for
+from tests.support.procs import Backend, admin_stat, http_get, wait_for
 
 ADMIN_PORT = 15000  # capture_options' admin port: capture leaves it alone
 
@@ -89,12 +89,7 @@ class PodSidecar:
         return http_get(f"http://{self.pod.address}:{ADMIN_PORT}{path}", timeout=10)
 
     def stat(self, name: str) -> int:
-        _, body, _ = self.admin(f"/stats?filter=^{name}$")
-        for line in body.splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-        return 0
+        return admin_stat(self.admin, name)
 
     def request(self, host: str) -> tuple[int, str, dict[str, str]]:
         status, body = self.pod.http_get(f"http://{host}:{SERVICE_PORT}/", timeout=10)

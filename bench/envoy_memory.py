@@ -63,7 +63,7 @@ from meshgen import MeshSpec, cluster_name, mesh_yaml, service_name, write_atomi
 from serverproc import ServerProcess  # noqa: E402
 
 from tests.support import pods  # noqa: E402
-from tests.support.procs import Backend, Envoy  # noqa: E402
+from tests.support.procs import Backend, Envoy, admin_stat  # noqa: E402
 
 MODES = ("full", "scoped", "on-demand", "captured")
 CALLS = 10
@@ -122,13 +122,7 @@ def cluster_known(envoy: Sidecar, name: str) -> bool:
 
 def counter(envoy: Sidecar, name: str) -> int:
     """One stat of the sidecar by its exact name (cluster names hold regex characters)."""
-    query = urllib.parse.urlencode({"filter": "^" + re.escape(name) + "$"})
-    _, body, _ = envoy.admin(f"/stats?{query}")
-    for line in body.splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    return 0
+    return admin_stat(envoy.admin, name)
 
 
 def call(envoy: Sidecar, target: int) -> tuple[int, str, float]:

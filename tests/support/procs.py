@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -341,13 +342,20 @@ class Envoy:
                         headers=headers)
 
     def stat(self, name: str) -> int:
-        _, body, _ = self.admin(f"/stats?filter=^{name}$")
-        for line in body.splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-        return 0
+        return admin_stat(self.admin, name)
 
     def stop(self) -> None:
         end(self.proc)
         self.proc = None
+
+
+def admin_stat(admin: Callable[[str], tuple[int, str, dict[str, str]]], name: str) -> int:
+    """One Envoy stat by its exact name (cluster names hold regex characters), read
+    through ``admin`` (a GET of an admin path); 0 when Envoy has no such stat yet."""
+    query = urllib.parse.urlencode({"filter": "^" + re.escape(name) + "$"})
+    _, body, _ = admin(f"/stats?{query}")
+    for line in body.splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return 0
