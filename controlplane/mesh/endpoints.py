@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from controlplane.mesh.base import _Model
 from controlplane.mesh.limits import Labels, LabelValue, Port, dns_label, hostname, ip_address
+from controlplane.mesh.security import service_account_name
 
 Protocol = Literal["http", "grpc", "tcp"]
 AddressType = Literal["ip", "dns"]
@@ -37,6 +38,9 @@ class Endpoint(_Model):
     ready: bool = True
     serving: bool | None = None
     terminating: bool = False
+    service_account: str | None = Field(default=None, min_length=1, max_length=253)
+    """The ServiceAccount its workload runs as (Kubernetes: the pod's annotation); set,
+    the endpoint has a mesh sidecar, and callers use mTLS to it (``security.py``)."""
 
     @model_validator(mode="after")
     def _one_port_form(self) -> Endpoint:
@@ -61,6 +65,11 @@ class Endpoint(_Model):
             raise ValueError(f"pod {value[:80]!r} must be a Pod's name, a lower-case DNS "
                              "name such as 'reviews-7d4f9-x2x8k'")
         return value
+
+    @field_validator("service_account")
+    @classmethod
+    def _service_account(cls, value: str | None) -> str | None:
+        return None if value is None else service_account_name(value)
 
     @property
     def is_serving(self) -> bool:

@@ -140,6 +140,11 @@ def load_mesh_data(data: dict[str, Any], origin: str = "<mesh>") -> Mesh:
             f"the mesh holds more than {MAX_VALUES:,} values once YAML aliases are expanded; "
             "write it without aliases, or split it"
         ])
+    if "identity" in data:
+        raise MeshError(origin, [
+            "identity: set by the server, not the mesh file: remove it, and run serve with "
+            "--ca-dir (or --ca-cert/--ca-key) and --trust-domain to give workloads identities"
+        ])
     try:
         return Mesh.model_validate(data)
     except ValidationError as exc:

@@ -50,11 +50,23 @@ from controlplane.mesh.scope import (
     sidecar_problems,
     unmatched_hosts,
 )
+from controlplane.mesh.security import (
+    AuthorizationRule,
+    HeaderCondition,
+    MeshIdentity,
+    MeshSecurity,
+    Mtls,
+    Operation,
+    Security,
+    Source,
+    effective,
+)
 from controlplane.mesh.service import Service
 
 __all__ = [
     "UINT32_MAX",
     "AddressType",
+    "AuthorizationRule",
     "CircuitBreaker",
     "Egress",
     "Endpoint",
@@ -63,10 +75,15 @@ __all__ = [
     "FaultAbort",
     "FaultDelay",
     "HashOn",
+    "HeaderCondition",
     "LbPolicy",
     "LoadBalancer",
     "MatchRoute",
     "Mesh",
+    "MeshIdentity",
+    "MeshSecurity",
+    "Mtls",
+    "Operation",
     "OutboundTrafficPolicy",
     "OutlierDetection",
     "PathMatch",
@@ -80,12 +97,15 @@ __all__ = [
     "RetryBudget",
     "RetryOn",
     "ScopeIndex",
+    "Security",
     "Service",
     "ServicePort",
     "Sidecar",
+    "Source",
     "SplitTarget",
     "WorkloadSelector",
     "_Model",
+    "effective",
     "empty_subsets",
     "longer_than_zero",
     "reference_problems",
@@ -108,6 +128,11 @@ class Mesh(_Model):
     """What sidecars may reach (``scope.py``); none: every service exported to them."""
     outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY"
     """Captured sidecars: where calls to destinations outside the mesh go."""
+    security: MeshSecurity = Field(default_factory=MeshSecurity)
+    """Mesh-wide and per-namespace mTLS modes and authorization rules (``security.py``)."""
+    identity: MeshIdentity | None = None
+    """Set by the server when it runs a CA, never read from a file (the loader refuses
+    it): None, the translator emits no TLS, no SDS references and no principal matching."""
 
     # Derived indexes, built on first use. Each remembers the list it was built from,
     # so a model_copy with other services builds its own rather than trust a stale one.
@@ -129,7 +154,8 @@ class Mesh(_Model):
         if not isinstance(other, Mesh):
             return NotImplemented
         return (self.services == other.services and self.sidecars == other.sidecars
-                and self.outbound_traffic_policy == other.outbound_traffic_policy)
+                and self.outbound_traffic_policy == other.outbound_traffic_policy
+                and self.security == other.security and self.identity == other.identity)
 
     __hash__ = None  # type: ignore[assignment]  # a list inside: never hashable
 

@@ -11,6 +11,7 @@ from controlplane.mesh.base import _Model
 from controlplane.mesh.endpoints import Endpoint, Protocol, ServicePort
 from controlplane.mesh.limits import Port, dns_label, hostname, ip_address
 from controlplane.mesh.policy import Policy
+from controlplane.mesh.security import Security, ServiceAccountName
 
 MAX_ENDPOINTS = 100_000
 MAX_EXPORTS = 1000
@@ -96,6 +97,12 @@ class Service(_Model):
     """The service's virtual IPs (Kubernetes ``spec.clusterIPs``): a captured sidecar
     sends a connection to one of them, on a service port, to this service. None: no
     virtual IP (headless: callers reach the endpoints' addresses directly)."""
+    service_accounts: list[ServiceAccountName] | None = Field(default=None, min_length=1,
+                                                              max_length=MAX_EXPORTS)
+    """The ServiceAccounts its workloads run as (mesh file): every endpoint then has a
+    sidecar that accepts mesh mTLS, and callers verify it is one of these."""
+    security: Security | None = None
+    """Its mTLS mode and authorization rules (over the namespace's and the mesh's)."""
 
     @field_validator("name")
     @classmethod
