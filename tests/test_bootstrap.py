@@ -18,6 +18,7 @@ import grpc
 import pytest
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 (Any)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 (Any)
 from google.protobuf import json_format
 
