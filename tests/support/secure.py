@@ -324,8 +324,9 @@ class TcpOutcome:
 
 def tcp_exchange(port: int, files: TlsFiles | None, send: list[str],
                  timeout: float = 5.0) -> TcpOutcome:
-    """Connect to 127.0.0.1:``port`` (mesh mTLS with ``files``, else plaintext), read the
-    banner, send each line and read its echo; stop at the first close."""
+    """Connect to 127.0.0.1:``port`` (mesh mTLS with ``files``, else plaintext), send
+    each line at once, then read the banner and the echoes until the peer closes. Sending
+    first matters: a TLS-only listener waits for the client's first bytes to choose."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     conn: socket.socket = raw
     peer: list[str] = []
@@ -337,22 +338,21 @@ def tcp_exchange(port: int, files: TlsFiles | None, send: list[str],
             except (OSError, ssl.SSLError) as exc:
                 return TcpOutcome(peer, lines, closed=True, error=f"handshake: {exc}")
             conn, peer = tls, peer_uris(tls)
+        try:
+            conn.sendall("".join(f"{line}\n" for line in send).encode())
+        except OSError as exc:
+            return TcpOutcome(peer, lines, closed=True, error=f"send: {exc}")
         reader = conn.makefile("rb")
-        for outgoing in [None, *send]:
-            if outgoing is not None:
-                try:
-                    conn.sendall(outgoing.encode() + b"\n")
-                except OSError as exc:
-                    return TcpOutcome(peer, lines, closed=True, error=str(exc))
+        while len(lines) < len(send) + 1:
             try:
                 line = reader.readline()
             except (OSError, ssl.SSLError) as exc:
-                return TcpOutcome(peer, lines, closed=True, error=str(exc))
+                # a reset is a close; a timeout is not (the peer kept it open)
+                closed = not isinstance(exc, TimeoutError)
+                return TcpOutcome(peer, lines, closed=closed, error=f"read: {exc}")
             if not line:
                 return TcpOutcome(peer, lines, closed=True)
             lines.append(line.decode().strip())
         return TcpOutcome(peer, lines, closed=False)
     finally:
         conn.close()
-
-
