@@ -17,6 +17,7 @@ import yaml
 from controlplane import generated
 from controlplane.sources.kubernetes.crd import sidecar_crd, traffic_policy_crd
 from controlplane.sources.kubernetes.kinds import (
+    CA_SECRET,
     ENDPOINT_SLICES,
     MUTATING_WEBHOOKS,
     PODS,
@@ -28,6 +29,7 @@ from controlplane.sources.kubernetes.kinds import (
     SERVICES,
     SIDECAR_KIND,
     SIDECARS,
+    TOKEN_REVIEWS,
     TRAFFIC_POLICIES,
     WEBHOOK_CONFIGURATION,
     WEBHOOK_SECRET,
@@ -93,17 +95,23 @@ def cluster_role_rules() -> list[dict[str, Any]]:
         # The injection webhook writes its CA into its own configuration, and no other.
         {"apiGroups": [MUTATING_WEBHOOKS.group], "resources": [MUTATING_WEBHOOKS.plural],
          "resourceNames": [WEBHOOK_CONFIGURATION], "verbs": ["get", "patch"]},
+        # Proxy authentication: is a sidecar's projected token valid, for our audience, and
+        # for which pod. TokenReview's only verb is create, and it stores nothing.
+        {"apiGroups": [TOKEN_REVIEWS.group], "resources": [TOKEN_REVIEWS.plural],
+         "verbs": ["create"]},
     ]
 
 
-def webhook_role_rules() -> list[dict[str, Any]]:
-    """In the control plane's namespace only: the webhook's serving certificate, one
-    Secret. RBAC cannot name an object that does not exist yet, so ``create`` is for any
-    Secret of this namespace; reading and replacing are for that one."""
+def secret_role_rules() -> list[dict[str, Any]]:
+    """In the control plane's namespace only: two Secrets, the mesh CA (shared by the
+    replicas: the first to start creates it, ``controlplane ca rotate`` replaces it) and
+    the webhook's serving certificate. RBAC cannot name an object that does not exist
+    yet, so ``create`` is for any Secret of this namespace; reading and replacing are for
+    those two."""
     return [
         {"apiGroups": [SECRETS.group], "resources": [SECRETS.plural], "verbs": ["create"]},
         {"apiGroups": [SECRETS.group], "resources": [SECRETS.plural],
-         "resourceNames": [WEBHOOK_SECRET], "verbs": ["get", "update"]},
+         "resourceNames": [CA_SECRET, WEBHOOK_SECRET], "verbs": ["get", "update"]},
     ]
 
 
@@ -119,11 +127,11 @@ def rbac() -> list[dict[str, Any]]:
                      "name": NAME},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": _meta(f"{NAME}-webhook"), "rules": webhook_role_rules()},
+         "metadata": _meta(f"{NAME}-secrets"), "rules": secret_role_rules()},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": _meta(f"{NAME}-webhook"),
+         "metadata": _meta(f"{NAME}-secrets"),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                     "name": f"{NAME}-webhook"},
+                     "name": f"{NAME}-secrets"},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]},
     ]
 

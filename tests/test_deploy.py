@@ -289,6 +289,9 @@ def test_cluster_role_is_least_privilege() -> None:
     # The webhook's CA goes into its own configuration only.
     expected |= {("admissionregistration.k8s.io", "mutatingwebhookconfigurations", v,
                   kinds.WEBHOOK_CONFIGURATION) for v in ("get", "patch")}
+    # Proxy authentication asks the API server about a sidecar's token; it never mints
+    # one (no serviceaccounts/token).
+    expected |= {("authentication.k8s.io", "tokenreviews", "create")}
     assert granted == expected
     assert all(set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}
                for rule in role["rules"])
@@ -354,18 +357,19 @@ def test_service_and_budget_select_the_pods() -> None:
 # --- the injection webhook ---------------------------------------------------------------
 
 
-def test_webhook_role_is_one_secret_in_our_namespace() -> None:
+def test_secret_role_is_two_secrets_in_our_namespace() -> None:
     """Secrets only in the control plane's namespace (a Role, not the ClusterRole), and
-    only the webhook's own one but for create, which RBAC cannot restrict by name."""
+    only the mesh CA and the webhook's certificate but for create, which RBAC cannot
+    restrict by name."""
     found = by_kind()
     role, binding = found["Role"], found["RoleBinding"]
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == deploy.NAMESPACE
     granted = {(group, resource, verb, tuple(rule.get("resourceNames", [])))
                for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
-    assert granted == {("", "secrets", "create", ()),
-                       ("", "secrets", "get", (kinds.WEBHOOK_SECRET,)),
-                       ("", "secrets", "update", (kinds.WEBHOOK_SECRET,))}
+    both = (kinds.CA_SECRET, kinds.WEBHOOK_SECRET)
+    assert granted == {("", "secrets", "create", ()), ("", "secrets", "get", both),
+                       ("", "secrets", "update", both)}
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == found["ClusterRoleBinding"]["subjects"]

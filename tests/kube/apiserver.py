@@ -55,6 +55,13 @@ than the server has waits ``too_large_wait`` seconds, then answers 504 "Too larg
 resource version" with ``Retry-After`` (what a lagging replica, or one restored from an
 etcd backup, answers; ``restore()`` makes one).
 
+ServiceAccount tokens (``tests/kube/tokens.py``): ServiceAccounts, TokenRequest (the
+``token`` subresource, pod-bound, audiences, expiry) and TokenReview in the real wire
+format, so the control plane's proxy authentication runs against it unchanged;
+``pod_token()`` is what the kubelet would mount, ``review_token()`` what TokenReview says.
+Such a token for the API server's own audience authenticates to the double too (RBAC
+binds nothing to any account but the control plane's).
+
 Not modelled: namespaces as objects (any namespace exists), finalizers, field managers,
 HTTP/2; YAML, protobuf
 and Table responses (where the real server would send one, a 406 says the double
@@ -82,6 +89,7 @@ import threading
 from pathlib import Path
 
 from controlplane.sources.kubernetes.kinds import (
+    PODS,
     SIDECARS,
     TRAFFIC_POLICIES,
     Kind,
@@ -107,6 +115,7 @@ from tests.kube.storage import (
     _kind_of,
     _Store,
 )
+from tests.kube.tokens import TokenAuthority
 
 __all__ = ["ADMIN_TOKEN", "TOKEN", "ApiServerDouble", "RecordedRequest", "StatusError",
            "status_object"]
@@ -120,12 +129,15 @@ class ApiServerDouble(_Handlers):
     def __init__(self, port: int = 0, *, history_limit: int = 1000,
                  bookmark_interval: float = 60.0, crd_installed: bool = True,
                  crd_schema: Obj | None = None, rbac: Rbac | bool = True,
-                 too_large_wait: float = 3.0) -> None:
+                 too_large_wait: float = 3.0, min_token_seconds: int = 600,
+                 token_leeway: float = 60.0) -> None:
         """``crd_installed=False`` makes TrafficPolicy and Sidecar paths 404 until
         ``install_crd()``; ``crd_schema`` (TrafficPolicy's) defaults to the schema of the
         CRD the project ships, as Sidecar's always does; ``rbac``:
         True authorizes the service account with the shipped ClusterRole, False allows
-        it everything, an ``Rbac`` is that policy (``self.rbac`` may change at any time)."""
+        it everything, an ``Rbac`` is that policy (``self.rbac`` may change at any time).
+        ``min_token_seconds`` (the real 600) and ``token_leeway`` (go-jose's 60 s past
+        ``exp``) may be lowered for tests of token rotation and expiry."""
         self.port = port
         self.bookmark_interval = bookmark_interval
         self.rbac: Rbac | None = Rbac() if rbac is True else (rbac or None)
@@ -134,6 +146,8 @@ class ApiServerDouble(_Handlers):
         self._store = _Store(history_limit, {
             TRAFFIC_POLICIES: crd_schema or traffic_policy_schema(),
             SIDECARS: sidecar_schema()})
+        self.tokens = TokenAuthority(self._store, min_seconds=min_token_seconds,
+                                     leeway=token_leeway)
         self._failures: list[_Failure] = []
         self._requests: list[RecordedRequest] = []
         self.server_errors: list[BaseException] = []  # handler crashes: a bug in the double
@@ -285,6 +299,25 @@ class ApiServerDouble(_Handlers):
         with self._store.lock:
             current = self._store.objects[_kind_named(kind)]
             return [copy.deepcopy(current[k]) for k in sorted(current)]
+
+    def pod_token(self, namespace: str, pod: str, audiences: tuple[str, ...] = (
+            "controlplane",), expiration_seconds: int = 3600) -> str:
+        """What the kubelet mounts in a projected token volume: a token of the pod's
+        ServiceAccount (``spec.serviceAccountName``, else ``default``), bound to the pod.
+        Raises StatusError as TokenRequest would (no such pod or ServiceAccount)."""
+        found = self.get(PODS, namespace, pod)
+        account = found.get("spec", {}).get("serviceAccountName") or "default"
+        response = self.tokens.request(namespace, account, {
+            "spec": {"audiences": list(audiences), "expirationSeconds": expiration_seconds,
+                     "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod,
+                                        "uid": found["metadata"]["uid"]}}})
+        return str(response["status"]["token"])
+
+    def review_token(self, token: str, audiences: tuple[str, ...] = ("controlplane",)) -> Obj:
+        """A TokenReview's status, as ``POST .../tokenreviews`` answers it."""
+        review = self.tokens.review({"spec": {"token": token, "audiences": list(audiences)}})
+        status: Obj = review["status"]
+        return status
 
     def install_crd(self) -> None:
         """Serve TrafficPolicies and Sidecars (after ``crd_installed=False``)."""

@@ -9,8 +9,10 @@ from controlplane.sources.kubernetes.kinds import (
     MUTATING_WEBHOOKS,
     PODS,
     SECRETS,
+    SERVICE_ACCOUNTS,
     SERVICES,
     SIDECARS,
+    TOKEN_REVIEWS,
     TRAFFIC_POLICIES,
     WATCHED,
 )
@@ -19,10 +21,11 @@ Obj = dict[str, Any]
 
 TOKEN: Final = "apiserver-double-token"  # the control plane's service account (RBAC applies)
 ADMIN_TOKEN: Final = "apiserver-double-admin"  # a cluster admin: what tests write with
-# What the double serves: what the source watches, and what the webhook writes.
-SERVED: Final = (*WATCHED, SECRETS, MUTATING_WEBHOOKS)
+# What the double serves: what the source watches, what the webhook writes, and the
+# ServiceAccounts and TokenReviews of proxy authentication (tests/kube/tokens.py).
+SERVED: Final = (*WATCHED, SECRETS, MUTATING_WEBHOOKS, SERVICE_ACCOUNTS, TOKEN_REVIEWS)
 _BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS, SECRETS,
-                             MUTATING_WEBHOOKS})  # list items: no kind/apiVersion
+                             MUTATING_WEBHOOKS, SERVICE_ACCOUNTS})  # list items: no kind/apiVersion
 _STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, SIDECARS, PODS})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})

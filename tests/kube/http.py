@@ -21,6 +21,8 @@ from aiohttp import web
 from controlplane.sources.kubernetes.kinds import (
     CUSTOM,
     ENDPOINT_SLICES,
+    TOKEN_REVIEWS,
+    TOKEN_SUBRESOURCE,
 )
 from tests.kube.constants import (
     _BUILTIN,
@@ -50,6 +52,7 @@ from tests.kube.storage import (
     _parse_version,
     _Watcher,
 )
+from tests.kube.tokens import TokenAuthority
 from tests.kube.wire import (
     FieldSelector,
     LabelSelector,
@@ -66,6 +69,7 @@ class _Handlers(_Writes):
     rbac: Rbac | None
     too_large_wait: float
     crd_installed: bool
+    tokens: TokenAuthority
     _failures: list[_Failure]
     _requests: list[RecordedRequest]
     server_errors: list[BaseException]
@@ -131,15 +135,20 @@ class _Handlers(_Writes):
         token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if token == ADMIN_TOKEN:
             return
-        if token != TOKEN:
-            raise _error(401, "Unauthorized")
         rbac = self.rbac
+        user = rbac.user if rbac is not None and token == TOKEN else None
+        if token != TOKEN:
+            # A ServiceAccount token for the API server's audience authenticates as that
+            # account; RBAC binds nothing but the control plane's account.
+            user = self.tokens.username(token) if token.count(".") == 2 else None
+            if user is None:
+                raise _error(401, "Unauthorized")
         if rbac is None or target is None:
             return  # discovery, /version and health are open to every authenticated user
-        if not rbac.allows(verb, target.kind, target.namespace, target.subresource,
-                           target.name):
+        if user != rbac.user or not rbac.allows(verb, target.kind, target.namespace,
+                                                target.subresource, target.name):
             raise StatusError(rbac.forbidden(verb, target.kind, target.namespace, target.name,
-                                             target.subresource))
+                                             target.subresource, user=user))
 
     @staticmethod
     def _injected(code: int) -> StatusError:
@@ -160,6 +169,8 @@ class _Handlers(_Writes):
         if target is None or (target.kind in CUSTOM and not self.crd_installed):
             raise _resource_not_found()
         method = request.method
+        if target.kind == TOKEN_REVIEWS or target.subresource == TOKEN_SUBRESOURCE:
+            return await self._tokens(request, target)
         watch = (method == "GET" and target.name is None
                  and _parse_bool(request.query.get("watch"), "watch"))
         output = _negotiate(request.headers.get("Accept", ""), target.kind, watch)
@@ -189,6 +200,18 @@ class _Handlers(_Writes):
                             **_details(target.kind, target.name),
                             "uid": gone["metadata"]["uid"]}})
                 return web.json_response(_represent(target.kind, gone, output))
+        raise _error(405, "the server does not allow this method on the requested resource")
+
+    async def _tokens(self, request: web.Request, target: _Target) -> web.Response:
+        """TokenReview (create only, nothing stored) and TokenRequest (a ServiceAccount's
+        ``token`` subresource, POST only): both answer 201 with the object completed."""
+        if request.method == "POST" and target.kind == TOKEN_REVIEWS and target.name is None:
+            return web.json_response(self.tokens.review(await self._body(request)),
+                                     status=201)
+        if request.method == "POST" and target.subresource == TOKEN_SUBRESOURCE:
+            assert target.namespace is not None and target.name is not None
+            return web.json_response(self.tokens.request(
+                target.namespace, target.name, await self._body(request)), status=201)
         raise _error(405, "the server does not allow this method on the requested resource")
 
     # -- LIST

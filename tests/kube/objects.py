@@ -22,6 +22,7 @@ from typing import Any, Self
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
     PODS,
+    SERVICE_ACCOUNTS,
     SERVICE_NAME_LABEL,
     SERVICES,
     SIDECARS,
@@ -172,6 +173,11 @@ class PodBuilder(_Builder):
         status["podIP"], status["podIPs"] = address, [{"ip": address}]
         return self
 
+    def service_account(self, name: str) -> Self:
+        """spec.serviceAccountName: who the pod runs as (its tokens' identity)."""
+        self._obj["spec"]["serviceAccountName"] = name
+        return self
+
     def phase(self, phase: str) -> Self:
         """status.phase (Pending, Running, ...); like ``ip``, only for ``update_status``,
         whose status replaces the whole of the stored one."""
@@ -208,3 +214,9 @@ def pod(name: str, namespace: str = "default") -> PodBuilder:
     """A Pod with one container (``app``, ``registry.example/app:1``); add labels with
     ``.label()``/``.labels()``."""
     return PodBuilder(name, namespace)
+
+
+def service_account(name: str, namespace: str = "default") -> Obj:
+    """A ServiceAccount (what pods run as; tokens are requested for it)."""
+    return {"apiVersion": SERVICE_ACCOUNTS.api_version, "kind": SERVICE_ACCOUNTS.kind,
+            "metadata": {"name": name, "namespace": namespace}}

@@ -107,13 +107,14 @@ class Rbac:
         return any(rule.allows(verb, kind.group, resource, name) for rule in self.rules)
 
     def forbidden(self, verb: str, kind: Kind, namespace: str | None, name: str | None,
-                  subresource: str | None = None) -> dict[str, Any]:
-        """The Status the real server sends (k8s.io/apiserver's forbiddenMessage)."""
+                  subresource: str | None = None, user: str | None = None) -> dict[str, Any]:
+        """The Status the real server sends (k8s.io/apiserver's forbiddenMessage) to
+        ``user`` (default: the control plane's account)."""
         qualified = f"{kind.plural}.{kind.group}" if kind.group else kind.plural
         resource = f"{kind.plural}/{subresource}" if subresource else kind.plural
         scope = (f'in the namespace "{namespace}"' if namespace is not None
                  else "at the cluster scope")
-        why = (f'User "{self.user}" cannot {verb} resource "{resource}" in API group '
+        why = (f'User "{user or self.user}" cannot {verb} resource "{resource}" in API group '
                f'"{kind.group}" {scope}')
         subject = f'{qualified} "{name}"' if name else qualified
         details: dict[str, Any] = {}

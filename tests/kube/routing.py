@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from controlplane.sources.kubernetes.kinds import (
+    SERVICE_ACCOUNTS,
+    TOKEN_SUBRESOURCE,
     Kind,
 )
 from tests.kube.constants import (
@@ -75,7 +77,9 @@ def _route(path: str) -> _Target | None:
         return None  # a cluster-scoped kind has no namespaced path
     if name is not None and namespace is None and kind.namespaced:
         return None  # namespaced objects are only addressable in their namespace
-    if subresource is not None and (subresource != "status" or kind not in _STATUS_SUBRESOURCE):
+    if subresource is not None and not (
+            (subresource == "status" and kind in _STATUS_SUBRESOURCE)
+            or (subresource == TOKEN_SUBRESOURCE and kind == SERVICE_ACCOUNTS)):
         return None
     return _Target(kind, namespace, name, subresource)
 
@@ -87,5 +91,7 @@ def _verb(method: str, target: _Target | None, query: Mapping[str, str]) -> str:
         if method == "GET":
             return "watch" if query.get("watch", "") in _TRUE else "list"
         return {"POST": "create", "DELETE": "deletecollection"}.get(method, "other")
+    if method == "POST" and target.subresource is not None:
+        return "create"  # serviceaccounts/token
     return {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
         method, "other")

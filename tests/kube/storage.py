@@ -22,6 +22,7 @@ from controlplane.sources.kubernetes.kinds import (
     MUTATING_WEBHOOKS,
     PODS,
     SECRETS,
+    SERVICE_ACCOUNTS,
     SERVICES,
     Kind,
 )
@@ -252,7 +253,7 @@ class _Store:
             warnings = self._admit(kind, new, None)
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = _now()
-            if kind not in (SERVICES, SECRETS):  # neither has a generation
+            if kind not in (SERVICES, SECRETS, SERVICE_ACCOUNTS):  # none has a generation
                 meta["generation"] = 1
             self._commit(kind, "ADDED", new, None)
             return copy.deepcopy(new), warnings

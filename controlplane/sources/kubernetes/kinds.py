@@ -65,6 +65,21 @@ MUTATING_WEBHOOKS: Final = Kind("admissionregistration.k8s.io", "v1",
                                 "MutatingWebhookConfiguration", namespaced=False)
 WEBHOOK_CONFIGURATION: Final = "controlplane-injector"  # its name (deploy/kubernetes)
 WEBHOOK_SECRET: Final = "controlplane-webhook-tls"  # its Secret's name
+# The mesh CA, shared by replicas: a Secret of the control plane's namespace in
+# cert-manager's format (tls.crt, tls.key, ca.crt).
+CA_SECRET: Final = "controlplane-ca"
+# Proxy authentication: the server asks the API server whether a sidecar's projected
+# ServiceAccount token is valid (never mints one: no serviceaccounts/token).
+TOKEN_REVIEWS: Final = Kind("authentication.k8s.io", "v1", "tokenreviews", "TokenReview",
+                            namespaced=False)
+# What tokens are requested for (POST .../serviceaccounts/NAME/token): the kubelet does it
+# for projected volumes; the API server double serves it for tests.
+SERVICE_ACCOUNTS: Final = Kind("", "v1", "serviceaccounts", "ServiceAccount")
+TOKEN_SUBRESOURCE: Final = "token"
+# Written by injection on every injected pod: the pod's spec.serviceAccountName (pods are
+# watched as metadata only, so this is how the source learns a workload's identity, and
+# that it has a sidecar).
+SERVICE_ACCOUNT_ANNOTATION: Final = f"{POLICY_GROUP}/service-account"
 
 # The Accept headers of client-go's metadata client, JSON only: the server sends
 # PartialObjectMetadata(List), or whole objects if it cannot (the plain fallback).
