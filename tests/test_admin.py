@@ -4,6 +4,7 @@ readiness and metrics from a real pipeline and real gRPC pushes."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import urllib.request
@@ -22,6 +23,7 @@ from google.protobuf import struct_pb2
 
 from controlplane import resource
 from controlplane.admin import AdminState, start_admin
+from controlplane.admin.http import is_loopback
 from controlplane.admin.render import Renderer
 from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.snapshot import Snapshot, build_snapshot
@@ -431,3 +433,58 @@ async def test_healthz_answers_only_when_the_xds_loop_does(admin: Admin) -> None
     unblocked = time.monotonic()
     await asyncio.to_thread(thread.join, 20)
     assert answered and answered[0] >= unblocked
+
+
+# --- who may ask -------------------------------------------------------------------------
+
+
+def routable_address() -> str | None:
+    """This host's address on its default route (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize(("peer", "loopback"), [
+    ("127.0.0.1", True), ("127.5.6.7", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.0.0.5", False), ("192.0.2.2", False), ("::ffff:10.0.0.5", False),
+    ("fd00::2", False), ("fe80::1%eth0", False), ("", False), (None, False),
+    ("not-an-address", False)])
+def test_loopback_peers(peer: str | None, loopback: bool) -> None:
+    assert is_loopback(peer) is loopback
+
+
+async def test_debug_answers_only_loopback_peers_and_probes_answer_anyone() -> None:
+    """The admin port bound on every address, as in a pod: a peer on the pod's network
+    gets /healthz, /readyz and /metrics, and a 403 that says how to reach /debug/*; the
+    same request over loopback (where kubectl port-forward arrives) is served."""
+    address = routable_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to connect from")
+    registry, cache = StreamRegistry(), SnapshotCache()
+    connect(registry, NODE_ID)
+    runner, port = await start_admin(AdminState(registry, cache, Ready(True, "ready")),
+                                     "0.0.0.0", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for path in ("/healthz", "/readyz", "/metrics", "/"):
+                async with session.get(f"http://{address}:{port}{path}") as response:
+                    assert response.status == 200, path
+            for path in ("/debug/proxies", "/debug/snapshots",
+                         f"/debug/config_dump?node={NODE_ID}", "/debug/nothing-here"):
+                async with session.get(f"http://{address}:{port}{path}",
+                                       headers={"X-Forwarded-For": "127.0.0.1"}) as response:
+                    assert response.status == 403, path
+                    error = (await response.json())["error"]
+                    assert "only on loopback" in error and "kubectl port-forward" in error
+                    assert NODE_ID not in error.replace(f"node={NODE_ID}", "")
+                async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                    assert response.status in (200, 404), path  # served (404: no such view)
+            async with session.get(f"http://127.0.0.1:{port}/debug/proxies") as response:
+                assert [p["node_id"] for p in await response.json()] == [NODE_ID]
+    finally:
+        await runner.cleanup()

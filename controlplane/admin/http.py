@@ -11,6 +11,7 @@ once, so a storm of debug requests delays neither pushes nor /healthz.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,13 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/debug/config_dump?node=ID", "the resources the proxy with node id ID is served "
      "(&type=clusters,routes,... for some types only)"),
 )
+DEBUG_PREFIX = "/debug/"
+LOOPBACK_ONLY = (
+    "{path} answers only on loopback: it shows every proxy's configuration, so it is not "
+    "published with /healthz, /readyz and /metrics. From your machine: kubectl "
+    "port-forward -n <namespace> deploy/controlplane 19000, then curl "
+    "http://127.0.0.1:19000{path}"
+)
 
 
 @dataclass
@@ -71,7 +79,7 @@ _STATE: web.AppKey[AdminState] = web.AppKey("state", AdminState)
 
 def create_admin_app(state: AdminState) -> web.Application:
     """The aiohttp application, not yet bound: tests and embedders choose how to run it."""
-    app = web.Application(middlewares=[_json_errors])
+    app = web.Application(middlewares=[_json_errors, _debug_on_loopback])
     app[_STATE] = state
     app.router.add_get("/", _index)
     app.router.add_get("/healthz", _healthz)
@@ -125,10 +133,37 @@ async def _json_errors(
         )
 
 
+def is_loopback(peer: str | None) -> bool:
+    """Whether a peer address is this host's loopback (127.0.0.0/8, ::1, or 127.x mapped
+    into IPv6). No peer (a Unix socket, a test transport) is not loopback: refused."""
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+@web.middleware
+async def _debug_on_loopback(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """``/debug/*`` only for loopback peers (``kubectl port-forward`` arrives on the pod's
+    loopback): probes and Prometheus reach the pod's admin port, and nothing else of it.
+    The TCP peer decides, never a header a client could set."""
+    if request.path.startswith(DEBUG_PREFIX) and not is_loopback(request.remote):
+        return _json({"error": LOOPBACK_ONLY.format(path=request.path)}, status=403)
+    return await handler(request)
+
+
 async def _index(request: web.Request) -> web.Response:
     width = max(len(path) for path, _ in ENDPOINTS)
     lines = ["controlplane admin", ""]
     lines += [f"{path.ljust(width)}  {what}" for path, what in ENDPOINTS]
+    lines += ["", f"{DEBUG_PREFIX}* answers loopback peers only (kubectl port-forward)."]
     return web.Response(text="\n".join(lines) + "\n")
 
 
