@@ -118,13 +118,13 @@ class CertificateAuthority:
     """A signing certificate with its key, and the trust bundle (every root a peer may
     chain to: the signer's root first while a rotation is in progress, old ones after)."""
 
-    __slots__ = ("_chain", "_key", "bundle_pem", "roots", "signer_cert", "version")
+    __slots__ = ("_key", "bundle_pem", "chain", "roots", "signer_cert", "version")
 
     def __init__(self, signer_cert: x509.Certificate, key: ec.EllipticCurvePrivateKey,
                  chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]) -> None:
         self.signer_cert = signer_cert
         self._key = key
-        self._chain = tuple(chain)  # the signer and its intermediates, roots left out
+        self.chain = tuple(chain)  # the signer and its intermediates, roots left out
         self.roots: tuple[x509.Certificate, ...] = tuple(roots)
         self.bundle_pem: bytes = b"".join(_pem(c) for c in self.roots)
         digest = hashlib.sha256(signer_cert.fingerprint(hashes.SHA256()) + self.bundle_pem)
@@ -206,6 +206,10 @@ class CertificateAuthority:
                 keys.setdefault(_key_id(public), public)
         return keys
 
+    def signed_under(self, root: x509.Certificate) -> bool:
+        """Whether the signer chains to ``root`` (what a prune keeps)."""
+        return _chains_to(self.chain or [self.signer_cert], [root])
+
     @property
     def key_id(self) -> str:
         return _key_id(self._key.public_key())
@@ -279,7 +283,7 @@ class CertificateAuthority:
     def _sign(self, builder: x509.CertificateBuilder,
               key: ec.EllipticCurvePrivateKey) -> Issued:
         cert = builder.sign(self._key, hashes.SHA256())
-        chain = b"".join(_pem(c) for c in self._chain)
+        chain = b"".join(_pem(c) for c in self.chain)
         return Issued(_pem(cert) + chain, _key_pem(key), cert.not_valid_before_utc,
                       cert.not_valid_after_utc, cert.serial_number)
 
