@@ -2,15 +2,18 @@
 
 The API server calls the webhook over HTTPS and trusts only the ``caBundle`` of the
 MutatingWebhookConfiguration. Either the operator gives a certificate (files, e.g.
-cert-manager's Secret mounted; its CA, if given, goes into ``caBundle``), or the control
-plane makes its own: an ECDSA P-256 CA (10 years) and a serving certificate it signs (1
-year) for the Service's DNS names. Self-made ones are kept in the Secret
-``controlplane-webhook-tls`` of the control plane's namespace, so every replica serves
-the same certificate and one ``caBundle`` fits all: the first replica creates it, the
-others read it (a create that loses the race reads the winner's). The serving certificate
-is renewed by the same CA once a third of its life is left, so ``caBundle`` stays put; a
-CA nearing its end is replaced, and ``caBundle`` holds the new and the old CA until the
-old one expires. Keys never reach a log line (only fingerprints and dates).
+cert-manager's Secret mounted; its CA, if given, goes into ``caBundle``), or the mesh CA
+issues it (``ca=``: xDS and the webhook served from the same CA; ``caBundle`` is the mesh
+trust bundle, so a root rotation reaches it, and no CA key is kept beside the serving
+certificate), or, without a mesh CA, the control plane makes its own: an ECDSA P-256 CA
+(10 years) and a serving certificate it signs (1 year) for the Service's DNS names.
+Either kind is kept in the Secret ``controlplane-webhook-tls`` of the control plane's
+namespace (or a directory), so every replica serves the same certificate and one
+``caBundle`` fits all: the first replica creates it, the others read it (a create that
+loses the race reads the winner's). The serving certificate is renewed once a third of
+its life is left (or the mesh CA changed), so ``caBundle`` stays put; a self-made CA
+nearing its end is replaced, and ``caBundle`` holds the new and the old CA until the old
+one expires. Keys never reach a log line (only fingerprints and dates).
 
 Kubernetes calls go through the official client, synchronously (run them in a thread).
 """
@@ -23,16 +26,19 @@ import os
 import secrets
 import ssl
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from controlplane.security.ca import CertificateAuthority
 
 log = structlog.get_logger("controlplane.webhook.certs")
 
@@ -156,8 +162,30 @@ def issue(ca_pem: bytes, ca_key_pem: bytes, names: Sequence[str], now: datetime.
     return _pem(cert), _key_pem(key)
 
 
-def self_made(names: Sequence[str], now: datetime.datetime) -> ServingCert:
-    """A new CA and a serving certificate it signed."""
+def from_mesh_ca(ca: CertificateAuthority, names: Sequence[str], now: datetime.datetime,
+                 days: int = LEAF_DAYS) -> ServingCert:
+    """A serving certificate issued by the mesh CA; ``caBundle`` is its trust bundle."""
+    issued = ca.issue_server(list(names), [], now, datetime.timedelta(days=days))
+    return ServingCert(issued.cert_pem, issued.key_pem, ca.bundle_pem, None)
+
+
+def issued_by(current: ServingCert, ca: CertificateAuthority) -> bool:
+    """Whether ``current`` is the mesh CA's (its signer and its bundle as they are now)."""
+    if current.ca_key_pem is not None or current.ca_pem != ca.bundle_pem:
+        return False
+    try:
+        current.certificate.verify_directly_issued_by(ca.signer_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def self_made(names: Sequence[str], now: datetime.datetime,
+              ca: CertificateAuthority | None = None) -> ServingCert:
+    """A serving certificate from the mesh CA when given; else a new CA of its own and a
+    serving certificate it signed."""
+    if ca is not None:
+        return from_mesh_ca(ca, names, now)
     ca_pem, ca_key_pem = make_ca(now)
     cert_pem, key_pem = issue(ca_pem, ca_key_pem, names, now)
     return ServingCert(cert_pem, key_pem, ca_pem, ca_key_pem)
@@ -174,16 +202,25 @@ def _own_ca(current: ServingCert) -> x509.Certificate:
     return x509.load_pem_x509_certificates(current.ca_pem)[0]
 
 
-def needs_renewal(current: ServingCert, names: Sequence[str], now: datetime.datetime) -> bool:
-    """A third of its life left, not for these names, or (self-made) its CA near its end."""
+def needs_renewal(current: ServingCert, names: Sequence[str], now: datetime.datetime,
+                  ca: CertificateAuthority | None = None) -> bool:
+    """A third of its life left, not for these names, not from the mesh CA as it is now
+    (``ca``: rotated, pruned, or a self-made one from before), or (self-made) its CA near
+    its end."""
     if _left(current.certificate, now) < 1 / 3 or not set(names) <= current.names():
         return True
+    if ca is not None:
+        return not issued_by(current, ca)
     return current.ca_key_pem is not None and _left(_own_ca(current), now) < 1 / 3
 
 
-def renewed(current: ServingCert, names: Sequence[str], now: datetime.datetime) -> ServingCert:
-    """A new serving certificate from the same CA; or, when the CA nears its end, from a
-    new CA, with the old one still in the bundle while it is valid."""
+def renewed(current: ServingCert, names: Sequence[str], now: datetime.datetime,
+            ca: CertificateAuthority | None = None) -> ServingCert:
+    """A new serving certificate: from the mesh CA when given; else from the same CA, or,
+    when the CA nears its end, from a new CA, with the old one still in the bundle while it
+    is valid."""
+    if ca is not None:
+        return from_mesh_ca(ca, names, now)
     if current.ca_key_pem is None:
         raise CertificateError("the webhook certificate was given (files) and is due for "
                                "renewal; renew it where it comes from (cert-manager renews "
@@ -258,11 +295,14 @@ def from_secret_data(data: Mapping[str, str] | None, where: str) -> ServingCert:
 
 
 class DirectoryStore:
-    """A self-made certificate kept in a directory (``tls.crt``, ``tls.key``, ``ca.crt``,
-    ``ca.key``; keys readable by the owner only)."""
+    """A made certificate kept in a directory (``tls.crt``, ``tls.key``, ``ca.crt``, and
+    ``ca.key`` for a self-made CA; keys readable by the owner only). With ``ca`` (the mesh
+    CA, asked at every check) the mesh CA issues it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path,
+                 ca: Callable[[], CertificateAuthority] | None = None) -> None:
         self.path = path
+        self.ca = ca
 
     def load(self) -> ServingCert | None:
         if not (self.path / CERT_KEY).exists():
@@ -274,6 +314,8 @@ class DirectoryStore:
 
     def save(self, cert: ServingCert) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if cert.ca_key_pem is None:  # a self-made CA's key no longer belongs here
+            (self.path / CA_PRIVATE_KEY).unlink(missing_ok=True)
         for name, value in secret_data(cert).items():
             target = self.path / name
             temporary = target.with_suffix(".tmp")
@@ -285,9 +327,11 @@ class DirectoryStore:
     def ensure(self, names: Sequence[str], now: datetime.datetime) -> ServingCert:
         """The kept certificate, made or renewed first when needed."""
         current = self.load()
-        if current is None or needs_renewal(current, names, now):
-            current = (self_made(names, now) if current is None or current.ca_key_pem is None
-                       else renewed(current, names, now))
+        ca = self.ca() if self.ca is not None else None
+        if current is None or needs_renewal(current, names, now, ca):
+            current = (self_made(names, now, ca)
+                       if current is None or (current.ca_key_pem is None and ca is None)
+                       else renewed(current, names, now, ca))
             self.save(current)
             log.info("webhook.certificate_made", directory=str(self.path),
                      **current.describe())

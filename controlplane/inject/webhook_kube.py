@@ -30,6 +30,7 @@ from controlplane.inject.certs import (
     secret_data,
     self_made,
 )
+from controlplane.security.ca import CertificateAuthority
 
 log = structlog.get_logger("controlplane.webhook.certs")
 
@@ -61,10 +62,12 @@ def _api_error(exc: ApiException, what: str, rule: str) -> CertificateError:
 class SecretCertificates:
     """A self-made certificate kept in ``namespace/name`` (type kubernetes.io/tls)."""
 
-    def __init__(self, api: client.ApiClient, namespace: str, name: str) -> None:
+    def __init__(self, api: client.ApiClient, namespace: str, name: str,
+                 ca: Callable[[], CertificateAuthority] | None = None) -> None:
         self.core = client.CoreV1Api(api)
         self.namespace = namespace
         self.name = name
+        self.ca = ca  # the mesh CA: it issues the certificate (certs.py)
 
     @property
     def where(self) -> str:
@@ -82,13 +85,14 @@ class SecretCertificates:
     def ensure(self, names: Sequence[str], now: datetime.datetime) -> ServingCert:
         """The shared certificate: read it, or make it, or renew it, whichever is due."""
         rule = f"secrets get/create/update in {self.namespace}"
+        ca = self.ca() if self.ca is not None else None
         for _ in range(_RETRIES):
             try:
                 secret = _raw(self.core.read_namespaced_secret, self.name, self.namespace)
             except ApiException as exc:
                 if exc.status != 404:
                     raise _api_error(exc, f"read {self.where}", rule) from exc
-                fresh = self_made(names, now)
+                fresh = self_made(names, now, ca)
                 try:
                     self.core.create_namespaced_secret(self.namespace, self._body(fresh))
                 except ApiException as create_exc:
@@ -103,11 +107,11 @@ class SecretCertificates:
                 log.warning("webhook.certificate_unusable", secret=self.where, error=str(exc),
                             hint="it is replaced by a new one")
                 current = None
-            if current is not None and not needs_renewal(current, names, now):
+            if current is not None and not needs_renewal(current, names, now, ca):
                 return current
-            fresh = (renewed(current, names, now)
-                     if current is not None and current.ca_key_pem is not None
-                     else self_made(names, now))
+            fresh = (renewed(current, names, now, ca)
+                     if current is not None and (current.ca_key_pem is not None or ca)
+                     else self_made(names, now, ca))
             try:
                 self.core.replace_namespaced_secret(
                     self.name, self.namespace,
