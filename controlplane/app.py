@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -31,9 +32,17 @@ from controlplane.inject.certs import (
 )
 from controlplane.inject.config import InjectConfig
 from controlplane.inject.webhook import Webhook, WebhookState
+from controlplane.mesh.duration import parse_duration
+from controlplane.mesh.model import Mesh
+from controlplane.mesh.security import MeshIdentity
 from controlplane.pipeline import Pipeline
+from controlplane.security.authn import Authenticator, LocalTokens
+from controlplane.security.ca import CertificateAuthority
+from controlplane.security.tokens import AUDIENCE
 from controlplane.server import StreamRegistry, XdsServer, create_server
 from controlplane.server.limits import Limits
+from controlplane.server.secured import Secured, secure
+from controlplane.server.tls import server_names
 from controlplane.settings import ServeSettings, split_address
 from controlplane.sources import Source, open_source
 
@@ -57,6 +66,7 @@ class Running:
     xds: XdsServer | None = None
     sweeper: asyncio.Task[None] | None = None
     webhook: Webhook | None = None
+    secured: Secured | None = None  # the CA, authentication, SDS, xDS TLS (issue 11)
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop taking new streams, end the open ones once their writes are done (they
@@ -70,6 +80,8 @@ class Running:
         if self.xds is not None:
             self.xds.shutdown()
         await stopping
+        if self.secured is not None:
+            await self.secured.stop()
         self.pipeline.close()
         if self.webhook is not None:
             await self.webhook.stop()
@@ -93,9 +105,11 @@ def limits(settings: ServeSettings) -> Limits:
     )
 
 
-async def follow(source: Source, pipeline: Pipeline, retry: float = 1.0) -> None:
+async def follow(source: Source, pipeline: Pipeline, retry: float = 1.0,
+                 identity: MeshIdentity | None = None) -> None:
     """Feed the source's meshes to the pipeline for as long as the process lives. A source
-    that fails or ends is started again after ``retry`` seconds (doubling to 30)."""
+    that fails or ends is started again after ``retry`` seconds (doubling to 30). With a CA
+    running, each mesh says so (``identity``): the translator then emits mTLS and SDS."""
     frozen = False
     delay = retry
     size = 0
@@ -103,7 +117,7 @@ async def follow(source: Source, pipeline: Pipeline, retry: float = 1.0) -> None
         try:
             async for mesh in source.updates():
                 delay = retry
-                if not await pipeline.apply(mesh):
+                if not await pipeline.apply(_with_identity(mesh, identity)):
                     continue
                 if not frozen:
                     # What the first mesh built lives long: keep it out of later
@@ -126,6 +140,12 @@ async def follow(source: Source, pipeline: Pipeline, retry: float = 1.0) -> None
         delay = min(delay * 2, 30.0)
 
 
+def _with_identity(mesh: Mesh, identity: MeshIdentity | None) -> Mesh:
+    if identity is None or mesh.identity == identity:
+        return mesh
+    return mesh.model_copy(update={"identity": identity})
+
+
 def _reclaim(before: int, after: int) -> None:
     """The mesh shrank by half or more: collect what the old builds left in cycles
     (frozen ones included), so memory returns near its baseline; then freeze again."""
@@ -137,12 +157,15 @@ def _reclaim(before: int, after: int) -> None:
              objects=found, seconds=round(time.perf_counter() - started, 3))
 
 
-async def sweep(pipeline: Pipeline, ttl: float) -> None:
-    """Forget proxy groups that have had no proxy connected for ``ttl`` seconds."""
+async def sweep(pipeline: Pipeline, ttl: float, secured: Secured | None = None) -> None:
+    """Forget proxy groups, and workload identities, that have had no proxy connected for
+    ``ttl`` seconds."""
     while True:
         await asyncio.sleep(min(max(ttl / 4, 0.05), 5.0))
         try:
             pipeline.expire_groups(ttl)
+            if secured is not None:
+                secured.watcher.expire(ttl)
         except Exception:
             log.exception("groups.sweep_failed", hint="retried at the next sweep")
 
@@ -220,6 +243,70 @@ def readiness(pipeline: Pipeline, source: Source,
     return check
 
 
+def _ca_loader(settings: ServeSettings) -> tuple[Callable[[], CertificateAuthority], str]:
+    """How to read the mesh CA (made on first read where the source allows), and where."""
+    from controlplane.security import castore
+
+    trust_domain = settings.trust_domain
+    if settings.ca_mode() == "files":
+        cert, key, bundle = settings.ca_cert, settings.ca_key, settings.ca_bundle
+        if cert is None or key is None:
+            raise ValueError("--ca-cert and --ca-key go together: give both (the CA's PEM "
+                             "certificate and key), or use --ca-dir to have one made")
+        return (lambda: castore.load_files(cert, key, bundle)), f"files {cert}, {key}"
+    if settings.ca_mode() == "dir":
+        directory = settings.ca_dir
+        assert directory is not None
+        return (lambda: castore.load_dir(directory, trust_domain, datetime.now(UTC))), \
+            f"directory {directory}"
+    from kubernetes import client as kube_client
+
+    from controlplane.sources.kubernetes import api_client
+
+    core = kube_client.CoreV1Api(api_client(settings.kubeconfig, pool_size=2))
+    namespace, name = settings.webhook_namespace, settings.ca_secret
+    return (lambda: castore.load_secret(core, namespace, name, trust_domain,
+                                        datetime.now(UTC))), f"Secret {namespace}/{name}"
+
+
+async def open_trust(settings: ServeSettings, cache: SnapshotCache) -> Secured | None:
+    """The CA and what hangs off it, when one is configured (``ServeSettings.ca_mode``)."""
+    if settings.ca_mode() is None:
+        if settings.authentication == "token":
+            raise ValueError("--authentication token needs a CA to check tokens against: "
+                             "give --ca-dir DIR (made on first start) or --ca-cert/--ca-key")
+        return None
+    try:
+        ttl = parse_duration(settings.workload_cert_ttl)
+    except ValueError as exc:
+        raise ValueError(f"--workload-cert-ttl: {exc}") from None
+    load, where = _ca_loader(settings)
+    ca = await asyncio.to_thread(load)
+    authenticator: Authenticator | None = None
+    if settings.tokens_required():
+        if settings.source == "kubernetes":
+            from controlplane.security.tokenreview import TokenReviewAuthenticator
+            from controlplane.sources.kubernetes import api_client
+
+            authenticator = TokenReviewAuthenticator(
+                api_client(settings.kubeconfig, pool_size=8), AUDIENCE, settings.trust_domain)
+        else:
+            authenticator = LocalTokens(lambda: secured.trust.current(), settings.trust_domain)
+    else:
+        log.warning("serve.unauthenticated", ca=where,
+                    hint="--authentication none: any client may claim any identity and xDS "
+                    "is plaintext; for development only")
+    host = settings.xds_address.rpartition(":")[0]
+    dns, ips = server_names(settings.webhook_namespace, [*settings.xds_server_name, host],
+                            settings.webhook_service)
+    secured = secure(cache, ca, load, where, settings.trust_domain, authenticator, ttl,
+                     dns, ips)
+    log.info("serve.identity", ca=where, trust_domain=settings.trust_domain,
+             authentication="token" if authenticator is not None else "none",
+             workload_cert_ttl=str(ttl), **ca.describe())
+    return secured
+
+
 async def start(settings: ServeSettings, source: Source | None = None) -> Running:
     source = source or open_source(settings)
     admin_host, admin_port = split_address(settings.admin_address, "--admin-address")
@@ -229,8 +316,13 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     cache = SnapshotCache()
     pipeline = Pipeline(cache, store)
     registry = StreamRegistry()
-    xds = XdsServer(cache, registry, settings.identifier, limits=limits(settings))
-    grpc_server, xds_port = await create_server(settings.xds_address, xds)
+    secured = await open_trust(settings, cache)
+    xds = XdsServer(cache if secured is None else secured.watcher, registry,
+                    settings.identifier, limits=limits(settings),
+                    admission=None if secured is None else secured.admission)
+    grpc_server, xds_port = await create_server(
+        settings.xds_address, xds,
+        None if secured is None or secured.tls is None else secured.tls.credentials())
     webhook: Webhook | None = None
     try:
         webhook = await start_webhook(settings)  # its port is taken, a bad setting: fail
@@ -244,13 +336,19 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
             await webhook.stop()
         raise
 
-    task = asyncio.create_task(follow(source, pipeline), name="source")
-    sweeper = asyncio.create_task(sweep(pipeline, settings.group_ttl), name="group-sweeper")
+    identity = None if secured is None else MeshIdentity(trust_domain=settings.trust_domain)
+    task = asyncio.create_task(follow(source, pipeline, identity=identity), name="source")
+    sweeper = asyncio.create_task(sweep(pipeline, settings.group_ttl, secured),
+                                  name="group-sweeper")
+    if secured is not None:
+        secured.start(settings.ca_poll_interval)
     host = settings.xds_address.rpartition(":")[0]
     log.info("serve.started", source=source.name, xds=f"{host}:{xds_port}",
-             admin=f"http://{admin_host}:{bound_admin}/", snapshot_dir=str(settings.snapshot_dir))
+             admin=f"http://{admin_host}:{bound_admin}/", snapshot_dir=str(settings.snapshot_dir),
+             tls=secured is not None and secured.tls is not None,
+             identity=None if secured is None else settings.trust_domain)
     return Running(settings, pipeline, cache, registry, grpc_server, xds_port, runner,
-                   bound_admin, task, store, xds, sweeper, webhook)
+                   bound_admin, task, store, xds, sweeper, webhook, secured)
 
 
 async def serve(settings: ServeSettings) -> None:

@@ -47,6 +47,15 @@ def _serve(args: argparse.Namespace) -> int:
             "inject_proxy_image": args.inject_proxy_image,
             "inject_init_image": args.inject_init_image,
             "inject_xds_address": args.inject_xds_address,
+            "ca_dir": args.ca_dir,
+            "ca_cert": args.ca_cert,
+            "ca_key": args.ca_key,
+            "ca_bundle": args.ca_bundle,
+            "ca_secret": args.ca_secret,
+            "trust_domain": args.trust_domain,
+            "workload_cert_ttl": args.workload_cert_ttl,
+            "authentication": args.authentication,
+            "xds_server_name": args.xds_server_name,
         }.items()
         if value is not None
     }
@@ -177,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--inject-init-image",
                       help="the image whose `controlplane capture` programs the pod's capture")
     hook.add_argument("--inject-xds-address", help="HOST:PORT injected sidecars dial")
+    trust = serve.add_argument_group("identity and zero trust (env CONTROLPLANE_CA_*, ...): "
+                                     "with a CA, xDS is TLS and proxies authenticate")
+    trust.add_argument("--ca-dir", help="run the mesh CA from this directory (made on "
+                       "first start: ca.crt, ca.key, roots.pem)")
+    trust.add_argument("--ca-cert", help="bring your own CA: PEM certificate (with --ca-key)")
+    trust.add_argument("--ca-key", help="PEM key of --ca-cert")
+    trust.add_argument("--ca-bundle", help="PEM trust bundle for --ca-cert (default: its roots)")
+    trust.add_argument("--ca-secret", help="Kubernetes: the CA's Secret in the control "
+                       "plane's namespace (default controlplane-ca)")
+    trust.add_argument("--trust-domain", help="SPIFFE trust domain (default cluster.local)")
+    trust.add_argument("--workload-cert-ttl", metavar="DURATION",
+                       help="workload certificate lifetime (default 24h; renewed at half)")
+    trust.add_argument("--authentication", choices=["token", "none"],
+                       help="token (default with a CA): proxies present a token; none: "
+                       "trust the node's claim, plaintext xDS (development only)")
+    trust.add_argument("--xds-server-name", action="append", metavar="NAME",
+                       help="another DNS name or IP for the xDS TLS certificate (repeatable)")
     serve.set_defaults(run=_serve)
 
     bootstrap_cmd.add_parser(commands)

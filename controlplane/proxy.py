@@ -42,6 +42,10 @@ class ProxyIdentity:
     # node.metadata.capture: iptables send the pod's traffic to the sidecar (``controlplane
     # capture``), so its listeners follow each connection's original destination.
     capture: bool = False
+    # The workload identity (a SPIFFE URI) its verified credential says it runs as; "" when
+    # the server runs no CA. Not part of the group: the group's snapshot is identity-free,
+    # and the server answers the SDS secrets per stream (cache/secrets.py).
+    workload: str = ""
 
     group: str = field(init=False, compare=False, repr=False)
     """The snapshot group key: readable, stable, and free of the node id. Made once: the

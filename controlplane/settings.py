@@ -120,6 +120,47 @@ class ServeSettings(BaseSettings):
         "destinations outside the mesh: through to the original destination (ALLOW_ANY), "
         "or nowhere, with a 502 that says so (REGISTRY_ONLY). A mesh file says it itself."
     )
+    # -- identity and zero trust (issue 11)
+    ca_dir: Path | None = Field(
+        default=None, description="Run the mesh CA from this directory (ca.crt, ca.key, "
+        "roots.pem), made on first start: xDS over TLS, proxies authenticated, SDS secrets "
+        "per workload."
+    )
+    ca_cert: Path | None = Field(
+        default=None, description="Bring your own CA: its PEM certificate (with ca_key)."
+    )
+    ca_key: Path | None = Field(default=None, description="PEM key of ca_cert.")
+    ca_bundle: Path | None = Field(
+        default=None, description="PEM trust bundle (one or more roots) for ca_cert; "
+        "default: the roots in ca_cert."
+    )
+    ca_secret: str = Field(
+        default="controlplane-ca", description="Kubernetes: the Secret (in the control "
+        "plane's namespace, cert-manager's tls.crt/tls.key/ca.crt) holding the mesh CA; made "
+        "on first start, shared by replicas."
+    )
+    trust_domain: str = Field(
+        default="cluster.local", description="SPIFFE trust domain of workload identities."
+    )
+    workload_cert_ttl: str = Field(
+        default="24h", description="Lifetime of workload certificates (e.g. 24h, 90s); each "
+        "is renewed at half its life, without a restart."
+    )
+    authentication: Literal["token", "none"] | None = Field(
+        default=None, description="How proxies prove who they are when a CA runs: token "
+        "(Kubernetes: TokenReview of the pod's projected token; file mode: tokens minted by "
+        "`controlplane bootstrap --ca-dir`), the default; none trusts the node's claim and "
+        "serves xDS in plaintext (development only; logged as a warning)."
+    )
+    xds_server_name: list[str] = Field(
+        default_factory=list, description="More DNS names or IPs for the xDS server's TLS "
+        "certificate (besides controlplane.<namespace>.svc..., localhost, 127.0.0.1)."
+    )
+    ca_poll_interval: float = Field(
+        default=30.0, gt=0, description="How often the CA source is read again, in seconds "
+        "(a rotated root reaches every proxy without a restart)."
+    )
+
     # -- the injection webhook (DESIGN.md section 5; deploy/kubernetes sets these)
     webhook_address: str | None = Field(
         default=None, description="HTTPS HOST:PORT of the sidecar injection webhook. Default: "
@@ -181,6 +222,18 @@ class ServeSettings(BaseSettings):
     inject_delta: bool = Field(default=False,
                                description="Injected sidecars use delta xDS instead of SotW.")
     inject_log_level: str = Field(default="warning", description="Injected Envoys' log level.")
+
+    def ca_mode(self) -> Literal["files", "dir", "secret"] | None:
+        """Where the mesh CA comes from; None: no CA (no identities, plaintext xDS)."""
+        if self.ca_cert is not None or self.ca_key is not None:
+            return "files"
+        if self.ca_dir is not None:
+            return "dir"
+        return "secret" if self.source == "kubernetes" else None
+
+    def tokens_required(self) -> bool:
+        """Whether streams must authenticate (and xDS is TLS): a CA and not ``none``."""
+        return self.ca_mode() is not None and self.authentication != "none"
 
     def webhook_listen(self) -> str | None:
         """The webhook's address, or None when it does not run. Unset, it runs only in a

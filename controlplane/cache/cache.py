@@ -135,6 +135,22 @@ class SnapshotCache:
     def current(self, proxy: ProxyIdentity) -> Snapshot | None:
         return self._snapshots.get(proxy.group)
 
+    async def changed(self, proxy: ProxyIdentity) -> None:
+        """Wait for the next change of the group's snapshot (or a ``wake``)."""
+        group = proxy.group
+        self._register(proxy)
+        event = self._changed.get(group)
+        if event is None:
+            event = self._changed[group] = asyncio.Event()
+        await event.wait()
+
+    def wake(self, group: str) -> None:
+        """Wake the group's waiters though its snapshot did not change: what a stream
+        adds to it did (its identity's secrets, cache/secrets.py)."""
+        event = self._changed.pop(group, None)
+        if event is not None:
+            event.set()
+
     async def next_snapshot(self, proxy: ProxyIdentity, after: Snapshot | None) -> Snapshot:
         group = proxy.group
         self._register(proxy)

@@ -21,6 +21,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane import metrics, resource
 from controlplane.cache.cache import ConfigWatcher
+from controlplane.security.authn import AuthError, Caller
+from controlplane.server.admission import Admission, NodeProblem
 from controlplane.server.delta import DeltaStream
 from controlplane.server.limits import LimitError, Limits, LogBudget
 from controlplane.server.registry import StreamRegistry
@@ -73,8 +75,10 @@ class XdsServer:
 
     def __init__(self, watcher: ConfigWatcher, registry: StreamRegistry | None = None,
                  identifier: str = "controlplane", fetch_timeout: float = 5.0,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, admission: Admission | None = None) -> None:
         self.watcher = watcher
+        self.admission = admission  # None: no identities (no CA), every stream admitted
+        self.refusals = LogBudget(10.0)  # warnings for refused streams, server-wide
         self.registry = registry if registry is not None else StreamRegistry()
         self.identifier = identifier
         self.fetch_timeout = fetch_timeout
@@ -121,13 +125,32 @@ class XdsServer:
                                     "later or connect to another replica")
             if self._closing.is_set():
                 await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+            caller = await self._authenticate(context)
             stream = kind(self.registry.next_id(), api, type_url, self.identifier, self.limits)
-            await self._serve(stream, context)
+            await self._serve(stream, context, caller)
         return handle
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Caller | None:
+        """The stream's caller, or the call ends with UNAUTHENTICATED / PERMISSION_DENIED
+        and nothing is kept (no stream, no group, no per-client metric label)."""
+        if self.admission is None:
+            return None
+        try:
+            return await self.admission.authenticate(context.invocation_metadata())
+        except AuthError as exc:
+            await self._refuse(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: AuthError) -> None:
+        metrics.STREAMS_REFUSED.labels(exc.status.lower()).inc()
+        warn(self.refusals, "xds.stream_refused", status=exc.status, error=str(exc)[:500],
+             peer=context.peer())
+        await context.abort(grpc.StatusCode[exc.status], str(exc))
 
     def _fetch_handler(self, api: str, type_url: str) -> Callable[..., Awaitable[bytes]]:
         async def handle(request: discovery_pb2.DiscoveryRequest,
                          context: grpc.aio.ServicerContext) -> bytes:
+            caller = await self._authenticate(context)
             stream = SotwStream(0, api, type_url, self.identifier, self.limits)
             if isinstance(request, Malformed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -138,6 +161,13 @@ class XdsServer:
             except LimitError as exc:
                 await context.abort(grpc.StatusCode[exc.status], str(exc))
             assert stream.proxy is not None
+            if self.admission is not None:
+                try:
+                    stream.proxy = self.admission.admit(caller, stream.proxy, stream.node)
+                except AuthError as exc:
+                    await self._refuse(context, exc)
+                except NodeProblem as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             stream.proxy = self.watcher.identities.resolve(stream.proxy)
             self.watcher.connect(stream.proxy)
             try:
@@ -152,7 +182,8 @@ class XdsServer:
             return pushes[0].encode() if pushes else b""
         return handle
 
-    async def _serve(self, stream: StreamBase, context: grpc.aio.ServicerContext) -> None:
+    async def _serve(self, stream: StreamBase, context: grpc.aio.ServicerContext,
+                     caller: Caller | None = None) -> None:
         self.registry.add(stream)
         self.settle.opened(stream.stream_id)
         metrics.CONNECTED_PROXIES.labels(stream.protocol).inc()
@@ -160,6 +191,9 @@ class XdsServer:
                                                protocol=stream.protocol)
         budget = LogBudget(self.limits.log_lines_per_second)
         run = StreamRun(stream, context, self.watcher, self.turns, budget)
+        admission = self.admission
+        if admission is not None:
+            run.admit = lambda proxy: admission.admit(caller, proxy, stream.node)
         closing = asyncio.ensure_future(self._closing.wait())
         run.start()
         try:
@@ -174,6 +208,16 @@ class XdsServer:
         except ProtocolError as exc:
             malformed = isinstance(exc, MalformedRequest)
             metrics.STREAMS_REFUSED.labels("malformed" if malformed else "protocol").inc()
+            warn(budget, "xds.protocol_error", error=str(exc))
+            with contextlib.suppress(ClientGone):
+                await end_call(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except AuthError as exc:
+            metrics.STREAMS_REFUSED.labels(exc.status.lower()).inc()
+            warn(self.refusals, "xds.stream_refused", status=exc.status, error=str(exc)[:500])
+            with contextlib.suppress(ClientGone):
+                await end_call(context, grpc.StatusCode[exc.status], str(exc))
+        except NodeProblem as exc:
+            metrics.STREAMS_REFUSED.labels("node").inc()
             warn(budget, "xds.protocol_error", error=str(exc))
             with contextlib.suppress(ClientGone):
                 await end_call(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -206,8 +250,11 @@ class XdsServer:
             structlog.contextvars.unbind_contextvars("stream_id", "node_id", "api", "protocol")
 
 
-async def create_server(address: str, xds: XdsServer) -> tuple[grpc.aio.Server, int]:
-    """Bind ``HOST:PORT`` (port 0 picks a free one); returns the started server and its port."""
+async def create_server(address: str, xds: XdsServer,
+                        credentials: grpc.ServerCredentials | None = None,
+                        ) -> tuple[grpc.aio.Server, int]:
+    """Bind ``HOST:PORT`` (port 0 picks a free one), over TLS with ``credentials``;
+    returns the started server and its port."""
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", xds.limits.max_request_bytes),
@@ -217,7 +264,8 @@ async def create_server(address: str, xds: XdsServer) -> tuple[grpc.aio.Server, 
         ("grpc.keepalive_permit_without_calls", 1),
     ])
     server.add_generic_rpc_handlers(xds.handlers())
-    port = server.add_insecure_port(address)
+    port = server.add_insecure_port(address) if credentials is None \
+        else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind the xDS server to {address}; is the port in use?")
     await server.start()

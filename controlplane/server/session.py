@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -65,6 +66,9 @@ class StreamRun:
         self.lock = asyncio.Lock()
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.connected: ProxyIdentity | None = None
+        # The stream's workload, from its credential (server/admission.py): raises when
+        # the node is not the caller's. None: no identities.
+        self.admit: Callable[[ProxyIdentity], ProxyIdentity] | None = None
         self.identities = watcher.identities
         self._loop = asyncio.get_running_loop()
         self._moves: asyncio.Task[None] | None = None  # re-resolving after a pod changed
@@ -209,9 +213,12 @@ class StreamRun:
         stream = self.stream
         is_new = stream.node is None
         handled = stream.on_request(request)
+        if is_new and stream.proxy is not None and self.admit is not None:
+            stream.proxy = self.admit(stream.proxy)  # before anything is sent or joined
         if is_new and stream.proxy is not None:
             structlog.contextvars.bind_contextvars(node_id=stream.proxy.node_id)
-            log.info("xds.stream_opened", group=stream.proxy.group)
+            log.info("xds.stream_opened", group=stream.proxy.group,
+                     **({"workload": stream.proxy.workload} if stream.proxy.workload else {}))
         # A type URL the client made up is not a label: the series would be the client's.
         short = "unknown" if handled.kind == "unknown_type" \
             else resource.short_name(handled.type_url)

@@ -226,6 +226,7 @@ class StreamBase:
             "namespace": proxy.namespace if proxy else None,
             "zone": proxy.zone if proxy else None,
             "group": proxy.group if proxy else None,
+            "workload": proxy.workload or None if proxy else None,  # from its credential
             # What its bootstrap said, when the mesh filled in its zone or service.
             "bootstrap": None if declared is None or declared is proxy else {
                 "service": declared.service, "zone": declared.zone},
