@@ -118,7 +118,8 @@ class CertificateAuthority:
     """A signing certificate with its key, and the trust bundle (every root a peer may
     chain to: the signer's root first while a rotation is in progress, old ones after)."""
 
-    __slots__ = ("_key", "bundle_pem", "chain", "roots", "signer_cert", "version")
+    __slots__ = ("_key", "_keys", "bundle_pem", "chain", "key_id", "roots", "signer_cert",
+                 "version")
 
     def __init__(self, signer_cert: x509.Certificate, key: ec.EllipticCurvePrivateKey,
                  chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]) -> None:
@@ -130,6 +131,12 @@ class CertificateAuthority:
         digest = hashlib.sha256(signer_cert.fingerprint(hashes.SHA256()) + self.bundle_pem)
         self.version: str = digest.hexdigest()[:16]
         """Changes when the signer or the bundle does: what was issued before is stale."""
+        self.key_id: str = _key_id(key.public_key())
+        self._keys = {self.key_id: key.public_key()}
+        for root in self.roots:
+            public = root.public_key()
+            if isinstance(public, ec.EllipticCurvePublicKey):
+                self._keys.setdefault(_key_id(public), public)
 
     def __repr__(self) -> str:
         return f"CertificateAuthority({self.describe()!r})"
@@ -199,20 +206,11 @@ class CertificateAuthority:
     def public_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
         """Token verification keys by key id: the signer's and every EC root's (a token
         minted before a rotation stays valid while its root is in the bundle)."""
-        keys = {_key_id(self._key.public_key()): self._key.public_key()}
-        for root in self.roots:
-            public = root.public_key()
-            if isinstance(public, ec.EllipticCurvePublicKey):
-                keys.setdefault(_key_id(public), public)
-        return keys
+        return dict(self._keys)
 
     def signed_under(self, root: x509.Certificate) -> bool:
         """Whether the signer chains to ``root`` (what a prune keeps)."""
         return _chains_to(self.chain or [self.signer_cert], [root])
-
-    @property
-    def key_id(self) -> str:
-        return _key_id(self._key.public_key())
 
     def describe(self) -> dict[str, Any]:
         """For logs and ``ca show``: names, fingerprints and dates; never the key."""
