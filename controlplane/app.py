@@ -245,7 +245,7 @@ def readiness(pipeline: Pipeline, source: Source,
 
 def _ca_loader(settings: ServeSettings) -> tuple[Callable[[], CertificateAuthority], str]:
     """How to read the mesh CA (made on first read where the source allows), and where."""
-    from controlplane.security import castore
+    from controlplane.security.castore import load_dir, load_files, load_secret
 
     trust_domain = settings.trust_domain
     if settings.ca_mode() == "files":
@@ -253,11 +253,11 @@ def _ca_loader(settings: ServeSettings) -> tuple[Callable[[], CertificateAuthori
         if cert is None or key is None:
             raise ValueError("--ca-cert and --ca-key go together: give both (the CA's PEM "
                              "certificate and key), or use --ca-dir to have one made")
-        return (lambda: castore.load_files(cert, key, bundle)), f"files {cert}, {key}"
+        return (lambda: load_files(cert, key, bundle)), f"files {cert}, {key}"
     if settings.ca_mode() == "dir":
         directory = settings.ca_dir
         assert directory is not None
-        return (lambda: castore.load_dir(directory, trust_domain, datetime.now(UTC))), \
+        return (lambda: load_dir(directory, trust_domain, datetime.now(UTC))), \
             f"directory {directory}"
     from kubernetes import client as kube_client
 
@@ -265,7 +265,7 @@ def _ca_loader(settings: ServeSettings) -> tuple[Callable[[], CertificateAuthori
 
     core = kube_client.CoreV1Api(api_client(settings.kubeconfig, pool_size=2))
     namespace, name = settings.webhook_namespace, settings.ca_secret
-    return (lambda: castore.load_secret(core, namespace, name, trust_domain,
+    return (lambda: load_secret(core, namespace, name, trust_domain,
                                         datetime.now(UTC))), f"Secret {namespace}/{name}"
 
 

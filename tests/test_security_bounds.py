@@ -28,7 +28,7 @@ from controlplane.security import tokens
 from controlplane.security.identity import SpiffeId
 from controlplane.security.sds import CERT_SECRET, ROOT_SECRET
 from controlplane.settings import ServeSettings
-from tests.test_security_protocol import TD, Client, secrets, sds_request
+from tests.test_security_protocol import TD, Client, sds_request, secrets
 
 MESH = """
 services:
@@ -72,7 +72,7 @@ async def admin(running: app.Running, path: str) -> str:
     url = f"http://127.0.0.1:{running.admin_port}{path}"
 
     def get() -> str:
-        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=10) as answer:
             return str(answer.read().decode())
     return await asyncio.to_thread(get)
 
