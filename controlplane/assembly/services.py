@@ -19,6 +19,7 @@ from controlplane.mesh.model import Mesh, Service
 from controlplane.translator import resource_name, service_resources
 from controlplane.translator.capture import headless_targets
 from controlplane.translator.locality import prefer_zone
+from controlplane.translator.security import Upstream, upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class EncodedService:
     routing: dict[str, Any]  # what the route tables see of it: all but its endpoints
     listening: Any = ()  # what captured listeners see of its endpoints (headless addresses)
     zoned: dict[str, tuple[Resource, ...]] = field(default_factory=dict)  # by proxy zone
+    security: Upstream | None = None  # how callers use mTLS to it (from the mesh's frame)
 
     @property
     def size(self) -> int:
@@ -65,14 +67,16 @@ def encode_services(mesh: Mesh, before: Mapping[str, EncodedService],
     for service in mesh.services:
         key = service.key
         old = before.get(key)
-        if old is not None and (old.service is service or old.service == service):
+        security = upstream(mesh, service)
+        if old is not None and (old.service is service or old.service == service) \
+                and old.security == security:
             done.services[key] = old
             done.served.append(old.service)
             continue
         try:
             if key in rejected:
                 raise _Replaced(rejected[key])
-            encoded = encode_service(service, old)
+            encoded = encode_service(service, old, security)
         except Exception as exc:
             if not isinstance(exc, _Replaced):
                 rejected[key] = f"{type(exc).__name__}: {exc}"
@@ -98,15 +102,19 @@ class _Replaced(Exception):
     """A service already found to break the route tables."""
 
 
-def encode_service(service: Service, old: EncodedService | None) -> EncodedService:
+def encode_service(service: Service, old: EncodedService | None,
+                   security: Upstream | None = None) -> EncodedService:
     """Translate and encode ``service``; resources equal to ``old``'s keep their objects.
-    Raises whatever the translator or protobuf raise (the build isolates the service)."""
-    made = service_resources(service)
+    ``security``: how callers use mTLS to it (its mode and the mesh identity live outside
+    the service, so a change there re-encodes it too). Raises whatever the translator or
+    protobuf raise (the build isolates the service)."""
+    made = service_resources(service) if security is None else service_resources(service,
+                                                                                  security)
     clusters = _encode(resource.CLUSTER, made.clusters, old.clusters if old else ())
     assignments = _encode(resource.ENDPOINT, made.load_assignments,
                           old.load_assignments if old else ())
     return EncodedService(service, clusters, assignments, routing(service),
-                          headless_targets(service))
+                          headless_targets(service), security=security)
 
 
 def routing(service: Service) -> dict[str, Any]:

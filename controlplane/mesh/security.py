@@ -49,7 +49,7 @@ def service_account_name(value: str) -> str:
 ServiceAccountName = Annotated[str, AfterValidator(service_account_name)]
 
 
-def trust_domain(value: str) -> str:
+def valid_trust_domain(value: str) -> str:
     if len(value) > 255 or not _TRUST_DOMAIN.fullmatch(value):
         raise ValueError(
             f"trust domain {value[:80]!r} must be lower-case letters, digits, '-', '.' "
@@ -62,7 +62,7 @@ class MeshIdentity(_Model):
     """Set by the server when it runs a CA (never read from a mesh file): workloads are
     ``spiffe://<trust_domain>/ns/<namespace>/sa/<service account>``."""
 
-    trust_domain: Annotated[str, AfterValidator(trust_domain)] = "cluster.local"
+    trust_domain: Annotated[str, AfterValidator(valid_trust_domain)] = "cluster.local"
 
     def spiffe(self, namespace: str, service_account: str) -> str:
         return f"{SPIFFE}{self.trust_domain}/ns/{namespace}/sa/{service_account}"

@@ -51,6 +51,15 @@ from controlplane.translator.listeners import (
 from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import duration, pack, socket_address
 from controlplane.translator.registry_only import registry_only
+from controlplane.translator.security import (
+    Inbound,
+    Port,
+    inbound_http_filters,
+    secure_chains,
+    secure_listener,
+    secure_manager,
+    secure_tcp_chain,
+)
 
 ORIGINAL_DST: Final = "envoy.filters.listener.original_dst"
 ANY_ADDRESS: Final = "0.0.0.0"
@@ -162,19 +171,22 @@ def headless_targets(service: Service) -> tuple[tuple[int, int, tuple[str, ...]]
 # -- inbound -------------------------------------------------------------------------
 
 
-def captured_inbound_listener(proxy: ProxyIdentity,
-                              own: Service | None) -> listener_pb2.Listener | None:
+def captured_inbound_listener(proxy: ProxyIdentity, own: Service | None,
+                              security: Inbound | None = None) -> listener_pb2.Listener | None:
     """In front of the pod's apps: a chain per target port of the sidecar's own
-    service, the rest passed through to where it was going."""
+    service, the rest passed through to where it was going. ``security``: the
+    service's mTLS mode and authorization, per target port (translator/security)."""
     if not proxy.capture or proxy.inbound_port is None:
         return None
     loop = tcp_chain("inbound-loop", names.BLACKHOLE_CLUSTER)
     loop.filter_chain_match.destination_port.value = proxy.inbound_port
     chains = [loop]
+    refuse = tcp_chain(names.BLACKHOLE_CLUSTER, names.BLACKHOLE_CLUSTER)
     if own is not None:
-        chains += [_inbound_chain(proxy, own, target, port)
-                   for target, port in _inbound_ports(own) if target != proxy.inbound_port]
-    return listener_pb2.Listener(
+        chains += [made for target, port in _inbound_ports(own) if target != proxy.inbound_port
+                   for made in secure_chains(
+                       security, _inbound_chain(proxy, own, target, port, security), refuse)]
+    listener = listener_pb2.Listener(
         name=names.INBOUND_LISTENER,
         address=socket_address(proxy.inbound_address, proxy.inbound_port),
         traffic_direction=base_pb2.TrafficDirection.INBOUND,
@@ -184,18 +196,25 @@ def captured_inbound_listener(proxy: ProxyIdentity,
                                         names.INBOUND_PASSTHROUGH_CLUSTER),
         enable_reuse_port=NO_REUSE_PORT,
     )
+    secure_listener(security, listener)
+    return listener
 
 
 def _inbound_chain(proxy: ProxyIdentity, own: Service, target: int,
-                   port: ServicePort) -> _Chain:
-    """Connections for ``target``: HTTP through the features' inbound filters."""
+                   port: ServicePort, security: Inbound | None) -> _Chain:
+    """Connections for ``target``: HTTP through authorization and the features' inbound
+    filters, TCP through authorization."""
     cluster = _inbound_name(proxy, target)
+    at = Port(port, target)
     if port.protocol == "tcp":
         made = tcp_chain(cluster, cluster)
+        secure_tcp_chain(security, at, made)
     else:
-        filters = [f for feature in FEATURES for f in feature.inbound_http_filters(own, port)]
-        made = _named(chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster, filters)),
-                      cluster)
+        filters = [*inbound_http_filters(security, at),
+                   *(f for feature in FEATURES for f in feature.inbound_http_filters(own, port))]
+        manager = inbound_manager(cluster, filters)
+        secure_manager(security, at, manager)
+        made = _named(chain(HTTP_CONNECTION_MANAGER, manager), cluster)
     made.filter_chain_match.destination_port.value = target
     return made
 

@@ -21,6 +21,7 @@ from controlplane.translator.endpoints import load_assignment, static_assignment
 from controlplane.translator.policies import FEATURES
 from controlplane.translator.policies.traffic import subset_name, subset_ports, subsets
 from controlplane.translator.protoutil import ads, duration, pack
+from controlplane.translator.security import Upstream, secure_cluster
 
 CONNECT_TIMEOUT: Final = timedelta(seconds=1)
 HTTP_PROTOCOL_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -29,13 +30,15 @@ LOCALHOST: Final = "127.0.0.1"
 _Cluster = cluster_pb2.Cluster
 
 
-def outbound_clusters(service: Service) -> list[cluster_pb2.Cluster]:
+def outbound_clusters(service: Service,
+                      upstream: Upstream | None = None) -> list[cluster_pb2.Cluster]:
     """One cluster per service port, in port order, then one per label subset that the
-    service's traffic policy names, for each HTTP/gRPC port (policies/traffic.py)."""
+    service's traffic policy names, for each HTTP/gRPC port (policies/traffic.py).
+    ``upstream``: how to call it with mTLS (translator/security)."""
     return [
-        *(outbound_cluster(service, port) for port in service.service_ports),
+        *(outbound_cluster(service, port, upstream=upstream) for port in service.service_ports),
         *(
-            outbound_cluster(service, port, labels)
+            outbound_cluster(service, port, labels, upstream)
             for port in subset_ports(service)
             for labels in subsets(service)
         ),
@@ -43,7 +46,8 @@ def outbound_clusters(service: Service) -> list[cluster_pb2.Cluster]:
 
 
 def outbound_cluster(
-    service: Service, port: ServicePort, subset: dict[str, str] | None = None
+    service: Service, port: ServicePort, subset: dict[str, str] | None = None,
+    upstream: Upstream | None = None,
 ) -> cluster_pb2.Cluster:
     """Endpoints come by EDS, so an endpoint change does not touch (and re-warm) the
     cluster. An external service has no endpoints to send: Envoy resolves its DNS name
@@ -62,7 +66,7 @@ def outbound_cluster(
     elif service.resolves_dns:
         cluster.type = _Cluster.DiscoveryType.STRICT_DNS
         cluster.dns_lookup_family = _Cluster.DnsLookupFamily.V4_PREFERRED
-        cluster.load_assignment.CopyFrom(load_assignment(service, port, subset))
+        cluster.load_assignment.CopyFrom(load_assignment(service, port, subset, upstream))
     else:
         cluster.type = _Cluster.DiscoveryType.EDS
         cluster.eds_cluster_config.CopyFrom(
@@ -72,6 +76,8 @@ def outbound_cluster(
         use_http2(cluster)
     for feature in FEATURES:
         feature.cluster(service, port, cluster)
+    if upstream is not None:
+        secure_cluster(upstream, service, cluster)
     return cluster
 
 
@@ -93,15 +99,18 @@ def inbound_cluster(proxy: ProxyIdentity, own: Service | None) -> cluster_pb2.Cl
 
 
 def inbound_protocol(own: Service | None, inbound_port: int) -> Protocol:
-    """What the app behind an inbound listener speaks. An endpoint's port is its
-    sidecar's inbound port, so with named ports the port that endpoints serve on
-    ``inbound_port`` says which; otherwise (or unknown service: http) the first port's."""
-    if own is None:
-        return "http"
+    """What the app behind an inbound listener speaks (unknown service: http)."""
+    return "http" if own is None else inbound_service_port(own, inbound_port).protocol
+
+
+def inbound_service_port(own: Service, inbound_port: int) -> ServicePort:
+    """The service port an inbound listener serves. An endpoint's port is its sidecar's
+    inbound port, so with named ports the port that endpoints serve on ``inbound_port``
+    says which; otherwise the first port."""
     for port in own.service_ports:
         if any(endpoint.port_for(port) == inbound_port for endpoint in own.endpoints):
-            return port.protocol
-    return own.protocol
+            return port
+    return own.service_ports[0]
 
 
 def use_http2(cluster: cluster_pb2.Cluster) -> None:

@@ -18,11 +18,20 @@ from google.protobuf import wrappers_pb2
 from controlplane.mesh.model import Service
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
-from controlplane.translator.clusters import inbound_protocol
+from controlplane.translator.clusters import inbound_service_port
 from controlplane.translator.ondemand import on_demand_filter
 from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import ads, duration, pack, socket_address
 from controlplane.translator.routes import inbound_route
+from controlplane.translator.security import (
+    Inbound,
+    Port,
+    inbound_http_filters,
+    secure_chains,
+    secure_listener,
+    secure_manager,
+    secure_tcp_chain,
+)
 
 HTTP_CONNECTION_MANAGER: Final = "envoy.filters.network.http_connection_manager"
 TCP_PROXY: Final = "envoy.filters.network.tcp_proxy"
@@ -82,25 +91,36 @@ def inbound_manager(cluster_name: str, filters: Sequence[http_connection_manager
 
 
 def inbound_listener(
-    proxy: ProxyIdentity, own: Service | None, cluster_name: str
+    proxy: ProxyIdentity, own: Service | None, cluster_name: str,
+    security: Inbound | None = None,
 ) -> listener_pb2.Listener | None:
     """In front of the proxy's own app. The route is inline: it only ever points at the
-    one static cluster. A TCP service gets a plain TCP proxy."""
+    one static cluster. A TCP service gets a plain TCP proxy. ``security``: the
+    service's mTLS mode and authorization (translator/security)."""
     if proxy.inbound_port is None or proxy.app_port is None:
         return None
-    if inbound_protocol(own, proxy.inbound_port) == "tcp":
+    port = None if own is None else Port(inbound_service_port(own, proxy.inbound_port),
+                                         proxy.inbound_port)
+    if port is None or port.http:
+        manager = inbound_manager(cluster_name, inbound_http_filters(security, port)
+                                  if port is not None else ())
+        if port is not None:
+            secure_manager(security, port, manager)
+        only = chain(HTTP_CONNECTION_MANAGER, manager)
+    else:
         only = chain(
             TCP_PROXY, tcp_proxy_pb2.TcpProxy(stat_prefix="inbound", cluster=cluster_name)
         )
-    else:
-        only = chain(HTTP_CONNECTION_MANAGER, inbound_manager(cluster_name))
-    return listener_pb2.Listener(
+        secure_tcp_chain(security, port, only)
+    listener = listener_pb2.Listener(
         name=names.INBOUND_LISTENER,
         address=socket_address(proxy.inbound_address, proxy.inbound_port),
         traffic_direction=base_pb2.TrafficDirection.INBOUND,
-        filter_chains=[only],
+        filter_chains=secure_chains(security, only),
         enable_reuse_port=NO_REUSE_PORT,
     )
+    secure_listener(security, listener)
+    return listener
 
 
 def router() -> http_connection_manager_pb2.HttpFilter:

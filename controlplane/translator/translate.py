@@ -30,6 +30,9 @@ from controlplane.translator.endpoints import load_assignments
 from controlplane.translator.listeners import egress_listener, inbound_listener
 from controlplane.translator.locality import prefer_zone
 from controlplane.translator.routes import egress_route
+from controlplane.translator.security import Upstream
+from controlplane.translator.security import inbound as inbound_security
+from controlplane.translator.security import upstream as upstream_security
 from controlplane.translator.visibility import visible_services
 
 Resources: TypeAlias = dict[str, list[Message]]
@@ -44,16 +47,19 @@ class ServiceResources:
     load_assignments: tuple[endpoint_pb2.ClusterLoadAssignment, ...]
 
 
-def service_resources(service: Service) -> ServiceResources:
-    return ServiceResources(tuple(outbound_clusters(service)), tuple(load_assignments(service)))
+def service_resources(service: Service, security: Upstream | None = None) -> ServiceResources:
+    """``security``: how callers reach it with mTLS (``upstream(mesh, service)``)."""
+    return ServiceResources(tuple(outbound_clusters(service, security)),
+                            tuple(load_assignments(service, security)))
 
 
 def proxy_resources(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
     """What depends on the proxy itself: its listeners and the cluster to its own app.
     A captured sidecar's egress listener is not among them (``captured_egress``)."""
     own = mesh.service(proxy.service, proxy.namespace)
+    security = inbound_security(mesh, own)
     if proxy.capture:
-        inbound_listener_ = captured_inbound_listener(proxy, own)
+        inbound_listener_ = captured_inbound_listener(proxy, own, security)
         return {resource.CLUSTER: _sorted(list(capture_clusters(proxy, own))),
                 resource.LISTENER: [inbound_listener_] if inbound_listener_ else []}
     clusters: list[Message] = []
@@ -61,7 +67,7 @@ def proxy_resources(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
     inbound = inbound_cluster(proxy, own)
     if inbound is not None:
         clusters.append(inbound)
-        listener = inbound_listener(proxy, own, str(inbound.name))
+        listener = inbound_listener(proxy, own, str(inbound.name), security)
         if listener is not None:
             listeners.append(listener)
     return {resource.CLUSTER: clusters, resource.LISTENER: _sorted(listeners)}
@@ -73,7 +79,7 @@ def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
     services the proxy sees (``visible_services``) are translated."""
     visible = visible_services(mesh, proxy)
     services = mesh.services if visible is None else [s for s in mesh.services if s.key in visible]
-    shared = [service_resources(s) for s in services]
+    shared = [service_resources(s, upstream_security(mesh, s)) for s in services]
     own = proxy_resources(mesh, proxy)
     listeners = own[resource.LISTENER]
     if proxy.capture:
