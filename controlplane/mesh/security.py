@@ -271,3 +271,34 @@ def service_identities(service: Service) -> list[str]:
     found = set(service.service_accounts or ())
     found.update(e.service_account for e in service.endpoints if e.service_account)
     return sorted(found)
+
+
+def security_warnings(mesh: Mesh) -> list[str]:
+    """What is valid but will not do what it seems to (``controlplane validate`` prints
+    these): a rule naming callers without a mesh identity, a strict service whose
+    callers cannot use mTLS to it."""
+    found: list[str] = []
+    named = [("security", None, mesh.security),
+             *((f"security.namespaces.{ns}", None, block)
+               for ns, block in sorted(mesh.security.namespaces.items())),
+             *((f"services[{i}] ({s.key}).security", s, s.security)
+               for i, s in enumerate(mesh.services) if s.security is not None)]
+    if mesh.identity is None:
+        for where, _, block in named:
+            for at, rule in enumerate(block.authorization if block else []):
+                if any(s.principals or s.service_accounts or s.namespaces
+                       for s in rule.from_ or []):
+                    found.append(
+                        f"{where}.authorization[{at}] ({rule.name}): names callers, whom "
+                        "only mesh mTLS identifies; unless the server runs a CA (serve "
+                        "--ca-dir, or --source kubernetes) those conditions never match")
+    for index, service in enumerate(mesh.services):
+        if service.external_name is not None or not service.endpoints:
+            continue
+        if effective(mesh, service).mode == "strict" and not any(
+                has_sidecar(service, e) for e in service.endpoints):
+            found.append(
+                f"services[{index}] ({service.key}): mtls mode strict, but no endpoint has "
+                "a sidecar (give service_accounts, or each endpoint's service_account), so "
+                "callers use plaintext and are refused")
+    return found

@@ -172,7 +172,25 @@ class Service(_Model):
             )
         for index, endpoint in enumerate(self.endpoints):
             self._check_endpoint(index, endpoint)
+        self._check_rule_ports()
         return self
+
+    def _check_rule_ports(self) -> None:
+        """A rule's ``to.ports`` name ports of this service (or where its endpoints serve
+        them): any other number would silently never match."""
+        if self.security is None:
+            return
+        known = {p.port for p in self.service_ports}
+        known |= {t for p in self.service_ports for e in self.endpoints
+                  if (t := e.port_for(p)) is not None}
+        for at, rule in enumerate(self.security.authorization):
+            for to, operation in enumerate(rule.to or []):
+                for index, port in enumerate(operation.ports or []):
+                    if port not in known:
+                        raise ValueError(
+                            f"security.authorization[{at}].to[{to}].ports[{index}]: {port} "
+                            f"is not a port of this service ({', '.join(map(str, sorted(known)))}"
+                            "), nor one its endpoints serve it on; name one of those")
 
     def _check_endpoint(self, index: int, endpoint: Endpoint) -> None:
         where = f"endpoints[{index}] ({endpoint.address})"
