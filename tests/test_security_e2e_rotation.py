@@ -113,3 +113,11 @@ def test_certificates_rotate_under_traffic_without_a_lost_request(
     assert presented <= held_ratings, (presented, held_ratings)  # all were ratings' own
     now_held = serials(own_serials(ratings, spiffe("ratings")))
     assert now_held and not (now_held & first_ratings), (now_held, first_ratings)
+
+    # Rotated at half its life, so about every 3 s: a few times in the traffic's 12 s,
+    # not a certificate per tick (the server counts each rotation it pushes).
+    assert mesh.server is not None
+    rotations = [line for line in mesh.server.logs() if line.get("event") ==
+                 "secrets.rotated" and line.get("identity") == spiffe("ratings")]
+    most = int(TRAFFIC_SECONDS / 3) + 3
+    assert 2 <= len(rotations) <= most, [r.get("serial") for r in rotations]
