@@ -266,3 +266,70 @@ def test_no_key_in_a_repr(ca: CertificateAuthority) -> None:
 def test_a_bad_trust_domain_is_refused() -> None:
     with pytest.raises(CaProblem, match="trust domain 'Bad Domain'"):
         CertificateAuthority.create("Bad Domain", NOW)
+
+
+def test_two_workloads_complete_an_mtls_handshake_and_see_each_others_identity() -> None:
+    """A real TLS 1.3 handshake (OpenSSL via ssl) both ways with two SVIDs: each side
+    trusts only the bundle and reads the peer's SPIFFE URI; a stranger's is refused."""
+    import socket
+    import ssl
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    ratings = SpiffeId(DEFAULT_TRUST_DOMAIN, "default", "ratings")
+    now = datetime.datetime.now(datetime.UTC)  # OpenSSL checks against the real clock
+    ca = CertificateAuthority.create(DEFAULT_TRUST_DOMAIN, now)
+
+    def context(issued: Issued, side: ssl.Purpose, folder: Path) -> ssl.SSLContext:
+        made = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if side is ssl.Purpose.CLIENT_AUTH
+                              else ssl.PROTOCOL_TLS_CLIENT)
+        made.check_hostname = False  # SVIDs name no host: the URI SAN is checked below
+        made.verify_mode = ssl.CERT_REQUIRED
+        made.load_verify_locations(cadata=ca.bundle_pem.decode())
+        (folder / "c.pem").write_bytes(issued.cert_pem)
+        (folder / "k.pem").write_bytes(issued.key_pem)
+        made.load_cert_chain(folder / "c.pem", folder / "k.pem")
+        return made
+
+    def uri_of(peer: dict[str, object] | None) -> list[str]:
+        assert peer is not None
+        return [v for k, v in peer.get("subjectAltName", ()) if k == "URI"]  # type: ignore[attr-defined]
+
+    def handshake(client_cert: Issued) -> tuple[list[str], list[str]]:
+        with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as two:
+            server = context(ca.issue_workload(ratings, now, HOUR), ssl.Purpose.CLIENT_AUTH,
+                             Path(one))
+            client = context(client_cert, ssl.Purpose.SERVER_AUTH, Path(two))
+        left, right = socket.socketpair()
+        seen: dict[str, object] = {}
+
+        def serve() -> None:
+            try:
+                with server.wrap_socket(left, server_side=True) as tls:
+                    seen["peer"] = tls.getpeercert()
+                    tls.sendall(tls.recv(1))  # an echo: both sides done before closing
+            except ssl.SSLError as exc:
+                seen["error"] = exc
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        server_peer = None
+        try:
+            with client.wrap_socket(right) as tls:
+                server_peer = tls.getpeercert()
+                tls.sendall(b"x")
+                echoed = tls.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            seen.setdefault("error", exc)
+        finally:
+            thread.join(10)
+        if "error" in seen:
+            raise ssl.SSLError(f"handshake refused: {seen['error']}")
+        assert echoed == b"x"
+        return uri_of(seen["peer"]), uri_of(server_peer)  # type: ignore[arg-type]
+
+    assert handshake(ca.issue_workload(REVIEWS, now, HOUR)) == ([REVIEWS.uri], [ratings.uri])
+    stranger = CertificateAuthority.create(DEFAULT_TRUST_DOMAIN, now)
+    with pytest.raises(ssl.SSLError, match=r"certificate|unknown ca"):
+        handshake(stranger.issue_workload(REVIEWS, now, HOUR))

@@ -200,3 +200,31 @@ def test_without_the_rbac_or_a_secret_the_error_says_what_to_do(tmp_path: Path) 
                     "data": {"tls.crt": base64.b64encode(b"junk").decode()}})
         with pytest.raises(CaError, match=r"has no tls.crt and tls.key"):
             castore.load_secret(core(api, tmp_path), NS, create=False)
+
+
+def test_a_server_polling_during_rotations_never_reads_half_a_ca(tmp_path: Path) -> None:
+    """``ca rotate`` rewrites three files; the server's poll reads them under a shared
+    lock, so it sees the CA before or after, never a certificate with the other's key."""
+    folder = tmp_path / "ca"
+    castore.load_dir(folder, TD, NOW)
+    stop = threading.Event()
+    errors: list[Exception] = []
+    seen: set[str] = set()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                seen.add(castore.load_dir(folder, TD, NOW, create=False).version)
+            except Exception as exc:
+                errors.append(exc)
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        for _ in range(15):
+            castore.rotate_dir(folder, TD, NOW)
+            castore.prune_dir(folder)
+    finally:
+        stop.set()
+        reader.join(30)
+    assert errors == [] and len(seen) >= 2
