@@ -200,3 +200,38 @@ async def test_a_token_of_another_namespace_is_permission_denied(world: World) -
                                                 namespace="default"))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "namespace 'default'" in (error.details() or "")
+
+
+async def test_serve_source_kubernetes_is_secured_by_default(api: ApiServerDouble,
+                                                             admin: client.ApiClient,
+                                                             tmp_path: Path) -> None:
+    """``serve --source kubernetes``: the CA made in its Secret (shared by replicas), xDS
+    over TLS, sidecars authenticated by TokenReview; no flag needed."""
+    from controlplane import app, deploy
+    from controlplane.settings import ServeSettings
+
+    settings = ServeSettings(source="kubernetes", kubeconfig=api.kubeconfig(tmp_path / "kc"),
+                             xds_address="127.0.0.1:0", admin_address="127.0.0.1:0",
+                             snapshot_keep=0, webhook_namespace=deploy.NAMESPACE)
+    running = await app.start(settings)
+    try:
+        assert running.secured is not None and running.secured.tls is not None
+        secret = api.get("secrets", deploy.NAMESPACE, "controlplane-ca")
+        assert {"tls.crt", "tls.key", "ca.crt"} <= set(secret["data"])
+        bundle = running.secured.trust.current().bundle_pem
+        channel = grpc.aio.secure_channel(f"127.0.0.1:{running.xds_port}",
+                                          grpc.ssl_channel_credentials(bundle))
+        token = pod_token(api, admin, "ratings-v1-abc", "ratings")
+        stream = Client(channel, token=token)
+        await stream.send(**sds_request(stream, "ratings-v1-abc.shop", "ratings",
+                                        namespace="shop"))
+        got = await secrets(stream)
+        assert identity_of(got[CERT_SECRET])[0] == ["spiffe://cluster.local/ns/shop/sa/ratings"]
+        await stream.close()
+        anonymous = Client(channel)
+        error = await refused(anonymous, **sds_request(anonymous, "x.shop", "ratings",
+                                                       namespace="shop"))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        await channel.close()
+    finally:
+        await running.stop(0)
