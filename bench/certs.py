@@ -304,6 +304,13 @@ async def rotation(streams_n: int, cert_ttl: float, delta: bool,
                     f"the streams settled ({connect_s:.1f} s to connect): give a longer "
                     f"--cert-ttl (> {2 * (connect_s + 5):.0f})")
             await asyncio.sleep(window_start - time.perf_counter())
+            early = [s for s in streams if s.rotated_at is not None]
+            if early:
+                after = (early[0].rotated_at or 0.0) - (early[0].first_at or 0.0)
+                raise BenchError(
+                    f"{len(early)} streams got a new certificate before it was due (stream "
+                    f"{early[0].index}: {after:.1f} s after its first, due after "
+                    f"{cert_ttl * ROTATE_FRACTION:g} s): the server rotates early")
             before_metrics, cpu_before = await server.metrics(), server.cpu_seconds()
             fleet.counting = True
             await deadline.wait("every stream's new certificate", fleet.rotated.wait(),
