@@ -17,11 +17,13 @@ import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -64,7 +66,7 @@ def _static_secrets(data: Any) -> Any:
 
 
 def static_bootstrap(resources: Resources, secrets: list[Message] | None = None,
-                     admin_port: int = 0) -> dict[str, Any]:
+                     admin_port: int = 0, admin_address: str = "127.0.0.1") -> dict[str, Any]:
     """A bootstrap whose static resources are ``resources`` as served (EDS and RDS
     inlined) and ``secrets`` (none: placeholders of a throwaway CA, for validation)."""
     assignments = {resource_name(a): a for a in resources[resource.ENDPOINT]}
@@ -94,7 +96,7 @@ def static_bootstrap(resources: Resources, secrets: list[Message] | None = None,
                               timedelta(hours=1)), ca.bundle_pem))
     return {
         "node": {"id": "static", "cluster": "static"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+        "admin": {"address": {"socket_address": {"address": admin_address,
                                                  "port_value": admin_port}}},
         "static_resources": _static_secrets({
             "clusters": clusters, "listeners": listeners,
@@ -154,10 +156,12 @@ class Ports:
     tcp_in: int
     reviews_out: int
     frontend_out: int
+    grpc_in: int
 
 
 def mesh_of(ports: Ports, ratings: dict[str, Any] | None = None,
-            tcp: dict[str, Any] | None = None, identity: bool = True) -> Mesh:
+            tcp: dict[str, Any] | None = None, identity: bool = True,
+            grpc: dict[str, Any] | None = None) -> Mesh:
     """ratings (HTTP) and ratings-tcp, each behind its sidecar's inbound port, with the
     ``security`` blocks given; the server's identity on unless ``identity`` is False."""
     data = {"services": [
@@ -168,6 +172,10 @@ def mesh_of(ports: Ports, ratings: dict[str, Any] | None = None,
          "service_accounts": ["ratings"],
          "endpoints": [{"address": "127.0.0.1", "port": ports.tcp_in}],
          **({"security": tcp} if tcp else {})},
+        {"name": "ratings-grpc", "port": 9070, "protocol": "grpc",
+         "service_accounts": ["ratings"],
+         "endpoints": [{"address": "127.0.0.1", "port": ports.grpc_in}],
+         **({"security": grpc} if grpc else {})},
         {"name": "reviews", "port": 9080},
         {"name": "frontend", "port": 9080},
     ]}
@@ -183,7 +191,7 @@ class Rig:
         self.workdir = workdir
         self.now = datetime.now(UTC)
         self.ca = CertificateAuthority.create(TRUST, self.now)
-        self.ports = Ports(free_port(), free_port(), free_port(), free_port())
+        self.ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port())
         self.app = HeaderEcho("ratings")
         self.tcp_app = TcpEcho("ratings-tcp")
         self.envoys: list[StaticEnvoy] = []
@@ -212,6 +220,12 @@ class Rig:
         return self.sidecar(mesh, ProxyIdentity(
             node_id="ratings-tcp-1", service="ratings-tcp", egress_port=free_port(),
             inbound_port=self.ports.tcp_in, app_port=self.tcp_app.port,
+            inbound_address="127.0.0.1"), "ratings")
+
+    def ratings_grpc(self, mesh: Mesh, app_port: int) -> StaticEnvoy:
+        return self.sidecar(mesh, ProxyIdentity(
+            node_id="ratings-grpc-1", service="ratings-grpc", egress_port=free_port(),
+            inbound_port=self.ports.grpc_in, app_port=app_port,
             inbound_address="127.0.0.1"), "ratings")
 
     def caller(self, mesh: Mesh, account: str, port: int) -> StaticEnvoy:
@@ -352,6 +366,34 @@ def test_disable_makes_callers_use_plaintext(rig: Rig) -> None:
     status, body = call(rig.ports.reviews_out)
     assert status == 200 and xfcc(body) is None, body
     assert refused(lambda: get_over(rig.mtls("reviews", rig.ports.ratings_in)))
+
+
+def test_grpc_rides_mesh_mtls_as_http2(rig: Rig) -> None:
+    """The inbound TLS context selects no ALPN, so the HTTP connection manager tells
+    HTTP/2 by its preface: a gRPC call goes caller sidecar -> mTLS -> callee sidecar ->
+    app, and the app sees the caller's SPIFFE ID in its metadata."""
+    seen: list[str] = []
+
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        seen.extend(v for k, v in context.invocation_metadata()
+                    if k == "x-forwarded-client-cert")
+        return request
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)})])
+    app_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        mesh = mesh_of(rig.ports, grpc={"mtls": {"mode": "strict"}})
+        rig.ratings_grpc(mesh, app_port)
+        rig.caller(mesh, "reviews", rig.ports.reviews_out)
+        with grpc.insecure_channel(f"127.0.0.1:{rig.ports.reviews_out}",
+                                   options=[("grpc.default_authority", "ratings-grpc")]) as chan:
+            assert chan.unary_unary("/test.Echo/Call")(b"hello", timeout=10) == b"hello"
+        assert len(seen) == 1 and "sa/reviews" in seen[0], seen
+    finally:
+        server.stop(0)
 
 
 # -- authorization ----------------------------------------------------------------------
