@@ -45,8 +45,9 @@ def test_a_certificate_is_kept_until_its_rotation_point(ca: CertificateAuthority
     issuer = Issuer(lambda: ca, ttl=10 * HOUR, rotate_fraction=0.5)
     first = issuer.current(RATINGS, NOW)
     assert issuer.current(RATINGS, NOW + 4 * HOUR) is first
-    half = (first.not_after - first.not_before) / 2  # 10 h and the 5 min clock skew
-    assert issuer.next_due(NOW) == (RATINGS, first.not_before + half)
+    assert issuer.next_due(NOW) == (RATINGS, NOW + 5 * HOUR)  # from issuance, not_before
+    assert first.not_before == NOW - datetime.timedelta(minutes=5)  # is backdated
+    assert issuer.current(RATINGS, NOW + 5 * HOUR - datetime.timedelta(seconds=1)) is first
     later = NOW + 5 * HOUR
     second = issuer.current(RATINGS, later)
     assert second.serial != first.serial and second.key_pem != first.key_pem
@@ -69,6 +70,15 @@ def test_next_due_is_the_earliest_and_a_new_ca_makes_all_due(ca: CertificateAuth
     fresh = issuer.current(RATINGS, NOW + 2 * HOUR)
     assert fresh.serial != old.serial
     fresh.leaf.verify_directly_issued_by(current[0].signer_cert)
+
+
+def test_a_certificate_of_seconds_is_not_due_at_once(ca: CertificateAuthority) -> None:
+    """Its not_before is backdated 5 minutes (clock skew); its rotation point is not."""
+    issuer = Issuer(lambda: ca, ttl=datetime.timedelta(seconds=4))
+    first = issuer.current(RATINGS, NOW)
+    assert issuer.next_due(NOW) == (RATINGS, NOW + datetime.timedelta(seconds=2))
+    assert issuer.current(RATINGS, NOW + datetime.timedelta(seconds=1.9)) is first
+    assert issuer.current(RATINGS, NOW + datetime.timedelta(seconds=2)) is not first
 
 
 def test_forgotten_identities_are_not_held(ca: CertificateAuthority) -> None:

@@ -143,12 +143,12 @@ def test_replicas_racing_share_one_ca_secret(api: ApiServerDouble, tmp_path: Pat
     found: list[str] = []
     barrier = threading.Barrier(4, timeout=10)
 
-    def replica() -> None:
+    def replica(own: client.CoreV1Api) -> None:
         barrier.wait()
-        found.append(castore.load_secret(core(api, tmp_path), NS, trust_domain=TD,
-                                         now=NOW).version)
+        found.append(castore.load_secret(own, NS, trust_domain=TD, now=NOW).version)
 
-    threads = [threading.Thread(target=replica) for _ in range(4)]
+    threads = [threading.Thread(target=replica, args=(core(api, tmp_path),))
+               for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -43,14 +43,17 @@ class Issued:
     not_before: datetime.datetime
     not_after: datetime.datetime
     serial: int
+    issued_at: datetime.datetime | None = None  # not_before is backdated (CLOCK_SKEW)
 
     @property
     def leaf(self) -> x509.Certificate:
         return x509.load_pem_x509_certificates(self.cert_pem)[0]
 
     def rotate_at(self, fraction: float) -> datetime.datetime:
-        """When ``fraction`` of its lifetime has passed."""
-        return self.not_before + (self.not_after - self.not_before) * fraction
+        """When ``fraction`` of its lifetime has passed, counted from issuance (not from
+        the backdated not_before: a certificate of a few seconds would be due at once)."""
+        start = self.issued_at or self.not_before
+        return start + (self.not_after - start) * fraction
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -242,7 +245,7 @@ class CertificateAuthority:
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                          ExtendedKeyUsageOID.CLIENT_AUTH]),
                                   critical=False))
-        return self._sign(builder, key)
+        return self._sign(builder, key, now)
 
     def issue_server(self, dns_names: Sequence[str], ips: Sequence[str],
                      now: datetime.datetime, ttl: datetime.timedelta) -> Issued:
@@ -263,7 +266,7 @@ class CertificateAuthority:
                        critical=True)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                                   critical=False))
-        return self._sign(builder, key)
+        return self._sign(builder, key, now)
 
     def _leaf(self, key: ec.EllipticCurvePrivateKey, subject: x509.Name,
               now: datetime.datetime, ttl: datetime.timedelta) -> x509.CertificateBuilder:
@@ -278,12 +281,12 @@ class CertificateAuthority:
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                                critical=False))
 
-    def _sign(self, builder: x509.CertificateBuilder,
-              key: ec.EllipticCurvePrivateKey) -> Issued:
+    def _sign(self, builder: x509.CertificateBuilder, key: ec.EllipticCurvePrivateKey,
+              now: datetime.datetime) -> Issued:
         cert = builder.sign(self._key, hashes.SHA256())
         chain = b"".join(_pem(c) for c in self.chain)
         return Issued(_pem(cert) + chain, _key_pem(key), cert.not_valid_before_utc,
-                      cert.not_valid_after_utc, cert.serial_number)
+                      cert.not_valid_after_utc, cert.serial_number, issued_at=now)
 
 
 def _key_id_of(cert: x509.Certificate) -> str:
