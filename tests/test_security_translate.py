@@ -506,3 +506,23 @@ def test_without_identity_rules_apply_to_what_plaintext_shows(rig: Rig) -> None:
         assert response.status == 403, response.read()
     finally:
         connection.close()
+
+
+def test_permissive_lets_a_server_first_plaintext_client_through_after_inspection(
+        rig: Rig) -> None:
+    """permissive on a TCP port: a plaintext client that waits for the server to speak
+    first (MySQL, SMTP) sends no ClientHello for the TLS inspector to read; after
+    PERMISSIVE_INSPECT_TIMEOUT the connection takes the plaintext chain and the app's
+    greeting arrives, rather than Envoy closing it. A client that speaks first is not
+    held at all, and an mTLS client gets the TLS chain."""
+    rig.ratings_tcp(mesh_of(rig.ports))
+    with socket.create_connection(("127.0.0.1", rig.ports.tcp_in), timeout=10) as sock:
+        assert sock.recv(100) == b"ratings-tcp\n"
+    with socket.create_connection(("127.0.0.1", rig.ports.tcp_in), timeout=10) as sock:
+        sock.sendall(b"hi\n")
+        received = b""
+        while b"hi\n" not in received and (chunk := sock.recv(100)):
+            received += chunk
+        assert received == b"ratings-tcp\nhi\n"
+    with rig.mtls("reviews", rig.ports.tcp_in) as sock:
+        assert sock.recv(100) == b"ratings-tcp\n"
