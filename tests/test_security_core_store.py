@@ -32,9 +32,11 @@ RATINGS = SpiffeId(TD, "default", "ratings")
 NS = deploy.NAMESPACE
 
 
-def verifies(ca: CertificateAuthority, issued: Issued) -> bool:
+def verifies(ca: CertificateAuthority | list[x509.Certificate], issued: Issued) -> bool:
+    """As a peer trusting ``ca``'s bundle (or just these roots) would."""
+    roots = list(ca.roots) if isinstance(ca, CertificateAuthority) else ca
     certs = x509.load_pem_x509_certificates(issued.cert_pem)
-    verifier = PolicyBuilder().store(Store(list(ca.roots))).time(NOW).build_client_verifier()
+    verifier = PolicyBuilder().store(Store(roots)).time(NOW).build_client_verifier()
     try:
         verifier.verify(certs[0], certs[1:])
     except VerificationError:
@@ -104,11 +106,22 @@ def test_rotation_keeps_the_old_root_trusted_until_pruned(tmp_path: Path) -> Non
     assert castore.load_dir(folder, TD, NOW).version == new.version  # what the server reads
     after = new.issue_workload(RATINGS, NOW, HOUR)
     assert verifies(new, before) and verifies(new, after)  # both trusted while migrating
+    # A peer not yet sent the new bundle (or a bootstrap's --xds-ca) still trusts only the
+    # old root: the chain carries the new root cross-signed by the old one.
+    assert len(x509.load_pem_x509_certificates(after.cert_pem)) == 2
+    assert verifies([old.signer_cert], after) and verifies([new.signer_cert], after)
+    again = castore.rotate_dir(folder, TD, NOW)  # twice before a prune: still one path
+    third = again.issue_workload(RATINGS, NOW, HOUR)
+    assert all(verifies([root], third) for root in (old.signer_cert, new.signer_cert,
+                                                    again.signer_cert))
+    assert len(again.roots) == 3
+    new = again
     assert tokens.verify(new, token, NOW).identity == RATINGS
     pruned = castore.prune_dir(folder)
-    assert pruned.roots == (new.signer_cert,)
+    assert pruned.roots == (new.signer_cert,) and pruned.chain == ()
     assert (folder / "roots.pem").read_bytes() == pruned.bundle_pem
-    assert verifies(pruned, after) and not verifies(pruned, before)
+    assert verifies(pruned, third) and not verifies(pruned, before)
+    assert not verifies([old.signer_cert], pruned.issue_workload(RATINGS, NOW, HOUR))
     with pytest.raises(Exception, match="not signed by"):
         tokens.verify(pruned, token, NOW)
 

@@ -197,7 +197,12 @@ class CertificateAuthority:
                 raise CaProblem(f"the CA certificate {signer.subject.rfc4514_string()} is not"
                                 " self-signed and no trust bundle was given; give the roots "
                                 "(ca.crt, --ca-bundle)")
-        chain = [c for c in certs if c not in roots]
+        if signer in roots:
+            # A root that signs directly; what follows it are cross-signed copies (from a
+            # rotation), sent along while the root that signed them is still trusted.
+            chain = [c for c in certs[1:] if c not in roots and _chains_to([c], roots)]
+        else:
+            chain = [c for c in certs if c not in roots]
         if not _chains_to(chain or [signer], roots):
             raise CaProblem(f"the CA certificate {signer.subject.rfc4514_string()} does not "
                             "chain to any root of the trust bundle; put its root in the "
@@ -212,8 +217,26 @@ class CertificateAuthority:
         return dict(self._keys)
 
     def signed_under(self, root: x509.Certificate) -> bool:
-        """Whether the signer chains to ``root`` (what a prune keeps)."""
+        """Whether the signer is ``root`` or chains to it through its own intermediates
+        (what a prune keeps; a cross-signed copy of a root does not count)."""
+        if self.signer_cert in self.roots:
+            return root == self.signer_cert
         return _chains_to(self.chain or [self.signer_cert], [root])
+
+    def cross_sign(self, root: x509.Certificate, now: datetime.datetime) -> x509.Certificate:
+        """``root`` (a new root) signed by this CA: sent in chains during a rotation, so a
+        peer that trusts only the old root still verifies what the new one issues."""
+        not_after = min(root.not_valid_after_utc, self.signer_cert.not_valid_after_utc)
+        builder = (x509.CertificateBuilder().subject_name(root.subject)
+                   .issuer_name(self.signer_cert.subject).public_key(root.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - CLOCK_SKEW).not_valid_after(not_after)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       self._key.public_key()), critical=False))
+        for extension in root.extensions:
+            if not isinstance(extension.value, x509.AuthorityKeyIdentifier):
+                builder = builder.add_extension(extension.value, extension.critical)
+        return builder.sign(self._key, hashes.SHA256())
 
     def describe(self) -> dict[str, Any]:
         """For logs and ``ca show``: names, fingerprints and dates; never the key."""

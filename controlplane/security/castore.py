@@ -76,16 +76,25 @@ def new_pems(trust_domain: str, now: datetime.datetime, days: int = ROOT_DAYS) -
 
 def rotated(current: CertificateAuthority, trust_domain: str, now: datetime.datetime,
             days: int = ROOT_DAYS) -> Pems:
-    """A new root that signs from now on; the bundle keeps every current root after it."""
+    """A new root that signs from now on; the bundle keeps every current root after it.
+    The signing certificate is followed by the new root cross-signed by the current CA
+    (and the current CA's own chain): every chain issued until the prune carries it, so
+    a peer that still trusts only the old root (a sidecar not yet sent the new bundle, a
+    bootstrap's ``--xds-ca``) verifies it too."""
     fresh = new_pems(trust_domain, now, days)
+    root = x509.load_pem_x509_certificate(fresh.cert)
+    cross = current.cross_sign(root, now)
     kept = [r for r in current.roots if r.not_valid_after_utc > now]
-    return Pems(fresh.cert, fresh.key, fresh.cert + b"".join(_pem(r) for r in kept))
+    chain = _pem(cross) + b"".join(_pem(c) for c in current.chain)
+    return Pems(fresh.cert + chain, fresh.key, fresh.cert + b"".join(_pem(r) for r in kept))
 
 
 def pruned(current: CertificateAuthority, kept: Pems) -> Pems:
-    """The bundle cut to the roots the signer chains to (the others are dropped)."""
+    """The bundle cut to the roots the signer is or chains to (the others are dropped),
+    and a root's cross-signed copies with them."""
     mine = [r for r in current.roots if current.signed_under(r)]
-    return Pems(kept.cert, kept.key, b"".join(_pem(r) for r in mine))
+    cert = _pem(current.signer_cert) if current.signer_cert in mine else kept.cert
+    return Pems(cert, kept.key, b"".join(_pem(r) for r in mine))
 
 
 # -- a directory -----------------------------------------------------------------------------
