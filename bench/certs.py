@@ -11,14 +11,18 @@
    ``pod-i.default``, a token minted for it and bound to its node), each subscribing to
    its SDS secrets (``default`` and ``ROOTCA``) and ACKing every response. Once every
    stream holds its first certificate, the bench waits for the server to rotate them
-   (at half their lifetime) and reports: the time from the first stream's rotation being
-   due until every stream holds a new certificate, each stream's delay after its due
-   time, the server's CPU in that window (/proc/PID/stat), the bytes pushed (the
-   server's ``controlplane_xds_push_bytes_total``, and the serialized responses the
-   streams read) and streams lost (0 is right).
+   at half their lifetime (``--trigger ttl``, the default), or rotates the CA's root
+   (``--trigger ca``: ``controlplane ca rotate``; the server reads its CA directory
+   every second here, ``CONTROLPLANE_CA_POLL_INTERVAL=1``, so all 1000 are re-issued
+   at once), and reports: the time until every stream holds a new certificate (ttl:
+   each stream's rotation against half its certificate's life, and first to last; ca:
+   from the root's rotation to the first and to the last stream), the server's CPU in
+   that window (/proc/PID/stat), the bytes pushed (the server's
+   ``controlplane_xds_push_bytes_total``, and the serialized responses the streams
+   read) and streams lost (0 is right). A rotation before its time is an error.
 
-    .venv/bin/python bench/certs.py [--streams 1000] [--cert-ttl 120] [--delta]
-        [--issue 2000] [--deadline 300]
+    .venv/bin/python bench/certs.py [--streams 1000] [--trigger ttl|ca] [--cert-ttl S]
+        [--delta] [--issue 2000] [--deadline 300]
 
 Every wait draws on one deadline; every load loop is bounded in count and time.
 """
@@ -124,7 +128,7 @@ class CaServer(ServerProcess):
                  "--ca-dir", str(self.ca_dir), "--workload-cert-ttl", f"{self.cert_ttl:g}s",
                  "--snapshot-keep", "0", "--log-level", "warning"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.workdir, env={**os.environ})
+                cwd=self.workdir, env={**os.environ, **self.env})
 
 
 @dataclass
@@ -270,14 +274,18 @@ def load_ca(ca_dir: Path) -> CertificateAuthority:
     return load_dir(ca_dir, TRUST_DOMAIN, datetime.datetime.now(datetime.UTC), create=False)
 
 
-async def rotation(streams_n: int, cert_ttl: float, delta: bool,
+async def rotation(streams_n: int, cert_ttl: float, delta: bool, trigger: str,
                    deadline: Deadline) -> dict[str, Any]:
+    """Connect the fleet, then time one rotation of every stream's certificate: at half
+    their life (``ttl``), or all at once when the CA's root is rotated (``ca``)."""
     with tempfile.TemporaryDirectory(prefix="bench-certs-") as tmp:
         work = Path(tmp)
         mesh = work / "mesh.yaml"
         mesh.write_text("services:\n  - name: bench\n    port: 9080\n    endpoints: []\n")
         ca_dir = work / "ca"
         server = CaServer(mesh, work, ca_dir, cert_ttl)
+        if trigger == "ca":  # the server reads its CA directory again every second
+            server.env["CONTROLPLANE_CA_POLL_INTERVAL"] = "1"
         server.start()
         fleet: Fleet | None = None
         try:
@@ -297,7 +305,8 @@ async def rotation(streams_n: int, cert_ttl: float, delta: bool,
             firsts = [s.first_at or 0.0 for s in streams]
             connect_s = max(firsts) - opened
             due = [f + cert_ttl * ROTATE_FRACTION for f in firsts]
-            window_start = min(due) - 1.0
+            window_start = (min(due) - 1.0 if trigger == "ttl"
+                            else time.perf_counter() + 1.0)
             if window_start < time.perf_counter():
                 raise BenchError(
                     f"rotation is due {min(due) - time.perf_counter():.1f} s from now, before "
@@ -313,27 +322,25 @@ async def rotation(streams_n: int, cert_ttl: float, delta: bool,
                     f"{cert_ttl * ROTATE_FRACTION:g} s): the server rotates early")
             before_metrics, cpu_before = await server.metrics(), server.cpu_seconds()
             fleet.counting = True
+            triggered = time.perf_counter()
+            if trigger == "ca":
+                await asyncio.to_thread(rotate_ca, ca_dir)
+                triggered = time.perf_counter()
             await deadline.wait("every stream's new certificate", fleet.rotated.wait(),
                                 lambda: fleet.progress("rotated") if fleet else "")
-            all_at = time.perf_counter()
             await server.idle(deadline.left(30))
             fleet.counting = False
             cpu = server.cpu_seconds() - cpu_before
             after_metrics = await server.metrics()
             lost = [s.error for s in streams if s.error]
-            late = [(s.rotated_at or 0.0) - d for s, d in zip(streams, due, strict=True)]
             rotated = [s.rotated_at or 0.0 for s in streams]
             pushed = (metric(after_metrics, "controlplane_xds_push_bytes_total")
                       - metric(before_metrics, "controlplane_xds_push_bytes_total"))
-            return {
+            result: dict[str, Any] = {
                 "streams": streams_n, "protocol": "delta" if delta else "sotw",
-                "cert_ttl_s": cert_ttl, "connect_all_s": _r(connect_s),
-                "first_due_to_all_rotated_s": _r(all_at - min(due)),
-                "rotation_spread_s": _r(max(rotated) - min(rotated)),
+                "trigger": trigger, "cert_ttl_s": cert_ttl, "connect_all_s": _r(connect_s),
                 "connect_spread_s": _r(max(firsts) - min(firsts)),
-                "delay_after_due_s": {"p50": _r(percentile(late, 50)),
-                                      "p99": _r(percentile(late, 99)),
-                                      "max": _r(max(late)), "min": _r(min(late))},
+                "first_to_last_rotation_s": _r(max(rotated) - min(rotated)),
                 "server_cpu_s": _r(cpu, 3),
                 "server_cpu_ms_per_rotation": _r(cpu * 1000 / streams_n, 3),
                 "push_bytes_server": int(pushed),
@@ -345,10 +352,26 @@ async def rotation(streams_n: int, cert_ttl: float, delta: bool,
                 "server_rss_mib": _r(server.memory_mib("VmRSS"), 1),
                 "server_log_sample": server.log_sample(),
             }
+            if trigger == "ca":
+                result["ca_rotated_to_first_s"] = _r(min(rotated) - triggered)
+                result["ca_rotated_to_all_s"] = _r(max(rotated) - triggered)
+            else:
+                late = [r - d for r, d in zip(rotated, due, strict=True)]
+                result["after_half_life_s"] = {
+                    "p50": _r(percentile(late, 50)), "p99": _r(percentile(late, 99)),
+                    "max": _r(max(late)), "min": _r(min(late))}
+            return result
         finally:
             if fleet is not None:
                 await fleet.close()
             server.stop()
+
+
+def rotate_ca(ca_dir: Path) -> None:
+    """A new root signs from now on (``controlplane ca rotate --ca-dir``)."""
+    from controlplane.security.castore import rotate_dir
+
+    rotate_dir(ca_dir, TRUST_DOMAIN, datetime.datetime.now(datetime.UTC))
 
 
 def report(result: dict[str, Any]) -> None:
@@ -359,11 +382,18 @@ def report(result: dict[str, Any]) -> None:
           f"verified/s")
     rot = result.get("rotation")
     if rot:
-        print(f"rotation of {rot['streams']} certificates ({rot['protocol']}, ttl "
-              f"{rot['cert_ttl_s']:g} s): all rotated {rot['first_due_to_all_rotated_s']} s "
-              f"after the first was due (spread {rot['rotation_spread_s']} s; streams "
-              f"connected over {rot['connect_spread_s']} s); delay after due p50 "
-              f"{rot['delay_after_due_s']['p50']} s p99 {rot['delay_after_due_s']['p99']} s; "
+        if rot["trigger"] == "ca":
+            when = (f"the CA's root rotated: first stream has its new certificate after "
+                    f"{rot['ca_rotated_to_first_s']} s (the server reads the CA every 1 s), "
+                    f"all {rot['streams']} after {rot['ca_rotated_to_all_s']} s")
+        else:
+            late = rot["after_half_life_s"]
+            when = (f"at half their {rot['cert_ttl_s']:g} s life: each came {late['p50']} s "
+                    f"(p50), {late['p99']} s (p99) after half the life since its first "
+                    f"arrived (certificate times have 1 s resolution); first to last "
+                    f"{rot['first_to_last_rotation_s']} s, as the streams connected over "
+                    f"{rot['connect_spread_s']} s")
+        print(f"rotation of {rot['streams']} certificates ({rot['protocol']}), {when}; "
               f"server CPU {rot['server_cpu_s']} s ({rot['server_cpu_ms_per_rotation']} ms "
               f"per certificate); pushed {rot['push_bytes_server']} bytes (server), "
               f"{rot['response_bytes_read']} read ({rot['bytes_per_rotation']} per stream); "
@@ -375,9 +405,13 @@ def report(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--cert-ttl", type=float, default=120.0,
-                        help="workload certificate lifetime, seconds (rotated at half)")
+    parser.add_argument("--cert-ttl", type=float, default=None,
+                        help="workload certificate lifetime, seconds (rotated at half; "
+                             "default 120, and 86400 with --trigger ca)")
     parser.add_argument("--delta", action="store_true")
+    parser.add_argument("--trigger", choices=["ttl", "ca"], default="ttl",
+                        help="rotate at half the certificates' life (ttl), or all at once "
+                             "by rotating the CA's root (ca)")
     parser.add_argument("--issue", type=int, default=2000,
                         help="operations per issuance figure (each also capped at 10 s)")
     parser.add_argument("--no-rotation", action="store_true",
@@ -388,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = Deadline(args.deadline)
     result: dict[str, Any] = {"issuance": issuance(args.issue, 10.0), "cores": os.cpu_count()}
     code = 0
+    ttl = args.cert_ttl or (86400.0 if args.trigger == "ca" else 120.0)
     if not args.no_rotation:
         try:
             result["rotation"] = asyncio.run(
-                rotation(args.streams, args.cert_ttl, args.delta, deadline))
+                rotation(args.streams, ttl, args.delta, args.trigger, deadline))
         except BenchError as exc:
             result["error"] = str(exc)
             code = 1
