@@ -28,7 +28,7 @@ from controlplane.security import tokens
 from controlplane.security.identity import SpiffeId
 from controlplane.security.sds import CERT_SECRET, ROOT_SECRET
 from controlplane.settings import ServeSettings
-from tests.test_security_protocol import TD, Client, sds_request, secrets
+from tests.test_security_protocol import TD, Client, refused, sds_request, secrets
 
 MESH = """
 services:
@@ -148,16 +148,19 @@ async def test_invented_identities_leave_nothing_behind(running: app.Running,
         for client in clients:
             await client.close()
     assert opened == 1000
-    for _ in range(400):
-        if not running.cache.groups() and len(watcher) == 0 and not len(running.registry):
+    def folders() -> list[Path]:  # the store removes a forgotten group's folder in its writer
+        return [p for p in (tmp_path / "snapshots").iterdir() if p.name.startswith("svc-")]
+
+    for _ in range(600):
+        if (not running.cache.groups() and len(watcher) == 0 and not len(running.registry)
+                and not folders()):
             break
         await asyncio.sleep(0.05)
     assert running.cache.groups() == {}
     assert running.cache.snapshots() == {}
     assert len(watcher) == 0 and len(issuer) == 0
     assert len(running.registry) == 0
-    folders = [p for p in (tmp_path / "snapshots").iterdir() if p.name.startswith("svc-")]
-    assert folders == []
+    assert folders() == []
     text = metric_text()
     assert "made-up-" not in text and "svc-" not in text and "x-9-" not in text
     await channel.close()
@@ -167,22 +170,12 @@ async def test_refused_streams_keep_nothing(running: app.Running) -> None:
     assert running.secured is not None
     before = metric_text().count("\n")
     channel = channel_to(running)
-    clients = [Client(channel, raw=f"Bearer invented-{i}") for i in range(1000)]
-    for i, client in enumerate(clients):
-        try:
-            await client.send(**sds_request(client, f"x-{i}", f"svc-{i}"))
-        except grpc.aio.AioRpcError as exc:
-            client.error = exc
-        except asyncio.InvalidStateError:  # refused already: the reader has the status
-            pass
-    for client in clients:
-        for _ in range(200):
-            if client.error is not None:
-                break
-            await asyncio.sleep(0.01)
-        assert client.error is not None
-        assert client.error.code() == grpc.StatusCode.UNAUTHENTICATED
-        await client.close()
+    for batch in range(10):
+        clients = [Client(channel, raw=f"Bearer invented-{batch}-{i}") for i in range(100)]
+        refusals = await asyncio.gather(*(
+            refused(client, **sds_request(client, f"x-{i}", f"svc-{i}"))
+            for i, client in enumerate(clients)))
+        assert {r.code() for r in refusals} == {grpc.StatusCode.UNAUTHENTICATED}
     assert running.cache.groups() == {}
     assert len(running.secured.watcher) == 0 and len(running.registry) == 0
     text = metric_text()

@@ -6,6 +6,7 @@ identity's certificate and key and the trust bundle, nothing else; SotW and delt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -106,19 +107,29 @@ async def world() -> AsyncIterator[World]:
     pipeline.close()
 
 
-async def refused(client: Client, **request: Any) -> grpc.aio.AioRpcError:
-    try:
+@dataclass
+class Refusal:
+    status: grpc.StatusCode
+    text: str
+
+    def code(self) -> grpc.StatusCode:
+        return self.status
+
+    def details(self) -> str:
+        return self.text
+
+
+async def refused(client: Client, **request: Any) -> Refusal:
+    """The status the server ended the call with (a write may fail first, locally, when
+    the call is over already: the call's own status is what the server said)."""
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         await client.send(**request)
-    except grpc.aio.AioRpcError as exc:  # refused before the request went out
-        client.error = exc
-    for _ in range(100):
-        if client.error is not None:
-            break
-        with contextlib.suppress(TimeoutError):
-            await client.recv(0.1)
-    await client.close()
-    assert client.error is not None, "the stream was not refused"
-    return client.error
+    try:
+        status = await asyncio.wait_for(client.call.code(), 10)
+        details = await client.call.details()
+    finally:
+        await client.close()
+    return Refusal(status, details or "")
 
 
 def sds_request(client: Client, node_id: str, service: str, **meta: Any) -> dict[str, Any]:
@@ -299,3 +310,21 @@ async def test_rotation_pushes_a_new_certificate_on_the_open_stream(delta: bool)
         await server.stop(0)
         await secured.stop()
         pipeline.close()
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_a_stream_ends_when_its_credential_expires(world: World, delta: bool) -> None:
+    """A revoked or expired credential is not served past its lifetime: the stream ends
+    with UNAVAILABLE, and Envoy reconnects with the token file it has now."""
+    client = Client(world.channel, delta,
+                    token=world.token("frontend", "frontend-1", ttl=timedelta(seconds=3)))
+    await client.send(**sds_request(client, "frontend-1", "frontend"))
+    await secrets(client)
+    for _ in range(100):
+        if client.error is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert client.error is not None, "the stream outlived its credential"
+    assert client.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "expired" in (client.error.details() or "")
+    await client.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -26,7 +27,7 @@ from controlplane.server.admission import Admission, NodeProblem
 from controlplane.server.delta import DeltaStream
 from controlplane.server.limits import LimitError, Limits, LogBudget
 from controlplane.server.registry import StreamRegistry
-from controlplane.server.session import Malformed, StreamRun, warn
+from controlplane.server.session import CredentialExpired, Malformed, StreamRun, warn
 from controlplane.server.settle import FreezeWhenSettled
 from controlplane.server.sotw import SotwStream
 from controlplane.server.stream import MalformedRequest, ProtocolError, StreamBase
@@ -195,6 +196,7 @@ class XdsServer:
         if admission is not None:
             run.admit = lambda proxy: admission.admit(caller, proxy, stream.node)
         closing = asyncio.ensure_future(self._closing.wait())
+        expiry = _expiry(run, caller)
         run.start()
         try:
             waits: set[asyncio.Future[Any]] = {run.ended, closing}
@@ -226,6 +228,11 @@ class XdsServer:
             warn(budget, "xds.limit_exceeded", status=exc.status, error=str(exc))
             with contextlib.suppress(ClientGone):
                 await end_call(context, grpc.StatusCode[exc.status], str(exc))
+        except CredentialExpired as exc:
+            log.info("xds.credential_expired", hint="the client reconnects with its current "
+                     "credential")
+            with contextlib.suppress(ClientGone):
+                await end_call(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         except ClientGone as exc:
             log.info("xds.client_gone", error=str(exc)[:200], hint=_GONE)
         except asyncio.CancelledError:  # gRPC ends the handler of a call the client left
@@ -239,6 +246,8 @@ class XdsServer:
             raise
         finally:
             closing.cancel()
+            if expiry is not None:
+                expiry.cancel()
             await run.stop()
             self.registry.remove(stream)
             self.settle.closed(stream.stream_id)
@@ -248,6 +257,15 @@ class XdsServer:
             log.info("xds.stream_closed", **({"suppressed_logs": budget.suppressed}
                                               if budget.suppressed else {}))
             structlog.contextvars.unbind_contextvars("stream_id", "node_id", "api", "protocol")
+
+
+def _expiry(run: StreamRun, caller: Caller | None) -> asyncio.TimerHandle | None:
+    """A timer (not a task) that ends the stream when its credential expires, so a revoked
+    one (a deleted pod's token) stops being served within its lifetime."""
+    if caller is None or caller.expires is None:
+        return None
+    left = (caller.expires - datetime.now(UTC)).total_seconds()
+    return asyncio.get_running_loop().call_later(max(left, 0.0), run.expire)
 
 
 async def create_server(address: str, xds: XdsServer,

@@ -52,6 +52,11 @@ def warn(budget: LogBudget, event: str, **fields: Any) -> None:
     log.warning(event, **fields)
 
 
+class CredentialExpired(Exception):
+    """The stream's credential expired: it ends (UNAVAILABLE) and the client reconnects
+    with its current one (Envoy reads its token file again for each new stream)."""
+
+
 class StreamRun:
     """The two loops of one stream and what they share. ``ended`` completes when the
     client ends the stream (EOF), or holds the exception that ended it."""
@@ -102,6 +107,12 @@ class StreamRun:
             self.connected = None
         if self.ended.done() and not self.ended.cancelled():
             self.ended.exception()  # retrieved: asyncio would warn of it otherwise
+
+    def expire(self) -> None:
+        """The credential this stream was admitted with is no longer valid."""
+        self._end(CredentialExpired(
+            "the credential this stream was opened with has expired; reconnect with the "
+            "current one (Envoy reads its token file again on every new stream)"))
 
     def _end(self, error: BaseException | None) -> None:
         if self.ended.done():

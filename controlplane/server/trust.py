@@ -10,7 +10,7 @@ the current CA and is logged with what to fix.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -44,9 +44,9 @@ class Trust:
         log.info("trust.ca_changed", source=self.where, ca=ca.describe())
         return True
 
-    async def poll(self, interval: float, on_change: Callable[[], object]) -> None:
+    async def poll(self, interval: float, on_change: Callable[[], Awaitable[object]]) -> None:
         """Run for the process's life."""
         while True:
             await asyncio.sleep(interval)
             if await self.reload():
-                on_change()
+                await on_change()
