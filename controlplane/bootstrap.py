@@ -4,7 +4,8 @@ Pure functions: options in, a plain dict (or YAML text) out, no I/O. The result 
 complete bootstrap, so ``envoy -c FILE`` needs nothing else: the node identity that
 :mod:`controlplane.proxy` reads back, the admin listener, ADS for clusters and
 listeners (routes, endpoints and secrets follow over the same stream), and the one
-static cluster that reaches the xDS server over HTTP/2.
+static cluster that reaches the xDS server over HTTP/2 (or, with the control plane's
+trust bundle, TLS and a token file: :mod:`controlplane.bootstrap_xds`).
 
 A captured sidecar (``capture``: iptables sends the pod's traffic to it) also gets two
 static listeners in front of the loopback-only admin: Prometheus stats and a readiness
@@ -20,7 +21,14 @@ from typing import Any
 
 import yaml
 
-XDS_CLUSTER = "xds_cluster"
+from controlplane.bootstrap_xds import (
+    ads_grpc_service,
+    check_bundle,
+    is_ip,
+    socket_address,
+    xds_cluster,
+)
+
 ADMIN_CLUSTER = "admin_local"
 """Static cluster of Envoy's own admin, behind the stats and health listeners."""
 
@@ -31,14 +39,6 @@ CAPTURE_HEALTH_PORT = 15021
 CAPTURE_ADMIN_PORT = 15000
 HEALTH_PATH = "/healthz/ready"
 STATS_PATH = "/stats/prometheus"
-
-# gRPC's default 4 MB limit is too small for big meshes (Istio #32644).
-MAX_RECEIVE_MESSAGE_LENGTH = 256 * 1024 * 1024
-
-# Envoy retries a lost xDS stream with a jittered back-off of 0.5 s doubling to 30 s
-# (its defaults); after a server restart a sidecar could wait that long to come back.
-# Capped at a second, a rollout of the control plane costs sidecars about a second.
-XDS_RETRY_BACK_OFF = {"base_interval": "0.1s", "max_interval": "1s"}
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
@@ -88,6 +88,14 @@ class BootstrapOptions:
     """The pod's ServiceAccount (``node.metadata.service_account``), for identity."""
     instance_ip: str | None = None
     """The pod's IP (``node.metadata.instance_ip``); injection passes ``$(INSTANCE_IP)``."""
+    xds_ca: str | None = None
+    """The control plane's trust bundle (PEM): xDS over TLS, the bundle inline."""
+    xds_ca_file: str | None = None
+    """Where ``xds_ca`` was read from; only shown in the header comment."""
+    token_file: str | None = None
+    """Absolute path of the proxy's token, sent as ``authorization: Bearer`` and read
+    again for every new xDS stream (needs ``xds_ca``: gRPC sends credentials over TLS
+    only)."""
 
     @property
     def uses_delta(self) -> bool:
@@ -99,13 +107,13 @@ def parse_host_port(value: str, flag: str = "--xds-address") -> tuple[str, int]:
     hint = f"{flag} must be HOST:PORT (e.g. 127.0.0.1:18000 or [::1]:18000), got {value!r}"
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
-        if not sep or not _is_ip(host) or ipaddress.ip_address(host).version != 6:
+        if not sep or not is_ip(host) or ipaddress.ip_address(host).version != 6:
             raise ValueError(hint)
     else:
         host, sep, port_text = value.rpartition(":")
         if not sep or not host or ":" in host:
             raise ValueError(hint)
-        if not _is_ip(host) and not _HOSTNAME.fullmatch(host):
+        if not is_ip(host) and not _HOSTNAME.fullmatch(host):
             raise ValueError(f"{hint}: {host!r} is neither an IP address nor a host name")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"{hint}: the port must be a number from 1 to 65535")
@@ -124,28 +132,21 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
             **({"locality": {"zone": options.zone}} if options.zone else {}),
         },
         "admin": {
-            "address": _socket_address(options.admin_address, options.admin_port),
+            "address": socket_address(options.admin_address, options.admin_port),
         },
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "DELTA_GRPC" if options.uses_delta else "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [
-                    {
-                        "envoy_grpc": {
-                            "cluster_name": XDS_CLUSTER,
-                            "max_receive_message_length": MAX_RECEIVE_MESSAGE_LENGTH,
-                            "retry_policy": {"retry_back_off": dict(XDS_RETRY_BACK_OFF)},
-                        }
-                    }
-                ],
+                "grpc_services": [ads_grpc_service(host, port, options.xds_ca,
+                                                   options.token_file)],
                 # The server keeps the node of a stream's first request (stream.py).
                 "set_node_on_first_message_only": True,
             },
             "cds_config": _ads_source(options),
             "lds_config": _ads_source(options),
         },
-        "static_resources": _static_resources(options, host, port),
+        **_static_resources(options, host, port),
     }
 
 
@@ -163,8 +164,21 @@ def capture_options(node_id: str, service: str, **fields: Any) -> BootstrapOptio
 
 def render_bootstrap(options: BootstrapOptions) -> str:
     """The bootstrap as YAML, headed by a comment with the command that reproduces it."""
-    body = yaml.safe_dump(build_bootstrap(options), sort_keys=False, default_flow_style=False)
+    body = yaml.dump(build_bootstrap(options), Dumper=_Dumper, sort_keys=False,
+                     default_flow_style=False)
     return f"# Envoy bootstrap generated by: {command_line(options)}\n{body}"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (a PEM bundle) as literal blocks, readable as they are."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
 
 
 def command_line(options: BootstrapOptions) -> str:
@@ -189,6 +203,10 @@ def command_line(options: BootstrapOptions) -> str:
         parts.append(f"--instance-ip {options.instance_ip}")
     if options.capture:
         parts.append("--capture")
+    if options.xds_ca is not None:
+        parts.append(f"--xds-ca {options.xds_ca_file or '(inline bundle)'}")
+    if options.token_file:
+        parts.append(f"--token-file {options.token_file}")
     return " ".join(parts)
 
 
@@ -215,12 +233,26 @@ def _check(options: BootstrapOptions) -> None:
     if options.app_port is not None:
         _check_port("--app-port", options.app_port)
     _check_distinct(options)
-    if not _is_ip(options.admin_address):
+    _check_security(options)
+    if not is_ip(options.admin_address):
         raise ValueError(f"--admin-address must be an IP address, got {options.admin_address!r}")
-    if not _is_ip(options.inbound_address):
+    if not is_ip(options.inbound_address):
         raise ValueError(
             f"--inbound-address must be an IP address, got {options.inbound_address!r}"
         )
+
+
+def _check_security(options: BootstrapOptions) -> None:
+    if options.xds_ca is not None:
+        check_bundle(options.xds_ca)
+    if options.token_file is None:
+        return
+    if options.xds_ca is None:
+        raise ValueError("--token-file needs --xds-ca: gRPC sends a credential over TLS "
+                         "only; give the control plane's trust bundle with --xds-ca")
+    if not options.token_file.startswith("/"):
+        raise ValueError(f"--token-file must be an absolute path (Envoy reads it from its "
+                         f"own working directory), got {options.token_file!r}")
 
 
 def _check_distinct(options: BootstrapOptions) -> None:
@@ -285,7 +317,14 @@ def _ads_source(options: BootstrapOptions) -> dict[str, Any]:
 
 
 def _static_resources(options: BootstrapOptions, host: str, port: int) -> dict[str, Any]:
-    clusters = [_xds_cluster(host, port)]
+    """``{"static_resources": ...}``, or nothing when a secured sidecar has none."""
+    resources = _static(options, host, port)
+    return {"static_resources": resources} if any(resources.values()) else {}
+
+
+def _static(options: BootstrapOptions, host: str, port: int) -> dict[str, Any]:
+    # A secured sidecar's Google gRPC client dials the server itself: no cluster.
+    clusters = [] if options.xds_ca is not None else [xds_cluster(host, port)]
     listeners = []
     if options.stats_port is not None:
         listeners.append(_admin_listener("stats_prometheus", options.stats_port,
@@ -305,7 +344,7 @@ def _static_resources(options: BootstrapOptions, host: str, port: int) -> dict[s
         "load_assignment": {
             "cluster_name": ADMIN_CLUSTER,
             "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": _socket_address(admin_host, options.admin_port)}}]}],
+                "address": socket_address(admin_host, options.admin_port)}}]}],
         },
     })
     return {"listeners": listeners, "clusters": clusters}
@@ -319,7 +358,7 @@ def _admin_listener(name: str, port: int, path: str, admin_path: str) -> dict[st
         route["prefix_rewrite"] = admin_path
     return {
         "name": name,
-        "address": _socket_address("0.0.0.0", port),
+        "address": socket_address("0.0.0.0", port),
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
@@ -347,53 +386,3 @@ def _admin_listener(name: str, port: int, path: str, admin_path: str) -> dict[st
             },
         }]}],
     }
-
-
-def _xds_cluster(host: str, port: int) -> dict[str, Any]:
-    """The static cluster of the xDS server: HTTP/2 with keepalives at both layers, so a
-    server that vanishes without a FIN is noticed in seconds rather than hours."""
-    cluster: dict[str, Any] = {
-        "name": XDS_CLUSTER,
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": XDS_CLUSTER,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
-            ],
-        },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3"
-                ".HttpProtocolOptions",
-                "explicit_http_config": {
-                    "http2_protocol_options": {
-                        "connection_keepalive": {"interval": "30s", "timeout": "5s"},
-                    }
-                },
-            }
-        },
-        "upstream_connection_options": {
-            "tcp_keepalive": {
-                "keepalive_probes": 3,
-                "keepalive_time": 30,
-                "keepalive_interval": 5,
-            }
-        },
-    }
-    if not _is_ip(host):
-        # "localhost" may resolve to ::1 first while the server listens on IPv4 only.
-        cluster["dns_lookup_family"] = "V4_PREFERRED"
-    return cluster
-
-
-def _socket_address(address: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": address, "port_value": port}}
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

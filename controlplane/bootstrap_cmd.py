@@ -8,10 +8,15 @@ the output.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from controlplane import bootstrap as boot
+from controlplane.mesh.duration import parse_duration
 
 
 def add_parser(commands: Any) -> None:
@@ -53,6 +58,24 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--service-account", help="the pod's ServiceAccount (node metadata)")
     parser.add_argument("--instance-ip", help="the pod's IP (node metadata)")
     parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+    secure = parser.add_argument_group(
+        "identity (a control plane run with a CA: serve --ca-dir, or Kubernetes)")
+    secure.add_argument("--xds-ca", metavar="FILE",
+                        help="the control plane's trust bundle (PEM): xDS over TLS, the "
+                        "server verified against it (the --xds-address host must be one "
+                        "of its certificate's names)")
+    secure.add_argument("--token-file", metavar="FILE",
+                        help="the proxy's token, sent as `authorization: Bearer` and read "
+                        "again on every new stream (needs --xds-ca). With --ca-dir: where "
+                        "the minted token is written (default: beside -o, as NAME.token)")
+    secure.add_argument("--ca-dir", metavar="DIR",
+                        help="file mode: mint this proxy's token with the CA of `serve "
+                        "--ca-dir DIR` for --service-account in --namespace, bound to "
+                        "--node-id; the bundle defaults to the CA's")
+    secure.add_argument("--trust-domain", default="cluster.local",
+                        help="the mesh's trust domain, as the server's (default cluster.local)")
+    secure.add_argument("--token-ttl", default="720h",
+                        help="lifetime of a minted token (default 720h: 30 days)")
     parser.set_defaults(run=_run)
 
 
@@ -63,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         return given if given is not None else captured if capture else plain
 
     try:
+        bundle, bundle_file, token_file = _credentials(args)
         text = boot.render_bootstrap(boot.BootstrapOptions(
             node_id=args.node_id, service=args.service, namespace=args.namespace,
             xds_address=args.xds_address,
@@ -74,8 +98,11 @@ def _run(args: argparse.Namespace) -> int:
             on_demand=args.on_demand, capture=capture,
             service_account=args.service_account, instance_ip=args.instance_ip,
             stats_port=pick(args.stats_port, boot.CAPTURE_STATS_PORT, None),
-            health_port=pick(args.health_port, boot.CAPTURE_HEALTH_PORT, None)))
-    except ValueError as exc:
+            health_port=pick(args.health_port, boot.CAPTURE_HEALTH_PORT, None),
+            xds_ca=bundle, xds_ca_file=bundle_file, token_file=token_file))
+        if args.ca_dir:
+            _mint(args, token_file)
+    except (ValueError, OSError) as exc:
         print(f"controlplane bootstrap: {exc}", file=sys.stderr)
         return 2
     if args.output:
@@ -84,3 +111,72 @@ def _run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """(bundle PEM, where it came from, absolute token path) from the flags."""
+    bundle: str | None = None
+    source: str | None = args.xds_ca
+    if args.xds_ca:
+        bundle = _read(args.xds_ca, "--xds-ca")
+    elif args.ca_dir:
+        bundle = _ca(args).bundle_pem.decode()
+        source = str(Path(args.ca_dir) / "roots.pem")
+    token_file: str | None = args.token_file
+    if args.ca_dir and not token_file:
+        if not args.output:
+            raise ValueError("--ca-dir writes the minted token to a file: give "
+                             "--token-file FILE, or -o FILE (the token goes beside it)")
+        token_file = str(Path(args.output).with_suffix(".token"))
+    if token_file:
+        token_file = str(Path(token_file).absolute())
+    return bundle, source, token_file
+
+
+def _ca(args: argparse.Namespace) -> Any:
+    """The CA of ``--ca-dir``; never made here (the server makes it on first start)."""
+    from controlplane.security.castore import CaError, load_dir
+
+    try:
+        return load_dir(Path(args.ca_dir), args.trust_domain, datetime.now(UTC),
+                        create=False)
+    except CaError as exc:
+        raise ValueError(f"--ca-dir {args.ca_dir}: {exc}") from exc
+
+
+def _mint(args: argparse.Namespace, token_file: str | None) -> None:
+    """Write this proxy's token (ES256, bound to its node id) where Envoy reads it."""
+    from controlplane.security import tokens
+    from controlplane.security.identity import SpiffeId
+
+    assert token_file is not None
+    try:
+        ttl = parse_duration(args.token_ttl)
+    except ValueError as exc:
+        raise ValueError(f"--token-ttl: {exc}") from exc
+    if ttl.total_seconds() < 1:
+        raise ValueError("--token-ttl must be at least 1s")
+    spiffe = SpiffeId(args.trust_domain, args.namespace, args.service_account or "default")
+    token = tokens.mint(_ca(args), spiffe, args.node_id, datetime.now(UTC), ttl)
+    write_secret(Path(token_file), token)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (0600) by rename, so a reader never sees half a token."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(temp, 0o600)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from exc

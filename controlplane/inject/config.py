@@ -17,6 +17,7 @@ from controlplane.bootstrap import (
     CAPTURE_STATS_PORT,
     parse_host_port,
 )
+from controlplane.bootstrap_xds import check_bundle
 
 PREFIX = "mesh.controlplane.io/"
 INJECT_LABEL = PREFIX + "inject"
@@ -25,6 +26,9 @@ STATUS_ANNOTATION = PREFIX + "status"
 """Written on an injected pod: what was injected (and so, that it was)."""
 SERVICE_ANNOTATION = PREFIX + "service"
 """The service a pod belongs to, when its labels do not say."""
+SERVICE_ACCOUNT_ANNOTATION = PREFIX + "service-account"
+"""Written on an injected pod: its ServiceAccount. Pods are watched as metadata only, so
+this is how the source learns a pod's identity (and that it has a sidecar)."""
 
 EXCLUDE_OUTBOUND_PORTS = PREFIX + "exclude-outbound-ports"
 EXCLUDE_OUTBOUND_CIDRS = PREFIX + "exclude-outbound-cidrs"
@@ -40,6 +44,17 @@ PROXY_LOG_LEVEL = PREFIX + "proxy-log-level"
 INIT_NAME = "controlplane-init"
 PROXY_NAME = "controlplane-proxy"
 OUR_CONTAINERS = (INIT_NAME, PROXY_NAME)
+
+TOKEN_VOLUME = "controlplane-token"
+TOKEN_DIR = "/var/run/secrets/controlplane"
+TOKEN_PATH = TOKEN_DIR + "/token"
+"""Where the sidecar reads its projected ServiceAccount token (re-read per xDS stream)."""
+TOKEN_AUDIENCE = "controlplane"
+"""The token's audience (``security.tokens.AUDIENCE``): the server's TokenReview asks for
+it, so a token made for another audience (the API server's own) is refused."""
+TOKEN_SECONDS = 3600
+"""The kubelet renews a projected token at 80% of its life; an hour is the shortest the
+API server allows without extending it."""
 
 ADMIN_PORT = CAPTURE_ADMIN_PORT
 OUTBOUND_PORT = CAPTURE_EGRESS_PORT
@@ -73,6 +88,9 @@ class InjectConfig:
     delta: bool = False
     log_level: str = "warning"
     """Envoy's log level (``--log-level`` of the sidecar)."""
+    xds_ca: str | None = None
+    """The mesh CA's trust bundle (PEM). Set: sidecars reach xDS over TLS, verifying the
+    server against it, and authenticate with their projected ServiceAccount token."""
 
     def check(self) -> InjectConfig:
         """Raise ValueError naming the field (as its ``--flag``) when a value is unusable;
@@ -92,6 +110,8 @@ class InjectConfig:
             if not isinstance(value, str) or not QUANTITY.match(value):
                 raise ValueError(f"--{_flag(name)} must be a Kubernetes quantity such as "
                                  f"100m or 128Mi, got {value!r}")
+        if self.xds_ca is not None:
+            check_bundle(self.xds_ca)
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--proxy-log-level must be one of {', '.join(LOG_LEVELS)}, "
                              f"got {self.log_level!r}")

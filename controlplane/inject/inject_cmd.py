@@ -44,6 +44,10 @@ def add_parser(commands: Any) -> None:
                         help="sidecars use incremental (delta) xDS")
     inject.add_argument("--proxy-log-level", default=_DEFAULTS.log_level,
                         help=f"Envoy's log level (default {_DEFAULTS.log_level})")
+    inject.add_argument("--xds-ca", metavar="FILE",
+                        help="the mesh CA's trust bundle (PEM; `serve --ca-dir`'s roots.pem, "
+                        "or the ca.crt of the controlplane-ca Secret): sidecars reach xDS "
+                        "over TLS and authenticate with a projected ServiceAccount token")
     inject.set_defaults(run=_run)
 
 
@@ -51,12 +55,13 @@ def _run(args: argparse.Namespace) -> int:
     from controlplane.inject.offline import ManifestError, inject_manifest
 
     try:
+        bundle = _read_bundle(args.xds_ca) if args.xds_ca else None
         config = InjectConfig(
             proxy_image=args.proxy_image, init_image=args.init_image,
             xds_address=args.xds_address, proxy_uid=args.proxy_uid,
             proxy_cpu=args.proxy_cpu, proxy_memory=args.proxy_memory,
             proxy_memory_limit=args.proxy_memory_limit, delta=args.delta,
-            log_level=args.proxy_log_level).check()
+            log_level=args.proxy_log_level, xds_ca=bundle).check()
     except ValueError as exc:
         print(f"controlplane inject: {exc}", file=sys.stderr)
         return 2
@@ -86,3 +91,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"controlplane inject: {outcome.what}: {verb} ({outcome.reason})",
               file=sys.stderr)
     return 0
+
+
+def _read_bundle(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ValueError(f"--xds-ca: cannot read {path}: {exc.strerror}") from exc

@@ -95,9 +95,39 @@ def inject_template(pod: Mapping[str, Any], namespace: str, config: InjectConfig
     ours = [template.init_container(annotations, config),
             template.proxy_container(service, annotations, config)]
     spec["initContainers"] = ours + init_containers
+    if config.xds_ca is not None:
+        spec["volumes"] = [*_volumes(spec), template.token_volume()]
     metadata["annotations"] = {**annotations, **_scrape_annotations(annotations),
+                               names.SERVICE_ACCOUNT_ANNOTATION: service_account(spec),
                                names.STATUS_ANNOTATION: _status(config)}
     return result
+
+
+def service_account(spec: Mapping[str, Any]) -> str:
+    """The pod's ServiceAccount: ``serviceAccountName`` (or the deprecated
+    ``serviceAccount``), else the namespace's ``default``, as the API server admits it."""
+    for key in ("serviceAccountName", "serviceAccount"):
+        value = spec.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InjectError(f"spec.{key}", "must be the name of a ServiceAccount")
+        if value:
+            return value
+    return "default"
+
+
+def _volumes(spec: Mapping[str, Any]) -> list[Any]:
+    """The pod's volumes, checked: none may take the token volume's name."""
+    value = spec.get("volumes")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InjectError("spec.volumes", "must be a list of volumes")
+    for index, volume in enumerate(value):
+        if isinstance(volume, Mapping) and volume.get("name") == names.TOKEN_VOLUME:
+            raise InjectError(f"spec.volumes[{index}].name",
+                              f"{names.TOKEN_VOLUME!r} is the name of the volume injection "
+                              "adds (the sidecar's token); rename this volume")
+    return value
 
 
 def service_name(metadata: Mapping[str, Any], fallback: str) -> str:

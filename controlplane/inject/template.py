@@ -6,6 +6,12 @@ and exits; ``controlplane-proxy`` is a native sidecar (an init container with
 its startup probe, and stops it after them. Its bootstrap is inline (``--config-yaml``);
 the node id and identity are ``$(VAR)`` references Kubernetes expands from downward-API
 environment variables before Envoy starts, so one template serves every replica.
+
+With the mesh CA's bundle (``InjectConfig.xds_ca``) the proxy dials xDS over TLS and
+sends its projected ServiceAccount token (audience ``controlplane``, an hour, renewed by
+the kubelet; Envoy reads the file again for every stream). Mounted in the proxy only.
+The token file is readable by the proxy's user: the pod's containers run as different
+users (capture as root), so the kubelet writes it 0644, or 0640 to the pod's fsGroup.
 """
 
 from __future__ import annotations
@@ -116,6 +122,8 @@ def proxy_container(service: str, annotations: Mapping[str, str],
         "ports": [{"name": "http-envoy-prom", "containerPort": names.STATS_PORT,
                    "protocol": "TCP"}],
         "resources": resources(annotations, config),
+        **({"volumeMounts": [{"name": names.TOKEN_VOLUME, "mountPath": names.TOKEN_DIR,
+                              "readOnly": True}]} if config.xds_ca is not None else {}),
         "startupProbe": {**probe(), "periodSeconds": 1, "timeoutSeconds": 3,
                          "failureThreshold": 600},
         "readinessProbe": {**probe(), "periodSeconds": 2, "timeoutSeconds": 3,
@@ -142,9 +150,17 @@ def bootstrap_yaml(service: str, config: InjectConfig) -> str:
     options = capture_options(
         NODE_ID, service, namespace="$(POD_NAMESPACE)", xds_address=config.xds_address,
         delta=config.delta, service_account="$(SERVICE_ACCOUNT)",
-        instance_ip="$(INSTANCE_IP)")
+        instance_ip="$(INSTANCE_IP)", xds_ca=config.xds_ca,
+        token_file=names.TOKEN_PATH if config.xds_ca is not None else None)
     return yaml.dump(build_bootstrap(options), Dumper=_DUMPER, sort_keys=False,
                      default_flow_style=False)
+
+
+def token_volume() -> dict[str, Any]:
+    """The projected ServiceAccount token the proxy authenticates with."""
+    return {"name": names.TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+        "audience": names.TOKEN_AUDIENCE, "expirationSeconds": names.TOKEN_SECONDS,
+        "path": "token"}}]}}
 
 
 def resources(annotations: Mapping[str, str], config: InjectConfig) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import socket
@@ -138,6 +139,14 @@ class Webhook:
         self._task: asyncio.Task[None] | None = None
         # One thread: decisions in order, off the loop, never more than a core's worth.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="webhook")
+
+    def use_bundle(self, bundle_pem: str) -> None:
+        """Inject this trust bundle from now on (the mesh CA's roots changed: rotated,
+        or pruned). Pods already running keep the bundle they were given."""
+        if bundle_pem != self.state.config.xds_ca:
+            self.state.config = dataclasses.replace(self.state.config,
+                                                    xds_ca=bundle_pem).check()
+            log.info("webhook.trust_bundle", roots=bundle_pem.count("BEGIN CERTIFICATE"))
 
     async def start(self, host: str, port: int) -> int:
         """Bind now (errors now), fetch the certificate in the background; the port."""
