@@ -73,8 +73,11 @@ def rules(draw: st.DrawFn, ports: list[int]) -> dict[str, Any]:
 
 
 def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: set[str] = set()
-    return [r for r in items if not (r["name"] in seen or seen.add(r["name"]))]  # type: ignore[func-returns-value]
+    """The rules with the first of each name (names are unique in a block)."""
+    kept: dict[str, dict[str, Any]] = {}
+    for rule in items:
+        kept.setdefault(rule["name"], rule)
+    return list(kept.values())
 
 
 @st.composite
