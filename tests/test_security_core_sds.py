@@ -10,6 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane.security.ca import CertificateAuthority
 from controlplane.security.identity import SpiffeId
@@ -90,6 +92,7 @@ def test_forgotten_identities_are_not_held(ca: CertificateAuthority) -> None:
         issuer.forget(SpiffeId("cluster.local", "default", f"sa-{n}"))
     issuer.forget(RATINGS)  # unknown: nothing to do
     assert len(issuer) == 0 and issuer.next_due(NOW) is None
+    assert len(issuer._due) <= 64 and not issuer._versions  # nothing kept for them
 
 
 def test_bad_settings_are_refused_with_the_flag() -> None:
@@ -97,3 +100,40 @@ def test_bad_settings_are_refused_with_the_flag() -> None:
         Issuer(lambda: CertificateAuthority.create("x", NOW), ttl=datetime.timedelta(0))
     with pytest.raises(ValueError, match="between 0 and 1"):
         Issuer(lambda: CertificateAuthority.create("x", NOW), rotate_fraction=1.0)
+
+
+_CAS = [CertificateAuthority.create("cluster.local", NOW) for _ in range(2)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["issue", "forget", "switch"]),
+                          st.integers(0, 5), st.integers(0, 600)), max_size=40))
+def test_next_due_is_always_the_earliest_held(ops: list[tuple[str, int, int]]) -> None:
+    """Against a plain model: the earliest rotation point of what is held, or now for
+    anything issued by a CA that is no longer current."""
+    current = [_CAS[0]]
+    issuer = Issuer(lambda: current[0], ttl=datetime.timedelta(minutes=10))
+    model: dict[SpiffeId, tuple[datetime.datetime, str]] = {}
+    clock = NOW
+    for op, who, seconds in ops:
+        clock += datetime.timedelta(seconds=seconds)
+        spiffe = SpiffeId("cluster.local", "default", f"sa-{who}")
+        if op == "issue":
+            issued = issuer.current(spiffe, clock)
+            model[spiffe] = (issued.rotate_at(0.5), current[0].version)
+        elif op == "forget":
+            issuer.forget(spiffe)
+            model.pop(spiffe, None)
+        else:
+            current[0] = _CAS[1] if current[0] is _CAS[0] else _CAS[0]
+        due = issuer.next_due(clock)
+        if not model:
+            assert due is None
+            continue
+        assert due is not None
+        stale = {s for s, (_, v) in model.items() if v != current[0].version}
+        if stale:
+            assert due[0] in stale and due[1] == clock
+        else:
+            assert due[1] == min(when for when, _ in model.values())
+            assert model[due[0]][0] == due[1]

@@ -11,6 +11,9 @@ changed, and holds only the identities the server still asks for (``forget``).
 from __future__ import annotations
 
 import datetime
+import heapq
+import itertools
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -62,6 +65,11 @@ class Issuer:
         self.ttl = ttl
         self.rotate_fraction = rotate_fraction
         self._held: dict[SpiffeId, _Held] = {}
+        # Rotation points, earliest first; an entry whose identity was reissued or
+        # forgotten since is skipped when it reaches the top (lazy deletion).
+        self._due: list[tuple[datetime.datetime, int, SpiffeId]] = []
+        self._order = itertools.count()
+        self._versions: Counter[str] = Counter()  # certificates held per CA version
         self.issued_count = 0  # certificates signed since start (for metrics and benches)
 
     def __len__(self) -> int:
@@ -79,22 +87,48 @@ class Issuer:
             return held.issued
         issued = ca.issue_workload(spiffe, now, self.ttl)
         self.issued_count += 1
-        self._held[spiffe] = _Held(issued, ca.version, issued.rotate_at(self.rotate_fraction))
+        rotate_at = issued.rotate_at(self.rotate_fraction)
+        if held is not None:
+            self._count(held.ca_version, -1)
+        self._count(ca.version, +1)
+        self._held[spiffe] = _Held(issued, ca.version, rotate_at)
+        heapq.heappush(self._due, (rotate_at, next(self._order), spiffe))
+        self._compact()
         return issued
+
+    def _compact(self) -> None:
+        """Many entries of reissued or forgotten identities: drop them (memory stays
+        proportional to what is held)."""
+        if len(self._due) > 2 * len(self._held) + 64:
+            self._due = [e for e in self._due if self._live(e)]
+            heapq.heapify(self._due)
+
+    def _live(self, entry: tuple[datetime.datetime, int, SpiffeId]) -> bool:
+        held = self._held.get(entry[2])
+        return held is not None and held.rotate_at == entry[0]
 
     def next_due(self, now: datetime.datetime) -> tuple[SpiffeId, datetime.datetime] | None:
         """The identity to rotate first and when (``now`` if issued by a CA that is no
-        longer current); None when nothing is held. O(identities held)."""
+        longer current); None when nothing is held."""
         if not self._held:
             return None
         version = self._ca_provider().version
-        first: tuple[SpiffeId, datetime.datetime] | None = None
-        for spiffe, held in self._held.items():
-            when = held.rotate_at if held.ca_version == version else now
-            if first is None or when < first[1]:
-                first = (spiffe, when)
-        return first
+        if self._versions[version] != len(self._held):  # some from another CA: due now
+            stale = next(s for s, h in self._held.items() if h.ca_version != version)
+            return stale, now
+        while self._due and not self._live(self._due[0]):
+            heapq.heappop(self._due)
+        when, _, spiffe = self._due[0]
+        return spiffe, when
 
     def forget(self, spiffe: SpiffeId) -> None:
         """Drop an identity (its key with it): the server has no stream for it."""
-        self._held.pop(spiffe, None)
+        held = self._held.pop(spiffe, None)
+        if held is not None:
+            self._count(held.ca_version, -1)
+            self._compact()
+
+    def _count(self, version: str, delta: int) -> None:
+        self._versions[version] += delta
+        if not self._versions[version]:
+            del self._versions[version]
