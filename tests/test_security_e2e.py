@@ -12,12 +12,13 @@ certificate and the mesh roots arrive over SDS on that stream. Sidecars run on
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.procs import Envoy, wait_for
+from tests.support.procs import ControlPlane, Envoy, wait_for
 from tests.support.secure import (
     Answer,
     SecureMesh,
@@ -223,3 +224,42 @@ def test_a_tcp_deny_closes_the_connection(mesh: SecureMesh, delta: bool) -> None
 
     denials = stats_matching(sidecar, "rbac", "denied")
     assert sum(denials.values()) >= 1, denials
+
+
+def refusals(server: ControlPlane) -> list[dict[str, Any]]:
+    return [line for line in server.logs() if line.get("event") == "xds.stream_refused"]
+
+
+@MODES
+def test_a_rotated_token_file_is_read_again_on_reconnect(mesh: SecureMesh, delta: bool) -> None:
+    """Envoy reads its token file again for every new xDS stream: with an expired token
+    in it, a reconnect is refused (UNAUTHENTICATED) and the sidecar keeps serving its
+    last config; once the file holds a fresh token, the next reconnect is served. The
+    server keeps its CA across the restart, so the certificates still chain."""
+    app = mesh.http_app("ratings-app")
+    server = mesh.serve({"services": [service("ratings", None)]})
+    ratings = mesh.sidecar("ratings-1.default", "ratings", "ratings", delta, app_port=app.port)
+    frontend = mesh.sidecar("frontend-1.default", "frontend", "frontend", delta)
+    mesh.update({"services": [service("ratings", ratings)]})
+    assert f"URI={spiffe('frontend')}" in secured_call(frontend, "ratings").xfcc
+    ca_before = (mesh.ca_dir / "ca.crt").read_bytes()
+
+    server.stop()
+    now = datetime.now(UTC)
+    mesh.write_token("frontend-1.default", "frontend", now - timedelta(hours=2),
+                     timedelta(hours=1))
+    server.start()
+    assert (mesh.ca_dir / "ca.crt").read_bytes() == ca_before  # the CA was kept
+    wait_for(lambda: refusals(server), timeout=30,
+             what="the expired token's stream to be refused")
+    [first, *_] = refusals(server)
+    assert first["status"] == "UNAUTHENTICATED", first
+    assert "expired" in first["error"] and "mint a new one" in first["error"], first
+    assert "frontend-1.default" not in {p["node_id"] for p in server.json("/debug/proxies")}
+    assert through(frontend, "ratings").status == 200  # the last config still serves
+
+    mesh.write_token("frontend-1.default", "frontend", datetime.now(UTC), timedelta(hours=1))
+    wait_for(lambda: "frontend-1.default" in {p["node_id"]
+                                              for p in server.json("/debug/proxies")},
+             timeout=45, what="frontend to reconnect with its fresh token")
+    assert f"URI={spiffe('frontend')}" in secured_call(frontend, "ratings").xfcc

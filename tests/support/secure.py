@@ -241,7 +241,7 @@ class SecureMesh:
         """A real Envoy for ``service`` running as ``service_account``, bootstrapped with
         xDS over TLS and a token minted from the CA directory (bound to its node id)."""
         assert self.server is not None, "serve() first: the CA is made on its first start"
-        token = self.tmp / f"{node_id}.token"
+        token = self.token_path(node_id)
         envoy = Envoy(self.tmp, node_id, service, self.server.xds_port, delta,
                       extra=["--xds-ca", str(self.bundle), "--token-file", str(token),
                              "--ca-dir", str(self.ca_dir),
@@ -266,6 +266,21 @@ class SecureMesh:
         from controlplane.security.castore import load_dir
 
         return load_dir(self.ca_dir, TRUST_DOMAIN, datetime.now(UTC), create=False)
+
+    def token_path(self, node_id: str) -> Path:
+        return self.tmp / f"{node_id}.token"
+
+    def write_token(self, node_id: str, service_account: str, issued: datetime,
+                    ttl: timedelta) -> None:
+        """Replace a sidecar's token file (as a rotation does) with one minted now, for
+        its node, issued at ``issued`` and valid ``ttl`` from then (expired if so)."""
+        from controlplane.security import tokens
+        from controlplane.security.identity import SpiffeId
+
+        token = tokens.mint(self.authority(), SpiffeId(TRUST_DOMAIN, "default",
+                                                       service_account),
+                            node_id, issued, ttl)
+        write_atomic(self.token_path(node_id), token)
 
     def workload_files(self, service_account: str, namespace: str = "default") -> TlsFiles:
         """A workload certificate for ``namespace/service_account`` from the mesh CA, as
