@@ -1,10 +1,13 @@
 """From the cluster, no ``--zone`` anywhere: `controlplane serve --source kubernetes`
 against the API server double, and a real Envoy connected as an injected sidecar is
-(``<pod>.<namespace>``, a service name that is no Service). Once the EndpointSlice lists
-its pod (targetRef) in zone-b, Envoy holds reviews' zone-b endpoints at priority 0."""
+(``<pod>.<namespace>``, a service name that is no Service; xDS over TLS to the mesh CA in
+its Secret, the pod's projected token as its credential, reviewed by TokenReview). Once
+the EndpointSlice lists its pod (targetRef) in zone-b, Envoy holds reviews' zone-b
+endpoints at priority 0."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.kube.apiserver import ApiServerDouble
-from tests.kube.objects import endpoint_slice, service
+from tests.kube.objects import endpoint_slice, pod, service, service_account
 from tests.support.procs import ControlPlane, Envoy, wait_for
 from tests.test_kube_e2e import FAST
 
@@ -45,6 +48,21 @@ def envoy_priorities(envoy: Envoy) -> dict[str, int]:
     return {}
 
 
+def secure_files(api: ApiServerDouble, tmp_path: Path) -> tuple[Path, Path]:
+    """The trust bundle from the server's CA Secret, and the pod's projected token."""
+    secret = api.get("secrets", "controlplane-system", "controlplane-ca")
+    bundle = tmp_path / "ca.crt"
+    bundle.write_bytes(base64.b64decode(secret["data"]["ca.crt"]))
+    api.apply(service_account("web", "shop"))
+    api.create(pod(POD, "shop").service_account("web").build())
+    issued = api.tokens.request("shop", "web", {"spec": {
+        "audiences": ["controlplane"], "expirationSeconds": 3600,
+        "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": POD}}})
+    token = tmp_path / "token"
+    token.write_text(issued["status"]["token"])
+    return bundle, token
+
+
 def test_an_endpoint_slice_gives_its_pods_sidecar_zone_preference(
         api: ApiServerDouble, tmp_path: Path) -> None:
     api.create(service("reviews", "shop").port(9080, name="http").build())
@@ -57,9 +75,12 @@ def test_an_endpoint_slice_gives_its_pods_sidecar_zone_preference(
                           extra=["--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig"))])
     server.start()
     # As an injected sidecar bootstraps: node id <pod>.<namespace>, its service guessed
-    # from the pod's name (here "web-7d4f9", no Service of that name), no zone.
+    # from the pod's name (here "web-7d4f9", no Service of that name), no zone; TLS to
+    # the mesh CA's bundle and the pod's projected token (audience controlplane).
+    bundle, token = secure_files(api, tmp_path)
     envoy = Envoy(tmp_path, f"{POD}.shop", "web-7d4f9", server.xds_port,
-                  extra=["--namespace", "shop"])
+                  extra=["--namespace", "shop", "--xds-ca", str(bundle),
+                         "--token-file", str(token)])
     try:
         envoy.start()
         wait_for(lambda: envoy_priorities(envoy) == {"10.0.0.1": 0, "10.0.0.2": 0},
@@ -73,6 +94,7 @@ def test_an_endpoint_slice_gives_its_pods_sidecar_zone_preference(
         [stream] = [s for s in server.json("/debug/proxies") if s["node_id"] == f"{POD}.shop"]
         assert (stream["zone"], stream["service"]) == ("zone-b", "web")
         assert stream["bootstrap"] == {"service": "web-7d4f9", "zone": ""}
+        assert stream["workload"] == "spiffe://cluster.local/ns/shop/sa/web"  # its token's
         # The pod leaves the slice: back to no preference, on the same stream.
         api.delete("EndpointSlice", "shop", "web-abc")
         wait_for(lambda: envoy_priorities(envoy) == {"10.0.0.1": 0, "10.0.0.2": 0},
