@@ -107,8 +107,8 @@ def test_rules_of_every_level_apply_each_named_by_its_scope() -> None:
      "to[0].headers[0]: give exactly one of exact, prefix or present: true (found exact, "
      "prefix)"),
     ("to: [{headers: [{name: X-A, present: true}]}]", "must be lower-case"),
-    ("to: [{ports: [9999]}]", "security.authorization[0].to[0].ports[0]: 9999 is not a port "
-     "of this service (9080, 9081)"),
+    ("to: [{ports: [9999]}]", "services[0] (ratings.default).security.authorization[0].to[0]"
+     ".ports[0]: 9999 is not a port of this service (9080, 9081)"),
     ("action: permit", "authorization[0].action: Input should be 'allow' or 'deny'"),
     ("from: []", "authorization[0].from: List should have at least 1 item"),
 ])
@@ -150,8 +150,9 @@ services:
 services:
   - {name: ratings, port: 9080, security: {authorization: [{name: a}, {name: a}]}}
 """)
-    assert repeated == ("services[0] (ratings.default).security.authorization: [1].name: 'a' "
-                        "repeats [0]; rule names are unique in a block")
+    assert repeated == ("services[0] (ratings.default).security.authorization[1].name: 'a' "
+                        "repeats authorization[0]; rule names are unique in a block (they "
+                        "name the rule in 403s and stats)")
 
 
 def test_a_mesh_file_cannot_set_the_identity() -> None:

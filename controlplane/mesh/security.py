@@ -12,9 +12,16 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Final, Literal, NamedTuple
 
-from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from controlplane.mesh.base import _Model
+from controlplane.mesh.base import _Model, problem
 from controlplane.mesh.limits import HeaderValue, Port, dns_label, header_name
 from controlplane.mesh.policy import PathMatch
 
@@ -200,16 +207,21 @@ class Security(_Model):
     authorization: list[AuthorizationRule] = Field(default_factory=list,
                                                    max_length=MAX_RULES)
 
-    @field_validator("authorization")
-    @classmethod
-    def _unique(cls, rules: list[AuthorizationRule]) -> list[AuthorizationRule]:
+    @model_validator(mode="after")
+    def _unique(self) -> Security:
+        """Rule names are unique in a block: they name the rule in 403s and stats."""
         seen: dict[str, int] = {}
-        for index, rule in enumerate(rules):
+        problems = []
+        for index, rule in enumerate(self.authorization):
             if rule.name in seen:
-                raise ValueError(f"[{index}].name: {rule.name!r} repeats "
-                                 f"[{seen[rule.name]}]; rule names are unique in a block")
-            seen[rule.name] = index
-        return rules
+                problems.append(problem(
+                    ("authorization", index, "name"), rule.name,
+                    f"{rule.name!r} repeats authorization[{seen[rule.name]}]; rule names "
+                    "are unique in a block (they name the rule in 403s and stats)"))
+            seen.setdefault(rule.name, index)
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
 
 
 class MeshSecurity(Security):

@@ -5,9 +5,16 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Final
 
-from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from controlplane.mesh.base import _Model
+from controlplane.mesh.base import _Model, problem
 from controlplane.mesh.endpoints import Endpoint, Protocol, ServicePort
 from controlplane.mesh.limits import Port, dns_label, hostname, ip_address
 from controlplane.mesh.policy import Policy
@@ -183,14 +190,15 @@ class Service(_Model):
         known = {p.port for p in self.service_ports}
         known |= {t for p in self.service_ports for e in self.endpoints
                   if (t := e.port_for(p)) is not None}
-        for at, rule in enumerate(self.security.authorization):
-            for to, operation in enumerate(rule.to or []):
-                for index, port in enumerate(operation.ports or []):
-                    if port not in known:
-                        raise ValueError(
-                            f"security.authorization[{at}].to[{to}].ports[{index}]: {port} "
-                            f"is not a port of this service ({', '.join(map(str, sorted(known)))}"
-                            "), nor one its endpoints serve it on; name one of those")
+        shown = ", ".join(map(str, sorted(known)))
+        found = [problem(("security", "authorization", at, "to", to, "ports", index), port,
+                         f"{port} is not a port of this service ({shown}), nor one its "
+                         "endpoints serve it on; name one of those")
+                 for at, rule in enumerate(self.security.authorization)
+                 for to, operation in enumerate(rule.to or [])
+                 for index, port in enumerate(operation.ports or []) if port not in known]
+        if found:
+            raise ValidationError.from_exception_data(type(self).__name__, found)
 
     def _check_endpoint(self, index: int, endpoint: Endpoint) -> None:
         where = f"endpoints[{index}] ({endpoint.address})"
