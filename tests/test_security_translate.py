@@ -400,7 +400,7 @@ def test_permissive_lets_a_server_first_plaintext_client_through_after_inspectio
         rig: Rig) -> None:
     """permissive on a TCP port: a plaintext client that waits for the server to speak
     first (MySQL, SMTP) sends no ClientHello for the TLS inspector to read; after
-    PERMISSIVE_INSPECT_TIMEOUT the connection takes the plaintext chain and the app's
+    INSPECT_TIMEOUT the connection takes the plaintext chain and the app's
     greeting arrives, rather than Envoy closing it. A client that speaks first is not
     held at all, and an mTLS client gets the TLS chain."""
     rig.ratings_tcp(mesh_of(rig.ports))

@@ -8,7 +8,8 @@ sidecar catches the call and uses mTLS to the endpoint, since it has a sidecar; 
 port (destination port + TLS + the mesh ALPN, after the original destination is
 restored) and the app sees the caller's SPIFFE ID. Pod ``outsider`` has no sidecar and
 calls the endpoint in plaintext: permissive lets it in, strict closes it there (a chain
-of its own, so the default passthrough chain never hands it to the app).
+of its own, so the default passthrough chain never hands it to the app). A port of the
+server pod that no service names passes through in either mode.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ pytestmark = [
 
 RATINGS_IP = "10.234.0.10"
 APP_PORT = 8080
+OTHER_PORT = 7000  # a port of the server pod that no service names
 ADMIN_PORT = 15000  # capture leaves it alone: the test reads stats from the host
 
 # The app in pod server: answers every GET with the request's headers as JSON.
@@ -78,6 +80,7 @@ class Pods:
         self.server = network.pod("server")
         self.outsider = network.pod("outsider")
         self.server.run([sys.executable, "-c", APP, str(APP_PORT)])
+        self.server.serve_tcp(OTHER_PORT, name="other")  # speaks first: a greeting
         wait_for(lambda: self.outsider.http_get(
             f"http://{self.server.address}:{APP_PORT}/")[0] == 200, what="the app")
         self.server.capture()
@@ -135,3 +138,8 @@ def test_captured_sidecars_use_mesh_mtls_and_the_mode_decides_plaintext(
         assert status == 200 and "x-forwarded-client-cert" not in _headers(body), body
     else:
         assert status == 0, body  # closed by the plaintext chain of the port, not passed
+
+    # A port no service names passes through, whatever the mode, even to a client that
+    # waits for the server to speak first (the TLS inspector gives up after 2 s).
+    greeting = mesh_pods.outsider.tcp_connect(mesh_pods.server.address, OTHER_PORT)
+    assert greeting.startswith("other "), greeting

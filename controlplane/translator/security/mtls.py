@@ -36,9 +36,11 @@ from controlplane.translator.security.tls import MESH_ALPN, downstream_socket, u
 MATCH_METADATA: Final = "envoy.transport_socket_match"
 MTLS_MATCH: Final = "mtls"
 TLS_INSPECTOR: Final = "envoy.filters.listener.tls_inspector"
-# permissive: a client that sends nothing (a server-first protocol) goes to the
-# plaintext chain after this long, rather than Envoy's 15 s and a closed connection.
-PERMISSIVE_INSPECT_TIMEOUT: Final = timedelta(seconds=2)
+# A client that sends nothing (a server-first protocol) is taken as plaintext after this
+# long, rather than closed after Envoy's 15 s: permissive then gives it the plaintext
+# chain, strict closes it all the same (no chain, or the one that closes plaintext), and
+# a captured sidecar's ports that no service names still pass it through.
+INSPECT_TIMEOUT: Final = timedelta(seconds=2)
 
 _Chain: TypeAlias = listener_components_pb2.FilterChain
 _Cluster = cluster_pb2.Cluster
@@ -96,8 +98,7 @@ class MutualTls(SecurityFeature):
             return
         listener.listener_filters.append(listener_components_pb2.ListenerFilter(
             name=TLS_INSPECTOR, typed_config=pack(tls_inspector_pb2.TlsInspector())))
-        if ctx.mode == "permissive":
-            listener.listener_filters_timeout.CopyFrom(duration(PERMISSIVE_INSPECT_TIMEOUT))
-            listener.continue_on_listener_filters_timeout = True
+        listener.listener_filters_timeout.CopyFrom(duration(INSPECT_TIMEOUT))
+        listener.continue_on_listener_filters_timeout = True
 
 
