@@ -38,6 +38,7 @@ from controlplane.mesh.security import MeshIdentity
 from controlplane.pipeline import Pipeline
 from controlplane.security.authn import Authenticator, LocalTokens
 from controlplane.security.ca import CertificateAuthority
+from controlplane.security.castore import CaError
 from controlplane.security.tokens import AUDIENCE
 from controlplane.server import StreamRegistry, XdsServer, create_server
 from controlplane.server.limits import Limits
@@ -281,7 +282,10 @@ async def open_trust(settings: ServeSettings, cache: SnapshotCache) -> Secured |
     except ValueError as exc:
         raise ValueError(f"--workload-cert-ttl: {exc}") from None
     load, where = _ca_loader(settings)
-    ca = await asyncio.to_thread(load)
+    try:
+        ca = await asyncio.to_thread(load)
+    except CaError as exc:  # the CLI prints a ValueError as one line
+        raise ValueError(str(exc)) from None
     authenticator: Authenticator | None = None
     if settings.tokens_required():
         if settings.source == "kubernetes":

@@ -149,3 +149,26 @@ def test_serving_certificate_is_renewed_at_half_life_and_on_a_ca_change() -> Non
     assert serving.fetch() is None
     ca[0] = CertificateAuthority.create(TD, clock[0])  # a new CA: renewed at once
     assert serving.fetch() is not None and serving.issued.serial != renewed
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--authentication", "token"], "--authentication token needs a CA"),
+    (["--ca-dir", "CA", "--workload-cert-ttl", "3x"], "--workload-cert-ttl: duration '3x'"),
+    (["--ca-dir", "CA", "--workload-cert-ttl", "0s"], "must be positive"),
+    (["--ca-cert", "nope.pem"], "--ca-cert and --ca-key go together"),
+    (["--ca-cert", "nope.pem", "--ca-key", "nope.key"], "cannot read --ca-cert"),
+])
+def test_bad_ca_flags_are_one_line_that_says_what_to_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
+        said: str) -> None:
+    from controlplane.cli import main
+
+    (tmp_path / "mesh.yaml").write_text(MESH)
+    given = [str(tmp_path / f) if f in ("CA", "nope.pem", "nope.key") else f for f in flags]
+    code = main(["serve", "--source", f"file:{tmp_path / 'mesh.yaml'}", "--xds-address",
+                 "127.0.0.1:0", "--admin-address", "127.0.0.1:0", "--snapshot-keep", "0",
+                 *given])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("controlplane serve: ") and said in err[-1]
+    assert "Traceback" not in "\n".join(err)
