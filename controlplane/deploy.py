@@ -15,7 +15,11 @@ from typing import Any, Final
 import yaml
 
 from controlplane import generated
-from controlplane.sources.kubernetes.crd import sidecar_crd, traffic_policy_crd
+from controlplane.sources.kubernetes.crd import (
+    security_policy_crd,
+    sidecar_crd,
+    traffic_policy_crd,
+)
 from controlplane.sources.kubernetes.kinds import (
     CA_SECRET,
     ENDPOINT_SLICES,
@@ -26,6 +30,7 @@ from controlplane.sources.kubernetes.kinds import (
     POLICY_PLURAL,
     POLICY_VERSION,
     SECRETS,
+    SECURITY_POLICIES,
     SERVICES,
     SIDECAR_KIND,
     SIDECARS,
@@ -77,7 +82,7 @@ def namespace() -> dict[str, Any]:
 
 def cluster_role_rules() -> list[dict[str, Any]]:
     """Least privilege: read what the source watches, write only the status of our own
-    kinds (TrafficPolicy, Sidecar)."""
+    kinds (TrafficPolicy, Sidecar, SecurityPolicy), review proxies' tokens."""
     return [
         {"apiGroups": [SERVICES.group], "resources": [SERVICES.plural], "verbs": _WATCH},
         {"apiGroups": [ENDPOINT_SLICES.group], "resources": [ENDPOINT_SLICES.plural],
@@ -91,6 +96,11 @@ def cluster_role_rules() -> list[dict[str, Any]]:
          "verbs": ["get", "update", "patch"]},
         {"apiGroups": [SIDECARS.group], "resources": [SIDECARS.plural], "verbs": _WATCH},
         {"apiGroups": [SIDECARS.group], "resources": [f"{SIDECARS.plural}/status"],
+         "verbs": ["get", "update", "patch"]},
+        {"apiGroups": [SECURITY_POLICIES.group], "resources": [SECURITY_POLICIES.plural],
+         "verbs": _WATCH},
+        {"apiGroups": [SECURITY_POLICIES.group],
+         "resources": [f"{SECURITY_POLICIES.plural}/status"],
          "verbs": ["get", "update", "patch"]},
         # The injection webhook writes its CA into its own configuration, and no other.
         {"apiGroups": [MUTATING_WEBHOOKS.group], "resources": [MUTATING_WEBHOOKS.plural],
@@ -333,6 +343,25 @@ def example_sidecar() -> dict[str, Any]:
     }
 
 
+def example_security_policy() -> dict[str, Any]:
+    """A SecurityPolicy for ``ratings``: strict mTLS, and only ``reviews`` may GET it."""
+    return {
+        "apiVersion": f"{POLICY_GROUP}/{POLICY_VERSION}",
+        "kind": SECURITY_POLICIES.kind,
+        "metadata": {"name": "ratings", "namespace": "default"},
+        "spec": {
+            "target": {"name": "ratings"},
+            "mtls": {"mode": "strict"},
+            "authorization": [{
+                "name": "allow-reviews",
+                "action": "allow",
+                "from": [{"service_accounts": ["default/reviews"]}],
+                "to": [{"methods": ["GET"], "paths": [{"prefix": "/ratings"}]}],
+            }],
+        },
+    }
+
+
 class _Dumper(yaml.SafeDumper):
     """Writes shared objects out in full: no ``&id001`` anchors in a manifest."""
 
@@ -356,6 +385,7 @@ def rendered() -> dict[Path, str]:
         DIR / "00-namespace.yaml": _dump(namespace()),
         DIR / "01-crd.yaml": _dump(traffic_policy_crd()),
         DIR / "01-crd-sidecar.yaml": _dump(sidecar_crd()),
+        DIR / "01-crd-securitypolicy.yaml": _dump(security_policy_crd()),
         DIR / "02-rbac.yaml": _dump(*rbac()),
         DIR / "03-deployment.yaml": _dump(deployment()),
         DIR / "04-service.yaml": _dump(service()),
@@ -363,6 +393,9 @@ def rendered() -> dict[Path, str]:
         DIR / "06-mutatingwebhookconfiguration.yaml": _dump(mutating_webhook_configuration()),
         DIR / "examples" / "trafficpolicy.yaml": _dump(example_traffic_policy(),
                                                        header=example_header),
+        DIR / "examples" / "securitypolicy.yaml": _dump(example_security_policy(), header=(
+            f"# kubectl apply -f {DIR}/examples/securitypolicy.yaml; then\n"
+            f"# `kubectl get {SECURITY_POLICIES.plural} -o wide` shows whether it applies.\n")),
         DIR / "examples" / "sidecar.yaml": _dump(example_sidecar(), header=(
             f"# kubectl apply -f {DIR}/examples/sidecar.yaml; then\n"
             f"# `kubectl get {SIDECARS.plural} -o wide` shows whether every host matched.\n")),

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from controlplane.mesh.model import Mesh
 from controlplane.sources.kubernetes import Debounce, KubernetesSource, WatchTiming, api_client
-from controlplane.sources.kubernetes.kinds import ENDPOINT_SLICES, TRAFFIC_POLICIES
+from controlplane.sources.kubernetes.kinds import ENDPOINT_SLICES, TRAFFIC_POLICIES, WATCHED
 from tests.kube.apiserver import ApiServerDouble
 from tests.kube.objects import endpoint_slice, pod, service, traffic_policy
 from tests.kube.rbac import Rbac
@@ -70,13 +70,13 @@ async def test_a_namespace_it_may_not_read_is_reported_and_the_others_served(
         mesh = await next_mesh(updates)
     assert [(s.namespace, s.name) for s in mesh.services] == [("a", "reviews")]
     problems = watched.problems()
-    assert len(problems) == 5  # every kind in b
+    assert len(problems) == len(WATCHED)  # every kind in b
     services = next(p for p in problems if "services in namespace 'b'" in p)
     assert "cannot list resource \"services\" in API group \"\" in the namespace \"b\"" in (
         services)
     assert "{apiGroups: [''], resources: ['services'], verbs: [get, list, watch]}" in services
     assert "RoleBinding in namespace 'b'" in services
-    assert sum(1 for e in logs if e["event"] == "watch.forbidden") == 5
+    assert sum(1 for e in logs if e["event"] == "watch.forbidden") == len(WATCHED)
     await updates.aclose()
 
 

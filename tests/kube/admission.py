@@ -320,6 +320,13 @@ def sidecar_schema() -> Obj:
     return dict(sidecar_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 
 
+def security_policy_schema() -> Obj:
+    """The openAPIV3Schema of the SecurityPolicy CRD the project ships."""
+    from controlplane.sources.kubernetes.crd import security_policy_crd
+
+    return dict(security_policy_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
 _JSON_TYPES: Final = {"object": dict, "array": list, "string": str, "boolean": bool}
 
 

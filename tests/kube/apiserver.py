@@ -90,11 +90,13 @@ from pathlib import Path
 
 from controlplane.sources.kubernetes.kinds import (
     PODS,
+    SECURITY_POLICIES,
     SIDECARS,
     TRAFFIC_POLICIES,
     Kind,
 )
 from tests.kube.admission import (
+    security_policy_schema,
     sidecar_schema,
     traffic_policy_schema,
 )
@@ -131,9 +133,9 @@ class ApiServerDouble(_Handlers):
                  crd_schema: Obj | None = None, rbac: Rbac | bool = True,
                  too_large_wait: float = 3.0, min_token_seconds: int = 600,
                  token_leeway: float = 60.0) -> None:
-        """``crd_installed=False`` makes TrafficPolicy and Sidecar paths 404 until
-        ``install_crd()``; ``crd_schema`` (TrafficPolicy's) defaults to the schema of the
-        CRD the project ships, as Sidecar's always does; ``rbac``:
+        """``crd_installed=False`` makes TrafficPolicy, Sidecar and SecurityPolicy paths
+        404 until ``install_crd()``; ``crd_schema`` (TrafficPolicy's) defaults to the
+        schema of the CRD the project ships, as the others' always do; ``rbac``:
         True authorizes the service account with the shipped ClusterRole, False allows
         it everything, an ``Rbac`` is that policy (``self.rbac`` may change at any time).
         ``min_token_seconds`` (the real 600) and ``token_leeway`` (go-jose's 60 s past
@@ -145,7 +147,7 @@ class ApiServerDouble(_Handlers):
         self.crd_installed = crd_installed
         self._store = _Store(history_limit, {
             TRAFFIC_POLICIES: crd_schema or traffic_policy_schema(),
-            SIDECARS: sidecar_schema()})
+            SIDECARS: sidecar_schema(), SECURITY_POLICIES: security_policy_schema()})
         self.tokens = TokenAuthority(self._store, min_seconds=min_token_seconds,
                                      leeway=token_leeway)
         self._failures: list[_Failure] = []

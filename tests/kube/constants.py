@@ -9,6 +9,7 @@ from controlplane.sources.kubernetes.kinds import (
     MUTATING_WEBHOOKS,
     PODS,
     SECRETS,
+    SECURITY_POLICIES,
     SERVICE_ACCOUNTS,
     SERVICES,
     SIDECARS,
@@ -26,7 +27,8 @@ ADMIN_TOKEN: Final = "apiserver-double-admin"  # a cluster admin: what tests wri
 SERVED: Final = (*WATCHED, SECRETS, MUTATING_WEBHOOKS, SERVICE_ACCOUNTS, TOKEN_REVIEWS)
 _BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS, SECRETS,
                              MUTATING_WEBHOOKS, SERVICE_ACCOUNTS})  # list items: no kind/apiVersion
-_STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, SIDECARS, PODS})
+_STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, SIDECARS, PODS,
+                                        SECURITY_POLICIES})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 

@@ -22,6 +22,8 @@ from typing import Any, Self
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
     PODS,
+    SECURITY_POLICIES,
+    SERVICE_ACCOUNT_ANNOTATION,
     SERVICE_ACCOUNTS,
     SERVICE_NAME_LABEL,
     SERVICES,
@@ -161,6 +163,32 @@ class SidecarBuilder(_Builder):
         return self
 
 
+class SecurityPolicyBuilder(_Builder):
+    def __init__(self, name: str, namespace: str, target: str | None, spec: Obj | None) -> None:
+        super().__init__(SECURITY_POLICIES.api_version, SECURITY_POLICIES.kind, name,
+                         namespace)
+        self._obj["spec"] = copy.deepcopy(spec or {})
+        if target is not None:
+            self._obj["spec"]["target"] = {"name": target}
+
+    def mtls(self, mode: str) -> Self:
+        self._obj["spec"]["mtls"] = {"mode": mode}
+        return self
+
+    def rule(self, name: str, action: str = "allow", **fields: Any) -> Self:
+        """One authorization rule; ``from_`` is written ``from``."""
+        rule: Obj = {"name": name, "action": action}
+        for field, value in fields.items():
+            rule["from" if field == "from_" else field] = copy.deepcopy(value)
+        self._obj["spec"].setdefault("authorization", []).append(rule)
+        return self
+
+    def spec(self, spec: Obj) -> Self:
+        """The whole spec, as given (for invalid ones)."""
+        self._obj["spec"] = copy.deepcopy(spec)
+        return self
+
+
 class PodBuilder(_Builder):
     def __init__(self, name: str, namespace: str) -> None:
         super().__init__(PODS.api_version, PODS.kind, name, namespace)
@@ -177,6 +205,10 @@ class PodBuilder(_Builder):
         """spec.serviceAccountName: who the pod runs as (its tokens' identity)."""
         self._obj["spec"]["serviceAccountName"] = name
         return self
+
+    def injected(self, account: str = "default") -> Self:
+        """As injection leaves it: running as ``account``, annotated with it."""
+        return self.service_account(account).annotation(SERVICE_ACCOUNT_ANNOTATION, account)
 
     def phase(self, phase: str) -> Self:
         """status.phase (Pending, Running, ...); like ``ip``, only for ``update_status``,
@@ -208,6 +240,13 @@ def sidecar(name: str, hosts: list[str], service: str | None = None,
     """A Sidecar: the sidecars of ``namespace`` (of ``service`` there, if given) may
     reach ``hosts`` (``namespace/name`` patterns)."""
     return SidecarBuilder(name, namespace, hosts, service)
+
+
+def security_policy(name: str, target: str | None = None, spec: Obj | None = None,
+                    namespace: str = "default") -> SecurityPolicyBuilder:
+    """A SecurityPolicy for the Service ``target`` (None: the whole namespace, or the mesh
+    in the control plane's namespace); ``spec``: the mesh file's security block."""
+    return SecurityPolicyBuilder(name, namespace, target, spec)
 
 
 def pod(name: str, namespace: str = "default") -> PodBuilder:

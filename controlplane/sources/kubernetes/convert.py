@@ -18,6 +18,10 @@ dicts), so they are tested without a cluster and nothing downstream knows the so
 - A Sidecar becomes a ``sidecars`` entry (what the sidecars it selects may reach; see
   ``sidecars.py``); the Service annotation ``mesh.controlplane.io/export-to`` becomes the
   service's ``exportTo`` (where it is visible).
+- A SecurityPolicy becomes a service's, a namespace's or the mesh's ``security`` block
+  (``securitypolicies.py``); a Pod's ``mesh.controlplane.io/service-account`` annotation
+  (written by injection) becomes its endpoints' ``service_account``: the identity
+  callers verify, and the sign that it has a sidecar that speaks mesh mTLS.
 
 One object's fault stays with that object: a Service that cannot be converted is left
 out, an EndpointSlice that cannot be read is left out of its Service, a policy the model
@@ -37,7 +41,7 @@ from pydantic import ValidationError
 from controlplane.mesh.loader import describe_error
 from controlplane.mesh.model import Mesh, OutboundTrafficPolicy, Policy, Service
 from controlplane.mesh.scope import Sidecar
-from controlplane.sources.kubernetes.kinds import SERVICE_NAME_LABEL
+from controlplane.sources.kubernetes.kinds import ROOT_NAMESPACE, SERVICE_NAME_LABEL
 from controlplane.sources.kubernetes.policies import (
     Verdict,
     choose_policies,
@@ -45,6 +49,7 @@ from controlplane.sources.kubernetes.policies import (
     subset_keys,
     unresolved_subsets,
 )
+from controlplane.sources.kubernetes.securitypolicies import SecurityPolicies
 from controlplane.sources.kubernetes.services import (
     Key,
     Malformed,
@@ -67,6 +72,7 @@ class Conversion:
     verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per TrafficPolicy
     skipped: list[str] = field(default_factory=list)  # objects left out, and why
     sidecar_verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per Sidecar
+    security_verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per SecurityPolicy
 
 
 @dataclass(frozen=True)
@@ -79,15 +85,23 @@ class _Outcome:
     policy_dropped: str = ""
 
 
+# Per Service: the objects its conversion read (compared by identity), its Pods' service
+# accounts (by value), and the outcome.
+_Memo = tuple[tuple[Obj, ...], tuple[tuple[Key, str | None], ...], _Outcome]
+
+
 def convert(services: Iterable[Obj], slices: Iterable[Obj], policies: Iterable[Obj],
-            pods: Mapping[Key, Obj] | None = None, sidecars: Iterable[Obj] = (), *,
-            outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY") -> Conversion:
+            pods: Mapping[Key, Obj] | None = None, sidecars: Iterable[Obj] = (),
+            security_policies: Iterable[Obj] = (), *,
+            outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
+            root_namespace: str = ROOT_NAMESPACE) -> Conversion:
     """One conversion, from nothing (``Converter`` remembers between batches). ``pods``:
     Pod metadata by (namespace, name), or None when Pods are not watched;
     ``outbound_traffic_policy``: the mesh's (a serve setting: a cluster has no object
-    that says it)."""
-    return Converter(outbound_traffic_policy).convert(services, slices, policies, pods,
-                                                      sidecars)
+    that says it); ``root_namespace``: the control plane's, where a SecurityPolicy
+    without target is mesh-wide."""
+    return Converter(outbound_traffic_policy, root_namespace).convert(
+        services, slices, policies, pods, sidecars, security_policies)
 
 
 class Converter:
@@ -98,13 +112,16 @@ class Converter:
     to the same mesh service. The memo holds those dicts, so their ids cannot be reused.
     """
 
-    def __init__(self, outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY") -> None:
-        self._memo: dict[Key, tuple[tuple[Obj, ...], _Outcome]] = {}
+    def __init__(self, outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
+                 root_namespace: str = ROOT_NAMESPACE) -> None:
+        self._memo: dict[Key, _Memo] = {}
         self.outbound_traffic_policy: OutboundTrafficPolicy = outbound_traffic_policy
+        self.security = SecurityPolicies(root_namespace)
 
     def convert(self, services: Iterable[Obj], slices: Iterable[Obj],
                 policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None,
-                sidecars: Iterable[Obj] = ()) -> Conversion:
+                sidecars: Iterable[Obj] = (),
+                security_policies: Iterable[Obj] = ()) -> Conversion:
         by_service: dict[Key, list[Obj]] = {}
         for slice_ in slices:
             labels = meta(slice_).get("labels")
@@ -115,23 +132,27 @@ class Converter:
         chosen, verdicts = choose_policies(policies, service_objs, pods is not None)
         result = Conversion(Mesh(), verdicts)
         built: list[Service] = []
-        memo: dict[Key, tuple[tuple[Obj, ...], _Outcome]] = {}
+        memo: dict[Key, _Memo] = {}
         for svc_key in sorted(service_objs):
             policy = chosen.get(svc_key)
             own_slices = by_service.get(svc_key, [])
             keys = subset_keys(policy[1]) if policy else frozenset()
-            labels = PodLabels(pods or {}, keys) if keys else None
+            # Pods: their labels for subsets, their service accounts for identities.
+            labels = PodLabels(pods or {}, keys) if keys or pods is not None else None
+            # The Pods themselves only when subsets read their labels; else only their
+            # service accounts (compared by value): a relabel converts nothing again.
             inputs = (service_objs[svc_key], *own_slices,
                       *((policy[0],) if policy else ()),
-                      *(labels.pods(own_slices) if labels else ()))
+                      *(labels.pods(own_slices) if labels and keys else ()))
+            accounts = labels.accounts(own_slices) if labels else ()
             known = self._memo.get(svc_key)
-            if known is not None and len(known[0]) == len(inputs) and all(
-                    a is b for a, b in zip(known[0], inputs, strict=True)):
-                outcome = known[1]
+            if known is not None and known[1] == accounts and len(known[0]) == len(
+                    inputs) and all(a is b for a, b in zip(known[0], inputs, strict=True)):
+                outcome = known[2]
             else:
                 outcome = _build(svc_key, service_objs[svc_key], own_slices,
                                  policy[1] if policy else None, labels)
-            memo[svc_key] = (inputs, outcome)
+            memo[svc_key] = (inputs, accounts, outcome)
             result.skipped.extend(outcome.problems)
             if policy is not None and outcome.policy_dropped:
                 verdicts[key(policy[0])] = rejected(policy[0], "Invalid",
@@ -139,11 +160,19 @@ class Converter:
             if outcome.service is not None:
                 built.append(outcome.service)
         self._memo = memo
+        security = self.security.choose(security_policies, service_objs)
+        result.security_verdicts = security.verdicts
+        built = [s.model_copy(update={"security": security.services[(s.namespace, s.name)]})
+                 if (s.namespace, s.name) in security.services else s for s in built]
         scoped, result.sidecar_verdicts = choose_sidecars(sidecars)
         result.mesh = _mesh(built, result, {k: key(p[0]) for k, p in chosen.items()}, scoped)
+        update: dict[str, Any] = {}
         if self.outbound_traffic_policy != result.mesh.outbound_traffic_policy:
-            result.mesh = result.mesh.model_copy(
-                update={"outbound_traffic_policy": self.outbound_traffic_policy})
+            update["outbound_traffic_policy"] = self.outbound_traffic_policy
+        if security.mesh != result.mesh.security:
+            update["security"] = security.mesh
+        if update:
+            result.mesh = result.mesh.model_copy(update=update)
         _resolve_sidecars(result)
         for service in result.mesh.services:
             applied = chosen.get((service.namespace, service.name))

@@ -1,5 +1,5 @@
-"""The TrafficPolicy and Sidecar CustomResourceDefinitions, generated from the pydantic
-``Policy`` and ``Sidecar`` models.
+"""The TrafficPolicy, Sidecar and SecurityPolicy CustomResourceDefinitions, generated from
+the pydantic ``Policy``, ``Sidecar`` and ``Security`` models.
 
 The CRD's schema is derived, never written by hand, so the API server and the mesh model
 cannot disagree about what a policy is. ``Policy.model_json_schema()`` is JSON Schema
@@ -26,6 +26,7 @@ from pydantic_core import core_schema
 
 from controlplane.mesh.model import Policy
 from controlplane.mesh.scope import Sidecar
+from controlplane.mesh.security import Security
 from controlplane.sources.kubernetes.kinds import (
     ACCEPTED,
     POLICY_GROUP,
@@ -35,6 +36,10 @@ from controlplane.sources.kubernetes.kinds import (
     POLICY_SINGULAR,
     POLICY_VERSION,
     RESOLVED_REFS,
+    SECURITY_POLICY_KIND,
+    SECURITY_POLICY_PLURAL,
+    SECURITY_POLICY_SHORT_NAMES,
+    SECURITY_POLICY_SINGULAR,
     SERVICES,
     SIDECAR_KIND,
     SIDECAR_PLURAL,
@@ -43,6 +48,7 @@ from controlplane.sources.kubernetes.kinds import (
 
 CRD_NAME: Final = f"{POLICY_PLURAL}.{POLICY_GROUP}"
 SIDECAR_CRD_NAME: Final = f"{SIDECAR_PLURAL}.{POLICY_GROUP}"
+SECURITY_POLICY_CRD_NAME: Final = f"{SECURITY_POLICY_PLURAL}.{POLICY_GROUP}"
 
 # What controlplane.mesh.duration.parse_duration accepts as a string: one or more
 # <number><unit> parts, no sign (negative durations are errors). [0-9], not \d: the API
@@ -320,3 +326,43 @@ def sidecar_crd() -> dict[str, Any]:
                 f"{SIDECAR_KIND}: which services the sidecars of a namespace (or of one "
                 "service) may reach; they get the configuration of those only.",
                 sidecar_spec_schema())
+
+
+def security_policy_spec_schema() -> dict[str, Any]:
+    """The ``Security`` model (the mesh file's security block: mtls and authorization)
+    plus ``target``, the Service it applies to."""
+    raw = Security.model_json_schema(schema_generator=_KubernetesJsonSchema)
+    defs = raw.pop("$defs", {})
+    raw.pop("description", None)  # the model's docstring speaks of the mesh file
+    spec = structural(raw, defs)
+    spec["description"] = (
+        "mTLS mode and authorization rules, the mesh file's security block. With target: "
+        "for that Service of this namespace; without: for every service of this namespace, "
+        "or, in the control plane's namespace, of the whole mesh. A service's own block "
+        "overrides its namespace's mtls mode, which overrides the mesh's; the rules of all "
+        "three apply, deny rules first.")
+    spec["properties"] = {"target": {
+        "description": "The Service this applies to, in this namespace. Omitted: every "
+                       "service of the namespace (the mesh, in the control plane's "
+                       "namespace).",
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"type": "string", "pattern": _DNS_LABEL_PATTERN,
+                                "minLength": 1, "maxLength": 63}},
+    }, **spec["properties"]}
+    return _ordered(spec)
+
+
+def security_policy_crd() -> dict[str, Any]:
+    """The SecurityPolicy CustomResourceDefinition (Istio's PeerAuthentication and
+    AuthorizationPolicy in one, in our group)."""
+    return _crd(SECURITY_POLICY_PLURAL, SECURITY_POLICY_SINGULAR, SECURITY_POLICY_KIND,
+                list(SECURITY_POLICY_SHORT_NAMES),
+                [{"name": "Target", "type": "string", "jsonPath": ".spec.target.name"},
+                 {"name": "mTLS", "type": "string", "jsonPath": ".spec.mtls.mode"},
+                 {"name": RESOLVED_REFS, "type": "string", "priority": 1,
+                  "jsonPath": f'.status.conditions[?(@.type=="{RESOLVED_REFS}")].status'}],
+                f"{SECURITY_POLICY_KIND}: the mTLS mode (strict, permissive, disable) and "
+                "the authorization rules (allow or deny by caller identity, namespace, "
+                "method, path, port and header) of one Service, a namespace, or the mesh.",
+                security_policy_spec_schema())

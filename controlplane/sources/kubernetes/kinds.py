@@ -18,12 +18,20 @@ POLICY_SHORT_NAMES: Final = ("tp",)
 SIDECAR_KIND: Final = "Sidecar"  # same group and version as TrafficPolicy
 SIDECAR_PLURAL: Final = "sidecars"
 SIDECAR_SINGULAR: Final = "sidecar"
+SECURITY_POLICY_KIND: Final = "SecurityPolicy"  # same group and version as TrafficPolicy
+SECURITY_POLICY_PLURAL: Final = "securitypolicies"
+SECURITY_POLICY_SINGULAR: Final = "securitypolicy"
+SECURITY_POLICY_SHORT_NAMES: Final = ("secpol",)
+# A SecurityPolicy without a target in this namespace (the control plane's own) applies to
+# the whole mesh (Istio's root namespace); elsewhere, to its namespace.
+ROOT_NAMESPACE: Final = "controlplane-system"
 # On a Service: where it is visible (the mesh file's exportTo), a comma list of "*", "."
 # (its own namespace) or namespace names.
 EXPORT_TO_ANNOTATION: Final = f"{POLICY_GROUP}/export-to"
 ACCEPTED: Final = "Accepted"  # the status condition type set on every TrafficPolicy
 RESOLVED_REFS: Final = "ResolvedRefs"  # on accepted ones: does every subset select endpoints
-# (TrafficPolicy), does every host pattern match a Service (Sidecar)
+# (TrafficPolicy), does every host pattern match a Service (Sidecar), does the target
+# Service exist (SecurityPolicy)
 
 
 @dataclass(frozen=True)
@@ -52,11 +60,15 @@ SERVICES: Final = Kind("", "v1", "services", "Service")
 ENDPOINT_SLICES: Final = Kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
 TRAFFIC_POLICIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, POLICY_PLURAL, POLICY_KIND)
 SIDECARS: Final = Kind(POLICY_GROUP, POLICY_VERSION, SIDECAR_PLURAL, SIDECAR_KIND)
+SECURITY_POLICIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, SECURITY_POLICY_PLURAL,
+                                SECURITY_POLICY_KIND)
 # Pods are watched as metadata only (PartialObjectMetadata): their labels are what label
 # subsets select, and nothing else of a Pod matters to routing.
 PODS: Final = Kind("", "v1", "pods", "Pod")
-WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, SIDECARS, PODS)
-CUSTOM: Final = (TRAFFIC_POLICIES, SIDECARS)  # ours: a CRD each, status written by us
+WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES,
+                  PODS)
+# ours: a CRD each, status written by us
+CUSTOM: Final = (TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES)
 # Written, never watched, by the injection webhook: its serving certificate (a Secret in
 # the control plane's namespace) and the caBundle of its MutatingWebhookConfiguration.
 SECRETS: Final = Kind("", "v1", "secrets", "Secret")

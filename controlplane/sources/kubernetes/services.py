@@ -11,8 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from controlplane.mesh.security import service_account_name
 from controlplane.mesh.service import OWN, export_namespace, export_to
-from controlplane.sources.kubernetes.kinds import EXPORT_TO_ANNOTATION
+from controlplane.sources.kubernetes.kinds import (
+    EXPORT_TO_ANNOTATION,
+    SERVICE_ACCOUNT_ANNOTATION,
+)
 
 Obj = Mapping[str, Any]
 Key = tuple[str, str]  # (namespace, name)
@@ -78,11 +82,13 @@ def protocol_of(port: Obj) -> str:
 
 
 class PodLabels:
-    """The labels of endpoints' Pods, cut down to the keys subsets select on."""
+    """What endpoints' Pods say: their labels, cut down to the keys subsets select on,
+    and the service account injection wrote on them."""
 
     def __init__(self, pods: Mapping[Key, Obj], keys: frozenset[str]) -> None:
         self._pods = pods
         self._keys = keys
+        self.problems: list[str] = []
 
     @staticmethod
     def _pod_key(endpoint: Any, namespace: str) -> Key | None:
@@ -103,6 +109,42 @@ class PodLabels:
                 if pod_key is not None and pod_key in self._pods:
                     found[pod_key] = self._pods[pod_key]
         return [found[k] for k in sorted(found)]
+
+    def accounts(self, slices: Iterable[Obj]) -> tuple[tuple[Key, str | None], ...]:
+        """The service-account annotation of each Pod the slices' endpoints name (None:
+        none, or the Pod unknown), sorted: what the identities of a Service depend on."""
+        found: dict[Key, str | None] = {}
+        for slice_ in slices:
+            namespace = key(slice_)[0]
+            endpoints = slice_.get("endpoints")
+            for endpoint in endpoints if isinstance(endpoints, list) else []:
+                pod_key = self._pod_key(endpoint, namespace)
+                if pod_key is None:
+                    continue
+                annotations = meta(self._pods.get(pod_key)).get("annotations")
+                value = (annotations.get(SERVICE_ACCOUNT_ANNOTATION)
+                         if isinstance(annotations, Mapping) else None)
+                found[pod_key] = None if value is None else str(value)
+        return tuple(sorted(found.items()))
+
+    def service_account(self, endpoint: Obj, namespace: str) -> str | None:
+        """The ``mesh.controlplane.io/service-account`` annotation of the endpoint's Pod
+        (None: no Pod, or not injected, or not a name: then said in ``problems``)."""
+        pod_key = self._pod_key(endpoint, namespace)
+        pod = self._pods.get(pod_key) if pod_key is not None else None
+        annotations = meta(pod).get("annotations")
+        value = (annotations.get(SERVICE_ACCOUNT_ANNOTATION)
+                 if isinstance(annotations, Mapping) else None)
+        if value is None:
+            return None
+        try:
+            return service_account_name(str(value))
+        except ValueError as exc:
+            assert pod_key is not None
+            self.problems.append(
+                f"Pod {pod_key[0]}/{pod_key[1]}: annotation {SERVICE_ACCOUNT_ANNOTATION}: "
+                f"{exc}; its endpoint is served as one without a sidecar until it is fixed")
+            return None
 
     def of(self, endpoint: Obj, namespace: str) -> dict[str, str]:
         pod_key = self._pod_key(endpoint, namespace)
@@ -198,6 +240,8 @@ def _endpoints(ports: list[Obj], slices: list[Obj], single: bool, labels: PodLab
             namespace, name = key(slice_)
             problems.append(f"EndpointSlice {namespace}/{name}: {exc}; its endpoints are "
                             "left out, the rest of the Service is served")
+    if labels is not None:
+        problems.extend(labels.problems)
     result = []
     for address in sorted(merged):
         entry = merged[address]
@@ -259,6 +303,10 @@ def _merge_slice(slice_: Obj, wanted: set[str], labels: PodLabels | None,
             pod_labels = labels.of(endpoint, key(slice_)[0])
             if pod_labels:
                 entry["labels"] = pod_labels
+        if labels is not None and "service_account" not in entry:
+            account = labels.service_account(endpoint, key(slice_)[0])
+            if account is not None:
+                entry["service_account"] = account
 
 
 def _pod_name(endpoint: Obj, namespace: str) -> str | None:

@@ -1,5 +1,5 @@
-"""``--source kubernetes``: Services, EndpointSlices, TrafficPolicies, Sidecars and Pod
-metadata in, meshes out.
+"""``--source kubernetes``: Services, EndpointSlices, TrafficPolicies, Sidecars,
+SecurityPolicies and Pod metadata in, meshes out.
 
 Watchers (one thread per kind and namespace) feed one queue. Changes are batched: a
 batch is converted once the stream has been quiet for ``quiet`` seconds, or ``max_delay``
@@ -33,6 +33,8 @@ from controlplane.sources.kubernetes.convert import Converter, Key, Verdict
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
     PODS,
+    ROOT_NAMESPACE,
+    SECURITY_POLICIES,
     SERVICES,
     SIDECARS,
     TRAFFIC_POLICIES,
@@ -51,6 +53,12 @@ from controlplane.sources.kubernetes.watch import (
 )
 
 log = structlog.get_logger("controlplane.source.kubernetes")
+# Per custom kind: the log events' prefix, and the event when a reference is unresolved.
+_EVENTS: dict[Kind, str] = {TRAFFIC_POLICIES: "policy", SIDECARS: "sidecar",
+                            SECURITY_POLICIES: "securitypolicy"}
+_UNRESOLVED: dict[Kind, str] = {TRAFFIC_POLICIES: "policy.no_matching_endpoints",
+                                SIDECARS: "sidecar.no_matching_services",
+                                SECURITY_POLICIES: "securitypolicy.target_not_found"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,10 @@ class KubernetesSource:
     def __init__(self, api: client.ApiClient, namespaces: list[str] | None = None,
                  timing: WatchTiming | None = None, debounce: Debounce | None = None,
                  write_status: bool = True, pod_labels: bool = True,
-                 outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY") -> None:
+                 outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
+                 root_namespace: str = ROOT_NAMESPACE) -> None:
+        """``root_namespace``: the control plane's own, where a SecurityPolicy without a
+        target applies to the whole mesh."""
         self.api = api
         self.kinds = [kind for kind in WATCHED if pod_labels or kind != PODS]
         self.namespaces: list[str | None] = list(namespaces) if namespaces else [None]
@@ -76,11 +87,13 @@ class KubernetesSource:
             SERVICES: ObjectStore(), ENDPOINT_SLICES: ObjectStore(),
             TRAFFIC_POLICIES: ObjectStore(keep_status=True),
             SIDECARS: ObjectStore(keep_status=True),
+            SECURITY_POLICIES: ObjectStore(keep_status=True),
             PODS: ObjectStore(reduce=labels_only)}
         self.verdicts: dict[tuple[Kind, Key], Verdict] = {}
         self.outbound_traffic_policy: OutboundTrafficPolicy = outbound_traffic_policy
-        self.converter = Converter(outbound_traffic_policy)
-        # Status writes sent, not yet seen back, per (TrafficPolicy or Sidecar, object).
+        self.root_namespace = root_namespace
+        self.converter = Converter(outbound_traffic_policy, root_namespace)
+        # Status writes sent, not yet seen back, per (custom kind, object).
         self._writing: dict[tuple[Kind, Key], Verdict] = {}
         self._forbidden: dict[tuple[Kind, str | None], str] = {}
         self._logged: set[str] = set()  # problems already logged: each is logged once
@@ -155,7 +168,8 @@ class KubernetesSource:
                 except Exception:  # a bug, not an input: keep serving the last good mesh
                     log.exception("source.convert_failed", hint="the last good mesh is "
                                   "served; the next change tries again; please report this")
-                    self.converter = Converter(self.outbound_traffic_policy)  # memo afresh
+                    self.converter = Converter(self.outbound_traffic_policy,
+                                               self.root_namespace)  # memo afresh
                     continue
                 if mesh == served:
                     metrics.K8S_REBUILDS.labels("unchanged").inc()
@@ -194,26 +208,27 @@ class KubernetesSource:
         pods = self.stores[PODS].objects if PODS in self.kinds else None
         result = self.converter.convert(
             self.stores[SERVICES].values(), self.stores[ENDPOINT_SLICES].values(),
-            self.stores[TRAFFIC_POLICIES].values(), pods, self.stores[SIDECARS].values())
+            self.stores[TRAFFIC_POLICIES].values(), pods, self.stores[SIDECARS].values(),
+            self.stores[SECURITY_POLICIES].values())
         problems = set(result.skipped)
         for problem in result.skipped:
             if problem not in self._logged:
                 log.warning("source.object_skipped", problem=problem,
                             hint="fix the object; the other services are served as usual")
         verdicts = {**{(TRAFFIC_POLICIES, k): v for k, v in result.verdicts.items()},
-                    **{(SIDECARS, k): v for k, v in result.sidecar_verdicts.items()}}
+                    **{(SIDECARS, k): v for k, v in result.sidecar_verdicts.items()},
+                    **{(SECURITY_POLICIES, k): v for k, v in result.security_verdicts.items()}}
         for target, verdict in verdicts.items():
             kind, (namespace, name) = target
             previous = self.verdicts.get(target)
-            event = "policy" if kind == TRAFFIC_POLICIES else "sidecar"
+            event = _EVENTS[kind]
             if not verdict.accepted and previous != verdict:
                 log.warning(f"{event}.rejected", **{event: f"{namespace}/{name}"},
                             reason=verdict.reason, message=verdict.message)
             if verdict.unresolved:
                 problems.add(verdict.unresolved)
                 if verdict.unresolved not in self._logged:
-                    log.warning("policy.no_matching_endpoints" if kind == TRAFFIC_POLICIES
-                                else "sidecar.no_matching_services",
+                    log.warning(_UNRESOLVED[kind],
                                 **{event: f"{namespace}/{name}"}, message=verdict.unresolved)
             current = self.stores[kind].status.get(target[1])
             if self.status is None or not needs_write(verdict, current):

@@ -1,8 +1,9 @@
-"""TrafficPolicy and Sidecar status: an ``Accepted`` condition that says whether the object
-applies, and if not, which field is wrong; for an accepted one, a ``ResolvedRefs``
-condition that says whether every subset selects an endpoint (a TrafficPolicy: reason
-``NoMatchingEndpoints`` when one selects none, its traffic share answers 503) or every
-host pattern matches a Service (a Sidecar: ``NoMatchingServices``, a likely typo). Written
+"""TrafficPolicy, Sidecar and SecurityPolicy status: an ``Accepted`` condition that says
+whether the object applies, and if not, which field is wrong; for an accepted one, a
+``ResolvedRefs`` condition that says whether every subset selects an endpoint (a
+TrafficPolicy: reason ``NoMatchingEndpoints`` when one selects none, its traffic share
+answers 503), every host pattern matches a Service (a Sidecar: ``NoMatchingServices``, a
+likely typo) or the target Service exists (a SecurityPolicy: ``TargetNotFound``). Written
 only when it differs from what is there, so two replicas agree and our own writes do not
 echo back as changes."""
 
@@ -21,6 +22,7 @@ from controlplane.sources.kubernetes.kinds import (
     CUSTOM,
     POLICY_KIND,
     RESOLVED_REFS,
+    SECURITY_POLICY_KIND,
     SIDECAR_KIND,
     Kind,
 )
@@ -34,6 +36,7 @@ _COMPARED = ("status", "reason", "message", "observedGeneration")
 _RESOLVED = {
     POLICY_KIND: ("NoMatchingEndpoints", "every target selects at least one endpoint"),
     SIDECAR_KIND: ("NoMatchingServices", "every host matches at least one Service"),
+    SECURITY_POLICY_KIND: ("TargetNotFound", "the target exists"),
 }
 _KINDS: dict[str, Kind] = {kind.kind: kind for kind in CUSTOM}
 # metav1.Condition's bound on a message; a longer one makes the API server refuse the write.

@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from controlplane.sources.kubernetes.kinds import EXPORT_TO_ANNOTATION
+from controlplane.sources.kubernetes.kinds import (
+    EXPORT_TO_ANNOTATION,
+    SERVICE_ACCOUNT_ANNOTATION,
+)
 from controlplane.sources.kubernetes.services import Key, key, meta
 
 _KEPT_METADATA = ("name", "namespace", "labels", "creationTimestamp", "generation", "uid")
@@ -30,10 +33,16 @@ def relevant(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def labels_only(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """A Pod as label subsets see it: its name and labels. Every status change of a Pod
-    (probes, restarts) bumps its resourceVersion; this makes those no change at all."""
+    """A Pod as the mesh sees it: its name, labels (for label subsets) and the service
+    account injection wrote on it (its identity). Every status change of a Pod (probes,
+    restarts) bumps its resourceVersion; this makes those no change at all."""
     found = meta(obj)
-    return {"metadata": {k: found[k] for k in ("name", "namespace", "labels") if k in found}}
+    reduced = {k: found[k] for k in ("name", "namespace", "labels") if k in found}
+    annotations = found.get("annotations")
+    if isinstance(annotations, Mapping) and SERVICE_ACCOUNT_ANNOTATION in annotations:
+        reduced["annotations"] = {
+            SERVICE_ACCOUNT_ANNOTATION: annotations[SERVICE_ACCOUNT_ANNOTATION]}
+    return {"metadata": reduced}
 
 
 class ObjectStore:
