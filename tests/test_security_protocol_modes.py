@@ -16,8 +16,9 @@ from cryptography import x509
 from structlog.testing import capture_logs
 
 from controlplane import app
-from controlplane.security import castore
+from controlplane.security import castore, tokens
 from controlplane.security.ca import CertificateAuthority
+from controlplane.security.identity import SpiffeId
 from controlplane.security.sds import CERT_SECRET, ROOT_SECRET
 from controlplane.server.tls import ServingCertificate, server_names
 from controlplane.settings import ServeSettings
@@ -121,13 +122,27 @@ async def test_token_authentication_needs_a_ca(tmp_path: Path) -> None:
         await app.start(settings(tmp_path, authentication="token"))
 
 
-async def test_the_mesh_says_identity_is_on(tmp_path: Path) -> None:
-    running = await app.start(settings(tmp_path, ca_dir=tmp_path / "ca"))
+async def test_the_trust_domain_is_the_meshs_and_the_certificates(tmp_path: Path) -> None:
+    running = await app.start(settings(tmp_path, ca_dir=tmp_path / "ca",
+                                       trust_domain="example.org"))
     try:
         await ready(running)
         assert running.pipeline.current is not None
         identity = running.pipeline.current.mesh.identity
-        assert identity is not None and identity.trust_domain == TD
+        assert identity is not None and identity.trust_domain == "example.org"
+        assert running.secured is not None
+        ca = running.secured.trust.current()
+        channel = grpc.aio.secure_channel(f"127.0.0.1:{running.xds_port}",
+                                          grpc.ssl_channel_credentials(ca.bundle_pem))
+        client = Client(channel, token=tokens.mint(
+            ca, SpiffeId("example.org", "default", "frontend"), "frontend-1",
+            datetime.now(UTC), timedelta(hours=1)))
+        await client.send(**sds_request(client, "frontend-1", "frontend"))
+        got = await secrets(client)
+        assert identity_of(got[CERT_SECRET])[0] == [
+            "spiffe://example.org/ns/default/sa/frontend"]
+        await client.close()
+        await channel.close()
     finally:
         await running.stop(0)
 
