@@ -242,3 +242,21 @@ def test_the_secure_example_is_valid_and_warns_of_nothing_under_a_ca() -> None:
     assert security_warnings(mesh.model_copy(update={"identity": MeshIdentity()})) == []
     ratings = mesh.service("ratings")
     assert ratings is not None and effective(mesh, ratings).mode == "strict"
+
+
+def test_a_mesh_wide_rule_reaches_every_sidecars_inbound_listener() -> None:
+    """A rule of the mesh-wide block changes no service, yet every sidecar's inbound
+    listener must follow it: the build's frame (all but the services) changed."""
+    owner = ProxyIdentity(node_id="r-1", service="ratings", namespace="prod",
+                          inbound_port=15006, app_port=9081)
+    mesh = _secure(load_mesh_text(SECURE))
+
+    def inbound(build: MeshBuild) -> bytes:
+        found = build.snapshot(owner).get(resource.LISTENER).resources["inbound"]
+        return found.message.SerializeToString(deterministic=True)
+
+    first = MeshBuild(mesh)
+    assert b"mesh:no-debug" in inbound(first)
+    renamed = _secure(load_mesh_text(SECURE.replace("no-debug", "no-admin")))
+    second = MeshBuild(renamed, first)
+    assert b"mesh:no-admin" in inbound(second) and b"mesh:no-debug" not in inbound(second)
