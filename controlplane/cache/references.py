@@ -2,6 +2,9 @@
 
 A snapshot is published only when every listener's route configuration, every route's
 cluster and every EDS cluster's endpoints are present (go-control-plane's Consistent()).
+Secrets are not checked: the two that listeners and clusters name (``default``,
+``ROOTCA``) are never in a group's snapshot, they are answered per stream from its
+identity (``cache/secrets.py``).
 """
 
 from __future__ import annotations
