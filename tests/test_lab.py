@@ -17,6 +17,9 @@ pytestmark = pytest.mark.e2e
 # The lab prefers the mesh file's ports (as the compose lab uses them): two labs at once
 # would race for them, so the lab's tests share one xdist worker (`--dist loadgroup`).
 one_lab_at_a_time = pytest.mark.xdist_group("lab")
+MTLS_LINE = ("mTLS: frontend called by spiffe://cluster.local/ns/default/sa/loadgen, "
+             "reviews called by spiffe://cluster.local/ns/default/sa/frontend, "
+             "ratings called by spiffe://cluster.local/ns/default/sa/reviews")
 
 
 def _children_of(pid: int) -> list[int]:
@@ -72,6 +75,10 @@ def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
         shown = "\n".join(lines)
         assert len(children) == 5, f"expected 5 Envoy sidecars, saw {children}:\n{shown}"
         assert healthy, f"no line with every service at 100% ok:\n{shown}"
+        # The lab runs a CA: every call between sidecars is mTLS, and each app sees the
+        # SPIFFE ID of its caller's sidecar.
+        assert "identity: the lab's CA in" in shown, shown
+        assert MTLS_LINE in lines, shown
         assert any(40 <= v2 <= 60 for _, v2 in mixes[:3]), f"{mixes}\n{shown}"  # round robin
         assert any(v2 <= 25 for _, v2 in mixes), f"{mixes}\n{shown}"  # the 90/10 step showed
         proc.send_signal(signal.SIGINT)

@@ -170,6 +170,12 @@ def test_captured_apps_call_by_name_through_both_sidecars_and_a_scenario_works(
         assert call.returncode == 0, call.stderr
         body = json.loads(call.stdout)
         assert body["service"] == "reviews" and body["ratings"]["service"] == "ratings", body
+        # Over mTLS: reviews' app sees the frontend sidecar's identity, ratings' app
+        # the reviews sidecar's (x-forwarded-client-cert, set by the inbound sidecar).
+        assert body["caller"] == "spiffe://cluster.local/ns/default/sa/frontend", body
+        assert body["ratings"]["caller"] == "spiffe://cluster.local/ns/default/sa/reviews"
+        assert any(line.startswith("mTLS: frontend called by spiffe://cluster.local/ns/"
+                                   "default/sa/loadgen") for line in lab.lines), lab.shown()
         assert _counter(frontend, egress) > before, _admin(frontend, "/stats?filter=reviews")
         assert sum(_counter(a, r"^http\.inbound\.downstream_rq_2xx$") for a in reviews) > inbound
         # The same call from the sidecar's UID, which capture leaves alone, reaches

@@ -22,8 +22,11 @@ def make_app(instance: Instance, session: aiohttp.ClientSession,
     """``call``: the downstream's URL (captured); None: by Host via the egress port."""
     downstream = CALLS.get(instance.service)
 
-    async def handle(_: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.Response:
         body: dict[str, object] = {"service": instance.service, "version": instance.version}
+        caller = caller_of(request.headers.get("x-forwarded-client-cert", ""))
+        if caller:
+            body["caller"] = caller
         status = 200
         if downstream is not None:
             url = call or f"http://127.0.0.1:{instance.egress_port}/"
@@ -43,6 +46,17 @@ def make_app(instance: Instance, session: aiohttp.ClientSession,
     app = web.Application()
     app.router.add_get("/", handle)
     return app
+
+
+def caller_of(xfcc: str) -> str | None:
+    """The caller's SPIFFE ID from the ``x-forwarded-client-cert`` its sidecar set (the
+    mTLS peer's URI SAN, ``...;URI=spiffe://...``); None for a plaintext caller."""
+    last = xfcc.rsplit(",", 1)[-1]
+    for part in last.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "uri" and value:
+            return value.strip().strip('"')
+    return None
 
 
 async def start_app(instance: Instance,

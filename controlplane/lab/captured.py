@@ -15,9 +15,11 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from controlplane.lab.apps import ready_line
+from controlplane.lab.identity import SidecarIdentity
 from controlplane.lab.pods import Network, Pod
 from controlplane.lab.sidecars import Sidecar
 from controlplane.lab.topology import CALLS, Instance, LabError, Plan, plan_captured
@@ -33,6 +35,7 @@ class RemoteTraffic:
         self.latencies: list[float] = []
         self.statuses: Counter[int] = Counter()
         self.versions: Counter[str] = Counter()
+        self.callers: dict[str, str] = {}
 
     @property
     def rate(self) -> float:
@@ -54,6 +57,7 @@ class RemoteTraffic:
             self.latencies += [float(x) for x in report.get("latencies", [])]
             self.statuses.update({int(k): int(v) for k, v in report.get("statuses", {}).items()})
             self.versions.update({str(k): int(v) for k, v in report.get("versions", {}).items()})
+            self.callers.update({str(k): str(v) for k, v in report.get("callers", {}).items()})
 
     def take(self) -> tuple[list[float], Counter[int], Counter[str]]:
         taken = self.latencies, self.statuses, self.versions
@@ -79,8 +83,11 @@ class CapturedLab:
                                prefer)
         return layout, swept
 
-    async def start(self, layout: Plan, xds_port: int) -> list[Sidecar]:
-        """Pods with capture and apps; their sidecars, made but not started."""
+    async def start(self, layout: Plan, xds_port: int,
+                    identify: Callable[[Instance], SidecarIdentity | None] = lambda _: None,
+                    ) -> list[Sidecar]:
+        """Pods with capture and apps; their sidecars, made but not started (each with
+        the identity ``identify`` gives it)."""
         hosts = dict(layout.virtual_ips)
         sidecars = []
         for instance in (*layout.instances, layout.loadgen):
@@ -92,7 +99,8 @@ class CapturedLab:
             if instance.app_port:
                 await self._app(pod, instance, _call_url(instance, layout))
             sidecars.append(Sidecar(instance, self.workdir, xds_port, pod=pod,
-                                    xds_host=self.network.gateway))
+                                    xds_host=self.network.gateway,
+                                    identity=identify(instance)))
         return sidecars
 
     async def traffic(self, layout: Plan, rate: float) -> RemoteTraffic:

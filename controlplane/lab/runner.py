@@ -32,12 +32,13 @@ from rich.live import Live
 from controlplane.app import Running, start
 from controlplane.lab.apps import start_app
 from controlplane.lab.captured import CapturedLab, RemoteTraffic
-from controlplane.lab.pods import unavailable
+from controlplane.lab.identity import LabCa
+from controlplane.lab.pods import PROXY_UID, unavailable
 from controlplane.lab.scenarios import scenarios
 from controlplane.lab.sidecars import Sidecar
 from controlplane.lab.topology import LabError, Plan, check_template, plan
 from controlplane.lab.traffic import Traffic
-from controlplane.lab.view import Stats, console, render_line, render_table
+from controlplane.lab.view import Stats, console, render_callers, render_line, render_table
 from controlplane.lab.watch import KEEPS, MeshWatch
 from controlplane.mesh.loader import parse_mesh_yaml
 from controlplane.settings import ServeSettings
@@ -59,6 +60,7 @@ async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic | RemoteT
     if live is not None:
         live.start()
     shown: list[str] = []
+    seen_callers: dict[str, str] = {}
     try:
         while True:
             await asyncio.sleep(1.0)
@@ -71,12 +73,16 @@ async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic | RemoteT
             failed = sum(n for code, n in statuses.items() if code != 200)
             errors = f"client errors {failed} {dict(sorted(statuses.items()))}" if failed else ""
             elapsed = time.monotonic() - started
+            callers = dict(traffic.callers)
             if live is None:  # scenario steps print their own lines
+                if callers != seen_callers:
+                    print(render_callers(callers, order), file=out, flush=True)
+                    seen_callers = callers
                 render_line(elapsed, services, order, errors, out, watch.summary())
             else:
                 latest = status[-1] if status else ""
                 live.update(render_table(elapsed, services, order, f"{errors} {latest}".strip(),
-                                         problems, KEEPS), refresh=True)
+                                         problems, KEEPS, callers), refresh=True)
     finally:
         if live is not None:
             live.stop()
@@ -115,14 +121,16 @@ async def _scenario(name: str, path: Path, traffic: Traffic | RemoteTraffic, out
     print(status[-1], file=out, flush=True)
 
 
-async def _start_server(layout: Plan, workdir: Path, xds_host: str = "127.0.0.1") -> Running:
+async def _start_server(layout: Plan, workdir: Path, ca: LabCa,
+                        xds_host: str = "127.0.0.1") -> Running:
     """The control plane on the plan's ports, or on free ones when another process took
-    them between the plan and now."""
+    them between the plan and now; running the lab's CA (xDS over TLS, proxies
+    authenticated by their tokens, a certificate per workload over SDS)."""
     def settings(xds: int, admin: int) -> ServeSettings:
         return ServeSettings(
             source=f"file:{layout.mesh_path}", xds_address=f"{xds_host}:{xds}",
             admin_address=f"127.0.0.1:{admin}", snapshot_dir=workdir / "snapshots",
-            poll_interval=0.1)
+            poll_interval=0.1, ca_dir=ca.directory)
     try:
         return await start(settings(layout.xds_port, layout.admin_port))
     except (OSError, RuntimeError):  # grpc says RuntimeError("Failed to bind ...")
@@ -189,18 +197,22 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
             if swept:
                 print(f"controlplane lab: removed what a stopped lab left behind "
                       f"(networks {swept})", file=out, flush=True)
-            running = await _start_server(layout, workdir, pods.network.gateway)
-            sidecars = await pods.start(layout, running.xds_port)
+            ca = LabCa(workdir)
+            running = await _start_server(layout, workdir, ca, pods.network.gateway)
+            sidecars = await pods.start(layout, running.xds_port, lambda i: ca.identity(
+                i.node_id, i.service_account, owner=PROXY_UID))
         else:
             layout = plan(workdir, mesh_template, prefer=claim is not None)
-            running = await _start_server(layout, workdir, "127.0.0.1")
+            ca = LabCa(workdir)
+            running = await _start_server(layout, workdir, ca, "127.0.0.1")
             instances = []
             for instance in layout.instances:
                 runner, instance = await start_app(instance, session)
                 runners.append(runner)
                 instances.append(instance)
             layout = dataclasses.replace(layout, instances=tuple(instances))
-            sidecars = [Sidecar(i, workdir, running.xds_port)
+            sidecars = [Sidecar(i, workdir, running.xds_port,
+                                identity=ca.identity(i.node_id, i.service_account))
                         for i in (*layout.instances, layout.loadgen)]
         layout = dataclasses.replace(layout, xds_port=running.xds_port,
                                      admin_port=running.admin_port)
@@ -211,6 +223,9 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
         print(f"  mesh file (edit it live): {layout.mesh_path}", file=out)
         print(f"  control plane admin:      http://127.0.0.1:{layout.admin_port}/  "
               f"(xDS on {xds_host}:{layout.xds_port})", file=out)
+        print(f"  identity: the lab's CA in {ca.directory}; each sidecar reaches xDS over TLS "
+              f"with its token ({ca.tokens}), gets its certificate over SDS and calls the "
+              "others over mTLS", file=out)
         if pods is not None:
             _tell_captured(layout, pods, sidecars, out)
         else:

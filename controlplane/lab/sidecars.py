@@ -17,29 +17,37 @@ import yaml
 
 from controlplane.bootstrap import BootstrapOptions, build_bootstrap, capture_options
 from controlplane.lab.envoy import envoy_command, find_envoy
+from controlplane.lab.identity import SidecarIdentity
 from controlplane.lab.pods import PROXY_UID, Pod
 from controlplane.lab.topology import Instance, LabError
 
 
 class Sidecar:
     def __init__(self, instance: Instance, workdir: Path, xds_port: int,
-                 pod: Pod | None = None, xds_host: str = "127.0.0.1") -> None:
+                 pod: Pod | None = None, xds_host: str = "127.0.0.1",
+                 identity: SidecarIdentity | None = None) -> None:
+        """``identity``: xDS over TLS with its token (the lab's CA); None: plaintext."""
         self.instance = instance
         self.pod = pod
         self.config = workdir / f"envoy-{instance.node_id}.yaml"
         self.log_path = workdir / f"envoy-{instance.node_id}.log"
         inbound = instance.inbound_port or None
+        self.identity = identity
+        bundle = identity.bundle_pem if identity is not None else None
+        token = str(identity.token_file) if identity is not None else None
         if pod is not None:
             options = capture_options(
                 instance.node_id, instance.service, xds_address=f"{xds_host}:{xds_port}",
                 admin_address=instance.address, admin_port=instance.admin_port,
-                egress_port=instance.egress_port, instance_ip=instance.address)
+                egress_port=instance.egress_port, instance_ip=instance.address,
+                xds_ca=bundle, token_file=token)
         else:
             options = BootstrapOptions(
                 node_id=instance.node_id, service=instance.service,
                 xds_address=f"{xds_host}:{xds_port}", admin_port=instance.admin_port,
                 egress_port=instance.egress_port, inbound_port=inbound,
-                app_port=instance.app_port if inbound else None, inbound_address="127.0.0.1")
+                app_port=instance.app_port if inbound else None, inbound_address="127.0.0.1",
+                xds_ca=bundle, token_file=token)
         bootstrap = build_bootstrap(options)
         # Latency quantiles per flush interval: one a second, as the lab's view refreshes.
         bootstrap["stats_flush_interval"] = "1s"

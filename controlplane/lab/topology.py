@@ -18,10 +18,13 @@ from typing import Any
 import yaml
 
 from controlplane.errors import MeshError
+from controlplane.mesh.endpoints import Endpoint
 from controlplane.mesh.loader import load_mesh_text, parse_mesh_yaml
 from controlplane.mesh.model import Mesh
+from controlplane.mesh.service import Service
 
 CALLS = {"frontend": "reviews", "reviews": "ratings"}  # who each demo app calls downstream
+LOADGEN_ACCOUNT = "loadgen"  # the traffic generator's sidecar's identity
 NEEDS = ("a service `frontend` with at least one endpoint (the traffic generator calls it "
          "by Host `frontend`); every service with endpoints on a single port (each endpoint "
          "becomes a demo app behind its own sidecar). The demo apps of frontend and reviews "
@@ -103,6 +106,8 @@ class Instance:
     admin_port: int
     address: str = "127.0.0.1"
     """Where its app and sidecar admin are: loopback, or its pod's address (captured)."""
+    service_account: str = ""
+    """The identity its sidecar runs as (the mesh file's, else the service's name)."""
 
 
 @dataclass(frozen=True)
@@ -142,9 +147,11 @@ def plan(workdir: Path, template: str | None = None, prefer: bool = True) -> Pla
             instances.append(Instance(
                 service=service.name, version=version,
                 node_id=f"{service.name}-{version}", app_port=pick(endpoint.port + 1),
-                inbound_port=inbound, egress_port=free_port(), admin_port=free_port()))
+                inbound_port=inbound, egress_port=free_port(), admin_port=free_port(),
+                service_account=_account(service, endpoint, raw)))
     mesh_path = _write(workdir, data)
-    loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, free_port(), free_port())
+    loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, free_port(), free_port(),
+                       service_account=LOADGEN_ACCOUNT)
     return Plan(mesh_path, tuple(instances), loadgen, pick(18000), pick(19000))
 
 
@@ -180,14 +187,27 @@ def plan_captured(workdir: Path, address: Callable[[int], str], template: str | 
                 service=service.name, version=version, node_id=f"{service.name}-{version}",
                 app_port=endpoint.port, inbound_port=CAPTURE_PORTS["inbound"],
                 egress_port=CAPTURE_PORTS["egress"], admin_port=CAPTURE_PORTS["admin"],
-                address=at))
+                address=at, service_account=_account(service, endpoint, raw)))
     mesh_path = _write(workdir, data)
     loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, CAPTURE_PORTS["egress"],
-                       CAPTURE_PORTS["admin"], address(len(instances)))
+                       CAPTURE_PORTS["admin"], address(len(instances)),
+                       service_account=LOADGEN_ACCOUNT)
     ports = {s.name: s.service_ports[0].port for s in mesh.services if s.service_ports}
     return Plan(mesh_path, tuple(instances), loadgen,
                 free_port(18000 if prefer else 0), free_port(19000 if prefer else 0),
                 virtual_ips, ports)
+
+
+def _account(service: Service, endpoint: Endpoint, raw: dict[str, Any]) -> str:
+    """The service account an endpoint's sidecar runs as: the endpoint's, else its
+    service's first; else the service's name, written into the lab's copy of the mesh
+    (``service_accounts``) so callers verify it and use mTLS to it."""
+    if endpoint.service_account:
+        return endpoint.service_account
+    if service.service_accounts:
+        return str(service.service_accounts[0])
+    raw["service_accounts"] = [service.name]
+    return service.name
 
 
 def _write(workdir: Path, data: dict[str, Any]) -> Path:

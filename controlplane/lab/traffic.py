@@ -33,6 +33,9 @@ class Traffic:
         self.latencies: list[float] = []
         self.statuses: Counter[int] = Counter()
         self.versions: Counter[str] = Counter()
+        self.callers: dict[str, str] = {}
+        """Per service, the SPIFFE ID its app last saw calling it (mTLS), from the
+        answers' ``caller`` fields."""
 
     async def run(self) -> None:
         gate = asyncio.Semaphore(64)
@@ -54,6 +57,7 @@ class Traffic:
                 version = body.get("reviews", {}).get("version") if isinstance(body, dict) else None
                 if version:
                     self.versions[str(version)] += 1
+                record_callers(body, self.callers)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             self.statuses[0] += 1
         finally:
@@ -64,6 +68,16 @@ class Traffic:
         taken = self.latencies, self.statuses, self.versions
         self.latencies, self.statuses, self.versions = [], Counter(), Counter()
         return taken
+
+
+def record_callers(body: object, callers: dict[str, str]) -> None:
+    """Each nested answer's ``caller`` by its ``service`` (frontend's, then reviews' in
+    it, then ratings'), into ``callers``."""
+    while isinstance(body, dict):
+        service, caller = body.get("service"), body.get("caller")
+        if isinstance(service, str) and isinstance(caller, str):
+            callers[service] = caller
+        body = next((v for v in body.values() if isinstance(v, dict)), None)
 
 
 def _follow_rate(traffic: Traffic, loop: asyncio.AbstractEventLoop) -> None:
@@ -94,7 +108,8 @@ async def _main(egress_port: int, rate: float, duration: float, url: str | None,
             latencies, statuses, versions = traffic.take()
             if as_json:
                 print(json.dumps({"latencies": latencies, "statuses": statuses,
-                                  "versions": versions}), flush=True)
+                                  "versions": versions, "callers": traffic.callers}),
+                      flush=True)
                 continue
             p50 = 1000 * statistics.median(latencies) if latencies else 0.0
             print(f"requests {len(latencies)} statuses {dict(statuses)} "

@@ -110,11 +110,21 @@ def render_line(elapsed: float, services: dict[str, ServiceStats], order: list[s
     print(f"[{elapsed:5.0f}s]", " | ".join(parts), extra + tail, file=out, flush=True)
 
 
+def render_callers(callers: dict[str, str], order: list[str]) -> str:
+    """Who calls each service over mTLS, as its app sees it (the SPIFFE ID its sidecar
+    verified and passed in ``x-forwarded-client-cert``); said again when it changes."""
+    if not callers:
+        return "mTLS: no app sees a caller's identity (plaintext calls)"
+    return "mTLS: " + ", ".join(f"{name} called by {callers[name]}" for name in order
+                                if name in callers)
+
+
 def render_table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
                  extra: str, problems: list[str] | None = None,
-                 note: str = "") -> RenderableType:
-    """The live table; under it, in red, the mesh file's problems until a save fixes them."""
-    table = _table(elapsed, services, order, extra)
+                 note: str = "", callers: dict[str, str] | None = None) -> RenderableType:
+    """The live table; under it, in red, the mesh file's problems until a save fixes them.
+    ``callers``: a column with the SPIFFE ID each service's app sees calling it."""
+    table = _table(elapsed, services, order, extra, callers or {})
     if not problems:
         return table
     shown = problems[:8]
@@ -127,12 +137,13 @@ def render_table(elapsed: float, services: dict[str, ServiceStats], order: list[
 
 
 def _table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
-           extra: str) -> Table:
+           extra: str, callers: dict[str, str]) -> Table:
     table = Table(title=f"controlplane lab: {elapsed:.0f}s  {extra}".rstrip(),
                   title_justify="left", expand=False)
-    for column in ("service", "rps", "success", "p50", "p99", "versions answering"):
-        table.add_column(column, justify="left" if column in ("service",
-                                                              "versions answering") else "right")
+    for column in ("service", "rps", "success", "p50", "p99", "versions answering",
+                   "caller (mTLS)"):
+        table.add_column(column, justify="right" if column in ("rps", "success", "p50",
+                                                               "p99") else "left")
     for name in order:
         stats = services.get(name, ServiceStats())
         total = sum(stats.versions.values())
@@ -143,7 +154,7 @@ def _table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
             _ms(stats.p50_ms) if stats.p50_ms is not None else "-",
             _ms(stats.p99_ms) if stats.p99_ms is not None else "-",
             " ".join(f"{v} {100 * n / total:.0f}%" for v, n in sorted(stats.versions.items()))
-            if total else "-")
+            if total else "-", callers.get(name, "-"))
     return table
 
 
