@@ -101,17 +101,15 @@ def inbound_listener(
         return None
     port = None if own is None else Port(inbound_service_port(own, proxy.inbound_port),
                                          proxy.inbound_port)
-    if port is None or port.http:
-        manager = inbound_manager(cluster_name, inbound_http_filters(security, port)
-                                  if port is not None else ())
-        if port is not None:
-            secure_manager(security, port, manager)
-        only = chain(HTTP_CONNECTION_MANAGER, manager)
-    else:
+    if port is not None and not port.http:
         only = chain(
             TCP_PROXY, tcp_proxy_pb2.TcpProxy(stat_prefix="inbound", cluster=cluster_name)
         )
         secure_tcp_chain(security, port, only)
+    else:
+        manager = inbound_manager(cluster_name, inbound_http_filters(security, port))
+        secure_manager(security, port, manager)
+        only = chain(HTTP_CONNECTION_MANAGER, manager)
     listener = listener_pb2.Listener(
         name=names.INBOUND_LISTENER,
         address=socket_address(proxy.inbound_address, proxy.inbound_port),

@@ -75,15 +75,17 @@ def secure_lb_endpoint(ctx: Upstream, service: Service, endpoint: Endpoint,
         feature.lb_endpoint(ctx, service, endpoint, lb_endpoint)
 
 
-def inbound_http_filters(ctx: Inbound | None, port: Port) -> list[hcm_pb2.HttpFilter]:
-    if ctx is None:
+def inbound_http_filters(ctx: Inbound | None, port: Port | None) -> list[hcm_pb2.HttpFilter]:
+    """Every feature's HTTP filters for ``port`` (None: a service the mesh does not know,
+    which has no security either)."""
+    if ctx is None or port is None:
         return []
     return [f for feature in FEATURES for f in feature.http_filters(ctx, port)]
 
 
-def secure_manager(ctx: Inbound | None, port: Port,
+def secure_manager(ctx: Inbound | None, port: Port | None,
                    manager: hcm_pb2.HttpConnectionManager) -> None:
-    if ctx is None:
+    if ctx is None or port is None:
         return
     for feature in FEATURES:
         feature.manager(ctx, port, manager)
