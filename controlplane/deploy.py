@@ -163,9 +163,13 @@ def deployment() -> dict[str, Any]:
         "name": NAME,
         "image": IMAGE,
         "imagePullPolicy": "IfNotPresent",
+        # Spelled out though they are the defaults: xDS over TLS from the mesh CA (kept in
+        # the Secret controlplane-ca, shared by the replicas), and only sidecars whose
+        # projected ServiceAccount token passes TokenReview are served.
         "args": ["serve", "--source", "kubernetes",
                  "--xds-address", f"0.0.0.0:{XDS_PORT}",
                  "--admin-address", f"0.0.0.0:{ADMIN_PORT}",
+                 "--authentication", "token", "--ca-secret", CA_SECRET,
                  "--snapshot-dir", "/tmp/snapshots"],
         "ports": [
             {"name": "grpc-xds", "containerPort": XDS_PORT, "protocol": "TCP"},
@@ -205,7 +209,11 @@ def deployment() -> dict[str, Any]:
             "strategy": {"type": "RollingUpdate",
                          "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
-                "metadata": {"labels": dict(LABELS)},
+                # The admin port is not in the Service: Prometheus scrapes the pods.
+                "metadata": {"labels": dict(LABELS),
+                             "annotations": {"prometheus.io/scrape": "true",
+                                             "prometheus.io/port": str(ADMIN_PORT),
+                                             "prometheus.io/path": "/metrics"}},
                 "spec": {
                     "serviceAccountName": NAME,
                     "securityContext": {
@@ -224,7 +232,9 @@ def deployment() -> dict[str, Any]:
 
 
 def service() -> dict[str, Any]:
-    """What sidecars dial: ``controlplane.controlplane-system.svc:18000``."""
+    """What sidecars dial (``controlplane.controlplane-system.svc:18000``, TLS) and the
+    API server calls (15017, HTTPS). Not the admin port: probes and Prometheus reach the
+    pods, and /debug/* answers loopback only (kubectl port-forward)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -235,13 +245,39 @@ def service() -> dict[str, Any]:
             "ports": [
                 {"name": "grpc-xds", "port": XDS_PORT, "targetPort": "grpc-xds",
                  "protocol": "TCP", "appProtocol": "grpc"},
-                {"name": "http-admin", "port": ADMIN_PORT, "targetPort": "http-admin",
-                 "protocol": "TCP", "appProtocol": "http"},
                 {"name": "https-webhook", "port": WEBHOOK_PORT, "targetPort": "https-webhook",
                  "protocol": "TCP", "appProtocol": "https"},
             ],
         },
     }
+
+
+def network_policies() -> list[dict[str, Any]]:
+    """The control plane's namespace admits nothing by default; its pods admit xDS and
+    the webhook from anywhere (sidecars live in every namespace; the API server's address
+    is the cluster's own), and the admin port only from Prometheus pods
+    (``app.kubernetes.io/name: prometheus``, any namespace). Kubelet probes come from
+    the node, which NetworkPolicy never blocks. Egress stays open: the API server's
+    address differs per cluster."""
+    namespace_wide = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                      "metadata": _meta(f"{NAME}-default-deny"),
+                      "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    tcp = "TCP"
+    ours = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(NAME),
+            "spec": {
+                "podSelector": {"matchLabels": dict(LABELS)},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {"ports": [{"protocol": tcp, "port": XDS_PORT},
+                               {"protocol": tcp, "port": WEBHOOK_PORT}]},
+                    {"from": [{"namespaceSelector": {},
+                               "podSelector": {"matchLabels": {
+                                   "app.kubernetes.io/name": "prometheus"}}}],
+                     "ports": [{"protocol": tcp, "port": ADMIN_PORT}]},
+                ],
+            }}
+    return [namespace_wide, ours]
 
 
 def _webhook(name: str, namespaces: dict[str, Any], objects: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +292,8 @@ def _webhook(name: str, namespaces: dict[str, Any], objects: dict[str, Any]) -> 
         "timeoutSeconds": 10,
         "matchPolicy": "Equivalent",
         "reinvocationPolicy": "Never",
-        # caBundle is written by the control plane at start (its own CA, or yours).
+        # caBundle is written by the control plane at start: the mesh CA's trust bundle
+        # (the Secret controlplane-ca), which also signs xDS's serving certificate.
         "clientConfig": {"service": {"name": NAME, "namespace": NAMESPACE,
                                      "path": WEBHOOK_PATH, "port": WEBHOOK_PORT}},
         "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
@@ -390,6 +427,7 @@ def rendered() -> dict[Path, str]:
         DIR / "03-deployment.yaml": _dump(deployment()),
         DIR / "04-service.yaml": _dump(service()),
         DIR / "05-poddisruptionbudget.yaml": _dump(pod_disruption_budget()),
+        DIR / "05-networkpolicy.yaml": _dump(*network_policies()),
         DIR / "06-mutatingwebhookconfiguration.yaml": _dump(mutating_webhook_configuration()),
         DIR / "examples" / "trafficpolicy.yaml": _dump(example_traffic_policy(),
                                                        header=example_header),

@@ -43,6 +43,8 @@ def by_kind() -> dict[str, dict[str, Any]]:
             if name == "CustomResourceDefinition" and document["metadata"]["name"] != \
                     crd.CRD_NAME:  # the TrafficPolicy CRD is "the" CRD; others by name
                 name = f"{name}/{document['metadata']['name']}"
+            if name == "NetworkPolicy":
+                name = f"{name}/{document['metadata']['name']}"
             assert name not in found, f"two {name} objects"
             found[name] = document
     return found
@@ -320,6 +322,12 @@ def test_deployment_is_replicated_probed_and_unprivileged() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-admin"}
     assert f"0.0.0.0:{ports['http-admin']}" in container["args"]
     assert f"0.0.0.0:{ports['grpc-xds']}" in container["args"]
+    # Secured by default, and said so: TLS from the mesh CA's Secret, token-checked proxies.
+    args = container["args"]
+    assert args[args.index("--authentication") + 1] == "token"
+    assert args[args.index("--ca-secret") + 1] == kinds.CA_SECRET
+    template = deployment["spec"]["template"]["metadata"]
+    assert template["annotations"]["prometheus.io/port"] == str(ports["http-admin"])
     assert set(container["resources"]) == {"requests", "limits"}
 
     security = {**pod["securityContext"], **container["securityContext"]}
@@ -345,8 +353,8 @@ def test_service_and_budget_select_the_pods() -> None:
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["selector"].items() <= pod_labels.items()
     ports = {p["name"]: (p["port"], p.get("appProtocol")) for p in service["spec"]["ports"]}
-    assert ports == {"grpc-xds": (18000, "grpc"), "http-admin": (19000, "http"),
-                     "https-webhook": (15017, "https")}
+    # Not the admin port: probes and Prometheus reach the pods, /debug/* is loopback only.
+    assert ports == {"grpc-xds": (18000, "grpc"), "https-webhook": (15017, "https")}
     budget = found["PodDisruptionBudget"]
     assert budget["spec"]["minAvailable"] == 1
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -429,3 +437,30 @@ def test_webhook_is_served_where_the_configuration_points() -> None:
     (hook, _) = found["MutatingWebhookConfiguration"]["webhooks"]
     assert hook["clientConfig"]["service"]["port"] == port["port"]
     assert port["targetPort"] in {p["name"] for p in container["ports"]}
+
+
+# --- the network -------------------------------------------------------------------------
+
+
+def test_network_policy_admits_only_xds_the_webhook_and_prometheus() -> None:
+    """The namespace admits nothing by default; the control plane's pods admit xDS and
+    the webhook from anywhere, the admin port from Prometheus pods only."""
+    found = by_kind()
+    deny = found["NetworkPolicy/controlplane-default-deny"]
+    assert deny["metadata"]["namespace"] == deploy.NAMESPACE
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    ours = found["NetworkPolicy/controlplane"]
+    pod_labels = found["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert ours["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert ours["spec"]["policyTypes"] == ["Ingress"]
+    (container,) = found["Deployment"]["spec"]["template"]["spec"]["containers"]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    anyone, prometheus = ours["spec"]["ingress"]
+    assert "from" not in anyone
+    assert {p["port"] for p in anyone["ports"]} == {container_ports["grpc-xds"],
+                                                    container_ports["https-webhook"]}
+    assert [p["port"] for p in prometheus["ports"]] == [container_ports["http-admin"]]
+    assert prometheus["from"] == [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    service_ports = {p["port"] for p in found["Service"]["spec"]["ports"]}
+    assert service_ports == {p["port"] for p in anyone["ports"]}
