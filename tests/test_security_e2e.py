@@ -263,3 +263,23 @@ def test_a_rotated_token_file_is_read_again_on_reconnect(mesh: SecureMesh, delta
                                               for p in server.json("/debug/proxies")},
              timeout=45, what="frontend to reconnect with its fresh token")
     assert f"URI={spiffe('frontend')}" in secured_call(frontend, "ratings").xfcc
+
+
+def test_a_service_may_disable_mtls_under_a_strict_mesh(mesh: SecureMesh) -> None:
+    """The service's mode overrides the mesh's: ratings says `disable`, so its inbound
+    port takes plaintext, and the caller's sidecar (knowing it) calls it in plaintext:
+    the app sees no caller identity."""
+    app = mesh.http_app("ratings-app")
+    disabled = {"mtls": {"mode": "disable"}}
+    strict = {"mtls": {"mode": "strict"}}
+    mesh.serve({"security": strict, "services": [service("ratings", None, security=disabled)]})
+    ratings = mesh.sidecar("ratings-1.default", "ratings", "ratings", False, app_port=app.port)
+    frontend = mesh.sidecar("frontend-1.default", "frontend", "frontend", False)
+    mesh.update({"security": strict,
+                 "services": [service("ratings", ratings, security=disabled)]})
+    answer = secured_call(frontend, "ratings")
+    assert "spiffe://" not in answer.xfcc, answer.xfcc
+    # (frontend's sidecar has no mTLS to do: it never even asked for a certificate)
+    assert not own_serials(frontend, spiffe("frontend"))
+    plain = call(ratings.inbound_port or 0, "ratings")
+    assert plain.status == 200, plain

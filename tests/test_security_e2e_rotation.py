@@ -9,6 +9,7 @@ import http.client
 import ssl
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.support.secure import (
     SecureMesh,
     TlsFiles,
     call,
+    envoy_ca_certs,
     own_serials,
     peer_serial,
     spiffe,
@@ -121,3 +123,55 @@ def test_certificates_rotate_under_traffic_without_a_lost_request(
                  "secrets.rotated" and line.get("identity") == spiffe("ratings")]
     most = int(TRAFFIC_SECONDS / 3) + 3
     assert 2 <= len(rotations) <= most, [r.get("serial") for r in rotations]
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_a_root_rotation_reaches_every_sidecar_without_a_lost_request(
+        tmp_path: Path, delta: bool) -> None:
+    """``controlplane ca rotate``: a new root signs from now on and the old one stays in
+    the bundle. The server reads its CA directory again (every second here), gives every
+    sidecar a certificate from the new root and the two-root bundle, and calls between
+    sidecars keep succeeding throughout."""
+    from controlplane.security.castore import rotate_dir
+
+    mesh = SecureMesh(tmp_path, cert_ttl="1h")
+    mesh.server_env = {"CONTROLPLANE_CA_POLL_INTERVAL": "1"}
+    try:
+        app = mesh.http_app("ratings-app")
+        strict = {"mtls": {"mode": "strict"}}
+        mesh.serve({"security": strict, "services": []})
+        ratings = mesh.sidecar("ratings-1.default", "ratings", "ratings", delta,
+                               app_port=app.port)
+        frontend = mesh.sidecar("frontend-1.default", "frontend", "frontend", delta)
+        mesh.update({"security": strict, "services": [
+            {"name": "ratings", "port": 9080, "service_accounts": ["ratings"],
+             "endpoints": [{"address": "127.0.0.1", "port": ratings.inbound_port,
+                            "service_account": "ratings"}]}]})
+        wait_for(lambda: call(frontend.egress_port, "ratings").status == 200, timeout=30,
+                 what="frontend -> ratings over mTLS")
+        old = {e: serials(own_serials(e, spiffe(sa)))
+               for e, sa in ((ratings, "ratings"), (frontend, "frontend"))}
+
+        rotate_dir(mesh.ca_dir, "cluster.local", datetime.now(UTC))
+        failures: list[str] = []
+        ends = time.monotonic() + 30
+        for rounds in range(MAX_ROUNDS):
+            answer = call(frontend.egress_port, "ratings")
+            if answer.status != 200:
+                failures.append(f"round {rounds}: {answer}")
+            if all(serials(own_serials(e, spiffe(sa))) - old[e]
+                   for e, sa in ((ratings, "ratings"), (frontend, "frontend"))):
+                break
+            if time.monotonic() > ends:
+                raise AssertionError("the sidecars did not get certificates from the new "
+                                     "root within 30 s")
+            time.sleep(0.05)
+        for _ in range(20):  # and on new certificates on both sides
+            answer = call(frontend.egress_port, "ratings")
+            if answer.status != 200:
+                failures.append(f"after: {answer}")
+        assert not failures, failures[:10]
+        roots = envoy_ca_certs(frontend)
+        assert len(set(roots)) == 2, roots  # the old root and the new one
+    finally:
+        mesh.close()

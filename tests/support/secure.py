@@ -170,6 +170,14 @@ def envoy_certs(envoy: Envoy) -> list[dict[str, Any]]:
     return held
 
 
+def envoy_ca_certs(envoy: Envoy) -> list[str]:
+    """The serial numbers of the CA certificates (trust bundle) Envoy reports."""
+    status, body, _ = envoy.admin("/certs")
+    assert status == 200, body
+    return [cert.get("serial_number", "") for entry in json.loads(body).get("certificates", [])
+            for cert in entry.get("ca_cert", []) or []]
+
+
 def own_serials(envoy: Envoy, identity: str) -> set[str]:
     """The serial numbers of the certificates Envoy holds for ``identity``."""
     return {c["serial_number"] for c in envoy_certs(envoy) if identity in c["uris"]}
@@ -197,6 +205,7 @@ class SecureMesh:
         self.mesh_path = tmp / "mesh.yaml"
         self.cert_ttl = cert_ttl
         self.server_extra = server_extra or []
+        self.server_env: dict[str, str] = {}
         self.server: ControlPlane | None = None
         self.envoys: list[Envoy] = []
         self.apps: list[HeaderEcho | TcpEcho] = []
@@ -208,7 +217,8 @@ class SecureMesh:
         extra = ["--ca-dir", str(self.ca_dir), *self.server_extra]
         if self.cert_ttl is not None:
             extra += ["--workload-cert-ttl", self.cert_ttl]
-        self.server = ControlPlane(self.mesh_path, self.tmp, extra=extra).start()
+        self.server = ControlPlane(self.mesh_path, self.tmp, extra=extra,
+                                   env=self.server_env).start()
         wait_for(lambda: (self.ca_dir / "ca.crt").exists(), what="the server's CA files")
         return self.server
 
