@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 
 import structlog
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
@@ -75,6 +76,7 @@ class _Held:
     serial: int
     bundle: bytes
     layer: Layer
+    typed: TypeSnapshot  # the layer as the secret type of a snapshot, made once
     groups: dict[str, int] = field(default_factory=dict)  # group -> streams open
     idle_since: float | None = None  # monotonic time its last stream closed
     derived: dict[str, tuple[Snapshot, Snapshot]] = field(default_factory=dict)
@@ -156,7 +158,9 @@ class SecretWatcher:
     @staticmethod
     def _made(spiffe: SpiffeId, issued: Issued, bundle: bytes) -> _Held:
         secrets = [secret_resource(m) for m in secret_messages(issued, bundle)]
-        return _Held(spiffe, issued.serial, bundle, Layer.of(resource.SECRET, secrets))
+        layer = Layer.of(resource.SECRET, secrets)
+        return _Held(spiffe, issued.serial, bundle, layer,
+                     TypeSnapshot.layered(resource.SECRET, (), layer))
 
     def _derive(self, held: _Held, group: str, base: Snapshot) -> Snapshot:
         made = held.derived.get(group)
@@ -164,12 +168,15 @@ class SecretWatcher:
             return made[1]
         types = dict(base.types)
         theirs = base.types.get(resource.SECRET)
-        own = held.layer
+        typed = held.typed
         if theirs is not None and theirs.resources:  # the group's own secrets, if any
-            kept = [r for n, r in theirs.resources.items() if n not in own.resources]
-            own = Layer.of(resource.SECRET, [*kept, *own.resources.values()])
-        types[resource.SECRET] = TypeSnapshot.layered(resource.SECRET, (), own)
-        derived = Snapshot.of(types)
+            kept = [r for n, r in theirs.resources.items() if n not in held.layer.resources]
+            typed = TypeSnapshot.layered(resource.SECRET, (), Layer.of(
+                resource.SECRET, [*kept, *held.layer.resources.values()]))
+        types[resource.SECRET] = typed
+        # Its version says both parts: the group's snapshot and this identity's secrets.
+        version = hashlib.sha256(f"{base.version}/{typed.version}".encode()).hexdigest()[:16]
+        derived = Snapshot(MappingProxyType(types), version, base.encoded_bytes)
         if held.groups.get(group):  # kept only for a pair with a stream
             held.derived[group] = (base, derived)
         return derived
@@ -185,7 +192,8 @@ class SecretWatcher:
         if issued.serial == held.serial and bundle == held.bundle:
             return False
         fresh = self._made(held.spiffe, issued, bundle)
-        held.serial, held.bundle, held.layer = fresh.serial, fresh.bundle, fresh.layer
+        held.serial, held.bundle, held.layer, held.typed = (fresh.serial, fresh.bundle,
+                                                            fresh.layer, fresh.typed)
         held.derived.clear()
         for group in held.groups:
             self.inner.wake(group)
