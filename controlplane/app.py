@@ -209,15 +209,17 @@ def certificates(settings: ServeSettings) -> CertificateSource:
         local or SecretCertificates(api, settings.webhook_namespace, WEBHOOK_SECRET))
 
 
-async def start_webhook(settings: ServeSettings) -> Webhook | None:
+async def start_webhook(settings: ServeSettings,
+                        bundle: Callable[[], bytes] | None = None) -> Webhook | None:
     """The injection webhook, when it runs (``webhook_listen``); bound now, its
-    certificate fetched in the background (readiness does not wait for it)."""
+    certificate fetched in the background (readiness does not wait for it). ``bundle``:
+    the mesh CA's trust bundle now (xDS over TLS): injected sidecars verify it."""
     address = settings.webhook_listen()
     if address is None:
         return None
     host, port = split_address(address, "--webhook-address")
     state = WebhookState(inject_config(settings),
-                         fail_closed=settings.inject_failure_policy == "closed")
+                         fail_closed=settings.inject_failure_policy == "closed", bundle=bundle)
     webhook = Webhook(state, certificates(settings),
                       dns_names(settings.webhook_service, settings.webhook_namespace))
     bound = await webhook.start(host, port)
@@ -329,7 +331,9 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
         None if secured is None or secured.tls is None else secured.tls.credentials())
     webhook: Webhook | None = None
     try:
-        webhook = await start_webhook(settings)  # its port is taken, a bad setting: fail
+        webhook = await start_webhook(  # its port is taken, a bad setting: fail
+            settings, None if secured is None or secured.tls is None
+            else lambda: secured.trust.current().bundle_pem)
         runner, bound_admin = await start_admin(
             AdminState(registry=registry, cache=cache,
                        readiness=readiness(pipeline, source, webhook)),

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import REGISTRY
@@ -28,6 +29,7 @@ from controlplane.inject.certs import secret_data
 from controlplane.inject.config import INIT_NAME, PROXY_NAME, STATUS_ANNOTATION, InjectConfig
 from controlplane.inject.pod import inject_pod, inject_template
 from controlplane.inject.webhook import Webhook
+from controlplane.security.ca import CertificateAuthority
 from controlplane.settings import ServeSettings
 from controlplane.sources.kubernetes.kinds import (
     MUTATING_WEBHOOKS,
@@ -353,3 +355,39 @@ async def test_a_renewed_certificate_is_served_without_a_restart(
             serialization.Encoding.DER)
     finally:
         await first.stop()
+
+
+# --- identity ---------------------------------------------------------------------------
+
+
+async def test_injected_sidecars_get_the_bundle_the_mesh_ca_has_now(
+        api: ApiServerDouble, webhook: Webhook, session: aiohttp.ClientSession) -> None:
+    """With the server's CA (``WebhookState.bundle``), a pod's sidecar gets its projected
+    token and TLS to xDS against the CA's bundle as it is at admission: a rotated root
+    reaches the next pods without a restart."""
+    now = datetime.datetime.now(datetime.UTC)
+    first = CertificateAuthority.create("cluster.local", now).bundle_pem
+    current = [first]
+    webhook.state.bundle = lambda: current[-1]
+
+    async def injected() -> dict[str, Any]:
+        pod = app_pod("reviews", labels={"app": "reviews"})
+        return patched(pod, await send(session, webhook.port, review_request(pod),
+                                       client_context(ca_bundle(api))))
+
+    def roots(pod: dict[str, Any]) -> str:
+        proxy = next(c for c in pod["spec"]["initContainers"] if c["name"] == PROXY_NAME)
+        boot = yaml.safe_load(proxy["args"][1])
+        text: str = boot["dynamic_resources"]["ads_config"]["grpc_services"][0][
+            "google_grpc"]["channel_credentials"]["ssl_credentials"]["root_certs"][
+            "inline_string"]
+        return text
+
+    pod = await injected()
+    assert roots(pod) == first.decode()
+    assert pod["spec"]["volumes"][-1]["name"] == "controlplane-token"
+    assert pod["metadata"]["annotations"]["mesh.controlplane.io/service-account"] == \
+        pod["spec"]["serviceAccountName"]
+    rotated = first + CertificateAuthority.create("cluster.local", now).bundle_pem
+    current.append(rotated)  # the CA's poll saw a rotation
+    assert roots(await injected()) == rotated.decode()

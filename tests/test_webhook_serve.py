@@ -6,6 +6,7 @@ configuration, injects a pod over HTTPS, counts it on /metrics, and stops on SIG
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -18,9 +19,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from controlplane import deploy
-from controlplane.sources.kubernetes.kinds import SECRETS, WEBHOOK_SECRET
+from controlplane.sources.kubernetes.kinds import CA_SECRET, SECRETS, WEBHOOK_SECRET
 from tests.kube.apiserver import ApiServerDouble
 from tests.support.admission import (
     app_pod,
@@ -93,6 +95,19 @@ async def test_serve_in_a_cluster_injects_pods(api: ApiServerDouble, tmp_path: P
                      if c["name"] == "controlplane-proxy")
         # The sidecars dial the Service the manifests define, as the Deployment's env says.
         assert deploy.SERVICE_ADDRESS.split(":")[0] in json.dumps(proxy)
+        # Over TLS, verifying the mesh CA the server keeps in its Secret, with the pod's
+        # projected token: the server's default in a cluster.
+        ca = next(item for item in api.objects(SECRETS)
+                  if item["metadata"]["name"] == CA_SECRET)
+        google = yaml.safe_load(proxy["args"][1])["dynamic_resources"]["ads_config"][
+            "grpc_services"][0]["google_grpc"]
+        assert google["channel_credentials"]["ssl_credentials"]["root_certs"][
+            "inline_string"] == base64.b64decode(ca["data"]["ca.crt"]).decode()
+        assert google["call_credentials"][0]["from_plugin"]["typed_config"][
+            "secret_data"] == {"filename": "/var/run/secrets/controlplane/token"}
+        assert injected["spec"]["volumes"][-1]["projected"]["sources"] == [
+            {"serviceAccountToken": {"audience": "controlplane", "expirationSeconds": 3600,
+                                     "path": "token"}}]
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics",
                                     timeout=5) as answer:
             metrics = answer.read().decode()

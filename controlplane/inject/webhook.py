@@ -20,7 +20,7 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Final
@@ -66,9 +66,21 @@ class WebhookState:
 
     config: InjectConfig
     fail_closed: bool = False
+    bundle: Callable[[], bytes] | None = None
+    """The mesh CA's trust bundle as it is now (the server's CA, polled): injected
+    sidecars reach xDS over TLS, verifying it, with their projected token."""
     cert: ServingCert | None = None
     decisions: int = 0
     last_error: str = field(default="")
+
+
+def use_bundle(state: WebhookState, bundle_pem: str) -> None:
+    """Inject this trust bundle from now on (the mesh CA's roots changed: rotated, or
+    pruned; a rotation keeps the old root in the bundle until the prune, so pods already
+    running with the old bundle keep verifying the server)."""
+    if bundle_pem != state.config.xds_ca:
+        state.config = dataclasses.replace(state.config, xds_ca=bundle_pem).check()
+        log.info("webhook.trust_bundle", roots=bundle_pem.count("BEGIN CERTIFICATE"))
 
 
 def _decide(raw: bytes, state: WebhookState) -> tuple[Decision, str]:
@@ -86,6 +98,8 @@ def make_app(state: WebhookState, executor: ThreadPoolExecutor | None = None
     async def inject(request: web.Request) -> web.Response:
         started = time.perf_counter()
         raw = await request.read()
+        if state.bundle is not None:
+            use_bundle(state, state.bundle().decode())
         try:
             decision, text = await asyncio.get_running_loop().run_in_executor(
                 executor, _decide, raw, state)
@@ -139,14 +153,6 @@ class Webhook:
         self._task: asyncio.Task[None] | None = None
         # One thread: decisions in order, off the loop, never more than a core's worth.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="webhook")
-
-    def use_bundle(self, bundle_pem: str) -> None:
-        """Inject this trust bundle from now on (the mesh CA's roots changed: rotated,
-        or pruned). Pods already running keep the bundle they were given."""
-        if bundle_pem != self.state.config.xds_ca:
-            self.state.config = dataclasses.replace(self.state.config,
-                                                    xds_ca=bundle_pem).check()
-            log.info("webhook.trust_bundle", roots=bundle_pem.count("BEGIN CERTIFICATE"))
 
     async def start(self, host: str, port: int) -> int:
         """Bind now (errors now), fetch the certificate in the background; the port."""
