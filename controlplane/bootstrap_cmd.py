@@ -121,7 +121,8 @@ def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None, str 
         bundle = _read(args.xds_ca, "--xds-ca")
     elif args.ca_dir:
         bundle = _ca(args).bundle_pem.decode()
-        source = str(Path(args.ca_dir) / "roots.pem")
+        roots = Path(args.ca_dir) / "roots.pem"
+        source = str(roots if roots.exists() else Path(args.ca_dir) / "ca.crt")
     token_file: str | None = args.token_file
     if args.ca_dir and not token_file:
         if not args.output:
