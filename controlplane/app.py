@@ -187,9 +187,11 @@ def inject_config(settings: ServeSettings) -> InjectConfig:
                          ) from None
 
 
-def certificates(settings: ServeSettings) -> CertificateSource:
+def certificates(settings: ServeSettings,
+                 ca: Callable[[], CertificateAuthority] | None = None) -> CertificateSource:
     """Files when given; else in a cluster the shared Secret (and its CA in caBundle);
-    else a directory of our own."""
+    else a directory of our own. With the mesh CA (``ca``), it issues the certificate and
+    its bundle is the caBundle: xDS and the webhook from one CA."""
     local: CertificateSource | None = None
     if settings.webhook_cert is not None or settings.webhook_key is not None:
         if settings.webhook_cert is None or settings.webhook_key is None:
@@ -198,7 +200,7 @@ def certificates(settings: ServeSettings) -> CertificateSource:
         local = FileCertificates(settings.webhook_cert, settings.webhook_key,
                                  settings.webhook_ca)
     if settings.source != "kubernetes":
-        return local or DirectoryStore(settings.webhook_cert_dir)
+        return local or DirectoryStore(settings.webhook_cert_dir, ca=ca)
     from controlplane.inject.webhook_kube import KubernetesCertificates, SecretCertificates
     from controlplane.sources.kubernetes import api_client
     from controlplane.sources.kubernetes.kinds import WEBHOOK_SECRET
@@ -206,11 +208,13 @@ def certificates(settings: ServeSettings) -> CertificateSource:
     api = api_client(settings.kubeconfig, pool_size=2)
     return KubernetesCertificates(
         api, settings.webhook_configuration,
-        local or SecretCertificates(api, settings.webhook_namespace, WEBHOOK_SECRET))
+        local or SecretCertificates(api, settings.webhook_namespace, WEBHOOK_SECRET, ca=ca))
 
 
 async def start_webhook(settings: ServeSettings,
-                        bundle: Callable[[], bytes] | None = None) -> Webhook | None:
+                        bundle: Callable[[], bytes] | None = None,
+                        ca: Callable[[], CertificateAuthority] | None = None,
+                        ) -> Webhook | None:
     """The injection webhook, when it runs (``webhook_listen``); bound now, its
     certificate fetched in the background (readiness does not wait for it). ``bundle``:
     the mesh CA's trust bundle now (xDS over TLS): injected sidecars verify it."""
@@ -220,7 +224,7 @@ async def start_webhook(settings: ServeSettings,
     host, port = split_address(address, "--webhook-address")
     state = WebhookState(inject_config(settings),
                          fail_closed=settings.inject_failure_policy == "closed", bundle=bundle)
-    webhook = Webhook(state, certificates(settings),
+    webhook = Webhook(state, certificates(settings, ca),
                       dns_names(settings.webhook_service, settings.webhook_namespace))
     bound = await webhook.start(host, port)
     log.info("webhook.started", address=f"{host}:{bound}",
@@ -333,7 +337,8 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     try:
         webhook = await start_webhook(  # its port is taken, a bad setting: fail
             settings, None if secured is None or secured.tls is None
-            else lambda: secured.trust.current().bundle_pem)
+            else lambda: secured.trust.current().bundle_pem,
+            None if secured is None else secured.trust.current)
         runner, bound_admin = await start_admin(
             AdminState(registry=registry, cache=cache,
                        readiness=readiness(pipeline, source, webhook)),

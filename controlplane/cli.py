@@ -1,4 +1,4 @@
-"""The ``controlplane`` command: serve, bootstrap, validate, lab, capture, inject."""
+"""The ``controlplane`` command: serve, bootstrap, validate, lab, capture, inject, ca."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from controlplane import bootstrap_cmd, logs
 from controlplane.errors import ControlPlaneError, MeshError
 from controlplane.inject import capture_cmd, inject_cmd
+from controlplane.security import ca_cmd
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -234,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     capture_cmd.add_parser(commands)
     inject_cmd.add_parser(commands)
+    ca_cmd.add_parser(commands, kube=_kube_client)
     return parser
+
+
+def _kube_client(kubeconfig: Any) -> Any:
+    from controlplane.sources.kubernetes import api_client
+
+    return api_client(kubeconfig, pool_size=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -187,3 +187,21 @@ def test_bad_ca_flags_are_one_line_that_says_what_to_do(
     assert code == 1
     assert err[-1].startswith("controlplane serve: ") and said in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+async def test_the_webhook_is_served_from_the_mesh_ca(tmp_path: Path) -> None:
+    """xDS and the injection webhook from one CA: its certificate is the mesh CA's, its
+    caBundle the mesh bundle."""
+    running = await app.start(settings(tmp_path, ca_dir=tmp_path / "ca",
+                                       webhook_address="127.0.0.1:0",
+                                       webhook_cert_dir=tmp_path / "webhook"))
+    try:
+        assert running.webhook is not None and running.secured is not None
+        await asyncio.wait_for(running.webhook.has_certificate.wait(), 10)
+        cert = running.webhook.state.cert
+        assert cert is not None
+        ca = running.secured.trust.current()
+        assert cert.certificate.issuer == ca.signer_cert.subject
+        assert cert.ca_pem == ca.bundle_pem
+    finally:
+        await running.stop(0)

@@ -77,9 +77,8 @@ class ServingCertificate:
         """A new configuration when the certificate is due or the CA changed; else None."""
         try:
             with self._lock:
-                half = self.issued.not_before + (self.issued.not_after
-                                                 - self.issued.not_before) / 2
-                if self._clock() < half and self._ca().version == self._ca_version:
+                fresh = self._clock() < self.issued.rotate_at(0.5)
+                if fresh and self._ca().version == self._ca_version:
                     return None
                 self.issued, self._ca_version = self._issue()
                 return self._config()
