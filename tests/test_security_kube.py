@@ -21,6 +21,9 @@ from hypothesis import strategies as st
 from controlplane import deploy
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.security import Security, effective
+from controlplane.settings import ServeSettings
+from controlplane.sources import open_source
+from controlplane.sources.kubernetes import Debounce, KubernetesSource
 from controlplane.sources.kubernetes.convert import Converter, convert
 from controlplane.sources.kubernetes.crd import security_policy_crd
 from controlplane.sources.kubernetes.kinds import (
@@ -345,6 +348,25 @@ async def test_a_mesh_wide_policy_in_the_control_planes_namespace(
     assert all(strict(mesh, s.name) for s in mesh.services if s.namespace == "default")
     found = await status_of(api, ROOT_NAMESPACE, "mesh", lambda c: len(c) == 2)
     assert found[0]["message"] == "applies to every service of the mesh"
+    await updates.aclose()
+
+
+async def test_serve_takes_the_root_namespace_from_its_own(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    """``serve`` in namespace mesh-admin (CONTROLPLANE_WEBHOOK_NAMESPACE, from the downward
+    API in the manifests): a SecurityPolicy without target there is mesh-wide."""
+    for obj in services(*MESH):
+        api.create(obj)
+    api.create(security_policy("mesh", namespace="mesh-admin").mtls("strict").build())
+    settings = ServeSettings(source="kubernetes", webhook_namespace="mesh-admin",
+                             kubeconfig=api.kubeconfig(tmp_path / "kubeconfig"))
+    opened = open_source(settings)
+    assert isinstance(opened, KubernetesSource)
+    opened.debounce = Debounce(quiet=0.05, max_delay=1.0)
+    updates = Feed(opened.updates())
+    mesh = await next_mesh(updates)
+    assert mesh.security.mtls is not None and mesh.security.mtls.mode == "strict"
+    assert mesh.security.namespaces == {}
     await updates.aclose()
 
 

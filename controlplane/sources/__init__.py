@@ -29,10 +29,12 @@ def open_source(settings: ServeSettings) -> Source:
             WatchTiming,
             api_client,
         )
+        from controlplane.sources.kubernetes.kinds import WATCHED
 
         return KubernetesSource(
-            # A connection per watch (five kinds per namespace), and some for status writes.
-            api_client(settings.kubeconfig, pool_size=8 + 5 * max(1, len(settings.namespace))),
+            # A connection per watch (each kind per namespace), and some for status writes.
+            api_client(settings.kubeconfig,
+                       pool_size=8 + len(WATCHED) * max(1, len(settings.namespace))),
             namespaces=settings.namespace,
             timing=WatchTiming(server_timeout=settings.watch_timeout,
                                inactivity=settings.watch_inactivity),
@@ -40,5 +42,8 @@ def open_source(settings: ServeSettings) -> Source:
             write_status=settings.write_status,
             pod_labels=settings.pod_labels,
             outbound_traffic_policy=settings.outbound_traffic_policy,
+            # The server's own namespace: a SecurityPolicy without target there is
+            # mesh-wide (Istio's root namespace).
+            root_namespace=settings.webhook_namespace,
         )
     raise SourceError(f"unknown source {spec!r}; use file:PATH or kubernetes")
