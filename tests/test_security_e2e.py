@@ -11,6 +11,7 @@ certificate and the mesh roots arrive over SDS on that stream. Sidecars run on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -237,6 +238,7 @@ def test_a_rotated_token_file_is_read_again_on_reconnect(mesh: SecureMesh, delta
     last config; once the file holds a fresh token, the next reconnect is served. The
     server keeps its CA across the restart, so the certificates still chain."""
     app = mesh.http_app("ratings-app")
+    mesh.server_extra = ["--shutdown-grace", "0.5"]  # the restart is not what is shown
     server = mesh.serve({"services": [service("ratings", None)]})
     ratings = mesh.sidecar("ratings-1.default", "ratings", "ratings", delta, app_port=app.port)
     frontend = mesh.sidecar("frontend-1.default", "frontend", "frontend", delta)
@@ -250,6 +252,7 @@ def test_a_rotated_token_file_is_read_again_on_reconnect(mesh: SecureMesh, delta
                      timedelta(hours=1))
     server.start()
     assert (mesh.ca_dir / "ca.crt").read_bytes() == ca_before  # the CA was kept
+    refused_at = time.monotonic()
     wait_for(lambda: refusals(server), timeout=30,
              what="the expired token's stream to be refused")
     [first, *_] = refusals(server)
@@ -262,6 +265,7 @@ def test_a_rotated_token_file_is_read_again_on_reconnect(mesh: SecureMesh, delta
     wait_for(lambda: "frontend-1.default" in {p["node_id"]
                                               for p in server.json("/debug/proxies")},
              timeout=45, what="frontend to reconnect with its fresh token")
+    print(f"refused, then served again after {time.monotonic() - refused_at:.1f} s")
     assert f"URI={spiffe('frontend')}" in secured_call(frontend, "ratings").xfcc
 
 
