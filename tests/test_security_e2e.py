@@ -287,3 +287,30 @@ def test_a_service_may_disable_mtls_under_a_strict_mesh(mesh: SecureMesh) -> Non
     assert not own_serials(frontend, spiffe("frontend"))
     plain = call(ratings.inbound_port or 0, "ratings")
     assert plain.status == 200, plain
+
+
+def test_a_namespace_may_be_strict_in_a_permissive_mesh(mesh: SecureMesh) -> None:
+    """`security.namespaces.prod.mtls: strict`: ratings in prod refuses plaintext while
+    details in default (the mesh's permissive) takes it; a sidecar calls both, over
+    mTLS, and ratings' app sees it by its SPIFFE ID."""
+    ratings_app, details_app = mesh.http_app("ratings-app"), mesh.http_app("details-app")
+
+    def layout(ratings: Envoy | None, details: Envoy | None) -> dict[str, Any]:
+        return {"security": {"namespaces": {"prod": {"mtls": {"mode": "strict"}}}},
+                "services": [{**service("ratings", ratings), "namespace": "prod"},
+                             service("details", details)]}
+
+    mesh.serve(layout(None, None))
+    ratings = mesh.sidecar("ratings-1.prod", "ratings", "ratings", False,
+                           app_port=ratings_app.port, extra=["--namespace", "prod"])
+    details = mesh.sidecar("details-1.default", "details", "details", False,
+                           app_port=details_app.port)
+    frontend = mesh.sidecar("frontend-1.default", "frontend", "frontend", False)
+    mesh.update(layout(ratings, details))
+
+    called = secured_call(frontend, "ratings.prod")
+    assert f"URI={spiffe('frontend')}" in called.xfcc, called.xfcc
+    assert f"By={spiffe('ratings', 'prod')}" in called.xfcc, called.xfcc
+    assert f"URI={spiffe('frontend')}" in secured_call(frontend, "details").xfcc
+    assert call(ratings.inbound_port or 0, "ratings.prod").status == 0
+    assert call(details.inbound_port or 0, "details").status == 200
