@@ -32,6 +32,7 @@ from tests.support import pods
 from tests.support.files import write_atomic
 from tests.support.procs import ControlPlane, http_get, wait_for
 from tests.support.secure import TRUST_DOMAIN, spiffe
+from tests.test_capture_e2e import GRPC_SERVER
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.timeout(180),
@@ -42,6 +43,7 @@ pytestmark = [
 
 RATINGS_IP = "10.233.0.40"
 STORE_IP = "10.233.0.41"
+GREETER_IP = "10.233.0.42"
 TCP_ECHO = str(Path(__file__).parent / "support" / "tcp_echo.py")
 
 # The app behind ratings: answers JSON with its name and the request headers it got.
@@ -61,6 +63,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("0.0.0.0", 9080), Handler).serve_forever()
 """
 
+# A gRPC client: the answer, or the status code's name when the call fails.
+GRPC_CALL = """
+import sys, grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    try:
+        print(channel.unary_unary("/e2e.Echo/Say")(b"hi", timeout=5).decode())
+    except grpc.RpcError as exc:
+        print(exc.code().name, exc.details())
+"""
+
 
 @dataclass
 class Mesh:
@@ -72,7 +84,7 @@ class Mesh:
     envoys: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def write(self) -> None:
-        ratings, store = self.pods["ratings"], self.pods["store"]
+        ratings, store, greeter = self.pods["ratings"], self.pods["store"], self.pods["greeter"]
         write_atomic(self.path, f"""services:
   - name: ratings
     port: 9080
@@ -96,6 +108,17 @@ class Mesh:
         - name: deny-frontend
           action: deny
           from: [{{service_accounts: [default/frontend]}}]
+  - name: greeter
+    port: 50051
+    protocol: grpc
+    cluster_ips: [{GREETER_IP}]
+    service_accounts: [greeter]
+    endpoints: [{{address: {greeter.address}, port: 50051, service_account: greeter}}]
+    security:
+      mtls: {{mode: strict}}
+      authorization:
+        - name: allow-reviews
+          from: [{{service_accounts: [default/reviews]}}]
 """)
 
     def sidecar(self, name: str, delta: bool) -> None:
@@ -135,9 +158,9 @@ def rbac_denials(pod: pods.Pod) -> int:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     workdir = tmp_path_factory.mktemp("security-capture")
     with pods.PodNetwork() as network:
-        hosts = {"ratings": RATINGS_IP, "store": STORE_IP}
-        found_pods = {name: network.pod(name, hosts=hosts)
-                      for name in ("frontend", "reviews", "ratings", "store", "outside")}
+        hosts = {"ratings": RATINGS_IP, "store": STORE_IP, "greeter": GREETER_IP}
+        found_pods = {name: network.pod(name, hosts=hosts) for name in
+                      ("frontend", "reviews", "ratings", "store", "greeter", "outside")}
         path, ca_dir = workdir / "mesh.yaml", workdir / "ca"
         control = ControlPlane(path, workdir, extra=[
             "--xds-address", f"{network.gateway}:0", "--ca-dir", str(ca_dir)])
@@ -147,7 +170,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         try:
             found_pods["ratings"].run([sys.executable, "-c", APP, "ratings"])
             found_pods["store"].run([sys.executable, TCP_ECHO, "0.0.0.0", "7000"])  # echo
-            for name in ("ratings", "store", "reviews", "frontend"):
+            found_pods["greeter"].run([sys.executable, "-c", GRPC_SERVER, "greeter"])
+            for name in ("ratings", "store", "greeter", "reviews", "frontend"):
                 found_pods[name].capture()
                 found.sidecar(name, delta=name == "frontend")
             reviews = found_pods["reviews"]
@@ -191,3 +215,20 @@ def test_captured_tcp_deny_closes_frontends_connection(mesh: Mesh) -> None:
     assert answer.startswith("error") and "secret" not in answer, answer
     wait_for(lambda: rbac_denials(mesh.pods["store"]) > before, timeout=5,
              what="store's sidecar to count the denial")
+
+
+def test_captured_grpc_over_mtls_and_its_denial_is_permission_denied(mesh: Mesh) -> None:
+    """gRPC (HTTP/2) between sidecars over mesh mTLS: reviews is answered by greeter;
+    frontend's call is denied by greeter's policy, which a gRPC client reads as
+    PERMISSION_DENIED."""
+    def grpc_call(pod: str) -> str:
+        run = mesh.pods[pod].call([sys.executable, "-c", GRPC_CALL, "greeter:50051"],
+                                  timeout=30)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    answer = wait_for(lambda: (found := grpc_call("reviews")).startswith("greeter ") and found,
+                      timeout=20, what="reviews' gRPC call to greeter")
+    assert answer.startswith("greeter ipv4:127.0.0.6:"), answer  # via greeter's sidecar
+    denied = grpc_call("frontend")
+    assert denied.startswith("PERMISSION_DENIED"), denied
