@@ -312,13 +312,12 @@ async def test_a_policy_through_the_api_changes_the_mesh_and_gets_a_status(
 
     # An edit the CRD's schema lets through but the model refuses: the status says
     # which field, and the last valid spec keeps applying.
-    broken = security_policy("ratings", target="ratings").mtls("strict").rule(
-        "r", from_=[{"service_accounts": ["reviews"]}]).build()
+    broken = security_policy("ratings", target="ratings").mtls("strict").rule("r").rule(
+        "r", action="deny").build()
     api.apply(broken)
     found = await status_of(api, "default", "ratings", lambda c: c[0]["status"] == "False")
-    assert found[0]["message"].startswith(
-        "spec.authorization[0].from[0].service_accounts[0]: 'reviews' must be "
-        "namespace/name")
+    message = found[0]["message"]
+    assert message.startswith("spec.authorization") and "'r' repeats" in message, message
     assert "its last valid spec (generation 1) still applies" in found[0]["message"]
     assert strict(await mesh_or(updates, mesh), "ratings")
 
@@ -371,11 +370,17 @@ async def test_serve_takes_the_root_namespace_from_its_own(
 
 
 def test_the_api_server_double_applies_the_shipped_schema(api: ApiServerDouble) -> None:
-    """What ``kubectl apply`` would be told: the CRD refuses a bad mode at once."""
+    """What ``kubectl apply`` would be told: the CRD refuses a bad mode or a service
+    account that is not namespace/name at once."""
     with pytest.raises(StatusError) as caught:
         api.create(security_policy("bad", target="ratings").mtls("strickt").build())
     assert caught.value.code == 422
     assert "spec.mtls.mode" in caught.value.message
+    with pytest.raises(StatusError) as unqualified:
+        api.create(security_policy("bad", target="ratings").rule(
+            "r", from_=[{"service_accounts": ["reviews"]}]).build())
+    assert unqualified.value.code == 422
+    assert "spec.authorization[0].from[0].service_accounts[0]" in unqualified.value.message
 
 
 # --- the CRD -----------------------------------------------------------------------------
@@ -410,6 +415,34 @@ def test_the_crd_accepts_what_the_model_accepts(spec: Obj) -> None:
     obj = security_policy("ok").spec(spec).build()
     jsonschema.Draft4Validator(crd_schema()).validate(obj)
     Security.model_validate({k: v for k, v in spec.items() if k != "target"})
+
+
+@pytest.mark.parametrize("source", [
+    {"principals": ["*"]}, {"principals": ["spiffe://cluster.local/ns/default/sa/reviews"]},
+    {"principals": ["spiffe://cluster.local/ns/default/*"]}, {"principals": ["spiffe://*"]},
+    {"service_accounts": ["default/reviews", "shop/cart.v2"]}, {"namespaces": ["a-1"]},
+])
+def test_the_crd_patterns_accept_every_source_the_model_does(source: Obj) -> None:
+    spec = {"authorization": [{"name": "r", "from": [source]}]}
+    Security.model_validate(spec)
+    jsonschema.Draft4Validator(crd_schema()).validate(security_policy("ok").spec(spec).build())
+
+
+@pytest.mark.parametrize(("rule", "path"), [
+    ({"name": "Bad_Name"}, "name"),
+    ({"name": "r", "from": [{"service_accounts": ["reviews"]}]}, "service_accounts"),
+    ({"name": "r", "from": [{"principals": ["cluster.local/ns/a/sa/b"]}]}, "principals"),
+    ({"name": "r", "from": [{"principals": ["spiffe://a*b"]}]}, "principals"),
+    ({"name": "r", "from": [{"namespaces": ["Default"]}]}, "namespaces"),
+    ({"name": "r", "to": [{"methods": ["get"]}]}, "methods"),
+])
+def test_the_crd_refuses_what_the_model_refuses(rule: Obj, path: str) -> None:
+    spec = {"authorization": [rule]}
+    with pytest.raises(ValueError):
+        Security.model_validate(spec)
+    errors = list(jsonschema.Draft4Validator(crd_schema()).iter_errors(
+        security_policy("bad").spec(spec).build()))
+    assert errors and any(path in map(str, e.absolute_path) for e in errors), errors
 
 
 def test_the_shipped_example_passes_the_crd_and_the_model() -> None:

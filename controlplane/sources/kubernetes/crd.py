@@ -58,6 +58,11 @@ _DURATION_HELP: Final = "A duration such as 500ms, 2s or 1m30s (units: h, m, s, 
 # A Service name: a DNS label, as the model requires of service names.
 _DNS_LABEL_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _LABEL: Final = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+# SecurityPolicy: a ServiceAccount as namespace/name (a DNS label, a DNS subdomain), a
+# principal (a SPIFFE ID, optionally ending in *, or * alone), an HTTP method.
+SERVICE_ACCOUNT_PATTERN: Final = rf"^{_LABEL}/{_LABEL}(\.{_LABEL})*$"
+PRINCIPAL_PATTERN: Final = r"^(\*|spiffe://[^*\s]*\*?)$"
+METHOD_PATTERN: Final = r"^[A-Z][A-Z0-9_-]{0,31}$"
 # A Sidecar host: namespace/name, the namespace "." (the sidecar's own) or "*", the name "*".
 HOST_PATTERN: Final = rf"^(\*|\.|{_LABEL})/(\*|{_LABEL})$"
 
@@ -341,6 +346,16 @@ def security_policy_spec_schema() -> dict[str, Any]:
         "or, in the control plane's namespace, of the whole mesh. A service's own block "
         "overrides its namespace's mtls mode, which overrides the mesh's; the rules of all "
         "three apply, deny rules first.")
+    # What the model's validators check that a pattern can say: kubectl apply refuses
+    # these at once (the model still checks everything and names the field in the status).
+    rule = spec["properties"]["authorization"]["items"]
+    rule["properties"]["name"].update(pattern=_DNS_LABEL_PATTERN, maxLength=63)
+    source = rule["properties"]["from"]["items"]["properties"]
+    source["service_accounts"]["items"].update(pattern=SERVICE_ACCOUNT_PATTERN, maxLength=317)
+    source["namespaces"]["items"].update(pattern=_DNS_LABEL_PATTERN, maxLength=63)
+    source["principals"]["items"].update(pattern=PRINCIPAL_PATTERN, maxLength=2048)
+    operation = rule["properties"]["to"]["items"]["properties"]
+    operation["methods"]["items"].update(pattern=METHOD_PATTERN)
     spec["properties"] = {"target": {
         "description": "The Service this applies to, in this namespace. Omitted: every "
                        "service of the namespace (the mesh, in the control plane's "
