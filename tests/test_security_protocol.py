@@ -332,3 +332,25 @@ async def test_a_stream_ends_when_its_credential_expires(world: World, delta: bo
     assert client.error.code() == grpc.StatusCode.UNAVAILABLE
     assert "expired" in (client.error.details() or "")
     await client.close()
+
+
+async def test_fetch_secrets_is_authenticated_too(world: World) -> None:
+    """The unary FetchSecrets answers the caller's own identity, and nobody else."""
+    from envoy.service.discovery.v3 import discovery_pb2
+    from envoy.service.secret.v3 import sds_pb2_grpc
+
+    stub = sds_pb2_grpc.SecretDiscoveryServiceStub(world.channel)
+    request = discovery_pb2.DiscoveryRequest(node=node("frontend-1", "frontend"),
+                                             type_url=resource.SECRET, resource_names=SECRETS)
+    token = world.token("frontend", "frontend-1")
+    answer = await stub.FetchSecrets(request, metadata=(("authorization", f"Bearer {token}"),))
+    got = secrets_of(answer)
+    assert set(got) == set(SECRETS)
+    assert identity_of(got[CERT_SECRET])[0] == [f"spiffe://{TD}/ns/default/sa/frontend"]
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await stub.FetchSecrets(request)
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    other = world.token("ratings", "ratings-1")
+    with pytest.raises(grpc.aio.AioRpcError) as stolen:
+        await stub.FetchSecrets(request, metadata=(("authorization", f"Bearer {other}"),))
+    assert stolen.value.code() == grpc.StatusCode.PERMISSION_DENIED
