@@ -11,6 +11,8 @@ import base64
 import json
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from controlplane.sources.kubernetes.kinds import CA_SECRET, SECRETS
 from tests.kube.apiserver import ApiServerDouble, StatusError
 from tests.kube.objects import endpoint_slice, pod, security_policy, service, service_account
 from tests.support import netns
+from tests.support.files import write_atomic
 from tests.support.netns import NetnsHost
 from tests.support.procs import ControlPlane, Envoy, wait_for
 from tests.test_kube_e2e import FAST
@@ -63,7 +66,10 @@ def shipped_args() -> list[str]:
 class World:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.api = ApiServerDouble(bookmark_interval=0.5).start()  # the shipped RBAC
+        # The shipped RBAC; tokens may live seconds, and expire on the second (no leeway),
+        # so that rotation shows within a test.
+        self.api = ApiServerDouble(bookmark_interval=0.5, min_token_seconds=1,
+                                   token_leeway=0).start()
         self.server: ControlPlane | None = None
         self.envoys: list[Envoy] = []
 
@@ -87,12 +93,23 @@ class World:
         path.write_bytes(base64.b64decode(found["data"]["ca.crt"]))
         return path
 
-    def sidecar(self, pod_name: str, token_of: str | None = None) -> Envoy:
+    def token_path(self, pod_name: str) -> Path:
+        return self.tmp / f"{pod_name}.token"
+
+    def project_token(self, pod_name: str, token_of: str | None = None,
+                      seconds: int = 3600) -> None:
+        """What the kubelet does for a projected token volume: a fresh token of the pod,
+        written over the old one at once."""
+        write_atomic(self.token_path(pod_name), self.api.pod_token(
+            "default", token_of or pod_name, expiration_seconds=seconds))
+
+    def sidecar(self, pod_name: str, token_of: str | None = None,
+                seconds: int = 3600) -> Envoy:
         """A real Envoy for pod ``pod_name`` of ``default`` (node id ``<pod>.default``),
         presenting the projected token of ``token_of`` (default: its own pod's)."""
         assert self.server is not None
-        token = self.tmp / f"{pod_name}.token"
-        token.write_text(self.api.pod_token("default", token_of or pod_name))
+        self.project_token(pod_name, token_of, seconds)
+        token = self.token_path(pod_name)
         envoy = Envoy(self.tmp, f"{pod_name}.default", "frontend", self.server.xds_port,
                       extra=["--namespace", "default", "--xds-ca", str(self.bundle()),
                              "--token-file", str(token)])
@@ -201,3 +218,49 @@ def test_a_pods_service_account_is_the_identity_its_callers_verify(
     assert "spiffe://cluster.local/ns/default/sa/ratings" in text
     assert [m.get("filter_metadata", {}).get("envoy.transport_socket_match")
             for m in endpoint_metadata(envoy, RATINGS)] == [{"tlsMode": "mtls"}]
+
+
+def connected(server: ControlPlane, node_id: str) -> bool:
+    return any(p["node_id"] == node_id and p.get("workload")
+               for p in server.json("/debug/proxies"))
+
+
+def test_a_sidecar_keeps_working_across_token_rotation(world: World, host: NetnsHost) -> None:
+    """Tokens that live 4 s, rotated by a "kubelet" every second: each reconnect (here,
+    a server restart) presents the current token and is served; once rotation stops and
+    the token expires, the next reconnect is refused as UNAUTHENTICATED."""
+    api = world.api
+    api.create(service("reviews").port(9080, name="http", target="http").build())
+    api.apply(endpoint_slice("reviews-a", service="reviews").endpoint(host.address)
+              .port(8080, name="http").build())
+    api.create(service_account("frontend"))
+    api.create(pod("frontend-1").injected("frontend").build())
+    server = world.serve()
+    envoy = world.sidecar("frontend-1", seconds=4)
+    wait_for(lambda: connected(server, "frontend-1.default"), what="the sidecar served")
+
+    stop = threading.Event()
+
+    def kubelet() -> None:
+        while not stop.wait(1.0):
+            world.project_token("frontend-1", seconds=4)
+
+    rotating = threading.Thread(target=kubelet, daemon=True)
+    rotating.start()
+    try:
+        for _ in range(2):  # well past the first token's life, twice
+            time.sleep(5)
+            server.stop()
+            server.start()
+            wait_for(lambda: connected(server, "frontend-1.default"), timeout=30,
+                     what="the sidecar served again with its rotated token")
+            assert envoy.request("reviews")[:2] == (200, host.name)
+    finally:
+        stop.set()
+        rotating.join(5)
+    time.sleep(5)  # the last token expires
+    server.stop()
+    server.start()
+    wait_for(lambda: refused(server, "unauthenticated") > 0, timeout=30,
+             what="the expired token refused")
+    assert not connected(server, "frontend-1.default")
