@@ -264,7 +264,8 @@ def test_a_rotated_token_file_is_read_again_on_reconnect(mesh: SecureMesh, delta
     mesh.write_token("frontend-1.default", "frontend", datetime.now(UTC), timedelta(hours=1))
     wait_for(lambda: "frontend-1.default" in {p["node_id"]
                                               for p in server.json("/debug/proxies")},
-             timeout=45, what="frontend to reconnect with its fresh token")
+             timeout=60,  # Envoy's reconnect backoff has grown through the restart
+             what="frontend to reconnect with its fresh token")
     print(f"refused, then served again after {time.monotonic() - refused_at:.1f} s")
     assert f"URI={spiffe('frontend')}" in secured_call(frontend, "ratings").xfcc
 
