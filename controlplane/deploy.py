@@ -15,6 +15,11 @@ from typing import Any, Final
 import yaml
 
 from controlplane import generated
+from controlplane.deploy_examples import (
+    example_security_policy,
+    example_sidecar,
+    example_traffic_policy,
+)
 from controlplane.sources.kubernetes.crd import (
     security_policy_crd,
     sidecar_crd,
@@ -26,19 +31,19 @@ from controlplane.sources.kubernetes.kinds import (
     MUTATING_WEBHOOKS,
     PODS,
     POLICY_GROUP,
-    POLICY_KIND,
     POLICY_PLURAL,
-    POLICY_VERSION,
     SECRETS,
     SECURITY_POLICIES,
     SERVICES,
-    SIDECAR_KIND,
     SIDECARS,
     TOKEN_REVIEWS,
     TRAFFIC_POLICIES,
     WEBHOOK_CONFIGURATION,
     WEBHOOK_SECRET,
 )
+
+__all__ = ["example_security_policy", "example_sidecar", "example_traffic_policy",
+           "rendered"]
 
 NAME: Final = "controlplane"
 NAMESPACE: Final = "controlplane-system"
@@ -336,66 +341,6 @@ def pod_disruption_budget() -> dict[str, Any]:
         "kind": "PodDisruptionBudget",
         "metadata": _meta(NAME),
         "spec": {"minAvailable": 1, "selector": {"matchLabels": dict(LABELS)}},
-    }
-
-
-def example_traffic_policy() -> dict[str, Any]:
-    """A TrafficPolicy for the ``reviews`` Service that uses most policy fields (not
-    ``fault``, nor a split or match to Services that may not exist: an example should
-    not break the service it is applied to)."""
-    return {
-        "apiVersion": f"{POLICY_GROUP}/{POLICY_VERSION}",
-        "kind": POLICY_KIND,
-        "metadata": {"name": "reviews", "namespace": "default"},
-        "spec": {
-            "targetRef": {"kind": "Service", "name": "reviews"},
-            "timeout": "2s",
-            "connect_timeout": "500ms",
-            "idle_timeout": "1h",
-            "retries": {"attempts": 3, "per_try_timeout": "500ms",
-                        "on": ["5xx", "reset", "connect-failure"]},
-            "circuit_breaker": {"max_connections": 100, "max_pending_requests": 10,
-                                "max_requests": 100, "max_retries": 10},
-            "outlier_detection": {"consecutive_5xx": 5, "interval": "10s",
-                                  "base_ejection_time": "30s", "max_ejection_percent": 50},
-            "load_balancer": {"policy": "least_request"},
-            "rate_limit": {"requests_per_second": 100, "burst": 200},
-            "fallback": {"status": 200, "body": "reviews are unavailable",
-                         "content_type": "text/plain"},
-        },
-    }
-
-
-def example_sidecar() -> dict[str, Any]:
-    """A Sidecar for the ``frontend`` sidecars of ``default``: their own namespace and
-    ``ratings`` wherever it runs; nothing else of the mesh is sent to them."""
-    return {
-        "apiVersion": f"{POLICY_GROUP}/{POLICY_VERSION}",
-        "kind": SIDECAR_KIND,
-        "metadata": {"name": "frontend", "namespace": "default"},
-        "spec": {
-            "workloadSelector": {"service": "frontend"},
-            "egress": [{"hosts": ["./*", "*/ratings"]}],
-        },
-    }
-
-
-def example_security_policy() -> dict[str, Any]:
-    """A SecurityPolicy for ``ratings``: strict mTLS, and only ``reviews`` may GET it."""
-    return {
-        "apiVersion": f"{POLICY_GROUP}/{POLICY_VERSION}",
-        "kind": SECURITY_POLICIES.kind,
-        "metadata": {"name": "ratings", "namespace": "default"},
-        "spec": {
-            "target": {"name": "ratings"},
-            "mtls": {"mode": "strict"},
-            "authorization": [{
-                "name": "allow-reviews",
-                "action": "allow",
-                "from": [{"service_accounts": ["default/reviews"]}],
-                "to": [{"methods": ["GET"], "paths": [{"prefix": "/ratings"}]}],
-            }],
-        },
     }
 
 
