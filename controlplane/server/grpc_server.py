@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import structlog
@@ -140,13 +140,13 @@ class XdsServer:
             return await self.admission.authenticate(context.invocation_metadata())
         except AuthError as exc:
             await self._refuse(context, exc)
-            raise AssertionError("unreachable") from None
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, exc: AuthError) -> None:
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: AuthError) -> NoReturn:
         metrics.STREAMS_REFUSED.labels(exc.status.lower()).inc()
         warn(self.refusals, "xds.stream_refused", status=exc.status, error=str(exc)[:500],
              peer=context.peer())
         await context.abort(grpc.StatusCode[exc.status], str(exc))
+        raise AssertionError("grpc.aio's abort raises")  # typed as returning, it never does
 
     def _fetch_handler(self, api: str, type_url: str) -> Callable[..., Awaitable[bytes]]:
         async def handle(request: discovery_pb2.DiscoveryRequest,
