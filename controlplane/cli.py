@@ -111,6 +111,10 @@ def _validate(args: argparse.Namespace) -> int:
     except ControlPlaneError as exc:
         print(f"{args.path}: {exc}", file=sys.stderr)
         return 1
+    from controlplane.mesh.security import security_warnings
+
+    for warning in security_warnings(mesh):  # valid, but not doing what it seems to
+        print(f"{args.path}: warning: {warning}", file=sys.stderr)
     count = len(mesh.services)
     print(f"{args.path}: ok, {count} service{'s' if count != 1 else ''}")
     return 0

@@ -68,7 +68,7 @@ GROUPS_EXPIRED = Counter(
 STREAMS_REFUSED = Counter(
     "controlplane_xds_streams_refused_total",
     "Streams ended for what the client sent, by reason (node, names, unknown_types, "
-    "streams, malformed, protocol).",
+    "streams, malformed, protocol, unauthenticated, permission_denied, unavailable).",
     ["reason"],
 )
 SERVICES_REJECTED = Gauge(

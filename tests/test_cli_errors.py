@@ -77,3 +77,24 @@ def test_serve_on_a_taken_port(tmp_path: Path, taken: int, flag: str) -> None:
     assert f"cannot listen on 127.0.0.1:{taken} ({flag})" in line
     assert f"choose another with {flag}" in line
     assert "Event loop is closed" not in result.stderr
+
+
+def test_validate_warns_of_security_that_cannot_do_what_it_says(tmp_path: Path) -> None:
+    """Valid, so it passes (0), but a rule naming callers needs mesh mTLS to match, and a
+    strict service none of whose endpoints has a sidecar would refuse every caller."""
+    (tmp_path / "mesh.yaml").write_text(
+        "services:\n"
+        "  - name: ratings\n"
+        "    port: 9080\n"
+        "    endpoints: [{address: 10.0.0.5, port: 9080}]\n"
+        "    security:\n"
+        "      mtls: {mode: strict}\n"
+        "      authorization:\n"
+        "        - {name: allow-reviews, from: [{service_accounts: [default/reviews]}]}\n")
+    result = run("validate", "mesh.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ok, 1 service" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if ": warning: " in line]
+    assert len(warnings) == 2, result.stderr
+    assert "authorization[0] (allow-reviews)" in warnings[0] and "--ca-dir" in warnings[0]
+    assert "mtls mode strict, but no endpoint has a sidecar" in warnings[1]
