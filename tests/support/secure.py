@@ -7,9 +7,10 @@ Envoy bootstrapped by ``controlplane bootstrap --xds-ca --token-file --ca-dir
 are HTTP backends that answer with the request headers they got, so a test sees what
 the server-side sidecar forwarded (``x-forwarded-client-cert``: the caller's SPIFFE ID).
 
-A test may also speak to a sidecar's inbound port itself: in plaintext (``plain_get``),
-or with mesh mTLS and a workload certificate of its choosing (``MeshTlsClient``), which
-is how a TCP authorization rule is exercised without an egress TCP listener.
+A test may also speak to a sidecar's inbound port itself: in plaintext (``call``,
+``tcp_exchange``), or with mesh mTLS and a workload certificate of its choosing
+(``SecureMesh.workload_files``, ``tcp_exchange``), which is how a TCP authorization rule
+is exercised without an egress TCP listener.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from typing import Any
 
 import yaml
 
+from controlplane.security import tokens
+from controlplane.security.ca import CertificateAuthority
+from controlplane.security.castore import load_dir
+from controlplane.security.identity import SpiffeId
 from tests.support.files import write_atomic
 from tests.support.procs import ControlPlane, Envoy, wait_for
 
@@ -271,10 +276,8 @@ class SecureMesh:
 
     # -- the CA, for a test's own mTLS client --------------------------------------------
 
-    def authority(self) -> Any:
+    def authority(self) -> CertificateAuthority:
         """The server's CA, read from its directory (never created here)."""
-        from controlplane.security.castore import load_dir
-
         return load_dir(self.ca_dir, TRUST_DOMAIN, datetime.now(UTC), create=False)
 
     def token_path(self, node_id: str) -> Path:
@@ -284,9 +287,6 @@ class SecureMesh:
                     ttl: timedelta) -> None:
         """Replace a sidecar's token file (as a rotation does) with one minted now, for
         its node, issued at ``issued`` and valid ``ttl`` from then (expired if so)."""
-        from controlplane.security import tokens
-        from controlplane.security.identity import SpiffeId
-
         token = tokens.mint(self.authority(), SpiffeId(TRUST_DOMAIN, "default",
                                                        service_account),
                             node_id, issued, ttl)
@@ -295,8 +295,6 @@ class SecureMesh:
     def workload_files(self, service_account: str, namespace: str = "default") -> TlsFiles:
         """A workload certificate for ``namespace/service_account`` from the mesh CA, as
         files an ssl context loads: a client that is that identity."""
-        from controlplane.security.identity import SpiffeId
-
         ca = self.authority()
         issued = ca.issue_workload(SpiffeId(TRUST_DOMAIN, namespace, service_account),
                                    datetime.now(UTC), timedelta(hours=1))
