@@ -157,6 +157,24 @@ def test_an_invalid_edit_keeps_the_last_valid_spec() -> None:
     assert ratings.security.mtls is not None and ratings.security.mtls.mode == "disable"
 
 
+def test_unchanged_objects_convert_to_the_very_same_services() -> None:
+    """A batch that changes nothing of a service or its SecurityPolicy validates nothing
+    again: downstream sees the same objects."""
+    converter, objs = Converter(), services(*MESH)
+    policy = aged(security_policy("ratings", target="ratings").mtls("strict").build(),
+                  "2026-01-01T00:00:00Z")
+    first = converter.convert(objs, [], [], security_policies=[policy]).mesh
+    second = converter.convert(objs, [], [], security_policies=[policy]).mesh
+    assert all(a is b for a, b in zip(first.services, second.services, strict=True))
+    edited = copy.deepcopy(policy)
+    edited["spec"]["mtls"]["mode"] = "disable"
+    third = converter.convert(objs, [], [], security_policies=[edited]).mesh
+    ratings = third.service("ratings")
+    assert ratings is not None and ratings.security is not None
+    assert ratings.security.mtls is not None and ratings.security.mtls.mode == "disable"
+    assert third.service("reviews") is first.service("reviews")
+
+
 def test_two_policies_for_one_scope_the_oldest_applies() -> None:
     older = aged(security_policy("a", target="ratings").mtls("strict").build(),
                  "2026-01-01T00:00:00Z")

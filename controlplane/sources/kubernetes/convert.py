@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from controlplane.mesh.loader import describe_error
 from controlplane.mesh.model import Mesh, OutboundTrafficPolicy, Policy, Service
 from controlplane.mesh.scope import Sidecar
+from controlplane.mesh.security import Security
 from controlplane.sources.kubernetes.kinds import ROOT_NAMESPACE, SERVICE_NAME_LABEL
 from controlplane.sources.kubernetes.policies import (
     Verdict,
@@ -117,6 +118,9 @@ class Converter:
         self._memo: dict[Key, _Memo] = {}
         self.outbound_traffic_policy: OutboundTrafficPolicy = outbound_traffic_policy
         self.security = SecurityPolicies(root_namespace)
+        # Per Service: (the service as built, the security applied, the result), so an
+        # unchanged service with unchanged security is the very same object next batch.
+        self._secured: dict[Key, tuple[Service, Security, Service]] = {}
 
     def convert(self, services: Iterable[Obj], slices: Iterable[Obj],
                 policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None,
@@ -162,8 +166,8 @@ class Converter:
         self._memo = memo
         security = self.security.choose(security_policies, service_objs)
         result.security_verdicts = security.verdicts
-        built = [s.model_copy(update={"security": security.services[(s.namespace, s.name)]})
-                 if (s.namespace, s.name) in security.services else s for s in built]
+        built = [self._with_security(s, security.services) for s in built]
+        self._secured = {k: v for k, v in self._secured.items() if k in security.services}
         scoped, result.sidecar_verdicts = choose_sidecars(sidecars)
         result.mesh = _mesh(built, result, {k: key(p[0]) for k, p in chosen.items()}, scoped)
         update: dict[str, Any] = {}
@@ -182,6 +186,21 @@ class Converter:
                 verdicts[policy_key] = dataclasses.replace(
                     verdict, unresolved=unresolved_subsets(service))
         return result
+
+
+    def _with_security(self, service: Service, chosen: Mapping[Key, Security]) -> Service:
+        """The service with the SecurityPolicy chosen for it, if any (validated alone, so
+        it is set as it is)."""
+        service_key = (service.namespace, service.name)
+        security = chosen.get(service_key)
+        if security is None:
+            return service
+        known = self._secured.get(service_key)
+        if known is not None and known[0] is service and known[1] is security:
+            return known[2]
+        secured = service.model_copy(update={"security": security})
+        self._secured[service_key] = (service, security, secured)
+        return secured
 
 
 def _build(svc_key: Key, service: Obj, slices: list[Obj], policy: dict[str, Any] | None,

@@ -71,6 +71,9 @@ class SecurityPolicies:
     def __init__(self, root_namespace: str = ROOT_NAMESPACE) -> None:
         self.root_namespace = root_namespace
         self._last_good: dict[tuple[Key, str], _Valid] = {}
+        # The last judgement of each object: the source's store replaces an object's dict
+        # only when it changed, so the same dict is judged the same (no model validation).
+        self._judged: dict[tuple[Key, str], tuple[Obj, Verdict, _Valid | None]] = {}
 
     def choose(self, objs: Iterable[Obj], services: Mapping[Key, Obj]) -> SecurityChoice:
         """Every SecurityPolicy judged; per scope the oldest valid one applies. No object
@@ -79,17 +82,23 @@ class SecurityPolicies:
         owners: dict[tuple[str, str], Key] = {}
         namespaces: dict[str, Security] = {}
         last_good: dict[tuple[Key, str], _Valid] = {}
+        judged: dict[tuple[Key, str], tuple[Obj, Verdict, _Valid | None]] = {}
         ordered = sorted((o for o in objs if isinstance(o, Mapping)), key=lambda o: (
             str(meta(o).get("creationTimestamp") or ""), key(o)))
         for obj in ordered:
             memo_key = (key(obj), uid_of(obj))
-            try:
-                verdict, valid = self._judge(obj, self._last_good.get(memo_key))
-            except Exception as exc:  # a shape nothing above foresaw: this object only
-                verdict, valid = _verdict(
-                    obj, False, "Invalid", f"spec: cannot be read ({type(exc).__name__}: "
-                    f"{exc}); compare it with the SecurityPolicy reference in "
-                    "deploy/kubernetes/README.md"), self._last_good.get(memo_key)
+            known = self._judged.get(memo_key)
+            if known is not None and known[0] is obj:
+                verdict, valid = known[1], known[2]
+            else:
+                try:
+                    verdict, valid = self._judge(obj, self._last_good.get(memo_key))
+                except Exception as exc:  # a shape nothing above foresaw: this object only
+                    verdict, valid = _verdict(
+                        obj, False, "Invalid", f"spec: cannot be read ({type(exc).__name__}: "
+                        f"{exc}); compare it with the SecurityPolicy reference in "
+                        "deploy/kubernetes/README.md"), self._last_good.get(memo_key)
+            judged[memo_key] = (obj, verdict, valid)
             if valid is not None:
                 last_good[memo_key] = valid
                 if valid.scope in owners:
@@ -114,6 +123,7 @@ class SecurityPolicies:
             result.mesh = result.mesh.model_copy(update={"namespaces": dict(sorted(
                 namespaces.items()))})
         self._last_good = last_good
+        self._judged = judged
         return result
 
     def _judge(self, obj: Obj, previous: _Valid | None) -> tuple[Verdict, _Valid | None]:
