@@ -13,10 +13,13 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlplane import bootstrap as boot
 from controlplane.mesh.duration import parse_duration
+
+if TYPE_CHECKING:  # imported when used: cryptography is slow to load for the plain path
+    from controlplane.security.ca import CertificateAuthority
 
 
 def add_parser(commands: Any) -> None:
@@ -131,10 +134,13 @@ def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None, str 
         token_file = str(Path(args.output).with_suffix(".token"))
     if token_file:
         token_file = str(Path(token_file).absolute())
+        if args.output and Path(args.output).absolute() == Path(token_file):
+            raise ValueError(f"--token-file and -o are both {args.output}; give the token "
+                             "a file of its own")
     return bundle, source, token_file
 
 
-def _ca(args: argparse.Namespace) -> Any:
+def _ca(args: argparse.Namespace) -> CertificateAuthority:
     """The CA of ``--ca-dir``; never made here (the server makes it on first start)."""
     from controlplane.security.castore import CaError, load_dir
 

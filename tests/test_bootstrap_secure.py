@@ -296,6 +296,7 @@ def test_cli_writes_the_token_where_told_and_takes_a_bundle_file(tmp_path: Path)
      "Bad_SA"),
     (["--xds-ca", "{tmp}/missing.pem"], "--xds-ca: cannot read"),
     (["--token-file", "/run/token"], "--token-file needs --xds-ca"),
+    (["--ca-dir", "{ca}", "-o", "{tmp}/b.token"], "a file of its own"),
 ])
 def test_cli_errors_say_what_to_do(args: list[str], message: str, tmp_path: Path) -> None:
     load_dir(tmp_path / "ca", "cluster.local", NOW)
