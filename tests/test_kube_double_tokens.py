@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import jwt.utils
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -250,3 +254,37 @@ def test_a_service_account_token_authenticates_to_the_api_server(
     with as_token(for_us) as wrong, pytest.raises(ApiException) as refused:
         client.CoreV1Api(wrong).list_service_for_all_namespaces()
     assert refused.value.status == 401
+
+
+def test_forged_and_garbage_tokens_are_never_authenticated(api: ApiServerDouble,
+                                                            admin: client.ApiClient) -> None:
+    """Same claims signed by another key, a tampered payload, no JWT at all: none passes
+    (a double that accepted them would let the server's tests pass for the wrong reason)."""
+    running_pod(api, "p", "reviews")
+    token = request_token(admin, "reviews", "p").status.token
+    claims = jwt.decode(token, options={"verify_signature": False})
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = jwt.encode(claims, other, algorithm="RS256")
+    header, _, signature = token.split(".")
+    tampered_claims = {**claims, "sub": "system:serviceaccount:default:admin"}
+    tampered = ".".join([header, jwt.utils.base64url_encode(
+        json.dumps(tampered_claims).encode()).decode(), signature])
+    unsigned = jwt.encode(claims, key="", algorithm="none")
+    for bad in (forged, tampered, unsigned, "not-a-token", token + "x"):
+        found = review(admin, bad)
+        assert found.authenticated is False, bad
+        assert found.error, bad
+    assert review(admin, token).authenticated is True
+
+
+UNSTARTED = ApiServerDouble(crd_installed=False)  # reviews need no HTTP: pure Python
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(min_size=1, max_size=300) | st.builds(
+    lambda parts: ".".join(parts), st.lists(st.text(
+        alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+        max_size=60), min_size=3, max_size=3)))
+def test_any_string_is_a_review_not_a_crash(text: str) -> None:
+    status = UNSTARTED.review_token(text)
+    assert status["authenticated"] is False and status["error"]
