@@ -265,6 +265,30 @@ def test_only_a_service_account_change_converts_the_service_again() -> None:
     assert third.services[0].endpoints[0].service_account == "reviews-v2"
 
 
+def test_strict_on_a_service_without_sidecars_is_said() -> None:
+    """Valid, but every caller would be refused: ResolvedRefs says so, until the Service's
+    Pods are injected."""
+    slices = reviews_endpoints(("10.0.0.1", "reviews-1"))
+    policy = security_policy("reviews", target="reviews").mtls("strict").build()
+    plain = pods_of(pod("reviews-1").build())
+    verdict = convert(services("reviews.default"), slices, [], plain,
+                      security_policies=[policy]).security_verdicts[("default", "reviews")]
+    assert verdict.accepted
+    made = conditions(verdict, None)
+    assert [(c["type"], c["status"], c["reason"]) for c in made] == [
+        ("Accepted", "True", "Accepted"), ("ResolvedRefs", "False", "NoSidecars")]
+    assert made[1]["message"].startswith("mtls.mode strict: no endpoint of Service 'reviews' "
+                                         "has a sidecar")
+    injected = pods_of(pod("reviews-1").injected("reviews").build())
+    verdict = convert(services("reviews.default"), slices, [], injected,
+                      security_policies=[policy]).security_verdicts[("default", "reviews")]
+    assert verdict.accepted and verdict.unresolved == ""
+    permissive = security_policy("reviews", target="reviews").mtls("permissive").build()
+    verdict = convert(services("reviews.default"), slices, [], plain,
+                      security_policies=[permissive]).security_verdicts[("default", "reviews")]
+    assert verdict.unresolved == ""
+
+
 def test_the_store_keeps_only_our_annotation_of_a_pod() -> None:
     built = pod("p").injected("reviews").annotation("kubectl.kubernetes.io/restartedAt",
                                                     "now").build()

@@ -50,7 +50,10 @@ from controlplane.sources.kubernetes.policies import (
     subset_keys,
     unresolved_subsets,
 )
-from controlplane.sources.kubernetes.securitypolicies import SecurityPolicies
+from controlplane.sources.kubernetes.securitypolicies import (
+    SecurityPolicies,
+    without_sidecars,
+)
 from controlplane.sources.kubernetes.services import (
     Key,
     Malformed,
@@ -178,6 +181,7 @@ class Converter:
         if update:
             result.mesh = result.mesh.model_copy(update=update)
         _resolve_sidecars(result)
+        without_sidecars(result.mesh, security.applied_to, result.security_verdicts)
         for service in result.mesh.services:
             applied = chosen.get((service.namespace, service.name))
             policy_key = key(applied[0]) if applied is not None else None

@@ -29,6 +29,7 @@ class Verdict:
     generation: int = 0
     uid: str = ""  # a policy deleted and created again is another object: write again
     unresolved: str = ""  # accepted, but a subset selects no endpoint: why, else ""
+    unresolved_reason: str = ""  # ResolvedRefs' reason when not the kind's usual one
     kind: str = POLICY_KIND  # whose verdict: TrafficPolicy or Sidecar (status goes there)
 
 

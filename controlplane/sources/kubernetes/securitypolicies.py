@@ -24,8 +24,13 @@ from typing import Final
 from pydantic import ValidationError
 
 from controlplane.mesh.loader import describe_error
-from controlplane.mesh.security import MeshSecurity, Security
-from controlplane.sources.kubernetes.kinds import ROOT_NAMESPACE, SECURITY_POLICY_KIND
+from controlplane.mesh.model import Mesh
+from controlplane.mesh.security import MeshSecurity, Security, effective, has_sidecar
+from controlplane.sources.kubernetes.kinds import (
+    ROOT_NAMESPACE,
+    SECURITY_POLICY_KIND,
+    SERVICE_ACCOUNT_ANNOTATION,
+)
 from controlplane.sources.kubernetes.policies import Verdict, generation_of, uid_of
 from controlplane.sources.kubernetes.services import Key, Obj, key, meta
 
@@ -48,6 +53,7 @@ class SecurityChoice:
     mesh: MeshSecurity = field(default_factory=MeshSecurity)
     services: dict[Key, Security] = field(default_factory=dict)  # (namespace, service)
     verdicts: dict[Key, Verdict] = field(default_factory=dict)
+    applied_to: dict[Key, Key] = field(default_factory=dict)  # policy -> its Service
 
 
 def _verdict(obj: Obj, accepted: bool, reason: str, message: str) -> Verdict:
@@ -116,6 +122,7 @@ class SecurityPolicies:
                         namespaces[valid.scope[0]] = valid.security
                     else:
                         result.services[valid.scope] = valid.security
+                        result.applied_to[key(obj)] = valid.scope
                         if verdict.accepted and valid.scope not in services:
                             verdict = _unresolved(verdict, valid.scope)
             result.verdicts[key(obj)] = verdict
@@ -173,3 +180,23 @@ def _unresolved(verdict: Verdict, scope: tuple[str, str]) -> Verdict:
         f"spec.target: no Service {scope[1]!r} in namespace {scope[0]!r}; the policy "
         "applies once it exists, so check the spelling"))
 
+
+def without_sidecars(mesh: Mesh, applied_to: Mapping[Key, Key],
+                     verdicts: dict[Key, Verdict]) -> None:
+    """An applied SecurityPolicy that makes its Service strict while no endpoint of it
+    has a sidecar (its Pods are not injected): valid, but every caller is refused, since
+    callers use plaintext to endpoints without a sidecar. Said in ``ResolvedRefs``."""
+    for policy_key, (namespace, name) in applied_to.items():
+        verdict = verdicts.get(policy_key)
+        service = mesh.service(name, namespace)
+        if verdict is None or not verdict.accepted or verdict.unresolved or service is None:
+            continue
+        if service.external_name is not None or not service.endpoints:
+            continue
+        if effective(mesh, service).mode == "strict" and not any(
+                has_sidecar(service, e) for e in service.endpoints):
+            verdicts[policy_key] = replace(verdict, unresolved_reason="NoSidecars", unresolved=(
+                f"mtls.mode strict: no endpoint of Service {name!r} has a sidecar (its Pods "
+                f"carry no {SERVICE_ACCOUNT_ANNOTATION} annotation: not injected), so its "
+                "callers use plaintext and are refused; inject its Pods, or use permissive "
+                "until they are"))

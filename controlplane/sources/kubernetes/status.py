@@ -76,7 +76,8 @@ def conditions(verdict: Verdict, current: Mapping[str, Any] | None) -> list[dict
     if verdict.accepted:
         unresolved, resolved = _RESOLVED[verdict.kind]
         if verdict.unresolved:
-            made.append(_condition(RESOLVED_REFS, "False", unresolved,
+            made.append(_condition(RESOLVED_REFS, "False",
+                                   verdict.unresolved_reason or unresolved,
                                    verdict.unresolved, verdict.generation, current))
         else:
             made.append(_condition(RESOLVED_REFS, "True", "ResolvedRefs", resolved,
