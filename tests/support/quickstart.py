@@ -1,5 +1,6 @@
-"""Runs the README's "Running it yourself" block as written, command by command, and
-prints what each did as JSON: ``python -m tests.support.quickstart README WORKDIR``.
+"""Runs a README block as written, command by command, and prints what each did as JSON:
+``python -m tests.support.quickstart README WORKDIR [HEADING]`` (the first ``sh`` block
+under HEADING, "## Running it yourself" by default).
 
 Run inside a network namespace of its own (tests/test_readme_quickstart.py does), so
 the documented ports are free. Commands ending in ``&`` run in the background, as in a
@@ -24,12 +25,15 @@ from tests.support.procs import end, http_get, wait_for
 ACTIVATE = ". .venv/bin/activate"
 
 
-def commands(readme: str) -> list[str]:
-    """The first ``sh`` block under "## Running it yourself": one entry per command,
-    continuation lines joined and comments dropped."""
-    section = readme.split("## Running it yourself", 1)[1]
+QUICKSTART = "## Running it yourself"
+
+
+def commands(readme: str, heading: str = QUICKSTART) -> list[str]:
+    """The first ``sh`` block under ``heading``: one entry per command, continuation lines
+    joined and comments dropped."""
+    section = readme.split(heading, 1)[1]
     block = re.search(r"```sh\n(.*?)```", section, re.S)
-    assert block, "the README lost the sh block of 'Running it yourself'"
+    assert block, f"the README lost the sh block of {heading!r}"
     joined = block.group(1).replace("\\\n", " ")
     found = []
     for line in joined.splitlines():
@@ -39,12 +43,18 @@ def commands(readme: str) -> list[str]:
     return found
 
 
-def up_check(command: str) -> str:
+def up_check(command: str, workdir: Path) -> str:
     """The URL that answers once a background command is up."""
     if command.startswith("controlplane serve"):
         return "http://127.0.0.1:19000/readyz"  # the documented default admin address
     if command.startswith("envoy "):
-        return "http://127.0.0.1:9901/ready"  # the bootstrap's default admin port
+        config = re.search(r"-c (\S+)", command)
+        port = 9901  # the bootstrap's default admin port
+        if config and (workdir / config.group(1)).exists():
+            found = re.search(r"admin:.*?port_value: (\d+)",
+                              (workdir / config.group(1)).read_text(), re.S)
+            port = int(found.group(1)) if found else port
+        return f"http://127.0.0.1:{port}/ready"
     served = re.search(r"http\.server (\d+)", command)
     if served:
         return f"http://127.0.0.1:{served.group(1)}/"
@@ -52,9 +62,11 @@ def up_check(command: str) -> str:
                          "does not know what shows it is up: add it to up_check")
 
 
-def run(readme: Path, workdir: Path) -> list[dict[str, Any]]:
-    steps = commands(readme.read_text(encoding="utf-8"))
-    assert steps[0] == ACTIVATE, steps[0]
+def run(readme: Path, workdir: Path, heading: str = QUICKSTART) -> list[dict[str, Any]]:
+    steps = commands(readme.read_text(encoding="utf-8"), heading)
+    if steps[0] != ACTIVATE:  # a later block: the venv is on PATH here anyway
+        assert heading != QUICKSTART, steps[0]
+        steps.insert(0, ACTIVATE)
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
            "VIRTUAL_ENV": str(Path(venv_bin).parent)}
@@ -68,7 +80,7 @@ def run(readme: Path, workdir: Path) -> list[dict[str, Any]]:
                     ["bash", "-c", "exec " + command[:-1]], cwd=workdir, env=env,
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
                 log.close()
-                url = up_check(command)
+                url = up_check(command, workdir)
 
                 def up(url: str = url) -> bool:
                     return http_get(url)[0] == 200
@@ -87,7 +99,8 @@ def run(readme: Path, workdir: Path) -> list[dict[str, Any]]:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # still end what was started
-    print(json.dumps(run(Path(sys.argv[1]), Path(sys.argv[2]))))
+    heading = sys.argv[3] if len(sys.argv) > 3 else QUICKSTART
+    print(json.dumps(run(Path(sys.argv[1]), Path(sys.argv[2]), heading)))
 
 
 if __name__ == "__main__":
