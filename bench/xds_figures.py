@@ -56,6 +56,10 @@ def metric_figures(before: dict[str, float], after: dict[str, float],
             delta("controlplane_snapshot_build_seconds_sum") / changes, 4),
         "nacks": delta("controlplane_xds_nacks_total"),
         "config_bytes_all_groups": round(metric(after, "controlplane_config_bytes")),
+        # The server's garbage collections over the change phase, by generation.
+        "gc_collections_per_change": {
+            gen: round(delta("python_gc_collections_total", f'generation="{gen}"') / changes, 1)
+            for gen in "012"},
     }
 
 
