@@ -76,6 +76,11 @@ class Running:
         if self.xds is not None:
             self.xds.shutdown()
         await stopping
+        if self.xds is not None:  # handlers of calls that just ended may still unwind
+            left = await self.xds.drain(max(grace, 5.0))
+            if left:
+                log.warning("serve.handlers_left", count=left,
+                            hint="they are cut now; their clients reconnect")
         if self.secured is not None:
             await self.secured.stop()
         self.pipeline.close()

@@ -87,11 +87,32 @@ class XdsServer:
         self.turns = WriteTurns(self.limits)
         self.settle = FreezeWhenSettled(lambda: len(self.registry))
         self._closing = asyncio.Event()
+        self._handlers: set[asyncio.Task[Any]] = set()  # streams' and fetches' handlers
+
+    def _track(self) -> None:
+        """Count the running handler's task until it ends (``drain``)."""
+        task = asyncio.current_task()
+        if task is not None and task not in self._handlers:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
     def shutdown(self) -> None:
         """Ask every stream to end once its current writes are done (UNAVAILABLE, so the
         client reconnects, to another replica or to this one once it is back)."""
         self._closing.set()
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the handlers still running to end; how many
+        did not. gRPC's stop returns once its core is done with every call, which can be
+        before the handlers of calls the clients just left have unwound (a thousand at
+        once, on a busy machine): the process would then end with them still running,
+        and gRPC prints a CancelledError traceback for each one that is cut."""
+        running = [t for t in self._handlers if not t.done()]
+        if not running:
+            return 0
+        _, left = await asyncio.wait(running, timeout=timeout)
+        await asyncio.sleep(0)  # gRPC's task around each handler takes note of its end
+        return len(left)
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         result: list[grpc.GenericRpcHandler] = []
@@ -118,6 +139,7 @@ class XdsServer:
     def _stream_handler(self, kind: type[SotwStream | DeltaStream], api: str,
                         type_url: str | None) -> Callable[..., Awaitable[None]]:
         async def handle(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+            self._track()
             cap = self.limits.max_streams
             if cap and len(self.registry) >= cap:
                 metrics.STREAMS_REFUSED.labels("streams").inc()
@@ -151,6 +173,7 @@ class XdsServer:
     def _fetch_handler(self, api: str, type_url: str) -> Callable[..., Awaitable[bytes]]:
         async def handle(request: discovery_pb2.DiscoveryRequest,
                          context: grpc.aio.ServicerContext) -> bytes:
+            self._track()
             caller = await self._authenticate(context)
             stream = SotwStream(0, api, type_url, self.identifier, self.limits)
             if isinstance(request, Malformed):
