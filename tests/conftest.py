@@ -3,11 +3,12 @@ at start, test hosts and pods that a crashed run left behind are deleted."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
 import pytest
+import structlog
 
 from controlplane.cache import SnapshotCache
 from controlplane.server import StreamRegistry, XdsServer, create_server
@@ -53,3 +54,11 @@ async def env() -> AsyncIterator[Env]:
     await server.stop(0)
 
 
+@pytest.fixture(autouse=True)
+def _structlog_as_it_was() -> Iterator[None]:
+    """A command run in-process (``controlplane ca``, ``capture``...) configures structlog
+    with ``cache_logger_on_first_use``; left so, every logger first used after it in this
+    worker would be cached and ``structlog.testing.capture_logs`` would see nothing."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

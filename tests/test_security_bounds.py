@@ -138,7 +138,7 @@ async def test_invented_identities_leave_nothing_behind(running: app.Running,
         for i in range(100):
             account, node_id = f"made-up-{batch}-{i}", f"x-{batch}-{i}"
             client = Client(channel, token=token(running, account, node_id))
-            await client.send(**sds_request(client, node_id, f"svc-{batch}-{i}"))
+            await client.send(**sds_request(client, node_id, f"bounds-svc-{batch}-{i}"))
             clients.append(client)
         for client in clients:
             got = await secrets(client)
@@ -149,7 +149,7 @@ async def test_invented_identities_leave_nothing_behind(running: app.Running,
             await client.close()
     assert opened == 1000
     def folders() -> list[Path]:  # the store removes a forgotten group's folder in its writer
-        return [p for p in (tmp_path / "snapshots").iterdir() if p.name.startswith("svc-")]
+        return [p for p in (tmp_path / "snapshots").iterdir() if p.name.startswith("bounds-svc-")]
 
     for _ in range(600):
         if (not running.cache.groups() and len(watcher) == 0 and not len(running.registry)
@@ -162,7 +162,7 @@ async def test_invented_identities_leave_nothing_behind(running: app.Running,
     assert len(running.registry) == 0
     assert folders() == []
     text = metric_text()
-    assert "made-up-" not in text and "svc-" not in text and "x-9-" not in text
+    assert "made-up-" not in text and "bounds-svc-" not in text and "x-9-" not in text
     await channel.close()
 
 
@@ -173,12 +173,12 @@ async def test_refused_streams_keep_nothing(running: app.Running) -> None:
     for batch in range(10):
         clients = [Client(channel, raw=f"Bearer invented-{batch}-{i}") for i in range(100)]
         refusals = await asyncio.gather(*(
-            refused(client, **sds_request(client, f"x-{i}", f"svc-{i}"))
+            refused(client, **sds_request(client, f"x-{i}", f"bounds-svc-{i}"))
             for i, client in enumerate(clients)))
         assert {r.code() for r in refusals} == {grpc.StatusCode.UNAUTHENTICATED}
     assert running.cache.groups() == {}
     assert len(running.secured.watcher) == 0 and len(running.registry) == 0
     text = metric_text()
-    assert "invented" not in text and "svc-" not in text
+    assert "invented" not in text and "bounds-svc-" not in text
     assert text.count("\n") <= before + 2  # at most the refusal reason's series
     await channel.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.lab.identity import LabCa
 from controlplane.lab.runner import _start_server
 from controlplane.lab.topology import plan
 from tests.support import netns, procs
@@ -99,7 +100,7 @@ def test_the_lab_server_moves_off_ports_taken_after_the_plan(
     layout = dataclasses.replace(layout, xds_port=taken, admin_port=taken)
 
     async def run() -> tuple[int, int]:
-        running = await _start_server(layout, tmp_path)
+        running = await _start_server(layout, tmp_path, LabCa(tmp_path))
         try:
             return running.xds_port, running.admin_port
         finally:

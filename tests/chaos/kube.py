@@ -80,8 +80,10 @@ def api_outage(kube: Kube, outage_seconds: float) -> dict[str, Any]:
     """The API server goes away for a while (the endpoints change meanwhile) and comes
     back: seconds until the sidecar holds the new endpoint, counted from its return."""
     kube.service("reviews", "10.231.7.1")
+    # Discovery under chaos, not identity (tests/test_security_kube_e2e.py): unauthenticated.
     kube.server = ControlPlane("kubernetes", kube.tmp, env=FAST,
-                               extra=["--kubeconfig", str(kube.kubeconfig)]).start()
+                               extra=["--kubeconfig", str(kube.kubeconfig),
+                                      "--authentication", "none"]).start()
     server = kube.server
     kube.envoy = Envoy(kube.tmp, "frontend-1", "frontend", server.xds_port).start()
     wait_for(lambda: kube.envoy_hosts("reviews") == {"10.231.7.1"}, what="reviews in Envoy")

@@ -34,8 +34,10 @@ def test_bad_traffic_policies_stay_with_their_object(kube: Kube) -> None:
     names = [*BAD_POLICIES, *ODD_BUT_VALID]
     for i, name in enumerate(names):
         kube.service(f"svc-{name}", f"10.231.8.{i + 1}")
+    # Discovery under chaos, not identity (tests/test_security_kube_e2e.py): unauthenticated.
     kube.server = ControlPlane("kubernetes", kube.tmp, env=FAST,
-                               extra=["--kubeconfig", str(kube.kubeconfig)]).start()
+                               extra=["--kubeconfig", str(kube.kubeconfig),
+                                      "--authentication", "none"]).start()
     server = kube.server
     kube.envoy = Envoy(kube.tmp, "frontend-1", "frontend", server.xds_port).start()
     wait_for(lambda: kube.envoy_hosts("steady") == {"10.231.9.1"}, what="steady in Envoy")
