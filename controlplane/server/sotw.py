@@ -16,7 +16,7 @@ The rules (Envoy's xDS protocol document, and shared/XDS-PITFALLS.md):
 
 At a thousand streams (shared/XDS-PITFALLS.md 16, 17):
 - An ACK of the last push that repeats the names of the stream's last request is
-  recognized from its bytes, without parsing it (``_quick_ack``); other requests are
+  recognized from its bytes, without parsing it (``quick_ack``); other requests are
   read without parsing their names, which are compared as bytes with the last
   request's (requests.py). So an EDS ACK naming a thousand clusters makes no string,
   builds no set, hashes nothing and checks no name again.
@@ -63,6 +63,9 @@ from controlplane.server.stream import (
 _NONE: frozenset[str] = frozenset()
 _STAR = frozenset({"*"})
 _NOTHING_SENT: Mapping[str, Resource] = MappingProxyType({})
+# A response's encoded fields 1 (version_info) and 4 (type_url), by their text.
+_VERSION_FIELDS: dict[str, bytes] = {}
+_TYPE_FIELDS: dict[str, bytes] = {}
 
 
 class NameSets:
@@ -126,9 +129,9 @@ class SotwStream(StreamBase):
         """Take a request: its bytes as received, a DiscoveryRequest or a SotwRequest
         (requests.py); a message's version, nonce and node are cleared once read."""
         if isinstance(request, bytes):
-            quick = self._quick_ack(request)
+            quick = self.quick_ack(request)
             if quick is not None:
-                return quick
+                return Handled("ack", quick)
             request = read_request(request)
         type_url = self.prepare(request)
         if type_url is None:
@@ -175,10 +178,10 @@ class SotwStream(StreamBase):
             handled.pushes.append(self._emit(type_url, state, typed, selected))
         return handled
 
-    def _quick_ack(self, data: bytes) -> Handled | None:
-        """The request if it is, byte for byte, an ACK of the last push of its type with
-        the names of the last request (nothing to answer); None for anything else."""
-        if self.node is None:
+    def quick_ack(self, data: Any) -> str | None:
+        """The request's type if it is, byte for byte, an ACK of the last push of its type
+        with the names of the last request (nothing to answer); None for anything else."""
+        if self.node is None or not isinstance(data, bytes):
             return None
         for type_url, state in self.types.items():
             tail = state.ack_tail
@@ -190,7 +193,7 @@ class SotwStream(StreamBase):
                     and data.startswith(head)
                     and data.startswith(memoryview(last.key)[start:], len(head))):
                 state.acked_version = state.sent_version
-                return Handled("ack", type_url)
+                return type_url
             return None
         return None
 
@@ -289,8 +292,15 @@ class SotwStream(StreamBase):
         ACK of it starts with (field 1) and ends with (4 and 5), and the header."""
         if self._trailer is None:
             self._trailer = length_delimited(6, self._control_plane.SerializeToString())
-        head = length_delimited(1, version.encode())
-        tail = length_delimited(4, type_url.encode()) + length_delimited(5, nonce.encode())
+        head = _VERSION_FIELDS.get(version)
+        if head is None:  # one per version: the streams of a change share it
+            if len(_VERSION_FIELDS) >= 64:
+                _VERSION_FIELDS.clear()
+            head = _VERSION_FIELDS[version] = length_delimited(1, version.encode())
+        typed = _TYPE_FIELDS.get(type_url)
+        if typed is None:
+            typed = _TYPE_FIELDS[type_url] = length_delimited(4, type_url.encode())
+        tail = typed + length_delimited(5, nonce.encode())
         return head, tail, head + tail + self._trailer
 
     def _defer(self, type_url: str, version: str, selected: list[Resource]) -> Push:

@@ -208,6 +208,12 @@ class StreamBase:
     def type_states(self) -> dict[str, TypeState]:
         raise NotImplementedError
 
+    def quick_ack(self, request: Any) -> str | None:
+        """The type of ``request`` when it is an ACK that changes nothing but the version
+        the client holds (recorded here; nothing to answer), else None: then it goes
+        through ``on_request``. Safe while a push of the stream is being written."""
+        return None
+
     def on_request(self, request: Any) -> Handled:
         """Take a request; what it was, and the pushes it calls for."""
         raise NotImplementedError

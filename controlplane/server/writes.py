@@ -64,6 +64,10 @@ class WriteTurns:
         self.large_writes = 0  # large writes started since the server began
         self.turns_timed_out = 0  # of those, how many outlasted their turn
 
+    def waits(self, push: Push) -> bool:
+        """Whether ``push`` is large enough to wait for a turn."""
+        return self._turns is not None and push.size >= self.large
+
     async def write(self, context: grpc.aio.ServicerContext, push: Push) -> None:
         """Write ``push`` (encoding it only now), waiting for a turn if it is large."""
         if self._turns is None or push.size < self.large:
