@@ -303,6 +303,9 @@ async def create_server(address: str, xds: XdsServer,
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # No BDP pings on every data read: xDS messages are small or come once; 1000
+        # streams x 1 change: server CPU 0.346/0.314 -> 0.320/0.292 s per change (2 runs).
+        ("grpc.http2.bdp_probe", 0),
     ])
     server.add_generic_rpc_handlers(xds.handlers())
     port = server.add_insecure_port(address) if credentials is None \
