@@ -62,6 +62,7 @@ class Mark:
                          else frozenset(expected))
         self.times: dict[int, float] = {}
         self.versions: dict[int, str] = {}
+        self.acked: dict[int, float] = {}  # wall clock (time.time) of each stream's ACK
         self.others = 0  # hits by streams outside ``expected``
         self.done = asyncio.Event()
         self.check()
@@ -180,6 +181,7 @@ class SotwProxy(Proxy):
                 self.changed_ports = self._changed_ports(raw) or self.changed_ports
             self.got_endpoints(version, now)
             await self.send(EDS, self.clusters)
+            self.fleet.ack_sent(self, version)
             self.fleet.eds_acked.hit(self.index, now)
             if LDS not in self.requested:
                 self.requested.add(LDS)
@@ -245,6 +247,7 @@ class DeltaProxy(Proxy):
                 self.changed_ports = self._changed_ports(raw) or self.changed_ports
             self.got_endpoints(version, now)
             await self.send(EDS, nonce=nonce)
+            self.fleet.ack_sent(self, version)
             self.fleet.eds_acked.hit(self.index, now)
             if LDS not in self.requested:
                 self.requested.add(LDS)
@@ -354,6 +357,12 @@ class Fleet:
     def eds_received(self, proxy: Proxy, version: str, now: float) -> None:
         if self.change is not None and version != self.baseline.get(proxy.index):
             self.change.hit(proxy.index, now, version)
+
+    def ack_sent(self, proxy: Proxy, version: str) -> None:
+        """A stream has written its EDS ACK: during a change, when (wall clock, as the
+        server's convergence clock), the first time it ACKs a version it did not hold."""
+        if self.change is not None and version != self.baseline.get(proxy.index):
+            self.change.acked.setdefault(proxy.index, time.time())
 
     def begin_change(self, expected: Iterable[int] | None = None) -> Mark:
         """From now on, a stream's EDS response with a version other than the one it

@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Convergence as the server measures it, beside the same figure measured from outside.
+
+Issue 12's server times every change from the source event (here: the mesh file's save)
+to each proxy's ACK of the version that holds it, and reports it in ``/debug/changes``
+(per change: p50 / p99 / max over the proxies) and in the histogram
+``controlplane_convergence_seconds``. This bench checks that figure against one it takes
+itself: it runs ``controlplane serve`` on a generated mesh (bench/serverproc.py,
+bench/meshgen.py), connects S simulated sidecars (bench/xds_fleet.py, one snapshot group
+each, as in a real mesh), moves one endpoint R times, and times each change from the
+moment it renamed the new mesh file into place to the moment each stream wrote its ACK
+of the new EDS version, on the wall clock the server uses too (``time.time()``).
+
+    .venv/bin/python bench/convergence.py [--streams 10,100,1000] [--services 1000]
+        [--changes 5] [--delta]
+
+Prints a table (streams; server p50 / p99; outside p50 / p99; server minus outside) and
+writes JSON; see bench/README.md for the keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import BenchError, Deadline, add_output_flags, metric, results_path, write_results
+from meshgen import CHANGED_PORTS, MeshSpec, mesh_yaml, proxy_identities, write_atomically
+from serverproc import ServerProcess
+from xds_figures import percentile
+from xds_fleet import Fleet
+
+BASELINE = "convergence.json"
+QUIET_S = 0.3  # no message for this long = the server has finished pushing
+HISTOGRAM = "controlplane_convergence_seconds"
+ENDPOINT_TYPE = 'type="endpoint"'
+LOAD_LIMIT = 1.5  # above this 1-minute load average, other work shares the 2 CPUs
+
+
+@dataclass(frozen=True)
+class Options:
+    services: int
+    changes: int
+    delta: bool
+    deadline_s: float
+    poll_interval_s: float | None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 (nearest rank) / max / mean of per-proxy seconds, rounded to 0.1 ms."""
+    return {"p50": round(percentile(values, 50), 4), "p99": round(percentile(values, 99), 4),
+            "max": round(max(values), 4), "mean": round(statistics.fmean(values), 4)}
+
+
+def match_change(summary: dict[str, Any], written_at: float) -> list[dict[str, Any]]:
+    """The entries of ``/debug/changes`` whose source event came after ``written_at``
+    (the changes are made one at a time, so these are the bench's latest), oldest
+    first."""
+    changes = summary.get("changes")
+    if not isinstance(changes, list):
+        raise BenchError("/debug/changes has no 'changes' list: is this server from "
+                         "before issue 12's convergence tracking?")
+    found = [c for c in changes if isinstance(c, dict)
+             and float(c.get("observed_at") or 0) >= written_at]
+    return sorted(found, key=lambda c: float(c["observed_at"]))
+
+
+async def _server_change(server: ServerProcess, written_at: float,
+                         deadline: Deadline) -> dict[str, Any]:
+    """Poll ``/debug/changes`` until the change the bench made is complete there."""
+    found: list[dict[str, Any]] = []
+    while deadline.left() > 0:
+        status, body = await asyncio.to_thread(server.get, "/debug/changes")
+        if status == 404:
+            raise BenchError("the server has no /debug/changes (it predates issue 12's "
+                             "convergence tracking): run the bench from a checkout with it")
+        if status != 200:
+            raise BenchError(f"GET /debug/changes answered {status}: {body[:200]}")
+        found = match_change(json.loads(body), written_at)
+        if found and all(c.get("complete") for c in found):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise BenchError(f"the server did not report the change complete in "
+                         f"/debug/changes before the deadline: {found[-1:] or 'no entry'}")
+    entry = max(found, key=lambda c: int(c.get("affected") or 0))
+    entry = {**entry, "entries_for_this_edit": len(found)}
+    return entry
+
+
+async def one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: MeshSpec,
+                     affected: list[int], n: int, deadline: Deadline) -> dict[str, Any]:
+    """Move svc-0000's first endpoint; time it from the rename to each affected stream's
+    ACK (outside), and read the server's own figures for the same change."""
+    before = await server.metrics()
+    mark = fleet.begin_change(affected)
+    text = mesh_yaml(spec, CHANGED_PORTS[n % 2])
+    written_before = time.time()
+    write_atomically(mesh, text)
+    written_at = time.time()
+    try:
+        await deadline.wait(f"change {n + 1} to reach every stream", mark.done.wait(),
+                            lambda: f"{len(mark.times)}/{len(affected)} streams have it")
+        await fleet.quiet(QUIET_S, deadline.left())
+        await server.idle(deadline.left())
+    finally:
+        fleet.end_change()
+    fleet.check()
+    server.check_alive()
+    missing = [i for i in affected if i not in mark.acked]
+    if missing:
+        raise BenchError(f"change {n + 1}: {len(missing)} streams never ACKed the new "
+                         f"version (stream {missing[0]} first)")
+    entry = await _server_change(server, written_before, deadline)
+    after = await server.metrics()
+    outside = spread([mark.acked[i] - written_at for i in affected])
+    seconds = entry.get("seconds") or {}
+    count = metric(after, HISTOGRAM + "_count", ENDPOINT_TYPE) - metric(
+        before, HISTOGRAM + "_count", ENDPOINT_TYPE)
+    total = metric(after, HISTOGRAM + "_sum", ENDPOINT_TYPE) - metric(
+        before, HISTOGRAM + "_sum", ENDPOINT_TYPE)
+    return {
+        "generation": entry.get("generation"),
+        "server": {key: seconds.get(key) for key in ("p50", "p99", "max")},
+        "server_histogram": {"count": round(count), "mean": round(total / count, 4)
+                             if count else None},
+        "outside": outside,
+        "server_affected": entry.get("affected"), "server_acked": entry.get("acked"),
+        "server_entries_for_this_edit": entry["entries_for_this_edit"],
+        # The server's clock starts at its stamp of the file event; the bench's at the
+        # rename: the gap is what the server cannot see (the watch's latency).
+        "observed_after_write_ms": _ms(float(entry["observed_at"]) - written_at),
+        "published_after_write_ms": _ms(float(entry["published_at"]) - written_at)
+        if entry.get("published_at") is not None else None,
+        "laggards": entry.get("laggards", []),
+    }
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the R changes of each figure, and server minus outside in ms."""
+    def med(side: str, key: str) -> float | None:
+        values = [r[side][key] for r in rounds if r[side].get(key) is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    figures: dict[str, Any] = {}
+    for key in ("p50", "p99", "max"):
+        server, outside = med("server", key), med("outside", key)
+        figures[f"server_{key}_s"] = server
+        figures[f"outside_{key}_s"] = outside
+        diffs = [r["server"][key] - r["outside"][key] for r in rounds
+                 if r["server"].get(key) is not None]
+        figures[f"difference_{key}_ms"] = _ms(statistics.median(diffs)) if diffs else None
+    figures["server_histogram_mean_s"] = med("server_histogram", "mean")
+    figures["outside_mean_s"] = med("outside", "mean")
+    figures["server_histogram_count_per_change"] = statistics.median(
+        r["server_histogram"]["count"] for r in rounds)
+    figures["observed_after_write_ms_median"] = round(
+        statistics.median(r["observed_after_write_ms"] for r in rounds), 2)
+    return figures
+
+
+async def run_scenario(streams: int, opts: Options) -> dict[str, Any]:
+    """Start a server, converge S streams, make R changes; always ends the server."""
+    spec = MeshSpec(services=opts.services)
+    identities = proxy_identities(streams, streams, 0)
+    result: dict[str, Any] = {
+        "bench": "convergence", "protocol": "delta" if opts.delta else "sotw",
+        "streams": streams, "services": opts.services, "groups": streams,
+        "changes": opts.changes, "host_cpus": os.cpu_count(),
+        "load_avg_1m_start": round(os.getloadavg()[0], 2),
+    }
+    if result["load_avg_1m_start"] > LOAD_LIMIT:
+        print(f"note: load average {result['load_avg_1m_start']} > {LOAD_LIMIT}: other work "
+              f"shares the CPUs, the figures will be noisy", file=sys.stderr)
+    deadline = Deadline(opts.deadline_s)
+    with tempfile.TemporaryDirectory(prefix="convergence-") as tmp:
+        mesh = Path(tmp) / "mesh.yaml"
+        write_atomically(mesh, mesh_yaml(spec, CHANGED_PORTS[-1]))
+        server = ServerProcess(mesh, Path(tmp), opts.poll_interval_s)
+        try:
+            server.start()
+            await asyncio.to_thread(server.wait_ready, min(60.0, deadline.left()))
+            fleet = Fleet(f"127.0.0.1:{server.xds_port}", identities, opts.delta)
+            affected = [i for i, (s, _) in enumerate(identities) if spec.sees_changed(s)]
+            try:
+                fleet.open()
+                await deadline.wait("every stream to be configured",
+                                    fleet.configured.done.wait(),
+                                    lambda: f"{len(fleet.configured.times)}/{streams} are")
+                fleet.check()
+                await fleet.quiet(QUIET_S, deadline.left())
+                await server.idle(deadline.left())
+                rounds = [await one_change(fleet, server, mesh, spec, affected, n, deadline)
+                          for n in range(opts.changes)]
+            finally:
+                await fleet.close()
+            result["affected_streams"] = len(affected)
+            result.update(summarize(rounds))
+            result["per_change"] = rounds
+        except BenchError as exc:
+            result["error"] = str(exc)
+        finally:
+            server.stop()
+            result["server_log_lines"] = len(server.log_problems())
+            result["server_log_sample"] = server.log_sample()
+    result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+def _cell(value: float | None, scale: float = 1000) -> str:
+    return "-" if value is None else f"{value * scale:.1f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The benchmark line: server and outside p50 / p99 per stream count, in ms."""
+    rows = [f"{'streams':>7}  {'server p50/p99 ms':>18}  {'outside p50/p99 ms':>18}  "
+            f"{'difference ms':>14}  {'watch ms':>8}  load"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"{r['streams']:>7}  FAILED: {r['error']}")
+            continue
+        rows.append(
+            f"{r['streams']:>7}  {_cell(r['server_p50_s']):>8} / {_cell(r['server_p99_s']):<7}"
+            f"  {_cell(r['outside_p50_s']):>8} / {_cell(r['outside_p99_s']):<7}"
+            f"  {_cell(r['difference_p50_ms'], 1):>6} / {_cell(r['difference_p99_ms'], 1):<5}"
+            f"  {r['observed_after_write_ms_median']:>8.1f}  {r['load_avg_1m_start']}")
+    return "\n".join(rows)
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="The server's convergence figure for one endpoint change beside the "
+                    "one measured from outside, at S streams (prints a table and JSON).")
+    parser.add_argument("--streams", type=_counts, default=[10, 100, 1000],
+                        help="simulated ADS streams S, one service each (default "
+                             "10,100,1000)")
+    parser.add_argument("--services", type=int, default=1000,
+                        help="services in the mesh (default 1000)")
+    parser.add_argument("--changes", type=int, default=5,
+                        help="endpoint changes R per scenario; medians are reported")
+    parser.add_argument("--delta", action="store_true",
+                        help="incremental xDS (DeltaAggregatedResources) instead of SotW")
+    add_output_flags(parser, BASELINE)
+    parser.add_argument("--deadline", type=float, default=180.0,
+                        help="seconds a scenario may take in all (default 180)")
+    parser.add_argument("--poll-interval", type=float, default=None,
+                        help="the server's file poll interval (default: the server's own, "
+                             "a fallback to notifications)")
+    return parser
+
+
+async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    opts = Options(services=args.services, changes=args.changes, delta=args.delta,
+                   deadline_s=args.deadline, poll_interval_s=args.poll_interval)
+    results = []
+    for streams in args.streams:
+        result = await run_scenario(streams, opts)
+        results.append(result)
+        print(table([result]).splitlines()[-1], file=sys.stderr, flush=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.changes < 1 or args.services < 1:
+        print("--changes and --services must be at least 1", file=sys.stderr)
+        return 2
+    out = results_path(BASELINE, args.out, args.update_baseline)
+    try:
+        results = asyncio.run(run_all(args))
+    except KeyboardInterrupt:  # run_scenario has already stopped its server
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(table(results))
+    write_results(out, json.dumps(results, indent=2), BASELINE)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
