@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -26,6 +26,7 @@ from controlplane.security.authn import AuthError, Caller
 from controlplane.server.admission import Admission, NodeProblem
 from controlplane.server.delta import DeltaStream
 from controlplane.server.limits import LimitError, Limits, LogBudget
+from controlplane.server.observer import StreamObserver, fan_out
 from controlplane.server.registry import StreamRegistry
 from controlplane.server.session import CredentialExpired, Malformed, StreamRun, warn
 from controlplane.server.settle import FreezeWhenSettled
@@ -76,8 +77,10 @@ class XdsServer:
 
     def __init__(self, watcher: ConfigWatcher, registry: StreamRegistry | None = None,
                  identifier: str = "controlplane", fetch_timeout: float = 5.0,
-                 limits: Limits | None = None, admission: Admission | None = None) -> None:
+                 limits: Limits | None = None, admission: Admission | None = None,
+                 observers: Sequence[StreamObserver] = ()) -> None:
         self.watcher = watcher
+        self.observers = fan_out(observers)  # told of every stream's ACKs, NACKs and end
         self.admission = admission  # None: no identities (no CA), every stream admitted
         self.refusals = LogBudget(10.0)  # warnings for refused streams, server-wide
         self.registry = registry if registry is not None else StreamRegistry()
@@ -215,6 +218,7 @@ class XdsServer:
                                                protocol=stream.protocol)
         budget = LogBudget(self.limits.log_lines_per_second)
         run = StreamRun(stream, context, self.watcher, self.turns, budget)
+        run.observers = self.observers
         admission = self.admission
         if admission is not None:
             run.admit = lambda proxy: admission.admit(caller, proxy, stream.node)
@@ -272,6 +276,8 @@ class XdsServer:
             if expiry is not None:
                 expiry.cancel()
             await run.stop()
+            if self.observers is not None:
+                self.observers.closed(stream)
             self.registry.remove(stream)
             self.settle.closed(stream.stream_id)
             metrics.CONNECTED_PROXIES.labels(stream.protocol).dec()

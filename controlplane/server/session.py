@@ -26,6 +26,7 @@ from controlplane.cache.cache import ConfigWatcher
 from controlplane.cache.snapshot import Snapshot
 from controlplane.proxy import ProxyIdentity
 from controlplane.server.limits import LogBudget
+from controlplane.server.observer import Observers
 from controlplane.server.stream import MalformedRequest, Push, StreamBase
 from controlplane.server.writes import ClientGone, WriteTurns, write_now
 
@@ -104,6 +105,7 @@ class StreamRun:
         self.writing = False  # a write is under way
         self._reader: asyncio.Task[None] | None = None
         self._snapshots: asyncio.Task[None] | None = None
+        self.observers: Observers | None = None  # told of ACKs and NACKs (observer.py)
 
     def start(self) -> None:
         self._reader = asyncio.ensure_future(self._read())
@@ -159,6 +161,8 @@ class StreamRun:
                 if acked is not None:  # the common case: no lock, nothing to write
                     del request
                     _count(acked, "ack")
+                    if self.observers is not None:
+                        self.observers.acked(stream, acked)
                     continue
                 async with self.lock:
                     pushes = self._on_request(request)
@@ -272,6 +276,12 @@ class StreamRun:
         elif handled.kind == "unknown_type":
             warn(self.budget, "xds.unknown_type", type=handled.type_url,
                  hint="this server serves clusters, endpoints, listeners, routes, secrets")
+        observers = self.observers
+        if observers is not None:
+            if handled.kind == "ack":
+                observers.acked(stream, handled.type_url)
+            elif handled.kind == "nack":
+                observers.nacked(stream, handled.type_url, handled.error)
         return handled.pushes
 
 
