@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import yaml
 
-from controlplane import generated
+from controlplane import dashboards, generated
 from controlplane.deploy_examples import (
     example_security_policy,
     example_sidecar,
@@ -386,7 +386,8 @@ def rendered() -> dict[Path, str]:
 
 
 def main() -> None:
-    generated.write(rendered())
+    """The manifests, and the Grafana dashboards beside them (deploy/grafana/)."""
+    generated.write({**rendered(), **dashboards.rendered()})
 
 
 if __name__ == "__main__":
