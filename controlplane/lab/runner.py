@@ -39,7 +39,7 @@ from controlplane.lab.sidecars import Sidecar
 from controlplane.lab.topology import LabError, Plan, check_template, plan
 from controlplane.lab.traffic import Traffic
 from controlplane.lab.view import Stats, console, render_callers, render_line, render_table
-from controlplane.lab.watch import KEEPS, MeshWatch
+from controlplane.lab.watch import KEEPS, MeshWatch, ServerWatch
 from controlplane.mesh.loader import parse_mesh_yaml
 from controlplane.settings import ServeSettings
 
@@ -50,10 +50,14 @@ _INBOUND = r"^http\.inbound\.downstream_rq_(completed|2xx)$"
 async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic | RemoteTraffic,
                 session: aiohttp.ClientSession, out: TextIO, headless: bool,
                 status: list[str]) -> None:
-    """Once a second, what the sidecars saw: a live table, or a line when headless; and
-    what is wrong with the mesh file, in every refresh until a save fixes it."""
+    """Once a second, what the sidecars saw: a live table, or a line when headless; what
+    is wrong with the mesh file, in every refresh until a save fixes it; and how far the
+    last edit got and any NACK, as the control plane saw them."""
     stats = Stats(sidecars)
     watch = MeshWatch(plan_.mesh_path)
+    server = ServerWatch(f"http://127.0.0.1:{plan_.admin_port}")
+    await server.poll(session)  # the changes made before now are not the user's edits
+    told: list[tuple[str, str]] = []
     order = list(dict.fromkeys(i.service for i in plan_.instances))
     started = time.monotonic()
     live = None if headless else Live(console=console(out), auto_refresh=False)
@@ -74,15 +78,20 @@ async def _view(plan_: Plan, sidecars: list[Sidecar], traffic: Traffic | RemoteT
             errors = f"client errors {failed} {dict(sorted(statuses.items()))}" if failed else ""
             elapsed = time.monotonic() - started
             callers = dict(traffic.callers)
+            lines = await server.poll(session, timed=live is not None)
             if live is None:  # scenario steps print their own lines
                 if callers != seen_callers:
                     print(render_callers(callers, order), file=out, flush=True)
                     seen_callers = callers
+                for entry in lines:  # each once, when it is new
+                    if entry not in told:
+                        print(entry[0], file=out, flush=True)
+                told = lines
                 render_line(elapsed, services, order, errors, out, watch.summary())
             else:
                 latest = status[-1] if status else ""
                 live.update(render_table(elapsed, services, order, f"{errors} {latest}".strip(),
-                                         problems, KEEPS, callers), refresh=True)
+                                         problems, KEEPS, callers, lines), refresh=True)
     finally:
         if live is not None:
             live.stop()

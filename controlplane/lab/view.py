@@ -5,14 +5,19 @@ instances), p50/p99 latency (the inbound listeners' latency histograms, per 1 s 
 interval; the slowest instance's, as a conservative figure) and which versions answer
 (each instance's share of the requests). Rendered as a live table on a terminal, or as
 one line a second (``--headless``, or when the output is not a terminal).
+
+Under it, from the control plane's own view: how far the last edit got ("your edit
+reached 5/5 sidecars in 140 ms", from /debug/changes) and the NACKs standing now (from
+/debug/rejections, else each proxy's last NACK in /debug/proxies).
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import aiohttp
 from rich.console import Console, Group, RenderableType
@@ -121,19 +126,27 @@ def render_callers(callers: dict[str, str], order: list[str]) -> str:
 
 def render_table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
                  extra: str, problems: list[str] | None = None,
-                 note: str = "", callers: dict[str, str] | None = None) -> RenderableType:
-    """The live table; under it, in red, the mesh file's problems until a save fixes them.
+                 note: str = "", callers: dict[str, str] | None = None,
+                 server: Sequence[tuple[str, str]] = ()) -> RenderableType:
+    """The live table; under it the server's lines (``(text, style)``: the last edit's
+    convergence, NACKs), and in red the mesh file's problems until a save fixes them.
     ``callers``: a column with the SPIFFE ID each service's app sees calling it."""
     table = _table(elapsed, services, order, extra, callers or {})
+    parts: list[RenderableType] = [table]
+    if server:
+        told = Text()
+        for line, style in server:
+            told.append(line + "\n", style=style)
+        parts.append(told)
     if not problems:
-        return table
+        return parts[0] if len(parts) == 1 else Group(*parts)
     shown = problems[:8]
     text = Text("Mesh file rejected: " + (note or "fix it and save again") + "\n", style="bold red")
     for problem in shown:
         text.append(f"  {problem}\n", style="red")
     if len(problems) > len(shown):
         text.append(f"  ... and {len(problems) - len(shown)} more\n", style="red")
-    return Group(table, text)
+    return Group(*parts, text)
 
 
 def _table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
@@ -160,3 +173,110 @@ def _table(elapsed: float, services: dict[str, ServiceStats], order: list[str],
 
 def console(out: TextIO) -> Console:
     return Console(file=out)
+
+
+# --- the control plane's view: the last edit's convergence, the NACKs standing now ------
+
+MAX_ERROR_SHOWN = 160  # an Envoy error can be kilobytes: the line keeps its start
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def convergence_line(change: Mapping[str, Any], now: float | None) -> tuple[str, str]:
+    """How far one change of /debug/changes got, and a style: "your edit reached 5/5
+    sidecars in 140 ms" once every sidecar it changed has ACKed it (the slowest ACK, from
+    the save as the server saw it), else how many have so far and who is missing (and,
+    given ``now``, how long ago the save was)."""
+    affected, acked = _int(change.get("affected")), _int(change.get("acked"))
+    seconds = change.get("seconds")
+    slowest = seconds.get("max") if isinstance(seconds, Mapping) else None
+    if affected == 0:
+        return "your edit changed no connected sidecar's config", "dim"
+    if change.get("complete") and isinstance(slowest, (int, float)):
+        return (f"your edit reached {acked}/{_plural(affected, 'sidecar')} in "
+                f"{_duration(float(slowest))}", "green")
+    laggards = [str(n) for n in change.get("laggards") or [] if n][:3]
+    waiting = f"; waiting for {', '.join(laggards)}" if laggards else ""
+    since = change.get("observed_at")
+    after = (f" {_duration(max(0.0, now - since))} after the save"
+             if now is not None and isinstance(since, (int, float))
+             and not isinstance(since, bool) else "")
+    if change.get("complete") is False and change.get("result") == "not_converged":
+        return (f"your edit reached only {acked}/{_plural(affected, 'sidecar')}{after}"
+                f"{waiting} (the server stopped waiting: see its change.not_converged "
+                "warning)", "bold red")
+    return f"your edit reached {acked}/{_plural(affected, 'sidecar')} so far{after}{waiting}", \
+        "yellow"
+
+
+@dataclass(frozen=True)
+class Nack:
+    """A sidecar rejecting the last config of one type, and what the server says made it."""
+
+    node_id: str
+    type: str
+    error: str
+    origin: str = ""
+
+
+def nacks_of_rejections(summary: Any) -> list[Nack]:
+    """The NACKs standing now, from /debug/rejections (each with the objects it comes
+    from: the policies, else the services)."""
+    found: list[Nack] = []
+    rows = summary.get("rejections") if isinstance(summary, Mapping) else None
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, Mapping):
+            continue
+        policies = [f"{p.get('kind')} {p.get('namespace')}/{p.get('name')}"
+                    for p in row.get("policies") or [] if isinstance(p, Mapping)]
+        services = [f"service {s}" for s in row.get("services") or [] if isinstance(s, str)]
+        found.append(Nack(str(row.get("node_id") or "?"), str(row.get("type") or "?"),
+                          str(row.get("error") or ""), ", ".join(policies or services)))
+    return found
+
+
+def nacks_of_proxies(proxies: Any) -> list[Nack]:
+    """The NACKs standing now, from /debug/proxies: a type whose latest push the proxy
+    rejected (its last NACK is of the version last sent, which it has not ACKed)."""
+    found: list[Nack] = []
+    for proxy in proxies if isinstance(proxies, list) else []:
+        types = proxy.get("types") if isinstance(proxy, Mapping) else None
+        for short, state in (types or {}).items() if isinstance(types, Mapping) else ():
+            nack = state.get("last_nack") if isinstance(state, Mapping) else None
+            if not isinstance(nack, Mapping):
+                continue
+            sent = state.get("sent_version")
+            if nack.get("version") == sent and state.get("acked_version") != sent:
+                found.append(Nack(str(proxy.get("node_id") or "?"), str(short),
+                                  str(nack.get("error") or "")))
+    return found
+
+
+def nack_lines(nacks: Sequence[Nack], limit: int = 3) -> list[str]:
+    """One line per distinct rejection (type, origin, error), naming its sidecars."""
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for nack in nacks:
+        grouped.setdefault((nack.type, nack.origin, nack.error), []).append(nack.node_id)
+    lines = []
+    for (type_, origin, error), nodes in sorted(grouped.items())[:limit]:
+        names = ", ".join(sorted(nodes)[:3]) + (f" +{len(nodes) - 3}" if len(nodes) > 3 else "")
+        source = f" from {origin}" if origin else ""
+        text = " ".join(error.split())
+        if len(text) > MAX_ERROR_SHOWN:
+            text = text[:MAX_ERROR_SHOWN] + "..."
+        verb = "rejects" if len(nodes) == 1 else "reject"
+        lines.append(f"NACK: {_plural(len(nodes), 'sidecar')} ({names}) {verb} {type_}"
+                     f"{source}: {text} (they keep their last accepted config)")
+    if len(grouped) > limit:
+        lines.append(f"NACK: ... and {len(grouped) - limit} more (see /debug/rejections)")
+    return lines
