@@ -76,3 +76,22 @@ SERVICES_REJECTED = Gauge(
     "Services of the current mesh that could not be translated (each served at its last "
     "good version, or left out).",
 )
+CONVERGENCE_SECONDS = Histogram(
+    "controlplane_convergence_seconds",
+    "From a source event (a file saved, a Kubernetes watch event) until a proxy ACKed the "
+    "config it caused, by type (cluster, endpoint, listener, route, virtual_host, secret).",
+    ["type"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+CHANGES = Counter(
+    "controlplane_changes_total",
+    "Mesh changes followed to the proxies, by result (converged: every affected proxy "
+    "ACKed; not_converged: some had not after --convergence-warn-after; dropped: too many "
+    "changes pending).",
+    ["result"],
+)
+PROXY_NACKS = Gauge(
+    "controlplane_proxy_nacks",
+    "Proxies whose latest response of some type they rejected (NACKed) and not yet "
+    "accepted a newer one.",
+)

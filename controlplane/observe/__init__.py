@@ -1,0 +1,1 @@
+"""Watching the fleet take the config: convergence of changes, and rejected config."""
