@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from controlplane.bootstrap_stats import stats_config
 from controlplane.bootstrap_xds import (
     ads_grpc_service,
     check_bundle,
@@ -134,6 +135,7 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
         "admin": {
             "address": socket_address(options.admin_address, options.admin_port),
         },
+        "stats_config": stats_config(options.service, options.namespace),
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "DELTA_GRPC" if options.uses_delta else "GRPC",

@@ -62,6 +62,7 @@ from controlplane.mesh.security import (
     effective,
 )
 from controlplane.mesh.service import Service
+from controlplane.mesh.telemetry import MeshTelemetry, Telemetry
 
 __all__ = [
     "UINT32_MAX",
@@ -82,6 +83,7 @@ __all__ = [
     "Mesh",
     "MeshIdentity",
     "MeshSecurity",
+    "MeshTelemetry",
     "Mtls",
     "Operation",
     "OutboundTrafficPolicy",
@@ -103,6 +105,7 @@ __all__ = [
     "Sidecar",
     "Source",
     "SplitTarget",
+    "Telemetry",
     "WorkloadSelector",
     "_Model",
     "effective",
@@ -133,11 +136,16 @@ class Mesh(_Model):
     identity: MeshIdentity | None = None
     """Set by the server when it runs a CA, never read from a file (the loader refuses
     it): None, the translator emits no TLS, no SDS references and no principal matching."""
+    telemetry: MeshTelemetry = Field(default_factory=MeshTelemetry)
+    """Mesh-wide and per-namespace access logs and tracing (``telemetry.py``)."""
 
     # Derived indexes, built on first use. Each remembers the list it was built from,
     # so a model_copy with other services builds its own rather than trust a stale one.
     _by_key: tuple[list[Service], Mapping[str, Service]] | None = PrivateAttr(None)
     _scope: tuple[list[Service], list[Sidecar], ScopeIndex] | None = PrivateAttr(None)
+    # When the source saw the earliest change this mesh holds (time.time()), for the
+    # convergence measurement (sources/base.py: stamp, observed_at); None: not known.
+    _observed_at: float | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _unique(self) -> Mesh:
@@ -155,7 +163,8 @@ class Mesh(_Model):
             return NotImplemented
         return (self.services == other.services and self.sidecars == other.sidecars
                 and self.outbound_traffic_policy == other.outbound_traffic_policy
-                and self.security == other.security and self.identity == other.identity)
+                and self.security == other.security and self.identity == other.identity
+                and self.telemetry == other.telemetry)
 
     __hash__ = None  # type: ignore[assignment]  # a list inside: never hashable
 

@@ -19,6 +19,7 @@ from controlplane.mesh.endpoints import Endpoint, Protocol, ServicePort
 from controlplane.mesh.limits import Port, dns_label, hostname, ip_address
 from controlplane.mesh.policy import Policy
 from controlplane.mesh.security import Security, ServiceAccountName
+from controlplane.mesh.telemetry import Telemetry
 
 MAX_ENDPOINTS = 100_000
 MAX_EXPORTS = 1000
@@ -110,6 +111,8 @@ class Service(_Model):
     sidecar that accepts mesh mTLS, and callers verify it is one of these."""
     security: Security | None = None
     """Its mTLS mode and authorization rules (over the namespace's and the mesh's)."""
+    telemetry: Telemetry | None = None
+    """Its access log and tracing (over the namespace's and the mesh's)."""
 
     @field_validator("name")
     @classmethod
