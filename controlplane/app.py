@@ -36,6 +36,7 @@ from controlplane.mesh.security import MeshIdentity
 from controlplane.pipeline import Pipeline
 from controlplane.security.ca import CertificateAuthority
 from controlplane.server import StreamRegistry, XdsServer, create_server
+from controlplane.server.csds import AckedConfigs, ClientStatus
 from controlplane.server.limits import Limits
 from controlplane.server.secured import Secured
 from controlplane.settings import ServeSettings, split_address
@@ -260,12 +261,18 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     pipeline = Pipeline(cache, store)
     registry = StreamRegistry()
     secured = await open_trust(settings, cache)
+    acked = AckedConfigs()  # what each proxy holds, for CSDS beside what it is served
     xds = XdsServer(cache if secured is None else secured.watcher, registry,
                     settings.identifier, limits=limits(settings),
-                    admission=None if secured is None else secured.admission)
+                    admission=None if secured is None else secured.admission,
+                    observers=[acked])
+    status = ClientStatus(registry, xds.watcher, settings.identifier, xds.admission,
+                          settings.status_namespace, acked)
     grpc_server, xds_port = await create_server(
         settings.xds_address, xds,
-        None if secured is None or secured.tls is None else secured.tls.credentials())
+        None if secured is None or secured.tls is None else secured.tls.credentials(),
+        extra=status.handlers(), max_connection_age=settings.max_connection_age,
+        max_connection_age_grace=settings.max_connection_age_grace)
     webhook: Webhook | None = None
     try:
         webhook = await start_webhook(  # its port is taken, a bad setting: fail
@@ -292,7 +299,9 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     log.info("serve.started", source=source.name, xds=f"{host}:{xds_port}",
              admin=f"http://{admin_host}:{bound_admin}/", snapshot_dir=str(settings.snapshot_dir),
              tls=secured is not None and secured.tls is not None,
-             identity=None if secured is None else settings.trust_domain)
+             identity=None if secured is None else settings.trust_domain,
+             max_connection_age=settings.max_connection_age or None,
+             max_connection_age_grace=settings.max_connection_age_grace)
     return Running(settings, pipeline, cache, registry, grpc_server, xds_port, runner,
                    bound_admin, task, store, xds, sweeper, webhook, secured)
 

@@ -103,6 +103,12 @@ class ServeSettings(BaseSettings):
         default=5.0, gt=0, description="Warnings one stream may cause per second (NACKs, "
         "unknown types, protocol errors); the rest are counted and the count logged."
     )
+    convergence_warn_after: float = Field(
+        default=30.0, gt=0, description="Seconds a mesh change may take to reach every "
+        "proxy it affects (each ACKed it); then a warning (change.not_converged) names the "
+        "laggards and the change is no longer followed. "
+        "`CONTROLPLANE_CONVERGENCE_WARN_AFTER`."
+    )
     max_large_writes: int = Field(
         default=16, ge=0, description="Large xDS responses (initial syncs, a big mesh's "
         "whole CDS or RDS) written at once over every stream (0: no bound); more wait their "
@@ -222,6 +228,23 @@ class ServeSettings(BaseSettings):
     inject_delta: bool = Field(default=False,
                                description="Injected sidecars use delta xDS instead of SotW.")
     inject_log_level: str = Field(default="warning", description="Injected Envoys' log level.")
+
+    # -- status and rebalancing (issue 12)
+    status_namespace: str = Field(
+        default="controlplane-system", min_length=1, description="With token authentication, "
+        "the client status (CSDS) answers only credentials of this namespace: the control "
+        "plane's own (file mode: a token minted for it with controlplane bootstrap --ca-dir)."
+    )
+    max_connection_age: float = Field(
+        default=1800.0, ge=0, description="Seconds after which the server asks a proxy's "
+        "connection to go (gRPC GOAWAY, +/-10% jitter), so that after a rollout or a "
+        "scale-up sidecars spread over the replicas again; 0: never."
+    )
+    max_connection_age_grace: float = Field(
+        default=10.0, ge=0, description="Seconds the streams of an aged connection get "
+        "before they are ended (the proxy has reconnected by then; its versions do not "
+        "change: replicas of one mesh serve the same versions)."
+    )
 
     def ca_mode(self) -> Literal["files", "dir", "secret"] | None:
         """Where the mesh CA comes from; None: no CA (no identities, plaintext xDS)."""

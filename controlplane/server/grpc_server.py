@@ -23,6 +23,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane import metrics, resource
 from controlplane.cache.cache import ConfigWatcher
 from controlplane.security.authn import AuthError, Caller
+from controlplane.server import reflection
 from controlplane.server.admission import Admission, NodeProblem
 from controlplane.server.delta import DeltaStream
 from controlplane.server.limits import LimitError, Limits, LogBudget
@@ -299,10 +300,20 @@ def _expiry(run: StreamRun, caller: Caller | None) -> asyncio.TimerHandle | None
 
 async def create_server(address: str, xds: XdsServer,
                         credentials: grpc.ServerCredentials | None = None,
+                        extra: Sequence[grpc.GenericRpcHandler] = (),
+                        max_connection_age: float = 0.0,
+                        max_connection_age_grace: float = 0.0,
                         ) -> tuple[grpc.aio.Server, int]:
     """Bind ``HOST:PORT`` (port 0 picks a free one), over TLS with ``credentials``;
-    returns the started server and its port."""
+    returns the started server and its port. ``extra``: more services (CSDS), listed
+    with the xDS ones by server reflection. ``max_connection_age`` (seconds, 0: none):
+    gRPC sends a connection GOAWAY at that age (+/-10% jitter) and ends its streams
+    ``max_connection_age_grace`` later, so clients reconnect and spread over replicas."""
+    aged = [("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace * 1000)),
+            ] if max_connection_age > 0 else []
     server = grpc.aio.server(options=[
+        *aged,
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", xds.limits.max_request_bytes),
         ("grpc.keepalive_time_ms", 30_000),
@@ -314,6 +325,9 @@ async def create_server(address: str, xds: XdsServer,
         ("grpc.http2.bdp_probe", 0),
     ])
     server.add_generic_rpc_handlers(xds.handlers())
+    if extra:
+        server.add_generic_rpc_handlers(list(extra))
+    reflection.enable(server, [*SERVICES, *(h.service_name() for h in extra)])
     port = server.add_insecure_port(address) if credentials is None \
         else server.add_secure_port(address, credentials)
     if port == 0:
