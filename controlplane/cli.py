@@ -12,6 +12,7 @@ from controlplane import bootstrap_cmd, logs
 from controlplane.errors import ControlPlaneError, MeshError
 from controlplane.inject import capture_cmd, inject_cmd
 from controlplane.security import ca_cmd
+from controlplane.status import status_cmd
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -57,6 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
             "workload_cert_ttl": args.workload_cert_ttl,
             "authentication": args.authentication,
             "xds_server_name": args.xds_server_name,
+            "status_namespace": args.status_namespace,
+            "max_connection_age": args.max_connection_age,
+            "max_connection_age_grace": args.max_connection_age_grace,
         }.items()
         if value is not None
     }
@@ -208,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "trust the node's claim, plaintext xDS (development only)")
     trust.add_argument("--xds-server-name", action="append", metavar="NAME",
                        help="another DNS name or IP for the xDS TLS certificate (repeatable)")
+    fleet = serve.add_argument_group("status and rebalancing (env CONTROLPLANE_STATUS_*, "
+                                     "CONTROLPLANE_MAX_CONNECTION_AGE*)")
+    fleet.add_argument("--status-namespace", help="with token authentication, only tokens "
+                       "of this namespace may read the client status (CSDS; default "
+                       "controlplane-system)")
+    fleet.add_argument("--max-connection-age", type=float, metavar="SECONDS",
+                       help="ask proxies to reconnect after this long (+/-10%%), so they "
+                       "spread over the replicas again (default 1800; 0: never)")
+    fleet.add_argument("--max-connection-age-grace", type=float, metavar="SECONDS",
+                       help="how long an aged connection's streams may go on (default 10)")
     serve.set_defaults(run=_serve)
 
     bootstrap_cmd.add_parser(commands)
@@ -237,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["debug", "info", "warning", "error"])
     lab.set_defaults(run=_lab)
 
+    status_cmd.add_parser(commands)
     capture_cmd.add_parser(commands)
     inject_cmd.add_parser(commands)
     ca_cmd.add_parser(commands, kube=_kube_client)
