@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,61 +30,19 @@ from controlplane.cache.store import SnapshotStore
 from controlplane.errors import TranslationError
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.workloads import WorkloadIndex
-from controlplane.proxy import DEFAULT_NAMESPACE, ProxyIdentity
-from controlplane.translator import egress_route
+from controlplane.meshcheck import check_mesh
+from controlplane.observe.changes import changed_types
+from controlplane.observe.convergence import Convergence
+from controlplane.proxy import ProxyIdentity
+from controlplane.sources.base import observed_at
 
 log = structlog.get_logger("controlplane.pipeline")
+__all__ = ["Pipeline", "check_mesh"]
 
-_ATTEMPTS = 3  # isolate route-table culprits at most this many times, then reject whole
 _BATCH = 32  # new groups built per trip to the worker
+_Changes = dict[str, dict[str, str]]  # group -> type URL -> new version, for convergence
 _PUBLISHED = metrics.SNAPSHOT_BUILDS.labels("published")
 _UNCHANGED = metrics.SNAPSHOT_BUILDS.labels("unchanged")
-
-
-def check_mesh(mesh: Mesh, previous: MeshBuild | None = None,
-               namespaces: Collection[str] = (DEFAULT_NAMESPACE,),
-               strict: bool = True) -> MeshBuild:
-    """Translate ``mesh``, build the route tables of ``namespaces`` and assemble it for a
-    neutral proxy; TranslationError if that fails or is not consistent. Services whose
-    translation fails are an error too when ``strict`` (``controlplane validate``); the
-    server is not strict: it lists them in the build's ``rejected`` and serves the rest.
-    The build is then shared by every group."""
-    culprits: dict[str, str] = {}
-    for _ in range(_ATTEMPTS):
-        try:
-            build = MeshBuild(mesh, previous, culprits)
-            for namespace in sorted({DEFAULT_NAMESPACE, *namespaces}):
-                build.route(namespace)
-            snapshot = build.probe()
-        except Exception as exc:  # a translator bug: find the services that cause it
-            found = _route_culprits(mesh, {DEFAULT_NAMESPACE, *namespaces})
-            if not found or found.keys() <= culprits.keys():
-                raise TranslationError(f"{type(exc).__name__}: {exc}") from exc
-            culprits.update(found)
-            continue
-        problems = snapshot.problems()
-        if problems:
-            raise TranslationError("inconsistent snapshot: " + "; ".join(problems))
-        if strict and build.rejected:
-            raise TranslationError("; ".join(f"service {key}: {error}" for key, error
-                                             in sorted(build.rejected.items())))
-        return build
-    raise TranslationError("translation keeps failing after leaving out "
-                           + ", ".join(sorted(culprits)))
-
-
-def _route_culprits(mesh: Mesh, namespaces: Collection[str]) -> dict[str, str]:
-    """The services whose own virtual hosts fail to build, each with its error."""
-    found: dict[str, str] = {}
-    for service in mesh.services:
-        alone = mesh.model_copy(update={"services": [service]})
-        for namespace in namespaces:
-            try:
-                egress_route(alone, namespace)
-            except Exception as exc:
-                found[service.key] = f"{type(exc).__name__}: {exc}"
-                break
-    return found
 
 
 @dataclass
@@ -125,9 +82,11 @@ def _assemble_all(build: MeshBuild, proxies: list[ProxyIdentity],
 
 
 class Pipeline:
-    def __init__(self, cache: SnapshotCache, store: SnapshotStore | None = None) -> None:
+    def __init__(self, cache: SnapshotCache, store: SnapshotStore | None = None,
+                 convergence: Convergence | None = None) -> None:
         self.cache = cache
         self.store = store
+        self.convergence = convergence  # told what each mesh change published
         self.current: MeshBuild | None = None
         self.generation = 0
         self.last_error = ""
@@ -164,19 +123,22 @@ class Pipeline:
     def set_mesh(self, mesh: Mesh) -> bool:
         """Accept ``mesh`` if it translates into a consistent snapshot; rebuild every group.
         All on the calling thread; True when accepted. Never raises."""
+        observed = observed_at(mesh) or time.time()
         try:
             prepared = self._prepare(mesh, self.current, self.cache.groups())
         except Exception as exc:
             return self._rejected(exc)
         try:
-            self._publish(prepared)
+            self._publish(prepared, observed)
         except Exception as exc:
             return self._rejected(exc)
         return True
 
     async def apply(self, mesh: Mesh) -> bool:
         """``set_mesh`` with the translation and assembly on a worker thread; snapshots
-        are published on the event loop, a slice of groups at a time."""
+        are published on the event loop, a slice of groups at a time. A change's clock
+        starts at its source event (or now, for a mesh the source did not stamp)."""
+        observed = observed_at(mesh) or time.time()
         async with self._lock:
             try:
                 prepared = await asyncio.get_running_loop().run_in_executor(
@@ -184,7 +146,7 @@ class Pipeline:
             except Exception as exc:
                 return self._rejected(exc)
             try:
-                await self._publish_async(prepared)
+                await self._publish_async(prepared, observed)
             except Exception as exc:
                 return self._rejected(exc)
             return True
@@ -245,21 +207,33 @@ class Pipeline:
         if prepared.workloads is not None:  # streams of changed pods resolve again
             self.cache.identities.update(*prepared.workloads, build.mesh.by_key)
 
-    def _publish(self, prepared: _Prepared) -> None:
+    def _publish(self, prepared: _Prepared, observed: float) -> None:
         self._accept(prepared)
+        changes: _Changes | None = {} if self.convergence is not None else None
         for group, snapshot in prepared.snapshots.items():
-            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0))
+            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0), changes)
+        self._converging(observed, changes)
         self._build_missing(prepared)
         self._accepted_log(prepared)
 
-    async def _publish_async(self, prepared: _Prepared) -> None:
+    async def _publish_async(self, prepared: _Prepared, observed: float) -> None:
         self._accept(prepared)
+        changes: _Changes | None = {} if self.convergence is not None else None
         for index, (group, snapshot) in enumerate(prepared.snapshots.items()):
-            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0))
+            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0), changes)
             if index % 50 == 49:
                 await asyncio.sleep(0)  # let streams write between slices of groups
+        self._converging(observed, changes)
         self._build_missing(prepared)
         self._accepted_log(prepared)
+
+    def _converging(self, observed: float, changes: _Changes | None) -> None:
+        """Follow the change to the proxies (groups built for new arrivals are not)."""
+        if self.convergence is not None and changes:
+            try:
+                self.convergence.published(self.generation, observed, changes)
+            except Exception:
+                log.exception("convergence.failed", hint="a bug; this change is not measured")
 
     def _build_missing(self, prepared: _Prepared) -> None:
         """Groups that arrived while the mesh was being built got the old one."""
@@ -342,7 +316,8 @@ class Pipeline:
         log.error("snapshot.rejected", group=group, error=error,
                   hint="this group keeps its last good snapshot; fix the mesh")
 
-    def _publish_group(self, group: str, snapshot: Snapshot, elapsed: float) -> None:
+    def _publish_group(self, group: str, snapshot: Snapshot, elapsed: float,
+                       changes: _Changes | None = None) -> None:
         if not self.cache.known(group):
             return  # expired while it was being built
         before = self.cache.get(group)
@@ -358,6 +333,8 @@ class Pipeline:
             self._groups_shown = groups
             metrics.PROXY_GROUPS.set(groups)
         if published:
+            if changes is not None:
+                changes[group] = changed_types(before, snapshot)
             metrics.ENCODED_BYTES.inc(snapshot.encoded_bytes)
             for type_url, typed in snapshot.types.items():  # sizes are kept per layer
                 if before is None or before.types.get(type_url) is not typed:

@@ -33,6 +33,7 @@ from controlplane.admin.render import (
 from controlplane.admin.thread import AdminThread, on_main
 from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.snapshot import Snapshot
+from controlplane.observe.convergence import Convergence
 from controlplane.server.registry import StreamRegistry
 from controlplane.server.stream import StreamBase
 
@@ -47,6 +48,8 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/debug/snapshots", "snapshot versions and resource counts per proxy group"),
     ("/debug/config_dump?node=ID", "the resources the proxy with node id ID is served "
      "(&type=clusters,routes,... for some types only)"),
+    ("/debug/changes", "the last mesh changes: how many proxies took each, how fast "
+     "(from the source event to each ACK), and who has not yet"),
 )
 DEBUG_PREFIX = "/debug/"
 LOOPBACK_ONLY = (
@@ -72,6 +75,8 @@ class AdminState:
     main_loop: asyncio.AbstractEventLoop | None = None
     """The xDS loop, where the registry, cache and readiness are read (set by
     ``start_admin``; None: the admin app runs on that loop itself)."""
+    convergence: Convergence | None = None
+    """Follows each mesh change to the proxies (/debug/changes, /debug/proxies)."""
 
 
 _STATE: web.AppKey[AdminState] = web.AppKey("state", AdminState)
@@ -88,6 +93,7 @@ def create_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/debug/proxies", _proxies)
     app.router.add_get("/debug/snapshots", _snapshots)
     app.router.add_get("/debug/config_dump", _config_dump)
+    app.router.add_get("/debug/changes", _changes)
 
     async def close_renderer(app: web.Application) -> None:
         app[_STATE].renderer.close()
@@ -191,8 +197,28 @@ async def _metrics_handler(request: web.Request) -> web.Response:
 async def _proxies(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
     async with state.renderer.slot():
-        described = await on_main(state.main_loop, state.registry.describe)
+        described = await on_main(state.main_loop, lambda: _described(state))
         return await _send(request, await state.renderer.run(lambda: render_json(described)))
+
+
+def _described(state: AdminState) -> list[dict[str, Any]]:
+    """Every stream, with the last change it converged on (on the xDS loop)."""
+    described = state.registry.describe()
+    if state.convergence is not None:
+        for stream in described:
+            stream["convergence"] = state.convergence.proxy(stream["stream_id"])
+    return described
+
+
+async def _changes(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    convergence = state.convergence
+    if convergence is None:
+        return _json({"error": "this server does not follow changes to the proxies; "
+                      "see /debug/proxies for what each proxy ACKed"}, status=404)
+    async with state.renderer.slot():
+        summary = await on_main(state.main_loop, convergence.summary)
+        return await _send(request, await state.renderer.run(lambda: render_json(summary)))
 
 
 async def _snapshots(request: web.Request) -> web.StreamResponse:

@@ -15,3 +15,17 @@ class Source(Protocol):
     name: str
 
     def updates(self) -> AsyncIterator[Mesh]: ...
+
+
+def stamp(mesh: Mesh, at: float) -> Mesh:
+    """``mesh`` (a shallow copy) marked with the wall-clock time (``time.time()``) the
+    source saw the earliest change it holds: a file saved, a watch event received. The
+    server measures convergence from there (observe/convergence.py)."""
+    stamped = mesh.model_copy()
+    stamped._observed_at = at
+    return stamped
+
+
+def observed_at(mesh: Mesh) -> float | None:
+    """The time ``stamp`` marked ``mesh`` with; None for a mesh no source stamped."""
+    return mesh._observed_at

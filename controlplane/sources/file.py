@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from controlplane.errors import EmptyMeshError, MeshError
 from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.loader import MAX_FILE_BYTES, too_big
 from controlplane.mesh.model import Mesh, empty_subsets
+from controlplane.sources.base import stamp
 from controlplane.sources.notify import Wakeups
 
 log = structlog.get_logger("controlplane.source.file")
@@ -121,6 +123,7 @@ class FileSource:
         signature: _Signature | None = None
         settling: _Signature | None = None
         seen = served = ""  # digests: the content last read, the content last yielded
+        seen_at: float | None = None  # when the change being read was first noticed
         while True:
             try:
                 current = _signature(self.path)
@@ -131,6 +134,8 @@ class FileSource:
                 await wakeups.next()
                 continue
             if current != signature:
+                if seen_at is None:  # the notification's time, else this look's
+                    seen_at = wakeups.woken_at or time.time()
                 if signature is not None and current[2] == signature[2] and current != settling:
                     # Written in place (same inode): maybe half-way, and half a mesh file
                     # can be a valid, smaller mesh. Read it once it holds still.
@@ -143,9 +148,10 @@ class FileSource:
                 signature = None if found.torn or found.error else current
                 mesh = self._outcome(found, served)
                 seen = found.digest
+                changed_at, seen_at = seen_at, (seen_at if found.torn else None)
                 if mesh is not None:
                     served = found.digest
-                    yield mesh
+                    yield stamp(mesh, changed_at or time.time())
                 del mesh, found  # keep nothing of a replaced mesh alive here
             await wakeups.next()
 

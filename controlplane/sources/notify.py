@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class DirectoryWatch:
         except (OSError, RuntimeError) as exc:
             raise NotifyUnavailable(str(exc) or type(exc).__name__) from exc
         self.changed = asyncio.Event()
+        self.woken_at: float | None = None
+        """When the first change since the last ``wait`` was seen (``time.time()``)."""
         self.failure: str | None = None
         self._loop = loop
         self._stop = threading.Event()
@@ -110,10 +113,15 @@ class DirectoryWatch:
             watcher.close()
 
     def _wake(self) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.changed.set)
+        try:  # the time taken here, on the thread: the loop may be busy a while
+            self._loop.call_soon_threadsafe(self._woke, time.time())
         except RuntimeError:  # the loop is closed: nobody to wake
             self._stop.set()
+
+    def _woke(self, at: float) -> None:
+        if not self.changed.is_set():
+            self.woken_at = at
+            self.changed.set()
 
     async def wait(self, timeout: float) -> bool:
         """Until a change or ``timeout`` seconds; True when woken by a change.
@@ -161,6 +169,9 @@ class Wakeups:
         self.problem: str | None = None
         """Why notifications are off now (None when on, or not wanted)."""
         self._retry_at = 0.0
+        self.woken_at: float | None = None
+        """When the notification that ended the last ``next`` came (``time.time()``);
+        None when it ended otherwise (a poll, the safety net)."""
         if enabled and _env_forces_polling():
             self.enabled = False
             log.info("source.file_polling", path=str(path), reason="WATCHFILES_FORCE_POLLING "
@@ -172,6 +183,7 @@ class Wakeups:
 
     async def next(self) -> bool:
         """Wait for the next look; True when a notification woke it."""
+        self.woken_at = None
         loop = asyncio.get_running_loop()
         if self.watch is not None and self.watch.stale():
             reason = self.watch.failure or "the watched directories changed"
@@ -187,7 +199,10 @@ class Wakeups:
             retry = self._retry_at - loop.time() if self.enabled else self.poll_interval
             await asyncio.sleep(max(0.0, min(self.poll_interval, retry)))
             return False
-        return await self.watch.wait(max(self.poll_interval, SAFETY_NET))
+        watch = self.watch
+        woken = await watch.wait(max(self.poll_interval, SAFETY_NET))
+        self.woken_at = watch.woken_at if woken else None
+        return woken
 
     def start(self) -> None:
         """Watch from now on (before the first look, so no save falls between)."""

@@ -29,6 +29,7 @@ from kubernetes import client
 
 from controlplane import metrics
 from controlplane.mesh.model import Mesh, OutboundTrafficPolicy
+from controlplane.sources.base import stamp
 from controlplane.sources.kubernetes.convert import Converter, Key, Verdict
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
@@ -44,6 +45,7 @@ from controlplane.sources.kubernetes.kinds import (
 from controlplane.sources.kubernetes.status import StatusWriter, needs_write
 from controlplane.sources.kubernetes.store import ObjectStore, labels_only
 from controlplane.sources.kubernetes.watch import (
+    Changed,
     Event,
     Forbidden,
     Listed,
@@ -124,6 +126,7 @@ class KubernetesSource:
                  namespaces=[n or "(all)" for n in self.namespaces])
         served: Mesh | None = None
         first_change = last_change = 0.0
+        observed: float | None = None  # when the batch's first event came (time.time())
         dirty = False
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -146,6 +149,9 @@ class KubernetesSource:
                         unlisted.discard((item.kind, item.namespace))
                         stale.discard((item.kind, item.namespace))
                     if self._apply(item):
+                        at = item.received if isinstance(item, Listed | Changed) \
+                            else time.time()
+                        observed = at if observed is None else min(observed, at)
                         now = time.monotonic()
                         if not dirty:
                             first_change = now
@@ -163,6 +169,7 @@ class KubernetesSource:
                         and now - first_change < self.debounce.max_delay):
                     continue
                 dirty = False
+                batch_at, observed = observed, None
                 try:
                     mesh = self._convert(tasks)
                 except Exception:  # a bug, not an input: keep serving the last good mesh
@@ -176,7 +183,7 @@ class KubernetesSource:
                     continue
                 metrics.K8S_REBUILDS.labels("published").inc()
                 served = mesh
-                yield mesh
+                yield stamp(mesh, batch_at or time.time())
         finally:
             stop.set()
             for task in tasks:

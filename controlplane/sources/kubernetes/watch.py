@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -61,6 +62,7 @@ class Listed:
     kind: Kind
     namespace: str | None
     items: list[dict[str, Any]]
+    received: float = field(default_factory=time.time)  # for convergence (sources/base.py)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Changed:
     kind: Kind
     type: str  # ADDED | MODIFIED | DELETED
     obj: dict[str, Any]
+    received: float = field(default_factory=time.time)  # when the watch read it
 
 
 Event = Listed | Listing | Forbidden | Changed
