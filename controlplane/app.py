@@ -33,6 +33,8 @@ from controlplane.inject.config import InjectConfig
 from controlplane.inject.webhook import Webhook, WebhookState
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.security import MeshIdentity
+from controlplane.observe.convergence import Convergence
+from controlplane.observe.rejections import Rejections
 from controlplane.pipeline import Pipeline
 from controlplane.security.ca import CertificateAuthority
 from controlplane.server import StreamRegistry, XdsServer, create_server
@@ -64,11 +66,13 @@ class Running:
     sweeper: asyncio.Task[None] | None = None
     webhook: Webhook | None = None
     secured: Secured | None = None  # the CA, authentication, SDS, xDS TLS (issue 11)
+    convergence: Convergence | None = None  # each change followed to the proxies (issue 12)
+    ticker: asyncio.Task[None] | None = None  # its clock: ends changes, warns of laggards
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop taking new streams, end the open ones once their writes are done (they
         reconnect elsewhere), and cut what is left after ``grace`` seconds."""
-        for task in (self.source_task, self.sweeper):
+        for task in (self.source_task, self.sweeper, self.ticker):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -251,6 +255,17 @@ def readiness(pipeline: Pipeline, source: Source,
     return check
 
 
+def rejections_for(source: Source) -> Rejections:
+    """The observer of NACKs (``/debug/rejections``). A source that knows which policy
+    objects shaped a service (Kubernetes) names them, and writes their ``Programmed``
+    condition as the rejections change."""
+    rejections = Rejections(getattr(source, "origins", None))
+    watch = getattr(source, "watch_rejections", None)
+    if watch is not None:
+        rejections.on_change = watch(rejections.by_policy)
+    return rejections
+
+
 async def start(settings: ServeSettings, source: Source | None = None) -> Running:
     source = source or open_source(settings)
     admin_host, admin_port = split_address(settings.admin_address, "--admin-address")
@@ -258,14 +273,16 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     store = SnapshotStore(settings.snapshot_dir, settings.snapshot_keep) \
         if settings.snapshot_keep else None
     cache = SnapshotCache()
-    pipeline = Pipeline(cache, store)
     registry = StreamRegistry()
+    convergence = Convergence(registry.streams, settings.convergence_warn_after)
+    pipeline = Pipeline(cache, store, convergence)
     secured = await open_trust(settings, cache)
+    rejections = rejections_for(source)
     acked = AckedConfigs()  # what each proxy holds, for CSDS beside what it is served
     xds = XdsServer(cache if secured is None else secured.watcher, registry,
                     settings.identifier, limits=limits(settings),
                     admission=None if secured is None else secured.admission,
-                    observers=[acked])
+                    observers=[convergence, acked, rejections])
     status = ClientStatus(registry, xds.watcher, settings.identifier, xds.admission,
                           settings.status_namespace, acked)
     grpc_server, xds_port = await create_server(
@@ -280,7 +297,8 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
             else lambda: secured.trust.current().bundle_pem,
             None if secured is None else secured.trust.current)
         runner, bound_admin = await start_admin(
-            AdminState(registry=registry, cache=cache,
+            AdminState(registry=registry, cache=cache, rejections=rejections.summary,
+                       convergence=convergence,
                        readiness=readiness(pipeline, source, webhook)),
             admin_host, admin_port)
     except BaseException:  # e.g. the admin port is taken: release the other ports too
@@ -293,6 +311,7 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     task = asyncio.create_task(follow(source, pipeline, identity=identity), name="source")
     sweeper = asyncio.create_task(sweep(pipeline, settings.group_ttl, secured),
                                   name="group-sweeper")
+    ticker = asyncio.create_task(convergence.watch(), name="convergence")
     if secured is not None:
         secured.start(settings.ca_poll_interval)
     host = settings.xds_address.rpartition(":")[0]
@@ -303,7 +322,8 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
              max_connection_age=settings.max_connection_age or None,
              max_connection_age_grace=settings.max_connection_age_grace)
     return Running(settings, pipeline, cache, registry, grpc_server, xds_port, runner,
-                   bound_admin, task, store, xds, sweeper, webhook, secured)
+                   bound_admin, task, store, xds, sweeper, webhook, secured,
+                   convergence=convergence, ticker=ticker)
 
 
 async def serve(settings: ServeSettings) -> None:

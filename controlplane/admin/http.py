@@ -50,6 +50,8 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
      "(&type=clusters,routes,... for some types only)"),
     ("/debug/changes", "the last mesh changes: how many proxies took each, how fast "
      "(from the source event to each ACK), and who has not yet"),
+    ("/debug/rejections", "config the proxies reject now (NACKs), traced to the services "
+     "and policy objects it comes from"),
 )
 DEBUG_PREFIX = "/debug/"
 LOOPBACK_ONLY = (
@@ -77,6 +79,8 @@ class AdminState:
     ``start_admin``; None: the admin app runs on that loop itself)."""
     convergence: Convergence | None = None
     """Follows each mesh change to the proxies (/debug/changes, /debug/proxies)."""
+    rejections: Callable[[], dict[str, Any]] | None = None
+    """The standing NACKs by origin (observe/rejections.py), for /debug/rejections."""
 
 
 _STATE: web.AppKey[AdminState] = web.AppKey("state", AdminState)
@@ -94,6 +98,7 @@ def create_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/debug/snapshots", _snapshots)
     app.router.add_get("/debug/config_dump", _config_dump)
     app.router.add_get("/debug/changes", _changes)
+    app.router.add_get("/debug/rejections", _rejections)
 
     async def close_renderer(app: web.Application) -> None:
         app[_STATE].renderer.close()
@@ -259,6 +264,17 @@ async def _config_dump(request: web.Request) -> web.StreamResponse:
         resources = await state.renderer.cached(
             ("config_dump", version, keys), lambda: render_resources(snapshot, keys))
         return await _send(request, config_dump_body(head, resources))
+
+
+async def _rejections(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    view = state.rejections
+    if view is None:
+        return _json({"error": "this server does not trace rejections (no observer); "
+                      "see /debug/proxies for each proxy's last NACK"}, status=404)
+    async with state.renderer.slot():
+        summary = await on_main(state.main_loop, view)
+        return await _send(request, await state.renderer.run(lambda: render_json(summary)))
 
 
 def _served_to(state: AdminState, node: str) -> tuple[str, Snapshot | None] | None:

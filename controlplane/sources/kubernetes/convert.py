@@ -50,6 +50,7 @@ from controlplane.sources.kubernetes.policies import (
     subset_keys,
     unresolved_subsets,
 )
+from controlplane.sources.kubernetes.programmed import origins
 from controlplane.sources.kubernetes.securitypolicies import (
     SecurityPolicies,
     without_sidecars,
@@ -77,6 +78,9 @@ class Conversion:
     skipped: list[str] = field(default_factory=list)  # objects left out, and why
     sidecar_verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per Sidecar
     security_verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per SecurityPolicy
+    # Per served Service ("namespace/name"): the policy objects that shaped it, as
+    # (kind, namespace, name); where a proxy's NACK is reported (programmed.py).
+    origins: dict[str, tuple[tuple[str, str, str], ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class Converter:
             if policy_key is not None and verdict is not None and verdict.accepted:
                 verdicts[policy_key] = dataclasses.replace(
                     verdict, unresolved=unresolved_subsets(service))
+        result.origins = origins(result.mesh, {k: key(p[0]) for k, p in chosen.items()},
+                                 verdicts, security.applied_to)
         return result
 
 

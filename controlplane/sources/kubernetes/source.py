@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,8 @@ from controlplane.sources.kubernetes.kinds import (
     WATCHED,
     Kind,
 )
-from controlplane.sources.kubernetes.status import StatusWriter, needs_write
+from controlplane.sources.kubernetes.programmed import PolicyKey, RejectedLike, programmed
+from controlplane.sources.kubernetes.status import Programmed, StatusWriter, needs_write
 from controlplane.sources.kubernetes.store import ObjectStore, labels_only
 from controlplane.sources.kubernetes.watch import (
     Changed,
@@ -61,6 +63,7 @@ _EVENTS: dict[Kind, str] = {TRAFFIC_POLICIES: "policy", SIDECARS: "sidecar",
 _UNRESOLVED: dict[Kind, str] = {TRAFFIC_POLICIES: "policy.no_matching_endpoints",
                                 SIDECARS: "sidecar.no_matching_services",
                                 SECURITY_POLICIES: "securitypolicy.target_not_found"}
+PROGRAMMED_DEBOUNCE = 1.0  # seconds: NACKs of one change arrive together, written once
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,10 @@ class KubernetesSource:
                  timing: WatchTiming | None = None, debounce: Debounce | None = None,
                  write_status: bool = True, pod_labels: bool = True,
                  outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
-                 root_namespace: str = ROOT_NAMESPACE) -> None:
+                 root_namespace: str = ROOT_NAMESPACE, replica: str | None = None) -> None:
         """``root_namespace``: the control plane's own, where a SecurityPolicy without a
-        target applies to the whole mesh."""
+        target applies to the whole mesh. ``replica``: this server's name in a policy's
+        ``Programmed`` condition (default the host name: the pod's)."""
         self.api = api
         self.kinds = [kind for kind in WATCHED if pod_labels or kind != PODS]
         self.namespaces: list[str | None] = list(namespaces) if namespaces else [None]
@@ -96,9 +100,34 @@ class KubernetesSource:
         self.root_namespace = root_namespace
         self.converter = Converter(outbound_traffic_policy, root_namespace)
         # Status writes sent, not yet seen back, per (custom kind, object).
-        self._writing: dict[tuple[Kind, Key], Verdict] = {}
+        self._writing: dict[tuple[Kind, Key], tuple[Verdict, Programmed | None]] = {}
         self._forbidden: dict[tuple[Kind, str | None], str] = {}
         self._logged: set[str] = set()  # problems already logged: each is logged once
+        self.replica = replica or socket.gethostname()
+        # What the proxies reject now, per policy object (watch_rejections); None: the
+        # Programmed condition is not written.
+        self._rejected: Callable[[], Mapping[PolicyKey, RejectedLike]] | None = None
+        self._origins: dict[str, tuple[PolicyKey, ...]] = {}
+        self._recheck: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def origins(self, service: str) -> tuple[PolicyKey, ...]:
+        """The policy objects that shaped a served Service (``namespace/name``)."""
+        return self._origins.get(service, ())
+
+    def watch_rejections(self, rejected: Callable[[], Mapping[PolicyKey, RejectedLike]],
+                         ) -> Callable[[], None]:
+        """Write each policy's ``Programmed`` condition from ``rejected`` (what the
+        proxies reject now); returns what to call when that changes (from any thread;
+        the writes follow within about a second)."""
+        self._rejected = rejected
+        return self._rejections_changed
+
+    def _rejections_changed(self) -> None:
+        loop, event = self._loop, self._recheck
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
+                loop.call_soon_threadsafe(event.set)
 
     def problems(self) -> list[str]:
         """What the source cannot see (for /readyz): each kind or namespace the server may
@@ -129,6 +158,8 @@ class KubernetesSource:
         observed: float | None = None  # when the batch's first event came (time.time())
         dirty = False
         tasks: set[asyncio.Task[None]] = set()
+        self._loop, self._recheck = loop, asyncio.Event()
+        tasks.add(asyncio.create_task(self._recheck_loop(self._recheck, tasks)))
         try:
             while True:
                 timeout = None
@@ -206,10 +237,44 @@ class KubernetesSource:
         return store.apply(item.type, item.obj)
 
     async def _write(self, target: tuple[Kind, Key], verdict: Verdict,
-                     current: Mapping[str, Any] | None) -> None:
+                     current: Mapping[str, Any] | None, wanted: Programmed | None) -> None:
         assert self.status is not None
-        if not await asyncio.to_thread(self.status.write, target[1], verdict, current):
+        if not await asyncio.to_thread(self.status.write, target[1], verdict, current,
+                                       wanted):
             self._writing.pop(target, None)  # failed: try again with the next batch
+
+    async def _recheck_loop(self, event: asyncio.Event,
+                            tasks: set[asyncio.Task[None]]) -> None:
+        """The proxies' rejections changed: write the Programmed conditions that differ,
+        once a second at most."""
+        while True:
+            await event.wait()
+            await asyncio.sleep(PROGRAMMED_DEBOUNCE)
+            event.clear()
+            try:
+                self._write_statuses(tasks)
+            except Exception:
+                log.exception("policy.programmed_failed",
+                              hint="retried with the next change; please report this")
+
+    def _write_statuses(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Write each verdict (with its Programmed condition) where it differs from what
+        the object's status says and is not already on its way."""
+        rejected = self._rejected() if self._rejected is not None else None
+        for target, verdict in self.verdicts.items():
+            kind, (namespace, name) = target
+            current = self.stores[kind].status.get(target[1])
+            wanted = None if rejected is None else programmed(
+                verdict, current, rejected.get((kind.kind, namespace, name)), self.replica)
+            if self.status is None or not needs_write(verdict, current, wanted):
+                self._writing.pop(target, None)
+                continue
+            if self._writing.get(target) == (verdict, wanted):
+                continue  # already on its way
+            self._writing[target] = (verdict, wanted)
+            task = asyncio.create_task(self._write(target, verdict, current, wanted))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     def _convert(self, tasks: set[asyncio.Task[None]]) -> Mesh:
         pods = self.stores[PODS].objects if PODS in self.kinds else None
@@ -237,17 +302,9 @@ class KubernetesSource:
                 if verdict.unresolved not in self._logged:
                     log.warning(_UNRESOLVED[kind],
                                 **{event: f"{namespace}/{name}"}, message=verdict.unresolved)
-            current = self.stores[kind].status.get(target[1])
-            if self.status is None or not needs_write(verdict, current):
-                self._writing.pop(target, None)
-                continue
-            if self._writing.get(target) == verdict:
-                continue  # already on its way
-            self._writing[target] = verdict
-            task = asyncio.create_task(self._write(target, verdict, current))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
         self._logged = problems
         self._writing = {k: v for k, v in self._writing.items() if k in verdicts}
         self.verdicts = verdicts
+        self._origins = result.origins
+        self._write_statuses(tasks)
         return result.mesh

@@ -3,15 +3,18 @@ whether the object applies, and if not, which field is wrong; for an accepted on
 ``ResolvedRefs`` condition that says whether every subset selects an endpoint (a
 TrafficPolicy: reason ``NoMatchingEndpoints`` when one selects none, its traffic share
 answers 503), every host pattern matches a Service (a Sidecar: ``NoMatchingServices``, a
-likely typo) or the target Service exists (a SecurityPolicy: ``TargetNotFound``). Written
+likely typo) or the target Service exists (a SecurityPolicy: ``TargetNotFound``). On an
+accepted TrafficPolicy or SecurityPolicy, a ``Programmed`` condition says whether the
+proxies took what it shaped (``Rejected``: how many NACK it, and Envoy's error). Written
 only when it differs from what is there, so two replicas agree and our own writes do not
 echo back as changes."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from kubernetes import client
@@ -39,6 +42,8 @@ _RESOLVED = {
     SECURITY_POLICY_KIND: ("TargetNotFound", "the target exists"),
 }
 _KINDS: dict[str, Kind] = {kind.kind: kind for kind in CUSTOM}
+PROGRAMMED: Final = "Programmed"  # on accepted ones: did the proxies take it?
+PROGRAMMED_KINDS = frozenset({POLICY_KIND, SECURITY_POLICY_KIND})  # what proxies can NACK
 # metav1.Condition's bound on a message; a longer one makes the API server refuse the write.
 MAX_MESSAGE = 32768
 
@@ -70,8 +75,19 @@ def condition(verdict: Verdict, current: Mapping[str, Any] | None) -> dict[str, 
                       verdict.message, verdict.generation, current)
 
 
-def conditions(verdict: Verdict, current: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """Every condition the verdict makes: ``Accepted``, and ``ResolvedRefs`` when accepted."""
+@dataclass(frozen=True)
+class Programmed:
+    """The ``Programmed`` condition as this replica sees it (programmed.py)."""
+
+    status: str  # "True" | "False"
+    reason: str  # Programmed | Rejected
+    message: str
+
+
+def conditions(verdict: Verdict, current: Mapping[str, Any] | None,
+               programmed: Programmed | None = None) -> list[dict[str, Any]]:
+    """Every condition the verdict makes: ``Accepted``, and ``ResolvedRefs`` when accepted,
+    then ``Programmed`` when given (accepted TrafficPolicies and SecurityPolicies)."""
     made = [condition(verdict, current)]
     if verdict.accepted:
         unresolved, resolved = _RESOLVED[verdict.kind]
@@ -82,16 +98,25 @@ def conditions(verdict: Verdict, current: Mapping[str, Any] | None) -> list[dict
         else:
             made.append(_condition(RESOLVED_REFS, "True", "ResolvedRefs", resolved,
                                    verdict.generation, current))
+        if programmed is not None and verdict.kind in PROGRAMMED_KINDS:
+            made.append(_condition(PROGRAMMED, programmed.status, programmed.reason,
+                                   programmed.message, verdict.generation, current))
     return made
 
 
-def needs_write(verdict: Verdict, current: Mapping[str, Any] | None) -> bool:
-    wanted = conditions(verdict, current)
+def needs_write(verdict: Verdict, current: Mapping[str, Any] | None,
+                programmed: Programmed | None = None) -> bool:
+    wanted = conditions(verdict, current, programmed)
     listed = current.get("conditions") if isinstance(current, Mapping) else None
     present = [c for c in listed if isinstance(c, Mapping)] if isinstance(listed, list) else []
     if len(present) != len(wanted):
         return True
     return any(_find(current, w["type"]).get(k) != w[k] for w in wanted for k in _COMPARED)
+
+
+def find(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
+    """The condition of type ``type_`` in ``status`` (a copy), or {}."""
+    return _find(status, type_)
 
 
 def _find(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
@@ -108,14 +133,15 @@ class StatusWriter:
         # (plural, namespace) where the server may not write status (403): what to add.
         self.forbidden: dict[tuple[str, str], str] = {}
 
-    def write(self, policy: Key, verdict: Verdict, current: Mapping[str, Any] | None) -> bool:
+    def write(self, policy: Key, verdict: Verdict, current: Mapping[str, Any] | None,
+              programmed: Programmed | None = None) -> bool:
         """Blocking; run it off the event loop. Writes to the object of ``verdict.kind``
         (a TrafficPolicy or a Sidecar). Failures are logged, never raised; a 403 is logged
         once per kind and namespace and kept in ``forbidden`` until a write succeeds."""
         namespace, name = policy
         kind = _KINDS[verdict.kind]
         where = (kind.plural, namespace)
-        body = {"status": {"conditions": conditions(verdict, current)}}
+        body = {"status": {"conditions": conditions(verdict, current, programmed)}}
         try:
             self._custom.patch_namespaced_custom_object_status(
                 kind.group, kind.version, namespace, kind.plural, name, body,
@@ -144,5 +170,7 @@ class StatusWriter:
             return False
         self.forbidden.pop(where, None)
         log.info("policy.status", policy=f"{namespace}/{name}", kind=kind.kind,
-                 accepted=verdict.accepted, reason=verdict.reason, message=verdict.message)
+                 accepted=verdict.accepted, reason=verdict.reason, message=verdict.message,
+                 **({} if programmed is None else {"programmed": programmed.status,
+                                                   "programmed_reason": programmed.reason}))
         return True
