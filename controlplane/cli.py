@@ -33,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
             "snapshot_dir": args.snapshot_dir,
             "snapshot_keep": args.snapshot_keep,
             "group_ttl": args.group_ttl,
+            "convergence_warn_after": args.convergence_warn_after,
             "shutdown_grace": args.shutdown_grace,
             "log_level": args.log_level,
             "log_format": args.log_format,
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="snapshots kept per group (default 10; 0 turns the store off)")
     serve.add_argument("--group-ttl", type=float,
                        help="seconds a proxy group is kept with no proxy connected (default 60)")
+    serve.add_argument("--convergence-warn-after", type=float,
+                       help="seconds a mesh change may take to reach every proxy it affects "
+                       "before a warning names the laggards (default 30)")
     serve.add_argument("--shutdown-grace", type=float,
                        help="seconds streams get to finish on SIGTERM (default 5)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
