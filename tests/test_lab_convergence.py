@@ -29,10 +29,10 @@ from controlplane.lab.watch import ServerWatch
 
 # As /debug/changes answers (design: newest first).
 DONE = {"generation": 7, "observed_at": 1000.0, "published_at": 1000.01, "affected": 5,
-        "acked": 5, "pending": 0, "complete": True,
+        "acked": 5, "pending": 0, "disconnected": 0, "complete": True, "result": "converged",
         "seconds": {"p50": 0.09, "p99": 0.139, "max": 0.1404}, "laggards": []}
 PENDING = {"generation": 8, "observed_at": 1000.0, "published_at": 1000.01, "affected": 5,
-           "acked": 3, "pending": 2, "complete": False, "seconds": None,
+           "acked": 3, "pending": 2, "complete": False, "result": "pending", "seconds": None,
            "laggards": ["ratings-1", "reviews-v2"]}
 LDS_ERROR = ("Error adding/updating listener(s) inbound|9080: cannot bind '127.0.0.1:9080': "
              "Address already in use")
@@ -51,6 +51,18 @@ def test_a_pending_change_names_who_it_waits_for() -> None:
                     "waiting for ratings-1, reviews-v2")
     assert style == "yellow"
     assert "after the save" not in convergence_line(PENDING, None)[0]
+
+
+def test_a_change_that_did_not_converge_or_lost_sidecars() -> None:
+    late = {**PENDING, "result": "not_converged", "pending": 2}
+    text, style = convergence_line(late, 1040.0)
+    assert text.startswith("your edit reached only 3/5 sidecars; not ratings-1, reviews-v2")
+    assert "change.not_converged" in text and style == "bold red"
+    fewer = {**DONE, "acked": 4, "disconnected": 1}
+    assert convergence_line(fewer, None)[0] == (
+        "your edit reached 4/5 sidecars in 140 ms (1 disconnected first)")
+    dropped = {**PENDING, "result": "dropped"}
+    assert "stopped following it" in convergence_line(dropped, None)[0]
 
 
 def test_a_change_no_sidecar_uses() -> None:

@@ -198,25 +198,34 @@ def convergence_line(change: Mapping[str, Any], now: float | None) -> tuple[str,
     the save as the server saw it), else how many have so far and who is missing (and,
     given ``now``, how long ago the save was)."""
     affected, acked = _int(change.get("affected")), _int(change.get("acked"))
+    gone = _int(change.get("disconnected"))
+    left = f" ({gone} disconnected first)" if gone else ""
     seconds = change.get("seconds")
     slowest = seconds.get("max") if isinstance(seconds, Mapping) else None
+    result = change.get("result")
     if affected == 0:
         return "your edit changed no connected sidecar's config", "dim"
     if change.get("complete") and isinstance(slowest, (int, float)):
         return (f"your edit reached {acked}/{_plural(affected, 'sidecar')} in "
-                f"{_duration(float(slowest))}", "green")
+                f"{_duration(float(slowest))}{left}", "green")
+    if change.get("complete"):  # every affected sidecar left before it ACKed
+        return f"your edit reached 0/{_plural(affected, 'sidecar')}{left}", "yellow"
     laggards = [str(n) for n in change.get("laggards") or [] if n][:3]
     waiting = f"; waiting for {', '.join(laggards)}" if laggards else ""
     since = change.get("observed_at")
     after = (f" {_duration(max(0.0, now - since))} after the save"
              if now is not None and isinstance(since, (int, float))
              and not isinstance(since, bool) else "")
-    if change.get("complete") is False and change.get("result") == "not_converged":
-        return (f"your edit reached only {acked}/{_plural(affected, 'sidecar')}{after}"
-                f"{waiting} (the server stopped waiting: see its change.not_converged "
-                "warning)", "bold red")
-    return f"your edit reached {acked}/{_plural(affected, 'sidecar')} so far{after}{waiting}", \
-        "yellow"
+    reached = f"{acked}/{_plural(affected, 'sidecar')}"
+    if result == "not_converged":
+        missing = f"; not {', '.join(laggards)}" if laggards else ""
+        return (f"your edit reached only {reached}{missing}{left} (the server stopped "
+                "waiting: see its change.not_converged warning and controlplane status)",
+                "bold red")
+    if result == "dropped":
+        return (f"your edit reached {reached} when the server stopped following it (too "
+                "many changes at once)", "yellow")
+    return f"your edit reached {reached} so far{after}{waiting}{left}", "yellow"
 
 
 @dataclass(frozen=True)
