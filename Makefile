@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline_load.py
 	$(BIN)/python bench/chaos.py
 	$(BIN)/python bench/inject.py
+	$(BIN)/python bench/convergence.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

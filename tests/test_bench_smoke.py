@@ -101,3 +101,21 @@ def test_envoy_memory_captured_sidecar_is_called_through_the_capture(tmp_path: P
     assert sidecar["active_clusters_idle"] > 12  # the whole mesh, as in full
     assert captured["rss_after_calls_mib_median"] > 0 and full["rss_after_calls_mib_median"] > 0
     assert "captured_minus_full_12_after_calls_mb" in result["targets"]
+
+
+def test_convergence_puts_the_server_figure_beside_the_outside_one(tmp_path: Path) -> None:
+    [result] = run_bench("convergence.py", tmp_path, "--streams", "6", "--services", "10",
+                         "--changes", "2")
+    assert "error" not in result, result.get("error")
+    assert result["streams"] == result["affected_streams"] == 6
+    for key in ("server_p50_s", "server_p99_s", "outside_p50_s", "outside_p99_s",
+                "difference_p50_ms", "difference_p99_ms", "server_histogram_mean_s",
+                "observed_after_write_ms_median", "load_avg_1m_start"):
+        assert isinstance(result[key], int | float), key
+    assert len(result["per_change"]) == 2
+    for change in result["per_change"]:
+        # the server saw every stream ACK the change: in /debug/changes and the histogram
+        assert change["server_affected"] == change["server_acked"] == 6, change
+        assert change["server_histogram"]["count"] == 6, change
+        assert change["server"]["p99"] > 0 and change["outside"]["p99"] > 0, change
+        assert change["laggards"] == []
