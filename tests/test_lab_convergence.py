@@ -5,15 +5,20 @@ real lab run after an edit."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import yaml
 from rich.console import Console
 
 from controlplane.lab.view import (
@@ -26,6 +31,7 @@ from controlplane.lab.view import (
     render_table,
 )
 from controlplane.lab.watch import ServerWatch
+from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
 
 # As /debug/changes answers (design: newest first).
 DONE = {"generation": 7, "observed_at": 1000.0, "published_at": 1000.01, "affected": 5,
@@ -111,7 +117,7 @@ def test_nacks_from_debug_rejections_name_their_origin() -> None:
     lines = nack_lines(nacks_of_rejections(summary))
     assert len(lines) == 2
     policy, service = sorted(lines, key=lambda line: "ratings" in line)
-    assert "(frontend-2) rejects cds from service default/ratings: bad" in service
+    assert "(frontend-2) rejects cds from Service default/ratings: bad" in service
     assert "(frontend-1) rejects cds from TrafficPolicy default/reviews: xxx" in policy
     assert len(policy) < 400, "an Envoy error is cut, not printed whole"
 
@@ -141,7 +147,49 @@ def test_changes_made_before_the_lab_started_are_not_the_users_edits() -> None:
     assert watch._latest({"changes": "nonsense"}) is None
 
 
-# --- a real lab -----------------------------------------------------------------------
+# --- a real server, a real lab ---------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_a_real_nack_is_shown_with_its_origin(tmp_path: Path) -> None:
+    """A sidecar whose inbound port another process holds NACKs its listeners: the
+    server's /debug/rejections names the service, /debug/proxies the NACK itself."""
+    app = Backend("reviews-app")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(yaml.safe_dump({"services": [{"name": "reviews", "port": 9080,
+        "endpoints": [{"address": "127.0.0.1", "port": app.port}]}]}))
+    server = ControlPlane(mesh, tmp_path).start()
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    envoy = None
+    try:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        envoy = Envoy(tmp_path, "reviews-1", "reviews", server.xds_port,
+                      extra=["--inbound-port", str(port), "--app-port", str(app.port),
+                             "--inbound-address", "127.0.0.1"]).start()
+        url = f"http://127.0.0.1:{server.admin_port}"
+
+        async def poll(rejections: bool) -> list[tuple[str, str]]:
+            async with aiohttp.ClientSession() as session:
+                return await ServerWatch(url, rejections).poll(session)
+
+        traced = wait_for(lambda: asyncio.run(poll(True)), what="the NACK in the view")
+        (text, style), = traced
+        assert text.startswith("NACK: 1 sidecar (reviews-1) rejects lds from Service "
+                               "default/reviews: "), text
+        assert f"cannot bind '127.0.0.1:{port}'" in text and style == "bold red"
+        (text, _), = asyncio.run(poll(False))
+        assert text.startswith("NACK: 1 sidecar (reviews-1) rejects lds: "), text
+        assert f"cannot bind '127.0.0.1:{port}'" in text
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        server.stop()
+        holder.close()
+        app.stop()
+
 
 REACHED = re.compile(r"^your edit reached (\d+)/(\d+) sidecars? in (\d+(?:\.\d+)?) (ms|s)$")
 

@@ -248,7 +248,7 @@ def nacks_of_rejections(summary: Any) -> list[Nack]:
             continue
         policies = [f"{p.get('kind')} {p.get('namespace')}/{p.get('name')}"
                     for p in row.get("policies") or [] if isinstance(p, Mapping)]
-        services = [f"service {s}" for s in row.get("services") or [] if isinstance(s, str)]
+        services = [f"Service {s}" for s in row.get("services") or [] if isinstance(s, str)]
         found.append(Nack(str(row.get("node_id") or "?"), str(row.get("type") or "?"),
                           str(row.get("error") or ""), ", ".join(policies or services)))
     return found

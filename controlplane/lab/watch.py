@@ -79,11 +79,13 @@ class ServerWatch:
     """Asks the control plane's admin, once a view refresh, about the edits made since the
     lab started (changes of a newer generation than the first seen) and the NACKs now."""
 
-    def __init__(self, admin_url: str) -> None:
+    def __init__(self, admin_url: str, rejections: bool = True) -> None:
+        """``rejections`` False: NACKs from /debug/proxies alone (no origin); so it is
+        too once the server answers 404 there (a server before /debug/rejections)."""
         self.admin_url = admin_url.rstrip("/")
         self.lines: list[tuple[str, str]] = []  # (text, rich style)
         self._baseline: int | None = None
-        self._rejections = True  # until the server says it has no /debug/rejections
+        self._rejections = rejections
 
     async def poll(self, session: aiohttp.ClientSession,
                    timed: bool = True) -> list[tuple[str, str]]:
