@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from controlplane.lab.envoy import envoy_command
 from controlplane.sources.kubernetes.kinds import TRAFFIC_POLICIES
 from tests.kube.apiserver import ApiServerDouble
 from tests.kube.objects import service, traffic_policy
@@ -117,9 +118,8 @@ RETRY_PREDICATE = "envoy.retry_host_predicates.previous_hosts"
 
 def test_kubernetes_trafficpolicy_gets_programmed_false_then_true(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    stock = procs.envoy_command
     monkeypatch.setattr(procs, "envoy_command", lambda config, **kw: [
-        *stock(config, **kw), "--disable-extensions",
+        *envoy_command(config, **kw), "--disable-extensions",
         f"envoy.retry_host_predicates/{RETRY_PREDICATE}"])
     api = ApiServerDouble(bookmark_interval=0.5).start()
     server = None
