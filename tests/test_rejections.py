@@ -13,12 +13,13 @@ from typing import Any
 import grpc
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from controlplane import resource
 from controlplane.cache import SnapshotCache
 from controlplane.mesh.model import Mesh
 from controlplane.observe import origins
-from controlplane.observe.rejections import Rejected, Rejections
+from controlplane.observe.rejections import LOG_LINES_PER_SECOND, Rejected, Rejections
 from controlplane.pipeline import Pipeline
 from controlplane.proxy import ProxyIdentity
 from controlplane.server import StreamRegistry, XdsServer, create_server
@@ -201,3 +202,17 @@ def test_a_broken_resolver_or_consumer_never_raises() -> None:
 
     rejections = Rejections(broken)
     assert rejections._policies(("default/reviews",)) == [("Service", "default", "reviews")]
+
+
+def test_origin_lines_are_bounded_per_second() -> None:
+    now = [1000.0]
+    rejections = Rejections(clock=lambda: now[0])
+    with capture_logs() as logs:
+        for _ in range(LOG_LINES_PER_SECOND + 5):
+            rejections._log(resource.CLUSTER, "v1", ("default/reviews",))
+        now[0] += 1
+        rejections._log(resource.CLUSTER, "v2", ("default/reviews",))
+    lines = [e for e in logs if e["event"] == "xds.nack_origin"]
+    assert len(lines) == LOG_LINES_PER_SECOND + 1
+    assert lines[-1]["suppressed_before"] == 5 and lines[-1]["version"] == "v2"
+    assert lines[0]["origin"] == "service default/reviews" and lines[0]["policies"] == []

@@ -32,6 +32,7 @@ log = structlog.get_logger("controlplane.observe")
 
 MAX_ERROR: Final = 1024
 MAX_ORIGINS: Final = 1000
+LOG_LINES_PER_SECOND: Final = 20  # xds.nack_origin lines, all streams together
 _MEMO: Final = 16
 PolicyKey = tuple[str, str, str]  # (kind, namespace, name)
 Resolve = Callable[[str], Sequence[PolicyKey]]  # a service ("ns/name") -> its policies
@@ -88,6 +89,9 @@ class Rejections:
         self._refs: dict[tuple[str, str], int] = {}  # (type, service) -> entries naming it
         self._memo: dict[tuple[str, str, str, str | None], tuple[str, ...]] = {}
         self._shown = -1
+        self._log_second = 0
+        self._log_lines = 0
+        self._suppressed = 0
 
     # StreamObserver
 
@@ -123,12 +127,7 @@ class Rejections:
         services = self._admit(type_url, services)
         self._entries[key] = _Entry(entry.node_id, type_url, version, entry.error, services,
                                     entry.at)
-        log.warning("xds.nack_origin", type=resource.short_name(type_url), version=version,
-                    origin=origins.shown(services),
-                    policies=[f"{k}/{n}/{m}" for k, n, m in self._policies(services)
-                              if k != "Service"],
-                    hint="the proxy keeps its last accepted version; fix the object named "
-                    "in origin (see /debug/rejections)")
+        self._log(type_url, version, services)
         self._changed()
 
     def closed(self, stream: ObservedStream) -> None:
@@ -203,18 +202,41 @@ class Rejections:
 
     def _origins(self, type_url: str, error: str, nacked: TypeSnapshot | None,
                  acked: TypeSnapshot | None, proxy: ProxyIdentity | None) -> tuple[str, ...]:
-        """Memoized for the versions that differ: a change every proxy rejects is
-        looked into once."""
-        memo_key = (type_url, error[:MAX_ERROR],
-                    f"{nacked.version if nacked else ''}/{acked.version if acked else ''}",
-                    origins.own_service(proxy))
+        """What the error names (a bounded text, scanned each time), else what changed
+        between the versions: memoized, so a change every proxy rejects is looked into
+        once."""
+        named = origins.in_error(error[:MAX_ERROR], proxy)
+        if named:
+            return tuple(named[:origins.MAX_SERVICES])
+        own = origins.own_service(proxy)
+        memo_key = (type_url, nacked.version if nacked else "",
+                    acked.version if acked else "", own)
         found = self._memo.get(memo_key)
         if found is None:
-            found = tuple(origins.origins(type_url, error, nacked, acked, proxy))
+            found = tuple(origins.changed(type_url, nacked, acked, proxy))
             if len(self._memo) >= _MEMO:
                 self._memo.clear()
             self._memo[memo_key] = found
         return found
+
+    def _log(self, type_url: str, version: str, services: tuple[str, ...]) -> None:
+        """One warning per new rejection, at most ``LOG_LINES_PER_SECOND`` in all (the
+        rest are counted and said with the next line)."""
+        second = int(self.clock())
+        if second != self._log_second:
+            self._log_second, self._log_lines = second, 0
+        if self._log_lines >= LOG_LINES_PER_SECOND:
+            self._suppressed += 1
+            return
+        self._log_lines += 1
+        dropped, self._suppressed = self._suppressed, 0
+        log.warning("xds.nack_origin", type=resource.short_name(type_url), version=version,
+                    origin=origins.shown(services),
+                    policies=[f"{k}/{n}/{m}" for k, n, m in self._policies(services)
+                              if k != "Service"],
+                    hint="the proxy keeps its last accepted version; fix the object named "
+                    "in origin (see /debug/rejections)",
+                    **({"suppressed_before": dropped} if dropped else {}))
 
     def _admit(self, type_url: str, services: tuple[str, ...]) -> tuple[str, ...]:
         """The services that fit within ``max_origins`` (counted from here on)."""
