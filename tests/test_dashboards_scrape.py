@@ -1,7 +1,8 @@
 """Every metric the Grafana dashboards query exists in a real scrape: the control plane's
 /metrics with real sidecars connected and a change made and ACKed, and the sidecars'
-Prometheus output after real requests through them (a caller's outbound cluster and the
-callee's inbound listener). A renamed metric would leave a panel silently empty."""
+stats listeners (/stats/prometheus on the port Prometheus scrapes) after real requests
+through them (a caller's outbound cluster and the callee's inbound listener). A renamed
+metric would leave a panel silently empty."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from controlplane import dashboards
-from tests.support.procs import Envoy, wait_for
+from tests.support.procs import free_port, http_get, wait_for
 from tests.support.promise_rig import Rig, service
 from tests.support.promise_servers import ScriptedHttp
 
@@ -73,9 +74,10 @@ def lab(tmp_path: Path) -> Iterator[Rig]:
     rig.close()
 
 
-def prometheus(envoy: Envoy) -> str:
-    """The sidecar's metrics in Prometheus's text format."""
-    status, text, _ = envoy.admin("/stats/prometheus")
+def prometheus(port: int) -> str:
+    """A sidecar's metrics as Prometheus scrapes them: its stats listener (the port the
+    pod's prometheus.io/port annotation names), not its loopback admin."""
+    status, text, _ = http_get(f"http://127.0.0.1:{port}/stats/prometheus")
     assert status == 200, text
     return text
 
@@ -83,8 +85,16 @@ def prometheus(envoy: Envoy) -> str:
 def test_every_dashboard_metric_exists_in_a_real_scrape(lab: Rig) -> None:
     app = lab.own(ScriptedHttp("reviews"))
     server = lab.serve([service("reviews", [app])])
-    callee = lab.envoy("reviews-1", service="reviews", app_port=app.port)
-    caller = lab.envoy("frontend-1")
+    stats = {"reviews-1": free_port(), "frontend-1": free_port()}
+
+    def ports(node_id: str) -> list[str]:
+        """The stats listener forwards to the admin, whose port it must know (the last
+        --admin-port wins over the rig's 0)."""
+        return ["--stats-port", str(stats[node_id]), "--admin-port", str(free_port())]
+
+    callee = lab.envoy("reviews-1", service="reviews", app_port=app.port,
+                       extra=ports("reviews-1"))
+    caller = lab.envoy("frontend-1", extra=ports("frontend-1"))
     wait_for(lambda: caller.request("reviews")[0] == 200, what="reviews routed to its app")
 
     # The change: reviews is now reached through its own sidecar's inbound listener.
@@ -102,9 +112,9 @@ def test_every_dashboard_metric_exists_in_a_real_scrape(lab: Rig) -> None:
     wanted = dashboards.dashboard_metrics(board("mesh.json"))
 
     def sidecars() -> dict[str, set[str]] | None:
-        names = exposed(prometheus(caller))
-        for label_names in exposed(prometheus(callee)).items():
-            names.setdefault(label_names[0], set()).update(label_names[1])
+        names = exposed(prometheus(stats[caller.node_id]))
+        for metric, labels in exposed(prometheus(stats[callee.node_id])).items():
+            names.setdefault(metric, set()).update(labels)
         missing = wanted - set(names)
         assert not missing, f"the sidecars expose no {sorted(missing)}"
         return names

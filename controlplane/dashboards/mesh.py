@@ -104,6 +104,24 @@ def _overview() -> Row:
     ))
 
 
+def _connections() -> Row:
+    """What a TCP service has (no requests), and HTTP's connections too."""
+    upstream = "envoy_cluster_upstream_cx"
+    return Row("Connections: TCP services, and HTTP's connections", (
+        timeseries("Connections / s", "Connections the callers' sidecars opened to each "
+                   "service a second.",
+                   Query(_rate(f"{upstream}_total", OUT, BY_DESTINATION), DESTINATION),
+                   unit="cps"),
+        timeseries("Bytes / s sent", "Bytes the callers' sidecars sent to each service.",
+                   Query(_rate(f"{upstream}_tx_bytes_total", OUT, BY_DESTINATION),
+                         DESTINATION), unit="Bps"),
+        timeseries("Bytes / s received", "Bytes the callers' sidecars received from each "
+                   "service.",
+                   Query(_rate(f"{upstream}_rx_bytes_total", OUT, BY_DESTINATION),
+                         DESTINATION), unit="Bps"),
+    ))
+
+
 def _callers() -> Row:
     by = f"source_namespace, source_service, {BY_DESTINATION}"
     return Row("Who calls whom", (
@@ -127,5 +145,5 @@ def mesh_dashboard() -> dict[str, Any]:
         UID, "controlplane: mesh traffic",
         "Request rate, success rate and latency per service, from the sidecars' "
         "/stats/prometheus (port 15090, scraped by the pods' prometheus.io annotations).",
-        [_overview(), _outbound(), _inbound(), _callers()], variables,
+        [_overview(), _outbound(), _inbound(), _connections(), _callers()], variables,
         tags=["controlplane", "mesh", "envoy"])
