@@ -15,6 +15,7 @@ of a type (nothing it subscribes to changed) is not waited for on that type.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -234,6 +235,11 @@ class Convergence:
         change.waiting.clear()  # an ended change holds no stream
         self._done.append(change)
         metrics.CHANGES.labels(result).inc()
+        # Not in the context of the stream whose ACK ended it: its node id, stream id...
+        # would read as the change's.
+        contextvars.Context().run(self._log_end, change, result, left)
+
+    def _log_end(self, change: Change, result: str, left: int) -> None:
         figures = change.figures()
         if result == "converged" and figures is not None:
             log.info("change.converged", generation=change.generation,
