@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import yaml
 
 from controlplane import dashboards, deploy, generated
 from controlplane.dashboards.grafana import DATASOURCE, SCHEMA_VERSION, WIDTH
+from tests.support.procs import ControlPlane, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = sorted(dashboards.rendered())
@@ -165,3 +167,40 @@ def test_deployment_is_scraped_on_the_admin_port_that_serves_metrics() -> None:
             "protocol": "TCP"} in container["ports"]
     args = container["args"]
     assert args[args.index("--admin-address") + 1] == f"0.0.0.0:{deploy.ADMIN_PORT}"
+
+
+def routable_address() -> str | None:
+    """This host's address on its default route (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_prometheus_scrapes_the_pod_address_and_debug_stays_loopback(tmp_path: Path) -> None:
+    """As the Deployment runs it (admin on every address): a scrape from the pod's network
+    gets /metrics, with the convergence metrics the dashboard reads; the views of what
+    proxies hold (/debug/changes, /debug/rejections) answer loopback only."""
+    address = routable_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to connect from")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("services:\n  - {name: reviews, port: 9080, endpoints: []}\n")
+    server = ControlPlane(mesh, tmp_path, extra=["--admin-address", "0.0.0.0:0"]).start()
+    try:
+        status, text, _ = http_get(f"http://{address}:{server.admin_port}/metrics")
+        assert status == 200
+        for family in ("controlplane_convergence_seconds", "controlplane_changes_total",
+                       "controlplane_connected_proxies"):
+            assert f"# TYPE {family} " in text, family
+        for path in ("/debug/changes", "/debug/rejections", "/debug/proxies"):
+            status, body, _ = http_get(f"http://{address}:{server.admin_port}{path}")
+            assert status == 403 and "kubectl port-forward" in body, (path, body)
+            assert server.get(path)[0] == 200, path
+    finally:
+        server.stop()
