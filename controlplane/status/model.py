@@ -92,7 +92,7 @@ def proxy_status(config: csds_pb2.ClientConfig, address: str) -> ProxyStatus:
     if summary is not None and summary.HasField("struct_value"):
         for name, value in summary.struct_value.fields.items():
             each = value.struct_value.fields
-            types[name] = TypeView(_text(each, "status"), _text(each, "error"),
+            types[name] = TypeView(_text(each, "status"), _one_line(_text(each, "error")),
                                    _text(each, "sent_version"), _text(each, "acked_version"),
                                    _text(each, "current_version"),
                                    _text(each, "held") != "unknown")
@@ -114,12 +114,17 @@ def _from_entries(entries: Iterable[csds_pb2.ClientConfig.GenericXdsConfig]
     for entry in entries:
         name = resource.short_name(entry.type_url)
         status = csds_pb2.ConfigStatus.Name(entry.config_status)
-        error = entry.error_state.details if entry.HasField("error_state") else ""
+        error = _one_line(entry.error_state.details) if entry.HasField("error_state") else ""
         old = worst.get(name)
         if old is None or (status in rank and old.status in rank
                            and rank.index(status) > rank.index(old.status)):
             worst[name] = TypeView(status, error, entry.version_info)
     return worst
+
+
+def _one_line(text: str) -> str:
+    """Envoy's error text on one line (it ends its messages with a newline)."""
+    return " ".join(text.split())
 
 
 def _column(name: str) -> int:
