@@ -284,7 +284,7 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
                     admission=None if secured is None else secured.admission,
                     observers=[convergence, acked, rejections])
     status = ClientStatus(registry, xds.watcher, settings.identifier, xds.admission,
-                          settings.status_namespace, acked)
+                          settings.status_readers(), acked)
     grpc_server, xds_port = await create_server(
         settings.xds_address, xds,
         None if secured is None or secured.tls is None else secured.tls.credentials(),

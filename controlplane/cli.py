@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = serve.add_argument_group("status and rebalancing (env CONTROLPLANE_STATUS_*, "
                                      "CONTROLPLANE_MAX_CONNECTION_AGE*)")
     fleet.add_argument("--status-namespace", help="with token authentication, only tokens "
-                       "of this namespace may read the client status (CSDS; default "
-                       "controlplane-system)")
+                       "of this namespace may read the client status (CSDS; default: "
+                       "the control plane's own, --webhook-namespace)")
     fleet.add_argument("--max-connection-age", type=float, metavar="SECONDS",
                        help="ask proxies to reconnect after this long (+/-10%%), so they "
                        "spread over the replicas again (default 1800; 0: never)")

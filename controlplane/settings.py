@@ -230,10 +230,11 @@ class ServeSettings(BaseSettings):
     inject_log_level: str = Field(default="warning", description="Injected Envoys' log level.")
 
     # -- status and rebalancing (issue 12)
-    status_namespace: str = Field(
-        default="controlplane-system", min_length=1, description="With token authentication, "
-        "the client status (CSDS) answers only credentials of this namespace: the control "
-        "plane's own (file mode: a token minted for it with controlplane bootstrap --ca-dir)."
+    status_namespace: str | None = Field(
+        default=None, min_length=1, description="With token authentication, the client "
+        "status (CSDS) answers only credentials of this namespace. Default: the control "
+        "plane's own (webhook_namespace, controlplane-system unless the manifests say; file "
+        "mode: a token minted for it with controlplane bootstrap --ca-dir --namespace)."
     )
     max_connection_age: float = Field(
         default=1800.0, ge=0, description="Seconds after which the server asks a proxy's "
@@ -253,6 +254,10 @@ class ServeSettings(BaseSettings):
         if self.ca_dir is not None:
             return "dir"
         return "secret" if self.source == "kubernetes" else None
+
+    def status_readers(self) -> str:
+        """The namespace whose credentials may read the client status (CSDS)."""
+        return self.status_namespace or self.webhook_namespace
 
     def tokens_required(self) -> bool:
         """Whether streams must authenticate (and xDS is TLS): a CA and not ``none``."""
