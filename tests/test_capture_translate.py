@@ -230,4 +230,4 @@ async def test_captured_listener_layers_go_with_their_groups() -> None:
     for proxy in gone:
         cache.disconnect(proxy)
     pipeline.expire_groups(0.0, now=float("inf"))
-    assert list(build._capture._made) == [(build.visible(keep), 15001)]
+    assert list(build._capture._made) == [(build.visible(keep), 15001, build.observed(keep))]

@@ -42,6 +42,7 @@ from controlplane.cache.snapshot import (
 from controlplane.mesh.model import Mesh, Service
 from controlplane.proxy import DEFAULT_NAMESPACE, ProxyIdentity
 from controlplane.translator import egress_route, proxy_resources, resource_name
+from controlplane.translator.telemetry import Observed, observed
 from controlplane.translator.visibility import visible_services
 
 Visible: TypeAlias = frozenset[str] | None  # service keys a group sees; None: every one
@@ -96,6 +97,10 @@ class MeshBuild:
         self._same_frame = same_frame
 
     # -- what a group sees ---------------------------------------------------------------
+
+    def observed(self, proxy: ProxyIdentity) -> Observed:
+        """What ``proxy``'s sidecars record (access log, tracing): mesh/telemetry.py."""
+        return observed(self.mesh, self.mesh.service(proxy.service, proxy.namespace), proxy)
 
     def visible(self, proxy: ProxyIdentity) -> Visible:
         """The services ``proxy`` sees (None: all), once per (service, namespace,
@@ -249,7 +254,8 @@ class MeshBuild:
             resource.ROUTE: (self.route_layer(proxy.namespace, visible),),
         }
         if proxy.capture:
-            shared[resource.LISTENER] = (self._capture.layer(self, visible, proxy.egress_port),)
+            shared[resource.LISTENER] = (self._capture.layer(self, visible, proxy.egress_port,
+                                                             self.observed(proxy)),)
         old = reuse.types if reuse is not None else {}
         types: dict[str, TypeSnapshot] = {}
         for type_url in STANDARD:
@@ -306,7 +312,8 @@ class MeshBuild:
         self._routes = {k: v for k, v in list(self._routes.items()) if k in routes}
         self._shared = {k: v for k, v in list(self._shared.items()) if k[1:3] in routes}
         self._own = {k: v for k, v in list(self._own.items()) if k in groups}
-        self._capture.keep({(views[p], p.egress_port) for p in members if p.capture})
+        self._capture.keep({(views[p], p.egress_port, self.observed(p))
+                            for p in members if p.capture})
         self._typed = {}
         self._interned = {v: v for v in visible if v is not None}
         used = {p.zone for p in members if p.zone}

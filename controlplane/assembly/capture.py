@@ -16,12 +16,13 @@ from controlplane import resource
 from controlplane.assembly.reuse import one_resource_layer
 from controlplane.cache.layers import Layer
 from controlplane.translator import captured_egress
+from controlplane.translator.telemetry import Observed
 
 if TYPE_CHECKING:
     from controlplane.assembly.build import MeshBuild
 
 Visible: TypeAlias = frozenset[str] | None
-Key: TypeAlias = tuple[Visible, int]
+Key: TypeAlias = tuple[Visible, int, Observed]  # (.., what its sidecars record)
 
 
 class CaptureLayers:
@@ -31,8 +32,9 @@ class CaptureLayers:
         self._made: dict[Key, Layer] = {}
         self._old: dict[Key, Layer] = dict(previous._made) if previous is not None else {}
 
-    def layer(self, build: MeshBuild, visible: Visible, egress_port: int) -> Layer:
-        key = (visible, egress_port)
+    def layer(self, build: MeshBuild, visible: Visible, egress_port: int,
+              telemetry: Observed) -> Layer:
+        key = (visible, egress_port, telemetry)
         found = self._made.get(key)
         if found is None:
             old = self._old.get(key)
@@ -40,7 +42,8 @@ class CaptureLayers:
                 found = old
             else:
                 found = one_resource_layer(
-                    resource.LISTENER, captured_egress(build.mesh, visible, egress_port), old)
+                    resource.LISTENER,
+                    captured_egress(build.mesh, visible, egress_port, telemetry), old)
             self._made[key] = found
         return found
 

@@ -59,6 +59,9 @@ def outbound_cluster(
     name = names.outbound_cluster(service, port.port, subset_name(subset) if subset else "")
     connect_timeout = service.policy.connect_timeout or CONNECT_TIMEOUT
     cluster = _Cluster(name=name, connect_timeout=duration(connect_timeout))
+    # Which service the cluster is for: the access log's destination_service.
+    cluster.metadata.filter_metadata[names.METADATA].fields["service"].string_value = (
+        service.key)
     if service.external_name is not None:
         cluster.type = _Cluster.DiscoveryType.STRICT_DNS
         cluster.dns_lookup_family = _Cluster.DnsLookupFamily.V4_PREFERRED

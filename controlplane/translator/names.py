@@ -13,6 +13,8 @@ PASSTHROUGH_CLUSTER = "passthrough"  # a captured connection's original destinat
 BLACKHOLE_CLUSTER = "blackhole"  # no hosts: a connection sent here is closed
 INBOUND_PASSTHROUGH_CLUSTER = "inbound-passthrough"  # inbound, to a port no service names
 CLUSTER_DOMAIN = "cluster.local"
+METADATA = "controlplane"  # clusters' filter_metadata key: {service: name.namespace}
+SOURCE_HEADER = "x-controlplane-source"  # the calling sidecar's name.namespace
 
 
 def fqdn(service: Service) -> str:

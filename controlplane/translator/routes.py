@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from datetime import timedelta
 
+from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from controlplane.mesh.model import Mesh, Service, ServicePort
@@ -28,7 +29,21 @@ def egress_route(
         services = (by_key[key] for key in visible if key in by_key)
     hosts = [host for service in services for host in virtual_hosts(service, namespace)]
     hosts.sort(key=lambda host: str(host.name))
-    return route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
+    return route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts,
+                                        request_headers_to_add=[source_header()])
+
+
+def source_header() -> base_pb2.HeaderValueOption:
+    """Tells the called sidecar (its access log) which service calls: this sidecar's
+    ``name.namespace``, from its node, so every sidecar of a namespace shares the table.
+    Overwritten, never appended: the app cannot claim to be another service here (it
+    is a log field, not a credential: mTLS identity is that)."""
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(
+            key=names.SOURCE_HEADER,
+            value="%CEL(xds.node.cluster)%.%CEL(xds.node.metadata.namespace)%"),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
 
 
 def inbound_route(cluster_name: str) -> route_pb2.RouteConfiguration:

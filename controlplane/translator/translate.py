@@ -33,6 +33,12 @@ from controlplane.translator.routes import egress_route
 from controlplane.translator.security import Upstream
 from controlplane.translator.security import inbound as inbound_security
 from controlplane.translator.security import upstream as upstream_security
+from controlplane.translator.telemetry import (
+    Observed,
+    observe_listener,
+    observed,
+    telemetry_clusters,
+)
 from controlplane.translator.visibility import visible_services
 
 Resources: TypeAlias = dict[str, list[Message]]
@@ -58,19 +64,25 @@ def proxy_resources(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
     A captured sidecar's egress listener is not among them (``captured_egress``)."""
     own = mesh.service(proxy.service, proxy.namespace)
     security = inbound_security(mesh, own)
+    telemetry = observed(mesh, own, proxy)
     if proxy.capture:
         inbound_listener_ = captured_inbound_listener(proxy, own, security)
-        return {resource.CLUSTER: _sorted(list(capture_clusters(proxy, own))),
+        if inbound_listener_ is not None:
+            observe_listener(telemetry, inbound_listener_)
+        return {resource.CLUSTER: _sorted([*capture_clusters(proxy, own),
+                                           *telemetry_clusters(telemetry)]),
                 resource.LISTENER: [inbound_listener_] if inbound_listener_ else []}
-    clusters: list[Message] = []
-    listeners: list[Message] = [egress_listener(proxy)]
+    clusters: list[Message] = [*telemetry_clusters(telemetry)]
+    listeners = [egress_listener(proxy)]
     inbound = inbound_cluster(proxy, own)
     if inbound is not None:
         clusters.append(inbound)
         listener = inbound_listener(proxy, own, str(inbound.name), security)
         if listener is not None:
             listeners.append(listener)
-    return {resource.CLUSTER: clusters, resource.LISTENER: _sorted(listeners)}
+    for made in listeners:
+        observe_listener(telemetry, made)
+    return {resource.CLUSTER: _sorted(clusters), resource.LISTENER: _sorted(list(listeners))}
 
 
 def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
@@ -83,7 +95,11 @@ def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
     own = proxy_resources(mesh, proxy)
     listeners = own[resource.LISTENER]
     if proxy.capture:
-        listeners = _sorted([captured_egress(mesh, visible, proxy.egress_port), *listeners])
+        listeners = _sorted([captured_egress(mesh, visible, proxy.egress_port,
+                                             observed(mesh, mesh.service(proxy.service,
+                                                                         proxy.namespace),
+                                                      proxy)),
+                             *listeners])
     return {
         resource.CLUSTER: _sorted(
             [*(c for s in shared for c in s.clusters), *own[resource.CLUSTER]]
@@ -97,13 +113,16 @@ def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
 
 
 def captured_egress(mesh: Mesh, visible: Collection[str] | None,
-                    egress_port: int) -> Message:
+                    egress_port: int, telemetry: Observed | None = None) -> Message:
     """The egress listener of captured sidecars that see ``visible`` (None: every
-    service) on ``egress_port``: the same for all of them."""
+    service) on ``egress_port`` and record alike (``telemetry``, the defaults when None):
+    the same for all of them."""
     by_key = mesh.by_key
     services = mesh.services if visible is None else [by_key[k] for k in visible
                                                        if k in by_key]
-    return captured_egress_listener(services, egress_port, mesh.outbound_traffic_policy)
+    listener = captured_egress_listener(services, egress_port, mesh.outbound_traffic_policy)
+    observe_listener(telemetry or Observed(), listener)
+    return listener
 
 
 def resource_name(message: Message) -> str:
