@@ -9,11 +9,13 @@ real causes outside the policy's fields, as in production:
 
 - file mode: the sidecar's inbound listener cannot bind its port (another process
   holds it): Envoy names the ``inbound`` listener, whose service is the sidecar's own;
-- Kubernetes: an Envoy built without an extension a policy needs (a trimmed custom
+- Kubernetes, TrafficPolicy: an Envoy built without an extension a policy needs (a trimmed custom
   build; here the stock binary with ``--disable-extensions``): a TrafficPolicy with
   retries brings the previous-hosts retry predicate into the route table, Envoy
   refuses the table and names no virtual host, so the origin is the virtual host that
-  changed since the table it last ACKed.
+  changed since the table it last ACKed;
+- Kubernetes, SecurityPolicy: its rules are in the sidecar's inbound listener, whose
+  port is taken, as in file mode.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import pytest
 import yaml
 
 from controlplane.lab.envoy import envoy_command
-from controlplane.sources.kubernetes.kinds import TRAFFIC_POLICIES
+from controlplane.sources.kubernetes.kinds import SECURITY_POLICIES, TRAFFIC_POLICIES
 from tests.kube.apiserver import ApiServerDouble
-from tests.kube.objects import service, traffic_policy
+from tests.kube.objects import security_policy, service, traffic_policy
 from tests.support import procs
-from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
+from tests.support.procs import Backend, ControlPlane, Envoy, http_get, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -168,3 +170,54 @@ def test_kubernetes_trafficpolicy_gets_programmed_false_then_true(
         if server is not None:
             server.stop()
         api.stop()
+
+
+def test_kubernetes_securitypolicy_of_a_rejected_inbound_listener(
+        tmp_path: Path, taken: socket.socket) -> None:
+    """The SecurityPolicy's rules are in the sidecar's inbound listener; that listener's
+    port is taken, Envoy rejects it: the SecurityPolicy says so until the port is free
+    and an edit of the rules sends the listener again."""
+    api = ApiServerDouble(bookmark_interval=0.5).start()
+    app = Backend("reviews-app")
+    server = None
+    envoy = None
+
+    def rules(path: str) -> None:
+        api.apply(security_policy("reviews-authz", "reviews").rule(
+            "no-admin", action="deny", to=[{"paths": [{"prefix": path}]}]).build())
+
+    def condition() -> dict[str, Any]:
+        status = api.get(SECURITY_POLICIES, "default", "reviews-authz").get("status") or {}
+        return next((c for c in status.get("conditions") or []
+                     if c["type"] == "Programmed"), {})
+
+    try:
+        api.create(service("reviews").port(9080, name="http", target="http").build())
+        rules("/admin")
+        server = ControlPlane("kubernetes", tmp_path, env={"CONTROLPLANE_DEBOUNCE_QUIET": "0.1"},
+                              extra=["--kubeconfig", str(api.kubeconfig(tmp_path / "kc")),
+                                     "--authentication", "none"]).start()
+        port = taken.getsockname()[1]
+        envoy = sidecar(tmp_path, server, port, app)
+        found = wait_for(lambda: (c := condition()).get("status") == "False" and c,
+                         timeout=20, what="Programmed False after the NACK")
+        assert found["reason"] == "Rejected"
+        assert found["message"].startswith("rejected by 1 proxy (lds): Error adding/updating "
+                                           f"listener(s) inbound: cannot bind '127.0.0.1:{port}'")
+
+        taken.close()
+        rules("/internal")  # the rules change, the listener is sent again and binds
+        found = wait_for(lambda: (c := condition()).get("status") == "True" and c,
+                         timeout=20, what="Programmed True once the listener binds")
+        assert found["message"] == "every proxy that uses it accepted it"
+        inbound = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_get(f"{inbound}/internal")[0] == 403,
+                 what="the new rule enforced by the listener now bound")
+        assert http_get(f"{inbound}/")[1] == "reviews-app"
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        if server is not None:
+            server.stop()
+        api.stop()
+        app.stop()
