@@ -4,6 +4,7 @@ sidecar's secrets redacted, never its private key."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -97,9 +98,12 @@ def test_only_the_status_namespace_reads_csds_and_no_key_leaves(mesh: SecureMesh
     assert b"BEGIN CERTIFICATE" in own.certificate_chain.inline_bytes \
         or "BEGIN CERTIFICATE" in own.certificate_chain.inline_string
 
-    # controlplane status over TLS with that token: the table, SDS included.
+    # controlplane status over TLS with a token minted as the README says: the table.
     token_file = mesh.tmp / "operator.token"
-    token_file.write_text(allowed)
+    subprocess.run([sys.executable, "-m", "controlplane", "bootstrap", "--node-id", "ops",
+                    "--service", "ops", "--namespace", STATUS_NAMESPACE, "--ca-dir",
+                    str(mesh.ca_dir), "--token-file", str(token_file), "-o", os.devnull],
+                   check=True, timeout=60)
     assert mesh.server is not None
     done = subprocess.run(
         [sys.executable, "-m", "controlplane", "status", "--server",
