@@ -30,10 +30,11 @@ RATINGS = "outbound|9080||ratings.default.svc.cluster.local"
 POLICY = ("TrafficPolicy", "default", "reviews-policy")
 
 
-def mesh(reviews_policy: dict[str, Any] | None = None, ratings_port: int = 9091) -> Mesh:
+def mesh(reviews_policy: dict[str, Any] | None = None, ratings_port: int = 9091,
+         reviews_port: int = 9090) -> Mesh:
     return Mesh.model_validate({"services": [
         {"name": "reviews", "port": 9080, "policy": reviews_policy or {},
-         "endpoints": [{"address": "127.0.0.1", "port": 9090}]},
+         "endpoints": [{"address": "127.0.0.1", "port": reviews_port}]},
         {"name": "ratings", "port": 9080,
          "endpoints": [{"address": "127.0.0.1", "port": ratings_port}]},
     ]})
@@ -216,3 +217,21 @@ def test_origin_lines_are_bounded_per_second() -> None:
     assert len(lines) == LOG_LINES_PER_SECOND + 1
     assert lines[-1]["suppressed_before"] == 5 and lines[-1]["version"] == "v2"
     assert lines[0]["origin"] == "service default/reviews" and lines[0]["policies"] == []
+
+
+async def test_a_request_that_still_holds_the_old_version_does_not_clear(rig: Rig) -> None:
+    """SotW: after a NACK Envoy asks for new names with the version it still holds; the
+    server takes that as an ACK of the old version, which fixes nothing."""
+    client, first = await _subscribed(rig, type_url=resource.ENDPOINT, names=[REVIEWS])
+    await rig.pipeline.apply(mesh(reviews_port=9094))
+    pushed = await client.recv()
+    assert pushed.type_url == resource.ENDPOINT
+    await client.nack(pushed, message=f"bad endpoints of {REVIEWS}", resource_names=[REVIEWS])
+    await rig.settle(lambda: rig.rejections.by_policy(), "the rejection")
+    await client.send(type_url=resource.ENDPOINT, version_info=first.version_info,
+                      response_nonce=pushed.nonce, resource_names=[REVIEWS, RATINGS])
+    wider = await client.recv()  # the server answers the new names
+    assert rig.rejections.proxies() == 1  # still standing
+    await client.ack(wider, resource_names=[REVIEWS, RATINGS])
+    await rig.settle(lambda: not rig.rejections.by_policy(), "cleared by the real ACK")
+    await client.close()

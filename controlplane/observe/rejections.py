@@ -39,6 +39,7 @@ Resolve = Callable[[str], Sequence[PolicyKey]]  # a service ("ns/name") -> its p
 
 
 class _TypeState(Protocol):
+    sent_version: str
     acked_version: str
     nacked_version: str
 
@@ -104,8 +105,12 @@ class Rejections:
             if state is not None and state.acked_version == typed.version:
                 self._acked[key] = typed
         if key in self._entries:
-            self._drop(key)
-            self._changed()
+            # Cleared when the proxy holds what was last sent; a request that only says
+            # it still holds an older version (SotW, new names after a NACK) is no fix.
+            state = stream.type_states().get(type_url)
+            if state is None or state.acked_version == state.sent_version:
+                self._drop(key)
+                self._changed()
 
     def nacked(self, stream: ObservedStream, type_url: str, error: str) -> None:
         key = (stream.stream_id, type_url)
