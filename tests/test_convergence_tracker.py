@@ -4,6 +4,7 @@ supersession, disconnects, the completion and not-converged logs, and the bounds
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -167,6 +168,20 @@ def test_a_stream_that_leaves_drops_out() -> None:
     [latest, *_] = fleet.tracker.summary()["changes"]
     assert latest["complete"] and latest["disconnected"] == 1
     assert fleet.tracker.proxy(2) is None
+
+
+def test_a_stream_that_moves_to_another_group_drops_out() -> None:
+    fleet = _fleet(2)
+    fleet.publish(2, {"a": (2,)})
+    fleet.take_and_ack(1)
+    moved = fleet.streams[2]
+    assert moved.proxy is not None
+    moved.proxy = dataclasses.replace(moved.proxy, zone="zone-b")  # re-resolved
+    with capture_logs() as logs:
+        fleet.tracker.tick()
+    assert [e["proxies"] for e in logs if e["event"] == "change.converged"] == [1]
+    [latest, *_] = fleet.tracker.summary()["changes"]
+    assert latest["complete"] and latest["disconnected"] == 1
 
 
 def test_a_newer_change_supersedes_and_keeps_the_older_clock() -> None:

@@ -180,8 +180,15 @@ class Convergence:
                 log.exception("convergence.tick_failed", hint="a bug; retried next tick")
 
     def _settle(self, change: Change, waiter: Waiter, now: float) -> None:
-        """Drop the types the stream ACKed or was sent nothing of; done when none left."""
+        """Drop the types the stream ACKed or was sent nothing of; done when none left.
+        A stream that moved to another group (its pod re-resolved) drops out."""
         stream = waiter.stream
+        if stream.proxy is None or stream.proxy.group != waiter.group:
+            del change.waiting[stream.stream_id]
+            change.gone += 1
+            if not change.waiting:
+                self._finish(change, "converged")
+            return
         states = stream.type_states()
         snapshot = stream.snapshot
         for type_url, version in list(waiter.types.items()):
