@@ -101,6 +101,22 @@ def test_sotw_statuses_and_what_a_nacking_proxy_holds() -> None:
     assert len(acked) == 0
 
 
+def test_a_change_to_names_not_subscribed_keeps_a_stream_synced() -> None:
+    stream = SotwStream(1, "ads")
+    ask(stream, resource.ENDPOINT, ["a"])
+    [push] = stream.on_snapshot(snapshot({"a": (1,), "b": (2,)}))
+    ask(stream, resource.ENDPOINT, ["a"], push.version, push.nonce)
+    later = snapshot({"a": (1,), "b": (3,)})
+    # Only b changed: nothing to send to a stream that asks for a alone.
+    assert stream.on_snapshot(later) == []
+    assert stream.types[resource.ENDPOINT].sent_version != version(later)
+    assert eds(stream) == "SYNCED"
+    [found] = proxies([stream]).values()
+    config = client_config(found, later, "r1", {}, contents=False)
+    assert [(e.name, e.config_status) for e in config.generic_xds_configs] == [
+        ("a", STATUS.SYNCED)]
+
+
 def test_delta_stream_synced_then_stale_when_the_group_moves_on() -> None:
     stream = DeltaStream(1, "ads")
     request = discovery_pb2.DeltaDiscoveryRequest(type_url=resource.CLUSTER,

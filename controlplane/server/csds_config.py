@@ -2,8 +2,9 @@
 
 Per type the proxy subscribes to, one status (``type_status``), by the rules of
 ``envoy.service.status.v3``: SYNCED when the version sent is the one ACKed and the
-current one, NOT_SENT before anything was sent, STALE while a push awaits its ACK or the
-ACKed version is not the current one, ERROR when the last push of the type was NACKed.
+stream is up to date with the proxy's current snapshot, NOT_SENT before anything was
+sent, STALE while a push awaits its ACK or the stream has not caught up with the current
+snapshot, ERROR when the last push of the type was NACKed.
 Per resource served, a ``GenericXdsConfig`` with that status; when the server knows the
 proxy holds another content of a resource (it ACKed an older version), a second entry
 with that content and its ACKed version, so a client can show the difference.
@@ -74,7 +75,10 @@ def type_status(type_url: str, state: TypeState, current: str | None) -> TypeSta
                           nack.version, nack.at)
     if acked != sent:
         return status("STALE", "REQUESTED")
-    if current is not None and sent != current:
+    # What the stream last brought the client up to date with: a change to resources it
+    # does not subscribe to moves that on without a push (and without a new version sent).
+    base = getattr(state, "base", None)
+    if current is not None and (base.version if base is not None else sent) != current:
         return status("STALE", "ACKED")
     return status("SYNCED", "ACKED")
 
