@@ -13,10 +13,12 @@ from envoy.type.matcher.v3 import node_pb2, string_pb2
 from google.rpc import status_pb2
 
 from controlplane import resource
+from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.snapshot import Snapshot
-from controlplane.server.csds import AckedConfigs, BadRequest, node_filter
+from controlplane.server.csds import AckedConfigs, BadRequest, ClientStatus, node_filter
 from controlplane.server.csds_config import client_config, proxies, type_status
 from controlplane.server.delta import DeltaStream
+from controlplane.server.registry import StreamRegistry
 from controlplane.server.sotw import SotwStream
 from controlplane.status.diff import diff
 from controlplane.status.model import merge, proxy_status
@@ -162,3 +164,29 @@ def test_node_matchers_and_merging_replicas() -> None:
 
     [one] = merge([proxy_status(status("r1", 10.0), "a"), proxy_status(status("r2", 20.0), "b")])
     assert one.replica == "r2"  # where it connected last
+
+
+async def test_an_answer_too_large_drops_contents_then_is_refused() -> None:
+    stream = SotwStream(1, "ads")
+    ask(stream, resource.CLUSTER, [])
+    snap = snapshot({f"service-{i}": (i + 1,) for i in range(50)})
+    stream.on_snapshot(snap)
+    cache = SnapshotCache()
+    assert stream.proxy is not None
+    cache.set_snapshot(stream.proxy.group, snap)
+    registry = StreamRegistry()
+    registry.add(stream)
+    full = csds_pb2.ClientStatusResponse.FromString(
+        await ClientStatus(registry, cache, "r1").answer(csds_pb2.ClientStatusRequest()))
+    assert all(e.HasField("xds_config") for e in full.config[0].generic_xds_configs)
+    size = full.ByteSize()
+
+    lean = ClientStatus(registry, cache, "r1", max_bytes=size - 1)
+    answer = csds_pb2.ClientStatusResponse.FromString(
+        await lean.answer(csds_pb2.ClientStatusRequest()))
+    assert len(answer.config[0].generic_xds_configs) == 50
+    assert not any(e.HasField("xds_config") for e in answer.config[0].generic_xds_configs)
+
+    tiny = ClientStatus(registry, cache, "r1", max_bytes=100)
+    with pytest.raises(Exception, match="ask for fewer nodes"):
+        await tiny.answer(csds_pb2.ClientStatusRequest())
