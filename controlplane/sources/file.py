@@ -64,6 +64,17 @@ def _signature(path: Path) -> _Signature:
     return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
+def _saved_at(current: _Signature, before: _Signature | None, noticed: float) -> float:
+    """When the change was made: the file's new mtime, when it moved forward since the
+    last look and lies in the few seconds before ``noticed`` (the watch hands a save
+    over 10-20 ms after it; that wait is part of what an edit waits for). Otherwise
+    (``cp -p``, ``touch -d``, a clock step) the time the change was noticed."""
+    mtime = current[0] / 1e9
+    if before is not None and current[0] > before[0] and noticed - 5.0 < mtime <= noticed:
+        return mtime
+    return noticed
+
+
 def read_mesh(path: Path, loader: MeshLoader, seen: str, served: str = "") -> _Read:
     """Read, hash and parse the file, unless its content is the one read last (``seen``)
     or the one served (``served``): blocking, run off the loop. ``loader`` parses only
@@ -134,8 +145,8 @@ class FileSource:
                 await wakeups.next()
                 continue
             if current != signature:
-                if seen_at is None:  # the notification's time, else this look's
-                    seen_at = wakeups.woken_at or time.time()
+                if seen_at is None:  # the save's time, else the notification's, else now
+                    seen_at = _saved_at(current, signature, wakeups.woken_at or time.time())
                 if signature is not None and current[2] == signature[2] and current != settling:
                     # Written in place (same inode): maybe half-way, and half a mesh file
                     # can be a valid, smaller mesh. Read it once it holds still.
