@@ -18,11 +18,13 @@ from controlplane import dashboards, generated
 from controlplane.deploy_examples import (
     example_security_policy,
     example_sidecar,
+    example_telemetry,
     example_traffic_policy,
 )
 from controlplane.sources.kubernetes.crd import (
     security_policy_crd,
     sidecar_crd,
+    telemetry_crd,
     traffic_policy_crd,
 )
 from controlplane.sources.kubernetes.kinds import (
@@ -36,6 +38,7 @@ from controlplane.sources.kubernetes.kinds import (
     SECURITY_POLICIES,
     SERVICES,
     SIDECARS,
+    TELEMETRIES,
     TOKEN_REVIEWS,
     TRAFFIC_POLICIES,
     WEBHOOK_CONFIGURATION,
@@ -106,6 +109,9 @@ def cluster_role_rules() -> list[dict[str, Any]]:
          "verbs": _WATCH},
         {"apiGroups": [SECURITY_POLICIES.group],
          "resources": [f"{SECURITY_POLICIES.plural}/status"],
+         "verbs": ["get", "update", "patch"]},
+        {"apiGroups": [TELEMETRIES.group], "resources": [TELEMETRIES.plural], "verbs": _WATCH},
+        {"apiGroups": [TELEMETRIES.group], "resources": [f"{TELEMETRIES.plural}/status"],
          "verbs": ["get", "update", "patch"]},
         # The injection webhook writes its CA into its own configuration, and no other.
         {"apiGroups": [MUTATING_WEBHOOKS.group], "resources": [MUTATING_WEBHOOKS.plural],
@@ -368,6 +374,7 @@ def rendered() -> dict[Path, str]:
         DIR / "01-crd.yaml": _dump(traffic_policy_crd()),
         DIR / "01-crd-sidecar.yaml": _dump(sidecar_crd()),
         DIR / "01-crd-securitypolicy.yaml": _dump(security_policy_crd()),
+        DIR / "01-crd-telemetry.yaml": _dump(telemetry_crd()),
         DIR / "02-rbac.yaml": _dump(*rbac()),
         DIR / "03-deployment.yaml": _dump(deployment()),
         DIR / "04-service.yaml": _dump(service()),
@@ -379,6 +386,9 @@ def rendered() -> dict[Path, str]:
         DIR / "examples" / "securitypolicy.yaml": _dump(example_security_policy(), header=(
             f"# kubectl apply -f {DIR}/examples/securitypolicy.yaml; then\n"
             f"# `kubectl get {SECURITY_POLICIES.plural} -o wide` shows whether it applies.\n")),
+        DIR / "examples" / "telemetry.yaml": _dump(example_telemetry(), header=(
+            f"# kubectl apply -f {DIR}/examples/telemetry.yaml; then\n"
+            f"# `kubectl get {TELEMETRIES.plural}` shows whether it applies.\n")),
         DIR / "examples" / "sidecar.yaml": _dump(example_sidecar(), header=(
             f"# kubectl apply -f {DIR}/examples/sidecar.yaml; then\n"
             f"# `kubectl get {SIDECARS.plural} -o wide` shows whether every host matched.\n")),

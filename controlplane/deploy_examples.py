@@ -12,6 +12,7 @@ from controlplane.sources.kubernetes.kinds import (
     POLICY_VERSION,
     SECURITY_POLICIES,
     SIDECAR_KIND,
+    TELEMETRIES,
 )
 
 
@@ -71,5 +72,20 @@ def example_security_policy() -> dict[str, Any]:
                 "from": [{"service_accounts": ["default/reviews"]}],
                 "to": [{"methods": ["GET"], "paths": [{"prefix": "/ratings"}]}],
             }],
+        },
+    }
+
+
+def example_telemetry() -> dict[str, Any]:
+    """A Telemetry for the ``reviews`` Service: its sidecars trace 10% of new requests to
+    a collector (their JSON access log is on by default)."""
+    return {
+        "apiVersion": f"{POLICY_GROUP}/{POLICY_VERSION}",
+        "kind": TELEMETRIES.kind,
+        "metadata": {"name": "reviews", "namespace": "default"},
+        "spec": {
+            "targetRef": {"kind": "Service", "name": "reviews"},
+            "accessLog": {"enabled": True},
+            "tracing": {"address": "otel-collector.observability:4317", "sampling": 10},
         },
     }

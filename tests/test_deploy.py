@@ -291,6 +291,9 @@ def test_cluster_role_is_least_privilege() -> None:
     expected |= {(kinds.POLICY_GROUP, kinds.SECURITY_POLICY_PLURAL, v) for v in read}
     expected |= {(kinds.POLICY_GROUP, f"{kinds.SECURITY_POLICY_PLURAL}/status", v)
                  for v in ("get", "update", "patch")}
+    expected |= {(kinds.POLICY_GROUP, kinds.TELEMETRY_PLURAL, v) for v in read}
+    expected |= {(kinds.POLICY_GROUP, f"{kinds.TELEMETRY_PLURAL}/status", v)
+                 for v in ("get", "update", "patch")}
     # The webhook's CA goes into its own configuration only.
     expected |= {("admissionregistration.k8s.io", "mutatingwebhookconfigurations", v,
                   kinds.WEBHOOK_CONFIGURATION) for v in ("get", "patch")}

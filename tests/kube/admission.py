@@ -327,6 +327,13 @@ def security_policy_schema() -> Obj:
     return dict(security_policy_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
 
 
+def telemetry_schema() -> Obj:
+    """The openAPIV3Schema of the Telemetry CRD the project ships."""
+    from controlplane.sources.kubernetes.crd import telemetry_crd
+
+    return dict(telemetry_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
 _JSON_TYPES: Final = {"object": dict, "array": list, "string": str, "boolean": bool}
 
 

@@ -92,12 +92,14 @@ from controlplane.sources.kubernetes.kinds import (
     PODS,
     SECURITY_POLICIES,
     SIDECARS,
+    TELEMETRIES,
     TRAFFIC_POLICIES,
     Kind,
 )
 from tests.kube.admission import (
     security_policy_schema,
     sidecar_schema,
+    telemetry_schema,
     traffic_policy_schema,
 )
 from tests.kube.constants import (
@@ -147,7 +149,8 @@ class ApiServerDouble(_Handlers):
         self.crd_installed = crd_installed
         self._store = _Store(history_limit, {
             TRAFFIC_POLICIES: crd_schema or traffic_policy_schema(),
-            SIDECARS: sidecar_schema(), SECURITY_POLICIES: security_policy_schema()})
+            SIDECARS: sidecar_schema(), SECURITY_POLICIES: security_policy_schema(),
+            TELEMETRIES: telemetry_schema()})
         self.tokens = TokenAuthority(self._store, min_seconds=min_token_seconds,
                                      leeway=token_leeway)
         self._failures: list[_Failure] = []

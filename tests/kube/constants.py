@@ -13,6 +13,7 @@ from controlplane.sources.kubernetes.kinds import (
     SERVICE_ACCOUNTS,
     SERVICES,
     SIDECARS,
+    TELEMETRIES,
     TOKEN_REVIEWS,
     TRAFFIC_POLICIES,
     WATCHED,
@@ -28,7 +29,7 @@ SERVED: Final = (*WATCHED, SECRETS, MUTATING_WEBHOOKS, SERVICE_ACCOUNTS, TOKEN_R
 _BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS, SECRETS,
                              MUTATING_WEBHOOKS, SERVICE_ACCOUNTS})  # list items: no kind/apiVersion
 _STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, SIDECARS, PODS,
-                                        SECURITY_POLICIES})
+                                        SECURITY_POLICIES, TELEMETRIES})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 

@@ -66,6 +66,7 @@ from controlplane.sources.kubernetes.services import (
     service_data,
 )
 from controlplane.sources.kubernetes.sidecars import choose_sidecars, unresolved_hosts
+from controlplane.sources.kubernetes.telemetry import Applied, choose_telemetry
 
 __all__ = ["Conversion", "Converter", "Key", "Obj", "Verdict", "convert", "key",
            "protocol_of", "service_data"]
@@ -78,6 +79,7 @@ class Conversion:
     skipped: list[str] = field(default_factory=list)  # objects left out, and why
     sidecar_verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per Sidecar
     security_verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per SecurityPolicy
+    telemetry_verdicts: dict[Key, Verdict] = field(default_factory=dict)  # per Telemetry
     # Per served Service ("namespace/name"): the policy objects that shaped it, as
     # (kind, namespace, name); where a proxy's NACK is reported (programmed.py).
     origins: dict[str, tuple[tuple[str, str, str], ...]] = field(default_factory=dict)
@@ -100,7 +102,7 @@ _Memo = tuple[tuple[Obj, ...], tuple[tuple[Key, str | None], ...], _Outcome]
 
 def convert(services: Iterable[Obj], slices: Iterable[Obj], policies: Iterable[Obj],
             pods: Mapping[Key, Obj] | None = None, sidecars: Iterable[Obj] = (),
-            security_policies: Iterable[Obj] = (), *,
+            security_policies: Iterable[Obj] = (), telemetries: Iterable[Obj] = (), *,
             outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
             root_namespace: str = ROOT_NAMESPACE) -> Conversion:
     """One conversion, from nothing (``Converter`` remembers between batches). ``pods``:
@@ -109,7 +111,7 @@ def convert(services: Iterable[Obj], slices: Iterable[Obj], policies: Iterable[O
     that says it); ``root_namespace``: the control plane's, where a SecurityPolicy
     without target is mesh-wide."""
     return Converter(outbound_traffic_policy, root_namespace).convert(
-        services, slices, policies, pods, sidecars, security_policies)
+        services, slices, policies, pods, sidecars, security_policies, telemetries)
 
 
 class Converter:
@@ -128,11 +130,13 @@ class Converter:
         # Per Service: (the service as built, the security applied, the result), so an
         # unchanged service with unchanged security is the very same object next batch.
         self._secured: dict[Key, tuple[Service, Security, Service]] = {}
+        self._observed = Applied()  # the same for Telemetry objects
 
     def convert(self, services: Iterable[Obj], slices: Iterable[Obj],
                 policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None,
                 sidecars: Iterable[Obj] = (),
-                security_policies: Iterable[Obj] = ()) -> Conversion:
+                security_policies: Iterable[Obj] = (),
+                telemetries: Iterable[Obj] = ()) -> Conversion:
         by_service: dict[Key, list[Obj]] = {}
         for slice_ in slices:
             labels = meta(slice_).get("labels")
@@ -175,6 +179,9 @@ class Converter:
         result.security_verdicts = security.verdicts
         built = [self._with_security(s, security.services) for s in built]
         self._secured = {k: v for k, v in self._secured.items() if k in security.services}
+        telemetry = choose_telemetry(telemetries, service_objs, self.security.root_namespace)
+        result.telemetry_verdicts = telemetry.verdicts
+        built = self._observed.apply(built, telemetry.services)
         scoped, result.sidecar_verdicts = choose_sidecars(sidecars)
         result.mesh = _mesh(built, result, {k: key(p[0]) for k, p in chosen.items()}, scoped)
         update: dict[str, Any] = {}
@@ -182,6 +189,8 @@ class Converter:
             update["outbound_traffic_policy"] = self.outbound_traffic_policy
         if security.mesh != result.mesh.security:
             update["security"] = security.mesh
+        if telemetry.mesh != result.mesh.telemetry:
+            update["telemetry"] = telemetry.mesh
         if update:
             result.mesh = result.mesh.model_copy(update=update)
         _resolve_sidecars(result)

@@ -44,7 +44,11 @@ from controlplane.sources.kubernetes.kinds import (
     SIDECAR_KIND,
     SIDECAR_PLURAL,
     SIDECAR_SINGULAR,
+    TELEMETRY_KIND,
+    TELEMETRY_PLURAL,
+    TELEMETRY_SINGULAR,
 )
+from controlplane.sources.kubernetes.telemetry import spec_schema as telemetry_spec_schema
 
 CRD_NAME: Final = f"{POLICY_PLURAL}.{POLICY_GROUP}"
 SIDECAR_CRD_NAME: Final = f"{SIDECAR_PLURAL}.{POLICY_GROUP}"
@@ -381,3 +385,12 @@ def security_policy_crd() -> dict[str, Any]:
                 "the authorization rules (allow or deny by caller identity, namespace, "
                 "method, path, port and header) of one Service, a namespace, or the mesh.",
                 security_policy_spec_schema())
+
+
+def telemetry_crd() -> dict[str, Any]:
+    """The Telemetry CustomResourceDefinition (Istio's Telemetry, in our group)."""
+    return _crd(TELEMETRY_PLURAL, TELEMETRY_SINGULAR, TELEMETRY_KIND, [],
+                [{"name": "Target", "type": "string", "jsonPath": ".spec.targetRef.name"},
+                 {"name": "Tracing", "type": "string", "jsonPath": ".spec.tracing.address"}],
+                f"{TELEMETRY_KIND}: the sidecars' JSON access log and OpenTelemetry tracing "
+                "for one Service, a namespace, or the mesh.", telemetry_spec_schema())

@@ -22,8 +22,11 @@ SECURITY_POLICY_KIND: Final = "SecurityPolicy"  # same group and version as Traf
 SECURITY_POLICY_PLURAL: Final = "securitypolicies"
 SECURITY_POLICY_SINGULAR: Final = "securitypolicy"
 SECURITY_POLICY_SHORT_NAMES: Final = ("secpol",)
-# A SecurityPolicy without a target in this namespace (the control plane's own) applies to
-# the whole mesh (Istio's root namespace); elsewhere, to its namespace.
+TELEMETRY_KIND: Final = "Telemetry"  # same group and version as TrafficPolicy
+TELEMETRY_PLURAL: Final = "telemetries"
+TELEMETRY_SINGULAR: Final = "telemetry"
+# A SecurityPolicy (or Telemetry) without a target in this namespace (the control plane's
+# own) applies to the whole mesh (Istio's root namespace); elsewhere, to its namespace.
 ROOT_NAMESPACE: Final = "controlplane-system"
 # On a Service: where it is visible (the mesh file's exportTo), a comma list of "*", "."
 # (its own namespace) or namespace names.
@@ -62,13 +65,14 @@ TRAFFIC_POLICIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, POLICY_PLURAL, POLI
 SIDECARS: Final = Kind(POLICY_GROUP, POLICY_VERSION, SIDECAR_PLURAL, SIDECAR_KIND)
 SECURITY_POLICIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, SECURITY_POLICY_PLURAL,
                                 SECURITY_POLICY_KIND)
+TELEMETRIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, TELEMETRY_PLURAL, TELEMETRY_KIND)
 # Pods are watched as metadata only (PartialObjectMetadata): their labels are what label
 # subsets select, and nothing else of a Pod matters to routing.
 PODS: Final = Kind("", "v1", "pods", "Pod")
 WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES,
-                  PODS)
+                  PODS, TELEMETRIES)
 # ours: a CRD each, status written by us
-CUSTOM: Final = (TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES)
+CUSTOM: Final = (TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES, TELEMETRIES)
 # Written, never watched, by the injection webhook: its serving certificate (a Secret in
 # the control plane's namespace) and the caBundle of its MutatingWebhookConfiguration.
 SECRETS: Final = Kind("", "v1", "secrets", "Secret")

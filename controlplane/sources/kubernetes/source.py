@@ -39,6 +39,7 @@ from controlplane.sources.kubernetes.kinds import (
     SECURITY_POLICIES,
     SERVICES,
     SIDECARS,
+    TELEMETRIES,
     TRAFFIC_POLICIES,
     WATCHED,
     Kind,
@@ -59,10 +60,11 @@ from controlplane.sources.kubernetes.watch import (
 log = structlog.get_logger("controlplane.source.kubernetes")
 # Per custom kind: the log events' prefix, and the event when a reference is unresolved.
 _EVENTS: dict[Kind, str] = {TRAFFIC_POLICIES: "policy", SIDECARS: "sidecar",
-                            SECURITY_POLICIES: "securitypolicy"}
+                            SECURITY_POLICIES: "securitypolicy", TELEMETRIES: "telemetry"}
 _UNRESOLVED: dict[Kind, str] = {TRAFFIC_POLICIES: "policy.no_matching_endpoints",
                                 SIDECARS: "sidecar.no_matching_services",
-                                SECURITY_POLICIES: "securitypolicy.target_not_found"}
+                                SECURITY_POLICIES: "securitypolicy.target_not_found",
+                                TELEMETRIES: "telemetry.target_not_found"}
 PROGRAMMED_DEBOUNCE = 1.0  # seconds: NACKs of one change arrive together, written once
 
 
@@ -94,6 +96,7 @@ class KubernetesSource:
             TRAFFIC_POLICIES: ObjectStore(keep_status=True),
             SIDECARS: ObjectStore(keep_status=True),
             SECURITY_POLICIES: ObjectStore(keep_status=True),
+            TELEMETRIES: ObjectStore(keep_status=True),
             PODS: ObjectStore(reduce=labels_only)}
         self.verdicts: dict[tuple[Kind, Key], Verdict] = {}
         self.outbound_traffic_policy: OutboundTrafficPolicy = outbound_traffic_policy
@@ -281,7 +284,7 @@ class KubernetesSource:
         result = self.converter.convert(
             self.stores[SERVICES].values(), self.stores[ENDPOINT_SLICES].values(),
             self.stores[TRAFFIC_POLICIES].values(), pods, self.stores[SIDECARS].values(),
-            self.stores[SECURITY_POLICIES].values())
+            self.stores[SECURITY_POLICIES].values(), self.stores[TELEMETRIES].values())
         problems = set(result.skipped)
         for problem in result.skipped:
             if problem not in self._logged:
@@ -289,7 +292,8 @@ class KubernetesSource:
                             hint="fix the object; the other services are served as usual")
         verdicts = {**{(TRAFFIC_POLICIES, k): v for k, v in result.verdicts.items()},
                     **{(SIDECARS, k): v for k, v in result.sidecar_verdicts.items()},
-                    **{(SECURITY_POLICIES, k): v for k, v in result.security_verdicts.items()}}
+                    **{(SECURITY_POLICIES, k): v for k, v in result.security_verdicts.items()},
+                    **{(TELEMETRIES, k): v for k, v in result.telemetry_verdicts.items()}}
         for target, verdict in verdicts.items():
             kind, (namespace, name) = target
             previous = self.verdicts.get(target)

@@ -27,6 +27,7 @@ from controlplane.sources.kubernetes.kinds import (
     RESOLVED_REFS,
     SECURITY_POLICY_KIND,
     SIDECAR_KIND,
+    TELEMETRY_KIND,
     Kind,
 )
 from controlplane.sources.kubernetes.policies import Verdict
@@ -40,6 +41,7 @@ _RESOLVED = {
     POLICY_KIND: ("NoMatchingEndpoints", "every target selects at least one endpoint"),
     SIDECAR_KIND: ("NoMatchingServices", "every host matches at least one Service"),
     SECURITY_POLICY_KIND: ("TargetNotFound", "the target exists"),
+    TELEMETRY_KIND: ("TargetNotFound", "the target exists"),
 }
 _KINDS: dict[str, Kind] = {kind.kind: kind for kind in CUSTOM}
 PROGRAMMED: Final = "Programmed"  # on accepted ones: did the proxies take it?
