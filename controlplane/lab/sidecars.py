@@ -3,7 +3,10 @@
 Explicit: on loopback, an inbound port in front of the app and an egress port the app
 calls. Captured (``pod`` given): in the pod's namespace as UID 1337 (which capture leaves
 alone), on the well-known capture ports, its admin on the pod's address (port 15000,
-never captured) so the lab's view reads it from the host."""
+never captured) so the lab's view reads it from the host.
+
+Each serves Prometheus stats (``stats_url``: a free port on loopback, 15090 in a pod) and
+writes its JSON access log (one line per request) to its log file, beside Envoy's own."""
 
 from __future__ import annotations
 
@@ -15,11 +18,16 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from controlplane.bootstrap import BootstrapOptions, build_bootstrap, capture_options
+from controlplane.bootstrap import (
+    CAPTURE_STATS_PORT,
+    BootstrapOptions,
+    build_bootstrap,
+    capture_options,
+)
 from controlplane.lab.envoy import envoy_command, find_envoy
 from controlplane.lab.identity import SidecarIdentity
 from controlplane.lab.pods import PROXY_UID, Pod
-from controlplane.lab.topology import Instance, LabError
+from controlplane.lab.topology import Instance, LabError, free_port
 
 
 class Sidecar:
@@ -33,6 +41,7 @@ class Sidecar:
         self.log_path = workdir / f"envoy-{instance.node_id}.log"
         inbound = instance.inbound_port or None
         self.identity = identity
+        self.stats_port = CAPTURE_STATS_PORT if pod is not None else free_port()
         bundle = identity.bundle_pem if identity is not None else None
         token = str(identity.token_file) if identity is not None else None
         if pod is not None:
@@ -47,7 +56,7 @@ class Sidecar:
                 xds_address=f"{xds_host}:{xds_port}", admin_port=instance.admin_port,
                 egress_port=instance.egress_port, inbound_port=inbound,
                 app_port=instance.app_port if inbound else None, inbound_address="127.0.0.1",
-                xds_ca=bundle, token_file=token)
+                stats_port=self.stats_port, xds_ca=bundle, token_file=token)
         bootstrap = build_bootstrap(options)
         # Latency quantiles per flush interval: one a second, as the lab's view refreshes.
         bootstrap["stats_flush_interval"] = "1s"
@@ -58,6 +67,11 @@ class Sidecar:
     @property
     def admin_url(self) -> str:
         return f"http://{self.instance.address}:{self.instance.admin_port}"
+
+    @property
+    def stats_url(self) -> str:
+        """Where Prometheus would scrape it (labelled by source and destination service)."""
+        return f"http://{self.instance.address}:{self.stats_port}/stats/prometheus"
 
     def command(self) -> list[str]:
         if self.pod is None:
@@ -96,8 +110,9 @@ class Sidecar:
         if self.pod is not None:
             return  # a namespace of its own: nothing else there binds ports
         for port in (self.instance.inbound_port, self.instance.egress_port,
-                     self.instance.admin_port):
-            if port and f"cannot bind '127.0.0.1:{port}'" in text:
+                     self.instance.admin_port, self.stats_port):
+            if port and (f"cannot bind '127.0.0.1:{port}'" in text
+                         or f"cannot bind '0.0.0.0:{port}'" in text):
                 raise LabError(f"sidecar {self.instance.node_id}: port 127.0.0.1:{port} was "
                                "taken by another process meanwhile; run the lab again")
 
