@@ -4,6 +4,7 @@ environment as ``CONTROLPLANE_<FIELD>`` (a flag given on the command line wins).
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -66,8 +67,10 @@ class ServeSettings(BaseSettings):
         default="json", description="json lines for machines, console for people."
     )
     identifier: str = Field(
-        default="controlplane", description="Sent to proxies as control_plane.identifier."
-    )
+        default_factory=socket.gethostname,
+        description="This replica's name (default the host name: the pod's name in a "
+        "cluster): sent to proxies as control_plane.identifier, shown by `controlplane "
+        "status` (REPLICA) and in a policy's Programmed condition.")
     group_ttl: float = Field(
         default=60.0, gt=0, description="A proxy group none of whose proxies has been "
         "connected this long, in seconds, is forgotten: its snapshot, its stored snapshots "

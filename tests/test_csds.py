@@ -123,7 +123,7 @@ def test_fetch_and_stream_report_every_type_synced(fleet: Fleet) -> None:
 
     sotw, delta = configs["frontend-1"], configs["frontend-2"]
     meta = sotw.node.metadata.fields
-    assert meta["controlplane_replica"].string_value == "controlplane"
+    assert meta["controlplane_replica"].string_value == socket.gethostname()  # --identifier
     assert meta["controlplane_protocol"].string_value == "sotw"
     assert delta.node.metadata.fields["controlplane_protocol"].string_value == "delta"
     assert sotw.node.cluster == "frontend"

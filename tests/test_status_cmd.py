@@ -77,7 +77,7 @@ def test_table_nack_and_node_diff(fleet: Fleet) -> None:
     assert rows["frontend-2"]["PROTOCOL"] == "delta"
     assert rows["frontend-1"]["SERVICE"] == "frontend"
     assert rows["frontend-1"]["NAMESPACE"] == "default"
-    assert rows["frontend-1"]["REPLICA"] == "controlplane"
+    assert rows["frontend-1"]["REPLICA"] == socket.gethostname()  # the default --identifier
 
     # A sidecar whose inbound port is taken rejects its listeners.
     inbound, app = free_port(), free_port()
@@ -112,7 +112,7 @@ def test_table_nack_and_node_diff(fleet: Fleet) -> None:
     done = status("--server", f"127.0.0.1:{port}", "--node", "reviews-1")
     assert done.returncode == 0, done.stderr
     text = done.stdout
-    assert text.startswith("reviews-1 (reviews.default, sotw) on controlplane")
+    assert text.startswith(f"reviews-1 (reviews.default, sotw) on {socket.gethostname()}")
     assert "LDS: NACKED (served version" in text and "ACKed none)" in text
     assert f"NACK: {error.split(': ', 1)[1][:60]}" in text
     added = [line for line in text.splitlines() if line.startswith("  + ")]
@@ -162,7 +162,7 @@ def test_wait_returns_when_live_and_names_a_stopped_sidecar(fleet: Fleet) -> Non
     assert done.returncode == 1, done.stderr
     assert "not synced after 3s: 1 of 2 proxies" in done.stderr
     [laggard] = [line for line in done.stderr.splitlines() if line.startswith("  ")]
-    assert laggard.startswith("  frontend-2 (controlplane): ") and "STALE" in laggard
+    assert laggard.startswith(f"  frontend-2 ({socket.gethostname()}): ") and "STALE" in laggard
     assert "frontend-1" not in done.stderr
     # Once it runs again it catches up, and --wait says so.
     done = status("--server", f"127.0.0.1:{port}", "--wait", "--timeout", "30")

@@ -45,5 +45,6 @@ def open_source(settings: ServeSettings) -> Source:
             # The server's own namespace: a SecurityPolicy without target there is
             # mesh-wide (Istio's root namespace).
             root_namespace=settings.webhook_namespace,
+            replica=settings.identifier,  # named in the Programmed conditions it writes
         )
     raise SourceError(f"unknown source {spec!r}; use file:PATH or kubernetes")
