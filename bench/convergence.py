@@ -43,6 +43,7 @@ BASELINE = "convergence.json"
 QUIET_S = 0.3  # no message for this long = the server has finished pushing
 HISTOGRAM = "controlplane_convergence_seconds"
 ENDPOINT_TYPE = 'type="endpoint"'
+SERVER_REPORT_S = 35.0  # after every ACK: the server's warn-after (30 s) and some
 LOAD_LIMIT = 1.5  # above this 1-minute load average, other work shares the 2 CPUs
 
 
@@ -65,40 +66,51 @@ def spread(values: Sequence[float]) -> dict[str, float]:
             "max": round(max(values), 4), "mean": round(statistics.fmean(values), 4)}
 
 
-def match_change(summary: dict[str, Any], written_at: float) -> list[dict[str, Any]]:
-    """The entries of ``/debug/changes`` whose source event came after ``written_at``
-    (the changes are made one at a time, so these are the bench's latest), oldest
-    first."""
-    changes = summary.get("changes")
+def _entries(body: str) -> list[dict[str, Any]]:
+    changes = json.loads(body).get("changes")
     if not isinstance(changes, list):
         raise BenchError("/debug/changes has no 'changes' list: is this server from "
                          "before issue 12's convergence tracking?")
-    found = [c for c in changes if isinstance(c, dict)
-             and float(c.get("observed_at") or 0) >= written_at]
-    return sorted(found, key=lambda c: float(c["observed_at"]))
+    return [c for c in changes if isinstance(c, dict)]
 
 
-async def _server_change(server: ServerProcess, written_at: float,
+async def _changes(server: ServerProcess) -> list[dict[str, Any]]:
+    """The entries of ``/debug/changes``."""
+    status, body = await asyncio.to_thread(server.get, "/debug/changes")
+    if status == 404:
+        raise BenchError("the server has no /debug/changes (it predates issue 12's "
+                         "convergence tracking): run the bench from a checkout with it")
+    if status != 200:
+        raise BenchError(f"GET /debug/changes answered {status}: {body[:200]}")
+    return _entries(body)
+
+
+def latest_generation(entries: list[dict[str, Any]]) -> int:
+    return max((int(c.get("generation") or 0) for c in entries), default=0)
+
+
+async def _server_change(server: ServerProcess, after_generation: int,
                          deadline: Deadline) -> dict[str, Any]:
-    """Poll ``/debug/changes`` until the change the bench made is complete there."""
+    """Poll ``/debug/changes`` until the change the bench made (a generation after
+    ``after_generation``: the changes are made one at a time) is complete there. Matched
+    by generation, not time: the stamp is the file's mtime, on the kernel's coarse clock,
+    which can read a few ms before the bench's clock did at the write."""
     found: list[dict[str, Any]] = []
-    while deadline.left() > 0:
-        status, body = await asyncio.to_thread(server.get, "/debug/changes")
-        if status == 404:
-            raise BenchError("the server has no /debug/changes (it predates issue 12's "
-                             "convergence tracking): run the bench from a checkout with it")
-        if status != 200:
-            raise BenchError(f"GET /debug/changes answered {status}: {body[:200]}")
-        found = match_change(json.loads(body), written_at)
+    # Every stream has ACKed and the server is idle by now: the entry is due at once,
+    # unless the server's warn-after (30 s) has yet to end a change it thinks incomplete.
+    limit = time.monotonic() + min(deadline.left(), SERVER_REPORT_S)
+    while time.monotonic() < limit:
+        found = [c for c in await _changes(server)
+                 if int(c.get("generation") or 0) > after_generation]
         if found and all(c.get("complete") for c in found):
             break
         await asyncio.sleep(0.05)
     else:
-        raise BenchError(f"the server did not report the change complete in "
-                         f"/debug/changes before the deadline: {found[-1:] or 'no entry'}")
+        raise BenchError(f"every stream ACKed, but the server did not report the change "
+                         f"complete in /debug/changes within {SERVER_REPORT_S:.0f} s: "
+                         f"{found[:1] or 'no entry'}")
     entry = max(found, key=lambda c: int(c.get("affected") or 0))
-    entry = {**entry, "entries_for_this_edit": len(found)}
-    return entry
+    return {**entry, "entries_for_this_edit": len(found)}
 
 
 async def one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: MeshSpec,
@@ -106,9 +118,9 @@ async def one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: Mesh
     """Move svc-0000's first endpoint; time it from the rename to each affected stream's
     ACK (outside), and read the server's own figures for the same change."""
     before = await server.metrics()
+    known = latest_generation(await _changes(server))
     mark = fleet.begin_change(affected)
     text = mesh_yaml(spec, CHANGED_PORTS[n % 2])
-    written_before = time.time()
     write_atomically(mesh, text)
     written_at = time.time()
     modified_at = mesh.stat().st_mtime_ns / 1e9  # the kernel's (coarse) clock of the save
@@ -125,9 +137,10 @@ async def one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: Mesh
     if missing:
         raise BenchError(f"change {n + 1}: {len(missing)} streams never ACKed the new "
                          f"version (stream {missing[0]} first)")
-    entry = await _server_change(server, written_before, deadline)
+    entry = await _server_change(server, known, deadline)
     after = await server.metrics()
     outside = spread([mark.acked[i] - written_at for i in affected])
+    published_at = entry.get("published_at")
     seconds = entry.get("seconds") or {}
     count = metric(after, HISTOGRAM + "_count", ENDPOINT_TYPE) - metric(
         before, HISTOGRAM + "_count", ENDPOINT_TYPE)
@@ -149,13 +162,28 @@ async def one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: Mesh
         # Where a stamp from the file's mtime would put the start instead.
         "mtime_after_write_ms": _ms(modified_at - written_at),
         "laggards": entry.get("laggards", []),
+        **_before_published(mark.acked, affected, published_at, written_at),
     }
+
+
+def _before_published(acked: dict[int, float], affected: list[int],
+                      published_at: float | None, written_at: float) -> dict[str, Any]:
+    """How many streams ACKed before the server's ``published_at`` (the pipeline tells
+    the tracker of a change after its last group is published), and the outside figures
+    if those ACKs counted only from then: what a tracker that credits an earlier ACK at
+    publish time would report."""
+    if published_at is None:
+        return {}
+    at = float(published_at)
+    return {"acked_before_published": sum(acked[i] < at for i in affected),
+            "outside_if_credited_at_publish": spread(
+                [max(acked[i], at) - written_at for i in affected])}
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the R changes of each figure, and server minus outside in ms."""
     def med(side: str, key: str) -> float | None:
-        values = [r[side][key] for r in rounds if r[side].get(key) is not None]
+        values = [r[side][key] for r in rounds if (r.get(side) or {}).get(key) is not None]
         return round(statistics.median(values), 4) if values else None
 
     figures: dict[str, Any] = {}
@@ -176,6 +204,11 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     figures["outside_mean_s"] = med("outside", "mean")
     figures["server_histogram_count_per_change"] = statistics.median(
         r["server_histogram"]["count"] for r in rounds)
+    for key in ("p50", "p99"):
+        figures[f"outside_if_credited_at_publish_{key}_s"] = med(
+            "outside_if_credited_at_publish", key)
+    figures["acked_before_published_median"] = statistics.median(
+        r.get("acked_before_published", 0) for r in rounds)
     for key in ("observed_after_write_ms", "mtime_after_write_ms"):
         figures[f"{key}_median"] = round(statistics.median(r[key] for r in rounds), 2)
     return figures

@@ -180,8 +180,8 @@ class SotwProxy(Proxy):
             if self.verify:
                 self.changed_ports = self._changed_ports(raw) or self.changed_ports
             self.got_endpoints(version, now)
-            await self.send(EDS, self.clusters)
             self.fleet.ack_sent(self, version)
+            await self.send(EDS, self.clusters)
             self.fleet.eds_acked.hit(self.index, now)
             if LDS not in self.requested:
                 self.requested.add(LDS)
@@ -246,8 +246,8 @@ class DeltaProxy(Proxy):
             if self.verify:
                 self.changed_ports = self._changed_ports(raw) or self.changed_ports
             self.got_endpoints(version, now)
-            await self.send(EDS, nonce=nonce)
             self.fleet.ack_sent(self, version)
+            await self.send(EDS, nonce=nonce)
             self.fleet.eds_acked.hit(self.index, now)
             if LDS not in self.requested:
                 self.requested.add(LDS)
@@ -359,8 +359,10 @@ class Fleet:
             self.change.hit(proxy.index, now, version)
 
     def ack_sent(self, proxy: Proxy, version: str) -> None:
-        """A stream has written its EDS ACK: during a change, when (wall clock, as the
-        server's convergence clock), the first time it ACKs a version it did not hold."""
+        """A stream writes its EDS ACK now: during a change, when (wall clock, as the
+        server's convergence clock), the first time it ACKs a version it did not hold.
+        Taken as the write starts: the end of an awaited write is seen only when this
+        loop, busy with a thousand streams, gets back to it."""
         if self.change is not None and version != self.baseline.get(proxy.index):
             self.change.acked.setdefault(proxy.index, time.time())
 
