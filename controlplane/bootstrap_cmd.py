@@ -53,8 +53,10 @@ def add_parser(commands: Any) -> None:
                         "capture): egress 15001 and inbound 15006 take any destination; "
                         "no --app-port")
     parser.add_argument("--stats-port", type=int,
-                        help="serve /stats/prometheus on this port (default 15090 with "
-                        "--capture, else none)")
+                        help="serve /stats/prometheus on this port, every metric labelled "
+                        "with source_service and source_namespace, upstream ones with "
+                        "destination_service and destination_namespace (default 15090 "
+                        "with --capture, else none; needs a fixed --admin-port)")
     parser.add_argument("--health-port", type=int,
                         help="answer /healthz/ready (the admin's /ready) on this port "
                         "(default 15021 with --capture, else none)")

@@ -8,9 +8,11 @@ mesh's ``telemetry`` block turns the access log off without restarting anything.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -240,3 +242,52 @@ def test_tracing_sends_spans_to_the_collector_and_starts_traces(rig: Rig) -> Non
                  f"got {collector.spans}")
     finally:
         collector.stop()
+
+
+def test_a_tcp_connection_is_logged_when_it_closes(tmp_path: Path) -> None:
+    """A TCP service's sidecar logs each connection through its inbound TCP proxy: the
+    keys that apply to TCP, the byte counts both ways, its own service as destination."""
+    echo = socket.create_server(("127.0.0.1", 0))
+    port = echo.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = echo.accept()
+                with conn:
+                    while data := conn.recv(4096):
+                        conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    mesh = tmp_path / "mesh.yaml"
+    server = ControlPlane(mesh, tmp_path)
+    sidecar = Envoy(tmp_path, "db-1.shop", "db", server.xds_port,
+                    extra=["--namespace", "shop"], app_port=port)
+    assert sidecar.inbound_port is not None
+    mesh.write_text(yaml.safe_dump({"services": [
+        {"name": "db", "namespace": "shop", "port": 5432, "protocol": "tcp",
+         "endpoints": [{"address": "127.0.0.1", "port": sidecar.inbound_port}]}]}))
+    try:
+        server.start()
+        sidecar.start()
+
+        def echoed() -> bool:
+            with socket.create_connection(("127.0.0.1", sidecar.inbound_port), 3) as conn:
+                conn.sendall(b"hello\n")
+                return conn.recv(16) == b"hello\n"
+
+        wait_for(echoed, what="the echo through the sidecar's TCP proxy")
+        [line, *_] = wait_for(lambda: [e for e in access_lines(sidecar)
+                                       if e["bytes_received"] == 6], what="a TCP line")
+        assert set(line) == {"start_time", "flags", "duration_ms", "upstream_host",
+                             "upstream_cluster", "bytes_received", "bytes_sent",
+                             "source_service", "destination_service", "direction"}
+        assert (line["direction"], line["source_service"], line["destination_service"]) == (
+            "inbound", "-", "db.shop")
+        assert line["bytes_sent"] == 6 and line["upstream_host"] == f"127.0.0.1:{port}"
+        assert line["upstream_cluster"] == (
+            f"inbound|{sidecar.inbound_port}||db.shop.svc.cluster.local")
+    finally:
+        sidecar.stop()
+        server.stop()
+        echo.close()
