@@ -40,6 +40,7 @@ from xds_figures import percentile
 from xds_fleet import Fleet
 
 BASELINE = "convergence.json"
+DELTA_BASELINE = "convergence_delta.json"
 QUIET_S = 0.3  # no message for this long = the server has finished pushing
 HISTOGRAM = "controlplane_convergence_seconds"
 ENDPOINT_TYPE = 'type="endpoint"'
@@ -54,6 +55,7 @@ class Options:
     delta: bool
     deadline_s: float
     poll_interval_s: float | None
+    per_stream: bool = False
 
 
 def _ms(seconds: float) -> float:
@@ -78,8 +80,8 @@ async def _changes(server: ServerProcess) -> list[dict[str, Any]]:
     """The entries of ``/debug/changes``."""
     status, body = await asyncio.to_thread(server.get, "/debug/changes")
     if status == 404:
-        raise BenchError("the server has no /debug/changes (it predates issue 12's "
-                         "convergence tracking): run the bench from a checkout with it")
+        raise BenchError(f"GET /debug/changes answered 404 ({body[:200]}): run the bench "
+                         f"from a checkout whose server follows changes (issue 12)")
     if status != 200:
         raise BenchError(f"GET /debug/changes answered {status}: {body[:200]}")
     return _entries(body)
@@ -114,7 +116,8 @@ async def _server_change(server: ServerProcess, after_generation: int,
 
 
 async def one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: MeshSpec,
-                     affected: list[int], n: int, deadline: Deadline) -> dict[str, Any]:
+                     affected: list[int], n: int, deadline: Deadline,
+                     per_stream: bool = False) -> dict[str, Any]:
     """Move svc-0000's first endpoint; time it from the rename to each affected stream's
     ACK (outside), and read the server's own figures for the same change."""
     before = await server.metrics()
@@ -148,22 +151,55 @@ async def one_change(fleet: Fleet, server: ServerProcess, mesh: Path, spec: Mesh
         before, HISTOGRAM + "_sum", ENDPOINT_TYPE)
     return {
         "generation": entry.get("generation"),
+        "written_at": round(written_at, 4),  # the rename, time.time(): for the logs
         "server": {key: seconds.get(key) for key in ("p50", "p99", "max")},
         "server_histogram": {"count": round(count), "mean": round(total / count, 4)
                              if count else None},
         "outside": outside,
         "server_affected": entry.get("affected"), "server_acked": entry.get("acked"),
         "server_entries_for_this_edit": entry["entries_for_this_edit"],
-        # The server's clock starts at its stamp of the file event; the bench's at the
-        # rename: the gap is what the server cannot see (the watch's latency).
+        # The server's clock starts at its stamp of the file event (the file's mtime,
+        # else the watch's wake-up); the bench's at the rename.
         "observed_after_write_ms": _ms(float(entry["observed_at"]) - written_at),
         "published_after_write_ms": _ms(float(entry["published_at"]) - written_at)
         if entry.get("published_at") is not None else None,
-        # Where a stamp from the file's mtime would put the start instead.
+        # Where the file's mtime puts the save.
         "mtime_after_write_ms": _ms(modified_at - written_at),
         "laggards": entry.get("laggards", []),
         **_before_published(mark.acked, affected, published_at, written_at),
+        **({"per_stream": await _per_stream(server, fleet, mark.acked, affected, entry)}
+           if per_stream else {}),
     }
+
+
+async def _per_stream(server: ServerProcess, fleet: Fleet, acked: dict[int, float],
+                      affected: list[int], entry: dict[str, Any]) -> dict[str, Any]:
+    """Stream by stream (``/debug/proxies``: each stream's last change and its seconds),
+    the server's figure minus the outside one with both clocks at the server's stamp: how
+    late the server counted each ACK; and how many it counted at ``published_at`` (ACKs
+    it had taken before the pipeline told the tracker of the change). Costly at 1000
+    streams (the answer lists every subscription), so only with --per-stream."""
+    status, body = await asyncio.to_thread(server.get, "/debug/proxies", 120.0)
+    if status != 200:
+        raise BenchError(f"GET /debug/proxies answered {status}: {body[:200]}")
+    seconds = {s.get("node_id"): (s.get("convergence") or {}).get("seconds")
+               for s in json.loads(body)
+               if (s.get("convergence") or {}).get("generation") == entry.get("generation")}
+    observed = float(entry["observed_at"])
+    at_publish = float(entry["published_at"]) - observed
+    lags: list[float] = []
+    credited_at_publish = 0
+    for i in affected:
+        server_s = seconds.get(fleet.proxies[i].node.id)
+        if server_s is not None:
+            lags.append(float(server_s) - (acked[i] - observed))
+            credited_at_publish += abs(float(server_s) - at_publish) < 0.0006
+    if not lags:
+        return {"paired": 0}
+    ordered = sorted(lags)
+    return {"paired": len(lags), "credited_at_publish": credited_at_publish,
+            "lag_ms": {"min": _ms(ordered[0]), "p50": _ms(percentile(ordered, 50)),
+                       "p99": _ms(percentile(ordered, 99)), "max": _ms(ordered[-1])}}
 
 
 def _before_published(acked: dict[int, float], affected: list[int],
@@ -245,7 +281,8 @@ async def run_scenario(streams: int, opts: Options) -> dict[str, Any]:
                 fleet.check()
                 await fleet.quiet(QUIET_S, deadline.left())
                 await server.idle(deadline.left())
-                rounds = [await one_change(fleet, server, mesh, spec, affected, n, deadline)
+                rounds = [await one_change(fleet, server, mesh, spec, affected, n, deadline,
+                                           opts.per_stream)
                           for n in range(opts.changes)]
             finally:
                 await fleet.close()
@@ -314,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="endpoint changes R per scenario; medians are reported")
     parser.add_argument("--delta", action="store_true",
                         help="incremental xDS (DeltaAggregatedResources) instead of SotW")
-    add_output_flags(parser, BASELINE)
+    parser.add_argument("--per-stream", action="store_true",
+                        help="after each change, pair the server's figure with the outside "
+                             "one stream by stream (GET /debug/proxies: heavy at 1000 "
+                             "streams)")
+    add_output_flags(parser, BASELINE, "; convergence_delta with --delta")
     parser.add_argument("--deadline", type=float, default=180.0,
                         help="seconds a scenario may take in all (default 180)")
     parser.add_argument("--poll-interval", type=float, default=None,
@@ -325,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     opts = Options(services=args.services, changes=args.changes, delta=args.delta,
-                   deadline_s=args.deadline, poll_interval_s=args.poll_interval)
+                   deadline_s=args.deadline, poll_interval_s=args.poll_interval,
+                   per_stream=args.per_stream)
     results = []
     for streams in args.streams:
         result = await run_scenario(streams, opts)
@@ -339,14 +381,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.changes < 1 or args.services < 1:
         print("--changes and --services must be at least 1", file=sys.stderr)
         return 2
-    out = results_path(BASELINE, args.out, args.update_baseline)
+    baseline = DELTA_BASELINE if args.delta else BASELINE
+    out = results_path(baseline, args.out, args.update_baseline)
     try:
         results = asyncio.run(run_all(args))
     except KeyboardInterrupt:  # run_scenario has already stopped its server
         print("interrupted", file=sys.stderr)
         return 130
     print(table(results))
-    write_results(out, json.dumps(results, indent=2), BASELINE)
+    write_results(out, json.dumps(results, indent=2), baseline)
     return 1 if any("error" in r for r in results) else 0
 
 
