@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from controlplane.mesh.model import Mesh
 from controlplane.translator import names
 from controlplane.translator.protoutil import ads, duration, pack
-from controlplane.translator.routes import egress_route, source_header
+from controlplane.translator.routes import egress_route
 
 ON_DEMAND: Final = "envoy.filters.http.on_demand"
 
@@ -52,8 +52,7 @@ def vhds_route() -> route_pb2.RouteConfiguration:
     """The egress route table of an on-demand sidecar: no virtual hosts, only where to
     fetch them. The same for every on-demand sidecar."""
     return route_pb2.RouteConfiguration(
-        name=names.EGRESS_ROUTE, vhds=route_pb2.Vhds(config_source=ads()),
-        request_headers_to_add=[source_header()],
+        name=names.EGRESS_ROUTE, vhds=route_pb2.Vhds(config_source=ads())
     )
 
 

@@ -29,15 +29,15 @@ def egress_route(
         services = (by_key[key] for key in visible if key in by_key)
     hosts = [host for service in services for host in virtual_hosts(service, namespace)]
     hosts.sort(key=lambda host: str(host.name))
-    return route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts,
-                                        request_headers_to_add=[source_header()])
+    return route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
 
 
 def source_header() -> base_pb2.HeaderValueOption:
     """Tells the called sidecar (its access log) which service calls: this sidecar's
     ``name.namespace``, from its node, so every sidecar of a namespace shares the table.
     Overwritten, never appended: the app cannot claim to be another service here (it
-    is a log field, not a credential: mTLS identity is that)."""
+    is a log field, not a credential: mTLS identity is that). Only towards services of
+    the mesh: a host outside it learns nothing of the caller."""
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(
             key=names.SOURCE_HEADER,
@@ -81,6 +81,8 @@ def virtual_hosts(
             name=names.virtual_host(service, port.port),
             domains=names.domains(service, proxy_namespace, port.port, bare=index == 0),
             routes=[*_extra_routes(service, port), _route(service, port)],
+            request_headers_to_add=[source_header()] if service.external_name is None
+            else [],
         )
         for index, port in enumerate(routed)
     ]
