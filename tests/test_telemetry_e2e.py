@@ -19,6 +19,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
@@ -27,6 +28,8 @@ from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2_grpc,
 )
 
+from controlplane.lab.sidecars import Sidecar
+from controlplane.lab.topology import Instance
 from tests.support.procs import ControlPlane, Envoy, free_port, http_get, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -291,3 +294,27 @@ def test_a_tcp_connection_is_logged_when_it_closes(tmp_path: Path) -> None:
         sidecar.stop()
         server.stop()
         echo.close()
+
+
+async def test_a_lab_sidecar_serves_labelled_stats(tmp_path: Path) -> None:
+    """The lab's sidecars (controlplane lab) have a stats port like injected ones."""
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(yaml.safe_dump({"services": [{"name": "reviews", "port": 9080}]}))
+    server = ControlPlane(mesh, tmp_path).start()
+    instance = Instance(service="reviews", version="v1", node_id="reviews-v1",
+                        app_port=free_port(), inbound_port=free_port(),
+                        egress_port=free_port(), admin_port=free_port())
+    sidecar = Sidecar(instance, tmp_path, server.xds_port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await sidecar.start()
+            await sidecar.wait_ready(session)
+            async with session.get(sidecar.stats_url) as response:
+                assert response.status == 200
+                body = await response.text()
+        assert any(line.startswith("envoy_server_live{") and
+                   'source_service="reviews"' in line and
+                   'source_namespace="default"' in line for line in body.splitlines())
+    finally:
+        await sidecar.stop()
+        server.stop()
