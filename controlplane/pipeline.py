@@ -209,27 +209,35 @@ class Pipeline:
 
     def _publish(self, prepared: _Prepared, observed: float) -> None:
         self._accept(prepared)
-        changes: _Changes | None = {} if self.convergence is not None else None
+        self._converging(observed, prepared)
         for group, snapshot in prepared.snapshots.items():
-            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0), changes)
-        self._converging(observed, changes)
+            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0))
         self._build_missing(prepared)
         self._accepted_log(prepared)
 
     async def _publish_async(self, prepared: _Prepared, observed: float) -> None:
         self._accept(prepared)
-        changes: _Changes | None = {} if self.convergence is not None else None
+        self._converging(observed, prepared)
         for index, (group, snapshot) in enumerate(prepared.snapshots.items()):
-            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0), changes)
+            self._publish_group(group, snapshot, prepared.elapsed.get(group, 0.0))
             if index % 50 == 49:
                 await asyncio.sleep(0)  # let streams write between slices of groups
-        self._converging(observed, changes)
         self._build_missing(prepared)
         self._accepted_log(prepared)
 
-    def _converging(self, observed: float, changes: _Changes | None) -> None:
-        """Follow the change to the proxies (groups built for new arrivals are not)."""
-        if self.convergence is not None and changes:
+    def _converging(self, observed: float, prepared: _Prepared) -> None:
+        """Follow the change to the proxies (groups built for new arrivals are not).
+        Told before the first group is published: the streams of the first slices ACK
+        while later ones are published, and each ACK is timed when it is read."""
+        if self.convergence is None:
+            return
+        changes: _Changes = {}
+        for group, snapshot in prepared.snapshots.items():
+            if self.cache.known(group):
+                changed = changed_types(self.cache.get(group), snapshot)
+                if changed:
+                    changes[group] = changed
+        if changes:
             try:
                 self.convergence.published(self.generation, observed, changes)
             except Exception:
@@ -316,8 +324,7 @@ class Pipeline:
         log.error("snapshot.rejected", group=group, error=error,
                   hint="this group keeps its last good snapshot; fix the mesh")
 
-    def _publish_group(self, group: str, snapshot: Snapshot, elapsed: float,
-                       changes: _Changes | None = None) -> None:
+    def _publish_group(self, group: str, snapshot: Snapshot, elapsed: float) -> None:
         if not self.cache.known(group):
             return  # expired while it was being built
         before = self.cache.get(group)
@@ -333,8 +340,6 @@ class Pipeline:
             self._groups_shown = groups
             metrics.PROXY_GROUPS.set(groups)
         if published:
-            if changes is not None:
-                changes[group] = changed_types(before, snapshot)
             metrics.ENCODED_BYTES.inc(snapshot.encoded_bytes)
             for type_url, typed in snapshot.types.items():  # sizes are kept per layer
                 if before is None or before.types.get(type_url) is not typed:
