@@ -136,6 +136,7 @@ def build_bootstrap(options: BootstrapOptions) -> dict[str, Any]:
             "address": socket_address(options.admin_address, options.admin_port),
         },
         "stats_config": stats_config(options.service, options.namespace),
+        "deferred_stat_options": {"enable_deferred_creation_stats": True},
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "DELTA_GRPC" if options.uses_delta else "GRPC",

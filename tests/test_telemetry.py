@@ -113,7 +113,10 @@ def test_bootstrap_labels_metrics_by_source_and_destination() -> None:
     tags = boot["stats_config"]["stats_tags"]
     assert tags[:2] == [{"tag_name": "source_service", "fixed_value": "reviews"},
                         {"tag_name": "source_namespace", "fixed_value": "shop"}]
-    assert boot["stats_config"]["use_all_default_tags"] is False
+    # Envoy's fast default tags, with only the cluster name's replaced by ours.
+    assert boot["stats_config"]["use_all_default_tags"] is True
+    assert boot["stats_config"]["allow_default_tag_overrides"] is True
+    assert boot["deferred_stat_options"] == {"enable_deferred_creation_stats": True}
     regexes = dict(TAGS)
     name = "cluster.outbound|9080|v1|ratings.prod.svc.cluster.local.upstream_rq_total"
     for tag, value in (("destination_service", "ratings"),
