@@ -112,6 +112,22 @@ services:
         "http/1.0", "http/1.1", "h2c"]
 
 
+def test_an_external_host_that_is_one_of_its_own_names_is_listed_once() -> None:
+    """REGISTRY_ONLY lists external services' names in its refusal route table: an
+    external host that is the service's own ``name.namespace`` (or its short name) was
+    listed twice, which Envoy refuses ("Duplicate entry of domain"; found by
+    test_mesh_properties)."""
+    mesh = load_mesh_text("""outbound_traffic_policy: REGISTRY_ONLY
+services:
+  - {name: a, port: 9080, cluster_ips: [10.96.0.1]}
+  - {name: zzz, namespace: ns, port: 267, external_name: zzz.ns}
+  - {name: api, port: 80, external_name: api}
+""")
+    egress = _listeners(mesh)["egress"]
+    assert egress.filter_chains
+    assert not rejected([translate(mesh, CAPTURED)])
+
+
 def test_the_inbound_listener_serves_its_own_ports_and_refuses_a_loop() -> None:
     mesh = load_mesh_text("""services:
   - name: a

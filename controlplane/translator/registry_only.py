@@ -98,7 +98,11 @@ def _external_hosts(external: list[Service]) -> dict[int, list[route_components_
                                                  strict=True)):
             bare = [*short, service.external_name or ""] if index == 0 else []
             extra = [*bare, *(f"{h}:{port.port}" for h in [*short, service.external_name])]
-            host.domains.extend(d for d in extra if d not in taken)
+            # Each domain once: an external host may be one of the service's own names
+            # (``zzz.ns``), or its short name.
+            own = set(host.domains)
+            host.domains.extend(d for d in dict.fromkeys(extra)
+                                if d and d not in taken and d not in own)
             taken.update(host.domains)
             found.setdefault(port.port, []).append(host)
     return found
