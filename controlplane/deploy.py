@@ -43,6 +43,7 @@ from controlplane.sources.kubernetes.kinds import (
     TRAFFIC_POLICIES,
     WEBHOOK_CONFIGURATION,
     WEBHOOK_SECRET,
+    Kind,
 )
 
 __all__ = ["example_security_policy", "example_sidecar", "example_traffic_policy",
@@ -88,31 +89,24 @@ def namespace() -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
 
 
+def _own_kind(kind: Kind) -> list[dict[str, Any]]:
+    """Watch one of our kinds, and write its status (nothing else of it)."""
+    return [{"apiGroups": [kind.group], "resources": [kind.plural], "verbs": _WATCH},
+            {"apiGroups": [kind.group], "resources": [f"{kind.plural}/status"],
+             "verbs": ["get", "update", "patch"]}]
+
+
 def cluster_role_rules() -> list[dict[str, Any]]:
     """Least privilege: read what the source watches, write only the status of our own
-    kinds (TrafficPolicy, Sidecar, SecurityPolicy), review proxies' tokens."""
+    kinds (TrafficPolicy, Sidecar, SecurityPolicy, Telemetry), review proxies' tokens."""
     return [
         {"apiGroups": [SERVICES.group], "resources": [SERVICES.plural], "verbs": _WATCH},
         {"apiGroups": [ENDPOINT_SLICES.group], "resources": [ENDPOINT_SLICES.plural],
          "verbs": _WATCH},
-        {"apiGroups": [TRAFFIC_POLICIES.group], "resources": [TRAFFIC_POLICIES.plural],
-         "verbs": _WATCH},
         # Read as metadata only (labels, for label subsets); --no-pod-labels needs none.
         {"apiGroups": [PODS.group], "resources": [PODS.plural], "verbs": _WATCH},
-        {"apiGroups": [TRAFFIC_POLICIES.group],
-         "resources": [f"{TRAFFIC_POLICIES.plural}/status"],
-         "verbs": ["get", "update", "patch"]},
-        {"apiGroups": [SIDECARS.group], "resources": [SIDECARS.plural], "verbs": _WATCH},
-        {"apiGroups": [SIDECARS.group], "resources": [f"{SIDECARS.plural}/status"],
-         "verbs": ["get", "update", "patch"]},
-        {"apiGroups": [SECURITY_POLICIES.group], "resources": [SECURITY_POLICIES.plural],
-         "verbs": _WATCH},
-        {"apiGroups": [SECURITY_POLICIES.group],
-         "resources": [f"{SECURITY_POLICIES.plural}/status"],
-         "verbs": ["get", "update", "patch"]},
-        {"apiGroups": [TELEMETRIES.group], "resources": [TELEMETRIES.plural], "verbs": _WATCH},
-        {"apiGroups": [TELEMETRIES.group], "resources": [f"{TELEMETRIES.plural}/status"],
-         "verbs": ["get", "update", "patch"]},
+        *(rule for kind in (TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES, TELEMETRIES)
+          for rule in _own_kind(kind)),
         # The injection webhook writes its CA into its own configuration, and no other.
         {"apiGroups": [MUTATING_WEBHOOKS.group], "resources": [MUTATING_WEBHOOKS.plural],
          "resourceNames": [WEBHOOK_CONFIGURATION], "verbs": ["get", "patch"]},
