@@ -5,9 +5,7 @@ the API server double, then the shipped CRD's schema."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from controlplane.sources.kubernetes.status import conditions
 from controlplane.sources.kubernetes.store import relevant
 from tests.kube.apiserver import ApiServerDouble
 from tests.kube.objects import service, sidecar
+from tests.support.kube_waits import mesh_where, status_of
 from tests.test_kube_source import Feed, next_mesh, source
 
 Obj = dict[str, Any]
@@ -181,23 +180,6 @@ def api() -> Iterator[ApiServerDouble]:
     double.stop()
 
 
-async def mesh_where(feed: Feed, check: Callable[[Mesh], bool], timeout: float = 15) -> Mesh:
-    deadline = time.monotonic() + timeout
-    while True:
-        mesh = await next_mesh(feed, max(0.1, deadline - time.monotonic()))
-        if check(mesh):
-            return mesh
-
-
-async def status_of(api: ApiServerDouble, namespace: str, name: str,
-                    wanted: Callable[[list[Obj]], bool]) -> list[Obj]:
-    deadline = time.monotonic() + 15
-    while True:
-        found = (api.get(SIDECARS, namespace, name).get("status") or {}).get("conditions") or []
-        if wanted(found):
-            return list(found)
-        assert time.monotonic() < deadline, f"status never as wanted: {found}"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_sidecar_created_changed_and_deleted_changes_what_sidecars_see(
@@ -212,7 +194,7 @@ async def test_a_sidecar_created_changed_and_deleted_changes_what_sidecars_see(
                        namespace="shop").build())
     mesh = await mesh_where(updates, lambda m: bool(m.sidecars))
     assert seen(mesh, "frontend", "shop") == {"frontend.shop", "cart.shop"}
-    found = await status_of(api, "shop", "frontend", lambda c: len(c) == 2)
+    found = await status_of(api, SIDECARS, "shop", "frontend", lambda c: len(c) == 2)
     assert [(c["type"], c["status"]) for c in found] == [("Accepted", "True"),
                                                          ("ResolvedRefs", "False")]
     assert "pay/paymnts" in found[1]["message"] and found[1]["reason"] == "NoMatchingServices"
@@ -222,7 +204,7 @@ async def test_a_sidecar_created_changed_and_deleted_changes_what_sidecars_see(
     mesh = await mesh_where(updates, lambda m: "payments.pay" in (
         m.scope.visible("frontend", "shop") or ()))
     assert seen(mesh, "frontend", "shop") == {"frontend.shop", "cart.shop", "payments.pay"}
-    await status_of(api, "shop", "frontend", lambda c: len(c) == 2 and all(
+    await status_of(api, SIDECARS, "shop", "frontend", lambda c: len(c) == 2 and all(
         x["status"] == "True" for x in c))
 
     api.delete(SIDECARS, "shop", "frontend")
@@ -242,7 +224,7 @@ async def test_an_invalid_sidecar_is_refused_in_its_status_and_the_rest_served(
     updates = Feed(source(api, tmp_path).updates())
     mesh = await mesh_where(updates, lambda m: bool(m.sidecars))
     assert [s.name for s in mesh.sidecars] == ["first"]
-    found = await status_of(api, "shop", "second", bool)
+    found = await status_of(api, SIDECARS, "shop", "second", bool)
     [accepted] = found
     assert (accepted["status"], accepted["reason"]) == ("False", "Conflicted")
     await updates.aclose()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from controlplane.sources.kubernetes.status import conditions
 from controlplane.sources.kubernetes.store import labels_only
 from tests.kube.apiserver import ApiServerDouble, StatusError
 from tests.kube.objects import endpoint_slice, pod, security_policy, service
+from tests.support.kube_waits import mesh_where, status_of
 from tests.test_kube_source import Feed, next_mesh, source
 
 Obj = dict[str, Any]
@@ -307,24 +307,6 @@ def api() -> Iterator[ApiServerDouble]:
     double.stop()
 
 
-async def mesh_where(feed: Feed, check: Callable[[Mesh], bool], timeout: float = 15) -> Mesh:
-    deadline = time.monotonic() + timeout
-    while True:
-        mesh = await next_mesh(feed, max(0.1, deadline - time.monotonic()))
-        if check(mesh):
-            return mesh
-
-
-async def status_of(api: ApiServerDouble, namespace: str, name: str,
-                    wanted: Callable[[list[Obj]], bool]) -> list[Obj]:
-    deadline = time.monotonic() + 15
-    while True:
-        found = (api.get(SECURITY_POLICIES, namespace, name).get("status") or {}).get(
-            "conditions") or []
-        if wanted(found):
-            return list(found)
-        assert time.monotonic() < deadline, f"status never as wanted: {found}"
-        await asyncio.sleep(0.05)
 
 
 def strict(mesh: Mesh, name: str) -> bool:
@@ -347,7 +329,7 @@ async def test_a_policy_through_the_api_changes_the_mesh_and_gets_a_status(
     api.create(security_policy("ratings", target="ratings").mtls("strict")
                .rule(**ALLOW_REVIEWS).build())
     mesh = await mesh_where(updates, lambda m: strict(m, "ratings"))
-    found = await status_of(api, "default", "ratings", lambda c: len(c) == 2)
+    found = await status_of(api, SECURITY_POLICIES, "default", "ratings", lambda c: len(c) == 2)
     assert [(c["type"], c["status"], c["reason"]) for c in found] == [
         ("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")]
     assert found[0]["message"] == "applies to Service 'ratings'"
@@ -357,7 +339,8 @@ async def test_a_policy_through_the_api_changes_the_mesh_and_gets_a_status(
     broken = security_policy("ratings", target="ratings").mtls("strict").rule("r").rule(
         "r", action="deny").build()
     api.apply(broken)
-    found = await status_of(api, "default", "ratings", lambda c: c[0]["status"] == "False")
+    found = await status_of(api, SECURITY_POLICIES, "default", "ratings",
+                            lambda c: c[0]["status"] == "False")
     message = found[0]["message"]
     assert message.startswith("spec.authorization") and "'r' repeats" in message, message
     assert "its last valid spec (generation 1) still applies" in found[0]["message"]
@@ -387,7 +370,7 @@ async def test_a_mesh_wide_policy_in_the_control_planes_namespace(
     api.create(security_policy("mesh", namespace=ROOT_NAMESPACE).mtls("strict").build())
     mesh = await mesh_where(updates, lambda m: m.security.mtls is not None)
     assert all(strict(mesh, s.name) for s in mesh.services if s.namespace == "default")
-    found = await status_of(api, ROOT_NAMESPACE, "mesh", lambda c: len(c) == 2)
+    found = await status_of(api, SECURITY_POLICIES, ROOT_NAMESPACE, "mesh", lambda c: len(c) == 2)
     assert found[0]["message"] == "applies to every service of the mesh"
     await updates.aclose()
 

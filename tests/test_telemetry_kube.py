@@ -5,10 +5,8 @@ the API server double (status written over HTTP, the shipped CRD's schema enforc
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from controlplane.sources.kubernetes.kinds import ROOT_NAMESPACE, TELEMETRIES
 from controlplane.sources.kubernetes.telemetry import choose_telemetry
 from tests.kube.apiserver import ApiServerDouble, StatusError
 from tests.kube.objects import service
+from tests.support.kube_waits import mesh_where, status_of
 from tests.test_kube_source import Feed, next_mesh, source
 
 Obj = dict[str, Any]
@@ -143,24 +142,6 @@ def api() -> Iterator[ApiServerDouble]:
     double.stop()
 
 
-async def mesh_where(feed: Feed, check: Callable[[Mesh], bool], timeout: float = 15) -> Mesh:
-    deadline = time.monotonic() + timeout
-    while True:
-        mesh = await next_mesh(feed, max(0.1, deadline - time.monotonic()))
-        if check(mesh):
-            return mesh
-
-
-async def status_of(api: ApiServerDouble, namespace: str, name: str,
-                    wanted: Callable[[list[Obj]], bool]) -> list[Obj]:
-    deadline = time.monotonic() + 15
-    while True:
-        found = (api.get(TELEMETRIES, namespace, name).get("status") or {}).get(
-            "conditions") or []
-        if wanted(found):
-            return list(found)
-        assert time.monotonic() < deadline, f"status never as wanted: {found}"
-        await asyncio.sleep(0.05)
 
 
 def traced(mesh: Mesh, name: str) -> bool:
@@ -181,7 +162,7 @@ async def test_a_telemetry_through_the_api_changes_the_mesh_and_gets_a_status(
     api.create(made)
     mesh = await mesh_where(updates, lambda m: traced(m, "ratings"))
     assert not traced(mesh, "reviews")
-    found = await status_of(api, "default", "ratings", lambda c: len(c) == 2)
+    found = await status_of(api, TELEMETRIES, "default", "ratings", lambda c: len(c) == 2)
     assert [(c["type"], c["status"], c["reason"]) for c in found] == [
         ("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")]
     assert found[0]["message"] == "applies to the sidecars of Service 'ratings'"
