@@ -50,6 +50,7 @@ class Rig:
     rejections: Rejections
     channel: grpc.aio.Channel
     changes: list[int] = field(default_factory=list)
+    registry: StreamRegistry = field(default_factory=StreamRegistry)
 
     async def settle(self, check: Any, what: str) -> None:
         for _ in range(150):
@@ -65,10 +66,11 @@ async def rig() -> AsyncIterator[Rig]:
     pipeline = Pipeline(cache)
     assert pipeline.set_mesh(mesh())
     rejections = Rejections(resolve)
-    xds = XdsServer(cache, StreamRegistry(), observers=[rejections])
+    registry = StreamRegistry()
+    xds = XdsServer(cache, registry, observers=[rejections])
     server, port = await create_server("127.0.0.1:0", xds)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    made = Rig(pipeline, rejections, channel)
+    made = Rig(pipeline, rejections, channel, registry=registry)
     rejections.on_change = lambda: made.changes.append(len(rejections.by_policy()))
     yield made
     await channel.close()
@@ -91,6 +93,12 @@ async def _subscribed(rig: Rig, delta: bool = False, node_id: str = "frontend-1"
         await client.send(node=node(node_id), type_url=type_url, resource_names=names or [])
     first = await client.recv()
     await client.ack(first, **({} if delta else {"resource_names": names or []}))
+    # Until the server has read the ACK, a push of a newer version makes it a stale one
+    # (its nonce is no longer the latest): what the proxy held would then be unknown.
+    await rig.settle(lambda: any(
+        s.proxy is not None and s.proxy.node_id == node_id
+        and s.type_states().get(type_url) is not None and s.type_states()[type_url].acked_version
+        for s in rig.registry.streams()), "the ACK")
     return client, first
 
 
