@@ -67,6 +67,13 @@ class HeaderBackend:
         self.server.server_close()
 
 
+def _scopes(resource_spans: Any) -> Any:
+    """A ResourceSpans' scopes: field 2, ``scope_spans`` in opentelemetry-proto and
+    ``instrumentation_library_spans`` in the older copy xds-protos ships; both install
+    the same module, and the package pip installs last owns it."""
+    return getattr(resource_spans, resource_spans.DESCRIPTOR.fields_by_number[2].name)
+
+
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP/gRPC trace collector: keeps every span it is sent, with its service."""
 
@@ -82,7 +89,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         for spans in request.resource_spans:
             service = next((a.value.string_value for a in spans.resource.attributes
                             if a.key == "service.name"), "")
-            self.spans += [(service, span.trace_id.hex()) for scope in spans.scope_spans
+            self.spans += [(service, span.trace_id.hex()) for scope in _scopes(spans)
                            for span in scope.spans]
         return trace_service_pb2.ExportTraceServiceResponse()
 
