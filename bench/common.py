@@ -3,6 +3,7 @@ py-spy profiles."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import math
@@ -94,6 +95,17 @@ class Profiler:
 
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def counts(text: str) -> list[int]:
+    """An argparse type: positive numbers separated by commas (``10,100,1000``)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers")
+    return values
 
 
 def add_output_flags(parser: Any, baseline: str, note: str = "") -> None:

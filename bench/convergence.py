@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import BenchError, Deadline, add_output_flags, metric, results_path, write_results
+from common import (  # bench/ is on sys.path as the script's folder
+    BenchError,
+    Deadline,
+    add_output_flags,
+    counts,
+    metric,
+    results_path,
+    write_results,
+)
 from meshgen import CHANGED_PORTS, MeshSpec, mesh_yaml, proxy_identities, write_atomically
 from serverproc import ServerProcess
 from xds_figures import percentile
@@ -328,21 +336,11 @@ def table(results: list[dict[str, Any]]) -> str:
 # --- command line ----------------------------------------------------------------------
 
 
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="The server's convergence figure for one endpoint change beside the "
                     "one measured from outside, at S streams (prints a table and JSON).")
-    parser.add_argument("--streams", type=_counts, default=[10, 100, 1000],
+    parser.add_argument("--streams", type=counts, default=[10, 100, 1000],
                         help="simulated ADS streams S, one service each (default "
                              "10,100,1000)")
     parser.add_argument("--services", type=int, default=1000,

@@ -46,6 +46,7 @@ from common import (  # bench/ is on sys.path as the script's folder
     Deadline,
     Profiler,
     add_output_flags,
+    counts,
     metric,
     results_path,
     write_results,
@@ -271,23 +272,13 @@ def _profile_name(result: dict[str, Any], phase: str) -> str:
 # --- command line ----------------------------------------------------------------------
 
 
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Push convergence of one endpoint change over S ADS streams and M "
                     "services (prints JSON).")
-    parser.add_argument("--streams", type=_counts, default=[10, 100, 1000],
+    parser.add_argument("--streams", type=counts, default=[10, 100, 1000],
                         help="simulated ADS streams S (default 10,100,1000)")
-    parser.add_argument("--services", type=_counts, default=[100, 1000],
+    parser.add_argument("--services", type=counts, default=[100, 1000],
                         help="services in the mesh M (default 100,1000)")
     parser.add_argument("--changes", type=int, default=5,
                         help="endpoint changes R per scenario; median and p99 are reported")

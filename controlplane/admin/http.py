@@ -216,14 +216,22 @@ def _described(state: AdminState) -> list[dict[str, Any]]:
 
 
 async def _changes(request: web.Request) -> web.StreamResponse:
+    convergence = request.app[_STATE].convergence
+    return await _tracker_view(request, None if convergence is None else convergence.summary,
+                          "this server does not follow changes to the proxies; see "
+                          "/debug/proxies for what each proxy ACKed")
+
+
+async def _tracker_view(request: web.Request, summary: Callable[[], Any] | None,
+                   missing: str) -> web.StreamResponse:
+    """A tracker's summary, read on the xDS loop and rendered off it; 404 (``missing``
+    says where to look instead) when the server runs without that tracker."""
+    if summary is None:
+        return _json({"error": missing}, status=404)
     state = request.app[_STATE]
-    convergence = state.convergence
-    if convergence is None:
-        return _json({"error": "this server does not follow changes to the proxies; "
-                      "see /debug/proxies for what each proxy ACKed"}, status=404)
     async with state.renderer.slot():
-        summary = await on_main(state.main_loop, convergence.summary)
-        return await _send(request, await state.renderer.run(lambda: render_json(summary)))
+        found = await on_main(state.main_loop, summary)
+        return await _send(request, await state.renderer.run(lambda: render_json(found)))
 
 
 async def _snapshots(request: web.Request) -> web.StreamResponse:
@@ -267,14 +275,9 @@ async def _config_dump(request: web.Request) -> web.StreamResponse:
 
 
 async def _rejections(request: web.Request) -> web.StreamResponse:
-    state = request.app[_STATE]
-    view = state.rejections
-    if view is None:
-        return _json({"error": "this server does not trace rejections (no observer); "
-                      "see /debug/proxies for each proxy's last NACK"}, status=404)
-    async with state.renderer.slot():
-        summary = await on_main(state.main_loop, view)
-        return await _send(request, await state.renderer.run(lambda: render_json(summary)))
+    return await _tracker_view(request, request.app[_STATE].rejections,
+                          "this server does not trace rejections (no observer); see "
+                          "/debug/proxies for each proxy's last NACK")
 
 
 def _served_to(state: AdminState, node: str) -> tuple[str, Snapshot | None] | None:
