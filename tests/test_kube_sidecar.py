@@ -180,8 +180,6 @@ def api() -> Iterator[ApiServerDouble]:
     double.stop()
 
 
-
-
 async def test_a_sidecar_created_changed_and_deleted_changes_what_sidecars_see(
         api: ApiServerDouble, tmp_path: Path) -> None:
     for obj in services(*MESH):

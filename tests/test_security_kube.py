@@ -307,8 +307,6 @@ def api() -> Iterator[ApiServerDouble]:
     double.stop()
 
 
-
-
 def strict(mesh: Mesh, name: str) -> bool:
     found = mesh.service(name)
     return found is not None and effective(mesh, found).mode == "strict"

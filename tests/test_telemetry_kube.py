@@ -142,8 +142,6 @@ def api() -> Iterator[ApiServerDouble]:
     double.stop()
 
 
-
-
 def traced(mesh: Mesh, name: str) -> bool:
     found = mesh.service(name)
     return found is not None and effective(mesh, found).tracing is not None
