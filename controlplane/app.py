@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from controlplane.server import StreamRegistry, XdsServer, create_server
 from controlplane.server.csds import AckedConfigs, ClientStatus
 from controlplane.server.limits import Limits
 from controlplane.server.secured import Secured
+from controlplane.server.settle import RECLAIM_AGAIN_SECONDS, reclaim
 from controlplane.settings import ServeSettings, split_address
 from controlplane.sources import Source, open_source
 from controlplane.trust import open_trust
@@ -131,7 +131,11 @@ async def follow(source: Source, pipeline: Pipeline, retry: float = 1.0,
                     gc.freeze()
                     frozen = True
                 elif len(mesh.services) * 2 < size and size >= 200:
-                    _reclaim(size, len(mesh.services))
+                    # Now, and again once the streams have sent the smaller config and
+                    # their proxies ACKed it (until then they hold the old snapshots).
+                    reclaim(size, len(mesh.services))
+                    asyncio.get_running_loop().call_later(
+                        RECLAIM_AGAIN_SECONDS, reclaim, size, len(mesh.services))
                 size = len(mesh.services)
             log.error("source.ended", source=source.name, retry_in=delay,
                       hint="the last good mesh is still served; the source is started again")
@@ -150,17 +154,6 @@ def _with_identity(mesh: Mesh, identity: MeshIdentity | None) -> Mesh:
     if identity is None or mesh.identity == identity:
         return mesh
     return mesh.model_copy(update={"identity": identity})
-
-
-def _reclaim(before: int, after: int) -> None:
-    """The mesh shrank by half or more: collect what the old builds left in cycles
-    (frozen ones included), so memory returns near its baseline; then freeze again."""
-    started = time.perf_counter()
-    gc.unfreeze()
-    found = gc.collect()
-    gc.freeze()
-    log.info("memory.reclaimed", services_before=before, services_after=after,
-             objects=found, seconds=round(time.perf_counter() - started, 3))
 
 
 async def sweep(pipeline: Pipeline, ttl: float, secured: Secured | None = None) -> None:

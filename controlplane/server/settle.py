@@ -19,6 +19,8 @@ freezing is the program's choice, made by ``serve``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import time
 from collections.abc import Callable
@@ -26,6 +28,40 @@ from collections.abc import Callable
 import structlog
 
 log = structlog.get_logger("controlplane.xds")
+
+RECLAIM_AGAIN_SECONDS = 3.0  # after a shrink: the streams have sent the smaller config
+
+
+def reclaim(before: int, after: int) -> None:
+    """The mesh shrank by half or more: collect what the old builds left in cycles
+    (frozen ones included), then freeze again and hand the freed heap back to the
+    system, so memory returns near its baseline. Called twice per shrink: the streams
+    and what their proxies last ACKed hold the old snapshots until the new config is
+    sent and ACKed, and whatever is alive at a freeze stays frozen."""
+    started = time.perf_counter()
+    gc.unfreeze()
+    found = gc.collect()
+    gc.freeze()
+    trimmed = _trim_heap()
+    log.info("memory.reclaimed", services_before=before, services_after=after,
+             objects=found, heap_trimmed=trimmed,
+             seconds=round(time.perf_counter() - started, 3))
+
+
+def _trim_heap() -> bool:
+    """glibc keeps freed memory for reuse; ``malloc_trim`` returns what it can to the
+    system (about 10 MB more after a 2,000-service mesh went). False where there is no
+    glibc (musl, macOS): nothing to do there."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return False
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class FreezeWhenSettled:

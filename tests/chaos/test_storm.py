@@ -19,8 +19,10 @@ def test_debug_storm_does_not_delay_a_push(stack: Stack) -> None:
 
 def test_a_big_mesh_file_keeps_healthz_responsive_and_its_memory_is_returned(
         stack: Stack) -> None:
-    figures = big_mesh(stack, services=2000, endpoints=5)
+    # Near the baseline: the issue measured 277 MB kept after going back to 2 services;
+    # here about 41 MB stays once the server has reclaimed twice (70 MB at the peak).
+    kept_mb = 56
+    figures = big_mesh(stack, services=2000, endpoints=5, returned_within_mb=kept_mb)
     print(figures)
     assert figures["healthz_worst_seconds"] < 2.0, figures
-    # Near the baseline: the issue measured 277 MB kept after going back to 2 services.
-    assert figures["rss_mb_after"] - figures["rss_mb_before"] < 64, figures
+    assert figures["rss_mb_after"] - figures["rss_mb_before"] < kept_mb, figures
