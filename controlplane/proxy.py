@@ -21,6 +21,14 @@ DEFAULT_NAMESPACE = "default"
 DEFAULT_EGRESS_PORT = 15001
 DEFAULT_INBOUND_ADDRESS = "0.0.0.0"
 CAPTURE_INBOUND_PORT = 15006  # where capture sends inbound connections (DESIGN.md §5)
+# What a proxy is (node.metadata.kind): a sidecar beside an app (the default), an ingress
+# gateway in front of the mesh (node.metadata.gateway names its Gateway), or a gRPC
+# client that speaks xDS itself (proxyless: no Envoy). Each kind gets its own resources
+# (assembly/kinds.py); the kind is part of the group.
+SIDECAR = "sidecar"
+GATEWAY = "gateway"
+GRPC = "grpc"
+KINDS = (SIDECAR, GATEWAY, GRPC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,8 @@ class ProxyIdentity:
     # the server runs no CA. Not part of the group: the group's snapshot is identity-free,
     # and the server answers the SDS secrets per stream (cache/secrets.py).
     workload: str = ""
+    kind: str = SIDECAR  # one of KINDS
+    gateway: str = ""  # with kind GATEWAY: the Gateway's name (in ``namespace``)
 
     group: str = field(init=False, compare=False, repr=False)
     """The snapshot group key: readable, stable, and free of the node id. Made once: the
@@ -63,6 +73,10 @@ class ProxyIdentity:
             key += f"~zone={self.zone}"
         if self.inbound_port is not None and self.app_port is not None:
             key += f"~inbound={self.inbound_address}:{self.inbound_port}->{self.app_port}"
+        if self.kind != SIDECAR:
+            key += f"~kind={self.kind}"
+        if self.gateway:
+            key += f"~gateway={self.gateway}"
         if self.on_demand:
             key += "~on-demand"
         if self.capture:
@@ -87,6 +101,7 @@ class ProxyIdentity:
         app = _port(fields.get("app_port"))
         if not capture and (inbound is None or app is None):
             inbound = app = None
+        kind = _kind(node)
         return cls(
             node_id=node.id,
             service=node.cluster,
@@ -98,6 +113,8 @@ class ProxyIdentity:
             zone=node.locality.zone,
             on_demand=delta and _flag(fields.get("on_demand")),
             capture=capture,
+            kind=kind,
+            gateway=(_text(fields.get("gateway")) or "") if kind == GATEWAY else "",
         )
 
 
@@ -135,6 +152,18 @@ def _text(value: Any) -> str | None:
         number = value.number_value
         return str(int(number)) if math.isfinite(number) else None
     return None
+
+
+def _kind(node: base_pb2.Node) -> str:
+    """``node.metadata.kind`` when it is one of KINDS. A node that says nothing but is a
+    gRPC library (``user_agent_name`` "gRPC Go", "gRPC Java", "gRPC C-core"...: a
+    bootstrap written by hand or by another tool) is a proxyless gRPC client."""
+    said = (_text(node.metadata.fields.get("kind")) or "").lower()
+    if said in KINDS:
+        return said
+    if node.user_agent_name.lower().startswith("grpc"):
+        return GRPC
+    return SIDECAR
 
 
 def _flag(value: Any) -> bool:

@@ -40,7 +40,7 @@ from controlplane.cache.snapshot import (
     encode_resource,
 )
 from controlplane.mesh.model import Mesh, Service
-from controlplane.proxy import DEFAULT_NAMESPACE, ProxyIdentity
+from controlplane.proxy import DEFAULT_NAMESPACE, SIDECAR, ProxyIdentity
 from controlplane.translator import egress_route, proxy_resources, resource_name
 from controlplane.translator.telemetry import Observed, observed
 from controlplane.translator.visibility import visible_services
@@ -236,6 +236,11 @@ class MeshBuild:
 
     def snapshot(self, proxy: ProxyIdentity, reuse: Snapshot | None = None) -> Snapshot:
         """The group's snapshot; ``reuse`` itself when nothing of the group changed."""
+        if proxy.kind != SIDECAR:
+            from controlplane.assembly.kinds import builder_for  # its builders import this
+            builder = builder_for(proxy.kind)
+            if builder is not None:
+                return builder(self, proxy, reuse)
         if proxy.on_demand:
             from controlplane.assembly.ondemand import ondemand_snapshot  # imports this one
             return ondemand_snapshot(self, proxy, reuse)
