@@ -106,3 +106,17 @@ METADATA_WATCH_ACCEPT: Final = (
 
 # The label that ties an EndpointSlice to its Service (set by the EndpointSlice controller).
 SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"
+
+# Ingress through the Gateway API (issue 13): GatewayClasses naming our controller, their
+# Gateways (each gets a Deployment, Service and ServiceAccount of its own, owned by it:
+# sources/kubernetes/deployer.py) and TLSRoutes. Optional: a cluster without the Gateway
+# API's CRDs serves the mesh without gateways.
+GATEWAY_GROUP: Final = "gateway.networking.k8s.io"
+GATEWAY_CONTROLLER: Final = "mesh.controlplane.io/gateway-controller"  # DESIGN.md section 5
+GATEWAY_CLASSES: Final = Kind(GATEWAY_GROUP, "v1", "gatewayclasses", "GatewayClass",
+                              namespaced=False)
+GATEWAYS: Final = Kind(GATEWAY_GROUP, "v1", "gateways", "Gateway")
+TLS_ROUTES: Final = Kind(GATEWAY_GROUP, "v1alpha2", "tlsroutes", "TLSRoute")
+DEPLOYMENTS: Final = Kind("apps", "v1", "deployments", "Deployment")
+# On what the deployer creates: the Gateway it serves (also the pods' selector).
+GATEWAY_LABEL: Final = f"{GATEWAY_GROUP}/gateway-name"
