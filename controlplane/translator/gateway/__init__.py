@@ -1,0 +1,3 @@
+"""An ingress gateway's resources: listeners per Gateway listener port (HTTP; HTTPS
+terminated with per-stream SDS certificates; TLS passed through by SNI), route tables
+from the HTTPRoutes attached to the Gateway, and the clusters it reaches. Pure."""
