@@ -35,6 +35,7 @@ from controlplane.sources.kubernetes.kinds import (
     METADATA_LIST_ACCEPT,
     METADATA_WATCH_ACCEPT,
     PODS,
+    SECRETS,
     SERVICES,
     Kind,
 )
@@ -107,7 +108,9 @@ class Silent(Exception):
 class Watcher(threading.Thread):
     def __init__(self, kind: Kind, api: client.ApiClient, namespace: str | None,
                  emit: Callable[[Event], None], stop: threading.Event,
-                 timing: WatchTiming) -> None:
+                 timing: WatchTiming, field_selector: str | None = None) -> None:
+        """``field_selector``: only these objects (``metadata.name=NAME``): a gateway's
+        Secrets are watched one by one, never all of them."""
         super().__init__(name=f"watch-{kind.plural}-{namespace or 'all'}", daemon=True)
         self.kind = kind
         self.namespace = namespace
@@ -115,6 +118,8 @@ class Watcher(threading.Thread):
         self.stop_event = stop
         self.timing = timing
         self._list_fn, self._args = _list_function(kind, api, namespace)
+        if field_selector:
+            self._list_fn = _selected(self._list_fn, field_selector)
         self._failures = 0
         self._missing_logged = False
         self._forbidden_logged = False
@@ -285,6 +290,16 @@ def _metadata_only(list_fn: Callable[..., Any]) -> Callable[..., Any]:
     return list_metadata
 
 
+def _selected(list_fn: Callable[..., Any], field_selector: str) -> Callable[..., Any]:
+    """``list_fn`` with a fieldSelector on every list and watch (a plain function, so
+    the client's watch does not build models from what it reads)."""
+
+    def list_selected(*args: Any, **kwargs: Any) -> Any:
+        return list_fn(*args, field_selector=field_selector, **kwargs)
+
+    return list_selected
+
+
 def _list_function(kind: Kind, api: client.ApiClient,
                    namespace: str | None) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     if kind == PODS:
@@ -292,6 +307,8 @@ def _list_function(kind: Kind, api: client.ApiClient,
         if namespace is None:
             return _metadata_only(core.list_pod_for_all_namespaces), ()
         return _metadata_only(core.list_namespaced_pod), (namespace,)
+    if kind == SECRETS:  # only ever one namespace, one name (field_selector)
+        return client.CoreV1Api(api).list_namespaced_secret, (namespace,)
     if kind == SERVICES:
         core = client.CoreV1Api(api)
         if namespace is None:
