@@ -11,7 +11,7 @@ every name, so ``controlplane.mesh.model`` stays the one import path.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails
@@ -41,6 +41,7 @@ from controlplane.mesh.resilience import (
     RetryBudget,
     RetryOn,
 )
+from controlplane.mesh.routes import GRPCRoutes, HTTPRoutes, ReferenceGrants
 from controlplane.mesh.scope import (
     MAX_SIDECARS,
     Egress,
@@ -138,6 +139,9 @@ class Mesh(_Model):
     it): None, the translator emits no TLS, no SDS references and no principal matching."""
     telemetry: MeshTelemetry = Field(default_factory=MeshTelemetry)
     """Mesh-wide and per-namespace access logs and tracing (``telemetry.py``)."""
+    http_routes: HTTPRoutes = Field(default_factory=list)  # Gateway API (routes.py)
+    grpc_routes: GRPCRoutes = Field(default_factory=list)
+    reference_grants: ReferenceGrants = Field(default_factory=list)
 
     # Derived indexes, built on first use. Each remembers the list it was built from,
     # so a model_copy with other services builds its own rather than trust a stale one.
@@ -146,6 +150,7 @@ class Mesh(_Model):
     # When the source saw the earliest change this mesh holds (time.time()), for the
     # convergence measurement (sources/base.py: stamp, observed_at); None: not known.
     _observed_at: float | None = PrivateAttr(None)
+    _attached: Any = PrivateAttr(None)  # the routes' attachment (attach.py), built on first use
 
     @model_validator(mode="after")
     def _unique(self) -> Mesh:
@@ -161,10 +166,8 @@ class Mesh(_Model):
         """Equal content, whichever indexes either has built."""
         if not isinstance(other, Mesh):
             return NotImplemented
-        return (self.services == other.services and self.sidecars == other.sidecars
-                and self.outbound_traffic_policy == other.outbound_traffic_policy
-                and self.security == other.security and self.identity == other.identity
-                and self.telemetry == other.telemetry)
+        return all(getattr(self, name) == getattr(other, name)
+                   for name in type(self).model_fields)
 
     __hash__ = None  # type: ignore[assignment]  # a list inside: never hashable
 
