@@ -18,6 +18,7 @@ from pydantic_core import InitErrorDetails
 
 from controlplane.mesh.base import _Model, longer_than_zero, problem
 from controlplane.mesh.endpoints import AddressType, Endpoint, Protocol, ServicePort
+from controlplane.mesh.gateways import Certificates, Gateways, TLSRoutes
 from controlplane.mesh.limits import UINT32_MAX, Percent, Port
 from controlplane.mesh.policy import (
     Fallback,
@@ -142,6 +143,9 @@ class Mesh(_Model):
     http_routes: HTTPRoutes = Field(default_factory=list)  # Gateway API (routes.py)
     grpc_routes: GRPCRoutes = Field(default_factory=list)
     reference_grants: ReferenceGrants = Field(default_factory=list)
+    gateways: Gateways = Field(default_factory=list)  # ingress (gateways.py)
+    tls_routes: TLSRoutes = Field(default_factory=list)
+    certificates: Certificates = Field(default_factory=list)  # file mode: PEM files by name
 
     # Derived indexes, built on first use. Each remembers the list it was built from,
     # so a model_copy with other services builds its own rather than trust a stale one.
