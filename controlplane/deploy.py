@@ -34,6 +34,8 @@ from controlplane.sources.kubernetes.kinds import (
     PODS,
     POLICY_GROUP,
     POLICY_PLURAL,
+    REFERENCE_GRANTS,
+    ROUTES,
     SECRETS,
     SECURITY_POLICIES,
     SERVICES,
@@ -107,6 +109,10 @@ def cluster_role_rules() -> list[dict[str, Any]]:
         {"apiGroups": [PODS.group], "resources": [PODS.plural], "verbs": _WATCH},
         *(rule for kind in (TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES, TELEMETRIES)
           for rule in _own_kind(kind)),
+        # Gateway API routes: read, and status.parents written for the parents that are ours.
+        *(rule for kind in ROUTES for rule in _own_kind(kind)),
+        {"apiGroups": [REFERENCE_GRANTS.group], "resources": [REFERENCE_GRANTS.plural],
+         "verbs": _WATCH},
         # The injection webhook writes its CA into its own configuration, and no other.
         {"apiGroups": [MUTATING_WEBHOOKS.group], "resources": [MUTATING_WEBHOOKS.plural],
          "resourceNames": [WEBHOOK_CONFIGURATION], "verbs": ["get", "patch"]},

@@ -294,6 +294,12 @@ def test_cluster_role_is_least_privilege() -> None:
     expected |= {(kinds.POLICY_GROUP, kinds.TELEMETRY_PLURAL, v) for v in read}
     expected |= {(kinds.POLICY_GROUP, f"{kinds.TELEMETRY_PLURAL}/status", v)
                  for v in ("get", "update", "patch")}
+    # Gateway API routes: read, and their status written; ReferenceGrants read.
+    for route in kinds.ROUTES:
+        expected |= {(route.group, route.plural, v) for v in read}
+        expected |= {(route.group, f"{route.plural}/status", v)
+                     for v in ("get", "update", "patch")}
+    expected |= {(kinds.GATEWAY_API_GROUP, kinds.REFERENCE_GRANTS.plural, v) for v in read}
     # The webhook's CA goes into its own configuration only.
     expected |= {("admissionregistration.k8s.io", "mutatingwebhookconfigurations", v,
                   kinds.WEBHOOK_CONFIGURATION) for v in ("get", "patch")}

@@ -96,6 +96,7 @@ from controlplane.sources.kubernetes.kinds import (
     TRAFFIC_POLICIES,
     Kind,
 )
+from tests.kube import gateway_api
 from tests.kube.admission import (
     security_policy_schema,
     sidecar_schema,
@@ -134,10 +135,12 @@ class ApiServerDouble(_Handlers):
                  bookmark_interval: float = 60.0, crd_installed: bool = True,
                  crd_schema: Obj | None = None, rbac: Rbac | bool = True,
                  too_large_wait: float = 3.0, min_token_seconds: int = 600,
-                 token_leeway: float = 60.0) -> None:
+                 token_leeway: float = 60.0, gateway_api_installed: bool = True) -> None:
         """``crd_installed=False`` makes TrafficPolicy, Sidecar and SecurityPolicy paths
-        404 until ``install_crd()``; ``crd_schema`` (TrafficPolicy's) defaults to the
-        schema of the CRD the project ships, as the others' always do; ``rbac``:
+        404 until ``install_crd()``; ``gateway_api_installed=False`` the Gateway API's
+        (tests/kube/gateway_api.py) until ``install_gateway_api()``; ``crd_schema``
+        (TrafficPolicy's) defaults to the schema of the CRD the project ships, as the
+        others' always do; ``rbac``:
         True authorizes the service account with the shipped ClusterRole, False allows
         it everything, an ``Rbac`` is that policy (``self.rbac`` may change at any time).
         ``min_token_seconds`` (the real 600) and ``token_leeway`` (go-jose's 60 s past
@@ -147,10 +150,11 @@ class ApiServerDouble(_Handlers):
         self.rbac: Rbac | None = Rbac() if rbac is True else (rbac or None)
         self.too_large_wait = too_large_wait
         self.crd_installed = crd_installed
+        self.gateway_api_installed = gateway_api_installed
         self._store = _Store(history_limit, {
             TRAFFIC_POLICIES: crd_schema or traffic_policy_schema(),
             SIDECARS: sidecar_schema(), SECURITY_POLICIES: security_policy_schema(),
-            TELEMETRIES: telemetry_schema()})
+            TELEMETRIES: telemetry_schema(), **gateway_api.schemas()})
         self.tokens = TokenAuthority(self._store, min_seconds=min_token_seconds,
                                      leeway=token_leeway)
         self._failures: list[_Failure] = []
@@ -327,6 +331,10 @@ class ApiServerDouble(_Handlers):
     def install_crd(self) -> None:
         """Serve TrafficPolicies and Sidecars (after ``crd_installed=False``)."""
         self.crd_installed = True
+
+    def install_gateway_api(self) -> None:
+        """Serve the Gateway API kinds (after ``gateway_api_installed=False``)."""
+        self.gateway_api_installed = True
 
     # -- faults
 

@@ -18,6 +18,7 @@ from controlplane.sources.kubernetes.kinds import (
     TRAFFIC_POLICIES,
     WATCHED,
 )
+from tests.kube.gateway_api import STATUS_SUBRESOURCE as _GATEWAY_API_STATUS
 
 Obj = dict[str, Any]
 
@@ -29,7 +30,8 @@ SERVED: Final = (*WATCHED, SECRETS, MUTATING_WEBHOOKS, SERVICE_ACCOUNTS, TOKEN_R
 _BUILTIN: Final = frozenset({SERVICES, ENDPOINT_SLICES, PODS, SECRETS,
                              MUTATING_WEBHOOKS, SERVICE_ACCOUNTS})  # list items: no kind/apiVersion
 _STATUS_SUBRESOURCE: Final = frozenset({SERVICES, TRAFFIC_POLICIES, SIDECARS, PODS,
-                                        SECURITY_POLICIES, TELEMETRIES})
+                                        SECURITY_POLICIES, TELEMETRIES,
+                                        *_GATEWAY_API_STATUS})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 

@@ -21,6 +21,7 @@ from aiohttp import web
 from controlplane.sources.kubernetes.kinds import (
     CUSTOM,
     ENDPOINT_SLICES,
+    GATEWAY_API,
     TOKEN_REVIEWS,
     TOKEN_SUBRESOURCE,
 )
@@ -69,6 +70,7 @@ class _Handlers(_Writes):
     rbac: Rbac | None
     too_large_wait: float
     crd_installed: bool
+    gateway_api_installed: bool
     tokens: TokenAuthority
     _failures: list[_Failure]
     _requests: list[RecordedRequest]
@@ -166,7 +168,8 @@ class _Handlers(_Writes):
         if request.path == "/version":
             return web.json_response({"major": "1", "minor": "33", "gitVersion": "v1.33.0"})
         target = _route(request.path)
-        if target is None or (target.kind in CUSTOM and not self.crd_installed):
+        if target is None or (target.kind in CUSTOM and not self.crd_installed) or (
+                target.kind in GATEWAY_API and not self.gateway_api_installed):
             raise _resource_not_found()
         method = request.method
         if target.kind == TOKEN_REVIEWS or target.subresource == TOKEN_SUBRESOURCE:

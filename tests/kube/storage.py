@@ -63,6 +63,7 @@ from tests.kube.errors import (
     _resource,
     _too_old,
 )
+from tests.kube.gateway_api import apply_defaults
 from tests.kube.negotiation import (
     _Output,
 )
@@ -333,6 +334,7 @@ class _Store:
         elif (schema := self.crd_schemas.get(kind)) is not None:
             pruned: list[str] = []
             meta = obj["metadata"]
+            apply_defaults(obj, schema)
             body = _prune({k: v for k, v in obj.items() if k != "metadata"},
                           schema, "", pruned)
             obj.clear()

@@ -69,8 +69,18 @@ TELEMETRIES: Final = Kind(POLICY_GROUP, POLICY_VERSION, TELEMETRY_PLURAL, TELEME
 # Pods are watched as metadata only (PartialObjectMetadata): their labels are what label
 # subsets select, and nothing else of a Pod matters to routing.
 PODS: Final = Kind("", "v1", "pods", "Pod")
+# The Gateway API (upstream CRDs, deploy/gateway-api): optional kinds, so a cluster
+# without them is served as before. Its own group; routes at v1, ReferenceGrant v1beta1.
+GATEWAY_API_GROUP: Final = "gateway.networking.k8s.io"
+GATEWAY_API_RELEASE: Final = "v1.4.1"  # the upstream release deploy/gateway-api pins
+HTTP_ROUTES: Final = Kind(GATEWAY_API_GROUP, "v1", "httproutes", "HTTPRoute")
+GRPC_ROUTES: Final = Kind(GATEWAY_API_GROUP, "v1", "grpcroutes", "GRPCRoute")
+REFERENCE_GRANTS: Final = Kind(GATEWAY_API_GROUP, "v1beta1", "referencegrants",
+                               "ReferenceGrant")
+ROUTES: Final = (HTTP_ROUTES, GRPC_ROUTES)  # status written by us (status.parents)
+GATEWAY_API: Final = (HTTP_ROUTES, GRPC_ROUTES, REFERENCE_GRANTS)  # every optional one
 WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES,
-                  PODS, TELEMETRIES)
+                  PODS, TELEMETRIES, *GATEWAY_API)
 # ours: a CRD each, status written by us
 CUSTOM: Final = (TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES, TELEMETRIES)
 # Written, never watched, by the injection webhook: its serving certificate (a Secret in

@@ -34,8 +34,10 @@ from controlplane.sources.base import stamp
 from controlplane.sources.kubernetes.convert import Converter, Key, Verdict
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    GATEWAY_API,
     PODS,
     ROOT_NAMESPACE,
+    ROUTES,
     SECURITY_POLICIES,
     SERVICES,
     SIDECARS,
@@ -97,7 +99,8 @@ class KubernetesSource:
             SIDECARS: ObjectStore(keep_status=True),
             SECURITY_POLICIES: ObjectStore(keep_status=True),
             TELEMETRIES: ObjectStore(keep_status=True),
-            PODS: ObjectStore(reduce=labels_only)}
+            PODS: ObjectStore(reduce=labels_only),
+            **{kind: ObjectStore(keep_status=kind in ROUTES) for kind in GATEWAY_API}}
         self.verdicts: dict[tuple[Kind, Key], Verdict] = {}
         self.outbound_traffic_policy: OutboundTrafficPolicy = outbound_traffic_policy
         self.root_namespace = root_namespace

@@ -32,6 +32,8 @@ from kubernetes.client.exceptions import ApiException
 from controlplane import metrics
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    GATEWAY_API,
+    GATEWAY_API_RELEASE,
     METADATA_LIST_ACCEPT,
     METADATA_WATCH_ACCEPT,
     PODS,
@@ -159,10 +161,8 @@ class Watcher(threading.Thread):
                     # The CRD is not installed: serve without policies, and keep looking.
                     self.emit(Listed(self.kind, self.namespace, []))
                     level = log.debug if self._missing_logged else log.error
-                    level("watch.kind_missing", kind=self.kind.kind,
-                          hint=f"apply its CustomResourceDefinition (deploy/kubernetes/"
-                          f"01-crd*.yaml); services are served without {self.kind.kind}s "
-                          "meanwhile")
+                    level("watch.kind_missing", kind=self.kind.kind, hint=_missing_hint(
+                        self.kind))
                     self._missing_logged = True
                     self._back_off()
                 else:
@@ -255,6 +255,16 @@ class Watcher(threading.Thread):
                 log.info("watch.reconnecting", kind=self.kind.kind,
                          reason=type(exc).__name__, resource_version=version)
                 self.stop_event.wait(random.uniform(0.05, 0.25))
+
+
+def _missing_hint(kind: Kind) -> str:
+    """What to install when a kind's CRD is not there (404 on its list)."""
+    if kind in GATEWAY_API:
+        return (f"install the Gateway API CRDs (release {GATEWAY_API_RELEASE}: kubectl apply "
+                f"--server-side -k deploy/gateway-api) to route with {kind.kind}s; the mesh "
+                "is served without them meanwhile")
+    return (f"apply its CustomResourceDefinition (deploy/kubernetes/01-crd*.yaml); services "
+            f"are served without {kind.kind}s meanwhile")
 
 
 def _status_message(exc: ApiException) -> str:
