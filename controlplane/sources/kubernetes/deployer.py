@@ -1,0 +1,368 @@
+"""Automated deployment: each Gateway of our class gets its own Envoy.
+
+Per Gateway, three objects in its namespace, named ``<gateway>-<class>`` (Istio's
+convention, so a Service named like the Gateway is never taken over): a ServiceAccount
+(the gateway's workload identity in the mesh), a Deployment running Envoy with the
+bootstrap ``controlplane bootstrap --gateway`` prints (inline, as injection does for
+sidecars: one image, no init container) and a Service exposing the listener ports (type
+LoadBalancer unless the Gateway's annotation ``mesh.controlplane.io/service-type`` says
+ClusterIP or NodePort). Each carries an ownerReference to the Gateway, so deleting the
+Gateway deletes them (Kubernetes' garbage collector), and the labels and annotations of
+the Gateway's ``spec.infrastructure`` (GEP-1867).
+
+:func:`desired` is pure (Gateway JSON in, object JSON out); :class:`Deployer` is the
+edge: GET, then create or merge-patch only what differs (a hash of what we want rides on
+each object as an annotation, so an unchanged Gateway costs one GET per object and no
+write), and never touches an object of that name that the Gateway does not own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from controlplane.bootstrap import (
+    CAPTURE_HEALTH_PORT,
+    CAPTURE_STATS_PORT,
+    HEALTH_PATH,
+)
+from controlplane.inject import config as names
+from controlplane.inject.config import INJECT_LABEL, InjectConfig
+from controlplane.inject.template import DOWNWARD_ENV, resources, token_volume
+from controlplane.sources.kubernetes.kinds import (
+    DEPLOYMENTS,
+    GATEWAY_LABEL,
+    GATEWAYS,
+    POLICY_GROUP,
+    SERVICE_ACCOUNTS,
+    SERVICES,
+    Kind,
+)
+from controlplane.sources.kubernetes.services import meta
+
+log = structlog.get_logger("controlplane.source.kubernetes")
+
+Obj = dict[str, Any]
+SERVICE_TYPE_ANNOTATION: Final = f"{POLICY_GROUP}/service-type"
+HASH_ANNOTATION: Final = f"{POLICY_GROUP}/gateway-hash"
+MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "controlplane"}
+SERVICE_TYPES: Final = ("LoadBalancer", "ClusterIP", "NodePort")
+CONTAINER: Final = "envoy"
+MERGE_PATCH: Final = "application/merge-patch+json"
+_PORT_NAMES: Final = {"HTTP": "http", "HTTPS": "https", "TLS": "tls", "TCP": "tcp"}
+# Every label or annotation a Gateway's infrastructure may add: the Gateway API's bound.
+MAX_INFRASTRUCTURE: Final = 8
+
+# (gateway namespace, gateway name, bootstrap flags) -> the bootstrap's YAML text.
+Bootstrap = Callable[[str, str, InjectConfig], str]
+
+
+class NotDeployable(ValueError):
+    """A Gateway the deployer cannot make objects for: ``field: what to do``."""
+
+
+def resource_name(gateway: str, gateway_class: str) -> str:
+    """``<gateway>-<class>``, within a Service name's 63 characters (cut, with a hash
+    of the whole so two long names stay apart)."""
+    name = f"{gateway}-{gateway_class}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-.')}-{digest}"
+
+
+def listener_ports(gateway: Mapping[str, Any]) -> list[tuple[int, str]]:
+    """Each distinct listener port with the protocol of its first listener, in order."""
+    spec = gateway.get("spec") if isinstance(gateway.get("spec"), Mapping) else {}
+    listeners = spec.get("listeners") if isinstance(spec, Mapping) else None
+    found: dict[int, str] = {}
+    for listener in listeners if isinstance(listeners, list) else []:
+        if not isinstance(listener, Mapping):
+            continue
+        port = listener.get("port")
+        if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+            found.setdefault(port, str(listener.get("protocol") or ""))
+    return sorted(found.items())
+
+
+def _infrastructure(gateway: Mapping[str, Any], field: str) -> dict[str, str]:
+    spec = gateway.get("spec")
+    infra = spec.get("infrastructure") if isinstance(spec, Mapping) else None
+    values = infra.get(field) if isinstance(infra, Mapping) else None
+    if not isinstance(values, Mapping):
+        return {}
+    kept = {str(k): str(v) for k, v in values.items() if isinstance(v, str)}
+    if len(kept) > MAX_INFRASTRUCTURE:
+        raise NotDeployable(f"spec.infrastructure.{field}: {len(kept)} entries; at most "
+                            f"{MAX_INFRASTRUCTURE} (the Gateway API's bound)")
+    return kept
+
+
+def service_type(gateway: Mapping[str, Any]) -> str:
+    annotations = meta(gateway).get("annotations")
+    wanted = annotations.get(SERVICE_TYPE_ANNOTATION) if isinstance(annotations,
+                                                                   Mapping) else None
+    if wanted is None:
+        return "LoadBalancer"
+    if wanted not in SERVICE_TYPES:
+        raise NotDeployable(f'metadata.annotations["{SERVICE_TYPE_ANNOTATION}"]: '
+                            f"{wanted!r} is not a Service type; use one of "
+                            f"{', '.join(SERVICE_TYPES)}")
+    return str(wanted)
+
+
+def desired(gateway: Mapping[str, Any], config: InjectConfig,
+            bootstrap: Bootstrap) -> list[tuple[Kind, Obj]]:
+    """The ServiceAccount, Deployment and Service of one Gateway (of our class), each
+    stamped with the hash of what it says. Raises NotDeployable naming the field."""
+    data = meta(gateway)
+    namespace, gateway_name = str(data.get("namespace") or "default"), str(data["name"])
+    spec: Mapping[str, Any] = gateway["spec"] if isinstance(gateway.get("spec"),
+                                                             Mapping) else {}
+    name = resource_name(gateway_name, str(spec.get("gatewayClassName") or ""))
+    ports = listener_ports(gateway)
+    if not ports:
+        raise NotDeployable("spec.listeners: no listener with a valid port; give each "
+                            "listener a port from 1 to 65535")
+    selector = {GATEWAY_LABEL: gateway_name}
+    labels = {**_infrastructure(gateway, "labels"), **MANAGED_BY, **selector}
+    annotations = _infrastructure(gateway, "annotations")
+    owner = {"apiVersion": GATEWAYS.api_version, "kind": GATEWAYS.kind,
+             "name": gateway_name, "uid": str(data.get("uid") or ""), "controller": True}
+
+    def metadata() -> Obj:
+        return {"name": name, "namespace": namespace, "labels": dict(labels),
+                "annotations": dict(annotations), "ownerReferences": [dict(owner)]}
+
+    account: Obj = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata()}
+    container = _container(gateway_name, namespace, ports, config, bootstrap)
+    pod: Obj = {
+        "serviceAccountName": name,
+        "containers": [container],
+        "securityContext": {
+            # Envoy runs unprivileged and binds the listener ports themselves (80, 443):
+            # the kernel allows it in this pod only (a namespaced, "safe" sysctl).
+            "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        **({"volumes": [token_volume()]} if config.xds_ca is not None else {}),
+    }
+    deployment: Obj = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(),
+        "spec": {"replicas": 1, "selector": {"matchLabels": dict(selector)},
+                 "template": {"metadata": {
+                     "labels": {**labels, INJECT_LABEL: "false"},  # no sidecar: it is one
+                     "annotations": dict(annotations)}, "spec": pod}},
+    }
+    service: Obj = {
+        "apiVersion": "v1", "kind": "Service", "metadata": metadata(),
+        "spec": {"type": service_type(gateway), "selector": dict(selector),
+                 "ports": [{"name": f"{_PORT_NAMES.get(protocol, 'port')}-{port}",
+                            "port": port, "targetPort": port, "protocol": "TCP"}
+                           for port, protocol in ports]},
+    }
+    made: list[tuple[Kind, Obj]] = [(SERVICE_ACCOUNTS, account), (DEPLOYMENTS, deployment),
+                                    (SERVICES, service)]
+    for _, obj in made:
+        obj["metadata"]["annotations"][HASH_ANNOTATION] = digest(obj)
+    return made
+
+
+def digest(obj: Mapping[str, Any]) -> str:
+    """What we want of an object, hashed (our own hash annotation left out)."""
+    copy = json.loads(json.dumps(obj))
+    copy.get("metadata", {}).get("annotations", {}).pop(HASH_ANNOTATION, None)
+    text = json.dumps(copy, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _container(gateway: str, namespace: str, ports: list[tuple[int, str]],
+               config: InjectConfig, bootstrap: Bootstrap) -> Obj:
+    def probe() -> Obj:
+        return {"httpGet": {"path": HEALTH_PATH, "port": CAPTURE_HEALTH_PORT}}
+
+    return {
+        "name": CONTAINER,
+        "image": config.proxy_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["envoy"],
+        "args": ["--config-yaml", bootstrap(namespace, gateway, config),
+                 "--log-level", config.log_level, "--disable-hot-restart",
+                 "--drain-time-s", "5"],
+        "env": [{"name": env, "valueFrom": {"fieldRef": {"apiVersion": "v1",
+                                                         "fieldPath": path}}}
+                for env, path in DOWNWARD_ENV],
+        "ports": [*({"name": f"listener-{port}", "containerPort": port, "protocol": "TCP"}
+                    for port, _ in ports),
+                  {"name": "http-envoy-prom", "containerPort": CAPTURE_STATS_PORT,
+                   "protocol": "TCP"}],
+        "resources": resources({}, config),
+        **({"volumeMounts": [{"name": names.TOKEN_VOLUME, "mountPath": names.TOKEN_DIR,
+                              "readOnly": True}]} if config.xds_ca is not None else {}),
+        "readinessProbe": {**probe(), "periodSeconds": 2, "timeoutSeconds": 3,
+                           "failureThreshold": 3},
+        "securityContext": {
+            "runAsUser": config.proxy_uid,
+            "runAsGroup": config.proxy_uid,
+            "runAsNonRoot": True,
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What applying one Gateway's objects came to: ``problem`` empty when all are in
+    place (created, patched or already right), else what is wrong and what to do."""
+
+    problem: str = ""
+    written: int = 0  # objects created or patched
+
+
+class Deployer:
+    """Applies :func:`desired` through the API. Blocking: run it off the event loop."""
+
+    def __init__(self, api: client.ApiClient, config: InjectConfig,
+                 bootstrap: Bootstrap) -> None:
+        self.config = config
+        self.bootstrap = bootstrap
+        self._core = client.CoreV1Api(api)
+        self._apps = client.AppsV1Api(api)
+
+    def apply(self, gateway: Mapping[str, Any]) -> Outcome:
+        where = "/".join(reversed(_gateway_key(gateway)))
+        try:
+            wanted = desired(gateway, self.config, self.bootstrap)
+        except NotDeployable as exc:
+            return Outcome(f"{exc}")
+        uid = str(meta(gateway).get("uid") or "")
+        written = 0
+        for kind, obj in wanted:
+            try:
+                written += self._apply_one(kind, obj, uid)
+            except _NotOwned as exc:
+                return Outcome(str(exc), written)
+            except ApiException as exc:
+                problem = _api_problem(kind, obj, exc)
+                log.warning("gateway.deploy_failed", gateway=where, kind=kind.kind,
+                            status=exc.status, problem=problem)
+                return Outcome(problem, written)
+            except Exception as exc:  # the API is away: the next batch tries again
+                problem = (f"cannot reach the API server to write {kind.kind} "
+                           f"{obj['metadata']['name']}: {type(exc).__name__}; retried")
+                log.warning("gateway.deploy_failed", gateway=where, kind=kind.kind,
+                            problem=problem)
+                return Outcome(problem, written)
+        if written:
+            log.info("gateway.deployed", gateway=where, written=written)
+        return Outcome("", written)
+
+    def remove(self, namespace: str, gateway: str, gateway_class: str, uid: str) -> None:
+        """A Gateway that is no longer ours (its class changed): delete what we made for
+        it, if the Gateway owns it. (A deleted Gateway's objects go by garbage
+        collection.)"""
+        name = resource_name(gateway, gateway_class)
+        for kind in (SERVICES, DEPLOYMENTS, SERVICE_ACCOUNTS):
+            try:
+                current = self._read(kind, namespace, name)
+                if current is None or not _owned_by(current, uid):
+                    continue
+                self._delete(kind, namespace, name)
+                log.info("gateway.removed", gateway=f"{namespace}/{gateway}", kind=kind.kind,
+                         name=name)
+            except Exception as exc:
+                log.warning("gateway.remove_failed", gateway=f"{namespace}/{gateway}",
+                            kind=kind.kind, error=f"{type(exc).__name__}: {exc}")
+
+    def _apply_one(self, kind: Kind, obj: Obj, uid: str) -> int:
+        data = obj["metadata"]
+        namespace, name = data["namespace"], data["name"]
+        current = self._read(kind, namespace, name)
+        if current is None:
+            self._create(kind, namespace, obj)
+            return 1
+        if not _owned_by(current, uid):
+            raise _NotOwned(f"a {kind.kind} named {name!r} exists in namespace "
+                            f"{namespace!r} and this Gateway does not own it; delete or "
+                            "rename it, and the gateway's own is made")
+        have = (meta(current).get("annotations") or {}).get(HASH_ANNOTATION)
+        if have == data["annotations"][HASH_ANNOTATION]:
+            return 0
+        patch: Obj = {"metadata": {"labels": data["labels"],
+                                   "annotations": data["annotations"],
+                                   "ownerReferences": data["ownerReferences"]}}
+        if "spec" in obj:
+            spec = dict(obj["spec"])
+            spec.pop("replicas", None)  # set at creation; a scaler's (or a user's) after
+            patch["spec"] = spec
+        self._patch(kind, namespace, name, patch)
+        return 1
+
+    def _call(self, verb: str, kind: Kind, *args: Any, **extra: Any) -> Any:
+        """``{verb}_namespaced_{kind}`` of the client, as raw JSON (no models)."""
+        api: Any = self._apps if kind == DEPLOYMENTS else self._core
+        noun = {DEPLOYMENTS: "deployment", SERVICES: "service"}.get(kind, "service_account")
+        return getattr(api, f"{verb}_namespaced_{noun}")(
+            *args, _preload_content=False, _request_timeout=(5, 10), **extra)
+
+    def _read(self, kind: Kind, namespace: str, name: str) -> Obj | None:
+        try:
+            response = self._call("read", kind, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        found: Obj = json.loads(response.data)
+        return found
+
+    def _create(self, kind: Kind, namespace: str, obj: Obj) -> None:
+        self._call("create", kind, namespace, obj)
+
+    def _patch(self, kind: Kind, namespace: str, name: str, patch: Obj) -> None:
+        self._call("patch", kind, name, namespace, patch, _content_type=MERGE_PATCH)
+
+    def _delete(self, kind: Kind, namespace: str, name: str) -> None:
+        self._call("delete", kind, name, namespace)
+
+
+class _NotOwned(Exception):
+    pass
+
+
+def _gateway_key(gateway: Mapping[str, Any]) -> tuple[str, str]:
+    data = meta(gateway)
+    return str(data.get("name") or ""), str(data.get("namespace") or "default")
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    owners = meta(obj).get("ownerReferences")
+    return isinstance(owners, list) and any(
+        isinstance(o, Mapping) and o.get("uid") == uid and o.get("kind") == GATEWAYS.kind
+        for o in owners)
+
+
+def _api_problem(kind: Kind, obj: Obj, exc: ApiException) -> str:
+    name = obj["metadata"]["name"]
+    if exc.status == 403:
+        verbs = "get, create, patch, delete"
+        return (f"may not write {kind.plural} in namespace {obj['metadata']['namespace']!r}; "
+                f"add the rule {{apiGroups: [{kind.group!r}], resources: [{kind.plural!r}], "
+                f"verbs: [{verbs}]}} to the ClusterRole (deploy/kubernetes/02-rbac.yaml)")
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return (f"the API server refused {kind.kind} {name}: {message or exc.reason} "
+            f"(HTTP {exc.status}); retried with the next change")

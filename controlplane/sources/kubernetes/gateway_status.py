@@ -1,0 +1,212 @@
+"""Status of our GatewayClasses, Gateways and TLSRoutes, as the Gateway API defines it.
+
+- GatewayClass: ``Accepted`` True (reason Accepted) on each class naming our controller.
+- Gateway: ``Accepted`` (False, reason Invalid, naming the field, when the model refuses
+  it), ``Programmed`` (True once its Deployment, Service and ServiceAccount are in place
+  and the Service has an address; False with reason Invalid or AddressNotAssigned and
+  what to do otherwise), ``addresses`` (the Service's load balancer ingress, else its
+  cluster IP), and per listener ``attachedRoutes``, ``supportedKinds`` and the listener
+  conditions attachment computes (``mesh/gateway_attach.py``: Accepted, ResolvedRefs
+  with InvalidCertificateRef, Programmed, Conflicted).
+- TLSRoute: ``status.parents[]``: our controller's entries replaced, every other
+  controller's kept.
+
+Pure functions build the status bodies; lastTransitionTime is kept while a condition's
+status is unchanged, and a body equal (but for times) to what is there is not written,
+so replicas agree and our writes do not echo back as changes. ``StatusWriter`` is the
+edge (merge patches of the ``status`` subresource).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import structlog
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from controlplane.mesh.route_status import CONTROLLER, Condition, ParentStatus
+from controlplane.sources.kubernetes.kinds import Kind
+from controlplane.sources.kubernetes.status import MAX_MESSAGE
+
+log = structlog.get_logger("controlplane.source.kubernetes")
+
+ACCEPTED: Final = "Accepted"
+PROGRAMMED: Final = "Programmed"
+_COMPARED: Final = ("type", "status", "reason", "message", "observedGeneration")
+MAX_ADDRESSES: Final = 16  # status.addresses' bound
+
+
+@dataclass(frozen=True)
+class ListenerState:
+    name: str
+    attached_routes: int
+    supported_kinds: tuple[tuple[str, str], ...]  # (group, kind)
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    """What the status of one Gateway says (before times and generations)."""
+
+    generation: int
+    conditions: tuple[Condition, ...]
+    listeners: tuple[ListenerState, ...] = ()
+    addresses: tuple[tuple[str, str], ...] = ()  # (type, value)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    tail = " ... (cut; the server's log has every problem)"
+    return message[:MAX_MESSAGE - len(tail)] + tail
+
+
+def conditions_json(conditions: Iterable[Condition], generation: int,
+                    previous: Any) -> list[dict[str, Any]]:
+    """metav1.Conditions, each keeping its lastTransitionTime from ``previous`` (a list
+    of condition dicts) while its status is unchanged."""
+    before = {c.get("type"): c for c in previous if isinstance(c, Mapping)} \
+        if isinstance(previous, list) else {}
+    made = []
+    for condition in conditions:
+        status = "True" if condition.status else "False"
+        old = before.get(condition.type, {})
+        since = old.get("lastTransitionTime") if old.get("status") == status else None
+        made.append({"type": condition.type, "status": status, "reason": condition.reason,
+                     "message": _bounded(condition.message or condition.reason),
+                     "observedGeneration": generation,
+                     "lastTransitionTime": since or _now()})
+    return made
+
+
+def class_status(generation: int, current: Any) -> dict[str, Any]:
+    """A GatewayClass of ours: Accepted."""
+    previous = current.get("conditions") if isinstance(current, Mapping) else None
+    return {"conditions": conditions_json(
+        [Condition(ACCEPTED, True, "Accepted",
+                   f"handled by {CONTROLLER}: its Gateways get an Envoy deployment each")],
+        generation, previous)}
+
+
+def gateway_status(state: GatewayState, current: Any) -> dict[str, Any]:
+    current = current if isinstance(current, Mapping) else {}
+    listeners_before = {item.get("name"): item for item in current.get("listeners") or []
+                        if isinstance(item, Mapping)}
+    return {
+        "addresses": [{"type": t, "value": v} for t, v in state.addresses[:MAX_ADDRESSES]],
+        "conditions": conditions_json(state.conditions, state.generation,
+                                      current.get("conditions")),
+        "listeners": [{
+            "name": listener.name,
+            "supportedKinds": [{"group": g, "kind": k} for g, k in listener.supported_kinds],
+            "attachedRoutes": listener.attached_routes,
+            "conditions": conditions_json(
+                listener.conditions, state.generation,
+                listeners_before.get(listener.name, {}).get("conditions")),
+        } for listener in state.listeners],
+    }
+
+
+def parent_ref_json(parent: Any) -> dict[str, Any]:
+    """A ParentRef model as the API writes it (defaults spelled out, None left out)."""
+    data: dict[str, Any] = parent.model_dump(by_alias=True, exclude_none=True)
+    return data
+
+
+def route_parents(parents: Sequence[ParentStatus], generation: int,
+                  current: Any) -> dict[str, Any]:
+    """``status.parents`` with our entries from ``parents`` and every other controller's
+    entries as they are."""
+    current = current if isinstance(current, Mapping) else {}
+    listed = [p for p in current.get("parents") or [] if isinstance(p, Mapping)]
+    others = [p for p in listed if p.get("controllerName") != CONTROLLER]
+    ours_before = {_ref_key(p.get("parentRef")): p for p in listed
+                   if p.get("controllerName") == CONTROLLER}
+    made = []
+    for parent in parents:
+        ref = parent_ref_json(parent.parent)
+        before = ours_before.get(_ref_key(ref), {})
+        made.append({"parentRef": ref, "controllerName": CONTROLLER,
+                     "conditions": conditions_json(parent.conditions, generation,
+                                                   before.get("conditions"))})
+    return {"parents": [*others, *made][:32]}
+
+
+def _ref_key(ref: Any) -> tuple[str, ...]:
+    if not isinstance(ref, Mapping):
+        return ()
+    return tuple(str(ref.get(k) or "") for k in ("group", "kind", "namespace", "name",
+                                                  "sectionName", "port"))
+
+
+def differs(wanted: Mapping[str, Any], current: Any) -> bool:
+    """Whether writing ``wanted`` would change ``current`` (times aside)."""
+    return bool(_comparable(wanted) != _comparable(
+        {k: current.get(k) for k in wanted} if isinstance(current, Mapping) else {}))
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        if "lastTransitionTime" in value and "type" in value:
+            return tuple((k, _comparable(value.get(k))) for k in _COMPARED)
+        return tuple(sorted((k, _comparable(v)) for k, v in value.items()
+                            if v not in (None, [], {})))
+    if isinstance(value, list):
+        return tuple(_comparable(v) for v in value)
+    return value
+
+
+class GatewayStatusWriter:
+    """Merge-patches the ``status`` of Gateway API objects. Blocking: run it off the loop.
+    Failures are logged, never raised; a 403 is kept in ``forbidden`` (for /readyz)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._custom = client.CustomObjectsApi(api)
+        self.forbidden: dict[tuple[str, str], str] = {}
+
+    def write(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        where = (kind.plural, namespace)
+        body = {"status": status}
+        kwargs: dict[str, Any] = {"_request_timeout": (5, 10)}
+        try:
+            if kind.namespaced:
+                self._custom.patch_namespaced_custom_object_status(
+                    kind.group, kind.version, namespace, kind.plural, name, body, **kwargs)
+            else:
+                self._custom.patch_cluster_custom_object_status(
+                    kind.group, kind.version, kind.plural, name, body, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                return True  # deleted meanwhile
+            if exc.status == 403:
+                if where not in self.forbidden:
+                    self.forbidden[where] = (
+                        f"may not write {kind.kind} status"
+                        f"{f' in namespace {namespace!r}' if namespace else ''}; add the "
+                        f"rule {{apiGroups: [{kind.group!r}], resources: "
+                        f"['{kind.plural}/status'], verbs: [get, update, patch]}} to the "
+                        "ClusterRole (deploy/kubernetes/02-rbac.yaml)")
+                    log.error("gateway.status_forbidden", kind=kind.kind,
+                              problem=self.forbidden[where])
+                return False
+            log.warning("gateway.status_failed", kind=kind.kind, object=f"{namespace}/{name}",
+                        status=exc.status, error=str(exc.reason),
+                        hint="retried with the next change")
+            return False
+        except Exception as exc:
+            log.warning("gateway.status_failed", kind=kind.kind, object=f"{namespace}/{name}",
+                        error=f"{type(exc).__name__}: {exc}", hint="retried with the next change")
+            return False
+        self.forbidden.pop(where, None)
+        log.info("gateway.status", kind=kind.kind, object=f"{namespace}/{name}" if namespace
+                 else name, conditions={c["type"]: c["status"]
+                                        for c in status.get("conditions") or []})
+        return True
