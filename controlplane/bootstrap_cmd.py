@@ -25,8 +25,13 @@ if TYPE_CHECKING:  # imported when used: cryptography is slow to load for the pl
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser("bootstrap", help="print an Envoy bootstrap for a sidecar")
     parser.add_argument("--node-id", required=True, help="unique id of this proxy")
-    parser.add_argument("--service", required=True,
-                        help="the service this sidecar belongs to")
+    parser.add_argument("--service",
+                        help="the service this sidecar belongs to (required, but with "
+                        "--gateway)")
+    parser.add_argument("--gateway", metavar="NAME",
+                        help="an ingress gateway for the Gateway NAME in --namespace: it "
+                        "serves that Gateway's listeners (bound on --inbound-address) and "
+                        "nothing of a sidecar; --service defaults to NAME")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--xds-address", default="127.0.0.1:18000",
                         help="the server's HOST:PORT")
@@ -63,6 +68,11 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--service-account", help="the pod's ServiceAccount (node metadata)")
     parser.add_argument("--instance-ip", help="the pod's IP (node metadata)")
     parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+    parser.add_argument("--grpc", action="store_true",
+                        help="print the JSON bootstrap of a proxyless gRPC client "
+                        "(GRPC_XDS_BOOTSTRAP, for xds:///NAME targets) instead of Envoy's; "
+                        "takes --node-id, --service, --namespace, --xds-address, --zone, "
+                        "--xds-ca, --token-file")
     secure = parser.add_argument_group(
         "identity (a control plane run with a CA: serve --ca-dir, or Kubernetes)")
     secure.add_argument("--xds-ca", metavar="FILE",
@@ -91,20 +101,28 @@ def _run(args: argparse.Namespace) -> int:
         return given if given is not None else captured if capture else plain
 
     try:
+        args.service = args.service or args.gateway
+        if not args.service:
+            raise ValueError("--service is required (the service this sidecar belongs "
+                             "to), unless --gateway names the Gateway it serves")
         bundle, bundle_file, token_file = _credentials(args)
-        text = boot.render_bootstrap(boot.BootstrapOptions(
-            node_id=args.node_id, service=args.service, namespace=args.namespace,
-            xds_address=args.xds_address,
-            admin_port=pick(args.admin_port, boot.CAPTURE_ADMIN_PORT, 9901) or 0,
-            admin_address=args.admin_address, egress_port=args.egress_port,
-            inbound_port=pick(args.inbound_port, boot.CAPTURE_INBOUND_PORT, None),
-            app_port=args.app_port,
-            inbound_address=args.inbound_address, delta=args.delta, zone=args.zone,
-            on_demand=args.on_demand, capture=capture,
-            service_account=args.service_account, instance_ip=args.instance_ip,
-            stats_port=pick(args.stats_port, boot.CAPTURE_STATS_PORT, None),
-            health_port=pick(args.health_port, boot.CAPTURE_HEALTH_PORT, None),
-            xds_ca=bundle, xds_ca_file=bundle_file, token_file=token_file))
+        if args.grpc:
+            text = _grpc(args, bundle_file if bundle else None, token_file)
+        else:
+            text = boot.render_bootstrap(boot.BootstrapOptions(
+                node_id=args.node_id, service=args.service, namespace=args.namespace,
+                xds_address=args.xds_address,
+                admin_port=pick(args.admin_port, boot.CAPTURE_ADMIN_PORT, 9901) or 0,
+                admin_address=args.admin_address, egress_port=args.egress_port,
+                inbound_port=pick(args.inbound_port, boot.CAPTURE_INBOUND_PORT, None),
+                app_port=args.app_port,
+                inbound_address=args.inbound_address, delta=args.delta, zone=args.zone,
+                on_demand=args.on_demand, capture=capture,
+                service_account=args.service_account, instance_ip=args.instance_ip,
+                stats_port=pick(args.stats_port, boot.CAPTURE_STATS_PORT, None),
+                health_port=pick(args.health_port, boot.CAPTURE_HEALTH_PORT, None),
+                xds_ca=bundle, xds_ca_file=bundle_file, token_file=token_file,
+                gateway=args.gateway))
         if args.ca_dir:
             _mint(args, token_file)
     except (ValueError, OSError) as exc:
@@ -116,6 +134,20 @@ def _run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _grpc(args: argparse.Namespace, bundle_file: str | None, token_file: str | None) -> str:
+    """A proxyless gRPC client's JSON bootstrap (gRPC reads state of the world only)."""
+    from controlplane.bootstrap_grpc import GrpcBootstrapOptions, render_grpc_bootstrap
+
+    if args.delta or args.on_demand or args.capture:
+        raise ValueError("--grpc takes none of --delta, --on-demand, --capture: a gRPC "
+                         "client speaks state-of-the-world xDS and has no listeners")
+    return render_grpc_bootstrap(GrpcBootstrapOptions(
+        node_id=args.node_id, service=args.service, namespace=args.namespace,
+        xds_address=args.xds_address, zone=args.zone,
+        xds_ca_file=str(Path(bundle_file).absolute()) if bundle_file else None,
+        token_file=token_file))
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeAlias
 
+from controlplane.assembly.gateway import gateway_snapshot
+from controlplane.assembly.proxyless import proxyless_snapshot
 from controlplane.cache.snapshot import Snapshot
-from controlplane.proxy import ProxyIdentity
+from controlplane.proxy import GATEWAY, GRPC, ProxyIdentity
 
 if TYPE_CHECKING:
     from controlplane.assembly.build import MeshBuild
@@ -21,8 +23,8 @@ if TYPE_CHECKING:
 Builder: TypeAlias = Callable[["MeshBuild", ProxyIdentity, Snapshot | None], Snapshot]
 
 BUILDERS: dict[str, Builder] = {
-    # GATEWAY: ...   (added by the ingress gateway's module)
-    # GRPC: ...      (added by the proxyless gRPC module)
+    GATEWAY: gateway_snapshot,
+    GRPC: proxyless_snapshot,
 }
 
 

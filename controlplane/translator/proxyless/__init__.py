@@ -1,0 +1,32 @@
+"""Resources for proxyless gRPC clients (``xds:///NAME`` targets): what a gRPC library's
+own xDS client reads, derived from the sidecars' resources.
+
+A gRPC client is not Envoy: it reads a subset of each resource (gRFCs A27, A28, A31,
+A33, A42, A44, A50) and NACKs a whole response when a field it reads holds a value it
+does not support. So each resource is rebuilt here from a whitelist: what gRPC supports
+is kept or translated, everything else is left out and noted (``LeftOut``), so that an
+Envoy-only feature of one service never breaks the table for every service.
+
+- ``listeners``: one API listener per name a client may dial (the route table's domains);
+- ``routes``: the egress route table, translated;
+- ``clusters``: EDS clusters with the LB policies gRPC knows;
+- ``endpoints``: load assignments with locality weights (gRPC drops unweighted ones).
+"""
+
+from controlplane.translator.proxyless.clusters import grpc_cluster
+from controlplane.translator.proxyless.endpoints import grpc_assignment
+from controlplane.translator.proxyless.listeners import GRPC_ROUTE, api_listener, listener_names
+from controlplane.translator.proxyless.notes import LeftOut
+from controlplane.translator.proxyless.retries import grpc_retry_on
+from controlplane.translator.proxyless.routes import grpc_route_config
+
+__all__ = [
+    "GRPC_ROUTE",
+    "LeftOut",
+    "api_listener",
+    "grpc_assignment",
+    "grpc_cluster",
+    "grpc_retry_on",
+    "grpc_route_config",
+    "listener_names",
+]

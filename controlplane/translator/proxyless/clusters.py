@@ -1,0 +1,97 @@
+"""Clusters as a gRPC client reads them (gRFCs A27, A32, A37, A42, A50).
+
+gRPC takes EDS clusters, and LOGICAL_DNS ones of exactly one host (A37); a service of
+the mesh is EDS. An external service (one DNS name) becomes LOGICAL_DNS; a service whose
+endpoints are several DNS names (STRICT_DNS for Envoy) has no gRPC form and is left out.
+Load balancing: round robin and ring hash (A42) as written; maglev becomes ring hash
+(both hash consistently; gRPC has no maglev) and random becomes round robin, because a
+gRPC client NACKs a policy it does not know. Of the circuit breaker, gRPC keeps
+``max_requests`` (A32); of outlier detection, ejection by success rate and failure
+percentage (A50: the consecutive-error counters are Envoy's). No mTLS: gRPC reads
+certificates only from its own certificate providers, not SDS (left out and noted).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+
+from controlplane.translator.proxyless.notes import LeftOut
+
+_Cluster = cluster_pb2.Cluster
+_LB: Final = {
+    _Cluster.LbPolicy.ROUND_ROBIN: cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
+    _Cluster.LbPolicy.RANDOM: cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
+    _Cluster.LbPolicy.LEAST_REQUEST: cluster_pb2.Cluster.LbPolicy.LEAST_REQUEST,
+    _Cluster.LbPolicy.RING_HASH: cluster_pb2.Cluster.LbPolicy.RING_HASH,
+    _Cluster.LbPolicy.MAGLEV: cluster_pb2.Cluster.LbPolicy.RING_HASH,
+}
+_CONSECUTIVE: Final = ("consecutive_5xx", "consecutive_gateway_failure",
+                       "consecutive_local_origin_failure", "enforcing_consecutive_5xx",
+                       "enforcing_consecutive_gateway_failure",
+                       "enforcing_consecutive_local_origin_failure")
+
+
+def grpc_cluster(cluster: cluster_pb2.Cluster, left: LeftOut) -> cluster_pb2.Cluster | None:
+    """``cluster`` for gRPC clients; None when it has no gRPC form."""
+    where = f"cluster {cluster.name}"
+    made = _Cluster(name=cluster.name)
+    kind = cluster.WhichOneof("cluster_discovery_type")
+    if kind == "type" and cluster.type == _Cluster.DiscoveryType.EDS:
+        made.type = _Cluster.DiscoveryType.EDS
+        made.eds_cluster_config.CopyFrom(cluster.eds_cluster_config)
+    elif kind == "type" and cluster.type in (_Cluster.DiscoveryType.STRICT_DNS,
+                                             _Cluster.DiscoveryType.LOGICAL_DNS):
+        hosts = [lb.endpoint.address for group in cluster.load_assignment.endpoints
+                 for lb in group.lb_endpoints]
+        if len(hosts) != 1:
+            left.add("the whole service (several DNS endpoints: gRPC resolves one name)",
+                     where)
+            return None
+        made.type = _Cluster.DiscoveryType.LOGICAL_DNS
+        assignment = made.load_assignment
+        assignment.cluster_name = cluster.load_assignment.cluster_name
+        assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(hosts[0])
+    else:
+        left.add("the whole service (a cluster type gRPC does not know)", where)
+        return None
+    _load_balancing(cluster, made, where, left)
+    _limits(cluster, made)
+    if cluster.HasField("outlier_detection"):
+        made.outlier_detection.CopyFrom(_outlier_detection(cluster.outlier_detection,
+                                                           where, left))
+    if cluster.HasField("transport_socket") or cluster.transport_socket_matches:
+        left.add("mTLS (gRPC clients call in plaintext)", where)
+    return made
+
+
+def _load_balancing(cluster: cluster_pb2.Cluster, made: cluster_pb2.Cluster, where: str,
+                    left: LeftOut) -> None:
+    policy = _LB.get(cluster.lb_policy, _Cluster.LbPolicy.ROUND_ROBIN)
+    if policy != cluster.lb_policy:
+        left.add(f"lb_policy {_Cluster.LbPolicy.Name(cluster.lb_policy)} (as "
+                 f"{_Cluster.LbPolicy.Name(policy)})", where)
+    made.lb_policy = policy
+    if policy == _Cluster.LbPolicy.RING_HASH and cluster.HasField("ring_hash_lb_config"):
+        made.ring_hash_lb_config.CopyFrom(cluster.ring_hash_lb_config)
+
+
+def _limits(cluster: cluster_pb2.Cluster, made: cluster_pb2.Cluster) -> None:
+    """gRPC reads ``max_requests`` of the default priority only."""
+    for limits in cluster.circuit_breakers.thresholds:
+        if limits.priority == 0 and limits.HasField("max_requests"):
+            made.circuit_breakers.thresholds.append(circuit_breaker_pb2.CircuitBreakers
+                                                    .Thresholds(max_requests=limits
+                                                                .max_requests))
+
+
+def _outlier_detection(given: outlier_detection_pb2.OutlierDetection, where: str,
+                       left: LeftOut) -> outlier_detection_pb2.OutlierDetection:
+    made = outlier_detection_pb2.OutlierDetection()
+    made.CopyFrom(given)
+    if any(made.HasField(name) for name in _CONSECUTIVE[:3]):
+        left.add("outlier_detection consecutive errors (gRPC ejects by success rate)", where)
+    for name in _CONSECUTIVE:
+        made.ClearField(name)
+    return made
