@@ -27,6 +27,8 @@ from controlplane.sources.kubernetes.crd import (
     telemetry_crd,
     traffic_policy_crd,
 )
+from controlplane.sources.kubernetes.deployer import certificate_rules
+from controlplane.sources.kubernetes.deployer import rbac_rules as gateway_rules
 from controlplane.sources.kubernetes.kinds import (
     CA_SECRET,
     ENDPOINT_SLICES,
@@ -113,6 +115,8 @@ def cluster_role_rules() -> list[dict[str, Any]]:
         *(rule for kind in ROUTES for rule in _own_kind(kind)),
         {"apiGroups": [REFERENCE_GRANTS.group], "resources": [REFERENCE_GRANTS.plural],
          "verbs": _WATCH},
+        # Gateways of our class: their status, their Envoy's objects, their certificates.
+        *gateway_rules(),
         # The injection webhook writes its CA into its own configuration, and no other.
         {"apiGroups": [MUTATING_WEBHOOKS.group], "resources": [MUTATING_WEBHOOKS.plural],
          "resourceNames": [WEBHOOK_CONFIGURATION], "verbs": ["get", "patch"]},
@@ -147,6 +151,7 @@ def rbac() -> list[dict[str, Any]]:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                      "name": NAME},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]},
+        *_bound_cluster_role(f"{NAME}-gateway-certificates", certificate_rules()),
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
          "metadata": _meta(f"{NAME}-secrets"), "rules": secret_role_rules()},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -155,6 +160,16 @@ def rbac() -> list[dict[str, Any]]:
                      "name": f"{NAME}-secrets"},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]},
     ]
+
+
+def _bound_cluster_role(name: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": _meta(name, namespaced=False), "rules": rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": _meta(name, namespaced=False),
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": name},
+             "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]}]
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:

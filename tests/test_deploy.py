@@ -43,7 +43,8 @@ def by_kind() -> dict[str, dict[str, Any]]:
             if name == "CustomResourceDefinition" and document["metadata"]["name"] != \
                     crd.CRD_NAME:  # the TrafficPolicy CRD is "the" CRD; others by name
                 name = f"{name}/{document['metadata']['name']}"
-            if name == "NetworkPolicy":
+            if name == "NetworkPolicy" or (name.startswith("ClusterRole") and document[
+                    "metadata"]["name"] != deploy.NAME):  # the gateways' certificates
                 name = f"{name}/{document['metadata']['name']}"
             assert name not in found, f"two {name} objects"
             found[name] = document
@@ -300,6 +301,17 @@ def test_cluster_role_is_least_privilege() -> None:
         expected |= {(route.group, f"{route.plural}/status", v)
                      for v in ("get", "update", "patch")}
     expected |= {(kinds.GATEWAY_API_GROUP, kinds.REFERENCE_GRANTS.plural, v) for v in read}
+    # Gateways of our class: our ingress kinds read and their status written; each
+    # Gateway's Deployment, Service and ServiceAccount made (read by name: no list or
+    # watch). Secrets for certificateRefs: a ClusterRole of their own (below).
+    for kind in kinds.INGRESS:
+        expected |= {(kind.group, kind.plural, v) for v in read}
+        expected |= {(kind.group, f"{kind.plural}/status", v)
+                     for v in ("get", "update", "patch")}
+    write = ("get", "create", "patch", "delete")
+    expected |= {("apps", "deployments", v) for v in write}
+    expected |= {("", resource, v) for resource in ("services", "serviceaccounts")
+                 for v in write}
     # The webhook's CA goes into its own configuration only.
     expected |= {("admissionregistration.k8s.io", "mutatingwebhookconfigurations", v,
                   kinds.WEBHOOK_CONFIGURATION) for v in ("get", "patch")}
@@ -395,6 +407,19 @@ def test_secret_role_is_two_secrets_in_our_namespace() -> None:
     assert binding["subjects"] == found["ClusterRoleBinding"]["subjects"]
     cluster_resources = {r for rule in found["ClusterRole"]["rules"] for r in rule["resources"]}
     assert "secrets" not in cluster_resources
+
+
+def test_gateway_certificates_role_reads_secrets_alone() -> None:
+    """Gateways' certificateRefs name Secrets anywhere; reading them is a ClusterRole of
+    its own, so an operator may drop its binding or bind it per namespace."""
+    found = by_kind()
+    name = f"{deploy.NAME}-gateway-certificates"
+    role = found[f"ClusterRole/{name}"]
+    binding = found[f"ClusterRoleBinding/{name}"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert binding["roleRef"]["name"] == name
+    assert binding["subjects"] == found["ClusterRoleBinding"]["subjects"]
 
 
 def test_webhook_configuration_targets_only_what_it_must() -> None:

@@ -17,9 +17,12 @@ from typing import Any, Final
 
 from controlplane.sources.kubernetes.kinds import (
     GATEWAY_API_GROUP,
+    GATEWAY_CLASSES,
+    GATEWAYS,
     GRPC_ROUTES,
     HTTP_ROUTES,
     REFERENCE_GRANTS,
+    TLS_ROUTES,
     Kind,
 )
 
@@ -210,7 +213,85 @@ SCHEMAS: Final[dict[Kind, Obj]] = {
         "to": _array(_GRANT_TO, 16, minItems=1),
     }, ("from", "to"))}),
 }
-STATUS_SUBRESOURCE: Final = frozenset({HTTP_ROUTES, GRPC_ROUTES})
+# The ingress half (the gateway controller's kinds): GatewayClass, Gateway (v1, standard
+# channel) and TLSRoute (v1alpha2, experimental channel).
+_LABELS: Final = {"type": "object", "maxProperties": 8,
+                  "additionalProperties": {"type": "string", "maxLength": 4096}}
+_CERTIFICATE_REF: Final = _object({"group": {**_GROUP, "default": ""},
+                                   "kind": {**_KIND, "default": "Secret"}, "name": _NAME,
+                                   "namespace": {"type": "string", "minLength": 1,
+                                                 "maxLength": 63}}, ("name",))
+_LISTENER: Final = _object({
+    "name": {"type": "string", "minLength": 1, "maxLength": 253},
+    "hostname": {"type": "string", "minLength": 1, "maxLength": 253},
+    "port": _PORT,
+    "protocol": {"type": "string", "minLength": 1, "maxLength": 255},
+    "tls": _object({
+        "mode": {"type": "string", "enum": ["Terminate", "Passthrough"],
+                 "default": "Terminate"},
+        "certificateRefs": _array(_CERTIFICATE_REF, 64),
+        "options": {"type": "object", "maxProperties": 16,
+                    "additionalProperties": {"type": "string", "maxLength": 4096}},
+    }),
+    "allowedRoutes": _object({
+        "namespaces": _object({
+            "from": {"type": "string", "enum": ["All", "Selector", "Same"],
+                     "default": "Same"},
+            "selector": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        }, default={"from": "Same"}),
+        "kinds": _array(_object({"group": _GROUP, "kind": _KIND}, ("kind",)), 8),
+    }, default={"namespaces": {"from": "Same"}}),
+}, ("name", "port", "protocol"))
+_ADDRESS: Final = _object({"type": {"type": "string", "maxLength": 253,
+                                    "default": "IPAddress"},
+                           "value": {"type": "string", "minLength": 1, "maxLength": 253}},
+                          ("value",))
+_LISTENER_STATUS: Final = _object({
+    "name": {"type": "string", "minLength": 1, "maxLength": 253},
+    "supportedKinds": _array(_object({"group": _GROUP, "kind": _KIND}, ("kind",)), 8),
+    "attachedRoutes": {"type": "integer", "format": "int32"},
+    "conditions": _array(_CONDITION, 8),
+}, ("name", "supportedKinds", "attachedRoutes", "conditions"))
+SCHEMAS[GATEWAY_CLASSES] = _object({
+    "spec": _object({
+        "controllerName": {"type": "string", "minLength": 1, "maxLength": 253,
+                           "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*"
+                                      r"[a-z0-9])?)*\/[A-Za-z0-9\/\-._~%!$&'()*+,;=:]+$"},
+        "parametersRef": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "description": {"type": "string", "maxLength": 64},
+    }, ("controllerName",)),
+    "status": _object({"conditions": _array(_CONDITION, 8),
+                       "supportedFeatures": _array(_object({"name": _NAME}), 64)}),
+}, ("spec",))
+SCHEMAS[GATEWAYS] = _object({
+    "spec": _object({
+        "gatewayClassName": _NAME,
+        "listeners": _array(_LISTENER, 64, minItems=1),
+        "addresses": _array(_ADDRESS, 16),
+        "infrastructure": _object({"labels": _LABELS, "annotations": _LABELS,
+                                   "parametersRef": {"type": "object",
+                                                     "x-kubernetes-preserve-unknown-fields":
+                                                         True}}),
+    }, ("gatewayClassName", "listeners")),
+    "status": _object({"addresses": _array(_ADDRESS, 16),
+                       "conditions": _array(_CONDITION, 8),
+                       "listeners": _array(_LISTENER_STATUS, 64)}),
+}, ("spec",))
+SCHEMAS[TLS_ROUTES] = _object({
+    "spec": _object({
+        "parentRefs": _array(_PARENT_REF, 32),
+        "hostnames": _array({"type": "string", "minLength": 1, "maxLength": 253}, 16),
+        "rules": _array(_object({
+            "name": {"type": "string", "minLength": 1, "maxLength": 253},
+            "backendRefs": _array(_object({
+                **_BACKEND_OBJECT,
+                "weight": {"type": "integer", "minimum": 0, "maximum": 1000000,
+                           "default": 1}}, ("name",)), 16, minItems=1)}), 16, minItems=1),
+    }, ("rules",)),
+    "status": _ROUTE_STATUS,
+}, ("spec",))
+STATUS_SUBRESOURCE: Final = frozenset({HTTP_ROUTES, GRPC_ROUTES, GATEWAY_CLASSES, GATEWAYS,
+                                       TLS_ROUTES})
 
 
 def schemas() -> dict[Kind, Obj]:

@@ -68,11 +68,22 @@ def shipped_roles(directory: Path = MANIFESTS,
     return found
 
 
-def shipped_rules(directory: Path = MANIFESTS, role: str = "controlplane") -> list[Rule]:
-    """The rules of the ClusterRole ``role`` in the manifests."""
+def shipped_rules(directory: Path = MANIFESTS, role: str = "controlplane",
+                  account: str = SERVICE_ACCOUNT) -> list[Rule]:
+    """The rules of the ClusterRole ``role`` in the manifests, and of every other
+    ClusterRole a ClusterRoleBinding there grants to ``account`` (the gateways'
+    certificates)."""
+    docs = _documents(directory)
+    _, _, namespace_name = account.partition("system:serviceaccount:")
+    bound = {role} | {
+        binding.get("roleRef", {}).get("name") for binding in docs
+        if binding.get("kind") == "ClusterRoleBinding"
+        and namespace_name in {f"{s.get('namespace')}:{s.get('name')}"
+                               for s in binding.get("subjects") or []
+                               if s.get("kind") == "ServiceAccount"}}
     rules: list[Rule] = []
-    for doc in _documents(directory):
-        if doc.get("kind") == "ClusterRole" and doc.get("metadata", {}).get("name") == role:
+    for doc in docs:
+        if doc.get("kind") == "ClusterRole" and doc.get("metadata", {}).get("name") in bound:
             rules.extend(_rule(r) for r in doc.get("rules") or [])
     if not rules:
         raise ValueError(f"no ClusterRole {role!r} with rules in {directory}")

@@ -302,7 +302,25 @@ class _Store:
                 raise _not_found(kind, name)
             gone = copy.deepcopy(old)
             self._commit(kind, "DELETED", gone, old)
+            self._collect_garbage()
             return copy.deepcopy(gone)
+
+    def _collect_garbage(self) -> None:
+        """The garbage collector's background deletion: every object whose
+        ownerReferences name only owners that are gone (by uid) goes too, and so on down
+        (at once here; a real cluster's collector takes a moment)."""
+        for _ in range(16):  # an owner chain deeper than this is not modelled
+            alive = {obj["metadata"].get("uid") for objects in self.objects.values()
+                     for obj in objects.values()}
+            orphans = [(kind, key) for kind, objects in self.objects.items()
+                       for key, obj in objects.items()
+                       if (owners := obj["metadata"].get("ownerReferences"))
+                       and not any(o.get("uid") in alive for o in owners)]
+            if not orphans:
+                return
+            for kind, key in orphans:
+                gone = self.objects[kind][key]
+                self._commit(kind, "DELETED", copy.deepcopy(gone), gone)
 
     def _admit(self, kind: Kind, obj: Obj, old: Obj | None) -> list[str]:
         """Default, prune and validate as the real server would; returns warnings."""

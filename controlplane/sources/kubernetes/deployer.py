@@ -40,8 +40,11 @@ from controlplane.sources.kubernetes.kinds import (
     DEPLOYMENTS,
     GATEWAY_LABEL,
     GATEWAYS,
+    INGRESS,
     POLICY_GROUP,
+    SECRETS,
     SERVICE_ACCOUNTS,
+    SERVICE_TYPE_ANNOTATION,
     SERVICES,
     Kind,
 )
@@ -50,7 +53,6 @@ from controlplane.sources.kubernetes.services import meta
 log = structlog.get_logger("controlplane.source.kubernetes")
 
 Obj = dict[str, Any]
-SERVICE_TYPE_ANNOTATION: Final = f"{POLICY_GROUP}/service-type"
 HASH_ANNOTATION: Final = f"{POLICY_GROUP}/gateway-hash"
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "controlplane"}
 SERVICE_TYPES: Final = ("LoadBalancer", "ClusterIP", "NodePort")
@@ -366,3 +368,32 @@ def _api_problem(kind: Kind, obj: Obj, exc: ApiException) -> str:
     message = body.get("message") if isinstance(body, dict) else None
     return (f"the API server refused {kind.kind} {name}: {message or exc.reason} "
             f"(HTTP {exc.status}); retried with the next change")
+
+
+def rbac_rules() -> list[Obj]:
+    """What the gateway controller needs in the server's ClusterRole (deploy/kubernetes):
+    read our Gateway API kinds and write their status; make each Gateway's three objects
+    (no list or watch of them: each is read by name). Secrets are in a ClusterRole of
+    their own (``certificate_rules``)."""
+    watch = ["get", "list", "watch"]
+    write = ["get", "create", "patch", "delete"]
+    return [
+        *({"apiGroups": [kind.group], "resources": [kind.plural], "verbs": watch}
+          for kind in INGRESS),
+        {"apiGroups": [GATEWAYS.group],
+         "resources": [f"{kind.plural}/status" for kind in INGRESS],
+         "verbs": ["get", "update", "patch"]},
+        {"apiGroups": [DEPLOYMENTS.group], "resources": [DEPLOYMENTS.plural], "verbs": write},
+        {"apiGroups": [SERVICES.group],
+         "resources": [SERVICES.plural, SERVICE_ACCOUNTS.plural], "verbs": write},
+    ]
+
+
+def certificate_rules() -> list[Obj]:
+    """Reading the Secrets Gateway listeners name (certificateRefs). RBAC cannot name
+    them ahead (users do, later), so this is every Secret, in a ClusterRole of its own:
+    its ClusterRoleBinding may be dropped (no HTTPS gateways) or replaced by RoleBindings
+    in the Gateways' namespaces only. The server itself watches only the named Secrets,
+    one watch each (certificates.py)."""
+    return [{"apiGroups": [SECRETS.group], "resources": [SECRETS.plural],
+             "verbs": ["get", "list", "watch"]}]

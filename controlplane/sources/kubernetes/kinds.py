@@ -78,7 +78,22 @@ GRPC_ROUTES: Final = Kind(GATEWAY_API_GROUP, "v1", "grpcroutes", "GRPCRoute")
 REFERENCE_GRANTS: Final = Kind(GATEWAY_API_GROUP, "v1beta1", "referencegrants",
                                "ReferenceGrant")
 ROUTES: Final = (HTTP_ROUTES, GRPC_ROUTES)  # status written by us (status.parents)
-GATEWAY_API: Final = (HTTP_ROUTES, GRPC_ROUTES, REFERENCE_GRANTS)  # every optional one
+# Ingress through the Gateway API (issue 13): GatewayClasses naming our controller, their
+# Gateways (each gets a Deployment, Service and ServiceAccount of its own, owned by it:
+# sources/kubernetes/deployer.py) and TLSRoutes. Optional like the routes.
+GATEWAY_GROUP: Final = GATEWAY_API_GROUP
+GATEWAY_CONTROLLER: Final = "mesh.controlplane.io/gateway-controller"  # DESIGN.md section 5
+GATEWAY_CLASSES: Final = Kind(GATEWAY_GROUP, "v1", "gatewayclasses", "GatewayClass",
+                              namespaced=False)
+GATEWAYS: Final = Kind(GATEWAY_GROUP, "v1", "gateways", "Gateway")
+TLS_ROUTES: Final = Kind(GATEWAY_GROUP, "v1alpha2", "tlsroutes", "TLSRoute")
+INGRESS: Final = (GATEWAY_CLASSES, GATEWAYS, TLS_ROUTES)  # status written by us
+DEPLOYMENTS: Final = Kind("apps", "v1", "deployments", "Deployment")  # written, not watched
+# On what the deployer creates: the Gateway it serves (also the pods' selector).
+GATEWAY_LABEL: Final = f"{GATEWAY_GROUP}/gateway-name"
+# On a Gateway: the type of its Service (LoadBalancer, the default, ClusterIP, NodePort).
+SERVICE_TYPE_ANNOTATION: Final = f"{POLICY_GROUP}/service-type"
+GATEWAY_API: Final = (HTTP_ROUTES, GRPC_ROUTES, REFERENCE_GRANTS, *INGRESS)  # optional
 WATCHED: Final = (SERVICES, ENDPOINT_SLICES, TRAFFIC_POLICIES, SIDECARS, SECURITY_POLICIES,
                   PODS, TELEMETRIES, *GATEWAY_API)
 # ours: a CRD each, status written by us
@@ -116,17 +131,3 @@ METADATA_WATCH_ACCEPT: Final = (
 
 # The label that ties an EndpointSlice to its Service (set by the EndpointSlice controller).
 SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"
-
-# Ingress through the Gateway API (issue 13): GatewayClasses naming our controller, their
-# Gateways (each gets a Deployment, Service and ServiceAccount of its own, owned by it:
-# sources/kubernetes/deployer.py) and TLSRoutes. Optional: a cluster without the Gateway
-# API's CRDs serves the mesh without gateways.
-GATEWAY_GROUP: Final = "gateway.networking.k8s.io"
-GATEWAY_CONTROLLER: Final = "mesh.controlplane.io/gateway-controller"  # DESIGN.md section 5
-GATEWAY_CLASSES: Final = Kind(GATEWAY_GROUP, "v1", "gatewayclasses", "GatewayClass",
-                              namespaced=False)
-GATEWAYS: Final = Kind(GATEWAY_GROUP, "v1", "gateways", "Gateway")
-TLS_ROUTES: Final = Kind(GATEWAY_GROUP, "v1alpha2", "tlsroutes", "TLSRoute")
-DEPLOYMENTS: Final = Kind("apps", "v1", "deployments", "Deployment")
-# On what the deployer creates: the Gateway it serves (also the pods' selector).
-GATEWAY_LABEL: Final = f"{GATEWAY_GROUP}/gateway-name"

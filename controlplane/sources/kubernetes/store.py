@@ -12,12 +12,13 @@ from typing import Any
 from controlplane.sources.kubernetes.kinds import (
     EXPORT_TO_ANNOTATION,
     SERVICE_ACCOUNT_ANNOTATION,
+    SERVICE_TYPE_ANNOTATION,
 )
 from controlplane.sources.kubernetes.services import Key, key, meta
 
 _KEPT_METADATA = ("name", "namespace", "labels", "creationTimestamp", "generation", "uid")
 _DROPPED_TOP = ("metadata", "status", "kind", "apiVersion")
-_KEPT_ANNOTATIONS = (EXPORT_TO_ANNOTATION,)
+_KEPT_ANNOTATIONS = (EXPORT_TO_ANNOTATION, SERVICE_TYPE_ANNOTATION)  # the latter: Gateways
 
 
 def relevant(obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -330,7 +330,7 @@ def _list_function(kind: Kind, api: client.ApiClient,
             return discovery.list_endpoint_slice_for_all_namespaces, ()
         return discovery.list_namespaced_endpoint_slice, (namespace,)
     custom = client.CustomObjectsApi(api)
-    if namespace is None:
+    if namespace is None or not kind.namespaced:  # GatewayClasses: cluster-scoped
         return custom.list_cluster_custom_object, (kind.group, kind.version, kind.plural)
     return custom.list_namespaced_custom_object, (kind.group, kind.version, namespace,
                                                   kind.plural)
