@@ -8,10 +8,14 @@ from datetime import timedelta
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
+from controlplane.mesh.attach import Attachments, attach
 from controlplane.mesh.model import Mesh, Service, ServicePort
 from controlplane.translator import names
+from controlplane.translator.gateway_api import rule_routes
 from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import duration
+
+ROUTE_OWNED = frozenset({"traffic", "timeout", "retries"})  # features a route replaces
 
 
 def egress_route(
@@ -27,9 +31,17 @@ def egress_route(
     else:
         by_key = mesh.by_key
         services = (by_key[key] for key in visible if key in by_key)
-    hosts = [host for service in services for host in virtual_hosts(service, namespace)]
+    attached = attach(mesh) if mesh.http_routes or mesh.grpc_routes else None
+    hosts = [host for service in services
+             for host in virtual_hosts(service, namespace, attached)]
     hosts.sort(key=lambda host: str(host.name))
-    return route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
+    config = route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
+    if attached is not None and any(route.route.cluster_not_found_response_code
+                                    for host in hosts for route in host.routes):
+        # A Gateway API backend that does not resolve is a cluster that does not exist,
+        # answering 500 (the spec); RDS does not check cluster names, say so anyway.
+        config.validate_clusters.value = False
+    return config
 
 
 def source_header() -> base_pb2.HeaderValueOption:
@@ -71,21 +83,37 @@ def inbound_route(cluster_name: str) -> route_pb2.RouteConfiguration:
 
 
 def virtual_hosts(
-    service: Service, proxy_namespace: str
+    service: Service, proxy_namespace: str, attached: Attachments | None = None
 ) -> list[route_components_pb2.VirtualHost]:
     """The first HTTP/gRPC port also takes the port-less Host forms (a client calling
-    ``http://api/`` says no port); the others answer only with theirs."""
+    ``http://api/`` says no port); the others answer only with theirs. A port with
+    Gateway API routes attached (``attached``) is routed by them."""
     routed = [port for port in service.service_ports if port.protocol in ("http", "grpc")]
     return [
         route_components_pb2.VirtualHost(
             name=names.virtual_host(service, port.port),
             domains=names.domains(service, proxy_namespace, port.port, bare=index == 0),
-            routes=[*_extra_routes(service, port), _route(service, port)],
+            routes=_port_routes(service, port, proxy_namespace, attached),
             request_headers_to_add=[source_header()] if service.external_name is None
             else [],
         )
         for index, port in enumerate(routed)
     ]
+
+
+def _port_routes(service: Service, port: ServicePort, proxy_namespace: str,
+                 attached: Attachments | None) -> list[route_components_pb2.Route]:
+    rules = attached.for_service(service.key, port.port, proxy_namespace) if attached else []
+    if not rules:
+        return [*_extra_routes(service, port), _route(service, port)]
+    # The routes replace the policy's split, match, timeout and retries (the route
+    # wins, DESIGN.md); its other route features (fault, rate limit, fallback) apply.
+    routes = rule_routes(rules, port)
+    for route in routes:
+        for feature in FEATURES:
+            if feature.name not in ROUTE_OWNED:
+                feature.route(service, port, route)
+    return routes
 
 
 def _extra_routes(service: Service, port: ServicePort) -> list[route_components_pb2.Route]:
