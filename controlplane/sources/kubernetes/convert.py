@@ -51,6 +51,7 @@ from controlplane.sources.kubernetes.policies import (
     unresolved_subsets,
 )
 from controlplane.sources.kubernetes.programmed import origins
+from controlplane.sources.kubernetes.routes import RouteConversion, overridden_by_routes
 from controlplane.sources.kubernetes.securitypolicies import (
     SecurityPolicies,
     without_sidecars,
@@ -136,7 +137,9 @@ class Converter:
                 policies: Iterable[Obj], pods: Mapping[Key, Obj] | None = None,
                 sidecars: Iterable[Obj] = (),
                 security_policies: Iterable[Obj] = (),
-                telemetries: Iterable[Obj] = ()) -> Conversion:
+                telemetries: Iterable[Obj] = (),
+                routes: RouteConversion | None = None) -> Conversion:
+        """``routes``: the Gateway API's, converted (routes.py), into the mesh as they are."""
         by_service: dict[Key, list[Obj]] = {}
         for slice_ in slices:
             labels = meta(slice_).get("labels")
@@ -191,6 +194,9 @@ class Converter:
             update["security"] = security.mesh
         if telemetry.mesh != result.mesh.telemetry:
             update["telemetry"] = telemetry.mesh
+        if routes is not None:
+            update.update(http_routes=routes.http_routes, grpc_routes=routes.grpc_routes,
+                          reference_grants=routes.reference_grants)
         if update:
             result.mesh = result.mesh.model_copy(update=update)
         _resolve_sidecars(result)
@@ -201,7 +207,8 @@ class Converter:
             verdict = verdicts.get(policy_key) if policy_key is not None else None
             if policy_key is not None and verdict is not None and verdict.accepted:
                 verdicts[policy_key] = dataclasses.replace(
-                    verdict, unresolved=unresolved_subsets(service))
+                    verdict, unresolved=unresolved_subsets(service),
+                    overridden=overridden_by_routes(result.mesh, service.key))
         result.origins = origins(result.mesh, {k: key(p[0]) for k, p in chosen.items()},
                                  verdicts, security.applied_to)
         return result

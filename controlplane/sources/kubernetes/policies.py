@@ -31,6 +31,9 @@ class Verdict:
     unresolved: str = ""  # accepted, but a subset selects no endpoint: why, else ""
     unresolved_reason: str = ""  # ResolvedRefs' reason when not the kind's usual one
     kind: str = POLICY_KIND  # whose verdict: TrafficPolicy or Sidecar (status goes there)
+    # A TrafficPolicy's fields a Gateway API route replaces ("": none; None: not known,
+    # no Overridden condition), said in its Overridden condition.
+    overridden: str | None = None
 
 
 def generation_of(policy: Obj) -> int:

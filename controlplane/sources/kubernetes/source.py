@@ -21,7 +21,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,14 +30,21 @@ from kubernetes import client
 
 from controlplane import metrics
 from controlplane.mesh.model import Mesh, OutboundTrafficPolicy
+from controlplane.mesh.route_status import RouteKey
 from controlplane.sources.base import stamp
 from controlplane.sources.kubernetes.convert import Converter, Key, Verdict
+from controlplane.sources.kubernetes.gateway_controller import GatewayController
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
     GATEWAY_API,
+    GRPC_ROUTES,
+    HTTP_ROUTES,
+    INGRESS,
     PODS,
+    REFERENCE_GRANTS,
     ROOT_NAMESPACE,
     ROUTES,
+    SECRETS,
     SECURITY_POLICIES,
     SERVICES,
     SIDECARS,
@@ -47,6 +54,16 @@ from controlplane.sources.kubernetes.kinds import (
     Kind,
 )
 from controlplane.sources.kubernetes.programmed import PolicyKey, RejectedLike, programmed
+from controlplane.sources.kubernetes.route_status import (
+    RouteStatusWriter,
+    StatusSource,
+    service_parents,
+    wanted_statuses,
+)
+from controlplane.sources.kubernetes.route_status import (
+    needs_write as needs_route_write,
+)
+from controlplane.sources.kubernetes.routes import RouteConversion, RouteObject, convert_routes
 from controlplane.sources.kubernetes.status import Programmed, StatusWriter, needs_write
 from controlplane.sources.kubernetes.store import ObjectStore, labels_only
 from controlplane.sources.kubernetes.watch import (
@@ -83,10 +100,12 @@ class KubernetesSource:
                  timing: WatchTiming | None = None, debounce: Debounce | None = None,
                  write_status: bool = True, pod_labels: bool = True,
                  outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
-                 root_namespace: str = ROOT_NAMESPACE, replica: str | None = None) -> None:
+                 root_namespace: str = ROOT_NAMESPACE, replica: str | None = None,
+                 gateways: GatewayController | None = None) -> None:
         """``root_namespace``: the control plane's own, where a SecurityPolicy without a
         target applies to the whole mesh. ``replica``: this server's name in a policy's
-        ``Programmed`` condition (default the host name: the pod's)."""
+        ``Programmed`` condition (default the host name: the pod's). ``gateways``: the
+        gateway controller (default: status and certificates, no Envoy deployments)."""
         self.api = api
         self.kinds = [kind for kind in WATCHED if pod_labels or kind != PODS]
         self.namespaces: list[str | None] = list(namespaces) if namespaces else [None]
@@ -116,6 +135,18 @@ class KubernetesSource:
         self._origins: dict[str, tuple[PolicyKey, ...]] = {}
         self._recheck: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Gateway API routes: their status writer, the writes on their way, where parent
+        # statuses come from (gateways append theirs) and which Gateways are ours (a
+        # route only for others' Gateways is not taken; the gateway source sets it).
+        self.route_status = RouteStatusWriter(api) if write_status else None
+        self._route_writing: dict[RouteKey, list[dict[str, Any]]] = {}
+        self.route_status_sources: list[StatusSource] = [service_parents]
+        self.our_gateways: Callable[[], Collection[Key]] = frozenset
+        # Gateways of our class (gateway_controller.py): their Envoys, status, certificates.
+        self.gateways = gateways or GatewayController.plain(api, self.timing, write_status)
+        self.stores.update({kind: ObjectStore(keep_status=True) for kind in INGRESS})
+        self.our_gateways = self.gateways.ours
+        self.route_status_sources.append(self.gateways.route_parents)
 
     def origins(self, service: str) -> tuple[PolicyKey, ...]:
         """The policy objects that shaped a served Service (``namespace/name``)."""
@@ -142,6 +173,10 @@ class KubernetesSource:
             self._forbidden, key=lambda k: (k[0].plural, k[1] or ""))]
         if self.status is not None:
             found.extend(self.status.forbidden[k] for k in sorted(self.status.forbidden))
+        if self.route_status is not None:
+            found.extend(self.route_status.forbidden[k]
+                         for k in sorted(self.route_status.forbidden))
+        found.extend(self.gateways.problems())
         return found
 
     async def updates(self) -> AsyncIterator[Mesh]:
@@ -153,7 +188,9 @@ class KubernetesSource:
             with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        unlisted = {(kind, ns) for kind in self.kinds for ns in self.namespaces}
+        unlisted = {(kind, ns if kind.namespaced else None)  # GatewayClasses: one watch
+                    for kind in self.kinds for ns in self.namespaces}
+        self.gateways.start(lambda: queue.put_nowait(Changed(SECRETS, "MODIFIED", {})))
         stale: set[tuple[Kind, str | None]] = set()  # watch failed, not listed again yet
         for kind, namespace in sorted(unlisted, key=lambda k: (k[0].plural, k[1] or "")):
             Watcher(kind, self.api, namespace, emit, stop, self.timing).start()
@@ -223,6 +260,7 @@ class KubernetesSource:
                 yield stamp(mesh, batch_at or time.time())
         finally:
             stop.set()
+            self.gateways.stop()
             for task in tasks:
                 task.cancel()
 
@@ -233,6 +271,8 @@ class KubernetesSource:
             known = (item.kind, item.namespace) in self._forbidden
             self._forbidden[(item.kind, item.namespace)] = item.message
             return not known  # the first one may complete the first sync
+        if isinstance(item, Changed) and item.kind == SECRETS:
+            return True  # a gateway's certificate came, changed or went (certificates.py)
         store = self.stores[item.kind]
         if isinstance(item, Listed):
             if self._forbidden.pop((item.kind, item.namespace), None) is not None:
@@ -282,12 +322,45 @@ class KubernetesSource:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+    def _write_route_statuses(self, mesh: Mesh, routes: RouteConversion,
+                              tasks: set[asyncio.Task[None]]) -> None:
+        """Write each route's status.parents where it differs and is not on its way."""
+        if self.route_status is None:
+            return
+        current = {(kind.kind, *k): status for kind in ROUTES
+                   for k, status in self.stores[kind].status.items()}
+        changed = wanted_statuses(mesh, routes, current, self.route_status_sources)
+        self._route_writing = {k: v for k, v in self._route_writing.items() if k in changed}
+        for route_key, (route, wanted) in changed.items():
+            sent = self._route_writing.get(route_key)
+            if sent is not None and not needs_route_write(wanted, {"parents": sent}):
+                continue  # already on its way
+            self._route_writing[route_key] = wanted
+            task = asyncio.create_task(self._write_route(route, wanted))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _write_route(self, route: RouteObject, wanted: list[dict[str, Any]]) -> None:
+        assert self.route_status is not None
+        if not await asyncio.to_thread(self.route_status.write, route, wanted):
+            self._route_writing.pop((route.kind, route.namespace, route.name), None)
+
     def _convert(self, tasks: set[asyncio.Task[None]]) -> Mesh:
         pods = self.stores[PODS].objects if PODS in self.kinds else None
+        ingress = self.gateways.convert(self.stores)
+        routes = convert_routes(
+            self.stores[HTTP_ROUTES].values(), self.stores[GRPC_ROUTES].values(),
+            self.stores[REFERENCE_GRANTS].values(), self.our_gateways())
         result = self.converter.convert(
             self.stores[SERVICES].values(), self.stores[ENDPOINT_SLICES].values(),
             self.stores[TRAFFIC_POLICIES].values(), pods, self.stores[SIDECARS].values(),
-            self.stores[SECURITY_POLICIES].values(), self.stores[TELEMETRIES].values())
+            self.stores[SECURITY_POLICIES].values(), self.stores[TELEMETRIES].values(),
+            routes)
+        result.skipped.extend(routes.skipped)
+        result.mesh = self.gateways.into(result.mesh, ingress)
+        result.skipped.extend(ingress.skipped)
+        self.gateways.reconcile(ingress, result.mesh, self.stores)
+        self._write_route_statuses(result.mesh, routes, tasks)
         problems = set(result.skipped)
         for problem in result.skipped:
             if problem not in self._logged:

@@ -45,6 +45,7 @@ _RESOLVED = {
 }
 _KINDS: dict[str, Kind] = {kind.kind: kind for kind in CUSTOM}
 PROGRAMMED: Final = "Programmed"  # on accepted ones: did the proxies take it?
+OVERRIDDEN: Final = "Overridden"  # on accepted TrafficPolicies: does a route win?
 PROGRAMMED_KINDS = frozenset({POLICY_KIND, SECURITY_POLICY_KIND})  # what proxies can NACK
 # metav1.Condition's bound on a message; a longer one makes the API server refuse the write.
 MAX_MESSAGE = 32768
@@ -103,6 +104,13 @@ def conditions(verdict: Verdict, current: Mapping[str, Any] | None,
         if programmed is not None and verdict.kind in PROGRAMMED_KINDS:
             made.append(_condition(PROGRAMMED, programmed.status, programmed.reason,
                                    programmed.message, verdict.generation, current))
+        if verdict.overridden:  # a route attached to its Service replaces some fields
+            made.append(_condition(OVERRIDDEN, "True", "RouteAttached", verdict.overridden,
+                                   verdict.generation, current))
+        elif verdict.overridden is not None:
+            made.append(_condition(OVERRIDDEN, "False", "NotOverridden", "no Gateway API "
+                                   "route replaces a field of this policy", verdict.generation,
+                                   current))
     return made
 
 
