@@ -20,7 +20,9 @@ import grpc
 import structlog
 
 from controlplane.admin import AdminState, start_admin
+from controlplane.cache import certificates as gateway_certs
 from controlplane.cache.cache import SnapshotCache
+from controlplane.cache.gateway_secrets import GatewaySecrets
 from controlplane.cache.store import SnapshotStore
 from controlplane.inject.certs import (
     CertificateSource,
@@ -68,11 +70,12 @@ class Running:
     secured: Secured | None = None  # the CA, authentication, SDS, xDS TLS (issue 11)
     convergence: Convergence | None = None  # each change followed to the proxies (issue 12)
     ticker: asyncio.Task[None] | None = None  # its clock: ends changes, warns of laggards
+    certificate_watch: asyncio.Task[None] | None = None  # gateway certificates' files
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop taking new streams, end the open ones once their writes are done (they
         reconnect elsewhere), and cut what is left after ``grace`` seconds."""
-        for task in (self.source_task, self.sweeper, self.ticker):
+        for task in (self.source_task, self.sweeper, self.ticker, self.certificate_watch):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -272,7 +275,9 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     secured = await open_trust(settings, cache)
     rejections = rejections_for(source)
     acked = AckedConfigs()  # what each proxy holds, for CSDS beside what it is served
-    xds = XdsServer(cache if secured is None else secured.watcher, registry,
+    certs = gateway_certificates(source, pipeline)
+    xds = XdsServer(GatewaySecrets(cache if secured is None else secured.watcher, cache, certs),
+                    registry,
                     settings.identifier, limits=limits(settings),
                     admission=None if secured is None else secured.admission,
                     observers=[convergence, acked, rejections])
@@ -305,6 +310,8 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     sweeper = asyncio.create_task(sweep(pipeline, settings.group_ttl, secured),
                                   name="group-sweeper")
     ticker = asyncio.create_task(convergence.watch(), name="convergence")
+    certificate_watch = asyncio.create_task(certs.watch(), name="certificates") \
+        if isinstance(certs, gateway_certs.FileCertificates) else None
     if secured is not None:
         secured.start(settings.ca_poll_interval)
     host = settings.xds_address.rpartition(":")[0]
@@ -316,7 +323,16 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
              max_connection_age_grace=settings.max_connection_age_grace)
     return Running(settings, pipeline, cache, registry, grpc_server, xds_port, runner,
                    bound_admin, task, store, xds, sweeper, webhook, secured,
-                   convergence=convergence, ticker=ticker)
+                   convergence=convergence, ticker=ticker, certificate_watch=certificate_watch)
+
+
+def gateway_certificates(source: Source, pipeline: Pipeline) -> gateway_certs.Certificates:
+    """Where gateways' certificates come from: the source's own provider (Kubernetes:
+    Secrets), else the files the current mesh's ``certificates`` entries name."""
+    provided: gateway_certs.Certificates | None = getattr(source, "certificates", None)
+    if provided is not None:
+        return provided
+    return gateway_certs.FileCertificates(lambda: gateway_certs.mesh_files(pipeline.mesh))
 
 
 async def serve(settings: ServeSettings) -> None:

@@ -97,6 +97,10 @@ class BootstrapOptions:
     """Absolute path of the proxy's token, sent as ``authorization: Bearer`` and read
     again for every new xDS stream (needs ``xds_ca``: gRPC sends credentials over TLS
     only)."""
+    gateway: str | None = None
+    """An ingress gateway for the Gateway of this name in ``namespace`` (``node.metadata``
+    kind gateway): it serves that Gateway's listeners, bound on ``inbound_address``; no
+    egress or inbound listener of a sidecar."""
 
     @property
     def uses_delta(self) -> bool:
@@ -206,6 +210,8 @@ def command_line(options: BootstrapOptions) -> str:
         parts.append(f"--instance-ip {options.instance_ip}")
     if options.capture:
         parts.append("--capture")
+    if options.gateway is not None:
+        parts.append(f"--gateway {options.gateway}")
     if options.xds_ca is not None:
         parts.append(f"--xds-ca {options.xds_ca_file or '(inline bundle)'}")
     if options.token_file:
@@ -221,6 +227,8 @@ def _check(options: BootstrapOptions) -> None:
         raise ValueError("--service must not be empty: it names the sidecar's service")
     if not options.namespace:
         raise ValueError("--namespace must not be empty (the default is 'default')")
+    if options.gateway is not None:
+        _check_gateway(options)
     if options.capture:
         if options.app_port is not None:
             raise ValueError("--app-port does not go with --capture: captured traffic keeps "
@@ -243,6 +251,17 @@ def _check(options: BootstrapOptions) -> None:
         raise ValueError(
             f"--inbound-address must be an IP address, got {options.inbound_address!r}"
         )
+
+
+def _check_gateway(options: BootstrapOptions) -> None:
+    if not options.gateway:
+        raise ValueError("--gateway must name the Gateway this proxy serves")
+    if options.capture or options.inbound_port is not None or options.app_port is not None:
+        raise ValueError("--gateway does not go with --capture, --inbound-port or "
+                         "--app-port: a gateway serves its Gateway's listeners only")
+    if options.on_demand:
+        raise ValueError("--gateway does not go with --on-demand: a gateway gets the "
+                         "routes of its Gateway's listeners up front")
 
 
 def _check_security(options: BootstrapOptions) -> None:
@@ -306,6 +325,10 @@ def _metadata(options: BootstrapOptions) -> dict[str, Any]:
         metadata["service_account"] = options.service_account
     if options.instance_ip:
         metadata["instance_ip"] = options.instance_ip
+    if options.gateway is not None:
+        metadata["kind"] = "gateway"
+        metadata["gateway"] = options.gateway
+        metadata["inbound_address"] = options.inbound_address
     return metadata
 
 

@@ -77,6 +77,8 @@ class ProxyIdentity:
             key += f"~kind={self.kind}"
         if self.gateway:
             key += f"~gateway={self.gateway}"
+            if self.inbound_address != DEFAULT_INBOUND_ADDRESS:  # where its listeners bind
+                key += f"~address={self.inbound_address}"
         if self.on_demand:
             key += "~on-demand"
         if self.capture:

@@ -18,9 +18,12 @@ import asyncio
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
+
+if TYPE_CHECKING:
+    from controlplane.mesh.model import Mesh
 
 log = structlog.get_logger("controlplane.certificates")
 
@@ -159,6 +162,14 @@ class FileCertificates:
                 self.poll()
             except Exception:
                 log.exception("certificates.poll_failed", hint="polled again shortly")
+
+
+def mesh_files(mesh: Mesh | None) -> Files:
+    """The files of a mesh's ``certificates`` entries that name them."""
+    if mesh is None:
+        return {}
+    return {(c.namespace, c.name): (c.cert_file, c.key_file) for c in mesh.certificates
+            if c.cert_file is not None and c.key_file is not None}
 
 
 def _stat(path: str) -> _Stat:

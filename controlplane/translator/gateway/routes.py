@@ -1,0 +1,93 @@
+"""A gateway's route tables: one per HTTP port, one per HTTPS listener.
+
+A virtual host per hostname the attached HTTPRoutes serve there (the intersection of
+the listener's and the route's hostnames, ``mesh/gateway_attach.py``), holding every
+rule of those routes in the spec's precedence (``rule_routes``). A Host no virtual host
+names gets Envoy's 404, as the spec asks for a request no route matches. Each route then
+takes the backend service's own policy, as a sidecar's call to it would: fault, rate
+limit, fallback and consistent hashing always; its timeout and retries where the rule
+sets none (a rule's own win, as on a sidecar's port with a route attached).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+
+from controlplane.mesh.attach import ResolvedRule, attach
+from controlplane.mesh.gateway_attach import Attached, ServedListener
+from controlplane.mesh.model import Mesh
+from controlplane.mesh.routes import HTTPRoute
+from controlplane.translator.gateway import names
+from controlplane.translator.gateway_api import route_name, rule_routes
+from controlplane.translator.policies import FEATURES
+from controlplane.translator.routes import source_header
+
+ALWAYS: Final = frozenset({"fault", "rate_limit", "fallback"})  # per-route filter configs
+WITH_ACTION: Final = frozenset({"load_balancer"})
+
+
+def resolved_rules(mesh: Mesh, route: HTTPRoute) -> list[ResolvedRule]:
+    """The route's rules with their backends resolved (a gateway parent has no port:
+    each backendRef names its own, as the spec requires for a Service)."""
+    attachments = attach(mesh)
+    return [attachments._rule(route, index, rule, 0) for index, rule in enumerate(route.rules)]
+
+
+def route_table(mesh: Mesh, name: str, listeners: Iterable[ServedListener]
+                ) -> route_pb2.RouteConfiguration:
+    """The route configuration ``name`` over the HTTPRoutes attached to ``listeners``."""
+    by_host: dict[str, list[Attached]] = {}
+    for served in listeners:
+        for attached in served.routes:
+            if isinstance(attached.route, HTTPRoute):
+                for host in attached.hostnames:
+                    by_host.setdefault(host, []).append(attached)
+    hosts = [virtual_host(mesh, name, host, [a.route for a in found
+                                              if isinstance(a.route, HTTPRoute)])
+             for host, found in sorted(by_host.items())]
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=hosts)
+
+
+def virtual_host(mesh: Mesh, table: str, host: str, routes: Sequence[HTTPRoute]
+                 ) -> route_components_pb2.VirtualHost:
+    unique = {route.key: route for route in routes}.values()  # in the order first given
+    rules = [rule for route in unique for rule in resolved_rules(mesh, route)]
+    made = rule_routes(rules)
+    by_name = {route_name(rule, at): rule for rule in rules for at in range(len(rule.matches))}
+    for route in made:
+        rule = by_name.get(str(route.name))
+        if rule is not None:
+            apply_policies(mesh, rule, route)
+    return route_components_pb2.VirtualHost(
+        name=f"{table}/{host}", domains=[host], routes=made,
+        request_headers_to_add=[source_header()])
+
+
+def apply_policies(mesh: Mesh, rule: ResolvedRule, route: route_components_pb2.Route) -> None:
+    """The policy of the rule's first backend with weight (the service the call is for)."""
+    backend = next((b for b in rule.backends if b.weight > 0 and b.service_key), None)
+    if backend is None or backend.service_key is None:
+        return
+    service = mesh.by_key.get(backend.service_key)
+    port = next((p for p in service.service_ports if p.port == backend.port), None) \
+        if service is not None else None
+    if service is None or port is None:
+        return
+    action = route.HasField("route")
+    wanted = set(ALWAYS)
+    if action:
+        wanted |= WITH_ACTION
+        if rule.timeouts is None:
+            wanted.add("timeout")
+        if rule.retry is None:
+            wanted.add("retries")
+    for feature in FEATURES:
+        if feature.name in wanted:
+            feature.route(service, port, route)
+
+
+def http_table_name(port: int) -> str:
+    return names.route(port)
