@@ -21,7 +21,10 @@ from typing import Any, Self
 
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
+    GRPC_ROUTES,
+    HTTP_ROUTES,
     PODS,
+    REFERENCE_GRANTS,
     SECURITY_POLICIES,
     SERVICE_ACCOUNT_ANNOTATION,
     SERVICE_ACCOUNTS,
@@ -259,3 +262,31 @@ def service_account(name: str, namespace: str = "default") -> Obj:
     """A ServiceAccount (what pods run as; tokens are requested for it)."""
     return {"apiVersion": SERVICE_ACCOUNTS.api_version, "kind": SERVICE_ACCOUNTS.kind,
             "metadata": {"name": name, "namespace": namespace}}
+
+
+def http_route(name: str, spec: Obj, namespace: str = "default") -> Obj:
+    """An HTTPRoute (gateway.networking.k8s.io/v1) with this ``spec`` as written."""
+    return {"apiVersion": HTTP_ROUTES.api_version, "kind": HTTP_ROUTES.kind,
+            "metadata": {"name": name, "namespace": namespace}, "spec": copy.deepcopy(spec)}
+
+
+def grpc_route(name: str, spec: Obj, namespace: str = "default") -> Obj:
+    """A GRPCRoute (gateway.networking.k8s.io/v1) with this ``spec`` as written."""
+    return {"apiVersion": GRPC_ROUTES.api_version, "kind": GRPC_ROUTES.kind,
+            "metadata": {"name": name, "namespace": namespace}, "spec": copy.deepcopy(spec)}
+
+
+def reference_grant(name: str, namespace: str, from_: list[Obj], to: list[Obj]) -> Obj:
+    """A ReferenceGrant (v1beta1): ``from_`` kinds and namespaces may refer to ``to``
+    kinds (and names) in ``namespace``."""
+    return {"apiVersion": REFERENCE_GRANTS.api_version, "kind": REFERENCE_GRANTS.kind,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"from": copy.deepcopy(from_), "to": copy.deepcopy(to)}}
+
+
+def service_parent(name: str, port: int | None = None) -> Obj:
+    """A parentRef to a Service (GAMMA), as users write it."""
+    ref: Obj = {"group": "", "kind": "Service", "name": name}
+    if port is not None:
+        ref["port"] = port
+    return ref
