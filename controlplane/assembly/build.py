@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 
 from controlplane import resource
 from controlplane.assembly.capture import CaptureLayers
+from controlplane.assembly.egress import EgressLayers, key_of
 from controlplane.assembly.reuse import one_resource_layer
 from controlplane.assembly.services import EncodedService, encode_services
 from controlplane.cache.layers import Layer
@@ -90,6 +91,8 @@ class MeshBuild:
         self._own: dict[str, tuple[EncodedService | None, dict[str, Layer]]] = {}
         self._capture: CaptureLayers = CaptureLayers(
             previous._capture if previous is not None else None)
+        self._egress: EgressLayers = EgressLayers(
+            previous._egress if previous is not None else None)
         self._typed: dict[tuple[str, ...], TypeSnapshot] = {}
         # The previous build's layers, to derive ours from, until ``settle``.
         self._before = before
@@ -261,6 +264,8 @@ class MeshBuild:
         if proxy.capture:
             shared[resource.LISTENER] = (self._capture.layer(self, visible, proxy.egress_port,
                                                              self.observed(proxy)),)
+        elif (egress := self._egress.layer(self, visible, proxy, self.observed(proxy))):
+            shared[resource.LISTENER] = (egress,)  # external TCP/TLS ports on loopback
         old = reuse.types if reuse is not None else {}
         types: dict[str, TypeSnapshot] = {}
         for type_url in STANDARD:
@@ -294,6 +299,7 @@ class MeshBuild:
         self._old = None
         self._before = {}
         self._capture.settle()
+        self._egress.settle()
 
     def forget(self, proxies: Iterable[ProxyIdentity]) -> None:
         """Drop layers, route tables and zone variants no group uses any more: proxies
@@ -319,6 +325,8 @@ class MeshBuild:
         self._own = {k: v for k, v in list(self._own.items()) if k in groups}
         self._capture.keep({(views[p], p.egress_port, self.observed(p))
                             for p in members if p.capture})
+        self._egress.keep({key_of(p, views[p], self.observed(p)) for p in members
+                           if not p.capture})
         self._typed = {}
         self._interned = {v: v for v in visible if v is not None}
         used = {p.zone for p in members if p.zone}

@@ -11,7 +11,7 @@ from controlplane.mesh.base import _Model
 from controlplane.mesh.limits import Labels, LabelValue, Port, dns_label, hostname, ip_address
 from controlplane.mesh.security import service_account_name
 
-Protocol = Literal["http", "grpc", "tcp"]
+Protocol = Literal["http", "grpc", "tcp", "tls"]  # tls: external_name services only
 AddressType = Literal["ip", "dns"]
 _POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 

@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from controlplane.mesh.base import _Model, problem
+from controlplane.mesh.egress import opaque_problems
 from controlplane.mesh.endpoints import Endpoint, Protocol, ServicePort
 from controlplane.mesh.limits import Port, dns_label, hostname, ip_address
 from controlplane.mesh.policy import Policy
@@ -182,6 +183,9 @@ class Service(_Model):
             )
         for index, endpoint in enumerate(self.endpoints):
             self._check_endpoint(index, endpoint)
+        opaque = opaque_problems(self)  # tcp/tls ports: what a policy can do there
+        if opaque:
+            raise ValidationError.from_exception_data(type(self).__name__, opaque)
         self._check_rule_ports()
         return self
 

@@ -14,7 +14,9 @@ match it takes the connection:
   for the service's ``policy.idle_timeout`` (default 1h). An app that calls
   127.0.0.1:15001 with a Host header still gets the route table. Anything else: the
   original destination (``ALLOW_ANY``), or, with ``REGISTRY_ONLY`` (registry_only.py),
-  a 502 saying why for HTTP and a closed connection for the rest.
+  a 502 saying why for HTTP and a closed connection for the rest. Services outside the
+  mesh (``external_name``) have no address: their ``tls`` ports are matched by server
+  name, their ``tcp`` ports by port alone (egress.py), in both modes.
 - inbound, on 0.0.0.0:15006: a chain per target port of the sidecar's own service
   (HTTP through an HTTP connection manager, so inbound HTTP filters apply), other ports
   passed through; a connection for 15006 itself is closed (it would loop). Its HTTP
@@ -40,6 +42,7 @@ from controlplane.mesh.model import OutboundTrafficPolicy, Service, ServicePort
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names
 from controlplane.translator.clusters import CONNECT_TIMEOUT, use_http2
+from controlplane.translator.egress import external_ports, port_chains, sni_chains, tls_inspector
 from controlplane.translator.listeners import (
     HTTP_CONNECTION_MANAGER,
     NO_REUSE_PORT,
@@ -83,15 +86,19 @@ def captured_egress_listener(services: Iterable[Service], egress_port: int,
     """The egress listener of every captured sidecar that sees ``services``."""
     services = list(services)
     chains, tcp_ports = _service_chains(services, egress_port)
+    external = external_ports(services)  # TLS by SNI, TCP by port (egress.py)
+    outside = [*sni_chains(external), *port_chains(external)]
     filters = [_original_dst_filter()]
     if policy == "REGISTRY_ONLY":
         ports = {c.filter_chain_match.destination_port.value for c in chains}
-        more, inspectors = registry_only(services, ports, tcp_ports)
+        more, inspectors = registry_only(services, ports, tcp_ports | external.opaque)
         chains += more
         filters += inspectors
         default = tcp_chain(names.BLACKHOLE_CLUSTER, names.BLACKHOLE_CLUSTER)
     else:
         default = tcp_chain(names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER)
+    chains += outside
+    filters += tls_inspector(external)
     return listener_pb2.Listener(
         name=names.EGRESS_LISTENER,
         address=socket_address(ANY_ADDRESS, egress_port),

@@ -9,8 +9,9 @@ What the egress listener gains (capture.py builds the rest):
   has chains, and one for every other port.
 - A service with ``external_name`` has no address to match, so it is matched by what
   the call says: HTTP by Host (its port's refusal chain routes the service's names and
-  the external host to its cluster before refusing the rest), TLS by SNI (tls_inspector,
-  only on those services' TCP ports) straight to its cluster, untouched.
+  the external host to its cluster before refusing the rest); its ``tls`` and ``tcp``
+  ports have their chains in every mode (egress.py: by SNI, by port), and the inspector
+  is off on the ``tcp`` ones too.
 Anything else is closed (the default chain, to the black hole).
 """
 
@@ -24,28 +25,24 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
-from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
 )
-from envoy.type.v3 import range_pb2
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane.mesh.model import Service
-from controlplane.translator import names
+from controlplane.translator.egress import on_ports
 from controlplane.translator.listeners import (
     HTTP_CONNECTION_MANAGER,
     chain,
     egress_manager,
     router,
-    tcp_chain,
 )
 from controlplane.translator.protoutil import pack
 from controlplane.translator.routes import virtual_hosts
 
 HTTP_INSPECTOR: Final = "envoy.filters.listener.http_inspector"
-TLS_INSPECTOR: Final = "envoy.filters.listener.tls_inspector"
 HTTP_PROTOCOLS: Final = ("http/1.0", "http/1.1", "h2c")  # what http_inspector reports
 REFUSED: Final = "registry-only"
 BODY: Final = (
@@ -56,31 +53,24 @@ BODY: Final = (
 
 _Chain: TypeAlias = listener_components_pb2.FilterChain
 _ListenerFilter: TypeAlias = listener_components_pb2.ListenerFilter
-_Predicate: TypeAlias = listener_components_pb2.ListenerFilterChainMatchPredicate
 _HCM: TypeAlias = http_connection_manager_pb2.HttpConnectionManager
 
 
 def registry_only(services: Iterable[Service], chain_ports: set[int],
                   tcp_ports: set[int]) -> tuple[list[_Chain], list[_ListenerFilter]]:
     """The chains and listener filters REGISTRY_ONLY adds, given the destination ports
-    that have chains already and those of them that carry TCP services."""
+    that have chains already and those where nothing may be sniffed (TCP services',
+    and the external ``tcp`` ports: egress.py)."""
     external = sorted((s for s in services if s.external_name is not None),
                       key=lambda s: s.key)
     by_port = _external_hosts(external)
-    sni = _sni_chains(external)
     ports: list[int | None] = [*sorted((chain_ports | by_port.keys()) - tcp_ports), None]
     refusals = [_refusal_chain(port, by_port.get(port, []) if port is not None else [])
                 for port in ports]
     inspector = _filter(HTTP_INSPECTOR, http_inspector_pb2.HttpInspector())
     if tcp_ports:
         inspector.filter_disabled.CopyFrom(on_ports(sorted(tcp_ports)))
-    filters = [inspector]
-    if sni:
-        tls = _filter(TLS_INSPECTOR, tls_inspector_pb2.TlsInspector())
-        tls_ports = sorted({c.filter_chain_match.destination_port.value for c in sni})
-        tls.filter_disabled.CopyFrom(_Predicate(not_match=on_ports(tls_ports)))
-        filters.append(tls)
-    return [*refusals, *sni], filters
+    return refusals, [inspector]
 
 
 def _external_hosts(external: list[Service]) -> dict[int, list[route_components_pb2.VirtualHost]]:
@@ -108,25 +98,6 @@ def _external_hosts(external: list[Service]) -> dict[int, list[route_components_
     return found
 
 
-def _sni_chains(external: list[Service]) -> list[_Chain]:
-    """TLS to an external service's TCP port, told by its server name."""
-    made: list[_Chain] = []
-    taken: set[tuple[str, int]] = set()
-    for service in external:
-        for port in service.service_ports:
-            host = service.external_name or ""
-            if port.protocol != "tcp" or (host, port.port) in taken:
-                continue
-            taken.add((host, port.port))
-            cluster = names.outbound_cluster(service, port.port)
-            found = tcp_chain(f"{cluster}~sni", cluster, stat_prefix=cluster,
-                              idle_timeout=service.policy.idle_timeout)
-            found.filter_chain_match.destination_port.value = port.port
-            found.filter_chain_match.server_names.append(host)
-            made.append(found)
-    return made
-
-
 def _refusal_chain(port: int | None, hosts: list[route_components_pb2.VirtualHost]) -> _Chain:
     """HTTP on ``port`` (None: any other): the external services' hosts, else a 502."""
     refuse = route_components_pb2.VirtualHost(name=REFUSED, domains=["*"], routes=[
@@ -151,13 +122,6 @@ def _refusal_chain(port: int | None, hosts: list[route_components_pb2.VirtualHos
         found.filter_chain_match.destination_port.value = port
     found.filter_chain_match.application_protocols.extend(HTTP_PROTOCOLS)
     return found
-
-
-def on_ports(ports: list[int]) -> _Predicate:
-    """A predicate true for connections to any of ``ports``."""
-    rules = [_Predicate(destination_port_range=range_pb2.Int32Range(start=p, end=p + 1))
-             for p in ports]
-    return rules[0] if len(rules) == 1 else _Predicate(or_match=_Predicate.MatchSet(rules=rules))
 
 
 def _filter(name: str, config: Message) -> _ListenerFilter:

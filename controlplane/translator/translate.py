@@ -26,6 +26,7 @@ from controlplane.translator.capture import (
     captured_inbound_listener,
 )
 from controlplane.translator.clusters import inbound_cluster, outbound_clusters
+from controlplane.translator.egress import loopback_listeners
 from controlplane.translator.endpoints import load_assignments
 from controlplane.translator.listeners import egress_listener, inbound_listener
 from controlplane.translator.locality import prefer_zone
@@ -100,6 +101,9 @@ def translate(mesh: Mesh, proxy: ProxyIdentity) -> Resources:
                                                                          proxy.namespace),
                                                       proxy)),
                              *listeners])
+    else:  # external TCP/TLS ports on loopback (translator/egress.py)
+        listeners = _sorted([*loopback_egress(mesh, visible, proxy, observed(
+            mesh, mesh.service(proxy.service, proxy.namespace), proxy)), *listeners])
     return {
         resource.CLUSTER: _sorted(
             [*(c for s in shared for c in s.clusters), *own[resource.CLUSTER]]
@@ -123,6 +127,19 @@ def captured_egress(mesh: Mesh, visible: Collection[str] | None,
     listener = captured_egress_listener(services, egress_port, mesh.outbound_traffic_policy)
     observe_listener(telemetry or Observed(), listener)
     return listener
+
+
+def loopback_egress(mesh: Mesh, visible: Collection[str] | None, proxy: ProxyIdentity,
+                    telemetry: Observed | None = None) -> list[Message]:
+    """A sidecar that is not captured: its listeners on 127.0.0.1 for the external
+    TCP/TLS ports of the services it sees (none in a mesh without such ports)."""
+    by_key = mesh.by_key
+    services = mesh.services if visible is None else [by_key[k] for k in visible
+                                                       if k in by_key]
+    made = loopback_listeners(services, proxy)
+    for listener in made:
+        observe_listener(telemetry or Observed(), listener)
+    return list(made)
 
 
 def resource_name(message: Message) -> str:

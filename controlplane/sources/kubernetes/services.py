@@ -24,6 +24,7 @@ Key = tuple[str, str]  # (namespace, name)
 _GRPC = ("grpc", "http2", "h2c", "kubernetes.io/h2c")
 _TCP = ("tcp", "tls", "https", "mongo", "mysql", "redis", "kubernetes.io/ws",
         "kubernetes.io/wss")
+_TLS = ("tls", "https")
 
 
 class Malformed(ValueError):
@@ -65,8 +66,10 @@ def port_number(value: Any, field: str) -> int:
     return value
 
 
-def protocol_of(port: Obj) -> str:
-    """``http``, ``grpc`` or ``tcp`` for one Service port (Istio's naming convention)."""
+def protocol_of(port: Obj, external: bool = False) -> str:
+    """``http``, ``grpc`` or ``tcp`` for one Service port (Istio's naming convention);
+    on an ExternalName Service (``external``), ``tls`` for ``tls``/``https``: the app's
+    own TLS, routed by its server name (a mesh service's TLS port stays ``tcp``)."""
     app = str(port.get("appProtocol") or "").lower()
     name = str(port.get("name") or "").lower()
     for hint in (app, name.split("-", 1)[0] if name else ""):
@@ -74,6 +77,8 @@ def protocol_of(port: Obj) -> str:
             continue
         if hint in _GRPC:
             return "grpc"
+        if external and hint in _TLS:
+            return "tls"
         if hint in _TCP:
             return "tcp"
         if hint == "http":
@@ -214,12 +219,13 @@ def service_data(service: Obj, slices: list[Obj], labels: PodLabels | None = Non
     if ips is not None:
         data["cluster_ips"] = ips
     single = len(ports) == 1
+    external = spec.get("type") == "ExternalName"
     if single:
         data["port"] = ports[0]["port"]
-        data["protocol"] = protocol_of(ports[0])
+        data["protocol"] = protocol_of(ports[0], external)
     else:
         data["ports"] = [{"name": str(p.get("name") or ""), "port": p["port"],
-                          "protocol": protocol_of(p)} for p in ports]
+                          "protocol": protocol_of(p, external)} for p in ports]
     if spec.get("type") == "ExternalName":
         data["external_name"] = str(spec.get("externalName") or "").rstrip(".").lower()
         return data
