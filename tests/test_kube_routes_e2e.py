@@ -5,8 +5,8 @@ as the spec says through the status subresource, a missing backend's share answe
 while the route is still served, and the TrafficPolicy on the same Service says the
 route overrides its timeout.
 
-Follows the upstream conformance tests MeshSplit (weighted backendRefs on a Service
-parent), HTTPRouteWeight (a share within tolerance) and
+Follows the upstream conformance tests MeshTrafficSplit and MeshHTTPRouteWeight
+(weighted backendRefs on a Service parent, each share within tolerance) and
 HTTPRouteInvalidNonExistentBackendRef (500 for the missing backend's share, ResolvedRefs
 False BackendNotFound)."""
 
