@@ -175,7 +175,9 @@ def _kinds(listener: Listener) -> tuple[tuple[str, ...], str | None]:
     kept = tuple(k.kind for k in asked if k.group == GATEWAY_GROUP and k.kind in supported)
     wrong = [f"{k.group}/{k.kind}" for k in asked
              if not (k.group == GATEWAY_GROUP and k.kind in supported)]
-    why = (f"allowedRoutes.kinds {', '.join(wrong)} cannot attach to a {listener.protocol} "
+    article = "an" if listener.protocol.startswith("HTTP") else "a"
+    why = (f"allowedRoutes.kinds {', '.join(wrong)} cannot attach to {article} "
+           f"{listener.protocol} "
            f"listener (it takes {', '.join(supported) or 'none'})") if wrong else None
     return kept, why
 
@@ -309,8 +311,10 @@ def _attach(mesh: Mesh, views: dict[tuple[str, str], _Building], kind: str,
               if (ref.section_name is None or entry[0].name == ref.section_name)
               and (ref.port is None or entry[0].port == ref.port)]
     if not picked:
+        wanted = " and ".join([*([f"named {ref.section_name!r}"] if ref.section_name else []),
+                                *([f"on port {ref.port}"] if ref.port else [])])
         return accepted(NO_MATCHING_PARENT, f"Gateway {namespace}/{ref.name} has no listener "
-                        f"{ref.describe(route.namespace)} names")
+                        f"{wanted}; name one of its listeners (sectionName) or ports")
     allowed = [entry for entry in picked if _admits(gateway, entry[0], kind, route.namespace)]
     if not allowed:
         return accepted(NOT_ALLOWED_BY_LISTENERS, f"no listener of Gateway "

@@ -17,7 +17,7 @@ from typing import Final
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from controlplane.mesh.attach import ResolvedRule, attach
-from controlplane.mesh.gateway_attach import Attached, ServedListener
+from controlplane.mesh.gateway_attach import ServedListener
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.routes import HTTPRoute
 from controlplane.translator.gateway import names
@@ -38,29 +38,61 @@ def resolved_rules(mesh: Mesh, route: HTTPRoute) -> list[ResolvedRule]:
 
 def route_table(mesh: Mesh, name: str, listeners: Iterable[ServedListener]
                 ) -> route_pb2.RouteConfiguration:
-    """The route configuration ``name`` over the HTTPRoutes attached to ``listeners``."""
-    by_host: dict[str, list[Attached]] = {}
-    for served in listeners:
+    """The route configuration ``name`` over the HTTPRoutes attached to ``listeners``.
+
+    A request is the most specific listener's (an exact hostname, then the longest
+    wildcard, then none), so a host is taken by the first listener in that order that
+    serves it. Within a listener, a host's virtual host holds the rules of the routes for
+    that host first, then those of each wildcard covering it (the spec gives the rules
+    of the route with the more specific hostname precedence)."""
+    hosts: dict[str, route_components_pb2.VirtualHost] = {}
+    for served in sorted(listeners, key=lambda s: specificity(s.listener.hostname)):
+        by_host: dict[str, list[HTTPRoute]] = {}
         for attached in served.routes:
             if isinstance(attached.route, HTTPRoute):
                 for host in attached.hostnames:
-                    by_host.setdefault(host, []).append(attached)
-    hosts = [virtual_host(mesh, name, host, [a.route for a in found
-                                              if isinstance(a.route, HTTPRoute)])
-             for host, found in sorted(by_host.items())]
-    return route_pb2.RouteConfiguration(name=name, virtual_hosts=hosts)
+                    by_host.setdefault(host, []).append(attached.route)
+        for host in by_host:
+            if host in hosts:
+                continue
+            tiers = [host, *sorted((w for w in by_host if w != host and covers(w, host)),
+                                   key=specificity)]
+            hosts[host] = virtual_host(mesh, name, host, [by_host[t] for t in tiers])
+    return route_pb2.RouteConfiguration(
+        name=name, virtual_hosts=[hosts[h] for h in sorted(hosts)])
 
 
-def virtual_host(mesh: Mesh, table: str, host: str, routes: Sequence[HTTPRoute]
+def specificity(host: str | None) -> tuple[int, int]:
+    """Sort key: exact hostnames, then wildcards, longest first, then any host."""
+    if host is None or host == "*":
+        return (2, 0)
+    return (1 if host.startswith("*.") else 0, -len(host))
+
+
+def covers(wildcard: str, host: str) -> bool:
+    """``wildcard`` ("*" or ``*.suffix``) takes requests for ``host``."""
+    return wildcard == "*" or (wildcard.startswith("*.") and host != wildcard
+                               and host.endswith(wildcard[1:]))
+
+
+def virtual_host(mesh: Mesh, table: str, host: str, tiers: Sequence[Sequence[HTTPRoute]]
                  ) -> route_components_pb2.VirtualHost:
-    unique = {route.key: route for route in routes}.values()  # in the order first given
-    rules = [rule for route in unique for rule in resolved_rules(mesh, route)]
-    made = rule_routes(rules)
-    by_name = {route_name(rule, at): rule for rule in rules for at in range(len(rule.matches))}
-    for route in made:
-        rule = by_name.get(str(route.name))
-        if rule is not None:
-            apply_policies(mesh, rule, route)
+    """The host's routes: each tier's rules in the spec's match precedence, tier after
+    tier; a rule already placed by an earlier tier is not repeated."""
+    made: list[route_components_pb2.Route] = []
+    seen: set[tuple[tuple[str, str, str], int]] = set()
+    for routes in tiers:
+        unique = {route.key: route for route in routes}.values()  # in the order given
+        rules = [rule for route in unique for rule in resolved_rules(mesh, route)
+                 if (rule.route, rule.rule) not in seen]
+        seen.update((rule.route, rule.rule) for rule in rules)
+        by_name = {route_name(rule, at): rule for rule in rules
+                   for at in range(len(rule.matches))}
+        for route in rule_routes(rules):
+            rule = by_name.get(str(route.name))
+            if rule is not None:
+                apply_policies(mesh, rule, route)
+            made.append(route)
     return route_components_pb2.VirtualHost(
         name=f"{table}/{host}", domains=[host], routes=made,
         request_headers_to_add=[source_header()])
