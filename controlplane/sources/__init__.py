@@ -29,15 +29,18 @@ def open_source(settings: ServeSettings) -> Source:
             WatchTiming,
             api_client,
         )
+        from controlplane.sources.kubernetes.gateway_controller import gateway_controller
         from controlplane.sources.kubernetes.kinds import WATCHED
 
+        # A connection per watch (each kind per namespace), and some for status writes.
+        api = api_client(settings.kubeconfig,
+                         pool_size=8 + len(WATCHED) * max(1, len(settings.namespace)))
+        timing = WatchTiming(server_timeout=settings.watch_timeout,
+                             inactivity=settings.watch_inactivity)
         return KubernetesSource(
-            # A connection per watch (each kind per namespace), and some for status writes.
-            api_client(settings.kubeconfig,
-                       pool_size=8 + len(WATCHED) * max(1, len(settings.namespace))),
+            api,
             namespaces=settings.namespace,
-            timing=WatchTiming(server_timeout=settings.watch_timeout,
-                               inactivity=settings.watch_inactivity),
+            timing=timing,
             debounce=Debounce(settings.debounce_quiet, settings.debounce_max),
             write_status=settings.write_status,
             pod_labels=settings.pod_labels,
@@ -46,5 +49,7 @@ def open_source(settings: ServeSettings) -> Source:
             # mesh-wide (Istio's root namespace).
             root_namespace=settings.webhook_namespace,
             replica=settings.identifier,  # named in the Programmed conditions it writes
+            # Gateways of our class get an Envoy each, its proxy as injection's sidecar.
+            gateways=gateway_controller(api, settings, timing),
         )
     raise SourceError(f"unknown source {spec!r}; use file:PATH or kubernetes")

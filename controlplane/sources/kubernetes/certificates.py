@@ -25,12 +25,14 @@ import binascii
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from kubernetes import client
 
-from controlplane.cache.certificates import CertificatePair, check_pair
 from controlplane.sources.kubernetes.kinds import SECRETS
 from controlplane.sources.kubernetes.services import meta
 from controlplane.sources.kubernetes.watch import (
@@ -49,10 +51,37 @@ MAX_WATCHED: Final = 256  # Secrets watched at once: 4 per listener of 64 Gatewa
 MAX_PEM: Final = 256 * 1024  # bytes of tls.crt or tls.key (a Secret may hold 1 MiB)
 Ref = tuple[str, str]  # (namespace, name)
 MISSING: Final = "not found"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretPair:
+    """A certificate chain and its key, as ``cache/certificates.py``'s SecretPair
+    has them (the sources may not import the cache: the app wraps one in the other).
+    The key is left out of ``repr``."""
+
+    chain_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+
+def check_pair(chain_pem: bytes, key_pem: bytes) -> str | None:
+    """Why the pair cannot serve TLS, or None: PEM both, the key the first certificate's."""
+    try:
+        certificates = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        return "tls.crt holds no PEM certificate"
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return "tls.key is not an unencrypted PEM private key"
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if certificates[0].public_key().public_bytes(der, spki) != \
+            private.public_key().public_bytes(der, spki):
+        return "tls.key is not the key of the first certificate in tls.crt"
+    return None
 UNKNOWN: Final = "not read yet"
 
 
-def parse_secret(obj: Mapping[str, Any]) -> tuple[CertificatePair | None, str]:
+def parse_secret(obj: Mapping[str, Any]) -> tuple[SecretPair | None, str]:
     """The pair of a ``kubernetes.io/tls`` Secret, or None and what is wrong with it
     (naming the field, never showing a value)."""
     if obj.get("type") != TLS_TYPE:
@@ -62,20 +91,20 @@ def parse_secret(obj: Mapping[str, Any]) -> tuple[CertificatePair | None, str]:
     if not isinstance(data, Mapping):
         return None, "has no data; it needs tls.crt and tls.key"
     decoded: list[bytes] = []
-    for field in ("tls.crt", "tls.key"):
-        raw = data.get(field)
+    for entry in ("tls.crt", "tls.key"):
+        raw = data.get(entry)
         if not isinstance(raw, str) or not raw:
-            return None, f"data[{field!r}] is missing or empty"
+            return None, f"data[{entry!r}] is missing or empty"
         if len(raw) > MAX_PEM * 4 // 3 + 4:
-            return None, f"data[{field!r}] is over {MAX_PEM // 1024} KiB"
+            return None, f"data[{entry!r}] is over {MAX_PEM // 1024} KiB"
         try:
             decoded.append(base64.b64decode(raw, validate=True))
         except (binascii.Error, ValueError):
-            return None, f"data[{field!r}] is not base64"
+            return None, f"data[{entry!r}] is not base64"
     why = check_pair(decoded[0], decoded[1])
     if why is not None:
-        return None, f"tls.crt and tls.key: {why}"
-    return CertificatePair(decoded[0], decoded[1]), ""
+        return None, why
+    return SecretPair(decoded[0], decoded[1]), ""
 
 
 class ClusterCertificates:
@@ -88,7 +117,7 @@ class ClusterCertificates:
         self.api = api
         self.timing = timing or WatchTiming()
         self._lock = threading.Lock()
-        self._pairs: dict[Ref, CertificatePair] = {}
+        self._pairs: dict[Ref, SecretPair] = {}
         self._problems: dict[Ref, str] = {}
         self._watchers: dict[Ref, threading.Event] = {}
         self._callbacks: list[Callable[[], None]] = []
@@ -96,7 +125,7 @@ class ClusterCertificates:
 
     # -- what the SDS path reads
 
-    def pair(self, namespace: str, name: str) -> CertificatePair | None:
+    def pair(self, namespace: str, name: str) -> SecretPair | None:
         with self._lock:
             return self._pairs.get((namespace, name))
 
@@ -180,7 +209,7 @@ class ClusterCertificates:
         pair, problem = parse_secret(found)
         self._set(ref, pair, problem)
 
-    def _set(self, ref: Ref, pair: CertificatePair | None, problem: str) -> None:
+    def _set(self, ref: Ref, pair: SecretPair | None, problem: str) -> None:
         with self._lock:
             if ref not in self._watchers:
                 return  # no longer wanted: a late event of a stopped watch

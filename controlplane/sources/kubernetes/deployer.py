@@ -25,17 +25,27 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controlplane.bootstrap import (
+    CAPTURE_ADMIN_PORT,
     CAPTURE_HEALTH_PORT,
     CAPTURE_STATS_PORT,
     HEALTH_PATH,
+    BootstrapOptions,
+    build_bootstrap,
 )
 from controlplane.inject import config as names
 from controlplane.inject.config import INJECT_LABEL, InjectConfig
-from controlplane.inject.template import DOWNWARD_ENV, resources, token_volume
+from controlplane.inject.template import (
+    _DUMPER,
+    DOWNWARD_ENV,
+    NODE_ID,
+    resources,
+    token_volume,
+)
 from controlplane.sources.kubernetes.kinds import (
     DEPLOYMENTS,
     GATEWAY_LABEL,
@@ -64,6 +74,23 @@ MAX_INFRASTRUCTURE: Final = 8
 
 # (gateway namespace, gateway name, bootstrap flags) -> the bootstrap's YAML text.
 Bootstrap = Callable[[str, str, InjectConfig], str]
+
+
+def gateway_bootstrap(namespace: str, gateway: str, config: InjectConfig) -> str:
+    """The bootstrap ``controlplane bootstrap --gateway GATEWAY`` prints, for a pod of
+    the Deployment: node id and identity from the downward API (``$(POD_NAME)``...,
+    expanded by Kubernetes), the health and stats listeners at the sidecar's ports,
+    xDS over TLS with the projected token when the mesh has a CA."""
+    options = BootstrapOptions(
+        node_id=NODE_ID, service=gateway, namespace=namespace,
+        xds_address=config.xds_address, admin_port=CAPTURE_ADMIN_PORT,
+        delta=config.delta, stats_port=CAPTURE_STATS_PORT, health_port=CAPTURE_HEALTH_PORT,
+        service_account="$(SERVICE_ACCOUNT)", instance_ip="$(INSTANCE_IP)",
+        xds_ca=config.xds_ca,
+        token_file=names.TOKEN_PATH if config.xds_ca is not None else None,
+        gateway=gateway)
+    return yaml.dump(build_bootstrap(options), Dumper=_DUMPER, sort_keys=False,
+                     default_flow_style=False)
 
 
 class NotDeployable(ValueError):
@@ -236,7 +263,7 @@ class Deployer:
     """Applies :func:`desired` through the API. Blocking: run it off the event loop."""
 
     def __init__(self, api: client.ApiClient, config: InjectConfig,
-                 bootstrap: Bootstrap) -> None:
+                 bootstrap: Bootstrap = gateway_bootstrap) -> None:
         self.config = config
         self.bootstrap = bootstrap
         self._core = client.CoreV1Api(api)

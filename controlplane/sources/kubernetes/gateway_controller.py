@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from controlplane.inject.config import InjectConfig
+from controlplane.mesh.gateway_attach import gateway_attachments
+from controlplane.mesh.gateways import Certificate, Gateway, TLSRoute
 from controlplane.mesh.model import Mesh
-from controlplane.mesh.route_status import Condition
+from controlplane.mesh.route_status import Condition, ParentStatus, RouteKey
 from controlplane.sources.kubernetes.certificates import ClusterCertificates
 from controlplane.sources.kubernetes.deployer import (
     Deployer,
@@ -46,17 +49,46 @@ from controlplane.sources.kubernetes.gateway_status import (
     route_parents,
 )
 from controlplane.sources.kubernetes.gateways import Gateways, convert_gateways
-from controlplane.sources.kubernetes.kinds import GATEWAY_CLASSES, GATEWAYS, TLS_ROUTES, Kind
-from controlplane.sources.kubernetes.services import Key, meta
+from controlplane.sources.kubernetes.kinds import (
+    GATEWAY_CLASSES,
+    GATEWAY_GROUP,
+    GATEWAYS,
+    INGRESS,
+    REFERENCE_GRANTS,
+    TLS_ROUTES,
+    Kind,
+)
+from controlplane.sources.kubernetes.services import Key, key, meta
+from controlplane.sources.kubernetes.watch import WatchTiming
+
+if TYPE_CHECKING:
+    from controlplane.settings import ServeSettings
 
 log = structlog.get_logger("controlplane.source.kubernetes")
 
 ADDRESS_RECHECK: Final = 5.0  # seconds between looks at a Service awaiting its address
-# Listener conditions and route parents from attachment: (mesh) -> per Gateway key, its
-# listeners' states; and per TLSRoute key, its parent statuses. Set by the caller (H5's
-# mesh/gateway_attach.py), so this module stays independent of how attachment decides.
-Attach = Callable[[Mesh], tuple[Mapping[Key, tuple[ListenerState, ...]],
-                                 Mapping[Key, tuple[Any, ...]]]]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What attachment (``mesh/gateway_attach.py``) says, as the status writers take it."""
+
+    gateways: Mapping[Key, tuple[tuple[Condition, ...], tuple[ListenerState, ...]]]
+    tls_routes: Mapping[Key, tuple[ParentStatus, ...]]  # their Gateway parents
+    routes: Mapping[RouteKey, Sequence[ParentStatus]]  # HTTPRoutes' Gateway parents
+
+
+def attachment(mesh: Mesh) -> Attachment:
+    found = gateway_attachments(mesh)
+    gateways = {key_: (view.status.conditions, tuple(
+        ListenerState(s.name, s.attached_routes,
+                      tuple((GATEWAY_GROUP, kind) for kind in s.supported_kinds),
+                      s.conditions) for s in view.status.listeners))
+        for key_, view in found.gateways.items()}
+    return Attachment(
+        gateways, {(ns, name): parents for (kind, ns, name), parents in found.routes.items()
+                   if kind == "TLSRoute"},
+        {k: v for k, v in found.routes.items() if k[0] != "TLSRoute"})
 
 
 @dataclass(frozen=True)
@@ -70,7 +102,7 @@ class Deployed:
 class GatewayController:
     def __init__(self, api: client.ApiClient, *, deployer: Deployer | None,
                  certificates: ClusterCertificates | None, write_status: bool,
-                 attach: Attach | None = None) -> None:
+                 attach: Callable[[Mesh], Attachment] = attachment) -> None:
         """``deployer`` None: Gateways get no Deployment (someone else runs their Envoy);
         ``certificates`` None: no listener gets a certificate."""
         self.deployer = deployer
@@ -82,34 +114,56 @@ class GatewayController:
         self._last: tuple[Gateways, Mesh, dict[tuple[Kind, Key], Any]] | None = None
         self._running: asyncio.Task[None] | None = None
         self._again = False
+        self._ours: frozenset[Key] = frozenset()
+
+    @classmethod
+    def plain(cls, api: client.ApiClient, timing: WatchTiming,
+              write_status: bool) -> GatewayController:
+        """Status and certificates, no deployments (what a source gets unless told)."""
+        return cls(api, deployer=None, certificates=ClusterCertificates(api, timing),
+                   write_status=write_status)
 
     # -- per batch, on the event loop
 
-    def convert(self, classes: Iterable[Any], gateways: Iterable[Any],
-                tls_routes: Iterable[Any], grants: Iterable[Any] = ()) -> Gateways:
+    def start(self, poke: Callable[[], None]) -> None:
+        """``poke()`` (on the loop) when a certificate comes, changes or goes: a batch."""
+        if self.certificates is not None:
+            self.certificates.subscribe(poke)
+
+    def ours(self) -> frozenset[Key]:
+        """Our Gateways, as of the last conversion (HTTPRoutes to them are taken)."""
+        return self._ours
+
+    def route_parents(self, mesh: Mesh) -> Mapping[RouteKey, Sequence[ParentStatus]]:
+        """HTTPRoutes' statuses for their Gateway parents (route_status.py)."""
+        return self.attach(mesh).routes
+
+    def convert(self, stores: Mapping[Kind, Any]) -> Gateways:
+        """Our GatewayClasses, Gateways and TLSRoutes from the source's stores."""
         provider = self.certificates
         result = convert_gateways(
-            classes, gateways, tls_routes, grants,
+            stores[GATEWAY_CLASSES].values(), stores[GATEWAYS].values(),
+            stores[TLS_ROUTES].values(), stores[REFERENCE_GRANTS].values(),
             usable=(lambda ref: provider.pair(*ref) is not None) if provider else
             (lambda ref: False))
         if provider is not None:
             provider.want(result.secrets)
+        self._ours = frozenset(result.objects)
         return result
 
     @staticmethod
-    def mesh_update(result: Gateways) -> dict[str, Any]:
-        """The mesh fields the gateways set (validated entries, as the model has them)."""
-        from controlplane.mesh.gateways import Certificate, Gateway, TLSRoute
+    def into(mesh: Mesh, result: Gateways) -> Mesh:
+        """The mesh with the gateways' fields (entries validated one by one already)."""
+        return mesh.model_copy(update={
+            "gateways": [Gateway.model_validate(g) for g in result.gateways],
+            "tls_routes": [TLSRoute.model_validate(r) for r in result.tls_routes],
+            "certificates": [Certificate.model_validate(c) for c in result.certificates]})
 
-        return {"gateways": [Gateway.model_validate(g) for g in result.gateways],
-                "tls_routes": [TLSRoute.model_validate(r) for r in result.tls_routes],
-                "certificates": [Certificate.model_validate(c) for c in result.certificates]}
-
-    def reconcile(self, result: Gateways, mesh: Mesh,
-                  statuses: dict[tuple[Kind, Key], Any]) -> None:
-        """Deploy and write status for this batch (``statuses``: each object's status as
-        last seen, by kind and key). One reconcile runs at a time; a newer batch waits for
-        it and then runs with the latest state."""
+    def reconcile(self, result: Gateways, mesh: Mesh, stores: Mapping[Kind, Any]) -> None:
+        """Deploy and write status for this batch. One reconcile runs at a time; a newer
+        batch waits for it and then runs with the latest state."""
+        statuses = {(kind, k): stores[kind].status.get(k)
+                    for kind in INGRESS for k in stores[kind].objects}
         self._last = (result, mesh, statuses)
         if self._running is not None and not self._running.done():
             self._again = True
@@ -150,24 +204,21 @@ class GatewayController:
                          statuses: dict[tuple[Kind, Key], Any]) -> bool:
         """Returns whether a Gateway waits for its Service's address."""
         await asyncio.to_thread(self._deploy, result)
-        listeners: Mapping[Key, tuple[ListenerState, ...]] = {}
-        parents: Mapping[Key, tuple[Any, ...]] = {}
-        if self.attach is not None:
-            listeners, parents = self.attach(mesh)
+        attached = self.attach(mesh)
         waiting = False
         writes: list[tuple[Kind, str, str, dict[str, Any]]] = []
         for name, obj in sorted(result.classes.items()):
-            body = class_status(_generation(obj), statuses.get((GATEWAY_CLASSES, ("", name))))
-            writes.append((GATEWAY_CLASSES, "", name, body))
+            body = class_status(_generation(obj), statuses.get((GATEWAY_CLASSES, key(obj))))
+            writes.append((GATEWAY_CLASSES, key(obj)[0], name, body))
         for gateway_key, obj in sorted(result.objects.items()):
             addresses, address_problem = await asyncio.to_thread(self._addresses, obj)
             waiting = waiting or bool(address_problem)
-            state = self._state(result, gateway_key, obj, listeners.get(gateway_key, ()),
+            state = self._state(result, gateway_key, attached.gateways.get(gateway_key),
                                 addresses, address_problem)
             current = statuses.get((GATEWAYS, gateway_key))
             writes.append((GATEWAYS, *gateway_key, gateway_status(state, current)))
         for route_key, obj in sorted(result.route_objects.items()):
-            found = parents.get(route_key)
+            found = attached.tls_routes.get(route_key)
             if found is None:
                 continue
             current = statuses.get((TLS_ROUTES, route_key))
@@ -179,9 +230,11 @@ class GatewayController:
                     await asyncio.to_thread(self.status.write, kind, namespace, name, body)
         return waiting
 
-    def _state(self, result: Gateways, gateway_key: Key, obj: Mapping[str, Any],
-               listeners: tuple[ListenerState, ...], addresses: tuple[tuple[str, str], ...],
-               address_problem: str) -> GatewayState:
+    def _state(self, result: Gateways, gateway_key: Key,
+               attached: tuple[tuple[Condition, ...], tuple[ListenerState, ...]] | None,
+               addresses: tuple[tuple[str, str], ...], address_problem: str) -> GatewayState:
+        """Accepted and Programmed: the model's verdict first, then attachment's (no valid
+        listener), then the deployment's and its address."""
         verdict = result.verdicts[gateway_key]
         if verdict.problem:
             reason = ("ListenersNotValid" if "listeners" in verdict.problem.split(":")[0]
@@ -190,9 +243,14 @@ class GatewayController:
                 Condition("Accepted", False, reason, verdict.problem),
                 Condition("Programmed", False, "Invalid", "not accepted: " + verdict.problem)))
         deployed = self._deployed.get(gateway_key)
-        accepted = Condition("Accepted", True, "Accepted",
-                             "served by the mesh's gateway controller")
-        if self.deployer is not None and deployed is not None and deployed.problem:
+        conditions, listeners = attached if attached is not None else ((), ())
+        found = {c.type: c for c in conditions}
+        accepted = found.get("Accepted") or Condition("Accepted", True, "Accepted",
+                                                      "the Gateway is accepted")
+        served = found.get("Programmed")
+        if served is not None and not served.status:
+            programmed = served  # no listener can be served: each says why
+        elif self.deployer is not None and deployed is not None and deployed.problem:
             programmed = Condition("Programmed", False, "NoResources", deployed.problem)
         elif address_problem:
             programmed = Condition("Programmed", False, "AddressNotAssigned", address_problem)
@@ -297,3 +355,18 @@ def _generation(obj: Mapping[str, Any]) -> int:
     value = meta(obj).get("generation")
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
+
+def gateway_controller(api: client.ApiClient, settings: ServeSettings,
+                       timing: WatchTiming, xds_ca: str | None = None) -> GatewayController:
+    """The controller ``serve --source kubernetes`` runs: each Gateway's Envoy made with
+    the injection settings' proxy image, resources, log level and xDS address
+    (``xds_ca``: the mesh CA's bundle, when xDS is served over TLS)."""
+    config = InjectConfig(
+        proxy_image=settings.inject_proxy_image, init_image=settings.inject_init_image,
+        xds_address=settings.inject_xds_address, proxy_uid=settings.inject_proxy_uid,
+        proxy_cpu=settings.inject_proxy_cpu, proxy_memory=settings.inject_proxy_memory,
+        proxy_memory_limit=settings.inject_proxy_memory_limit, delta=settings.inject_delta,
+        log_level=settings.inject_log_level, xds_ca=xds_ca).check()
+    return GatewayController(api, deployer=Deployer(api, config),
+                             certificates=ClusterCertificates(api, timing),
+                             write_status=settings.write_status)
