@@ -21,6 +21,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import Message
 
 from controlplane import resource
+from controlplane.translator.gateway_api.backends import UNRESOLVED
 
 _HCM = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 _TCP = "type.googleapis.com/" + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
@@ -42,7 +43,10 @@ def vhost_clusters(vhost: route_components_pb2.VirtualHost) -> set[str]:
         action = route.route
         if action.cluster:
             names.add(action.cluster)
-        names.update(w.name for w in action.weighted_clusters.clusters)
+        # A Gateway API backend that does not resolve is a cluster that is missing on
+        # purpose: its share answers 500 (translator/gateway_api/backends.py).
+        names.update(w.name for w in action.weighted_clusters.clusters
+                     if not w.name.startswith(UNRESOLVED))
         names.update(p.cluster for p in action.request_mirror_policies if p.cluster)
     return names
 

@@ -35,6 +35,7 @@ import structlog
 
 from controlplane import metrics
 from controlplane.errors import EmptyMeshError, MeshError
+from controlplane.mesh.attach import attach, not_accepted
 from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.loader import MAX_FILE_BYTES, too_big
 from controlplane.mesh.model import Mesh, empty_subsets
@@ -198,6 +199,7 @@ class FileSource:
             log.warning("mesh.subset_empty", path=str(self.path), subsets=empty,
                         hint="no endpoint has these labels, so their share of the traffic "
                         "fails with 503; fix the labels or add endpoints")
+        _log_routes(found.mesh, str(self.path))
         return found.mesh
 
     def _report(self, event: str, problem: str, hint: str) -> None:
@@ -205,3 +207,14 @@ class FileSource:
         if self.problem != problem:
             self.problem = problem
             log.warning(event, path=str(self.path), problem=problem, hint=hint)
+
+
+def _log_routes(mesh: Mesh, path: str) -> None:
+    """Each Gateway API route a Service parent did not accept, or whose backends do not
+    all resolve: served without it (or with that share answering 500), so say why."""
+    if not (mesh.http_routes or mesh.grpc_routes):
+        return
+    for key, parent, condition in not_accepted(attach(mesh).statuses()):
+        log.warning("routes.not_accepted", path=path, route="/".join(key),
+                    parent=parent.describe(key[1]), condition=condition.type,
+                    reason=condition.reason, message=condition.message)

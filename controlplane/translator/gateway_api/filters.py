@@ -92,16 +92,17 @@ def _path(path: PathModifier, prefix: str | None,
 
 
 def redirect(found: Redirect, prefix: str | None) -> route_components_pb2.RedirectAction:
-    """No port given: the scheme's well-known port when a scheme is (Envoy then leaves
-    it out of the Location), else the request's."""
+    """No port given: the request's, or with a new scheme that scheme's well-known
+    one, which Envoy leaves out of the Location (as the spec asks; a port equal to the
+    new scheme's well-known one is left out the same way)."""
     action = route_components_pb2.RedirectAction(response_code=_CODES[found.status_code])
     if found.scheme is not None:
         action.scheme_redirect = found.scheme
     if found.hostname is not None:
         action.host_redirect = found.hostname
-    port = found.port or (_WELL_KNOWN[found.scheme] if found.scheme is not None else None)
-    if port is not None:
-        action.port_redirect = port
+    if found.port is not None and (found.scheme is None
+                                   or found.port != _WELL_KNOWN[found.scheme]):
+        action.port_redirect = found.port
     if found.path is not None:
         _path(found.path, prefix, action)
     return action
