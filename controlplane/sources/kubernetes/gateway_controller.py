@@ -33,8 +33,8 @@ from controlplane.mesh.gateways import Certificate, Gateway, TLSRoute
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.route_status import Condition, ParentStatus, RouteKey
 from controlplane.sources.kubernetes.certificates import ClusterCertificates
+from controlplane.sources.kubernetes.deploy_writer import Deployer
 from controlplane.sources.kubernetes.deployer import (
-    Deployer,
     desired,
     resource_name,
     service_type,

@@ -147,6 +147,8 @@ class KubernetesSource:
         self.stores.update({kind: ObjectStore(keep_status=True) for kind in INGRESS})
         self.our_gateways = self.gateways.ours
         self.route_status_sources.append(self.gateways.route_parents)
+        # Where the server's gateway streams read certificates (app.gateway_certificates).
+        self.certificates = self.gateways.certificates
 
     def origins(self, service: str) -> tuple[PolicyKey, ...]:
         """The policy objects that shaped a served Service (``namespace/name``)."""
