@@ -16,6 +16,7 @@ import yaml
 
 from controlplane import dashboards, generated
 from controlplane.deploy_examples import (
+    GATEWAY_API_EXAMPLES,
     example_security_policy,
     example_sidecar,
     example_telemetry,
@@ -407,6 +408,8 @@ def rendered() -> dict[Path, str]:
         DIR / "examples" / "sidecar.yaml": _dump(example_sidecar(), header=(
             f"# kubectl apply -f {DIR}/examples/sidecar.yaml; then\n"
             f"# `kubectl get {SIDECARS.plural} -o wide` shows whether every host matched.\n")),
+        **{DIR / "examples" / f"{name}.yaml": _dump(make(), header=header(DIR))
+           for name, (make, header) in GATEWAY_API_EXAMPLES.items()},
     }
 
 

@@ -4,9 +4,13 @@ against the CRD's schema and the model)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from controlplane.sources.kubernetes.kinds import (
+    GRPC_ROUTES,
+    HTTP_ROUTES,
     POLICY_GROUP,
     POLICY_KIND,
     POLICY_VERSION,
@@ -89,3 +93,56 @@ def example_telemetry() -> dict[str, Any]:
             "tracing": {"address": "otel-collector.observability:4317", "sampling": 10},
         },
     }
+
+
+def example_http_route() -> dict[str, Any]:
+    """An HTTPRoute canary on the ``reviews`` Service (GAMMA: the Service is the parent):
+    requests with ``x-canary: always`` go to ``reviews-v2``, the rest 90/10."""
+    return {
+        "apiVersion": HTTP_ROUTES.api_version,
+        "kind": HTTP_ROUTES.kind,
+        "metadata": {"name": "reviews-canary", "namespace": "default"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 9080}],
+            "rules": [
+                {"matches": [{"headers": [{"name": "x-canary", "value": "always"}]}],
+                 "backendRefs": [{"name": "reviews-v2", "port": 9080}]},
+                {"backendRefs": [{"name": "reviews", "port": 9080, "weight": 90},
+                                 {"name": "reviews-v2", "port": 9080, "weight": 10}],
+                 "timeouts": {"request": "10s", "backendRequest": "2s"}},
+            ],
+        },
+    }
+
+
+def example_grpc_route() -> dict[str, Any]:
+    """A GRPCRoute on the ``ratings`` Service's gRPC port: its ``Get`` method goes to
+    ``ratings-v2``, every other call to ``ratings``."""
+    return {
+        "apiVersion": GRPC_ROUTES.api_version,
+        "kind": GRPC_ROUTES.kind,
+        "metadata": {"name": "ratings-methods", "namespace": "default"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "ratings", "port": 9090}],
+            "rules": [
+                {"matches": [{"method": {"service": "ratings.v1.Ratings", "method": "Get"}}],
+                 "backendRefs": [{"name": "ratings-v2", "port": 9090}]},
+                {"backendRefs": [{"name": "ratings", "port": 9090}]},
+            ],
+        },
+    }
+
+
+def _route_header(name: str) -> Callable[[Path], str]:
+    def header(directory: Path) -> str:
+        return (f"# Needs the Gateway API CRDs (deploy/gateway-api). kubectl apply -f "
+                f"{directory}/examples/{name}.yaml;\n# then its status.parents says whether "
+                "the control plane accepted it, per parent.\n")
+    return header
+
+
+# deploy/kubernetes/examples/NAME.yaml: (the object, its header) for the Gateway API kinds
+GATEWAY_API_EXAMPLES: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[Path], str]]] = {
+    "httproute": (example_http_route, _route_header("httproute")),
+    "grpcroute": (example_grpc_route, _route_header("grpcroute")),
+}

@@ -17,11 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from structlog.testing import capture_logs
 
+from controlplane.deploy_examples import example_grpc_route, example_http_route
 from controlplane.mesh.route_status import CONTROLLER
 from controlplane.sources.kubernetes.convert import Converter
-from controlplane.sources.kubernetes.kinds import HTTP_ROUTES, TRAFFIC_POLICIES
+from controlplane.sources.kubernetes.kinds import (
+    GATEWAY_API_RELEASE,
+    GRPC_ROUTES,
+    HTTP_ROUTES,
+    REFERENCE_GRANTS,
+    TRAFFIC_POLICIES,
+)
 from controlplane.sources.kubernetes.route_status import needs_write, parents, wanted_statuses
 from controlplane.sources.kubernetes.routes import convert_routes
 from controlplane.sources.kubernetes.status import conditions
@@ -340,3 +348,37 @@ async def test_route_status_goes_through_the_status_subresource(tmp_path: Path) 
         found = await wait_parents(api, "canary", lambda p: len(p) == 2 and all(
             c["observedGeneration"] == 2 for c in p[1]["conditions"]))
         await updates.aclose()
+
+
+# --- what is shipped ----------------------------------------------------------------------
+
+
+def test_the_examples_are_accepted_by_the_crd_schema_and_attach_cleanly() -> None:
+    examples = [example_http_route(), example_grpc_route()]
+    with ApiServerDouble() as api:
+        made = [stored(api.create(copy.deepcopy(e))) for e in examples]
+    world = services("reviews", "reviews-v2") + [
+        stored(service(n).port(9090, name="grpc").build()) for n in ("ratings", "ratings-v2")]
+    converted = convert_routes([made[0]], [made[1]], [])
+    assert converted.refused == {} and converted.skipped == []
+    mesh = Converter().convert(world, [], [], routes=converted).mesh
+    current = {k: None for k in converted.ours}
+    found = wanted_statuses(mesh, converted, current)
+    assert set(found) == {("HTTPRoute", "default", "reviews-canary"),
+                          ("GRPCRoute", "default", "ratings-methods")}
+    for _, entries in found.values():
+        for entry in entries:
+            assert {(c["type"], c["status"]) for c in entry["conditions"]} == {
+                ("Accepted", "True"), ("ResolvedRefs", "True")}
+
+
+def test_the_crds_are_pinned_at_the_release_the_source_names() -> None:
+    kustomization = yaml.safe_load(
+        (Path(__file__).parents[1] / "deploy" / "gateway-api" / "kustomization.yaml")
+        .read_text())
+    (url,) = kustomization["resources"]
+    assert url == ("https://github.com/kubernetes-sigs/gateway-api/releases/download/"
+                   f"{GATEWAY_API_RELEASE}/experimental-install.yaml")
+    # The versions the source watches are served by that release's experimental channel.
+    assert (HTTP_ROUTES.version, GRPC_ROUTES.version, REFERENCE_GRANTS.version) == (
+        "v1", "v1", "v1beta1")
