@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.support.echo_http import EchoHttp, call, echoed
-from tests.support.procs import Envoy, wait_for
+from tests.support.procs import ControlPlane, Envoy, wait_for
 from tests.support.promise_rig import Rig, endpoint
 from tests.support.promise_servers import ECHO_UNARY, GrpcEcho, ScriptedHttp, always
 
@@ -42,7 +42,9 @@ def _service(name: str, backend: Any, namespace: str = "default",
 
 
 def _route(name: str, parent: str, rules: list[dict[str, Any]], namespace: str = "default",
-           **parent_fields: Any) -> dict[str, Any]:
+           parent_namespace: str | None = None, **parent_fields: Any) -> dict[str, Any]:
+    if parent_namespace is not None:
+        parent_fields["namespace"] = parent_namespace
     return {"name": name, "namespace": namespace,
             "parentRefs": [{"kind": "Service", "name": parent, **parent_fields}],
             "rules": rules}
@@ -153,13 +155,11 @@ def mesh(echo: dict[str, EchoHttp], slow: ScriptedHttp,
             {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
                 "set": [{"name": "X-Route", "value": "producer"}]}}], "backendRefs": _to(V1)}]),
         _route("consumer", "consumer", [{"backendRefs": _to(V2, namespace="default")}],
-               namespace="shop", namespace_parent="default"),
+               namespace="shop", parent_namespace="default"),
         _route("ports", "ports", [{"backendRefs": _to(V2)}], port=80),
         _route("governed", "governed", [{"backendRefs": _to(V2)}]),
         _route("faulty", "faulty", [{"backendRefs": _to(V2)}]),
     ]
-    consumer = http_routes[-4]
-    consumer["parentRefs"][0]["namespace"] = consumer["parentRefs"][0].pop("namespace_parent")
     grpc_routes = [{"name": "ratings", "parentRefs": [
         {"kind": "Service", "name": "ratings-v1", "port": GRPC_PORT}], "rules": [
         {"backendRefs": [{"name": "ratings-v1", "port": GRPC_PORT}]},
@@ -202,10 +202,7 @@ def gamma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         echo = {name: rig.own(EchoHttp(name)) for name in (V1, V2, "audit")}
         slow = rig.own(ScriptedHttp("slow", always(200, delay=3.0)))
         ratings = {name: rig.own(GrpcEcho(name)) for name in ("ratings-v1", "ratings-v2")}
-        rig.write([])
         rig.mesh.write_text(yaml.safe_dump(mesh(echo, slow, ratings)))
-        rig.serve_file = None  # type: ignore[attr-defined]
-        from tests.support.procs import ControlPlane
         rig.server = ControlPlane(rig.mesh, rig.tmp).start()
         frontend = rig.envoy("frontend-1")
         shop = rig.envoy("frontend-shop", extra=["--namespace", "shop"])
