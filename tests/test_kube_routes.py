@@ -21,7 +21,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from controlplane.deploy_examples import example_grpc_route, example_http_route
-from controlplane.mesh.route_status import CONTROLLER
+from controlplane.mesh.route_status import CONTROLLER, ParentStatus, accepted
 from controlplane.sources.kubernetes.convert import Converter
 from controlplane.sources.kubernetes.kinds import (
     GATEWAY_API_RELEASE,
@@ -30,7 +30,12 @@ from controlplane.sources.kubernetes.kinds import (
     REFERENCE_GRANTS,
     TRAFFIC_POLICIES,
 )
-from controlplane.sources.kubernetes.route_status import needs_write, parents, wanted_statuses
+from controlplane.sources.kubernetes.route_status import (
+    needs_write,
+    parents,
+    service_parents,
+    wanted_statuses,
+)
 from controlplane.sources.kubernetes.routes import convert_routes
 from controlplane.sources.kubernetes.status import conditions
 from tests.kube.apiserver import ApiServerDouble, StatusError
@@ -382,3 +387,26 @@ def test_the_crds_are_pinned_at_the_release_the_source_names() -> None:
     # The versions the source watches are served by that release's experimental channel.
     assert (HTTP_ROUTES.version, GRPC_ROUTES.version, REFERENCE_GRANTS.version) == (
         "v1", "v1", "v1beta1")
+
+
+def test_gateway_parents_are_written_only_for_our_gateways() -> None:
+    """A route may name our Gateway and another implementation's: the gateway source's
+    statuses are written for ours only (the other controller writes its own)."""
+    route = stored(http_route("both", {"parentRefs": [
+        {"name": "edge"}, {"name": "their-edge"}],  # kind Gateway, as the CRD defaults
+        "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}]}))
+    route["spec"]["parentRefs"] = [
+        {**p, "group": "gateway.networking.k8s.io", "kind": "Gateway"}
+        for p in route["spec"]["parentRefs"]]
+    ours = {("default", "edge")}
+    converted = convert_routes([route], [], [], gateways=ours)
+    mesh = Converter().convert(services("reviews"), [], [], routes=converted).mesh
+    key = ("HTTPRoute", "default", "both")
+
+    def gateway_parents(_: Any) -> dict[Any, Any]:
+        refs = converted.http_routes[0].parent_refs
+        return {key: tuple(ParentStatus(p, (accepted(),)) for p in refs)}
+
+    changed = wanted_statuses(mesh, converted, {key: None},
+                              (service_parents, gateway_parents), gateways=ours)
+    assert [e["parentRef"]["name"] for e in changed[key][1]] == ["edge"]

@@ -12,7 +12,7 @@ so two replicas agree and our own writes do not echo back as changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -25,7 +25,8 @@ from controlplane.mesh.model import Mesh
 from controlplane.mesh.route_status import CONTROLLER, Condition, ParentStatus, RouteKey
 from controlplane.mesh.routes import ParentRef
 from controlplane.sources.kubernetes.kinds import GRPC_ROUTES, HTTP_ROUTES, Kind
-from controlplane.sources.kubernetes.routes import RouteConversion, RouteObject
+from controlplane.sources.kubernetes.routes import RouteConversion, RouteObject, is_ours
+from controlplane.sources.kubernetes.services import Key
 from controlplane.sources.kubernetes.status import MAX_MESSAGE
 
 log = structlog.get_logger("controlplane.source.kubernetes")
@@ -175,15 +176,18 @@ def service_parents(mesh: Mesh) -> Mapping[RouteKey, Sequence[ParentStatus]]:
 def wanted_statuses(mesh: Mesh, routes: RouteConversion,
                     current: Mapping[RouteKey, Mapping[str, Any] | None],
                     sources: Sequence[StatusSource] = (service_parents,),
+                    gateways: Collection[Key] = (),
                     ) -> dict[RouteKey, tuple[RouteObject, list[dict[str, Any]]]]:
     """Per route whose status must change: the route and its ``status.parents``.
     ``current``: each route object's status as last read (routes not ours included, so
     an entry of ours left on one that is ours no more is dropped). ``sources``: where
-    parents' statuses come from (Service parents; gateways add their own function)."""
+    parents' statuses come from (Service parents; gateways add their own function);
+    ``gateways``: ours, the only Gateway parents written (never another controller's)."""
     found: dict[RouteKey, list[ParentStatus]] = {}
     for source in sources:
         for route_key, statuses in source(mesh).items():
-            found.setdefault(route_key, []).extend(statuses)
+            found.setdefault(route_key, []).extend(
+                s for s in statuses if is_ours(s.parent, route_key[1], gateways))
     for route_key, statuses in routes.refused.items():
         found[route_key] = list(statuses)
     changed = {}

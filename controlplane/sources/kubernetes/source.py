@@ -325,13 +325,14 @@ class KubernetesSource:
             task.add_done_callback(tasks.discard)
 
     def _write_route_statuses(self, mesh: Mesh, routes: RouteConversion,
+                              gateways: Collection[Key],
                               tasks: set[asyncio.Task[None]]) -> None:
         """Write each route's status.parents where it differs and is not on its way."""
         if self.route_status is None:
             return
         current = {(kind.kind, *k): status for kind in ROUTES
                    for k, status in self.stores[kind].status.items()}
-        changed = wanted_statuses(mesh, routes, current, self.route_status_sources)
+        changed = wanted_statuses(mesh, routes, current, self.route_status_sources, gateways)
         self._route_writing = {k: v for k, v in self._route_writing.items() if k in changed}
         for route_key, (route, wanted) in changed.items():
             sent = self._route_writing.get(route_key)
@@ -350,9 +351,10 @@ class KubernetesSource:
     def _convert(self, tasks: set[asyncio.Task[None]]) -> Mesh:
         pods = self.stores[PODS].objects if PODS in self.kinds else None
         ingress = self.gateways.convert(self.stores)
+        gateways = self.our_gateways()
         routes = convert_routes(
             self.stores[HTTP_ROUTES].values(), self.stores[GRPC_ROUTES].values(),
-            self.stores[REFERENCE_GRANTS].values(), self.our_gateways())
+            self.stores[REFERENCE_GRANTS].values(), gateways)
         result = self.converter.convert(
             self.stores[SERVICES].values(), self.stores[ENDPOINT_SLICES].values(),
             self.stores[TRAFFIC_POLICIES].values(), pods, self.stores[SIDECARS].values(),
@@ -362,7 +364,7 @@ class KubernetesSource:
         result.mesh = self.gateways.into(result.mesh, ingress)
         result.skipped.extend(ingress.skipped)
         self.gateways.reconcile(ingress, result.mesh, self.stores)
-        self._write_route_statuses(result.mesh, routes, tasks)
+        self._write_route_statuses(result.mesh, routes, gateways, tasks)
         problems = set(result.skipped)
         for problem in result.skipped:
             if problem not in self._logged:
