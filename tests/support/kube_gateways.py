@@ -1,0 +1,56 @@
+"""Gateway API ingress objects for the API server double (GatewayClass, Gateway, TLSRoute)
+and the ``kubernetes.io/tls`` Secrets their listeners name, as a user writes them."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from controlplane.sources.kubernetes.kinds import (
+    GATEWAY_CLASSES,
+    GATEWAY_CONTROLLER,
+    GATEWAYS,
+    TLS_ROUTES,
+)
+from tests.support.gateway_certs import ServerFiles
+
+Obj = dict[str, Any]
+
+
+def gateway_class(name: str = "controlplane", controller: str = GATEWAY_CONTROLLER) -> Obj:
+    return {"apiVersion": GATEWAY_CLASSES.api_version, "kind": GATEWAY_CLASSES.kind,
+            "metadata": {"name": name}, "spec": {"controllerName": controller}}
+
+
+def gateway(name: str, listeners: list[Obj], namespace: str = "default",
+            class_name: str = "controlplane", annotations: dict[str, str] | None = None,
+            **spec: Any) -> Obj:
+    metadata: Obj = {"name": name, "namespace": namespace}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return {"apiVersion": GATEWAYS.api_version, "kind": GATEWAYS.kind, "metadata": metadata,
+            "spec": {"gatewayClassName": class_name, "listeners": listeners, **spec}}
+
+
+def https_listener(name: str, port: int, secret: str, hostname: str | None = None,
+                   **tls: Any) -> Obj:
+    listener: Obj = {"name": name, "port": port, "protocol": "HTTPS",
+                     "tls": {"mode": "Terminate",
+                             "certificateRefs": [{"kind": "Secret", "name": secret}], **tls}}
+    if hostname:
+        listener["hostname"] = hostname
+    return listener
+
+
+def tls_route(name: str, spec: Obj, namespace: str = "default") -> Obj:
+    return {"apiVersion": TLS_ROUTES.api_version, "kind": TLS_ROUTES.kind,
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def tls_secret(name: str, files: ServerFiles, namespace: str = "default",
+               type_: str = "kubernetes.io/tls") -> Obj:
+    """What ``kubectl create secret tls NAME --cert --key`` makes."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": type_,
+            "metadata": {"name": name, "namespace": namespace},
+            "data": {"tls.crt": base64.b64encode(files.cert.read_bytes()).decode(),
+                     "tls.key": base64.b64encode(files.key.read_bytes()).decode()}}
