@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -73,20 +74,31 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_port(preferred: int = 0) -> int:
+_HANDED: deque[int] = deque(maxlen=2048)  # ports this process handed out, newest last
+
+
+def free_port(preferred: int = 0, shard: tuple[int, int] = (0, 1)) -> int:
     """``preferred`` when it is free on 127.0.0.1 (so the lab matches the compose file's
     ports), else a free port for a process to bind later.
 
     Picked at random below the kernel's ephemeral range (from 20000 up): every bind to
     port 0 on this machine draws from that range, so a port picked there could be taken
-    by anyone before its process binds it; below it, only another picker can, rarely."""
+    by anyone before its process binds it; below it, only another picker can. A port
+    this process handed out lately is not handed out again (two picks before either is
+    bound would otherwise collide one time in a few thousand), and ``shard`` (index,
+    count) keeps to one slice of the range, so parallel pickers (test workers) never
+    meet."""
     if preferred and _bindable(preferred):
         return preferred
     low = _ephemeral_low()
     if low > 21000:
+        index, count = shard
+        width = (low - 20000) // max(count, 1)
+        start = 20000 + width * (index % max(count, 1))
         for _ in range(64):
-            port = random.randrange(20000, low)
-            if _bindable(port):
+            port = random.randrange(start, start + width)
+            if port not in _HANDED and _bindable(port):
+                _HANDED.append(port)
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -34,11 +34,23 @@ _serial = itertools.count(1)
 _START_ATTEMPTS = 5
 
 
+def _worker_shard() -> tuple[int, int]:
+    """(this worker's index, how many slices): gw0..gw7 get one of 8 slices each."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        return int(worker[2:]) % 8, 8
+    return 0, 1
+
+
+_WORKER_SHARD = _worker_shard()
+
+
 def free_port() -> int:
     """A port free right now, below the ephemeral range so that no port-0 bind can take
     it before it is used (see controlplane.lab.topology.free_port). Still only for ports
-    a process must be told up front; prefer binding port 0."""
-    return lab_free_port()
+    a process must be told up front; prefer binding port 0. Each pytest-xdist worker
+    picks from its own slice of the range, so two workers never pick the same port."""
+    return lab_free_port(shard=_WORKER_SHARD)
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1,
