@@ -249,6 +249,9 @@ def count_values(data: Any) -> int:
 
 
 _NAMED: Final = (["services"], [".services"], ["sidecars"], [".sidecars"])
+# Kubernetes-shaped entries (Gateway API objects): named namespace/name, as kubectl does.
+_OBJECTS: Final = tuple([key] for key in ("http_routes", "grpc_routes", "reference_grants",
+                                          "gateways", "tls_routes", "certificates"))
 
 
 def describe_error(error: Any, data: Any, root: str = "") -> str:
@@ -260,11 +263,14 @@ def describe_error(error: Any, data: Any, root: str = "") -> str:
     for item in error["loc"]:
         if isinstance(item, int):
             in_services = parts[-1:] in _NAMED  # name those only
+            in_objects = parts[-1:] in _OBJECTS
             parts.append(f"[{item}]")
             node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
-            if in_services and isinstance(node, dict) and isinstance(node.get("name"), str):
-                namespace = node.get("namespace", "default")
-                parts.append(f" ({str(node['name'])[:80]}.{str(namespace)[:80]})")
+            if (in_services or in_objects) and isinstance(node, dict) \
+                    and isinstance(node.get("name"), str):
+                namespace = str(node.get("namespace", "default"))[:80]
+                name = str(node["name"])[:80]
+                parts.append(f" ({namespace}/{name})" if in_objects else f" ({name}.{namespace})")
         else:
             text = str(item)[:80]
             parts.append(f".{text}" if parts else text)
