@@ -120,6 +120,10 @@ def _validate(args: argparse.Namespace) -> int:
 
     for warning in security_warnings(mesh):  # valid, but not doing what it seems to
         print(f"{args.path}: warning: {warning}", file=sys.stderr)
+    from controlplane.mesh.attach import route_warnings
+
+    for warning in route_warnings(mesh):  # a route (or a share of it) not served
+        print(f"{args.path}: warning: {warning}", file=sys.stderr)
     count = len(mesh.services)
     print(f"{args.path}: ok, {count} service{'s' if count != 1 else ''}")
     return 0

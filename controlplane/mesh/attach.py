@@ -342,3 +342,13 @@ def not_accepted(statuses: Mapping[RouteKey, Sequence[ParentStatus]]
                 if not condition.status:
                     found.append((key, status.parent, condition))
     return found
+
+
+def route_warnings(mesh: Mesh) -> list[str]:
+    """One line per route a Service parent did not accept, or whose backends do not all
+    resolve (``controlplane validate`` prints them): valid, but not all served."""
+    if not (mesh.http_routes or mesh.grpc_routes):
+        return []
+    return [f"{'/'.join(key)} on {parent.describe(key[1])}: {condition.type} "
+            f"{condition.reason}: {condition.message}"
+            for key, parent, condition in not_accepted(attach(mesh).statuses())]
