@@ -18,6 +18,7 @@ from controlplane.mesh import Mesh, MeshLoader, load_mesh_data
 from controlplane.mesh.attach import attach, outbound_cluster, overridden, route_warnings
 from controlplane.mesh.loader import load_mesh_file
 from controlplane.mesh.route_status import ParentStatus
+from controlplane.mesh.routes import HTTPRoute
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import names, translate
 from controlplane.translator.gateway_api import rule_routes
@@ -313,3 +314,15 @@ def test_the_example_validates_and_every_route_is_served(tmp_path: Path) -> None
     assert ("warning: HTTPRoute/default/reviews-canary on Service default/reviews port 9080: "
             "ResolvedRefs BackendNotFound: backendRef Service default/reviews-v3 does not "
             "exist") in done.stderr
+
+
+def test_resolve_rules_for_a_gateway_parent() -> None:
+    """A gateway listener has no Service port: a backendRef without a port does not
+    resolve there (the spec requires one for a Service)."""
+    mesh = build([svc("web")], [])
+    gateway_route = HTTPRoute.model_validate({
+        "name": "r", "parentRefs": [{"name": "ingress"}],
+        "rules": [{"backendRefs": [to("web"), {"name": "web"}]}]})
+    [rule] = attach(mesh).resolve(gateway_route)
+    assert [b.cluster for b in rule.backends] == ["outbound|80||web.default.svc.cluster.local",
+                                                  None]

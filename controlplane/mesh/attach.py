@@ -147,6 +147,13 @@ class Attachments:
         any namespace: a sidecar that sees ``key`` needs their clusters."""
         return frozenset(self._targets.get(key, ()))
 
+    def resolve(self, route: Route, port: int | None = None) -> list[ResolvedRule]:
+        """``route``'s rules with their backends resolved, for a parent that is not a
+        Service port (a gateway listener): ``port`` is the one a backendRef without
+        its own means (None: such a backendRef does not resolve)."""
+        rules: list[Rule] = list(route.rules)
+        return [self._rule(route, index, rule, port or 0) for index, rule in enumerate(rules)]
+
     @property
     def routed(self) -> frozenset[str]:
         """The services that have a route attached."""
