@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from controlplane.sources.kubernetes.gateway_examples import EXAMPLES as GATEWAY_EXAMPLES
 from controlplane.sources.kubernetes.kinds import (
     GRPC_ROUTES,
     HTTP_ROUTES,
@@ -145,4 +146,5 @@ def _route_header(name: str) -> Callable[[Path], str]:
 GATEWAY_API_EXAMPLES: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[Path], str]]] = {
     "httproute": (example_http_route, _route_header("httproute")),
     "grpcroute": (example_grpc_route, _route_header("grpcroute")),
+    **GATEWAY_EXAMPLES,  # the ingress half: GatewayClass, Gateway, its HTTPRoute
 }

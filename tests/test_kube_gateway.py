@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,11 @@ from controlplane.sources.kubernetes.deployer import (
     resource_name,
 )
 from controlplane.sources.kubernetes.gateway_controller import GatewayController
+from controlplane.sources.kubernetes.gateway_examples import (
+    example_gateway,
+    example_gateway_class,
+    example_gateway_route,
+)
 from controlplane.sources.kubernetes.gateways import convert_gateways
 from controlplane.sources.kubernetes.kinds import (
     DEPLOYMENTS,
@@ -311,3 +317,19 @@ def test_only_our_gateways_and_their_tls_routes_enter_the_mesh() -> None:
     assert "listeners[1].name" in found.verdicts[("default", "bad")].problem
     assert [r["name"] for r in found.tls_routes] == ["db"]
     assert GATEWAY_CONTROLLER in {c["spec"]["controllerName"] for c in found.classes.values()}
+
+
+def test_the_examples_pass_the_schema_and_the_model() -> None:
+    """deploy/kubernetes/examples/gateway*.yaml: stored as written (nothing pruned), the
+    Gateway ours and valid, its Secret wanted, and its route naming it."""
+    made = [example_gateway_class(), example_gateway(), example_gateway_route()]
+    with ApiServerDouble() as double:
+        stored = [double.create(copy.deepcopy(obj)) for obj in made]
+    for obj, kept in zip(made[:2], stored[:2], strict=True):  # the route gets defaults
+        assert kept["spec"] == obj["spec"] or kept["spec"]["listeners"][1]["tls"][
+            "certificateRefs"][0]["group"] == "", obj["kind"]
+    found = convert_gateways([stored[0]], [stored[1]], [])
+    assert [g["name"] for g in found.gateways] == ["ingress"]
+    assert not found.verdicts[("default", "ingress")].problem
+    assert found.secrets == {("default", "shop-cert")}
+    assert stored[2]["spec"]["parentRefs"][0]["name"] == "ingress"

@@ -9,8 +9,8 @@ controller runs it off the event loop.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -56,13 +56,24 @@ class Deployer:
                  bootstrap: Bootstrap = gateway_bootstrap) -> None:
         self.config = config
         self.bootstrap = bootstrap
+        # The mesh CA's trust bundle now, when xDS is served over TLS (the app sets it, as
+        # for the injection webhook): the gateways' bootstrap verifies the server with it
+        # and authenticates with the pod's projected token.
+        self.bundle: Callable[[], bytes] | None = None
         self._core = client.CoreV1Api(api)
         self._apps = client.AppsV1Api(api)
+
+    def current(self) -> InjectConfig:
+        """The config with the trust bundle as it is now."""
+        if self.bundle is None:
+            return self.config
+        pem = self.bundle().decode()
+        return self.config if pem == self.config.xds_ca else replace(self.config, xds_ca=pem)
 
     def apply(self, gateway: Mapping[str, Any]) -> Outcome:
         where = "/".join(reversed(_gateway_key(gateway)))
         try:
-            wanted = desired(gateway, self.config, self.bootstrap)
+            wanted = desired(gateway, self.current(), self.bootstrap)
         except NotDeployable as exc:
             return Outcome(f"{exc}")
         uid = str(meta(gateway).get("uid") or "")

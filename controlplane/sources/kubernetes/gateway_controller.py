@@ -272,7 +272,7 @@ class GatewayController:
             try:
                 digest = ",".join(o["metadata"]["annotations"]["mesh.controlplane.io/"
                                                               "gateway-hash"]
-                                  for _, o in desired(obj, self.deployer.config,
+                                  for _, o in desired(obj, self.deployer.current(),
                                                       self.deployer.bootstrap))
             except ValueError:
                 digest = ""
