@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, TypeAlias, TypeVar
 
 import structlog
@@ -34,6 +35,7 @@ from controlplane.translator.proxyless import (
     grpc_cluster,
     grpc_route_config,
     listener_names,
+    placeholder_cluster,
 )
 
 log = structlog.get_logger("controlplane.assembly.proxyless")
@@ -47,8 +49,8 @@ _CONVERTED: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
     weakref.WeakValueDictionary())
 # (type, source layer version) -> the gRPC layer
 _LAYERS: dict[tuple[str, str], Layer] = {}
-# (source route version, gRPC cluster layer version) -> (route layer, listener layer)
-_TABLES: dict[tuple[str, str], tuple[Layer, Layer]] = {}
+# (source route version, gRPC cluster layer version) -> what follows from the table
+_TABLES: dict[tuple[str, str], Tables] = {}
 
 
 def proxyless_snapshot(build: MeshBuild, proxy: ProxyIdentity,
@@ -57,13 +59,15 @@ def proxyless_snapshot(build: MeshBuild, proxy: ProxyIdentity,
     visible = build.visible(proxy)
     clusters = grpc_layer(build.cluster_layer(visible), _cluster)
     endpoints = grpc_layer(build.endpoint_layer(visible, proxy.zone), _assignment)
-    routes, listeners = grpc_tables(build.route(proxy.namespace, visible), clusters)
+    tables = grpc_tables(build.route(proxy.namespace, visible), clusters)
     old = reuse.types if reuse is not None else {}
     types: dict[str, TypeSnapshot] = {
-        type_url: build.typed(type_url, (layer,), old.get(type_url))
-        for type_url, layer in ((resource.CLUSTER, clusters), (resource.ENDPOINT, endpoints),
-                                (resource.LISTENER, listeners), (resource.ROUTE, routes),
-                                (resource.SECRET, empty_layer(resource.SECRET)))
+        type_url: build.typed(type_url, layers, old.get(type_url))
+        for type_url, layers in (
+            (resource.CLUSTER, (clusters, tables.clusters)),
+            (resource.ENDPOINT, (endpoints, tables.endpoints)),
+            (resource.LISTENER, (tables.listeners,)), (resource.ROUTE, (tables.routes,)),
+            (resource.SECRET, (empty_layer(resource.SECRET),)))
     }
     return Snapshot.of(types, reuse=reuse)
 
@@ -90,21 +94,37 @@ def grpc_layer(source: Layer, convert: Convert) -> Layer:
     return made
 
 
-def grpc_tables(route: Resource, clusters: Layer) -> tuple[Layer, Layer]:
-    """(the gRPC route table, one API listener per name it routes), kept by the source
-    table's and the gRPC clusters' versions."""
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """What follows from the route table: itself, an API listener per name it routes,
+    and a cluster without endpoints (and its empty assignment) per unresolved backend."""
+
+    routes: Layer
+    listeners: Layer
+    clusters: Layer
+    endpoints: Layer
+
+
+def grpc_tables(route: Resource, clusters: Layer) -> Tables:
+    """Kept by the source table's and the gRPC clusters' versions."""
     key = (route.version, clusters.version)
     found = _TABLES.get(key)
     if found is not None:
         return found
     assert isinstance(route.message, route_pb2.RouteConfiguration)
-    config, left = grpc_route_config(route.message, clusters.resources)
-    _report(left)
-    routes = Layer.of(resource.ROUTE, [encode_resource(resource.ROUTE, config.name, config)])
-    listeners = Layer.of(resource.LISTENER, (_listener(name)
-                                             for name in listener_names(config)))
-    _keep(_TABLES, key, (routes, listeners))
-    return routes, listeners
+    made = grpc_route_config(route.message, clusters.resources)
+    _report(made.left_out)
+    config = made.config
+    tables = Tables(
+        Layer.of(resource.ROUTE, [encode_resource(resource.ROUTE, config.name, config)]),
+        Layer.of(resource.LISTENER, (_listener(name) for name in listener_names(config))),
+        Layer.of(resource.CLUSTER, (encode_resource(resource.CLUSTER, n, placeholder_cluster(n))
+                                    for n in made.unresolved)),
+        Layer.of(resource.ENDPOINT, (encode_resource(
+            resource.ENDPOINT, n, endpoint_pb2.ClusterLoadAssignment(cluster_name=n))
+            for n in made.unresolved)))
+    _keep(_TABLES, key, tables)
+    return tables
 
 
 def _cluster(message: Message, left: LeftOut) -> Message | None:

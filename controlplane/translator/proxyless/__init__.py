@@ -13,15 +13,16 @@ Envoy-only feature of one service never breaks the table for every service.
 - ``endpoints``: load assignments with locality weights (gRPC drops unweighted ones).
 """
 
-from controlplane.translator.proxyless.clusters import grpc_cluster
+from controlplane.translator.proxyless.clusters import grpc_cluster, placeholder_cluster
 from controlplane.translator.proxyless.endpoints import grpc_assignment
 from controlplane.translator.proxyless.listeners import GRPC_ROUTE, api_listener, listener_names
 from controlplane.translator.proxyless.notes import LeftOut
 from controlplane.translator.proxyless.retries import grpc_retry_on
-from controlplane.translator.proxyless.routes import grpc_route_config
+from controlplane.translator.proxyless.routes import GrpcRoutes, grpc_route_config
 
 __all__ = [
     "GRPC_ROUTE",
+    "GrpcRoutes",
     "LeftOut",
     "api_listener",
     "grpc_assignment",
@@ -29,4 +30,5 @@ __all__ = [
     "grpc_retry_on",
     "grpc_route_config",
     "listener_names",
+    "placeholder_cluster",
 ]

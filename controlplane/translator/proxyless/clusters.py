@@ -17,6 +17,7 @@ from typing import Final
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 
+from controlplane.translator.protoutil import ads
 from controlplane.translator.proxyless.notes import LeftOut
 
 _Cluster = cluster_pb2.Cluster
@@ -63,6 +64,15 @@ def grpc_cluster(cluster: cluster_pb2.Cluster, left: LeftOut) -> cluster_pb2.Clu
                                                            where, left))
     if cluster.HasField("transport_socket") or cluster.transport_socket_matches:
         left.add("mTLS (gRPC clients call in plaintext)", where)
+    return made
+
+
+def placeholder_cluster(name: str) -> cluster_pb2.Cluster:
+    """An EDS cluster whose assignment has no endpoints (``empty_assignment``): what a
+    gRPC client gets for an HTTPRoute backend that does not resolve (calls fail)."""
+    made = _Cluster(name=name, type=_Cluster.DiscoveryType.EDS)
+    made.eds_cluster_config.eds_config.CopyFrom(ads())
+    made.eds_cluster_config.service_name = name
     return made
 
 
