@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from controlplane.deploy_examples import example_grpc_route, example_http_route
 from controlplane.mesh.route_status import CONTROLLER, ParentStatus, accepted
+from controlplane.sources.kubernetes import WatchTiming
 from controlplane.sources.kubernetes.convert import Converter
 from controlplane.sources.kubernetes.kinds import (
     GATEWAY_API_RELEASE,
@@ -280,15 +281,23 @@ async def test_without_the_gateway_api_the_mesh_is_served_and_the_fix_said_once(
     with ApiServerDouble(bookmark_interval=0.5, gateway_api_installed=False) as api:
         api.create(service("reviews").port(9080, name="http").build())
         api.create(service("reviews-v2").port(9080, name="http").build())
+        watching = source(api, tmp_path)
+        watching.timing = WatchTiming(server_timeout=30, inactivity=5, backoff_initial=0.1,
+                                      forbidden_retry=0.3)
         with capture_logs() as logs:
-            updates = Feed(source(api, tmp_path).updates())
+            updates = Feed(watching.updates())
             first = await next_mesh(updates)
             assert [s.name for s in first.services] == ["reviews", "reviews-v2"]
-            await asyncio.sleep(1.0)  # the watchers keep asking, quietly
+            await asyncio.sleep(1.5)  # the watchers keep asking, quietly
         missing = [e for e in logs if e["event"] == "watch.kind_missing"
-                   and e["log_level"] == "error" and e["kind"] == "HTTPRoute"]
+                   and e["log_level"] == "warning" and e["kind"] == "HTTPRoute"]
         assert len(missing) == 1
         assert "kubectl apply --server-side -k deploy/gateway-api" in missing[0]["hint"]
+        # Asked again, but no batch for it: the mesh is not converted at every look.
+        assert api.count("list", HTTP_ROUTES) >= 3
+        assert not any(e["event"] == "watch.listed" and e["kind"] == "HTTPRoute"
+                       for e in logs)
+        assert updates.queue.empty()
         api.install_gateway_api()
         api.create(canary())
         deadline = time.monotonic() + 15

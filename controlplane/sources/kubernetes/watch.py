@@ -139,6 +139,7 @@ class Watcher(threading.Thread):
                              failures=self._failures)
                 self._failures = 0
                 self._forbidden_logged = False
+                self._missing_logged = False
                 log.info("watch.listed", kind=self.kind.kind, namespace=where,
                          objects=len(items), resource_version=version)
                 self._watch(version)
@@ -159,12 +160,21 @@ class Watcher(threading.Thread):
                     self._forbidden(exc)
                 elif exc.status == 404 and self.kind.group not in ("", ENDPOINT_SLICES.group):
                     # The CRD is not installed: serve without policies, and keep looking.
-                    self.emit(Listed(self.kind, self.namespace, []))
-                    level = log.debug if self._missing_logged else log.error
+                    # Said (and listed empty) once per absence, not at every look: each
+                    # Listed makes the source convert the mesh again.
+                    optional = self.kind in GATEWAY_API
+                    if not self._missing_logged:
+                        self.emit(Listed(self.kind, self.namespace, []))
+                    level = log.debug if self._missing_logged else (
+                        log.warning if optional else log.error)
                     level("watch.kind_missing", kind=self.kind.kind, hint=_missing_hint(
                         self.kind))
                     self._missing_logged = True
-                    self._back_off()
+                    if optional:  # many clusters never install it: look again slowly
+                        metrics.K8S_RELISTS.labels(self.kind.plural, "error").inc()
+                        self.stop_event.wait(self.timing.forbidden_retry)
+                    else:
+                        self._back_off()
                 else:
                     self._failed(status=exc.status, error=str(exc.reason))
             except Exception as exc:  # connection refused, reset, timeouts: the API is away
