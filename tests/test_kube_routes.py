@@ -419,3 +419,28 @@ def test_gateway_parents_are_written_only_for_our_gateways() -> None:
     changed = wanted_statuses(mesh, converted, {key: None},
                               (service_parents, gateway_parents), gateways=ours)
     assert [e["parentRef"]["name"] for e in changed[key][1]] == ["edge"]
+
+
+async def test_a_grpcroute_is_served_and_its_status_written(tmp_path: Path) -> None:
+    with ApiServerDouble(bookmark_interval=0.5) as api:
+        for name in ("ratings", "ratings-v2"):
+            api.create(service(name).port(9090, name="grpc").build())
+        api.create(example_grpc_route())
+        updates = Feed(source(api, tmp_path).updates())
+        mesh = await next_mesh(updates)
+        assert [(r.namespace, r.name) for r in mesh.grpc_routes] == [
+            ("default", "ratings-methods")]
+        deadline = time.monotonic() + 15
+        while True:
+            found = (api.get(GRPC_ROUTES, "default", "ratings-methods").get("status")
+                     or {}).get("parents") or []
+            if found:
+                break
+            assert time.monotonic() < deadline, "no status on the GRPCRoute"
+            await asyncio.sleep(0.05)
+        (entry,) = found
+        assert entry["parentRef"] == {"group": "", "kind": "Service", "name": "ratings",
+                                      "port": 9090}
+        assert {(c["type"], c["status"], c["reason"]) for c in entry["conditions"]} == {
+            ("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")}
+        await updates.aclose()
