@@ -26,7 +26,7 @@ import yaml
 from tests.support.echo_http import EchoHttp, call, echoed
 from tests.support.procs import ControlPlane, Envoy, wait_for
 from tests.support.promise_rig import Rig, endpoint
-from tests.support.promise_servers import ECHO_UNARY, GrpcEcho, ScriptedHttp, always
+from tests.support.promise_servers import ECHO_UNARY, GrpcEcho, ScriptedHttp, always, first
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240),
               pytest.mark.xdist_group("gateway_api_conformance")]  # one mesh per module
@@ -54,14 +54,14 @@ def _to(*names: str, **fields: Any) -> list[dict[str, Any]]:
     return [{"name": name, "port": 80, **fields} for name in names]
 
 
-def mesh(echo: dict[str, EchoHttp], slow: ScriptedHttp,
+def mesh(echo: dict[str, EchoHttp], slow: ScriptedHttp, flaky: ScriptedHttp,
          ratings: dict[str, GrpcEcho]) -> dict[str, Any]:
     v1 = echo[V1]
     parents = ["match", "weight", "headers", "redirect", "rewrite", "mirror", "timeout",
                "invalid", "consumer", "faulty"]
     services = [
         _service(V1, v1), _service(V2, echo[V2]), _service("audit", echo["audit"]),
-        _service("slow", slow), *(_service(name, v1) for name in parents),
+        _service("slow", slow), _service("flaky", flaky), *(_service(name, v1) for name in parents),
         _service("other", echo[V2], namespace="elsewhere"),
         _service("granted", echo[V2], namespace="payments"),
         {"name": "ports", "ports": [{"name": "http", "port": 80},
@@ -138,7 +138,12 @@ def mesh(echo: dict[str, EchoHttp], slow: ScriptedHttp,
             "backendRefs": _to(V1)}]),
         _route("timeout", "timeout", [
             {"matches": [{"path": {"value": "/request-timeout"}}],
-             "timeouts": {"request": "500ms"}, "backendRefs": _to("slow")}]),
+             "timeouts": {"request": "500ms"}, "backendRefs": _to("slow")},
+            {"matches": [{"path": {"value": "/backend-timeout"}}],
+             "timeouts": {"backendRequest": "500ms"}, "backendRefs": _to("slow")},
+            {"matches": [{"path": {"value": "/retry"}}],
+             "retry": {"attempts": 2, "codes": [503], "backoff": "10ms"},
+             "backendRefs": _to("flaky")}]),
         _route("invalid", "invalid", [
             {"matches": [{"path": {"value": "/missing"}}], "backendRefs": _to("no-such-service")},
             {"matches": [{"path": {"value": "/kind"}}],
@@ -189,6 +194,7 @@ class Mesh:
     shop: Envoy
     echo: dict[str, EchoHttp]
     ratings: dict[str, GrpcEcho]
+    flaky: ScriptedHttp
 
     def get(self, host: str, path: str = "/", envoy: Envoy | None = None,
             **kwargs: Any) -> tuple[int, str, dict[str, str]]:
@@ -201,12 +207,13 @@ def gamma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     try:
         echo = {name: rig.own(EchoHttp(name)) for name in (V1, V2, "audit")}
         slow = rig.own(ScriptedHttp("slow", always(200, delay=3.0)))
+        flaky = rig.own(ScriptedHttp("flaky", first(1, 503)))
         ratings = {name: rig.own(GrpcEcho(name)) for name in ("ratings-v1", "ratings-v2")}
-        rig.mesh.write_text(yaml.safe_dump(mesh(echo, slow, ratings)))
+        rig.mesh.write_text(yaml.safe_dump(mesh(echo, slow, flaky, ratings)))
         rig.server = ControlPlane(rig.mesh, rig.tmp).start()
         frontend = rig.envoy("frontend-1")
         shop = rig.envoy("frontend-shop", extra=["--namespace", "shop"])
-        found = Mesh(rig, frontend, shop, echo, ratings)
+        found = Mesh(rig, frontend, shop, echo, ratings, flaky)
         wait_for(lambda: found.get("match")[0] == 200, what="routes served", timeout=30)
         wait_for(lambda: found.get("consumer.default", envoy=shop)[0] == 200,
                  what="the shop sidecar routed", timeout=30)
@@ -308,12 +315,16 @@ def test_request_mirror(gamma: Mesh) -> None:
              what="the mirrored request", timeout=10)
 
 
-def test_request_timeout(gamma: Mesh) -> None:
-    """HTTPRouteTimeoutRequest: the app answers after 3 s; the route's 500ms request
-    timeout answers 504 first."""
-    started = time.monotonic()
-    assert gamma.get("timeout", "/request-timeout")[0] == 504
-    assert time.monotonic() - started < 2.5
+def test_timeouts_and_retry(gamma: Mesh) -> None:
+    """HTTPRouteTimeoutRequest, HTTPRouteTimeoutBackendRequest: the app answers after
+    3 s; the route's 500ms timeout answers 504 first. HTTPRouteRetry (experimental): the
+    app's first answer is a 503, retried (code 503 listed), so the caller gets 200."""
+    for path in ("/request-timeout", "/backend-timeout"):
+        started = time.monotonic()
+        assert gamma.get("timeout", path)[0] == 504, path
+        assert time.monotonic() - started < 2.5, path
+    assert gamma.get("timeout", "/retry")[0] == 200
+    assert gamma.flaky.calls == 2
 
 
 def test_unresolved_backends_answer_500(gamma: Mesh) -> None:
@@ -364,7 +375,7 @@ def _grpc(gamma: Mesh, metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
 
 
 def test_grpc_method_and_header_matching(gamma: Mesh) -> None:
-    """GRPCRouteExactMethodMatching, GRPCRouteHeaderMatching: the Say method goes to
+    """GRPCExactMethodMatching, GRPCRouteHeaderMatching: the Say method goes to
     v2 (a real grpcio client and server through the sidecar); Count only with the
     header."""
     assert _grpc(gamma) == b"ratings-v2:hi"
