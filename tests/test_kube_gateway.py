@@ -21,7 +21,13 @@ import pytest
 
 from controlplane.inject.config import InjectConfig
 from controlplane.mesh.model import Mesh
-from controlplane.sources.kubernetes import Debounce, KubernetesSource, WatchTiming, api_client
+from controlplane.sources.kubernetes import (
+    Debounce,
+    KubernetesSource,
+    WatchTiming,
+    api_client,
+    gateway_controller,
+)
 from controlplane.sources.kubernetes.certificates import ClusterCertificates, parse_secret
 from controlplane.sources.kubernetes.deploy_writer import Deployer
 from controlplane.sources.kubernetes.deployer import (
@@ -47,11 +53,18 @@ from controlplane.sources.kubernetes.kinds import (
     SERVICE_ACCOUNTS,
     SERVICE_TYPE_ANNOTATION,
     SERVICES,
+    TLS_ROUTES,
 )
 from tests.kube.apiserver import ApiServerDouble, StatusError
 from tests.kube.objects import http_route
 from tests.support.gateway_certs import TestCA, key_marker
-from tests.support.kube_gateways import gateway, gateway_class, https_listener, tls_secret
+from tests.support.kube_gateways import (
+    gateway,
+    gateway_class,
+    https_listener,
+    tls_route,
+    tls_secret,
+)
 from tests.support.kube_waits import mesh_where
 from tests.test_kube_source import Feed
 
@@ -146,8 +159,8 @@ async def test_a_gateway_gets_its_envoy_status_and_certificate(
     try:
         # Its three objects, each owned by the Gateway (controller: true).
         uid = api.get(GATEWAYS, "default", "ingress")["metadata"]["uid"]
-        deployment = await until(lambda: api.get(DEPLOYMENTS, "default", name), "Deployment")
-        service = api.get(SERVICES, "default", name)
+        service = await until(lambda: api.get(SERVICES, "default", name), "Service (last made)")
+        deployment = api.get(DEPLOYMENTS, "default", name)
         account = api.get(SERVICE_ACCOUNTS, "default", name)
         for made in (deployment, service, account):
             owners = made["metadata"]["ownerReferences"]
@@ -333,3 +346,45 @@ def test_the_examples_pass_the_schema_and_the_model() -> None:
     assert not found.verdicts[("default", "ingress")].problem
     assert found.secrets == {("default", "shop-cert")}
     assert stored[2]["spec"]["parentRefs"][0]["name"] == "ingress"
+
+
+async def test_a_deleted_deployment_is_put_back_and_tls_routes_get_status(
+        api: ApiServerDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drift: someone deletes the gateway's Deployment; the next resync makes it again.
+    TLSRouteSimpleSameNamespace: a TLSRoute to a Passthrough listener is Accepted with
+    our controller's entry in status.parents, beside another controller's (kept)."""
+    monkeypatch.setattr(gateway_controller, "RESYNC", 0.5)
+    api.create(gateway_class())
+    api.create(gateway("ingress", [{"name": "tls", "port": 9443, "protocol": "TLS",
+                                    "tls": {"mode": "Passthrough"}}],
+                       annotations={SERVICE_TYPE_ANNOTATION: "ClusterIP"}))
+    route = tls_route("db", {"parentRefs": [{"name": "ingress", "sectionName": "tls"}],
+                             "hostnames": ["db.example.com"],
+                             "rules": [{"backendRefs": [{"name": "db", "port": 5432}]}]})
+    created = api.create(route)
+    other = {"parentRef": {"name": "edge", "group": "gateway.networking.k8s.io",
+                           "kind": "Gateway"}, "controllerName": "example.com/x",
+             "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                             "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    created["status"] = {"parents": [other]}
+    api.update_status(created)
+    feed = Feed(source(api, tmp_path).updates())
+    name = resource_name("ingress", "controlplane")
+    try:
+        first = await until(lambda: api.get(DEPLOYMENTS, "default", name), "Deployment")
+        parents = await until(lambda: len((api.get(TLS_ROUTES, "default", "db").get(
+            "status") or {}).get("parents") or []) == 2 and api.get(
+            TLS_ROUTES, "default", "db")["status"]["parents"], "the TLSRoute's parents")
+        assert parents[0] == other
+        ours = parents[1]
+        assert ours["controllerName"] == GATEWAY_CONTROLLER
+        assert ours["parentRef"]["name"] == "ingress"
+        assert ours["parentRef"]["sectionName"] == "tls"
+        assert conditions(ours)["Accepted"] == ("True", "Accepted")
+        assert listener(api, "ingress", "tls")["attachedRoutes"] == 1
+        api.delete(DEPLOYMENTS, "default", name)
+        again = await until(lambda: api.get(DEPLOYMENTS, "default", name), "put back")
+        assert again["metadata"]["uid"] != first["metadata"]["uid"]
+        assert again["spec"] == first["spec"]
+    finally:
+        await feed.aclose()

@@ -12,7 +12,9 @@
 
 A Gateway whose Service waits for a load balancer address is looked at again every
 ``ADDRESS_RECHECK`` seconds (a load balancer's address is a status change, which the
-source's store does not count as a change).
+source's store does not count as a change), and every deployed object every ``RESYNC``
+seconds (one GET each; a Deployment someone deleted or edited is put back). Deployments
+are not watched: that would need list/watch of every Deployment in the cluster.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("controlplane.source.kubernetes")
 
 ADDRESS_RECHECK: Final = 5.0  # seconds between looks at a Service awaiting its address
+RESYNC: Final = 60.0  # seconds between looks at every deployed object (one GET each)
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ class GatewayController:
         self._deployed: dict[Key, Deployed] = {}
         self._last: tuple[Gateways, Mesh, dict[tuple[Kind, Key], Any]] | None = None
         self._running: asyncio.Task[None] | None = None
-        self._again = False
+        self._wake: asyncio.Event | None = None
+        self._resync = False  # look at every deployed object again (drift, deletion)
         self._ours: frozenset[Key] = frozenset()
 
     @classmethod
@@ -165,10 +169,11 @@ class GatewayController:
         statuses = {(kind, k): stores[kind].status.get(k)
                     for kind in INGRESS for k in stores[kind].objects}
         self._last = (result, mesh, statuses)
-        if self._running is not None and not self._running.done():
-            self._again = True
-            return
-        self._running = asyncio.create_task(self._loop())
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._running is None or self._running.done():
+            self._running = asyncio.create_task(self._loop(self._wake))
 
     def problems(self) -> list[str]:
         found = [d.problem for d in self._deployed.values() if d.problem]
@@ -184,9 +189,12 @@ class GatewayController:
 
     # -- the reconcile task
 
-    async def _loop(self) -> None:
+    async def _loop(self, wake: asyncio.Event) -> None:
+        """Reconcile the latest batch; again at once when a newer one comes, after
+        ``ADDRESS_RECHECK`` while a Service awaits its address, and every ``RESYNC``
+        anyway (a deleted or edited Deployment is put back)."""
         while True:
-            self._again = False
+            wake.clear()
             assert self._last is not None
             try:
                 waiting = await self._reconcile(*self._last)
@@ -194,11 +202,10 @@ class GatewayController:
                 log.exception("gateway.reconcile_failed",
                               hint="retried with the next change; please report this")
                 waiting = False
-            if self._again:
-                continue
-            if not waiting:
-                return
-            await asyncio.sleep(ADDRESS_RECHECK)
+            try:
+                await asyncio.wait_for(wake.wait(), ADDRESS_RECHECK if waiting else RESYNC)
+            except TimeoutError:
+                self._resync = not waiting
 
     async def _reconcile(self, result: Gateways, mesh: Mesh,
                          statuses: dict[tuple[Kind, Key], Any]) -> bool:
@@ -278,7 +285,7 @@ class GatewayController:
                 digest = ""
             before = self._deployed.get(gateway_key)
             if before is not None and before.digest == digest and before.uid == uid \
-                    and not before.problem:
+                    and not before.problem and not self._resync:
                 current[gateway_key] = before
                 continue
             outcome = self.deployer.apply(obj)
@@ -291,6 +298,7 @@ class GatewayController:
             self.deployer.remove(gateway_key[0], gateway_key[1], before.gateway_class,
                                  before.uid)
         self._deployed = current
+        self._resync = False
 
     def _addresses(self, gateway: Mapping[str, Any]) -> tuple[tuple[tuple[str, str], ...],
                                                               str]:
