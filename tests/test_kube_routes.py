@@ -444,3 +444,13 @@ async def test_a_grpcroute_is_served_and_its_status_written(tmp_path: Path) -> N
         assert {(c["type"], c["status"], c["reason"]) for c in entry["conditions"]} == {
             ("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")}
         await updates.aclose()
+
+
+def test_routes_past_the_mesh_bound_are_left_out_newest_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controlplane.sources.kubernetes.routes.MAX_ROUTES", 2)
+    routes = [stored(canary(f"r{i}"), f"2026-01-0{i + 1}T00:00:00Z") for i in range(3)]
+    converted = convert_routes(routes, [], [])
+    assert [r.name for r in converted.http_routes] == ["r0", "r1"]
+    assert converted.skipped == ["1 HTTPRoutes past the mesh's 2, the newest, are not served; "
+                                 "merge routes (each may hold 16 rules)"]

@@ -32,7 +32,13 @@ from controlplane.mesh.route_status import (
     RouteKey,
     accepted,
 )
-from controlplane.mesh.routes import GRPCRoute, HTTPRoute, ParentRef, ReferenceGrant
+from controlplane.mesh.routes import (
+    MAX_ROUTES,
+    GRPCRoute,
+    HTTPRoute,
+    ParentRef,
+    ReferenceGrant,
+)
 from controlplane.sources.kubernetes.kinds import GRPC_ROUTES, HTTP_ROUTES
 from controlplane.sources.kubernetes.policies import generation_of, uid_of
 from controlplane.sources.kubernetes.services import Key, Obj, key, meta
@@ -118,7 +124,13 @@ def convert_routes(http_routes: Iterable[Obj], grpc_routes: Iterable[Obj],
     """Every route of ours and every ReferenceGrant, as mesh models; the rest left out."""
     result = RouteConversion()
     for kind, objs in ((HTTP_ROUTES.kind, http_routes), (GRPC_ROUTES.kind, grpc_routes)):
-        for obj in _order(objs):
+        ordered = _order(objs)
+        if len(ordered) > MAX_ROUTES:  # the mesh's bound; the newest are left out
+            result.skipped.append(
+                f"{len(ordered) - MAX_ROUTES} {kind}s past the mesh's {MAX_ROUTES}, the "
+                "newest, are not served; merge routes (each may hold 16 rules)")
+            ordered = ordered[:MAX_ROUTES]
+        for obj in ordered:
             try:
                 _route(kind, obj, gateways, result)
             except Exception as exc:  # a shape nothing above foresaw: this route only
@@ -126,7 +138,7 @@ def convert_routes(http_routes: Iterable[Obj], grpc_routes: Iterable[Obj],
                 result.skipped.append(f"{kind} {namespace}/{name}: cannot be read "
                                       f"({type(exc).__name__}: {exc}); compare it with "
                                       "deploy/kubernetes/examples/httproute.yaml")
-    for obj in _order(reference_grants):
+    for obj in _order(reference_grants)[:MAX_ROUTES]:
         namespace, name = key(obj)
         data = flatten(obj)
         try:
