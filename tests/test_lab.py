@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -73,7 +75,17 @@ def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
         else:
             pytest.fail("lab did not finish the scenario in time:\n" + "\n".join(lines))
         shown = "\n".join(lines)
-        assert len(children) == 5, f"expected 5 Envoy sidecars, saw {children}:\n{shown}"
+        assert len(children) == 6, f"expected 5 sidecars and a gateway, saw {children}:\n{shown}"
+        # The demo from outside, as a user reaches it: through the ingress gateway's
+        # HTTP listener (the lab's Gateway and HTTPRoute), into the mesh over mTLS as
+        # the gateway's own identity.
+        found = re.search(r"curl (http://127\.0\.0\.1:\d+/)$", shown, re.MULTILINE)
+        assert found is not None and "ingress gateway:" in shown, shown
+        with urllib.request.urlopen(found.group(1), timeout=5) as answer:
+            body = json.loads(answer.read())
+        assert body["service"] == "frontend", body
+        assert body["caller"] == "spiffe://cluster.local/ns/default/sa/ingress-gateway", body
+        assert body["reviews"]["ratings"]["service"] == "ratings", body
         assert healthy, f"no line with every service at 100% ok:\n{shown}"
         # The lab runs a CA: every call between sidecars is mTLS, and each app sees the
         # SPIFFE ID of its caller's sidecar.

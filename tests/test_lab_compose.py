@@ -97,7 +97,7 @@ def _inner(workdir: Path, seconds: float) -> dict[str, Any]:
         procs.append(subprocess.Popen([sys.executable, "-m", "controlplane", *command],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         traffic: subprocess.Popen[bytes] | None = None
-        apps = [n for n, s in services.items() if n != "controlplane" and "networks" in s]
+        apps = [n for n, s in services.items() if f"{n}-init" in services]
         for index, name in enumerate(apps):
             app, init, envoy = services[name], services[f"{name}-init"], services[f"{name}-envoy"]
             ns = f"{tag}-{index}"
@@ -132,6 +132,24 @@ def _inner(workdir: Path, seconds: float) -> dict[str, Any]:
                 procs.append(subprocess.Popen(
                     [*prefix, "setpriv", "--reuid", uid, "--regid", gid, "--clear-groups",
                      find_envoy(), *args, "--disable-hot-restart"], stdout=log, stderr=log))
+        gateway = services.get("ingress-gateway")
+        gateway_ip = gateway["networks"]["mesh"]["ipv4_address"] if gateway else ""
+        if gateway is not None:  # its own container on the network, no capture
+            ns = f"{tag}-gw"
+            namespaces.append(ns)
+            (Path("/etc/netns") / ns).mkdir(parents=True, exist_ok=True)
+            (Path("/etc/netns") / ns / "hosts").write_text(f"{GATEWAY} controlplane\n")
+            ip("netns", "add", ns)
+            ip("link", "add", "vgw", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            ip("link", "set", "vgw", "master", "mesh", "up")
+            ip("-n", ns, "addr", "add", f"{gateway_ip}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+            args = [_mapped(word, gateway["volumes"]) for word in gateway["command"]]
+            with open(workdir / "ingress-gateway-envoy.log", "ab") as log:
+                procs.append(subprocess.Popen(
+                    ["ip", "netns", "exec", ns, find_envoy(), *args, "--disable-hot-restart"],
+                    stdout=log, stderr=log))
         assert traffic is not None and traffic.stdout is not None
         lines = []
         deadline = time.monotonic() + seconds
@@ -142,7 +160,17 @@ def _inner(workdir: Path, seconds: float) -> dict[str, Any]:
             lines.append(line)
             if len([x for x in lines if _whole(x)]) >= 3:
                 break
-        return {"lines": lines, "sidecars": _diagnose(namespaces, apps)}
+        outside = ""
+        if gateway is not None:  # the demo from outside: the gateway's published port
+            port = gateway["ports"][0].split(":")[1]
+            for _ in range(30):
+                outside = subprocess.run(
+                    ["curl", "-sS", "--max-time", "3", f"http://{gateway_ip}:{port}/"],
+                    capture_output=True, text=True, timeout=10, check=False).stdout
+                if '"service": "frontend"' in outside:
+                    break
+                time.sleep(0.5)
+        return {"lines": lines, "sidecars": _diagnose(namespaces, apps), "outside": outside}
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -169,6 +197,9 @@ def test_the_compose_lab_calls_by_name_through_captured_sidecars(tmp_path: Path)
     shown = "\n".join(lines) + json.dumps(logs, indent=1) + json.dumps(
         json.loads(result.stdout)["sidecars"], indent=1)
     assert len([line for line in lines if _whole(line)]) >= 3, shown
+    # The compose lab's ingress gateway reaches the demo from outside the pods.
+    outside = json.loads(result.stdout)["outside"]
+    assert json.loads(outside)["service"] == "frontend", shown + outside
 
 
 if __name__ == "__main__":

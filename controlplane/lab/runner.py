@@ -36,7 +36,7 @@ from controlplane.lab.identity import LabCa
 from controlplane.lab.pods import PROXY_UID, unavailable
 from controlplane.lab.scenarios import scenarios
 from controlplane.lab.sidecars import Sidecar
-from controlplane.lab.topology import LabError, Plan, check_template, plan
+from controlplane.lab.topology import LabError, LabGateway, Plan, check_template, plan
 from controlplane.lab.traffic import Traffic
 from controlplane.lab.view import Stats, console, render_callers, render_line, render_table
 from controlplane.lab.watch import KEEPS, MeshWatch, ServerWatch
@@ -196,6 +196,7 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
     pods = CapturedLab(workdir) if captured else None
     running: Running | None = None
     sidecars: list[Sidecar] = []
+    gateway: Sidecar | None = None
     runners = []
     tasks: list[asyncio.Task[None]] = []
     session = aiohttp.ClientSession(trust_env=False)
@@ -225,10 +226,18 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
                         for i in (*layout.instances, layout.loadgen)]
         layout = dataclasses.replace(layout, xds_port=running.xds_port,
                                      admin_port=running.admin_port)
+        xds_host = pods.network.gateway if pods is not None else "127.0.0.1"
+        if layout.gateway is not None:  # the way in from outside, on this host's loopback
+            ingress = layout.gateway.instance
+            gateway = Sidecar(ingress, workdir, running.xds_port, xds_host=xds_host,
+                              identity=ca.identity(ingress.node_id, ingress.service_account),
+                              gateway=layout.gateway.name, listens=(layout.gateway.port,))
         for sidecar in sidecars:
             await sidecar.start()
-        await asyncio.gather(*(s.wait_ready(session) for s in sidecars))
-        xds_host = pods.network.gateway if pods is not None else "127.0.0.1"
+        if gateway is not None:
+            await gateway.start()
+        await asyncio.gather(*(s.wait_ready(session) for s in sidecars),
+                             *([gateway.wait_ready(session)] if gateway is not None else []))
         print(f"  mesh file (edit it live): {layout.mesh_path}", file=out)
         print(f"  control plane admin:      http://127.0.0.1:{layout.admin_port}/  "
               f"(xDS on {xds_host}:{layout.xds_port})", file=out)
@@ -239,6 +248,8 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
             _tell_captured(layout, pods, sidecars, out)
         else:
             _tell_explicit(layout, sidecars, out)
+        if layout.gateway is not None and gateway is not None:
+            _tell_gateway(layout.gateway, gateway, out)
         print("  Ctrl-C stops everything.", file=out, flush=True)
 
         traffic: Traffic | RemoteTraffic
@@ -263,7 +274,8 @@ async def _lab(duration: float, mesh_template: str | None, rate: float, out: Tex
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        await asyncio.gather(*(s.stop() for s in sidecars), return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in [*sidecars, *([gateway] if gateway else [])]),
+                             return_exceptions=True)
         for runner in runners:
             await runner.cleanup()
         if pods is not None:
@@ -284,6 +296,14 @@ def _tell_explicit(layout: Plan, sidecars: list[Sidecar], out: TextIO) -> None:
               f"admin {sidecar.admin_url}/", file=out)
     print(f"  try: curl -H 'Host: frontend' http://127.0.0.1:{layout.loadgen.egress_port}/",
           file=out)
+
+
+def _tell_gateway(gateway: LabGateway, proxy: Sidecar, out: TextIO) -> None:
+    print(f"  ingress gateway:          http://127.0.0.1:{gateway.port}/  (Gateway "
+          f"{gateway.namespace}/{gateway.name}, a real Envoy, admin {proxy.admin_url}/)",
+          file=out)
+    print(f"  the demo from outside, as a user reaches it: curl http://127.0.0.1:"
+          f"{gateway.port}/", file=out)
 
 
 def _tell_captured(layout: Plan, pods: CapturedLab, sidecars: list[Sidecar],

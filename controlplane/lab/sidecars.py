@@ -33,9 +33,13 @@ from controlplane.lab.topology import Instance, LabError, free_port
 class Sidecar:
     def __init__(self, instance: Instance, workdir: Path, xds_port: int,
                  pod: Pod | None = None, xds_host: str = "127.0.0.1",
-                 identity: SidecarIdentity | None = None) -> None:
-        """``identity``: xDS over TLS with its token (the lab's CA); None: plaintext."""
+                 identity: SidecarIdentity | None = None, gateway: str | None = None,
+                 listens: tuple[int, ...] = ()) -> None:
+        """``identity``: xDS over TLS with its token (the lab's CA); None: plaintext.
+        ``gateway``: an ingress gateway for that Gateway (on loopback, no app), whose
+        listeners take ``listens``."""
         self.instance = instance
+        self.listens = listens
         self.pod = pod
         self.config = workdir / f"envoy-{instance.node_id}.yaml"
         self.log_path = workdir / f"envoy-{instance.node_id}.log"
@@ -44,7 +48,13 @@ class Sidecar:
         self.stats_port = CAPTURE_STATS_PORT if pod is not None else free_port()
         bundle = identity.bundle_pem if identity is not None else None
         token = str(identity.token_file) if identity is not None else None
-        if pod is not None:
+        if gateway is not None:
+            options = BootstrapOptions(
+                node_id=instance.node_id, service=gateway, gateway=gateway,
+                xds_address=f"{xds_host}:{xds_port}", admin_port=instance.admin_port,
+                egress_port=instance.egress_port, inbound_address="127.0.0.1",
+                stats_port=self.stats_port, xds_ca=bundle, token_file=token)
+        elif pod is not None:
             options = capture_options(
                 instance.node_id, instance.service, xds_address=f"{xds_host}:{xds_port}",
                 admin_address=instance.address, admin_port=instance.admin_port,
@@ -110,7 +120,7 @@ class Sidecar:
         if self.pod is not None:
             return  # a namespace of its own: nothing else there binds ports
         for port in (self.instance.inbound_port, self.instance.egress_port,
-                     self.instance.admin_port, self.stats_port):
+                     self.instance.admin_port, self.stats_port, *self.listens):
             if port and (f"cannot bind '127.0.0.1:{port}'" in text
                          or f"cannot bind '0.0.0.0:{port}'" in text):
                 raise LabError(f"sidecar {self.instance.node_id}: port 127.0.0.1:{port} was "

@@ -123,6 +123,16 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class LabGateway:
+    """The ingress gateway: a real Envoy on loopback serving the mesh's first Gateway."""
+
+    name: str
+    namespace: str
+    port: int  # its first HTTP listener's port: the demo from outside
+    instance: Instance  # the proxy (its admin and spare egress port; no app)
+
+
+@dataclass(frozen=True)
 class Plan:
     mesh_path: Path
     instances: tuple[Instance, ...]
@@ -133,6 +143,32 @@ class Plan:
     """Captured: each service's virtual IP (its first cluster IP), by name."""
     service_ports: dict[str, int] = field(default_factory=dict)
     """Each service's port, by name: where callers connect (captured: by name)."""
+    gateway: LabGateway | None = None
+    """The ingress gateway, when the mesh has a Gateway with an HTTP listener."""
+
+
+GATEWAY_ACCOUNT = "ingress-gateway"  # the ingress gateway's identity
+
+
+def plan_gateway(data: dict[str, Any], pick: Callable[[int], int]) -> LabGateway | None:
+    """The first Gateway's listeners on ports of this machine (``pick``: the file's own
+    where free), written into the lab's copy of the mesh; None without an HTTP one."""
+    gateways = data.get("gateways") or []
+    if not gateways:
+        return None
+    gateway = gateways[0]
+    http: int | None = None
+    for listener in gateway.get("listeners") or []:
+        listener["port"] = pick(int(listener["port"]))
+        if http is None and listener.get("protocol") == "HTTP":
+            http = listener["port"]
+    if http is None:
+        return None
+    name = str(gateway["name"])
+    instance = Instance(service=name, version="v1", node_id=f"{name}-gateway", app_port=0,
+                        inbound_port=0, egress_port=free_port(), admin_port=free_port(),
+                        service_account=GATEWAY_ACCOUNT)
+    return LabGateway(name, str(gateway.get("namespace") or "default"), http, instance)
 
 
 def embedded_mesh_text() -> str:
@@ -161,10 +197,12 @@ def plan(workdir: Path, template: str | None = None, prefer: bool = True) -> Pla
                 node_id=f"{service.name}-{version}", app_port=pick(endpoint.port + 1),
                 inbound_port=inbound, egress_port=free_port(), admin_port=free_port(),
                 service_account=_account(service, endpoint, raw)))
+    gateway = plan_gateway(data, pick)
     mesh_path = _write(workdir, data)
     loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, free_port(), free_port(),
                        service_account=LOADGEN_ACCOUNT)
-    return Plan(mesh_path, tuple(instances), loadgen, pick(18000), pick(19000))
+    return Plan(mesh_path, tuple(instances), loadgen, pick(18000), pick(19000),
+                gateway=gateway)
 
 
 VIRTUAL_NETWORK = "10.96.0"  # where the lab gives a virtual IP to a service without one
@@ -200,6 +238,7 @@ def plan_captured(workdir: Path, address: Callable[[int], str], template: str | 
                 app_port=endpoint.port, inbound_port=CAPTURE_PORTS["inbound"],
                 egress_port=CAPTURE_PORTS["egress"], admin_port=CAPTURE_PORTS["admin"],
                 address=at, service_account=_account(service, endpoint, raw)))
+    gateway = plan_gateway(data, lambda port: free_port(port if prefer else 0))
     mesh_path = _write(workdir, data)
     loadgen = Instance("loadgen", "v1", "loadgen", 0, 0, CAPTURE_PORTS["egress"],
                        CAPTURE_PORTS["admin"], address(len(instances)),
@@ -207,7 +246,7 @@ def plan_captured(workdir: Path, address: Callable[[int], str], template: str | 
     ports = {s.name: s.service_ports[0].port for s in mesh.services if s.service_ports}
     return Plan(mesh_path, tuple(instances), loadgen,
                 free_port(18000 if prefer else 0), free_port(19000 if prefer else 0),
-                virtual_ips, ports)
+                virtual_ips, ports, gateway)
 
 
 def _account(service: Service, endpoint: Endpoint, raw: dict[str, Any]) -> str:
