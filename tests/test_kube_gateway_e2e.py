@@ -4,7 +4,7 @@ network namespace) exactly as the Deployment says, ``$(VAR)``s expanded from the
 API as the kubelet does; it serves the Gateway's HTTPS listener with the certificate of a
 ``kubernetes.io/tls`` Secret and routes a real TLS request, by an HTTPRoute, to a real
 backend pod behind a Service. The Secret's key shows in no log, no /debug page and no
-CSDS answer, and a sidecar's stream never gets it.
+CSDS answer or stored snapshot, and a sidecar's stream never gets it.
 
 Follows the Gateway API conformance tests HTTPRouteHTTPSListener and
 GatewaySecretReferenceGrantSpecific's same-namespace case (a listener's certificate
@@ -169,6 +169,9 @@ def test_a_kubernetes_gateway_serves_https_with_a_secret(network: pods.PodNetwor
         _, secrets, _ = sidecar.admin("/config_dump?resource=dynamic_active_secrets")
         assert "shop-cert" not in secrets
         assert marker not in csds_dump(xds_port)
+        stored = [p for p in (tmp_path / "snapshots").rglob("*") if p.is_file()]
+        assert stored, "the snapshot store wrote nothing"
+        assert not [p for p in stored if marker.encode() in p.read_bytes()]
         assert marker not in server.log_path.read_text()
         assert marker not in gateway_log.read_text()
     finally:
