@@ -16,6 +16,7 @@ from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import duration
 
 ROUTE_OWNED = frozenset({"traffic", "timeout", "retries"})  # features a route replaces
+ON_ACTION = frozenset({"load_balancer"})  # features that shape the forwarding action
 
 
 def egress_route(
@@ -110,8 +111,9 @@ def _port_routes(service: Service, port: ServicePort, proxy_namespace: str,
     # wins, DESIGN.md); its other route features (fault, rate limit, fallback) apply.
     routes = rule_routes(rules, port)
     for route in routes:
+        forwards = route.HasField("route")  # not a redirect, nor a 500 for no backend
         for feature in FEATURES:
-            if feature.name not in ROUTE_OWNED:
+            if feature.name not in ROUTE_OWNED and (forwards or feature.name not in ON_ACTION):
                 feature.route(service, port, route)
     return routes
 
