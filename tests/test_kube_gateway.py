@@ -388,3 +388,26 @@ async def test_a_deleted_deployment_is_put_back_and_tls_routes_get_status(
         assert again["spec"] == first["spec"]
     finally:
         await feed.aclose()
+
+
+def test_a_secret_in_another_namespace_needs_a_reference_grant() -> None:
+    """GatewaySecretReferenceGrantAllInNamespace / ...Specific: a certificateRef into
+    another namespace is read only when a ReferenceGrant there lets Gateways of the
+    Gateway's namespace refer to that Secret (or to every Secret)."""
+    listener = https_listener("https", 443, "shared-cert")
+    listener["tls"]["certificateRefs"][0]["namespace"] = "certs"
+    gw = gateway("ingress", [listener], namespace="shop")
+
+    def grant(name: str | None, from_ns: str = "shop") -> Obj:
+        to: Obj = {"group": "", "kind": "Secret", **({"name": name} if name else {})}
+        return {"metadata": {"name": "g", "namespace": "certs"},
+                "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                   "namespace": from_ns}], "to": [to]}}
+
+    classes = [gateway_class()]
+    assert convert_gateways(classes, [gw], []).secrets == set()
+    assert convert_gateways(classes, [gw], [], [grant(None, "elsewhere")]).secrets == set()
+    assert convert_gateways(classes, [gw], [], [grant("other-cert")]).secrets == set()
+    for allowed in (grant(None), grant("shared-cert")):
+        assert convert_gateways(classes, [gw], [], [allowed]).secrets == {
+            ("certs", "shared-cert")}
