@@ -298,3 +298,31 @@ def test_a_sidecar_that_is_not_captured_serves_external_ports_on_loopback(
     banner = egress.plain.tcp_connect("127.0.0.1", 5432, send="select 1").splitlines()[0]
     assert banner.split()[0] == "db" and banner.split()[2] == f"{egress.db.address}:5432"
     assert stat(egress.plain, f"cluster.{DB}.upstream_cx_total") >= 1
+
+
+def test_a_port_the_sidecar_cannot_bind_is_refused_alone_and_reported(egress: Egress) -> None:
+    """Pod ``strict`` keeps the kernel's default: ports below 1024 are root's, and its
+    sidecar runs as UID 1337. Envoy refuses the listener on 443 (a NACK naming it, seen
+    in the server's /debug/proxies) and keeps the rest: HTTP by Host, and 5432."""
+    hosts = {"db.example.test": egress.db.address}
+    pod = egress.network.pod("strict", hosts=hosts)
+    xds = f"{egress.network.gateway}:{egress.control.xds_port}"
+    egress.envoys["strict"] = pod.envoy(render_bootstrap(BootstrapOptions(
+        node_id="strict-0.default", service="strict", xds_address=xds,
+        admin_address=pod.address, admin_port=15000)))
+    wait_for(lambda: pod.tcp_connect("127.0.0.1", 5432).startswith("db "), timeout=30,
+             what=f"5432 on loopback in pod strict (log: {pod.envoy_log})")
+
+    def nack() -> str:
+        status, body, _ = http_get(f"http://127.0.0.1:{egress.control.admin_port}"
+                                   "/debug/proxies", timeout=5)
+        assert status == 200, body
+        [proxy] = [p for p in json.loads(body) if p["node_id"] == "strict-0.default"]
+        found = proxy["types"]["lds"]["last_nack"]
+        return "" if found is None else str(found["error"])
+
+    wait_for(nack, timeout=20, what="the strict sidecar's NACK at the server")
+    assert "cannot bind '127.0.0.1:443'" in nack()
+    listeners = json.loads(admin(pod, "/listeners?format=json"))
+    names = {entry["name"] for entry in listeners["listener_statuses"]}
+    assert "egress" in names and "egress~5432" in names and "egress~443" not in names
