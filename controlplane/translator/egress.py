@@ -72,9 +72,6 @@ class ExternalPorts:
         """Ports where no HTTP may be sniffed: a server-first protocol must not wait."""
         return {*self.tcp, *self.shared}
 
-    def __bool__(self) -> bool:
-        return bool(self.tls or self.tcp)
-
 
 def external_ports(services: Iterable[Service]) -> ExternalPorts:
     """Services by key; a (host, port) is routed once (two names for one host go to the
