@@ -168,3 +168,16 @@ def test_a_mesh_without_external_tcp_ports_keeps_its_listeners() -> None:
                                                "external_name": "weather.example.test"})
     listeners = translate(mesh, ProxyIdentity(node_id="a", service="web"))[resource.LISTENER]
     assert [m.name for m in listeners] == ["egress"]
+
+
+def test_shared_tcp_ports_are_a_warning_naming_the_services() -> None:
+    from controlplane.mesh.egress import shared_port_warnings
+
+    other = {**DB, "name": "other-db", "external_name": "other.example.test"}
+    assert shared_port_warnings(_mesh(API, PAY, DB).services) == []
+    [warning] = shared_port_warnings(_mesh(API, PAY, DB, other).services)
+    assert warning.startswith("port 5432 is a tcp port of several external hosts "
+                              "(db.default (tcp), other-db.default (tcp))")
+    assert "give each its own port" in warning
+    [warning] = shared_port_warnings(_mesh(API, {**other, "port": 443}).services)
+    assert "(api.default (tls), other-db.default (tcp))" in warning

@@ -11,6 +11,7 @@ cluster IP like any other.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 from pydantic_core import InitErrorDetails
@@ -62,4 +63,28 @@ def opaque_problems(service: Service) -> list[InitErrorDetails]:
         if hashing is not None and getattr(hashing, name) is not None:
             found.append(problem(("policy", "load_balancer", "hash", name),
                                  getattr(hashing, name), why))
+    return found
+
+
+def shared_port_warnings(services: Iterable[Service]) -> list[str]:
+    """External ``tcp`` ports that several external hosts share (or a ``tcp`` and a
+    ``tls`` one): valid, but sidecars route none of them there (translator/egress.py),
+    so ``controlplane validate`` and the sources should say so."""
+    hosts: dict[int, dict[str, tuple[str, str]]] = {}
+    for service in sorted(services, key=lambda s: s.key):
+        for port in service.service_ports if service.external_name else []:
+            if port.protocol in OPAQUE:
+                hosts.setdefault(port.port, {}).setdefault(
+                    service.external_name or "", (service.key, port.protocol))
+    found = []
+    for number, by_host in sorted(hosts.items()):
+        named = list(by_host.values())
+        if len(named) > 1 and any(protocol == "tcp" for _, protocol in named):
+            shown = ", ".join(f"{key} ({protocol})" for key, protocol in named)
+            found.append(
+                f"port {number} is a tcp port of several external hosts ({shown}): "
+                "sidecars cannot tell them apart and route none of them on it (captured "
+                "calls there go where the app's DNS sent them under ALLOW_ANY and are "
+                "closed under REGISTRY_ONLY); give each its own port, or use protocol "
+                "tls for those that speak TLS first")
     return found
