@@ -3,9 +3,10 @@
 gRPC takes EDS clusters, and LOGICAL_DNS ones of exactly one host (A37); a service of
 the mesh is EDS. An external service (one DNS name) becomes LOGICAL_DNS; a service whose
 endpoints are several DNS names (STRICT_DNS for Envoy) has no gRPC form and is left out.
-Load balancing: round robin and ring hash (A42) as written; maglev becomes ring hash
-(both hash consistently; gRPC has no maglev) and random becomes round robin, because a
-gRPC client NACKs a policy it does not know. Of the circuit breaker, gRPC keeps
+Load balancing: round robin and ring hash (A42) as written; least request as a policy
+list (least request, else round robin: A48, A52); maglev becomes ring hash (both hash
+consistently; gRPC has no maglev) and random becomes round robin, because a gRPC client
+NACKs a policy it does not know. Of the circuit breaker, gRPC keeps
 ``max_requests`` (A32); of outlier detection, ejection by success rate and failure
 percentage (A50: the consecutive-error counters are Envoy's). No mTLS: gRPC reads
 certificates only from its own certificate providers, not SDS (left out and noted).
@@ -16,8 +17,11 @@ from __future__ import annotations
 from typing import Final
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import extension_pb2
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 
-from controlplane.translator.protoutil import ads
+from controlplane.translator.protoutil import ads, pack
 from controlplane.translator.proxyless.notes import LeftOut
 
 _Cluster = cluster_pb2.Cluster
@@ -78,6 +82,9 @@ def placeholder_cluster(name: str) -> cluster_pb2.Cluster:
 
 def _load_balancing(cluster: cluster_pb2.Cluster, made: cluster_pb2.Cluster, where: str,
                     left: LeftOut) -> None:
+    if cluster.lb_policy == _Cluster.LbPolicy.LEAST_REQUEST:
+        made.load_balancing_policy.CopyFrom(_least_request())
+        return
     policy = _LB.get(cluster.lb_policy, _Cluster.LbPolicy.ROUND_ROBIN)
     if policy != cluster.lb_policy:
         left.add(f"lb_policy {_Cluster.LbPolicy.Name(cluster.lb_policy)} (as "
@@ -85,6 +92,20 @@ def _load_balancing(cluster: cluster_pb2.Cluster, made: cluster_pb2.Cluster, whe
     made.lb_policy = policy
     if policy == _Cluster.LbPolicy.RING_HASH and cluster.HasField("ring_hash_lb_config"):
         made.ring_hash_lb_config.CopyFrom(cluster.ring_hash_lb_config)
+
+
+def _least_request() -> cluster_pb2.LoadBalancingPolicy:
+    """Least request where the client has it (grpc-go, grpc-java: gRFC A48), round robin
+    where it does not (grpcio's C core NACKs ``lb_policy: LEAST_REQUEST``): a client takes
+    the first policy of the list it knows (gRFC A52)."""
+    policies = cluster_pb2.LoadBalancingPolicy()
+    for name, config in (("envoy.load_balancing_policies.least_request",
+                          least_request_pb2.LeastRequest()),
+                         ("envoy.load_balancing_policies.round_robin",
+                          round_robin_pb2.RoundRobin())):
+        policies.policies.add().typed_extension_config.CopyFrom(
+            extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(config)))
+    return policies
 
 
 def _limits(cluster: cluster_pb2.Cluster, made: cluster_pb2.Cluster) -> None:
