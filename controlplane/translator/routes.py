@@ -34,7 +34,8 @@ def egress_route(
         services = (by_key[key] for key in visible if key in by_key)
     attached = attach(mesh) if mesh.http_routes or mesh.grpc_routes else None
     hosts = [host for service in services
-             for host in virtual_hosts(service, namespace, attached)]
+             for host in (virtual_hosts(service, namespace) if attached is None
+                          else virtual_hosts(service, namespace, attached))]
     hosts.sort(key=lambda host: str(host.name))
     config = route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
     if attached is not None and any(route.route.cluster_not_found_response_code
