@@ -331,9 +331,13 @@ async def test_route_status_goes_through_the_status_subresource(tmp_path: Path) 
             "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
                             "message": "theirs", "lastTransitionTime": "2020-01-01T00:00:00Z"}]}]}
         api.update_status(made)
-        updates = Feed(source(api, tmp_path).updates())
-        await next_mesh(updates)
-        found = await wait_parents(api, "canary", lambda p: len(p) == 2)
+        with capture_logs() as logs:
+            updates = Feed(source(api, tmp_path).updates())
+            await next_mesh(updates)
+            found = await wait_parents(api, "canary", lambda p: len(p) == 2)
+        said = [e for e in logs if e["event"] == "routes.not_accepted"]
+        assert [(e["route"], e["parent"], e["reason"]) for e in said] == [
+            ("HTTPRoute/default/canary", "Service reviews port 9080", "BackendNotFound")]
         assert found[0]["controllerName"] == OTHER and found[0]["conditions"][0]["message"] \
             == "theirs"
         ours = found[1]

@@ -201,3 +201,19 @@ def wanted_statuses(mesh: Mesh, routes: RouteConversion,
         if needs_write(wanted, status):
             changed[route_key] = (route, wanted)
     return changed
+
+
+def log_not_accepted(route: RouteObject, wanted: list[dict[str, Any]]) -> None:
+    """Each parent of ours that did not accept the route, or whose backends do not all
+    resolve (the same event as the file source's), once per status change."""
+    for entry in wanted:
+        if entry.get("controllerName") != CONTROLLER:
+            continue
+        for found in entry["conditions"]:
+            if found["status"] != "True":
+                ref = entry["parentRef"]
+                log.warning("routes.not_accepted", route=f"{route.kind}/{route.namespace}/"
+                            f"{route.name}", parent=f"{ref.get('kind')} {ref.get('name')}"
+                            + (f" port {ref['port']}" if ref.get("port") else ""),
+                            condition=found["type"], reason=found["reason"],
+                            message=found["message"])

@@ -57,6 +57,7 @@ from controlplane.sources.kubernetes.programmed import PolicyKey, RejectedLike, 
 from controlplane.sources.kubernetes.route_status import (
     RouteStatusWriter,
     StatusSource,
+    log_not_accepted,
     service_parents,
     wanted_statuses,
 )
@@ -339,6 +340,7 @@ class KubernetesSource:
             if sent is not None and not needs_route_write(wanted, {"parents": sent}):
                 continue  # already on its way
             self._route_writing[route_key] = wanted
+            log_not_accepted(route, wanted)
             task = asyncio.create_task(self._write_route(route, wanted))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
