@@ -336,3 +336,38 @@ def _acked(rig: Rig, node_id: str, streams: int) -> list[dict[str, Any]] | None:
                                for s in p["types"].values()) for p in found):
         return None
     return found
+
+
+def test_with_mesh_identity_over_tls_and_a_token(tmp_path: Path) -> None:
+    """``serve --ca-dir``: the client's bootstrap (``--grpc --ca-dir``: the CA's bundle,
+    a token minted for it) streams xDS over TLS with its token, and its call reaches a
+    backend the sidecars would call with mTLS: a gRPC client calls in plaintext (it
+    reads no SDS certificates), which the default PERMISSIVE mode accepts."""
+    backend = Backend("secured")
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(yaml.safe_dump({"services": [
+        {"name": "ratings", "port": 9080, "protocol": "grpc", "service_accounts": ["ratings"],
+         "endpoints": [{"address": "127.0.0.1", "port": backend.port,
+                        "service_account": "ratings"}]}]}))
+    server = ControlPlane(mesh, tmp_path, extra=["--ca-dir", str(tmp_path / "ca")]).start()
+    try:
+        bootstrap = tmp_path / "client.json"
+        made = subprocess.run(
+            [sys.executable, "-m", "controlplane", "bootstrap", "--grpc",
+             "--node-id", "client-1.default", "--service", "client",
+             "--service-account", "client", "--ca-dir", str(tmp_path / "ca"),
+             "--xds-address", f"127.0.0.1:{server.xds_port}", "-o", str(bootstrap)],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert made.returncode == 0, made.stderr
+        assert bootstrap.with_suffix(".token").exists()
+        done = subprocess.run(
+            [sys.executable, "-c", CLIENT, json.dumps({"steps": [
+                {"target": "xds:///ratings:9080", "count": 3}]})],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "GRPC_XDS_BOOTSTRAP": str(bootstrap),
+                 "GRPC_EXPERIMENTAL_XDS_BOOTSTRAP_CALL_CREDS": "true"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout) == [{"secured": 3}]
+    finally:
+        server.stop()
+        backend.stop()

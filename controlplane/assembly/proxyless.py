@@ -172,8 +172,10 @@ def _ancestor(source: Layer) -> tuple[frozenset[str], Layer] | None:
 
 
 def _keep(kept: dict[tuple[str, str], _V], key: tuple[str, str], value: _V) -> None:
-    while len(kept) >= _KEPT:
-        kept.pop(next(iter(kept)), None)
+    """Add, dropping the oldest past ``_KEPT`` (list() of a dict is atomic: builds may
+    run on worker threads)."""
+    for oldest in list(kept)[: max(0, len(kept) + 1 - _KEPT)]:
+        kept.pop(oldest, None)
     kept[key] = value
 
 
