@@ -439,7 +439,7 @@ def test_tls_to_an_outside_host_passes_untouched_and_registry_only_lets_its_sni_
     passed = stat(mesh.productpage, "cluster.passthrough.upstream_cx_total")
     assert hello("secure.example") == "secure hello"
     assert stat(mesh.productpage, "cluster.passthrough.upstream_cx_total") == passed + 1
-    mesh.write(policy="REGISTRY_ONLY", extra="  - {name: secure, port: 8443, protocol: tcp, "
+    mesh.write(policy="REGISTRY_ONLY", extra="  - {name: secure, port: 8443, protocol: tls, "
                                              "external_name: secure.example}\n")
     try:
         wait_for(lambda: hello("other.example").startswith("failed"), timeout=20,

@@ -195,7 +195,7 @@ async def test_multiport_headless_and_external_name(api: ApiServerDouble, tmp_pa
     assert [dict(e.ports or {}) for e in api_svc.endpoints] == [
         {"grpc": 8090, "http": 8080}, {"grpc": 8090, "http": 8080}]
     assert billing_svc.external_name == "billing.example.com"
-    assert billing_svc.protocol == "tcp"
+    assert billing_svc.protocol == "tls"  # an ExternalName port named tls: by SNI
     await updates.aclose()
 
 

@@ -199,7 +199,14 @@ def services(draw: st.DrawFn, name: str) -> dict[str, Any]:
         service["port"], service["protocol"] = numbers[0], draw(protocols)
     if draw(st.integers(0, 5)) == 0:
         service["external_name"] = draw(hostname)
+        opaque = [p["protocol"] for p in service.get("ports", [service])] == ["tcp"] * len(
+            numbers)
+        if opaque and draw(st.booleans()):  # the app's own TLS, routed by server name
+            for port in service.get("ports", [service]):
+                port["protocol"] = "tls"
         service["policy"] = draw(policies([]))
+        if opaque:  # a byte stream has no requests: only the TCP fields are accepted
+            service["policy"] = _tcp_fields(service["policy"])
         return service
     dns = draw(st.integers(0, 3)) == 0
     service["endpoints"] = draw(st.lists(endpoints(named, dns), max_size=3))
@@ -207,6 +214,19 @@ def services(draw: st.DrawFn, name: str) -> dict[str, Any]:
     subsets = [dict(s) for s in {tuple(sorted(x.items())) for x in found}]
     service["policy"] = draw(policies(sorted(subsets, key=str)))
     return service
+
+
+def _tcp_fields(policy: dict[str, Any]) -> dict[str, Any]:
+    """What an external service with only tcp/tls ports accepts (mesh/egress.py)."""
+    kept = {k: v for k, v in policy.items()
+            if k in ("connect_timeout", "idle_timeout", "circuit_breaker",
+                     "outlier_detection", "load_balancer")}
+    if "circuit_breaker" in kept:
+        kept["circuit_breaker"] = {k: v for k, v in kept["circuit_breaker"].items()
+                                   if k in ("max_connections", "max_pending_requests")}
+    if kept.get("load_balancer", {}).get("hash", {}).keys() & {"header", "cookie"}:
+        del kept["load_balancer"]
+    return kept
 
 
 @st.composite

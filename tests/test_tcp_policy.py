@@ -131,7 +131,7 @@ def test_idle_timeout_is_on_the_services_captured_tcp_chains_only() -> None:
 def test_registry_only_tls_to_an_external_service_closes_idle_alike() -> None:
     mesh = _mesh("{}", top="outbound_traffic_policy: REGISTRY_ONLY\n", extra="""  - name: secure
     port: 443
-    protocol: tcp
+    protocol: tls
     external_name: secure.example.com
     policy: {idle_timeout: 90s}
 """)
