@@ -37,18 +37,19 @@ def test_the_service_account_may_do_what_the_shipped_role_allows_and_no_more(
     sa = core(double, tmp_path)
     sa.list_namespaced_service("default")
     sa.list_pod_for_all_namespaces()  # the ClusterRoleBinding: every namespace
+    # Pods are read, never written (Services are: each Gateway's, by the gateway
+    # controller).
+    pod = {"metadata": {"name": "x"}, "spec": {"containers": [{"name": "a", "image": "a"}]}}
     with pytest.raises(ApiException) as caught:
-        sa.create_namespaced_service("default", {"metadata": {"name": "x"},
-                                                 "spec": {"ports": [{"port": 80}]}})
+        sa.create_namespaced_pod("default", pod)
     assert caught.value.status == 403
     assert json.loads(caught.value.body) == {
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": 'services is forbidden: User "system:serviceaccount:controlplane-system:'
-                   'controlplane" cannot create resource "services" in API group "" in the '
+        "message": 'pods is forbidden: User "system:serviceaccount:controlplane-system:'
+                   'controlplane" cannot create resource "pods" in API group "" in the '
                    'namespace "default"',
-        "reason": "Forbidden", "details": {"kind": "services"}, "code": 403}
-    core(double, tmp_path, admin=True).create_namespaced_service(
-        "default", {"metadata": {"name": "x"}, "spec": {"ports": [{"port": 80}]}})
+        "reason": "Forbidden", "details": {"kind": "pods"}, "code": 403}
+    core(double, tmp_path, admin=True).create_namespaced_pod("default", pod)
 
 
 def test_rules_are_read_from_the_manifests_so_a_missing_rule_fails(
