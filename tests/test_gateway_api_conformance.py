@@ -11,6 +11,7 @@ suite's echo backend does.
 
 from __future__ import annotations
 
+import copy
 import time
 import urllib.parse
 from collections import Counter
@@ -195,6 +196,14 @@ class Mesh:
     echo: dict[str, EchoHttp]
     ratings: dict[str, GrpcEcho]
     flaky: ScriptedHttp
+    data: dict[str, Any]  # the mesh file as served
+    delta: Envoy  # a sidecar on the delta protocol
+
+    def write(self, data: dict[str, Any]) -> None:
+        """Atomically, as editors save, so the server never reads half a file."""
+        tmp = self.rig.mesh.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(data))
+        tmp.replace(self.rig.mesh)
 
     def get(self, host: str, path: str = "/", envoy: Envoy | None = None,
             **kwargs: Any) -> tuple[int, str, dict[str, str]]:
@@ -209,11 +218,13 @@ def gamma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         slow = rig.own(ScriptedHttp("slow", always(200, delay=3.0)))
         flaky = rig.own(ScriptedHttp("flaky", first(1, 503)))
         ratings = {name: rig.own(GrpcEcho(name)) for name in ("ratings-v1", "ratings-v2")}
-        rig.mesh.write_text(yaml.safe_dump(mesh(echo, slow, flaky, ratings)))
+        data = mesh(echo, slow, flaky, ratings)
+        rig.mesh.write_text(yaml.safe_dump(data))
         rig.server = ControlPlane(rig.mesh, rig.tmp).start()
         frontend = rig.envoy("frontend-1")
         shop = rig.envoy("frontend-shop", extra=["--namespace", "shop"])
-        found = Mesh(rig, frontend, shop, echo, ratings, flaky)
+        delta = rig.envoy("frontend-delta", delta=True)
+        found = Mesh(rig, frontend, shop, echo, ratings, flaky, data, delta)
         wait_for(lambda: found.get("match")[0] == 200, what="routes served", timeout=30)
         wait_for(lambda: found.get("consumer.default", envoy=shop)[0] == 200,
                  what="the shop sidecar routed", timeout=30)
@@ -394,3 +405,35 @@ def test_file_source_logs_what_is_not_served(gamma: Mesh) -> None:
     found = [e for e in gamma.rig.server.logs() if e.get("event") == "routes.not_accepted"]
     assert any(e["route"] == "HTTPRoute/default/invalid" and e["reason"] == "BackendNotFound"
                and e["parent"] == "Service default/invalid" for e in found), found
+
+
+def test_the_delta_protocol_serves_the_same_routes(gamma: Mesh) -> None:
+    """A sidecar on incremental xDS gets the same routing (matching, consumer-free)."""
+    assert name_of(gamma.get("match", "/v2", envoy=gamma.delta)) == V2
+    assert name_of(gamma.get("match", "/v2example", envoy=gamma.delta)) == V1
+    assert gamma.get("redirect", "/port", envoy=gamma.delta)[0] == 302
+
+
+def test_a_route_change_moves_traffic_and_a_bad_route_is_left_out(gamma: Mesh) -> None:
+    """Editing the file: 90/10 becomes 0/100 with no restart, and a route to a parent
+    that does not exist is left out (logged, NoMatchingParent) while every other route
+    stays served. Restored afterwards (the module's other tests share the mesh)."""
+    changed = copy.deepcopy(gamma.data)
+    [weight] = [r for r in changed["http_routes"] if r["name"] == "weight"]
+    weight["rules"][0]["backendRefs"][0]["weight"] = 0
+    weight["rules"][0]["backendRefs"][1]["weight"] = 100
+    changed["http_routes"].append(_route("orphan", "no-such-parent", [{"backendRefs": _to(V2)}]))
+    gamma.write(changed)
+    try:
+        wait_for(lambda: {name_of(gamma.get("weight")) for _ in range(20)} == {V2},
+                 what="the 0/100 weights served", timeout=30)
+        assert name_of(gamma.get("match", "/v2")) == V2  # the rest as it was
+        assert gamma.rig.server is not None
+        wait_for(lambda: any(
+            e.get("event") == "routes.not_accepted" and e.get("route") == "HTTPRoute/default/orphan"
+            and e.get("reason") == "NoMatchingParent" for e in gamma.rig.server.logs()),
+            what="the orphan route logged", timeout=10)
+    finally:
+        gamma.write(gamma.data)
+        wait_for(lambda: V1 in {name_of(gamma.get("weight")) for _ in range(40)},
+                 what="the 90/10 weights back", timeout=30)
