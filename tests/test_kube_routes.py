@@ -37,7 +37,7 @@ from controlplane.sources.kubernetes.route_status import (
     service_parents,
     wanted_statuses,
 )
-from controlplane.sources.kubernetes.routes import convert_routes
+from controlplane.sources.kubernetes.routes import RouteConverter, convert_routes
 from controlplane.sources.kubernetes.status import conditions
 from tests.kube.apiserver import ApiServerDouble, StatusError
 from tests.kube.objects import (
@@ -458,3 +458,24 @@ def test_routes_past_the_mesh_bound_are_left_out_newest_first(
     assert [r.name for r in converted.http_routes] == ["r0", "r1"]
     assert converted.skipped == ["1 HTTPRoutes past the mesh's 2, the newest, are not served; "
                                  "merge routes (each may hold 16 rules)"]
+
+
+def test_unchanged_objects_are_not_validated_again() -> None:
+    """The source's stores keep an unchanged object's dict, so its models are reused (an
+    endpoint change converts no route again); a new dict, or new Gateways of ours, is
+    judged afresh."""
+    converter = RouteConverter()
+    route, other = stored(canary()), stored(canary("other"))
+    first = converter.convert([route, other], [], [])
+    edited = copy.deepcopy(other)
+    again = converter.convert([route, edited], [], [], gateways={("default", "edge")})
+    assert again.http_routes[0] == first.http_routes[0]
+    assert again.http_routes[0] is not first.http_routes[0]  # the Gateways changed
+    third = converter.convert([route, edited], [], [], gateways={("default", "edge")})
+    assert third.http_routes[0] is again.http_routes[0]
+    assert third.http_routes[1] is again.http_routes[1]
+    edited["spec"]["rules"][0]["backendRefs"][0]["weight"] = 1
+    fourth = converter.convert([route, copy.deepcopy(edited)], [], [],
+                               gateways={("default", "edge")})
+    assert fourth.http_routes[0] is again.http_routes[0]
+    assert fourth.http_routes[1].rules[0].backend_refs[0].weight == 1  # type: ignore[index]

@@ -39,7 +39,7 @@ from controlplane.mesh.routes import (
     ParentRef,
     ReferenceGrant,
 )
-from controlplane.sources.kubernetes.kinds import GRPC_ROUTES, HTTP_ROUTES
+from controlplane.sources.kubernetes.kinds import GRPC_ROUTES, HTTP_ROUTES, REFERENCE_GRANTS
 from controlplane.sources.kubernetes.policies import generation_of, uid_of
 from controlplane.sources.kubernetes.services import Key, Obj, key, meta
 
@@ -122,56 +122,111 @@ def convert_routes(http_routes: Iterable[Obj], grpc_routes: Iterable[Obj],
                    reference_grants: Iterable[Obj],
                    gateways: Collection[Key] = ()) -> RouteConversion:
     """Every route of ours and every ReferenceGrant, as mesh models; the rest left out."""
-    result = RouteConversion()
-    for kind, objs in ((HTTP_ROUTES.kind, http_routes), (GRPC_ROUTES.kind, grpc_routes)):
-        ordered = _order(objs)
-        if len(ordered) > MAX_ROUTES:  # the mesh's bound; the newest are left out
-            result.skipped.append(
-                f"{len(ordered) - MAX_ROUTES} {kind}s past the mesh's {MAX_ROUTES}, the "
-                "newest, are not served; merge routes (each may hold 16 rules)")
-            ordered = ordered[:MAX_ROUTES]
-        for obj in ordered:
-            try:
-                _route(kind, obj, gateways, result)
-            except Exception as exc:  # a shape nothing above foresaw: this route only
-                namespace, name = key(obj)
-                result.skipped.append(f"{kind} {namespace}/{name}: cannot be read "
-                                      f"({type(exc).__name__}: {exc}); compare it with "
-                                      "deploy/kubernetes/examples/httproute.yaml")
-    for obj in _order(reference_grants)[:MAX_ROUTES]:
-        namespace, name = key(obj)
-        data = flatten(obj)
-        try:
-            result.reference_grants.append(ReferenceGrant.model_validate(data))
-        except ValidationError as exc:
-            result.skipped.append(
-                f"ReferenceGrant {namespace}/{name}: {_problems(exc, data)}; the references "
-                "it would allow stay unresolved (RefNotPermitted) until it is fixed")
-        except Exception as exc:
-            result.skipped.append(f"ReferenceGrant {namespace}/{name}: cannot be read "
-                                  f"({type(exc).__name__}: {exc})")
-    return result
+    return RouteConverter().convert(http_routes, grpc_routes, reference_grants, gateways)
 
 
-def _route(kind: str, obj: Obj, gateways: Collection[Key], result: RouteConversion) -> None:
+@dataclass(frozen=True)
+class _Outcome:
+    """One object's conversion: the route (None: not ours), its model, or why not."""
+
+    route: RouteObject | None = None
+    model: HTTPRoute | GRPCRoute | ReferenceGrant | None = None
+    refused: tuple[ParentStatus, ...] = ()
+    problem: str = ""
+
+
+class RouteConverter:
+    """Validates again only the objects that changed since the last batch: the source's
+    stores replace an object's dict only when it changed (as ``Converter`` relies on),
+    so the same dict (and the same Gateways of ours) gives the same models."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, Key], tuple[Obj, frozenset[Key], _Outcome]] = {}
+
+    def convert(self, http_routes: Iterable[Obj], grpc_routes: Iterable[Obj],
+                reference_grants: Iterable[Obj],
+                gateways: Collection[Key] = ()) -> RouteConversion:
+        ours = frozenset(gateways)
+        result = RouteConversion()
+        memo: dict[tuple[str, Key], tuple[Obj, frozenset[Key], _Outcome]] = {}
+        kinds = ((HTTP_ROUTES.kind, http_routes), (GRPC_ROUTES.kind, grpc_routes),
+                 (REFERENCE_GRANTS.kind, reference_grants))
+        for kind, objs in kinds:
+            ordered = _order(objs)
+            if len(ordered) > MAX_ROUTES:  # the mesh's bound; the newest are left out
+                result.skipped.append(
+                    f"{len(ordered) - MAX_ROUTES} {kind}s past the mesh's {MAX_ROUTES}, the "
+                    "newest, are not served; merge routes (each may hold 16 rules)")
+                ordered = ordered[:MAX_ROUTES]
+            for obj in ordered:
+                memo_key = (kind, key(obj))
+                known = self._memo.get(memo_key)
+                if known is not None and known[0] is obj and known[1] == ours:
+                    outcome = known[2]
+                else:
+                    outcome = _judge(kind, obj, ours)
+                memo[memo_key] = (obj, ours, outcome)
+                _add(kind, memo_key[1], outcome, result)
+        self._memo = memo
+        return result
+
+
+def _add(kind: str, obj_key: Key, outcome: _Outcome, result: RouteConversion) -> None:
+    if outcome.problem:
+        result.skipped.append(outcome.problem)
+    if isinstance(outcome.model, ReferenceGrant):
+        result.reference_grants.append(outcome.model)
+    if outcome.route is None:
+        return
+    route_key: RouteKey = (kind, *obj_key)
+    result.ours[route_key] = outcome.route
+    if isinstance(outcome.model, HTTPRoute):
+        result.http_routes.append(outcome.model)
+    elif isinstance(outcome.model, GRPCRoute):
+        result.grpc_routes.append(outcome.model)
+    elif outcome.refused:
+        result.refused[route_key] = outcome.refused
+
+
+def _judge(kind: str, obj: Obj, gateways: Collection[Key]) -> _Outcome:
+    """One object's outcome; never raises (a shape nothing foresaw: this object only)."""
     namespace, name = key(obj)
-    route_key: RouteKey = (kind, namespace, name)
-    ours = [p for p in _parents(obj) if is_ours(p, namespace, gateways)]
-    if not ours:
-        return  # another controller's (or no parent we can read): not ours to touch
-    result.ours[route_key] = RouteObject(kind, namespace, name, generation_of(obj),
-                                         uid_of(obj))
+    try:
+        if kind == REFERENCE_GRANTS.kind:
+            return _grant(obj)
+        return _route(kind, obj, gateways)
+    except Exception as exc:
+        return _Outcome(problem=f"{kind} {namespace}/{name}: cannot be read "
+                        f"({type(exc).__name__}: {exc}); compare it with the examples in "
+                        "deploy/kubernetes/examples")
+
+
+def _grant(obj: Obj) -> _Outcome:
+    namespace, name = key(obj)
     data = flatten(obj)
     try:
-        if kind == HTTP_ROUTES.kind:
-            result.http_routes.append(HTTPRoute.model_validate(data))
-        else:
-            result.grpc_routes.append(GRPCRoute.model_validate(data))
+        return _Outcome(model=ReferenceGrant.model_validate(data))
+    except ValidationError as exc:
+        return _Outcome(problem=(
+            f"ReferenceGrant {namespace}/{name}: {_problems(exc, data)}; the references "
+            "it would allow stay unresolved (RefNotPermitted) until it is fixed"))
+
+
+def _route(kind: str, obj: Obj, gateways: Collection[Key]) -> _Outcome:
+    namespace, name = key(obj)
+    ours = [p for p in _parents(obj) if is_ours(p, namespace, gateways)]
+    if not ours:
+        return _Outcome()  # another controller's (or no parent we can read): not ours
+    route = RouteObject(kind, namespace, name, generation_of(obj), uid_of(obj))
+    data = flatten(obj)
+    try:
+        model = (HTTPRoute if kind == HTTP_ROUTES.kind else GRPCRoute).model_validate(data)
     except ValidationError as exc:
         why = f"{_problems(exc, data)}; the route is not served until it is fixed"
-        result.refused[route_key] = tuple(
-            ParentStatus(p, (accepted(UNSUPPORTED_VALUE, why),)) for p in ours)
-        result.skipped.append(f"{kind} {namespace}/{name}: {why}")
+        return _Outcome(route, refused=tuple(
+            ParentStatus(p, (accepted(UNSUPPORTED_VALUE, why),)) for p in ours),
+            problem=f"{kind} {namespace}/{name}: {why}")
+    return _Outcome(route, model)
 
 
 def overridden_by_routes(mesh: Mesh, service_key: str) -> str:

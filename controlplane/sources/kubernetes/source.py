@@ -64,7 +64,7 @@ from controlplane.sources.kubernetes.route_status import (
 from controlplane.sources.kubernetes.route_status import (
     needs_write as needs_route_write,
 )
-from controlplane.sources.kubernetes.routes import RouteConversion, RouteObject, convert_routes
+from controlplane.sources.kubernetes.routes import RouteConversion, RouteConverter, RouteObject
 from controlplane.sources.kubernetes.status import Programmed, StatusWriter, needs_write
 from controlplane.sources.kubernetes.store import ObjectStore, labels_only
 from controlplane.sources.kubernetes.watch import (
@@ -143,6 +143,7 @@ class KubernetesSource:
         self._route_writing: dict[RouteKey, list[dict[str, Any]]] = {}
         self.route_status_sources: list[StatusSource] = [service_parents]
         self.our_gateways: Callable[[], Collection[Key]] = frozenset
+        self.route_converter = RouteConverter()
         # Gateways of our class (gateway_controller.py): their Envoys, status, certificates.
         self.gateways = gateways or GatewayController.plain(api, self.timing, write_status)
         self.stores.update({kind: ObjectStore(keep_status=True) for kind in INGRESS})
@@ -254,6 +255,7 @@ class KubernetesSource:
                                   "served; the next change tries again; please report this")
                     self.converter = Converter(self.outbound_traffic_policy,
                                                self.root_namespace)  # memo afresh
+                    self.route_converter = RouteConverter()
                     continue
                 if mesh == served:
                     metrics.K8S_REBUILDS.labels("unchanged").inc()
@@ -354,7 +356,7 @@ class KubernetesSource:
         pods = self.stores[PODS].objects if PODS in self.kinds else None
         ingress = self.gateways.convert(self.stores)
         gateways = self.our_gateways()
-        routes = convert_routes(
+        routes = self.route_converter.convert(
             self.stores[HTTP_ROUTES].values(), self.stores[GRPC_ROUTES].values(),
             self.stores[REFERENCE_GRANTS].values(), gateways)
         result = self.converter.convert(
