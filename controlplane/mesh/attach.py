@@ -51,6 +51,7 @@ ROUTED: Final = ("http", "grpc")
 OVERRIDDEN: Final = ("split", "match", "timeout", "retries")
 CLUSTER_DOMAIN: Final = "cluster.local"
 _PER_BACKEND: Final = frozenset({"RequestHeaderModifier", "ResponseHeaderModifier"})
+_RESOLVED: Final = (RESOLVED_REFS, "")
 
 Route = HTTPRoute | GRPCRoute
 Rule = HTTPRouteRule | GRPCRouteRule
@@ -113,6 +114,7 @@ class Attachments:
         self._ports: dict[tuple[str, int], list[_Attached]] = {}
         self._statuses: dict[RouteKey, tuple[ParentStatus, ...]] = {}
         self._targets: dict[str, set[str]] = {}
+        self._numbers: dict[str, frozenset[int]] = {}  # each Service's port numbers
         routes: list[Route] = [*mesh.http_routes, *mesh.grpc_routes]
         for order, route in enumerate(routes):
             self._attach(order, route)
@@ -244,16 +246,20 @@ class Attachments:
             return unresolved(REF_NOT_PERMITTED, f"backendRef {shown} is in another namespace "
                               f"and no ReferenceGrant in {namespace!r} allows "
                               f"{route.key[0]}s from {route.namespace!r}; add one")
-        service = self._by_key.get(f"{ref.name}.{namespace}")
+        key = f"{ref.name}.{namespace}"
+        service = self._by_key.get(key)
         if service is None:
             return unresolved(BACKEND_NOT_FOUND, f"backendRef {shown} does not exist; "
                               "name an existing Service")
         number = ref.port if ref.port is not None else port
-        if number not in {p.port for p in service.service_ports}:
+        numbers = self._numbers.get(key)
+        if numbers is None:
+            numbers = self._numbers[key] = frozenset(p.port for p in service.service_ports)
+        if number not in numbers:
             return unresolved(BACKEND_NOT_FOUND, f"backendRef {shown} has no port {number}; "
                               "name one of its ports")
         return (ResolvedBackend(outbound_cluster(service.name, service.namespace, number),
-                                weight, service.key, number, filters), (RESOLVED_REFS, ""))
+                                weight, key, number, filters), _RESOLVED)
 
     def _mirror(self, route: Route, found: RouteFilter, port: int) -> ResolvedMirror | None:
         mirror = found.request_mirror
