@@ -153,6 +153,14 @@ def test_captured_apps_call_by_name_through_both_sidecars_and_a_scenario_works(
         assert set(lab.pods) == {"frontend-v1", "reviews-v1", "reviews-v2", "ratings-v1",
                                  "loadgen"}, lab.shown()
         lab.until(HEALTHY.pattern)  # every service's inbound sidecar counts its calls
+        # From outside the pods, as a user: through the ingress gateway on the host,
+        # into the frontend's pod over mTLS as the gateway's identity.
+        url = next(re.search(r"curl (http://\S+)$", line).group(1)  # type: ignore[union-attr]
+                   for line in lab.lines if "the demo from outside" in line)
+        outside = subprocess.run(["curl", "-sS", "--max-time", "5", url], capture_output=True,
+                                 text=True, timeout=15, check=False)
+        assert json.loads(outside.stdout)["caller"] == \
+            "spiffe://cluster.local/ns/default/sa/ingress-gateway", outside
         frontend, frontend_ns = lab.pods["frontend-v1"]
         reviews = [lab.pods[name][0] for name in ("reviews-v1", "reviews-v2")]
 
