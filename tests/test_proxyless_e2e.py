@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -67,9 +68,10 @@ class Backend:
     """A grpcio server answering its name; ``fail_first``: each call's first attempt
     (by its x-call-id) fails with UNAVAILABLE. Counts attempts per call id."""
 
-    def __init__(self, name: str, fail_first: bool = False) -> None:
+    def __init__(self, name: str, fail_first: bool = False, delay: float = 0.0) -> None:
         self.name = name
         self.fail_first = fail_first
+        self.delay = delay
         self.attempts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         backend = self
@@ -90,6 +92,8 @@ class Backend:
             first = self.attempts[call_id] == 1
         if self.fail_first and first:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the first attempt fails")
+        if self.delay:
+            time.sleep(self.delay)
         return self.name.encode()
 
     def stop(self) -> None:
@@ -99,8 +103,10 @@ class Backend:
 class Rig:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.backends = {name: Backend(name, fail_first=name == "flaky")
-                         for name in ("v1", "v2", "details", "flaky", "broken", "limited")}
+        self.backends = {name: Backend(name, fail_first=name == "flaky",
+                                       delay=3.0 if name == "slow" else 0.0)
+                         for name in ("v1", "v2", "details", "flaky", "broken", "limited",
+                                      "slow")}
         self.mesh = tmp / "mesh.yaml"
         self.mesh.write_text(yaml.safe_dump(self.mesh_data()))
         self.server = ControlPlane(self.mesh, tmp).start()
@@ -143,6 +149,8 @@ class Rig:
             {"name": "legacy", "port": 9085, "protocol": "grpc",
              "endpoints": [{"address": f"legacy-{n}.invalid", "address_type": "dns",
                             "port": 9085} for n in (1, 2)]},
+            {"name": "slow", "port": 9088, "protocol": "grpc",
+             "endpoints": [self.endpoint("slow")], "policy": {"timeout": "500ms"}},
             {"name": "catalog", "port": 9086, "protocol": "grpc",
              "endpoints": [self.endpoint("v1")]},
             {"name": "catalog-v2", "port": 9086, "protocol": "grpc",
@@ -246,6 +254,14 @@ def test_a_retry_is_observed(rig: Rig) -> None:
     calls = {k: v for k, v in flaky.attempts.items() if k not in before}
     assert len(calls) == 5
     assert set(calls.values()) == {2}
+
+
+def test_the_policy_timeout_bounds_a_call(rig: Rig) -> None:
+    """``timeout: 500ms`` (max_stream_duration for gRPC, gRFC A31) ends a call to a
+    backend that takes 3 s: without it the call would succeed (the caller's own
+    deadline is 15 s)."""
+    [seen] = rig.run([{"target": "xds:///slow:9088", "count": 2}])
+    assert seen == {"!DEADLINE_EXCEEDED": 2}
 
 
 def test_fault_abort_is_the_grpc_status(rig: Rig) -> None:
