@@ -479,3 +479,21 @@ def test_unchanged_objects_are_not_validated_again() -> None:
                                gateways={("default", "edge")})
     assert fourth.http_routes[0] is again.http_routes[0]
     assert fourth.http_routes[1].rules[0].backend_refs[0].weight == 1  # type: ignore[index]
+
+
+def test_a_settled_status_is_not_computed_again_until_something_changes() -> None:
+    world = services("reviews", "reviews-v2")
+    converted = convert_routes([stored(canary())], [], [])
+    mesh = Converter().convert(world, [], [], routes=converted).mesh
+    key = ("HTTPRoute", "default", "canary")
+    (_, wanted), = wanted_statuses(mesh, converted, {key: None}).values()
+    written = {"parents": wanted}
+    settled: dict[Any, Any] = {}
+    assert wanted_statuses(mesh, converted, {key: written}, settled=settled) == {}
+    assert set(settled) == {key}
+    assert wanted_statuses(mesh, converted, {key: written}, settled=settled) == {}
+    # An edit (a new generation) is computed again, and needs a write.
+    bumped = convert_routes([stored(canary(), generation=2)], [], [])
+    changed = wanted_statuses(mesh, bumped, {key: written}, settled=settled)
+    assert {c["observedGeneration"] for c in changed[key][1][0]["conditions"]} == {2}
+    assert settled == {}

@@ -166,6 +166,8 @@ class RouteStatusWriter:
 
 
 StatusSource = Callable[[Mesh], Mapping[RouteKey, Sequence[ParentStatus]]]
+# Per route: (its parents' statuses, the object, its status) when they needed no write.
+Settled = dict[RouteKey, tuple[tuple[ParentStatus, ...], RouteObject, object]]
 
 
 def service_parents(mesh: Mesh) -> Mapping[RouteKey, Sequence[ParentStatus]]:
@@ -177,12 +179,15 @@ def wanted_statuses(mesh: Mesh, routes: RouteConversion,
                     current: Mapping[RouteKey, Mapping[str, Any] | None],
                     sources: Sequence[StatusSource] = (service_parents,),
                     gateways: Collection[Key] = (),
+                    settled: Settled | None = None,
                     ) -> dict[RouteKey, tuple[RouteObject, list[dict[str, Any]]]]:
     """Per route whose status must change: the route and its ``status.parents``.
     ``current``: each route object's status as last read (routes not ours included, so
     an entry of ours left on one that is ours no more is dropped). ``sources``: where
     parents' statuses come from (Service parents; gateways add their own function);
-    ``gateways``: ours, the only Gateway parents written (never another controller's)."""
+    ``gateways``: ours, the only Gateway parents written (never another controller's);
+    ``settled``: kept between calls, it skips each route whose statuses, object and
+    status (the very same dict) are as when it last needed no write."""
     found: dict[RouteKey, list[ParentStatus]] = {}
     for source in sources:
         for route_key, statuses in source(mesh).items():
@@ -191,15 +196,27 @@ def wanted_statuses(mesh: Mesh, routes: RouteConversion,
     for route_key, statuses in routes.refused.items():
         found[route_key] = list(statuses)
     changed = {}
+    known = dict(settled) if settled is not None else {}
+    if settled is not None:
+        settled.clear()
     for route_key, status in current.items():
         route = routes.ours.get(route_key)
         if route is None:
             if not has_ours(status):
                 continue
             route = RouteObject(route_key[0], route_key[1], route_key[2], 0, "")
-        wanted = parents(route, found.get(route_key, []), status)
+        statuses = tuple(found.get(route_key, ()))
+        last = known.get(route_key)
+        if last is not None and last[2] is status and last[1] == route \
+                and last[0] == statuses:
+            if settled is not None:
+                settled[route_key] = last
+            continue
+        wanted = parents(route, statuses, status)
         if needs_write(wanted, status):
             changed[route_key] = (route, wanted)
+        elif settled is not None:
+            settled[route_key] = (statuses, route, status)
     return changed
 
 

@@ -56,6 +56,7 @@ from controlplane.sources.kubernetes.kinds import (
 from controlplane.sources.kubernetes.programmed import PolicyKey, RejectedLike, programmed
 from controlplane.sources.kubernetes.route_status import (
     RouteStatusWriter,
+    Settled,
     StatusSource,
     log_not_accepted,
     service_parents,
@@ -144,6 +145,7 @@ class KubernetesSource:
         self.route_status_sources: list[StatusSource] = [service_parents]
         self.our_gateways: Callable[[], Collection[Key]] = frozenset
         self.route_converter = RouteConverter()
+        self._route_settled: Settled = {}  # routes whose status needed no write
         # Gateways of our class (gateway_controller.py): their Envoys, status, certificates.
         self.gateways = gateways or GatewayController.plain(api, self.timing, write_status)
         self.stores.update({kind: ObjectStore(keep_status=True) for kind in INGRESS})
@@ -335,7 +337,8 @@ class KubernetesSource:
             return
         current = {(kind.kind, *k): status for kind in ROUTES
                    for k, status in self.stores[kind].status.items()}
-        changed = wanted_statuses(mesh, routes, current, self.route_status_sources, gateways)
+        changed = wanted_statuses(mesh, routes, current, self.route_status_sources, gateways,
+                                  self._route_settled)
         self._route_writing = {k: v for k, v in self._route_writing.items() if k in changed}
         for route_key, (route, wanted) in changed.items():
             sent = self._route_writing.get(route_key)
