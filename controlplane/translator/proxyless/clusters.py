@@ -25,12 +25,18 @@ from controlplane.translator.protoutil import ads, pack
 from controlplane.translator.proxyless.notes import LeftOut
 
 _Cluster = cluster_pb2.Cluster
-_LB: Final = {
-    _Cluster.LbPolicy.ROUND_ROBIN: cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
-    _Cluster.LbPolicy.RANDOM: cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
-    _Cluster.LbPolicy.LEAST_REQUEST: cluster_pb2.Cluster.LbPolicy.LEAST_REQUEST,
-    _Cluster.LbPolicy.RING_HASH: cluster_pb2.Cluster.LbPolicy.RING_HASH,
-    _Cluster.LbPolicy.MAGLEV: cluster_pb2.Cluster.LbPolicy.RING_HASH,
+# Enum values read once (each lookup through the enum wrapper costs a Python call).
+_EDS: Final = _Cluster.DiscoveryType.EDS
+_DNS: Final = (_Cluster.DiscoveryType.STRICT_DNS, _Cluster.DiscoveryType.LOGICAL_DNS)
+_LOGICAL_DNS: Final = _Cluster.DiscoveryType.LOGICAL_DNS
+_ROUND_ROBIN: Final = _Cluster.LbPolicy.ROUND_ROBIN
+_RING_HASH: Final = _Cluster.LbPolicy.RING_HASH
+_LEAST_REQUEST: Final = _Cluster.LbPolicy.LEAST_REQUEST
+_LB: Final = {  # (least request: a policy list, ``_least_request``)
+    _ROUND_ROBIN: _ROUND_ROBIN,
+    _Cluster.LbPolicy.RANDOM: _ROUND_ROBIN,
+    _RING_HASH: _RING_HASH,
+    _Cluster.LbPolicy.MAGLEV: _RING_HASH,
 }
 _CONSECUTIVE: Final = ("consecutive_5xx", "consecutive_gateway_failure",
                        "consecutive_local_origin_failure", "enforcing_consecutive_5xx",
@@ -43,18 +49,17 @@ def grpc_cluster(cluster: cluster_pb2.Cluster, left: LeftOut) -> cluster_pb2.Clu
     where = f"cluster {cluster.name}"
     made = _Cluster(name=cluster.name)
     kind = cluster.WhichOneof("cluster_discovery_type")
-    if kind == "type" and cluster.type == _Cluster.DiscoveryType.EDS:
-        made.type = _Cluster.DiscoveryType.EDS
+    if kind == "type" and cluster.type == _EDS:
+        made.type = _EDS
         made.eds_cluster_config.CopyFrom(cluster.eds_cluster_config)
-    elif kind == "type" and cluster.type in (_Cluster.DiscoveryType.STRICT_DNS,
-                                             _Cluster.DiscoveryType.LOGICAL_DNS):
+    elif kind == "type" and cluster.type in _DNS:
         hosts = [lb.endpoint.address for group in cluster.load_assignment.endpoints
                  for lb in group.lb_endpoints]
         if len(hosts) != 1:
             left.add("the whole service (several DNS endpoints: gRPC resolves one name)",
                      where)
             return None
-        made.type = _Cluster.DiscoveryType.LOGICAL_DNS
+        made.type = _LOGICAL_DNS
         assignment = made.load_assignment
         assignment.cluster_name = cluster.load_assignment.cluster_name
         assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(hosts[0])
@@ -74,7 +79,7 @@ def grpc_cluster(cluster: cluster_pb2.Cluster, left: LeftOut) -> cluster_pb2.Clu
 def placeholder_cluster(name: str) -> cluster_pb2.Cluster:
     """An EDS cluster whose assignment has no endpoints (``empty_assignment``): what a
     gRPC client gets for an HTTPRoute backend that does not resolve (calls fail)."""
-    made = _Cluster(name=name, type=_Cluster.DiscoveryType.EDS)
+    made = _Cluster(name=name, type=_EDS)
     made.eds_cluster_config.eds_config.CopyFrom(ads())
     made.eds_cluster_config.service_name = name
     return made
@@ -82,15 +87,15 @@ def placeholder_cluster(name: str) -> cluster_pb2.Cluster:
 
 def _load_balancing(cluster: cluster_pb2.Cluster, made: cluster_pb2.Cluster, where: str,
                     left: LeftOut) -> None:
-    if cluster.lb_policy == _Cluster.LbPolicy.LEAST_REQUEST:
+    if cluster.lb_policy == _LEAST_REQUEST:
         made.load_balancing_policy.CopyFrom(_least_request())
         return
-    policy = _LB.get(cluster.lb_policy, _Cluster.LbPolicy.ROUND_ROBIN)
+    policy = _LB.get(cluster.lb_policy, _ROUND_ROBIN)
     if policy != cluster.lb_policy:
         left.add(f"lb_policy {_Cluster.LbPolicy.Name(cluster.lb_policy)} (as "
                  f"{_Cluster.LbPolicy.Name(policy)})", where)
     made.lb_policy = policy
-    if policy == _Cluster.LbPolicy.RING_HASH and cluster.HasField("ring_hash_lb_config"):
+    if policy == _RING_HASH and cluster.HasField("ring_hash_lb_config"):
         made.ring_hash_lb_config.CopyFrom(cluster.ring_hash_lb_config)
 
 
