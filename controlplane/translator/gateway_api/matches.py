@@ -74,15 +74,21 @@ def grpc_path(match: GRPCRouteMatch) -> tuple[str, str]:
     if method.type == "Exact" and method.service is not None and method.method is not None:
         return "Exact", f"/{method.service}/{method.method}"
     if method.type == "Exact" and method.service is not None:
-        return "PathPrefix", f"/{method.service}"
+        return "PathPrefix", f"/{method.service}/"
     if method.type == "Exact":
         return "RegularExpression", f"/{_ANY_PART}/{re.escape(method.method or '')}"
     return "RegularExpression", f"/{method.service or _ANY_PART}/{method.method or _ANY_PART}"
 
 
 def grpc_match(match: GRPCRouteMatch) -> _RouteMatch:
+    """A service's methods by the plain prefix ``/service/`` (gRPC paths always have
+    that shape, and proxyless gRPC clients know no ``path_separated_prefix``)."""
     found = _RouteMatch(headers=_headers(match.headers))
-    _set_path(found, *grpc_path(match))
+    kind, value = grpc_path(match)
+    if kind == "PathPrefix":
+        found.prefix = value
+    else:
+        _set_path(found, kind, value)
     return found
 
 
