@@ -32,8 +32,7 @@ WITH_ACTION: Final = frozenset({"load_balancer"})
 def resolved_rules(mesh: Mesh, route: HTTPRoute) -> list[ResolvedRule]:
     """The route's rules with their backends resolved (a gateway parent has no port:
     each backendRef names its own, as the spec requires for a Service)."""
-    attachments = attach(mesh)
-    return [attachments._rule(route, index, rule, 0) for index, rule in enumerate(route.rules)]
+    return attach(mesh).resolve(route)
 
 
 def route_table(mesh: Mesh, name: str, listeners: Iterable[ServedListener]
