@@ -62,6 +62,12 @@ format, so the control plane's proxy authentication runs against it unchanged;
 Such a token for the API server's own audience authenticates to the double too (RBAC
 binds nothing to any account but the control plane's).
 
+The gateway controller's writes: apps/v1 Deployments (stored as sent, with a status
+subresource; no controller makes pods or sets their status) and garbage collection: when
+an object is deleted, every object whose ownerReferences name only owners that are gone
+(by uid) is deleted too, at once (background propagation; a real collector takes a
+moment).
+
 Not modelled: namespaces as objects (any namespace exists), finalizers, field managers,
 HTTP/2; YAML, protobuf
 and Table responses (where the real server would send one, a 406 says the double
