@@ -217,6 +217,22 @@ def test_every_name_form_resolves_and_reaches_the_server(rig: Rig) -> None:
     assert results == [collections.Counter({"details": 2})] * len(targets)
 
 
+def test_a_bootstrap_without_kind_is_known_by_its_user_agent(rig: Rig, tmp_path: Path) -> None:
+    """A bootstrap written by another tool says nothing of kind: grpcio's user agent
+    ("gRPC C-core ...") makes it a gRPC client all the same."""
+    data = json.loads(rig.bootstrap.read_text())
+    del data["node"]["metadata"]["kind"]
+    data["node"]["id"] = "grpc-client-plain"
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, "-c", CLIENT, json.dumps({"steps": [
+        {"target": "xds:///details:9084", "count": 2}]})],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "GRPC_XDS_BOOTSTRAP": str(plain)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == [{"details": 2}]
+
+
 def test_a_name_the_mesh_does_not_have_fails_unavailable(rig: Rig) -> None:
     """The server's listener answers leave the name out; gRPC takes a name it never had
     as missing when its 15 s does-not-exist timer fires (the call's deadline is longer),
@@ -336,6 +352,10 @@ def test_envoy_only_policies_break_nothing_and_nothing_is_nacked(rig: Rig) -> No
             listeners.update(stream["types"]["lds"]["subscribed"])
         assert listeners == {"details:9084", "limited:9083", "reviews", "legacy:9085",
                              "echo.default:9087"}
+        dump = rig.server.json("/debug/config_dump?node=grpc-client-1")
+        assert dump["group"].endswith("~kind=grpc")
+        served = json.dumps(dump["resources"])
+        assert "grpc-egress" in served and "local_ratelimit" not in served
     finally:
         try:  # closes its stdin: it ends
             client.communicate(timeout=20)
