@@ -382,6 +382,14 @@ async def test_a_deleted_deployment_is_put_back_and_tls_routes_get_status(
         assert ours["parentRef"]["sectionName"] == "tls"
         assert conditions(ours)["Accepted"] == ("True", "Accepted")
         assert listener(api, "ingress", "tls")["attachedRoutes"] == 1
+        await until(lambda: conditions(api.get(GATEWAYS, "default", "ingress")["status"])
+                    .get("Programmed") == ("True", "Programmed"), "Programmed")
+        # Resyncs (every 0.5 s here) read each object and write nothing unchanged.
+        api.clear_requests()
+        await asyncio.sleep(2.0)
+        writes = [r for r in api.requests if r.verb in ("create", "update", "patch")]
+        assert writes == []
+        assert api.count("get", DEPLOYMENTS) >= 2
         api.delete(DEPLOYMENTS, "default", name)
         again = await until(lambda: api.get(DEPLOYMENTS, "default", name), "put back")
         assert again["metadata"]["uid"] != first["metadata"]["uid"]

@@ -114,7 +114,7 @@ class GatewayController:
         self.attach = attach
         self._core = client.CoreV1Api(api)
         self._deployed: dict[Key, Deployed] = {}
-        self._last: tuple[Gateways, Mesh, dict[tuple[Kind, Key], Any]] | None = None
+        self._last: tuple[Gateways, Mesh, Mapping[Kind, Any]] | None = None
         self._running: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._resync = False  # look at every deployed object again (drift, deletion)
@@ -166,9 +166,7 @@ class GatewayController:
     def reconcile(self, result: Gateways, mesh: Mesh, stores: Mapping[Kind, Any]) -> None:
         """Deploy and write status for this batch. One reconcile runs at a time; a newer
         batch waits for it and then runs with the latest state."""
-        statuses = {(kind, k): stores[kind].status.get(k)
-                    for kind in INGRESS for k in stores[kind].objects}
-        self._last = (result, mesh, statuses)
+        self._last = (result, mesh, stores)
         if self._wake is None:
             self._wake = asyncio.Event()
         self._wake.set()
@@ -208,10 +206,13 @@ class GatewayController:
                 self._resync = not waiting
 
     async def _reconcile(self, result: Gateways, mesh: Mesh,
-                         statuses: dict[tuple[Kind, Key], Any]) -> bool:
-        """Returns whether a Gateway waits for its Service's address."""
+                         stores: Mapping[Kind, Any]) -> bool:
+        """Returns whether a Gateway waits for its Service's address. Statuses are read
+        from the stores now (a resync must not compare with what it saw a minute ago)."""
         await asyncio.to_thread(self._deploy, result)
         attached = self.attach(mesh)
+        statuses = {(kind, k): stores[kind].status.get(k)
+                    for kind in INGRESS for k in stores[kind].objects}
         waiting = False
         writes: list[tuple[Kind, str, str, dict[str, Any]]] = []
         for name, obj in sorted(result.classes.items()):
