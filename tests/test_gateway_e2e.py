@@ -153,6 +153,8 @@ class Ingress:
                 {"name": "shop", "parentRefs": [{"kind": "Gateway", "name": "ingress"}],
                  "hostnames": ["shop.example.com", "api.example.org"],
                  "rules": [{"backendRefs": [{"name": "web", "port": 9080}]}]},
+                {"name": "stray", "parentRefs": [{"name": "ingress", "sectionName": "nope"}],
+                 "rules": [{"backendRefs": [{"name": "web", "port": 9080}]}]},
             ],
             "tls_routes": [
                 {"name": "db", "parentRefs": [{"kind": "Gateway", "name": "ingress",
@@ -225,6 +227,10 @@ def test_https_http_and_passthrough_through_a_real_gateway(ingress: Ingress) -> 
              if line.get("event") == "gateway.listener_not_served"]
     assert any(line.get("listener") == "broken" and "missing-cert" in line.get("message", "")
                for line in lines), lines
+    # So is a route whose parentRef names no listener of the Gateway (the rest served).
+    stray = [line for line in ingress.server.logs() if line.get("event") ==
+             "routes.not_accepted" and line.get("route") == "HTTPRoute/default/stray"]
+    assert stray and stray[0]["reason"] == "NoMatchingParent", stray
     # The gateway's calls went through the sidecar in front of the app.
     assert gateway.stat("cluster.outbound|9080||web.default.svc.cluster.local"
                         ".upstream_rq_total") >= 4

@@ -58,40 +58,18 @@ def gateway_snapshot(build: MeshBuild, proxy: ProxyIdentity,
 
 
 def report(mesh: Mesh, proxy: ProxyIdentity) -> None:
-    """Log what of the proxy's Gateway is not served, and the routes its listeners do
-    not accept, once per change of what is wrong."""
-    attachments = gateway_attachments(mesh)
-    view = attachments.gateway(proxy.namespace, proxy.gateway)
-    problems: set[tuple[str, ...]] = set()
-    if view is None:
-        problems.add(("gateway.not_found", "", "", f"no Gateway {proxy.namespace}/"
-                      f"{proxy.gateway} in the mesh; the proxy serves no listener until "
-                      "one is added (gateways:)"))
-    else:
-        for listener in view.status.listeners:
-            for condition in listener.conditions:
-                if condition.type != "Programmed" and condition.status == (
-                        condition.type == "Conflicted"):
-                    problems.add(("gateway.listener_not_served", listener.name,
-                                  condition.reason, condition.message))
-        for key, parents in attachments.routes.items():
-            for status in parents:
-                if (status.parent.namespace_or(key[1]), status.parent.name) != (
-                        proxy.namespace, proxy.gateway):
-                    continue
-                for condition in status.conditions:
-                    if not condition.status:
-                        problems.add(("routes.not_accepted", "/".join(key),
-                                      condition.reason, condition.message))
+    """A gateway proxy whose Gateway the mesh lacks serves nothing: say so, once per
+    change (what its Gateway does not serve, the sources report: the file source's log,
+    the Kubernetes status)."""
     where = (proxy.namespace, proxy.gateway)
-    frozen = frozenset(problems)
-    if _reported.get(where) == frozen:
+    missing = gateway_attachments(mesh).gateway(*where) is None
+    problems = frozenset({("missing",)}) if missing else frozenset()
+    if _reported.get(where) == problems:
         return
     if len(_reported) >= _MOST_REPORTED:
         _reported.clear()
-    _reported[where] = frozen
-    for event, subject, reason, message in sorted(frozen):
-        fields = {"listener": subject} if event == "gateway.listener_not_served" \
-            else {"route": subject} if subject else {}
-        log.warning(event, gateway=f"{proxy.namespace}/{proxy.gateway}", reason=reason,
-                    message=message, **fields)
+    _reported[where] = problems
+    if missing:
+        log.warning("gateway.not_found", gateway=f"{proxy.namespace}/{proxy.gateway}",
+                    node_id=proxy.node_id, hint="the proxy serves no listener until the "
+                    "mesh has this Gateway (gateways:, or a Gateway of our class)")

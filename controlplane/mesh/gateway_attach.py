@@ -396,3 +396,17 @@ def _view(building: _Building) -> GatewayView:
     )
     return GatewayView(building.gateway, GatewayStatus(gateway_conditions, tuple(statuses)),
                        tuple(served))
+
+
+def not_served(attachments: GatewayAttachments) -> list[tuple[str, str, Condition]]:
+    """(gateway ``ns/name``, listener, the condition that keeps it out) for each listener
+    not served: what a file source logs."""
+    found = []
+    for (namespace, name), view in sorted(attachments.gateways.items()):
+        for listener in view.status.listeners:
+            for condition in listener.conditions:
+                failing = condition.status if condition.type == CONFLICTED \
+                    else not condition.status
+                if failing and condition.type != PROGRAMMED:
+                    found.append((f"{namespace}/{name}", listener.name, condition))
+    return found

@@ -36,6 +36,7 @@ import structlog
 from controlplane import metrics
 from controlplane.errors import EmptyMeshError, MeshError
 from controlplane.mesh.attach import attach, not_accepted
+from controlplane.mesh.gateway_attach import gateway_attachments, not_served
 from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.loader import MAX_FILE_BYTES, too_big
 from controlplane.mesh.model import Mesh, empty_subsets
@@ -212,9 +213,17 @@ class FileSource:
 def _log_routes(mesh: Mesh, path: str) -> None:
     """Each Gateway API route a Service parent did not accept, or whose backends do not
     all resolve: served without it (or with that share answering 500), so say why."""
-    if not (mesh.http_routes or mesh.grpc_routes):
+    if not (mesh.http_routes or mesh.grpc_routes or mesh.tls_routes or mesh.gateways):
         return
-    for key, parent, condition in not_accepted(attach(mesh).statuses()):
+    statuses = dict(attach(mesh).statuses())
+    gateways = gateway_attachments(mesh)  # Gateway parents, and each Gateway's listeners
+    for key, parents in gateways.routes.items():
+        statuses[key] = (*statuses.get(key, ()), *parents)
+    for key, parent, condition in not_accepted(statuses):
         log.warning("routes.not_accepted", path=path, route="/".join(key),
                     parent=parent.describe(key[1]), condition=condition.type,
                     reason=condition.reason, message=condition.message)
+    for gateway, listener, condition in not_served(gateways):
+        log.warning("gateway.listener_not_served", path=path, gateway=gateway,
+                    listener=listener, condition=condition.type, reason=condition.reason,
+                    message=condition.message)
