@@ -135,6 +135,8 @@ class Ingress:
         return {
             "services": [
                 {"name": "web", "port": 9080, "endpoints": web_endpoints},
+                {"name": "teapot", "port": 9080, "endpoints": [],
+                 "policy": {"fault": {"abort": {"percent": 100, "status": 418}}}},
                 {"name": "db", "port": 5432, "protocol": "tcp",
                  "endpoints": [{"address": "127.0.0.1", "port": self.tls_backend.port}]},
             ],
@@ -153,6 +155,9 @@ class Ingress:
                 {"name": "shop", "parentRefs": [{"kind": "Gateway", "name": "ingress"}],
                  "hostnames": ["shop.example.com", "api.example.org"],
                  "rules": [{"backendRefs": [{"name": "web", "port": 9080}]}]},
+                {"name": "teapot", "parentRefs": [{"name": "ingress", "sectionName": "http"}],
+                 "hostnames": ["teapot.example.com"],
+                 "rules": [{"backendRefs": [{"name": "teapot", "port": 9080}]}]},
                 {"name": "stray", "parentRefs": [{"name": "ingress", "sectionName": "nope"}],
                  "rules": [{"backendRefs": [{"name": "web", "port": 9080}]}]},
             ],
@@ -215,6 +220,9 @@ def test_https_http_and_passthrough_through_a_real_gateway(ingress: Ingress) -> 
     assert (answer.status, answer.body) == (200, "web-app")
     assert call(ingress.http_port, "shop.example.com:80").status == 200  # port ignored
     assert call(ingress.http_port, "unknown.example.com").status == 404
+    # The backend service's own policy applies at the gateway, as at a sidecar: its
+    # fault injection answers for it.
+    assert call(ingress.http_port, "teapot.example.com").status == 418
 
     # TLS passthrough: the backend's own certificate reaches the client.
     assert tls_line(ingress.tls_port, "db.example.com", context, "ping") == "db:ping"
