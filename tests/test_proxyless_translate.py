@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from envoy.config.route.v3 import route_components_pb2
 from structlog.testing import capture_logs
 
 from controlplane import resource
-from controlplane.assembly import MeshBuild
+from controlplane.assembly import MeshBuild, proxyless
 from controlplane.cache.snapshot import Snapshot
 from controlplane.mesh import Mesh, load_mesh_data
 from controlplane.mesh.loader import parse_mesh_yaml
@@ -207,3 +208,16 @@ def test_a_retry_policy_with_nothing_for_grpc_is_left_out() -> None:
     policy = route_components_pb2.RetryPolicy(retry_on="retriable-4xx")
     policy.num_retries.value = 3
     assert grpc_retry_policy(policy) is None
+
+
+def test_a_dropped_build_takes_its_grpc_layers_with_it() -> None:
+    """The gRPC layers live with the build that made them: a mesh that shrinks (a new
+    build, the old one dropped) keeps no old gRPC layer alive."""
+    mesh, proxy = load_case("basic")
+    before = len(proxyless._BUILDS)
+    made = MeshBuild(mesh)
+    snapshot = made.snapshot(proxy)
+    assert len(proxyless._BUILDS) == before + 1
+    del made, snapshot
+    gc.collect()
+    assert len(proxyless._BUILDS) == before

@@ -3,19 +3,22 @@
 Made from the same shared layers as a sidecar of its namespace and visible set (the
 clusters, the zone's load assignments, the namespace's egress route table), each turned
 into what gRPC reads (``controlplane.translator.proxyless``). The gRPC layers are kept
-by their source layer's version, so every gRPC group that sees the same services shares
-them, a second build of an unchanged mesh converts nothing, and a change converts only
-the resources that changed (each converted resource is kept while some layer holds it).
+by their source layer's version, with the build that made them (and taken over by the
+next build while it is derived from that one): every gRPC group that sees the same
+services shares them, a second build of an unchanged mesh converts nothing, and a change
+converts only the resources that changed (each converted resource is kept while some
+layer holds it). A build that is dropped takes its gRPC layers with it.
 What a gRPC client's resources leave out is logged once per change
 (``proxyless.left_out``), never per group or per stream.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final, TypeAlias, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeAlias, TypeVar
 
 import structlog
 from envoy.config.cluster.v3 import cluster_pb2
@@ -41,25 +44,37 @@ from controlplane.translator.proxyless import (
 log = structlog.get_logger("controlplane.assembly.proxyless")
 
 _V = TypeVar("_V")
-_KEPT: Final = 64  # gRPC layers kept per kind of source (by the source's version)
 Convert: TypeAlias = Callable[[Message, LeftOut], Message | None]
+Key: TypeAlias = tuple[str, str]
 
 # (type, name, source version) -> the converted resource, while something holds it
 _CONVERTED: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
     weakref.WeakValueDictionary())
-# (type, source layer version) -> the gRPC layer
-_LAYERS: dict[tuple[str, str], Layer] = {}
-# (source route version, gRPC cluster layer version) -> what follows from the table
-_TABLES: dict[tuple[str, str], Tables] = {}
+
+
+@dataclass(slots=True)
+class _Kept:
+    """A build's gRPC layers: they live as long as the build (the current one and, while
+    it is derived from, the previous one), so a mesh that shrinks lets them go."""
+
+    # (type, source layer version) -> the gRPC layer
+    layers: dict[Key, Layer] = field(default_factory=dict)
+    # (source route version, gRPC cluster layer version) -> what follows from the table
+    tables: dict[Key, Tables] = field(default_factory=dict)
+
+
+_BUILDS: weakref.WeakKeyDictionary[MeshBuild, _Kept] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()  # builds may run on worker threads
 
 
 def proxyless_snapshot(build: MeshBuild, proxy: ProxyIdentity,
                        reuse: Snapshot | None = None) -> Snapshot:
     """The group's snapshot; ``reuse`` itself when nothing of it changed."""
     visible = build.visible(proxy)
-    clusters = grpc_layer(build.cluster_layer(visible), _cluster)
-    endpoints = grpc_layer(build.endpoint_layer(visible, proxy.zone), _assignment)
-    tables = grpc_tables(build.route(proxy.namespace, visible), clusters)
+    kept = _kept(build)
+    clusters = grpc_layer(kept, build.cluster_layer(visible), _cluster)
+    endpoints = grpc_layer(kept, build.endpoint_layer(visible, proxy.zone), _assignment)
+    tables = grpc_tables(kept, build.route(proxy.namespace, visible), clusters)
     old = reuse.types if reuse is not None else {}
     types: dict[str, TypeSnapshot] = {
         type_url: build.typed(type_url, layers, old.get(type_url))
@@ -72,10 +87,12 @@ def proxyless_snapshot(build: MeshBuild, proxy: ProxyIdentity,
     return Snapshot.of(types, reuse=reuse)
 
 
-def grpc_layer(source: Layer, convert: Convert) -> Layer:
-    """``source``'s resources converted for gRPC (those with no gRPC form left out)."""
+def grpc_layer(kept: _Kept, source: Layer, convert: Convert) -> Layer:
+    """``source``'s resources converted for gRPC (those with no gRPC form left out):
+    the layer a live build already made of the same source, or one derived from a
+    layer of the source's ancestor (converting what changed), or made anew."""
     key = (source.type_url, source.version)
-    found = _LAYERS.get(key)
+    found = _find(kept, key, lambda k: k.layers)
     if found is not None:
         return found
     left = LeftOut()
@@ -90,7 +107,7 @@ def grpc_layer(source: Layer, convert: Convert) -> Layer:
                         (r for s in source.resources.values()
                          if (r := _converted(s, convert, left)) is not None))
     _report(left)
-    _keep(_LAYERS, key, made)
+    kept.layers[key] = made
     return made
 
 
@@ -105,10 +122,10 @@ class Tables:
     endpoints: Layer
 
 
-def grpc_tables(route: Resource, clusters: Layer) -> Tables:
+def grpc_tables(kept: _Kept, route: Resource, clusters: Layer) -> Tables:
     """Kept by the source table's and the gRPC clusters' versions."""
     key = (route.version, clusters.version)
-    found = _TABLES.get(key)
+    found = _find(kept, key, lambda k: k.tables)
     if found is not None:
         return found
     assert isinstance(route.message, route_pb2.RouteConfiguration)
@@ -123,7 +140,7 @@ def grpc_tables(route: Resource, clusters: Layer) -> Tables:
         Layer.of(resource.ENDPOINT, (encode_resource(
             resource.ENDPOINT, n, endpoint_pb2.ClusterLoadAssignment(cluster_name=n))
             for n in made.unresolved)))
-    _keep(_TABLES, key, tables)
+    kept.tables[key] = tables
     return tables
 
 
@@ -160,23 +177,39 @@ def _converted(source: Resource | None, convert: Convert, left: LeftOut) -> Reso
     return found
 
 
+def _kept(build: MeshBuild) -> _Kept:
+    with _LOCK:
+        found = _BUILDS.get(build)
+        if found is None:
+            found = _BUILDS[build] = _Kept()
+        return found
+
+
+def _find(kept: _Kept, key: Key, part: Callable[[_Kept], dict[Key, _V]]) -> _V | None:
+    """``key`` in this build's, else in another live build's (then carried over)."""
+    found = part(kept).get(key)
+    if found is None:
+        with _LOCK:
+            others = list(_BUILDS.values())
+        found = next((f for k in others if (f := part(k).get(key)) is not None), None)
+        if found is not None:
+            part(kept)[key] = found
+    return found
+
+
 def _ancestor(source: Layer) -> tuple[frozenset[str], Layer] | None:
-    """A kept gRPC layer whose source ``source`` was derived from, and what changed."""
-    for (type_url, version), made in list(_LAYERS.items()):
-        if type_url != source.type_url:
-            continue
-        changed = source.changed_since(version)
-        if changed is not None:
-            return changed, made
+    """A live build's gRPC layer whose source ``source`` was derived from, and what
+    changed since."""
+    with _LOCK:
+        others = list(_BUILDS.values())
+    for kept in others:
+        for (type_url, version), made in list(kept.layers.items()):
+            if type_url != source.type_url:
+                continue
+            changed = source.changed_since(version)
+            if changed is not None:
+                return changed, made
     return None
-
-
-def _keep(kept: dict[tuple[str, str], _V], key: tuple[str, str], value: _V) -> None:
-    """Add, dropping the oldest past ``_KEPT`` (list() of a dict is atomic: builds may
-    run on worker threads)."""
-    for oldest in list(kept)[: max(0, len(kept) + 1 - _KEPT)]:
-        kept.pop(oldest, None)
-    kept[key] = value
 
 
 def _report(left: LeftOut) -> None:
