@@ -341,3 +341,18 @@ def test_the_gateway_reaches_a_strict_service_with_its_own_identity(secure: Secu
     assert f"URI={spiffe('ingress-gateway')}" in answer.xfcc, answer.xfcc
     # Plaintext straight at the strict sidecar is still refused.
     assert call(web.inbound_port or 0, "web").status == 0
+
+
+def test_a_delta_gateway_gets_its_certificates_too(ingress: Ingress) -> None:
+    """Incremental xDS: the same listeners, and the certificates per stream."""
+    envoy = Envoy(ingress.tmp, "ingress-delta", "ingress", ingress.server.xds_port,
+                  delta=True, extra=["--gateway", "ingress", "--inbound-address", "127.0.0.1"])
+    ingress.start(envoy)
+    context = ingress.ca.client_context()
+    found = wait_for(
+        lambda: (r if (r := https_get(ingress.https_port, "api.example.org", context))[0]
+                 == 200 else None), timeout=30, what="HTTPS through a delta gateway")
+    assert found == (200, "web-app", ["api.example.org"])
+    [proxy] = [p for p in ingress.server.json("/debug/proxies")
+               if p["node_id"] == "ingress-delta"]
+    assert proxy["protocol"] == "delta", proxy
