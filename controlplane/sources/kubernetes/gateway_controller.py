@@ -375,7 +375,12 @@ def gateway_controller(api: client.ApiClient, settings: ServeSettings,
         xds_address=settings.inject_xds_address, proxy_uid=settings.inject_proxy_uid,
         proxy_cpu=settings.inject_proxy_cpu, proxy_memory=settings.inject_proxy_memory,
         proxy_memory_limit=settings.inject_proxy_memory_limit, delta=settings.inject_delta,
-        log_level=settings.inject_log_level, xds_ca=xds_ca).check()
+        log_level=settings.inject_log_level, xds_ca=xds_ca)
+    try:
+        config.check()
+    except ValueError as exc:  # it names the flag: say where it was set, and why here
+        raise ValueError(f"injection setting (--inject-* or CONTROLPLANE_INJECT_*), which "
+                         f"gateway Deployments use too: {exc}") from None
     return GatewayController(api, deployer=Deployer(api, config),
                              certificates=ClusterCertificates(api, timing),
                              write_status=settings.write_status)
