@@ -79,6 +79,9 @@ class HeaderMatch(_GatewayModel):
     @model_validator(mode="after")
     def _value(self) -> HeaderMatch:
         if self.type == "RegularExpression":
+            if not self.value:
+                raise ValueError("a RegularExpression value cannot be empty; write '.*' to "
+                                 "match any value")
             regex(self.value)
         return self
 
