@@ -34,7 +34,7 @@ from controlplane.mesh.gateway_attach import gateway_attachments
 from controlplane.mesh.gateways import Certificate, Gateway, TLSRoute
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.route_status import Condition, ParentStatus, RouteKey
-from controlplane.sources.kubernetes.certificates import ClusterCertificates
+from controlplane.sources.kubernetes.certificates import UNKNOWN, ClusterCertificates
 from controlplane.sources.kubernetes.deploy_writer import Deployer
 from controlplane.sources.kubernetes.deployer import (
     desired,
@@ -50,7 +50,11 @@ from controlplane.sources.kubernetes.gateway_status import (
     gateway_status,
     route_parents,
 )
-from controlplane.sources.kubernetes.gateways import Gateways, convert_gateways
+from controlplane.sources.kubernetes.gateways import (
+    Gateways,
+    certificate_entries,
+    convert_gateways,
+)
 from controlplane.sources.kubernetes.kinds import (
     GATEWAY_CLASSES,
     GATEWAY_GROUP,
@@ -145,13 +149,20 @@ class GatewayController:
     def convert(self, stores: Mapping[Kind, Any]) -> Gateways:
         """Our GatewayClasses, Gateways and TLSRoutes from the source's stores."""
         provider = self.certificates
+
+        def usable(ref: tuple[str, str]) -> bool:
+            """A pair is held, or the Secret's first read is on its way: a listener is not
+            dropped for the moment a watch takes to list (a control plane's restart would
+            drain every HTTPS listener of every gateway); its proxy waits for the secret."""
+            return provider is not None and (provider.pair(*ref) is not None
+                                             or provider.problem(ref) == UNKNOWN)
+
         result = convert_gateways(
             stores[GATEWAY_CLASSES].values(), stores[GATEWAYS].values(),
-            stores[TLS_ROUTES].values(), stores[REFERENCE_GRANTS].values(),
-            usable=(lambda ref: provider.pair(*ref) is not None) if provider else
-            (lambda ref: False))
+            stores[TLS_ROUTES].values(), stores[REFERENCE_GRANTS].values())
         if provider is not None:
-            provider.want(result.secrets)
+            provider.want(result.secrets)  # first: a Secret named now is being read
+        result.certificates = certificate_entries(result.secrets, usable)
         self._ours = frozenset(result.objects)
         return result
 
@@ -210,6 +221,9 @@ class GatewayController:
         """Returns whether a Gateway waits for its Service's address. Statuses are read
         from the stores now (a resync must not compare with what it saw a minute ago)."""
         await asyncio.to_thread(self._deploy, result)
+        if self.certificates is not None and any(
+                self.certificates.problem(ref) == UNKNOWN for ref in result.secrets):
+            return False  # listener conditions follow once the Secrets are read (a batch)
         attached = self.attach(mesh)
         statuses = {(kind, k): stores[kind].status.get(k)
                     for kind in INGRESS for k in stores[kind].objects}

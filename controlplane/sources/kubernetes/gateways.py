@@ -186,10 +186,15 @@ def convert_gateways(gateway_classes: Iterable[Obj], gateways: Iterable[Obj],
             continue
         result.route_objects[route_key] = obj
         result.tls_routes.append(entry)
-    result.certificates = [{"name": name, "namespace": namespace}
-                           for namespace, name in sorted(result.secrets)
-                           if usable((namespace, name))]
+    result.certificates = certificate_entries(result.secrets, usable)
     return result
+
+
+def certificate_entries(secrets: Iterable[Ref], usable: Callable[[Ref], bool],
+                        ) -> list[dict[str, str]]:
+    """The mesh's ``certificates`` entries (names only) for the Secrets that may serve."""
+    return [{"name": name, "namespace": namespace} for namespace, name in sorted(secrets)
+            if usable((namespace, name))]
 
 
 def _names_ours(route: Mapping[str, Any], served: set[Key]) -> bool:
