@@ -49,6 +49,7 @@ from controlplane.sources.kubernetes.gateway_status import (
     differs,
     gateway_status,
     route_parents,
+    service_addresses,
 )
 from controlplane.sources.kubernetes.gateways import (
     Gateways,
@@ -344,36 +345,6 @@ def _wanted_type(gateway: Mapping[str, Any]) -> str:
         return "LoadBalancer"
 
 
-def service_addresses(service: Mapping[str, Any], wanted_type: str,
-                      ) -> tuple[tuple[tuple[str, str], ...], str]:
-    """A LoadBalancer's ingress addresses (IPs, host names), else (ClusterIP, NodePort)
-    its cluster IPs; or why there are none yet and what to do."""
-    spec = service.get("spec") if isinstance(service.get("spec"), Mapping) else {}
-    status = service.get("status") if isinstance(service.get("status"), Mapping) else {}
-    assert isinstance(spec, Mapping) and isinstance(status, Mapping)
-    name = f"{meta(service).get('namespace')}/{meta(service).get('name')}"
-    if wanted_type == "LoadBalancer":
-        balancer = status.get("loadBalancer") if isinstance(status.get("loadBalancer"),
-                                                            Mapping) else {}
-        assert isinstance(balancer, Mapping)
-        found: list[tuple[str, str]] = []
-        for item in balancer.get("ingress") or []:
-            if isinstance(item, Mapping) and item.get("ip"):
-                found.append(("IPAddress", str(item["ip"])))
-            elif isinstance(item, Mapping) and item.get("hostname"):
-                found.append(("Hostname", str(item["hostname"])))
-        if not found:
-            return (), (f"waiting for a load balancer address for Service {name}; on a "
-                        "cluster without load balancers, annotate the Gateway "
-                        "mesh.controlplane.io/service-type: ClusterIP (or NodePort)")
-        return tuple(found), ""
-    ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")]
-           if isinstance(ip, str) and ip and ip != "None"]
-    if not ips:
-        return (), f"its Service {name} has no cluster IP yet"
-    return tuple(("IPAddress", ip) for ip in ips), ""
-
-
 def _generation(obj: Mapping[str, Any]) -> int:
     value = meta(obj).get("generation")
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
@@ -398,3 +369,11 @@ def gateway_controller(api: client.ApiClient, settings: ServeSettings,
     return GatewayController(api, deployer=Deployer(api, config),
                              certificates=ClusterCertificates(api, timing),
                              write_status=settings.write_status)
+
+
+def trust_gateways(source: object, bundle: Callable[[], bytes]) -> None:
+    """The app's one line when xDS is served over TLS: gateway Deployments then carry
+    the mesh CA's bundle (as the webhook injects it) and the pod's projected token."""
+    controller = getattr(source, "gateways", None)
+    if isinstance(controller, GatewayController) and controller.deployer is not None:
+        controller.deployer.bundle = bundle

@@ -30,6 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controlplane.mesh.route_status import CONTROLLER, Condition, ParentStatus
 from controlplane.sources.kubernetes.kinds import Kind
+from controlplane.sources.kubernetes.services import meta
 from controlplane.sources.kubernetes.status import MAX_MESSAGE
 
 log = structlog.get_logger("controlplane.source.kubernetes")
@@ -162,6 +163,36 @@ def _comparable(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_comparable(v) for v in value)
     return value
+
+
+def service_addresses(service: Mapping[str, Any], wanted_type: str,
+                      ) -> tuple[tuple[tuple[str, str], ...], str]:
+    """A LoadBalancer's ingress addresses (IPs, host names), else (ClusterIP, NodePort)
+    its cluster IPs; or why there are none yet and what to do."""
+    spec = service.get("spec") if isinstance(service.get("spec"), Mapping) else {}
+    status = service.get("status") if isinstance(service.get("status"), Mapping) else {}
+    assert isinstance(spec, Mapping) and isinstance(status, Mapping)
+    name = f"{meta(service).get('namespace')}/{meta(service).get('name')}"
+    if wanted_type == "LoadBalancer":
+        balancer = status.get("loadBalancer") if isinstance(status.get("loadBalancer"),
+                                                            Mapping) else {}
+        assert isinstance(balancer, Mapping)
+        found: list[tuple[str, str]] = []
+        for item in balancer.get("ingress") or []:
+            if isinstance(item, Mapping) and item.get("ip"):
+                found.append(("IPAddress", str(item["ip"])))
+            elif isinstance(item, Mapping) and item.get("hostname"):
+                found.append(("Hostname", str(item["hostname"])))
+        if not found:
+            return (), (f"waiting for a load balancer address for Service {name}; on a "
+                        "cluster without load balancers, annotate the Gateway "
+                        "mesh.controlplane.io/service-type: ClusterIP (or NodePort)")
+        return tuple(found), ""
+    ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")]
+           if isinstance(ip, str) and ip and ip != "None"]
+    if not ips:
+        return (), f"its Service {name} has no cluster IP yet"
+    return tuple(("IPAddress", ip) for ip in ips), ""
 
 
 class GatewayStatusWriter:
