@@ -204,9 +204,12 @@ def test_retry_conditions_map_to_grpc_status_codes(retry_on: list[str], codes: l
     assert grpc_retry_on(retry_on, codes) == expected
 
 
-def test_a_retry_policy_with_nothing_for_grpc_is_left_out() -> None:
-    policy = route_components_pb2.RetryPolicy(retry_on="retriable-4xx")
-    policy.num_retries.value = 3
+@pytest.mark.parametrize(("retry_on", "retries"), [("retriable-4xx", 3), ("5xx", 0)])
+def test_a_retry_policy_with_nothing_for_grpc_is_left_out(retry_on: str, retries: int) -> None:
+    """Nothing gRPC retries on, or no retry allowed (gRPC NACKs num_retries 0, found by
+    the NACK matrix)."""
+    policy = route_components_pb2.RetryPolicy(retry_on=retry_on)
+    policy.num_retries.value = retries
     assert grpc_retry_policy(policy) is None
 
 

@@ -10,9 +10,9 @@ status, so each maps to the status the client would get (the HTTP-to-gRPC mappin
 | cancelled, deadline-exceeded, internal, resource-exhausted, unavailable | the same |
 | retriable-4xx, other status codes                        | (none: gRPC has no equivalent) |
 
-A policy that maps to no status gives no retry policy. ``per_try_timeout`` and the host
-predicate are Envoy's only (A44 reads neither); the attempts (gRPC caps them at 5) and
-the back-off are kept.
+A policy that maps to no status, or allows no retry, gives no retry policy.
+``per_try_timeout`` and the host predicate are Envoy's only (A44 reads neither); the
+attempts (gRPC caps them at 5) and the back-off are kept.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def grpc_retry_on(retry_on: Iterable[str], status_codes: Iterable[int] = ()) -> 
 def grpc_retry_policy(
     policy: route_components_pb2.RetryPolicy,
 ) -> route_components_pb2.RetryPolicy | None:
-    """``policy`` as gRPC reads it; None when nothing in it is retriable for gRPC."""
+    """``policy`` as gRPC reads it; None when nothing in it is retriable for gRPC, or it
+    allows no retry (``attempts: 0``: gRPC NACKs ``num_retries`` 0)."""
     codes = grpc_retry_on(policy.retry_on.split(","), policy.retriable_status_codes)
-    if not codes:
+    if not codes or (policy.HasField("num_retries") and policy.num_retries.value == 0):
         return None
     made = route_components_pb2.RetryPolicy(retry_on=",".join(codes))
     if policy.HasField("num_retries"):
