@@ -83,6 +83,11 @@ def problems(data: dict[str, Any]) -> list[str]:
      "backendRequest must not be longer than request"),
     ({"rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "(unclosed"}}]}]},
      "does not compile"),
+    ({"rules": [{"matches": [{"headers": [{"type": "RegularExpression", "name": "x",
+                                           "value": "(ab){45}"}]}]}]},
+     "is too big for Envoy: about 225 RE2 instructions"),
+    ({"rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/a++"}}]}]},
+     "a possessive quantifier or \\Z, which Envoy's RE2 does not support"),
     ({"rules": [{"matches": [{"path": {"type": "Exact", "value": "/a"}}], "filters": [
         {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
                                                        "replacePrefixMatch": "/b"}}}]}]},
