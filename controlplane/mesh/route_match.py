@@ -25,6 +25,7 @@ MAX_GRPC_NAME: Final = 1024
 # re2.max_program_size.error_level); four are the match's own.
 MAX_PROGRAM: Final = 96
 _MARGIN: Final = 1.25
+_ANY_PART: Final = "[^/]+"
 _NOT_RE2: Final = ("(?=", "(?!", "(?<=", "(?<!", "(?>", "(?P=", "(?(", "\\Z")
 _GRPC_SERVICE: Final = re.compile(r"^\.?[A-Za-z_][A-Za-z_0-9]*(\.[A-Za-z_][A-Za-z_0-9]*)*$")
 _GRPC_METHOD: Final = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
@@ -206,7 +207,23 @@ class GRPCMethodMatch(_GatewayModel):
             elif not pattern.fullmatch(part):
                 raise ValueError(f"{part[:80]!r} is not a gRPC service or method name "
                                  "(such as ratings.v1.Ratings and Get)")
+        found = self.path_regex()
+        if found is not None:
+            try:
+                regex(found)  # what Envoy gets must fit RE2's limits too
+            except ValueError as exc:
+                raise ValueError(f"the path pattern this match becomes: {exc}; give service "
+                                 "too (an exact path), or a shorter pattern") from None
         return self
+
+    def path_regex(self) -> str | None:
+        """The RE2 the path must match, when a plain path or prefix cannot say it: a
+        method of any service, or ``RegularExpression`` parts."""
+        if self.type == "Exact" and self.service is not None:
+            return None
+        if self.type == "Exact":
+            return f"/{_ANY_PART}/{re.escape(self.method or '')}"
+        return f"/{self.service or _ANY_PART}/{self.method or _ANY_PART}"
 
 
 class GRPCRouteMatch(_GatewayModel):

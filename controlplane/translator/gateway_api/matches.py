@@ -9,8 +9,6 @@ match on ``/service/method``.
 
 from __future__ import annotations
 
-import re
-
 from envoy.config.route.v3 import route_components_pb2
 from envoy.config.route.v3.route_components_pb2 import RouteMatch as _RouteMatch
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
@@ -21,7 +19,6 @@ from controlplane.mesh.route_match import GRPCRouteMatch, HeaderMatch, HTTPRoute
 # where regular expressions go is left to implementations: here between the two, so a
 # catch-all prefix (``/``) never hides them.
 _EXACT, _REGEX, _PREFIX = 0, 1, 2
-_ANY_PART = "[^/]+"
 
 PrecedenceKey = tuple[int, int, int, int, int]
 
@@ -71,13 +68,12 @@ def grpc_path(match: GRPCRouteMatch) -> tuple[str, str]:
     method = match.method
     if method is None:
         return "PathPrefix", "/"
-    if method.type == "Exact" and method.service is not None and method.method is not None:
+    pattern = method.path_regex()
+    if pattern is not None:
+        return "RegularExpression", pattern
+    if method.method is not None:
         return "Exact", f"/{method.service}/{method.method}"
-    if method.type == "Exact" and method.service is not None:
-        return "PathPrefix", f"/{method.service}/"
-    if method.type == "Exact":
-        return "RegularExpression", f"/{_ANY_PART}/{re.escape(method.method or '')}"
-    return "RegularExpression", f"/{method.service or _ANY_PART}/{method.method or _ANY_PART}"
+    return "PathPrefix", f"/{method.service}/"
 
 
 def grpc_match(match: GRPCRouteMatch) -> _RouteMatch:
