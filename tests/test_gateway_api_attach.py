@@ -86,6 +86,10 @@ def problems(data: dict[str, Any]) -> list[str]:
     ({"rules": [{"matches": [{"headers": [{"type": "RegularExpression", "name": "x",
                                            "value": "(ab){45}"}]}]}]},
      "is too big for Envoy: about 225 RE2 instructions"),
+    ({"rules": [{"matches": [{"path": {"value": "/" + "x" * 150}}], "filters": [
+        {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
+                                                       "replacePrefixMatch": "/"}}}]}]},
+     "is too long to replace with '/'"),
     ({"rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/a++"}}]}]},
      "a possessive quantifier or \\Z, which Envoy's RE2 does not support"),
     ({"rules": [{"matches": [{"path": {"type": "Exact", "value": "/a"}}], "filters": [
@@ -116,6 +120,11 @@ def test_repeated_names_and_grpc_filters_are_refused() -> None:
         {"kind": "Service", "name": "web"}], "rules": [{"filters": [
             {"type": "URLRewrite", "urlRewrite": {"hostname": "x.example"}}]}]}]})
     assert any("a GRPCRoute takes no URLRewrite filter" in p for p in found), found
+    found = problems({"grpc_routes": [{"name": "g", "parentRefs": [
+        {"kind": "Service", "name": "web"}], "rules": [{"matches": [
+            {"method": {"method": "M" * 200}}]}]}]})
+    assert any("grpc_routes[0] (default/g).rules[0].matches[0].method: the path pattern "
+               "this match becomes" in p and "give service too" in p for p in found), found
 
 
 def test_a_spec_copied_from_kubernetes_loads_and_dumps_back() -> None:

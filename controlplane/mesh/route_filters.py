@@ -12,7 +12,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from controlplane.mesh.limits import MAX_PATH, HeaderName, HeaderValue, Int, Port, dns_label
-from controlplane.mesh.route_match import _GatewayModel
+from controlplane.mesh.route_match import _GatewayModel, regex
 
 MAX_FILTERS: Final = 16
 MAX_HEADER_CHANGES: Final = 16
@@ -101,6 +101,23 @@ class PathModifier(_GatewayModel):
         found = self.replace_full_path or self.replace_prefix_match
         assert found is not None  # the validator demands one
         return found
+
+
+def strip_prefix_pattern(prefix: str) -> str:
+    """The RE2 a ReplacePrefixMatch ending in ``/`` rewrites with: the matched prefix
+    (``/`` trimmed) and the slashes after it."""
+    return f"^{re.escape(prefix.rstrip('/'))}/*"
+
+
+def check_prefix_rewrite(prefix: str, replacement: str) -> None:
+    """A prefix rewritten to a value ending in ``/`` becomes a regular expression of
+    the prefix, which must fit RE2's limits like any other."""
+    if replacement.endswith("/") or not prefix.rstrip("/"):
+        try:
+            regex(strip_prefix_pattern(prefix))
+        except ValueError as exc:
+            raise ValueError(f"the path prefix {prefix[:80]!r} is too long to replace with "
+                             f"{replacement[:80]!r} ({exc}); match a shorter prefix") from None
 
 
 class RequestRedirect(_GatewayModel):

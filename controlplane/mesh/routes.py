@@ -28,6 +28,7 @@ from controlplane.mesh.route_filters import (
     Name,
     Namespace,
     RouteFilter,
+    check_prefix_rewrite,
     filter_problems,
 )
 from controlplane.mesh.route_match import (
@@ -153,14 +154,15 @@ def _rule_checks(filters: list[RouteFilter] | None, grpc: bool) -> None:
         raise ValueError(problem)
 
 
-def _replaces_prefix(filters: list[RouteFilter] | None) -> bool:
+def _prefix_replacement(filters: list[RouteFilter] | None) -> str | None:
+    """The ReplacePrefixMatch value of the rule's rewrite or redirect, if it has one."""
     for found in filters or ():
         path = (found.url_rewrite.path if found.url_rewrite is not None
                 else found.request_redirect.path if found.request_redirect is not None
                 else None)
         if path is not None and path.type == "ReplacePrefixMatch":
-            return True
-    return False
+            return path.value
+    return None
 
 
 class HTTPRouteRule(_GatewayModel):
@@ -174,10 +176,14 @@ class HTTPRouteRule(_GatewayModel):
     @model_validator(mode="after")
     def _checks(self) -> HTTPRouteRule:
         _rule_checks(self.filters, grpc=False)
-        if _replaces_prefix(self.filters) and any(m.path_or_default.type != "PathPrefix"
-                                                  for m in self.matches or ()):
+        replacement = _prefix_replacement(self.filters)
+        if replacement is None:
+            return self
+        if any(m.path_or_default.type != "PathPrefix" for m in self.matches or ()):
             raise ValueError("ReplacePrefixMatch needs every match of the rule to be a "
                              "PathPrefix path match (it replaces the matched prefix)")
+        for match in self.matches_or_default:
+            check_prefix_rewrite(match.path_or_default.value, replacement)
         return self
 
     @property

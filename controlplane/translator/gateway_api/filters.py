@@ -3,7 +3,6 @@ mirror. Header values are literals (Envoy reads ``%`` as a command: doubled here
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Final
 
@@ -13,7 +12,12 @@ from envoy.type.matcher.v3 import regex_pb2
 from envoy.type.v3 import percent_pb2
 
 from controlplane.mesh.attach import ResolvedMirror
-from controlplane.mesh.route_filters import HeaderModifier, PathModifier, RouteFilter
+from controlplane.mesh.route_filters import (
+    HeaderModifier,
+    PathModifier,
+    RouteFilter,
+    strip_prefix_pattern,
+)
 from controlplane.mesh.route_filters import RequestRedirect as Redirect
 from controlplane.mesh.route_filters import URLRewrite as Rewrite
 
@@ -66,7 +70,7 @@ def _prefix_regex(prefix: str, replacement: str) -> regex_pb2.RegexMatchAndSubst
     """The matched prefix and the slashes after it, replaced by ``replacement`` (which
     ends in ``/``): ``/strip`` -> ``/`` makes ``/strip/x`` ``/x`` and ``/strip`` ``/``."""
     return regex_pb2.RegexMatchAndSubstitute(
-        pattern=regex_pb2.RegexMatcher(regex=f"^{re.escape(prefix)}/*"),
+        pattern=regex_pb2.RegexMatcher(regex=strip_prefix_pattern(prefix)),
         substitution=replacement)
 
 
