@@ -117,6 +117,23 @@ def rules(draw: st.DrawFn) -> dict[str, Any]:
     return found
 
 
+def grpc_rules() -> st.SearchStrategy[dict[str, Any]]:
+    name = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,30}", fullmatch=True)
+    service = st.lists(name, min_size=1, max_size=3).map(".".join)
+    method = st.one_of(
+        st.fixed_dictionaries({"service": service}, optional={"method": name}),
+        st.fixed_dictionaries({"method": name}),
+        st.fixed_dictionaries({"type": st.just("RegularExpression")}, optional={
+            "service": st.sampled_from(["ratings\\.v[0-9]+\\.R", ".*"]),
+            "method": st.sampled_from(["Get.*", "(List|Watch)"])}).filter(
+                lambda m: "service" in m or "method" in m))
+    match = st.fixed_dictionaries({}, optional={"method": method, "headers": headers()})
+    return st.fixed_dictionaries({
+        "matches": st.lists(match, max_size=3),
+        "backendRefs": st.lists(backend().map(lambda b: {k: v for k, v in b.items()
+                                                         if k != "filters"}), max_size=2)})
+
+
 @st.composite
 def meshes(draw: st.DrawFn) -> dict[str, Any]:
     services = [{"name": name, "port": 80, "endpoints": [{"address": "10.0.0.1", "port": 80}]}
@@ -124,7 +141,9 @@ def meshes(draw: st.DrawFn) -> dict[str, Any]:
     routes = [{"name": f"r{i}", "parentRefs": [{"kind": "Service", "name": "web"}],
                "rules": draw(st.lists(rules(), min_size=1, max_size=3))}
               for i in range(draw(st.integers(1, 2)))]
-    return {"services": services, "http_routes": routes}
+    grpc = [{"name": "g", "parentRefs": [{"kind": "Service", "name": "api"}],
+             "rules": draw(st.lists(grpc_rules(), min_size=1, max_size=3))}]
+    return {"services": services, "http_routes": routes, "grpc_routes": grpc}
 
 
 @bounded(10, shrink=False)
