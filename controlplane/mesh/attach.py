@@ -99,9 +99,6 @@ class ResolvedRule:
 @dataclass(frozen=True, slots=True)
 class _Attached:
     route: Route
-    order: int
-    service_key: str
-    port: int
     rules: tuple[ResolvedRule, ...]
 
 
@@ -115,9 +112,10 @@ class Attachments:
         self._statuses: dict[RouteKey, tuple[ParentStatus, ...]] = {}
         self._targets: dict[str, set[str]] = {}
         self._numbers: dict[str, frozenset[int]] = {}  # each Service's port numbers
+        self._routed: dict[str, set[tuple[int, RouteKey]]] = {}  # by Service: (port, route)
         routes: list[Route] = [*mesh.http_routes, *mesh.grpc_routes]
-        for order, route in enumerate(routes):
-            self._attach(order, route)
+        for route in routes:
+            self._attach(route)
 
     # -- answers -------------------------------------------------------------------------
 
@@ -136,8 +134,7 @@ class Attachments:
 
     def attached(self, key: str) -> list[tuple[int, RouteKey]]:
         """(port, route) for every route attached to a port of ``key``, any namespace."""
-        return sorted({(port, a.route.key) for (k, port), found in self._ports.items()
-                       if k == key for a in found})
+        return sorted(self._routed.get(key, ()))
 
     def statuses(self) -> dict[RouteKey, tuple[ParentStatus, ...]]:
         """Each route's status for its Service parents (other parents are not ours here:
@@ -159,11 +156,11 @@ class Attachments:
     @property
     def routed(self) -> frozenset[str]:
         """The services that have a route attached."""
-        return frozenset(key for key, _ in self._ports)
+        return frozenset(self._routed)
 
     # -- building ------------------------------------------------------------------------
 
-    def _attach(self, order: int, route: Route) -> None:
+    def _attach(self, route: Route) -> None:
         unsupported = _unsupported(route)
         parents: list[ParentStatus] = []
         for parent in route.parent_refs:
@@ -181,8 +178,8 @@ class Attachments:
                 given: list[Rule] = list(route.rules)
                 rules = tuple(self._rule(route, index, rule, port)
                               for index, rule in enumerate(given))
-                self._ports.setdefault((service_key, port), []).append(
-                    _Attached(route, order, service_key, port, rules))
+                self._ports.setdefault((service_key, port), []).append(_Attached(route, rules))
+                self._routed.setdefault(service_key, set()).add((port, route.key))
                 targets = self._targets.setdefault(service_key, set())
                 targets.update(b.service_key for r in rules for b in r.backends
                                if b.service_key is not None)
