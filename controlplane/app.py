@@ -32,6 +32,7 @@ from controlplane.inject.certs import (
 )
 from controlplane.inject.config import InjectConfig
 from controlplane.inject.webhook import Webhook, WebhookState
+from controlplane.mesh.gateways import gateway_identity
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.security import MeshIdentity
 from controlplane.observe.convergence import Convergence
@@ -281,7 +282,10 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     rejections = rejections_for(source)
     acked = AckedConfigs()  # what each proxy holds, for CSDS beside what it is served
     certs = gateway_certificates(source, pipeline)
-    xds = XdsServer(GatewaySecrets(cache if secured is None else secured.watcher, cache, certs),
+    xds = XdsServer(GatewaySecrets(cache if secured is None else secured.watcher, cache, certs,
+                                   lambda ns, name: gateway_identity(
+                                       pipeline.mesh.gateways if pipeline.mesh else [],
+                                       ns, name)),
                     registry,
                     settings.identifier, limits=limits(settings),
                     admission=None if secured is None else secured.admission,

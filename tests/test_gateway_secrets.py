@@ -7,6 +7,7 @@ its key redacted while its wire bytes are the real ones."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from controlplane.cache.cache import SnapshotCache
 from controlplane.cache.certificates import FileCertificates, NoCertificates, mesh_files
 from controlplane.cache.gateway_secrets import GatewaySecrets, certificate_names
 from controlplane.mesh import Mesh, load_mesh_data
+from controlplane.mesh.gateways import gateway_identity
 from controlplane.proxy import GATEWAY, ProxyIdentity
 from tests.support.gateway_certs import TestCA
 
@@ -176,3 +178,34 @@ def test_without_a_provider_the_gateway_waits(tmp_path: Path, ca: TestCA) -> Non
         found = watcher.current(GATEWAY_PROXY)
     assert found is cache.current(GATEWAY_PROXY)
     assert any(e["event"] == "gateway_secrets.missing" for e in logs)
+
+
+def test_with_verified_identities_only_the_gateways_own_account_gets_its_keys(
+        tmp_path: Path, ca: TestCA) -> None:
+    """A node's ``gateway`` metadata is only a claim: once the server verifies who a
+    proxy is (a CA, tokens), a Gateway's certificates go only to proxies running as its
+    ServiceAccount ``<gateway>-<class>`` in its namespace."""
+    mesh = make_mesh(tmp_path, ca)
+    cache = SnapshotCache()
+    watcher = GatewaySecrets(cache, cache, FileCertificates(lambda: mesh_files(mesh)),
+                             lambda ns, name: gateway_identity(mesh.gateways, ns, name))
+    owner = dataclasses.replace(
+        GATEWAY_PROXY, workload="spiffe://cluster.local/ns/default/sa/ingress-controlplane")
+    impostor = dataclasses.replace(
+        GATEWAY_PROXY, node_id="web-2", workload="spiffe://cluster.local/ns/default/sa/web")
+    elsewhere = dataclasses.replace(  # the right account's name, in another namespace
+        GATEWAY_PROXY, node_id="x-1",
+        workload="spiffe://cluster.local/ns/other/sa/ingress-controlplane")
+    for proxy in (owner, impostor, elsewhere):
+        watcher.connect(proxy)
+    publish(cache, mesh, owner)
+
+    with structlog.testing.capture_logs() as logs:
+        refused = [watcher.current(impostor), watcher.current(elsewhere)]
+    for snapshot in refused:
+        assert snapshot is not None and not snapshot.types[resource.SECRET].resources
+    assert [line["expected"] for line in logs
+            if line["event"] == "gateway_secrets.refused"] == ["ingress-controlplane"] * 2
+    mine = watcher.current(owner)
+    assert mine is not None
+    assert set(mine.types[resource.SECRET].resources) == {"certificate/default/shop-cert"}

@@ -84,7 +84,7 @@ def test_lab_runs_a_scenario_and_stops_cleanly_on_sigint() -> None:
         with urllib.request.urlopen(found.group(1), timeout=5) as answer:
             body = json.loads(answer.read())
         assert body["service"] == "frontend", body
-        assert body["caller"] == "spiffe://cluster.local/ns/default/sa/ingress-gateway", body
+        assert body["caller"] == "spiffe://cluster.local/ns/default/sa/ingress-controlplane", body
         assert body["reviews"]["ratings"]["service"] == "ratings", body
         assert healthy, f"no line with every service at 100% ok:\n{shown}"
         # The lab runs a CA: every call between sidecars is mTLS, and each app sees the

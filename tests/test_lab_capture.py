@@ -160,7 +160,7 @@ def test_captured_apps_call_by_name_through_both_sidecars_and_a_scenario_works(
         outside = subprocess.run(["curl", "-sS", "--max-time", "5", url], capture_output=True,
                                  text=True, timeout=15, check=False)
         assert json.loads(outside.stdout)["caller"] == \
-            "spiffe://cluster.local/ns/default/sa/ingress-gateway", outside
+            "spiffe://cluster.local/ns/default/sa/ingress-controlplane", outside
         frontend, frontend_ns = lab.pods["frontend-v1"]
         reviews = [lab.pods[name][0] for name in ("reviews-v1", "reviews-v2")]
 

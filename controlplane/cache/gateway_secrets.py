@@ -18,7 +18,7 @@ private key redacted (``secret_resource``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -53,8 +53,12 @@ class GatewaySecrets:
     """A ConfigWatcher that adds each gateway stream's certificates."""
 
     def __init__(self, inner: ConfigWatcher, cache: SnapshotCache,
-                 certificates: Certificates) -> None:
+                 certificates: Certificates,
+                 account: Callable[[str, str], str | None] = lambda _ns, _name: None) -> None:
+        """``account(namespace, gateway)``: the ServiceAccount that Gateway's proxies
+        run as (None: no such Gateway)."""
         self.inner = inner
+        self.account = account
         self.cache = cache  # woken when certificates change (its waiters re-read)
         self.certificates = certificates
         self.identities: Identities = inner.identities
@@ -114,6 +118,8 @@ class GatewaySecrets:
     # -- deriving
     def _derive(self, proxy: ProxyIdentity, base: Snapshot) -> Snapshot:
         names = sorted(certificate_names(base))
+        if names and not self._proves(proxy):
+            return base
         mine: list[Resource] = []
         for name in names:
             found = certificate_of(name)
@@ -139,6 +145,24 @@ class GatewaySecrets:
         types[resource.SECRET] = typed
         version = hashlib.sha256(f"{base.version}/{typed.version}".encode()).hexdigest()[:16]
         return Snapshot(MappingProxyType(types), version, base.encoded_bytes)
+
+    def _proves(self, proxy: ProxyIdentity) -> bool:
+        """Whether the proxy may have its Gateway's keys. With verified identities (a
+        CA: the workload comes from the proxy's credential), only a proxy running as the
+        Gateway's ServiceAccount in its namespace may: a node's metadata is a claim any
+        workload could make. Without them (file mode, no CA) nothing is verified."""
+        if not proxy.workload:
+            return True
+        wanted = self.account(proxy.namespace, proxy.gateway)
+        if wanted is not None and proxy.workload.endswith(
+                f"/ns/{proxy.namespace}/sa/{wanted}"):
+            return True
+        log.warning("gateway_secrets.refused", node=proxy.node_id, gateway=proxy.gateway,
+                    namespace=proxy.namespace, workload=proxy.workload,
+                    expected=wanted or "(no such Gateway)",
+                    hint="a gateway's certificates go only to proxies running as its "
+                    "ServiceAccount <gateway>-<class>; run the proxy as that account")
+        return False
 
     def _secret(self, name: str, pair: CertificatePair) -> Resource:
         digest = hashlib.sha256(pair.chain_pem + b"\0" + pair.key_pem).digest()

@@ -20,6 +20,7 @@ import yaml
 
 from controlplane.errors import MeshError
 from controlplane.mesh.endpoints import Endpoint
+from controlplane.mesh.gateways import gateway_account
 from controlplane.mesh.loader import load_mesh_text, parse_mesh_yaml
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.service import Service
@@ -147,9 +148,6 @@ class Plan:
     """The ingress gateway, when the mesh has a Gateway with an HTTP listener."""
 
 
-GATEWAY_ACCOUNT = "ingress-gateway"  # the ingress gateway's identity
-
-
 def plan_gateway(data: dict[str, Any], pick: Callable[[int], int]) -> LabGateway | None:
     """The first Gateway's listeners on ports of this machine (``pick``: the file's own
     where free), written into the lab's copy of the mesh; None without an HTTP one."""
@@ -167,7 +165,9 @@ def plan_gateway(data: dict[str, Any], pick: Callable[[int], int]) -> LabGateway
     name = str(gateway["name"])
     instance = Instance(service=name, version="v1", node_id=f"{name}-gateway", app_port=0,
                         inbound_port=0, egress_port=free_port(), admin_port=free_port(),
-                        service_account=GATEWAY_ACCOUNT)
+                        # the identity its Gateway's certificates are given to
+                        service_account=gateway_account(
+                            name, str(gateway.get("gatewayClassName") or "controlplane")))
     return LabGateway(name, str(gateway.get("namespace") or "default"), http, instance)
 
 

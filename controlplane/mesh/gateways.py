@@ -14,6 +14,7 @@ at the edge (``cache/certificates.py``); the model never holds a key.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Final, Literal, TypeVar
 
@@ -130,6 +131,11 @@ class Gateway(_Spec):
     def key(self) -> str:
         return f"{self.name}.{self.namespace}"
 
+    @property
+    def service_account(self) -> str:
+        """The ServiceAccount its proxies run as (``gateway_account``)."""
+        return gateway_account(self.name, self.gateway_class_name)
+
     @model_validator(mode="after")
     def _distinct(self) -> Gateway:
         """Listener names are unique, as the API's validation has it (a listener is
@@ -198,3 +204,24 @@ TLSRoutes = Annotated[list[TLSRoute], Field(max_length=MAX_TLS_ROUTES),
                       AfterValidator(lambda v: _unique(v, "TLSRoute"))]
 Certificates = Annotated[list[Certificate], Field(max_length=MAX_CERTIFICATES),
                          AfterValidator(lambda v: _unique(v, "certificate"))]
+
+
+def gateway_account(gateway: str, gateway_class: str) -> str:
+    """``<gateway>-<class>``: the name of a Gateway's Deployment, Service and
+    ServiceAccount in Kubernetes, and the identity its proxies must prove before they get
+    its certificates (the lab's gateway runs as it too). Within a Service name's 63
+    characters: a longer one is cut, with a hash of the whole so two stay apart."""
+    name = f"{gateway}-{gateway_class}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-.')}-{digest}"
+
+
+def gateway_identity(gateways: list[Gateway], namespace: str, name: str) -> str | None:
+    """The ServiceAccount the proxies of Gateway ``namespace/name`` run as; None when the
+    mesh has no such Gateway."""
+    for gateway in gateways:
+        if (gateway.namespace, gateway.name) == (namespace, name):
+            return gateway.service_account
+    return None

@@ -43,6 +43,7 @@ from controlplane.inject.template import (
     resources,
     token_volume,
 )
+from controlplane.mesh.gateways import gateway_account
 from controlplane.sources.kubernetes.kinds import (
     DEPLOYMENTS,
     GATEWAY_LABEL,
@@ -95,13 +96,8 @@ class NotDeployable(ValueError):
 
 
 def resource_name(gateway: str, gateway_class: str) -> str:
-    """``<gateway>-<class>``, within a Service name's 63 characters (cut, with a hash
-    of the whole so two long names stay apart)."""
-    name = f"{gateway}-{gateway_class}"
-    if len(name) <= 63:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:54].rstrip('-.')}-{digest}"
+    """``<gateway>-<class>`` (``mesh.gateways.gateway_account``: the proxies' identity)."""
+    return gateway_account(gateway, gateway_class)
 
 
 def listener_ports(gateway: Mapping[str, Any]) -> list[tuple[int, str]]:
