@@ -42,11 +42,15 @@ _Action = route_components_pb2.RouteAction
 _POLICY_OF: Final = {RATE_LIMIT_FILTER: "rate_limit", CUSTOM_RESPONSE_FILTER: "fallback"}
 _MATCH_FIELDS: Final = frozenset({"prefix", "path", "safe_regex", "case_sensitive", "headers",
                                   "runtime_fraction", "grpc", "path_separated_prefix"})
-_ROUTE_FIELDS: Final = frozenset({"name", "match", "route", "typed_per_filter_config"})
+# (the actions that are not ``route`` are noted as such, below)
+_ROUTE_FIELDS: Final = frozenset({"name", "match", "route", "typed_per_filter_config",
+                                  "redirect", "direct_response", "filter_action",
+                                  "non_forwarding_action"})
 # (cluster_not_found_response_code: a gRPC call to a cluster it does not have fails anyway)
 _ACTION_FIELDS: Final = frozenset({"cluster", "weighted_clusters", "timeout", "retry_policy",
                                    "hash_policy", "max_stream_duration",
                                    "cluster_not_found_response_code"})
+_LEG_FIELDS: Final = frozenset({"name", "weight", "typed_per_filter_config"})
 # The source header (a log field for the called sidecar) is on every mesh host: not noted.
 _HOST_FIELDS: Final = frozenset({"name", "domains", "routes", "typed_per_filter_config",
                                  "retry_policy", "request_headers_to_add"})
@@ -143,6 +147,7 @@ def _action(action: route_components_pb2.RouteAction, clusters: Container[str], 
             if leg.name not in clusters and not leg.name.startswith(UNRESOLVED):
                 left.add(f"cluster {leg.name} (not for gRPC clients; calls fail)", where)
                 return None
+            _note_fields(leg, _LEG_FIELDS, where, left)
             kept = made.weighted_clusters.clusters.add(name=leg.name, weight=leg.weight)
             _filter_configs(leg.typed_per_filter_config, kept.typed_per_filter_config,
                             where, left)
