@@ -192,6 +192,18 @@ def test_backends_that_do_not_resolve(backend: dict[str, Any], reason: str) -> N
     assert rule.backends[0].cluster is None
 
 
+def test_a_grpc_backend_needs_a_grpc_port() -> None:
+    """ResolvedRefs False, UnsupportedProtocol: gRPC to an HTTP/1.1 port fails."""
+    mesh = load_mesh_data({"services": [
+        svc("web"), {"name": "rpc", "ports": [{"name": "grpc", "port": 80,
+                                                 "protocol": "grpc"}]}],
+        "grpc_routes": [{"name": "g", "parentRefs": [{"kind": "Service", "name": "rpc"}],
+                         "rules": [{"backendRefs": [to("web")]}]}]})
+    [parent] = status(mesh, "g", kind="GRPCRoute")
+    assert reasons(parent)["ResolvedRefs"] == (False, "UnsupportedProtocol")
+    assert "give the port protocol: grpc" in parent.conditions[1].message
+
+
 def test_a_reference_grant_lets_a_backend_of_another_namespace_through() -> None:
     grant = {"name": "g", "namespace": "other", "to": [{"group": "", "kind": "Service"}],
              "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",

@@ -28,6 +28,7 @@ from controlplane.mesh.route_status import (
     NO_MATCHING_PARENT,
     REF_NOT_PERMITTED,
     RESOLVED_REFS,
+    UNSUPPORTED_PROTOCOL,
     UNSUPPORTED_VALUE,
     Condition,
     ParentStatus,
@@ -111,7 +112,7 @@ class Attachments:
         self._ports: dict[tuple[str, int], list[_Attached]] = {}
         self._statuses: dict[RouteKey, tuple[ParentStatus, ...]] = {}
         self._targets: dict[str, set[str]] = {}
-        self._numbers: dict[str, frozenset[int]] = {}  # each Service's port numbers
+        self._protocols: dict[str, dict[int, str]] = {}  # each Service's ports
         self._routed: dict[str, set[tuple[int, RouteKey]]] = {}  # by Service: (port, route)
         routes: list[Route] = [*mesh.http_routes, *mesh.grpc_routes]
         for route in routes:
@@ -249,12 +250,16 @@ class Attachments:
             return unresolved(BACKEND_NOT_FOUND, f"backendRef {shown} does not exist; "
                               "name an existing Service")
         number = ref.port if ref.port is not None else port
-        numbers = self._numbers.get(key)
-        if numbers is None:
-            numbers = self._numbers[key] = frozenset(p.port for p in service.service_ports)
-        if number not in numbers:
+        protocols = self._protocols.get(key)
+        if protocols is None:
+            protocols = self._protocols[key] = {p.port: p.protocol for p in service.service_ports}
+        if number not in protocols:
             return unresolved(BACKEND_NOT_FOUND, f"backendRef {shown} has no port {number}; "
                               "name one of its ports")
+        if route.key[0] == "GRPCRoute" and protocols[number] != "grpc":
+            return unresolved(UNSUPPORTED_PROTOCOL, f"backendRef {shown} port {number} is "
+                              f"{protocols[number]}, and gRPC needs HTTP/2; give the port "
+                              "protocol: grpc")
         return (ResolvedBackend(outbound_cluster(service.name, service.namespace, number),
                                 weight, key, number, filters), _RESOLVED)
 
