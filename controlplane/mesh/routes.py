@@ -10,6 +10,7 @@ route (or that backend's share) out and is reported, never the mesh.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Annotated, Any, Final, Literal
@@ -45,7 +46,7 @@ MAX_BACKENDS: Final = 16
 MAX_WEIGHT: Final = 1_000_000
 MAX_GRANT_ENTRIES: Final = 16
 MAX_ROUTES: Final = 10_000  # per kind in one mesh
-_GEP_2257: Final = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"
+_GEP_2257: Final = re.compile(r"([0-9]{1,5}(h|m|s|ms)){1,4}")
 
 RouteKind = Literal["HTTPRoute", "GRPCRoute", "TLSRoute"]
 RouteKey = tuple[str, str, str]  # (kind, namespace, name)
@@ -53,8 +54,7 @@ RouteKey = tuple[str, str, str]  # (kind, namespace, name)
 
 def _gateway_duration(value: Any) -> timedelta:
     """GEP-2257's durations: up to four ``<1-5 digits><h|m|s|ms>`` parts, ``0s`` allowed."""
-    import re
-    if isinstance(value, str) and not re.fullmatch(_GEP_2257, value):
+    if isinstance(value, str) and not _GEP_2257.fullmatch(value):
         raise ValueError(f"duration {value[:20]!r} is not a Gateway API duration: one to four "
                          "parts of up to 5 digits and h, m, s or ms, such as '10s' or '1m30s'")
     return parse_duration(value)
