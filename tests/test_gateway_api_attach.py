@@ -13,6 +13,7 @@ import pytest
 
 from controlplane import resource
 from controlplane.assembly import MeshBuild
+from controlplane.cache.references import listener_references
 from controlplane.errors import MeshError
 from controlplane.mesh import Mesh, MeshLoader, load_mesh_data
 from controlplane.mesh.attach import attach, outbound_cluster, overridden, route_warnings
@@ -352,3 +353,20 @@ def test_resolve_rules_for_a_gateway_parent() -> None:
     [rule] = attach(mesh).resolve(gateway_route)
     assert [b.cluster for b in rule.backends] == ["outbound|80||web.default.svc.cluster.local",
                                                   None]
+
+
+def test_a_captured_sidecar_calling_by_cluster_ip_gets_the_routes() -> None:
+    """MeshFrontend's premise, in translation: a captured sidecar sends a call to the
+    Service's cluster IP through the same egress table, by the cluster IP as Host, so
+    the route applies whichever name or address the app used."""
+    mesh = load_mesh_data({"services": [
+        {**svc("web"), "cluster_ips": ["10.96.0.10"]}, svc("v2")],
+        "http_routes": [route("r", "web", [{"backendRefs": [to("v2")]}])]})
+    found = translate(mesh, ProxyIdentity(node_id="a-1.default", service="v2", capture=True))
+    [table] = found[resource.ROUTE]
+    [web] = [h for h in table.virtual_hosts if h.name == "web.default"]
+    assert "10.96.0.10" in web.domains and "10.96.0.10:80" in web.domains
+    assert [r.name for r in web.routes] == ["HTTPRoute/default/r/rule/0/match/0"]
+    assert web.routes[0].route.cluster == "outbound|80||v2.default.svc.cluster.local"
+    assert any(table.name in listener_references(listener)[0]  # type: ignore[arg-type]
+               for listener in found[resource.LISTENER])
