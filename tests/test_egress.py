@@ -6,9 +6,13 @@ the goldens ``tests/testdata/translator/in/egress_*.yaml``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from controlplane import resource
 from controlplane.assembly import MeshBuild
@@ -181,3 +185,16 @@ def test_shared_tcp_ports_are_a_warning_naming_the_services() -> None:
     assert "give each its own port" in warning
     [warning] = shared_port_warnings(_mesh(API, {**other, "port": 443}).services)
     assert "(api.default (tls), other-db.default (tcp))" in warning
+
+
+def test_validate_warns_of_a_shared_tcp_port(tmp_path: Path) -> None:
+    """``controlplane validate`` accepts the mesh (it is valid) and says which external
+    services no sidecar routes, as the file source logs ``mesh.egress_port_shared``."""
+    other = {**DB, "name": "other-db", "external_name": "other.example.test"}
+    (tmp_path / "mesh.yaml").write_text(yaml.safe_dump({"services": [DB, other]}))
+    result = subprocess.run([sys.executable, "-m", "controlplane", "validate", "mesh.yaml"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "mesh.yaml: warning: port 5432 is a tcp port of several external hosts" \
+        in result.stderr

@@ -36,6 +36,7 @@ import structlog
 from controlplane import metrics
 from controlplane.errors import EmptyMeshError, MeshError
 from controlplane.mesh.attach import attach, not_accepted
+from controlplane.mesh.egress import shared_port_warnings
 from controlplane.mesh.gateway_attach import gateway_attachments, not_served
 from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.loader import MAX_FILE_BYTES, too_big
@@ -200,6 +201,11 @@ class FileSource:
             log.warning("mesh.subset_empty", path=str(self.path), subsets=empty,
                         hint="no endpoint has these labels, so their share of the traffic "
                         "fails with 503; fix the labels or add endpoints")
+        shared = shared_port_warnings(found.mesh.services)
+        if shared:
+            log.warning("mesh.egress_port_shared", path=str(self.path), ports=shared,
+                        hint="give each external host its own tcp port, or use protocol "
+                        "tls for those that speak TLS first")
         _log_routes(found.mesh, str(self.path))
         return found.mesh
 
