@@ -39,7 +39,7 @@ from controlplane.mesh.route_match import (
     _GatewayModel,
 )
 
-MAX_PARENTS: Final = 16
+MAX_PARENTS: Final = 32  # the CRD's bound (CommonRouteSpec.parentRefs)
 MAX_HOSTNAMES: Final = 16
 MAX_RULES: Final = 16
 MAX_BACKENDS: Final = 16
