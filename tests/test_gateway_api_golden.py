@@ -9,7 +9,6 @@ and review the diff like code. Every case's whole translation must also pass a r
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,14 @@ import pytest
 import yaml
 
 from controlplane import resource
-from controlplane.mesh import Mesh, load_mesh_data
+from controlplane.mesh import Mesh
 from controlplane.mesh.attach import attach
-from controlplane.mesh.loader import parse_mesh_yaml
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import translate
-from tests.support.envoy_validate import rejected
-from tests.test_translator_golden import to_dict
+from tests.support.golden import Goldens, assert_envoy_accepts, to_dict
 
-DATA = Path(__file__).parent / "golden" / "gateway_api"
-IN, OUT = DATA / "in", DATA / "out"
-CASES = sorted(path.stem for path in IN.glob("*.yaml"))
-
-
-def load_case(name: str) -> tuple[Mesh, ProxyIdentity]:
-    path = IN / f"{name}.yaml"
-    data = parse_mesh_yaml(path.read_text(encoding="utf-8"))
-    proxy = ProxyIdentity(**data.pop("proxy"))
-    return load_mesh_data(data, origin=str(path)), proxy
+GOLDENS = Goldens(Path(__file__).parent / "golden" / "gateway_api")
+CASES = GOLDENS.cases
 
 
 def render(mesh: Mesh, proxy: ProxyIdentity) -> str:
@@ -63,28 +52,12 @@ def render(mesh: Mesh, proxy: ProxyIdentity) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case: str, request: pytest.FixtureRequest) -> None:
-    actual = render(*load_case(case))
-    golden = OUT / f"{case}.yaml"
-    if request.config.getoption("--update-golden"):
-        OUT.mkdir(parents=True, exist_ok=True)
-        golden.write_text(actual, encoding="utf-8")
-        return
-    assert golden.exists(), f"{golden} is missing; run pytest --update-golden"
-    expected = golden.read_text(encoding="utf-8")
-    if actual != expected:
-        diff = difflib.unified_diff(expected.splitlines(keepends=True),
-                                    actual.splitlines(keepends=True),
-                                    fromfile=f"out/{case}.yaml (golden)",
-                                    tofile=f"out/{case}.yaml (actual)")
-        pytest.fail("translation differs from the golden file:\n" + "".join(diff), False)
+    GOLDENS.check(case, render(*GOLDENS.load(case)), request)
 
 
 def test_every_case_is_accepted_by_a_real_envoy() -> None:
-    translations = [translate(*load_case(case)) for case in CASES]
-    refused = rejected(translations)
-    assert not refused, {CASES[i]: error for i, error in refused.items()}
+    assert_envoy_accepts({case: translate(*GOLDENS.load(case)) for case in CASES})
 
 
-def test_no_stale_golden_files() -> None:
-    stale = sorted(path for path in OUT.glob("*.yaml") if path.stem not in CASES)
-    assert not stale, f"golden files without an input: {stale}"
+def test_no_stale_golden_files(request: pytest.FixtureRequest) -> None:
+    GOLDENS.check_no_stale(request)

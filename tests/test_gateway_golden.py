@@ -9,7 +9,6 @@ Envoy takes these resources in ``tests/test_gateway_e2e.py``.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +18,18 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 
 from controlplane import resource
-from controlplane.mesh import Mesh, load_mesh_data
+from controlplane.mesh import Mesh
 from controlplane.mesh.gateway_attach import gateway_attachments
-from controlplane.mesh.loader import parse_mesh_yaml
 from controlplane.mesh.route_status import Condition
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import Resources, translate
 from controlplane.translator.gateway.translate import gateway_resources
-from tests.support.envoy_validate import rejected
 from tests.support.gateway_certs import TestCA
-from tests.test_translator_golden import to_dict
+from tests.support.golden import Goldens, assert_envoy_accepts, to_dict
 
-DATA = Path(__file__).parent / "golden" / "gateway"
-IN, OUT = DATA / "in", DATA / "out"
-CASES = sorted(path.stem for path in IN.glob("*.yaml"))
-
-
-def load_case(name: str) -> tuple[Mesh, ProxyIdentity]:
-    path = IN / f"{name}.yaml"
-    data = parse_mesh_yaml(path.read_text(encoding="utf-8"))
-    proxy = ProxyIdentity(**data.pop("proxy"))
-    return load_mesh_data(data, origin=str(path)), proxy
+GOLDENS = Goldens(Path(__file__).parent / "golden" / "gateway")
+CASES = GOLDENS.cases
+load_case = GOLDENS.load
 
 
 def conditions(found: tuple[Condition, ...]) -> list[dict[str, Any]]:
@@ -73,25 +63,11 @@ def render(mesh: Mesh, proxy: ProxyIdentity) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case: str, request: pytest.FixtureRequest) -> None:
-    actual = render(*load_case(case))
-    golden = OUT / f"{case}.yaml"
-    if request.config.getoption("--update-golden"):
-        OUT.mkdir(parents=True, exist_ok=True)
-        golden.write_text(actual, encoding="utf-8")
-        return
-    assert golden.exists(), f"{golden} is missing; run pytest --update-golden"
-    expected = golden.read_text(encoding="utf-8")
-    if actual != expected:
-        diff = difflib.unified_diff(expected.splitlines(keepends=True),
-                                    actual.splitlines(keepends=True),
-                                    fromfile=f"out/{case}.yaml (golden)",
-                                    tofile=f"out/{case}.yaml (actual)")
-        pytest.fail("translation differs from the golden file:\n" + "".join(diff), False)
+    GOLDENS.check(case, render(*load_case(case)), request)
 
 
-def test_no_stale_golden_files() -> None:
-    stale = sorted(path for path in OUT.glob("*.yaml") if path.stem not in CASES)
-    assert not stale, f"golden files without an input: {stale}"
+def test_no_stale_golden_files(request: pytest.FixtureRequest) -> None:
+    GOLDENS.check_no_stale(request)
 
 
 def envoy_resources(mesh: Mesh, proxy: ProxyIdentity, cert: str, key: str) -> Resources:
@@ -126,5 +102,4 @@ def test_every_case_is_accepted_by_a_real_envoy(tmp_path: Path) -> None:
     files = TestCA(tmp_path).server("gateway", "shop.example.com")
     cert, key = files.cert.read_text(), files.key.read_text()
     for case in CASES:  # one Envoy each: a gateway has several listeners of its own
-        refused = rejected([envoy_resources(*load_case(case), cert, key)])
-        assert not refused, {case: refused}
+        assert_envoy_accepts({case: envoy_resources(*load_case(case), cert, key)})

@@ -10,7 +10,6 @@ the translator goldens) is built as the server builds it for a gRPC client (Mesh
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import gc
 import uuid
 from pathlib import Path
@@ -25,27 +24,18 @@ from controlplane import resource
 from controlplane.assembly import MeshBuild, proxyless
 from controlplane.cache.snapshot import Snapshot
 from controlplane.mesh import Mesh, load_mesh_data
-from controlplane.mesh.loader import parse_mesh_yaml
-from controlplane.mesh.security import MeshIdentity
 from controlplane.proxy import GRPC, ProxyIdentity
 from controlplane.translator.proxyless import LeftOut, api_listener, grpc_retry_on
 from controlplane.translator.proxyless.notes import MAX_NOTES
 from controlplane.translator.proxyless.retries import grpc_retry_policy
-from tests.test_translator_golden import to_dict
+from tests.support.golden import Goldens, to_dict
 
-GOLDEN = Path(__file__).parent / "golden" / "proxyless"
-IN, OUT = GOLDEN / "in", GOLDEN / "out"
-CASES = sorted(path.stem for path in IN.glob("*.yaml"))
+GOLDENS = Goldens(Path(__file__).parent / "golden" / "proxyless")
+CASES = GOLDENS.cases
 
 
 def load_case(name: str) -> tuple[Mesh, ProxyIdentity]:
-    data = parse_mesh_yaml((IN / f"{name}.yaml").read_text(encoding="utf-8"))
-    proxy = ProxyIdentity(**data.pop("proxy"), kind=GRPC)
-    identity = data.pop("server_identity", None)
-    mesh = load_mesh_data(data, origin=name)
-    if identity is not None:
-        mesh = mesh.model_copy(update={"identity": MeshIdentity(**identity)})
-    return mesh, proxy
+    return GOLDENS.load(name, kind=GRPC)
 
 
 def build(name: str) -> Snapshot:
@@ -77,28 +67,11 @@ def render(snapshot: Snapshot) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case: str, request: pytest.FixtureRequest) -> None:
-    actual = render(build(case))
-    golden = OUT / f"{case}.yaml"
-    if request.config.getoption("--update-golden"):
-        golden.write_text(actual, encoding="utf-8")
-        return
-    assert golden.exists(), f"{golden} is missing; run pytest --update-golden"
-    expected = golden.read_text(encoding="utf-8")
-    if actual != expected:
-        diff = difflib.unified_diff(expected.splitlines(keepends=True),
-                                    actual.splitlines(keepends=True),
-                                    fromfile=f"{golden.name} (golden)",
-                                    tofile=f"{golden.name} (actual)")
-        pytest.fail("the gRPC client's resources differ:\n" + "".join(diff), False)
+    GOLDENS.check(case, render(build(case)), request, "the gRPC client's resources differ")
 
 
 def test_no_stale_golden_files(request: pytest.FixtureRequest) -> None:
-    stale = sorted(path for path in OUT.glob("*.yaml") if path.stem not in CASES)
-    if request.config.getoption("--update-golden"):
-        for path in stale:
-            path.unlink()
-        return
-    assert not stale, f"golden files without an input (run pytest --update-golden): {stale}"
+    GOLDENS.check_no_stale(request)
 
 
 @pytest.mark.parametrize("case", CASES)

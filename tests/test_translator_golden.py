@@ -6,7 +6,6 @@ Regenerate with ``pytest --update-golden`` and review the diff like code.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import subprocess
 import sys
@@ -15,24 +14,19 @@ from typing import Any
 
 import pytest
 import yaml
-from google.protobuf import descriptor_pool, json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import Message
 
 from controlplane import resource
 from controlplane.assembly import MeshBuild
 from controlplane.mesh import Mesh, load_mesh_data
 from controlplane.mesh.loader import parse_mesh_yaml
-from controlplane.mesh.security import MeshIdentity
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import Resources, resource_name, translate
-from tests.support.envoy_validate import rejected
+from tests.support.golden import Goldens, assert_envoy_accepts, to_dict
 from tests.test_security_translate import envoy_rejects, static_bootstrap
 
-DATA = Path(__file__).parent / "testdata" / "translator"
-IN = DATA / "in"
-OUT = DATA / "out"
-CASES = sorted(path.stem for path in IN.glob("*.yaml"))
+GOLDENS = Goldens(Path(__file__).parent / "testdata" / "translator")
+IN = GOLDENS.inputs
+CASES = GOLDENS.cases
 SECTIONS = {
     "listeners": resource.LISTENER,
     "routes": resource.ROUTE,
@@ -43,16 +37,7 @@ SECTIONS = {
 
 
 def load_case(name: str) -> tuple[Mesh, ProxyIdentity]:
-    """``server_identity``, when given, is the identity the server sets when it runs a
-    CA (a mesh file cannot)."""
-    path = IN / f"{name}.yaml"
-    data = parse_mesh_yaml(path.read_text(encoding="utf-8"))
-    proxy = ProxyIdentity(**data.pop("proxy"))
-    identity = data.pop("server_identity", None)
-    mesh = load_mesh_data(data, origin=str(path))
-    if identity is not None:
-        mesh = mesh.model_copy(update={"identity": MeshIdentity(**identity)})
-    return mesh, proxy
+    return GOLDENS.load(name)
 
 
 def render(resources: Resources) -> str:
@@ -65,79 +50,18 @@ def render(resources: Resources) -> str:
     return yaml.safe_dump(document, sort_keys=False, width=100)
 
 
-def to_dict(message: Message) -> Any:
-    """MessageToDict, with map and Struct keys sorted: protobuf iterates maps in an
-    order that changes from one process to the next."""
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return _sort_maps(data, message.DESCRIPTOR)
-
-
-def _sort_maps(data: Any, descriptor: Descriptor) -> Any:
-    if isinstance(data, list):
-        return [_sort_maps(item, descriptor) for item in data]
-    if not isinstance(data, dict):
-        return data
-    if descriptor.full_name in ("google.protobuf.Struct", "google.protobuf.Value"):
-        return _sort_all(data)
-    if "@type" in data:
-        descriptor = descriptor_pool.Default().FindMessageTypeByName(
-            data["@type"].rsplit("/", 1)[-1]
-        )
-    result: dict[str, Any] = {}
-    for key, value in data.items():
-        field = descriptor.fields_by_name.get(key)
-        if field is None or field.type != FieldDescriptor.TYPE_MESSAGE:
-            result[key] = value
-        elif field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            result[key] = {
-                k: _sort_maps(v, value_field.message_type)
-                if value_field.type == FieldDescriptor.TYPE_MESSAGE
-                else v
-                for k, v in sorted(value.items())
-            }
-        else:
-            result[key] = _sort_maps(value, field.message_type)
-    return result
-
-
-def _sort_all(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {key: _sort_all(data[key]) for key in sorted(data)}
-    if isinstance(data, list):
-        return [_sort_all(item) for item in data]
-    return data
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case: str, request: pytest.FixtureRequest) -> None:
-    mesh, proxy = load_case(case)
-    actual = render(translate(mesh, proxy))
-    golden = OUT / f"{case}.yaml"
-    if request.config.getoption("--update-golden"):
-        OUT.mkdir(parents=True, exist_ok=True)
-        golden.write_text(actual, encoding="utf-8")
-        return
-    assert golden.exists(), f"{golden} is missing; run pytest --update-golden"
-    expected = golden.read_text(encoding="utf-8")
-    if actual != expected:
-        diff = difflib.unified_diff(
-            expected.splitlines(keepends=True),
-            actual.splitlines(keepends=True),
-            fromfile=f"out/{case}.yaml (golden)",
-            tofile=f"out/{case}.yaml (actual)",
-        )
-        pytest.fail("translation differs from the golden file:\n" + "".join(diff), False)
+    GOLDENS.check(case, render(translate(*load_case(case))), request)
 
 
 def test_every_golden_output_is_accepted_by_a_real_envoy() -> None:
     """No golden output is one Envoy would reject: every case's resources, as static
     resources in one bootstrap, pass ``envoy --mode validate`` (EDS clusters carry their
     ClusterLoadAssignment inline, so endpoints and addresses are checked too)."""
-    cases = [case for case in CASES if load_case(case)[0].identity is None]
-    translations = [translate(*load_case(case)) for case in cases]
-    refused = rejected(translations)
-    assert not refused, {cases[i]: error for i, error in refused.items()}
+    loaded = {case: load_case(case) for case in CASES}
+    assert_envoy_accepts({case: translate(*made) for case, made in loaded.items()
+                          if made[0].identity is None})
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("security_")])
@@ -149,12 +73,7 @@ def test_security_golden_output_is_accepted_by_a_real_envoy(case: str, tmp_path:
 
 
 def test_no_stale_golden_files(request: pytest.FixtureRequest) -> None:
-    stale = sorted(path for path in OUT.glob("*.yaml") if path.stem not in CASES)
-    if request.config.getoption("--update-golden"):
-        for path in stale:
-            path.unlink()
-        return
-    assert not stale, f"golden files without an input (run pytest --update-golden): {stale}"
+    GOLDENS.check_no_stale(request)
 
 
 def test_the_required_cases_exist() -> None:
