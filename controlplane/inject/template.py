@@ -104,28 +104,40 @@ def proxy_container(service: str, annotations: Mapping[str, str],
         raise InjectError(_annotation(names.PROXY_LOG_LEVEL),
                           f"{log_level!r} is not a log level; use one of "
                           f"{', '.join(names.LOG_LEVELS)}")
+    return envoy_container(names.PROXY_NAME, bootstrap_yaml(service, config), log_level,
+                           [{"name": "http-envoy-prom", "containerPort": names.STATS_PORT,
+                             "protocol": "TCP"}],
+                           resources(annotations, config), config, sidecar=True)
+
+
+def envoy_container(name: str, bootstrap: str, log_level: str, ports: list[dict[str, Any]],
+                    resources: dict[str, Any], config: InjectConfig, *,
+                    sidecar: bool) -> dict[str, Any]:
+    """The Envoy container a sidecar and a gateway Deployment both run: inline bootstrap,
+    the downward-API environment its ``$(VAR)`` references need, the xDS token when the
+    server has a CA, readiness from the health listener, an unprivileged user. A sidecar
+    is also a native sidecar (``restartPolicy: Always``) whose startup probe holds the
+    app back, with the RuntimeDefault seccomp profile."""
     def probe() -> dict[str, Any]:
         return {"httpGet": {"path": HEALTH_PATH, "port": names.HEALTH_PORT}}
 
     return {
-        "name": names.PROXY_NAME,
+        "name": name,
         "image": config.proxy_image,
         "imagePullPolicy": "IfNotPresent",
-        "restartPolicy": "Always",
+        **({"restartPolicy": "Always"} if sidecar else {}),
         "command": ["envoy"],
-        "args": ["--config-yaml", bootstrap_yaml(service, config),
-                 "--log-level", log_level, "--disable-hot-restart",
-                 "--drain-time-s", "5"],
-        "env": [{"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1",
-                                                          "fieldPath": path}}}
-                for name, path in DOWNWARD_ENV],
-        "ports": [{"name": "http-envoy-prom", "containerPort": names.STATS_PORT,
-                   "protocol": "TCP"}],
-        "resources": resources(annotations, config),
+        "args": ["--config-yaml", bootstrap, "--log-level", log_level,
+                 "--disable-hot-restart", "--drain-time-s", "5"],
+        "env": [{"name": env, "valueFrom": {"fieldRef": {"apiVersion": "v1",
+                                                         "fieldPath": path}}}
+                for env, path in DOWNWARD_ENV],
+        "ports": ports,
+        "resources": resources,
         **({"volumeMounts": [{"name": names.TOKEN_VOLUME, "mountPath": names.TOKEN_DIR,
                               "readOnly": True}]} if config.xds_ca is not None else {}),
-        "startupProbe": {**probe(), "periodSeconds": 1, "timeoutSeconds": 3,
-                         "failureThreshold": 600},
+        **({"startupProbe": {**probe(), "periodSeconds": 1, "timeoutSeconds": 3,
+                             "failureThreshold": 600}} if sidecar else {}),
         "readinessProbe": {**probe(), "periodSeconds": 2, "timeoutSeconds": 3,
                            "failureThreshold": 3},
         "securityContext": {
@@ -136,7 +148,7 @@ def proxy_container(service: str, annotations: Mapping[str, str],
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
+            **({"seccompProfile": {"type": "RuntimeDefault"}} if sidecar else {}),
         },
     }
 

@@ -30,7 +30,6 @@ from controlplane.bootstrap import (
     CAPTURE_ADMIN_PORT,
     CAPTURE_HEALTH_PORT,
     CAPTURE_STATS_PORT,
-    HEALTH_PATH,
     BootstrapOptions,
     build_bootstrap,
 )
@@ -38,8 +37,8 @@ from controlplane.inject import config as names
 from controlplane.inject.config import INJECT_LABEL, InjectConfig
 from controlplane.inject.template import (
     _DUMPER,
-    DOWNWARD_ENV,
     NODE_ID,
+    envoy_container,
     resources,
     token_volume,
 )
@@ -208,39 +207,12 @@ def digest(obj: Mapping[str, Any]) -> str:
 
 def _container(gateway: str, namespace: str, ports: list[tuple[int, str]],
                config: InjectConfig, bootstrap: Bootstrap) -> Obj:
-    def probe() -> Obj:
-        return {"httpGet": {"path": HEALTH_PATH, "port": CAPTURE_HEALTH_PORT}}
-
-    return {
-        "name": CONTAINER,
-        "image": config.proxy_image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": ["envoy"],
-        "args": ["--config-yaml", bootstrap(namespace, gateway, config),
-                 "--log-level", config.log_level, "--disable-hot-restart",
-                 "--drain-time-s", "5"],
-        "env": [{"name": env, "valueFrom": {"fieldRef": {"apiVersion": "v1",
-                                                         "fieldPath": path}}}
-                for env, path in DOWNWARD_ENV],
-        "ports": [*({"name": f"listener-{port}", "containerPort": port, "protocol": "TCP"}
-                    for port, _ in ports),
-                  {"name": "http-envoy-prom", "containerPort": CAPTURE_STATS_PORT,
-                   "protocol": "TCP"}],
-        "resources": resources({}, config),
-        **({"volumeMounts": [{"name": names.TOKEN_VOLUME, "mountPath": names.TOKEN_DIR,
-                              "readOnly": True}]} if config.xds_ca is not None else {}),
-        "readinessProbe": {**probe(), "periodSeconds": 2, "timeoutSeconds": 3,
-                           "failureThreshold": 3},
-        "securityContext": {
-            "runAsUser": config.proxy_uid,
-            "runAsGroup": config.proxy_uid,
-            "runAsNonRoot": True,
-            "privileged": False,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
+    return envoy_container(
+        CONTAINER, bootstrap(namespace, gateway, config), config.log_level,
+        [*({"name": f"listener-{port}", "containerPort": port, "protocol": "TCP"}
+           for port, _ in ports),
+         {"name": "http-envoy-prom", "containerPort": CAPTURE_STATS_PORT, "protocol": "TCP"}],
+        resources({}, config), config, sidecar=False)
 
 
 def rbac_rules() -> list[Obj]:
