@@ -21,17 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import structlog
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from controlplane.mesh.route_status import CONTROLLER, Condition, ParentStatus
+from controlplane.sources.kubernetes.conditions import condition_json, find_condition
 from controlplane.sources.kubernetes.kinds import Kind
 from controlplane.sources.kubernetes.services import meta
-from controlplane.sources.kubernetes.status import MAX_MESSAGE
+from controlplane.sources.kubernetes.status_patch import StatusPatcher
 
 log = structlog.get_logger("controlplane.source.kubernetes")
 
@@ -59,33 +58,13 @@ class GatewayState:
     addresses: tuple[tuple[str, str], ...] = ()  # (type, value)
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _bounded(message: str) -> str:
-    if len(message) <= MAX_MESSAGE:
-        return message
-    tail = " ... (cut; the server's log has every problem)"
-    return message[:MAX_MESSAGE - len(tail)] + tail
-
-
 def conditions_json(conditions: Iterable[Condition], generation: int,
                     previous: Any) -> list[dict[str, Any]]:
     """metav1.Conditions, each keeping its lastTransitionTime from ``previous`` (a list
     of condition dicts) while its status is unchanged."""
-    before = {c.get("type"): c for c in previous if isinstance(c, Mapping)} \
-        if isinstance(previous, list) else {}
-    made = []
-    for condition in conditions:
-        status = "True" if condition.status else "False"
-        old = before.get(condition.type, {})
-        since = old.get("lastTransitionTime") if old.get("status") == status else None
-        made.append({"type": condition.type, "status": status, "reason": condition.reason,
-                     "message": _bounded(condition.message or condition.reason),
-                     "observedGeneration": generation,
-                     "lastTransitionTime": since or _now()})
-    return made
+    return [condition_json(c.type, "True" if c.status else "False", c.reason,
+                           c.message or c.reason, generation, find_condition(previous, c.type))
+            for c in conditions]
 
 
 def class_status(generation: int, current: Any) -> dict[str, Any]:
@@ -195,48 +174,17 @@ def service_addresses(service: Mapping[str, Any], wanted_type: str,
     return tuple(("IPAddress", ip) for ip in ips), ""
 
 
-class GatewayStatusWriter:
+class GatewayStatusWriter(StatusPatcher):
     """Merge-patches the ``status`` of Gateway API objects. Blocking: run it off the loop.
     Failures are logged, never raised; a 403 is kept in ``forbidden`` (for /readyz)."""
 
     def __init__(self, api: client.ApiClient) -> None:
-        self._custom = client.CustomObjectsApi(api)
-        self.forbidden: dict[tuple[str, str], str] = {}
+        super().__init__(api, "gateway", "object")
 
     def write(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> bool:
-        where = (kind.plural, namespace)
-        body = {"status": status}
-        kwargs: dict[str, Any] = {"_request_timeout": (5, 10)}
-        try:
-            if kind.namespaced:
-                self._custom.patch_namespaced_custom_object_status(
-                    kind.group, kind.version, namespace, kind.plural, name, body, **kwargs)
-            else:
-                self._custom.patch_cluster_custom_object_status(
-                    kind.group, kind.version, kind.plural, name, body, **kwargs)
-        except ApiException as exc:
-            if exc.status == 404:
-                return True  # deleted meanwhile
-            if exc.status == 403:
-                if where not in self.forbidden:
-                    self.forbidden[where] = (
-                        f"may not write {kind.kind} status"
-                        f"{f' in namespace {namespace!r}' if namespace else ''}; add the "
-                        f"rule {{apiGroups: [{kind.group!r}], resources: "
-                        f"['{kind.plural}/status'], verbs: [get, update, patch]}} to the "
-                        "ClusterRole (deploy/kubernetes/02-rbac.yaml)")
-                    log.error("gateway.status_forbidden", kind=kind.kind,
-                              problem=self.forbidden[where])
-                return False
-            log.warning("gateway.status_failed", kind=kind.kind, object=f"{namespace}/{name}",
-                        status=exc.status, error=str(exc.reason),
-                        hint="retried with the next change")
-            return False
-        except Exception as exc:
-            log.warning("gateway.status_failed", kind=kind.kind, object=f"{namespace}/{name}",
-                        error=f"{type(exc).__name__}: {exc}", hint="retried with the next change")
-            return False
-        self.forbidden.pop(where, None)
+        outcome = self.patch(kind, namespace, name, {"status": status})
+        if outcome != "written":
+            return outcome == "gone"
         log.info("gateway.status", kind=kind.kind, object=f"{namespace}/{name}" if namespace
                  else name, conditions={c["type"]: c["status"]
                                         for c in status.get("conditions") or []})

@@ -13,21 +13,20 @@ so two replicas agree and our own writes do not echo back as changes.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import structlog
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from controlplane.mesh.attach import attach
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.route_status import CONTROLLER, Condition, ParentStatus, RouteKey
 from controlplane.mesh.routes import ParentRef
+from controlplane.sources.kubernetes.conditions import condition_json, find_condition
 from controlplane.sources.kubernetes.kinds import GRPC_ROUTES, HTTP_ROUTES, Kind
 from controlplane.sources.kubernetes.routes import RouteConversion, RouteObject, is_ours
 from controlplane.sources.kubernetes.services import Key
-from controlplane.sources.kubernetes.status import MAX_MESSAGE
+from controlplane.sources.kubernetes.status_patch import StatusPatcher
 
 log = structlog.get_logger("controlplane.source.kubernetes")
 
@@ -53,25 +52,12 @@ def _same_parent(raw: Any, parent: ParentRef, namespace: str) -> bool:
         parent.section_name, parent.port)
 
 
-def _bounded(message: str) -> str:
-    if len(message) <= MAX_MESSAGE:
-        return message
-    tail = " ... (cut; the server's log has the rest)"
-    return message[:MAX_MESSAGE - len(tail)] + tail
-
-
 def _condition(condition: Condition, generation: int,
                previous: Mapping[str, Any] | None) -> dict[str, Any]:
-    status = "True" if condition.status else "False"
-    since = None
     listed = previous.get("conditions") if isinstance(previous, Mapping) else None
-    for old in listed if isinstance(listed, list) else []:
-        if isinstance(old, Mapping) and old.get("type") == condition.type \
-                and old.get("status") == status:
-            since = old.get("lastTransitionTime")
-    return {"type": condition.type, "status": status, "reason": condition.reason,
-            "message": _bounded(condition.message), "observedGeneration": generation,
-            "lastTransitionTime": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return condition_json(condition.type, "True" if condition.status else "False",
+                          condition.reason, condition.message, generation,
+                          find_condition(listed, condition.type))
 
 
 def parents(route: RouteObject, statuses: Sequence[ParentStatus],
@@ -118,46 +104,20 @@ def has_ours(current: Mapping[str, Any] | None) -> bool:
     return any(e.get("controllerName") == CONTROLLER for e in _entries(current))
 
 
-class RouteStatusWriter:
+class RouteStatusWriter(StatusPatcher):
     def __init__(self, api: client.ApiClient) -> None:
-        self._custom = client.CustomObjectsApi(api)
-        # (plural, namespace) where the server may not write status (403): what to add.
-        self.forbidden: dict[tuple[str, str], str] = {}
+        super().__init__(api, "route", "route",
+                         "; routes are served meanwhile, their status is not written")
 
     def write(self, route: RouteObject, wanted: list[dict[str, Any]]) -> bool:
         """Blocking; run it off the event loop. The status subresource, merge-patched
         (the list whole: other controllers' entries are in it as they were read).
         Failures are logged, never raised; False: try again with the next batch."""
         kind = KINDS[route.kind]
-        where = (kind.plural, route.namespace)
-        body = {"status": {"parents": wanted}}
+        outcome = self.patch(kind, route.namespace, route.name, {"status": {"parents": wanted}})
+        if outcome != "written":
+            return outcome == "gone"
         shown = f"{route.namespace}/{route.name}"
-        try:
-            self._custom.patch_namespaced_custom_object_status(
-                kind.group, kind.version, route.namespace, kind.plural, route.name, body,
-                _request_timeout=(5, 10))
-        except ApiException as exc:
-            if exc.status == 404:
-                return True  # deleted meanwhile: nothing left to write
-            if exc.status == 403:
-                if where not in self.forbidden:
-                    self.forbidden[where] = (
-                        f"may not write {kind.kind} status in namespace {route.namespace!r}; "
-                        f"add the rule {{apiGroups: [{kind.group!r}], resources: "
-                        f"['{kind.plural}/status'], verbs: [get, update, patch]}} to the "
-                        "ClusterRole (deploy/kubernetes/02-rbac.yaml); routes are served "
-                        "meanwhile, their status is not written")
-                    log.error("route.status_forbidden", namespace=route.namespace,
-                              kind=kind.kind, problem=self.forbidden[where])
-                return False
-            log.warning("route.status_failed", route=shown, kind=kind.kind, status=exc.status,
-                        error=str(exc.reason), hint="retried with the next change")
-            return False
-        except Exception as exc:
-            log.warning("route.status_failed", route=shown, kind=kind.kind,
-                        error=f"{type(exc).__name__}: {exc}", hint="retried with the next change")
-            return False
-        self.forbidden.pop(where, None)
         log.info("route.status", route=shown, kind=kind.kind, parents=[
             f"{e['parentRef'].get('kind')} {e['parentRef'].get('name')}: " + ", ".join(
                 f"{c['type']}={c['status']} ({c['reason']})" for c in e["conditions"])

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import structlog
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
+from controlplane.sources.kubernetes.conditions import condition_json, find_condition
 from controlplane.sources.kubernetes.kinds import (
     ACCEPTED,
     CUSTOM,
@@ -32,6 +31,7 @@ from controlplane.sources.kubernetes.kinds import (
 )
 from controlplane.sources.kubernetes.policies import Verdict
 from controlplane.sources.kubernetes.services import Key
+from controlplane.sources.kubernetes.status_patch import StatusPatcher
 
 log = structlog.get_logger("controlplane.source.kubernetes")
 
@@ -47,29 +47,11 @@ _KINDS: dict[str, Kind] = {kind.kind: kind for kind in CUSTOM}
 PROGRAMMED: Final = "Programmed"  # on accepted ones: did the proxies take it?
 OVERRIDDEN: Final = "Overridden"  # on accepted TrafficPolicies: does a route win?
 PROGRAMMED_KINDS = frozenset({POLICY_KIND, SECURITY_POLICY_KIND})  # what proxies can NACK
-# metav1.Condition's bound on a message; a longer one makes the API server refuse the write.
-MAX_MESSAGE = 32768
-
-
-def _bounded(message: str) -> str:
-    if len(message) <= MAX_MESSAGE:
-        return message
-    tail = " ... (cut; the server's log has every problem)"
-    return message[:MAX_MESSAGE - len(tail)] + tail
 
 
 def _condition(type_: str, status: str, reason: str, message: str, generation: int,
                current: Mapping[str, Any] | None) -> dict[str, Any]:
-    previous = _find(current, type_)
-    since = previous.get("lastTransitionTime") if previous.get("status") == status else None
-    return {
-        "type": type_,
-        "status": status,
-        "reason": reason,
-        "message": _bounded(message),
-        "observedGeneration": generation,
-        "lastTransitionTime": since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    return condition_json(type_, status, reason, message, generation, _find(current, type_))
 
 
 def condition(verdict: Verdict, current: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -130,18 +112,14 @@ def find(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
 
 
 def _find(status: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
-    found = (status or {}).get("conditions") if isinstance(status, Mapping) else None
-    for item in found if isinstance(found, list) else []:
-        if isinstance(item, Mapping) and item.get("type") == type_:
-            return dict(item)
-    return {}
+    return find_condition(status.get("conditions") if isinstance(status, Mapping) else None,
+                          type_)
 
 
-class StatusWriter:
+class StatusWriter(StatusPatcher):
     def __init__(self, api: client.ApiClient) -> None:
-        self._custom = client.CustomObjectsApi(api)
-        # (plural, namespace) where the server may not write status (403): what to add.
-        self.forbidden: dict[tuple[str, str], str] = {}
+        super().__init__(api, "policy", "policy",
+                         "; they apply meanwhile, their status is not written")
 
     def write(self, policy: Key, verdict: Verdict, current: Mapping[str, Any] | None,
               programmed: Programmed | None = None) -> bool:
@@ -150,35 +128,10 @@ class StatusWriter:
         once per kind and namespace and kept in ``forbidden`` until a write succeeds."""
         namespace, name = policy
         kind = _KINDS[verdict.kind]
-        where = (kind.plural, namespace)
         body = {"status": {"conditions": conditions(verdict, current, programmed)}}
-        try:
-            self._custom.patch_namespaced_custom_object_status(
-                kind.group, kind.version, namespace, kind.plural, name, body,
-                _request_timeout=(5, 10))
-        except ApiException as exc:
-            if exc.status == 404:
-                return True  # deleted meanwhile: nothing left to write
-            if exc.status == 403:
-                if where not in self.forbidden:
-                    self.forbidden[where] = (
-                        f"may not write {kind.kind} status in namespace {namespace!r}; add "
-                        f"the rule {{apiGroups: [{kind.group!r}], resources: "
-                        f"['{kind.plural}/status'], verbs: [get, update, patch]}} "
-                        "to the ClusterRole (deploy/kubernetes/02-rbac.yaml); they apply "
-                        "meanwhile, their status is not written")
-                    log.error("policy.status_forbidden", namespace=namespace, kind=kind.kind,
-                              problem=self.forbidden[where])
-                return False
-            log.warning("policy.status_failed", policy=f"{namespace}/{name}", kind=kind.kind,
-                        status=exc.status, error=str(exc.reason),
-                        hint="retried with the next change")
-            return False
-        except Exception as exc:
-            log.warning("policy.status_failed", policy=f"{namespace}/{name}", kind=kind.kind,
-                        error=f"{type(exc).__name__}: {exc}", hint="retried with the next change")
-            return False
-        self.forbidden.pop(where, None)
+        outcome = self.patch(kind, namespace, name, body)
+        if outcome != "written":
+            return outcome == "gone"
         log.info("policy.status", policy=f"{namespace}/{name}", kind=kind.kind,
                  accepted=verdict.accepted, reason=verdict.reason, message=verdict.message,
                  **({} if programmed is None else {"programmed": programmed.status,
