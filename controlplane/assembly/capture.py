@@ -9,10 +9,10 @@ captured group nothing here (issue 9's O(1) per group).
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import TYPE_CHECKING, TypeAlias
 
 from controlplane import resource
+from controlplane.assembly.relisten import ListenerLayers, Visible
 from controlplane.assembly.reuse import one_resource_layer
 from controlplane.cache.layers import Layer
 from controlplane.translator import captured_egress
@@ -21,46 +21,15 @@ from controlplane.translator.telemetry import Observed
 if TYPE_CHECKING:
     from controlplane.assembly.build import MeshBuild
 
-Visible: TypeAlias = frozenset[str] | None
 Key: TypeAlias = tuple[Visible, int, Observed]  # (.., what its sidecars record)
 
 
-class CaptureLayers:
+class CaptureLayers(ListenerLayers[Key, Layer]):
     """The egress listener layers of one build, made when a group asks for them."""
-
-    def __init__(self, previous: CaptureLayers | None = None) -> None:
-        self._made: dict[Key, Layer] = {}
-        self._old: dict[Key, Layer] = dict(previous._made) if previous is not None else {}
 
     def layer(self, build: MeshBuild, visible: Visible, egress_port: int,
               telemetry: Observed) -> Layer:
-        key = (visible, egress_port, telemetry)
-        found = self._made.get(key)
-        if found is None:
-            old = self._old.get(key)
-            if old is not None and not _relistened(build.relistened, visible):
-                found = old
-            else:
-                found = one_resource_layer(
-                    resource.LISTENER,
-                    captured_egress(build.mesh, visible, egress_port, telemetry), old)
-            self._made[key] = found
-        return found
-
-    def settle(self) -> None:
-        """Let go of the previous build's layers."""
-        self._old = {}
-
-    def keep(self, keys: Collection[Key]) -> None:
-        """Drop the layers no group uses any more."""
-        self._made = {k: v for k, v in list(self._made.items()) if k in keys}
-
-
-def _relistened(changed: frozenset[str] | None, visible: Visible) -> bool:
-    """Whether a service the listener of ``visible`` shows changed what it listens on
-    (None: anything may have)."""
-    if changed is None:
-        return True
-    if visible is None:
-        return bool(changed)
-    return any(k in visible for k in changed)
+        return self.get(build, (visible, egress_port, telemetry), visible,
+                        lambda old: one_resource_layer(
+                            resource.LISTENER,
+                            captured_egress(build.mesh, visible, egress_port, telemetry), old))

@@ -9,21 +9,19 @@ the captured egress listener is (assembly/capture.py).
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import TYPE_CHECKING, TypeAlias
 
 from controlplane import resource
-from controlplane.assembly.capture import _relistened
+from controlplane.assembly.relisten import ListenerLayers, Visible
+from controlplane.assembly.reuse import resources_layer
 from controlplane.cache.layers import Layer
-from controlplane.cache.snapshot import encode_resource
 from controlplane.proxy import ProxyIdentity
-from controlplane.translator import loopback_egress, resource_name
+from controlplane.translator import loopback_egress
 from controlplane.translator.telemetry import Observed
 
 if TYPE_CHECKING:
     from controlplane.assembly.build import MeshBuild
 
-Visible: TypeAlias = frozenset[str] | None
 Key: TypeAlias = tuple[Visible, int, int | None, int | None, bool, Observed]
 
 
@@ -32,40 +30,13 @@ def key_of(proxy: ProxyIdentity, visible: Visible, telemetry: Observed) -> Key:
             proxy.on_demand, telemetry)
 
 
-class EgressLayers:
+class EgressLayers(ListenerLayers[Key, Layer | None]):
     """The loopback listener layers of one build (None: the group has none)."""
-
-    def __init__(self, previous: EgressLayers | None = None) -> None:
-        self._made: dict[Key, Layer | None] = {}
-        self._old: dict[Key, Layer | None] = dict(previous._made) if previous else {}
 
     def layer(self, build: MeshBuild, visible: Visible, proxy: ProxyIdentity,
               telemetry: Observed) -> Layer | None:
-        key = key_of(proxy, visible, telemetry)
-        if key in self._made:
-            return self._made[key]
-        if key in self._old and not _relistened(build.relistened, visible):
-            found = self._old[key]
-        else:
+        def make(old: Layer | None) -> Layer | None:
             listeners = loopback_egress(build.mesh, visible, proxy, telemetry)
-            old = self._old.get(key)
-            found = None
-            if listeners:
-                made = []
-                for listener in listeners:
-                    name = resource_name(listener)
-                    prior = old.resources.get(name) if old is not None else None
-                    made.append(encode_resource(resource.LISTENER, name, listener, prior))
-                found = Layer.of(resource.LISTENER, made)
-                if old is not None and old.version == found.version:
-                    found = old
-        self._made[key] = found
-        return found
+            return resources_layer(resource.LISTENER, listeners, old) if listeners else None
 
-    def settle(self) -> None:
-        """Let go of the previous build's layers."""
-        self._old = {}
-
-    def keep(self, keys: Collection[Key]) -> None:
-        """Drop the layers no group uses any more."""
-        self._made = {k: v for k, v in list(self._made.items()) if k in keys}
+        return self.get(build, key_of(proxy, visible, telemetry), visible, make)

@@ -1,7 +1,9 @@
-"""One-resource layers (a namespace's route table, a captured egress listener) made again
-only as new objects when their bytes changed."""
+"""Layers (a namespace's route table, a captured egress listener, loopback egress
+listeners) made again only as new objects when their bytes changed."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from google.protobuf.message import Message
 
@@ -19,3 +21,15 @@ def one_resource_layer(type_url: str, message: Message, old: Layer | None) -> La
     if old is not None and made is prior:
         return old
     return Layer.of(type_url, [made])
+
+
+def resources_layer(type_url: str, messages: Sequence[Message], old: Layer | None) -> Layer:
+    """A layer holding ``messages``, each resource reusing ``old``'s encoding when its
+    bytes are the same; ``old`` itself when the whole layer is."""
+    made = []
+    for message in messages:
+        name = resource_name(message)
+        prior = old.resources.get(name) if old is not None else None
+        made.append(encode_resource(type_url, name, message, prior))
+    found = Layer.of(type_url, made)
+    return old if old is not None and old.version == found.version else found
