@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated, Final, Literal, TypeVar
+from typing import Annotated, Final, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
 from controlplane.mesh.limits import Port
 from controlplane.mesh.route_filters import GATEWAY_GROUP, Group, Kind, Namespace
 from controlplane.mesh.route_match import _GatewayModel
-from controlplane.mesh.routes import MAX_ROUTES, BackendRef, Hostname, ParentRef
+from controlplane.mesh.routes import (
+    MAX_ROUTES,
+    BackendRef,
+    Hostname,
+    ParentRef,
+    unique_objects,
+)
 
 __all__ = [
     "MAX_CERTIFICATES",
@@ -186,24 +192,12 @@ class Certificate(_Spec):
         return self
 
 
-def _unique(items: list[_Named], what: str) -> list[_Named]:
-    seen: set[tuple[str, str]] = set()
-    for item in items:
-        if (item.namespace, item.name) in seen:
-            raise ValueError(f"{what} {item.namespace}/{item.name} appears twice; merge the "
-                             "two entries or rename one")
-        seen.add((item.namespace, item.name))
-    return items
-
-
-_Named = TypeVar("_Named", Gateway, TLSRoute, Certificate)
-
 Gateways = Annotated[list[Gateway], Field(max_length=MAX_GATEWAYS),
-                     AfterValidator(lambda v: _unique(v, "Gateway"))]
+                     AfterValidator(lambda v: unique_objects(v, "Gateway"))]
 TLSRoutes = Annotated[list[TLSRoute], Field(max_length=MAX_TLS_ROUTES),
-                      AfterValidator(lambda v: _unique(v, "TLSRoute"))]
+                      AfterValidator(lambda v: unique_objects(v, "TLSRoute"))]
 Certificates = Annotated[list[Certificate], Field(max_length=MAX_CERTIFICATES),
-                         AfterValidator(lambda v: _unique(v, "certificate"))]
+                         AfterValidator(lambda v: unique_objects(v, "certificate"))]
 
 
 def gateway_account(gateway: str, gateway_class: str) -> str:

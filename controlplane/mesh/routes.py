@@ -11,9 +11,8 @@ route (or that backend's share) out and is reported, never the mesh.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from datetime import timedelta
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Protocol, TypeVar
 
 from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer, model_validator
 
@@ -278,33 +277,30 @@ class ReferenceGrant(_GatewayModel):
                         and t.name in (None, to_name) for t in self.to))
 
 
-def _unique(items: Iterable[Any], what: str) -> None:
+class _Named(Protocol):
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+
+_N = TypeVar("_N", bound=_Named)
+
+
+def unique_objects(items: list[_N], what: str) -> list[_N]:
+    """A list validator: no two entries of one namespace and name (``what`` their kind)."""
     seen: set[tuple[str, str]] = set()
     for item in items:
         if (item.namespace, item.name) in seen:
             raise ValueError(f"{what} {item.namespace}/{item.name} appears twice; merge the "
                              "two entries or rename one")
         seen.add((item.namespace, item.name))
-
-
-def _unique_http(routes: list[HTTPRoute]) -> list[HTTPRoute]:
-    _unique(routes, "HTTPRoute")
-    return routes
-
-
-def _unique_grpc(routes: list[GRPCRoute]) -> list[GRPCRoute]:
-    _unique(routes, "GRPCRoute")
-    return routes
-
-
-def _unique_grants(grants: list[ReferenceGrant]) -> list[ReferenceGrant]:
-    _unique(grants, "ReferenceGrant")
-    return grants
+    return items
 
 
 HTTPRoutes = Annotated[list[HTTPRoute], Field(max_length=MAX_ROUTES),
-                       AfterValidator(_unique_http)]
+                       AfterValidator(lambda v: unique_objects(v, "HTTPRoute"))]
 GRPCRoutes = Annotated[list[GRPCRoute], Field(max_length=MAX_ROUTES),
-                       AfterValidator(_unique_grpc)]
+                       AfterValidator(lambda v: unique_objects(v, "GRPCRoute"))]
 ReferenceGrants = Annotated[list[ReferenceGrant], Field(max_length=MAX_ROUTES),
-                            AfterValidator(_unique_grants)]
+                            AfterValidator(lambda v: unique_objects(v, "ReferenceGrant"))]
