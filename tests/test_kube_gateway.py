@@ -249,8 +249,9 @@ async def test_secrets_are_watched_one_by_one(api: ApiServerDouble, tmp_path: Pa
         # listener is not dropped while the Secret's first read is on its way.
         mesh: Mesh = await next_mesh(feed)
         assert [c.name for c in mesh.certificates] == ["shop-cert"]
-        reads = [r for r in api.requests if r.kind == SECRETS]
-        assert reads and all(r.verb in ("list", "watch") for r in reads)
+        reads = await until(lambda: [r for r in api.requests if r.kind == SECRETS],
+                            "the Secret's watch to reach the API")
+        assert all(r.verb in ("list", "watch") for r in reads)
         assert {(r.namespace, r.query.get("fieldSelector")) for r in reads} == {
             ("default", "metadata.name=shop-cert")}
         # ClusterIP by annotation: the Gateway is programmed with the cluster IP.
