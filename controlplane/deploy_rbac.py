@@ -9,6 +9,7 @@ from controlplane.sources.kubernetes.deployer import certificate_rules
 from controlplane.sources.kubernetes.deployer import rbac_rules as gateway_rules
 from controlplane.sources.kubernetes.kinds import (
     CA_SECRET,
+    CERTIFICATES_ROLE,
     ENDPOINT_SLICES,
     MUTATING_WEBHOOKS,
     PODS,
@@ -99,7 +100,11 @@ def rbac() -> list[dict[str, Any]]:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                      "name": NAME},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]},
-        *_bound_cluster_role(f"{NAME}-gateway-certificates", certificate_rules()),
+        # Gateways' certificates: a ClusterRole without a cluster-wide binding. Each
+        # namespace whose Gateways terminate TLS grants it with a RoleBinding (the
+        # example gateway-certificates.yaml), so no Secret elsewhere is readable.
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": meta(CERTIFICATES_ROLE, namespaced=False), "rules": certificate_rules()},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
          "metadata": meta(f"{NAME}-secrets"), "rules": secret_role_rules()},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -108,13 +113,3 @@ def rbac() -> list[dict[str, Any]]:
                      "name": f"{NAME}-secrets"},
          "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]},
     ]
-
-
-def _bound_cluster_role(name: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-             "metadata": meta(name, namespaced=False), "rules": rules},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-             "metadata": meta(name, namespaced=False),
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                         "name": name},
-             "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": NAMESPACE}]}]

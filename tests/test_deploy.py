@@ -409,17 +409,22 @@ def test_secret_role_is_two_secrets_in_our_namespace() -> None:
     assert "secrets" not in cluster_resources
 
 
-def test_gateway_certificates_role_reads_secrets_alone() -> None:
+def test_gateway_certificates_role_reads_secrets_alone_and_is_bound_per_namespace() -> None:
     """Gateways' certificateRefs name Secrets anywhere; reading them is a ClusterRole of
-    its own, so an operator may drop its binding or bind it per namespace."""
+    its own that the manifests do not bind cluster-wide (the server reads no Secret of
+    a namespace until the example RoleBinding grants it there)."""
     found = by_kind()
     name = f"{deploy.NAME}-gateway-certificates"
     role = found[f"ClusterRole/{name}"]
-    binding = found[f"ClusterRoleBinding/{name}"]
     assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
                               "verbs": ["get", "list", "watch"]}]
-    assert binding["roleRef"]["name"] == name
-    assert binding["subjects"] == found["ClusterRoleBinding"]["subjects"]
+    assert f"ClusterRoleBinding/{name}" not in found
+    example = yaml.safe_load(
+        (Path("deploy/kubernetes/examples/gateway-certificates.yaml")).read_text())
+    assert example["kind"] == "RoleBinding" and example["metadata"]["namespace"]
+    assert example["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": name}
+    assert example["subjects"] == found["ClusterRoleBinding"]["subjects"]
 
 
 def test_webhook_configuration_targets_only_what_it_must() -> None:

@@ -57,6 +57,7 @@ from controlplane.sources.kubernetes.kinds import (
 )
 from tests.kube.apiserver import ApiServerDouble, StatusError
 from tests.kube.objects import http_route
+from tests.kube.rbac import Rbac, granted_certificates
 from tests.support.gateway_certs import TestCA, key_marker
 from tests.support.kube_gateways import (
     gateway,
@@ -74,7 +75,10 @@ HTTP = {"name": "http", "port": 80, "protocol": "HTTP"}
 
 @pytest.fixture
 def api() -> Iterator[ApiServerDouble]:
-    double = ApiServerDouble(bookmark_interval=0.5).start()
+    """As shipped, with the example RoleBinding applied in "default" (the Gateways'
+    namespace): the server may read that namespace's Secrets, no other's."""
+    double = ApiServerDouble(bookmark_interval=0.5,
+                             rbac=Rbac(roles=granted_certificates("default"))).start()
     yield double
     double.stop()
 
@@ -422,3 +426,37 @@ def test_a_secret_in_another_namespace_needs_a_reference_grant() -> None:
     for allowed in (grant(None), grant("shared-cert")):
         assert convert_gateways(classes, [gw], [], [allowed]).secrets == {
             ("certs", "shared-cert")}
+
+
+async def test_without_the_rolebinding_a_listener_says_which_to_apply(
+        tmp_path: Path) -> None:
+    """As shipped, the server may read no Secret of a Gateway's namespace until the
+    example RoleBinding grants it there: the HTTPS listener is InvalidCertificateRef
+    and its message gives the command; after the grant it is served."""
+    api = ApiServerDouble(bookmark_interval=0.5).start()  # the shipped RBAC, no grant
+    try:
+        ca = TestCA(tmp_path)
+        api.create(gateway_class())
+        api.create(tls_secret("shop-cert", ca.server("shop", "shop.example.com")))
+        api.create(gateway("ingress", [https_listener("https", 443, "shop-cert")],
+                           annotations={SERVICE_TYPE_ANNOTATION: "ClusterIP"}))
+        feed = Feed(source(api, tmp_path).updates())
+        try:
+            await until(lambda: conditions(listener(api, "ingress", "https")).get(
+                "ResolvedRefs") == ("False", "InvalidCertificateRef"),
+                "InvalidCertificateRef once the read is refused")
+            https = listener(api, "ingress", "https")
+            refs = {c["type"]: c for c in https["conditions"]}["ResolvedRefs"]
+            assert ("kubectl create rolebinding controlplane-gateway-certificates "
+                    "--namespace default") in refs["message"], refs["message"]
+            assert api.count("get", SECRETS) + api.count("list", SECRETS) \
+                + api.count("watch", SECRETS) > 0  # it asked, and was refused
+
+            api.rbac = Rbac(roles=granted_certificates("default"))  # the binding applied
+            await until(lambda: conditions(listener(api, "ingress", "https")).get(
+                "ResolvedRefs") == ("True", "ResolvedRefs"), "served once granted",
+                timeout=40)
+        finally:
+            await feed.aclose()
+    finally:
+        api.stop()

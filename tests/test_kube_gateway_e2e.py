@@ -31,6 +31,7 @@ from controlplane.sources.kubernetes.deployer import resource_name
 from controlplane.sources.kubernetes.kinds import DEPLOYMENTS, GATEWAYS, HTTP_ROUTES
 from tests.kube.apiserver import ApiServerDouble, StatusError
 from tests.kube.objects import endpoint_slice, http_route, service
+from tests.kube.rbac import Rbac, granted_certificates
 from tests.support import pods
 from tests.support.gateway_certs import TestCA, key_marker
 from tests.support.kube_gateways import gateway, gateway_class, https_listener, tls_secret
@@ -113,7 +114,9 @@ def test_a_kubernetes_gateway_serves_https_with_a_secret(network: pods.PodNetwor
     files = ca.server("shop", HOST)
     marker = key_marker(files)
 
-    api = ApiServerDouble(bookmark_interval=0.5).start()
+    # The example RoleBinding applied in "default": the server may read its Secrets.
+    api = ApiServerDouble(bookmark_interval=0.5,
+                          rbac=Rbac(roles=granted_certificates("default"))).start()
     xds_port = free_port()
     xds = f"{network.gateway}:{xds_port}"
     server = ControlPlane("kubernetes", tmp_path, xds_port=xds_port, extra=[

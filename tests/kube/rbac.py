@@ -56,16 +56,32 @@ def shipped_roles(directory: Path = MANIFESTS,
     docs = _documents(directory)
     roles = {(d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs
              if d.get("kind") == "Role"}
+    # A RoleBinding may grant a ClusterRole's rules in its own namespace only.
+    cluster_roles = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ClusterRole"}
     _, _, namespace_name = account.partition("system:serviceaccount:")
     found: dict[str, list[Rule]] = {}
     for binding in (d for d in docs if d.get("kind") == "RoleBinding"):
         namespace = binding["metadata"].get("namespace")
         subjects = {f"{s.get('namespace')}:{s.get('name')}"
                     for s in binding.get("subjects") or [] if s.get("kind") == "ServiceAccount"}
-        role = roles.get((namespace, binding.get("roleRef", {}).get("name")))
+        ref = binding.get("roleRef", {})
+        role = (cluster_roles.get(ref.get("name")) if ref.get("kind") == "ClusterRole"
+                else roles.get((namespace, ref.get("name"))))
         if role is not None and namespace_name in subjects:
             found.setdefault(namespace, []).extend(_rule(r) for r in role.get("rules") or [])
     return found
+
+
+def granted_certificates(*namespaces: str) -> dict[str, list[Rule]]:
+    """The shipped Roles, plus the Secrets-reading ClusterRole granted in ``namespaces``
+    as the example RoleBinding (examples/gateway-certificates.yaml) grants it there."""
+    roles = shipped_roles()
+    binding = yaml.safe_load((MANIFESTS / "examples" / "gateway-certificates.yaml").read_text())
+    [role] = [d for d in _documents(MANIFESTS) if d.get("kind") == "ClusterRole"
+              and d["metadata"]["name"] == binding["roleRef"]["name"]]
+    for namespace in namespaces:
+        roles.setdefault(namespace, []).extend(_rule(r) for r in role.get("rules") or [])
+    return roles
 
 
 def shipped_rules(directory: Path = MANIFESTS, role: str = "controlplane",

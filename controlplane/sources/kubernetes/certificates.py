@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from kubernetes import client
 
-from controlplane.sources.kubernetes.kinds import SECRETS
+from controlplane.sources.kubernetes.kinds import CERTIFICATES_ROLE, ROOT_NAMESPACE, SECRETS
 from controlplane.sources.kubernetes.services import meta
 from controlplane.sources.kubernetes.watch import (
     Changed,
@@ -199,7 +199,12 @@ class ClusterCertificates:
                 return
             found = None if event.type == "DELETED" else event.obj
         elif isinstance(event, Forbidden):
-            self._set(ref, None, f"may not be read: {event.message}")
+            self._set(ref, None, (
+                f"may not be read: {event.message}; let the control plane read this "
+                f"namespace's Secrets: kubectl create rolebinding {CERTIFICATES_ROLE} "
+                f"--namespace {ref[0]} --clusterrole {CERTIFICATES_ROLE} "
+                f"--serviceaccount {ROOT_NAMESPACE}:controlplane (deploy/kubernetes/"
+                "examples/gateway-certificates.yaml)"))
             return
         else:
             return  # Listing: keep what we have until the list is back

@@ -236,9 +236,9 @@ def rbac_rules() -> list[Obj]:
 
 def certificate_rules() -> list[Obj]:
     """Reading the Secrets Gateway listeners name (certificateRefs). RBAC cannot name
-    them ahead (users do, later), so this is every Secret, in a ClusterRole of its own:
-    its ClusterRoleBinding may be dropped (no HTTPS gateways) or replaced by RoleBindings
-    in the Gateways' namespaces only. The server itself watches only the named Secrets,
-    one watch each (certificates.py)."""
+    them ahead (users do, later), so this is every Secret, in a ClusterRole of its own
+    that the manifests do not bind cluster-wide: a RoleBinding grants it in each
+    namespace whose Gateways terminate TLS. The server itself watches only the named
+    Secrets, one watch each (certificates.py)."""
     return [{"apiGroups": [SECRETS.group], "resources": [SECRETS.plural],
              "verbs": ["get", "list", "watch"]}]

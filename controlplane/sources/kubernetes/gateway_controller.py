@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
     from controlplane.settings import ServeSettings
 
 log = structlog.get_logger("controlplane.source.kubernetes")
+# The attachment's message for a certificate the mesh does not have (gateway_listeners.py)
+_NO_CERTIFICATE = re.compile(r"\((?P<namespace>[^/()]+)/(?P<name>[^()]+)\): no such certificate")
 
 ADDRESS_RECHECK: Final = 5.0  # seconds between looks at a Service awaiting its address
 RESYNC: Final = 60.0  # seconds between looks at every deployed object (one GET each)
@@ -280,7 +283,25 @@ class GatewayController:
         else:
             programmed = Condition("Programmed", True, "Programmed",
                                    "its Envoy deployment is configured by the control plane")
-        return GatewayState(verdict.generation, (accepted, programmed), listeners, addresses)
+        return GatewayState(verdict.generation, (accepted, programmed),
+                            tuple(self._why_no_certificate(x) for x in listeners), addresses)
+
+    def _why_no_certificate(self, listener: ListenerState) -> ListenerState:
+        """A certificate the mesh lacks because its Secret cannot be read (missing, not
+        TLS, or forbidden): the listener's message says why, from the provider."""
+        provider, conditions = self.certificates, list(listener.conditions)
+        for index, condition in enumerate(conditions):
+            found = _NO_CERTIFICATE.search(condition.message)
+            if provider is None or condition.reason != "InvalidCertificateRef" or not found:
+                continue
+            problem = provider.problem((found["namespace"], found["name"]))
+            if problem and problem != UNKNOWN:
+                conditions[index] = Condition(
+                    condition.type, condition.status, condition.reason,
+                    f"{condition.message[:found.start()]}({found['namespace']}/"
+                    f"{found['name']}): Secret {problem}")
+        return listener if tuple(conditions) == listener.conditions else replace(
+            listener, conditions=tuple(conditions))
 
     def _deploy(self, result: Gateways) -> None:
         """Blocking. Apply what changed; remove what a Gateway that left us had."""

@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.sources.kubernetes.kinds import (
+    CERTIFICATES_ROLE,
     GATEWAY_CLASSES,
     GATEWAY_CONTROLLER,
     GATEWAYS,
     HTTP_ROUTES,
+    ROOT_NAMESPACE,
 )
 
 CLASS_NAME = "controlplane"
+CONTROL_PLANE_ACCOUNT = "controlplane"  # the server's ServiceAccount (deploy/kubernetes)
 
 
 def example_gateway_class() -> dict[str, Any]:
@@ -56,6 +59,19 @@ def example_gateway_route() -> dict[str, Any]:
                      "rules": [{"backendRefs": [{"name": "frontend", "port": 80}]}]}}
 
 
+def example_certificates_binding() -> dict[str, Any]:
+    """Lets the control plane read the Secrets of ``default`` (the Gateway's
+    certificates): the ClusterRole controlplane-gateway-certificates, granted in this
+    namespace only. One per namespace whose Gateways terminate TLS (or whose Secrets a
+    ReferenceGrant offers them)."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": CERTIFICATES_ROLE, "namespace": "default"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": CERTIFICATES_ROLE},
+            "subjects": [{"kind": "ServiceAccount", "name": CONTROL_PLANE_ACCOUNT,
+                          "namespace": ROOT_NAMESPACE}]}
+
+
 def _header(name: str, status: str) -> Callable[[Path], str]:
     def header(directory: Path) -> str:
         return (f"# Needs the Gateway API CRDs (deploy/gateway-api). kubectl apply -f "
@@ -69,6 +85,10 @@ EXAMPLES: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[Path], str]]] 
     "gateway": (example_gateway, _header(
         "gateway", "`kubectl get gateway ingress` shows its address once Programmed; its "
         "Deployment, Service and ServiceAccount are ingress-controlplane")),
+    "gateway-certificates": (example_certificates_binding, _header(
+        "gateway-certificates", "the control plane may read this namespace's Secrets: "
+        "the HTTPS listener's certificate (without it the listener says "
+        "InvalidCertificateRef and names this binding)")),
     "gateway-httproute": (example_gateway_route, _header(
         "gateway-httproute", "curl http://ADDRESS/ reaches frontend through the gateway")),
 }

@@ -28,6 +28,9 @@ TELEMETRY_SINGULAR: Final = "telemetry"
 # A SecurityPolicy (or Telemetry) without a target in this namespace (the control plane's
 # own) applies to the whole mesh (Istio's root namespace); elsewhere, to its namespace.
 ROOT_NAMESPACE: Final = "controlplane-system"
+# The ClusterRole that lets the server read Secrets (Gateways' certificates): shipped
+# unbound, granted by a RoleBinding in each namespace whose Gateways terminate TLS.
+CERTIFICATES_ROLE: Final = "controlplane-gateway-certificates"
 # On a Service: where it is visible (the mesh file's exportTo), a comma list of "*", "."
 # (its own namespace) or namespace names.
 EXPORT_TO_ANNOTATION: Final = f"{POLICY_GROUP}/export-to"
