@@ -274,7 +274,7 @@ async def start(settings: ServeSettings, source: Source | None = None) -> Runnin
     convergence = Convergence(registry.streams, settings.convergence_warn_after)
     pipeline = Pipeline(cache, store, convergence)
     secured = await open_trust(settings, cache)
-    if secured is not None and secured.tls is not None:
+    if secured is not None and secured.tls is not None and getattr(source, "gateways", None):
         # Gateway Deployments dial xDS over TLS too: they carry the mesh CA's bundle.
         from controlplane.sources.kubernetes.gateway_controller import trust_gateways
         trust = secured.trust
