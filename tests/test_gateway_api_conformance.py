@@ -262,6 +262,7 @@ def test_weight(gamma: Mesh) -> None:
     the v2 share has a binomial sd of 1.5 points; +-5 points is 3.3 sd."""
     seen = Counter(name_of(gamma.get("weight")) for _ in range(400))
     assert set(seen) == {V1, V2}, seen
+    print(f"HTTPRoute 90/10 through a sidecar, 400 requests: {dict(seen)}")
     assert abs(seen[V2] / 400 - 0.10) <= 0.05, seen
 
 

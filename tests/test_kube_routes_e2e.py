@@ -84,6 +84,7 @@ def test_an_httproute_canary_splits_real_traffic_and_reports_its_status(
     assert set(seen) == {"reviews-1", "reviews-2"}, seen
     # Binomial: mean 40, sd 6; 4 sd either way fails once in ~30,000 runs.
     mean, sd = REQUESTS * 0.1, math.sqrt(REQUESTS * 0.1 * 0.9)
+    print(f"HTTPRoute canary in Kubernetes, {sum(seen.values())} requests: {dict(seen)}")
     assert abs(seen["reviews-2"] - mean) <= 4 * sd, seen
 
     conditions = wait_for(lambda: parent_conditions(cluster) or None,
