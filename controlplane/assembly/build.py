@@ -23,6 +23,7 @@ is listed in ``rejected`` with the error. The rest of the mesh is built as usual
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from operator import attrgetter
 from typing import Any, TypeAlias
 
 from google.protobuf.message import Message
@@ -393,12 +394,8 @@ class MeshBuild:
 _Pick: TypeAlias = Callable[[EncodedService], Iterable[Resource]]
 
 
-def _clusters(encoded: EncodedService) -> Iterable[Resource]:
-    return encoded.clusters
-
-
-def _assignments(encoded: EncodedService) -> Iterable[Resource]:
-    return encoded.load_assignments
+_clusters: _Pick = attrgetter("clusters")
+_assignments: _Pick = attrgetter("load_assignments")
 
 
 def _frame(mesh: Mesh) -> dict[str, Any]:
