@@ -98,7 +98,15 @@ class _Handlers(_Writes):
         try:
             await self._stopping.wait()
         finally:
+            # A watch still streaming when the double stops can outlive aiohttp's
+            # shutdown timeout: close what is left here, or its socket is found unclosed
+            # by the garbage collector during some later test (a ResourceWarning).
+            open_ = list(runner.server.connections) if runner.server is not None else []
             await runner.cleanup()
+            for connection in open_:
+                if connection.transport is not None:
+                    connection.transport.close()
+            await asyncio.sleep(0)  # let the transports' close callbacks run
 
     @web.middleware
     async def _middleware(self, request: web.Request,
