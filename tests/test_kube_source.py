@@ -49,7 +49,10 @@ class Feed:
             await self.queue.put(mesh)
 
     async def aclose(self) -> None:
+        """Bounded: a source that loses its cancel fails here, not at the suite's timeout."""
         self.task.cancel()
+        done, _ = await asyncio.wait({self.task}, timeout=10)
+        assert done, "the source did not stop within 10 s of its cancel"
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
 

@@ -232,7 +232,8 @@ class SecretWatcher:
             if wait > 0:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), min(wait, most_wait))
+                    async with asyncio.timeout(min(wait, most_wait)):
+                        await self._wakeup.wait()
                 continue
             try:
                 if self._rotate_due(now, batch):

@@ -199,8 +199,8 @@ class XdsServer:
             stream.proxy = self.watcher.identities.resolve(stream.proxy)
             self.watcher.connect(stream.proxy)
             try:
-                snapshot = await asyncio.wait_for(
-                    self.watcher.next_snapshot(stream.proxy, None), self.fetch_timeout)
+                async with asyncio.timeout(self.fetch_timeout):
+                    snapshot = await self.watcher.next_snapshot(stream.proxy, None)
             except TimeoutError:
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     "no configuration built yet; retry when /readyz is ready")

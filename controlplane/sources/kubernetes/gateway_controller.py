@@ -216,7 +216,8 @@ class GatewayController:
                               hint="retried with the next change; please report this")
                 waiting = False
             try:
-                await asyncio.wait_for(wake.wait(), ADDRESS_RECHECK if waiting else RESYNC)
+                async with asyncio.timeout(ADDRESS_RECHECK if waiting else RESYNC):
+                    await wake.wait()  # not wait_for: it can swallow stop()'s cancel
             except TimeoutError:
                 self._resync = not waiting
 

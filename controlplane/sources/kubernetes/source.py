@@ -218,10 +218,12 @@ class KubernetesSource:
                     if stale:
                         due = first_change + self.debounce.max_delay
                     timeout = max(0.0, due - time.monotonic())
-                try:
-                    item: Event | None = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    item = None
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns an item
+                # that lands with a cancel and drops the cancel (we would never stop).
+                item: Event | None = None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        item = await queue.get()
                 while item is not None:
                     if isinstance(item, Listing):
                         stale.add((item.kind, item.namespace))
