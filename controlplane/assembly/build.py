@@ -33,6 +33,7 @@ from controlplane.assembly.capture import CaptureLayers
 from controlplane.assembly.egress import EgressLayers, key_of
 from controlplane.assembly.reuse import one_resource_layer
 from controlplane.assembly.services import EncodedService, encode_services
+from controlplane.assembly.visible import Visible, VisibleSets
 from controlplane.cache.layers import Layer
 from controlplane.cache.snapshot import (
     STANDARD,
@@ -45,9 +46,7 @@ from controlplane.mesh.model import Mesh, Service
 from controlplane.proxy import DEFAULT_NAMESPACE, SIDECAR, ProxyIdentity
 from controlplane.translator import egress_route, proxy_resources, resource_name
 from controlplane.translator.telemetry import Observed, observed
-from controlplane.translator.visibility import visible_services
 
-Visible: TypeAlias = frozenset[str] | None  # service keys a group sees; None: every one
 Make: TypeAlias = Callable[[Mesh, str], tuple[list[tuple[str, Message]], Mapping[str, str]]]
 _FOREIGN = "\0foreign"  # the route table key of namespaces that have no services
 _PROBE = ProxyIdentity(node_id="(probe)", service="(probe)")
@@ -81,10 +80,8 @@ class MeshBuild:
         self.relistened = frozenset(encoded.relistened) if same_frame else None
         self._namespaces = frozenset(s.namespace for s in self.mesh.services)
         carry = previous is not None and same_frame and not rerouted
-        self._visible: dict[tuple[str, str, bool], Visible] = (
-            dict(previous._visible) if previous is not None and carry else {})
-        self._interned: dict[frozenset[str], frozenset[str]] = (
-            dict(previous._interned) if previous is not None and carry else {})
+        self._visible: VisibleSets = VisibleSets(
+            self.mesh, previous._visible if previous is not None and carry else None)
         self._clusters: dict[Visible, Layer] = {}
         self._endpoints: dict[tuple[Visible, str], Layer] = {}
         self._routes: dict[tuple[str, Visible], Layer] = {}
@@ -109,16 +106,7 @@ class MeshBuild:
     def visible(self, proxy: ProxyIdentity) -> Visible:
         """The services ``proxy`` sees (None: all), once per (service, namespace,
         on_demand); equal sets are the same object, so their layers are shared."""
-        key = (proxy.service, proxy.namespace, bool(getattr(proxy, "on_demand", False)))
-        try:
-            return self._visible[key]
-        except KeyError:
-            pass
-        found = visible_services(self.mesh, proxy)
-        if found is not None:
-            found = self._interned.setdefault(frozenset(found), frozenset(found))
-        self._visible[key] = found
-        return found
+        return self._visible.of(proxy)
 
     def sees_all(self, proxy: ProxyIdentity) -> bool:
         """Whether ``proxy`` sees every service (False when its scope cannot be read)."""
@@ -126,12 +114,6 @@ class MeshBuild:
             return self.visible(proxy) is None
         except Exception:
             return False
-
-    def _visible_or_all(self, proxy: ProxyIdentity) -> Visible:
-        try:
-            return self.visible(proxy)
-        except Exception:  # a scoping bug: that group fails on its own build, not here
-            return None
 
     def last_good(self, key: str) -> Service | None:
         """The service ``key`` as this build serves it (None when it is not served)."""
@@ -307,11 +289,7 @@ class MeshBuild:
         choose their namespace and zone, so these would otherwise grow with every name
         seen. The neutral probe's (every service, no zone, default namespace) stay."""
         members = [*proxies, _PROBE]
-        seen = {(p.service, p.namespace, bool(getattr(p, "on_demand", False)))
-                for p in members}
-        # list() first: a worker thread may be adding entries (list() of a dict is atomic).
-        self._visible = {k: v for k, v in list(self._visible.items()) if k in seen}
-        views = {p: self._visible_or_all(p) for p in members}
+        views = self._visible.keep(members)
         visible = {*views.values(), None}
         zones = {(v, p.zone) for p, v in views.items()} | {(None, "")}
         routes = {(self._namespace_key(p.namespace), v) for p, v in views.items()}
@@ -319,6 +297,7 @@ class MeshBuild:
                    if views[p] is None}
         routes |= {(self._namespace_key(DEFAULT_NAMESPACE), None), (_FOREIGN, None)}
         groups = {p.group for p in members}
+        # list() first: a worker thread may be adding entries (list() of a dict is atomic).
         self._clusters = {k: v for k, v in list(self._clusters.items()) if k in visible}
         self._endpoints = {k: v for k, v in list(self._endpoints.items()) if k in zones}
         self._routes = {k: v for k, v in list(self._routes.items()) if k in routes}
@@ -329,7 +308,6 @@ class MeshBuild:
         self._egress.keep({key_of(p, views[p], self.observed(p)) for p in members
                            if not p.capture})
         self._typed = {}
-        self._interned = {v: v for v in visible if v is not None}
         used = {p.zone for p in members if p.zone}
         for encoded in list(self._services.values()):
             for zone in [z for z in list(encoded.zoned) if z not in used]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, TypeAlias
 
 from controlplane import resource
-from controlplane.assembly.relisten import ListenerLayers, Visible
+from controlplane.assembly.relisten import ListenerLayers
 from controlplane.assembly.reuse import one_resource_layer
+from controlplane.assembly.visible import Visible
 from controlplane.cache.layers import Layer
 from controlplane.translator import captured_egress
 from controlplane.translator.telemetry import Observed

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, TypeAlias
 
 from controlplane import resource
-from controlplane.assembly.relisten import ListenerLayers, Visible
+from controlplane.assembly.relisten import ListenerLayers
 from controlplane.assembly.reuse import resources_layer
+from controlplane.assembly.visible import Visible
 from controlplane.cache.layers import Layer
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import loopback_egress

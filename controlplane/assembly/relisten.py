@@ -6,12 +6,13 @@ captured egress listener and the loopback egress listeners are both such layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable
-from typing import TYPE_CHECKING, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from controlplane.assembly.visible import Visible
 
 if TYPE_CHECKING:
     from controlplane.assembly.build import MeshBuild
 
-Visible: TypeAlias = frozenset[str] | None
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
