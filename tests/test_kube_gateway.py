@@ -198,7 +198,8 @@ async def test_a_gateway_gets_its_envoy_status_and_certificate(
         await until(lambda: listener(api, "ingress", "http").get("attachedRoutes") == 1,
                     "the HTTPRoute attached")
         assert listener(api, "ingress", "http")["supportedKinds"] == [
-            {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}]
+            {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
+            {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}]
         assert all(c["observedGeneration"] == 1 for c in status["conditions"])
 
         # A load balancer gives the Service an address (as a cloud controller would).

@@ -162,14 +162,14 @@ class Attachments:
     # -- building ------------------------------------------------------------------------
 
     def _attach(self, route: Route) -> None:
-        unsupported = _unsupported(route)
+        why_not = unsupported(route)
         parents: list[ParentStatus] = []
         for parent in route.parent_refs:
             if not parent.is_service:
                 continue
             reason, message, ports = self._parent(route, parent)
-            if reason == ACCEPTED and unsupported is not None:
-                reason, message = UNSUPPORTED_VALUE, unsupported
+            if reason == ACCEPTED and why_not is not None:
+                reason, message = UNSUPPORTED_VALUE, why_not
             if reason != ACCEPTED:
                 parents.append(ParentStatus(parent, (accepted(reason, message),
                                                      resolved(*self._refs(route, None)))))
@@ -303,7 +303,7 @@ class Attachments:
                    for grant in self._grants)
 
 
-def _unsupported(route: Route) -> str | None:
+def unsupported(route: Route) -> str | None:
     """Why the route cannot be served as written (a filter this mesh lacks), or None."""
     rules: list[Rule] = list(route.rules)
     for index, rule in enumerate(rules):

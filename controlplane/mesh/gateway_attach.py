@@ -4,8 +4,8 @@ The Gateway API's rules, applied to a mesh:
 - a listener is served when it is valid, not in conflict and its certificates resolve
   (``gateway_listeners.py``); one that is not says why in its conditions, the others
   are served.
-- an HTTPRoute (to HTTP/HTTPS listeners) or TLSRoute (to TLS listeners) attaches to a
-  Gateway parent's listeners that its ``sectionName``/``port`` pick, whose
+- an HTTPRoute or GRPCRoute (to HTTP/HTTPS listeners) or TLSRoute (to TLS listeners)
+  attaches to a Gateway parent's listeners that its ``sectionName``/``port`` pick, whose
   ``allowedRoutes`` admit its kind and namespace, and whose hostname intersects its
   hostnames (the more specific of the two is served). Each parent gets a ParentStatus.
 
@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from controlplane.mesh.attach import unsupported
 from controlplane.mesh.gateway_listeners import (
     CONFLICTED,
     HTTP,
@@ -44,19 +45,21 @@ from controlplane.mesh.route_status import (
     NO_MATCHING_PARENT,
     NOT_ALLOWED_BY_LISTENERS,
     REF_NOT_PERMITTED,
+    UNSUPPORTED_PROTOCOL,
+    UNSUPPORTED_VALUE,
     Condition,
     ParentStatus,
     RouteKey,
     accepted,
     resolved,
 )
-from controlplane.mesh.routes import BackendRef, HTTPRoute, ParentRef
+from controlplane.mesh.routes import BackendRef, GRPCRoute, HTTPRoute, ParentRef
 
 __all__ = ["HTTP", "HTTPS", "TLS", "Attached", "GatewayAttachments", "GatewayStatus",
            "GatewayView", "ListenerStatus", "ServedListener", "gateway_attachments",
            "intersect", "not_served"]
 
-Route: TypeAlias = HTTPRoute | TLSRoute
+Route: TypeAlias = HTTPRoute | GRPCRoute | TLSRoute
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +138,13 @@ def _backend_problem(mesh: Mesh, kind: str, route: Route, ref: BackendRef
     service = mesh.service(ref.name, namespace)
     if service is None:
         return (BACKEND_NOT_FOUND, f"{where}: no such service in the mesh")
-    if ref.port is None or ref.port not in {p.port for p in service.service_ports}:
+    protocols = {p.port: p.protocol for p in service.service_ports}
+    if ref.port is None or ref.port not in protocols:
         return (BACKEND_NOT_FOUND, f"{where}: port {ref.port} is not a port of the "
                 "service; give one of its ports")
+    if kind == "GRPCRoute" and protocols[ref.port] != "grpc":
+        return (UNSUPPORTED_PROTOCOL, f"{where}: port {ref.port} is "
+                f"{protocols[ref.port]}, and gRPC needs HTTP/2; give the port protocol: grpc")
     return None
 
 
@@ -212,6 +219,7 @@ def _compute(mesh: Mesh) -> GatewayAttachments:
     views = {(g.namespace, g.name): _Building(g, check_listeners(mesh, g)) for g in mesh.gateways}
     result = GatewayAttachments()
     routes: list[tuple[str, Route]] = [*(("HTTPRoute", r) for r in mesh.http_routes),
+                                       *(("GRPCRoute", r) for r in mesh.grpc_routes),
                                        *(("TLSRoute", r) for r in mesh.tls_routes)]
     for kind, route in routes:
         parents = [p for p in route.parent_refs if p.group == GATEWAY_GROUP
@@ -219,8 +227,10 @@ def _compute(mesh: Mesh) -> GatewayAttachments:
         if not parents:
             continue
         refs = _resolved(mesh, kind, route)
+        why = unsupported(route) if not isinstance(route, TLSRoute) else None
         result.routes[(kind, route.namespace, route.name)] = tuple(
-            ParentStatus(p, (_attach(mesh, views, kind, route, p), refs)) for p in parents)
+            ParentStatus(p, (_attach(mesh, views, kind, route, p) if why is None
+                             else accepted(UNSUPPORTED_VALUE, why), refs)) for p in parents)
     for key, building in views.items():
         result.gateways[key] = _view(building)
     return result

@@ -39,7 +39,10 @@ PROTOCOL_CONFLICT: Final = "ProtocolConflict"
 HOSTNAME_CONFLICT: Final = "HostnameConflict"
 NO_CONFLICTS: Final = "NoConflicts"
 UNSUPPORTED_VALUE: Final = "UnsupportedValue"
-_KINDS: Final = {HTTP: ("HTTPRoute",), HTTPS: ("HTTPRoute",), TLS: ("TLSRoute",)}
+# The route kinds each protocol takes (its supportedKinds): gRPC is HTTP/2, so a
+# GRPCRoute attaches where an HTTPRoute does (h2c on HTTP, ALPN h2 on HTTPS).
+_KINDS: Final = {HTTP: ("HTTPRoute", "GRPCRoute"), HTTPS: ("HTTPRoute", "GRPCRoute"),
+                 TLS: ("TLSRoute",)}
 
 Checked = tuple[Listener, list[Condition], tuple[tuple[str, str], ...], bool]
 """A listener, its conditions (all but Programmed), its certificates, whether served."""

@@ -1,8 +1,10 @@
 """A gateway's route tables: one per HTTP port, one per HTTPS listener.
 
-A virtual host per hostname the attached HTTPRoutes serve there (the intersection of
+A virtual host per hostname the attached HTTPRoutes and GRPCRoutes serve there (the intersection of
 the listener's and the route's hostnames, ``mesh/gateway_attach.py``), holding every
-rule of those routes in the spec's precedence (``rule_routes``). A Host no virtual host
+rule of those routes in the spec's precedence (``rule_routes``; a GRPCRoute's method
+match is a path match on ``/service/method``, as for a sidecar, so both kinds share a
+host). A Host no virtual host
 names gets Envoy's 404, as the spec asks for a request no route matches. Each route then
 takes the backend service's own policy, as a sidecar's call to it would: fault, rate
 limit, fallback and consistent hashing always; its timeout and retries where the rule
@@ -19,7 +21,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from controlplane.mesh.attach import ResolvedRule, attach
 from controlplane.mesh.gateway_attach import ServedListener
 from controlplane.mesh.model import Mesh
-from controlplane.mesh.routes import HTTPRoute
+from controlplane.mesh.routes import GRPCRoute, HTTPRoute
 from controlplane.translator.gateway import names
 from controlplane.translator.gateway_api import route_name, rule_routes
 from controlplane.translator.policies import FEATURES
@@ -27,9 +29,10 @@ from controlplane.translator.routes import source_header
 
 ALWAYS: Final = frozenset({"fault", "rate_limit", "fallback"})  # per-route filter configs
 WITH_ACTION: Final = frozenset({"load_balancer"})
+Routed = HTTPRoute | GRPCRoute  # the kinds an HTTP or HTTPS listener serves
 
 
-def resolved_rules(mesh: Mesh, route: HTTPRoute) -> list[ResolvedRule]:
+def resolved_rules(mesh: Mesh, route: Routed) -> list[ResolvedRule]:
     """The route's rules with their backends resolved (a gateway parent has no port:
     each backendRef names its own, as the spec requires for a Service)."""
     return attach(mesh).resolve(route)
@@ -37,7 +40,8 @@ def resolved_rules(mesh: Mesh, route: HTTPRoute) -> list[ResolvedRule]:
 
 def route_table(mesh: Mesh, name: str, listeners: Iterable[ServedListener]
                 ) -> route_pb2.RouteConfiguration:
-    """The route configuration ``name`` over the HTTPRoutes attached to ``listeners``.
+    """The route configuration ``name`` over the HTTP and gRPC routes attached to
+    ``listeners``.
 
     A request is the most specific listener's (an exact hostname, then the longest
     wildcard, then none), so a host is taken by the first listener in that order that
@@ -46,9 +50,9 @@ def route_table(mesh: Mesh, name: str, listeners: Iterable[ServedListener]
     of the route with the more specific hostname precedence)."""
     hosts: dict[str, route_components_pb2.VirtualHost] = {}
     for served in sorted(listeners, key=lambda s: specificity(s.listener.hostname)):
-        by_host: dict[str, list[HTTPRoute]] = {}
+        by_host: dict[str, list[Routed]] = {}
         for attached in served.routes:
-            if isinstance(attached.route, HTTPRoute):
+            if isinstance(attached.route, HTTPRoute | GRPCRoute):
                 for host in attached.hostnames:
                     by_host.setdefault(host, []).append(attached.route)
         for host in by_host:
@@ -74,7 +78,7 @@ def covers(wildcard: str, host: str) -> bool:
                                and host.endswith(wildcard[1:]))
 
 
-def virtual_host(mesh: Mesh, table: str, host: str, tiers: Sequence[Sequence[HTTPRoute]]
+def virtual_host(mesh: Mesh, table: str, host: str, tiers: Sequence[Sequence[Routed]]
                  ) -> route_components_pb2.VirtualHost:
     """The host's routes: each tier's rules in the spec's match precedence, tier after
     tier; a rule already placed by an earlier tier is not repeated."""
