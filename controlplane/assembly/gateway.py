@@ -1,16 +1,20 @@
 """The snapshot of an ingress gateway proxy (``ProxyIdentity.kind == "gateway"``).
 
 Its listeners and route tables are its own (``translator/gateway``), made from its
-Gateway and the routes attached to it. Its clusters and endpoints are the shared layers
-every sidecar that sees every service gets: a gateway reaches any service a route sends
-it to, with the same clusters (mTLS to sidecars with the same identity machinery when
-the mesh has a CA), circuit breakers and load balancing. Its certificates are not in
+Gateway and the routes attached to it, with the mesh's access log and tracing
+(``translator/gateway/telemetry.py``). Its clusters and endpoints are the shared layers
+of the services its routes send to (``translator/gateway/scope.py``), the same a sidecar
+that sees those services gets: mTLS to sidecars with the same identity machinery when
+the mesh has a CA, circuit breakers and load balancing; a change to any other service
+leaves its snapshot as it is, so nothing is pushed to it. Its certificates are not in
 the snapshot: the server adds them per stream (``cache/gateway_secrets.py``).
 """
 
 from __future__ import annotations
 
 import structlog
+from envoy.config.listener.v3 import listener_pb2
+from google.protobuf.message import Message
 
 from controlplane import resource
 from controlplane.assembly.build import MeshBuild
@@ -20,6 +24,12 @@ from controlplane.mesh.gateway_attach import gateway_attachments
 from controlplane.mesh.model import Mesh
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator import resource_name
+from controlplane.translator.gateway.scope import gateway_visible
+from controlplane.translator.gateway.telemetry import (
+    gateway_clusters,
+    gateway_observed,
+    observe_gateway,
+)
 from controlplane.translator.gateway.translate import gateway_resources
 
 log = structlog.get_logger("controlplane.assembly.gateway")
@@ -35,22 +45,30 @@ def gateway_snapshot(build: MeshBuild, proxy: ProxyIdentity,
     """The group's snapshot; ``reuse`` itself when nothing of it changed."""
     old = reuse.types if reuse is not None else {}
     report(build.mesh, proxy)
-    own = gateway_resources(build.mesh, proxy)
-    types: dict[str, TypeSnapshot] = {
-        resource.CLUSTER: build.typed(resource.CLUSTER, (build.cluster_layer(None),),
-                                      old.get(resource.CLUSTER)),
-        resource.ENDPOINT: build.typed(resource.ENDPOINT,
-                                       (build.endpoint_layer(None, proxy.zone),),
-                                       old.get(resource.ENDPOINT)),
-    }
+    own: dict[str, list[Message]] = dict(gateway_resources(build.mesh, proxy))
+    ctx = gateway_observed(build.mesh, proxy)
+    listeners = [m for m in own[resource.LISTENER] if isinstance(m, listener_pb2.Listener)]
+    observe_gateway(ctx, listeners)
+    visible = gateway_visible(build.mesh, own[resource.LISTENER], own[resource.ROUTE])
+    own[resource.CLUSTER] = list(gateway_clusters(ctx))
+    types: dict[str, TypeSnapshot] = {}
     encoded = 0
-    for type_url in (resource.LISTENER, resource.ROUTE):
+    shared: dict[str, tuple[Layer, ...]] = {
+        resource.CLUSTER: (build.cluster_layer(visible),),
+        resource.ENDPOINT: (build.endpoint_layer(visible, proxy.zone),),
+    }
+    for type_url in (resource.CLUSTER, resource.ENDPOINT, resource.LISTENER, resource.ROUTE):
         prior = old.get(type_url)
+        layers = shared.get(type_url, ())
+        messages = own.get(type_url, [])
+        if layers and not messages:
+            types[type_url] = build.typed(type_url, layers, prior)
+            continue
         made = [encode_resource(type_url, resource_name(m), m,
                                 prior.resources.get(resource_name(m)) if prior else None)
-                for m in own[type_url]]
+                for m in messages]
         encoded += sum(r.size for r in made)
-        types[type_url] = TypeSnapshot.layered(type_url, (), Layer.of(type_url, made),
+        types[type_url] = TypeSnapshot.layered(type_url, layers, Layer.of(type_url, made),
                                                reuse=prior)
     types[resource.SECRET] = build.typed(resource.SECRET, (empty_layer(resource.SECRET),),
                                          old.get(resource.SECRET))

@@ -35,6 +35,7 @@ from controlplane.bootstrap import (
 )
 from controlplane.inject import config as names
 from controlplane.inject.config import INJECT_LABEL, InjectConfig
+from controlplane.inject.pod import _scrape_annotations as scrape_annotations
 from controlplane.inject.template import (
     _DUMPER,
     NODE_ID,
@@ -181,7 +182,10 @@ def desired(gateway: Mapping[str, Any], config: InjectConfig,
         "spec": {"replicas": 1, "selector": {"matchLabels": dict(selector)},
                  "template": {"metadata": {
                      "labels": {**labels, INJECT_LABEL: "false"},  # no sidecar: it is one
-                     "annotations": dict(annotations)}, "spec": pod}},
+                     # Scraped like an injected pod (its stats listener on 15090), unless
+                     # the Gateway's infrastructure says where to scrape.
+                     "annotations": {**annotations, **scrape_annotations(annotations)}},
+                     "spec": pod}},
     }
     service: Obj = {
         "apiVersion": "v1", "kind": "Service", "metadata": metadata(),
