@@ -72,7 +72,11 @@ def add_parser(commands: Any) -> None:
                         help="print the JSON bootstrap of a proxyless gRPC client "
                         "(GRPC_XDS_BOOTSTRAP, for xds:///NAME targets) instead of Envoy's; "
                         "takes --node-id, --service, --namespace, --xds-address, --zone, "
-                        "--xds-ca, --token-file")
+                        "--xds-ca, --token-file, --cert-dir")
+    parser.add_argument("--cert-dir", metavar="DIR",
+                        help="with --grpc: the client reads the mesh certificates from DIR "
+                        "(gRPC's file_watcher provider; `controlplane certs` keeps them "
+                        "current), so STRICT services are called with mTLS")
     secure = parser.add_argument_group(
         "identity (a control plane run with a CA: serve --ca-dir, or Kubernetes)")
     secure.add_argument("--xds-ca", metavar="FILE",
@@ -106,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--service is required (the service this sidecar belongs "
                              "to), unless --gateway names the Gateway it serves")
         bundle, bundle_file, token_file = _credentials(args)
+        if args.cert_dir and not args.grpc:
+            raise ValueError("--cert-dir is for --grpc clients: a sidecar gets its "
+                             "certificates over SDS")
         if args.grpc:
             text = _grpc(args, bundle_file if bundle else None, token_file)
         else:
@@ -147,7 +154,8 @@ def _grpc(args: argparse.Namespace, bundle_file: str | None, token_file: str | N
         node_id=args.node_id, service=args.service, namespace=args.namespace,
         xds_address=args.xds_address, zone=args.zone,
         xds_ca_file=str(Path(bundle_file).absolute()) if bundle_file else None,
-        token_file=token_file))
+        token_file=token_file,
+        cert_dir=str(Path(args.cert_dir).absolute()) if args.cert_dir else None))
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:

@@ -4,7 +4,11 @@ The format every gRPC library shares (gRFC A27; grpc-go, grpc-java, grpcio): the
 server with its channel credentials, and the node this client is. The node says
 ``kind: grpc`` (controlplane.proxy), so the server builds it a gRPC client's resources
 (API listeners, a route table and clusters gRPC reads) whatever its user agent, in the
-namespace that decides its bare names and visible services. Pure: options in, text out.
+namespace that decides its bare names and visible services. With a certificate
+directory (``--cert-dir``, kept current by ``controlplane certs``), the bootstrap has
+the ``file_watcher`` certificate provider the server's clusters name (gRFC A29) and the
+node says ``certificates: "true"``, so STRICT services are called with mTLS. Pure:
+options in, text out.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from controlplane.bootstrap import parse_host_port
 from controlplane.bootstrap_xds import is_ip
+from controlplane.security import grpc_certs
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class GrpcBootstrapOptions:
     """The control plane's trust bundle (PEM file): xDS over TLS, verified against it."""
     token_file: str | None = None
     """The client's token, sent as a bearer token (needs ``xds_ca_file``)."""
+    cert_dir: str | None = None
+    """Where ``controlplane certs`` writes the workload's certificate, key and roots."""
 
 
 def build_grpc_bootstrap(options: GrpcBootstrapOptions) -> dict[str, Any]:
@@ -61,7 +68,20 @@ def build_grpc_bootstrap(options: GrpcBootstrapOptions) -> dict[str, Any]:
     }
     if options.zone:
         node["locality"] = {"zone": options.zone}
-    return {"xds_servers": [server], "node": node}
+    made: dict[str, Any] = {"xds_servers": [server], "node": node}
+    if options.cert_dir:
+        node["metadata"][grpc_certs.NODE_FLAG] = "true"
+        made["certificate_providers"] = certificate_providers(options.cert_dir)
+    return made
+
+
+def certificate_providers(cert_dir: str) -> dict[str, Any]:
+    """gRPC's ``file_watcher`` provider over the files ``controlplane certs`` writes."""
+    return {grpc_certs.PROVIDER_INSTANCE: {"plugin_name": "file_watcher", "config": {
+        "certificate_file": f"{cert_dir}/{grpc_certs.CERT_FILE}",
+        "private_key_file": f"{cert_dir}/{grpc_certs.KEY_FILE}",
+        "ca_certificate_file": f"{cert_dir}/{grpc_certs.CA_FILE}",
+        "refresh_interval": grpc_certs.REFRESH_INTERVAL}}}
 
 
 def render_grpc_bootstrap(options: GrpcBootstrapOptions) -> str:

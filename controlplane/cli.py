@@ -11,7 +11,7 @@ from typing import Any
 from controlplane import bootstrap_cmd, logs
 from controlplane.errors import ControlPlaneError, MeshError
 from controlplane.inject import capture_cmd, inject_cmd
-from controlplane.security import ca_cmd
+from controlplane.security import ca_cmd, certs_cmd
 from controlplane.status import status_cmd
 
 
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture_cmd.add_parser(commands)
     inject_cmd.add_parser(commands)
     ca_cmd.add_parser(commands, kube=_kube_client)
+    certs_cmd.add_parser(commands)
     return parser
 
 

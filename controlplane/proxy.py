@@ -56,6 +56,9 @@ class ProxyIdentity:
     workload: str = ""
     kind: str = SIDECAR  # one of KINDS
     gateway: str = ""  # with kind GATEWAY: the Gateway's name (in ``namespace``)
+    # With kind GRPC: node.metadata.certificates, the client reads the mesh certificates
+    # from files (``bootstrap --grpc --cert-dir``), so its clusters may use mTLS.
+    certificates: bool = False
 
     group: str = field(init=False, compare=False, repr=False)
     """The snapshot group key: readable, stable, and free of the node id. Made once: the
@@ -79,6 +82,8 @@ class ProxyIdentity:
             key += f"~gateway={self.gateway}"
             if self.inbound_address != DEFAULT_INBOUND_ADDRESS:  # where its listeners bind
                 key += f"~address={self.inbound_address}"
+        if self.certificates:
+            key += "~certs"
         if self.on_demand:
             key += "~on-demand"
         if self.capture:
@@ -117,6 +122,7 @@ class ProxyIdentity:
             capture=capture,
             kind=kind,
             gateway=(_text(fields.get("gateway")) or "") if kind == GATEWAY else "",
+            certificates=kind == GRPC and _flag(fields.get("certificates")),
         )
 
 

@@ -10,10 +10,15 @@ converts only the resources that changed (each converted resource is kept while 
 layer holds it). A build that is dropped takes its gRPC layers with it.
 What a gRPC client's resources leave out is logged once per change
 (``proxyless.left_out``), never per group or per stream.
+
+A client with the mesh certificates (``ProxyIdentity.certificates``) calls STRICT
+services with mTLS: its cluster layers are another variant, kept by the set of STRICT
+services too (a mode change alters no sidecar cluster, but it alters these).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import weakref
 from collections.abc import Callable
@@ -30,6 +35,7 @@ from controlplane import resource
 from controlplane.assembly.build import MeshBuild
 from controlplane.cache.layers import Layer, empty_layer
 from controlplane.cache.snapshot import Resource, Snapshot, TypeSnapshot, encode_resource
+from controlplane.mesh.security import effective
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator.proxyless import (
     LeftOut,
@@ -40,12 +46,17 @@ from controlplane.translator.proxyless import (
     listener_names,
     placeholder_cluster,
 )
+from controlplane.translator.proxyless.clusters import service_of
+from controlplane.translator.proxyless.tls import mesh_sans
 
 log = structlog.get_logger("controlplane.assembly.proxyless")
 
 _V = TypeVar("_V")
+_K = TypeVar("_K")
 Convert: TypeAlias = Callable[[Message, LeftOut], Message | None]
 Key: TypeAlias = tuple[str, str]
+LayerKey: TypeAlias = tuple[str, str, str]  # (type, source layer version, variant)
+Suffix: TypeAlias = Callable[[Resource], str]
 
 # (type, name, source version) -> the converted resource, while something holds it
 _CONVERTED: weakref.WeakValueDictionary[tuple[str, str, str], Resource] = (
@@ -57,8 +68,8 @@ class _Kept:
     """A build's gRPC layers: they live as long as the build (the current one and, while
     it is derived from, the previous one), so a mesh that shrinks lets them go."""
 
-    # (type, source layer version) -> the gRPC layer
-    layers: dict[Key, Layer] = field(default_factory=dict)
+    # (type, source layer version, variant) -> the gRPC layer
+    layers: dict[LayerKey, Layer] = field(default_factory=dict)
     # (source route version, gRPC cluster layer version) -> what follows from the table
     tables: dict[Key, Tables] = field(default_factory=dict)
 
@@ -72,7 +83,10 @@ def proxyless_snapshot(build: MeshBuild, proxy: ProxyIdentity,
     """The group's snapshot; ``reuse`` itself when nothing of it changed."""
     visible = build.visible(proxy)
     kept = _kept(build)
-    clusters = grpc_layer(kept, build.cluster_layer(visible), _cluster)
+    strict = _strict(build) if proxy.certificates else None
+    convert = _ClusterConvert(strict)
+    clusters = grpc_layer(kept, build.cluster_layer(visible), convert, _variant(strict),
+                          convert.suffix)
     endpoints = grpc_layer(kept, build.endpoint_layer(visible, proxy.zone), _assignment)
     tables = grpc_tables(kept, build.route(proxy.namespace, visible), clusters)
     old = reuse.types if reuse is not None else {}
@@ -87,25 +101,27 @@ def proxyless_snapshot(build: MeshBuild, proxy: ProxyIdentity,
     return Snapshot.of(types, reuse=reuse)
 
 
-def grpc_layer(kept: _Kept, source: Layer, convert: Convert) -> Layer:
+def grpc_layer(kept: _Kept, source: Layer, convert: Convert, variant: str = "",
+               suffix: Suffix | None = None) -> Layer:
     """``source``'s resources converted for gRPC (those with no gRPC form left out):
-    the layer a live build already made of the same source, or one derived from a
-    layer of the source's ancestor (converting what changed), or made anew."""
-    key = (source.type_url, source.version)
+    the layer a live build already made of the same source (and ``variant``), or one
+    derived from a layer of the source's ancestor (converting what changed), or made
+    anew. ``suffix``: what tells a resource's conversions apart within the variant."""
+    key = (source.type_url, source.version, variant)
     found = _find(kept, key, lambda k: k.layers)
     if found is not None:
         return found
     left = LeftOut()
-    base = _ancestor(source)
+    base = _ancestor(source, variant)
     if base is not None:
         changed, prior = base
         made = prior.replace(changed, (r for n in changed
                                        if (r := _converted(source.resources.get(n), convert,
-                                                           left)) is not None))
+                                                           left, suffix)) is not None))
     else:
         made = Layer.of(source.type_url,
                         (r for s in source.resources.values()
-                         if (r := _converted(s, convert, left)) is not None))
+                         if (r := _converted(s, convert, left, suffix)) is not None))
     _report(left)
     kept.layers[key] = made
     return made
@@ -144,9 +160,37 @@ def grpc_tables(kept: _Kept, route: Resource, clusters: Layer) -> Tables:
     return tables
 
 
-def _cluster(message: Message, left: LeftOut) -> Message | None:
-    assert isinstance(message, cluster_pb2.Cluster)
-    return grpc_cluster(message, left)
+class _ClusterConvert:
+    """Clusters for one variant: ``strict`` None (a client without certificates) or the
+    STRICT services, called with mTLS."""
+
+    def __init__(self, strict: frozenset[str] | None) -> None:
+        self.strict = strict
+
+    def __call__(self, message: Message, left: LeftOut) -> Message | None:
+        assert isinstance(message, cluster_pb2.Cluster)
+        return grpc_cluster(message, left, self.strict)
+
+    def suffix(self, source: Resource) -> str:
+        """``~mtls`` for a cluster this variant calls with mTLS: its own conversion."""
+        message = source.message
+        assert isinstance(message, cluster_pb2.Cluster)
+        if self.strict is None or service_of(message) not in self.strict:
+            return ""
+        return "~mtls" if mesh_sans(message) is not None else ""
+
+
+def _strict(build: MeshBuild) -> frozenset[str]:
+    """The STRICT services (``name.namespace``) of the build's mesh."""
+    mesh = build.mesh
+    return frozenset(s.key for s in mesh.services if effective(mesh, s).mode == "strict")
+
+
+def _variant(strict: frozenset[str] | None) -> str:
+    if strict is None:
+        return ""
+    digest = hashlib.sha256("\n".join(sorted(strict)).encode()).hexdigest()[:16]
+    return f"certs:{digest}"
 
 
 def _assignment(message: Message, left: LeftOut) -> Message | None:
@@ -163,10 +207,12 @@ def _listener(name: str) -> Resource:
     return found
 
 
-def _converted(source: Resource | None, convert: Convert, left: LeftOut) -> Resource | None:
+def _converted(source: Resource | None, convert: Convert, left: LeftOut,
+               suffix: Suffix | None = None) -> Resource | None:
     if source is None:
         return None
-    key = (source.type_url, source.name, source.version)
+    key = (source.type_url, source.name,
+           source.version + (suffix(source) if suffix is not None else ""))
     found = _CONVERTED.get(key)
     if found is not None:
         return found
@@ -185,7 +231,7 @@ def _kept(build: MeshBuild) -> _Kept:
         return found
 
 
-def _find(kept: _Kept, key: Key, part: Callable[[_Kept], dict[Key, _V]]) -> _V | None:
+def _find(kept: _Kept, key: _K, part: Callable[[_Kept], dict[_K, _V]]) -> _V | None:
     """``key`` in this build's, else in another live build's (then carried over)."""
     found = part(kept).get(key)
     if found is None:
@@ -197,14 +243,14 @@ def _find(kept: _Kept, key: Key, part: Callable[[_Kept], dict[Key, _V]]) -> _V |
     return found
 
 
-def _ancestor(source: Layer) -> tuple[frozenset[str], Layer] | None:
-    """A live build's gRPC layer whose source ``source`` was derived from, and what
-    changed since."""
+def _ancestor(source: Layer, variant: str) -> tuple[frozenset[str], Layer] | None:
+    """A live build's gRPC layer (of the same variant) whose source ``source`` was
+    derived from, and what changed since."""
     with _LOCK:
         others = list(_BUILDS.values())
     for kept in others:
-        for (type_url, version), made in list(kept.layers.items()):
-            if type_url != source.type_url:
+        for (type_url, version, made_for), made in list(kept.layers.items()):
+            if type_url != source.type_url or made_for != variant:
                 continue
             changed = source.changed_since(version)
             if changed is not None:

@@ -8,12 +8,15 @@ list (least request, else round robin: A48, A52); maglev becomes ring hash (both
 consistently; gRPC has no maglev) and random becomes round robin, because a gRPC client
 NACKs a policy it does not know. Of the circuit breaker, gRPC keeps
 ``max_requests`` (A32); of outlier detection, ejection by success rate and failure
-percentage (A50: the consecutive-error counters are Envoy's). No mTLS: gRPC reads
-certificates only from its own certificate providers, not SDS (left out and noted).
+percentage (A50: the consecutive-error counters are Envoy's). mTLS (A29, ``tls.py``):
+only for a client with the mesh certificates (``mtls`` given) calling a STRICT service;
+otherwise plaintext, noted (a PERMISSIVE sidecar tells mesh mTLS from an app's own TLS
+by the mesh ALPN, which a gRPC client does not offer, so it takes plaintext there).
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Final
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -21,8 +24,10 @@ from envoy.config.core.v3 import extension_pb2
 from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 
+from controlplane.translator.names import METADATA
 from controlplane.translator.protoutil import ads, pack
 from controlplane.translator.proxyless.notes import LeftOut
+from controlplane.translator.proxyless.tls import grpc_mtls_socket, mesh_sans
 
 _Cluster = cluster_pb2.Cluster
 # Enum values read once (each lookup through the enum wrapper costs a Python call).
@@ -44,8 +49,11 @@ _CONSECUTIVE: Final = ("consecutive_5xx", "consecutive_gateway_failure",
                        "enforcing_consecutive_local_origin_failure")
 
 
-def grpc_cluster(cluster: cluster_pb2.Cluster, left: LeftOut) -> cluster_pb2.Cluster | None:
-    """``cluster`` for gRPC clients; None when it has no gRPC form."""
+def grpc_cluster(cluster: cluster_pb2.Cluster, left: LeftOut,
+                 strict: Container[str] | None = None) -> cluster_pb2.Cluster | None:
+    """``cluster`` for gRPC clients; None when it has no gRPC form. ``strict``: for a
+    client with the mesh certificates, the STRICT services (``name.namespace``), called
+    with mTLS; None for a client without them (plaintext everywhere)."""
     where = f"cluster {cluster.name}"
     made = _Cluster(name=cluster.name)
     kind = cluster.WhichOneof("cluster_discovery_type")
@@ -71,9 +79,31 @@ def grpc_cluster(cluster: cluster_pb2.Cluster, left: LeftOut) -> cluster_pb2.Clu
     if cluster.HasField("outlier_detection"):
         made.outlier_detection.CopyFrom(_outlier_detection(cluster.outlier_detection,
                                                            where, left))
-    if cluster.HasField("transport_socket") or cluster.transport_socket_matches:
-        left.add("mTLS (gRPC clients call in plaintext)", where)
+    _tls(cluster, made, strict, where, left)
     return made
+
+
+def _tls(cluster: cluster_pb2.Cluster, made: cluster_pb2.Cluster,
+         strict: Container[str] | None, where: str, left: LeftOut) -> None:
+    sans = mesh_sans(cluster)
+    if sans is not None and strict is not None and service_of(cluster) in strict:
+        made.transport_socket.CopyFrom(grpc_mtls_socket(sans))
+    elif sans is not None and strict is None:
+        left.add("mTLS (a gRPC client without certificates calls in plaintext, which a "
+                 "STRICT service refuses: bootstrap --grpc --cert-dir and controlplane "
+                 "certs give it some)", where)
+    elif sans is not None:
+        left.add("mTLS (not STRICT: gRPC clients call it in plaintext)", where)
+    elif cluster.HasField("transport_socket") or cluster.transport_socket_matches:
+        left.add("TLS (gRPC clients call in plaintext)", where)
+
+
+def service_of(cluster: cluster_pb2.Cluster) -> str:
+    """The ``name.namespace`` of the service a sidecar's cluster calls ("" if none)."""
+    found = cluster.metadata.filter_metadata
+    if METADATA not in found or "service" not in found[METADATA].fields:
+        return ""  # (reading a map entry that is not there would add it)
+    return str(found[METADATA].fields["service"].string_value)
 
 
 def placeholder_cluster(name: str) -> cluster_pb2.Cluster:

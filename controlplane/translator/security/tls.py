@@ -24,6 +24,8 @@ MESH_ALPN: Final = "controlplane-mtls"
 """What a sidecar offers when it calls another with mTLS: an inbound listener tells mesh
 mTLS from an app's own TLS by it (both are TLS)."""
 TRANSPORT_SOCKET_TLS: Final = "envoy.transport_sockets.tls"
+SERVER_ALPN: Final = ("h2", "http/1.1")
+"""What an inbound mTLS chain selects when the client offers it (gRPC requires one)."""
 
 _SAN = common_pb2.SubjectAltNameMatcher
 
@@ -59,11 +61,13 @@ def upstream_socket(identity: MeshIdentity, namespace: str,
 
 def downstream_socket(identity: MeshIdentity) -> base_pb2.TransportSocket:
     """An inbound listener's mTLS: a client certificate is required, issued by the mesh
-    bundle to a workload of the trust domain. No ALPN is selected, so the HTTP
-    connection manager still tells HTTP/2 from HTTP/1.1 by the bytes."""
+    bundle to a workload of the trust domain. A sidecar offers only the mesh ALPN, so
+    none is selected and the HTTP connection manager tells HTTP/2 from HTTP/1.1 by the
+    bytes; a proxyless gRPC client (gRFC A29) offers ``h2`` and refuses a server that
+    selects no ALPN, so ``h2`` (and ``http/1.1``) are selected for a client offering them."""
     prefix = string_pb2.StringMatcher(prefix=f"spiffe://{identity.trust_domain}/")
     context = tls_pb2.DownstreamTlsContext(
-        common_tls_context=_common([prefix], []),
+        common_tls_context=_common([prefix], list(SERVER_ALPN)),
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
     )
     return base_pb2.TransportSocket(name=TRANSPORT_SOCKET_TLS, typed_config=pack(context))
