@@ -124,6 +124,10 @@ def _validate(args: argparse.Namespace) -> int:
 
     for warning in route_warnings(mesh):  # a route (or a share of it) not served
         print(f"{args.path}: warning: {warning}", file=sys.stderr)
+    from controlplane.mesh.gateway_attach import gateway_warnings
+
+    for warning in gateway_warnings(mesh):  # a Gateway's route or listener not served
+        print(f"{args.path}: warning: {warning}", file=sys.stderr)
     from controlplane.mesh.egress import shared_port_warnings
 
     for warning in shared_port_warnings(mesh.services):  # external tcp ports not routed

@@ -9,12 +9,17 @@ Each case names the upstream conformance test it follows.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from controlplane import resource
 from controlplane.mesh import load_mesh_data
 from controlplane.mesh.attach import attach
-from controlplane.mesh.gateway_attach import gateway_attachments
+from controlplane.mesh.gateway_attach import gateway_attachments, gateway_warnings
 from controlplane.mesh.model import Mesh
 from controlplane.proxy import GATEWAY, ProxyIdentity
 from controlplane.translator.gateway.translate import gateway_resources
@@ -203,3 +208,31 @@ def test_a_route_with_a_service_and_a_gateway_parent_gets_both() -> None:
     assert service_parent.parent.is_service and service_parent.accepted
     assert parent_reasons(mesh, "both") == [(None, "Accepted", "ResolvedRefs")]
     assert served_hosts(mesh, 80) == {"*": cluster("echo-v2")}
+
+
+def test_validate_warns_of_what_a_gateway_does_not_serve(tmp_path: Path) -> None:
+    """``controlplane validate``: a mesh whose GRPCRoute a Gateway refuses, or whose
+    listener cannot be served, is valid (exit 0) and each is a warning naming the route,
+    the parent and the reason; a mesh where everything attaches has none."""
+    listeners = [{"name": "grpc", "port": 80, "protocol": "HTTP"},
+                 {"name": "http-only", "port": 81, "protocol": "HTTP",
+                  "allowedRoutes": {"kinds": [{"kind": "HTTPRoute"}]}}]
+    fine = [grpc_route("fine", [{"name": "ingress", "sectionName": "grpc"}])]
+    assert gateway_warnings(mesh_of(listeners, fine)) == []
+    data = {"services": [echo("echo-v1")],
+            "gateways": [{"name": "ingress", "listeners": [
+                *listeners, {"name": "udp", "port": 53, "protocol": "UDP"}]}],
+            "grpc_routes": [*fine, grpc_route("refused", [
+                {"name": "ingress", "sectionName": "http-only"}])]}
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "controlplane", "validate", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if ": warning: " in line]
+    assert warnings == [
+        f"{path}: warning: GRPCRoute/default/refused on Gateway default/ingress section "
+        "http-only: Accepted NotAllowedByListeners: no listener of Gateway default/ingress "
+        "picked by the parentRef admits GRPCRoutes from namespace default (allowedRoutes)",
+        f"{path}: warning: Gateway default/ingress listener udp: Accepted "
+        "UnsupportedProtocol: protocol 'UDP' is not supported; use HTTP, HTTPS or TLS"]

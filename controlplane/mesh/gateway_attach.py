@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from controlplane.mesh.attach import unsupported
+from controlplane.mesh.attach import not_accepted, unsupported
 from controlplane.mesh.gateway_listeners import (
     CONFLICTED,
     HTTP,
@@ -57,7 +57,7 @@ from controlplane.mesh.routes import BackendRef, GRPCRoute, HTTPRoute, ParentRef
 
 __all__ = ["HTTP", "HTTPS", "TLS", "Attached", "GatewayAttachments", "GatewayStatus",
            "GatewayView", "ListenerStatus", "ServedListener", "gateway_attachments",
-           "intersect", "not_served"]
+           "gateway_warnings", "intersect", "not_served"]
 
 Route: TypeAlias = HTTPRoute | GRPCRoute | TLSRoute
 
@@ -274,3 +274,17 @@ def not_served(attachments: GatewayAttachments) -> list[tuple[str, str, Conditio
                 if failing and found_condition.type != PROGRAMMED:
                     found.append((f"{namespace}/{name}", listener.name, found_condition))
     return found
+
+
+def gateway_warnings(mesh: Mesh) -> list[str]:
+    """One line per route a Gateway parent did not accept (or whose backends do not all
+    resolve) and per listener not served (``controlplane validate`` prints them, as
+    ``route_warnings`` for Service parents): valid, but not all served."""
+    if not (mesh.gateways or mesh.http_routes or mesh.grpc_routes or mesh.tls_routes):
+        return []
+    found = gateway_attachments(mesh)
+    lines = [f"{'/'.join(key)} on {parent.describe(key[1])}: {bad.type} {bad.reason}: "
+             f"{bad.message}" for key, parent, bad in not_accepted(found.routes)]
+    lines += [f"Gateway {gateway} listener {listener}: {bad.type} {bad.reason}: "
+              f"{bad.message}" for gateway, listener, bad in not_served(found)]
+    return lines
