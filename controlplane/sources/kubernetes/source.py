@@ -23,16 +23,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from kubernetes import client
 
 from controlplane import metrics
 from controlplane.mesh.model import Mesh, OutboundTrafficPolicy
-from controlplane.mesh.route_status import RouteKey
 from controlplane.sources.base import stamp
-from controlplane.sources.kubernetes.convert import Converter, Key, Verdict
+from controlplane.sources.kubernetes.convert import Converter, Key
 from controlplane.sources.kubernetes.gateway_controller import GatewayController
 from controlplane.sources.kubernetes.kinds import (
     ENDPOINT_SLICES,
@@ -53,20 +51,11 @@ from controlplane.sources.kubernetes.kinds import (
     WATCHED,
     Kind,
 )
-from controlplane.sources.kubernetes.programmed import PolicyKey, RejectedLike, programmed
-from controlplane.sources.kubernetes.route_status import (
-    RouteStatusWriter,
-    Settled,
-    StatusSource,
-    log_not_accepted,
-    service_parents,
-    wanted_statuses,
-)
-from controlplane.sources.kubernetes.route_status import (
-    needs_write as needs_route_write,
-)
-from controlplane.sources.kubernetes.routes import RouteConversion, RouteConverter, RouteObject
-from controlplane.sources.kubernetes.status import Programmed, StatusWriter, needs_write
+from controlplane.sources.kubernetes.programmed import PolicyKey, RejectedLike
+from controlplane.sources.kubernetes.route_status import RouteStatusWriter
+from controlplane.sources.kubernetes.routes import RouteConverter
+from controlplane.sources.kubernetes.status import StatusWriter
+from controlplane.sources.kubernetes.status_writes import PolicyStatuses, RouteStatuses, Tasks
 from controlplane.sources.kubernetes.store import ObjectStore, labels_only
 from controlplane.sources.kubernetes.watch import (
     Changed,
@@ -86,7 +75,6 @@ _UNRESOLVED: dict[Kind, str] = {TRAFFIC_POLICIES: "policy.no_matching_endpoints"
                                 SIDECARS: "sidecar.no_matching_services",
                                 SECURITY_POLICIES: "securitypolicy.target_not_found",
                                 TELEMETRIES: "telemetry.target_not_found"}
-PROGRAMMED_DEBOUNCE = 1.0  # seconds: NACKs of one change arrive together, written once
 
 
 @dataclass(frozen=True)
@@ -122,35 +110,25 @@ class KubernetesSource:
             TELEMETRIES: ObjectStore(keep_status=True),
             PODS: ObjectStore(reduce=labels_only),
             **{kind: ObjectStore(keep_status=kind in ROUTES) for kind in GATEWAY_API}}
-        self.verdicts: dict[tuple[Kind, Key], Verdict] = {}
         self.outbound_traffic_policy: OutboundTrafficPolicy = outbound_traffic_policy
         self.root_namespace = root_namespace
         self.converter = Converter(outbound_traffic_policy, root_namespace)
-        # Status writes sent, not yet seen back, per (custom kind, object).
-        self._writing: dict[tuple[Kind, Key], tuple[Verdict, Programmed | None]] = {}
         self._forbidden: dict[tuple[Kind, str | None], str] = {}
         self._logged: set[str] = set()  # problems already logged: each is logged once
-        self.replica = replica or socket.gethostname()
-        # What the proxies reject now, per policy object (watch_rejections); None: the
-        # Programmed condition is not written.
-        self._rejected: Callable[[], Mapping[PolicyKey, RejectedLike]] | None = None
+        self.policies = PolicyStatuses(self.status, self.stores,
+                                       replica or socket.gethostname())
         self._origins: dict[str, tuple[PolicyKey, ...]] = {}
-        self._recheck: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # Gateway API routes: their status writer, the writes on their way, where parent
-        # statuses come from (gateways append theirs) and which Gateways are ours (a
-        # route only for others' Gateways is not taken; the gateway source sets it).
+        # Gateway API routes: their status writes, where parent statuses come from
+        # (gateways append theirs) and which Gateways are ours (a route only for
+        # others' Gateways is not taken).
         self.route_status = RouteStatusWriter(api) if write_status else None
-        self._route_writing: dict[RouteKey, list[dict[str, Any]]] = {}
-        self.route_status_sources: list[StatusSource] = [service_parents]
-        self.our_gateways: Callable[[], Collection[Key]] = frozenset
+        self.routes = RouteStatuses(self.route_status, self.stores)
         self.route_converter = RouteConverter()
-        self._route_settled: Settled = {}  # routes whose status needed no write
         # Gateways of our class (gateway_controller.py): their Envoys, status, certificates.
         self.gateways = gateways or GatewayController.plain(api, self.timing, write_status)
         self.stores.update({kind: ObjectStore(keep_status=True) for kind in INGRESS})
-        self.our_gateways = self.gateways.ours
-        self.route_status_sources.append(self.gateways.route_parents)
+        self.our_gateways: Callable[[], Collection[Key]] = self.gateways.ours
+        self.routes.sources.append(self.gateways.route_parents)
         # Where the server's gateway streams read certificates (app.gateway_certificates).
         self.certificates = self.gateways.certificates
 
@@ -163,14 +141,7 @@ class KubernetesSource:
         """Write each policy's ``Programmed`` condition from ``rejected`` (what the
         proxies reject now); returns what to call when that changes (from any thread;
         the writes follow within about a second)."""
-        self._rejected = rejected
-        return self._rejections_changed
-
-    def _rejections_changed(self) -> None:
-        loop, event = self._loop, self._recheck
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: we are stopping
-                loop.call_soon_threadsafe(event.set)
+        return self.policies.watch_rejections(rejected)
 
     def problems(self) -> list[str]:
         """What the source cannot see (for /readyz): each kind or namespace the server may
@@ -206,9 +177,8 @@ class KubernetesSource:
         first_change = last_change = 0.0
         observed: float | None = None  # when the batch's first event came (time.time())
         dirty = False
-        tasks: set[asyncio.Task[None]] = set()
-        self._loop, self._recheck = loop, asyncio.Event()
-        tasks.add(asyncio.create_task(self._recheck_loop(self._recheck, tasks)))
+        tasks: Tasks = set()
+        self.policies.start(tasks)
         try:
             while True:
                 timeout = None
@@ -291,73 +261,7 @@ class KubernetesSource:
             return True  # a (re)list always ends in a batch: the first one makes us ready
         return store.apply(item.type, item.obj)
 
-    async def _write(self, target: tuple[Kind, Key], verdict: Verdict,
-                     current: Mapping[str, Any] | None, wanted: Programmed | None) -> None:
-        assert self.status is not None
-        if not await asyncio.to_thread(self.status.write, target[1], verdict, current,
-                                       wanted):
-            self._writing.pop(target, None)  # failed: try again with the next batch
-
-    async def _recheck_loop(self, event: asyncio.Event,
-                            tasks: set[asyncio.Task[None]]) -> None:
-        """The proxies' rejections changed: write the Programmed conditions that differ,
-        once a second at most."""
-        while True:
-            await event.wait()
-            await asyncio.sleep(PROGRAMMED_DEBOUNCE)
-            event.clear()
-            try:
-                self._write_statuses(tasks)
-            except Exception:
-                log.exception("policy.programmed_failed",
-                              hint="retried with the next change; please report this")
-
-    def _write_statuses(self, tasks: set[asyncio.Task[None]]) -> None:
-        """Write each verdict (with its Programmed condition) where it differs from what
-        the object's status says and is not already on its way."""
-        rejected = self._rejected() if self._rejected is not None else None
-        for target, verdict in self.verdicts.items():
-            kind, (namespace, name) = target
-            current = self.stores[kind].status.get(target[1])
-            wanted = None if rejected is None else programmed(
-                verdict, current, rejected.get((kind.kind, namespace, name)), self.replica)
-            if self.status is None or not needs_write(verdict, current, wanted):
-                self._writing.pop(target, None)
-                continue
-            if self._writing.get(target) == (verdict, wanted):
-                continue  # already on its way
-            self._writing[target] = (verdict, wanted)
-            task = asyncio.create_task(self._write(target, verdict, current, wanted))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    def _write_route_statuses(self, mesh: Mesh, routes: RouteConversion,
-                              gateways: Collection[Key],
-                              tasks: set[asyncio.Task[None]]) -> None:
-        """Write each route's status.parents where it differs and is not on its way."""
-        if self.route_status is None:
-            return
-        current = {(kind.kind, *k): status for kind in ROUTES
-                   for k, status in self.stores[kind].status.items()}
-        changed = wanted_statuses(mesh, routes, current, self.route_status_sources, gateways,
-                                  self._route_settled)
-        self._route_writing = {k: v for k, v in self._route_writing.items() if k in changed}
-        for route_key, (route, wanted) in changed.items():
-            sent = self._route_writing.get(route_key)
-            if sent is not None and not needs_route_write(wanted, {"parents": sent}):
-                continue  # already on its way
-            self._route_writing[route_key] = wanted
-            log_not_accepted(route, wanted)
-            task = asyncio.create_task(self._write_route(route, wanted))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    async def _write_route(self, route: RouteObject, wanted: list[dict[str, Any]]) -> None:
-        assert self.route_status is not None
-        if not await asyncio.to_thread(self.route_status.write, route, wanted):
-            self._route_writing.pop((route.kind, route.namespace, route.name), None)
-
-    def _convert(self, tasks: set[asyncio.Task[None]]) -> Mesh:
+    def _convert(self, tasks: Tasks) -> Mesh:
         pods = self.stores[PODS].objects if PODS in self.kinds else None
         ingress = self.gateways.convert(self.stores)
         gateways = self.our_gateways()
@@ -373,7 +277,7 @@ class KubernetesSource:
         result.mesh = self.gateways.into(result.mesh, ingress)
         result.skipped.extend(ingress.skipped)
         self.gateways.reconcile(ingress, result.mesh, self.stores)
-        self._write_route_statuses(result.mesh, routes, gateways, tasks)
+        self.routes.write(result.mesh, routes, gateways, tasks)
         problems = set(result.skipped)
         for problem in result.skipped:
             if problem not in self._logged:
@@ -385,7 +289,7 @@ class KubernetesSource:
                     **{(TELEMETRIES, k): v for k, v in result.telemetry_verdicts.items()}}
         for target, verdict in verdicts.items():
             kind, (namespace, name) = target
-            previous = self.verdicts.get(target)
+            previous = self.policies.verdicts.get(target)
             event = _EVENTS[kind]
             if not verdict.accepted and previous != verdict:
                 log.warning(f"{event}.rejected", **{event: f"{namespace}/{name}"},
@@ -396,8 +300,6 @@ class KubernetesSource:
                     log.warning(_UNRESOLVED[kind],
                                 **{event: f"{namespace}/{name}"}, message=verdict.unresolved)
         self._logged = problems
-        self._writing = {k: v for k, v in self._writing.items() if k in verdicts}
-        self.verdicts = verdicts
         self._origins = result.origins
-        self._write_statuses(tasks)
+        self.policies.update(verdicts, tasks)
         return result.mesh
