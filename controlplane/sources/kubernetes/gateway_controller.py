@@ -8,7 +8,7 @@
    what we want of them changed), the objects of a Gateway that left our class removed,
    then the status of our GatewayClasses, Gateways and TLSRoutes written where it differs
    (``gateway_status.py``), with listener conditions and route parents from attachment
-   (``mesh/gateway_attach.py``).
+   (``mesh/gateway_attach.py``) and each Gateway's conditions from ``gateway_state.py``.
 
 A Gateway whose Service waits for a load balancer address is looked at again every
 ``ADDRESS_RECHECK`` seconds (a load balancer's address is a status change, which the
@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -31,10 +30,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controlplane.inject.config import InjectConfig
-from controlplane.mesh.gateway_attach import gateway_attachments
 from controlplane.mesh.gateways import Certificate, Gateway, TLSRoute
 from controlplane.mesh.model import Mesh
-from controlplane.mesh.route_status import Condition, ParentStatus, RouteKey
+from controlplane.mesh.route_status import ParentStatus, RouteKey
 from controlplane.sources.kubernetes.certificates import UNKNOWN, ClusterCertificates
 from controlplane.sources.kubernetes.deploy_writer import Deployer
 from controlplane.sources.kubernetes.deployer import (
@@ -42,10 +40,13 @@ from controlplane.sources.kubernetes.deployer import (
     resource_name,
     service_type,
 )
+from controlplane.sources.kubernetes.gateway_state import (
+    Attachment,
+    attachment,
+    gateway_state,
+)
 from controlplane.sources.kubernetes.gateway_status import (
-    GatewayState,
     GatewayStatusWriter,
-    ListenerState,
     class_status,
     differs,
     gateway_status,
@@ -59,7 +60,6 @@ from controlplane.sources.kubernetes.gateways import (
 )
 from controlplane.sources.kubernetes.kinds import (
     GATEWAY_CLASSES,
-    GATEWAY_GROUP,
     GATEWAYS,
     INGRESS,
     REFERENCE_GRANTS,
@@ -73,33 +73,9 @@ if TYPE_CHECKING:
     from controlplane.settings import ServeSettings
 
 log = structlog.get_logger("controlplane.source.kubernetes")
-# The attachment's message for a certificate the mesh does not have (gateway_listeners.py)
-_NO_CERTIFICATE = re.compile(r"\((?P<namespace>[^/()]+)/(?P<name>[^()]+)\): no such certificate")
 
 ADDRESS_RECHECK: Final = 5.0  # seconds between looks at a Service awaiting its address
 RESYNC: Final = 60.0  # seconds between looks at every deployed object (one GET each)
-
-
-@dataclass(frozen=True)
-class Attachment:
-    """What attachment (``mesh/gateway_attach.py``) says, as the status writers take it."""
-
-    gateways: Mapping[Key, tuple[tuple[Condition, ...], tuple[ListenerState, ...]]]
-    tls_routes: Mapping[Key, tuple[ParentStatus, ...]]  # their Gateway parents
-    routes: Mapping[RouteKey, Sequence[ParentStatus]]  # HTTPRoutes' Gateway parents
-
-
-def attachment(mesh: Mesh) -> Attachment:
-    found = gateway_attachments(mesh)
-    gateways = {key_: (view.status.conditions, tuple(
-        ListenerState(s.name, s.attached_routes,
-                      tuple((GATEWAY_GROUP, kind) for kind in s.supported_kinds),
-                      s.conditions) for s in view.status.listeners))
-        for key_, view in found.gateways.items()}
-    return Attachment(
-        gateways, {(ns, name): parents for (kind, ns, name), parents in found.routes.items()
-                   if kind == "TLSRoute"},
-        {k: v for k, v in found.routes.items() if k[0] != "TLSRoute"})
 
 
 @dataclass(frozen=True)
@@ -240,8 +216,11 @@ class GatewayController:
         for gateway_key, obj in sorted(result.objects.items()):
             addresses, address_problem = await asyncio.to_thread(self._addresses, obj)
             waiting = waiting or bool(address_problem)
-            state = self._state(result, gateway_key, attached.gateways.get(gateway_key),
-                                addresses, address_problem)
+            deployed = self._deployed.get(gateway_key)
+            state = gateway_state(
+                result.verdicts[gateway_key], attached.gateways.get(gateway_key), addresses,
+                address_problem, deployed.problem if self.deployer is not None
+                and deployed is not None else "", self.certificates)
             current = statuses.get((GATEWAYS, gateway_key))
             writes.append((GATEWAYS, *gateway_key, gateway_status(state, current)))
         for route_key, obj in sorted(result.route_objects.items()):
@@ -256,53 +235,6 @@ class GatewayController:
                 if differs(body, statuses.get((kind, (namespace, name)))):
                     await asyncio.to_thread(self.status.write, kind, namespace, name, body)
         return waiting
-
-    def _state(self, result: Gateways, gateway_key: Key,
-               attached: tuple[tuple[Condition, ...], tuple[ListenerState, ...]] | None,
-               addresses: tuple[tuple[str, str], ...], address_problem: str) -> GatewayState:
-        """Accepted and Programmed: the model's verdict first, then attachment's (no valid
-        listener), then the deployment's and its address."""
-        verdict = result.verdicts[gateway_key]
-        if verdict.problem:
-            reason = ("ListenersNotValid" if "listeners" in verdict.problem.split(":")[0]
-                      else "InvalidParameters")
-            return GatewayState(verdict.generation, (
-                Condition("Accepted", False, reason, verdict.problem),
-                Condition("Programmed", False, "Invalid", "not accepted: " + verdict.problem)))
-        deployed = self._deployed.get(gateway_key)
-        conditions, listeners = attached if attached is not None else ((), ())
-        found = {c.type: c for c in conditions}
-        accepted = found.get("Accepted") or Condition("Accepted", True, "Accepted",
-                                                      "the Gateway is accepted")
-        served = found.get("Programmed")
-        if served is not None and not served.status:
-            programmed = served  # no listener can be served: each says why
-        elif self.deployer is not None and deployed is not None and deployed.problem:
-            programmed = Condition("Programmed", False, "NoResources", deployed.problem)
-        elif address_problem:
-            programmed = Condition("Programmed", False, "AddressNotAssigned", address_problem)
-        else:
-            programmed = Condition("Programmed", True, "Programmed",
-                                   "its Envoy deployment is configured by the control plane")
-        return GatewayState(verdict.generation, (accepted, programmed),
-                            tuple(self._why_no_certificate(x) for x in listeners), addresses)
-
-    def _why_no_certificate(self, listener: ListenerState) -> ListenerState:
-        """A certificate the mesh lacks because its Secret cannot be read (missing, not
-        TLS, or forbidden): the listener's message says why, from the provider."""
-        provider, conditions = self.certificates, list(listener.conditions)
-        for index, condition in enumerate(conditions):
-            found = _NO_CERTIFICATE.search(condition.message)
-            if provider is None or condition.reason != "InvalidCertificateRef" or not found:
-                continue
-            problem = provider.problem((found["namespace"], found["name"]))
-            if problem and problem != UNKNOWN:
-                conditions[index] = Condition(
-                    condition.type, condition.status, condition.reason,
-                    f"{condition.message[:found.start()]}({found['namespace']}/"
-                    f"{found['name']}): Secret {problem}")
-        return listener if tuple(conditions) == listener.conditions else replace(
-            listener, conditions=tuple(conditions))
 
     def _deploy(self, result: Gateways) -> None:
         """Blocking. Apply what changed; remove what a Gateway that left us had."""
