@@ -114,7 +114,8 @@ class Stream:
         return set(self.subscribed)
 
     async def next(self, type_url: str | None = None, timeout: float = 20.0) -> Any:
-        response = await self.client.recv(timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: a cancel must not be lost
+            response = await self.client.responses.get()
         self.received.append(response)
         assert type_url is None or response.type_url == type_url, response.type_url
         return response
