@@ -21,8 +21,10 @@ from controlplane.inject.capture import (
     plan,
     render,
 )
+from tests.support.golden import Goldens
 
-GOLDEN = Path(__file__).parent / "testdata" / "capture"
+GOLDENS = Goldens(Path(__file__).parent / "testdata" / "capture", output_dir="",
+                  output_suffix=".rules")  # the cases are named here, not by input files
 
 CASES = {
     # an injected pod with no annotations
@@ -48,17 +50,6 @@ CASES = {
 }
 
 
-def check_golden(request: pytest.FixtureRequest, name: str, text: str) -> None:
-    golden = GOLDEN / f"{name}.rules"
-    if request.config.getoption("--update-golden"):
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
-    assert golden.exists(), f"{golden} is missing; run pytest --update-golden"
-    assert golden.read_text() == text, (
-        f"{golden} differs; if the change is intended, run pytest --update-golden and "
-        "review the diff")
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_plan_golden(name: str, request: pytest.FixtureRequest,
                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,11 +57,16 @@ def test_plan_golden(name: str, request: pytest.FixtureRequest,
     assert main(["capture", "--dry-run", *args]) == 0
     shown = " ".join(repr(a) if a in ("", "*") else a for a in args)
     text = f"# controlplane capture {shown}".rstrip() + "\n" + capsys.readouterr().out
-    check_golden(request, name, text)
+    GOLDENS.check(name, text, request, "the planned rules differ from the golden file")
 
 
 def test_clean_plan_golden(request: pytest.FixtureRequest) -> None:
-    check_golden(request, "clean", render(clean_plan()))
+    GOLDENS.check("clean", render(clean_plan()), request,
+                  "the cleaning plan differs from the golden file")
+
+
+def test_no_golden_is_stale(request: pytest.FixtureRequest) -> None:
+    GOLDENS.check_no_stale(request, [*CASES, "clean"])
 
 
 def test_plan_is_deterministic() -> None:

@@ -16,9 +16,12 @@ import yaml
 
 from controlplane.inject.config import INJECT_LABEL, PROXY_NAME, InjectConfig
 from controlplane.inject.offline import ManifestError, inject_manifest
+from tests.support.golden import Goldens
 
 DATA = Path(__file__).parent / "testdata" / "inject"
-CASES = sorted(path.name.removesuffix(".in.yaml") for path in DATA.glob("*.in.yaml"))
+GOLDENS = Goldens(DATA, input_dir="", output_dir="", input_suffix=".in.yaml",
+                  output_suffix=".out.yaml")
+CASES = GOLDENS.cases
 VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 
 
@@ -30,24 +33,19 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
 
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case: str, request: pytest.FixtureRequest) -> None:
-    source = DATA / f"{case}.in.yaml"
-    golden = DATA / f"{case}.out.yaml"
-    result = _run("-f", str(source))
+    result = _run("-f", str(GOLDENS.input(case)))
     assert result.returncode == 0, result.stderr
-    if request.config.getoption("--update-golden"):
-        golden.write_text(result.stdout)
-    assert golden.exists(), f"{golden} is missing; run pytest --update-golden"
-    assert result.stdout == golden.read_text(), (
-        f"{case}: output differs from {golden.name}; if the change is meant, run "
-        "pytest --update-golden and review the diff")
+    GOLDENS.check(case, result.stdout, request, "the injected manifests differ from the "
+                  "golden file")
 
 
-def test_every_case_has_a_golden_and_no_golden_is_stale() -> None:
-    outs = sorted(path.name.removesuffix(".out.yaml") for path in DATA.glob("*.out.yaml"))
-    assert outs == CASES
+def test_every_case_has_a_golden_and_no_golden_is_stale(
+        request: pytest.FixtureRequest) -> None:
+    assert all(GOLDENS.output(case).exists() for case in CASES), "run pytest --update-golden"
+    GOLDENS.check_no_stale(request)
     # The workload kinds of the issue are all covered.
     kinds = {doc["kind"] for case in CASES
-             for doc in yaml.safe_load_all((DATA / f"{case}.in.yaml").read_text()) if doc}
+             for doc in yaml.safe_load_all(GOLDENS.input(case).read_text()) if doc}
     assert {"Pod", "Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet",
             "CronJob", "List", "Service"} <= kinds
 
@@ -56,7 +54,7 @@ def test_every_case_has_a_golden_and_no_golden_is_stale() -> None:
 def test_injected_goldens_pass_kubernetes_validate_strict() -> None:
     """What injection writes is a valid object for the API server (1.30 knows native
     sidecars), checked field by field in strict mode (no unknown fields)."""
-    files = [str(DATA / f"{case}.out.yaml") for case in CASES]
+    files = [str(GOLDENS.output(case)) for case in CASES]
     result = subprocess.run([str(VALIDATE), "--kubernetes-version", "1.30", "--strict",
                              *files], capture_output=True, text=True, timeout=300,
                             check=False)
@@ -83,7 +81,7 @@ def test_golden_outputs_hold_the_sidecar_where_expected() -> None:
     injected: list[str] = []
     left: list[str] = []
     for case in CASES:
-        for doc in yaml.safe_load_all((DATA / f"{case}.out.yaml").read_text()):
+        for doc in yaml.safe_load_all(GOLDENS.output(case).read_text()):
             for name, pod in templates(doc):
                 names = [c["name"] for c in pod["spec"].get("initContainers", [])]
                 (injected if PROXY_NAME in names else left).append(name)
@@ -195,7 +193,7 @@ def test_init_container_args_are_what_controlplane_capture_takes() -> None:
     injection writes are the capture command's, and the pod's exclusions reach the rules."""
     checked = 0
     for case in CASES:
-        for doc in yaml.safe_load_all((DATA / f"{case}.out.yaml").read_text()):
+        for doc in yaml.safe_load_all(GOLDENS.output(case).read_text()):
             spec = doc.get("spec", {}).get("template", {}).get("spec", {})
             inits = [c for c in spec.get("initContainers", [])
                      if c["name"] == "controlplane-init"]

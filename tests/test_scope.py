@@ -36,8 +36,10 @@ from controlplane.proxy import ProxyIdentity
 from controlplane.translator import translate
 from controlplane.translator.routes import egress_route
 from controlplane.translator.visibility import visible_services
+from tests.support.golden import Goldens
 
 BAD = Path(__file__).parent / "testdata" / "scope"
+GOLDENS = Goldens(BAD, input_dir="", output_dir="", output_suffix=".txt")
 
 
 def mesh(services: list[dict[str, Any]], sidecars: list[dict[str, Any]] | None = None) -> Mesh:
@@ -358,23 +360,19 @@ def test_cross_entry_problems_come_with_field_problems() -> None:
     assert any(p.startswith("sidecars[1] (s.default).name: repeats") for p in problems), problems
 
 
-@pytest.mark.parametrize("case", sorted(p.stem for p in BAD.glob("*.yaml")))
+@pytest.mark.parametrize("case", GOLDENS.cases)
 def test_validate_names_each_bad_entry(case: str, request: pytest.FixtureRequest) -> None:
     result = subprocess.run([sys.executable, "-m", "controlplane", "validate", f"{case}.yaml"],
                             cwd=BAD, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    output = result.stdout + result.stderr
-    golden = BAD / f"{case}.txt"
-    if request.config.getoption("--update-golden"):
-        golden.write_text(output, encoding="utf-8")
-        return
-    assert output == golden.read_text(encoding="utf-8")
+    GOLDENS.check(case, result.stdout + result.stderr, request,
+                  "what validate prints differs from the golden file")
 
 
-def test_the_bad_cases_exist() -> None:
-    cases = {p.stem for p in BAD.glob("*.yaml")}
+def test_the_bad_cases_exist(request: pytest.FixtureRequest) -> None:
+    cases = set(GOLDENS.cases)
     assert {"bad_hosts", "bad_entries", "bad_export", "bad_together"} <= cases
-    assert cases == {p.stem for p in BAD.glob("*.txt")}
+    GOLDENS.check_no_stale(request)
     for case in cases:  # each holds what its name says: something the loader refuses
         data = yaml.safe_load((BAD / f"{case}.yaml").read_text(encoding="utf-8"))
         assert "sidecars" in data or any("exportTo" in s for s in data["services"])

@@ -2,13 +2,15 @@
 reports the same way: a directory of ``in/<case>.yaml`` mesh files (each with a
 ``proxy:`` block) and ``out/<case>.yaml`` renderings a reviewer reads like code.
 ``pytest --update-golden`` rewrites the outputs and deletes those without an input.
+Suites with another layout (inputs and outputs side by side, other suffixes, cases
+named in code) say so with ``Goldens``' fields; they check and regenerate the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,24 +33,35 @@ class Goldens:
     """One golden directory: its cases, how a case loads, how its output is checked."""
 
     root: Path
+    input_dir: str = "in"  # "": the inputs are in root itself
+    output_dir: str = "out"
+    input_suffix: str = ".yaml"  # a case's input is <case><input_suffix>
+    output_suffix: str = ".yaml"
 
     @property
     def inputs(self) -> Path:
-        return self.root / "in"
+        return self.root / self.input_dir
 
     @property
     def outputs(self) -> Path:
-        return self.root / "out"
+        return self.root / self.output_dir
 
     @property
     def cases(self) -> list[str]:
-        return sorted(path.stem for path in self.inputs.glob("*.yaml"))
+        return sorted(path.name.removesuffix(self.input_suffix)
+                      for path in self.inputs.glob(f"*{self.input_suffix}"))
+
+    def input(self, case: str) -> Path:
+        return self.inputs / f"{case}{self.input_suffix}"
+
+    def output(self, case: str) -> Path:
+        return self.outputs / f"{case}{self.output_suffix}"
 
     def load(self, case: str, *, kind: str | None = None) -> tuple[Mesh, ProxyIdentity]:
         """The mesh and the proxy of one case; ``kind`` overrides the proxy's kind.
         ``server_identity``, when given, is the identity the server sets when it runs a
         CA (a mesh file cannot)."""
-        path = self.inputs / f"{case}.yaml"
+        path = self.input(case)
         data = parse_mesh_yaml(path.read_text(encoding="utf-8"))
         proxy = ProxyIdentity(**data.pop("proxy"))
         if kind is not None:
@@ -61,9 +74,10 @@ class Goldens:
 
     def check(self, case: str, actual: str, request: pytest.FixtureRequest,
               what: str = "translation differs from the golden file") -> None:
-        """Fail with a unified diff when ``actual`` is not ``out/<case>.yaml``; with
+        """Fail with a unified diff when ``actual`` is not the case's output file; with
         ``--update-golden``, write it instead."""
-        golden = self.outputs / f"{case}.yaml"
+        golden = self.output(case)
+        shown = golden.relative_to(self.root)
         if request.config.getoption("--update-golden"):
             self.outputs.mkdir(parents=True, exist_ok=True)
             golden.write_text(actual, encoding="utf-8")
@@ -73,14 +87,17 @@ class Goldens:
         if actual != expected:
             diff = difflib.unified_diff(expected.splitlines(keepends=True),
                                         actual.splitlines(keepends=True),
-                                        fromfile=f"out/{case}.yaml (golden)",
-                                        tofile=f"out/{case}.yaml (actual)")
+                                        fromfile=f"{shown} (golden)",
+                                        tofile=f"{shown} (actual)")
             pytest.fail(f"{what}:\n" + "".join(diff), False)
 
-    def check_no_stale(self, request: pytest.FixtureRequest) -> None:
-        """No output without an input; ``--update-golden`` deletes such outputs."""
-        cases = set(self.cases)
-        stale = sorted(path for path in self.outputs.glob("*.yaml") if path.stem not in cases)
+    def check_no_stale(self, request: pytest.FixtureRequest,
+                       cases: Iterable[str] | None = None) -> None:
+        """No output without an input (or among ``cases``, for suites that name their
+        cases in code); ``--update-golden`` deletes such outputs."""
+        known = set(self.cases if cases is None else cases)
+        stale = sorted(path for path in self.outputs.glob(f"*{self.output_suffix}")
+                       if path.name.removesuffix(self.output_suffix) not in known)
         if request.config.getoption("--update-golden"):
             for path in stale:
                 path.unlink()
