@@ -97,7 +97,7 @@ def inject_template(pod: Mapping[str, Any], namespace: str, config: InjectConfig
     spec["initContainers"] = ours + init_containers
     if config.xds_ca is not None:
         spec["volumes"] = [*_volumes(spec), template.token_volume()]
-    metadata["annotations"] = {**annotations, **_scrape_annotations(annotations),
+    metadata["annotations"] = {**annotations, **scrape_annotations(annotations),
                                names.SERVICE_ACCOUNT_ANNOTATION: service_account(spec),
                                names.STATUS_ANNOTATION: _status(config)}
     return result
@@ -230,7 +230,7 @@ def _same_user(uid: int) -> str:
             "calls would bypass the sidecar; run the app as another user")
 
 
-def _scrape_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
+def scrape_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
     """Prometheus scrapes the sidecar's stats, unless the pod already says where its own
     metrics are (then it keeps them: one scrape target per pod)."""
     if any(key.startswith("prometheus.io/") for key in annotations):

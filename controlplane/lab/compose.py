@@ -25,6 +25,7 @@ import yaml
 from controlplane import generated
 from controlplane.bootstrap import (
     CAPTURE_ADMIN_PORT,
+    CAPTURE_STATS_PORT,
     BootstrapOptions,
     capture_options,
     render_bootstrap,
@@ -122,12 +123,14 @@ def gateway_ports() -> list[int]:
 
 def render_gateway_bootstrap() -> str:
     """The ingress gateway: ``controlplane bootstrap --gateway``, listening on every
-    address of its container, its admin on 15000."""
+    address of its container, its admin on 15000 and its Prometheus stats on 15090 (as
+    a sidecar's)."""
     gateway = _mesh().gateways[0]
     return render_bootstrap(BootstrapOptions(
         node_id=GATEWAY_NAME, service=gateway.name, namespace=gateway.namespace,
         gateway=gateway.name, xds_address=f"controlplane:{XDS_PORT}",
-        admin_address="0.0.0.0", admin_port=CAPTURE_ADMIN_PORT, inbound_address="0.0.0.0"))
+        admin_address="0.0.0.0", admin_port=CAPTURE_ADMIN_PORT, inbound_address="0.0.0.0",
+        stats_port=CAPTURE_STATS_PORT))
 
 
 def _gateway_service(admin_port: int) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from controlplane.bootstrap import (
 )
 from controlplane.inject import config as names
 from controlplane.inject.config import INJECT_LABEL, InjectConfig
-from controlplane.inject.pod import _scrape_annotations as scrape_annotations
+from controlplane.inject.pod import scrape_annotations
 from controlplane.inject.template import (
     _DUMPER,
     NODE_ID,
