@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from controlplane import resource
 from controlplane.cache import SnapshotCache
@@ -200,6 +201,51 @@ async def test_multiport_headless_and_external_name(api: ApiServerDouble, tmp_pa
     assert billing_svc.external_name == "billing.example.com"
     assert billing_svc.protocol == "tls"  # an ExternalName port named tls: by SNI
     await updates.aclose()
+
+
+def external(name: str, host: str, port: int, port_name: str) -> dict[str, object]:
+    obj = service(name).build()
+    obj["spec"] = {"type": "ExternalName", "externalName": host,
+                   "ports": [{"name": port_name, "port": port, "protocol": "TCP"}]}
+    return obj
+
+
+async def test_external_services_sharing_a_tcp_port_are_warned_of(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    """As the file source and ``validate`` do (``mesh.egress_port_shared``): two
+    ExternalName Services with one tcp port are served, but no sidecar can route that
+    port, so the source says so, once, and again only when it changes."""
+    api.create(external("db", "db.example.com", 5432, "tcp-pg"))
+    api.create(external("other-db", "other.example.com", 5432, "tcp-pg"))
+    with capture_logs() as logs:
+        updates = Feed(source(api, tmp_path).updates())
+        try:
+            mesh = await next_mesh(updates)
+            assert {s.name for s in mesh.services} >= {"db", "other-db"}  # valid: both served
+            api.create(service("reviews").port(9080, name="http").build())  # unrelated
+            await next_mesh(updates)
+            said = [e for e in logs if e["event"] == "mesh.egress_port_shared"]
+            assert len(said) == 1, said
+            assert said[0]["log_level"] == "warning"
+            assert said[0]["problem"].startswith(
+                "port 5432 is a tcp port of several external hosts (db.default (tcp), "
+                "other-db.default (tcp))")
+            assert "ExternalName Services its own port" in said[0]["hint"]
+            # Its own port: nothing shared, nothing said.
+            api.update(external("other-db", "other.example.com", 5433, "tcp-pg"))
+            fixed = await next_mesh(updates)
+            other = fixed.service("other-db")
+            assert other is not None and other.port == 5433
+            assert len([e for e in logs if e["event"] == "mesh.egress_port_shared"]) == 1
+            # Back on 5432, named tls (the app's own TLS): told apart from the others by
+            # server name, yet a tcp host's port still cannot be routed. A new problem: said.
+            api.update(external("other-db", "other.example.com", 5432, "tls"))
+            await next_mesh(updates)
+            said = [e for e in logs if e["event"] == "mesh.egress_port_shared"]
+            assert len(said) == 2, said
+            assert "(db.default (tcp), other-db.default (tls))" in said[1]["problem"]
+        finally:
+            await updates.aclose()
 
 
 async def test_policy_status_is_written(api: ApiServerDouble, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import structlog
 from kubernetes import client
 
 from controlplane import metrics
+from controlplane.mesh.egress import shared_port_warnings
 from controlplane.mesh.model import Mesh, OutboundTrafficPolicy
 from controlplane.sources.base import stamp
 from controlplane.sources.kubernetes.convert import Converter, Key
@@ -75,6 +76,8 @@ _UNRESOLVED: dict[Kind, str] = {TRAFFIC_POLICIES: "policy.no_matching_endpoints"
                                 SIDECARS: "sidecar.no_matching_services",
                                 SECURITY_POLICIES: "securitypolicy.target_not_found",
                                 TELEMETRIES: "telemetry.target_not_found"}
+_SHARED_PORT = ("give each of those ExternalName Services its own port or, when every "
+                "host on it speaks TLS first, name each one's port (or set its appProtocol) tls")
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,10 @@ class KubernetesSource:
             if problem not in self._logged:
                 log.warning("source.object_skipped", problem=problem,
                             hint="fix the object; the other services are served as usual")
+        for problem in shared_port_warnings(result.mesh.services):  # valid, not routed
+            problems.add(problem)
+            if problem not in self._logged:
+                log.warning("mesh.egress_port_shared", problem=problem, hint=_SHARED_PORT)
         verdicts = {**{(TRAFFIC_POLICIES, k): v for k, v in result.verdicts.items()},
                     **{(SIDECARS, k): v for k, v in result.sidecar_verdicts.items()},
                     **{(SECURITY_POLICIES, k): v for k, v in result.security_verdicts.items()},
