@@ -12,6 +12,7 @@ from controlplane.mesh.attach import Attachments, attach
 from controlplane.mesh.model import Mesh, Service, ServicePort
 from controlplane.translator import names
 from controlplane.translator.gateway_api import rule_routes
+from controlplane.translator.gateway_api.backends import names_unresolved
 from controlplane.translator.policies import FEATURES
 from controlplane.translator.protoutil import duration
 
@@ -38,10 +39,11 @@ def egress_route(
                           else virtual_hosts(service, namespace, attached))]
     hosts.sort(key=lambda host: str(host.name))
     config = route_pb2.RouteConfiguration(name=names.EGRESS_ROUTE, virtual_hosts=hosts)
-    if attached is not None and any(route.route.cluster_not_found_response_code
+    if attached is not None and any(names_unresolved(route)
                                     for host in hosts for route in host.routes):
         # A Gateway API backend that does not resolve is a cluster that does not exist,
-        # answering 500 (the spec); RDS does not check cluster names, say so anyway.
+        # answering 500 (the spec; 503 for gRPC); RDS does not check cluster names, say
+        # so anyway.
         config.validate_clusters.value = False
     return config
 

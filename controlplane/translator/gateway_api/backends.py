@@ -50,3 +50,11 @@ def set_backends(rule: ResolvedRule, backends: Sequence[ResolvedBackend],
             route_components_pb2.RouteAction.INTERNAL_SERVER_ERROR)
     # (a gRPC rule keeps Envoy's default for a missing cluster: 503, UNAVAILABLE)
     return True
+
+
+def names_unresolved(route: route_components_pb2.Route) -> bool:
+    """Whether a route sends a share to a backend that did not resolve (a cluster name
+    that exists nowhere, answering 500 for HTTP and 503 for gRPC)."""
+    return route.route.cluster.startswith(UNRESOLVED) or any(
+        weighted.name.startswith(UNRESOLVED)
+        for weighted in route.route.weighted_clusters.clusters)
