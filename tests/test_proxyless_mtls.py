@@ -30,6 +30,7 @@ from controlplane.security import grpc_certs
 from controlplane.security.certs_files import DATA, publish
 from controlplane.security.certs_plan import PlanError, plan_of
 from controlplane.translator.proxyless import LeftOut, grpc_cluster
+from tests.support.procs import free_port
 
 RATINGS = "outbound|9080||ratings.default.svc.cluster.local"
 CLIENT = ProxyIdentity(node_id="client-1", service="client", kind=GRPC)
@@ -194,3 +195,22 @@ def test_publish_replaces_plain_files_left_by_another_tool(tmp_path: Path) -> No
     publish(tmp_path, {"key.pem": (b"new", 0o600)})
     assert (tmp_path / "key.pem").is_symlink()
     assert (tmp_path / "key.pem").read_bytes() == b"new"
+
+
+def test_the_agent_gives_up_on_a_server_that_never_answers(tmp_path: Path) -> None:
+    """Nothing listens: the agent retries with backoff, and exits 1 at --timeout saying
+    what to check; no file is written."""
+    bootstrap = tmp_path / "bootstrap.json"
+    bootstrap.write_text(json.dumps(build_grpc_bootstrap(GrpcBootstrapOptions(
+        node_id="c-1", service="client", xds_address=f"127.0.0.1:{free_port()}",
+        cert_dir=str(tmp_path / "certs")))))
+    done = subprocess.run([sys.executable, "-m", "controlplane", "certs", "--bootstrap",
+                           str(bootstrap), "--once", "--timeout", "2"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done
+    assert "no certificate from 127.0.0.1:" in done.stderr and "within 2s" in done.stderr
+    assert not (tmp_path / "certs").exists()
+    missing = subprocess.run([sys.executable, "-m", "controlplane", "certs", "--bootstrap",
+                              str(tmp_path / "nope.json")],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2 and "cannot read the bootstrap" in missing.stderr

@@ -123,7 +123,7 @@ class Workload:
         return run_cli("certs", "--bootstrap", str(self.bootstrap), "--once",
                        "--timeout", "30")
 
-    def call(self, secure: bool = True, timeout: float = 20.0) -> dict[str, str]:
+    def call(self, secure: bool = True, timeout: float = 30.0) -> dict[str, str]:
         done = subprocess.run(
             [sys.executable, "-c", CLIENT, "xds:///echo", "xds" if secure else "plain",
              str(timeout)], capture_output=True, text=True, timeout=timeout + 60,

@@ -115,14 +115,14 @@ class Agent:
                 ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
                 response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
             )(metadata=self._metadata())
-            await call.write(discovery_pb2.DiscoveryRequest(
+            await _send(call, discovery_pb2.DiscoveryRequest(
                 node=self.plan.node, type_url=resource.SECRET, resource_names=NAMES))
             log.info("certs.connected", server=self.plan.server, node=self.plan.node.id)
             held: dict[str, secret_pb2.Secret] = {}
             accepted = ""  # the last version ACKed on this stream (what a NACK names)
             async for response in _responses(call):
                 problem = _take(response, held)
-                await call.write(_answer(response, problem, accepted))
+                await _send(call, _answer(response, problem, accepted))
                 if problem is None:
                     accepted = response.version_info
                 else:
@@ -169,6 +169,16 @@ class Agent:
         if not text:
             raise CertsFailed(f"the token file {self.plan.token_file} is empty")
         return [("authorization", f"Bearer {text}")]
+
+
+async def _send(call: Any, request: discovery_pb2.DiscoveryRequest) -> None:
+    """Write ``request``; a call the server already ended raises its status (a refusal
+    may end it before the first write)."""
+    try:
+        await call.write(request)
+    except asyncio.InvalidStateError:
+        raise grpc.aio.AioRpcError(await call.code(), grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), await call.details()) from None
 
 
 async def _responses(call: Any) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
