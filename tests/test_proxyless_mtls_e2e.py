@@ -232,6 +232,12 @@ def test_the_agent_rewrites_the_files_on_rotation(tmp_path: Path) -> None:
         assert (client.cert_dir / "..data").is_symlink()
         assert len(list(client.cert_dir.glob("..certs-*"))) == 1  # old sets removed
         assert agent.poll() is None  # still running, for the next rotation
+        # The server's view of the agent's stream shows the secret, its key redacted.
+        assert mesh.server is not None
+        status, dump, _ = mesh.server.get("/debug/config_dump?node=client-1")
+        assert status == 200, dump
+        assert "[redacted]" in dump
+        assert _key_body(client.cert_dir / "key.pem") not in dump
     finally:
         end(agent)
         mesh.close()
