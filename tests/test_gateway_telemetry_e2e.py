@@ -143,13 +143,19 @@ def test_a_request_through_the_gateway_is_logged_counted_and_keeps_its_trace(
                and 'envoy_response_code_class="2"' in line
                and 'source_service="ingress"' in line for line in body.splitlines())
 
-    # The mesh dashboard's outbound panels (per destination, and who calls whom) find
-    # their metrics and labels in the gateway's scrape, histograms once flushed.
+    # The mesh dashboard's outbound panels (per destination, and who calls whom) and its
+    # Gateways row find their metrics and labels in the gateway's scrape, histograms
+    # once flushed; the Gateways row's listener prefix is the gateway's own.
     mesh = board("mesh.json")
     queries = [target["expr"] for panel in mesh["panels"]
-               for target in panel.get("targets", []) if "destination_service" in
-               target["expr"] and "envoy_cluster_upstream_rq" in target["expr"]]
-    assert queries
+               for target in panel.get("targets", [])
+               if ("destination_service" in target["expr"]
+                   and "envoy_cluster_upstream_rq" in target["expr"])
+               or 'envoy_http_conn_manager_prefix=~"gateway_.*"' in target["expr"]]
+    assert len(queries) > 5
+    assert any(line.startswith("envoy_http_downstream_rq_total{")
+               and re.search(r'envoy_http_conn_manager_prefix="gateway_\d+"', line)
+               and 'source_service="ingress"' in line for line in body.splitlines())
 
     def dashboard_series() -> bool:
         found = exposed(rig.scrape())

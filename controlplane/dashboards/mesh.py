@@ -32,6 +32,9 @@ IN: Final = ('envoy_http_conn_manager_prefix="inbound", source_namespace=~"$name
              'source_service=~"$service"')
 BY_SERVICE: Final = "source_namespace, source_service"
 SERVICE: Final = "{{source_service}}.{{source_namespace}}"
+# An ingress gateway's own listeners (stat prefix gateway_<port>); its source_service is
+# the Gateway's name, a fixed tag of its bootstrap like a sidecar's service.
+EDGE: Final = 'envoy_http_conn_manager_prefix=~"gateway_.*", source_namespace=~"$namespace"'
 
 
 def _rate(metric: str, matchers: str, by: str = "") -> str:
@@ -122,6 +125,25 @@ def _connections() -> Row:
     ))
 
 
+def _gateways() -> Row:
+    """What enters the mesh: each ingress gateway's listeners, as its clients see them
+    (the backends it calls show in the outbound rows, with the gateway as the caller)."""
+    downstream = "envoy_http_downstream_rq"
+    return Row("Gateways: what enters the mesh, per ingress gateway", (
+        timeseries("Request rate", "Requests a second each gateway's HTTP and HTTPS "
+                   "listeners received from outside.",
+                   Query(_rate(f"{downstream}_total", EDGE, BY_SERVICE), SERVICE),
+                   unit="reqps"),
+        timeseries("Success rate", "Share of the responses each gateway sent that are "
+                   "not 5xx (a route with no backend answers 500 or 503 here).",
+                   Query(_success(downstream, EDGE, BY_SERVICE), SERVICE),
+                   unit="percentunit"),
+        timeseries("Latency p50 / p99", "Time from the request's first byte to the "
+                   "response's last, at each gateway.",
+                   *_latency(f"{downstream}_time", EDGE, BY_SERVICE, SERVICE), unit="ms"),
+    ))
+
+
 def _callers() -> Row:
     by = f"source_namespace, source_service, {BY_DESTINATION}"
     return Row("Who calls whom", (
@@ -145,5 +167,5 @@ def mesh_dashboard() -> dict[str, Any]:
         UID, "controlplane: mesh traffic",
         "Request rate, success rate and latency per service, from the sidecars' "
         "/stats/prometheus (port 15090, scraped by the pods' prometheus.io annotations).",
-        [_overview(), _outbound(), _inbound(), _connections(), _callers()], variables,
+        [_overview(), _outbound(), _inbound(), _connections(), _callers(), _gateways()], variables,
         tags=["controlplane", "mesh", "envoy"])
