@@ -12,6 +12,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from tests.support.threaded import QuietHttpServer, Served
+
 
 @dataclass(frozen=True)
 class Seen:
@@ -20,15 +22,7 @@ class Seen:
     headers: dict[str, str]  # lower-case names
 
 
-class _Quiet(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Envoy hangs up on requests it gave up on; expected, not news."""
-
-
-class EchoHttp:
+class EchoHttp(Served):
     def __init__(self, name: str) -> None:
         self.name = name
         self.requests: list[Seen] = []
@@ -64,13 +58,7 @@ class EchoHttp:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = _Quiet(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(QuietHttpServer(("127.0.0.1", 0), Handler))
 
 
 def echoed(status_body_headers: tuple[int, str, dict[str, str]]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 
 from controlplane.lab.envoy import envoy_command
 from controlplane.lab.topology import free_port as lab_free_port
+from tests.support.threaded import QuietHttpServer, Served
 
 _serial = itertools.count(1)
 _START_ATTEMPTS = 5
@@ -94,14 +95,7 @@ def end(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait()
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    """socketserver's listen backlog is 5: a burst of callers on a loaded machine would
-    overflow it, and a dropped SYN becomes a connect failure the test did not ask for."""
-
-    request_queue_size = 128
-
-
-class Backend:
+class Backend(Served):
     """An HTTP app on ``host`` (127.0.0.1 unless given) that answers with its own name."""
 
     def __init__(self, name: str, port: int | None = None, host: str = "127.0.0.1") -> None:
@@ -127,15 +121,7 @@ class Backend:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = _Server((host, port or 0), Handler)
-        self.port = int(self.server.server_address[1])
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(QuietHttpServer((host, port or 0), Handler))
 
 
 class ControlPlane:

@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 
+from tests.support.threaded import QuietHttpServer, Served
+
 # What the n-th call (from 1) gets: (status, seconds before answering); status 0 resets
 # the connection instead of answering.
 Behaviour = Callable[[int], tuple[int, float]]
@@ -31,17 +33,7 @@ def first(count: int, status: int) -> Behaviour:
     return lambda n: (status, 0.0) if n <= count else (200, 0.0)
 
 
-class _Quiet(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    # socketserver's listen backlog is 5: a burst of callers on a loaded machine would
-    # overflow it, and a dropped SYN turns into a connect failure that never counts a call.
-    request_queue_size = 128
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Envoy hangs up on requests it gave up on; expected, not news."""
-
-
-class ScriptedHttp:
+class ScriptedHttp(Served):
     """An HTTP app on 127.0.0.1 answering per ``behave``; it counts calls, the most it
     held at once, and the time of each call."""
 
@@ -88,16 +80,10 @@ class ScriptedHttp:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = _Quiet(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(QuietHttpServer(("127.0.0.1", 0), Handler))
 
 
-class TcpEcho:
+class TcpEcho(Served):
     """A raw TCP server that sends back what it receives, prefixed with its name."""
 
     def __init__(self, name: str) -> None:
@@ -115,13 +101,7 @@ class TcpEcho:
             daemon_threads = True
             allow_reuse_address = True
 
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Server(("127.0.0.1", 0), Handler))
 
 
 ECHO_UNARY = "/promises.Echo/Say"

@@ -34,6 +34,7 @@ from controlplane.security.castore import load_dir
 from controlplane.security.identity import SpiffeId
 from tests.support.files import write_atomic
 from tests.support.procs import ControlPlane, Envoy, wait_for
+from tests.support.threaded import QuietHttpServer, Served
 
 TRUST_DOMAIN = "cluster.local"
 MESH_ALPN = "controlplane-mtls"  # design: the ALPN a mesh mTLS client offers
@@ -43,12 +44,7 @@ def spiffe(service_account: str, namespace: str = "default") -> str:
     return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 128  # a burst of calls must not overflow a backlog of 5
-    daemon_threads = True
-
-
-class HeaderEcho:
+class HeaderEcho(Served):
     """An HTTP app on 127.0.0.1 that answers every request with JSON: its own name, the
     method and path, and the request headers it received (lower-cased names)."""
 
@@ -82,14 +78,7 @@ class HeaderEcho:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = _Server(("127.0.0.1", 0), Handler)
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(QuietHttpServer(("127.0.0.1", 0), Handler))
 
 
 class TcpEcho:
