@@ -235,4 +235,4 @@ def test_validate_warns_of_what_a_gateway_does_not_serve(tmp_path: Path) -> None
         "http-only: Accepted NotAllowedByListeners: no listener of Gateway default/ingress "
         "picked by the parentRef admits GRPCRoutes from namespace default (allowedRoutes)",
         f"{path}: warning: Gateway default/ingress listener udp: Accepted "
-        "UnsupportedProtocol: protocol 'UDP' is not supported; use HTTP, HTTPS or TLS"]
+        "UnsupportedProtocol: protocol 'UDP' is not supported; use HTTP, HTTPS, TLS or TCP"]

@@ -4,10 +4,12 @@ The Gateway API's rules, applied to a mesh:
 - a listener is served when it is valid, not in conflict and its certificates resolve
   (``gateway_listeners.py``); one that is not says why in its conditions, the others
   are served.
-- an HTTPRoute or GRPCRoute (to HTTP/HTTPS listeners) or TLSRoute (to TLS listeners)
-  attaches to a Gateway parent's listeners that its ``sectionName``/``port`` pick, whose
-  ``allowedRoutes`` admit its kind and namespace, and whose hostname intersects its
-  hostnames (the more specific of the two is served). Each parent gets a ParentStatus.
+- an HTTPRoute or GRPCRoute (to HTTP/HTTPS listeners), TLSRoute (to TLS listeners) or
+  TCPRoute (to TCP listeners, and TLS listeners that terminate) attaches to a Gateway
+  parent's listeners that its ``sectionName``/``port`` pick, whose ``allowedRoutes``
+  admit its kind and namespace, and whose hostname intersects its hostnames (the more
+  specific of the two is served). Each parent gets a ParentStatus. Several TCPRoutes may
+  attach to one listener; the first (the oldest) takes its connections.
 
 ``gateway_attachments(mesh)`` gives both, for the translator (what to serve), the file
 source (what to log) and the Kubernetes source (what to write in ``status``).
@@ -27,6 +29,7 @@ from controlplane.mesh.gateway_listeners import (
     INVALID,
     LISTENERS_NOT_VALID,
     PROGRAMMED,
+    TCP,
     TLS,
     Checked,
     check_listeners,
@@ -34,6 +37,7 @@ from controlplane.mesh.gateway_listeners import (
     intersect,
     route_kinds,
 )
+from controlplane.mesh.gateway_tcp import TCPRoute
 from controlplane.mesh.gateways import Gateway, Listener, TLSRoute
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.route_filters import CORE, GATEWAY_GROUP
@@ -55,11 +59,11 @@ from controlplane.mesh.route_status import (
 )
 from controlplane.mesh.routes import BackendRef, GRPCRoute, HTTPRoute, ParentRef
 
-__all__ = ["HTTP", "HTTPS", "TLS", "Attached", "GatewayAttachments", "GatewayStatus",
+__all__ = ["HTTP", "HTTPS", "TCP", "TLS", "Attached", "GatewayAttachments", "GatewayStatus",
            "GatewayView", "ListenerStatus", "ServedListener", "gateway_attachments",
            "gateway_warnings", "intersect", "not_served"]
 
-Route: TypeAlias = HTTPRoute | GRPCRoute | TLSRoute
+Route: TypeAlias = HTTPRoute | GRPCRoute | TLSRoute | TCPRoute
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +198,14 @@ def _attach(mesh: Mesh, views: dict[tuple[str, str], _Building], kind: str,
     return accepted()
 
 
+def _unsupported(route: Route) -> str | None:
+    if isinstance(route, TCPRoute):
+        return None if len(route.rules) == 1 else (
+            f"rules: a TCPRoute takes one rule here ({len(route.rules)} given: a TCP "
+            "stream has nothing to choose a rule by); put every backendRef in one rule")
+    return unsupported(route) if not isinstance(route, TLSRoute) else None
+
+
 @dataclass(slots=True)
 class _Building:
     gateway: Gateway
@@ -220,14 +232,15 @@ def _compute(mesh: Mesh) -> GatewayAttachments:
     result = GatewayAttachments()
     routes: list[tuple[str, Route]] = [*(("HTTPRoute", r) for r in mesh.http_routes),
                                        *(("GRPCRoute", r) for r in mesh.grpc_routes),
-                                       *(("TLSRoute", r) for r in mesh.tls_routes)]
+                                       *(("TLSRoute", r) for r in mesh.tls_routes),
+                                       *(("TCPRoute", r) for r in mesh.tcp_routes)]
     for kind, route in routes:
         parents = [p for p in route.parent_refs if p.group == GATEWAY_GROUP
                    and p.kind == "Gateway"]
         if not parents:
             continue
         refs = _resolved(mesh, kind, route)
-        why = unsupported(route) if not isinstance(route, TLSRoute) else None
+        why = _unsupported(route)
         result.routes[(kind, route.namespace, route.name)] = tuple(
             ParentStatus(p, (_attach(mesh, views, kind, route, p) if why is None
                              else accepted(UNSUPPORTED_VALUE, why), refs)) for p in parents)
@@ -280,11 +293,35 @@ def gateway_warnings(mesh: Mesh) -> list[str]:
     """One line per route a Gateway parent did not accept (or whose backends do not all
     resolve) and per listener not served (``controlplane validate`` prints them, as
     ``route_warnings`` for Service parents): valid, but not all served."""
-    if not (mesh.gateways or mesh.http_routes or mesh.grpc_routes or mesh.tls_routes):
+    if not (mesh.gateways or mesh.http_routes or mesh.grpc_routes or mesh.tls_routes
+            or mesh.tcp_routes):
         return []
     found = gateway_attachments(mesh)
     lines = [f"{'/'.join(key)} on {parent.describe(key[1])}: {bad.type} {bad.reason}: "
              f"{bad.message}" for key, parent, bad in not_accepted(found.routes)]
     lines += [f"Gateway {gateway} listener {listener}: {bad.type} {bad.reason}: "
               f"{bad.message}" for gateway, listener, bad in not_served(found)]
+    lines += [f"TCPRoute/{route.namespace}/{route.name} on Gateway {gateway} listener "
+              f"{listener}: attached, but {first.namespace}/{first.name} came first and "
+              "takes every connection (one TCPRoute per listener); give it its own listener"
+              for gateway, listener, first, route in shadowed_tcp_routes(found)]
     return lines
+
+
+def first_tcp_route(served: ServedListener) -> TCPRoute | None:
+    """The TCPRoute that takes a listener's connections: the first attached (Kubernetes:
+    the oldest; file mode: the first in the file); the rest stay attached, unused."""
+    return next((a.route for a in served.routes if isinstance(a.route, TCPRoute)), None)
+
+
+def shadowed_tcp_routes(attachments: GatewayAttachments
+                        ) -> list[tuple[str, str, TCPRoute, TCPRoute]]:
+    """(gateway ``ns/name``, listener, the route served, a route attached after it)."""
+    found = []
+    for (namespace, name), view in sorted(attachments.gateways.items()):
+        for served in view.served:
+            first = first_tcp_route(served)
+            found += [(f"{namespace}/{name}", served.listener.name, first, a.route)
+                      for a in served.routes if first is not None
+                      and isinstance(a.route, TCPRoute) and a.route is not first]
+    return found

@@ -1,9 +1,10 @@
 """A Gateway's listeners, checked: which are served, and the conditions each reports.
 
 A listener is served when it is valid (HTTP; HTTPS terminating with certificateRefs; TLS
-passing through), not in conflict with an earlier listener of its port (HTTP beside
-HTTPS/TLS on one port: ProtocolConflict; the same hostname twice: HostnameConflict),
-and, for HTTPS, every certificate it names exists and may be used (same namespace, or a
+passing through, or terminating with certificateRefs; TCP), not in conflict with an
+earlier listener of its port (HTTP beside HTTPS/TLS on one port, or TCP beside anything:
+ProtocolConflict; the same hostname twice: HostnameConflict), and, when it terminates
+TLS, every certificate it names exists and may be used (same namespace, or a
 ReferenceGrant from the Gateway's namespace). Also the hostname intersection of a
 listener and a route. Pure; ``gateway_attach.py`` puts it together with the routes.
 """
@@ -29,6 +30,7 @@ from controlplane.mesh.route_status import (
 HTTP: Final = "HTTP"
 HTTPS: Final = "HTTPS"
 TLS: Final = "TLS"
+TCP: Final = "TCP"
 PROGRAMMED: Final = "Programmed"
 CONFLICTED: Final = "Conflicted"
 INVALID: Final = "Invalid"
@@ -41,8 +43,11 @@ NO_CONFLICTS: Final = "NoConflicts"
 UNSUPPORTED_VALUE: Final = "UnsupportedValue"
 # The route kinds each protocol takes (its supportedKinds): gRPC is HTTP/2, so a
 # GRPCRoute attaches where an HTTPRoute does (h2c on HTTP, ALPN h2 on HTTPS).
+# A TLS listener that terminates forwards the decrypted stream: a TLSRoute (by SNI, the
+# Gateway API's TLSRouteModeTerminate) or a TCPRoute (the listener's hostname is the SNI).
 _KINDS: Final = {HTTP: ("HTTPRoute", "GRPCRoute"), HTTPS: ("HTTPRoute", "GRPCRoute"),
-                 TLS: ("TLSRoute",)}
+                 TLS: ("TLSRoute",), TCP: ("TCPRoute",)}
+_TERMINATED_KINDS: Final = ("TLSRoute", "TCPRoute")
 
 Checked = tuple[Listener, list[Condition], tuple[tuple[str, str], ...], bool]
 """A listener, its conditions (all but Programmed), its certificates, whether served."""
@@ -80,7 +85,20 @@ def condition(type_: str, ok: bool, reason: str, message: str) -> Condition:
 
 
 def _family(protocol: str) -> str:
-    return "http" if protocol == HTTP else "tls"
+    return {HTTP: "http", TCP: "tcp"}.get(protocol, "tls")
+
+
+def terminates(listener: Listener) -> bool:
+    """It decrypts TLS with its own certificates (HTTPS; TLS in mode Terminate)."""
+    return listener.protocol in (HTTPS, TLS) and listener.tls is not None \
+        and listener.tls.mode == "Terminate"
+
+
+def supported_kinds(listener: Listener) -> tuple[str, ...]:
+    """The route kinds its protocol (and TLS mode) takes."""
+    if listener.protocol == TLS and terminates(listener):
+        return _TERMINATED_KINDS
+    return _KINDS.get(listener.protocol, ())
 
 
 def _shape_problem(listener: Listener) -> tuple[str, str] | None:
@@ -88,17 +106,22 @@ def _shape_problem(listener: Listener) -> tuple[str, str] | None:
     protocol, tls = listener.protocol, listener.tls
     if protocol not in _KINDS:
         return (UNSUPPORTED_PROTOCOL, f"protocol {protocol!r} is not supported; use HTTP, "
-                "HTTPS or TLS")
+                "HTTPS, TLS or TCP")
     if protocol == HTTP and tls is not None:
         return (UNSUPPORTED_VALUE, "an HTTP listener takes no tls; use protocol HTTPS to "
                 "terminate TLS")
+    if protocol == TCP and tls is not None:
+        return (UNSUPPORTED_VALUE, "a TCP listener takes no tls; use protocol TLS with "
+                "tls.mode Terminate to terminate TLS, or Passthrough to route by SNI")
     if protocol == HTTPS and (tls is None or tls.mode != "Terminate"):
         return (UNSUPPORTED_VALUE, "an HTTPS listener terminates TLS: give tls.mode "
                 "Terminate and tls.certificateRefs (use protocol TLS to pass through)")
-    if protocol == TLS and (tls is None or tls.mode != "Passthrough"):
-        return (UNSUPPORTED_VALUE, "a TLS listener passes TLS through by SNI here: give "
-                "tls.mode Passthrough (use protocol HTTPS to terminate)")
-    if protocol == TLS and tls is not None and tls.certificate_refs:
+    if protocol == TLS and tls is None:
+        return (UNSUPPORTED_VALUE, "a TLS listener needs tls: give tls.mode Passthrough "
+                "(route by SNI, the backend terminates) or Terminate with "
+                "tls.certificateRefs")
+    if protocol == TLS and tls is not None and tls.mode == "Passthrough" \
+            and tls.certificate_refs:
         return (UNSUPPORTED_VALUE, "a Passthrough listener takes no certificateRefs: the "
                 "backend terminates TLS; remove them")
     return None
@@ -106,7 +129,7 @@ def _shape_problem(listener: Listener) -> tuple[str, str] | None:
 
 def route_kinds(listener: Listener) -> tuple[tuple[str, ...], str | None]:
     """(route kinds it admits, why some asked for are not supported)."""
-    supported = _KINDS.get(listener.protocol, ())
+    supported = supported_kinds(listener)
     asked = listener.allowed_routes.kinds
     if not asked:
         return supported, None
@@ -123,10 +146,11 @@ def route_kinds(listener: Listener) -> tuple[tuple[str, ...], str | None]:
 def _certificates(mesh: Mesh, gateway: Gateway, listener: Listener
                   ) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
     """(the certificates, (reason, message) when one cannot be used)."""
-    if listener.protocol != HTTPS or listener.tls is None:
+    if not terminates(listener) or listener.tls is None:
         return (), None
     if not listener.tls.certificate_refs:
-        return (), (INVALID_CERTIFICATE_REF, "an HTTPS listener needs tls.certificateRefs")
+        return (), (INVALID_CERTIFICATE_REF, f"a {listener.protocol} listener that "
+                    "terminates TLS needs tls.certificateRefs")
     known = {(c.namespace, c.name) for c in mesh.certificates}
     found: list[tuple[str, str]] = []
     for at, ref in enumerate(listener.tls.certificate_refs):
@@ -164,14 +188,19 @@ def check_listeners(mesh: Mesh, gateway: Gateway) -> list[Checked]:
             taken = hosts.get((listener.port, listener.hostname or "*"))
             if family != _family(listener.protocol):
                 conflict = (PROTOCOL_CONFLICT, f"port {listener.port} already serves "
-                            f"{'HTTP' if family == 'http' else 'TLS'}; give this listener "
-                            "another port")
+                            f"{ {'http': 'HTTP', 'tcp': 'TCP'}.get(family, 'TLS')}; give "
+                            "this listener another port")
+            elif family == "tcp" and (listener.port, "tcp") in hosts:
+                conflict = (PROTOCOL_CONFLICT, f"listener {hosts[(listener.port, 'tcp')]} "
+                            f"already serves TCP on port {listener.port} (a TCP listener "
+                            "takes its whole port); give this listener another port")
             elif taken is not None:
                 conflict = (HOSTNAME_CONFLICT, f"listener {taken} already serves hostname "
                             f"{listener.hostname or '(any)'} on port {listener.port}; give "
                             "one of them another hostname or port")
             else:
-                hosts[(listener.port, listener.hostname or "*")] = listener.name
+                hosts[(listener.port, "tcp" if family == "tcp"
+                       else listener.hostname or "*")] = listener.name
         conditions.append(condition(CONFLICTED, conflict is not None,
                                      conflict[0] if conflict else NO_CONFLICTS,
                                      conflict[1] if conflict else "no conflicts"))

@@ -35,7 +35,8 @@ _SERVICES: Final = re.compile(r"services:[ \t]*(#.*)?\r?\n?")
 _ITEM: Final = re.compile(r"( *)-( |\r?\n|$)")
 _TOP: Final = frozenset({"services", "sidecars", "outbound_traffic_policy", "security",
                         "telemetry", "http_routes", "grpc_routes", "reference_grants",
-                        "gateways", "tls_routes", "certificates"})
+                        "gateways", "tls_routes", "certificates",
+                        "tcp_routes"})
 
 
 def split_services(text: str) -> tuple[str, list[tuple[int, str]]] | None:

@@ -251,7 +251,8 @@ def count_values(data: Any) -> int:
 _NAMED: Final = (["services"], [".services"], ["sidecars"], [".sidecars"])
 # Kubernetes-shaped entries (Gateway API objects): named namespace/name, as kubectl does.
 _OBJECTS: Final = tuple([key] for key in ("http_routes", "grpc_routes", "reference_grants",
-                                          "gateways", "tls_routes", "certificates"))
+                                          "gateways", "tls_routes", "certificates",
+                                          "tcp_routes"))
 
 
 def describe_error(error: Any, data: Any, root: str = "") -> str:

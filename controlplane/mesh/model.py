@@ -18,6 +18,7 @@ from pydantic_core import InitErrorDetails
 
 from controlplane.mesh.base import _Model, longer_than_zero, problem
 from controlplane.mesh.endpoints import AddressType, Endpoint, Protocol, ServicePort
+from controlplane.mesh.gateway_tcp import TCPRoutes
 from controlplane.mesh.gateways import Certificates, Gateways, TLSRoutes
 from controlplane.mesh.limits import UINT32_MAX, Percent, Port
 from controlplane.mesh.policy import (
@@ -145,6 +146,7 @@ class Mesh(_Model):
     reference_grants: ReferenceGrants = Field(default_factory=list)
     gateways: Gateways = Field(default_factory=list)  # ingress (gateways.py)
     tls_routes: TLSRoutes = Field(default_factory=list)
+    tcp_routes: TCPRoutes = Field(default_factory=list)  # gateway_tcp.py
     certificates: Certificates = Field(default_factory=list)  # file mode: PEM files by name
 
     # Derived indexes, built on first use. Each remembers the list it was built from,

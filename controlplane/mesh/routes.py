@@ -47,7 +47,7 @@ MAX_GRANT_ENTRIES: Final = 16
 MAX_ROUTES: Final = 10_000  # per kind in one mesh
 _GEP_2257: Final = re.compile(r"([0-9]{1,5}(h|m|s|ms)){1,4}")
 
-RouteKind = Literal["HTTPRoute", "GRPCRoute", "TLSRoute"]
+RouteKind = Literal["HTTPRoute", "GRPCRoute", "TLSRoute", "TCPRoute"]
 RouteKey = tuple[str, str, str]  # (kind, namespace, name)
 
 

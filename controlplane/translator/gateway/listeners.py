@@ -6,7 +6,12 @@
   terminates TLS with its certificates, named by SDS and answered per stream to this
   gateway only (``cache/gateway_secrets.py``; with several, Envoy picks by SNI), then
   routes by its own route table; a TLSRoute's chain matches its hostnames and passes the
-  bytes, still encrypted, to its backends.
+  bytes, still encrypted, to its backends. A TLS listener in mode Terminate does the
+  same with its certificates (no ALPN offered: what follows is not HTTP) and forwards
+  the decrypted bytes: a TLSRoute's chain per its hostnames, a TCPRoute's for the
+  listener's hostname.
+- TCP: one TCP proxy to the first TCPRoute's backends (a TCP stream has nothing to route
+  by but its port).
 The connection manager is the edge's: the client's address is the remote address
 (``use_remote_address``), and a Host's port is ignored when matching virtual hosts.
 """
@@ -25,7 +30,9 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from google.protobuf import wrappers_pb2
 
-from controlplane.mesh.gateway_attach import HTTPS, TLS, ServedListener
+from controlplane.mesh.gateway_attach import HTTPS, TLS, ServedListener, first_tcp_route
+from controlplane.mesh.gateway_listeners import terminates
+from controlplane.mesh.gateway_tcp import TCPRoute
 from controlplane.mesh.gateways import TLSRoute
 from controlplane.mesh.model import Mesh
 from controlplane.proxy import ProxyIdentity
@@ -85,18 +92,24 @@ def tls_listener(mesh: Mesh, proxy: ProxyIdentity, port: int,
             made.transport_socket.CopyFrom(terminate(entry.certificates))
             chains.append(made)
         elif listener.protocol == TLS:
+            decrypt = terminates(listener)
+            first_tcp = first_tcp_route(entry)
             for attached in entry.routes:
-                if not isinstance(attached.route, TLSRoute):
+                route = attached.route
+                if not (isinstance(route, TLSRoute) or (decrypt and route is first_tcp)):
                     continue
+                assert isinstance(route, TLSRoute | TCPRoute)
                 hosts = [h for h in attached.hostnames if h != "*"]
-                proxy_config = passthrough(mesh, attached.route, listener.name)
+                proxy_config = passthrough(mesh, route, listener.name)
                 sni = _claim(hosts, taken) if proxy_config is not None else None
                 if sni is None or proxy_config is None:
                     continue
                 made = chain(TCP_PROXY, proxy_config)
-                made.name = (f"tls/{listener.name}/{attached.route.namespace}/"
-                             f"{attached.route.name}")
+                made.name = (f"{'tls-terminate' if decrypt else 'tls'}/{listener.name}/"
+                             f"{route.namespace}/{route.name}")
                 made.filter_chain_match.server_names.extend(sni)
+                if decrypt:
+                    made.transport_socket.CopyFrom(terminate(entry.certificates, alpn=()))
                 chains.append(made)
     if not chains:
         return None
@@ -106,11 +119,12 @@ def tls_listener(mesh: Mesh, proxy: ProxyIdentity, port: int,
     return made_listener
 
 
-def terminate(certificates: Sequence[tuple[str, str]]) -> base_pb2.TransportSocket:
-    """TLS terminated with the listener's certificates, fetched by SDS (HTTP/2 and
-    HTTP/1.1 offered by ALPN)."""
+def terminate(certificates: Sequence[tuple[str, str]],
+              alpn: Sequence[str] = ("h2", "http/1.1")) -> base_pb2.TransportSocket:
+    """TLS terminated with the listener's certificates, fetched by SDS (HTTPS: HTTP/2
+    and HTTP/1.1 offered by ALPN; a TLS listener's stream: none)."""
     context = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
-        alpn_protocols=["h2", "http/1.1"],
+        alpn_protocols=list(alpn),
         tls_certificate_sds_secret_configs=[
             secret_pb2.SdsSecretConfig(name=names.certificate_secret(ns, name),
                                        sds_config=ads())
@@ -118,7 +132,21 @@ def terminate(certificates: Sequence[tuple[str, str]]) -> base_pb2.TransportSock
     return base_pb2.TransportSocket(name=DOWNSTREAM_TLS, typed_config=pack(context))
 
 
-def passthrough(mesh: Mesh, route: TLSRoute, section: str) -> tcp_proxy_pb2.TcpProxy | None:
+def tcp_listener(mesh: Mesh, proxy: ProxyIdentity, port: int,
+                 served: ServedListener) -> listener_pb2.Listener | None:
+    """A TCP listener: every connection to its first TCPRoute's backends; None when no
+    TCPRoute is attached or none of its backends resolves."""
+    route = first_tcp_route(served)
+    config = passthrough(mesh, route, served.listener.name) if route is not None else None
+    if route is None or config is None:
+        return None
+    made = chain(TCP_PROXY, config)
+    made.name = f"tcp/{served.listener.name}/{route.namespace}/{route.name}"
+    return _listener(proxy, port, [made])
+
+
+def passthrough(mesh: Mesh, route: TLSRoute | TCPRoute, section: str
+                ) -> tcp_proxy_pb2.TcpProxy | None:
     """A TCP proxy to the route's backends (weighted); None when none resolves."""
     legs: list[tuple[str, int]] = []
     for rule in route.rules:
@@ -130,7 +158,7 @@ def passthrough(mesh: Mesh, route: TLSRoute, section: str) -> tcp_proxy_pb2.TcpP
                 continue
             if (ref.namespace or route.namespace) != route.namespace and not any(
                     g.namespace == ref.namespace and g.allows(
-                        "TLSRoute", route.namespace, "Service", ref.name)
+                        route.key[0], route.namespace, "Service", ref.name)
                     for g in mesh.reference_grants):
                 continue
             legs.append((mesh_names.outbound_cluster(service, ref.port), ref.weight))

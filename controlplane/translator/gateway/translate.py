@@ -12,11 +12,21 @@ from envoy.config.route.v3 import route_pb2
 from google.protobuf.message import Message
 
 from controlplane import resource
-from controlplane.mesh.gateway_attach import HTTP, HTTPS, ServedListener, gateway_attachments
+from controlplane.mesh.gateway_attach import (
+    HTTP,
+    HTTPS,
+    TCP,
+    ServedListener,
+    gateway_attachments,
+)
 from controlplane.mesh.model import Mesh
 from controlplane.proxy import ProxyIdentity
 from controlplane.translator.gateway import names
-from controlplane.translator.gateway.listeners import http_listener, tls_listener
+from controlplane.translator.gateway.listeners import (
+    http_listener,
+    tcp_listener,
+    tls_listener,
+)
 from controlplane.translator.gateway.routes import route_table
 
 
@@ -32,6 +42,10 @@ def gateway_resources(mesh: Mesh, proxy: ProxyIdentity) -> dict[str, list[Messag
         if served_here[0].listener.protocol == HTTP:
             listeners.append(http_listener(proxy, port))
             tables.append(route_table(mesh, names.route(port), served_here))
+            continue
+        if served_here[0].listener.protocol == TCP:
+            tcp = tcp_listener(mesh, proxy, port, served_here[0])
+            listeners.extend([tcp] if tcp is not None else [])
             continue
         made = tls_listener(mesh, proxy, port, served_here)
         if made is None:
