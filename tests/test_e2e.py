@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.procs import Backend, ControlPlane, Envoy, http_get, wait_for
+from tests.support.procs import Backend, ControlPlane, Envoy, http_get, stop_all, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -67,12 +67,7 @@ class Lab:
         return envoy
 
     def close(self) -> None:
-        for envoy in self.envoys:
-            envoy.stop()
-        if self.server is not None:
-            self.server.stop()
-        for backend in self.backends:
-            backend.stop()
+        stop_all(self.envoys, self.server, self.backends)
 
 
 @pytest.fixture

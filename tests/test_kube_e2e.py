@@ -25,7 +25,7 @@ from tests.kube.objects import endpoint_slice, pod, service, sidecar, traffic_po
 from tests.kube.rbac import Rbac
 from tests.support import netns
 from tests.support.netns import NetnsHost
-from tests.support.procs import ControlPlane, Envoy, wait_for
+from tests.support.procs import ControlPlane, Envoy, stop_all, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -100,11 +100,7 @@ class Cluster:
         return {}
 
     def close(self) -> None:
-        for envoy in self.envoys:
-            envoy.stop()
-        if self.server is not None:
-            self.server.stop()
-        self.api.stop()
+        stop_all(self.envoys, self.server, [self.api])
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.support.files import write_atomic
-from tests.support.procs import Backend, ControlPlane, Envoy, http_get, wait_for
+from tests.support.procs import Backend, ControlPlane, Envoy, http_get, stop_all, wait_for
 from tests.support.promise_servers import ECHO_UNARY, GrpcEcho
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -70,12 +70,7 @@ class Rig:
         return self.server, envoy
 
     def close(self) -> None:
-        for envoy in self.envoys:
-            envoy.stop()
-        if self.server is not None:
-            self.server.stop()
-        for backend in self.backends.values():
-            backend.stop()
+        stop_all(self.envoys, self.server, self.backends.values())
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.support.files import write_atomic
-from tests.support.procs import Backend, ControlPlane, Envoy, wait_for
+from tests.support.procs import Backend, ControlPlane, Envoy, stop_all, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -56,12 +56,7 @@ class Rig:
         return envoy
 
     def close(self) -> None:
-        for envoy in self.envoys:
-            envoy.stop()
-        if self.server is not None:
-            self.server.stop()
-        for backend in self.backends.values():
-            backend.stop()
+        stop_all(self.envoys, self.server, self.backends.values())
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from tests.kube.objects import endpoint_slice, pod, security_policy, service, se
 from tests.support import netns
 from tests.support.files import write_atomic
 from tests.support.netns import NetnsHost
-from tests.support.procs import ControlPlane, Envoy, wait_for
+from tests.support.procs import ControlPlane, Envoy, stop_all, wait_for
 from tests.test_kube_e2e import FAST
 
 pytestmark = pytest.mark.e2e
@@ -117,11 +117,7 @@ class World:
         return envoy.start()
 
     def close(self) -> None:
-        for envoy in self.envoys:
-            envoy.stop()
-        if self.server is not None:
-            self.server.stop()
-        self.api.stop()
+        stop_all(self.envoys, self.server, [self.api])
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from controlplane.lab.envoy import envoy_command
 from controlplane.lab.topology import free_port as lab_free_port
@@ -357,3 +357,23 @@ def admin_stat(admin: Callable[[str], tuple[int, str, dict[str, str]]], name: st
         if key == name:
             return int(value)
     return 0
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def stop_all(envoys: Iterable[Stoppable], server: Stoppable | None,
+             apps: Iterable[Stoppable] = ()) -> None:
+    """A rig's teardown, in order: its sidecars (they hold streams to the server), the
+    control plane, then the apps and doubles they called. Each is stopped even when one
+    before it failed to stop, so no process outlives the test; the first failure is
+    raised at the end."""
+    failed: list[BaseException] = []
+    for thing in [*envoys, *([server] if server is not None else []), *apps]:
+        try:
+            thing.stop()
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        raise failed[0]

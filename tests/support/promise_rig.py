@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.procs import ControlPlane, Envoy, wait_for
-
-
-class Stoppable(Protocol):
-    def stop(self) -> None: ...
+from tests.support.procs import ControlPlane, Envoy, Stoppable, stop_all, wait_for
 
 
 def endpoint(backend: Any, **fields: Any) -> dict[str, Any]:
@@ -63,12 +59,7 @@ class Rig:
         return envoy
 
     def close(self) -> None:
-        for envoy in self.envoys:
-            envoy.stop()
-        if self.server is not None:
-            self.server.stop()
-        for thing in self.owned:
-            thing.stop()
+        stop_all(self.envoys, self.server, self.owned)
 
 
 def cluster_stat(envoy: Envoy, service: str, name: str, port: int = 9080,

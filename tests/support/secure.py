@@ -33,7 +33,7 @@ from controlplane.security.ca import CertificateAuthority
 from controlplane.security.castore import load_dir
 from controlplane.security.identity import SpiffeId
 from tests.support.files import write_atomic
-from tests.support.procs import ControlPlane, Envoy, wait_for
+from tests.support.procs import ControlPlane, Envoy, stop_all, wait_for
 from tests.support.threaded import QuietHttpServer, Served
 
 TRUST_DOMAIN = "cluster.local"
@@ -256,12 +256,7 @@ class SecureMesh:
         return envoy
 
     def close(self) -> None:
-        for envoy in self.envoys:
-            envoy.stop()
-        if self.server is not None:
-            self.server.stop()
-        for app in self.apps:
-            app.stop()
+        stop_all(self.envoys, self.server, self.apps)
 
     # -- the CA, for a test's own mTLS client --------------------------------------------
 
