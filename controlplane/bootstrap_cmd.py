@@ -73,6 +73,11 @@ def add_parser(commands: Any) -> None:
                         "(GRPC_XDS_BOOTSTRAP, for xds:///NAME targets) instead of Envoy's; "
                         "takes --node-id, --service, --namespace, --xds-address, --zone, "
                         "--xds-ca, --token-file, --cert-dir")
+    parser.add_argument("--grpc-server", action="store_true",
+                        help="with --grpc: the process also serves with grpc.server(xds=True); "
+                        "the bootstrap names its server listeners (gRFC A36), which the "
+                        "control plane makes for --service (mTLS and authorization as a "
+                        "sidecar's inbound)")
     parser.add_argument("--cert-dir", metavar="DIR",
                         help="with --grpc: the client reads the mesh certificates from DIR "
                         "(gRPC's file_watcher provider; `controlplane certs` keeps them "
@@ -110,6 +115,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--service is required (the service this sidecar belongs "
                              "to), unless --gateway names the Gateway it serves")
         bundle, bundle_file, token_file = _credentials(args)
+        if args.grpc_server and not args.grpc:
+            raise ValueError("--grpc-server is for --grpc bootstraps: a sidecar's inbound "
+                             "listener serves its app")
         if args.cert_dir and not args.grpc:
             raise ValueError("--cert-dir is for --grpc clients: a sidecar gets its "
                              "certificates over SDS")
@@ -155,7 +163,8 @@ def _grpc(args: argparse.Namespace, bundle_file: str | None, token_file: str | N
         xds_address=args.xds_address, zone=args.zone,
         xds_ca_file=str(Path(bundle_file).absolute()) if bundle_file else None,
         token_file=token_file,
-        cert_dir=str(Path(args.cert_dir).absolute()) if args.cert_dir else None))
+        cert_dir=str(Path(args.cert_dir).absolute()) if args.cert_dir else None,
+        server=args.grpc_server))
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:

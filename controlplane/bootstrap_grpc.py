@@ -21,6 +21,12 @@ from controlplane.bootstrap import parse_host_port
 from controlplane.bootstrap_xds import is_ip
 from controlplane.security import grpc_certs
 
+SERVER_TEMPLATE = "grpc/server?xds.resource.listening_address=%s"
+"""What a gRPC server asks for: ``%s`` is the address it listens on (gRFC A36). The
+translator's ``server_listeners.TEMPLATE`` names the same."""
+SERVER_FLAG = "grpc_server"
+"""Node metadata saying the process serves (``"true"``): its group gets the listeners."""
+
 
 @dataclass(frozen=True)
 class GrpcBootstrapOptions:
@@ -42,6 +48,9 @@ class GrpcBootstrapOptions:
     """The client's token, sent as a bearer token (needs ``xds_ca_file``)."""
     cert_dir: str | None = None
     """Where ``controlplane certs`` writes the workload's certificate, key and roots."""
+    server: bool = False
+    """The process also serves with ``grpc.server(xds=True)`` (gRFC A36): the bootstrap
+    names its server listeners, which the control plane makes for ``service``."""
 
 
 def build_grpc_bootstrap(options: GrpcBootstrapOptions) -> dict[str, Any]:
@@ -72,6 +81,9 @@ def build_grpc_bootstrap(options: GrpcBootstrapOptions) -> dict[str, Any]:
     if options.cert_dir:
         node["metadata"][grpc_certs.NODE_FLAG] = "true"
         made["certificate_providers"] = certificate_providers(options.cert_dir)
+    if options.server:
+        node["metadata"][SERVER_FLAG] = "true"
+        made["server_listener_resource_name_template"] = SERVER_TEMPLATE
     return made
 
 

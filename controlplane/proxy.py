@@ -59,6 +59,10 @@ class ProxyIdentity:
     # With kind GRPC: node.metadata.certificates, the client reads the mesh certificates
     # from files (``bootstrap --grpc --cert-dir``), so its clusters may use mTLS.
     certificates: bool = False
+    # With kind GRPC: node.metadata.grpc_server, the process also serves with
+    # grpc.server(xds=True) (``bootstrap --grpc --grpc-server``): it gets the server
+    # listeners of its service (gRFC A36).
+    serves: bool = False
 
     group: str = field(init=False, compare=False, repr=False)
     """The snapshot group key: readable, stable, and free of the node id. Made once: the
@@ -84,6 +88,8 @@ class ProxyIdentity:
                 key += f"~address={self.inbound_address}"
         if self.certificates:
             key += "~certs"
+        if self.serves:
+            key += "~server"
         if self.on_demand:
             key += "~on-demand"
         if self.capture:
@@ -123,6 +129,7 @@ class ProxyIdentity:
             kind=kind,
             gateway=(_text(fields.get("gateway")) or "") if kind == GATEWAY else "",
             certificates=kind == GRPC and _flag(fields.get("certificates")),
+            serves=kind == GRPC and _flag(fields.get("grpc_server")),
         )
 
 

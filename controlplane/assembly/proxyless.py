@@ -14,6 +14,11 @@ What a gRPC client's resources leave out is logged once per change
 A client with the mesh certificates (``ProxyIdentity.certificates``) calls STRICT
 services with mTLS: its cluster layers are another variant, kept by the set of STRICT
 services too (a mode change alters no sidecar cluster, but it alters these).
+
+A gRPC server (``grpc.server(xds=True)``, gRFC A36) asks for Listeners named by the
+address it listens on: the group of a node that says it serves (``bootstrap --grpc
+--grpc-server``) also holds its service's server listeners
+(``translator/proxyless/server_listeners.py``), made once per build and service.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from controlplane.translator.proxyless import (
     placeholder_cluster,
 )
 from controlplane.translator.proxyless.clusters import service_of
+from controlplane.translator.proxyless.server_listeners import server_listeners
 from controlplane.translator.proxyless.tls import mesh_sans
 
 log = structlog.get_logger("controlplane.assembly.proxyless")
@@ -72,6 +78,8 @@ class _Kept:
     layers: dict[LayerKey, Layer] = field(default_factory=dict)
     # (source route version, gRPC cluster layer version) -> what follows from the table
     tables: dict[Key, Tables] = field(default_factory=dict)
+    # (service key, with certificates) -> its server listeners, in this build
+    servers: dict[tuple[str, bool], Layer] = field(default_factory=dict)
 
 
 _BUILDS: weakref.WeakKeyDictionary[MeshBuild, _Kept] = weakref.WeakKeyDictionary()
@@ -89,13 +97,15 @@ def proxyless_snapshot(build: MeshBuild, proxy: ProxyIdentity,
                           convert.suffix)
     endpoints = grpc_layer(kept, build.endpoint_layer(visible, proxy.zone), _assignment)
     tables = grpc_tables(kept, build.route(proxy.namespace, visible), clusters)
+    servers = (server_layer(kept, build, proxy) if proxy.serves
+               else empty_layer(resource.LISTENER))
     old = reuse.types if reuse is not None else {}
     types: dict[str, TypeSnapshot] = {
         type_url: build.typed(type_url, layers, old.get(type_url))
         for type_url, layers in (
             (resource.CLUSTER, (clusters, tables.clusters)),
             (resource.ENDPOINT, (endpoints, tables.endpoints)),
-            (resource.LISTENER, (tables.listeners,)), (resource.ROUTE, (tables.routes,)),
+            (resource.LISTENER, (tables.listeners, servers)), (resource.ROUTE, (tables.routes,)),
             (resource.SECRET, (empty_layer(resource.SECRET),)))
     }
     return Snapshot.of(types, reuse=reuse)
@@ -158,6 +168,42 @@ def grpc_tables(kept: _Kept, route: Resource, clusters: Layer) -> Tables:
             for n in made.unresolved)))
     kept.tables[key] = tables
     return tables
+
+
+def server_layer(kept: _Kept, build: MeshBuild, proxy: ProxyIdentity) -> Layer:
+    """The server listeners of the proxy's own service (none when the mesh lacks it),
+    made once per build; their resources are shared while their bytes are unchanged."""
+    key = (f"{proxy.service}.{proxy.namespace}", proxy.certificates)
+    found = kept.servers.get(key)
+    if found is None:
+        service = build.mesh.service(proxy.service, proxy.namespace)
+        left = LeftOut()
+        made = (server_listeners(build.mesh, service, proxy.certificates, left)
+                if service is not None else [])
+        found = Layer.of(resource.LISTENER, (encode_resource(resource.LISTENER, m.name, m)
+                                             for m in made))
+        _report_server(key[0], left)
+        kept.servers[key] = found
+    return found
+
+
+_SERVER_NOTES: dict[str, list[str]] = {}  # service key -> the notes last logged
+
+
+def _report_server(service: str, left: LeftOut) -> None:
+    """Logged when a service's server notes change, not on every build."""
+    notes = left.summary()
+    with _LOCK:
+        if _SERVER_NOTES.get(service, []) == notes:
+            return
+        if notes:
+            _SERVER_NOTES[service] = notes
+        else:
+            _SERVER_NOTES.pop(service, None)
+    if notes:
+        log.info("proxyless.left_out", left_out=notes, service=service,
+                 hint="proxyless gRPC servers (xds=True) do not support these; a sidecar "
+                 "in front of the server would (see the proxyless notes in the README)")
 
 
 class _ClusterConvert:
