@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from controlplane.inject import config as names
-from controlplane.inject import template
+from controlplane.inject import proxyless, template
 from controlplane.inject.config import InjectConfig, InjectError
 from controlplane.inject.patch import json_patch
 
@@ -88,6 +88,9 @@ def inject_template(pod: Mapping[str, Any], namespace: str, config: InjectConfig
     if spec.get("hostNetwork") is True:
         raise InjectError("spec.hostNetwork", "a host-network pod shares the node's "
                           "network, which capture must not touch; it is never injected")
+    if proxyless.kind_of(annotations) is not None:  # no Envoy, no capture: proxyless.py
+        return proxyless.inject_template(result, config,
+                                         service_name(metadata, fallback_service))
     containers = _containers(spec, "containers", required=True)
     init_containers = _containers(spec, "initContainers", required=False)
     _check_users(spec, containers, init_containers, config.proxy_uid)
