@@ -78,8 +78,11 @@ def grpc_path(match: GRPCRouteMatch) -> tuple[str, str]:
 
 def grpc_match(match: GRPCRouteMatch) -> _RouteMatch:
     """A service's methods by the plain prefix ``/service/`` (gRPC paths always have
-    that shape, and proxyless gRPC clients know no ``path_separated_prefix``)."""
+    that shape, and proxyless gRPC clients know no ``path_separated_prefix``); only gRPC
+    requests (``grpc: {}``, content-type application/grpc), so a GRPCRoute rule without
+    matches does not take an HTTPRoute's plain HTTP requests on a shared host."""
     found = _RouteMatch(headers=_headers(match.headers))
+    found.grpc.SetInParent()
     kind, value = grpc_path(match)
     if kind == "PathPrefix":
         found.prefix = value

@@ -120,6 +120,7 @@ def _route(route: route_components_pb2.Route, clusters: Container[str], where: s
         return None
     _note_fields(route, _ROUTE_FIELDS, where, left)
     made = _Route(name=route.name, match=route.match)
+    made.match.ClearField("grpc")  # a gRPC client's every call is gRPC: always true
     action = _action(route.route, clusters, where, left) if route.HasField("route") else None
     if action is None:
         if not route.HasField("route"):
