@@ -22,6 +22,7 @@ from controlplane.sources.kubernetes.kinds import (
     GRPC_ROUTES,
     HTTP_ROUTES,
     REFERENCE_GRANTS,
+    TCP_ROUTES,
     TLS_ROUTES,
     Kind,
 )
@@ -290,8 +291,21 @@ SCHEMAS[TLS_ROUTES] = _object({
     }, ("rules",)),
     "status": _ROUTE_STATUS,
 }, ("spec",))
+# TCPRoute (v1alpha2, experimental channel): TLSRoute's spec without hostnames.
+SCHEMAS[TCP_ROUTES] = _object({
+    "spec": _object({
+        "parentRefs": _array(_PARENT_REF, 32),
+        "rules": _array(_object({
+            "name": {"type": "string", "minLength": 1, "maxLength": 253},
+            "backendRefs": _array(_object({
+                **_BACKEND_OBJECT,
+                "weight": {"type": "integer", "minimum": 0, "maximum": 1000000,
+                           "default": 1}}, ("name",)), 16, minItems=1)}), 16, minItems=1),
+    }, ("rules",)),
+    "status": _ROUTE_STATUS,
+}, ("spec",))
 STATUS_SUBRESOURCE: Final = frozenset({HTTP_ROUTES, GRPC_ROUTES, GATEWAY_CLASSES, GATEWAYS,
-                                       TLS_ROUTES})
+                                       TLS_ROUTES, TCP_ROUTES})
 
 
 def schemas() -> dict[Kind, Obj]:

@@ -10,6 +10,7 @@ from controlplane.sources.kubernetes.kinds import (
     GATEWAY_CLASSES,
     GATEWAY_CONTROLLER,
     GATEWAYS,
+    TCP_ROUTES,
     TLS_ROUTES,
 )
 from tests.support.gateway_certs import ServerFiles
@@ -44,6 +45,11 @@ def https_listener(name: str, port: int, secret: str, hostname: str | None = Non
 
 def tls_route(name: str, spec: Obj, namespace: str = "default") -> Obj:
     return {"apiVersion": TLS_ROUTES.api_version, "kind": TLS_ROUTES.kind,
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def tcp_route(name: str, spec: Obj, namespace: str = "default") -> Obj:
+    return {"apiVersion": TCP_ROUTES.api_version, "kind": TCP_ROUTES.kind,
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 

@@ -1,12 +1,12 @@
 """The gateway controller inside the Kubernetes source: what it does with each batch.
 
-1. ``convert``: our GatewayClasses, Gateways and TLSRoutes into mesh entries
+1. ``convert``: our GatewayClasses, Gateways, TLSRoutes and TCPRoutes into mesh entries
    (``gateways.py``), and the Secrets their listeners name handed to the certificates
    provider to watch (``certificates.py``).
 2. ``reconcile`` (one task at a time, off the event loop for the API calls): each
    Gateway's Deployment, Service and ServiceAccount applied (``deployer.py``; only when
    what we want of them changed), the objects of a Gateway that left our class removed,
-   then the status of our GatewayClasses, Gateways and TLSRoutes written where it differs
+   then the status of our GatewayClasses, Gateways and TLS/TCPRoutes written where it differs
    (``gateway_status.py``), with listener conditions and route parents from attachment
    (``mesh/gateway_attach.py``) and each Gateway's conditions from ``gateway_state.py``.
 
@@ -30,6 +30,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controlplane.inject.config import InjectConfig
+from controlplane.mesh.gateway_tcp import TCPRoute
 from controlplane.mesh.gateways import Certificate, Gateway, TLSRoute
 from controlplane.mesh.model import Mesh
 from controlplane.mesh.route_status import ParentStatus, RouteKey
@@ -63,6 +64,7 @@ from controlplane.sources.kubernetes.kinds import (
     GATEWAYS,
     INGRESS,
     REFERENCE_GRANTS,
+    TCP_ROUTES,
     TLS_ROUTES,
     Kind,
 )
@@ -139,7 +141,8 @@ class GatewayController:
 
         result = convert_gateways(
             stores[GATEWAY_CLASSES].values(), stores[GATEWAYS].values(),
-            stores[TLS_ROUTES].values(), stores[REFERENCE_GRANTS].values())
+            stores[TLS_ROUTES].values(), stores[REFERENCE_GRANTS].values(),
+            tcp_routes=stores[TCP_ROUTES].values())
         if provider is not None:
             provider.want(result.secrets)  # first: a Secret named now is being read
         result.certificates = certificate_entries(result.secrets, usable)
@@ -152,6 +155,7 @@ class GatewayController:
         return mesh.model_copy(update={
             "gateways": [Gateway.model_validate(g) for g in result.gateways],
             "tls_routes": [TLSRoute.model_validate(r) for r in result.tls_routes],
+            "tcp_routes": [TCPRoute.model_validate(r) for r in result.tcp_routes],
             "certificates": [Certificate.model_validate(c) for c in result.certificates]})
 
     def reconcile(self, result: Gateways, mesh: Mesh, stores: Mapping[Kind, Any]) -> None:
@@ -223,13 +227,16 @@ class GatewayController:
                 and deployed is not None else "", self.certificates)
             current = statuses.get((GATEWAYS, gateway_key))
             writes.append((GATEWAYS, *gateway_key, gateway_status(state, current)))
-        for route_key, obj in sorted(result.route_objects.items()):
-            found = attached.tls_routes.get(route_key)
-            if found is None:
-                continue
-            current = statuses.get((TLS_ROUTES, route_key))
-            writes.append((TLS_ROUTES, *route_key,
-                           route_parents(found, _generation(obj), current)))
+        for kind, objects, parents in (
+                (TLS_ROUTES, result.route_objects, attached.tls_routes),
+                (TCP_ROUTES, result.tcp_route_objects, attached.tcp_routes)):
+            for route_key, obj in sorted(objects.items()):
+                found = parents.get(route_key)
+                if found is None:
+                    continue
+                current = statuses.get((kind, route_key))
+                writes.append((kind, *route_key,
+                               route_parents(found, _generation(obj), current)))
         if self.status is not None:
             for kind, namespace, name, body in writes:
                 if differs(body, statuses.get((kind, (namespace, name)))):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from controlplane.mesh.gateway_attach import gateway_attachments
 from controlplane.mesh.model import Mesh
@@ -29,6 +29,7 @@ class Attachment:
     gateways: Mapping[Key, Attached]
     tls_routes: Mapping[Key, tuple[ParentStatus, ...]]  # their Gateway parents
     routes: Mapping[RouteKey, Sequence[ParentStatus]]  # HTTPRoutes' Gateway parents
+    tcp_routes: Mapping[Key, tuple[ParentStatus, ...]] = field(default_factory=dict)
 
 
 def attachment(mesh: Mesh) -> Attachment:
@@ -38,10 +39,14 @@ def attachment(mesh: Mesh) -> Attachment:
                       tuple((GATEWAY_GROUP, kind) for kind in s.supported_kinds),
                       s.conditions) for s in view.status.listeners))
         for key_, view in found.gateways.items()}
+    def of(wanted: str) -> dict[Key, tuple[ParentStatus, ...]]:
+        return {(ns, name): parents for (kind, ns, name), parents in found.routes.items()
+                if kind == wanted}
+
     return Attachment(
-        gateways, {(ns, name): parents for (kind, ns, name), parents in found.routes.items()
-                   if kind == "TLSRoute"},
-        {k: v for k, v in found.routes.items() if k[0] != "TLSRoute"})
+        gateways, of("TLSRoute"),
+        {k: v for k, v in found.routes.items() if k[0] not in ("TLSRoute", "TCPRoute")},
+        of("TCPRoute"))
 
 
 def gateway_state(verdict: GatewayVerdict, attached: Attached | None,

@@ -1,12 +1,13 @@
-"""GatewayClasses, Gateways and TLSRoutes -> the mesh's ``gateways``, ``tls_routes`` and
-``certificates``. Pure functions over the API's JSON.
+"""GatewayClasses, Gateways, TLSRoutes and TCPRoutes -> the mesh's ``gateways``,
+``tls_routes``, ``tcp_routes`` and ``certificates``. Pure functions over the API's JSON.
 
 - A GatewayClass is ours when its ``spec.controllerName`` is our controller
   (``mesh.controlplane.io/gateway-controller``); others are left alone, never written.
 - A Gateway is ours when its ``gatewayClassName`` names one of our GatewayClasses.
   Gateways of other classes are ignored and never written to. Ours are ordered by
   creationTimestamp, then namespace/name (the Gateway API's tie-break: the oldest wins).
-- A TLSRoute is kept when one of its parentRefs names a Gateway of ours.
+- A TLSRoute or TCPRoute is kept when one of its parentRefs names a Gateway of ours;
+  they are ordered oldest first (a TCP listener's connections go to its oldest route).
 - A listener's certificateRefs name Secrets; each Secret our Gateways may use (its own
   namespace, or another that a ReferenceGrant opens to Gateways of that namespace) is
   wanted by the certificates provider (``certificates.py``), and a ``certificates``
@@ -24,6 +25,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
 
+from controlplane.mesh.gateway_tcp import TCPRoute
 from controlplane.mesh.gateways import Gateway, TLSRoute
 from controlplane.mesh.loader import describe_error
 from controlplane.sources.kubernetes.kinds import GATEWAY_CONTROLLER, GATEWAY_GROUP
@@ -37,6 +39,7 @@ MAX_OURS: Final = 1000  # Gateways of ours (the mesh's bound); the oldest are ke
 _GATEWAY_FIELDS: Final = ("gatewayClassName", "listeners", "addresses")
 _LISTENER_FIELDS: Final = ("name", "hostname", "port", "protocol", "tls", "allowedRoutes")
 _TLS_ROUTE_FIELDS: Final = ("parentRefs", "hostnames", "rules")
+_TCP_ROUTE_FIELDS: Final = ("parentRefs", "rules")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class Gateways:
     tls_routes: list[dict[str, Any]] = field(default_factory=list)
     route_objects: dict[Key, Obj] = field(default_factory=dict)  # TLSRoutes kept
     route_problems: dict[Key, str] = field(default_factory=dict)  # TLSRoutes refused
+    tcp_routes: list[dict[str, Any]] = field(default_factory=list)
+    tcp_route_objects: dict[Key, Obj] = field(default_factory=dict)  # TCPRoutes kept
+    tcp_route_problems: dict[Key, str] = field(default_factory=dict)  # TCPRoutes refused
     secrets: set[Ref] = field(default_factory=set)  # what the provider should watch
     certificates: list[dict[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -151,9 +157,10 @@ def secret_refs(gateway: Mapping[str, Any], grants: set[tuple[str, str, str]]) -
 
 def convert_gateways(gateway_classes: Iterable[Obj], gateways: Iterable[Obj],
                      tls_routes: Iterable[Obj], reference_grants: Iterable[Obj] = (),
-                     usable: Callable[[Ref], bool] = lambda ref: False) -> Gateways:
-    """Our classes, Gateways and TLSRoutes as mesh entries; ``usable``: whether the
-    certificates provider holds a usable pair for a Secret."""
+                     usable: Callable[[Ref], bool] = lambda ref: False,
+                     tcp_routes: Iterable[Obj] = ()) -> Gateways:
+    """Our classes, Gateways, TLSRoutes and TCPRoutes as mesh entries; ``usable``:
+    whether the certificates provider holds a usable pair for a Secret."""
     result = Gateways(classes=ours(gateway_classes))
     mine = sorted((g for g in gateways if isinstance(g, Mapping)
                    and isinstance(g.get("spec"), Mapping)
@@ -174,20 +181,32 @@ def convert_gateways(gateway_classes: Iterable[Obj], gateways: Iterable[Obj],
         result.gateways.append(entry)
         result.secrets |= secret_refs(entry, grants)
     served = {(g["namespace"], g["name"]) for g in result.gateways}
-    for obj in sorted((r for r in tls_routes if isinstance(r, Mapping)), key=_order):
-        route_key = key(obj)
-        entry = _entry(obj, _TLS_ROUTE_FIELDS)
-        if not _names_ours(entry, served):
-            continue
-        problem = _validated(TLSRoute, entry)
-        if problem:
-            result.route_problems[route_key] = problem
-            result.skipped.append(f"tlsroute {route_key[0]}/{route_key[1]}: {problem}")
-            continue
-        result.route_objects[route_key] = obj
-        result.tls_routes.append(entry)
+    _routes(tls_routes, TLSRoute, _TLS_ROUTE_FIELDS, served, result.tls_routes,
+            result.route_objects, result.route_problems, result.skipped)
+    _routes(tcp_routes, TCPRoute, _TCP_ROUTE_FIELDS, served, result.tcp_routes,
+            result.tcp_route_objects, result.tcp_route_problems, result.skipped)
     result.certificates = certificate_entries(result.secrets, usable)
     return result
+
+
+def _routes(objects: Iterable[Obj], model: type[BaseModel], fields: tuple[str, ...],
+            served: set[Key], entries: list[dict[str, Any]], kept: dict[Key, Obj],
+            problems: dict[Key, str], skipped: list[str]) -> None:
+    """The routes of one kind naming a Gateway of ours, oldest first, into ``entries``
+    (and ``kept``); one the model refuses into ``problems``."""
+    for obj in sorted((r for r in objects if isinstance(r, Mapping)), key=_order):
+        route_key = key(obj)
+        entry = _entry(obj, fields)
+        if not _names_ours(entry, served):
+            continue
+        problem = _validated(model, entry)
+        if problem:
+            problems[route_key] = problem
+            skipped.append(f"{model.__name__.lower()} {route_key[0]}/{route_key[1]}: "
+                           f"{problem}")
+            continue
+        kept[route_key] = obj
+        entries.append(entry)
 
 
 def certificate_entries(secrets: Iterable[Ref], usable: Callable[[Ref], bool],

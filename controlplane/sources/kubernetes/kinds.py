@@ -90,7 +90,8 @@ GATEWAY_CLASSES: Final = Kind(GATEWAY_GROUP, "v1", "gatewayclasses", "GatewayCla
                               namespaced=False)
 GATEWAYS: Final = Kind(GATEWAY_GROUP, "v1", "gateways", "Gateway")
 TLS_ROUTES: Final = Kind(GATEWAY_GROUP, "v1alpha2", "tlsroutes", "TLSRoute")
-INGRESS: Final = (GATEWAY_CLASSES, GATEWAYS, TLS_ROUTES)  # status written by us
+TCP_ROUTES: Final = Kind(GATEWAY_GROUP, "v1alpha2", "tcproutes", "TCPRoute")
+INGRESS: Final = (GATEWAY_CLASSES, GATEWAYS, TLS_ROUTES, TCP_ROUTES)  # status written by us
 DEPLOYMENTS: Final = Kind("apps", "v1", "deployments", "Deployment")  # written, not watched
 # On what the deployer creates: the Gateway it serves (also the pods' selector).
 GATEWAY_LABEL: Final = f"{GATEWAY_GROUP}/gateway-name"
