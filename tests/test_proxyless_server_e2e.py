@@ -54,14 +54,15 @@ server.wait_for_termination()
 '''
 
 
-def mesh_data(port: int, allowed: list[str]) -> dict[str, Any]:
-    """echo: STRICT, its one endpoint the proxyless server, calls from ``allowed`` only."""
+def mesh_data(port: int, allowed: list[str], mode: str = "strict") -> dict[str, Any]:
+    """echo: its one endpoint the proxyless server, calls from ``allowed`` only (no rule
+    when the list is empty)."""
+    rules = ([{"name": "allowed", "action": "allow",
+               "from": [{"principals": [spiffe(a) for a in allowed]}]}] if allowed else [])
     return {"services": [{
         "name": "echo", "port": 9090, "protocol": "grpc", "service_accounts": ["echo"],
         "endpoints": [{"address": "127.0.0.1", "port": port, "service_account": "echo"}],
-        "security": {"mtls": {"mode": "strict"}, "authorization": [
-            {"name": "allowed", "action": "allow",
-             "from": [{"principals": [spiffe(a) for a in allowed]}]}]},
+        "security": {"mtls": {"mode": mode}, "authorization": rules},
     }]}
 
 
@@ -84,9 +85,10 @@ class ProxylessServer:
         self.log_path = mesh.tmp / "echo-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        got = self.workload.certs_once()
-        assert got.returncode == 0, got.stderr
+    def start(self, certificates: bool = True) -> None:
+        if certificates:
+            got = self.workload.certs_once()
+            assert got.returncode == 0, got.stderr
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", SERVER, f"127.0.0.1:{self.port}"],
@@ -113,11 +115,17 @@ def rig(tmp_path: Path) -> Iterator[tuple[SecureMesh, ProxylessServer]]:
         mesh.close()
 
 
+def auth(answer: dict[str, str]) -> dict[str, list[str]]:
+    """The auth context the server's gRPC made of the caller, from the app's answer."""
+    assert "ok" in answer, answer
+    found: dict[str, list[str]] = json.loads(answer["ok"])
+    return found
+
+
 def identity(answer: dict[str, str]) -> list[str]:
     """The URI SANs the server's gRPC verified, from the app's answer."""
-    assert "ok" in answer, answer
-    auth: dict[str, list[str]] = json.loads(answer["ok"])
-    return [v for v in auth.get("x509_subject_alternative_name", []) if v.startswith("spiffe:")]
+    return [v for v in auth(answer).get("x509_subject_alternative_name", [])
+            if v.startswith("spiffe:")]
 
 
 def test_a_proxyless_server_enforces_strict_mtls_and_authorization(
@@ -179,3 +187,31 @@ def _acked(mesh: SecureMesh, node_id: str) -> list[dict[str, Any]] | None:
                             for p in found for s in p["types"].values()):
         return None
     return found
+
+
+def test_a_permissive_server_takes_plaintext_from_every_caller(tmp_path: Path) -> None:
+    """PERMISSIVE: gRPC cannot tell TLS from plaintext on one port, so the Listener is
+    plaintext: a client without certificates reaches it, and so does one with them
+    (gRPC clients call PERMISSIVE services in plaintext); the server logs why."""
+    mesh = SecureMesh(tmp_path)
+    port = free_port()
+    server: ProxylessServer | None = None
+    try:
+        mesh.serve(mesh_data(port, [], mode="permissive"))
+        server = ProxylessServer(mesh, port)
+        server.start(certificates=False)
+        plain = Workload(mesh, "plain-1", "client", certs=False)
+        answer = plain.call()
+        assert auth(answer).get("transport_security_type") != ["ssl"], answer
+        assert identity(answer) == [], answer
+        client = Workload(mesh, "client-1", "client")
+        assert client.certs_once().returncode == 0
+        assert identity(client.call()) == []
+        assert mesh.server is not None
+        notes = [e for e in mesh.server.logs() if e.get("event") == "proxyless.left_out"
+                 and e.get("service") == "echo.default"]
+        assert any("PERMISSIVE" in " ".join(e["left_out"]) for e in notes), notes
+    finally:
+        if server is not None:
+            server.stop()
+        mesh.close()
