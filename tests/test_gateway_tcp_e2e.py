@@ -108,6 +108,9 @@ class TcpIngress:
                 {"name": "db-tls", "parentRefs": [{"name": "ingress",
                                                    "sectionName": "db-tls"}],
                  "rules": [{"backendRefs": [{"name": "plain", "port": 5432}]}]},
+                {"name": "postgres-later", "parentRefs": [{"name": "ingress",
+                                                           "sectionName": "postgres"}],
+                 "rules": [{"backendRefs": [{"name": "plain", "port": 5432}]}]},
             ],
             "tls_routes": [
                 {"name": "mqtt", "parentRefs": [{"name": "ingress",
@@ -145,7 +148,9 @@ def ingress(tmp_path: Path) -> Iterator[TcpIngress]:
 def test_a_tcp_listener_splits_connections_by_weight(ingress: TcpIngress) -> None:
     """TCPRouteWeightedRouting, TCPRouteParentRefPortAndSectionName's sectionName: a
     real TCP client through the gateway's TCP listener reaches the two echo servers,
-    80/20 within tolerance over a bounded count of connections."""
+    80/20 within tolerance over a bounded count of connections.
+    TCPRouteMultipleRoutesAttachment: a second TCPRoute on the listener gets nothing
+    (the first takes every connection), and the server logs that it is unused."""
     gateway = ingress.start(gateway_envoy(ingress.tmp, "ingress-1", ingress.server.xds_port))
     wait_for(lambda: tcp_line(ingress.tcp_port, "hello").endswith(":hello"), timeout=30,
              what="a TCP echo through the gateway")
@@ -156,6 +161,11 @@ def test_a_tcp_listener_splits_connections_by_weight(ingress: TcpIngress) -> Non
     assert seen["primary:ping"] + seen["replica:ping"] == CONNECTIONS
     assert gateway.stat("cluster.outbound|5432||db.default.svc.cluster.local"
                         ".upstream_cx_total") >= seen["primary:ping"]
+    assert ingress.plain.connections == 0  # postgres-later's backend
+    unused = [line for line in ingress.server.logs()
+              if line.get("event") == "gateway.tcp_route_unused"]
+    assert unused and unused[0]["route"] == "TCPRoute/default/postgres-later", unused
+    assert unused[0]["served"] == "TCPRoute/default/postgres"
 
 
 def test_tls_terminate_forwards_decrypted_bytes(ingress: TcpIngress) -> None:

@@ -37,7 +37,11 @@ from controlplane import metrics
 from controlplane.errors import EmptyMeshError, MeshError
 from controlplane.mesh.attach import attach, not_accepted
 from controlplane.mesh.egress import shared_port_warnings
-from controlplane.mesh.gateway_attach import gateway_attachments, not_served
+from controlplane.mesh.gateway_attach import (
+    gateway_attachments,
+    not_served,
+    shadowed_tcp_routes,
+)
 from controlplane.mesh.incremental import MeshLoader
 from controlplane.mesh.loader import MAX_FILE_BYTES, too_big
 from controlplane.mesh.model import Mesh, empty_subsets
@@ -233,3 +237,9 @@ def _log_routes(mesh: Mesh, path: str) -> None:
         log.warning("gateway.listener_not_served", path=path, gateway=gateway,
                     listener=listener, condition=condition.type, reason=condition.reason,
                     message=condition.message)
+    for gateway, listener, first, unused in shadowed_tcp_routes(gateways):
+        log.warning("gateway.tcp_route_unused", path=path, gateway=gateway, listener=listener,
+                    route=f"TCPRoute/{unused.namespace}/{unused.name}",
+                    served=f"TCPRoute/{first.namespace}/{first.name}",
+                    hint="one TCPRoute takes a TCP listener's connections (the first); "
+                    "give this route its own listener")
