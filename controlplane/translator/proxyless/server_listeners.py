@@ -90,11 +90,18 @@ def server_listeners(mesh: Mesh, service: Service, certificates: bool,
             left.add("the server listener (a TCP port: gRPC serves HTTP/2 only)",
                      f"port {service_port.port} of {service.key}")
             continue
+        chains: dict[int, listener_components_pb2.FilterChain] = {}
         for host, target in _addresses(service, service_port, left):
             name = server_listener_name(host, target)
-            if name not in made:  # two service ports on one target: the first decides
-                made[name] = _listener(name, host, target, ctx, Port(service_port, target),
-                                       strict, left)
+            if name in made:  # two service ports on one target: the first decides
+                continue
+            chain = chains.get(target)
+            if chain is None:  # one per target port: the addresses share it
+                chain = chains[target] = _chain(ctx, Port(service_port, target), strict, left)
+            made[name] = listener_pb2.Listener(
+                name=name, filter_chains=[chain],
+                address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
+                    address=host, port_value=target)))
     return [made[name] for name in sorted(made)]
 
 
@@ -118,8 +125,8 @@ def _addresses(service: Service, service_port: ServicePort,
             for host in sorted({*WILDCARDS, *hosts})]
 
 
-def _listener(name: str, host: str, port: int, ctx: Inbound | None, on: Port, strict: bool,
-              left: LeftOut) -> listener_pb2.Listener:
+def _chain(ctx: Inbound | None, on: Port, strict: bool,
+           left: LeftOut) -> listener_components_pb2.FilterChain:
     manager = hcm_pb2.HttpConnectionManager(
         route_config=_ROUTES,
         http_filters=[*(grpc_rbac_filters(ctx, on, left) if ctx is not None else []),
@@ -129,11 +136,7 @@ def _listener(name: str, host: str, port: int, ctx: Inbound | None, on: Port, st
         filters=[listener_components_pb2.Filter(name=HCM, typed_config=pack(manager))])
     if strict:
         chain.transport_socket.CopyFrom(_server_mtls())
-    return listener_pb2.Listener(
-        name=name,
-        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
-            address=host, port_value=port)),
-        filter_chains=[chain])
+    return chain
 
 
 def _server_mtls() -> base_pb2.TransportSocket:
