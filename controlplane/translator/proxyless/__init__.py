@@ -10,7 +10,10 @@ Envoy-only feature of one service never breaks the table for every service.
 - ``listeners``: one API listener per name a client may dial (the route table's domains);
 - ``routes``: the egress route table, translated;
 - ``clusters``: EDS clusters with the LB policies gRPC knows;
-- ``endpoints``: load assignments with locality weights (gRPC drops unweighted ones).
+- ``endpoints``: load assignments with locality weights (gRPC drops unweighted ones);
+- ``server_listeners``, ``server_rbac``: for gRPC servers (``grpc.server(xds=True)``,
+  gRFC A36): a Listener per address a pod of the service may listen on, with the
+  service's mTLS mode and authorization rules as gRPC reads them (A29, A41).
 """
 
 from controlplane.translator.proxyless.clusters import grpc_cluster, placeholder_cluster
@@ -19,6 +22,7 @@ from controlplane.translator.proxyless.listeners import GRPC_ROUTE, api_listener
 from controlplane.translator.proxyless.notes import LeftOut
 from controlplane.translator.proxyless.retries import grpc_retry_on
 from controlplane.translator.proxyless.routes import GrpcRoutes, grpc_route_config
+from controlplane.translator.proxyless.server_listeners import server_listeners
 
 __all__ = [
     "GRPC_ROUTE",
@@ -31,4 +35,5 @@ __all__ = [
     "grpc_route_config",
     "listener_names",
     "placeholder_cluster",
+    "server_listeners",
 ]
