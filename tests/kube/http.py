@@ -101,11 +101,14 @@ class _Handlers(_Writes):
             # A watch still streaming when the double stops can outlive aiohttp's
             # shutdown timeout: close what is left here, or its socket is found unclosed
             # by the garbage collector during some later test (a ResourceWarning).
-            open_ = list(runner.server.connections) if runner.server is not None else []
+            # abort, not close: shutdown already close()d them, and close() waits for a
+            # stalled watch's write buffer to drain (never, once its reader stopped), so
+            # the socket would outlive the loop (aiohttp also drops its transport then).
+            open_ = [c.transport for c in runner.server.connections
+                     if c.transport is not None] if runner.server is not None else []
             await runner.cleanup()
-            for connection in open_:
-                if connection.transport is not None:
-                    connection.transport.close()
+            for transport in open_:
+                transport.abort()
             await asyncio.sleep(0)  # let the transports' close callbacks run
 
     @web.middleware
