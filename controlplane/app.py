@@ -86,7 +86,7 @@ class Running:
             self.xds.shutdown()
         await stopping
         if self.xds is not None:  # handlers of calls that just ended may still unwind
-            left = await self.xds.drain(max(grace, 5.0))
+            left = await self.xds.drain(max(grace, 10.0))  # 1000 unwind in ~1 s, idle
             if left:
                 log.warning("serve.handlers_left", count=left,
                             hint="they are cut now; their clients reconnect")

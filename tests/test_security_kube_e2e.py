@@ -232,18 +232,20 @@ def test_a_sidecar_keeps_working_across_token_rotation(world: World, host: Netns
     api.create(service_account("frontend"))
     api.create(pod("frontend-1").injected("frontend").build())
     server = world.serve()
-    envoy = world.sidecar("frontend-1", seconds=4)
-    wait_for(lambda: connected(server, "frontend-1.default"), what="the sidecar served")
-
     stop = threading.Event()
 
     def kubelet() -> None:
         while not stop.wait(1.0):
             world.project_token("frontend-1", seconds=4)
 
+    # Rotating from the start: a loaded machine may take longer than a token's life to
+    # bring the sidecar up, and its first connection must present a live token.
+    world.project_token("frontend-1", seconds=4)
     rotating = threading.Thread(target=kubelet, daemon=True)
     rotating.start()
     try:
+        envoy = world.sidecar("frontend-1", seconds=4)
+        wait_for(lambda: connected(server, "frontend-1.default"), what="the sidecar served")
         for _ in range(2):  # well past the first token's life, twice
             time.sleep(5)
             server.stop()

@@ -303,7 +303,7 @@ class Envoy:
         log.close()
         try:
             self.admin_port = wait_for(self._admin_port, what=f"envoy {self.node_id} admin")
-            wait_for(lambda: self.admin("/ready")[0] == 200,
+            wait_for(lambda: self.admin("/ready")[0] == 200, timeout=30,  # under load
                      what=f"envoy {self.node_id} ready")
             self._check_ports(offset)
         except BaseException:  # not up (or on a taken port): end it here
