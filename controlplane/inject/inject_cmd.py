@@ -17,7 +17,9 @@ def add_parser(commands: Any) -> None:
         description="Inject the sidecar into every Pod, Deployment, StatefulSet, DaemonSet, "
         "ReplicaSet, Job and CronJob of a manifest, as the webhook would; other objects "
         "pass through unchanged. Pods labelled mesh.controlplane.io/inject: \"false\" "
-        "are left alone.")
+        "are left alone. Pods annotated mesh.controlplane.io/proxyless: grpc get no Envoy "
+        "and no capture but the gRPC bootstrap (and with --xds-ca their certificates and "
+        "the agent that renews them).")
     inject.add_argument("-f", "--filename", required=True, metavar="FILE",
                         help="the manifest (multi-document YAML); - reads stdin")
     inject.add_argument("-o", "--output", metavar="OUT", default="-",
@@ -28,7 +30,8 @@ def add_parser(commands: Any) -> None:
                         help=f"the sidecar's Envoy image (default {_DEFAULTS.proxy_image})")
     inject.add_argument("--init-image", default=_DEFAULTS.init_image,
                         help="the image whose `controlplane capture` programs the pod's "
-                        f"capture (default {_DEFAULTS.init_image})")
+                        "capture; proxyless pods run its `controlplane bootstrap` and "
+                        f"`controlplane certs` (default {_DEFAULTS.init_image})")
     inject.add_argument("--xds-address", default=_DEFAULTS.xds_address,
                         help=f"the control plane's xDS HOST:PORT (default "
                         f"{_DEFAULTS.xds_address})")
