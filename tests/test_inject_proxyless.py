@@ -309,3 +309,25 @@ async def test_the_webhook_injects_a_grpc_pod_the_double_then_stores(
     assert created["metadata"]["name"].startswith("ratings-client-7d9f8b6c5-")
     names = [c["name"] for c in created["spec"]["initContainers"]]
     assert names == list(proxyless.OUR_CONTAINERS)
+
+
+@pytest.mark.parametrize(("pod_user", "app_user", "non_root"), [
+    (None, None, True), (None, 1000, True), (2000, None, True), (0, None, False),
+    (2000, 0, False), (0, 1000, True)])
+def test_ours_meet_pod_security_restricted_unless_the_app_is_root(
+        pod_user: int | None, app_user: int | None, non_root: bool) -> None:
+    """No capability, no escalation, RuntimeDefault seccomp, and non-root unless the app
+    runs as root (then ours must too, to read its key, and restricted refuses the app
+    anyway)."""
+    pod = grpc_pod()
+    if pod_user is not None:
+        pod["spec"]["securityContext"] = {"runAsUser": pod_user}
+    if app_user is not None:
+        pod["spec"]["containers"][0]["securityContext"] = {"runAsUser": app_user}
+    for container in inject_pod(pod, "shop", secure())["spec"]["initContainers"]:
+        context = container["securityContext"]
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert context.get("runAsNonRoot", False) is non_root
+        assert context.get("runAsUser") == app_user

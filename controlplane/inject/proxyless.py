@@ -111,7 +111,7 @@ def inject_template(pod: Mapping[str, Any], config: InjectConfig,
     init_containers = _containers(spec, "initContainers", required=False)
     volumes = _volumes(spec)
     secure = config.xds_ca is not None
-    user = _app_user(containers)
+    user = _app_user(spec, containers)
     for index, container in enumerate(containers):
         _add_to_app(container, f"spec.containers[{index}]", secure)
     ours = [bootstrap_container(service, config, user)]
@@ -204,14 +204,20 @@ def _ours(name: str, image: str, user: dict[str, Any], command: list[str],
     }
 
 
-def _app_user(containers: list[dict[str, Any]]) -> dict[str, Any]:
-    """The first app container's own user and group (ours then write a key it can
-    read); empty when it sets none (ours inherit the pod's, as the app does)."""
-    context = containers[0].get("securityContext")
-    if not isinstance(context, Mapping):
-        return {}
-    return {key: context[key] for key in ("runAsUser", "runAsGroup")
-            if isinstance(context.get(key), int) and not isinstance(context.get(key), bool)}
+def _app_user(spec: Mapping[str, Any], containers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first app container's own user and group (ours then write a key it can read;
+    when it sets none, ours inherit the pod's, as the app does), and ``runAsNonRoot``
+    unless that user is root, so a namespace enforcing Pod Security ``restricted``
+    admits ours."""
+    def ids(context: Any) -> dict[str, int]:
+        if not isinstance(context, Mapping):
+            return {}
+        return {key: context[key] for key in ("runAsUser", "runAsGroup")
+                if isinstance(context.get(key), int) and not isinstance(context[key], bool)}
+
+    own = ids(containers[0].get("securityContext"))
+    user = own.get("runAsUser", ids(spec.get("securityContext")).get("runAsUser"))
+    return {**own, **({} if user == 0 else {"runAsNonRoot": True})}
 
 
 def _add_to_app(container: dict[str, Any], where: str, secure: bool) -> None:
