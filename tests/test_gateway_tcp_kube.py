@@ -10,6 +10,7 @@ Cases follow the Gateway API conformance tests named in their docstrings.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,16 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
 from controlplane import resource
+from controlplane.mesh import load_mesh_data
+from controlplane.mesh.gateway_attach import gateway_attachments
 from controlplane.mesh.model import Mesh
 from controlplane.proxy import ProxyIdentity
+from controlplane.sources.kubernetes.gateway_examples import (
+    example_gateway_class,
+    example_tcp_gateway,
+    example_tcp_route,
+)
+from controlplane.sources.kubernetes.gateways import convert_gateways
 from controlplane.sources.kubernetes.kinds import (
     GATEWAY_CONTROLLER,
     SERVICE_TYPE_ANNOTATION,
@@ -145,3 +154,31 @@ async def test_tcp_routes_get_status_and_reach_the_gateway(
         assert conditions(granted)["Accepted"] == ("True", "Accepted")
     finally:
         await feed.aclose()
+
+
+def test_the_tcp_examples_pass_the_schema_and_the_model() -> None:
+    """deploy/kubernetes/examples/gateway-tcp*.yaml: stored as written by the API server
+    double (the Gateway's spec unpruned), the Gateway ours and valid with its Secret
+    wanted, and the TCPRoute attached to both listeners (TCP and TLS Terminate)."""
+    made = [example_gateway_class(), example_tcp_gateway(), example_tcp_route()]
+    with ApiServerDouble() as double:
+        stored = [double.create(copy.deepcopy(obj)) for obj in made]
+    def shape(gateway: Obj) -> list[tuple[Any, ...]]:  # nothing pruned (defaults added)
+        return [(item["name"], item["port"], item["protocol"], item.get("hostname"),
+                 (item.get("tls") or {}).get("mode")) for item in gateway["spec"]["listeners"]]
+
+    assert shape(stored[1]) == shape(made[1])
+    (rule,) = stored[2]["spec"]["rules"]
+    assert [(r["name"], r["port"]) for r in rule["backendRefs"]] == [("postgres", 5432)]
+    found = convert_gateways([stored[0]], [stored[1]], [], tcp_routes=[stored[2]])
+    assert not found.verdicts[("default", "db")].problem
+    assert found.secrets == {("default", "db-cert")}
+    mesh = load_mesh_data({
+        "services": [{"name": "postgres", "port": 5432, "protocol": "tcp"}],
+        "gateways": found.gateways, "tcp_routes": found.tcp_routes,
+        "certificates": [{"name": "db-cert"}]})
+    view = gateway_attachments(mesh).gateway("default", "db")
+    assert view is not None
+    assert [(s.name, s.attached_routes) for s in view.status.listeners] == [
+        ("postgres", 1), ("postgres-tls", 1)]
+    assert [len(s.routes) for s in view.served] == [1, 1]
