@@ -158,7 +158,8 @@ def test_a_proxyless_server_enforces_strict_mtls_and_authorization(
     deadline = time.monotonic() + 60
     allowed = other.call()
     while "ok" not in allowed and time.monotonic() < deadline:
-        assert allowed.get("code") == "PERMISSION_DENIED", allowed
+        # the old rule, or a connection drained as the server takes the new Listener
+        assert allowed.get("code") in {"PERMISSION_DENIED", "UNAVAILABLE"}, allowed
         allowed = other.call()
     assert identity(allowed) == [spiffe("other")], allowed
     assert server.proc.poll() is None and server.proc.pid == pid
