@@ -38,9 +38,10 @@ DOWNWARD_ENV = (
     ("INSTANCE_IP", "status.podIP"),
 )
 
-# What capture itself needs: a few seconds of one core, a little memory.
-INIT_RESOURCES = {"requests": {"cpu": "10m", "memory": "32Mi"},
-                  "limits": {"cpu": "100m", "memory": "64Mi"}}
+# What capture itself needs: a few seconds of one core, and the memory of the
+# ``controlplane`` command's imports (66 MiB resident at peak; 64Mi would be OOM-killed).
+INIT_RESOURCES = {"requests": {"cpu": "10m", "memory": "64Mi"},
+                  "limits": {"cpu": "100m", "memory": "128Mi"}}
 
 
 def capture_args(annotations: Mapping[str, str], config: InjectConfig) -> list[str]:
