@@ -41,6 +41,10 @@ class Endpoint(_Model):
     service_account: str | None = Field(default=None, min_length=1, max_length=253)
     """The ServiceAccount its workload runs as (Kubernetes: the pod's annotation); set,
     the endpoint has a mesh sidecar, and callers use mTLS to it (``security.py``)."""
+    proxyless: bool = False
+    """A proxyless gRPC server (``grpc.server(xds=True)``, no sidecar; Kubernetes: a pod
+    injected with ``mesh.controlplane.io/proxyless: grpc``): it serves mesh mTLS only
+    under STRICT, and with ALPN ``h2``; its ``service_account`` is its identity."""
 
     @model_validator(mode="after")
     def _one_port_form(self) -> Endpoint:

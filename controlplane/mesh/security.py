@@ -274,8 +274,19 @@ def effective_in(security: MeshSecurity, service: Service) -> Effective:
 def has_sidecar(service: Service, endpoint: Endpoint) -> bool:
     """Whether the endpoint's workload runs a mesh sidecar (it accepts mesh mTLS unless
     its service's mode is ``disable``): it names its service account, or its service
-    lists the accounts its workloads run as."""
+    lists the accounts its workloads run as. A proxyless gRPC server has none."""
+    if endpoint.proxyless:
+        return False
     return endpoint.service_account is not None or service.service_accounts is not None
+
+
+def takes_mtls(service: Service, endpoint: Endpoint, mode: MtlsMode) -> bool:
+    """Whether callers use mesh mTLS to the endpoint under ``mode``: a sidecar takes it
+    unless ``disable``; a proxyless gRPC server only under ``strict`` (else it serves
+    plaintext: gRPC cannot tell mesh mTLS from plaintext on one port)."""
+    if endpoint.proxyless:
+        return mode == "strict"
+    return mode != "disable" and has_sidecar(service, endpoint)
 
 
 def service_identities(service: Service) -> list[str]:
@@ -308,9 +319,16 @@ def security_warnings(mesh: Mesh) -> list[str]:
         if service.external_name is not None or not service.endpoints:
             continue
         if effective(mesh, service).mode == "strict" and not any(
-                has_sidecar(service, e) for e in service.endpoints):
+                takes_mtls(service, e, "strict") for e in service.endpoints):
             found.append(
                 f"services[{index}] ({service.key}): mtls mode strict, but no endpoint has "
                 "a sidecar (give service_accounts, or each endpoint's service_account), so "
                 "callers use plaintext and are refused")
+        if effective(mesh, service).mode == "strict" and not service_identities(service) and any(
+                e.proxyless for e in service.endpoints):
+            found.append(
+                f"services[{index}] ({service.key}): a proxyless endpoint names no "
+                "service_account, so callers check only that its certificate is the mesh's, "
+                "not whose it is; give each endpoint's service_account (or the service's "
+                "service_accounts)")
     return found

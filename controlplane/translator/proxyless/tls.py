@@ -20,7 +20,7 @@ from envoy.type.matcher.v3 import string_pb2
 from controlplane.security.grpc_certs import PROVIDER_INSTANCE
 from controlplane.security.sds import CERT_SECRET, ROOT_SECRET
 from controlplane.translator.protoutil import pack
-from controlplane.translator.security.mtls import MTLS_MATCH
+from controlplane.translator.security.mtls import MTLS_MATCHES
 from controlplane.translator.security.tls import TRANSPORT_SOCKET_TLS
 
 
@@ -28,7 +28,7 @@ def mesh_sans(cluster: cluster_pb2.Cluster) -> list[string_pb2.StringMatcher] | 
     """The peer SANs a sidecar checks when it calls this cluster with mesh mTLS; None
     when the sidecars' cluster has no mTLS (no endpoint with a sidecar, or ``disable``)."""
     for match in cluster.transport_socket_matches:
-        if match.name != MTLS_MATCH:
+        if match.name not in MTLS_MATCHES:  # a sidecar's or a proxyless server's
             continue
         context = tls_pb2.UpstreamTlsContext()
         if not match.transport_socket.typed_config.Unpack(context):

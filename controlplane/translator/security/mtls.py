@@ -5,6 +5,11 @@ auto-mTLS), and each inbound listener accepts it by mode.
   (upstream TLS, peer checked against the identities the service runs as), taken by the
   endpoints whose metadata says ``tlsMode: mtls`` (those with a sidecar); the others
   stay plaintext. A service in mode ``disable`` gets neither.
+- Proxyless gRPC servers (endpoints marked ``proxyless``) serve plaintext unless their
+  service is ``strict`` (gRPC cannot serve both on one port). Under ``strict`` their
+  endpoints say ``tlsMode: mtls-grpc``, a second match whose TLS offers ``h2`` too (gRPC
+  closes a connection that selects no ALPN); otherwise they carry no ``tlsMode``. A
+  service without such endpoints gets exactly what it got before.
 - Inbound: ``strict`` has only a TLS chain (a plaintext connection matches no chain and
   is closed); ``permissive`` adds a TLS chain for connections whose ClientHello offers
   the mesh ALPN, beside the plaintext one (so an app's own TLS still reaches it);
@@ -28,13 +33,21 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import struct_pb2
 
 from controlplane.mesh.model import Endpoint, Service
-from controlplane.mesh.security import has_sidecar, service_identities
+from controlplane.mesh.security import has_sidecar, service_identities, takes_mtls
 from controlplane.translator.protoutil import duration, pack
 from controlplane.translator.security.base import Inbound, Port, SecurityFeature, Upstream
-from controlplane.translator.security.tls import MESH_ALPN, downstream_socket, upstream_socket
+from controlplane.translator.security.tls import (
+    GRPC_SERVER_ALPN,
+    MESH_ALPN,
+    downstream_socket,
+    upstream_socket,
+)
 
 MATCH_METADATA: Final = "envoy.transport_socket_match"
 MTLS_MATCH: Final = "mtls"
+MTLS_GRPC_MATCH: Final = "mtls-grpc"
+"""The match of a proxyless gRPC server's endpoints under strict (their TLS offers h2)."""
+MTLS_MATCHES: Final = (MTLS_MATCH, MTLS_GRPC_MATCH)
 TLS_INSPECTOR: Final = "envoy.filters.listener.tls_inspector"
 # A client that sends nothing (a server-first protocol) is taken as plaintext after this
 # long, rather than closed after Envoy's 15 s: permissive then gives it the plaintext
@@ -51,20 +64,19 @@ class MutualTls(SecurityFeature):
     name = "mtls"
 
     def cluster(self, ctx: Upstream, service: Service, cluster: cluster_pb2.Cluster) -> None:
-        if not any(has_sidecar(service, e) for e in service.endpoints):
-            return
-        match = struct_pb2.Struct()
-        match.fields["tlsMode"].string_value = MTLS_MATCH
-        cluster.transport_socket_matches.append(_Cluster.TransportSocketMatch(
-            name=MTLS_MATCH, match=match,
-            transport_socket=upstream_socket(ctx.identity, service.namespace,
-                                             service_identities(service))))
+        if any(has_sidecar(service, e) for e in service.endpoints):
+            cluster.transport_socket_matches.append(_match(ctx, service, MTLS_MATCH,
+                                                           (MESH_ALPN,)))
+        if any(e.proxyless and takes_mtls(service, e, ctx.mode) for e in service.endpoints):
+            cluster.transport_socket_matches.append(_match(ctx, service, MTLS_GRPC_MATCH,
+                                                           GRPC_SERVER_ALPN))
 
     def lb_endpoint(self, ctx: Upstream, service: Service, endpoint: Endpoint,
                     lb_endpoint: endpoint_components_pb2.LbEndpoint) -> None:
-        if has_sidecar(service, endpoint):
-            fields = lb_endpoint.metadata.filter_metadata[MATCH_METADATA].fields
-            fields["tlsMode"].string_value = MTLS_MATCH
+        if not takes_mtls(service, endpoint, ctx.mode):
+            return
+        fields = lb_endpoint.metadata.filter_metadata[MATCH_METADATA].fields
+        fields["tlsMode"].string_value = MTLS_GRPC_MATCH if endpoint.proxyless else MTLS_MATCH
 
     def manager(self, ctx: Inbound, port: Port, manager: hcm_pb2.HttpConnectionManager) -> None:
         if ctx.identity is None:
@@ -102,3 +114,14 @@ class MutualTls(SecurityFeature):
         listener.continue_on_listener_filters_timeout = True
 
 
+
+
+def _match(ctx: Upstream, service: Service, name: str,
+           alpn: tuple[str, ...]) -> cluster_pb2.Cluster.TransportSocketMatch:
+    """The socket the endpoints whose ``tlsMode`` is ``name`` are called with."""
+    match = struct_pb2.Struct()
+    match.fields["tlsMode"].string_value = name
+    return _Cluster.TransportSocketMatch(
+        name=name, match=match,
+        transport_socket=upstream_socket(ctx.identity, service.namespace,
+                                         service_identities(service), alpn))

@@ -24,6 +24,9 @@ MESH_ALPN: Final = "controlplane-mtls"
 """What a sidecar offers when it calls another with mTLS: an inbound listener tells mesh
 mTLS from an app's own TLS by it (both are TLS)."""
 TRANSPORT_SOCKET_TLS: Final = "envoy.transport_sockets.tls"
+GRPC_SERVER_ALPN: Final = (MESH_ALPN, "h2")
+"""What a sidecar offers a proxyless gRPC server (STRICT): grpcio closes a TLS connection
+that selects no ALPN, and selects ``h2`` when offered."""
 SERVER_ALPN: Final = ("h2", "http/1.1")
 """What an inbound mTLS chain selects when the client offers it (gRPC requires one)."""
 
@@ -50,12 +53,14 @@ def _common(sans: Iterable[string_pb2.StringMatcher],
 
 
 def upstream_socket(identity: MeshIdentity, namespace: str,
-                    service_accounts: Iterable[str]) -> base_pb2.TransportSocket:
+                    service_accounts: Iterable[str],
+                    alpn: Iterable[str] = (MESH_ALPN,)) -> base_pb2.TransportSocket:
     """A client's mTLS to a service: the peer must be one of the identities the service
-    runs as (``spiffe://<trust domain>/ns/<namespace>/sa/<account>``)."""
+    runs as (``spiffe://<trust domain>/ns/<namespace>/sa/<account>``). ``alpn``: what it
+    offers (a sidecar's inbound: the mesh ALPN; a proxyless server: ``GRPC_SERVER_ALPN``)."""
     sans = [string_pb2.StringMatcher(exact=identity.spiffe(namespace, account))
             for account in service_accounts]
-    context = tls_pb2.UpstreamTlsContext(common_tls_context=_common(sans, [MESH_ALPN]))
+    context = tls_pb2.UpstreamTlsContext(common_tls_context=_common(sans, list(alpn)))
     return base_pb2.TransportSocket(name=TRANSPORT_SOCKET_TLS, typed_config=pack(context))
 
 
