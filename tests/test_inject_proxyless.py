@@ -133,8 +133,8 @@ def test_a_grpc_pod_gets_the_bootstrap_the_certificates_and_the_agent() -> None:
     assert "restartPolicy" not in init[proxyless.CERTS_NAME]
     assert init[proxyless.CERTS_NAME]["args"][:1] == ["--once"]
     args = init[proxyless.BOOTSTRAP_NAME]["args"]
-    flags = dict(zip(args[1::2], args[2::2], strict=False))
-    assert args[0] == "--grpc"
+    flags = dict(zip(args[2::2], args[3::2], strict=False))
+    assert args[:2] == ["--grpc", "--grpc-server"]  # a server too, if the app serves
     assert flags["--node-id"] == "$(POD_NAME).$(POD_NAMESPACE)"
     assert flags["--service"] == "ratings-client"
     assert flags["--namespace"] == "$(POD_NAMESPACE)"
@@ -158,10 +158,10 @@ def test_a_grpc_pod_gets_the_bootstrap_the_certificates_and_the_agent() -> None:
     assert token_volume[1]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == \
         f"metadata.annotations['{proxyless.XDS_CA_ANNOTATION}']"
     assert spec["volumes"][-2]["emptyDir"]["medium"] == "Memory"
-    # Marked as proxyless; not marked as having a sidecar that takes mesh mTLS, and no
-    # Envoy stats to scrape.
+    # Marked as proxyless (the label) with its identity (the ServiceAccount, "reviews"
+    # here), which the source reads as a proxyless server's endpoint; no Envoy stats.
     assert injected["metadata"]["labels"][proxyless.LABEL] == "grpc"
-    assert SERVICE_ACCOUNT_ANNOTATION not in annotations
+    assert annotations[SERVICE_ACCOUNT_ANNOTATION] == "reviews"
     assert not any(key.startswith("prometheus.io/") for key in annotations)
     status = json.loads(annotations[STATUS_ANNOTATION])
     assert status["proxyless"] == "grpc"

@@ -90,7 +90,8 @@ def inject_template(pod: Mapping[str, Any], namespace: str, config: InjectConfig
                           "network, which capture must not touch; it is never injected")
     if proxyless.kind_of(annotations) is not None:  # no Envoy, no capture: proxyless.py
         return proxyless.inject_template(result, config,
-                                         service_name(metadata, fallback_service))
+                                         service_name(metadata, fallback_service),
+                                         service_account(spec))
     containers = _containers(spec, "containers", required=True)
     init_containers = _containers(spec, "initContainers", required=False)
     _check_users(spec, containers, init_containers, config.proxy_uid)

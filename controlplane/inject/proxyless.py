@@ -24,9 +24,12 @@ The key is written 0600 by the agent and read by the app, so the agent runs as t
 user. That user is the first app container's ``runAsUser``, else the pod's, which the
 agent inherits. A pod that sets neither runs the agent as the image's user.
 
-The pod does not get the ``service-account`` annotation that sidecars get. That
-annotation tells the Kubernetes source that the pod has a sidecar which accepts mesh
-mTLS, and a proxyless pod has none, so its endpoints are called in plaintext.
+The app may serve too (``grpc.server(xds=True)``): the bootstrap always has
+``--grpc-server``. A process that only calls never asks for a server Listener, so the
+template is harmless to it. The pod gets the ``service-account`` annotation (its
+identity, as sidecars get it) beside the label ``mesh.controlplane.io/proxyless: grpc``;
+together they tell the Kubernetes source that its endpoints are a proxyless server's:
+sidecars call them with mesh mTLS (offering ``h2``) under STRICT, in plaintext otherwise.
 """
 
 from __future__ import annotations
@@ -93,10 +96,10 @@ def kind_of(annotations: Mapping[str, str]) -> str | None:
 
 
 def inject_template(pod: Mapping[str, Any], config: InjectConfig,
-                    service: str) -> dict[str, Any]:
+                    service: str, service_account: str) -> dict[str, Any]:
     """``pod`` (a pod or a pod template) with the proxyless gRPC containers, volumes, env
     and annotations; an already injected one comes back equal. ``service`` is the one
-    the pod belongs to (pod.service_name)."""
+    the pod belongs to (pod.service_name), ``service_account`` its ServiceAccount."""
     result: dict[str, Any] = copy.deepcopy(dict(pod))
     metadata = result.setdefault("metadata", {})
     annotations = dict(metadata.get("annotations") or {})
@@ -120,7 +123,8 @@ def inject_template(pod: Mapping[str, Any], config: InjectConfig,
     spec["initContainers"] = ours + init_containers
     spec["volumes"] = [*volumes, *proxyless_volumes(secure)]
     metadata["labels"] = {**dict(metadata.get("labels") or {}), LABEL: str(kind)}
-    added = {names.STATUS_ANNOTATION: _status(config, [c["name"] for c in ours], str(kind))}
+    added = {names.SERVICE_ACCOUNT_ANNOTATION: service_account,
+             names.STATUS_ANNOTATION: _status(config, [c["name"] for c in ours], str(kind))}
     if config.xds_ca is not None:
         added[XDS_CA_ANNOTATION] = config.xds_ca
     metadata["annotations"] = {**annotations, **added}
@@ -130,7 +134,7 @@ def inject_template(pod: Mapping[str, Any], config: InjectConfig,
 def bootstrap_args(service: str, config: InjectConfig) -> list[str]:
     """``controlplane bootstrap`` flags: the pod's node and namespace from the downward
     API, the server as sidecars dial it, and with the mesh CA its files."""
-    args = ["--grpc", "--node-id", template.NODE_ID, "--service", service,
+    args = ["--grpc", "--grpc-server", "--node-id", template.NODE_ID, "--service", service,
             "--namespace", "$(POD_NAMESPACE)", "--xds-address", config.xds_address]
     if config.xds_ca is not None:
         args += ["--xds-ca", CA_PATH, "--token-file", names.TOKEN_PATH,

@@ -21,7 +21,9 @@ dicts), so they are tested without a cluster and nothing downstream knows the so
 - A SecurityPolicy becomes a service's, a namespace's or the mesh's ``security`` block
   (``securitypolicies.py``); a Pod's ``mesh.controlplane.io/service-account`` annotation
   (written by injection) becomes its endpoints' ``service_account``: the identity
-  callers verify, and the sign that it has a sidecar that speaks mesh mTLS.
+  callers verify, and the sign that it has a sidecar that speaks mesh mTLS; with the
+  label ``mesh.controlplane.io/proxyless: grpc`` (also injection's) the endpoint is a
+  proxyless gRPC server's instead (``proxyless``: mTLS only under STRICT).
 
 One object's fault stays with that object: a Service that cannot be converted is left
 out, an EndpointSlice that cannot be read is left out of its Service, a policy the model
@@ -97,8 +99,8 @@ class _Outcome:
 
 
 # Per Service: the objects its conversion read (compared by identity), its Pods' service
-# accounts (by value), and the outcome.
-_Memo = tuple[tuple[Obj, ...], tuple[tuple[Key, str | None], ...], _Outcome]
+# accounts and proxyless labels (by value), and the outcome.
+_Memo = tuple[tuple[Obj, ...], tuple[tuple[Key, str | None, bool], ...], _Outcome]
 
 
 def convert(services: Iterable[Obj], slices: Iterable[Obj], policies: Iterable[Obj],

@@ -125,6 +125,11 @@ TOKEN_SUBRESOURCE: Final = "token"
 # watched as metadata only, so this is how the source learns a workload's identity, and
 # that it has a sidecar).
 SERVICE_ACCOUNT_ANNOTATION: Final = f"{POLICY_GROUP}/service-account"
+# Written by proxyless injection (value ``grpc``): the pod has no sidecar, its app is a
+# proxyless gRPC server (``grpc.server(xds=True)``), so callers use mesh mTLS to it only
+# under STRICT (mesh/security.takes_mtls).
+PROXYLESS_LABEL: Final = f"{POLICY_GROUP}/proxyless"
+PROXYLESS_KIND: Final = "grpc"
 
 # The Accept headers of client-go's metadata client, JSON only: the server sends
 # PartialObjectMetadata(List), or whole objects if it cannot (the plain fallback).

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from controlplane.mesh.loader import describe_error
 from controlplane.mesh.model import Mesh
-from controlplane.mesh.security import MeshSecurity, Security, effective, has_sidecar
+from controlplane.mesh.security import MeshSecurity, Security, effective, takes_mtls
 from controlplane.sources.kubernetes.kinds import (
     ROOT_NAMESPACE,
     SECURITY_POLICY_KIND,
@@ -194,7 +194,7 @@ def without_sidecars(mesh: Mesh, applied_to: Mapping[Key, Key],
         if service.external_name is not None or not service.endpoints:
             continue
         if effective(mesh, service).mode == "strict" and not any(
-                has_sidecar(service, e) for e in service.endpoints):
+                takes_mtls(service, e, "strict") for e in service.endpoints):
             verdicts[policy_key] = replace(verdict, unresolved_reason="NoSidecars", unresolved=(
                 f"mtls.mode strict: no endpoint of Service {name!r} has a sidecar (its Pods "
                 f"carry no {SERVICE_ACCOUNT_ANNOTATION} annotation: not injected), so its "

@@ -15,6 +15,8 @@ from controlplane.mesh.security import service_account_name
 from controlplane.mesh.service import OWN, export_namespace, export_to
 from controlplane.sources.kubernetes.kinds import (
     EXPORT_TO_ANNOTATION,
+    PROXYLESS_KIND,
+    PROXYLESS_LABEL,
     SERVICE_ACCOUNT_ANNOTATION,
 )
 
@@ -115,10 +117,11 @@ class PodLabels:
                     found[pod_key] = self._pods[pod_key]
         return [found[k] for k in sorted(found)]
 
-    def accounts(self, slices: Iterable[Obj]) -> tuple[tuple[Key, str | None], ...]:
+    def accounts(self, slices: Iterable[Obj]) -> tuple[tuple[Key, str | None, bool], ...]:
         """The service-account annotation of each Pod the slices' endpoints name (None:
-        none, or the Pod unknown), sorted: what the identities of a Service depend on."""
-        found: dict[Key, str | None] = {}
+        none, or the Pod unknown) and whether it is proxyless, sorted: what the
+        identities of a Service, and how callers reach them, depend on."""
+        found: dict[Key, tuple[str | None, bool]] = {}
         for slice_ in slices:
             namespace = key(slice_)[0]
             endpoints = slice_.get("endpoints")
@@ -129,8 +132,19 @@ class PodLabels:
                 annotations = meta(self._pods.get(pod_key)).get("annotations")
                 value = (annotations.get(SERVICE_ACCOUNT_ANNOTATION)
                          if isinstance(annotations, Mapping) else None)
-                found[pod_key] = None if value is None else str(value)
-        return tuple(sorted(found.items()))
+                found[pod_key] = (None if value is None else str(value),
+                                  self._proxyless(self._pods.get(pod_key)))
+        return tuple(sorted((k, *v) for k, v in found.items()))
+
+    @staticmethod
+    def _proxyless(pod: Obj | None) -> bool:
+        labels = meta(pod).get("labels")
+        return isinstance(labels, Mapping) and labels.get(PROXYLESS_LABEL) == PROXYLESS_KIND
+
+    def proxyless(self, endpoint: Obj, namespace: str) -> bool:
+        """Whether the endpoint's Pod is a proxyless gRPC server (labelled by injection)."""
+        pod_key = self._pod_key(endpoint, namespace)
+        return self._proxyless(self._pods.get(pod_key) if pod_key is not None else None)
 
     def service_account(self, endpoint: Obj, namespace: str) -> str | None:
         """The ``mesh.controlplane.io/service-account`` annotation of the endpoint's Pod
@@ -313,6 +327,8 @@ def _merge_slice(slice_: Obj, wanted: set[str], labels: PodLabels | None,
             account = labels.service_account(endpoint, key(slice_)[0])
             if account is not None:
                 entry["service_account"] = account
+        if labels is not None and labels.proxyless(endpoint, key(slice_)[0]):
+            entry["proxyless"] = True
 
 
 def _pod_name(endpoint: Obj, namespace: str) -> str | None:
