@@ -199,3 +199,15 @@ def test_strict_on_proxyless_servers_only_is_resolved() -> None:
                       security_policies=[policy]).security_verdicts[("default", "echo")]
     assert verdict.accepted and verdict.unresolved == ""
     assert [c["status"] for c in conditions(verdict, None)] == ["True", "True"]
+
+
+def test_a_proxyless_server_on_an_http_port_is_said() -> None:
+    """Callers speak HTTP/1.1 on an http port; a gRPC server needs HTTP/2."""
+    made = load_mesh_data({"services": [{"name": "echo", "ports": [
+        {"name": "web", "port": 8080}, {"name": "grpc", "port": 9090, "protocol": "grpc"}],
+        "endpoints": [{"address": "10.0.0.2", "ports": {"web": 8080, "grpc": 50051},
+                       "proxyless": True}]}]})
+    assert security_warnings(made) == [
+        "services[0] (echo.default): port 8080 (http) is served by proxyless gRPC "
+        "endpoints, which speak only gRPC over HTTP/2: callers speak HTTP/1.1 to them "
+        "there; give the port protocol: grpc"]

@@ -324,6 +324,7 @@ def security_warnings(mesh: Mesh) -> list[str]:
                 f"services[{index}] ({service.key}): mtls mode strict, but no endpoint has "
                 "a sidecar (give service_accounts, or each endpoint's service_account), so "
                 "callers use plaintext and are refused")
+        found.extend(_proxyless_port_warnings(index, service))
         if effective(mesh, service).mode == "strict" and not service_identities(service) and any(
                 e.proxyless for e in service.endpoints):
             found.append(
@@ -332,3 +333,16 @@ def security_warnings(mesh: Mesh) -> list[str]:
                 "not whose it is; give each endpoint's service_account (or the service's "
                 "service_accounts)")
     return found
+
+
+def _proxyless_port_warnings(index: int, service: Service) -> list[str]:
+    """A proxyless gRPC server speaks only HTTP/2, which callers use on ``grpc`` ports;
+    on an ``http`` port they use HTTP/1.1, and on a ``tcp`` one the server gets no gRPC."""
+    if not any(e.proxyless for e in service.endpoints):
+        return []
+    return [f"services[{index}] ({service.key}): port {p.port} ({p.protocol}) is served by "
+            "proxyless gRPC endpoints, which speak only gRPC over HTTP/2: callers speak "
+            f"{'HTTP/1.1' if p.protocol == 'http' else 'TCP'} to them there; give the port "
+            "protocol: grpc"
+            for p in service.service_ports if p.protocol != "grpc"
+            and any(e.proxyless and e.port_for(p) is not None for e in service.endpoints)]
