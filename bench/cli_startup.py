@@ -7,7 +7,7 @@ Why it matters: ``controlplane capture`` runs in every injected pod's init conta
 its whole life, and ``controlplane bootstrap`` runs once per proxyless pod. Each case
 runs ``python -m controlplane ARGS`` as a fresh process (``--runs`` times, after one
 warm-up that fills the OS page cache) and reports the wall time (median and min) and
-the peak resident set (``ru_maxrss`` of that one child, from ``os.wait4``), plus which
+the peak resident set (``ru_maxrss`` of that one child, read by GNU time), plus which
 heavy libraries the command loaded (``-X importtime``'s list, one extra run).
 
     .venv/bin/python bench/cli_startup.py [--runs 10] [--tree PATH] [--deadline 300]
@@ -35,13 +35,19 @@ from typing import Any
 from common import BenchError, Deadline, add_output_flags, results_path, write_results
 
 BASELINE = "cli_startup.json"
+TIME = "/usr/bin/time"  # GNU time: the child's peak RSS (apt-get install time)
 HEAVY = ("grpc", "google.protobuf", "envoy", "pydantic", "kubernetes", "cryptography",
          "structlog", "yaml", "asyncio", "aiohttp")
 """Libraries a light command should not pay for (reported per case)."""
 
 
 def cases(scratch: Path) -> dict[str, list[str]]:
+    """The commands timed; ``bootstrap --grpc (pod)`` is what a proxyless pod's init
+    container runs with the mesh CA (inject/proxyless.py's bootstrap_args)."""
     out = str(scratch / "bootstrap.yaml")
+    bundle, token = scratch / "roots.pem", scratch / "token"
+    bundle.write_text(trust_bundle(), encoding="utf-8")
+    token.write_text("a.b.c", encoding="utf-8")
     return {
         "help": ["--help"],
         "capture --help": ["capture", "--help"],
@@ -51,34 +57,47 @@ def cases(scratch: Path) -> dict[str, list[str]]:
                       "--capture", "-o", out],
         "bootstrap --grpc": ["bootstrap", "--grpc", "--node-id", "pod-1.default",
                              "--service", "reviews", "-o", out + ".json"],
+        "bootstrap --grpc (pod)": ["bootstrap", "--grpc", "--grpc-server", "--node-id",
+                                   "pod-1.default", "--service", "reviews", "--xds-address",
+                                   "controlplane.controlplane-system.svc:18000", "--xds-ca",
+                                   str(bundle), "--token-file", str(token), "--cert-dir",
+                                   str(scratch / "certs"), "-o", out + ".pod.json"],
     }
 
 
+def trust_bundle() -> str:
+    """A mesh CA's roots (PEM), made by this checkout's CA code in a child process: the
+    bench itself stays small, since a child's ``ru_maxrss`` starts from the RSS of the
+    process it was forked from."""
+    code = ("import datetime; from controlplane.security.ca import CertificateAuthority as C; "
+            "print(C.create('cluster.local', datetime.datetime.now(datetime.UTC))"
+            ".bundle_pem.decode(), end='')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+
+
 def run_once(argv: list[str], tree: Path, deadline: Deadline) -> tuple[float, int]:
-    """One fresh process: (wall seconds, peak RSS in KiB). It must exit 0."""
+    """One fresh process: (wall seconds, peak RSS in KiB). It must exit 0.
+
+    The peak is read by GNU time (``%M``, the child's own ``ru_maxrss``), not by this
+    process: a child forked from here starts its high-water mark at this process's RSS,
+    which would hide anything smaller."""
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane", *argv], cwd=tree,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ends = time.monotonic() + deadline.left(60.0)
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() >= ends:
-            proc.kill()
-            proc.wait(5)
-            raise BenchError(f"controlplane {' '.join(argv)} did not exit within the deadline")
-        time.sleep(0.002)  # polling the child's exit; the figure is the child's own rusage
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    error = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    if proc.returncode != 0:
-        raise BenchError(f"controlplane {' '.join(argv)} exited {proc.returncode}: "
-                         f"{error[-500:]}")
-    return wall, int(usage.ru_maxrss)
+    with tempfile.NamedTemporaryFile(prefix="cli-startup-rss-") as rss:
+        start = time.perf_counter()
+        try:
+            done = subprocess.run([TIME, "-f", "%M", "-o", rss.name, sys.executable, "-m",
+                                   "controlplane", *argv], cwd=tree, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  timeout=deadline.left(60.0), check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"controlplane {' '.join(argv)} did not exit within the "
+                             "deadline") from exc
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise BenchError(f"controlplane {' '.join(argv)} exited {done.returncode}: "
+                             f"{done.stderr.decode(errors='replace')[-500:]}")
+        return wall, int(Path(rss.name).read_text(encoding="utf-8").split()[-1])
 
 
 def heavy_loaded(argv: list[str], tree: Path, deadline: Deadline) -> dict[str, Any]:
@@ -116,7 +135,7 @@ def measure(tree: Path, runs: int, deadline: Deadline) -> dict[str, Any]:
                 **heavy_loaded(argv, tree, deadline),
             }
             row = result[name]
-            print(f"{name:20} {row['wall_ms_median']:7.1f} ms (min {row['wall_ms_min']:.1f})"
+            print(f"{name:22} {row['wall_ms_median']:7.1f} ms (min {row['wall_ms_min']:.1f})"
                   f"  peak {row['peak_rss_mib_median']:5.1f} MiB"
                   f"  modules {row['modules_imported']:4}  heavy: "
                   f"{', '.join(row['heavy_libraries']) or '-'}", file=sys.stderr)
@@ -137,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("--runs must be 1 to 1000", file=sys.stderr)
         return 2
     tree = args.tree.resolve()
+    if not os.access(TIME, os.X_OK):
+        print(f"{TIME} (GNU time) is needed for the peak RSS: apt-get install time",
+              file=sys.stderr)
+        return 2
     if not (tree / "controlplane" / "__main__.py").is_file():
         print(f"--tree {tree}: no controlplane package there", file=sys.stderr)
         return 2
