@@ -6,7 +6,10 @@ tests/test_proxyless_sidecar_e2e.py."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,11 +26,15 @@ from controlplane.mesh import Mesh, load_mesh_data
 from controlplane.mesh.security import MeshIdentity, security_warnings
 from controlplane.proxy import ProxyIdentity
 from controlplane.sources.kubernetes.convert import Converter, convert
+from controlplane.sources.kubernetes.kinds import PROXYLESS_LABEL
 from controlplane.sources.kubernetes.status import conditions
 from controlplane.sources.kubernetes.store import labels_only
 from controlplane.translator.clusters import HTTP_PROTOCOL_OPTIONS
 from controlplane.translator.security.mtls import MATCH_METADATA
+from tests.kube.apiserver import ApiServerDouble
 from tests.kube.objects import endpoint_slice, pod, security_policy, service
+from tests.support.kube_waits import mesh_where
+from tests.test_kube_source import Feed, source
 from tests.test_proxyless_mtls import CLIENT, WITH_CERTS, tls_of
 from tests.test_webhook import XDS
 
@@ -145,15 +152,19 @@ def test_strict_with_proxyless_servers_only_is_not_said_to_refuse_its_callers() 
 # --- Kubernetes -----------------------------------------------------------------------------
 
 
-def injected_grpc_pod(name: str, account: str) -> dict[str, Any]:
-    """A pod as proxyless injection leaves it (the webhook's code), then as the
-    source's pod store keeps it."""
+def grpc_pod(name: str, account: str) -> dict[str, Any]:
+    """A pod as proxyless injection leaves it (the webhook's code)."""
     raw = pod(name).service_account(account).annotation(
         "mesh.controlplane.io/proxyless", "grpc").build()
     raw["spec"]["containers"] = [{"name": "app", "image": "app:1"}]
     made = inject_pod(raw, "default", InjectConfig(xds_address=XDS).check())
     assert "--grpc-server" in made["spec"]["initContainers"][0]["args"]
-    return labels_only(made)
+    return made
+
+
+def injected_grpc_pod(name: str, account: str) -> dict[str, Any]:
+    """:func:`grpc_pod` as the source's pod store keeps it."""
+    return labels_only(grpc_pod(name, account))
 
 
 def services(name: str) -> list[dict[str, Any]]:
@@ -211,3 +222,33 @@ def test_a_proxyless_server_on_an_http_port_is_said() -> None:
         "services[0] (echo.default): port 8080 (http) is served by proxyless gRPC "
         "endpoints, which speak only gRPC over HTTP/2: callers speak HTTP/1.1 to them "
         "there; give the port protocol: grpc"]
+
+
+@pytest.fixture
+def api() -> Iterator[ApiServerDouble]:
+    double = ApiServerDouble(bookmark_interval=0.5).start()
+    yield double
+    double.stop()
+
+
+async def test_an_injected_pod_through_the_api_is_a_proxyless_endpoint(
+        api: ApiServerDouble, tmp_path: Path) -> None:
+    """The Pod as the webhook left it, stored by the API server double and watched as
+    metadata: its endpoint is proxyless with its ServiceAccount; removing the label
+    (a Pod no longer injected so) makes it plaintext-only again."""
+    api.create(services("echo")[0])
+    injected = api.create(grpc_pod("echo-grpc", "echo"))
+    api.create(echo_slices()[0])
+    updates = Feed(source(api, tmp_path).updates())
+    mesh = await mesh_where(updates, lambda m: any(
+        e.proxyless for s in m.services for e in s.endpoints))
+    [echo] = mesh.services
+    assert [(e.address, e.service_account, e.proxyless) for e in echo.endpoints] == [
+        ("10.0.0.1", None, False), ("10.0.0.2", "echo", True)]
+    relabelled = copy.deepcopy(injected)
+    del relabelled["metadata"]["labels"][PROXYLESS_LABEL]
+    api.apply(relabelled)
+    mesh = await mesh_where(updates, lambda m: not any(
+        e.proxyless for s in m.services for e in s.endpoints))
+    assert mesh.services[0].endpoints[1].service_account == "echo"
+    await updates.aclose()
