@@ -135,7 +135,9 @@ def test_proxyless_must_be_a_boolean_named_by_field() -> None:
                                       "endpoints": [{"address": "10.0.0.2", "port": 1,
                                                      "proxyless": "sometimes"}]}]})
     [problem] = info.value.problems
-    assert "services[0]" in problem and "endpoints[0].proxyless" in problem, problem
+    assert problem == ("services[0] (echo.default).endpoints[0].proxyless: 'sometimes' is "
+                       "not a boolean; write true for a proxyless gRPC server "
+                       "(grpc.server(xds=True)), else false"), problem
 
 
 def test_strict_with_proxyless_servers_only_is_not_said_to_refuse_its_callers() -> None:

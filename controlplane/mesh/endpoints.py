@@ -75,6 +75,14 @@ class Endpoint(_Model):
     def _service_account(cls, value: str | None) -> str | None:
         return None if value is None else service_account_name(value)
 
+    @field_validator("proxyless", mode="before")
+    @classmethod
+    def _proxyless(cls, value: object) -> object:
+        if not isinstance(value, bool):
+            raise ValueError(f"{str(value)[:40]!r} is not a boolean; write true for a "
+                             "proxyless gRPC server (grpc.server(xds=True)), else false")
+        return value
+
     @property
     def is_serving(self) -> bool:
         return self.ready if self.serving is None else self.serving
