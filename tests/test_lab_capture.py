@@ -282,7 +282,10 @@ def test_two_captured_labs_run_side_by_side() -> None:
         second = Lab("--duration", "10")
         second.until(r"Ctrl-C stops everything")
         assert second.number != first.number and second.number >= 0, second.shown()
-        assert any("another lab runs on this machine" in line for line in second.lines)
+        if not any("another lab runs on this machine" in line for line in first.lines):
+            # (the first holds the preferred ports unless a lab of another test did as it
+            # started: then the second may find them free)
+            assert any("another lab runs on this machine" in line for line in second.lines)
         second.until(HEALTHY.pattern)
         second.until(r"controlplane lab: stopped")
         first.until(HEALTHY.pattern)  # still whole after the second's start and stop
