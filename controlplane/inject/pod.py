@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from controlplane.inject import config as names
-from controlplane.inject import proxyless, template
+from controlplane.inject import podspec, proxyless, template
 from controlplane.inject.config import InjectConfig, InjectError
 from controlplane.inject.patch import json_patch
 
@@ -100,7 +100,9 @@ def inject_template(pod: Mapping[str, Any], namespace: str, config: InjectConfig
             template.proxy_container(service, annotations, config)]
     spec["initContainers"] = ours + init_containers
     if config.xds_ca is not None:
-        spec["volumes"] = [*_volumes(spec), template.token_volume()]
+        token = podspec.volumes(spec, (names.TOKEN_VOLUME,),
+                                "the volume injection adds (the sidecar's token)")
+        spec["volumes"] = [*token, template.token_volume()]
     metadata["annotations"] = {**annotations, **scrape_annotations(annotations),
                                names.SERVICE_ACCOUNT_ANNOTATION: service_account(spec),
                                names.STATUS_ANNOTATION: _status(config)}
@@ -117,21 +119,6 @@ def service_account(spec: Mapping[str, Any]) -> str:
         if value:
             return value
     return "default"
-
-
-def _volumes(spec: Mapping[str, Any]) -> list[Any]:
-    """The pod's volumes, checked: none may take the token volume's name."""
-    value = spec.get("volumes")
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InjectError("spec.volumes", "must be a list of volumes")
-    for index, volume in enumerate(value):
-        if isinstance(volume, Mapping) and volume.get("name") == names.TOKEN_VOLUME:
-            raise InjectError(f"spec.volumes[{index}].name",
-                              f"{names.TOKEN_VOLUME!r} is the name of the volume injection "
-                              "adds (the sidecar's token); rename this volume")
-    return value
 
 
 def service_name(metadata: Mapping[str, Any], fallback: str) -> str:
@@ -187,19 +174,9 @@ def _name_base(metadata: Mapping[str, Any]) -> str:
 def _containers(spec: dict[str, Any], key: str, required: bool) -> list[dict[str, Any]]:
     """The list at ``spec[key]``, checked: named objects, no name of ours, no port of
     the sidecar's."""
-    value = spec.get(key)
-    if value is None and not required:
-        return []
-    if not isinstance(value, list) or (required and not value):
-        raise InjectError(f"spec.{key}", "missing or empty: a pod needs at least one "
-                          "container" if required else "must be a list of containers")
+    value = podspec.containers(spec, key, required, names.OUR_CONTAINERS, "injection")
     for index, container in enumerate(value):
         where = f"spec.{key}[{index}]"
-        if not isinstance(container, dict) or not isinstance(container.get("name"), str):
-            raise InjectError(where, "a container must be an object with a name")
-        if container["name"] in names.OUR_CONTAINERS:
-            raise InjectError(f"{where}.name", f"{container['name']!r} is the name of a "
-                              "container injection adds; rename this container")
         ports = container.get("ports") or []
         if not isinstance(ports, list):
             raise InjectError(f"{where}.ports", "must be a list of ports")

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from controlplane.inject import config as names
-from controlplane.inject import template
+from controlplane.inject import podspec, template
 from controlplane.inject.config import InjectConfig, InjectError
 
 ANNOTATION: Final = names.PREFIX + "proxyless"
@@ -55,6 +55,7 @@ BOOTSTRAP_NAME: Final = "controlplane-grpc-bootstrap"
 CERTS_NAME: Final = "controlplane-grpc-certs"
 AGENT_NAME: Final = "controlplane-grpc-agent"
 OUR_CONTAINERS: Final = (BOOTSTRAP_NAME, CERTS_NAME, AGENT_NAME)
+_INJECTION: Final = "proxyless injection"
 
 VOLUME: Final = "controlplane-grpc"
 DIRECTORY: Final = "/var/run/controlplane-grpc"
@@ -110,9 +111,11 @@ def inject_template(pod: Mapping[str, Any], config: InjectConfig,
     if not isinstance(spec, dict):
         raise InjectError("spec", "missing or not an object; give a pod (or a pod template) "
                           "with metadata and spec")
-    containers = _containers(spec, "containers", required=True)
-    init_containers = _containers(spec, "initContainers", required=False)
-    volumes = _volumes(spec)
+    containers = podspec.containers(spec, "containers", True, OUR_CONTAINERS, _INJECTION)
+    init_containers = podspec.containers(spec, "initContainers", False, OUR_CONTAINERS,
+                                         _INJECTION)
+    volumes = podspec.volumes(spec, (VOLUME, names.TOKEN_VOLUME),
+                              "a volume proxyless injection adds")
     secure = config.xds_ca is not None
     user = _app_user(spec, containers)
     for index, container in enumerate(containers):
@@ -258,37 +261,6 @@ def _add_to_app(container: dict[str, Any], where: str, secure: bool) -> None:
                               f"{mount.get('mountPath')} is where proxyless injection mounts "
                               "the gRPC bootstrap and credentials; mount this elsewhere")
     container["volumeMounts"] = [*mounts, *ours]
-
-
-def _containers(spec: dict[str, Any], key: str, required: bool) -> list[dict[str, Any]]:
-    value = spec.get(key)
-    if value is None and not required:
-        return []
-    if not isinstance(value, list) or (required and not value):
-        raise InjectError(f"spec.{key}", "missing or empty; give the pod at least one "
-                          "container" if required else "not a list; give a list of containers")
-    for index, container in enumerate(value):
-        where = f"spec.{key}[{index}]"
-        if not isinstance(container, dict) or not isinstance(container.get("name"), str):
-            raise InjectError(where, "a container must be an object with a name")
-        if container["name"] in OUR_CONTAINERS:
-            raise InjectError(f"{where}.name", f"{container['name']!r} is the name of a "
-                              "container proxyless injection adds; rename this container")
-    return value
-
-
-def _volumes(spec: Mapping[str, Any]) -> list[Any]:
-    value = spec.get("volumes")
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InjectError("spec.volumes", "must be a list of volumes")
-    for index, volume in enumerate(value):
-        if isinstance(volume, Mapping) and volume.get("name") in (VOLUME, names.TOKEN_VOLUME):
-            raise InjectError(f"spec.volumes[{index}].name",
-                              f"{volume.get('name')!r} is the name of a volume proxyless "
-                              "injection adds; rename this volume")
-    return value
 
 
 def _status(config: InjectConfig, containers: list[str], kind: str) -> str:
