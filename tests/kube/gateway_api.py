@@ -278,16 +278,18 @@ SCHEMAS[GATEWAYS] = _object({
                        "conditions": _array(_CONDITION, 8),
                        "listeners": _array(_LISTENER_STATUS, 64)}),
 }, ("spec",))
+# TLSRoute's and TCPRoute's rules: named, each with 1 to 16 weighted backends.
+_L4_RULES: Final = _array(_object({
+    "name": {"type": "string", "minLength": 1, "maxLength": 253},
+    "backendRefs": _array(_object({
+        **_BACKEND_OBJECT,
+        "weight": {"type": "integer", "minimum": 0, "maximum": 1000000,
+                   "default": 1}}, ("name",)), 16, minItems=1)}), 16, minItems=1)
 SCHEMAS[TLS_ROUTES] = _object({
     "spec": _object({
         "parentRefs": _array(_PARENT_REF, 32),
         "hostnames": _array({"type": "string", "minLength": 1, "maxLength": 253}, 16),
-        "rules": _array(_object({
-            "name": {"type": "string", "minLength": 1, "maxLength": 253},
-            "backendRefs": _array(_object({
-                **_BACKEND_OBJECT,
-                "weight": {"type": "integer", "minimum": 0, "maximum": 1000000,
-                           "default": 1}}, ("name",)), 16, minItems=1)}), 16, minItems=1),
+        "rules": _L4_RULES,
     }, ("rules",)),
     "status": _ROUTE_STATUS,
 }, ("spec",))
@@ -295,12 +297,7 @@ SCHEMAS[TLS_ROUTES] = _object({
 SCHEMAS[TCP_ROUTES] = _object({
     "spec": _object({
         "parentRefs": _array(_PARENT_REF, 32),
-        "rules": _array(_object({
-            "name": {"type": "string", "minLength": 1, "maxLength": 253},
-            "backendRefs": _array(_object({
-                **_BACKEND_OBJECT,
-                "weight": {"type": "integer", "minimum": 0, "maximum": 1000000,
-                           "default": 1}}, ("name",)), 16, minItems=1)}), 16, minItems=1),
+        "rules": _L4_RULES,
     }, ("rules",)),
     "status": _ROUTE_STATUS,
 }, ("spec",))
