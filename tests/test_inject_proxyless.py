@@ -44,6 +44,7 @@ from tests.support.admission import (
     patched,
     review_request,
     send,
+    webhook_api,
 )
 from tests.support.golden import Goldens
 from tests.test_webhook import XDS, settings
@@ -266,12 +267,8 @@ def test_offline_names_the_document_and_the_field() -> None:
 
 @pytest.fixture
 def api() -> Iterator[ApiServerDouble]:
-    from controlplane import deploy
-
-    double = ApiServerDouble(crd_installed=False).start()
-    double.create(deploy.mutating_webhook_configuration())
-    yield double
-    double.stop()
+    with webhook_api() as double:
+        yield double
 
 
 @pytest.fixture

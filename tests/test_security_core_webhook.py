@@ -37,7 +37,7 @@ from controlplane.sources.kubernetes.kinds import (
     WEBHOOK_SECRET,
 )
 from tests.kube.apiserver import ApiServerDouble
-from tests.support.admission import ca_bundle
+from tests.support.admission import ca_bundle, webhook_api
 
 NAMES = dns_names("controlplane", deploy.NAMESPACE)
 NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
@@ -49,10 +49,8 @@ def days(n: float) -> datetime.timedelta:
 
 @pytest.fixture
 def api() -> Iterator[ApiServerDouble]:
-    double = ApiServerDouble(crd_installed=False).start()
-    double.create(deploy.mutating_webhook_configuration())
-    yield double
-    double.stop()
+    with webhook_api() as double:
+        yield double
 
 
 def test_the_mesh_ca_issues_the_serving_certificate_and_its_bundle_is_the_ca_bundle(

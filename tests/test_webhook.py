@@ -45,6 +45,7 @@ from tests.support.admission import (
     patched,
     review_request,
     send,
+    webhook_api,
     workload,
 )
 
@@ -56,10 +57,8 @@ XDS = "controlplane.controlplane-system.svc:18000"
 def api() -> Iterator[ApiServerDouble]:
     """The API server with the shipped webhook configuration (no caBundle yet); the
     control plane talks to it as its service account, under the shipped RBAC."""
-    double = ApiServerDouble(crd_installed=False).start()
-    double.create(deploy.mutating_webhook_configuration())
-    yield double
-    double.stop()
+    with webhook_api() as double:
+        yield double
 
 
 def settings(api: ApiServerDouble, tmp_path: Path, **more: Any) -> ServeSettings:

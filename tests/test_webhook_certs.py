@@ -44,7 +44,7 @@ from controlplane.sources.kubernetes.kinds import (
 )
 from tests.kube.apiserver import ApiServerDouble, StatusError
 from tests.kube.rbac import Rbac
-from tests.support.admission import ca_bundle
+from tests.support.admission import ca_bundle, webhook_api
 
 NAMES = dns_names("controlplane", deploy.NAMESPACE)
 NOW = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
@@ -56,10 +56,8 @@ def days(n: float) -> datetime.timedelta:
 
 @pytest.fixture
 def api() -> Iterator[ApiServerDouble]:
-    double = ApiServerDouble(crd_installed=False).start()
-    double.create(deploy.mutating_webhook_configuration())
-    yield double
-    double.stop()
+    with webhook_api() as double:
+        yield double
 
 
 def secrets_of(api: ApiServerDouble, tmp_path: Path) -> SecretCertificates:

@@ -31,16 +31,15 @@ from tests.support.admission import (
     patched,
     review_request,
     send,
+    webhook_api,
 )
 from tests.support.procs import free_port, wait_for
 
 
 @pytest.fixture
 def api() -> Iterator[ApiServerDouble]:
-    double = ApiServerDouble(crd_installed=False).start()
-    double.create(deploy.mutating_webhook_configuration())
-    yield double
-    double.stop()
+    with webhook_api() as double:
+        yield double
 
 
 def environment(deployed: dict[str, str], **more: str) -> dict[str, str]:

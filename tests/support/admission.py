@@ -8,14 +8,17 @@ each controller sets: ``generateName``, ``ownerReferences``, its labels.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import ssl
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 
+from controlplane import deploy
 from controlplane.sources.kubernetes.kinds import MUTATING_WEBHOOKS, WEBHOOK_CONFIGURATION
 from tests.kube.admission import _default_pod
 from tests.kube.apiserver import ApiServerDouble
@@ -28,6 +31,18 @@ _GROUPS = {"Pod": ("", "v1", "pods"), "Deployment": ("apps", "v1", "deployments"
            "DaemonSet": ("apps", "v1", "daemonsets"),
            "ReplicaSet": ("apps", "v1", "replicasets"), "Job": ("batch", "v1", "jobs"),
            "CronJob": ("batch", "v1", "cronjobs")}
+
+
+@contextlib.contextmanager
+def webhook_api() -> Iterator[ApiServerDouble]:
+    """An API server double holding the shipped webhook configuration (no caBundle yet:
+    the control plane writes it), stopped on the way out."""
+    double = ApiServerDouble(crd_installed=False).start()
+    try:
+        double.create(deploy.mutating_webhook_configuration())
+        yield double
+    finally:
+        double.stop()
 
 
 def app_pod(name: str = "", *, generate_name: str = "", labels: Obj | None = None,
