@@ -31,6 +31,7 @@ from controlplane.security.certs_files import DATA, publish
 from controlplane.security.certs_plan import PlanError, plan_of
 from controlplane.translator.proxyless import LeftOut, grpc_cluster
 from tests.support.procs import free_port
+from tests.support.snapshots import served
 
 RATINGS = "outbound|9080||ratings.default.svc.cluster.local"
 CLIENT = ProxyIdentity(node_id="client-1", service="client", kind=GRPC)
@@ -46,11 +47,7 @@ def mesh(mode: str) -> Mesh:
 
 
 def cluster(build: MeshBuild, proxy: ProxyIdentity) -> cluster_pb2.Cluster:
-    typed = build.snapshot(proxy).get(resource.CLUSTER)
-    assert typed is not None
-    message = typed.resources[RATINGS].message
-    assert isinstance(message, cluster_pb2.Cluster)
-    return message
+    return served(build, proxy, resource.CLUSTER, RATINGS, cluster_pb2.Cluster)
 
 
 def tls_of(made: cluster_pb2.Cluster) -> tls_pb2.UpstreamTlsContext | None:
@@ -94,10 +91,7 @@ def test_a_mode_change_reaches_the_client_though_no_sidecar_cluster_changed() ->
 
 def test_what_is_left_out_says_why() -> None:
     build = MeshBuild(mesh("strict"))
-    typed = build.snapshot(dataclasses.replace(CLIENT, kind=SIDECAR)).get(resource.CLUSTER)
-    assert typed is not None
-    source = typed.resources[RATINGS].message
-    assert isinstance(source, cluster_pb2.Cluster)
+    source = cluster(build, dataclasses.replace(CLIENT, kind=SIDECAR))
     left = LeftOut()
     assert not grpc_cluster(source, left, None).HasField("transport_socket")  # type: ignore[union-attr]
     assert any("STRICT service refuses" in note and "--cert-dir" in note

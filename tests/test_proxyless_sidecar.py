@@ -34,6 +34,7 @@ from controlplane.translator.security.mtls import MATCH_METADATA
 from tests.kube.apiserver import ApiServerDouble
 from tests.kube.objects import endpoint_slice, pod, security_policy, service
 from tests.support.kube_waits import mesh_where
+from tests.support.snapshots import served
 from tests.test_kube_source import Feed, source
 from tests.test_proxyless_mtls import CLIENT, WITH_CERTS, tls_of
 from tests.test_webhook import XDS
@@ -52,19 +53,12 @@ def mesh(mode: str, *endpoints: dict[str, Any]) -> Mesh:
 
 
 def cluster(build: MeshBuild, proxy: ProxyIdentity) -> cluster_pb2.Cluster:
-    typed = build.snapshot(proxy).get(resource.CLUSTER)
-    assert typed is not None
-    message = typed.resources[ECHO].message
-    assert isinstance(message, cluster_pb2.Cluster)
-    return message
+    return served(build, proxy, resource.CLUSTER, ECHO, cluster_pb2.Cluster)
 
 
 def tls_modes(build: MeshBuild) -> list[str]:
     """Each endpoint's ``tlsMode`` as a sidecar gets it ("" for none)."""
-    typed = build.snapshot(SIDECAR).get(resource.ENDPOINT)
-    assert typed is not None
-    message = typed.resources[ECHO].message
-    assert isinstance(message, endpoint_pb2.ClusterLoadAssignment)
+    message = served(build, SIDECAR, resource.ENDPOINT, ECHO, endpoint_pb2.ClusterLoadAssignment)
     return [(e.metadata.filter_metadata[MATCH_METADATA].fields["tlsMode"].string_value
              if MATCH_METADATA in e.metadata.filter_metadata else "")
             for group in message.endpoints for e in group.lb_endpoints]

@@ -3,6 +3,8 @@ with one route configuration that points at chosen clusters."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -12,12 +14,28 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 
 from controlplane import resource
+from controlplane.assembly import MeshBuild
 from controlplane.cache.snapshot import Snapshot, build_snapshot
+from controlplane.proxy import ProxyIdentity
 
 ADS = config_source_pb2.ConfigSource(
     ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3)
+
+_M = TypeVar("_M", bound=Message)
+
+
+def served(build: MeshBuild, proxy: ProxyIdentity, type_url: str, name: str,
+           kind: type[_M]) -> _M:
+    """The resource ``name`` of ``type_url`` in the snapshot ``proxy`` is served, checked to
+    be there and to be a ``kind``."""
+    typed = build.snapshot(proxy).get(type_url)
+    assert typed is not None, f"no {type_url} in the snapshot"
+    message = typed.resources[name].message
+    assert isinstance(message, kind), message
+    return message
 
 
 def cluster(name: str) -> cluster_pb2.Cluster:
