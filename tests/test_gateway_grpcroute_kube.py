@@ -26,8 +26,7 @@ from controlplane.sources.kubernetes.kinds import (
 from controlplane.translator.gateway.translate import gateway_resources
 from tests.kube.apiserver import ApiServerDouble
 from tests.kube.objects import grpc_route, service
-from tests.kube.rbac import Rbac, granted_certificates
-from tests.support.kube_gateways import gateway, gateway_class
+from tests.support.kube_gateways import gateway, gateway_api, gateway_class
 from tests.support.kube_waits import mesh_where
 from tests.test_kube_gateway import conditions, listener, source, until
 from tests.test_kube_source import Feed
@@ -54,10 +53,8 @@ OTHER = {"parentRef": {"name": "edge", "group": GROUP, "kind": "Gateway"},
 @pytest.fixture
 def api() -> Iterator[ApiServerDouble]:
     """As shipped, with the example RoleBinding applied in "default"."""
-    double = ApiServerDouble(bookmark_interval=0.5,
-                             rbac=Rbac(roles=granted_certificates("default"))).start()
-    yield double
-    double.stop()
+    with gateway_api() as double:
+        yield double
 
 
 def ours(api: ApiServerDouble) -> dict[str, Obj]:

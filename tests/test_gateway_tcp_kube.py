@@ -38,9 +38,14 @@ from controlplane.sources.kubernetes.kinds import (
 from controlplane.translator.gateway.translate import gateway_resources
 from tests.kube.apiserver import ApiServerDouble
 from tests.kube.objects import reference_grant, service
-from tests.kube.rbac import Rbac, granted_certificates
 from tests.support.gateway_certs import TestCA
-from tests.support.kube_gateways import gateway, gateway_class, tcp_route, tls_secret
+from tests.support.kube_gateways import (
+    gateway,
+    gateway_api,
+    gateway_class,
+    tcp_route,
+    tls_secret,
+)
 from tests.support.kube_waits import mesh_where
 from tests.test_kube_gateway import conditions, listener, source, until
 from tests.test_kube_source import Feed
@@ -57,10 +62,8 @@ LISTENERS: list[Obj] = [
 @pytest.fixture
 def api() -> Iterator[ApiServerDouble]:
     """As shipped, with the example RoleBinding applied in "default" (Secrets readable)."""
-    double = ApiServerDouble(bookmark_interval=0.5,
-                             rbac=Rbac(roles=granted_certificates("default"))).start()
-    yield double
-    double.stop()
+    with gateway_api() as double:
+        yield double
 
 
 def ours(api: ApiServerDouble, name: str, namespace: str = "default") -> list[Obj]:

@@ -61,6 +61,7 @@ from tests.kube.rbac import Rbac, granted_certificates
 from tests.support.gateway_certs import TestCA, key_marker
 from tests.support.kube_gateways import (
     gateway,
+    gateway_api,
     gateway_class,
     https_listener,
     tls_route,
@@ -77,10 +78,8 @@ HTTP = {"name": "http", "port": 80, "protocol": "HTTP"}
 def api() -> Iterator[ApiServerDouble]:
     """As shipped, with the example RoleBinding applied in "default" (the Gateways'
     namespace): the server may read that namespace's Secrets, no other's."""
-    double = ApiServerDouble(bookmark_interval=0.5,
-                             rbac=Rbac(roles=granted_certificates("default"))).start()
-    yield double
-    double.stop()
+    with gateway_api() as double:
+        yield double
 
 
 def source(api: ApiServerDouble, tmp_path: Path) -> KubernetesSource:

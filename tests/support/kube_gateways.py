@@ -4,6 +4,8 @@ and the ``kubernetes.io/tls`` Secrets their listeners name, as a user writes the
 from __future__ import annotations
 
 import base64
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from controlplane.sources.kubernetes.kinds import (
@@ -13,9 +15,23 @@ from controlplane.sources.kubernetes.kinds import (
     TCP_ROUTES,
     TLS_ROUTES,
 )
+from tests.kube.apiserver import ApiServerDouble
+from tests.kube.rbac import Rbac, granted_certificates
 from tests.support.gateway_certs import ServerFiles
 
 Obj = dict[str, Any]
+
+
+@contextlib.contextmanager
+def gateway_api() -> Iterator[ApiServerDouble]:
+    """The API server double as shipped, with the example RoleBinding applied in "default"
+    (the Gateways' namespace): the server may read that namespace's Secrets, no other's."""
+    double = ApiServerDouble(bookmark_interval=0.5,
+                             rbac=Rbac(roles=granted_certificates("default"))).start()
+    try:
+        yield double
+    finally:
+        double.stop()
 
 
 def gateway_class(name: str = "controlplane", controller: str = GATEWAY_CONTROLLER) -> Obj:
