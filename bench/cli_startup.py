@@ -21,7 +21,6 @@ bench/results/cli_startup.json instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import BenchError, Deadline, add_output_flags, results_path, write_results
+from common import BenchError, Deadline, add_output_flags, finish
 
 BASELINE = "cli_startup.json"
 TIME = "/usr/bin/time"  # GNU time: the child's peak RSS (apt-get install time)
@@ -171,10 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["cases"] = measure(tree, args.runs, Deadline(args.deadline))
     except (BenchError, subprocess.TimeoutExpired) as exc:
         result["error"] = str(exc)
-    text = json.dumps(result, indent=2)
-    print(text)
-    write_results(results_path(BASELINE, args.out, args.update_baseline), text, BASELINE)
-    return 1 if "error" in result else 0
+    return finish(result, args, BASELINE)
 
 
 if __name__ == "__main__":

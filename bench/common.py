@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import signal
 import subprocess
@@ -138,6 +139,15 @@ def write_results(path: Path, text: str, baseline: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n", encoding="utf-8")
     print(f"wrote {path} (committed baseline: {RESULTS / baseline})", file=sys.stderr)
+
+
+def finish(result: dict[str, Any], args: argparse.Namespace, baseline: str) -> int:
+    """Print the run's JSON, write it where ``--out``/``--update-baseline`` say, and give
+    the exit code: 1 if the run recorded an error, else 0."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    write_results(results_path(baseline, args.out, args.update_baseline), text, baseline)
+    return 1 if "error" in result else 0
 
 
 class LoopStalls:

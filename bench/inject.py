@@ -30,9 +30,8 @@ from common import (
     BenchError,
     Deadline,
     add_output_flags,
+    finish,
     metric,
-    results_path,
-    write_results,
 )
 from serverproc import ServerProcess, free_port
 
@@ -183,10 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(args.reviews, args.deadline)
     except BenchError as exc:
         result = {"error": str(exc)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    write_results(results_path(BASELINE, args.out, args.update_baseline), text, BASELINE)
-    return 1 if "error" in result else 0
+    return finish(result, args, BASELINE)
 
 
 if __name__ == "__main__":

@@ -48,10 +48,9 @@ from common import (  # noqa: E402 (bench/ is the script folder)
     Deadline,
     Profiler,
     add_output_flags,
+    finish,
     metric,
     parse_metrics,
-    results_path,
-    write_results,
 )
 
 from tests.kube.apiserver import ApiServerDouble  # noqa: E402
@@ -816,11 +815,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if "error" in result:
         print(f"FAILED: {result['error']}", file=sys.stderr)
-    text = json.dumps(result, indent=2)
-    print(text)
-    write_results(results_path("k8s_sync.json", args.out, args.update_baseline), text,
-                  "k8s_sync.json")
-    return 1 if "error" in result else 0
+    return finish(result, args, "k8s_sync.json")
 
 
 if __name__ == "__main__":
