@@ -29,9 +29,9 @@ from tests.kube.rbac import Rbac, granted_certificates
 from tests.support import pods
 from tests.support.gateway_certs import TestCA, key_marker
 from tests.support.kube_gateways import gateway, gateway_class, tcp_route, tls_secret
-from tests.support.procs import ControlPlane, free_port, wait_for
+from tests.support.procs import wait_for
 from tests.test_gateway_tcp_e2e import read_line
-from tests.test_kube_gateway_e2e import _get, network, run_pod
+from tests.test_kube_gateway_e2e import _get, gateway_server, network, run_pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180),
               pytest.mark.skipif(pods.available() is not None,
@@ -74,12 +74,7 @@ def test_a_kubernetes_gateway_terminates_tls_for_a_tcp_backend(network: pods.Pod
     marker = key_marker(files)
     api = ApiServerDouble(bookmark_interval=0.5,
                           rbac=Rbac(roles=granted_certificates("default"))).start()
-    xds_port = free_port()
-    server = ControlPlane("kubernetes", tmp_path, xds_port=xds_port, extra=[
-        "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig")),
-        "--authentication", "none", "--xds-address", f"0.0.0.0:{xds_port}",
-        "--inject-xds-address", f"{network.gateway}:{xds_port}"],
-        env={"CONTROLPLANE_DEBOUNCE_QUIET": "0.1", "CONTROLPLANE_DEBOUNCE_MAX": "2"})
+    server = gateway_server(api, network, tmp_path)
     try:
         api.create(service("db").port(DB_PORT, name="tcp-postgres").build())
         api.create(endpoint_slice("db-abc", service="db").endpoint(db.address)

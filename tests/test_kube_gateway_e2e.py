@@ -97,6 +97,17 @@ def run_pod(pod: pods.Pod, deployment: dict[str, Any], pod_name: str) -> Path:
     return log
 
 
+def gateway_server(api: ApiServerDouble, network: pods.PodNetwork,
+                   tmp_path: Path) -> ControlPlane:
+    """``serve`` against ``api`` (not started), xDS on a free port on every address: the
+    gateway pods are told to dial it at the network's gateway address."""
+    xds_port = free_port()
+    return ControlPlane("kubernetes", tmp_path, xds_port=xds_port, extra=[
+        "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig")),
+        "--authentication", "none", "--xds-address", f"0.0.0.0:{xds_port}",
+        "--inject-xds-address", f"{network.gateway}:{xds_port}"],
+        env={"CONTROLPLANE_DEBOUNCE_QUIET": "0.1", "CONTROLPLANE_DEBOUNCE_MAX": "2"})
+
 def _status(url: str) -> int | None:
     try:
         return http_get(url, timeout=3)[0]
@@ -117,13 +128,8 @@ def test_a_kubernetes_gateway_serves_https_with_a_secret(network: pods.PodNetwor
     # The example RoleBinding applied in "default": the server may read its Secrets.
     api = ApiServerDouble(bookmark_interval=0.5,
                           rbac=Rbac(roles=granted_certificates("default"))).start()
-    xds_port = free_port()
-    xds = f"{network.gateway}:{xds_port}"
-    server = ControlPlane("kubernetes", tmp_path, xds_port=xds_port, extra=[
-        "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig")),
-        "--authentication", "none", "--xds-address", f"0.0.0.0:{xds_port}",
-        "--inject-xds-address", xds],
-        env={"CONTROLPLANE_DEBOUNCE_QUIET": "0.1", "CONTROLPLANE_DEBOUNCE_MAX": "2"})
+    server = gateway_server(api, network, tmp_path)
+    xds_port = server.xds_port
     sidecar: Envoy | None = None
     try:
         api.create(service("web").port(WEB_PORT, name="http").build())
