@@ -109,7 +109,14 @@ class _Handlers(_Writes):
             await runner.cleanup()
             for transport in open_:
                 transport.abort()
-            await asyncio.sleep(0)  # let the transports' close callbacks run
+            # And any other this loop still holds (one accepted as shutdown began, or
+            # one aiohttp had already let go of): the selector loop's own table of its
+            # transports by file descriptor (private, but this is a test double).
+            held: Any = getattr(asyncio.get_running_loop(), "_transports", {})
+            for transport in list(held.values()):
+                transport.abort()
+            for _ in range(3):
+                await asyncio.sleep(0)  # let the transports' close callbacks run
 
     @web.middleware
     async def _middleware(self, request: web.Request,
