@@ -104,7 +104,7 @@ class World:
             "default", token_of or pod_name, expiration_seconds=seconds))
 
     def sidecar(self, pod_name: str, token_of: str | None = None,
-                seconds: int = 3600) -> Envoy:
+                seconds: int = 3600, ready_timeout: float = 30.0) -> Envoy:
         """A real Envoy for pod ``pod_name`` of ``default`` (node id ``<pod>.default``),
         presenting the projected token of ``token_of`` (default: its own pod's)."""
         assert self.server is not None
@@ -112,7 +112,7 @@ class World:
         token = self.token_path(pod_name)
         envoy = Envoy(self.tmp, f"{pod_name}.default", "frontend", self.server.xds_port,
                       extra=["--namespace", "default", "--xds-ca", str(self.bundle()),
-                             "--token-file", str(token)])
+                             "--token-file", str(token)], ready_timeout=ready_timeout)
         self.envoys.append(envoy)
         return envoy.start()
 
@@ -175,7 +175,7 @@ def test_the_shipped_deployment_serves_a_sidecar_by_its_pod_token_over_tls(
     # so it never becomes ready.
     before = refused(server, "permission_denied")
     with pytest.raises(AssertionError, match=re.escape("frontend-2.default ready")):
-        world.sidecar("frontend-2", token_of="frontend-1")
+        world.sidecar("frontend-2", token_of="frontend-1", ready_timeout=8)
     assert refused(server, "permission_denied") > before
     assert all(p["node_id"] != "frontend-2.default" for p in server.json("/debug/proxies"))
 
