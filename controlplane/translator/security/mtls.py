@@ -114,8 +114,6 @@ class MutualTls(SecurityFeature):
         listener.continue_on_listener_filters_timeout = True
 
 
-
-
 def _match(ctx: Upstream, service: Service, name: str,
            alpn: tuple[str, ...]) -> cluster_pb2.Cluster.TransportSocketMatch:
     """The socket the endpoints whose ``tlsMode`` is ``name`` are called with."""
