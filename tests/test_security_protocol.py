@@ -49,6 +49,7 @@ class Client(AdsClient):
                  token: str | None = None, raw: str | None = None) -> None:
         metadata = [("authorization", raw if raw is not None else f"Bearer {token}")] \
             if token is not None or raw is not None else None
+        self.remake = lambda: Client(channel, delta, token, raw)  # the same call, again
         original = channel.stream_stream
 
         def with_metadata(*args: Any, **kwargs: Any) -> Any:
@@ -59,6 +60,10 @@ class Client(AdsClient):
             super().__init__(channel, delta)
         finally:
             channel.stream_stream = original
+
+
+CORE_RACE = "Internal error from Core"
+"""What a client's gRPC core says when its write races the server's end of the call."""
 
 
 @dataclass
@@ -121,14 +126,22 @@ class Refusal:
 
 async def refused(client: Client, **request: Any) -> Refusal:
     """The status the server ended the call with (a write may fail first, locally, when
-    the call is over already: the call's own status is what the server said)."""
-    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        await client.send(**request)
-    try:
-        status = await asyncio.wait_for(client.call.code(), 10)
-        details = await client.call.details()
-    finally:
-        await client.close()
+    the call is over already: the call's own status is what the server said). Rarely,
+    the client's gRPC core loses that race outright and reports its own INTERNAL
+    ("Internal error from Core"), which is not the server's answer: the call is made
+    again, at most twice."""
+    for attempt in range(3):
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await client.send(**request)
+        try:
+            status = await asyncio.wait_for(client.call.code(), 10)
+            details = await client.call.details()
+        finally:
+            await client.close()
+        if (status == grpc.StatusCode.INTERNAL and details == CORE_RACE and attempt < 2):
+            client = client.remake()
+            continue
+        break
     return Refusal(status, details or "")
 
 
