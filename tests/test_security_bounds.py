@@ -184,7 +184,7 @@ async def test_refused_streams_keep_nothing(running: app.Running) -> None:
     for batch in range(10):
         clients = [Client(channel, raw=f"Bearer invented-{batch}-{i}") for i in range(100)]
         refusals = await asyncio.gather(*(
-            refused(client, **sds_request(client, f"x-{i}", f"bounds-svc-{i}"))
+            refused(client, again=False, **sds_request(client, f"x-{i}", f"bounds-svc-{i}"))
             for i, client in enumerate(clients)))
         seen = [r for r in refusals if (r.code(), r.details()) != LOCAL_WRITE_RACE]
         assert {r.code() for r in seen} == {grpc.StatusCode.UNAUTHENTICATED}

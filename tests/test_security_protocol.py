@@ -124,13 +124,14 @@ class Refusal:
         return self.text
 
 
-async def refused(client: Client, **request: Any) -> Refusal:
+async def refused(client: Client, again: bool = True, **request: Any) -> Refusal:
     """The status the server ended the call with (a write may fail first, locally, when
     the call is over already: the call's own status is what the server said). Rarely,
     the client's gRPC core loses that race outright and reports its own INTERNAL
     ("Internal error from Core"), which is not the server's answer: the call is made
-    again, at most twice."""
-    for attempt in range(3):
+    again, at most twice (unless ``again`` is false: a test counting the server's
+    refusals)."""
+    for attempt in range(3 if again else 1):
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await client.send(**request)
         try:
@@ -138,7 +139,8 @@ async def refused(client: Client, **request: Any) -> Refusal:
             details = await client.call.details()
         finally:
             await client.close()
-        if (status == grpc.StatusCode.INTERNAL and details == CORE_RACE and attempt < 2):
+        if status == grpc.StatusCode.INTERNAL and details == CORE_RACE and attempt < 2 \
+                and again:
             client = client.remake()
             continue
         break
